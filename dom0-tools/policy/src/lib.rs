@@ -1,0 +1,2 @@
+//! Qubes qrexec policy (being written).
+#![forbid(unsafe_code)]

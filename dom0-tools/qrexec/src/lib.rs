@@ -1,0 +1,2 @@
+//! The qrexec programs of a Qubes system (being written).
+#![forbid(unsafe_code)]

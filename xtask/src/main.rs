@@ -1,0 +1,48 @@
+//! `cargo xtask <command>`: the project's automation, in Rust so it runs
+//! wherever cargo does.
+//!
+//! Commands:
+//! - `fuzz [SECONDS] [TARGET…]` — run every cargo-fuzz target (or the named
+//!   ones) for SECONDS each (default 20); installs `cargo-fuzz` if missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+mod fuzz;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("fuzz") => fuzz::run(&args[1..]),
+        Some(other) => Err(format!("unknown command `{other}`\n{USAGE}")),
+        None => Err(USAGE.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask <command>
+  fuzz [SECONDS] [TARGET...]   run the cargo-fuzz targets for SECONDS each (default 20)";
+
+/// The workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Runs a command, inheriting stdio; an error names the command.
+pub fn run_command(command: &mut Command) -> Result<(), String> {
+    let status = command
+        .status()
+        .map_err(|error| format!("cannot start {command:?}: {error}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed with {status}"))
+    }
+}
