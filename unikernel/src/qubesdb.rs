@@ -1,0 +1,1 @@
+//! Being written (placeholder until its owner lands it).
