@@ -1,1 +1,1087 @@
-//! Being written (placeholder until its owner lands it).
+//! The Qubes firewall rules of one client: parsed from QubesDB, matched
+//! against new flows.
+//!
+//! dom0 writes a client's rules under `/qubes-firewall/<client-ip>/`:
+//! `policy` (`accept`/`drop`, the default) and one key per rule (`0000`,
+//! `0001`, …), each a space-separated list of `option=value` words. The
+//! grammar here follows Qubes' own parser and rule generator
+//! (qubes-core-agent-linux `qubesagent/firewall.py`, `read_rules` and
+//! `prepare_rules`; qubes-core-admin `qubes/firewall.py`):
+//! - keys are read in numeric order and gaps are allowed (dom0 leaves gaps
+//!   for rules of the other address family and for expired rules);
+//!   qubes-mirage-firewall stopped at the first gap, we do not. A key that is
+//!   not all digits (Linux: exactly four digits; we also take longer ones,
+//!   for sets of 10 000 rules and more) is a parse error, as in Linux.
+//! - options: `action` (required: `accept`/`drop`), one of `dst4`
+//!   (`a.b.c.d[/len]`), `dst6` (`addr[/len]`) or `dsthost` (a DNS name),
+//!   `proto` (`tcp`/`udp`/`icmp`; `icmp` means ICMPv6 for IPv6 traffic),
+//!   `specialtarget=dns`, `dstports` (`lo-hi`), `icmptype` (a number),
+//!   `expire` (unix seconds) and `comment` (ignored). An unknown or repeated
+//!   option, a missing `action` or a value that does not parse is an error.
+//! - `specialtarget=dns` means: destination is one of the DNS servers
+//!   (`/qubes-primary-dns`, `/qubes-secondary-dns`), port 53, protocol TCP or
+//!   UDP intersected with the rule's `proto` — so `action=drop proto=tcp
+//!   specialtarget=dns` drops only DNS over TCP (mirage-firewall got this
+//!   wrong). Like Linux, a `dstports` other than `53-53` next to it makes the
+//!   rule match nothing.
+//! - one rule that cannot be parsed (or a missing `policy`) makes the whole
+//!   set deny-all; the key and the reason are kept in [`RuleSet::error`] for
+//!   the caller to log, as Linux's "Failed to parse rules for …, blocking
+//!   traffic".
+//! - `dsthost`: Linux resolves the name when it loads the rules and, when
+//!   the name does not resolve, treats it as a parse error and blocks all of
+//!   the client's traffic. We cannot resolve on the packet path, so names are
+//!   resolved in the background by `dns.rs` and looked up through
+//!   [`NameLookup`]. **Choice:** while any `dsthost` name of the set has no
+//!   answer (still pending, or the lookup failed), the whole set is
+//!   deny-all, exactly what Linux ends up doing; once every name has
+//!   addresses, the rule matches those addresses (A records for IPv4, AAAA
+//!   for IPv6). mirage-firewall skipped such rules silently, letting later
+//!   accept rules apply — we never do that.
+//! - `expire`: a rule stops matching once the wall clock reaches its time.
+//!   Without a wall clock (`now_unix = None`) we fail closed: an expiring
+//!   `accept` rule does not match, an expiring `drop` rule does.
+//!
+//! Matching is pure and allocation-free. This module must never panic on
+//! what dom0 writes, and never let a set that failed to parse accept
+//! anything.
+#![forbid(unsafe_code)]
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// IP protocol numbers used by rule matching.
+pub const PROTO_ICMP: u8 = 1;
+/// TCP.
+pub const PROTO_TCP: u8 = 6;
+/// UDP.
+pub const PROTO_UDP: u8 = 17;
+/// ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Maximum number of rules kept for one client; more is a parse error.
+pub const MAX_RULES: usize = 16_384;
+/// Maximum length of a `dsthost` name (RFC 1035).
+pub const MAX_HOSTNAME_LEN: usize = 253;
+
+/// What a rule (or the policy) does with a matching flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Let the flow through.
+    Accept,
+    /// Drop the flow.
+    Drop,
+}
+
+/// The `proto=` option.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// `tcp`
+    Tcp,
+    /// `udp`
+    Udp,
+    /// `icmp` (ICMPv4 for IPv4 traffic, ICMPv6 for IPv6 traffic)
+    Icmp,
+}
+
+/// An address prefix (`dst4=` / `dst6=`), stored masked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefix {
+    /// IPv4 network and prefix length.
+    V4(u32, u8),
+    /// IPv6 network and prefix length.
+    V6(u128, u8),
+}
+
+impl Prefix {
+    fn mask4(len: u8) -> u32 {
+        if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len.min(32)))
+        }
+    }
+    fn mask6(len: u8) -> u128 {
+        if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(len.min(128)))
+        }
+    }
+    /// Whether `addr` is inside this prefix (never across families).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match (self, addr) {
+            (Prefix::V4(net, len), IpAddr::V4(a)) => u32::from(a) & Self::mask4(*len) == *net,
+            (Prefix::V6(net, len), IpAddr::V6(a)) => u128::from(a) & Self::mask6(*len) == *net,
+            _ => false,
+        }
+    }
+    /// A host prefix (/32 or /128) for one address.
+    pub fn host(addr: IpAddr) -> Prefix {
+        match addr {
+            IpAddr::V4(a) => Prefix::V4(u32::from(a), 32),
+            IpAddr::V6(a) => Prefix::V6(u128::from(a), 128),
+        }
+    }
+}
+
+/// The destination part of a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// No destination option: any address.
+    Any,
+    /// `dst4=` or `dst6=`.
+    Prefix(Prefix),
+    /// `dsthost=`: a DNS name, lowercased, resolved in the background.
+    Host(String),
+}
+
+/// One parsed rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// The rule's QubesDB key as a number (`0003` → 3).
+    pub number: u32,
+    /// `action=`
+    pub action: Action,
+    /// `dst4=` / `dst6=` / `dsthost=`
+    pub destination: Destination,
+    /// `proto=`
+    pub proto: Option<Proto>,
+    /// `specialtarget=dns`
+    pub dns_only: bool,
+    /// `dstports=lo-hi` (inclusive).
+    pub ports: Option<(u16, u16)>,
+    /// `icmptype=`
+    pub icmp_type: Option<u8>,
+    /// `expire=` (unix seconds).
+    pub expire: Option<u64>,
+}
+
+/// Why a rule set could not be parsed. Kept in the (deny-all) set so the
+/// caller can log it and the status service can show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleError {
+    /// The QubesDB key below `/qubes-firewall/<ip>/` that was wrong
+    /// (`policy`, `0003`, …).
+    pub key: String,
+    /// What was wrong with it.
+    pub reason: RuleErrorReason,
+}
+
+/// What was wrong with a rule key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuleErrorReason {
+    /// No `policy` key was written.
+    NoPolicy,
+    /// `policy` is neither `accept` nor `drop`.
+    BadPolicy,
+    /// A key that is neither `policy` nor a rule number.
+    NotARuleKey,
+    /// The rule has no `action=`.
+    NoAction,
+    /// A word without `=`.
+    NotKeyValue,
+    /// An option Qubes does not define.
+    UnknownOption(String),
+    /// An option given twice, or two destination options.
+    Repeated(&'static str),
+    /// The value of an option did not parse.
+    BadValue(&'static str),
+    /// More rules than [`MAX_RULES`].
+    TooManyRules,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "/qubes-firewall/<ip>/{}: ", self.key)?;
+        match &self.reason {
+            RuleErrorReason::NoPolicy => f.write_str("no 'policy' defined"),
+            RuleErrorReason::BadPolicy => f.write_str("policy must be 'accept' or 'drop'"),
+            RuleErrorReason::NotARuleKey => f.write_str("unexpected non-rule key"),
+            RuleErrorReason::NoAction => f.write_str("rule lacks action"),
+            RuleErrorReason::NotKeyValue => f.write_str("a word is not option=value"),
+            RuleErrorReason::UnknownOption(name) => write!(f, "unsupported rule option '{name}'"),
+            RuleErrorReason::Repeated(name) => write!(f, "option '{name}' given more than once"),
+            RuleErrorReason::BadValue(name) => write!(f, "invalid value for '{name}'"),
+            RuleErrorReason::TooManyRules => write!(f, "more than {MAX_RULES} rules"),
+        }?;
+        f.write_str(" (all traffic of this client is blocked until dom0 rewrites the rules)")
+    }
+}
+
+/// What is known about a `dsthost` name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameState<'a> {
+    /// The name resolved to these addresses (both families).
+    Resolved(&'a [IpAddr]),
+    /// No answer yet, or the lookup failed.
+    Unresolved,
+}
+
+/// The DNS cache as the matcher sees it.
+pub trait NameLookup {
+    /// The addresses of `name` (lowercase), if known.
+    fn lookup(&self, name: &str) -> NameState<'_>;
+}
+
+/// A lookup that knows no names (every `dsthost` stays unresolved).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoNames;
+
+impl NameLookup for NoNames {
+    fn lookup(&self, _name: &str) -> NameState<'_> {
+        NameState::Unresolved
+    }
+}
+
+/// What the matcher needs besides the packet.
+#[derive(Clone, Copy)]
+pub struct MatchContext<'a> {
+    /// The DNS server addresses `specialtarget=dns` means.
+    pub dns_servers: &'a [IpAddr],
+    /// Wall-clock time (unix seconds) if known, for `expire=`.
+    pub now_unix: Option<u64>,
+    /// The background DNS cache for `dsthost=`.
+    pub names: &'a dyn NameLookup,
+}
+
+impl fmt::Debug for MatchContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MatchContext")
+            .field("dns_servers", &self.dns_servers)
+            .field("now_unix", &self.now_unix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fields of a new flow the rules look at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowMeta {
+    /// Destination address.
+    pub dst: IpAddr,
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, …).
+    pub protocol: u8,
+    /// Destination port (TCP/UDP), 0 otherwise.
+    pub dst_port: u16,
+    /// ICMP type (ICMP/ICMPv6), `None` otherwise.
+    pub icmp_type: Option<u8>,
+}
+
+/// Why the rules decided what they did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Accepted by rule `number`.
+    AcceptedByRule(u32),
+    /// Accepted by the default policy.
+    AcceptedByPolicy,
+    /// Dropped by rule `number`.
+    DroppedByRule(u32),
+    /// Dropped by the default policy.
+    DroppedByPolicy,
+    /// Dropped: the rule set failed to parse.
+    DroppedParseError,
+    /// Dropped: a `dsthost` name of the set is not resolved yet.
+    DroppedUnresolvedHost,
+}
+
+impl Verdict {
+    /// Whether the flow may pass.
+    pub fn accepts(self) -> bool {
+        matches!(self, Verdict::AcceptedByRule(_) | Verdict::AcceptedByPolicy)
+    }
+}
+
+/// The parsed rules of one client address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    policy: Action,
+    error: Option<RuleError>,
+    hostnames: Vec<String>,
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        RuleSet::deny_all()
+    }
+}
+
+impl RuleSet {
+    /// A set with no rules and `policy=drop`: what a client has before dom0
+    /// wrote its rules.
+    pub fn deny_all() -> RuleSet {
+        RuleSet {
+            rules: Vec::new(),
+            policy: Action::Drop,
+            error: None,
+            hostnames: Vec::new(),
+        }
+    }
+
+    /// A set with no rules and `policy=accept`.
+    pub fn accept_all() -> RuleSet {
+        RuleSet {
+            rules: Vec::new(),
+            policy: Action::Accept,
+            error: None,
+            hostnames: Vec::new(),
+        }
+    }
+
+    /// Parses the entries below `/qubes-firewall/<client-ip>/`. Each item is
+    /// (key relative to that directory, value), e.g. `("0000",
+    /// "action=accept proto=tcp dstports=443-443")`, `("policy", "drop")`.
+    /// Entries may come in any order. On any error the result denies
+    /// everything and [`RuleSet::error`] says which key and why.
+    pub fn parse<'a, I>(entries: I) -> RuleSet
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+    {
+        match Self::try_parse(entries) {
+            Ok(set) => set,
+            Err(error) => RuleSet {
+                rules: Vec::new(),
+                policy: Action::Drop,
+                error: Some(error),
+                hostnames: Vec::new(),
+            },
+        }
+    }
+
+    fn try_parse<'a, I>(entries: I) -> Result<RuleSet, RuleError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+    {
+        let mut policy = None;
+        let mut rules = Vec::new();
+        for (key, value) in entries {
+            let err = |reason| RuleError {
+                key: String::from(key),
+                reason,
+            };
+            if key == "policy" {
+                policy = Some(match value.trim() {
+                    "accept" => Action::Accept,
+                    "drop" => Action::Drop,
+                    _ => return Err(err(RuleErrorReason::BadPolicy)),
+                });
+                continue;
+            }
+            let number = parse_rule_key(key).ok_or_else(|| err(RuleErrorReason::NotARuleKey))?;
+            if rules.len() >= MAX_RULES {
+                return Err(err(RuleErrorReason::TooManyRules));
+            }
+            rules.push(parse_rule(number, value).map_err(err)?);
+        }
+        let policy = policy.ok_or_else(|| RuleError {
+            key: String::from("policy"),
+            reason: RuleErrorReason::NoPolicy,
+        })?;
+        rules.sort_by_key(|rule| rule.number);
+        let mut hostnames: Vec<String> = rules
+            .iter()
+            .filter_map(|rule| match &rule.destination {
+                Destination::Host(name) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        hostnames.sort();
+        hostnames.dedup();
+        Ok(RuleSet {
+            rules,
+            policy,
+            error: None,
+            hostnames,
+        })
+    }
+
+    /// The rules, in matching order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The default action.
+    pub fn policy(&self) -> Action {
+        self.policy
+    }
+
+    /// The parse error that made this set deny-all, if any.
+    pub fn error(&self) -> Option<&RuleError> {
+        self.error.as_ref()
+    }
+
+    /// The `dsthost` names the DNS client must keep resolved for this set.
+    pub fn hostnames(&self) -> &[String] {
+        &self.hostnames
+    }
+
+    /// Decides a new flow: first matching rule wins, else the policy.
+    pub fn decide(&self, flow: &FlowMeta, ctx: &MatchContext<'_>) -> Verdict {
+        if self.error.is_some() {
+            return Verdict::DroppedParseError;
+        }
+        for name in &self.hostnames {
+            if ctx.names.lookup(name) == NameState::Unresolved {
+                return Verdict::DroppedUnresolvedHost;
+            }
+        }
+        for rule in &self.rules {
+            if rule.matches(flow, ctx) {
+                return match rule.action {
+                    Action::Accept => Verdict::AcceptedByRule(rule.number),
+                    Action::Drop => Verdict::DroppedByRule(rule.number),
+                };
+            }
+        }
+        match self.policy {
+            Action::Accept => Verdict::AcceptedByPolicy,
+            Action::Drop => Verdict::DroppedByPolicy,
+        }
+    }
+}
+
+impl Rule {
+    /// Whether this rule matches the flow (the action is not looked at,
+    /// except for how an `expire` without wall clock fails closed).
+    pub fn matches(&self, flow: &FlowMeta, ctx: &MatchContext<'_>) -> bool {
+        if let Some(expire) = self.expire {
+            match ctx.now_unix {
+                Some(now) if now >= expire => return false,
+                Some(_) => {}
+                None if self.action == Action::Accept => return false,
+                None => {}
+            }
+        }
+        let is_v6 = flow.dst.is_ipv6();
+        let is_icmp = flow.protocol == if is_v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
+        let is_port_proto = flow.protocol == PROTO_TCP || flow.protocol == PROTO_UDP;
+        match self.proto {
+            Some(Proto::Tcp) if flow.protocol != PROTO_TCP => return false,
+            Some(Proto::Udp) if flow.protocol != PROTO_UDP => return false,
+            Some(Proto::Icmp) if !is_icmp => return false,
+            _ => {}
+        }
+        if self.dns_only {
+            if !is_port_proto || flow.dst_port != 53 {
+                return false;
+            }
+            if matches!(self.ports, Some(range) if range != (53, 53)) {
+                return false;
+            }
+            if !ctx.dns_servers.contains(&flow.dst) {
+                return false;
+            }
+        }
+        if let Some((low, high)) = self.ports {
+            if !is_port_proto || flow.dst_port < low || flow.dst_port > high {
+                return false;
+            }
+        }
+        if let Some(icmp_type) = self.icmp_type {
+            if !is_icmp || flow.icmp_type != Some(icmp_type) {
+                return false;
+            }
+        }
+        match &self.destination {
+            Destination::Any => true,
+            Destination::Prefix(prefix) => prefix.contains(flow.dst),
+            Destination::Host(name) => match ctx.names.lookup(name) {
+                NameState::Resolved(addrs) => addrs.contains(&flow.dst),
+                NameState::Unresolved => false,
+            },
+        }
+    }
+}
+
+/// `0000` → 0. All ASCII digits, at least four of them, at most nine.
+fn parse_rule_key(key: &str) -> Option<u32> {
+    if key.len() < 4 || key.len() > 9 || !key.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    key.parse().ok()
+}
+
+fn parse_rule(number: u32, text: &str) -> Result<Rule, RuleErrorReason> {
+    let mut action = None;
+    let mut destination = None;
+    let mut proto = None;
+    let mut dns_only = None;
+    let mut ports = None;
+    let mut icmp_type = None;
+    let mut expire = None;
+    let mut comment = None;
+    for word in text.split(' ').filter(|word| !word.is_empty()) {
+        let (name, value) = word.split_once('=').ok_or(RuleErrorReason::NotKeyValue)?;
+        match name {
+            "action" => set_once(&mut action, "action", parse_action(value)?)?,
+            "dst4" => set_once(&mut destination, "dst4/dst6/dsthost", parse_dst4(value)?)?,
+            "dst6" => set_once(&mut destination, "dst4/dst6/dsthost", parse_dst6(value)?)?,
+            "dsthost" => set_once(&mut destination, "dst4/dst6/dsthost", parse_dsthost(value)?)?,
+            "proto" => set_once(&mut proto, "proto", parse_proto(value)?)?,
+            "specialtarget" => {
+                if value != "dns" {
+                    return Err(RuleErrorReason::BadValue("specialtarget"));
+                }
+                set_once(&mut dns_only, "specialtarget", true)?
+            }
+            "dstports" => set_once(&mut ports, "dstports", parse_ports(value)?)?,
+            "icmptype" => {
+                let value = value
+                    .parse()
+                    .map_err(|_| RuleErrorReason::BadValue("icmptype"))?;
+                set_once(&mut icmp_type, "icmptype", value)?
+            }
+            "expire" => {
+                let value = value
+                    .parse()
+                    .map_err(|_| RuleErrorReason::BadValue("expire"))?;
+                set_once(&mut expire, "expire", value)?
+            }
+            "comment" => set_once(&mut comment, "comment", ())?,
+            other => return Err(RuleErrorReason::UnknownOption(String::from(other))),
+        }
+    }
+    Ok(Rule {
+        number,
+        action: action.ok_or(RuleErrorReason::NoAction)?,
+        destination: destination.unwrap_or(Destination::Any),
+        proto,
+        dns_only: dns_only.unwrap_or(false),
+        ports,
+        icmp_type,
+        expire,
+    })
+}
+
+fn set_once<T>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(), RuleErrorReason> {
+    if slot.is_some() {
+        return Err(RuleErrorReason::Repeated(name));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn parse_action(value: &str) -> Result<Action, RuleErrorReason> {
+    match value {
+        "accept" => Ok(Action::Accept),
+        "drop" => Ok(Action::Drop),
+        _ => Err(RuleErrorReason::BadValue("action")),
+    }
+}
+
+fn parse_proto(value: &str) -> Result<Proto, RuleErrorReason> {
+    match value {
+        "tcp" => Ok(Proto::Tcp),
+        "udp" => Ok(Proto::Udp),
+        "icmp" => Ok(Proto::Icmp),
+        _ => Err(RuleErrorReason::BadValue("proto")),
+    }
+}
+
+fn split_prefix<'v>(
+    value: &'v str,
+    max: u8,
+    name: &'static str,
+) -> Result<(&'v str, u8), RuleErrorReason> {
+    match value.split_once('/') {
+        None => Ok((value, max)),
+        Some((addr, len)) => {
+            if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(RuleErrorReason::BadValue(name));
+            }
+            let len: u8 = len.parse().map_err(|_| RuleErrorReason::BadValue(name))?;
+            if len > max {
+                return Err(RuleErrorReason::BadValue(name));
+            }
+            Ok((addr, len))
+        }
+    }
+}
+
+fn parse_dst4(value: &str) -> Result<Destination, RuleErrorReason> {
+    let (addr, len) = split_prefix(value, 32, "dst4")?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| RuleErrorReason::BadValue("dst4"))?;
+    Ok(Destination::Prefix(Prefix::V4(
+        u32::from(addr) & Prefix::mask4(len),
+        len,
+    )))
+}
+
+fn parse_dst6(value: &str) -> Result<Destination, RuleErrorReason> {
+    let (addr, len) = split_prefix(value, 128, "dst6")?;
+    let addr: Ipv6Addr = addr
+        .parse()
+        .map_err(|_| RuleErrorReason::BadValue("dst6"))?;
+    Ok(Destination::Prefix(Prefix::V6(
+        u128::from(addr) & Prefix::mask6(len),
+        len,
+    )))
+}
+
+fn parse_dsthost(value: &str) -> Result<Destination, RuleErrorReason> {
+    // An address literal resolves to itself (getaddrinfo does the same).
+    if let Ok(addr) = value.parse::<IpAddr>() {
+        return Ok(Destination::Prefix(Prefix::host(addr)));
+    }
+    let name = value.strip_suffix('.').unwrap_or(value);
+    let valid_label = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > MAX_HOSTNAME_LEN || !name.split('.').all(valid_label) {
+        return Err(RuleErrorReason::BadValue("dsthost"));
+    }
+    Ok(Destination::Host(name.to_ascii_lowercase()))
+}
+
+fn parse_ports(value: &str) -> Result<(u16, u16), RuleErrorReason> {
+    let bad = || RuleErrorReason::BadValue("dstports");
+    let (low, high) = value.split_once('-').unwrap_or((value, value));
+    let low: u16 = low.parse().map_err(|_| bad())?;
+    let high: u16 = high.parse().map_err(|_| bad())?;
+    if low > high {
+        return Err(bad());
+    }
+    Ok((low, high))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    struct Names(Vec<(&'static str, Vec<IpAddr>)>);
+    impl NameLookup for Names {
+        fn lookup(&self, name: &str) -> NameState<'_> {
+            self.0
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, a)| NameState::Resolved(a))
+                .unwrap_or(NameState::Unresolved)
+        }
+    }
+
+    const DNS: [IpAddr; 2] = [
+        IpAddr::V4(Ipv4Addr::new(10, 139, 1, 1)),
+        IpAddr::V4(Ipv4Addr::new(10, 139, 1, 2)),
+    ];
+
+    fn ctx<'a>(names: &'a dyn NameLookup, now: Option<u64>) -> MatchContext<'a> {
+        MatchContext {
+            dns_servers: &DNS,
+            now_unix: now,
+            names,
+        }
+    }
+
+    fn flow(dst: &str, protocol: u8, port: u16) -> FlowMeta {
+        FlowMeta {
+            dst: dst.parse().unwrap(),
+            protocol,
+            dst_port: port,
+            icmp_type: None,
+        }
+    }
+
+    fn set<'a>(entries: &[(&'a str, &'a str)]) -> RuleSet {
+        RuleSet::parse(entries.iter().copied())
+    }
+
+    #[test]
+    fn examples_from_dom0_parse() {
+        let s = set(&[
+            ("policy", "drop"),
+            (
+                "0000",
+                "action=accept dst4=10.137.0.5/32 proto=tcp dstports=6668-6670",
+            ),
+            (
+                "0001",
+                "action=accept dst4=10.137.0.5/32 proto=icmp icmptype=8",
+            ),
+            ("0002", "action=accept dsthost=Example.com"),
+            ("0003", "action=accept proto=tcp dstports=443-443"),
+            ("0004", "action=accept specialtarget=dns"),
+            ("0005", "action=drop proto=tcp specialtarget=dns"),
+            (
+                "0006",
+                "action=accept dst6=2001:db8::/32 proto=udp dstports=123-123",
+            ),
+            ("0007", "action=drop expire=1700000000 comment=x"),
+        ]);
+        assert_eq!(s.error(), None);
+        assert_eq!(s.rules().len(), 8);
+        assert_eq!(s.hostnames(), &[String::from("example.com")]);
+        assert_eq!(s.rules()[7].expire, Some(1_700_000_000));
+        assert_eq!(
+            s.rules()[6].destination,
+            Destination::Prefix(Prefix::V6(0x2001_0db8 << 96, 32))
+        );
+    }
+
+    #[test]
+    fn first_match_wins_and_policy_applies() {
+        let s = set(&[
+            ("policy", "drop"),
+            ("0000", "action=drop proto=tcp dstports=80-80"),
+            ("0001", "action=accept proto=tcp"),
+        ]);
+        let c = ctx(&NoNames, None);
+        assert_eq!(
+            s.decide(&flow("1.2.3.4", PROTO_TCP, 80), &c),
+            Verdict::DroppedByRule(0)
+        );
+        assert_eq!(
+            s.decide(&flow("1.2.3.4", PROTO_TCP, 81), &c),
+            Verdict::AcceptedByRule(1)
+        );
+        assert_eq!(
+            s.decide(&flow("1.2.3.4", PROTO_UDP, 81), &c),
+            Verdict::DroppedByPolicy
+        );
+        let open = set(&[("policy", "accept")]);
+        assert_eq!(
+            open.decide(&flow("1.2.3.4", PROTO_UDP, 1), &c),
+            Verdict::AcceptedByPolicy
+        );
+    }
+
+    #[test]
+    fn rules_after_a_gap_and_out_of_order_are_read() {
+        let s = set(&[
+            ("0010", "action=accept proto=udp"),
+            ("policy", "drop"),
+            ("0002", "action=drop proto=udp dstports=53-53"),
+        ]);
+        let c = ctx(&NoNames, None);
+        assert_eq!(
+            s.decide(&flow("1.2.3.4", PROTO_UDP, 53), &c),
+            Verdict::DroppedByRule(2)
+        );
+        assert_eq!(
+            s.decide(&flow("1.2.3.4", PROTO_UDP, 54), &c),
+            Verdict::AcceptedByRule(10)
+        );
+    }
+
+    #[test]
+    fn dst4_prefix_and_host_bits() {
+        let s = set(&[
+            ("policy", "drop"),
+            ("0000", "action=accept dst4=10.1.2.3/16"),
+        ]);
+        let c = ctx(&NoNames, None);
+        assert!(s.decide(&flow("10.1.200.1", PROTO_TCP, 1), &c).accepts());
+        assert!(!s.decide(&flow("10.2.0.1", PROTO_TCP, 1), &c).accepts());
+        assert!(!s.decide(&flow("::1", PROTO_TCP, 1), &c).accepts());
+        let all = set(&[("policy", "drop"), ("0000", "action=accept dst4=0.0.0.0/0")]);
+        assert!(all.decide(&flow("8.8.8.8", PROTO_UDP, 1), &c).accepts());
+        let bare = set(&[("policy", "drop"), ("0000", "action=accept dst4=8.8.8.8")]);
+        assert!(bare.decide(&flow("8.8.8.8", PROTO_UDP, 1), &c).accepts());
+        assert!(!bare.decide(&flow("8.8.8.9", PROTO_UDP, 1), &c).accepts());
+    }
+
+    #[test]
+    fn dst6_rule_matches_only_ipv6() {
+        let s = set(&[
+            ("policy", "drop"),
+            (
+                "0000",
+                "action=accept dst6=2001:db8::/32 proto=udp dstports=123-123",
+            ),
+        ]);
+        let c = ctx(&NoNames, None);
+        assert!(s.decide(&flow("2001:db8::1", PROTO_UDP, 123), &c).accepts());
+        assert!(!s.decide(&flow("2001:db9::1", PROTO_UDP, 123), &c).accepts());
+        assert!(!s.decide(&flow("2001:db8::1", PROTO_UDP, 124), &c).accepts());
+        assert!(!s.decide(&flow("1.2.3.4", PROTO_UDP, 123), &c).accepts());
+    }
+
+    #[test]
+    fn icmp_and_icmptype() {
+        let s = set(&[
+            ("policy", "drop"),
+            ("0000", "action=accept proto=icmp icmptype=8"),
+        ]);
+        let c = ctx(&NoNames, None);
+        let mut ping = flow("1.2.3.4", PROTO_ICMP, 0);
+        ping.icmp_type = Some(8);
+        assert!(s.decide(&ping, &c).accepts());
+        ping.icmp_type = Some(13);
+        assert!(!s.decide(&ping, &c).accepts());
+        let mut ping6 = flow("2001:db8::1", PROTO_ICMPV6, 0);
+        ping6.icmp_type = Some(8);
+        assert!(
+            s.decide(&ping6, &c).accepts(),
+            "proto=icmp means ICMPv6 for IPv6"
+        );
+        ping6.protocol = PROTO_ICMP;
+        assert!(!s.decide(&ping6, &c).accepts());
+    }
+
+    #[test]
+    fn specialtarget_dns_combines_with_proto() {
+        let s = set(&[
+            ("policy", "accept"),
+            ("0000", "action=drop proto=tcp specialtarget=dns"),
+        ]);
+        let c = ctx(&NoNames, None);
+        assert_eq!(
+            s.decide(&flow("10.139.1.1", PROTO_TCP, 53), &c),
+            Verdict::DroppedByRule(0)
+        );
+        assert_eq!(
+            s.decide(&flow("10.139.1.1", PROTO_UDP, 53), &c),
+            Verdict::AcceptedByPolicy
+        );
+        assert_eq!(
+            s.decide(&flow("10.139.1.3", PROTO_TCP, 53), &c),
+            Verdict::AcceptedByPolicy
+        );
+        assert_eq!(
+            s.decide(&flow("10.139.1.2", PROTO_TCP, 54), &c),
+            Verdict::AcceptedByPolicy
+        );
+        let dns = set(&[
+            ("policy", "drop"),
+            ("0000", "action=accept specialtarget=dns"),
+        ]);
+        assert!(dns.decide(&flow("10.139.1.2", PROTO_UDP, 53), &c).accepts());
+        assert!(dns.decide(&flow("10.139.1.2", PROTO_TCP, 53), &c).accepts());
+        assert!(!dns.decide(&flow("10.139.1.2", PROTO_ICMP, 0), &c).accepts());
+        let ported = set(&[
+            ("policy", "drop"),
+            ("0000", "action=accept specialtarget=dns dstports=1-100"),
+        ]);
+        assert!(
+            !ported
+                .decide(&flow("10.139.1.2", PROTO_UDP, 53), &c)
+                .accepts(),
+            "Linux skips the rule"
+        );
+    }
+
+    #[test]
+    fn dsthost_blocks_until_resolved() {
+        let s = set(&[
+            ("policy", "drop"),
+            ("0000", "action=accept dsthost=example.com"),
+            ("0001", "action=accept proto=udp"),
+        ]);
+        // Unresolved: the whole client is blocked, even what rule 1 accepts.
+        let c = ctx(&NoNames, None);
+        assert_eq!(
+            s.decide(&flow("93.184.216.34", PROTO_TCP, 80), &c),
+            Verdict::DroppedUnresolvedHost
+        );
+        assert_eq!(
+            s.decide(&flow("1.1.1.1", PROTO_UDP, 80), &c),
+            Verdict::DroppedUnresolvedHost
+        );
+        let names = Names(vec![(
+            "example.com",
+            vec!["93.184.216.34".parse().unwrap()],
+        )]);
+        let c = ctx(&names, None);
+        assert_eq!(
+            s.decide(&flow("93.184.216.34", PROTO_TCP, 80), &c),
+            Verdict::AcceptedByRule(0)
+        );
+        assert_eq!(
+            s.decide(&flow("93.184.216.35", PROTO_TCP, 80), &c),
+            Verdict::DroppedByPolicy
+        );
+        assert_eq!(
+            s.decide(&flow("1.1.1.1", PROTO_UDP, 80), &c),
+            Verdict::AcceptedByRule(1)
+        );
+    }
+
+    #[test]
+    fn expire_stops_matching() {
+        let s = set(&[
+            ("policy", "drop"),
+            ("0000", "action=accept expire=1000"),
+            ("0001", "action=drop proto=udp expire=1000"),
+        ]);
+        let names = NoNames;
+        assert!(
+            s.decide(&flow("1.1.1.1", PROTO_TCP, 1), &ctx(&names, Some(999)))
+                .accepts()
+        );
+        assert!(
+            !s.decide(&flow("1.1.1.1", PROTO_TCP, 1), &ctx(&names, Some(1000)))
+                .accepts()
+        );
+        // No wall clock: the accept rule fails closed.
+        assert!(
+            !s.decide(&flow("1.1.1.1", PROTO_TCP, 1), &ctx(&names, None))
+                .accepts()
+        );
+        let d = set(&[("policy", "accept"), ("0000", "action=drop expire=1000")]);
+        assert!(
+            !d.decide(&flow("1.1.1.1", PROTO_TCP, 1), &ctx(&names, None))
+                .accepts()
+        );
+        assert!(
+            d.decide(&flow("1.1.1.1", PROTO_TCP, 1), &ctx(&names, Some(2000)))
+                .accepts()
+        );
+    }
+
+    #[test]
+    fn dstports_without_proto_matches_tcp_and_udp_only() {
+        let s = set(&[("policy", "drop"), ("0000", "action=accept dstports=22-23")]);
+        let c = ctx(&NoNames, None);
+        assert!(s.decide(&flow("1.1.1.1", PROTO_TCP, 22), &c).accepts());
+        assert!(s.decide(&flow("1.1.1.1", PROTO_UDP, 23), &c).accepts());
+        assert!(!s.decide(&flow("1.1.1.1", PROTO_ICMP, 0), &c).accepts());
+        assert!(!s.decide(&flow("1.1.1.1", PROTO_TCP, 24), &c).accepts());
+    }
+
+    #[test]
+    fn malformed_sets_deny_everything_and_say_why() {
+        let cases: &[(&[(&str, &str)], &str, RuleErrorReason)] = &[
+            (
+                &[("0000", "action=accept")],
+                "policy",
+                RuleErrorReason::NoPolicy,
+            ),
+            (&[("policy", "maybe")], "policy", RuleErrorReason::BadPolicy),
+            (
+                &[("policy", "accept"), ("12", "action=accept")],
+                "12",
+                RuleErrorReason::NotARuleKey,
+            ),
+            (
+                &[("policy", "accept"), ("00x1", "action=accept")],
+                "00x1",
+                RuleErrorReason::NotARuleKey,
+            ),
+            (
+                &[("policy", "accept"), ("0000", "proto=tcp")],
+                "0000",
+                RuleErrorReason::NoAction,
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=accept tcp")],
+                "0000",
+                RuleErrorReason::NotKeyValue,
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=reject")],
+                "0000",
+                RuleErrorReason::BadValue("action"),
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=accept foo=1")],
+                "0000",
+                RuleErrorReason::UnknownOption(String::from("foo")),
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=accept action=drop")],
+                "0000",
+                RuleErrorReason::Repeated("action"),
+            ),
+            (
+                &[
+                    ("policy", "accept"),
+                    ("0000", "action=accept dst4=1.2.3.4 dsthost=a.b"),
+                ],
+                "0000",
+                RuleErrorReason::Repeated("dst4/dst6/dsthost"),
+            ),
+            (
+                &[
+                    ("policy", "accept"),
+                    ("0000", "action=accept dst4=1.2.3.4/33"),
+                ],
+                "0000",
+                RuleErrorReason::BadValue("dst4"),
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=accept dst4=1.2.3/8")],
+                "0000",
+                RuleErrorReason::BadValue("dst4"),
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=accept dst6=zz::/8")],
+                "0000",
+                RuleErrorReason::BadValue("dst6"),
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=accept dsthost=a..b")],
+                "0000",
+                RuleErrorReason::BadValue("dsthost"),
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=accept proto=sctp")],
+                "0000",
+                RuleErrorReason::BadValue("proto"),
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=accept dstports=9-1")],
+                "0000",
+                RuleErrorReason::BadValue("dstports"),
+            ),
+            (
+                &[
+                    ("policy", "accept"),
+                    ("0000", "action=accept dstports=70000"),
+                ],
+                "0000",
+                RuleErrorReason::BadValue("dstports"),
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=accept icmptype=256")],
+                "0000",
+                RuleErrorReason::BadValue("icmptype"),
+            ),
+            (
+                &[
+                    ("policy", "accept"),
+                    ("0000", "action=accept specialtarget=ntp"),
+                ],
+                "0000",
+                RuleErrorReason::BadValue("specialtarget"),
+            ),
+            (
+                &[("policy", "accept"), ("0000", "action=accept expire=-1")],
+                "0000",
+                RuleErrorReason::BadValue("expire"),
+            ),
+        ];
+        let c = ctx(&NoNames, None);
+        for (entries, key, reason) in cases {
+            let s = set(entries);
+            let error = s.error().unwrap_or_else(|| panic!("{entries:?} parsed"));
+            assert_eq!(error.key, *key, "{entries:?}");
+            assert_eq!(&error.reason, reason, "{entries:?}");
+            assert_eq!(
+                s.decide(&flow("1.1.1.1", PROTO_TCP, 80), &c),
+                Verdict::DroppedParseError
+            );
+            assert!(!alloc::format!("{error}").is_empty());
+        }
+    }
+
+    #[test]
+    fn dsthost_literal_is_an_address() {
+        let s = set(&[
+            ("policy", "drop"),
+            ("0000", "action=accept dsthost=1.2.3.4"),
+        ]);
+        assert!(s.hostnames().is_empty());
+        assert!(
+            s.decide(&flow("1.2.3.4", PROTO_TCP, 1), &ctx(&NoNames, None))
+                .accepts()
+        );
+    }
+}
