@@ -36,7 +36,8 @@
 //!   answer (still pending, or the lookup failed), the whole set is
 //!   deny-all, exactly what Linux ends up doing; once every name has
 //!   addresses, the rule matches those addresses (A records for IPv4, AAAA
-//!   for IPv6). mirage-firewall skipped such rules silently, letting later
+//!   for IPv6 — like Linux, which resolves in the client's family: a name
+//!   with only AAAA records blocks an IPv4 client's new flows). mirage-firewall skipped such rules silently, letting later
 //!   accept rules apply — we never do that.
 //! - `expire`: a rule stops matching once the wall clock reaches its time.
 //!   Without a wall clock (`now_unix = None`) we fail closed: an expiring
@@ -214,7 +215,7 @@ impl fmt::Display for RuleError {
 /// What is known about a `dsthost` name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NameState<'a> {
-    /// The name resolved to these addresses (both families).
+    /// The name resolved to these addresses (of the family asked for).
     Resolved(&'a [IpAddr]),
     /// No answer yet, or the lookup failed.
     Unresolved,
@@ -222,8 +223,9 @@ pub enum NameState<'a> {
 
 /// The DNS cache as the matcher sees it.
 pub trait NameLookup {
-    /// The addresses of `name` (lowercase), if known.
-    fn lookup(&self, name: &str) -> NameState<'_>;
+    /// The addresses of `name` (lowercase) in one family (`ipv6`: AAAA
+    /// records, else A records), if that lookup has succeeded.
+    fn lookup(&self, name: &str, ipv6: bool) -> NameState<'_>;
 }
 
 /// A lookup that knows no names (every `dsthost` stays unresolved).
@@ -231,7 +233,7 @@ pub trait NameLookup {
 pub struct NoNames;
 
 impl NameLookup for NoNames {
-    fn lookup(&self, _name: &str) -> NameState<'_> {
+    fn lookup(&self, _name: &str, _ipv6: bool) -> NameState<'_> {
         NameState::Unresolved
     }
 }
@@ -423,7 +425,7 @@ impl RuleSet {
             return Verdict::DroppedParseError;
         }
         for name in &self.hostnames {
-            if ctx.names.lookup(name) == NameState::Unresolved {
+            if ctx.names.lookup(name, flow.dst.is_ipv6()) == NameState::Unresolved {
                 return Verdict::DroppedUnresolvedHost;
             }
         }
@@ -487,7 +489,7 @@ impl Rule {
         match &self.destination {
             Destination::Any => true,
             Destination::Prefix(prefix) => prefix.contains(flow.dst),
-            Destination::Host(name) => match ctx.names.lookup(name) {
+            Destination::Host(name) => match ctx.names.lookup(name, flow.dst.is_ipv6()) {
                 NameState::Resolved(addrs) => addrs.contains(&flow.dst),
                 NameState::Unresolved => false,
             },
@@ -659,10 +661,10 @@ mod tests {
 
     struct Names(Vec<(&'static str, Vec<IpAddr>)>);
     impl NameLookup for Names {
-        fn lookup(&self, name: &str) -> NameState<'_> {
+        fn lookup(&self, name: &str, ipv6: bool) -> NameState<'_> {
             self.0
                 .iter()
-                .find(|(n, _)| *n == name)
+                .find(|(n, a)| *n == name && a.iter().all(|a| a.is_ipv6() == ipv6))
                 .map(|(_, a)| NameState::Resolved(a))
                 .unwrap_or(NameState::Unresolved)
         }
