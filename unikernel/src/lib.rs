@@ -9,7 +9,7 @@
 #![deny(unsafe_code)]
 
 extern crate alloc;
-#[cfg(test)]
+#[cfg(any(test, feature = "hosted"))]
 extern crate std;
 
 // Networking: rules, NAT and routing.

@@ -193,3 +193,6 @@ pub trait Platform {
     /// Ends the program (powers the domain off, reboots it, or crashes it).
     fn exit(&mut self, how: Shutdown) -> !;
 }
+
+#[cfg(feature = "hosted")]
+pub mod hosted;

@@ -1,0 +1,434 @@
+//! A Linux TAP device as a `smoltcp::phy::Device`: the hosted stand-in for a
+//! Xen vif (netback for a client, netfront for the uplink).
+//!
+//! The device is opened through `/dev/net/tun` with `TUNSETIFF` and
+//! `IFF_TAP | IFF_NO_PI` (Linux `Documentation/networking/tuntap.rst`), so
+//! every `read` is exactly one Ethernet frame and every `write` sends one;
+//! the descriptor is non-blocking and registered with the platform's epoll
+//! set. The kernel side of the device can be moved into another network
+//! namespace (the client qube's, in the box) while we keep the descriptor.
+//!
+//! Frames the other side sends are hostile input: a frame larger than our
+//! MTU is dropped and counted, never truncated and passed on; a write the
+//! kernel refuses (queue full) drops that frame and counts it. Nothing here
+//! panics on any frame.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::string::String;
+use std::vec;
+use std::vec::Vec;
+
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+
+use super::epoll::Interest;
+use super::reactor::Reactor;
+use crate::platform::Instant;
+
+/// The IP MTU of a Qubes vif (Xen netfront default).
+pub const DEFAULT_MTU: usize = 1500;
+/// Ethernet header bytes on top of the IP MTU.
+const ETHERNET_HEADER: usize = 14;
+/// Largest frame the kernel can hand us on a TAP (without GSO); the read
+/// buffer is this big so that an oversized frame is seen whole and dropped.
+const READ_BUFFER: usize = 65536;
+
+/// Per-device counters, readable for the status service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TapCounters {
+    /// Frames handed to the firewall.
+    pub rx_frames: u64,
+    /// Frames sent.
+    pub tx_frames: u64,
+    /// Frames dropped because they exceeded the MTU.
+    pub rx_oversized: u64,
+    /// Frames dropped because the kernel refused the write.
+    pub tx_dropped: u64,
+    /// Read errors other than "nothing there".
+    pub rx_errors: u64,
+}
+
+/// One TAP device.
+#[derive(Debug)]
+pub struct TapDevice {
+    fd: OwnedFd,
+    name: String,
+    mtu: usize,
+    reactor: Rc<Reactor>,
+    rx_buffer: Vec<u8>,
+    tx_buffer: Vec<u8>,
+    counters: TapCounters,
+}
+
+fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            std::format!(
+                "interface name {name:?} must be 1..{} bytes without NUL",
+                libc::IFNAMSIZ - 1
+            ),
+        ));
+    }
+    // SAFETY: ifreq is a plain C struct/union of integers and arrays, for
+    // which all-zero bytes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    Ok(request)
+}
+
+impl TapDevice {
+    /// Attaches to the TAP device `name`, creating it if it does not exist
+    /// (needs `CAP_NET_ADMIN`, or a persistent device owned by our user).
+    pub fn open(reactor: Rc<Reactor>, name: &str, mtu: usize) -> io::Result<TapDevice> {
+        let mut request = ifreq_for(name)?;
+        request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        let path = CString::new("/dev/net/tun").map_err(io::Error::other)?;
+        // SAFETY: `path` is a valid NUL-terminated string for the call.
+        let raw = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` was just returned by open and is owned by no one else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which
+        // `request` is, alive for the duration of the call.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut request) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        reactor.epoll.add(fd.as_raw_fd(), Interest::READ)?;
+        Ok(TapDevice {
+            fd,
+            name: String::from(name),
+            mtu,
+            reactor,
+            rx_buffer: vec![0; READ_BUFFER],
+            tx_buffer: Vec::with_capacity(mtu + ETHERNET_HEADER),
+            counters: TapCounters::default(),
+        })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> TapCounters {
+        self.counters
+    }
+
+    /// Sets the kernel side of the device administratively up (what
+    /// `ip link set NAME up` does), in the network namespace it lives in.
+    pub fn set_up(&self) -> io::Result<()> {
+        set_link_up(&self.name)
+    }
+
+    /// Reads one frame into the receive buffer; `Some(len)` when a frame of
+    /// acceptable size arrived.
+    fn read_frame(&mut self) -> Option<usize> {
+        loop {
+            // SAFETY: the pointer and length describe `rx_buffer`, which is
+            // writable and outlives the call.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    self.rx_buffer.as_mut_ptr().cast(),
+                    self.rx_buffer.len(),
+                )
+            };
+            if n < 0 {
+                let error = io::Error::last_os_error();
+                match error.kind() {
+                    io::ErrorKind::WouldBlock => return None,
+                    io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        self.counters.rx_errors = self.counters.rx_errors.saturating_add(1);
+                        return None;
+                    }
+                }
+            }
+            let len = usize::try_from(n).unwrap_or(0);
+            if len > self.mtu + ETHERNET_HEADER {
+                self.counters.rx_oversized = self.counters.rx_oversized.saturating_add(1);
+                continue;
+            }
+            if len == 0 {
+                continue;
+            }
+            self.counters.rx_frames = self.counters.rx_frames.saturating_add(1);
+            return Some(len);
+        }
+    }
+}
+
+/// Sets interface `name` up through `SIOCSIFFLAGS` on a throw-away socket.
+pub fn set_link_up(name: &str) -> io::Result<()> {
+    let mut request = ifreq_for(name)?;
+    // SAFETY: socket() takes no pointers; a negative return is an error.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` was just returned by socket and is owned by no one else.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: SIOCGIFFLAGS fills the flags of one `struct ifreq`.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags member.
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    request.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads one `struct ifreq`, which `request` is.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &mut request) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Drop for TapDevice {
+    fn drop(&mut self) {
+        self.reactor.epoll.remove(self.fd.as_raw_fd());
+    }
+}
+
+/// A received frame, borrowed from the device's receive buffer.
+#[derive(Debug)]
+pub struct TapRxToken<'a> {
+    frame: &'a [u8],
+}
+
+/// Permission to send one frame.
+#[derive(Debug)]
+pub struct TapTxToken<'a> {
+    fd: &'a OwnedFd,
+    buffer: &'a mut Vec<u8>,
+    counters: &'a mut TapCounters,
+}
+
+impl phy::RxToken for TapRxToken<'_> {
+    fn consume<R, F>(self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        f(self.frame)
+    }
+}
+
+impl phy::TxToken for TapTxToken<'_> {
+    fn consume<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        self.buffer.clear();
+        self.buffer.resize(len, 0);
+        let result = f(self.buffer);
+        // SAFETY: the pointer and length describe the initialised `buffer`,
+        // which outlives the call; write does not keep the pointer.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), self.buffer.as_ptr().cast(), len) };
+        if usize::try_from(n).ok() == Some(len) {
+            self.counters.tx_frames = self.counters.tx_frames.saturating_add(1);
+        } else {
+            self.counters.tx_dropped = self.counters.tx_dropped.saturating_add(1);
+        }
+        result
+    }
+}
+
+impl phy::Device for TapDevice {
+    type RxToken<'a>
+        = TapRxToken<'a>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = TapTxToken<'a>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let len = self.read_frame()?;
+        let TapDevice {
+            fd,
+            rx_buffer,
+            tx_buffer,
+            counters,
+            ..
+        } = self;
+        let frame = rx_buffer.get(..len)?;
+        Some((
+            TapRxToken { frame },
+            TapTxToken {
+                fd,
+                buffer: tx_buffer,
+                counters,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        Some(TapTxToken {
+            fd: &self.fd,
+            buffer: &mut self.tx_buffer,
+            counters: &mut self.counters,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut capabilities = DeviceCapabilities::default();
+        capabilities.medium = Medium::Ethernet;
+        capabilities.max_transmission_unit = self.mtu + ETHERNET_HEADER;
+        capabilities
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::phy::{Device, RxToken, TxToken};
+    use std::time::Duration;
+
+    #[test]
+    fn rejects_bad_interface_names() {
+        assert!(ifreq_for("").is_err());
+        assert!(ifreq_for("0123456789abcdef").is_err());
+        assert!(ifreq_for("a\0b").is_err());
+        assert!(ifreq_for("vif5.0").is_ok());
+    }
+
+    /// An AF_PACKET socket bound to `ifname`: sees frames the kernel
+    /// receives on the TAP and sends frames out of it.
+    fn packet_socket(ifname: &str) -> OwnedFd {
+        let cname = CString::new(ifname).unwrap();
+        // SAFETY: cname is a valid C string.
+        let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        assert!(index > 0, "no interface {ifname}");
+        let protocol = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: socket() takes no pointers.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+        assert!(raw >= 0, "{}", io::Error::last_os_error());
+        // SAFETY: raw is a fresh fd owned by no one else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_ll is plain data; zero is valid.
+        let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        address.sll_family = libc::AF_PACKET as u16;
+        address.sll_protocol = protocol;
+        address.sll_ifindex = index as i32;
+        // SAFETY: the pointer and size describe `address`.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&address as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert!(rc == 0, "{}", io::Error::last_os_error());
+        fd
+    }
+
+    fn frame(source_last: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0xffu8; 6];
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, source_last]);
+        // An experimental EtherType so the kernel stack ignores it.
+        frame.extend_from_slice(&[0x88, 0xb5]);
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// Creates a TAP in a private network namespace (needs root: CI runs
+    /// as root), and exchanges one frame in each direction with the kernel.
+    #[test]
+    fn tap_exchanges_frames_with_the_kernel_in_a_private_netns() {
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            std::eprintln!("skipped: no /dev/net/tun");
+            return;
+        }
+        let handle = std::thread::spawn(|| {
+            // Network namespaces are per thread: this affects only this one.
+            // SAFETY: unshare takes no pointers.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(std::format!(
+                    "unshare(CLONE_NEWNET) failed (not root?): {}",
+                    io::Error::last_os_error()
+                ));
+            }
+            let reactor = Reactor::new().unwrap();
+            let mut tap = TapDevice::open(reactor.clone(), "qbtap0", DEFAULT_MTU).unwrap();
+            tap.set_up().unwrap();
+            let sniffer = packet_socket("qbtap0");
+
+            // Firewall → kernel.
+            let outgoing = frame(1, b"from-the-firewall");
+            let token = tap.transmit(Instant::from_millis(0)).unwrap();
+            token.consume(outgoing.len(), |buffer| buffer.copy_from_slice(&outgoing));
+            assert_eq!(tap.counters().tx_frames, 1);
+            let mut seen = vec![0u8; 2048];
+            // SAFETY: the pointer and length describe `seen`.
+            let n =
+                unsafe { libc::recv(sniffer.as_raw_fd(), seen.as_mut_ptr().cast(), seen.len(), 0) };
+            assert!(n > 0);
+            assert_eq!(&seen[..n as usize], &outgoing[..]);
+
+            // Kernel → firewall: the device must wake epoll and yield it whole.
+            let incoming = frame(2, b"from-the-kernel");
+            // SAFETY: the pointer and length describe `incoming`.
+            let n = unsafe {
+                libc::send(
+                    sniffer.as_raw_fd(),
+                    incoming.as_ptr().cast(),
+                    incoming.len(),
+                    0,
+                )
+            };
+            assert_eq!(n as usize, incoming.len());
+            let mut got = None;
+            for _ in 0..50 {
+                reactor
+                    .epoll
+                    .wait(Some(Duration::from_millis(100)))
+                    .unwrap();
+                if let Some((rx, _tx)) = tap.receive(Instant::from_millis(0)) {
+                    let bytes = rx.consume(|b| b.to_vec());
+                    if bytes.get(12..14) == Some(&[0x88, 0xb5][..]) {
+                        got = Some(bytes);
+                        break;
+                    }
+                }
+            }
+            assert_eq!(got.as_deref(), Some(&incoming[..]));
+
+            // Oversized from the kernel: dropped and counted, not delivered.
+            let mut request = ifreq_for("qbtap0").unwrap();
+            request.ifr_ifru.ifru_mtu = 4000;
+            // SAFETY: SIOCSIFMTU reads one ifreq, which `request` is.
+            let rc = unsafe { libc::ioctl(sniffer.as_raw_fd(), libc::SIOCSIFMTU, &mut request) };
+            assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+            let big = frame(3, &vec![0u8; 3000]);
+            // SAFETY: the pointer and length describe `big`.
+            unsafe {
+                libc::send(sniffer.as_raw_fd(), big.as_ptr().cast(), big.len(), 0);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            while tap.receive(Instant::from_millis(0)).is_some() {}
+            assert_eq!(tap.counters().rx_oversized, 1);
+            Ok(())
+        });
+        match handle.join().unwrap() {
+            Ok(()) => {}
+            Err(reason) => std::eprintln!("skipped: {reason}"),
+        }
+    }
+}

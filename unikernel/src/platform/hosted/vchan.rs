@@ -1,0 +1,451 @@
+//! vchan as a Linux process sees it: the UNIX-socket transport of
+//! qubes-core-vchan-socket, as a non-blocking [`ByteStream`].
+//!
+//! Facts (qubes-core-vchan-socket `vchan/init.c`, `vchan/socket.c`): the
+//! socket is `$VCHAN_SOCKET_DIR/vchan.<server-domid>.<client-domid>.<port>.sock`
+//! (default dir `/var/run/vchan`); a process's own domain id is `VCHAN_DOMAIN`
+//! (default 0); the server unlinks the path, binds, listens with a backlog of
+//! 1 and accepts exactly one connection; the client retries `connect` every
+//! 100 ms while it fails with `ECONNREFUSED` or `ENOENT`; after that the link
+//! is a plain byte stream in both directions with no framing of its own, so
+//! the bytes above are the same as on a Xen vchan ring.
+//!
+//! A link never blocks and never panics on what the peer does: a hang-up or
+//! reset is `StreamError::Closed`; anything the peer sends is only bytes.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Instant;
+
+use super::epoll::Interest;
+use super::reactor::{CONNECT_RETRY, Reactor};
+use crate::platform::{ByteStream, LinkState, StreamError};
+
+/// Qubes' default socket directory when `VCHAN_SOCKET_DIR` is unset.
+pub const DEFAULT_SOCKET_DIR: &str = "/var/run/vchan";
+
+/// The socket path of the vchan `server` offers to `client` on `port`.
+pub fn socket_path(dir: &Path, server: u16, client: u16, port: u32) -> PathBuf {
+    dir.join(std::format!("vchan.{server}.{client}.{port}.sock"))
+}
+
+#[derive(Debug)]
+enum Inner {
+    /// Server side, waiting for the one client.
+    Listening {
+        listener: UnixListener,
+    },
+    /// Client side, retrying every 100 ms.
+    Connecting {
+        next_attempt: Instant,
+    },
+    /// Both ends attached. `want_write` is set while a write found the
+    /// socket full, so epoll also wakes us when it drains.
+    Connected {
+        stream: UnixStream,
+        want_write: bool,
+    },
+    Closed,
+}
+
+/// One end of a vchan over a UNIX socket (or any connected UNIX stream, such
+/// as the link to xenstored).
+#[derive(Debug)]
+pub struct SocketLink {
+    reactor: Rc<Reactor>,
+    path: PathBuf,
+    /// True when we bound `path` and so must unlink it.
+    owns_path: bool,
+    inner: Inner,
+}
+
+impl SocketLink {
+    /// Offers the link as server on `path`: unlinks a stale socket, binds,
+    /// listens with a backlog of 1. The link stays `Waiting` until the client
+    /// connects (noticed by the next `read`/`write`).
+    pub fn listen(reactor: Rc<Reactor>, path: PathBuf) -> io::Result<SocketLink> {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+        let listener = UnixListener::bind(&path)?;
+        listener.set_nonblocking(true)?;
+        reactor.epoll.add(listener.as_raw_fd(), Interest::READ)?;
+        Ok(SocketLink {
+            reactor,
+            path,
+            owns_path: true,
+            inner: Inner::Listening { listener },
+        })
+    }
+
+    /// Connects as client to the server on `path`, retrying every 100 ms
+    /// while the server is not there yet. Tries once right away.
+    pub fn connect(reactor: Rc<Reactor>, path: PathBuf) -> SocketLink {
+        reactor.connecting_started();
+        let mut link = SocketLink {
+            reactor,
+            path,
+            owns_path: false,
+            inner: Inner::Connecting {
+                next_attempt: Instant::now(),
+            },
+        };
+        link.progress();
+        link
+    }
+
+    /// Wraps an already connected stream (the xenstored link).
+    pub fn from_stream(reactor: Rc<Reactor>, stream: UnixStream) -> io::Result<SocketLink> {
+        stream.set_nonblocking(true)?;
+        reactor.epoll.add(stream.as_raw_fd(), Interest::READ)?;
+        Ok(SocketLink {
+            reactor,
+            path: PathBuf::new(),
+            owns_path: false,
+            inner: Inner::Connected {
+                stream,
+                want_write: false,
+            },
+        })
+    }
+
+    /// The socket path of this link (empty for a wrapped stream).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn attach(&mut self, stream: UnixStream) -> Result<(), StreamError> {
+        if stream.set_nonblocking(true).is_err()
+            || self
+                .reactor
+                .epoll
+                .add(stream.as_raw_fd(), Interest::READ)
+                .is_err()
+        {
+            self.inner = Inner::Closed;
+            return Err(StreamError::Platform(
+                "cannot register vchan socket with epoll",
+            ));
+        }
+        self.inner = Inner::Connected {
+            stream,
+            want_write: false,
+        };
+        Ok(())
+    }
+
+    /// Accepts the pending client or retries the connect when it is due.
+    fn progress(&mut self) {
+        match &mut self.inner {
+            Inner::Listening { listener } => {
+                let listener_fd = listener.as_raw_fd();
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        self.reactor.epoll.remove(listener_fd);
+                        // Only one client per vchan: stop listening.
+                        let _ = self.attach(stream);
+                    }
+                    Err(error)
+                        if matches!(
+                            error.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(error) => {
+                        log::warn!("vchan {}: accept failed: {error}", self.path.display());
+                        self.reactor.epoll.remove(listener_fd);
+                        self.inner = Inner::Closed;
+                    }
+                }
+            }
+            Inner::Connecting { next_attempt } => {
+                let now = Instant::now();
+                if now < *next_attempt {
+                    return;
+                }
+                match UnixStream::connect(&self.path) {
+                    Ok(stream) => {
+                        self.reactor.connecting_finished();
+                        let _ = self.attach(stream);
+                    }
+                    Err(error)
+                        if matches!(
+                            error.kind(),
+                            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                        ) =>
+                    {
+                        *next_attempt = now + CONNECT_RETRY;
+                    }
+                    Err(error) => {
+                        log::warn!("vchan {}: connect failed: {error}", self.path.display());
+                        self.reactor.connecting_finished();
+                        self.inner = Inner::Closed;
+                    }
+                }
+            }
+            Inner::Connected { .. } | Inner::Closed => {}
+        }
+    }
+
+    fn set_want_write(&mut self, want: bool) {
+        if let Inner::Connected { stream, want_write } = &mut self.inner
+            && *want_write != want
+        {
+            let interest = if want {
+                Interest::READ_WRITE
+            } else {
+                Interest::READ
+            };
+            if self
+                .reactor
+                .epoll
+                .modify(stream.as_raw_fd(), interest)
+                .is_ok()
+            {
+                *want_write = want;
+            }
+        }
+    }
+
+    fn shut(&mut self) {
+        match std::mem::replace(&mut self.inner, Inner::Closed) {
+            Inner::Listening { listener } => self.reactor.epoll.remove(listener.as_raw_fd()),
+            Inner::Connecting { .. } => self.reactor.connecting_finished(),
+            Inner::Connected { stream, .. } => {
+                self.reactor.epoll.remove(stream.as_raw_fd());
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            Inner::Closed => {}
+        }
+    }
+}
+
+impl ByteStream for SocketLink {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, StreamError> {
+        self.progress();
+        let Inner::Connected { stream, .. } = &mut self.inner else {
+            return match self.inner {
+                Inner::Closed => Err(StreamError::Closed),
+                _ => Ok(0),
+            };
+        };
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        match stream.read(buf) {
+            Ok(0) => {
+                self.shut();
+                Err(StreamError::Closed)
+            }
+            Ok(count) => Ok(count),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(0)
+            }
+            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {
+                self.shut();
+                Err(StreamError::Closed)
+            }
+            Err(_) => {
+                self.shut();
+                Err(StreamError::Platform("vchan socket read failed"))
+            }
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> Result<usize, StreamError> {
+        self.progress();
+        let Inner::Connected { stream, .. } = &mut self.inner else {
+            return match self.inner {
+                Inner::Closed => Err(StreamError::Closed),
+                _ => Ok(0),
+            };
+        };
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        // Rust's runtime ignores SIGPIPE, so a vanished peer is EPIPE here.
+        match stream.write(buf) {
+            Ok(count) => {
+                self.set_want_write(count < buf.len());
+                Ok(count)
+            }
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                self.set_want_write(true);
+                Ok(0)
+            }
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                self.shut();
+                Err(StreamError::Closed)
+            }
+            Err(_) => {
+                self.shut();
+                Err(StreamError::Platform("vchan socket write failed"))
+            }
+        }
+    }
+
+    fn state(&self) -> LinkState {
+        match self.inner {
+            Inner::Listening { .. } | Inner::Connecting { .. } => LinkState::Waiting,
+            Inner::Connected { .. } => LinkState::Connected,
+            Inner::Closed => LinkState::Closed,
+        }
+    }
+
+    fn close(&mut self) {
+        self.shut();
+    }
+}
+
+impl Drop for SocketLink {
+    fn drop(&mut self) {
+        self.shut();
+        if self.owns_path {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(std::format!("hosted-vchan-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn pump<F: FnMut() -> bool>(reactor: &Reactor, mut done: F) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out");
+            reactor
+                .epoll
+                .wait(Some(
+                    reactor.max_sleep().unwrap_or(Duration::from_millis(50)),
+                ))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn path_follows_vchan_socket_convention() {
+        assert_eq!(
+            socket_path(Path::new("/run/x"), 3, 0, 111),
+            PathBuf::from("/run/x/vchan.3.0.111.sock")
+        );
+    }
+
+    #[test]
+    fn server_and_client_exchange_bytes_and_see_close() {
+        let dir = temp_dir("pair");
+        let reactor = Reactor::new().unwrap();
+        let path = socket_path(&dir, 5, 0, 512);
+        // Client first: it must retry until the server exists.
+        let mut client = SocketLink::connect(reactor.clone(), path.clone());
+        assert_eq!(client.state(), LinkState::Waiting);
+        assert_eq!(reactor.max_sleep(), Some(CONNECT_RETRY));
+        assert_eq!(client.write(b"early").unwrap(), 0);
+        let mut server = SocketLink::listen(reactor.clone(), path.clone()).unwrap();
+        assert_eq!(server.state(), LinkState::Waiting);
+        pump(&reactor, || {
+            let _ = client.read(&mut []);
+            let _ = server.read(&mut []);
+            client.state() == LinkState::Connected && server.state() == LinkState::Connected
+        });
+        assert_eq!(reactor.max_sleep(), None);
+
+        assert_eq!(client.write(b"hello").unwrap(), 5);
+        let mut got = std::vec::Vec::new();
+        pump(&reactor, || {
+            let mut buf = [0u8; 16];
+            let n = server.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+            got.len() == 5
+        });
+        assert_eq!(got, b"hello");
+
+        client.close();
+        assert_eq!(client.state(), LinkState::Closed);
+        pump(&reactor, || {
+            let mut buf = [0u8; 4];
+            server.read(&mut buf) == Err(StreamError::Closed)
+        });
+        assert_eq!(server.state(), LinkState::Closed);
+        assert_eq!(server.write(b"x"), Err(StreamError::Closed));
+        drop(server);
+        assert!(!path.exists(), "server unlinks its socket");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn full_socket_reports_zero_and_wakes_when_drained() {
+        let dir = temp_dir("full");
+        let reactor = Reactor::new().unwrap();
+        let path = socket_path(&dir, 0, 7, 111);
+        let mut server = SocketLink::listen(reactor.clone(), path.clone()).unwrap();
+        let mut peer = UnixStream::connect(&path).unwrap();
+        pump(&reactor, || {
+            let _ = server.read(&mut []);
+            server.state() == LinkState::Connected
+        });
+        let chunk = [0xa5u8; 65536];
+        let mut written = 0usize;
+        loop {
+            let n = server.write(&chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            written += n;
+            assert!(written < 64 << 20, "socket never filled");
+        }
+        // Drain a bit on the peer; epoll must then report writability.
+        let mut sink = [0u8; 65536];
+        peer.set_nonblocking(true).unwrap();
+        let mut drained = 0usize;
+        while drained < written {
+            match peer.read(&mut sink) {
+                Ok(n) => drained += n,
+                Err(_) => break,
+            }
+        }
+        assert!(reactor.epoll.wait(Some(Duration::from_secs(2))).unwrap() >= 1);
+        assert!(server.write(&chunk).unwrap() > 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn peer_reset_is_closed_not_a_panic() {
+        let reactor = Reactor::new().unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut link = SocketLink::from_stream(reactor, ours).unwrap();
+        drop(theirs);
+        let mut buf = [0u8; 8];
+        assert_eq!(link.read(&mut buf), Err(StreamError::Closed));
+        assert_eq!(link.state(), LinkState::Closed);
+    }
+}

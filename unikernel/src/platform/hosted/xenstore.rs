@@ -1,0 +1,117 @@
+//! The hosted link to xenstored: the `xsd_sockmsg` protocol over xenstored's
+//! UNIX socket, as a [`ByteStream`] that the portable xenstore client
+//! (`crate::xenstore`) runs on, exactly as it runs on the xenstore ring on
+//! Xen.
+//!
+//! Facts: libxenstore finds the socket in `XENSTORED_PATH`, else
+//! `$XENSTORED_RUNDIR/socket`, else `/var/run/xenstored/socket`; on the socket
+//! every request is a 16-byte `xsd_sockmsg` header plus payload, the same
+//! bytes as on the ring (Xen `xen/include/public/io/xs_wire.h`).
+//!
+//! This module only opens the link; it never interprets a reply (the client
+//! does, with `protocol::xenstore`).
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use super::reactor::Reactor;
+use super::vchan::SocketLink;
+
+/// libxenstore's default socket path.
+pub const DEFAULT_XENSTORED_SOCKET: &str = "/var/run/xenstored/socket";
+
+/// The xenstored socket path as libxenstore chooses it from the environment.
+pub fn socket_path_from_env() -> PathBuf {
+    if let Some(path) = std::env::var_os("XENSTORED_PATH") {
+        return PathBuf::from(path);
+    }
+    if let Some(rundir) = std::env::var_os("XENSTORED_RUNDIR") {
+        return PathBuf::from(rundir).join("socket");
+    }
+    PathBuf::from(DEFAULT_XENSTORED_SOCKET)
+}
+
+/// Connects to xenstored at `path` and returns the non-blocking link.
+pub fn connect(reactor: Rc<Reactor>, path: &Path) -> io::Result<SocketLink> {
+    let stream = UnixStream::connect(path).map_err(|error| {
+        io::Error::new(
+            error.kind(),
+            std::format!(
+                "cannot connect to xenstored at {}: {error} (is the box's xenstored running? set --xenstore-socket or XENSTORED_PATH)",
+                path.display()
+            ),
+        )
+    })?;
+    SocketLink::from_stream(reactor, stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::{ByteStream, LinkState};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::time::Duration;
+    use std::vec::Vec;
+
+    fn header(kind: u32, req_id: u32, tx_id: u32, len: u32) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[4..8].copy_from_slice(&req_id.to_le_bytes());
+        h[8..12].copy_from_slice(&tx_id.to_le_bytes());
+        h[12..16].copy_from_slice(&len.to_le_bytes());
+        h
+    }
+
+    /// A raw `XS_READ` exchange with a scripted xenstored on a real socket:
+    /// the link carries the request bytes unchanged and the reply back.
+    #[test]
+    fn raw_read_exchange_over_the_socket() {
+        let dir = std::env::temp_dir().join(std::format!("hosted-xs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("socket");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 16 + 5];
+            conn.read_exact(&mut request).unwrap();
+            // XS_READ = 2, req_id 7, path "name\0".
+            assert_eq!(&request[..16], &header(2, 7, 0, 5));
+            assert_eq!(&request[16..], b"name\0");
+            let mut reply = header(2, 7, 0, 8).to_vec();
+            reply.extend_from_slice(b"firewall");
+            conn.write_all(&reply).unwrap();
+        });
+
+        let reactor = Reactor::new().unwrap();
+        let mut link = connect(reactor.clone(), &path).unwrap();
+        assert_eq!(link.state(), LinkState::Connected);
+        let mut request = header(2, 7, 0, 5).to_vec();
+        request.extend_from_slice(b"name\0");
+        let mut sent = 0;
+        while sent < request.len() {
+            sent += link.write(&request[sent..]).unwrap();
+        }
+        let mut reply = Vec::new();
+        while reply.len() < 24 {
+            reactor.epoll.wait(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 64];
+            let n = link.read(&mut buf).unwrap();
+            reply.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(&reply[..16], &header(2, 7, 0, 8));
+        assert_eq!(&reply[16..], b"firewall");
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn missing_xenstored_is_a_clear_error() {
+        let reactor = Reactor::new().unwrap();
+        let error = connect(reactor, Path::new("/nonexistent/xenstored/socket")).unwrap_err();
+        assert!(std::format!("{error}").contains("XENSTORED_PATH"));
+    }
+}
