@@ -2,6 +2,7 @@
 //! wherever cargo does.
 //!
 //! Commands:
+//! - `test [ARGS…]` — build every binary, then `cargo test --workspace`.
 //! - `fuzz [SECONDS] [TARGET…]` — run every cargo-fuzz target (or the named
 //!   ones) for SECONDS each (default 20); installs `cargo-fuzz` if missing.
 
@@ -9,11 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod fuzz;
+mod test;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("fuzz") => fuzz::run(&args[1..]),
+        Some("test") => test::run(&args[1..]),
         Some(other) => Err(format!("unknown command `{other}`\n{USAGE}")),
         None => Err(USAGE.to_string()),
     };
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage: cargo xtask <command>
+  test [CARGO TEST ARGS...]    build every binary, then run the whole test suite
   fuzz [SECONDS] [TARGET...]   run the cargo-fuzz targets for SECONDS each (default 20)";
 
 /// The workspace root (the parent of this crate's directory).
