@@ -29,12 +29,18 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let mut out = [0u8; MESSAGE_MAX];
-    let len = repr.emit(&mut out).expect("a parsed message can be emitted");
+    let len = repr
+        .emit(&mut out)
+        .expect("a parsed message can be emitted");
     assert_eq!(len, repr.buffer_len());
     assert_eq!(Repr::parse_bytes(&out[..len]), Ok(repr));
     // Type, data length and data are copied verbatim; path and padding are
     // canonicalised (NUL-padded), so only those bytes may differ.
     assert_eq!(out[0], data[0]);
     assert_eq!(&out[68..len], &data[68..len]);
-    assert!(out[1 + repr.path.len()..HEADER_LEN - 4].iter().all(|&b| b == 0));
+    assert!(
+        out[1 + repr.path.len()..HEADER_LEN - 4]
+            .iter()
+            .all(|&b| b == 0)
+    );
 });

@@ -25,8 +25,8 @@ fuzz_target!(|data: &[u8]| {
                     assert!(used > 0 && used <= rest.len());
                     if let Some(packet) = message {
                         let bytes = packet.into_inner();
-                        let reference = Packet::new_checked(expected)
-                            .expect("sequential parse agrees");
+                        let reference =
+                            Packet::new_checked(expected).expect("sequential parse agrees");
                         let len = reference.total_len();
                         assert_eq!(bytes, &expected[..len]);
                         expected = &expected[len..];

@@ -8,8 +8,8 @@
 use core::fmt::Write;
 use libfuzzer_sys::fuzz_target;
 use protocol::vchan::{
-    BufWriter, MAX_RING_ORDER, MIN_RING_ORDER, PAGE_SIZE, RingIndices, RingOrders, RingPlacement,
-    VchanName, grant_offset,
+    BufWriter, MAX_RING_ORDER, MIN_RING_ORDER, PAGE_SIZE, RingOrders, RingPlacement, VchanName,
+    grant_offset,
 };
 
 fn u16_at(data: &[u8], at: usize) -> u16 {

@@ -15,7 +15,9 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(packet.total_len(), repr.buffer_len());
 
     let mut out = [0u8; MESSAGE_MAX];
-    let len = repr.emit(&mut out).expect("a parsed message fits MESSAGE_MAX");
+    let len = repr
+        .emit(&mut out)
+        .expect("a parsed message fits MESSAGE_MAX");
     assert_eq!(&out[..len], &data[..len]);
     assert_eq!(Repr::parse_bytes(&out[..len]), Ok(repr));
 
