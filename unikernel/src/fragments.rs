@@ -1,1 +1,395 @@
-//! Being written (placeholder until its owner lands it).
+//! Bounded IPv4 fragment reassembly, and fragmentation on output.
+//!
+//! The firewall must see the ports of a datagram to apply rules and NAT, so
+//! fragments are reassembled first (as Linux conntrack does with
+//! `nf_defrag_ipv4`) and the whole datagram is then routed; if it is bigger
+//! than the outgoing MTU it is cut again ([`fragment_ipv4`]).
+//!
+//! Bounds: at most `max_datagrams` datagrams in reassembly and `max_bytes`
+//! of fragment data in total; a datagram not completed within 30 s (Linux's
+//! `ipfrag_time`) is dropped; at most [`MAX_FRAGMENTS`] fragments per
+//! datagram. Overlapping fragments drop the whole datagram (RFC 5722's rule
+//! for IPv6, applied to IPv4 too: overlaps only serve to evade filters).
+//! IPv6 fragments are not reassembled (the router drops and counts them).
+//!
+//! The input is a peer's bytes: nothing here may panic or grow past its
+//! bounds.
+#![forbid(unsafe_code)]
+
+use alloc::vec::Vec;
+use core::net::Ipv4Addr;
+
+use crate::nat::Millis;
+use crate::router::checksum;
+
+/// Reassembly timeout (Linux `net.ipv4.ipfrag_time`).
+pub const REASSEMBLY_TIMEOUT: Millis = 30_000;
+/// Most fragments accepted for one datagram.
+pub const MAX_FRAGMENTS: usize = 64;
+/// Largest IPv4 datagram.
+pub const MAX_DATAGRAM: usize = 65_535;
+
+/// Why a fragment (or its whole datagram) was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FragmentDrop {
+    /// The header or lengths do not add up.
+    Malformed,
+    /// Too many datagrams or bytes in reassembly already.
+    NoRoom,
+    /// Overlaps an earlier fragment, or too many fragments.
+    Overlap,
+    /// The datagram would exceed 65 535 bytes.
+    TooBig,
+}
+
+/// What happened to a fragment.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reassembly {
+    /// Kept; the datagram is not complete yet.
+    Incomplete,
+    /// The datagram is complete: a whole IPv4 packet (header without
+    /// fragment bits, fresh checksum).
+    Complete(Vec<u8>),
+    /// Dropped.
+    Dropped(FragmentDrop),
+}
+
+#[derive(Debug)]
+struct Pending {
+    key: (Ipv4Addr, Ipv4Addr, u16, u8),
+    header: Vec<u8>,
+    data: Vec<u8>,
+    ranges: Vec<(usize, usize)>,
+    total: Option<usize>,
+    started: Millis,
+}
+
+/// The reassembly buffers.
+#[derive(Debug)]
+pub struct Reassembler {
+    pending: Vec<Pending>,
+    max_datagrams: usize,
+    max_bytes: usize,
+    used_bytes: usize,
+}
+
+impl Reassembler {
+    /// At most `max_datagrams` datagrams and `max_bytes` bytes at a time.
+    pub fn new(max_datagrams: usize, max_bytes: usize) -> Reassembler {
+        Reassembler {
+            pending: Vec::new(),
+            max_datagrams,
+            max_bytes,
+            used_bytes: 0,
+        }
+    }
+
+    /// Datagrams being reassembled.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether nothing is being reassembled.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Takes one fragment: `packet` is a whole IPv4 packet (checked by the
+    /// caller: version, header length and total length within the buffer)
+    /// with MF set or a non-zero offset.
+    pub fn push(&mut self, packet: &[u8], now: Millis) -> Reassembly {
+        self.expire(now);
+        let Some(&first) = packet.first() else {
+            return Reassembly::Dropped(FragmentDrop::Malformed);
+        };
+        let header_len = usize::from(first & 0x0f) * 4;
+        let (Some(header), Some(payload)) = (packet.get(..header_len), packet.get(header_len..))
+        else {
+            return Reassembly::Dropped(FragmentDrop::Malformed);
+        };
+        if header_len < 20 {
+            return Reassembly::Dropped(FragmentDrop::Malformed);
+        }
+        let flags_offset = u16::from_be_bytes([header[6], header[7]]);
+        let more = flags_offset & 0x2000 != 0;
+        let offset = usize::from(flags_offset & 0x1fff) * 8;
+        let end = offset + payload.len();
+        if end > MAX_DATAGRAM - header_len {
+            return Reassembly::Dropped(FragmentDrop::TooBig);
+        }
+        if more && payload.len() % 8 != 0 || payload.is_empty() {
+            return Reassembly::Dropped(FragmentDrop::Malformed);
+        }
+        let src = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
+        let dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
+        let key = (
+            src,
+            dst,
+            u16::from_be_bytes([header[4], header[5]]),
+            header[9],
+        );
+        let index = match self.pending.iter().position(|p| p.key == key) {
+            Some(index) => index,
+            None => {
+                if self.pending.len() >= self.max_datagrams {
+                    return Reassembly::Dropped(FragmentDrop::NoRoom);
+                }
+                self.pending.push(Pending {
+                    key,
+                    header: Vec::new(),
+                    data: Vec::new(),
+                    ranges: Vec::new(),
+                    total: None,
+                    started: now,
+                });
+                self.pending.len() - 1
+            }
+        };
+        let grow = end.saturating_sub(self.pending.get(index).map_or(0, |p| p.data.len()));
+        if self.used_bytes + grow > self.max_bytes {
+            self.drop_at(index);
+            return Reassembly::Dropped(FragmentDrop::NoRoom);
+        }
+        let Some(entry) = self.pending.get_mut(index) else {
+            return Reassembly::Dropped(FragmentDrop::Malformed);
+        };
+        let overlaps = entry.ranges.iter().any(|&(s, e)| offset < e && s < end);
+        let beyond_total = entry
+            .total
+            .is_some_and(|total| end > total || (!more && end != total));
+        let last_too_early = !more && entry.ranges.iter().any(|&(_, e)| e > end);
+        if overlaps || beyond_total || last_too_early || entry.ranges.len() >= MAX_FRAGMENTS {
+            self.drop_at(index);
+            return Reassembly::Dropped(FragmentDrop::Overlap);
+        }
+        if entry.data.len() < end {
+            entry.data.resize(end, 0);
+        }
+        self.used_bytes += grow;
+        if let Some(place) = entry.data.get_mut(offset..end) {
+            place.copy_from_slice(payload);
+        }
+        entry.ranges.push((offset, end));
+        if offset == 0 {
+            entry.header = header.to_vec();
+        }
+        if !more {
+            entry.total = Some(end);
+        }
+        let covered: usize = entry.ranges.iter().map(|(s, e)| e - s).sum();
+        match entry.total {
+            Some(total) if covered == total && !entry.header.is_empty() => {
+                let done = self.pending.swap_remove(index);
+                self.used_bytes = self.used_bytes.saturating_sub(done.data.len());
+                Reassembly::Complete(assemble(done.header, &done.data))
+            }
+            _ => Reassembly::Incomplete,
+        }
+    }
+
+    fn drop_at(&mut self, index: usize) {
+        if index < self.pending.len() {
+            let gone = self.pending.swap_remove(index);
+            self.used_bytes = self.used_bytes.saturating_sub(gone.data.len());
+        }
+    }
+
+    /// Drops datagrams older than [`REASSEMBLY_TIMEOUT`]; returns how many.
+    pub fn expire(&mut self, now: Millis) -> usize {
+        let before = self.pending.len();
+        let mut freed = 0;
+        self.pending.retain(|p| {
+            let keep = now.saturating_sub(p.started) < REASSEMBLY_TIMEOUT;
+            if !keep {
+                freed += p.data.len();
+            }
+            keep
+        });
+        self.used_bytes = self.used_bytes.saturating_sub(freed);
+        before - self.pending.len()
+    }
+}
+
+fn assemble(mut header: Vec<u8>, data: &[u8]) -> Vec<u8> {
+    let total = header.len() + data.len();
+    if let Some(field) = header.get_mut(2..4) {
+        field.copy_from_slice(&(total as u16).to_be_bytes());
+    }
+    if let Some(field) = header.get_mut(6..8) {
+        // Keep DF, clear MF and the offset.
+        let df = field[0] & 0x40;
+        field.copy_from_slice(&[df, 0]);
+    }
+    if let Some(field) = header.get_mut(10..12) {
+        field.copy_from_slice(&[0, 0]);
+    }
+    let sum = checksum::finish(checksum::add(0, &header));
+    if let Some(field) = header.get_mut(10..12) {
+        field.copy_from_slice(&sum.to_be_bytes());
+    }
+    header.extend_from_slice(data);
+    header
+}
+
+/// Why [`fragment_ipv4`] refused a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FragmentError {
+    /// DF is set and the packet is bigger than the MTU.
+    DontFragment,
+    /// The header carries options (we do not split options between
+    /// fragments) or is malformed.
+    Unsupported,
+}
+
+/// Cuts an IPv4 packet into fragments of at most `mtu` bytes and hands each
+/// to `emit`. A packet that fits is handed over whole.
+pub fn fragment_ipv4(
+    packet: &[u8],
+    mtu: usize,
+    mut emit: impl FnMut(&[u8]),
+) -> Result<(), FragmentError> {
+    if packet.len() <= mtu {
+        emit(packet);
+        return Ok(());
+    }
+    let (Some(header), Some(data)) = (packet.get(..20), packet.get(20..)) else {
+        return Err(FragmentError::Unsupported);
+    };
+    if header[0] != 0x45 || mtu < 28 {
+        return Err(FragmentError::Unsupported);
+    }
+    let flags_offset = u16::from_be_bytes([header[6], header[7]]);
+    if flags_offset & 0x4000 != 0 {
+        return Err(FragmentError::DontFragment);
+    }
+    let base_offset = usize::from(flags_offset & 0x1fff) * 8;
+    let original_more = flags_offset & 0x2000 != 0;
+    let chunk = (mtu - 20) & !7;
+    let mut buffer = Vec::with_capacity(mtu);
+    let mut start = 0;
+    while start < data.len() {
+        let end = (start + chunk).min(data.len());
+        let more = end < data.len() || original_more;
+        buffer.clear();
+        buffer.extend_from_slice(header);
+        buffer.extend_from_slice(data.get(start..end).unwrap_or(&[]));
+        let field = ((base_offset + start) / 8) as u16 | if more { 0x2000 } else { 0 };
+        buffer[2..4].copy_from_slice(&((20 + end - start) as u16).to_be_bytes());
+        buffer[6..8].copy_from_slice(&field.to_be_bytes());
+        buffer[10..12].copy_from_slice(&[0, 0]);
+        let sum = checksum::finish(checksum::add(0, &buffer[..20]));
+        buffer[10..12].copy_from_slice(&sum.to_be_bytes());
+        emit(&buffer);
+        start = end;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn datagram(len: usize) -> Vec<u8> {
+        let mut p = alloc::vec![0u8; 20 + len];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&((20 + len) as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[10, 137, 0, 10]);
+        p[16..20].copy_from_slice(&[1, 1, 1, 1]);
+        for (i, b) in p[20..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let sum = checksum::finish(checksum::add(0, &p[..20]));
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        p
+    }
+
+    fn split(p: &[u8], mtu: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        fragment_ipv4(p, mtu, |f| out.push(f.to_vec())).unwrap();
+        out
+    }
+
+    #[test]
+    fn fragment_and_reassemble_in_any_order() {
+        let p = datagram(3000);
+        let mut frags = split(&p, 1500);
+        assert_eq!(frags.len(), 3);
+        assert!(frags.iter().all(|f| f.len() <= 1500));
+        frags.reverse();
+        let mut r = Reassembler::new(4, 100_000);
+        assert_eq!(r.push(&frags[0], 0), Reassembly::Incomplete);
+        assert_eq!(r.push(&frags[1], 0), Reassembly::Incomplete);
+        assert_eq!(r.push(&frags[2], 0), Reassembly::Complete(p));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn overlap_drops_the_datagram() {
+        let p = datagram(3000);
+        let frags = split(&p, 1500);
+        let mut r = Reassembler::new(4, 100_000);
+        assert_eq!(r.push(&frags[0], 0), Reassembly::Incomplete);
+        assert_eq!(
+            r.push(&frags[0], 0),
+            Reassembly::Dropped(FragmentDrop::Overlap)
+        );
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn bounds_and_timeout() {
+        let mut r = Reassembler::new(1, 100_000);
+        let a = split(&datagram(3000), 1500);
+        let mut b = datagram(3000);
+        b[4] = 0x99;
+        let b = split(&b, 1500);
+        assert_eq!(r.push(&a[0], 0), Reassembly::Incomplete);
+        assert_eq!(r.push(&b[0], 0), Reassembly::Dropped(FragmentDrop::NoRoom));
+        assert_eq!(
+            r.push(&b[0], REASSEMBLY_TIMEOUT),
+            Reassembly::Incomplete,
+            "old one expired"
+        );
+        let mut small = Reassembler::new(8, 1000);
+        assert_eq!(
+            small.push(&a[0], 0),
+            Reassembly::Dropped(FragmentDrop::NoRoom)
+        );
+        assert!(small.is_empty());
+    }
+
+    #[test]
+    fn malformed_fragments() {
+        let mut r = Reassembler::new(4, 100_000);
+        assert_eq!(r.push(&[], 0), Reassembly::Dropped(FragmentDrop::Malformed));
+        assert_eq!(
+            r.push(&[0x4f; 10], 0),
+            Reassembly::Dropped(FragmentDrop::Malformed)
+        );
+        let mut odd = datagram(13);
+        odd[6] = 0x20; // MF with a payload not a multiple of 8
+        assert_eq!(
+            r.push(&odd, 0),
+            Reassembly::Dropped(FragmentDrop::Malformed)
+        );
+        let mut far = datagram(16);
+        far[6] = 0x3f;
+        far[7] = 0xff; // offset 65528 + 16 bytes > 65535
+        assert_eq!(r.push(&far, 0), Reassembly::Dropped(FragmentDrop::TooBig));
+    }
+
+    #[test]
+    fn dont_fragment_is_refused() {
+        let mut p = datagram(3000);
+        p[6] = 0x40;
+        assert_eq!(
+            fragment_ipv4(&p, 1500, |_| {}),
+            Err(FragmentError::DontFragment)
+        );
+        let small = datagram(100);
+        assert_eq!(split(&small, 1500), alloc::vec![small]);
+    }
+}

@@ -29,7 +29,7 @@
 //! and never panic on a packet a peer sent.
 #![forbid(unsafe_code)]
 
-use core::hash::{BuildHasher, Hash, Hasher};
+use core::hash::{BuildHasher, Hasher};
 use core::net::IpAddr;
 
 use alloc::vec::Vec;
@@ -433,9 +433,7 @@ impl NatTable {
             dst_port: port,
             protocol: original.protocol,
         };
-        let mut state = self.hasher.build_hasher();
-        original.hash(&mut state);
-        let start = (state.finish() % u64::from(NAT_PORT_COUNT)) as u32;
+        let start = (self.hasher.hash_one(original) % u64::from(NAT_PORT_COUNT)) as u32;
         let first = if original.src_port >= NAT_PORT_MIN || is_icmp {
             Some(original.src_port)
         } else {

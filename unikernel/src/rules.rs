@@ -476,15 +476,15 @@ impl Rule {
                 return false;
             }
         }
-        if let Some((low, high)) = self.ports {
-            if !is_port_proto || flow.dst_port < low || flow.dst_port > high {
-                return false;
-            }
+        if let Some((low, high)) = self.ports
+            && (!is_port_proto || flow.dst_port < low || flow.dst_port > high)
+        {
+            return false;
         }
-        if let Some(icmp_type) = self.icmp_type {
-            if !is_icmp || flow.icmp_type != Some(icmp_type) {
-                return false;
-            }
+        if let Some(icmp_type) = self.icmp_type
+            && (!is_icmp || flow.icmp_type != Some(icmp_type))
+        {
+            return false;
         }
         match &self.destination {
             Destination::Any => true,
@@ -950,7 +950,8 @@ mod tests {
 
     #[test]
     fn malformed_sets_deny_everything_and_say_why() {
-        let cases: &[(&[(&str, &str)], &str, RuleErrorReason)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, RuleErrorReason);
+        let cases: &[Case<'_>] = &[
             (
                 &[("0000", "action=accept")],
                 "policy",
