@@ -667,6 +667,27 @@ mod tests {
         assert_eq!(HEADER_LEN, 72);
     }
 
+    /// `struct qdb_hdr` from `qubesdb.h`, laid out by the compiler under C
+    /// rules (gcc printed the same: path at 1, data_len at 68, size 72).
+    #[repr(C)]
+    #[allow(dead_code)] // reason: only its layout is inspected.
+    struct CQdbHdr {
+        msg_type: u8,
+        path: [u8; QDB_MAX_PATH],
+        data_len: u32,
+        data: [u8; 0],
+    }
+
+    #[test]
+    fn offsets_match_repr_c_mirror() {
+        use core::mem::{offset_of, size_of};
+        assert_eq!(offset_of!(CQdbHdr, msg_type), field::TYPE);
+        assert_eq!(offset_of!(CQdbHdr, path), field::PATH.start);
+        assert_eq!(offset_of!(CQdbHdr, data_len), field::DATA_LEN.start);
+        assert_eq!(offset_of!(CQdbHdr, data), field::DATA);
+        assert_eq!(size_of::<CQdbHdr>(), HEADER_LEN);
+    }
+
     #[test]
     fn every_message_type_golden_and_roundtrip() {
         let cases: &[(MessageType, &str, &[u8])] = &[

@@ -789,6 +789,49 @@ mod tests {
         assert_eq!(grant_offset(3), 36);
     }
 
+    /// `struct vchan_interface` from `libxenvchan.h`, laid out by the
+    /// compiler under C rules (the flexible `grants[]` as a zero-length
+    /// array). gcc printed the same offsets for the header's definition.
+    #[repr(C)]
+    #[allow(dead_code)] // reason: only its layout is inspected.
+    struct CRingShared {
+        cons: u32,
+        prod: u32,
+    }
+
+    #[repr(C)]
+    #[allow(dead_code)] // reason: only its layout is inspected.
+    struct CVchanInterface {
+        left: CRingShared,
+        right: CRingShared,
+        left_order: u16,
+        right_order: u16,
+        cli_live: u8,
+        srv_live: u8,
+        cli_notify: u8,
+        srv_notify: u8,
+        grants: [u32; 0],
+    }
+
+    #[test]
+    fn offsets_match_repr_c_mirror() {
+        use core::mem::{offset_of, size_of};
+        let left = offset_of!(CVchanInterface, left);
+        let right = offset_of!(CVchanInterface, right);
+        assert_eq!(left + offset_of!(CRingShared, cons), field::LEFT_CONS);
+        assert_eq!(left + offset_of!(CRingShared, prod), field::LEFT_PROD);
+        assert_eq!(right + offset_of!(CRingShared, cons), field::RIGHT_CONS);
+        assert_eq!(right + offset_of!(CRingShared, prod), field::RIGHT_PROD);
+        assert_eq!(offset_of!(CVchanInterface, left_order), field::LEFT_ORDER);
+        assert_eq!(offset_of!(CVchanInterface, right_order), field::RIGHT_ORDER);
+        assert_eq!(offset_of!(CVchanInterface, cli_live), field::CLI_LIVE);
+        assert_eq!(offset_of!(CVchanInterface, srv_live), field::SRV_LIVE);
+        assert_eq!(offset_of!(CVchanInterface, cli_notify), field::CLI_NOTIFY);
+        assert_eq!(offset_of!(CVchanInterface, srv_notify), field::SRV_NOTIFY);
+        assert_eq!(offset_of!(CVchanInterface, grants), field::GRANTS);
+        assert_eq!(size_of::<CVchanInterface>(), 24);
+    }
+
     #[test]
     fn roles_are_mirror_images() {
         let server = Role::Server.endpoint();

@@ -2167,6 +2167,62 @@ mod tests {
         assert_eq!(packet.payload(), b"");
     }
 
+    /// `struct xsd_sockmsg` and `struct xenstore_domain_interface` as in
+    /// `xs_wire.h` (with the newer trailing `evtchn_port`), laid out by the
+    /// compiler under C rules. The same offsets were printed by gcc from the
+    /// header's definitions.
+    #[repr(C)]
+    #[allow(dead_code)] // reason: only its layout is inspected.
+    struct CSockMsg {
+        msg_type: u32,
+        req_id: u32,
+        tx_id: u32,
+        len: u32,
+    }
+
+    #[repr(C)]
+    #[allow(dead_code)] // reason: only its layout is inspected.
+    struct CDomainInterface {
+        req: [u8; 1024],
+        rsp: [u8; 1024],
+        req_cons: u32,
+        req_prod: u32,
+        rsp_cons: u32,
+        rsp_prod: u32,
+        server_features: u32,
+        connection: u32,
+        error: u32,
+        evtchn_port: u32,
+    }
+
+    #[test]
+    fn offsets_match_repr_c_mirror() {
+        use core::mem::{offset_of, size_of};
+        assert_eq!(size_of::<CSockMsg>(), HEADER_LEN);
+        assert_eq!(offset_of!(CSockMsg, msg_type), field::TYPE.start);
+        assert_eq!(offset_of!(CSockMsg, req_id), field::REQ_ID.start);
+        assert_eq!(offset_of!(CSockMsg, tx_id), field::TX_ID.start);
+        assert_eq!(offset_of!(CSockMsg, len), field::LEN.start);
+        assert_eq!(offset_of!(CDomainInterface, req), ring::REQ);
+        assert_eq!(offset_of!(CDomainInterface, rsp), ring::RSP);
+        assert_eq!(offset_of!(CDomainInterface, req_cons), ring::REQ_CONS);
+        assert_eq!(offset_of!(CDomainInterface, req_prod), ring::REQ_PROD);
+        assert_eq!(offset_of!(CDomainInterface, rsp_cons), ring::RSP_CONS);
+        assert_eq!(offset_of!(CDomainInterface, rsp_prod), ring::RSP_PROD);
+        assert_eq!(
+            offset_of!(CDomainInterface, server_features),
+            ring::SERVER_FEATURES
+        );
+        assert_eq!(offset_of!(CDomainInterface, connection), ring::CONNECTION);
+        assert_eq!(offset_of!(CDomainInterface, error), ring::ERROR);
+        assert_eq!(offset_of!(CDomainInterface, evtchn_port), ring::EVTCHN_PORT);
+        // Values gcc printed for the C header.
+        assert_eq!(
+            (ring::REQ_CONS, ring::ERROR, ring::EVTCHN_PORT),
+            (2048, 2072, 2076)
+        );
+    }
+
     #[test]
     fn interface_offsets_match_c_layout() {
         // struct xenstore_domain_interface: two 1024-byte rings, then u32s.
