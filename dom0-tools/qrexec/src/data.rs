@@ -1,0 +1,493 @@
+//! The qrexec data channel: one vchan per call carrying stdin, stdout,
+//! stderr and the exit code between the side that requested the call and the
+//! side that executes it.
+//!
+//! Rules (qubes-core-qrexec `libqrexec/process_io.c`, `remote.c`,
+//! `daemon/qrexec-daemon-common.c`): the vchan *server* sends `MSG_HELLO`
+//! first and the lower version wins (at least 2); chunks are at most 4096
+//! bytes (v2) or 65536 (v3+); an empty data message is EOF. The executing
+//! side sends stdout, then its stdout EOF, stderr EOF and finally
+//! `MSG_DATA_EXIT_CODE`; a command that could not be started sends stderr
+//! EOF, stdout EOF and the exit code (127 for a missing service). The
+//! requesting side sends its stdin as `MSG_DATA_STDIN` and ends at the exit
+//! code. Data is moved in chunks as large as the protocol allows with the
+//! header written in front of the payload, never per byte. A peer that sends
+//! anything else, or too much, ends the call with an error; nothing it sends
+//! can make us panic or buffer without bound.
+
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use protocol::qrexec::{
+    DataStream, HEADER_LEN, MsgType, QREXEC_PROTOCOL_V2, QREXEC_PROTOCOL_V4, Repr, max_data_chunk,
+    negotiate,
+};
+
+use crate::error::{Error, IoContext, Result};
+use crate::vchan::Vchan;
+use crate::wire::{self, MessageBuf};
+
+/// The protocol version these programs announce.
+pub const LOCAL_PROTOCOL_VERSION: u32 = QREXEC_PROTOCOL_V4;
+
+/// Exit code reported when the peer disconnects without sending one
+/// (Qubes' `remote_status` stays -1, i.e. 255).
+pub const EXIT_CODE_DISCONNECTED: u32 = 255;
+
+/// A vchan writer shared by the threads of one call.
+pub type SharedWriter = Arc<Mutex<Box<dyn Vchan>>>;
+
+/// Write a whole message under the writer lock.
+pub fn send(writer: &SharedWriter, repr: &Repr<'_>) -> io::Result<()> {
+    let mut guard = writer
+        .lock()
+        .map_err(|_| io::Error::other("vchan writer lock poisoned"))?;
+    wire::write_message(&mut **guard, repr)
+}
+
+fn send_raw(writer: &SharedWriter, bytes: &[u8]) -> io::Result<()> {
+    let mut guard = writer
+        .lock()
+        .map_err(|_| io::Error::other("vchan writer lock poisoned"))?;
+    guard.write_all(bytes)
+}
+
+/// Exchange `MSG_HELLO` on a fresh data vchan; the server speaks first.
+pub fn handshake(vchan: &mut dyn Vchan, we_are_server: bool) -> Result<u32> {
+    let send_hello = |v: &mut dyn Vchan| {
+        wire::send_hello(v, LOCAL_PROTOCOL_VERSION).context(|| "sending MSG_HELLO".into())
+    };
+    if we_are_server {
+        send_hello(vchan)?;
+    }
+    let remote = wire::recv_hello(vchan, "data vchan peer")?;
+    if !we_are_server {
+        send_hello(vchan)?;
+    }
+    negotiate(LOCAL_PROTOCOL_VERSION, remote, QREXEC_PROTOCOL_V2).map_err(|source| {
+        Error::Protocol {
+            context: "data vchan handshake".into(),
+            source,
+        }
+    })
+}
+
+/// Qubes' `do_replace_chars`: everything but printable ASCII, tab, newline,
+/// carriage return, backspace and bell becomes `_`.
+pub fn replace_chars(buf: &mut [u8]) {
+    for byte in buf {
+        let c = *byte;
+        if !(b' '..=b'~').contains(&c) && !matches!(c, b'\t' | b'\n' | b'\r' | 0x08 | 0x07) {
+            *byte = b'_';
+        }
+    }
+}
+
+/// Stream `input` to the vchan as `stream` messages, ending with EOF
+/// (unless `send_eof` is false). Returns when `input` ends or the vchan fails.
+fn pump(
+    mut input: Box<dyn Read + Send>,
+    writer: &SharedWriter,
+    msg_type: MsgType,
+    chunk: usize,
+    send_eof: bool,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; HEADER_LEN + chunk];
+    loop {
+        let n = match buf.get_mut(HEADER_LEN..).map(|b| input.read(b)) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A local read error ends this stream like EOF does.
+            Some(Err(_)) | None => 0,
+        };
+        if n == 0 && !send_eof {
+            return Ok(());
+        }
+        wire::fill_data_header(&mut buf, msg_type, n);
+        send_raw(writer, buf.get(..HEADER_LEN + n).unwrap_or(&[]))?;
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// The local ends of the requesting side of a call.
+pub struct Requester {
+    /// What to send as the remote's stdin (`None`: send EOF at once).
+    pub input: Option<Box<dyn Read + Send>>,
+    /// Where the remote's stdout goes.
+    pub output: Box<dyn Write + Send>,
+    /// Where the remote's stderr goes.
+    pub errors: Box<dyn Write + Send>,
+    /// Replace unprintable bytes in stdout (`-t`).
+    pub replace_stdout: bool,
+    /// Replace unprintable bytes in stderr (`-T`).
+    pub replace_stderr: bool,
+}
+
+impl std::fmt::Debug for Requester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Requester")
+            .field("replace_stdout", &self.replace_stdout)
+            .field("replace_stderr", &self.replace_stderr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Run the requesting side until the remote's exit code arrives; returns it.
+pub fn run_requester(vchan: Box<dyn Vchan>, version: u32, local: Requester) -> Result<u32> {
+    let mut reader = vchan.try_clone().context(|| "cloning data vchan".into())?;
+    let writer: SharedWriter = Arc::new(Mutex::new(vchan));
+    let chunk = max_data_chunk(version);
+    {
+        let writer = Arc::clone(&writer);
+        let input = local.input;
+        thread::Builder::new()
+            .name("qrexec-stdin".into())
+            .spawn(move || {
+                let result = match input {
+                    Some(input) => pump(input, &writer, MsgType::DataStdin, chunk, true),
+                    None => send(
+                        &writer,
+                        &Repr::Data {
+                            stream: DataStream::Stdin,
+                            data: &[],
+                        },
+                    ),
+                };
+                // The remote may be gone already; the exit code decides.
+                drop(result);
+            })
+            .context(|| "starting stdin thread".into())?;
+    }
+    let mut output = Some(local.output);
+    let mut errors = local.errors;
+    let mut buf = MessageBuf::new();
+    let mut scratch = Vec::new();
+    loop {
+        let repr = wire::read_message(&mut *reader, &mut buf, "data vchan peer")?;
+        let Some(repr) = repr else {
+            return Err(Error::Eof("data vchan before exit code".into()));
+        };
+        repr.check_version(version)
+            .map_err(|source| Error::Protocol {
+                context: "data vchan".into(),
+                source,
+            })?;
+        match repr {
+            Repr::Data {
+                stream: DataStream::Stdout | DataStream::Stdin,
+                data,
+            } => {
+                if data.is_empty() {
+                    output = None;
+                } else if let Some(out) = output.as_mut() {
+                    let bytes = if local.replace_stdout {
+                        scratch.clear();
+                        scratch.extend_from_slice(data);
+                        replace_chars(&mut scratch);
+                        &scratch[..]
+                    } else {
+                        data
+                    };
+                    if out.write_all(bytes).and_then(|()| out.flush()).is_err() {
+                        // Local reader went away (EPIPE): drop further stdout.
+                        output = None;
+                    }
+                }
+            }
+            Repr::Data {
+                stream: DataStream::Stderr,
+                data,
+            } => {
+                if !data.is_empty() {
+                    let bytes = if local.replace_stderr {
+                        scratch.clear();
+                        scratch.extend_from_slice(data);
+                        replace_chars(&mut scratch);
+                        &scratch[..]
+                    } else {
+                        data
+                    };
+                    let _ = errors.write_all(bytes).and_then(|()| errors.flush());
+                }
+            }
+            Repr::ExitCode(code) => {
+                drop(output);
+                if let Ok(guard) = writer.lock() {
+                    let _ = guard.shutdown();
+                }
+                return Ok(code);
+            }
+            other => {
+                return Err(Error::Unexpected {
+                    context: "data vchan".into(),
+                    got: other.msg_type(),
+                });
+            }
+        }
+    }
+}
+
+/// The local ends of the executing side of a call.
+pub struct Executor {
+    /// The process's stdin.
+    pub stdin: Option<Box<dyn Write + Send>>,
+    /// The process's stdout.
+    pub stdout: Option<Box<dyn Read + Send>>,
+    /// The process's stderr.
+    pub stderr: Option<Box<dyn Read + Send>>,
+    /// Waits for the process and returns its exit code (128+signal when
+    /// killed by a signal).
+    pub wait: Box<dyn FnOnce() -> u32 + Send>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor").finish_non_exhaustive()
+    }
+}
+
+/// Run the executing side: stream the process's output, feed it the
+/// remote's stdin, then send stdout EOF, stderr EOF and the exit code.
+/// Returns the exit code sent.
+pub fn run_executor(vchan: Box<dyn Vchan>, version: u32, local: Executor) -> Result<u32> {
+    let mut reader = vchan.try_clone().context(|| "cloning data vchan".into())?;
+    let writer: SharedWriter = Arc::new(Mutex::new(vchan));
+    let chunk = max_data_chunk(version);
+
+    let mut stdin = local.stdin;
+    thread::Builder::new()
+        .name("qrexec-remote-stdin".into())
+        .spawn(move || {
+            let mut buf = MessageBuf::new();
+            while let Ok(Some(repr)) = wire::read_message(&mut *reader, &mut buf, "data vchan peer")
+            {
+                if repr.check_version(version).is_err() {
+                    break;
+                }
+                match repr {
+                    Repr::Data {
+                        stream: DataStream::Stdin | DataStream::Stdout,
+                        data,
+                    } => {
+                        if data.is_empty() {
+                            stdin = None;
+                        } else if let Some(w) = stdin.as_mut() {
+                            if w.write_all(data).and_then(|()| w.flush()).is_err() {
+                                // The process closed its stdin: discard the rest.
+                                stdin = None;
+                            }
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        })
+        .context(|| "starting remote stdin thread".into())?;
+
+    let out_thread = local.stdout.map(|stdout| {
+        let writer = Arc::clone(&writer);
+        thread::spawn(move || pump(stdout, &writer, MsgType::DataStdout, chunk, true))
+    });
+    let err_thread = local.stderr.map(|stderr| {
+        let writer = Arc::clone(&writer);
+        thread::spawn(move || pump(stderr, &writer, MsgType::DataStderr, chunk, false))
+    });
+    let mut send_failed = false;
+    match out_thread {
+        Some(t) => send_failed |= !matches!(t.join(), Ok(Ok(()))),
+        None => {
+            send_failed |= send(
+                &writer,
+                &Repr::Data {
+                    stream: DataStream::Stdout,
+                    data: &[],
+                },
+            )
+            .is_err()
+        }
+    }
+    if let Some(t) = err_thread {
+        send_failed |= !matches!(t.join(), Ok(Ok(())));
+    }
+    let eof = send(
+        &writer,
+        &Repr::Data {
+            stream: DataStream::Stderr,
+            data: &[],
+        },
+    );
+    let code = (local.wait)();
+    let sent = eof.and_then(|()| send(&writer, &Repr::ExitCode(code)));
+    if let Ok(guard) = writer.lock() {
+        let _ = guard.shutdown();
+    }
+    match sent {
+        Ok(()) if !send_failed => Ok(code),
+        Ok(()) => Err(Error::Eof("data vchan while sending output".into())),
+        Err(source) => Err(Error::Io {
+            context: "sending exit code".into(),
+            source,
+        }),
+    }
+}
+
+/// Report a command that could not be started, as Qubes does: stderr EOF,
+/// stdout EOF, exit code.
+pub fn send_failed_exec(vchan: &mut dyn Vchan, code: u32) -> io::Result<()> {
+    for repr in [
+        Repr::Data {
+            stream: DataStream::Stderr,
+            data: &[],
+        },
+        Repr::Data {
+            stream: DataStream::Stdout,
+            data: &[],
+        },
+        Repr::ExitCode(code),
+    ] {
+        wire::write_message(vchan, &repr)?;
+    }
+    vchan.shutdown()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vchan::socket::SocketVchan;
+    use std::os::unix::net::UnixStream;
+
+    fn pair() -> (Box<dyn Vchan>, Box<dyn Vchan>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Box::new(SocketVchan::new(a)), Box::new(SocketVchan::new(b)))
+    }
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn replace_chars_keeps_printables() {
+        let mut b = *b"ok\t\n\x1b[31m\xff\x07";
+        replace_chars(&mut b);
+        assert_eq!(&b, b"ok\t\n_[31m_\x07");
+    }
+
+    #[test]
+    fn handshake_picks_lower_version() {
+        let (mut a, mut b) = pair();
+        let peer = thread::spawn(move || {
+            wire::send_hello(&mut *b, 3).unwrap();
+            wire::recv_hello(&mut *b, "t").unwrap()
+        });
+        assert_eq!(handshake(&mut *a, false).unwrap(), 3);
+        assert_eq!(peer.join().unwrap(), LOCAL_PROTOCOL_VERSION);
+    }
+
+    #[test]
+    fn requester_and_executor_talk() {
+        let (a, b) = pair();
+        let out = Sink::default();
+        let err = Sink::default();
+        let req = Requester {
+            input: Some(Box::new(&b"stdin data"[..])),
+            output: Box::new(out.clone()),
+            errors: Box::new(err.clone()),
+            replace_stdout: false,
+            replace_stderr: false,
+        };
+        let got_stdin = Sink::default();
+        let exec = Executor {
+            stdin: Some(Box::new(got_stdin.clone())),
+            stdout: Some(Box::new(&b"hello out"[..])),
+            stderr: Some(Box::new(&b"hello err"[..])),
+            wait: Box::new(|| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                42
+            }),
+        };
+        let e = thread::spawn(move || run_executor(b, 3, exec).unwrap());
+        assert_eq!(run_requester(a, 3, req).unwrap(), 42);
+        assert_eq!(e.join().unwrap(), 42);
+        assert_eq!(&*out.0.lock().unwrap(), b"hello out");
+        assert_eq!(&*err.0.lock().unwrap(), b"hello err");
+        assert_eq!(&*got_stdin.0.lock().unwrap(), b"stdin data");
+    }
+
+    #[test]
+    fn executor_sends_eofs_then_exit_code_in_order() {
+        let (a, mut b) = pair();
+        let exec = Executor {
+            stdin: None,
+            stdout: Some(Box::new(&b"x"[..])),
+            stderr: None,
+            wait: Box::new(|| 3),
+        };
+        let e = thread::spawn(move || run_executor(a, 3, exec));
+        let mut buf = MessageBuf::new();
+        let mut seen = Vec::new();
+        while let Ok(Some(repr)) = wire::read_message(&mut *b, &mut buf, "t") {
+            seen.push(match repr {
+                Repr::Data { stream, data } => format!("{stream:?}:{}", data.len()),
+                Repr::ExitCode(c) => format!("exit:{c}"),
+                other => format!("{other:?}"),
+            });
+        }
+        drop(b);
+        let _ = e.join();
+        assert_eq!(seen, ["Stdout:1", "Stdout:0", "Stderr:0", "exit:3"]);
+    }
+
+    #[test]
+    fn requester_rejects_oversized_chunk_for_v2() {
+        let (a, mut b) = pair();
+        let t = thread::spawn(move || {
+            let data = vec![0u8; 5000];
+            wire::write_message(
+                &mut *b,
+                &Repr::Data {
+                    stream: DataStream::Stdout,
+                    data: &data,
+                },
+            )
+            .unwrap();
+            b
+        });
+        let req = Requester {
+            input: None,
+            output: Box::new(io::sink()),
+            errors: Box::new(io::sink()),
+            replace_stdout: false,
+            replace_stderr: false,
+        };
+        assert!(matches!(
+            run_requester(a, 2, req),
+            Err(Error::Protocol { .. })
+        ));
+        drop(t.join());
+    }
+
+    #[test]
+    fn requester_reports_disconnect_without_exit_code() {
+        let (a, b) = pair();
+        drop(b);
+        let req = Requester {
+            input: None,
+            output: Box::new(io::sink()),
+            errors: Box::new(io::sink()),
+            replace_stdout: false,
+            replace_stderr: false,
+        };
+        assert!(run_requester(a, 3, req).is_err());
+    }
+}

@@ -1,0 +1,391 @@
+//! Running what a qrexec call asks for: a shell command (`user:command`) or
+//! an RPC service (`QUBESRPC service+arg source [name|keyword target]`).
+//!
+//! Services are looked up as qubes-rpc-multiplexer does: for each directory
+//! of `QREXEC_SERVICE_PATH` (`:`-separated, default
+//! `/usr/local/etc/qubes-rpc:/etc/qubes-rpc`) first `DIR/service+arg`, then
+//! `DIR/service`, taking the first non-empty file. An executable file is run
+//! with the argument as `argv[1]` (when non-empty); a non-executable file is
+//! the legacy form holding a command line, run with `/bin/sh -c`. The child
+//! gets a clean environment: every inherited `QREXEC*` variable is removed,
+//! then `QREXEC_REMOTE_DOMAIN`, `QREXEC_SERVICE_FULL_NAME`,
+//! `QREXEC_SERVICE_ARGUMENT` (when the name has a `+`),
+//! `QREXEC_REQUESTED_TARGET_TYPE` (+ `QREXEC_REQUESTED_TARGET` or
+//! `QREXEC_REQUESTED_TARGET_KEYWORD`) are set as the multiplexer sets them.
+//! A root agent switches to the requested user (from `/etc/passwd`); an
+//! unprivileged one runs everything as itself. This module must never pass a
+//! service name containing `/` (or `.`/`..`) to the file system, and never
+//! run a command through anything but the fixed shell.
+
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use protocol::qrexec::cmdline::{self, RpcCommand, TargetKind};
+use protocol::qrexec::names;
+
+/// Default service directories (`QREXEC_SERVICE_PATH` in `qrexec.h`).
+pub const DEFAULT_SERVICE_PATH: &str = "/usr/local/etc/qubes-rpc:/etc/qubes-rpc";
+
+/// The shell used for plain commands.
+pub const SHELL: &str = "/bin/sh";
+
+/// Exit code of a process as Qubes reports it: the code, or 128+signal.
+pub fn exit_code(status: ExitStatus) -> u32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u32 & 0xff,
+        (None, Some(signal)) => 128 + signal as u32,
+        (None, None) => 255,
+    }
+}
+
+/// The service directories from `QREXEC_SERVICE_PATH`.
+pub fn service_path_from_env() -> Vec<PathBuf> {
+    let text = std::env::var("QREXEC_SERVICE_PATH")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_SERVICE_PATH.to_string());
+    text.split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// What a service name resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceHandler {
+    /// An executable file.
+    Executable(PathBuf),
+    /// A non-executable file holding a command line.
+    CommandLine(String),
+}
+
+fn is_safe_component(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+fn handler_at(path: &Path) -> Option<ServiceHandler> {
+    let meta = fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() == 0 {
+        return None;
+    }
+    if meta.permissions().mode() & 0o111 != 0 {
+        return Some(ServiceHandler::Executable(path.to_path_buf()));
+    }
+    let text = fs::read_to_string(path).ok()?;
+    let line = text.lines().next().unwrap_or("").trim().to_string();
+    (!line.is_empty()).then_some(ServiceHandler::CommandLine(line))
+}
+
+/// Find the handler of `full` (`name+arg`) whose bare name is `name`.
+pub fn find_service(dirs: &[PathBuf], full: &str, name: &str) -> Option<ServiceHandler> {
+    if !is_safe_component(name) {
+        return None;
+    }
+    for dir in dirs {
+        if is_safe_component(full) {
+            if let Some(h) = handler_at(&dir.join(full)) {
+                return Some(h);
+            }
+        }
+        if let Some(h) = handler_at(&dir.join(name)) {
+            return Some(h);
+        }
+    }
+    None
+}
+
+/// A user account from `/etc/passwd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Login name.
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Home directory.
+    pub home: String,
+    /// Login shell.
+    pub shell: String,
+}
+
+/// Look `name` up in a passwd-format text.
+pub fn parse_passwd(text: &str, name: &str) -> Option<Account> {
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        match fields.as_slice() {
+            [user, _, uid, gid, _, home, shell, ..] if *user == name => Some(Account {
+                name: (*user).to_string(),
+                uid: uid.parse().ok()?,
+                gid: gid.parse().ok()?,
+                home: (*home).to_string(),
+                shell: (*shell).to_string(),
+            }),
+            _ => None,
+        }
+    })
+}
+
+/// Look a user up in `/etc/passwd`.
+pub fn lookup_user(name: &str) -> Option<Account> {
+    parse_passwd(&fs::read_to_string("/etc/passwd").ok()?, name)
+}
+
+/// How the child's stdio is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdioMode {
+    /// Pipes for stdin, stdout and stderr.
+    Piped,
+    /// Pipes for stdin and stdout; stderr stays ours (a local program of
+    /// qrexec-client or qrexec-client-vm).
+    PipedKeepStderr,
+    /// `/dev/null` for all three (`MSG_JUST_EXEC`).
+    Null,
+}
+
+/// What [`spawn`] achieved.
+#[derive(Debug)]
+pub enum Launch {
+    /// The process runs.
+    Started(Child),
+    /// The RPC service does not exist here (exit code 127).
+    NotFound,
+    /// The process could not be started; report this exit code.
+    Failed(u32),
+}
+
+/// What to run and in which context.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// The command part (after `user:`), or the whole dom0 command line.
+    pub command: &'a [u8],
+    /// The user to run as (`None`: as ourselves).
+    pub user: Option<&'a str>,
+    /// Service directories.
+    pub service_path: &'a [PathBuf],
+    /// Extra environment variables (after the `QREXEC*` clean-up).
+    pub extra_env: &'a [(&'a str, String)],
+    /// Stdio wiring.
+    pub stdio: StdioMode,
+    /// Shell for plain commands (`/bin/sh`, or bash for qrexec-client -l).
+    pub shell: &'a str,
+}
+
+fn base_command(program: impl Into<OsString>, req: &Request<'_>) -> Command {
+    let mut cmd = Command::new(program.into());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("QREXEC") {
+            cmd.env_remove(&key);
+        }
+    }
+    for (key, value) in req.extra_env {
+        cmd.env(key, value);
+    }
+    match req.stdio {
+        StdioMode::Piped => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+        StdioMode::PipedKeepStderr => {
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        }
+        StdioMode::Null => {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+        }
+    }
+    cmd
+}
+
+fn apply_user(cmd: &mut Command, user: Option<&str>) -> Result<(), u32> {
+    let Some(user) = user else { return Ok(()) };
+    if !rustix::process::geteuid().is_root() {
+        // Unprivileged (tests, development): run as ourselves.
+        return Ok(());
+    }
+    let Some(account) = lookup_user(user) else {
+        crate::log_error!(
+            "user {} does not exist",
+            crate::log::escape(user.as_bytes())
+        );
+        return Err(1);
+    };
+    if account.uid != 0 {
+        cmd.uid(account.uid).gid(account.gid);
+    }
+    cmd.env("HOME", &account.home)
+        .env("USER", &account.name)
+        .env("LOGNAME", &account.name)
+        .env("SHELL", &account.shell);
+    if Path::new(&account.home).is_dir() {
+        cmd.current_dir(&account.home);
+    }
+    Ok(())
+}
+
+fn rpc_env(rpc: &RpcCommand<'_>) -> Vec<(&'static str, String)> {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut env = vec![
+        ("QREXEC_REMOTE_DOMAIN", text(rpc.source)),
+        ("QREXEC_SERVICE_FULL_NAME", text(rpc.service)),
+    ];
+    if let Some(plus) = rpc.service.iter().position(|&b| b == b'+') {
+        env.push((
+            "QREXEC_SERVICE_ARGUMENT",
+            text(rpc.service.get(plus + 1..).unwrap_or(&[])),
+        ));
+    }
+    match rpc.requested_target {
+        Some(t) => {
+            env.push(("QREXEC_REQUESTED_TARGET_TYPE", t.kind.as_str().to_string()));
+            env.push((
+                match t.kind {
+                    TargetKind::Name => "QREXEC_REQUESTED_TARGET",
+                    TargetKind::Keyword => "QREXEC_REQUESTED_TARGET_KEYWORD",
+                },
+                text(t.target),
+            ));
+        }
+        None => env.push(("QREXEC_REQUESTED_TARGET_TYPE", String::new())),
+    }
+    env
+}
+
+/// Start what `req` asks for.
+pub fn spawn(req: &Request<'_>) -> Launch {
+    let parsed = match cmdline::parse_command(req.command) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            crate::log_error!("Could not parse command line: {e}");
+            return Launch::Failed(protocol::qrexec::QREXEC_EXIT_PROBLEM);
+        }
+    };
+    let mut cmd = match parsed {
+        cmdline::Command::Shell { command, .. } => {
+            let mut cmd = base_command(req.shell, req);
+            cmd.arg("-c").arg(os_from_bytes(command));
+            cmd
+        }
+        cmdline::Command::Rpc(rpc) => {
+            let Ok(full) = std::str::from_utf8(rpc.service) else {
+                return Launch::NotFound;
+            };
+            let Ok(descriptor) = names::split_service_descriptor(rpc.service) else {
+                crate::log_error!("Service path invalid: {}", crate::log::escape(rpc.service));
+                return Launch::NotFound;
+            };
+            let name = std::str::from_utf8(descriptor.name).unwrap_or("");
+            let argument = descriptor
+                .argument
+                .and_then(|a| std::str::from_utf8(a).ok())
+                .filter(|a| !a.is_empty());
+            let Some(handler) = find_service(req.service_path, full, name) else {
+                crate::log_error!("Service {} not found", crate::log::escape(rpc.service));
+                return Launch::NotFound;
+            };
+            let mut env: Vec<(&str, String)> = req.extra_env.to_vec();
+            env.extend(rpc_env(&rpc));
+            let req = Request {
+                extra_env: &env,
+                ..req.clone()
+            };
+            match handler {
+                ServiceHandler::Executable(path) => {
+                    let mut cmd = base_command(path, &req);
+                    cmd.args(argument);
+                    cmd
+                }
+                ServiceHandler::CommandLine(line) => {
+                    let mut cmd = base_command(SHELL, &req);
+                    cmd.arg("-c").arg(line).arg("sh").args(argument);
+                    cmd
+                }
+            }
+        }
+    };
+    if let Err(code) = apply_user(&mut cmd, req.user) {
+        return Launch::Failed(code);
+    }
+    match cmd.spawn() {
+        Ok(child) => Launch::Started(child),
+        Err(e) => {
+            crate::log_error!("cannot start process: {e}");
+            Launch::Failed(protocol::qrexec::QREXEC_EXIT_PROBLEM)
+        }
+    }
+}
+
+/// An `OsString` holding `bytes` exactly (commands need not be UTF-8).
+fn os_from_bytes(bytes: &[u8]) -> OsString {
+    use std::os::unix::ffi::OsStringExt;
+    OsString::from_vec(bytes.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwd_lookup() {
+        let text = "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/zsh\n";
+        let a = parse_passwd(text, "user").unwrap();
+        assert_eq!((a.uid, a.gid), (1000, 1000));
+        assert_eq!(a.home, "/home/user");
+        assert!(parse_passwd(text, "nobody").is_none());
+        assert!(parse_passwd("bad:x:y:0::/:/bin/sh", "bad").is_none());
+    }
+
+    #[test]
+    fn service_lookup_order_and_safety() {
+        let dir = std::env::temp_dir().join(format!("qrexec-exec-{}", std::process::id()));
+        let a = dir.join("a");
+        let b = dir.join("b");
+        fs::create_dir_all(&a).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        fs::write(b.join("test.File+one"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(b.join("test.File+one"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(a.join("test.File"), "/usr/bin/server\n").unwrap();
+        fs::write(a.join("empty"), "").unwrap();
+        let dirs = vec![a.clone(), b.clone()];
+        assert_eq!(
+            find_service(&dirs, "test.File+one", "test.File"),
+            Some(ServiceHandler::CommandLine("/usr/bin/server".into()))
+        );
+        assert_eq!(
+            find_service(&[b.clone()], "test.File+one", "test.File"),
+            Some(ServiceHandler::Executable(b.join("test.File+one")))
+        );
+        assert_eq!(find_service(&dirs, "empty", "empty"), None);
+        assert_eq!(find_service(&dirs, "..", ".."), None);
+        assert_eq!(find_service(&dirs, "a/b", "a/b"), None);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rpc_environment() {
+        let rpc = RpcCommand {
+            nogui: false,
+            service: b"test.File+testfile1",
+            source: b"vm1",
+            requested_target: None,
+        };
+        let env = rpc_env(&rpc);
+        assert!(env.contains(&("QREXEC_SERVICE_ARGUMENT", "testfile1".into())));
+        assert!(env.contains(&("QREXEC_REMOTE_DOMAIN", "vm1".into())));
+        let rpc = RpcCommand {
+            service: b"test.Add",
+            ..rpc
+        };
+        assert!(
+            !rpc_env(&rpc)
+                .iter()
+                .any(|(k, _)| *k == "QREXEC_SERVICE_ARGUMENT")
+        );
+    }
+}

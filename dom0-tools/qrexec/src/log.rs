@@ -1,0 +1,30 @@
+//! Minimal logging to stderr in the shape Qubes' programs use
+//! (`program[pid]: message`). Never formats peer bytes unescaped: callers pass
+//! peer strings through [`escape`] first.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+static PROGRAM: OnceLock<&'static str> = OnceLock::new();
+
+/// Set the program name used as log prefix (once, at start-up).
+pub fn init(program: &'static str) {
+    let _ = PROGRAM.set(program);
+}
+
+/// Write one log line to stderr.
+pub fn log(args: fmt::Arguments<'_>) {
+    let program = PROGRAM.get().copied().unwrap_or("qrexec");
+    eprintln!("{program}[{}]: {args}", std::process::id());
+}
+
+/// Log a formatted line.
+#[macro_export]
+macro_rules! log_error {
+    ($($arg:tt)*) => { $crate::log::log(format_args!($($arg)*)) };
+}
+
+/// Bytes from a peer, printable: non-printable bytes become `\xNN`.
+pub fn escape(bytes: &[u8]) -> String {
+    bytes.escape_ascii().to_string()
+}
