@@ -1,0 +1,14 @@
+//! Qubes in a box: the pieces that let the whole system run on one Linux
+//! machine without Xen. This crate holds the box's own tooling, starting
+//! with a small xenstored ([`xenstored`], [`store`]) that the hosted
+//! firewall and the box's scripts share, and a blocking client for it
+//! ([`client`]).
+//!
+//! It is test and box tooling: it must never be mistaken for, or installed
+//! as, a real xenstored, and it never touches anything outside the sockets
+//! and directories it is given.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod store;
+pub mod xenstored;
