@@ -248,8 +248,6 @@ drop_reasons! {
 /// Router-wide counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// The uplink's traffic.
-    pub uplink: InterfaceCounters,
     drops: Vec<u64>,
     /// New flows accepted (NAT entries created).
     pub flows_created: u64,
@@ -759,6 +757,11 @@ impl Router {
     /// The counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// The uplink's traffic counters.
+    pub fn uplink_counters(&self) -> &InterfaceCounters {
+        &self.uplink.counters
     }
 
     /// One client's traffic counters.
