@@ -69,7 +69,7 @@ pub const NAT_PORT_PROBES: u32 = 128;
 
 /// The five fields that identify a flow in one direction. For ICMP queries
 /// both ports hold the query identifier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     /// Source address.
     pub src: IpAddr,
@@ -172,7 +172,9 @@ pub enum NatError {
 }
 
 /// A hasher keyed by the boot seed (a folded multiply, like foldhash).
-#[derive(Clone, Copy, Debug)]
+/// `Default` is an unkeyed state, for tables whose keys no peer chooses
+/// (the rule index).
+#[derive(Clone, Copy, Debug, Default)]
 pub struct SeededState(u64);
 
 impl SeededState {

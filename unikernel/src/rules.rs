@@ -53,6 +53,10 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use hashbrown::HashMap;
+
+use crate::nat::SeededState;
+
 /// IP protocol numbers used by rule matching.
 pub const PROTO_ICMP: u8 = 1;
 /// TCP.
@@ -302,6 +306,79 @@ pub struct RuleSet {
     policy: Action,
     error: Option<RuleError>,
     hostnames: Vec<String>,
+    index: RuleIndex,
+}
+
+/// Which rules can match a flow of one protocol class and address family,
+/// split into exact-host rules (looked up by destination) and the rest.
+/// First-match order is kept by merging the two sorted lists of rule
+/// positions, so a new flow costs one hash lookup plus the rules that are
+/// not for one host, instead of every rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct RuleIndex {
+    classes: [ClassIndex; 8],
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ClassIndex {
+    by_host: HashMap<IpAddr, Vec<u32>, SeededState>,
+    general: Vec<u32>,
+}
+
+/// The index slot of a flow: protocol class (TCP, UDP, ICMP, other) plus
+/// 4 for IPv6.
+fn flow_class(protocol: u8, ipv6: bool) -> usize {
+    let class = match protocol {
+        PROTO_TCP => 0,
+        PROTO_UDP => 1,
+        PROTO_ICMP if !ipv6 => 2,
+        PROTO_ICMPV6 if ipv6 => 2,
+        _ => 3,
+    };
+    class + if ipv6 { 4 } else { 0 }
+}
+
+impl RuleIndex {
+    fn build(rules: &[Rule]) -> RuleIndex {
+        let mut index = RuleIndex::default();
+        for (position, rule) in rules.iter().enumerate() {
+            let position = position as u32;
+            for (slot, class) in index.classes.iter_mut().enumerate() {
+                let ipv6 = slot >= 4;
+                let protocol_class = slot % 4;
+                let proto_ok = match rule.proto {
+                    Some(Proto::Tcp) => protocol_class == 0,
+                    Some(Proto::Udp) => protocol_class == 1,
+                    Some(Proto::Icmp) => protocol_class == 2,
+                    None => true,
+                };
+                let ports_ok = !(rule.dns_only || rule.ports.is_some()) || protocol_class <= 1;
+                let icmp_ok = rule.icmp_type.is_none() || protocol_class == 2;
+                let family_ok = match &rule.destination {
+                    Destination::Prefix(Prefix::V4(..)) => !ipv6,
+                    Destination::Prefix(Prefix::V6(..)) => ipv6,
+                    _ => true,
+                };
+                if !(proto_ok && ports_ok && icmp_ok && family_ok) {
+                    continue;
+                }
+                match rule.destination {
+                    Destination::Prefix(Prefix::V4(net, 32)) => class
+                        .by_host
+                        .entry(IpAddr::V4(Ipv4Addr::from(net)))
+                        .or_default()
+                        .push(position),
+                    Destination::Prefix(Prefix::V6(net, 128)) => class
+                        .by_host
+                        .entry(IpAddr::V6(Ipv6Addr::from(net)))
+                        .or_default()
+                        .push(position),
+                    _ => class.general.push(position),
+                }
+            }
+        }
+        index
+    }
 }
 
 impl Default for RuleSet {
@@ -319,6 +396,7 @@ impl RuleSet {
             policy: Action::Drop,
             error: None,
             hostnames: Vec::new(),
+            index: RuleIndex::default(),
         }
     }
 
@@ -329,6 +407,7 @@ impl RuleSet {
             policy: Action::Accept,
             error: None,
             hostnames: Vec::new(),
+            index: RuleIndex::default(),
         }
     }
 
@@ -348,6 +427,7 @@ impl RuleSet {
                 policy: Action::Drop,
                 error: Some(error),
                 hostnames: Vec::new(),
+                index: RuleIndex::default(),
             },
         }
     }
@@ -392,6 +472,7 @@ impl RuleSet {
         hostnames.sort();
         hostnames.dedup();
         Ok(RuleSet {
+            index: RuleIndex::build(&rules),
             rules,
             policy,
             error: None,
@@ -429,7 +510,37 @@ impl RuleSet {
                 return Verdict::DroppedUnresolvedHost;
             }
         }
-        for rule in &self.rules {
+        let class = self
+            .index
+            .classes
+            .get(flow_class(flow.protocol, flow.dst.is_ipv6()));
+        let (hosts, general): (&[u32], &[u32]) = match class {
+            Some(class) => (
+                class.by_host.get(&flow.dst).map_or(&[], Vec::as_slice),
+                &class.general,
+            ),
+            None => (&[], &[]),
+        };
+        let (mut h, mut g) = (0, 0);
+        loop {
+            let next = match (hosts.get(h), general.get(g)) {
+                (Some(&a), Some(&b)) if a < b => {
+                    h += 1;
+                    a
+                }
+                (_, Some(&b)) => {
+                    g += 1;
+                    b
+                }
+                (Some(&a), None) => {
+                    h += 1;
+                    a
+                }
+                (None, None) => break,
+            };
+            let Some(rule) = self.rules.get(next as usize) else {
+                continue;
+            };
             if rule.matches(flow, ctx) {
                 return match rule.action {
                     Action::Accept => Verdict::AcceptedByRule(rule.number),
@@ -1073,6 +1184,71 @@ mod tests {
             );
             assert!(!alloc::format!("{error}").is_empty());
         }
+    }
+
+    #[test]
+    fn index_agrees_with_a_linear_scan() {
+        let s = set(&[
+            ("policy", "accept"),
+            (
+                "0000",
+                "action=drop dst4=1.2.3.4/32 proto=tcp dstports=22-22",
+            ),
+            ("0001", "action=accept dst4=1.2.3.0/24 proto=udp"),
+            ("0002", "action=drop dst4=1.2.3.4"),
+            ("0003", "action=accept dsthost=example.com proto=tcp"),
+            ("0004", "action=drop proto=tcp specialtarget=dns"),
+            ("0005", "action=accept specialtarget=dns"),
+            ("0006", "action=drop proto=icmp icmptype=8"),
+            ("0007", "action=accept dst6=2001:db8::1/128 proto=icmp"),
+            ("0008", "action=drop dst6=2001:db8::/32"),
+            ("0009", "action=accept dstports=80-443"),
+            ("0010", "action=drop dst4=10.139.1.1/32"),
+            ("0011", "action=drop dst4=9.9.9.9/32 proto=udp"),
+        ]);
+        let names = Names(vec![
+            ("example.com", vec!["9.9.9.9".parse().unwrap()]),
+            ("example.com", vec!["2001:db8::99".parse().unwrap()]),
+        ]);
+        let c = ctx(&names, None);
+        let destinations = [
+            "1.2.3.4",
+            "1.2.3.5",
+            "9.9.9.9",
+            "10.139.1.1",
+            "10.139.1.2",
+            "8.8.8.8",
+            "2001:db8::1",
+            "2001:db8::2",
+            "2001:db9::1",
+        ];
+        let mut checked = 0;
+        for dst in destinations {
+            for protocol in [PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6, 47] {
+                for port in [0, 22, 53, 80, 443, 1000] {
+                    for icmp_type in [None, Some(8), Some(0)] {
+                        let f = FlowMeta {
+                            dst: dst.parse().unwrap(),
+                            protocol,
+                            dst_port: port,
+                            icmp_type,
+                        };
+                        let linear = s
+                            .rules()
+                            .iter()
+                            .find(|r| r.matches(&f, &c))
+                            .map(|r| match r.action {
+                                Action::Accept => Verdict::AcceptedByRule(r.number),
+                                Action::Drop => Verdict::DroppedByRule(r.number),
+                            })
+                            .unwrap_or(Verdict::AcceptedByPolicy);
+                        assert_eq!(s.decide(&f, &c), linear, "{f:?}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 9 * 5 * 6 * 3);
     }
 
     #[test]
