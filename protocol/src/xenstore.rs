@@ -47,6 +47,12 @@ pub const XENSTORE_ABS_PATH_MAX: usize = 3072;
 /// `XENSTORE_REL_PATH_MAX`.
 pub const XENSTORE_REL_PATH_MAX: usize = 2048;
 
+/// Special watch path fired when a domain is introduced (`docs/misc/xenstore.txt`).
+pub const WATCH_INTRODUCE_DOMAIN: &str = "@introduceDomain";
+/// Special watch path fired when a domain crashes, shuts down, is released or
+/// destroyed.
+pub const WATCH_RELEASE_DOMAIN: &str = "@releaseDomain";
+
 /// Byte ranges of the `xsd_sockmsg` header fields.
 pub mod field {
     use core::ops::Range;
@@ -2071,7 +2077,8 @@ mod tests {
         assert!(is_valid_path("/local/domain/0/backend/vif"));
         assert!(is_valid_path("device/vif/0"));
         assert!(is_valid_path("/"));
-        assert!(is_valid_path("@releaseDomain"));
+        assert!(is_valid_path(WATCH_RELEASE_DOMAIN));
+        assert!(is_valid_path(WATCH_INTRODUCE_DOMAIN));
         assert!(!is_valid_path(""));
         assert!(!is_valid_path("/a//b"));
         assert!(!is_valid_path("/a/"));
