@@ -1,1 +1,793 @@
-//! Being written (placeholder until its owner lands it).
+//! The program flow of the firewall (qubes-mirage-firewall's
+//! `unikernel.ml`, seed `004_…`), generic over the [`Platform`]:
+//!
+//! 1. record the start time; parse the boot options ([`BootOptions`]);
+//! 2. connect QubesDB (vchan client to dom0 port 111) and offer the qrexec
+//!    agent (vchan server on port 512); log the time until both are
+//!    connected ("QubesDB and qrexec agents connected in … s", as mirage);
+//! 3. read the network configuration (boot options override QubesDB; wait
+//!    for the keys while they are absent, logging once);
+//! 4. create the router (its NAT table) and bring up the uplink;
+//! 5. signal success to dom0 with an empty write to `/qubes-iptables-error`;
+//! 6. watch `backend/vif` in xenstore for clients (IP from
+//!    `backend/vif/<domid>/<dev>/ip`, first space-separated token; an IPv6
+//!    second token if present) and `control/shutdown` for `poweroff` /
+//!    `reboot` (acknowledged by writing "" as Xen guests do);
+//! 7. main loop: QubesDB updates (rule commits go to the router), qrexec,
+//!    uplink and client NICs, timers; sleep with `platform.wait` until the
+//!    earliest deadline. It ends on a shutdown request.
+//!
+//! Differences from mirage on purpose: a broken QubesDB or qrexec link is
+//! offered again instead of ending the program; a boot-option error or a
+//! platform that cannot bring up the uplink ends it with
+//! [`Shutdown::Crash`] after a clear console line, never a panic.
+//!
+//! The flow is split into [`Firewall::start`] and [`Firewall::step`] so a
+//! test can drive it step by step; [`run`] is the loop the Xen image and the
+//! hosted binary call. Nothing here touches a packet byte itself (that is the
+//! router's job) and nothing here may panic on anything a peer sends.
+#![forbid(unsafe_code)]
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt::{self, Write as _};
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use log::{error, info, warn};
+use smoltcp::time::Duration;
+use smoltcp::wire::EthernetAddress;
+
+use crate::config::{BootOptionError, BootOptions, ControlCaps, NetworkSettings};
+use crate::platform::{Instant, Platform, PlatformError, Shutdown, Xenstore, XenstoreError};
+use crate::qrexec::{Agent, Output, ServiceHost};
+use crate::qubesdb::{DbEvent, IPTABLES_ERROR, QubesDb};
+use crate::router::{Caps, ClientConfig, ClientId, DropReason, NetworkConfig, Router};
+use crate::rules::{Action, RuleSet};
+use crate::status::{ClientStatus, InterfaceStatus, StatusReport};
+
+/// QubesDB's vchan port (`QUBESDB_VCHAN_PORT`).
+pub const QUBESDB_PORT: u32 = 111;
+/// qrexec's control vchan port (`VCHAN_BASE_PORT`).
+pub const QREXEC_PORT: u32 = protocol::qrexec::VCHAN_BASE_PORT;
+/// Where the toolstack publishes client vifs (relative to our domain).
+pub const BACKEND_VIF: &str = "backend/vif";
+/// Where the toolstack asks us to stop (relative to our domain).
+pub const CONTROL_SHUTDOWN: &str = "control/shutdown";
+/// Our uplink's MAC (relative to our domain).
+pub const UPLINK_MAC: &str = "device/vif/0/mac";
+/// How long to wait before offering a broken link again.
+pub const RELINK_DELAY: Duration = Duration::from_secs(1);
+
+const TOKEN_VIF: &str = "qubes-firewall:vif";
+const TOKEN_SHUTDOWN: &str = "qubes-firewall:shutdown";
+
+/// Why the program flow could not start or had to stop.
+#[derive(Debug)]
+pub enum FlowError {
+    /// The kernel command line is wrong.
+    BootOptions(BootOptionError),
+    /// The platform refused a resource we cannot run without.
+    Platform {
+        /// What we were doing.
+        doing: &'static str,
+        /// The platform's reason.
+        error: PlatformError,
+    },
+    /// xenstore refused a request we cannot run without.
+    Xenstore {
+        /// What we were doing.
+        doing: &'static str,
+        /// xenstore's reason.
+        error: XenstoreError,
+    },
+}
+
+impl fmt::Display for FlowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FlowError::BootOptions(error) => write!(f, "{error}"),
+            FlowError::Platform { doing, error } => write!(f, "{doing}: {error}"),
+            FlowError::Xenstore { doing, error } => write!(f, "{doing}: {error}"),
+        }
+    }
+}
+
+/// The wall clock, as set by `qubes.SetDateTime`.
+#[derive(Clone, Copy, Debug, Default)]
+struct WallClock {
+    /// (unix seconds, monotonic instant) at the last setting.
+    base: Option<(i64, Instant)>,
+}
+
+impl WallClock {
+    fn now(&self, now: Instant) -> Option<i64> {
+        let (unix, at) = self.base?;
+        Some(unix.saturating_add((now - at).secs() as i64))
+    }
+}
+
+/// A client vif the router serves.
+#[derive(Debug)]
+struct ClientVif<N> {
+    ip: Ipv4Addr,
+    nic: N,
+}
+
+/// What the status report shows of a client's rules (the router keeps the
+/// set itself).
+#[derive(Clone, Debug)]
+struct RuleSummary {
+    rules: usize,
+    policy: Action,
+    error: Option<String>,
+}
+
+impl RuleSummary {
+    fn of(rules: &RuleSet) -> RuleSummary {
+        RuleSummary {
+            rules: rules.rules().len(),
+            policy: rules.policy(),
+            error: rules.error().map(ToString::to_string),
+        }
+    }
+}
+
+/// The network side, once configured.
+struct Network<P: Platform> {
+    settings: NetworkSettings,
+    nat_capacity: usize,
+    router: Router,
+    uplink: P::Nic,
+    clients: BTreeMap<ClientId, ClientVif<P::Nic>>,
+}
+
+/// The firewall program: links to dom0, the router and its NICs.
+pub struct Firewall<P: Platform> {
+    options: BootOptions,
+    caps: ControlCaps,
+    started: Instant,
+    qubesdb: QubesDb<P::Vchan>,
+    qubesdb_retry: Option<Instant>,
+    agent: Agent<P::Vchan>,
+    agent_retry: Option<Instant>,
+    connected_logged: bool,
+    waiting_logged: Option<String>,
+    network: Option<Network<P>>,
+    /// Rule sets committed before the router existed, by client address.
+    pending_rules: BTreeMap<IpAddr, RuleSet>,
+    /// What each client's rules look like, for the status report.
+    rule_summary: BTreeMap<IpAddr, RuleSummary>,
+    wall_clock: WallClock,
+    vifs_dirty: bool,
+}
+
+impl<P: Platform> fmt::Debug for Firewall<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Firewall")
+            .field("options", &self.options)
+            .field("network", &self.network.as_ref().map(|n| &n.settings))
+            .field(
+                "clients",
+                &self
+                    .network
+                    .as_ref()
+                    .map(|n| n.clients.keys().collect::<Vec<_>>()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Platform> Firewall<P> {
+    /// Steps 1 and 2: parse the boot options, connect QubesDB, offer the
+    /// qrexec agent, watch xenstore.
+    pub fn start(platform: &mut P, cmdline: &str) -> Result<Firewall<P>, FlowError> {
+        let started = platform.now();
+        let options = BootOptions::parse(cmdline).map_err(FlowError::BootOptions)?;
+        let caps = ControlCaps::for_memory(platform.memory_bytes());
+        info!(
+            "Qubes firewall starting: domain {}, {} MiB, boot options {:?}",
+            platform.domid(),
+            platform.memory_bytes() >> 20,
+            cmdline
+        );
+        let qubesdb_link =
+            platform
+                .vchan_client(0, QUBESDB_PORT)
+                .map_err(|error| FlowError::Platform {
+                    doing: "connecting to dom0's QubesDB (vchan port 111)",
+                    error,
+                })?;
+        let control =
+            platform
+                .vchan_server(0, QREXEC_PORT)
+                .map_err(|error| FlowError::Platform {
+                    doing: "offering the qrexec agent (vchan port 512)",
+                    error,
+                })?;
+        let xenstore = platform.xenstore();
+        xenstore
+            .watch(CONTROL_SHUTDOWN, TOKEN_SHUTDOWN)
+            .map_err(|error| FlowError::Xenstore {
+                doing: "watching control/shutdown",
+                error,
+            })?;
+        xenstore
+            .watch(BACKEND_VIF, TOKEN_VIF)
+            .map_err(|error| FlowError::Xenstore {
+                doing: "watching backend/vif",
+                error,
+            })?;
+        Ok(Firewall {
+            options,
+            caps,
+            started,
+            qubesdb: QubesDb::new(qubesdb_link, caps),
+            qubesdb_retry: None,
+            agent: Agent::new(control, caps),
+            agent_retry: None,
+            connected_logged: false,
+            waiting_logged: None,
+            network: None,
+            pending_rules: BTreeMap::new(),
+            rule_summary: BTreeMap::new(),
+            wall_clock: WallClock::default(),
+            vifs_dirty: true,
+        })
+    }
+
+    /// True once the router runs (networking is up).
+    pub fn network_up(&self) -> bool {
+        self.network.is_some()
+    }
+
+    /// The client vifs served now: (domid, device, ip).
+    pub fn clients(&self) -> Vec<(u16, u32, Ipv4Addr)> {
+        self.network.as_ref().map_or_else(Vec::new, |network| {
+            network
+                .clients
+                .iter()
+                .map(|(id, vif)| (id.domid, id.device, vif.ip))
+                .collect()
+        })
+    }
+
+    /// The status report, as `qubes.FirewallStatus` prints it.
+    pub fn status(&self, now: Instant) -> StatusReport {
+        build_report(&ReportInputs {
+            network: self.network.as_ref(),
+            qubesdb: &self.qubesdb,
+            agent: self.agent.stats(),
+            rule_summary: &self.rule_summary,
+            wall_clock: self.wall_clock,
+            started: self.started,
+            now,
+        })
+    }
+
+    /// One turn of the main loop: does all the work possible now. Returns
+    /// `Some` when the program must end.
+    pub fn step(&mut self, platform: &mut P) -> Option<Shutdown> {
+        let now = platform.now();
+
+        // QubesDB: sync, updates, rule commits; reconnect if it broke.
+        self.poll_qubesdb(platform, now);
+
+        // qrexec: handshake, commands, calls; offer again if it broke.
+        self.poll_agent(platform, now);
+
+        if !self.connected_logged && self.agent.is_connected() && self.qubesdb.is_synchronised() {
+            self.connected_logged = true;
+            let elapsed = now - self.started;
+            info!(
+                "QubesDB and qrexec agents connected in {}.{:03} s",
+                elapsed.secs(),
+                elapsed.millis()
+            );
+        }
+
+        // xenstore: shutdown requests and client vifs.
+        while let Some(event) = platform.xenstore().poll_watch() {
+            if event.token == TOKEN_SHUTDOWN {
+                if let Some(how) = shutdown_requested(platform) {
+                    return Some(how);
+                }
+            } else if event.token == TOKEN_VIF {
+                self.vifs_dirty = true;
+            }
+        }
+
+        if self.network.is_none()
+            && self.qubesdb.is_synchronised()
+            && let Err(error) = self.bring_up_network(platform, now)
+        {
+            error!("{error}");
+            return Some(Shutdown::Crash);
+        }
+
+        if self.vifs_dirty && self.network.is_some() {
+            self.vifs_dirty = false;
+            self.rescan_vifs(platform);
+        }
+
+        if let Some(network) = &mut self.network {
+            let unix = self.wall_clock.now(now).and_then(|s| u64::try_from(s).ok());
+            network.router.set_wall_clock(unix, now);
+            network.router.pump_uplink(&mut network.uplink, now);
+            for (id, vif) in &mut network.clients {
+                network.router.pump_client(*id, &mut vif.nic, now);
+            }
+            network.router.poll_timers(now);
+        }
+        None
+    }
+
+    /// The earliest time `step` has work to do without an event.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        [
+            self.network.as_ref().and_then(|n| n.router.poll_at(now)),
+            self.agent.poll_at(),
+            self.agent_retry,
+            self.qubesdb_retry,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn poll_qubesdb(&mut self, platform: &mut P, now: Instant) {
+        if self.qubesdb.is_closed() {
+            match self.qubesdb_retry {
+                None => self.qubesdb_retry = Some(now + RELINK_DELAY),
+                Some(at) if now >= at => {
+                    self.qubesdb_retry = None;
+                    match platform.vchan_client(0, QUBESDB_PORT) {
+                        Ok(link) => {
+                            info!("QubesDB: connecting again to dom0");
+                            self.qubesdb = QubesDb::new(link, self.caps);
+                        }
+                        Err(error) => {
+                            warn!("QubesDB: cannot connect again: {error}");
+                            self.qubesdb_retry = Some(now + RELINK_DELAY);
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+            return;
+        }
+        self.qubesdb.poll();
+        while let Some(event) = self.qubesdb.next_event() {
+            match event {
+                DbEvent::Synchronised => info!(
+                    "QubesDB: synchronised, {} entries",
+                    self.qubesdb.database().stats().entries
+                ),
+                DbEvent::Changed(path) => {
+                    // The network configuration is read once networking is
+                    // up; a later change needs a restart, as on Linux.
+                    if self.network.is_some() && path.starts_with("/qubes-") {
+                        info!("QubesDB: {path} changed (takes effect at the next start)");
+                    }
+                }
+                DbEvent::RulesCommitted {
+                    client,
+                    entries,
+                    incomplete,
+                } => {
+                    let rules = if incomplete {
+                        warn!(
+                            "QubesDB: rules of {client} incomplete (a key was refused at the cap); \
+                             blocking all its traffic"
+                        );
+                        RuleSet::deny_all()
+                    } else {
+                        RuleSet::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    };
+                    match rules.error() {
+                        Some(error) => warn!("firewall rules of {client}: {error}"),
+                        None => info!(
+                            "firewall rules of {client}: {} rules, policy {:?}",
+                            rules.rules().len(),
+                            rules.policy()
+                        ),
+                    }
+                    self.apply_rules(client, rules);
+                }
+                DbEvent::RulesRemoved(client) => {
+                    info!("firewall rules of {client} removed; its traffic is blocked");
+                    self.apply_rules(client, RuleSet::deny_all());
+                }
+            }
+        }
+    }
+
+    fn apply_rules(&mut self, client: IpAddr, rules: RuleSet) {
+        self.rule_summary.insert(client, RuleSummary::of(&rules));
+        match &mut self.network {
+            Some(network) => network.router.set_rules(client, rules),
+            None => {
+                self.pending_rules.insert(client, rules);
+            }
+        }
+    }
+
+    fn poll_agent(&mut self, platform: &mut P, now: Instant) {
+        if self.agent.is_closed() {
+            match self.agent_retry {
+                None => self.agent_retry = Some(now + RELINK_DELAY),
+                Some(at) if now >= at => {
+                    self.agent_retry = None;
+                    match platform.vchan_server(0, QREXEC_PORT) {
+                        Ok(control) => {
+                            info!("qrexec: offering the agent again");
+                            self.agent = Agent::new(control, self.caps);
+                        }
+                        Err(error) => {
+                            warn!("qrexec: cannot offer the agent again: {error}");
+                            self.agent_retry = Some(now + RELINK_DELAY);
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+            return;
+        }
+        let mut host = Host {
+            network: self.network.as_ref(),
+            qubesdb: &self.qubesdb,
+            agent: self.agent.stats(),
+            rule_summary: &self.rule_summary,
+            wall_clock: &mut self.wall_clock,
+            started: self.started,
+            now,
+        };
+        self.agent.poll(platform, &mut host, now);
+    }
+
+    fn bring_up_network(&mut self, platform: &mut P, now: Instant) -> Result<(), FlowError> {
+        let settings = match self.options.network() {
+            Some(settings) => settings,
+            None => match NetworkSettings::from_qubesdb(|key| self.qubesdb.database().get(key)) {
+                Ok(settings) => settings,
+                Err(error) => {
+                    let text = error.to_string();
+                    if self.waiting_logged.as_deref() != Some(text.as_str()) {
+                        warn!("{text}");
+                        self.waiting_logged = Some(text);
+                    }
+                    return Ok(());
+                }
+            },
+        };
+        info!("{settings}");
+        let uplink_mac = read_mac(platform.xenstore(), UPLINK_MAC).unwrap_or_else(|| {
+            let domid = platform.domid().to_be_bytes();
+            let mac = EthernetAddress([0x02, 0, 0, 0, domid[0], domid[1]]);
+            warn!("{UPLINK_MAC} missing or invalid; using the local MAC {mac}");
+            mac
+        });
+        let mut caps = Caps::for_memory(platform.memory_bytes());
+        if let Some(size) = self.options.nat_table_size {
+            // --nat-table-size as in mirage, but never past what the
+            // memory holds (an allocation failure is not an option).
+            let size = if size > caps.nat_entries {
+                warn!(
+                    "--nat-table-size={size} is more than {} MiB hold; using {}",
+                    platform.memory_bytes() >> 20,
+                    caps.nat_entries
+                );
+                caps.nat_entries
+            } else {
+                size
+            };
+            caps.nat_entries = size;
+            caps.nat_entries_per_client = caps.nat_entries_per_client.min(size);
+        }
+        let config = NetworkConfig {
+            uplink_mac,
+            ip: settings.ip,
+            gateway: settings.gateway,
+            primary_dns: Some(settings.primary_dns),
+            secondary_dns: Some(settings.secondary_dns),
+            ip6: settings.ip6,
+            gateway6: settings.gateway6,
+            seed: seed(platform, now),
+        };
+        let uplink = platform.uplink().map_err(|error| FlowError::Platform {
+            doing: "bringing up the uplink to the net qube",
+            error,
+        })?;
+        let mut router = Router::new(config, caps, now);
+        for (client, rules) in core::mem::take(&mut self.pending_rules) {
+            router.set_rules(client, rules);
+        }
+        self.network = Some(Network {
+            settings,
+            nat_capacity: caps.nat_entries,
+            router,
+            uplink,
+            clients: BTreeMap::new(),
+        });
+        // Report success to dom0, as mirage's Dao.set_iptables_error "".
+        if let Err(error) = self.qubesdb.write(IPTABLES_ERROR, "") {
+            warn!("QubesDB: cannot write {IPTABLES_ERROR}: {error}");
+        }
+        self.vifs_dirty = true;
+        info!("networking up");
+        Ok(())
+    }
+
+    fn rescan_vifs(&mut self, platform: &mut P) {
+        let Some(network) = &mut self.network else {
+            return;
+        };
+        let present = match list_vifs(platform.xenstore()) {
+            Ok(present) => present,
+            Err(error) => {
+                warn!("xenstore: cannot list {BACKEND_VIF}: {error}; keeping the current clients");
+                return;
+            }
+        };
+        let gone: Vec<ClientId> = network
+            .clients
+            .iter()
+            .filter(|(id, vif)| present.get(id).map(|c| c.ip) != Some(vif.ip))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            info!("client vif{}.{} removed", id.domid, id.device);
+            network.router.remove_client(id);
+            network.clients.remove(&id);
+        }
+        for (id, config) in present {
+            if network.clients.contains_key(&id) {
+                continue;
+            }
+            let ip = config.ip;
+            let nic = match platform.attach_client(id.domid, id.device) {
+                Ok(nic) => nic,
+                Err(error) => {
+                    warn!(
+                        "client vif{}.{} ({ip}): cannot attach: {error}; will retry on the next change",
+                        id.domid, id.device
+                    );
+                    continue;
+                }
+            };
+            match network.router.add_client(id, config) {
+                Ok(()) => {
+                    info!("client vif{}.{} added with IP {ip}", id.domid, id.device);
+                    network.clients.insert(id, ClientVif { ip, nic });
+                }
+                Err(error) => warn!(
+                    "client vif{}.{} ({ip}): refused by the router: {error}",
+                    id.domid, id.device
+                ),
+            }
+        }
+    }
+}
+
+/// Reads `control/shutdown`; acknowledges and returns a request we honour.
+fn shutdown_requested<P: Platform>(platform: &mut P) -> Option<Shutdown> {
+    let xenstore = platform.xenstore();
+    let request = match xenstore.read(CONTROL_SHUTDOWN) {
+        Ok(Some(request)) => request,
+        Ok(None) => return None,
+        Err(error) => {
+            warn!("xenstore: cannot read {CONTROL_SHUTDOWN}: {error}");
+            return None;
+        }
+    };
+    let how = match request.as_str() {
+        "" => return None,
+        "poweroff" | "halt" => Shutdown::PowerOff,
+        "reboot" => Shutdown::Reboot,
+        other => {
+            warn!("{CONTROL_SHUTDOWN}: {other:?} is not supported (only poweroff and reboot)");
+            return None;
+        }
+    };
+    // Acknowledge, as Linux and Mini-OS guests do, so the toolstack knows
+    // the request was seen.
+    if let Err(error) = xenstore.write(CONTROL_SHUTDOWN, "") {
+        warn!("xenstore: cannot acknowledge {CONTROL_SHUTDOWN}: {error}");
+    }
+    info!("shutdown requested by the toolstack: {request}");
+    Some(how)
+}
+
+fn read_mac<X: Xenstore>(xenstore: &mut X, path: &str) -> Option<EthernetAddress> {
+    let text = xenstore.read(path).ok()??;
+    let mut bytes = [0u8; 6];
+    let mut parts = text.trim().split(':');
+    for byte in &mut bytes {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(EthernetAddress(bytes))
+}
+
+/// Lists `backend/vif/<domid>/<device>/ip` (and `mac`).
+fn list_vifs<X: Xenstore>(
+    xenstore: &mut X,
+) -> Result<BTreeMap<ClientId, ClientConfig>, XenstoreError> {
+    let mut found = BTreeMap::new();
+    for domid_text in xenstore.directory(BACKEND_VIF)? {
+        let Ok(domid) = domid_text.parse::<u16>() else {
+            warn!("{BACKEND_VIF}/{domid_text}: not a domain id; ignored");
+            continue;
+        };
+        let devices = match xenstore.directory(&format!("{BACKEND_VIF}/{domid}")) {
+            Ok(devices) => devices,
+            Err(error) => {
+                warn!("{BACKEND_VIF}/{domid}: {error}; ignored");
+                continue;
+            }
+        };
+        for device_text in devices {
+            let Ok(device) = device_text.parse::<u32>() else {
+                warn!("{BACKEND_VIF}/{domid}/{device_text}: not a device number; ignored");
+                continue;
+            };
+            let base = format!("{BACKEND_VIF}/{domid}/{device}");
+            let ip_text = match xenstore.read(&format!("{base}/ip")) {
+                Ok(Some(text)) => text,
+                // No IP (yet): not a client we can serve; the watch fires
+                // again when the toolstack writes it.
+                Ok(None) => continue,
+                Err(error) => {
+                    warn!("{base}/ip: {error}; ignored");
+                    continue;
+                }
+            };
+            let mut words = ip_text.split_ascii_whitespace();
+            let Some(Ok(ip)) = words.next().map(str::parse::<Ipv4Addr>) else {
+                warn!("{base}/ip = {ip_text:?}: not an IPv4 address; ignored");
+                continue;
+            };
+            let ip6 = words.find_map(|word| word.parse::<Ipv6Addr>().ok());
+            let mac = read_mac(xenstore, &format!("{base}/mac"));
+            found.insert(ClientId { domid, device }, ClientConfig { ip, ip6, mac });
+        }
+    }
+    Ok(found)
+}
+
+/// A seed for the router's hash keys and NAT ports. The platform has no
+/// entropy source in its trait; this mixes what differs between boots and
+/// VMs (time of start, domain id, memory size).
+fn seed<P: Platform>(platform: &P, now: Instant) -> u64 {
+    let mut x = (now.total_micros() as u64)
+        ^ (u64::from(platform.domid()) << 48)
+        ^ (platform.memory_bytes() as u64).rotate_left(17);
+    // splitmix64 finaliser
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// What the qrexec services see of the firewall.
+struct Host<'a, P: Platform> {
+    network: Option<&'a Network<P>>,
+    qubesdb: &'a QubesDb<P::Vchan>,
+    agent: crate::qrexec::AgentStats,
+    rule_summary: &'a BTreeMap<IpAddr, RuleSummary>,
+    wall_clock: &'a mut WallClock,
+    started: Instant,
+    now: Instant,
+}
+
+impl<P: Platform> ServiceHost for Host<'_, P> {
+    fn firewall_status(&mut self, out: &mut Output) {
+        let report = build_report(&ReportInputs {
+            network: self.network,
+            qubesdb: self.qubesdb,
+            agent: self.agent,
+            rule_summary: self.rule_summary,
+            wall_clock: *self.wall_clock,
+            started: self.started,
+            now: self.now,
+        });
+        let _ = write!(out, "{report}");
+    }
+
+    fn set_wall_clock(&mut self, unix_seconds: i64) {
+        info!("wall clock set by dom0 to {unix_seconds} (unix seconds)");
+        self.wall_clock.base = Some((unix_seconds, self.now));
+    }
+}
+
+struct ReportInputs<'a, P: Platform> {
+    network: Option<&'a Network<P>>,
+    qubesdb: &'a QubesDb<P::Vchan>,
+    agent: crate::qrexec::AgentStats,
+    rule_summary: &'a BTreeMap<IpAddr, RuleSummary>,
+    wall_clock: WallClock,
+    started: Instant,
+    now: Instant,
+}
+
+fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
+    let mut report = StatusReport {
+        uptime_seconds: (inputs.now - inputs.started).secs(),
+        wall_clock: inputs.wall_clock.now(inputs.now),
+        qubesdb: inputs.qubesdb.database().stats(),
+        qrexec: inputs.agent,
+        ..StatusReport::default()
+    };
+    let Some(network) = inputs.network else {
+        return report;
+    };
+    let router = &network.router;
+    let counters = router.counters();
+    report.network = Some(network.settings.clone());
+    let interface = |name: String, c: &crate::router::InterfaceCounters| InterfaceStatus {
+        name,
+        rx_frames: c.rx_frames,
+        rx_bytes: c.rx_bytes,
+        tx_frames: c.tx_frames,
+        tx_bytes: c.tx_bytes,
+        tx_queue_full: c.tx_queue_full,
+    };
+    report
+        .interfaces
+        .push(interface("uplink".to_string(), router.uplink_counters()));
+    for (id, vif) in &network.clients {
+        if let Some(c) = router.client_counters(*id) {
+            report
+                .interfaces
+                .push(interface(format!("vif{}.{}", id.domid, id.device), c));
+        }
+        let summary = inputs.rule_summary.get(&IpAddr::V4(vif.ip));
+        report.clients.push(ClientStatus {
+            domid: id.domid,
+            device: id.device,
+            ip: IpAddr::V4(vif.ip),
+            rules: summary.map_or(0, |s| s.rules),
+            policy: match summary.map(|s| s.policy) {
+                Some(Action::Accept) => "accept",
+                _ => "drop",
+            },
+            rules_error: match summary {
+                None => Some("no rules committed yet (all traffic dropped)".to_string()),
+                Some(s) => s.error.clone(),
+            },
+        });
+    }
+    report.drops = DropReason::ALL
+        .iter()
+        .map(|reason| (reason.name(), counters.dropped(*reason)))
+        .collect();
+    report.flows_created = counters.flows_created;
+    report.icmp_errors_sent = counters.icmp_errors_sent;
+    report.nat_entries = router.nat_len();
+    report.nat_capacity = network.nat_capacity;
+    report
+}
+
+/// Runs the program until a shutdown request; returns how to stop. The
+/// caller (the Xen image's `main`, the hosted binary) then calls
+/// `platform.exit(how)`.
+pub fn run<P: Platform>(platform: &mut P, cmdline: &str) -> Shutdown {
+    let mut firewall = match Firewall::start(platform, cmdline) {
+        Ok(firewall) => firewall,
+        Err(error) => {
+            error!("cannot start the firewall: {error}");
+            return Shutdown::Crash;
+        }
+    };
+    loop {
+        if let Some(how) = firewall.step(platform) {
+            return how;
+        }
+        let now = platform.now();
+        platform.wait(firewall.next_deadline(now));
+    }
+}

@@ -42,7 +42,11 @@ use core::fmt;
 use core::net::IpAddr;
 use core::ops::Bound;
 
+use log::{info, warn};
+use protocol::qubesdb::{Decoder, MessageType, Repr};
+
 use crate::config::ControlCaps;
+use crate::platform::{ByteStream, LinkState, StreamError};
 
 /// The directory of the per-client firewall rules.
 pub const FIREWALL_DIR: &str = "/qubes-firewall/";
@@ -179,7 +183,13 @@ impl Database {
 
     /// Stores an entry without firing events (initial MULTIREAD).
     pub fn load(&mut self, path: &str, value: &str) -> Result<(), DbError> {
-        self.store(path, value)
+        let result = self.store(path, value);
+        if result.is_err()
+            && let Some(ip) = rule_owner(path)
+        {
+            self.tainted.insert(ip.to_string());
+        }
+        result
     }
 
     /// Ends the initial MULTIREAD: every client with a commit key present
@@ -301,6 +311,303 @@ impl Database {
             entries,
             incomplete: self.tainted.contains(ip),
         });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The vchan link to dom0's qubesdb-daemon
+// ---------------------------------------------------------------------------
+
+/// Most bytes of replies and writes queued for dom0 before the link is
+/// considered stalled.
+const OUTBOX_BYTES: usize = 64 * 1024;
+
+/// Why the QubesDB link was closed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkError {
+    /// The transport failed or dom0 went away.
+    Stream(StreamError),
+    /// dom0 sent bytes that are not a valid `qdb_hdr` message.
+    Malformed(protocol::qubesdb::Error),
+    /// A valid message that is not allowed at this point.
+    Unexpected {
+        /// The raw message type.
+        msg_type: u8,
+        /// Where we were.
+        expected: &'static str,
+    },
+    /// dom0 removed an entry we do not have: the copies differ.
+    OutOfSync(String),
+    /// dom0 stopped reading our replies.
+    Stalled,
+    /// A write of ours could not be sent.
+    NotConnected,
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkError::Stream(error) => write!(f, "{error}"),
+            LinkError::Malformed(error) => {
+                write!(f, "malformed QubesDB message from dom0: {error}")
+            }
+            LinkError::Unexpected { msg_type, expected } => write!(
+                f,
+                "unexpected QubesDB message type {msg_type} while {expected} (dom0 broke the protocol)"
+            ),
+            LinkError::OutOfSync(path) => write!(
+                f,
+                "dom0 removed {path:?}, which this VM does not have; resynchronising"
+            ),
+            LinkError::Stalled => f.write_str("dom0 stopped reading QubesDB replies"),
+            LinkError::NotConnected => f.write_str("the QubesDB link is closed"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkPhase {
+    /// MULTIREAD queued; waiting for the dump to end.
+    Syncing,
+    /// Synchronised: dom0 pushes updates.
+    Ready,
+    /// Closed; the program flow connects again.
+    Closed,
+}
+
+/// The QubesDB client: the link to dom0 and the database copy.
+#[derive(Debug)]
+pub struct QubesDb<V> {
+    link: V,
+    db: Database,
+    phase: LinkPhase,
+    decoder: alloc::boxed::Box<Decoder>,
+    outbox: VecDeque<u8>,
+    close_reason: Option<LinkError>,
+}
+
+impl<V: ByteStream> QubesDb<V> {
+    /// A client on `link` (the vchan to dom0 port 111, connected or still
+    /// connecting). The full-sync request is queued at once, so it is the
+    /// first message dom0 sees.
+    pub fn new(link: V, caps: ControlCaps) -> QubesDb<V> {
+        let mut client = QubesDb {
+            link,
+            db: Database::new(caps),
+            phase: LinkPhase::Syncing,
+            decoder: alloc::boxed::Box::new(Decoder::new()),
+            outbox: VecDeque::new(),
+            close_reason: None,
+        };
+        if let Err(error) = client.send(&Repr::full_sync_request()) {
+            client.close(error);
+        }
+        client
+    }
+
+    /// The database copy.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Takes the next event (commits, changes, end of sync).
+    pub fn next_event(&mut self) -> Option<DbEvent> {
+        self.db.next_event()
+    }
+
+    /// True once the initial MULTIREAD finished.
+    pub fn is_synchronised(&self) -> bool {
+        self.phase == LinkPhase::Ready
+    }
+
+    /// True when the link is closed (the flow should connect again).
+    pub fn is_closed(&self) -> bool {
+        self.phase == LinkPhase::Closed
+    }
+
+    /// Why the link was closed.
+    pub fn close_reason(&self) -> Option<&LinkError> {
+        self.close_reason.as_ref()
+    }
+
+    /// Writes a key as this VM (e.g. `/qubes-iptables-error`): stored in
+    /// the copy and sent to dom0 as `QDB_CMD_WRITE`.
+    pub fn write(&mut self, path: &str, value: &str) -> Result<(), LinkError> {
+        if self.phase == LinkPhase::Closed {
+            return Err(LinkError::NotConnected);
+        }
+        let message = Repr {
+            msg_type: MessageType::Write,
+            path,
+            data: value.as_bytes(),
+        };
+        self.send(&message)?;
+        if let Err(error) = self.db.store(path, value) {
+            warn!("QubesDB: own write of {path} not kept locally: {error}");
+        }
+        if let Err(error) = self.flush() {
+            self.close(error);
+        }
+        Ok(())
+    }
+
+    /// Does all the work possible now: sends what is queued, reads and
+    /// applies what dom0 sent.
+    pub fn poll(&mut self) {
+        if self.phase == LinkPhase::Closed {
+            return;
+        }
+        if let Err(error) = self.poll_link() {
+            self.close(error);
+        }
+    }
+
+    fn close(&mut self, error: LinkError) {
+        warn!("QubesDB: link to dom0 closed: {error}");
+        self.link.close();
+        self.phase = LinkPhase::Closed;
+        self.close_reason = Some(error);
+    }
+
+    fn send(&mut self, message: &Repr<'_>) -> Result<(), LinkError> {
+        push_message(&mut self.outbox, message)
+    }
+
+    fn flush(&mut self) -> Result<(), LinkError> {
+        flush_outbox(&mut self.link, &mut self.outbox)
+    }
+
+    fn poll_link(&mut self) -> Result<(), LinkError> {
+        if self.link.state() == LinkState::Waiting {
+            return Ok(());
+        }
+        let mut buf = [0u8; 1024];
+        loop {
+            self.flush()?;
+            let n = self.link.read(&mut buf).map_err(LinkError::Stream)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let mut input = buf.get(..n).unwrap_or(&[]);
+            while !input.is_empty() {
+                let (used, packet) = self.decoder.feed(input).map_err(LinkError::Malformed)?;
+                input = input.get(used..).unwrap_or(&[]);
+                let Some(packet) = packet else {
+                    continue;
+                };
+                let message = Repr::parse(&packet).map_err(LinkError::Malformed)?;
+                let reply = match apply(&mut self.db, &mut self.phase, &message) {
+                    Ok(reply) => reply,
+                    Err(LinkError::OutOfSync(path)) => {
+                        // As db-cmds.c: answer NOENT, then drop the link.
+                        let noent = Repr {
+                            msg_type: MessageType::RespErrorNoent,
+                            path: message.path,
+                            data: &[],
+                        };
+                        if push_message(&mut self.outbox, &noent).is_ok() {
+                            let _ = flush_outbox(&mut self.link, &mut self.outbox);
+                        }
+                        return Err(LinkError::OutOfSync(path));
+                    }
+                    Err(error) => return Err(error),
+                };
+                if let Some(reply) = reply {
+                    push_message(
+                        &mut self.outbox,
+                        &Repr {
+                            msg_type: reply,
+                            path: message.path,
+                            data: &[],
+                        },
+                    )?;
+                }
+            }
+        }
+    }
+}
+
+fn push_message(outbox: &mut VecDeque<u8>, message: &Repr<'_>) -> Result<(), LinkError> {
+    let len = message.buffer_len();
+    if outbox.len().saturating_add(len) > OUTBOX_BYTES {
+        return Err(LinkError::Stalled);
+    }
+    let mut buf = alloc::vec![0u8; len];
+    message.emit(&mut buf).map_err(LinkError::Malformed)?;
+    outbox.extend(buf);
+    Ok(())
+}
+
+fn flush_outbox<V: ByteStream>(link: &mut V, outbox: &mut VecDeque<u8>) -> Result<(), LinkError> {
+    while !outbox.is_empty() {
+        let (front, _) = outbox.as_slices();
+        let n = link.write(front).map_err(LinkError::Stream)?;
+        if n == 0 {
+            break;
+        }
+        outbox.drain(..n.min(front.len()));
+    }
+    Ok(())
+}
+
+/// Applies one message from dom0; returns the reply type to send (with the
+/// message's path), or an error that closes the link.
+fn apply(
+    db: &mut Database,
+    phase: &mut LinkPhase,
+    message: &Repr<'_>,
+) -> Result<Option<MessageType>, LinkError> {
+    let unexpected = |expected| LinkError::Unexpected {
+        msg_type: message.msg_type.into(),
+        expected,
+    };
+    let value = || String::from_utf8_lossy(message.data);
+    match message.msg_type {
+        MessageType::RespMultiread if *phase == LinkPhase::Syncing => {
+            if message.is_end_marker() {
+                db.finish_load();
+                *phase = LinkPhase::Ready;
+            } else if message.path.is_empty() {
+                return Err(unexpected(
+                    "reading the MULTIREAD dump (entry without path)",
+                ));
+            } else if let Err(error) = db.load(message.path, &value()) {
+                warn!("QubesDB: {}: {error}", message.path);
+            }
+            Ok(None)
+        }
+        MessageType::RespMultiread => Err(unexpected("synchronised (spurious MULTIREAD reply)")),
+        MessageType::Write => {
+            if message.path.is_empty() || message.path.ends_with('/') {
+                warn!(
+                    "QubesDB: dom0 wrote to {:?}, which is not a key",
+                    message.path
+                );
+                return Ok(Some(MessageType::RespError));
+            }
+            match db.write(message.path, &value()) {
+                Ok(()) => Ok(Some(MessageType::RespOk)),
+                Err(error) => {
+                    warn!("QubesDB: refusing write of {}: {error}", message.path);
+                    Ok(Some(MessageType::RespError))
+                }
+            }
+        }
+        MessageType::Rm => match db.remove(message.path) {
+            Ok(()) => Ok(Some(MessageType::RespOk)),
+            Err(_) => Err(LinkError::OutOfSync(message.path.to_string())),
+        },
+        // Answers to our own writes.
+        MessageType::RespOk => Ok(None),
+        MessageType::RespError => {
+            info!("QubesDB: dom0 refused our write of {}", message.path);
+            Ok(None)
+        }
+        _ => Err(unexpected(if *phase == LinkPhase::Syncing {
+            "reading the MULTIREAD dump"
+        } else {
+            "waiting for updates from dom0"
+        })),
     }
 }
 
@@ -438,5 +745,292 @@ mod tests {
         db.write("/qubes-firewall/not-an-ip", "").unwrap();
         db.write("/qubes-firewall/", "").unwrap();
         assert!(events(&mut db).is_empty());
+    }
+
+    // --- the link, against a scripted dom0 -------------------------------
+
+    use crate::testing::{VchanPeer, vchan_pair};
+
+    fn encode(msg_type: MessageType, path: &str, data: &[u8]) -> Vec<u8> {
+        let repr = Repr {
+            msg_type,
+            path,
+            data,
+        };
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut buf).unwrap();
+        buf
+    }
+
+    fn decode_all(mut bytes: &[u8]) -> Vec<(MessageType, String, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let repr = Repr::parse_bytes(bytes).unwrap();
+            out.push((repr.msg_type, repr.path.to_string(), repr.data.to_vec()));
+            bytes = &bytes[repr.buffer_len()..];
+        }
+        out
+    }
+
+    fn synced() -> (QubesDb<crate::testing::FakeVchan>, VchanPeer) {
+        let (vm, dom0) = vchan_pair();
+        let mut client = QubesDb::new(vm, ControlCaps::for_memory(32 << 20));
+        client.poll();
+        // Golden: the first bytes are a 72-byte MULTIREAD of the empty path.
+        let mut multiread = vec![0u8; 72];
+        multiread[0] = 2;
+        assert_eq!(dom0.take(), multiread);
+        dom0.send(&encode(
+            MessageType::RespMultiread,
+            "/qubes-ip",
+            b"10.137.0.2",
+        ));
+        dom0.send(&encode(
+            MessageType::RespMultiread,
+            "/qubes-gateway",
+            b"10.137.0.1",
+        ));
+        assert!(!client.is_synchronised());
+        dom0.send(&encode(MessageType::RespMultiread, "", b""));
+        client.poll();
+        assert!(client.is_synchronised());
+        assert_eq!(client.next_event(), Some(DbEvent::Synchronised));
+        (client, dom0)
+    }
+
+    #[test]
+    fn link_multiread_then_pushed_rules_and_commit() {
+        let (mut client, dom0) = synced();
+        assert_eq!(client.database().get("/qubes-gateway"), Some("10.137.0.1"));
+        dom0.send(&encode(MessageType::Rm, "/qubes-firewall/10.137.0.5/", b""));
+        dom0.send(&encode(
+            MessageType::Write,
+            "/qubes-firewall/10.137.0.5/policy",
+            b"drop",
+        ));
+        dom0.send(&encode(
+            MessageType::Write,
+            "/qubes-firewall/10.137.0.5/0000",
+            b"action=accept specialtarget=dns",
+        ));
+        dom0.send(&encode(
+            MessageType::Write,
+            "/qubes-firewall/10.137.0.5",
+            b"",
+        ));
+        client.poll();
+        // The RM named nothing: NOENT and the link drops (database out of
+        // sync), exactly as the C daemon does.
+        let replies = decode_all(&dom0.take());
+        assert_eq!(replies[0].0, MessageType::RespErrorNoent);
+        assert!(client.is_closed());
+        assert!(matches!(
+            client.close_reason(),
+            Some(LinkError::OutOfSync(_))
+        ));
+
+        // Without the bogus RM: every write is acknowledged with its path.
+        let (mut client, dom0) = synced();
+        dom0.send(&encode(
+            MessageType::Write,
+            "/qubes-firewall/10.137.0.5/policy",
+            b"drop",
+        ));
+        dom0.send(&encode(
+            MessageType::Write,
+            "/qubes-firewall/10.137.0.5/0000",
+            b"action=accept specialtarget=dns",
+        ));
+        dom0.send(&encode(
+            MessageType::Write,
+            "/qubes-firewall/10.137.0.5",
+            b"",
+        ));
+        client.poll();
+        let replies = decode_all(&dom0.take());
+        assert_eq!(
+            replies,
+            vec![
+                (
+                    MessageType::RespOk,
+                    "/qubes-firewall/10.137.0.5/policy".into(),
+                    vec![]
+                ),
+                (
+                    MessageType::RespOk,
+                    "/qubes-firewall/10.137.0.5/0000".into(),
+                    vec![]
+                ),
+                (
+                    MessageType::RespOk,
+                    "/qubes-firewall/10.137.0.5".into(),
+                    vec![]
+                ),
+            ]
+        );
+        match client.next_event() {
+            Some(DbEvent::RulesCommitted { entries, .. }) => assert_eq!(entries.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        dom0.send(&encode(MessageType::Rm, "/qubes-firewall/10.137.0.5/", b""));
+        client.poll();
+        assert_eq!(decode_all(&dom0.take())[0].0, MessageType::RespOk);
+        assert!(!client.is_closed());
+    }
+
+    #[test]
+    fn link_own_write_goes_to_dom0() {
+        let (mut client, dom0) = synced();
+        client.write(IPTABLES_ERROR, "").unwrap();
+        assert_eq!(
+            decode_all(&dom0.take()),
+            vec![(MessageType::Write, IPTABLES_ERROR.into(), vec![])]
+        );
+        assert_eq!(client.database().get(IPTABLES_ERROR), Some(""));
+        dom0.send(&encode(MessageType::RespOk, IPTABLES_ERROR, b""));
+        dom0.send(&encode(MessageType::RespError, IPTABLES_ERROR, b""));
+        client.poll();
+        assert!(!client.is_closed());
+    }
+
+    #[test]
+    fn link_split_messages_are_reassembled() {
+        let (vm, dom0) = vchan_pair();
+        let mut client = QubesDb::new(vm, ControlCaps::for_memory(32 << 20));
+        let mut dump = encode(MessageType::RespMultiread, "/qubes-ip", b"10.137.0.2");
+        dump.extend(encode(MessageType::RespMultiread, "", b""));
+        for byte in dump {
+            dom0.send(&[byte]);
+            client.poll();
+        }
+        assert!(client.is_synchronised());
+    }
+
+    #[test]
+    fn link_protocol_violations_close_with_a_reason() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            // A local-socket command on the vchan.
+            (encode(MessageType::Read, "/qubes-ip", b""), "unexpected"),
+            // A MULTIREAD reply after the sync.
+            (encode(MessageType::RespMultiread, "/x", b"1"), "unexpected"),
+            // A second MULTIREAD request from dom0.
+            (encode(MessageType::Multiread, "", b""), "unexpected"),
+            // data_len of 3072 (must be below QDB_MAX_DATA).
+            (
+                {
+                    let mut bad = vec![0u8; 72];
+                    bad[0] = 1;
+                    bad[1] = b'/';
+                    bad[68..72].copy_from_slice(&3072u32.to_le_bytes());
+                    bad
+                },
+                "malformed",
+            ),
+            // A path without NUL in its 64 bytes.
+            (
+                {
+                    let mut bad = vec![b'a'; 72];
+                    bad[0] = 1;
+                    bad[68..72].copy_from_slice(&0u32.to_le_bytes());
+                    bad
+                },
+                "malformed",
+            ),
+            // A value with a NUL byte.
+            (
+                {
+                    let mut bad = encode(MessageType::Write, "/k", b"ab");
+                    let last = bad.len() - 1;
+                    bad[last] = 0;
+                    bad
+                },
+                "malformed",
+            ),
+            // An unknown type.
+            (encode(MessageType::Unknown(99), "/k", b""), "unexpected"),
+        ];
+        for (bytes, kind) in cases {
+            let (mut client, dom0) = synced();
+            dom0.send(&bytes);
+            client.poll();
+            assert!(client.is_closed(), "{kind}: {bytes:?}");
+            let reason = client.close_reason().unwrap();
+            match kind {
+                "malformed" => assert!(matches!(reason, LinkError::Malformed(_)), "{reason}"),
+                _ => assert!(matches!(reason, LinkError::Unexpected { .. }), "{reason}"),
+            }
+            assert!(dom0.closed_by_vm());
+            client.poll();
+            assert!(client.write("/x", "y").is_err());
+        }
+    }
+
+    #[test]
+    fn link_garbage_never_panics() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..300 {
+            let (mut client, dom0) = synced();
+            let mut bytes = Vec::new();
+            if round % 2 == 0 {
+                bytes.extend(encode(
+                    MessageType::Write,
+                    "/qubes-firewall/1.2.3.4/0000",
+                    b"x",
+                ));
+            }
+            for _ in 0..(seed % 200) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                bytes.push(seed as u8);
+            }
+            dom0.send(&bytes);
+            client.poll();
+            dom0.close();
+            client.poll();
+            assert!(client.is_closed());
+        }
+    }
+
+    #[test]
+    fn link_refused_write_is_answered_with_error() {
+        let (vm, dom0) = vchan_pair();
+        let mut caps = ControlCaps::for_memory(32 << 20);
+        caps.qubesdb_entries = 1;
+        let mut client = QubesDb::new(vm, caps);
+        dom0.send(&encode(MessageType::RespMultiread, "", b""));
+        client.poll();
+        dom0.take();
+        dom0.send(&encode(MessageType::Write, "/a", b"1"));
+        dom0.send(&encode(MessageType::Write, "/b", b"2"));
+        dom0.send(&encode(MessageType::Write, "/dir/", b"2"));
+        client.poll();
+        let replies: Vec<MessageType> = decode_all(&dom0.take())
+            .into_iter()
+            .map(|(t, _, _)| t)
+            .collect();
+        assert_eq!(
+            replies,
+            vec![
+                MessageType::RespOk,
+                MessageType::RespError,
+                MessageType::RespError
+            ]
+        );
+        assert_eq!(client.database().stats().refused_full, 1);
+        assert!(!client.is_closed());
+    }
+
+    #[test]
+    fn link_waits_while_dom0_is_not_there() {
+        let (mut platform, handle) = crate::testing::FakePlatform::new(3, 32 << 20);
+        use crate::platform::Platform as _;
+        let vm = platform.vchan_client(0, 111).unwrap();
+        let mut client = QubesDb::new(vm, ControlCaps::for_memory(32 << 20));
+        client.poll();
+        assert!(!client.is_closed());
+        let dom0 = handle.offer_vchan(0, 111);
+        client.poll();
+        assert_eq!(dom0.take().len(), 72);
     }
 }

@@ -33,8 +33,8 @@ pub struct InterfaceStatus {
     pub tx_frames: u64,
     /// Bytes sent.
     pub tx_bytes: u64,
-    /// Frames dropped on this interface (all reasons).
-    pub dropped: u64,
+    /// Frames refused because the transmit queue was full.
+    pub tx_queue_full: u64,
 }
 
 /// One client qube.
@@ -52,8 +52,6 @@ pub struct ClientStatus {
     pub policy: &'static str,
     /// Why its rules were refused (then everything is dropped).
     pub rules_error: Option<String>,
-    /// NAT entries it holds.
-    pub nat_entries: usize,
 }
 
 /// Everything the status service shows.
@@ -69,6 +67,10 @@ pub struct StatusReport {
     pub interfaces: Vec<InterfaceStatus>,
     /// Drops by reason (`reason`, count).
     pub drops: Vec<(&'static str, u64)>,
+    /// New flows accepted (NAT entries created) since boot.
+    pub flows_created: u64,
+    /// ICMP errors sent (time exceeded).
+    pub icmp_errors_sent: u64,
     /// NAT entries in use.
     pub nat_entries: usize,
     /// NAT table capacity.
@@ -121,19 +123,19 @@ impl StatusReport {
         writeln!(out)?;
         writeln!(
             out,
-            "# interfaces: name rx_frames rx_bytes tx_frames tx_bytes dropped"
+            "# interfaces: name rx_frames rx_bytes tx_frames tx_bytes tx_queue_full"
         )?;
         for i in &self.interfaces {
             writeln!(
                 out,
                 "interface {} {} {} {} {} {}",
-                i.name, i.rx_frames, i.rx_bytes, i.tx_frames, i.tx_bytes, i.dropped
+                i.name, i.rx_frames, i.rx_bytes, i.tx_frames, i.tx_bytes, i.tx_queue_full
             )?;
         }
         writeln!(out)?;
-        writeln!(out, "# drops by reason")?;
+        writeln!(out, "# drops: count reason")?;
         for (reason, count) in &self.drops {
-            writeln!(out, "drop {reason} {count}")?;
+            writeln!(out, "drop {count} {reason}")?;
         }
         writeln!(out)?;
         writeln!(
@@ -141,16 +143,15 @@ impl StatusReport {
             "nat_entries: {} of {}",
             self.nat_entries, self.nat_capacity
         )?;
+        writeln!(out, "flows_created: {}", self.flows_created)?;
+        writeln!(out, "icmp_errors_sent: {}", self.icmp_errors_sent)?;
         writeln!(out)?;
-        writeln!(
-            out,
-            "# clients: vif ip rules policy nat_entries [rules_error]"
-        )?;
+        writeln!(out, "# clients: vif ip rules policy [rules_error]")?;
         for c in &self.clients {
             write!(
                 out,
-                "client vif{}.{} {} {} {} {}",
-                c.domid, c.device, c.ip, c.rules, c.policy, c.nat_entries
+                "client vif{}.{} {} {} {}",
+                c.domid, c.device, c.ip, c.rules, c.policy
             )?;
             match &c.rules_error {
                 Some(error) => writeln!(out, " error={error:?}")?,
@@ -212,9 +213,11 @@ mod tests {
                 rx_bytes: 500,
                 tx_frames: 6,
                 tx_bytes: 600,
-                dropped: 1,
+                tx_queue_full: 1,
             }],
-            drops: vec![("rule", 3), ("bad_checksum", 0)],
+            drops: vec![("denied by the client's rules", 3), ("malformed", 0)],
+            flows_created: 9,
+            icmp_errors_sent: 0,
             nat_entries: 7,
             nat_capacity: 8192,
             clients: vec![
@@ -225,7 +228,6 @@ mod tests {
                     rules: 2,
                     policy: "drop",
                     rules_error: None,
-                    nat_entries: 7,
                 },
                 ClientStatus {
                     domid: 6,
@@ -234,7 +236,6 @@ mod tests {
                     rules: 0,
                     policy: "drop",
                     rules_error: Some("0003: bad\nvalue".to_string()),
-                    nat_entries: 0,
                 },
             ],
             qubesdb: DbStats::default(),
@@ -243,15 +244,15 @@ mod tests {
         let text = report.to_string();
         assert!(text.contains("uptime_seconds: 42\n"), "{text}");
         assert!(text.contains("interface uplink 5 500 6 600 1\n"), "{text}");
-        assert!(text.contains("drop rule 3\n"), "{text}");
-        assert!(text.contains("nat_entries: 7 of 8192\n"), "{text}");
         assert!(
-            text.contains("client vif5.0 10.137.0.5 2 drop 7\n"),
+            text.contains("drop 3 denied by the client's rules\n"),
             "{text}"
         );
+        assert!(text.contains("nat_entries: 7 of 8192\n"), "{text}");
+        assert!(text.contains("client vif5.0 10.137.0.5 2 drop\n"), "{text}");
         // A newline in an error cannot forge a line.
         assert!(
-            text.contains("client vif6.0 10.137.0.6 0 drop 0 error=\"0003: bad\\nvalue\"\n"),
+            text.contains("client vif6.0 10.137.0.6 0 drop error=\"0003: bad\\nvalue\"\n"),
             "{text}"
         );
         assert!(text.contains("qrexec: started 0"), "{text}");
