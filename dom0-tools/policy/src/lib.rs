@@ -1,2 +1,88 @@
-//! Qubes qrexec policy (being written).
+//! Qubes qrexec RPC policy: parser for both policy formats, a compiled
+//! evaluator, and the `qrexec-policy-daemon` / `qrexec-policy-exec` tools.
+//!
+//! This crate decides whether a qrexec call `SOURCE → TARGET SERVICE+ARG` may
+//! run, where, and as whom — exactly as Qubes' Python engine
+//! (qubes-core-qrexec `qrexec/policy/parser.py`, `parser_compat.py`,
+//! `tools/qrexec_policy_daemon.py`, `tools/qrexec_policy_exec.py`) does,
+//! but from a compiled index instead of a linear scan, and without re-reading
+//! files per call. It must never turn an error (broken file, unknown qube,
+//! malformed request, failed confirmation) into an allow.
+//!
+//! Layout: [`token`] (qube tokens and where they may stand), [`rule`] (one
+//! line, both formats, Qubes' error texts), [`loader`] (directories,
+//! `!include*`, `!compat-4.0`, legacy files), [`index`] (the compiled
+//! index), [`eval`] (actions, redirects, `ask`, replies), [`system_info`]
+//! (the qube list from a JSON file, behind a trait), [`protocol`] (the daemon
+//! socket request), [`ask`] (the confirmation program), [`daemon`] (the
+//! server and the reload watcher).
+//!
+//! # `qrexec-policy-daemon`
+//!
+//! ```text
+//! qrexec-policy-daemon [--socket-path PATH] [--policy-path DIR]...
+//!                      [--legacy-policy-path DIR] [--system-info PATH]
+//!                      [--ask-program PATH] [--ask-timeout SECONDS]
+//!                      [--reload-interval-ms MS] [--max-connections N]
+//! ```
+//!
+//! Listens on `--socket-path` (default `/run/qubes/policy.sock`, mode 0660)
+//! and answers the request/reply protocol of [`protocol`]: one request per
+//! connection, reply `result=deny\n` or
+//! `user=U\nresult=allow\ntarget=T\nautostart=True|False\nrequested_target=R\n`
+//! (`result=allow\n` alone for `just_evaluate=yes`), then end of stream.
+//! `--policy-path` may be repeated; giving it replaces the defaults
+//! `/run/qubes/policy.d` and `/etc/qubes/policy.d` (earlier directories win
+//! on equal file names). `--legacy-policy-path` (default
+//! `/etc/qubes-rpc/policy`) is what `!compat-4.0` reads. `--system-info`
+//! (default `/etc/qubes/qubes.json`) is the qube list, format in
+//! [`system_info`]. `--ask-program` answers `ask` rules (see [`ask`]);
+//! without it every `ask` is a deny, logged as such. Policy files are
+//! watched (`--reload-interval-ms`, default 500) and reloaded on change; a
+//! broken policy keeps the last good one and logs `FILE:LINE: REASON`.
+//! Logs go to standard error.
+//!
+//! # `qrexec-policy-exec`
+//!
+//! ```text
+//! qrexec-policy-exec [--assume-yes-for-ask] [--just-evaluate] [--path DIR]...
+//!                    [--legacy-policy-path DIR] [--system-info PATH]
+//!                    [--ask-program PATH] [--ask-timeout SECONDS]
+//!                    [--] SOURCE TARGET SERVICE[+ARGUMENT]
+//! qrexec-policy-exec --check [--path DIR]... [--legacy-policy-path DIR]
+//! ```
+//!
+//! The fallback qrexec-daemon runs when the policy daemon is not reachable
+//! (`PROGRAM -- SRC TARGET SVC+ARG`): prints the same reply as the daemon on
+//! standard output and exits 0 for allow, 1 for deny (2 for a usage error).
+//! `--path` is Qubes' name for the policy directory option (repeatable, same
+//! defaults as the daemon). Qubes' deprecated five-argument form (which also
+//! starts the call through qrexec-client and qubesd) is refused with exit 2.
+//! `--check` loads the policy and exits 0 if it is valid, or prints
+//! `FILE:LINE: error: REASON` (the format of Qubes' `qubes-policy-lint`) for
+//! each error found and exits 1.
+
 #![forbid(unsafe_code)]
+
+pub mod ask;
+pub mod daemon;
+pub mod eval;
+pub mod index;
+pub mod loader;
+pub mod logger;
+pub mod protocol;
+mod pyrepr;
+pub mod rule;
+pub mod system_info;
+pub mod token;
+
+pub use eval::{AskAnswer, AskQuestion, Confirm, Decision, NoConfirm, Policy, Query};
+pub use loader::{PolicyError, PolicyPaths};
+pub use system_info::{
+    Domain, JsonFileSystemInfo, StaticSystemInfo, SystemInfo, SystemInfoError, SystemInfoSource,
+};
+
+/// Default system-info file.
+pub const SYSTEM_INFO_PATH: &str = "/etc/qubes/qubes.json";
+/// Default policy daemon socket.
+pub const POLICY_SOCKET: &str = "/run/qubes/policy.sock";

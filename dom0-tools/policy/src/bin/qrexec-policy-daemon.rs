@@ -1,0 +1,95 @@
+//! `qrexec-policy-daemon`: the policy daemon (see the crate documentation
+//! for the full command line). This file only parses flags and wires the
+//! library together; it must never decide anything itself.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use qrexec_policy::ask::ProgramConfirm;
+use qrexec_policy::daemon::{self, DaemonConfig};
+use qrexec_policy::loader::{LEGACY_POLICY_PATH, POLICY_PATH, RUNTIME_POLICY_PATH};
+use qrexec_policy::{
+    Confirm, JsonFileSystemInfo, NoConfirm, POLICY_SOCKET, PolicyPaths, SYSTEM_INFO_PATH,
+};
+
+/// Evaluate qrexec policy daemon: answers policy requests on a UNIX socket.
+///
+/// Request: `source=S`, `intended_target=T`, `service_and_arg=SVC+ARG`
+/// (and optionally `requested_source=`, `assume_yes_for_ask=yes|no`,
+/// `just_evaluate=yes|no`), one per line, then an empty line. Reply:
+/// `result=deny` or `user=U`, `result=allow`, `target=T`,
+/// `autostart=True|False`, `requested_target=R`, then end of stream.
+#[derive(Debug, Parser)]
+#[command(name = "qrexec-policy-daemon", version)]
+struct Args {
+    /// Policy directory; repeat for several (earlier wins on equal names).
+    /// Default: /run/qubes/policy.d and /etc/qubes/policy.d.
+    #[arg(long = "policy-path", value_name = "DIR")]
+    policy_path: Vec<PathBuf>,
+    /// Socket to listen on.
+    #[arg(long = "socket-path", value_name = "PATH", default_value = POLICY_SOCKET)]
+    socket_path: PathBuf,
+    /// Legacy (Qubes 4.0) policy directory read by `!compat-4.0`.
+    #[arg(long = "legacy-policy-path", value_name = "DIR", default_value = LEGACY_POLICY_PATH)]
+    legacy_policy_path: PathBuf,
+    /// JSON file listing the qubes (format: see the crate documentation).
+    #[arg(long = "system-info", value_name = "PATH", default_value = SYSTEM_INFO_PATH)]
+    system_info: PathBuf,
+    /// Program answering `ask` rules: run as `PROGRAM SOURCE SERVICE
+    /// ARGUMENT DEFAULT_TARGET [TARGET...]`, prints `allow:TARGET` or
+    /// `deny`. Without it, `ask` is a deny.
+    #[arg(long = "ask-program", value_name = "PATH")]
+    ask_program: Option<PathBuf>,
+    /// Seconds the ask program may take.
+    #[arg(long = "ask-timeout", value_name = "SECONDS", default_value_t = 60.0)]
+    ask_timeout: f64,
+    /// How often to look for policy changes, in milliseconds.
+    #[arg(long = "reload-interval-ms", value_name = "MS", default_value_t = 500)]
+    reload_interval_ms: u64,
+    /// Most requests served at once.
+    #[arg(long = "max-connections", value_name = "N", default_value_t = 256)]
+    max_connections: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    qrexec_policy::logger::init(log::LevelFilter::Info);
+    let policy_dirs = if args.policy_path.is_empty() {
+        vec![RUNTIME_POLICY_PATH.into(), POLICY_PATH.into()]
+    } else {
+        args.policy_path
+    };
+    let confirm: Arc<dyn Confirm> = match args.ask_program {
+        Some(p) => Arc::new(ProgramConfirm::new(
+            p,
+            Duration::try_from_secs_f64(args.ask_timeout).unwrap_or(Duration::from_secs(60)),
+        )),
+        None => {
+            log::warn!("no --ask-program given: every 'ask' rule will be denied");
+            Arc::new(NoConfirm)
+        }
+    };
+    let config = DaemonConfig {
+        socket_path: args.socket_path,
+        policy_paths: PolicyPaths {
+            policy_dirs,
+            legacy_dir: args.legacy_policy_path,
+        },
+        system_info: Arc::new(JsonFileSystemInfo::new(args.system_info)),
+        confirm,
+        reload_interval: Duration::from_millis(args.reload_interval_ms.max(10)),
+        max_connections: args.max_connections.max(1),
+        read_timeout: Duration::from_secs(10),
+    };
+    match daemon::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("qrexec-policy-daemon: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

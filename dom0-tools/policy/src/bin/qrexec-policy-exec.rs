@@ -1,0 +1,142 @@
+//! `qrexec-policy-exec`: evaluate one call from the command line (the
+//! program qrexec-daemon falls back to), or lint the policy with `--check`.
+//! See the crate documentation for the full command line. This file only
+//! parses flags and prints; it never decides anything itself.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use qrexec_policy::ask::ProgramConfirm;
+use qrexec_policy::loader::{LEGACY_POLICY_PATH, POLICY_PATH, RUNTIME_POLICY_PATH};
+use qrexec_policy::{
+    Confirm, JsonFileSystemInfo, NoConfirm, Policy, PolicyError, PolicyPaths, Query,
+    SYSTEM_INFO_PATH, SystemInfoSource,
+};
+
+/// Evaluate qrexec policy for one call and print the reply (exit 0 = allow,
+/// 1 = deny), or with --check lint the policy (exit 0 = valid).
+///
+/// usage: qrexec-policy-exec [options] [--] SOURCE TARGET SERVICE+ARGUMENT
+#[derive(Debug, Parser)]
+#[command(name = "qrexec-policy-exec", version)]
+struct Args {
+    /// Allow run of service without confirmation if policy say 'ask'.
+    #[arg(long = "assume-yes-for-ask")]
+    assume_yes_for_ask: bool,
+    /// Do not run the service, only evaluate policy; retcode=0 means 'allow'.
+    #[arg(long = "just-evaluate")]
+    just_evaluate: bool,
+    /// Use alternative policy path (repeatable). Default:
+    /// /run/qubes/policy.d and /etc/qubes/policy.d.
+    #[arg(long = "path", value_name = "DIR")]
+    path: Vec<PathBuf>,
+    /// Legacy (Qubes 4.0) policy directory read by `!compat-4.0`.
+    #[arg(long = "legacy-policy-path", value_name = "DIR", default_value = LEGACY_POLICY_PATH)]
+    legacy_policy_path: PathBuf,
+    /// JSON file listing the qubes.
+    #[arg(long = "system-info", value_name = "PATH", default_value = SYSTEM_INFO_PATH)]
+    system_info: PathBuf,
+    /// Program answering `ask` rules (see qrexec-policy-daemon --help).
+    #[arg(long = "ask-program", value_name = "PATH")]
+    ask_program: Option<PathBuf>,
+    /// Seconds the ask program may take.
+    #[arg(long = "ask-timeout", value_name = "SECONDS", default_value_t = 60.0)]
+    ask_timeout: f64,
+    /// Only check the policy: print `FILE:LINE: error: REASON` and exit 1
+    /// if it does not load.
+    #[arg(long = "check")]
+    check: bool,
+    /// SOURCE TARGET SERVICE+ARGUMENT
+    #[arg(value_name = "ARGS")]
+    args: Vec<String>,
+}
+
+fn print_error(err: &PolicyError) {
+    match err {
+        PolicyError::Syntax(e) => println!("{}:{}: error: {}", e.file, e.line, e.message),
+        other => println!("{other}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    qrexec_policy::logger::init(log::LevelFilter::Info);
+    let paths = PolicyPaths {
+        policy_dirs: if args.path.is_empty() {
+            vec![RUNTIME_POLICY_PATH.into(), POLICY_PATH.into()]
+        } else {
+            args.path.clone()
+        },
+        legacy_dir: args.legacy_policy_path.clone(),
+    };
+    if args.check {
+        if !args.args.is_empty() {
+            eprintln!("qrexec-policy-exec: --check takes no positional arguments");
+            return ExitCode::from(2);
+        }
+        let errors = qrexec_policy::loader::lint(&paths);
+        for e in &errors {
+            print_error(e);
+        }
+        return if errors.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let [source, target, service_and_arg] = args.args.as_slice() else {
+        if args.args.len() == 5 {
+            eprintln!(
+                "qrexec-policy-exec: the deprecated 5-argument form (which runs the call through qrexec-client and qubesd) is not supported; pass SOURCE TARGET SERVICE+ARGUMENT"
+            );
+        } else {
+            eprintln!(
+                "qrexec-policy-exec: error: Must have 3 or 5 positional arguments, not {}",
+                args.args.len()
+            );
+        }
+        return ExitCode::from(2);
+    };
+    let query = Query {
+        source: source.clone(),
+        intended_target: target.clone(),
+        service_and_arg: service_and_arg.clone(),
+        assume_yes_for_ask: args.assume_yes_for_ask,
+        just_evaluate: args.just_evaluate,
+        requested_source: None,
+    };
+    let prefix = format!("qrexec: {service_and_arg}: {source} -> {target}:");
+    let system = match JsonFileSystemInfo::new(&args.system_info).system_info() {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{prefix} error getting system info: {e}");
+            println!("result=deny");
+            return ExitCode::FAILURE;
+        }
+    };
+    let policy = match Policy::load(&paths) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("{prefix} error loading policy: {e}");
+            println!("result=deny");
+            return ExitCode::FAILURE;
+        }
+    };
+    let confirm: Box<dyn Confirm> = match &args.ask_program {
+        Some(p) => Box::new(ProgramConfirm::new(
+            p,
+            Duration::try_from_secs_f64(args.ask_timeout).unwrap_or(Duration::from_secs(60)),
+        )),
+        None => Box::new(NoConfirm),
+    };
+    let decision = policy.evaluate(&query, &system, confirm.as_ref());
+    print!("{}", decision.reply());
+    if decision.is_allow() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,588 @@
+//! Deciding one call: first matching rule, then its action.
+//!
+//! Mirrors Qubes' `handle_request` (`qrexec/tools/qrexec_policy_exec.py`)
+//! and the `Allow`/`Ask`/`Deny` actions and resolutions of
+//! `qrexec/policy/parser.py`, with the same denial texts (they are logged as
+//! `qrexec: SERVICE+ARG: SOURCE -> TARGET: denied: REASON`):
+//!
+//! * the requested target is verified first (`dom0` → `@adminvm`, empty →
+//!   `@default`, a qube that does not exist → `@default` with a warning,
+//!   `@dispvm:X` needs `X` to be a template for disposables);
+//! * `deny` → `denied by policy FILE:LINE`;
+//! * `allow` → the target is the redirect (`target=`) if there is one,
+//!   otherwise the requested target — **the action stands even if another
+//!   rule would deny the redirected target**; `@default` then is an error,
+//!   `@dispvm` becomes `@dispvm:DEFAULT_DISPVM` of the source, `@adminvm`
+//!   becomes `dom0`; `autostart=no` refuses targets that are not running;
+//!   calling oneself is refused (`loopback qrexec connection not supported`);
+//! * `ask` → the choices are the redirect alone, or every target some
+//!   non-deny rule for this service/argument/source would reach minus those a
+//!   later deny removes (Python's `collect_targets_for_ask`); the question
+//!   goes to a [`Confirm`] implementation (the configured confirmation
+//!   program); without one, `ask` is a deny and says so in the log.
+//!   `assume_yes_for_ask` answers with the requested target; `just_evaluate`
+//!   turns `allow` into a bare `result=allow` and `ask` into `result=deny`.
+//!
+//! One deliberate difference: a `default_target=` that is not among the
+//! choices is dropped with a warning (Python fails an assertion and the call
+//! dies, i.e. is refused, instead). Evaluation never panics and never turns
+//! an error into an allow.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use crate::index::RuleIndex;
+use crate::loader::{self, LoadedPolicy, PolicyError, PolicyPaths};
+use crate::rule::{Action, Origin, Rule};
+use crate::system_info::SystemInfo;
+use crate::token::{IntendedTarget, Source, Token};
+
+/// A policy question as the daemon socket or the command line asks it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// The calling qube.
+    pub source: String,
+    /// What the caller asked for (name, keyword or empty).
+    pub intended_target: String,
+    /// `SERVICE[+ARGUMENT]`.
+    pub service_and_arg: String,
+    /// Answer `ask` with the requested target.
+    pub assume_yes_for_ask: bool,
+    /// Only say whether the call would be allowed.
+    pub just_evaluate: bool,
+    /// The qube the call is made on behalf of (Qubes 4.3 `--source-qube`).
+    pub requested_source: Option<String>,
+}
+
+/// The outcome of one query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Run the service.
+    Allow {
+        /// User to run as (`None` = `DEFAULT`).
+        user: Option<String>,
+        /// Where: a qube name, `dom0`, or `@dispvm:X` (a new disposable).
+        target: String,
+        /// Start the target if needed.
+        autostart: bool,
+        /// The verified requested target (`@default`, `@adminvm`, …).
+        requested_target: String,
+    },
+    /// `just_evaluate`: it would be allowed.
+    AllowJustEvaluate,
+    /// Refused, with the reason Qubes gives.
+    Deny {
+        /// Why (already logged).
+        reason: String,
+        /// Whether the user should be told.
+        notify: bool,
+    },
+}
+
+impl Decision {
+    /// The reply bytes for the policy daemon socket and for
+    /// `qrexec-policy-exec`'s standard output.
+    pub fn reply(&self) -> String {
+        match self {
+            Decision::Allow {
+                user,
+                target,
+                autostart,
+                requested_target,
+            } => format!(
+                "user={}\nresult=allow\ntarget={}\nautostart={}\nrequested_target={}\n",
+                user.as_deref().unwrap_or("DEFAULT"),
+                target,
+                if *autostart { "True" } else { "False" },
+                requested_target
+            ),
+            Decision::AllowJustEvaluate => "result=allow\n".to_owned(),
+            Decision::Deny { .. } => "result=deny\n".to_owned(),
+        }
+    }
+
+    /// Whether the call goes ahead.
+    pub fn is_allow(&self) -> bool {
+        !matches!(self, Decision::Deny { .. })
+    }
+}
+
+/// What the user is asked for an `ask` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AskQuestion {
+    /// The calling qube.
+    pub source: String,
+    /// Service name.
+    pub service: String,
+    /// Argument, with its `+`.
+    pub argument: String,
+    /// Choices, sorted.
+    pub targets: Vec<String>,
+    /// Pre-selected choice.
+    pub default_target: Option<String>,
+}
+
+/// The user's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AskAnswer {
+    /// Allowed, to this target.
+    Allow(String),
+    /// Refused.
+    Deny,
+    /// Something that is neither (logged, then denied).
+    Invalid(String),
+    /// Nobody could be asked (no program, it failed, it timed out).
+    Unavailable(String),
+}
+
+/// Who answers `ask`.
+pub trait Confirm: Send + Sync {
+    /// Ask the user.
+    fn confirm(&self, question: &AskQuestion) -> AskAnswer;
+}
+
+/// No confirmation program: every `ask` is a deny.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoConfirm;
+
+impl Confirm for NoConfirm {
+    fn confirm(&self, _question: &AskQuestion) -> AskAnswer {
+        AskAnswer::Unavailable("no confirmation program is configured".to_owned())
+    }
+}
+
+/// A loaded, compiled policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    index: RuleIndex,
+    inputs: Vec<PathBuf>,
+}
+
+/// A verified request.
+struct Request<'q> {
+    service: &'q str,
+    argument: &'q str,
+    source: Source<'q>,
+    target: IntendedTarget,
+}
+
+struct Denial {
+    reason: String,
+    notify: bool,
+}
+
+fn deny(reason: impl Into<String>) -> Denial {
+    Denial {
+        reason: reason.into(),
+        notify: true,
+    }
+}
+
+impl Policy {
+    /// Load and compile from disk.
+    pub fn load(paths: &PolicyPaths) -> Result<Policy, PolicyError> {
+        Ok(Policy::from_loaded(loader::load(paths)?))
+    }
+
+    /// Compile loaded rules.
+    pub fn from_loaded(loaded: LoadedPolicy) -> Policy {
+        let index = RuleIndex::build(&loaded.rules);
+        Policy {
+            rules: loaded.rules,
+            index,
+            inputs: loaded.inputs,
+        }
+    }
+
+    /// Compile rules.
+    pub fn from_rules(rules: Vec<Rule>) -> Policy {
+        Policy::from_loaded(LoadedPolicy {
+            rules,
+            inputs: Vec::new(),
+        })
+    }
+
+    /// Rules in order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Files and directories the load read (what a watcher should stat).
+    pub fn inputs(&self) -> &[PathBuf] {
+        &self.inputs
+    }
+
+    /// Index statistics: number of distinct rule keys.
+    pub fn index_buckets(&self) -> usize {
+        self.index.bucket_count()
+    }
+
+    fn rule_matches(rule: &Rule, request: &Request<'_>, system: &SystemInfo) -> bool {
+        rule.matches_service(request.service, request.argument)
+            && rule.source.matches_source(&request.source, system)
+            && rule
+                .target
+                .matches_target(&request.target, &request.source, system)
+    }
+
+    fn find(&self, request: &Request<'_>, system: &SystemInfo, indexed: bool) -> Option<usize> {
+        if indexed {
+            self.index.first_match(
+                request.service,
+                request.argument,
+                &request.source,
+                &request.target,
+                |n| {
+                    self.rules
+                        .get(n)
+                        .is_some_and(|r| Self::rule_matches(r, request, system))
+                },
+            )
+        } else {
+            self.rules
+                .iter()
+                .position(|r| Self::rule_matches(r, request, system))
+        }
+    }
+
+    /// The first matching rule number for a raw request, through the index
+    /// (`None` if the target does not verify or nothing matches).
+    pub fn find_rule(
+        &self,
+        service_and_arg: &str,
+        source: &str,
+        intended_target: &str,
+        system: &SystemInfo,
+        indexed: bool,
+    ) -> Option<usize> {
+        let (service, argument) = split_service(service_and_arg);
+        let (target, _) = IntendedTarget::resolve(intended_target, system).ok()?;
+        let request = Request {
+            service,
+            argument,
+            source: Source::new(source),
+            target,
+        };
+        self.find(&request, system, indexed)
+    }
+
+    /// Decide `query` (through the index).
+    pub fn evaluate(&self, query: &Query, system: &SystemInfo, confirm: &dyn Confirm) -> Decision {
+        self.evaluate_with(query, system, confirm, true)
+    }
+
+    /// Decide `query` with a plain linear scan (the reference the index is
+    /// tested against).
+    pub fn evaluate_linear(
+        &self,
+        query: &Query,
+        system: &SystemInfo,
+        confirm: &dyn Confirm,
+    ) -> Decision {
+        self.evaluate_with(query, system, confirm, false)
+    }
+
+    fn evaluate_with(
+        &self,
+        query: &Query,
+        system: &SystemInfo,
+        confirm: &dyn Confirm,
+        indexed: bool,
+    ) -> Decision {
+        let prefix = format!(
+            "qrexec: {}: {} -> {}:",
+            query.service_and_arg, query.source, query.intended_target
+        );
+        match self.decide(query, system, confirm, indexed) {
+            Ok(decision) => {
+                if let Decision::Allow { target, .. } = &decision {
+                    log::info!("{prefix} allowed to {target}");
+                }
+                decision
+            }
+            Err(denial) => {
+                log::info!("{prefix} denied: {}", denial.reason);
+                Decision::Deny {
+                    reason: denial.reason,
+                    notify: denial.notify,
+                }
+            }
+        }
+    }
+
+    fn decide(
+        &self,
+        query: &Query,
+        system: &SystemInfo,
+        confirm: &dyn Confirm,
+        indexed: bool,
+    ) -> Result<Decision, Denial> {
+        if let Some(requested) = &query.requested_source
+            && *requested != query.source
+        {
+            return Err(deny(format!(
+                "requested_source={requested} differs from the source; evaluating calls on behalf of another qube is not supported"
+            )));
+        }
+        let (service, argument) = split_service(&query.service_and_arg);
+        if service.is_empty() {
+            return Err(deny("empty service name"));
+        }
+        let (target, substituted) = IntendedTarget::resolve(&query.intended_target, system)
+            .map_err(|e| deny(e.to_string()))?;
+        if substituted {
+            log::warn!(
+                "qrexec: target {} does not exist, using @default instead",
+                crate::pyrepr::str_repr(&query.intended_target)
+            );
+        }
+        let request = Request {
+            service,
+            argument,
+            source: Source::new(&query.source),
+            target,
+        };
+        let number = self
+            .find(&request, system, indexed)
+            .ok_or_else(|| deny("no matching rule found"))?;
+        let rule = self
+            .rules
+            .get(number)
+            .ok_or_else(|| deny("no matching rule found"))?;
+        match &rule.action {
+            Action::Deny { notify } => Err(Denial {
+                reason: format!("denied by policy {}", rule.origin),
+                notify: *notify,
+            }),
+            Action::Allow {
+                target,
+                user,
+                notify,
+                autostart,
+            } => {
+                let resolved = allow_target(target.as_ref(), &request, system, &rule.origin)
+                    .map_err(|reason| Denial {
+                        reason,
+                        notify: true,
+                    })?;
+                if !*autostart && !allow_no_autostart(&resolved, system) {
+                    return Err(Denial {
+                        reason: format!(
+                            "target {resolved} is denied because it would require autostart"
+                        ),
+                        notify: *notify,
+                    });
+                }
+                finish_allow(query, &request, user.clone(), resolved, *autostart)
+            }
+            Action::Ask {
+                target,
+                default_target,
+                user,
+                notify,
+                autostart,
+            } => {
+                let mut targets: Vec<String> = match target {
+                    Some(t) => vec![t.text()],
+                    None => self.collect_targets_for_ask(&request, system),
+                };
+                if !*autostart {
+                    targets.retain(|t| allow_no_autostart(t, system));
+                }
+                if targets.is_empty() {
+                    return Err(deny(format!(
+                        "policy define 'ask' action at {} but no target is available to choose from",
+                        rule.origin
+                    )));
+                }
+                let default = default_target
+                    .as_ref()
+                    .and_then(|d| ask_default(d, &request, system))
+                    .and_then(|d| {
+                        if targets.contains(&d) {
+                            Some(d)
+                        } else {
+                            log::warn!(
+                                "{}: default_target={d} is not among the choices; offering no default",
+                                rule.origin
+                            );
+                            None
+                        }
+                    });
+                let choice = if query.assume_yes_for_ask {
+                    request.target.text()
+                } else if query.just_evaluate {
+                    return Err(deny("ask action with just_evaluate"));
+                } else {
+                    let question = AskQuestion {
+                        source: query.source.clone(),
+                        service: service.to_owned(),
+                        argument: argument.to_owned(),
+                        targets: targets.clone(),
+                        default_target: default,
+                    };
+                    match confirm.confirm(&question) {
+                        AskAnswer::Allow(t) => t,
+                        AskAnswer::Deny => {
+                            return Err(Denial {
+                                reason: format!("denied by the user {}", rule.origin),
+                                notify: *notify,
+                            });
+                        }
+                        AskAnswer::Invalid(answer) => {
+                            log::error!("invalid ask response for {service}: {answer}");
+                            return Err(deny("invalid response"));
+                        }
+                        AskAnswer::Unavailable(why) => {
+                            log::error!(
+                                "{service} from {}: the resolution was \"ask\" ({}), but {why}; denying",
+                                query.source,
+                                rule.origin
+                            );
+                            return Err(deny(format!(
+                                "policy define 'ask' action at {} but {why}",
+                                rule.origin
+                            )));
+                        }
+                    }
+                };
+                if !targets.contains(&choice) {
+                    return Err(deny(format!("target {choice} is not a valid choice")));
+                }
+                finish_allow(query, &request, user.clone(), choice, *autostart)
+            }
+        }
+    }
+
+    /// Python's `collect_targets_for_ask`: walk the rules backwards, add
+    /// what non-deny rules reach, remove what deny rules reach.
+    fn collect_targets_for_ask(&self, request: &Request<'_>, system: &SystemInfo) -> Vec<String> {
+        let mut targets: BTreeSet<String> = BTreeSet::new();
+        let mut expansion = Vec::new();
+        for rule in self.rules.iter().rev() {
+            if !(rule.matches_service(request.service, request.argument)
+                && rule.source.matches_source(&request.source, system))
+            {
+                continue;
+            }
+            expansion.clear();
+            rule.action
+                .redirect()
+                .unwrap_or(&rule.target)
+                .expand(system, &mut expansion);
+            if rule.action.is_deny() {
+                for t in &expansion {
+                    targets.remove(t);
+                }
+            } else {
+                targets.extend(expansion.drain(..));
+            }
+        }
+        if targets.remove("@dispvm")
+            && let Some(d) = request.source.default_dispvm(system)
+        {
+            targets.insert(format!("@dispvm:{d}"));
+        }
+        if targets.remove("@adminvm") {
+            targets.insert("dom0".to_owned());
+        }
+        targets.remove(request.source.name);
+        targets.into_iter().collect()
+    }
+}
+
+/// `SERVICE+ARG` → (`SERVICE`, `+ARG`); no `+` → argument `+`.
+pub fn split_service(service_and_arg: &str) -> (&str, &str) {
+    match service_and_arg.find('+') {
+        Some(i) => service_and_arg.split_at(i),
+        None => (service_and_arg, "+"),
+    }
+}
+
+/// Python's `ActionType.allow_no_autostart`.
+fn allow_no_autostart(target: &str, system: &SystemInfo) -> bool {
+    if target == "@adminvm" {
+        return true;
+    }
+    if target.starts_with("@dispvm") {
+        return false;
+    }
+    system.get(target).is_some_and(|d| d.is_running())
+}
+
+/// Python's `Allow.evaluate` target resolution.
+fn allow_target(
+    redirect: Option<&Token>,
+    request: &Request<'_>,
+    system: &SystemInfo,
+    origin: &Origin,
+) -> Result<String, String> {
+    let actual = match redirect {
+        Some(token) => {
+            let (t, substituted) =
+                IntendedTarget::from_token(token, system).map_err(|e| e.to_string())?;
+            if substituted {
+                log::warn!(
+                    "qrexec: target {} does not exist, using @default instead",
+                    crate::pyrepr::str_repr(&token.text())
+                );
+            }
+            t
+        }
+        None => request.target.clone(),
+    };
+    Ok(match actual {
+        IntendedTarget::Default => {
+            return Err(format!(
+                "policy define 'allow' action at {origin} but no target is specified by caller or policy"
+            ));
+        }
+        IntendedTarget::DispVm => match request.source.default_dispvm(system) {
+            Some(d) => format!("@dispvm:{d}"),
+            None => {
+                return Err(format!(
+                    "policy define 'allow' action to @dispvm at {origin} but no DispVM base is set for this VM"
+                ));
+            }
+        },
+        IntendedTarget::AdminVm => "dom0".to_owned(),
+        IntendedTarget::Name(n) => n.to_string(),
+        IntendedTarget::DispVmTemplate(x) => format!("@dispvm:{x}"),
+    })
+}
+
+/// Python's `Ask.evaluate` default-target expansion.
+fn ask_default(token: &Token, request: &Request<'_>, system: &SystemInfo) -> Option<String> {
+    match token {
+        Token::DispVm => request
+            .source
+            .default_dispvm(system)
+            .map(|d| format!("@dispvm:{d}")),
+        Token::AdminVm => Some("dom0".to_owned()),
+        Token::Uuid(u) => system.name_by_uuid(u).map(str::to_owned),
+        other => Some(other.text()),
+    }
+}
+
+/// `AllowResolution.execute` (or its just-evaluate variant).
+fn finish_allow(
+    query: &Query,
+    request: &Request<'_>,
+    user: Option<String>,
+    target: String,
+    autostart: bool,
+) -> Result<Decision, Denial> {
+    if query.just_evaluate {
+        return Ok(Decision::AllowJustEvaluate);
+    }
+    if request.source.name == target {
+        return Err(deny("loopback qrexec connection not supported"));
+    }
+    Ok(Decision::Allow {
+        user,
+        target,
+        autostart,
+        requested_target: request.target.text(),
+    })
+}

@@ -1,0 +1,358 @@
+//! What the policy needs to know about the qubes: the system-info source.
+//!
+//! In Qubes the policy engine asks qubesd (`admin.vm.List`-like internal
+//! call, see `qrexec/utils.py:get_system_info`) for every qube's name, type,
+//! tags, `default_dispvm`, `template_for_dispvms`, power state and uuid. Here
+//! the same facts come from a JSON file behind the [`SystemInfoSource`]
+//! trait, so a qubesd client can replace it later.
+//!
+//! The file format (`/etc/qubes/qubes.json` by default) mirrors the
+//! structure Qubes' `get_system_info()` returns:
+//!
+//! ```json
+//! {
+//!   "domains": {
+//!     "dom0":  { "type": "AdminVM", "power_state": "Running" },
+//!     "work":  { "type": "AppVM", "tags": ["work"], "default_dispvm": "dvm",
+//!                "uuid": "6f1e…", "power_state": "Running" },
+//!     "dvm":   { "type": "AppVM", "template_for_dispvms": true }
+//!   }
+//! }
+//! ```
+//!
+//! Every field except `type` is optional: `tags` defaults to `[]`,
+//! `default_dispvm` to `null`, `template_for_dispvms` to `false`,
+//! `power_state` to `"Halted"` (so `autostart=no` fails closed) and `uuid` to
+//! none. Unknown fields (`icon`, `label`, `guivm`, …) are ignored. A qube
+//! name must be non-empty, must not start with `@` (that is the keyword
+//! namespace) and must not contain whitespace; a broken file is an error,
+//! never an empty system (which would silently change `@anyvm` results).
+//!
+//! This module never decides anything: it only describes the system.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+/// One qube as the policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Domain {
+    /// Qubes class name: `AdminVM`, `AppVM`, `TemplateVM`, `DispVM`, …
+    #[serde(rename = "type")]
+    pub vm_type: String,
+    /// Tags, as set with `qvm-tags`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Name of the qube new disposables of this qube are based on.
+    #[serde(default)]
+    pub default_dispvm: Option<String>,
+    /// Whether disposables may be based on this qube.
+    #[serde(default)]
+    pub template_for_dispvms: bool,
+    /// `Running`, `Halted`, … (only `Running` counts as running).
+    #[serde(default = "default_power_state")]
+    pub power_state: String,
+    /// The qube's uuid (without the `uuid:` prefix).
+    #[serde(default)]
+    pub uuid: Option<String>,
+}
+
+fn default_power_state() -> String {
+    "Halted".to_owned()
+}
+
+impl Domain {
+    /// A running qube of the given type with no tags (handy for tests).
+    pub fn new(vm_type: &str) -> Self {
+        Domain {
+            vm_type: vm_type.to_owned(),
+            tags: Vec::new(),
+            default_dispvm: None,
+            template_for_dispvms: false,
+            power_state: "Running".to_owned(),
+            uuid: None,
+        }
+    }
+
+    /// Whether the qube carries `tag`.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+
+    /// Whether the qube is running.
+    pub fn is_running(&self) -> bool {
+        self.power_state == "Running"
+    }
+}
+
+#[derive(Deserialize)]
+struct SystemInfoFile {
+    domains: BTreeMap<String, Domain>,
+}
+
+/// The set of qubes, by name (sorted, so every expansion is deterministic).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SystemInfo {
+    domains: BTreeMap<String, Domain>,
+    by_uuid: HashMap<String, String>,
+}
+
+/// Why the system info could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemInfoError {
+    /// The file could not be read.
+    #[error("cannot read system info {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid JSON of the documented shape.
+    #[error(
+        "invalid system info {path}: {source} (expected {{\"domains\": {{NAME: {{\"type\": …}}}}}})"
+    )]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parse error (with line and column).
+        source: serde_json::Error,
+    },
+    /// A qube name that cannot be a qube name.
+    #[error(
+        "invalid qube name {name:?} in system info: a name must be non-empty, must not start with '@' and must not contain whitespace"
+    )]
+    BadName {
+        /// The offending name.
+        name: String,
+    },
+    /// Two qubes claim the same uuid.
+    #[error("uuid {uuid} is given to both {first} and {second} in system info")]
+    DuplicateUuid {
+        /// The uuid.
+        uuid: String,
+        /// One qube.
+        first: String,
+        /// The other qube.
+        second: String,
+    },
+}
+
+impl SystemInfo {
+    /// Build from `(name, domain)` pairs, checking names and uuids.
+    pub fn new(
+        domains: impl IntoIterator<Item = (String, Domain)>,
+    ) -> Result<Self, SystemInfoError> {
+        let domains: BTreeMap<String, Domain> = domains.into_iter().collect();
+        let mut by_uuid = HashMap::new();
+        for (name, domain) in &domains {
+            if name.is_empty() || name.starts_with('@') || name.chars().any(char::is_whitespace) {
+                return Err(SystemInfoError::BadName { name: name.clone() });
+            }
+            if let Some(uuid) = &domain.uuid
+                && let Some(first) = by_uuid.insert(uuid.clone(), name.clone())
+            {
+                return Err(SystemInfoError::DuplicateUuid {
+                    uuid: uuid.clone(),
+                    first,
+                    second: name.clone(),
+                });
+            }
+        }
+        Ok(SystemInfo { domains, by_uuid })
+    }
+
+    /// Parse the JSON format documented at the top of this module.
+    pub fn from_json(path: &Path, text: &str) -> Result<Self, SystemInfoError> {
+        let file: SystemInfoFile =
+            serde_json::from_str(text).map_err(|source| SystemInfoError::Json {
+                path: path.to_owned(),
+                source,
+            })?;
+        SystemInfo::new(file.domains)
+    }
+
+    /// The qube called `name`.
+    pub fn get(&self, name: &str) -> Option<&Domain> {
+        self.domains.get(name)
+    }
+
+    /// Whether a qube called `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.domains.contains_key(name)
+    }
+
+    /// The name of the qube with this uuid.
+    pub fn name_by_uuid(&self, uuid: &str) -> Option<&str> {
+        self.by_uuid.get(uuid).map(String::as_str)
+    }
+
+    /// All qubes, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Domain)> {
+        self.domains.iter().map(|(n, d)| (n.as_str(), d))
+    }
+
+    /// Number of qubes.
+    pub fn len(&self) -> usize {
+        self.domains.len()
+    }
+
+    /// Whether there are no qubes at all.
+    pub fn is_empty(&self) -> bool {
+        self.domains.is_empty()
+    }
+}
+
+/// Where the policy gets the current [`SystemInfo`] from.
+pub trait SystemInfoSource: Send + Sync {
+    /// The current system info; an error makes every decision a deny.
+    fn system_info(&self) -> Result<Arc<SystemInfo>, SystemInfoError>;
+}
+
+/// A fixed system info (tests, benchmarks).
+#[derive(Debug, Clone)]
+pub struct StaticSystemInfo(pub Arc<SystemInfo>);
+
+impl SystemInfoSource for StaticSystemInfo {
+    fn system_info(&self) -> Result<Arc<SystemInfo>, SystemInfoError> {
+        Ok(Arc::clone(&self.0))
+    }
+}
+
+/// What identifies one version of a file on disk.
+pub(crate) type FileStamp = Option<(u64, u64, SystemTime)>;
+
+pub(crate) fn file_stamp(path: &Path) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.ino(), meta.len(), meta.modified().ok()?))
+}
+
+/// The JSON file, re-read whenever its inode, size or mtime changes.
+///
+/// Each call costs one `stat`; a file that became invalid is an error
+/// (deny), it never falls back to an older copy of the qube list.
+#[derive(Debug)]
+pub struct JsonFileSystemInfo {
+    path: PathBuf,
+    cache: Mutex<Option<(FileStamp, Arc<SystemInfo>)>>,
+}
+
+impl JsonFileSystemInfo {
+    /// Read qubes from `path` (not read until first used).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        JsonFileSystemInfo {
+            path: path.into(),
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// The file this source reads.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl SystemInfoSource for JsonFileSystemInfo {
+    fn system_info(&self) -> Result<Arc<SystemInfo>, SystemInfoError> {
+        let stamp = file_stamp(&self.path);
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((cached_stamp, info)) = cache.as_ref()
+            && stamp.is_some()
+            && *cached_stamp == stamp
+        {
+            return Ok(Arc::clone(info));
+        }
+        let text = std::fs::read_to_string(&self.path).map_err(|source| SystemInfoError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        let info = Arc::new(SystemInfo::from_json(&self.path, &text)?);
+        *cache = Some((stamp, Arc::clone(&info)));
+        Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_documented_format_with_defaults() {
+        let text = r#"{"domains": {
+            "dom0": {"type": "AdminVM", "power_state": "Running"},
+            "work": {"type": "AppVM", "tags": ["t"], "default_dispvm": "dvm",
+                     "uuid": "u-1", "icon": "ignored"},
+            "dvm": {"type": "AppVM", "template_for_dispvms": true}
+        }}"#;
+        let info = SystemInfo::from_json(Path::new("x.json"), text).unwrap();
+        assert_eq!(info.len(), 3);
+        let work = info.get("work").unwrap();
+        assert!(work.has_tag("t"));
+        assert!(!work.is_running());
+        assert_eq!(work.default_dispvm.as_deref(), Some("dvm"));
+        assert_eq!(info.name_by_uuid("u-1"), Some("work"));
+        assert!(info.get("dvm").unwrap().template_for_dispvms);
+        assert!(info.get("dom0").unwrap().is_running());
+    }
+
+    #[test]
+    fn rejects_bad_names_and_shapes() {
+        let p = Path::new("x.json");
+        assert!(matches!(
+            SystemInfo::from_json(p, r#"{"domains": {"@anyvm": {"type": "AppVM"}}}"#),
+            Err(SystemInfoError::BadName { .. })
+        ));
+        assert!(matches!(
+            SystemInfo::from_json(p, r#"{"domains": {"": {"type": "AppVM"}}}"#),
+            Err(SystemInfoError::BadName { .. })
+        ));
+        assert!(matches!(
+            SystemInfo::from_json(p, r#"{"domains": {"a b": {"type": "AppVM"}}}"#),
+            Err(SystemInfoError::BadName { .. })
+        ));
+        assert!(matches!(
+            SystemInfo::from_json(p, r#"{"domains": {"a": {}}}"#),
+            Err(SystemInfoError::Json { .. })
+        ));
+        assert!(matches!(
+            SystemInfo::from_json(p, "[1,2"),
+            Err(SystemInfoError::Json { .. })
+        ));
+        assert!(matches!(
+            SystemInfo::from_json(
+                p,
+                r#"{"domains": {"a": {"type": "AppVM", "uuid": "x"}, "b": {"type": "AppVM", "uuid": "x"}}}"#
+            ),
+            Err(SystemInfoError::DuplicateUuid { .. })
+        ));
+    }
+
+    #[test]
+    fn json_file_source_rereads_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qubes.json");
+        std::fs::write(&path, r#"{"domains": {"a": {"type": "AppVM"}}}"#).unwrap();
+        let source = JsonFileSystemInfo::new(&path);
+        assert!(source.system_info().unwrap().contains("a"));
+        std::fs::write(
+            &path,
+            r#"{"domains": {"a": {"type": "AppVM"}, "bb": {"type": "AppVM"}}}"#,
+        )
+        .unwrap();
+        assert!(source.system_info().unwrap().contains("bb"));
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(source.system_info().is_err());
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            source.system_info(),
+            Err(SystemInfoError::Read { .. })
+        ));
+    }
+}

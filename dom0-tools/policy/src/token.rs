@@ -1,0 +1,627 @@
+//! Qube tokens of the policy language and where each may stand.
+//!
+//! A token names one qube (`work`, `uuid:…`, `@adminvm`/`dom0`) or a set of
+//! them (`@anyvm`, `*`, `@tag:X`, `@type:X`, `@dispvm`, `@dispvm:X`,
+//! `@dispvm:@tag:X`, `@default`). As in Qubes' `qrexec/policy/parser.py`
+//! (classes `Source`, `Target`, `Redirect`, `IntendedTarget` and the token
+//! classes inheriting from them), each context accepts only some tokens:
+//!
+//! | token              | source | target | redirect (`target=`, `default_target=`) | intended target (request) |
+//! |--------------------|:------:|:------:|:------:|:------:|
+//! | name, `uuid:U`     | yes    | yes    | yes    | yes    |
+//! | `@adminvm`, `dom0` | yes    | yes    | yes    | yes    |
+//! | `*`                | yes    | yes    |        |        |
+//! | `@anyvm`           | yes    | yes    |        |        |
+//! | `@default`         |        | yes    |        | yes    |
+//! | `@type:X`, `@tag:X`| yes    | yes    |        |        |
+//! | `@dispvm`          |        | yes    | yes    | yes    |
+//! | `@dispvm:X`        | yes    | yes    | yes    | yes    |
+//! | `@dispvm:@tag:X`   | yes    | yes    |        |        |
+//!
+//! Parsing follows Python's order exactly (exact keywords first, then the
+//! prefixes `@type:`, `@tag:`, `@dispvm:`, `@dispvm:@tag:`, an empty suffix
+//! is `invalid empty PREFIX token`, anything else starting with `@` is
+//! `invalid CONTEXT token`). `uuid:U` is the Qubes 4.3 way to name a qube
+//! by uuid; it matches the qube whose system-info `uuid` is `U`.
+//!
+//! Matching semantics (from the same classes' `match()` and `expand()`):
+//! `@anyvm` matches everything except the admin VM — in particular it also
+//! matches a request for `@default`, `@dispvm` and `@dispvm:X`; `@dispvm:X`
+//! as a target also matches a request for `@dispvm` when the source's
+//! `default_dispvm` is `X`; `@dispvm:@tag:T` matches `@dispvm:X` (or
+//! `@dispvm` resolved through the source) when `X` is a disposable template
+//! tagged `T`. This module never looks at rules or actions.
+
+use crate::pyrepr::str_repr;
+use crate::system_info::SystemInfo;
+
+/// Where a token appears; decides which tokens are allowed and how an
+/// invalid one is reported (`invalid source token: '…'`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Context {
+    /// Third column of a rule.
+    Source,
+    /// Fourth column of a rule.
+    Target,
+    /// `target=` / `default_target=` parameters.
+    Redirect,
+    /// What the caller asked for.
+    IntendedTarget,
+}
+
+impl Context {
+    fn name(self) -> &'static str {
+        match self {
+            Context::Source => "source",
+            Context::Target => "target",
+            Context::Redirect => "redirect",
+            Context::IntendedTarget => "intendedtarget",
+        }
+    }
+}
+
+/// A parsed token. Strings are kept exactly as written (after the prefix).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Token {
+    /// A qube by name.
+    Name(Box<str>),
+    /// `uuid:U`: a qube by uuid.
+    Uuid(Box<str>),
+    /// `*`: any qube, the admin VM included.
+    Wildcard,
+    /// `@anyvm`: any qube but the admin VM.
+    AnyVm,
+    /// `@adminvm` (also written `dom0`).
+    AdminVm,
+    /// `@default`: the caller named no target.
+    Default,
+    /// `@dispvm`: a new disposable of the source's `default_dispvm`.
+    DispVm,
+    /// `@dispvm:X`: a new disposable based on `X`.
+    DispVmTemplate(Box<str>),
+    /// `@dispvm:@tag:T`: a disposable of any template tagged `T`.
+    DispVmTag(Box<str>),
+    /// `@tag:T`.
+    Tag(Box<str>),
+    /// `@type:T`.
+    Type(Box<str>),
+}
+
+/// A token that was not valid where it stood; the text is Python's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenError(pub String);
+
+const PREFIXES: [&str; 4] = ["@type:", "@tag:", "@dispvm:", "@dispvm:@tag:"];
+
+fn allowed(context: Context, token: &Token) -> bool {
+    use Context as C;
+    match token {
+        Token::Name(_) | Token::Uuid(_) | Token::AdminVm => true,
+        Token::Wildcard | Token::AnyVm | Token::Tag(_) | Token::Type(_) | Token::DispVmTag(_) => {
+            matches!(context, C::Source | C::Target)
+        }
+        Token::Default => matches!(context, C::Target | C::IntendedTarget),
+        Token::DispVm => matches!(context, C::Target | C::Redirect | C::IntendedTarget),
+        Token::DispVmTemplate(_) => true,
+    }
+}
+
+impl Token {
+    /// Parse `text` as a token valid in `context`.
+    pub fn parse(text: &str, context: Context) -> Result<Token, TokenError> {
+        let token = if text == "dom0" { "@adminvm" } else { text };
+        if !(token.starts_with('@') || token == "*") {
+            if let Some(uuid) = token.strip_prefix("uuid:") {
+                if uuid.is_empty() {
+                    return Err(TokenError(format!(
+                        "invalid empty uuid: token: {}",
+                        str_repr(text)
+                    )));
+                }
+                return Ok(Token::Uuid(uuid.into()));
+            }
+            return Ok(Token::Name(token.into()));
+        }
+        let exact = match token {
+            "*" => Some(Token::Wildcard),
+            "@adminvm" => Some(Token::AdminVm),
+            "@anyvm" => Some(Token::AnyVm),
+            "@default" => Some(Token::Default),
+            "@dispvm" => Some(Token::DispVm),
+            _ => None,
+        };
+        if let Some(t) = exact
+            && allowed(context, &t)
+        {
+            return Ok(t);
+        }
+        for prefix in PREFIXES {
+            let Some(value) = token.strip_prefix(prefix) else {
+                continue;
+            };
+            let candidate = match prefix {
+                "@type:" => Token::Type(value.into()),
+                "@tag:" => Token::Tag(value.into()),
+                "@dispvm:" => Token::DispVmTemplate(value.into()),
+                _ => Token::DispVmTag(value.into()),
+            };
+            if !allowed(context, &candidate) {
+                continue;
+            }
+            if value.is_empty() {
+                return Err(TokenError(format!(
+                    "invalid empty {} token: {}",
+                    prefix,
+                    str_repr(token)
+                )));
+            }
+            if value.starts_with('@') {
+                continue;
+            }
+            return Ok(candidate);
+        }
+        Err(TokenError(format!(
+            "invalid {} token: {}",
+            context.name(),
+            str_repr(text)
+        )))
+    }
+
+    /// The token as Qubes prints it (`@adminvm` for `dom0`).
+    pub fn text(&self) -> String {
+        match self {
+            Token::Name(n) => n.to_string(),
+            Token::Uuid(u) => format!("uuid:{u}"),
+            Token::Wildcard => "*".to_owned(),
+            Token::AnyVm => "@anyvm".to_owned(),
+            Token::AdminVm => "@adminvm".to_owned(),
+            Token::Default => "@default".to_owned(),
+            Token::DispVm => "@dispvm".to_owned(),
+            Token::DispVmTemplate(x) => format!("@dispvm:{x}"),
+            Token::DispVmTag(x) => format!("@dispvm:@tag:{x}"),
+            Token::Tag(x) => format!("@tag:{x}"),
+            Token::Type(x) => format!("@type:{x}"),
+        }
+    }
+
+    /// Whether this source token matches the calling qube.
+    pub fn matches_source(&self, source: &Source<'_>, system: &SystemInfo) -> bool {
+        match self {
+            Token::Wildcard => true,
+            Token::AdminVm => source.is_admin,
+            Token::AnyVm => !source.is_admin,
+            Token::Name(n) => !source.is_admin && **n == *source.name,
+            Token::Uuid(u) => system
+                .get(source.name)
+                .and_then(|d| d.uuid.as_deref())
+                .is_some_and(|x| x == &**u),
+            Token::Type(t) => system.get(source.name).is_some_and(|d| d.vm_type == **t),
+            Token::Tag(t) => system.get(source.name).is_some_and(|d| d.has_tag(t)),
+            // Python compares these with the source *string*, which is a
+            // qube name and so never a disposable keyword: they never match.
+            Token::DispVmTemplate(_) | Token::DispVmTag(_) => false,
+            Token::Default | Token::DispVm => false,
+        }
+    }
+
+    /// Whether this target token matches the requested target.
+    pub fn matches_target(
+        &self,
+        target: &IntendedTarget,
+        source: &Source<'_>,
+        system: &SystemInfo,
+    ) -> bool {
+        match self {
+            Token::Wildcard => true,
+            Token::AnyVm => *target != IntendedTarget::AdminVm,
+            Token::AdminVm => *target == IntendedTarget::AdminVm,
+            Token::Default => *target == IntendedTarget::Default,
+            Token::DispVm => *target == IntendedTarget::DispVm,
+            Token::Name(n) => matches!(target, IntendedTarget::Name(t) if **t == **n),
+            Token::Uuid(u) => match target {
+                IntendedTarget::Name(t) => system
+                    .get(t)
+                    .and_then(|d| d.uuid.as_deref())
+                    .is_some_and(|x| x == &**u),
+                _ => false,
+            },
+            Token::Type(ty) => match target {
+                IntendedTarget::Name(t) => system.get(t).is_some_and(|d| d.vm_type == **ty),
+                _ => false,
+            },
+            Token::Tag(tag) => match target {
+                IntendedTarget::Name(t) => system.get(t).is_some_and(|d| d.has_tag(tag)),
+                _ => false,
+            },
+            Token::DispVmTemplate(x) => match target {
+                IntendedTarget::DispVm => source.default_dispvm(system).is_some_and(|d| d == &**x),
+                IntendedTarget::DispVmTemplate(t) => **t == **x,
+                _ => false,
+            },
+            Token::DispVmTag(tag) => {
+                let template = match target {
+                    IntendedTarget::DispVm => source.default_dispvm(system),
+                    IntendedTarget::DispVmTemplate(t) => Some(&**t),
+                    _ => None,
+                };
+                template
+                    .and_then(|t| system.get(t))
+                    .is_some_and(|d| d.template_for_dispvms && d.has_tag(tag))
+            }
+        }
+    }
+
+    /// Every concrete target this token stands for (Python's `expand()`),
+    /// used to offer choices for `ask`. Keywords come out as `@adminvm`,
+    /// `@dispvm` and `@dispvm:X`.
+    pub fn expand(&self, system: &SystemInfo, out: &mut Vec<String>) {
+        match self {
+            Token::Name(n) => {
+                if system.contains(n) {
+                    out.push(n.to_string());
+                }
+            }
+            Token::Uuid(u) => {
+                if let Some(n) = system.name_by_uuid(u) {
+                    out.push(n.to_owned());
+                }
+            }
+            Token::Wildcard | Token::AnyVm => {
+                let all = matches!(self, Token::Wildcard);
+                for (name, domain) in system.iter() {
+                    if all || domain.vm_type != "AdminVM" {
+                        out.push(name.to_owned());
+                    }
+                    if domain.template_for_dispvms {
+                        out.push(format!("@dispvm:{name}"));
+                    }
+                }
+                out.push("@dispvm".to_owned());
+            }
+            Token::AdminVm => out.push("@adminvm".to_owned()),
+            Token::Default => {}
+            Token::DispVm => out.push("@dispvm".to_owned()),
+            Token::Type(t) => out.extend(
+                system
+                    .iter()
+                    .filter(|(_, d)| d.vm_type == **t)
+                    .map(|(n, _)| n.to_owned()),
+            ),
+            Token::Tag(t) => out.extend(
+                system
+                    .iter()
+                    .filter(|(_, d)| d.has_tag(t))
+                    .map(|(n, _)| n.to_owned()),
+            ),
+            Token::DispVmTemplate(x) => {
+                if system.get(x).is_some_and(|d| d.template_for_dispvms) {
+                    out.push(format!("@dispvm:{x}"));
+                }
+            }
+            Token::DispVmTag(t) => out.extend(
+                system
+                    .iter()
+                    .filter(|(_, d)| d.has_tag(t) && d.template_for_dispvms)
+                    .map(|(n, _)| format!("@dispvm:{n}")),
+            ),
+        }
+    }
+}
+
+/// The calling qube. `dom0` (the admin VM) is recognised here, so that the
+/// `@adminvm` source token matches it and `@anyvm` does not.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// The qube name as qrexec-daemon gave it.
+    pub name: &'a str,
+    /// Whether this is the admin VM (`dom0` or `@adminvm`).
+    pub is_admin: bool,
+}
+
+impl<'a> Source<'a> {
+    /// Wrap a source name.
+    pub fn new(name: &'a str) -> Self {
+        Source {
+            name,
+            is_admin: name == "dom0" || name == "@adminvm",
+        }
+    }
+
+    /// The source's `default_dispvm`, if it has one.
+    pub fn default_dispvm<'s>(&self, system: &'s SystemInfo) -> Option<&'s str> {
+        system
+            .get(self.name)
+            .and_then(|d| d.default_dispvm.as_deref())
+    }
+}
+
+/// The target the caller asked for, after Qubes' verification
+/// (`IntendedTarget(...).verify(system_info)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntendedTarget {
+    /// An existing qube.
+    Name(Box<str>),
+    /// `@adminvm` (the caller wrote `dom0` or `@adminvm`).
+    AdminVm,
+    /// `@default` (empty, `@default`, or a qube that does not exist).
+    Default,
+    /// `@dispvm`.
+    DispVm,
+    /// `@dispvm:X` where `X` is a template for disposables.
+    DispVmTemplate(Box<str>),
+}
+
+/// Why a requested target is refused before any rule is looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntendedTargetError {
+    /// Not a token a caller may use (Python raises `PolicySyntaxError`
+    /// with no file: `<unknown>:0: invalid intendedtarget token: '…'`).
+    Syntax(String),
+    /// `@dispvm:X` where `X` is not a template for disposables.
+    NotDispVmTemplate(String),
+}
+
+impl std::fmt::Display for IntendedTargetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IntendedTargetError::Syntax(m) => write!(f, "<unknown>:0: {m}"),
+            IntendedTargetError::NotDispVmTemplate(x) => {
+                write!(f, "not a template for dispvm: {x}")
+            }
+        }
+    }
+}
+
+impl IntendedTarget {
+    /// Parse and verify what the caller asked for. An empty target is
+    /// `@default`; a qube that does not exist becomes `@default` (as Qubes
+    /// 4.2 does, logging a warning — returned here as the flag).
+    pub fn resolve(
+        text: &str,
+        system: &SystemInfo,
+    ) -> Result<(IntendedTarget, bool), IntendedTargetError> {
+        let text = if text.is_empty() { "@default" } else { text };
+        let token = Token::parse(text, Context::IntendedTarget)
+            .map_err(|e| IntendedTargetError::Syntax(e.0))?;
+        Self::from_token(&token, system)
+    }
+
+    /// Verify a token from a redirect (`target=`) the same way.
+    pub fn from_token(
+        token: &Token,
+        system: &SystemInfo,
+    ) -> Result<(IntendedTarget, bool), IntendedTargetError> {
+        Ok(match token {
+            Token::Name(n) => {
+                if system.contains(n) {
+                    (IntendedTarget::Name(n.clone()), false)
+                } else {
+                    (IntendedTarget::Default, true)
+                }
+            }
+            Token::Uuid(u) => match system.name_by_uuid(u) {
+                Some(n) => (IntendedTarget::Name(n.into()), false),
+                None => (IntendedTarget::Default, true),
+            },
+            Token::AdminVm => (IntendedTarget::AdminVm, false),
+            Token::Default => (IntendedTarget::Default, false),
+            Token::DispVm => (IntendedTarget::DispVm, false),
+            Token::DispVmTemplate(x) => {
+                if system.get(x).is_some_and(|d| d.template_for_dispvms) {
+                    (IntendedTarget::DispVmTemplate(x.clone()), false)
+                } else {
+                    return Err(IntendedTargetError::NotDispVmTemplate(x.to_string()));
+                }
+            }
+            other => {
+                return Err(IntendedTargetError::Syntax(format!(
+                    "invalid intendedtarget token: {}",
+                    str_repr(&other.text())
+                )));
+            }
+        })
+    }
+
+    /// The text Qubes prints (`requested_target=` in the reply).
+    pub fn text(&self) -> String {
+        match self {
+            IntendedTarget::Name(n) => n.to_string(),
+            IntendedTarget::AdminVm => "@adminvm".to_owned(),
+            IntendedTarget::Default => "@default".to_owned(),
+            IntendedTarget::DispVm => "@dispvm".to_owned(),
+            IntendedTarget::DispVmTemplate(x) => format!("@dispvm:{x}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::system_info::Domain;
+
+    fn system() -> SystemInfo {
+        let mut dom0 = Domain::new("AdminVM");
+        dom0.uuid = Some("00000000-0000-0000-0000-000000000000".into());
+        let mut work = Domain::new("AppVM");
+        work.tags = vec!["t1".into()];
+        work.default_dispvm = Some("dvm".into());
+        work.uuid = Some("w-uuid".into());
+        let mut dvm = Domain::new("AppVM");
+        dvm.template_for_dispvms = true;
+        dvm.tags = vec!["dt".into()];
+        let mut nodefault = Domain::new("AppVM");
+        nodefault.default_dispvm = None;
+        SystemInfo::new([
+            ("dom0".to_owned(), dom0),
+            ("work".to_owned(), work),
+            ("dvm".to_owned(), dvm),
+            ("nodefault".to_owned(), nodefault),
+            ("tpl".to_owned(), Domain::new("TemplateVM")),
+        ])
+        .unwrap()
+    }
+
+    fn err(text: &str, c: Context) -> String {
+        Token::parse(text, c).unwrap_err().0
+    }
+
+    #[test]
+    fn parses_every_token() {
+        use Context::*;
+        assert_eq!(Token::parse("work", Source), Ok(Token::Name("work".into())));
+        assert_eq!(Token::parse("dom0", Source), Ok(Token::AdminVm));
+        assert_eq!(Token::parse("@adminvm", Redirect), Ok(Token::AdminVm));
+        assert_eq!(
+            Token::parse("uuid:abc", Target),
+            Ok(Token::Uuid("abc".into()))
+        );
+        assert_eq!(Token::parse("*", Source), Ok(Token::Wildcard));
+        assert_eq!(Token::parse("@anyvm", Target), Ok(Token::AnyVm));
+        assert_eq!(Token::parse("@default", Target), Ok(Token::Default));
+        assert_eq!(Token::parse("@dispvm", Target), Ok(Token::DispVm));
+        assert_eq!(
+            Token::parse("@dispvm:dvm", Redirect),
+            Ok(Token::DispVmTemplate("dvm".into()))
+        );
+        assert_eq!(
+            Token::parse("@dispvm:@tag:x", Target),
+            Ok(Token::DispVmTag("x".into()))
+        );
+        assert_eq!(Token::parse("@tag:x", Source), Ok(Token::Tag("x".into())));
+        assert_eq!(
+            Token::parse("@type:AppVM", Target),
+            Ok(Token::Type("AppVM".into()))
+        );
+    }
+
+    #[test]
+    fn context_errors_have_python_text() {
+        use Context::*;
+        assert_eq!(err("@default", Source), "invalid source token: '@default'");
+        assert_eq!(err("@dispvm", Source), "invalid source token: '@dispvm'");
+        assert_eq!(err("@anyvm", Redirect), "invalid redirect token: '@anyvm'");
+        assert_eq!(err("@tag:x", Redirect), "invalid redirect token: '@tag:x'");
+        assert_eq!(
+            err("@dispvm:@tag:x", Redirect),
+            "invalid redirect token: '@dispvm:@tag:x'"
+        );
+        assert_eq!(err("*", Redirect), "invalid redirect token: '*'");
+        assert_eq!(err("@foo", Target), "invalid target token: '@foo'");
+        assert_eq!(err("@tag:", Source), "invalid empty @tag: token: '@tag:'");
+        assert_eq!(
+            err("@type:", Target),
+            "invalid empty @type: token: '@type:'"
+        );
+        assert_eq!(
+            err("@dispvm:", Target),
+            "invalid empty @dispvm: token: '@dispvm:'"
+        );
+        assert_eq!(
+            err("@dispvm:@tag:", Target),
+            "invalid empty @dispvm:@tag: token: '@dispvm:@tag:'"
+        );
+        assert_eq!(
+            err("@dispvm:@x", Target),
+            "invalid target token: '@dispvm:@x'"
+        );
+        assert_eq!(
+            err("@anyvm", IntendedTarget),
+            "invalid intendedtarget token: '@anyvm'"
+        );
+        assert_eq!(err("uuid:", Source), "invalid empty uuid: token: 'uuid:'");
+    }
+
+    #[test]
+    fn anyvm_never_matches_adminvm() {
+        let s = system();
+        let src = Source::new("work");
+        assert!(!Token::AnyVm.matches_target(&IntendedTarget::AdminVm, &src, &s));
+        assert!(Token::AnyVm.matches_target(&IntendedTarget::Default, &src, &s));
+        assert!(Token::AnyVm.matches_target(&IntendedTarget::DispVm, &src, &s));
+        assert!(Token::Wildcard.matches_target(&IntendedTarget::AdminVm, &src, &s));
+        assert!(!Token::AnyVm.matches_source(&Source::new("dom0"), &s));
+        assert!(Token::AdminVm.matches_source(&Source::new("dom0"), &s));
+        assert!(Token::AnyVm.matches_source(&src, &s));
+    }
+
+    #[test]
+    fn tag_type_uuid_match() {
+        let s = system();
+        let src = Source::new("work");
+        let work = IntendedTarget::Name("work".into());
+        assert!(Token::Tag("t1".into()).matches_target(&work, &src, &s));
+        assert!(!Token::Tag("t2".into()).matches_target(&work, &src, &s));
+        assert!(Token::Type("AppVM".into()).matches_target(&work, &src, &s));
+        assert!(Token::Uuid("w-uuid".into()).matches_target(&work, &src, &s));
+        assert!(Token::Uuid("w-uuid".into()).matches_source(&src, &s));
+        assert!(Token::Tag("t1".into()).matches_source(&src, &s));
+        assert!(!Token::Type("AppVM".into()).matches_source(&Source::new("ghost"), &s));
+    }
+
+    #[test]
+    fn dispvm_resolution_through_source() {
+        let s = system();
+        let src = Source::new("work");
+        let t = Token::DispVmTemplate("dvm".into());
+        assert!(t.matches_target(&IntendedTarget::DispVm, &src, &s));
+        assert!(!t.matches_target(&IntendedTarget::DispVm, &Source::new("nodefault"), &s));
+        assert!(t.matches_target(&IntendedTarget::DispVmTemplate("dvm".into()), &src, &s));
+        let tag = Token::DispVmTag("dt".into());
+        assert!(tag.matches_target(&IntendedTarget::DispVm, &src, &s));
+        assert!(tag.matches_target(&IntendedTarget::DispVmTemplate("dvm".into()), &src, &s));
+        assert!(!Token::DispVmTag("t1".into()).matches_target(&IntendedTarget::DispVm, &src, &s));
+        assert!(!t.matches_source(&src, &s));
+    }
+
+    #[test]
+    fn intended_target_verification() {
+        let s = system();
+        assert_eq!(
+            IntendedTarget::resolve("", &s).unwrap(),
+            (IntendedTarget::Default, false)
+        );
+        assert_eq!(
+            IntendedTarget::resolve("dom0", &s).unwrap(),
+            (IntendedTarget::AdminVm, false)
+        );
+        assert_eq!(
+            IntendedTarget::resolve("ghost", &s).unwrap(),
+            (IntendedTarget::Default, true)
+        );
+        assert_eq!(
+            IntendedTarget::resolve("uuid:w-uuid", &s).unwrap(),
+            (IntendedTarget::Name("work".into()), false)
+        );
+        assert_eq!(
+            IntendedTarget::resolve("@dispvm:work", &s)
+                .unwrap_err()
+                .to_string(),
+            "not a template for dispvm: work"
+        );
+        assert_eq!(
+            IntendedTarget::resolve("@tag:x", &s)
+                .unwrap_err()
+                .to_string(),
+            "<unknown>:0: invalid intendedtarget token: '@tag:x'"
+        );
+    }
+
+    #[test]
+    fn expansions() {
+        let s = system();
+        let mut v = Vec::new();
+        Token::AnyVm.expand(&s, &mut v);
+        assert_eq!(
+            v,
+            ["dvm", "@dispvm:dvm", "nodefault", "tpl", "work", "@dispvm"].map(String::from)
+        );
+        assert!(v.contains(&"@dispvm:dvm".to_owned()));
+        assert!(!v.contains(&"dom0".to_owned()));
+        let mut w = Vec::new();
+        Token::Wildcard.expand(&s, &mut w);
+        assert!(w.contains(&"dom0".to_owned()));
+        let mut d = Vec::new();
+        Token::DispVmTag("dt".into()).expand(&s, &mut d);
+        assert_eq!(d, vec!["@dispvm:dvm".to_owned()]);
+    }
+}
