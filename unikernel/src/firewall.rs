@@ -159,6 +159,9 @@ pub struct Firewall<P: Platform> {
     pending_rules: BTreeMap<IpAddr, RuleSet>,
     /// What each client's rules look like, for the status report.
     rule_summary: BTreeMap<IpAddr, RuleSummary>,
+    /// The committed entries last applied per client (refused-at-cap flag,
+    /// entries), to skip commits that change nothing.
+    applied_entries: BTreeMap<IpAddr, (bool, Vec<(String, String)>)>,
     wall_clock: WallClock,
     vifs_dirty: bool,
 }
@@ -232,6 +235,7 @@ impl<P: Platform> Firewall<P> {
             network: None,
             pending_rules: BTreeMap::new(),
             rule_summary: BTreeMap::new(),
+            applied_entries: BTreeMap::new(),
             wall_clock: WallClock::default(),
             vifs_dirty: true,
         })
@@ -376,14 +380,21 @@ impl<P: Platform> Firewall<P> {
                     entries,
                     incomplete,
                 } => {
-                    let rules = if incomplete {
+                    // A commit that changes nothing (dom0 rewrote the same
+                    // rules, or QubesDB resynchronised after a reconnect)
+                    // must not flush the client's connections.
+                    let key = (incomplete, entries);
+                    if self.applied_entries.get(&client) == Some(&key) {
+                        continue;
+                    }
+                    let rules = if key.0 {
                         warn!(
                             "QubesDB: rules of {client} incomplete (a key was refused at the cap); \
                              blocking all its traffic"
                         );
                         RuleSet::deny_all()
                     } else {
-                        RuleSet::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                        RuleSet::parse(key.1.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                     };
                     match rules.error() {
                         Some(error) => warn!("firewall rules of {client}: {error}"),
@@ -393,11 +404,17 @@ impl<P: Platform> Firewall<P> {
                             rules.policy()
                         ),
                     }
+                    self.applied_entries.insert(client, key);
                     self.apply_rules(client, rules);
                 }
                 DbEvent::RulesRemoved(client) => {
                     info!("firewall rules of {client} removed; its traffic is blocked");
-                    self.apply_rules(client, RuleSet::deny_all());
+                    self.applied_entries.remove(&client);
+                    self.rule_summary.remove(&client);
+                    self.pending_rules.remove(&client);
+                    if let Some(network) = &mut self.network {
+                        network.router.remove_rules(client);
+                    }
                 }
             }
         }

@@ -404,6 +404,25 @@ fn whole_program_flow() {
     assert_eq!((dst, dport), (CLIENT_IP, 4000));
     assert_eq!(payload, b"pong");
 
+    // dom0 rewrites the very same rules (as it does on every firewall
+    // change of any qube): nothing changes, the flow survives.
+    write_rules(
+        &db,
+        CLIENT_IP,
+        "drop",
+        &["action=accept proto=udp dstports=7-7"],
+    );
+    rig.settle();
+    db.take();
+    rig.uplink().inject(&eth(
+        OUR_MAC,
+        GATEWAY_MAC,
+        EthernetProtocol::Ipv4,
+        &udp4(REMOTE, OUR_IP, 7, nat_port, b"pong again"),
+    ));
+    rig.settle();
+    assert_eq!(udp_frames(client.take_sent()).len(), 1, "flow kept");
+
     // Port 9 is not allowed yet.
     client.inject(&eth(
         FIREWALL_CLIENT_MAC,
@@ -479,6 +498,24 @@ fn whole_program_flow() {
     let (_, stderr, code) = rig.call(&control, "qubes.VMShell", 515, b"");
     assert_eq!(code, 127);
     assert!(stderr.contains("qubes.VMShell"), "{stderr}");
+
+    // dom0 removes the client's rules altogether: it is blocked.
+    db.send(&qdb(MessageType::Rm, "/qubes-firewall/10.137.0.10/", ""));
+    db.send(&qdb(MessageType::Rm, "/qubes-firewall/10.137.0.10", ""));
+    rig.settle();
+    assert!(
+        qdb_messages(&db.take())
+            .iter()
+            .all(|(t, _, _)| *t == MessageType::RespOk)
+    );
+    client.inject(&eth(
+        FIREWALL_CLIENT_MAC,
+        CLIENT_MAC,
+        EthernetProtocol::Ipv4,
+        &udp4(CLIENT_IP, REMOTE, 4003, 9, b"discard"),
+    ));
+    rig.settle();
+    assert!(udp_frames(rig.uplink().take_sent()).is_empty());
 
     // The client goes away.
     rig.handle.xenstore().unset("backend/vif/5");
