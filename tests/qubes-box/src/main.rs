@@ -16,13 +16,29 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
 use qubes_box::client::Client;
+use qubes_box::netbox::{self, BoxConfig};
+use qubes_box::services;
 use qubes_box::xenstored::Xenstored;
 
 const USAGE: &str = "\
 Usage: qubes-box COMMAND [ARGS]
 
 Commands:
+  up [--state-dir DIR] [--prefix P] [--bin-dir DIR] [--no-firewall]
+                                  build the box: namespaces <P>sys-net,
+                                  <P>sys-firewall, <P>client1, <P>client2,
+                                  xenstored, qubesdb-daemon, sys-net's HTTP
+                                  and DNS servers, the hosted firewall
+  down [--state-dir DIR]          stop and remove everything the box recorded
+  status [--state-dir DIR]        show what is up (exit 1 if anything is down)
+  serve-http ADDR:PORT            sys-net's web server (used by up)
+  serve-dns ADDR:PORT ANSWER-IP   sys-net's DNS server (used by up)
+  http-get ADDR:PORT [PATH]       fetch and print a page (probe)
+  dns-query SERVER:PORT NAME      resolve NAME to an IPv4 address (probe)
   xenstored [--socket PATH] [--guest-socket DOMID=PATH]...
                                   run the in-box xenstored (foreground)
   xenstore-write [--socket PATH] PATH VALUE [PATH VALUE]...
@@ -32,7 +48,8 @@ Commands:
   xenstore-watch [--socket PATH] [-n COUNT] PATH
                                   print COUNT events (default 1) as PATH TOKEN
 
-The socket defaults to $XENSTORED_PATH, else $XENSTORED_RUNDIR/socket,
+The box's state dir defaults to /run/qubes-box, the prefix to qb-, the
+binaries to the directory of qubes-box itself. The xenstore socket defaults to $XENSTORED_PATH, else $XENSTORED_RUNDIR/socket,
 else /var/run/xenstored/socket.
 ";
 
@@ -50,6 +67,10 @@ struct Parsed {
     socket: PathBuf,
     guests: Vec<(u16, PathBuf)>,
     count: u64,
+    state_dir: PathBuf,
+    prefix: String,
+    bin_dir: Option<PathBuf>,
+    firewall: bool,
     rest: Vec<String>,
 }
 
@@ -58,6 +79,10 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
         socket: default_socket(),
         guests: Vec::new(),
         count: 1,
+        state_dir: PathBuf::from("/run/qubes-box"),
+        prefix: "qb-".to_string(),
+        bin_dir: None,
+        firewall: true,
         rest: Vec::new(),
     };
     let mut iter = args.iter();
@@ -76,6 +101,24 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                     .map_err(|_| format!("--guest-socket {spec:?}: {domid:?} is not a domid"))?;
                 parsed.guests.push((domid, PathBuf::from(path)));
             }
+            "--state-dir" => {
+                parsed.state_dir = PathBuf::from(iter.next().ok_or("--state-dir needs a path")?);
+            }
+            "--prefix" => {
+                let prefix = iter.next().ok_or("--prefix needs a value")?;
+                if prefix.len() > 20
+                    || !prefix
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(format!("--prefix {prefix:?}: up to 20 of [A-Za-z0-9_-]"));
+                }
+                parsed.prefix = prefix.clone();
+            }
+            "--bin-dir" => {
+                parsed.bin_dir = Some(PathBuf::from(iter.next().ok_or("--bin-dir needs a path")?));
+            }
+            "--no-firewall" => parsed.firewall = false,
             "-n" => {
                 let text = iter.next().ok_or("-n needs a count")?;
                 parsed.count = text
@@ -88,7 +131,84 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
     Ok(parsed)
 }
 
+fn box_config(parsed: &Parsed) -> Result<BoxConfig, String> {
+    let bin_dir = match &parsed.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(PathBuf::from))
+            .ok_or("cannot find the directory of qubes-box; give --bin-dir")?,
+    };
+    Ok(BoxConfig {
+        state_dir: parsed.state_dir.clone(),
+        prefix: parsed.prefix.clone(),
+        bin_dir,
+        firewall: parsed.firewall,
+    })
+}
+
+fn socket_addr(text: Option<&String>, what: &str) -> Result<SocketAddr, String> {
+    let text = text.ok_or_else(|| format!("{what} needs ADDR:PORT"))?;
+    text.parse()
+        .map_err(|_| format!("{text:?} is not ADDR:PORT"))
+}
+
 fn run(command: &str, parsed: Parsed) -> Result<(), String> {
+    match command {
+        "up" => {
+            let config = box_config(&parsed)?;
+            netbox::up(&config)
+                .map_err(|error| format!("{error} (everything made so far was removed)"))?;
+            println!("box is up (state in {})", config.state_dir.display());
+            return Ok(());
+        }
+        "down" => {
+            let config = box_config(&parsed)?;
+            netbox::down(&config).map_err(|error| error.to_string())?;
+            println!("box is down");
+            return Ok(());
+        }
+        "status" => {
+            let config = box_config(&parsed)?;
+            let (all_up, text) = netbox::status(&config);
+            print!("{text}");
+            return if all_up {
+                Ok(())
+            } else {
+                Err("not everything is up".into())
+            };
+        }
+        "serve-http" => {
+            let address = socket_addr(parsed.rest.first(), "serve-http")?;
+            return services::serve_http(address).map_err(|e| e.to_string());
+        }
+        "serve-dns" => {
+            let address = socket_addr(parsed.rest.first(), "serve-dns")?;
+            let answer: Ipv4Addr = parsed
+                .rest
+                .get(1)
+                .and_then(|a| a.parse().ok())
+                .ok_or("serve-dns needs the IPv4 address to answer with")?;
+            return services::serve_dns(address, answer).map_err(|e| e.to_string());
+        }
+        "http-get" => {
+            let address = socket_addr(parsed.rest.first(), "http-get")?;
+            let path = parsed.rest.get(1).map_or("/", String::as_str);
+            let body = services::http_get(address, path, Duration::from_secs(5))
+                .map_err(|e| e.to_string())?;
+            print!("{body}");
+            return Ok(());
+        }
+        "dns-query" => {
+            let address = socket_addr(parsed.rest.first(), "dns-query")?;
+            let name = parsed.rest.get(1).ok_or("dns-query needs a NAME")?;
+            let answer = services::dns_query(address, name, Duration::from_secs(5))
+                .map_err(|e| e.to_string())?;
+            println!("{answer}");
+            return Ok(());
+        }
+        _ => {}
+    }
     if command == "xenstored" {
         let server = Xenstored::new();
         let main = server

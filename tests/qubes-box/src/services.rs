@@ -1,0 +1,231 @@
+//! The "internet" inside the box's `sys-net`: a tiny HTTP server and a tiny
+//! DNS server, plus the probes the client qubes use to reach them
+//! (`http_get`, `dns_query`). They exist so the box needs no outside tools
+//! and never talks to anything outside the namespaces it made.
+//!
+//! The servers treat every request as hostile: bounded reads, a DNS parser
+//! that checks every offset and answers only well-formed single-question
+//! queries, no panics. They are test fixtures, not general servers.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::thread;
+use std::time::Duration;
+
+/// The body every HTTP response carries (tests look for it).
+pub const HTTP_BODY: &str = "hello from sys-net\n";
+
+/// Serves `GET` on `address` forever: every request gets `200 OK` with
+/// [`HTTP_BODY`] and the request path echoed in an `X-Path` header.
+pub fn serve_http(address: SocketAddr) -> io::Result<()> {
+    let listener = TcpListener::bind(address)?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        thread::spawn(move || {
+            let _ = answer_http(stream);
+        });
+    }
+    Ok(())
+}
+
+fn answer_http(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let count = stream.read(&mut buffer)?;
+        if count == 0 || request.len() > 16 * 1024 {
+            return Ok(());
+        }
+        request.extend_from_slice(buffer.get(..count).unwrap_or(&[]));
+    }
+    let line = request.split(|&b| b == b'\r').next().unwrap_or(&[]);
+    let path: String = String::from_utf8_lossy(line)
+        .split(' ')
+        .nth(1)
+        .unwrap_or("/")
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(200)
+        .collect();
+    let response = format!(
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Path: {path}\r\nConnection: close\r\n\r\n{HTTP_BODY}",
+        HTTP_BODY.len()
+    );
+    stream.write_all(response.as_bytes())
+}
+
+/// Fetches `http://address/path` and returns the body.
+pub fn http_get(address: SocketAddr, path: &str, timeout: Duration) -> io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&address, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())?;
+    let mut response = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_string()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not an HTTP 200 response",
+        )),
+    }
+}
+
+/// A parsed DNS question (the only part of a query the server uses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Question {
+    /// Transaction id.
+    pub id: u16,
+    /// The name, dotted, lowercase.
+    pub name: String,
+    /// QTYPE (1 = A).
+    pub qtype: u16,
+    /// Where the question ends in the message.
+    pub end: usize,
+}
+
+fn be16(bytes: &[u8], at: usize) -> Option<u16> {
+    let pair = bytes.get(at..at.checked_add(2)?)?;
+    Some(u16::from_be_bytes([*pair.first()?, *pair.get(1)?]))
+}
+
+/// Parses a standard query with exactly one question (no compression in
+/// the question, as every resolver sends it). `None` for anything else.
+pub fn parse_query(message: &[u8]) -> Option<Question> {
+    let id = be16(message, 0)?;
+    let flags = be16(message, 2)?;
+    // QR must be 0 (a query), opcode 0 (standard).
+    if flags & 0x8000 != 0 || (flags >> 11) & 0xf != 0 {
+        return None;
+    }
+    if be16(message, 4)? != 1 {
+        return None;
+    }
+    let mut at = 12usize;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*message.get(at)?);
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        if len > 63 || labels.len() >= 127 {
+            return None;
+        }
+        let label = message.get(at..at + len)?;
+        labels.push(String::from_utf8_lossy(label).to_ascii_lowercase());
+        at += len;
+    }
+    let qtype = be16(message, at)?;
+    let _qclass = be16(message, at + 2)?;
+    Some(Question {
+        id,
+        name: labels.join("."),
+        qtype,
+        end: at + 4,
+    })
+}
+
+/// Builds the answer: the question echoed, one A record with `address` for
+/// A queries (TTL 60), no answer (NOERROR) for other types.
+pub fn build_answer(query: &[u8], question: &Question, address: Ipv4Addr) -> Vec<u8> {
+    let answer_a = question.qtype == 1;
+    let mut out = Vec::with_capacity(question.end + 16);
+    out.extend_from_slice(&question.id.to_be_bytes());
+    // QR=1, opcode 0, AA=1, RD copied, RA=1, RCODE 0.
+    let rd = be16(query, 2).unwrap_or(0) & 0x0100;
+    out.extend_from_slice(&(0x8400u16 | rd | 0x0080).to_be_bytes());
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&u16::from(answer_a).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(query.get(12..question.end).unwrap_or(&[]));
+    if answer_a {
+        out.extend_from_slice(&[0xc0, 0x0c]); // name: pointer to the question
+        out.extend_from_slice(&1u16.to_be_bytes()); // A
+        out.extend_from_slice(&1u16.to_be_bytes()); // IN
+        out.extend_from_slice(&60u32.to_be_bytes());
+        out.extend_from_slice(&4u16.to_be_bytes());
+        out.extend_from_slice(&address.octets());
+    }
+    out
+}
+
+/// Answers every A query on `bind` with `address`, forever.
+pub fn serve_dns(bind: SocketAddr, address: Ipv4Addr) -> io::Result<()> {
+    let socket = UdpSocket::bind(bind)?;
+    let mut buffer = [0u8; 512];
+    loop {
+        let Ok((count, peer)) = socket.recv_from(&mut buffer) else {
+            continue;
+        };
+        let query = buffer.get(..count).unwrap_or(&[]);
+        if let Some(question) = parse_query(query) {
+            let _ = socket.send_to(&build_answer(query, &question, address), peer);
+        }
+    }
+}
+
+/// Asks `server` for the A record of `name`; returns the first address.
+pub fn dns_query(server: SocketAddr, name: &str, timeout: Duration) -> io::Result<Ipv4Addr> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(timeout))?;
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        let len = u8::try_from(label.len())
+            .ok()
+            .filter(|len| *len <= 63)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "label too long"))?;
+        query.push(len);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    socket.send_to(&query, server)?;
+    let mut buffer = [0u8; 512];
+    let (count, _) = socket.recv_from(&mut buffer)?;
+    let reply = buffer.get(..count).unwrap_or(&[]);
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed DNS reply");
+    if be16(reply, 0) != Some(0x1234) || be16(reply, 6).unwrap_or(0) == 0 {
+        return Err(bad());
+    }
+    // The answer's RDATA is the last 4 bytes of our one-answer reply.
+    let start = count.checked_sub(4).ok_or_else(bad)?;
+    let octets = reply.get(start..count).ok_or_else(bad)?;
+    Ok(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_roundtrip_and_malformed_queries() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let address = socket.local_addr().unwrap();
+        drop(socket);
+        thread::spawn(move || serve_dns(address, Ipv4Addr::new(192, 0, 2, 80)));
+        thread::sleep(Duration::from_millis(100));
+        let got = dns_query(address, "Example.com", Duration::from_secs(2)).unwrap();
+        assert_eq!(got, Ipv4Addr::new(192, 0, 2, 80));
+        assert!(parse_query(&[]).is_none());
+        assert!(parse_query(&[0; 11]).is_none());
+        let mut truncated = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 60];
+        truncated.extend_from_slice(b"abc");
+        assert!(parse_query(&truncated).is_none());
+        let response_flag = [0, 1, 0x80, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1];
+        assert!(parse_query(&response_flag).is_none());
+        let ok = [0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 0, 0, 1, 0, 1];
+        assert_eq!(parse_query(&ok).unwrap().name, "a");
+    }
+
+    #[test]
+    fn http_roundtrip() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        thread::spawn(move || serve_http(address));
+        thread::sleep(Duration::from_millis(100));
+        let body = http_get(address, "/x", Duration::from_secs(2)).unwrap();
+        assert_eq!(body, HTTP_BODY);
+    }
+}
