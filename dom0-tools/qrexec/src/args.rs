@@ -81,8 +81,7 @@ pub fn parse(args: &[String], specs: &[OptSpec], posix: bool) -> Result<Parsed, 
             continue;
         }
         if let Some(shorts) = arg.strip_prefix('-').filter(|s| !s.is_empty()) {
-            let mut chars = shorts.char_indices();
-            while let Some((at, c)) = chars.next() {
+            for (at, c) in shorts.char_indices() {
                 let spec = specs
                     .iter()
                     .find(|s| s.short == Some(c))

@@ -274,11 +274,11 @@ pub fn run_executor(vchan: Box<dyn Vchan>, version: u32, local: Executor) -> Res
                     } => {
                         if data.is_empty() {
                             stdin = None;
-                        } else if let Some(w) = stdin.as_mut() {
-                            if w.write_all(data).and_then(|()| w.flush()).is_err() {
-                                // The process closed its stdin: discard the rest.
-                                stdin = None;
-                            }
+                        } else if let Some(w) = stdin.as_mut()
+                            && w.write_all(data).and_then(|()| w.flush()).is_err()
+                        {
+                            // The process closed its stdin: discard the rest.
+                            stdin = None;
                         }
                     }
                     _ => break,

@@ -86,10 +86,10 @@ pub fn find_service(dirs: &[PathBuf], full: &str, name: &str) -> Option<ServiceH
         return None;
     }
     for dir in dirs {
-        if is_safe_component(full) {
-            if let Some(h) = handler_at(&dir.join(full)) {
-                return Some(h);
-            }
+        if is_safe_component(full)
+            && let Some(h) = handler_at(&dir.join(full))
+        {
+            return Some(h);
         }
         if let Some(h) = handler_at(&dir.join(name)) {
             return Some(h);
@@ -358,7 +358,7 @@ mod tests {
             Some(ServiceHandler::CommandLine("/usr/bin/server".into()))
         );
         assert_eq!(
-            find_service(&[b.clone()], "test.File+one", "test.File"),
+            find_service(std::slice::from_ref(&b), "test.File+one", "test.File"),
             Some(ServiceHandler::Executable(b.join("test.File+one")))
         );
         assert_eq!(find_service(&dirs, "empty", "empty"), None);

@@ -30,9 +30,12 @@
 //! `QREXEC_STARTUP_TIMEOUT`, `QREXEC_STARTUP_NOWAIT`.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod args;
 pub mod client;
+pub mod client_vm;
 
+pub mod daemon;
 pub mod data;
 pub mod error;
 pub mod exec;

@@ -1,0 +1,425 @@
+//! `qrexec-agent`: a Linux qube's end of the qrexec control channel.
+//!
+//! It offers vchan port 512 to dom0 (it is the vchan server and sends
+//! `MSG_HELLO` first), runs what qrexec-daemon asks — `MSG_EXEC_CMDLINE`
+//! (stdio over a data vchan it connects to as client), `MSG_JUST_EXEC`
+//! (stdio on `/dev/null`, only an exit code goes back) — and reports each
+//! finished call with `MSG_CONNECTION_TERMINATED`. It serves
+//! qrexec-client-vm on its agent socket (`/var/run/qubes/qrexec-agent`, or
+//! `--agent-socket`): a client's `MSG_TRIGGER_SERVICE3`/`4` gets the ident
+//! `SOCKET<n>` and goes to dom0; `MSG_SERVICE_CONNECT` for that ident hands
+//! the client the data vchan's domain and port (8 bytes, no header), and
+//! `MSG_SERVICE_REFUSED` just closes the client's socket, which the client
+//! reports as "Request refused". When the client closes its socket the call
+//! is over and the agent sends `MSG_CONNECTION_TERMINATED`.
+//!
+//! Source: qubes-core-qrexec `agent/qrexec-agent.c`, `qrexec-agent-data.c`.
+//! There is no fork server here (`--no-fork-server` is the only mode;
+//! `--fork-server-socket` is accepted and ignored). Messages from a local
+//! qrexec-client-vm are hostile input: malformed ones close that client
+//! only. Commands run as the requested user when the agent is root, as the
+//! agent's own user otherwise.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use protocol::qrexec::cmdline::split_user;
+use protocol::qrexec::{
+    self, ConnectParams, ExecParams, QREXEC_EXIT_PROBLEM, QREXEC_EXIT_SERVICE_NOT_FOUND,
+    QREXEC_PROTOCOL_V2, QREXEC_PROTOCOL_V4, Repr, RequestId, TriggerService3, TriggerService4,
+    VCHAN_BASE_PORT,
+};
+
+use crate::args::{self, OptSpec};
+use crate::data::{self, LOCAL_PROTOCOL_VERSION};
+use crate::exec::{self, Launch, StdioMode};
+use crate::log::escape;
+use crate::log_error;
+use crate::vchan::{self, Transport, Vchan};
+use crate::wire::{self, MessageBuf};
+
+/// Default agent socket (`QREXEC_AGENT_TRIGGER_PATH`).
+pub const QREXEC_AGENT_TRIGGER_PATH: &str = "/var/run/qubes/qrexec-agent";
+/// How long to wait for the requesting side's data vchan.
+pub const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+struct Agent {
+    transport: Box<dyn Transport>,
+    control: Mutex<Box<dyn Vchan>>,
+    version: u32,
+    clients: Mutex<HashMap<u32, UnixStream>>,
+    next_client: AtomicU32,
+    service_path: Vec<PathBuf>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl Agent {
+    fn send(&self, repr: &Repr<'_>) {
+        let mut control = lock(&self.control);
+        if let Err(e) = wire::write_message(&mut **control, repr) {
+            log_error!("Error while vchan send, exiting: {e}");
+            std::process::exit(1);
+        }
+    }
+
+    fn connection_terminated(&self, connect: ConnectParams) {
+        self.send(&Repr::ConnectionTerminated(connect));
+    }
+}
+
+fn client_id_from_ident(ident: &RequestId) -> Option<u32> {
+    std::str::from_utf8(ident.as_bytes())
+        .ok()?
+        .strip_prefix("SOCKET")?
+        .parse()
+        .ok()
+}
+
+/// One qrexec-client-vm request: read it, give it an ident, forward it.
+fn handle_trigger_client(agent: &Agent, mut stream: UnixStream) {
+    let mut buf = MessageBuf::new();
+    let request = wire::read_message(&mut stream, &mut buf, "qrexec-client-vm");
+    let (target, source, service) = match request {
+        Ok(Some(Repr::TriggerService3(t))) => (
+            t.target_domain.to_vec(),
+            Vec::new(),
+            t.service_name.to_vec(),
+        ),
+        Ok(Some(Repr::TriggerService4(t))) => (
+            t.target_domain.to_vec(),
+            t.source_domain.to_vec(),
+            t.service_name.to_vec(),
+        ),
+        other => {
+            if let Err(e) = other {
+                log_error!("{e}");
+            }
+            log_error!("Invalid request received from qrexec-client-vm, is it outdated?");
+            return;
+        }
+    };
+    let id = agent.next_client.fetch_add(1, Ordering::SeqCst);
+    let Ok(ident) = RequestId::new(format!("SOCKET{id}").as_bytes()) else {
+        return;
+    };
+    let repr = if agent.version >= QREXEC_PROTOCOL_V4 {
+        Repr::TriggerService4(TriggerService4 {
+            source_domain: &source,
+            target_domain: &target,
+            request_id: ident,
+            service_name: &service,
+        })
+    } else if source.is_empty() {
+        Repr::TriggerService3(TriggerService3 {
+            target_domain: &target,
+            request_id: ident,
+            service_name: &service,
+        })
+    } else {
+        log_error!(
+            "--source-qube needs qrexec protocol 4, dom0 speaks {}",
+            agent.version
+        );
+        return;
+    };
+    let mut check = vec![0u8; repr.buffer_len()];
+    if let Err(e) = repr.emit(&mut check) {
+        log_error!("Failed to retrieve/execute request from qrexec-client-vm: {e}");
+        return;
+    }
+    lock(&agent.clients).insert(id, stream);
+    agent.send(&repr);
+}
+
+/// dom0 accepted a qrexec-client-vm request: hand the client its data vchan
+/// and report the end of the call when the client closes.
+fn handle_service_connect(agent: &Arc<Agent>, connect: ConnectParams, ident: RequestId) {
+    let stream = client_id_from_ident(&ident).and_then(|id| lock(&agent.clients).remove(&id));
+    let Some(mut stream) = stream else {
+        log_error!(
+            "Got MSG_SERVICE_CONNECT from qrexec-daemon with invalid ident ({}), ignoring",
+            escape(ident.as_bytes())
+        );
+        return;
+    };
+    let mut params = [0u8; 8];
+    params[..4].copy_from_slice(&connect.connect_domain.to_ne_bytes());
+    params[4..].copy_from_slice(&connect.connect_port.to_ne_bytes());
+    let _ = stream.write_all(&params);
+    let agent = Arc::clone(agent);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+        agent.connection_terminated(connect);
+    });
+}
+
+fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec: bool) {
+    let mut vchan = match agent.transport.client(
+        connect.connect_domain,
+        connect.connect_port,
+        Some(DATA_CONNECT_TIMEOUT),
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            log_error!("Data vchan connection failed: {e}");
+            agent.connection_terminated(connect);
+            return;
+        }
+    };
+    let version = match data::handshake(&mut *vchan, false) {
+        Ok(v) => v,
+        Err(e) => {
+            log_error!("{e}");
+            agent.connection_terminated(connect);
+            return;
+        }
+    };
+    let pid = std::process::id().to_string();
+    let env = [("QREXEC_AGENT_PID", pid)];
+    let launch = match split_user(cmdline) {
+        Ok(uc) => {
+            let user = String::from_utf8_lossy(uc.user).into_owned();
+            exec::spawn(&exec::Request {
+                command: uc.command,
+                user: Some(&user),
+                service_path: &agent.service_path,
+                extra_env: &env,
+                stdio: if just_exec {
+                    StdioMode::Null
+                } else {
+                    StdioMode::Piped
+                },
+                shell: exec::SHELL,
+            })
+        }
+        Err(e) => {
+            log_error!("{e}: {}", escape(cmdline));
+            Launch::Failed(QREXEC_EXIT_PROBLEM)
+        }
+    };
+    if just_exec {
+        let code = match launch {
+            Launch::Started(mut child) => {
+                std::thread::spawn(move || child.wait());
+                0
+            }
+            Launch::NotFound => QREXEC_EXIT_SERVICE_NOT_FOUND,
+            Launch::Failed(code) => code,
+        };
+        let _ = wire::write_message(&mut *vchan, &Repr::ExitCode(code));
+        let _ = vchan.shutdown();
+    } else {
+        match launch {
+            Launch::Started(child) => {
+                crate::client::run_child_as_executor(vchan, version, child);
+            }
+            Launch::NotFound => {
+                let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_SERVICE_NOT_FOUND);
+            }
+            Launch::Failed(code) => {
+                let _ = data::send_failed_exec(&mut *vchan, code);
+            }
+        }
+    }
+    agent.connection_terminated(connect);
+}
+
+fn control_loop(agent: &Arc<Agent>, mut reader: Box<dyn Vchan>) -> bool {
+    let mut buf = MessageBuf::new();
+    loop {
+        let repr = match wire::read_message(&mut *reader, &mut buf, "qrexec-daemon") {
+            Ok(Some(repr)) => repr,
+            Ok(None) => return true,
+            Err(e) => {
+                log_error!("{e}");
+                return false;
+            }
+        };
+        match repr {
+            Repr::ExecCmdline(ExecParams {
+                connect,
+                cmdline: Some(cmdline),
+            })
+            | Repr::JustExec(ExecParams {
+                connect,
+                cmdline: Some(cmdline),
+            }) => {
+                let just_exec = matches!(repr, Repr::JustExec(_));
+                let cmdline = cmdline.to_vec();
+                let agent = Arc::clone(agent);
+                std::thread::spawn(move || handle_exec(&agent, connect, &cmdline, just_exec));
+            }
+            Repr::ServiceConnect {
+                connect,
+                request_id: Some(ident),
+            } => handle_service_connect(agent, connect, ident),
+            Repr::ServiceRefused(ident) => {
+                let removed =
+                    client_id_from_ident(&ident).and_then(|id| lock(&agent.clients).remove(&id));
+                if removed.is_none() {
+                    log_error!(
+                        "Received REFUSED for unknown service request '{}'",
+                        escape(ident.as_bytes())
+                    );
+                }
+            }
+            other => {
+                log_error!(
+                    "msg type from daemon is 0x{:x} ?",
+                    u32::from(other.msg_type())
+                );
+                return false;
+            }
+        }
+    }
+}
+
+/// Wait for qrexec-daemon on port 512 and do the handshake (we speak first).
+fn accept_daemon(transport: &dyn Transport) -> Result<(Box<dyn Vchan>, u32), String> {
+    let mut control = transport
+        .server(0, VCHAN_BASE_PORT, None)
+        .map_err(|e| format!("vchan server_init: {e}"))?;
+    wire::send_hello(&mut *control, LOCAL_PROTOCOL_VERSION)
+        .map_err(|e| format!("Failed to send HELLO to daemon: {e}"))?;
+    let remote = wire::recv_hello(&mut *control, "qrexec-daemon").map_err(|e| e.to_string())?;
+    let version = qrexec::negotiate(LOCAL_PROTOCOL_VERSION, remote, QREXEC_PROTOCOL_V2)
+        .map_err(|e| e.to_string())?;
+    Ok((control, version))
+}
+
+const SPECS: &[OptSpec] = &[
+    OptSpec {
+        short: Some('h'),
+        long: Some("help"),
+        takes_arg: false,
+        id: "help",
+    },
+    OptSpec {
+        short: Some('a'),
+        long: Some("agent-socket"),
+        takes_arg: true,
+        id: "agent-socket",
+    },
+    OptSpec {
+        short: Some('s'),
+        long: Some("fork-server-socket"),
+        takes_arg: true,
+        id: "fork-server-socket",
+    },
+    OptSpec {
+        short: Some('S'),
+        long: Some("no-fork-server"),
+        takes_arg: false,
+        id: "no-fork-server",
+    },
+];
+
+fn usage() -> i32 {
+    eprintln!("usage: qrexec-agent [options]");
+    eprintln!("Options:");
+    eprintln!("  -h, --help - display usage");
+    eprintln!("  --agent-socket=PATH - path to listen at, default: {QREXEC_AGENT_TRIGGER_PATH}");
+    eprintln!("  --fork-server-socket=PATH - accepted for compatibility; there is no fork server");
+    eprintln!("  --no-fork-server - don't try to connect to fork server");
+    2
+}
+
+/// `qrexec-agent` main: returns the exit code.
+pub fn main(argv: Vec<String>) -> i32 {
+    crate::log::init("qrexec-agent");
+    let parsed = match args::parse(argv.get(1..).unwrap_or(&[]), SPECS, false) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("qrexec-agent: {e}");
+            return usage();
+        }
+    };
+    if parsed.has("help") {
+        return usage();
+    }
+    let socket_path = PathBuf::from(
+        parsed
+            .value("agent-socket")
+            .unwrap_or(QREXEC_AGENT_TRIGGER_PATH),
+    );
+    let transport = match vchan::from_env() {
+        Ok(t) => t,
+        Err(e) => {
+            log_error!("{e}");
+            return 1;
+        }
+    };
+    let (control, version) = match accept_daemon(&*transport) {
+        Ok(ok) => ok,
+        Err(e) => {
+            log_error!("{e}");
+            return 1;
+        }
+    };
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = match UnixListener::bind(&socket_path) {
+        Ok(l) => l,
+        Err(e) => {
+            log_error!("cannot listen on {}: {e}", socket_path.display());
+            return 1;
+        }
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o666));
+    let Ok(reader) = control.try_clone() else {
+        return 1;
+    };
+    let agent = Arc::new(Agent {
+        transport,
+        control: Mutex::new(control),
+        version,
+        clients: Mutex::new(HashMap::new()),
+        next_client: AtomicU32::new(1),
+        service_path: exec::service_path_from_env(),
+    });
+    {
+        let agent = Arc::clone(&agent);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let agent = Arc::clone(&agent);
+                std::thread::spawn(move || handle_trigger_client(&agent, stream));
+            }
+        });
+    }
+    let mut reader = reader;
+    loop {
+        if !control_loop(&agent, reader) {
+            return 1;
+        }
+        log_error!("qrexec-daemon has disconnected, waiting for it to come back");
+        lock(&agent.clients).clear();
+        match accept_daemon(&*agent.transport) {
+            Ok((control, version)) if version == agent.version => {
+                let Ok(clone) = control.try_clone() else {
+                    return 1;
+                };
+                *lock(&agent.control) = control;
+                reader = clone;
+            }
+            Ok((_, version)) => {
+                log_error!("qrexec-daemon came back with protocol {version}, restarting");
+                return 1;
+            }
+            Err(e) => {
+                log_error!("{e}");
+                return 1;
+            }
+        }
+    }
+}
