@@ -39,6 +39,8 @@ Commands:
   serve-dns ADDR:PORT ANSWER-IP   sys-net's DNS server (used by up)
   http-get ADDR:PORT [PATH]       fetch and print a page (probe)
   dns-query SERVER:PORT NAME      resolve NAME to an IPv4 address (probe)
+  http-bench ADDR:PORT BYTES      download BYTES (at most 1 GiB) from
+                                  serve-http and print the throughput
   xenstored [--socket PATH] [--guest-socket DOMID=PATH]...
                                   run the in-box xenstored (foreground)
   xenstore-write [--socket PATH] PATH VALUE [PATH VALUE]...
@@ -197,6 +199,22 @@ fn run(command: &str, parsed: Parsed) -> Result<(), String> {
             let body = services::http_get(address, path, Duration::from_secs(5))
                 .map_err(|e| e.to_string())?;
             print!("{body}");
+            return Ok(());
+        }
+        "http-bench" => {
+            let address = socket_addr(parsed.rest.first(), "http-bench")?;
+            let count: u64 = parsed
+                .rest
+                .get(1)
+                .and_then(|n| n.parse().ok())
+                .filter(|n| *n <= services::MAX_BENCH_BYTES)
+                .ok_or("http-bench needs a byte count of at most 1073741824")?;
+            let (received, seconds) = services::http_bench(address, count, Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
+            println!(
+                "{received} bytes in {seconds:.3} s: {:.1} MB/s",
+                received as f64 / seconds.max(1e-9) / 1e6
+            );
             return Ok(());
         }
         "dns-query" => {

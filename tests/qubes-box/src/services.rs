@@ -14,9 +14,13 @@ use std::time::Duration;
 
 /// The body every HTTP response carries (tests look for it).
 pub const HTTP_BODY: &str = "hello from sys-net\n";
+/// Largest body `GET /bytes/N` serves (1 GiB).
+pub const MAX_BENCH_BYTES: u64 = 1 << 30;
 
-/// Serves `GET` on `address` forever: every request gets `200 OK` with
-/// [`HTTP_BODY`] and the request path echoed in an `X-Path` header.
+/// Serves `GET` on `address` forever: `GET /bytes/N` gets N bytes (at most
+/// [`MAX_BENCH_BYTES`]) for throughput measurements; every other request
+/// gets `200 OK` with [`HTTP_BODY`] and the request path echoed in an
+/// `X-Path` header.
 pub fn serve_http(address: SocketAddr) -> io::Result<()> {
     let listener = TcpListener::bind(address)?;
     for stream in listener.incoming() {
@@ -48,11 +52,48 @@ fn answer_http(mut stream: TcpStream) -> io::Result<()> {
         .filter(|c| c.is_ascii_graphic())
         .take(200)
         .collect();
+    if let Some(count) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|n| *n <= MAX_BENCH_BYTES)
+    {
+        let head = format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {count}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes())?;
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut left = count;
+        while left > 0 {
+            let n = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+            stream.write_all(chunk.get(..n).unwrap_or(&[]))?;
+            left -= n as u64;
+        }
+        return Ok(());
+    }
     let response = format!(
         "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Path: {path}\r\nConnection: close\r\n\r\n{HTTP_BODY}",
         HTTP_BODY.len()
     );
     stream.write_all(response.as_bytes())
+}
+
+/// Downloads `GET /bytes/<count>` from `address` and returns the bytes of
+/// body received and the seconds it took (a throughput probe).
+pub fn http_bench(address: SocketAddr, count: u64, timeout: Duration) -> io::Result<(u64, f64)> {
+    let start = std::time::Instant::now();
+    let mut stream = TcpStream::connect_timeout(&address, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(format!("GET /bytes/{count} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok((total, start.elapsed().as_secs_f64()))
 }
 
 /// Fetches `http://address/path` and returns the body.
@@ -227,5 +268,8 @@ mod tests {
         thread::sleep(Duration::from_millis(100));
         let body = http_get(address, "/x", Duration::from_secs(2)).unwrap();
         assert_eq!(body, HTTP_BODY);
+        let (received, _) = http_bench(address, 1_000_000, Duration::from_secs(5)).unwrap();
+        // The body plus a header of well under 200 bytes.
+        assert!((1_000_000..1_000_200).contains(&received), "{received}");
     }
 }
