@@ -35,7 +35,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
-use crate::db::{ClientId, Db, QDB_MAX_DATA, is_entry_path, verify_data};
+use crate::db::{ClientId, Db, verify_data};
 use crate::vchan;
 use crate::wire::{self, Command, HEADER_LEN, Header};
 
@@ -296,7 +296,16 @@ impl Daemon {
             what: format!("cannot listen on {}", socket.display()),
             error,
         })?;
-        if self.config.domid != 0 {
+        if self.config.domid == 0 {
+            // db-daemon.c: "the same daemon as both VM and Admin parts":
+            // dom0's own database is also the local one, and no vchan.
+            let local = self.config.socket_dir.join("qubesdb.sock");
+            let _ = std::fs::remove_file(&local);
+            std::os::unix::fs::symlink(&socket, &local).map_err(|error| StartError {
+                what: format!("symlink {}", local.display()),
+                error,
+            })?;
+        } else {
             let vchan =
                 vchan::Server::bind(&self.config.vchan_path()).map_err(|error| StartError {
                     what: format!("cannot offer vchan {}", self.config.vchan_path().display()),
@@ -603,9 +612,4 @@ fn multiread_reply(db: &Db, prefix: &str) -> Vec<u8> {
     }
     out.extend(wire::encode(Command::RespMultiread, "", &[]));
     out
-}
-
-/// Entry paths are checked again at the edge (tests use this).
-pub fn valid_entry(path: &str, value: &[u8]) -> bool {
-    is_entry_path(path) && verify_data(value) && value.len() < QDB_MAX_DATA
 }

@@ -448,3 +448,18 @@ fn daemon_detaches_and_reports_ready() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("Usage: "));
 }
+
+#[test]
+fn dom0_daemon_is_also_the_local_one_and_has_no_vchan() {
+    let b = Box0::new("dom0", 0, "dom0");
+    assert!(b.dir.join("qubesdb.sock").exists());
+    assert!(!b.dir.join("vchan.0.0.111.sock").exists());
+    b.ok("write", &["/qubes-vm-type", "AdminVM"]);
+    // Without -d the tools use the local socket.
+    let out = Command::new(env!("CARGO_BIN_EXE_qubesdb-read"))
+        .arg("/qubes-vm-type")
+        .env("QUBESDB_SOCKET_DIR", &b.dir)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "AdminVM\n");
+}
