@@ -3,6 +3,8 @@
 //!
 //! Commands:
 //! - `test [ARGS…]` — build every binary, then `cargo test --workspace`.
+//! - `image [--check-reproducible]` — build the Xen PVH image of the firewall
+//!   (`target/xen/qubes-firewall.elf`), check its ELF, print its size.
 //! - `fuzz [SECONDS] [TARGET…]` — run every cargo-fuzz target (or the named
 //!   ones) for SECONDS each (default 20); installs `cargo-fuzz` if missing.
 
@@ -10,12 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod fuzz;
+mod image;
 mod test;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("fuzz") => fuzz::run(&args[1..]),
+        Some("image") => image::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
         Some(other) => Err(format!("unknown command `{other}`\n{USAGE}")),
         None => Err(USAGE.to_string()),
@@ -31,7 +35,8 @@ fn main() -> ExitCode {
 
 const USAGE: &str = "usage: cargo xtask <command>
   test [CARGO TEST ARGS...]    build every binary, then run the whole test suite
-  fuzz [SECONDS] [TARGET...]   run the cargo-fuzz targets for SECONDS each (default 20)";
+  fuzz [SECONDS] [TARGET...]   run the cargo-fuzz targets for SECONDS each (default 20)
+  image [--check-reproducible] build the Xen PVH image target/xen/qubes-firewall.elf";
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {

@@ -196,3 +196,6 @@ pub trait Platform {
 
 #[cfg(feature = "hosted")]
 pub mod hosted;
+
+#[cfg(target_arch = "x86_64")]
+pub mod xen;

@@ -1,0 +1,78 @@
+#!/bin/sh
+# Runs inside dom0 as /guest/test.sh (tests/xen/run.sh): starts the firewall
+# image with `xl create`, plays dom0's QubesDB and qrexec ends with
+# vchan-peer (Xen's C libxenvchan), checks the guest's PV console log, stops
+# it with `xl shutdown`, and measures it against a minimal PVH guest.
+# Every verdict line starts with QFW-.
+up() { cut -d' ' -f1 /proc/uptime; }
+since() { awk -v a="$1" -v b="$(up)" 'BEGIN{printf "%.2f", b-a}'; }
+fail=0
+check() { if [ "$2" = ok ]; then echo "QFW-CHECK ok   $1"; else echo "QFW-CHECK FAIL $1"; fail=1; fi; }
+waitfor() { # file pattern tenths
+    i=0; until grep -q "$2" "$1" 2>/dev/null || [ $i -ge "$3" ]; do sleep 0.1; i=$((i+1)); done; grep -q "$2" "$1" 2>/dev/null; }
+CONS=/var/log/xen/console
+
+# 0) Baseline: the minimal hello guest (long mode, PV console line, poweroff).
+cat > /tmp/hello.cfg <<CFG
+name = "hello"
+type = "pvh"
+kernel = "/guest/hello-pvh-lm.elf"
+memory = 32
+on_poweroff = "preserve"
+CFG
+t0=$(up)
+xl create /tmp/hello.cfg >/dev/null
+if waitfor $CONS/guest-hello.log HELLO-PVCONSOLE 300; then
+    echo "QFW-MEASURE hello-pvh: xl create -> PV console line in $(since $t0) s"
+else
+    echo "QFW-MEASURE hello-pvh: no console line"
+fi
+xl destroy hello 2>/dev/null
+
+# 1) The firewall, created paused so the QubesDB server (dom0's side) is
+#    there before it runs, as qubesd arranges on Qubes.
+sed -e "s|^kernel *=.*|kernel = \"/guest/qubes-firewall.elf\"|" -e "/^vif/d" /guest/qubes-firewall.cfg > /tmp/fw.cfg
+cat >> /tmp/fw.cfg <<CFG
+on_poweroff = "preserve"
+on_crash = "preserve"
+vif = []
+CFG
+t0=$(up)
+xl create -p /tmp/fw.cfg; rc=$?
+check "xl create -p rc=$rc" $([ $rc = 0 ] && echo ok)
+domid=$(xl domid sys-firewall 2>/dev/null)
+echo "QFW: firewall is domain $domid"
+vchan-peer qubesdb "$domid" > /tmp/peer-qubesdb.log 2>&1 &
+waitfor /tmp/peer-qubesdb.log "server up" 50
+xl unpause sys-firewall
+vchan-peer qrexec "$domid" > /tmp/peer-qrexec.log 2>&1 &
+LOG=$CONS/guest-sys-firewall.log
+if waitfor $LOG "QubesDB and qrexec" 900; then
+    echo "QFW-MEASURE firewall: xl create -> \"QubesDB and qrexec ... connected\" in $(since $t0) s"
+    check "QubesDB and qrexec connected" ok
+else
+    check "QubesDB and qrexec connected" no
+fi
+grep -q "booted:" $LOG; check "image booted (console line via xenconsoled)" $([ $? = 0 ] && echo ok)
+grep -q "domain $domid (sys-firewall)" $LOG; check "read its domid/name from xenstore" $([ $? = 0 ] && echo ok)
+grep -q "MULTIREAD answered" /tmp/peer-qubesdb.log; check "QubesDB MULTIREAD over real vchan (our client, libxenvchan server)" $([ $? = 0 ] && echo ok)
+grep -q "HELLO exchanged" /tmp/peer-qrexec.log; check "qrexec HELLO over real vchan (our server, libxenvchan client)" $([ $? = 0 ] && echo ok)
+xenstore-ls -f /local/domain/$domid/data 2>/dev/null | sed 's/^/QFW: xenstore /'
+echo "QFW: guest memory:"; xl list sys-firewall
+
+# 2) Clean shutdown.
+t1=$(up)
+xl shutdown sys-firewall; rc=$?
+check "xl shutdown rc=$rc" $([ $rc = 0 ] && echo ok)
+i=0; until xl list sys-firewall 2>/dev/null | awk 'NR==2{exit !($5 ~ /s/)}' || [ $i -ge 300 ]; do sleep 0.1; i=$((i+1)); done
+state=$(xl list sys-firewall 2>/dev/null | awk 'NR==2{print $5}')
+echo "QFW-MEASURE firewall: xl shutdown -> state $state in $(since $t1) s"
+xl list
+case $state in *c*) check "final state $state is shut down, not crashed" no ;; *s*) check "final state $state is shut down" ok ;; *) check "final state '$state' is shut down" no ;; esac
+sleep 0.5
+echo "QFW: ---- guest console log ----"; sed 's/^/QFW-CONSOLE /' $LOG
+echo "QFW: ---- vchan-peer logs ----"; cat /tmp/peer-qubesdb.log /tmp/peer-qrexec.log
+echo "QFW: ---- guest lines in xl dmesg ----"; xl dmesg | grep -E '^\(d[0-9]+\)' | tail -20
+xl destroy sys-firewall 2>/dev/null
+echo "QFW-RESULT $( [ $fail = 0 ] && echo PASS || echo FAIL )"
+exit $fail

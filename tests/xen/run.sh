@@ -1,0 +1,30 @@
+#!/bin/bash
+# The firewall on real Xen: fetch Debian's Xen 4.17 + a Linux dom0 (no host
+# install), build the image (`cargo xtask image`), the minimal hello guest
+# and vchan-peer (against Debian's libxenvchan), pack the dom0 initramfs,
+# boot Xen under QEMU (TCG with emulated AMD-V), run dom0-test.sh in dom0 and
+# check its verdict. Run as root from a fresh clone:  tests/xen/run.sh
+# Env: LAB (work dir, default /tmp/qubes-fw-xen), TIMEOUT (s, default 540).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+export LAB=${LAB:-${TMPDIR:-/tmp}/qubes-fw-xen}
+t0=$SECONDS
+"$HERE/fetch.sh"
+(cd "$ROOT" && cargo xtask image)
+IMAGE=${CARGO_TARGET_DIR:-$ROOT/target}/xen/qubes-firewall.elf
+OUT=$LAB/out; mkdir -p "$OUT"
+gcc -c -DPOWEROFF -DLONGMODE "$HERE/hello-pvh.S" -o "$OUT/hello-pvh-lm.o"
+ld -m elf_x86_64 -z max-page-size=4096 --no-warn-rwx-segments -T "$HERE/hello-pvh.ld" -o "$OUT/hello-pvh-lm.elf" "$OUT/hello-pvh-lm.o"
+R=$LAB/root
+gcc -O2 -Wall -o "$OUT/vchan-peer" "$HERE/vchan-peer.c" -I"$R/usr/include" \
+    -L"$R/usr/lib/x86_64-linux-gnu" -Wl,-rpath-link,"$R/usr/lib/x86_64-linux-gnu" -lxenvchan
+"$HERE/build-initramfs.sh" "$IMAGE:/guest/qubes-firewall.elf" "$OUT/hello-pvh-lm.elf:/guest/hello-pvh-lm.elf" \
+    "$OUT/vchan-peer:/usr/bin/vchan-peer" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \
+    "$HERE/dom0-test.sh:/guest/test.sh" >/dev/null
+echo "run.sh: prepared in $((SECONDS - t0)) s; image $(stat -c %s "$IMAGE") bytes"
+export LOG=$OUT/serial.log
+TIMEOUT=${TIMEOUT:-540} "$HERE/boot.sh" tcg || true
+grep -E 'QFW-(CHECK|MEASURE)|QubesDB and qrexec|heap in use' "$LOG" | sed 's/^\[ *[0-9.]*\] //' | grep -v '^QFW-CONSOLE' || true
+echo "run.sh: total $((SECONDS - t0)) s, serial log $LOG"
+if grep -q 'QFW-RESULT PASS' "$LOG"; then echo "run.sh: PASS"; else echo "run.sh: FAIL"; exit 1; fi

@@ -1,0 +1,302 @@
+//! Grant table version 1 (`public/grant_table.h`): granting our pages to a
+//! peer (vchan servers) and mapping a peer's granted pages (vchan clients).
+//!
+//! The table's bookkeeping (a bounded free list of references, entry
+//! encoding, revocation that refuses while the peer still maps the page) is
+//! portable over [`SharedMemory`] and tested on the host; the hypercalls
+//! that set up the frames and map foreign grants are thin wrappers. Grant
+//! references and statuses from peers or Xen are checked, never trusted as
+//! indices.
+
+use alloc::vec::Vec;
+
+use super::abi;
+use super::hypercall;
+use super::shared::{RawMemory, SharedMemory, barrier};
+
+/// Why a grant operation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantError {
+    /// Every grant reference is in use.
+    Exhausted,
+    /// The reference is not one we handed out.
+    NotGranted(u32),
+    /// The peer still maps the page; it cannot be reclaimed yet.
+    StillMapped(u32),
+    /// Xen refused (negative errno or `GNTST_*` status).
+    Xen(i64),
+    /// No free slot in the window where foreign pages are mapped.
+    NoMappingSlot,
+}
+
+/// Our grant table: `nr_entries` v1 entries in `mem`.
+#[derive(Debug)]
+pub struct GrantTable<M> {
+    mem: M,
+    free: Vec<u32>,
+    in_use: Vec<bool>,
+}
+
+impl<M: SharedMemory> GrantTable<M> {
+    /// Wraps table memory holding `mem.len() / 8` entries; the first
+    /// [`abi::GNTTAB_NR_RESERVED_ENTRIES`] belong to the toolstack.
+    pub fn new(mem: M) -> Self {
+        let entries = (mem.len() / abi::GRANT_ENTRY_V1_SIZE) as u32;
+        let free = (abi::GNTTAB_NR_RESERVED_ENTRIES..entries).rev().collect();
+        GrantTable {
+            mem,
+            free,
+            in_use: alloc::vec![false; entries as usize],
+        }
+    }
+
+    /// References still free.
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Grants `domid` access to our frame `gfn`; returns the reference.
+    pub fn grant_access(
+        &mut self,
+        domid: u16,
+        gfn: u64,
+        readonly: bool,
+    ) -> Result<u32, GrantError> {
+        let gref = self.free.pop().ok_or(GrantError::Exhausted)?;
+        let at = gref as usize * abi::GRANT_ENTRY_V1_SIZE;
+        self.mem.store_u16(at + 2, domid);
+        self.mem.store_u32(at + 4, gfn as u32);
+        barrier(); // domid and frame before the flags make the entry valid
+        let flags = abi::GTF_PERMIT_ACCESS | if readonly { abi::GTF_READONLY } else { 0 };
+        self.mem.store_u16(at, flags);
+        if let Some(slot) = self.in_use.get_mut(gref as usize) {
+            *slot = true;
+        }
+        Ok(gref)
+    }
+
+    /// Revokes a grant. Refuses (and keeps the grant) while the peer maps
+    /// the page: the page must then not be reused.
+    pub fn end_access(&mut self, gref: u32) -> Result<(), GrantError> {
+        if !self.in_use.get(gref as usize).copied().unwrap_or(false) {
+            return Err(GrantError::NotGranted(gref));
+        }
+        let at = gref as usize * abi::GRANT_ENTRY_V1_SIZE;
+        let mut flags = self.mem.load_u16(at);
+        loop {
+            if flags & (abi::GTF_READING | abi::GTF_WRITING) != 0 {
+                return Err(GrantError::StillMapped(gref));
+            }
+            let found = self.mem.compare_exchange_u16(at, flags, 0);
+            if found == flags {
+                break;
+            }
+            flags = found;
+        }
+        if let Some(slot) = self.in_use.get_mut(gref as usize) {
+            *slot = false;
+        }
+        self.free.push(gref);
+        Ok(())
+    }
+}
+
+/// Guest frame where our grant table frames are placed (a hole in the PVH
+/// physical map, identity-mapped by boot.s).
+pub const GRANT_TABLE_GPFN: u64 = 0x8_0000; // 2 GiB
+/// Frames of grant table we set up (512 entries each).
+pub const GRANT_TABLE_FRAMES: u64 = 4;
+/// Guest frame of `shared_info`.
+pub const SHARED_INFO_GPFN: u64 = GRANT_TABLE_GPFN + 64;
+/// First guest frame of the window for mapping foreign grants.
+pub const FOREIGN_WINDOW_GPFN: u64 = 0x9_0000; // 2.25 GiB
+/// Frames in that window.
+pub const FOREIGN_WINDOW_FRAMES: usize = 1024;
+
+/// Maps our grant table frames and returns the table.
+///
+/// # Safety
+/// Must be called once; the frames at [`GRANT_TABLE_GPFN`] must not be used
+/// for anything else.
+pub unsafe fn setup_table() -> Result<GrantTable<RawMemory>, GrantError> {
+    for frame in 0..GRANT_TABLE_FRAMES {
+        let rc = hypercall::add_to_physmap(
+            abi::XENMAPSPACE_GRANT_TABLE,
+            frame,
+            GRANT_TABLE_GPFN + frame,
+        );
+        if rc != 0 {
+            return Err(GrantError::Xen(rc));
+        }
+    }
+    // SAFETY: Xen backs these frames with our grant table from now on; the
+    // caller reserved them; all access goes through `RawMemory`.
+    let mem = unsafe {
+        RawMemory::new(
+            (GRANT_TABLE_GPFN << 12) as *mut u8,
+            (GRANT_TABLE_FRAMES as usize) * abi::PAGE_SIZE,
+        )
+    };
+    Ok(GrantTable::new(mem))
+}
+
+/// A foreign page mapped into our window.
+#[derive(Debug, Clone, Copy)]
+pub struct ForeignMapping {
+    /// Guest-physical address where it is mapped.
+    pub addr: u64,
+    /// Xen's handle, needed to unmap.
+    pub handle: u32,
+}
+
+/// Bookkeeping of the foreign-mapping window.
+#[derive(Debug)]
+pub struct ForeignWindow {
+    used: Vec<bool>,
+}
+
+impl Default for ForeignWindow {
+    fn default() -> Self {
+        ForeignWindow {
+            used: alloc::vec![false; FOREIGN_WINDOW_FRAMES],
+        }
+    }
+}
+
+impl ForeignWindow {
+    /// Finds `count` consecutive free frames; returns the first index.
+    pub fn reserve(&mut self, count: usize) -> Option<usize> {
+        if count == 0 {
+            return None;
+        }
+        let start = (0..=self.used.len().checked_sub(count)?).find(|&s| {
+            self.used
+                .get(s..s + count)
+                .is_some_and(|w| w.iter().all(|u| !u))
+        })?;
+        self.used
+            .get_mut(start..start + count)?
+            .iter_mut()
+            .for_each(|u| *u = true);
+        Some(start)
+    }
+
+    /// Frees `count` frames from `start`.
+    pub fn release(&mut self, start: usize, count: usize) {
+        if let Some(window) = self.used.get_mut(start..start.saturating_add(count)) {
+            window.iter_mut().for_each(|u| *u = false);
+        }
+    }
+
+    /// Guest-physical address of window frame `index`.
+    pub fn addr(index: usize) -> u64 {
+        (FOREIGN_WINDOW_GPFN + index as u64) << 12
+    }
+}
+
+/// Maps grant `gref` of domain `dom` at guest-physical `addr`.
+pub fn map_grant(
+    dom: u16,
+    gref: u32,
+    addr: u64,
+    readonly: bool,
+) -> Result<ForeignMapping, GrantError> {
+    let mut op = abi::GnttabMapGrantRef {
+        host_addr: addr,
+        flags: abi::GNTMAP_HOST_MAP | if readonly { abi::GNTMAP_READONLY } else { 0 },
+        gref,
+        dom,
+        ..Default::default()
+    };
+    let rc = hypercall::grant_table_op(abi::GNTTABOP_MAP_GRANT_REF, &mut op);
+    if rc != 0 {
+        return Err(GrantError::Xen(rc));
+    }
+    if op.status != abi::GNTST_OKAY {
+        return Err(GrantError::Xen(i64::from(op.status)));
+    }
+    Ok(ForeignMapping {
+        addr,
+        handle: op.handle,
+    })
+}
+
+/// Unmaps a foreign page.
+pub fn unmap_grant(mapping: ForeignMapping) -> Result<(), GrantError> {
+    let mut op = abi::GnttabUnmapGrantRef {
+        host_addr: mapping.addr,
+        handle: mapping.handle,
+        ..Default::default()
+    };
+    let rc = hypercall::grant_table_op(abi::GNTTABOP_UNMAP_GRANT_REF, &mut op);
+    if rc != 0 {
+        return Err(GrantError::Xen(rc));
+    }
+    if op.status != abi::GNTST_OKAY {
+        return Err(GrantError::Xen(i64::from(op.status)));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::xen::shared::VecMemory;
+
+    #[test]
+    fn grants_are_encoded_as_grant_entry_v1() {
+        let mem = VecMemory::new(4096);
+        let mut table = GrantTable::new(mem.clone());
+        assert_eq!(table.free_count(), 512 - 8);
+        let gref = table.grant_access(7, 0x1234, false).unwrap();
+        assert_eq!(gref, 8);
+        let at = gref as usize * 8;
+        assert_eq!(mem.load_u16(at), abi::GTF_PERMIT_ACCESS);
+        assert_eq!(mem.load_u16(at + 2), 7);
+        assert_eq!(mem.load_u32(at + 4), 0x1234);
+        let ro = table.grant_access(0, 1, true).unwrap();
+        assert_eq!(
+            mem.load_u16(ro as usize * 8),
+            abi::GTF_PERMIT_ACCESS | abi::GTF_READONLY
+        );
+    }
+
+    #[test]
+    fn a_mapped_grant_is_not_revoked_and_unknown_refs_are_refused() {
+        let mem = VecMemory::new(4096);
+        let mut table = GrantTable::new(mem.clone());
+        let gref = table.grant_access(0, 5, false).unwrap();
+        mem.fetch_or_u8(gref as usize * 8, abi::GTF_WRITING as u8); // Xen marks it mapped
+        assert_eq!(table.end_access(gref), Err(GrantError::StillMapped(gref)));
+        mem.fetch_and_u8(gref as usize * 8, !(abi::GTF_WRITING as u8));
+        assert_eq!(table.end_access(gref), Ok(()));
+        assert_eq!(mem.load_u16(gref as usize * 8), 0);
+        assert_eq!(table.end_access(gref), Err(GrantError::NotGranted(gref)));
+        assert_eq!(table.end_access(3), Err(GrantError::NotGranted(3)));
+        assert_eq!(
+            table.end_access(u32::MAX),
+            Err(GrantError::NotGranted(u32::MAX))
+        );
+    }
+
+    #[test]
+    fn the_table_runs_out_cleanly() {
+        let mut table = GrantTable::new(VecMemory::new(80)); // 10 entries, 8 reserved
+        assert!(table.grant_access(0, 1, false).is_ok());
+        assert!(table.grant_access(0, 2, false).is_ok());
+        assert_eq!(table.grant_access(0, 3, false), Err(GrantError::Exhausted));
+    }
+
+    #[test]
+    fn the_foreign_window_reserves_contiguous_frames() {
+        let mut window = ForeignWindow::default();
+        assert_eq!(window.reserve(2), Some(0));
+        assert_eq!(window.reserve(1), Some(2));
+        window.release(0, 2);
+        assert_eq!(window.reserve(3), Some(3));
+        assert_eq!(window.reserve(2), Some(0));
+        assert_eq!(window.reserve(0), None);
+        assert_eq!(window.reserve(FOREIGN_WINDOW_FRAMES), None);
+        window.release(usize::MAX, 5); // ignored
+    }
+}

@@ -1,0 +1,30 @@
+//! The Xen PVH platform: the firewall as a Xen guest. Boot, hypercalls, the
+//! PV console, the clock, event channels, grant tables, the xenstore ring
+//! and libxenvchan-compatible vchans, tied together in [`XenPlatform`].
+//!
+//! Layout: `abi` declares the C ABI; `hypercall` is the only place that
+//! traps to Xen; `shared` is the only place that touches shared memory
+//! (volatile/atomic, behind the `SharedMemory` trait); the ring protocols
+//! (`console`, `xenstore_ring`, `vchan`) and the bookkeeping (`grant`,
+//! `time`, `start_info`) are portable and tested on the host with a
+//! `Vec`-backed memory; `runtime` (boot code, allocator, panic handler,
+//! libc symbols) exists only in the image (feature `xen`). Every value a
+//! peer or the toolstack wrote is read once, copied and validated before
+//! use; nothing here may panic on peer input.
+#![allow(unsafe_code)] // reason: hypercalls, shared pages, boot; each block carries a SAFETY comment.
+
+pub mod abi;
+pub mod console;
+pub mod events;
+pub mod grant;
+pub mod hypercall;
+mod platform;
+#[cfg(all(feature = "xen", not(test)))]
+pub mod runtime;
+pub mod shared;
+pub mod start_info;
+pub mod time;
+pub mod vchan;
+pub mod xenstore_ring;
+
+pub use platform::{XenLinkWait, XenPlatform, XenVchan, XenXenstore};

@@ -1,0 +1,664 @@
+//! [`XenPlatform`]: the `Platform` contract on Xen. It owns `shared_info`,
+//! the grant table, the foreign-mapping window, the xenstore client on the
+//! xenstore ring, and the set of event channels `wait` polls.
+//!
+//! vchan servers follow `libxenvchan_server_init` (pages granted to the
+//! peer, an unbound event channel, `ring-ref` and `event-channel` written
+//! under `/local/domain/<us>/data/vchan/<peer>/<port>` with permissions
+//! `n<us> r<peer>` in one transaction); clients follow
+//! `libxenvchan_client_init` (read those keys of the peer, bind, map).
+//! Numbers read from xenstore are parsed strictly; a grant we cannot revoke
+//! (the peer still maps it) is leaked on purpose, never reused. NICs
+//! (netfront/netback) are not implemented yet: `uplink` and `attach_client`
+//! say so with a `PlatformError`.
+
+use alloc::alloc::{Layout, alloc_zeroed};
+use alloc::collections::BTreeSet;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use protocol::vchan::{EVENT_CHANNEL_KEY, RING_REF_KEY, RingOrders, RingPlacement};
+
+use super::abi;
+use super::events::{self, SharedInfo, XenNotify};
+use super::grant::{self, ForeignMapping, ForeignWindow, GrantTable};
+use super::hypercall;
+use super::shared::RawMemory;
+use super::start_info::BootInfo;
+use super::time::{self, TimeInfo};
+use super::vchan::{RingBuffer, VchanRing, read_grants, read_orders};
+use super::xenstore_ring::XenstoreRing;
+use crate::platform::{
+    ByteStream, Instant, LinkState, Platform, PlatformError, Shutdown, StreamError, Xenstore,
+    XenstoreError,
+};
+use crate::xenstore::{LinkWait, XenstoreClient};
+
+/// Ring sizes our vchan servers ask for (client→us, us→client): one granted
+/// page each, as Qubes' agents use.
+pub const SERVER_READ_MIN: usize = 4096;
+/// See [`SERVER_READ_MIN`].
+pub const SERVER_WRITE_MIN: usize = 4096;
+/// Largest ring order we map as a client (64 KiB rings).
+pub const CLIENT_MAX_ORDER: u16 = 16;
+
+/// The xenstore client on Xen.
+pub type XenXenstore = XenstoreClient<XenstoreRing<RawMemory, XenNotify>, XenLinkWait>;
+
+/// Waits for xenstored: polls the store event channel for up to 10 ms.
+#[derive(Debug)]
+pub struct XenLinkWait {
+    port: u32,
+    shared_info: SharedInfo,
+}
+
+fn system_time(shared_info: &SharedInfo) -> u64 {
+    TimeInfo::read(&shared_info.memory(), abi::SHARED_INFO_VCPU0_TIME).system_time_at(time::rdtsc())
+}
+
+impl LinkWait for XenLinkWait {
+    fn wait(&mut self) {
+        if self.shared_info.take_pending(self.port) {
+            return;
+        }
+        let deadline = system_time(&self.shared_info).saturating_add(10_000_000);
+        hypercall::sched_poll(&[self.port], deadline);
+        self.shared_info.take_pending(self.port);
+    }
+}
+
+struct Shared {
+    grants: RefCell<GrantTable<RawMemory>>,
+    window: RefCell<ForeignWindow>,
+    ports: RefCell<BTreeSet<u32>>,
+    /// xenstore directories of closed vchan servers, removed by `wait`.
+    stale_paths: RefCell<Vec<String>>,
+}
+
+impl core::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Shared")
+            .field("ports", &self.ports)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The Xen machine.
+#[derive(Debug)]
+pub struct XenPlatform {
+    boot: BootInfo,
+    domid: u16,
+    name: String,
+    shared_info: SharedInfo,
+    boot_ns: u64,
+    shared: Rc<Shared>,
+    xenstore: XenXenstore,
+    shutdown_watch: bool,
+}
+
+fn other(what: impl Into<String>) -> PlatformError {
+    PlatformError::Other(what.into())
+}
+
+/// Parses a decimal number written in xenstore by a peer (no sign, no
+/// spaces, no overflow).
+fn parse_decimal(text: &str) -> Option<u32> {
+    if text.is_empty() || text.len() > 10 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+impl XenPlatform {
+    /// Brings the platform up: `shared_info`, the grant table, xenstore.
+    pub fn start(boot: BootInfo) -> Result<Self, PlatformError> {
+        // SAFETY: SHARED_INFO_GPFN is a frame of the identity-mapped hole
+        // reserved for it by `grant` and used for nothing else.
+        let shared_info = unsafe { SharedInfo::map(grant::SHARED_INFO_GPFN) }
+            .map_err(|rc| other(format!("cannot map shared_info: Xen error {rc}")))?;
+        // SAFETY: called once, at boot; the frames are reserved for it.
+        let grants = unsafe { grant::setup_table() }
+            .map_err(|error| other(format!("cannot set up the grant table: {error:?}")))?;
+        let store_pfn = hypercall::hvm_get_param(abi::HVM_PARAM_STORE_PFN)
+            .map_err(|rc| other(format!("no xenstore page (HVM_PARAM_STORE_PFN: {rc})")))?;
+        let store_port = hypercall::hvm_get_param(abi::HVM_PARAM_STORE_EVTCHN)
+            .map_err(|rc| other(format!("no xenstore event channel ({rc})")))?
+            as u32;
+        if store_pfn == 0 || store_pfn >= 0x10_0000 || store_port >= events::MAX_PORTS {
+            return Err(other(format!(
+                "xenstore page {store_pfn:#x} / port {store_port} unusable"
+            )));
+        }
+        shared_info.mask(store_port);
+        // SAFETY: the toolstack gives us the xenstore page at STORE_PFN for
+        // the life of the domain; it is below 4 GiB (identity-mapped, checked
+        // above) and touched only through `RawMemory`.
+        let store_mem = unsafe { RawMemory::new((store_pfn << 12) as *mut u8, abi::PAGE_SIZE) };
+        let ring = XenstoreRing::new(store_mem, store_port, XenNotify);
+        let mut xenstore = XenstoreClient::new(
+            ring,
+            XenLinkWait {
+                port: store_port,
+                shared_info,
+            },
+        );
+        let domid_text = xenstore
+            .read("domid")
+            .map_err(PlatformError::Xenstore)?
+            .unwrap_or_default();
+        let domid = parse_decimal(&domid_text)
+            .and_then(|d| u16::try_from(d).ok())
+            .ok_or_else(|| {
+                other(format!(
+                    "xenstore `domid` is {domid_text:?}, not a domain id"
+                ))
+            })?;
+        let name = xenstore
+            .read("name")
+            .map_err(PlatformError::Xenstore)?
+            .unwrap_or_default();
+        let boot_ns = system_time(&shared_info);
+        log::info!("xen: domain {domid} ({name}), xenstore on port {store_port}");
+        Ok(XenPlatform {
+            boot,
+            domid,
+            name,
+            shared_info,
+            boot_ns,
+            shared: Rc::new(Shared {
+                grants: RefCell::new(grants),
+                window: RefCell::new(ForeignWindow::default()),
+                ports: RefCell::new(BTreeSet::from([store_port])),
+                stale_paths: RefCell::new(Vec::new()),
+            }),
+            xenstore,
+            shutdown_watch: false,
+        })
+    }
+
+    /// Our name as the toolstack set it (`name` in xenstore).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the boot loader told us (command line, memory map).
+    pub fn boot_info(&self) -> &BootInfo {
+        &self.boot
+    }
+
+    /// Heap bytes in use and claimed, when the runtime is present.
+    pub fn heap_usage(&self) -> Option<(usize, usize)> {
+        #[cfg(all(feature = "xen", not(test)))]
+        {
+            Some(super::runtime::heap_usage())
+        }
+        #[cfg(not(all(feature = "xen", not(test))))]
+        {
+            None
+        }
+    }
+
+    /// Checks `control/shutdown` (watched from the first call on) and
+    /// acknowledges a request the way Linux does (writes it back empty).
+    pub fn shutdown_requested(&mut self) -> Option<Shutdown> {
+        if !self.shutdown_watch {
+            let _ = self.xenstore.write("control/feature-poweroff", "1");
+            let _ = self.xenstore.write("control/feature-reboot", "1");
+            if let Err(error) = self.xenstore.watch("control/shutdown", "shutdown") {
+                log::warn!("xen: cannot watch control/shutdown: {error}");
+                return None;
+            }
+            self.shutdown_watch = true;
+        }
+        let _ = self.xenstore.poll();
+        let value = self.xenstore.read("control/shutdown").ok().flatten()?;
+        let request = match value.as_str() {
+            "" => return None,
+            "poweroff" | "halt" => Shutdown::PowerOff,
+            "reboot" => Shutdown::Reboot,
+            "crash" => Shutdown::Crash,
+            other => {
+                log::warn!("xen: unsupported shutdown request {other:?} ignored");
+                let _ = self.xenstore.write("control/shutdown", "");
+                return None;
+            }
+        };
+        let _ = self.xenstore.write("control/shutdown", "");
+        Some(request)
+    }
+
+    fn remember_port(&self, port: u32) {
+        self.shared_info.mask(port);
+        self.shared.ports.borrow_mut().insert(port);
+    }
+
+    fn publish_server(
+        &mut self,
+        dir: &str,
+        ring_ref: u32,
+        port: u32,
+        peer: u16,
+    ) -> Result<(), XenstoreError> {
+        let perms_owner = format!("n{}", self.domid);
+        let perms_peer = format!("r{peer}");
+        let ring_ref_path = format!("{dir}/{RING_REF_KEY}");
+        let port_path = format!("{dir}/{EVENT_CHANNEL_KEY}");
+        self.xenstore.transaction(8, |xs| {
+            xs.write(&ring_ref_path, &ring_ref.to_string())?;
+            xs.set_permissions(&ring_ref_path, &[&perms_owner, &perms_peer])?;
+            xs.write(&port_path, &port.to_string())?;
+            xs.set_permissions(&port_path, &[&perms_owner, &perms_peer])
+        })
+    }
+
+    fn map_ring(
+        &mut self,
+        peer: u16,
+        grants: &[u32],
+        readonly: bool,
+        mappings: &mut Vec<ForeignMapping>,
+        windows: &mut Vec<(usize, usize)>,
+    ) -> Result<RawMemory, PlatformError> {
+        let start = self
+            .shared
+            .window
+            .borrow_mut()
+            .reserve(grants.len())
+            .ok_or(PlatformError::Exhausted("foreign mapping window"))?;
+        windows.push((start, grants.len()));
+        for (i, gref) in grants.iter().enumerate() {
+            let mapping = grant::map_grant(peer, *gref, ForeignWindow::addr(start + i), readonly)
+                .map_err(|error| {
+                other(format!(
+                    "cannot map grant {gref} of domain {peer}: {error:?}"
+                ))
+            })?;
+            mappings.push(mapping);
+        }
+        // SAFETY: the frames `start..start + len` of the window now hold the
+        // peer's pages (mapped above), stay mapped until the vchan's drop
+        // unmaps them, and are reached only through `RawMemory`.
+        Ok(unsafe {
+            RawMemory::new(
+                ForeignWindow::addr(start) as *mut u8,
+                grants.len() * abi::PAGE_SIZE,
+            )
+        })
+    }
+}
+
+/// Resources behind one vchan, released when it is dropped.
+#[derive(Debug)]
+enum Holdings {
+    Server {
+        grants: Vec<u32>,
+        pages: *mut u8,
+        layout: Layout,
+        path: String,
+    },
+    Client {
+        mappings: Vec<ForeignMapping>,
+        windows: Vec<(usize, usize)>,
+    },
+}
+
+/// A vchan end on Xen.
+#[derive(Debug)]
+pub struct XenVchan {
+    ring: VchanRing<RawMemory, XenNotify>,
+    holdings: Holdings,
+    shared: Rc<Shared>,
+}
+
+impl ByteStream for XenVchan {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, StreamError> {
+        self.ring.read(buf)
+    }
+    fn write(&mut self, buf: &[u8]) -> Result<usize, StreamError> {
+        self.ring.write(buf)
+    }
+    fn state(&self) -> LinkState {
+        self.ring.state()
+    }
+    fn close(&mut self) {
+        self.ring.close();
+    }
+}
+
+impl Drop for XenVchan {
+    fn drop(&mut self) {
+        self.ring.close();
+        let port = self.ring.port();
+        events::close(port);
+        self.shared.ports.borrow_mut().remove(&port);
+        release(&mut self.holdings, &self.shared);
+    }
+}
+
+/// Gives back what a vchan held: revokes grants (freeing the pages only if
+/// every grant could be revoked), queues the xenstore directory for
+/// removal, unmaps foreign pages and frees their window slots.
+fn release(holdings: &mut Holdings, shared: &Shared) {
+    match holdings {
+        Holdings::Server {
+            grants,
+            pages,
+            layout,
+            path,
+        } => {
+            let mut all_revoked = true;
+            for gref in grants.drain(..) {
+                if shared.grants.borrow_mut().end_access(gref).is_err() {
+                    all_revoked = false;
+                }
+            }
+            if all_revoked && !pages.is_null() {
+                // SAFETY: allocated in `vchan_server` with this layout; no
+                // grant to it remains, so no peer can touch it any more.
+                unsafe { alloc::alloc::dealloc(*pages, *layout) };
+            } else if !all_revoked {
+                log::warn!(
+                    "xen: peer still maps vchan pages; leaking {} bytes",
+                    layout.size()
+                );
+            }
+            *pages = core::ptr::null_mut();
+            if !path.is_empty() {
+                shared.stale_paths.borrow_mut().push(core::mem::take(path));
+            }
+        }
+        Holdings::Client { mappings, windows } => {
+            for mapping in mappings.drain(..) {
+                if let Err(error) = grant::unmap_grant(mapping) {
+                    log::warn!("xen: cannot unmap a vchan page: {error:?}");
+                }
+            }
+            for (start, count) in windows.drain(..) {
+                shared.window.borrow_mut().release(start, count);
+            }
+        }
+    }
+}
+
+impl Platform for XenPlatform {
+    type Vchan = XenVchan;
+    type Xenstore = XenXenstore;
+    type Nic = smoltcp::phy::Loopback;
+
+    fn domid(&self) -> u16 {
+        self.domid
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.boot.ram_bytes() as usize
+    }
+
+    fn now(&self) -> Instant {
+        let ns = system_time(&self.shared_info).saturating_sub(self.boot_ns);
+        Instant::from_micros((ns / 1000) as i64)
+    }
+
+    fn wait(&mut self, deadline: Option<Instant>) {
+        let stale: Vec<String> = self.shared.stale_paths.borrow_mut().drain(..).collect();
+        for path in stale {
+            let _ = self.xenstore.remove(&path);
+        }
+        let ports: Vec<u32> = self.shared.ports.borrow().iter().copied().collect();
+        // Anything that fired since the last wait: return at once so the
+        // caller looks at its links again.
+        let mut fired = false;
+        for port in &ports {
+            fired |= self.shared_info.take_pending(*port);
+        }
+        if fired {
+            return;
+        }
+        let timeout = match deadline {
+            Some(deadline) => {
+                let micros = deadline.total_micros().max(0) as u64;
+                let at = self
+                    .boot_ns
+                    .saturating_add(micros.saturating_mul(1000))
+                    .max(1);
+                if at <= system_time(&self.shared_info) {
+                    return;
+                }
+                at
+            }
+            None => 0,
+        };
+        hypercall::sched_poll(&ports, timeout);
+    }
+
+    fn vchan_server(&mut self, peer: u16, port: u32) -> Result<XenVchan, PlatformError> {
+        let orders = RingOrders::for_server(SERVER_READ_MIN, SERVER_WRITE_MIN)
+            .map_err(|error| other(format!("vchan ring sizes: {error}")))?;
+        let ring_pages = orders.grant_count();
+        let layout = Layout::from_size_align((1 + ring_pages) * abi::PAGE_SIZE, abi::PAGE_SIZE)
+            .map_err(|_| PlatformError::Exhausted("memory for vchan pages"))?;
+        // SAFETY: the layout has a non-zero size.
+        let pages = unsafe { alloc_zeroed(layout) };
+        if pages.is_null() {
+            return Err(PlatformError::Exhausted("memory for vchan pages"));
+        }
+        let page_addr = |i: usize| pages as u64 + (i * abi::PAGE_SIZE) as u64;
+        let mut grants = Vec::new();
+        let fail = |grants: &mut Vec<u32>, error: PlatformError| {
+            for gref in grants.drain(..) {
+                let _ = self.shared.grants.borrow_mut().end_access(gref);
+            }
+            error
+        };
+        for i in 0..=ring_pages {
+            match self
+                .shared
+                .grants
+                .borrow_mut()
+                .grant_access(peer, page_addr(i) >> 12, false)
+            {
+                Ok(gref) => grants.push(gref),
+                Err(_) => {
+                    return Err(fail(
+                        &mut grants,
+                        PlatformError::Exhausted("grant references"),
+                    ));
+                }
+            }
+        }
+        let local_port = match events::alloc_unbound(peer) {
+            Ok(local_port) => local_port,
+            Err(rc) => {
+                return Err(fail(
+                    &mut grants,
+                    other(format!(
+                        "cannot allocate an event channel for domain {peer}: {rc}"
+                    )),
+                ));
+            }
+        };
+        // SAFETY: `pages` is our own zeroed allocation of 1 + ring_pages
+        // pages, kept until the vchan is dropped (or leaked if the peer still
+        // maps it), shared with the peer through the grants above, and
+        // touched only through `RawMemory`.
+        let ctrl = unsafe { RawMemory::new(pages, abi::PAGE_SIZE) };
+        let buffer = |ring: protocol::vchan::RingLayout| match ring.placement() {
+            RingPlacement::InPage { offset } => RingBuffer {
+                mem: ctrl,
+                base: offset,
+            },
+            RingPlacement::Granted {
+                first_grant,
+                pages: count,
+            } => RingBuffer {
+                // SAFETY: as for `ctrl`: pages 1 + first_grant .. of the same allocation.
+                mem: unsafe {
+                    RawMemory::new(
+                        page_addr(1 + first_grant) as *mut u8,
+                        count * abi::PAGE_SIZE,
+                    )
+                },
+                base: 0,
+            },
+        };
+        let (read, write) = (buffer(orders.left()), buffer(orders.right()));
+        let ring_grants: Vec<u32> = grants.get(1..).unwrap_or_default().to_vec();
+        let ring = VchanRing::server(
+            ctrl,
+            &orders,
+            &ring_grants,
+            read,
+            write,
+            local_port,
+            XenNotify,
+        );
+        let path = format!("/local/domain/{}/data/vchan/{peer}/{port}", self.domid);
+        let ring_ref = grants.first().copied().unwrap_or_default();
+        self.remember_port(local_port);
+        let vchan = XenVchan {
+            ring,
+            holdings: Holdings::Server {
+                grants,
+                pages,
+                layout,
+                path: path.clone(),
+            },
+            shared: self.shared.clone(),
+        };
+        self.publish_server(&path, ring_ref, local_port, peer)
+            .map_err(PlatformError::Xenstore)?;
+        log::debug!(
+            "xen: vchan server for domain {peer} port {port}: ring-ref {ring_ref}, event channel {local_port}"
+        );
+        Ok(vchan)
+    }
+
+    fn vchan_client(&mut self, peer: u16, port: u32) -> Result<XenVchan, PlatformError> {
+        let dir = format!("/local/domain/{peer}/data/vchan/{}/{port}", self.domid);
+        let read_number = |xs: &mut XenXenstore, key: &str| -> Result<u32, PlatformError> {
+            let text = xs
+                .read(&format!("{dir}/{key}"))
+                .map_err(PlatformError::Xenstore)?
+                .ok_or_else(|| other(format!("no vchan server at {dir} (missing {key})")))?;
+            parse_decimal(&text)
+                .filter(|n| *n != 0)
+                .ok_or_else(|| other(format!("{dir}/{key} is {text:?}, not a number")))
+        };
+        let ring_ref = read_number(&mut self.xenstore, RING_REF_KEY)?;
+        let remote_port = read_number(&mut self.xenstore, EVENT_CHANNEL_KEY)?;
+        let local_port = events::bind_interdomain(peer, remote_port).map_err(|rc| {
+            other(format!(
+                "cannot bind event channel {remote_port} of domain {peer}: {rc}"
+            ))
+        })?;
+        let mut holdings = Holdings::Client {
+            mappings: Vec::new(),
+            windows: Vec::new(),
+        };
+        let Holdings::Client { mappings, windows } = &mut holdings else {
+            return Err(other("unreachable holdings"));
+        };
+        let result = (|| {
+            let ctrl = self.map_ring(peer, &[ring_ref], false, mappings, windows)?;
+            let orders = read_orders(&ctrl)
+                .map_err(|error| other(format!("vchan server of domain {peer}: {error}")))?;
+            if orders.left().order() > CLIENT_MAX_ORDER || orders.right().order() > CLIENT_MAX_ORDER
+            {
+                return Err(other(format!(
+                    "vchan server of domain {peer} wants rings over {} bytes",
+                    1u32 << CLIENT_MAX_ORDER
+                )));
+            }
+            let refs = read_grants(&ctrl, &orders);
+            let mut buffer =
+                |ring: protocol::vchan::RingLayout, readonly: bool, this: &mut XenPlatform| {
+                    match ring.placement() {
+                        RingPlacement::InPage { offset } => Ok(RingBuffer {
+                            mem: ctrl,
+                            base: offset,
+                        }),
+                        RingPlacement::Granted { first_grant, pages } => {
+                            let slice = refs
+                                .get(first_grant..first_grant + pages)
+                                .unwrap_or_default();
+                            let mem = this.map_ring(peer, slice, readonly, mappings, windows)?;
+                            Ok::<_, PlatformError>(RingBuffer { mem, base: 0 })
+                        }
+                    }
+                };
+            let write = buffer(orders.left(), false, self)?;
+            let read = buffer(orders.right(), true, self)?;
+            Ok((ctrl, orders, read, write))
+        })();
+        let (ctrl, orders, read, write) = match result {
+            Ok(parts) => parts,
+            Err(error) => {
+                events::close(local_port);
+                release(&mut holdings, &self.shared);
+                return Err(error);
+            }
+        };
+        self.remember_port(local_port);
+        let ring = VchanRing::client(ctrl, &orders, read, write, local_port, XenNotify);
+        Ok(XenVchan {
+            ring,
+            holdings,
+            shared: self.shared.clone(),
+        })
+    }
+
+    fn xenstore(&mut self) -> &mut XenXenstore {
+        &mut self.xenstore
+    }
+
+    fn uplink(&mut self) -> Result<Self::Nic, PlatformError> {
+        Err(other(
+            "xen: netfront (the uplink to the net qube) is not implemented yet",
+        ))
+    }
+
+    fn attach_client(&mut self, domid: u16, device: u32) -> Result<Self::Nic, PlatformError> {
+        Err(other(format!(
+            "xen: netback (vif {domid}/{device}) is not implemented yet"
+        )))
+    }
+
+    fn exit(&mut self, how: Shutdown) -> ! {
+        let reason = match how {
+            Shutdown::PowerOff => abi::SHUTDOWN_POWEROFF,
+            Shutdown::Reboot => abi::SHUTDOWN_REBOOT,
+            Shutdown::Crash => abi::SHUTDOWN_CRASH,
+        };
+        log::info!("xen: shutting down ({how:?})");
+        loop {
+            hypercall::sched_shutdown(reason);
+            hypercall::sched_yield();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_from_xenstore_are_parsed_strictly() {
+        assert_eq!(parse_decimal("8"), Some(8));
+        assert_eq!(parse_decimal("4294967295"), Some(u32::MAX));
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            " 1",
+            "1 ",
+            "0x10",
+            "4294967296",
+            "99999999999",
+            "1\0",
+        ] {
+            assert_eq!(parse_decimal(bad), None, "{bad:?}");
+        }
+    }
+}

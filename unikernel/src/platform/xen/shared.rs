@@ -1,0 +1,305 @@
+//! Memory shared with another domain, behind one small trait so that every
+//! ring protocol above it (console, xenstore, vchan) is portable and tested
+//! on the host against a `Vec`-backed double.
+//!
+//! On Xen, [`RawMemory`] touches the page only with volatile loads/stores and
+//! atomic read-modify-write, never through `&`/`&mut` (the peer may change
+//! any byte at any time). Offsets come from our own masked ring arithmetic;
+//! an offset outside the region is a bug in this crate, so the accessors
+//! check it and do nothing (reads give 0) rather than touch foreign memory.
+//! Nothing here interprets a peer-written value: callers read once, copy,
+//! then validate.
+
+use alloc::rc::Rc;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::sync::atomic::{AtomicU8, AtomicU16, Ordering, fence};
+
+/// A region of memory shared with a peer domain.
+pub trait SharedMemory: Clone {
+    /// Size of the region in bytes.
+    fn len(&self) -> usize;
+    /// Whether the region is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Reads a little-endian `u32` at `offset` (one load; 4-byte aligned).
+    fn load_u32(&self, offset: usize) -> u32;
+    /// Stores a `u32` at `offset` (one store; 4-byte aligned).
+    fn store_u32(&self, offset: usize, value: u32);
+    /// Reads a byte.
+    fn load_u8(&self, offset: usize) -> u8;
+    /// Stores a byte.
+    fn store_u8(&self, offset: usize, value: u8);
+    /// Reads a `u16` (2-byte aligned).
+    fn load_u16(&self, offset: usize) -> u16;
+    /// Stores a `u16` (2-byte aligned).
+    fn store_u16(&self, offset: usize, value: u16);
+    /// Atomically ORs `bits` into the byte at `offset`; returns the old value.
+    fn fetch_or_u8(&self, offset: usize, bits: u8) -> u8;
+    /// Atomically ANDs `bits` into the byte at `offset`; returns the old value.
+    fn fetch_and_u8(&self, offset: usize, bits: u8) -> u8;
+    /// Atomically replaces the `u16` at `offset` with `new` if it equals
+    /// `current`; returns the value found.
+    fn compare_exchange_u16(&self, offset: usize, current: u16, new: u16) -> u16;
+    /// Copies `dst.len()` bytes out of the region starting at `offset`.
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]);
+    /// Copies `src` into the region starting at `offset`.
+    fn write_bytes(&self, offset: usize, src: &[u8]);
+}
+
+/// A full memory barrier (Xen's `xen_mb()`); `xen_rmb`/`xen_wmb` are
+/// subsumed by it on x86 and cost nothing extra worth keeping apart here.
+pub fn barrier() {
+    fence(Ordering::SeqCst);
+}
+
+fn in_range(offset: usize, size: usize, len: usize) -> bool {
+    offset.checked_add(size).is_some_and(|end| end <= len)
+}
+
+/// A `Vec`-backed region that two ends (our code and a test double playing
+/// the peer) share through `Clone`. Safe code only: the host-test stand-in
+/// for a granted page.
+#[derive(Clone, Debug)]
+pub struct VecMemory(Rc<RefCell<Vec<u8>>>);
+
+impl VecMemory {
+    /// A zeroed region of `len` bytes.
+    pub fn new(len: usize) -> Self {
+        VecMemory(Rc::new(RefCell::new(vec![0; len])))
+    }
+}
+
+impl SharedMemory for VecMemory {
+    fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+    fn load_u32(&self, offset: usize) -> u32 {
+        let mut b = [0u8; 4];
+        self.read_bytes(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn store_u32(&self, offset: usize, value: u32) {
+        self.write_bytes(offset, &value.to_le_bytes());
+    }
+    fn load_u8(&self, offset: usize) -> u8 {
+        let mut b = [0u8; 1];
+        self.read_bytes(offset, &mut b);
+        b[0]
+    }
+    fn store_u8(&self, offset: usize, value: u8) {
+        self.write_bytes(offset, &[value]);
+    }
+    fn load_u16(&self, offset: usize) -> u16 {
+        let mut b = [0u8; 2];
+        self.read_bytes(offset, &mut b);
+        u16::from_le_bytes(b)
+    }
+    fn store_u16(&self, offset: usize, value: u16) {
+        self.write_bytes(offset, &value.to_le_bytes());
+    }
+    fn fetch_or_u8(&self, offset: usize, bits: u8) -> u8 {
+        let old = self.load_u8(offset);
+        self.store_u8(offset, old | bits);
+        old
+    }
+    fn fetch_and_u8(&self, offset: usize, bits: u8) -> u8 {
+        let old = self.load_u8(offset);
+        self.store_u8(offset, old & bits);
+        old
+    }
+    fn compare_exchange_u16(&self, offset: usize, current: u16, new: u16) -> u16 {
+        let old = self.load_u16(offset);
+        if old == current {
+            self.store_u16(offset, new);
+        }
+        old
+    }
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+        let mem = self.0.borrow();
+        match mem.get(offset..offset.saturating_add(dst.len())) {
+            Some(src) => dst.copy_from_slice(src),
+            None => {
+                debug_assert!(false, "read outside the shared region");
+                dst.fill(0);
+            }
+        }
+    }
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        let mut mem = self.0.borrow_mut();
+        match mem.get_mut(offset..offset.saturating_add(src.len())) {
+            Some(dst) => dst.copy_from_slice(src),
+            None => debug_assert!(false, "write outside the shared region"),
+        }
+    }
+}
+
+/// A region of guest-physical memory shared with another domain (one of our
+/// pages granted to a peer, a peer's page mapped into our space, or a page
+/// Xen set up for us such as the console ring). Identity mapping: the
+/// address is the guest-physical address.
+#[derive(Clone, Copy, Debug)]
+pub struct RawMemory {
+    base: *mut u8,
+    len: usize,
+}
+
+impl RawMemory {
+    /// # Safety
+    /// `base..base + len` must be mapped, writable memory that stays mapped
+    /// and is not otherwise referenced by Rust `&`/`&mut` for as long as any
+    /// copy of the returned value exists.
+    pub unsafe fn new(base: *mut u8, len: usize) -> Self {
+        RawMemory { base, len }
+    }
+
+    /// The first byte of the region.
+    pub fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    fn at(&self, offset: usize, size: usize) -> Option<*mut u8> {
+        // `wrapping_add` keeps this safe; the pointer is used only once the
+        // range check has passed.
+        in_range(offset, size, self.len).then(|| self.base.wrapping_add(offset))
+    }
+}
+
+impl SharedMemory for RawMemory {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn load_u32(&self, offset: usize) -> u32 {
+        match self.at(offset, 4) {
+            // SAFETY: in range of a region valid per `RawMemory::new`;
+            // aligned by the ring layouts (all index fields are at 4-byte
+            // aligned offsets of page-aligned regions).
+            Some(p) => unsafe { core::ptr::read_volatile(p.cast::<u32>()) },
+            None => 0,
+        }
+    }
+    fn store_u32(&self, offset: usize, value: u32) {
+        if let Some(p) = self.at(offset, 4) {
+            // SAFETY: as in `load_u32`.
+            unsafe { core::ptr::write_volatile(p.cast::<u32>(), value) }
+        }
+    }
+    fn load_u8(&self, offset: usize) -> u8 {
+        match self.at(offset, 1) {
+            // SAFETY: in range of a valid region.
+            Some(p) => unsafe { core::ptr::read_volatile(p) },
+            None => 0,
+        }
+    }
+    fn store_u8(&self, offset: usize, value: u8) {
+        if let Some(p) = self.at(offset, 1) {
+            // SAFETY: in range of a valid region.
+            unsafe { core::ptr::write_volatile(p, value) }
+        }
+    }
+    fn load_u16(&self, offset: usize) -> u16 {
+        match self.at(offset, 2) {
+            // SAFETY: in range of a valid region; 2-byte aligned by layout.
+            Some(p) => unsafe { core::ptr::read_volatile(p.cast::<u16>()) },
+            None => 0,
+        }
+    }
+    fn store_u16(&self, offset: usize, value: u16) {
+        if let Some(p) = self.at(offset, 2) {
+            // SAFETY: as in `load_u16`.
+            unsafe { core::ptr::write_volatile(p.cast::<u16>(), value) }
+        }
+    }
+    fn fetch_or_u8(&self, offset: usize, bits: u8) -> u8 {
+        match self.at(offset, 1) {
+            // SAFETY: in range of a valid region; the byte is only ever
+            // accessed atomically or volatilely, as the peer does (gcc
+            // `__sync_*` builtins in libxenvchan).
+            Some(p) => unsafe { AtomicU8::from_ptr(p) }.fetch_or(bits, Ordering::SeqCst),
+            None => 0,
+        }
+    }
+    fn fetch_and_u8(&self, offset: usize, bits: u8) -> u8 {
+        match self.at(offset, 1) {
+            // SAFETY: as in `fetch_or_u8`.
+            Some(p) => unsafe { AtomicU8::from_ptr(p) }.fetch_and(bits, Ordering::SeqCst),
+            None => 0,
+        }
+    }
+    fn compare_exchange_u16(&self, offset: usize, current: u16, new: u16) -> u16 {
+        match self.at(offset, 2) {
+            // SAFETY: in range of a valid region, 2-byte aligned by layout
+            // (grant entry flags); accessed atomically as Xen does.
+            Some(p) => match unsafe { AtomicU16::from_ptr(p.cast::<u16>()) }.compare_exchange(
+                current,
+                new,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(old) | Err(old) => old,
+            },
+            None => 0,
+        }
+    }
+    fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+        match self.at(offset, dst.len()) {
+            Some(p) => {
+                for (i, byte) in dst.iter_mut().enumerate() {
+                    // `offset + i` is in range (checked for the whole span).
+                    let at = p.wrapping_add(i);
+                    // SAFETY: `at` is inside the valid region; byte-wise
+                    // volatile reads of memory the peer may be writing.
+                    *byte = unsafe { core::ptr::read_volatile(at) };
+                }
+            }
+            None => dst.fill(0),
+        }
+    }
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        if let Some(p) = self.at(offset, src.len()) {
+            for (i, byte) in src.iter().enumerate() {
+                let at = p.wrapping_add(i);
+                // SAFETY: as in `read_bytes`.
+                unsafe { core::ptr::write_volatile(at, *byte) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vec_memory_round_trips_and_is_shared_between_clones() {
+        let a = VecMemory::new(16);
+        let b = a.clone();
+        a.store_u32(4, 0xdead_beef);
+        assert_eq!(b.load_u32(4), 0xdead_beef);
+        assert_eq!(b.fetch_or_u8(0, 3), 0);
+        assert_eq!(a.fetch_and_u8(0, !1), 3);
+        assert_eq!(b.load_u8(0), 2);
+        b.write_bytes(8, b"abc");
+        let mut out = [0u8; 3];
+        a.read_bytes(8, &mut out);
+        assert_eq!(&out, b"abc");
+    }
+
+    #[test]
+    fn raw_memory_checks_every_offset() {
+        let mut backing = [0u32; 2];
+        // SAFETY: `backing` outlives `mem` and is not otherwise used meanwhile.
+        let mem = unsafe { RawMemory::new(backing.as_mut_ptr().cast::<u8>(), 8) };
+        mem.store_u32(4, 7);
+        assert_eq!(mem.load_u32(4), 7);
+        mem.store_u32(6, 9); // out of range: ignored
+        assert_eq!(mem.load_u32(8), 0);
+        assert_eq!(mem.load_u32(usize::MAX - 1), 0);
+        let mut big = [1u8; 9];
+        mem.read_bytes(0, &mut big);
+        assert_eq!(big, [0; 9]);
+        assert_eq!(backing[1], 7);
+    }
+}
