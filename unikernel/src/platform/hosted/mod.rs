@@ -165,9 +165,15 @@ impl<X: Xenstore> Platform for HostedPlatform<X> {
     }
 
     fn wait(&mut self, deadline: Option<Instant>) {
+        // smoltcp's `Instant - Instant` is an absolute difference: a deadline
+        // already passed must not turn into a sleep as long as it is overdue.
+        let now = self.now();
         let until_deadline = deadline.map(|deadline| {
-            let micros = (deadline - self.now()).total_micros();
-            Duration::from_micros(micros)
+            if deadline <= now {
+                Duration::ZERO
+            } else {
+                Duration::from_micros((deadline - now).total_micros())
+            }
         });
         let timeout = match (until_deadline, self.reactor.max_sleep()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -280,10 +286,12 @@ mod tests {
             waited < smoltcp::time::Duration::from_millis(2000),
             "{waited}"
         );
-        // A deadline in the past returns at once.
+        // A deadline long past returns at once (not after as long as it is
+        // overdue).
+        std::thread::sleep(Duration::from_millis(300));
         let t1 = p.now();
         p.wait(Some(t0));
-        assert!(p.now() - t1 < smoltcp::time::Duration::from_millis(500));
+        assert!(p.now() - t1 < smoltcp::time::Duration::from_millis(100));
     }
 
     /// Two hosted "domains" in one process: the VM's server and dom0's

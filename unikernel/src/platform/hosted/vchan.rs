@@ -120,6 +120,16 @@ impl SocketLink {
         &self.path
     }
 
+    /// The descriptor to wait on: the connected socket, or the listener
+    /// while waiting for the client; `None` while connecting or closed.
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        match &self.inner {
+            Inner::Listening { listener } => Some(listener.as_raw_fd()),
+            Inner::Connected { stream, .. } => Some(stream.as_raw_fd()),
+            Inner::Connecting { .. } | Inner::Closed => None,
+        }
+    }
+
     fn attach(&mut self, stream: UnixStream) -> Result<(), StreamError> {
         if stream.set_nonblocking(true).is_err()
             || self
