@@ -840,8 +840,10 @@ impl Router {
     /// Builds an Ethernet frame around an IP packet for `out` and queues it
     /// (fragmenting IPv4 to the MTU). Returns the frame's buffer offset of
     /// the IP packet, or `None` if it could not be sent.
-    fn send_ip(&mut self, out: Out, v6: bool, packet: &[u8]) {
-        let (dst_mac, src_mac) = match out {
+    /// The Ethernet destination and source for a frame out of `out`;
+    /// `None` (counted) when the gateway's MAC is not known yet.
+    fn link_addresses(&mut self, out: Out, v6: bool) -> Option<(EthernetAddress, EthernetAddress)> {
+        let addresses = match out {
             Out::Uplink => {
                 let gateway = if v6 {
                     self.uplink.gateway6.and_then(|g| g.mac)
@@ -852,7 +854,7 @@ impl Router {
                     Some(mac) => (mac, self.uplink.mac),
                     None => {
                         self.drop(DropReason::NoGatewayMac);
-                        return;
+                        return None;
                     }
                 }
             }
@@ -860,9 +862,16 @@ impl Router {
                 Some(client) => (client.mac, CLIENT_SIDE_MAC),
                 None => {
                     self.drop(DropReason::UnknownClient);
-                    return;
+                    return None;
                 }
             },
+        };
+        Some(addresses)
+    }
+
+    fn send_ip(&mut self, out: Out, v6: bool, packet: &[u8]) {
+        let Some((dst_mac, src_mac)) = self.link_addresses(out, v6) else {
+            return;
         };
         let ethertype = if v6 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 };
         let mtu = self.caps.mtu;
@@ -1027,44 +1036,56 @@ impl Router {
         let Some(entry) = self.nat.get(id).copied() else {
             return;
         };
-        let mut owned = self.buffer();
-        owned.extend_from_slice(packet);
-        decrement_ttl(&mut owned, meta.v6);
-        let out = match direction {
-            Direction::Original if entry.is_translated() => {
-                rewrite(
-                    &mut owned,
-                    meta,
-                    true,
-                    entry.reply.dst,
-                    entry.reply.dst_port,
-                );
-                Out::Uplink
-            }
+        let (out, translate) = match direction {
+            Direction::Original if entry.is_translated() => (Out::Uplink, true),
             Direction::Original => {
                 match entry.peer_client.and_then(|ip| self.by_address.get(&ip)) {
-                    Some(peer) => Out::Client(*peer),
-                    None => {
-                        self.recycle(owned);
-                        return self.drop(DropReason::NoFlow);
-                    }
+                    Some(peer) => (Out::Client(*peer), false),
+                    None => return self.drop(DropReason::NoFlow),
                 }
             }
             // A reply from the peer of a client-to-client flow.
             Direction::Reply if !entry.is_translated() => match self.by_address.get(&entry.owner) {
-                Some(owner) => Out::Client(*owner),
-                None => {
-                    self.recycle(owned);
-                    return self.drop(DropReason::NoFlow);
-                }
+                Some(owner) => (Out::Client(*owner), false),
+                None => return self.drop(DropReason::NoFlow),
             },
-            Direction::Reply => {
-                self.recycle(owned);
-                return self.drop(DropReason::NoFlow);
-            }
+            Direction::Reply => return self.drop(DropReason::NoFlow),
         };
-        self.send_ip(out, meta.v6, &owned);
-        self.recycle(owned);
+        let v6 = meta.v6;
+        self.forward(out, v6, packet, |ip| {
+            decrement_ttl(ip, v6);
+            if translate {
+                rewrite(ip, meta, true, entry.reply.dst, entry.reply.dst_port);
+            }
+        });
+    }
+
+    /// Queues `packet` for `out` after `edit` (TTL, NAT) ran on it, with a
+    /// single copy straight into the outgoing frame.
+    fn forward(&mut self, out: Out, v6: bool, packet: &[u8], edit: impl FnOnce(&mut [u8])) {
+        if packet.len() > self.caps.mtu {
+            let mut owned = self.buffer();
+            owned.extend_from_slice(packet);
+            edit(&mut owned);
+            self.send_ip(out, v6, &owned);
+            self.recycle(owned);
+            return;
+        }
+        let Some((dst_mac, src_mac)) = self.link_addresses(out, v6) else {
+            return;
+        };
+        let mut frame = self.buffer();
+        push_eth(
+            &mut frame,
+            dst_mac,
+            src_mac,
+            if v6 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 },
+        );
+        frame.extend_from_slice(packet);
+        if let Some(ip) = frame.get_mut(ETH_LEN..) {
+            edit(ip);
+        }
+        self.enqueue(out, frame);
     }
 
     fn new_flow(
@@ -1387,18 +1408,11 @@ impl Router {
             return self.drop(DropReason::TtlExceeded);
         }
         self.nat.touch(id, Direction::Reply, meta.tcp, now);
-        let mut owned = self.buffer();
-        owned.extend_from_slice(packet);
-        decrement_ttl(&mut owned, meta.v6);
-        rewrite(
-            &mut owned,
-            meta,
-            false,
-            entry.original.src,
-            entry.original.src_port,
-        );
-        self.send_ip(Out::Client(client), meta.v6, &owned);
-        self.recycle(owned);
+        let v6 = meta.v6;
+        self.forward(Out::Client(client), v6, packet, |ip| {
+            decrement_ttl(ip, v6);
+            rewrite(ip, meta, false, entry.original.src, entry.original.src_port);
+        });
     }
 
     /// An ICMP error from outside about one of our translated flows: send
