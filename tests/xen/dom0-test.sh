@@ -47,6 +47,9 @@ waitfor /tmp/peer-qubesdb.log "server up" 50
 xl unpause sys-firewall
 vchan-peer qrexec "$domid" > /tmp/peer-qrexec.log 2>&1 &
 LOG=$CONS/guest-sys-firewall.log
+if waitfor $LOG "booted:" 600; then
+    echo "QFW-MEASURE firewall: xl create -> first console line in $(since $t0) s"
+fi
 if waitfor $LOG "QubesDB and qrexec" 900; then
     echo "QFW-MEASURE firewall: xl create -> \"QubesDB and qrexec ... connected\" in $(since $t0) s"
     check "QubesDB and qrexec connected" ok

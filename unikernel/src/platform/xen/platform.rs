@@ -42,6 +42,8 @@ use crate::xenstore::{LinkWait, XenstoreClient};
 pub const SERVER_READ_MIN: usize = 4096;
 /// See [`SERVER_READ_MIN`].
 pub const SERVER_WRITE_MIN: usize = 4096;
+/// Most ports one `SCHEDOP_poll` takes (Xen `do_poll`).
+const MAX_POLL_PORTS: usize = 128;
 /// Largest ring order we map as a client (64 KiB rings).
 pub const CLIENT_MAX_ORDER: u16 = 16;
 
@@ -74,8 +76,9 @@ struct Shared {
     grants: RefCell<GrantTable<RawMemory>>,
     window: RefCell<ForeignWindow>,
     ports: RefCell<BTreeSet<u32>>,
-    /// xenstore directories of closed vchan servers, removed by `wait`.
-    stale_paths: RefCell<Vec<String>>,
+    /// xenstore directories of closed vchan servers with the ring-ref they
+    /// published, removed by `wait` unless a newer server took the path.
+    stale_paths: RefCell<Vec<(String, u32)>>,
 }
 
 impl core::fmt::Debug for Shared {
@@ -298,6 +301,7 @@ enum Holdings {
         pages: *mut u8,
         layout: Layout,
         path: String,
+        ring_ref: u32,
     },
     Client {
         mappings: Vec<ForeignMapping>,
@@ -348,6 +352,7 @@ fn release(holdings: &mut Holdings, shared: &Shared) {
             pages,
             layout,
             path,
+            ring_ref,
         } => {
             let mut all_revoked = true;
             for gref in grants.drain(..) {
@@ -367,7 +372,10 @@ fn release(holdings: &mut Holdings, shared: &Shared) {
             }
             *pages = core::ptr::null_mut();
             if !path.is_empty() {
-                shared.stale_paths.borrow_mut().push(core::mem::take(path));
+                shared
+                    .stale_paths
+                    .borrow_mut()
+                    .push((core::mem::take(path), *ring_ref));
             }
         }
         Holdings::Client { mappings, windows } => {
@@ -402,9 +410,13 @@ impl Platform for XenPlatform {
     }
 
     fn wait(&mut self, deadline: Option<Instant>) {
-        let stale: Vec<String> = self.shared.stale_paths.borrow_mut().drain(..).collect();
-        for path in stale {
-            let _ = self.xenstore.remove(&path);
+        let stale: Vec<(String, u32)> = self.shared.stale_paths.borrow_mut().drain(..).collect();
+        for (path, ring_ref) in stale {
+            // A newer server on the same port republished the path: keep it.
+            let current = self.xenstore.read(&format!("{path}/{RING_REF_KEY}"));
+            if matches!(current, Ok(Some(ref text)) if parse_decimal(text) == Some(ring_ref)) {
+                let _ = self.xenstore.remove(&path);
+            }
         }
         let ports: Vec<u32> = self.shared.ports.borrow().iter().copied().collect();
         // Anything that fired since the last wait: return at once so the
@@ -430,7 +442,19 @@ impl Platform for XenPlatform {
             }
             None => 0,
         };
-        hypercall::sched_poll(&ports, timeout);
+        // Xen polls at most 128 ports at once (`do_poll`); past that, sleep
+        // in short slices so no link is starved.
+        if ports.len() > MAX_POLL_PORTS {
+            let slice = system_time(&self.shared_info).saturating_add(1_000_000);
+            let until = if timeout == 0 {
+                slice
+            } else {
+                timeout.min(slice)
+            };
+            hypercall::sched_poll(ports.get(..MAX_POLL_PORTS).unwrap_or_default(), until);
+        } else {
+            hypercall::sched_poll(&ports, timeout);
+        }
     }
 
     fn vchan_server(&mut self, peer: u16, port: u32) -> Result<XenVchan, PlatformError> {
@@ -524,6 +548,7 @@ impl Platform for XenPlatform {
                 pages,
                 layout,
                 path: path.clone(),
+                ring_ref,
             },
             shared: self.shared.clone(),
         };
@@ -631,7 +656,14 @@ impl Platform for XenPlatform {
             Shutdown::Reboot => abi::SHUTDOWN_REBOOT,
             Shutdown::Crash => abi::SHUTDOWN_CRASH,
         };
-        log::info!("xen: shutting down ({how:?})");
+        match self.heap_usage() {
+            Some((used, claimed)) => log::info!(
+                "xen: shutting down ({how:?}); heap in use {} KiB of {} KiB",
+                used >> 10,
+                claimed >> 10
+            ),
+            None => log::info!("xen: shutting down ({how:?})"),
+        }
         loop {
             hypercall::sched_shutdown(reason);
             hypercall::sched_yield();

@@ -190,13 +190,7 @@ extern "C" fn rust_start(start_info: u64) -> ! {
             "unikernel: no PV console ({rc}), logging to port 0xe9"
         );
     }
-    let level = match boot.option("loglevel") {
-        Some("trace") => log::LevelFilter::Trace,
-        Some("debug") => log::LevelFilter::Debug,
-        Some("warn") => log::LevelFilter::Warn,
-        Some("error") => log::LevelFilter::Error,
-        _ => log::LevelFilter::Info,
-    };
+    let level = boot.log_level().unwrap_or(log::LevelFilter::Info);
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
     log::info!(

@@ -14,6 +14,8 @@ use super::abi::{E820_RAM, HVM_START_MAGIC, HvmMemmapEntry, HvmStartInfo};
 
 /// Most memory map entries kept.
 pub const MAX_MEMMAP: usize = 32;
+/// The platform's own boot option: the log level (`--logs=debug`).
+pub const PLATFORM_LOGS_OPTION: &str = "--logs";
 /// Longest command line kept (bytes).
 pub const MAX_CMDLINE: usize = 1023;
 
@@ -164,6 +166,38 @@ impl BootInfo {
             })
     }
 
+    /// The command line without the platform's own options (`--logs=…`),
+    /// for the firewall's boot-option parser.
+    pub fn program_cmdline(&self) -> alloc::string::String {
+        let mut out = alloc::string::String::new();
+        for word in self.cmdline().split_ascii_whitespace() {
+            if word == PLATFORM_LOGS_OPTION || word.starts_with("--logs=") {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(word);
+        }
+        out
+    }
+
+    /// The log level asked for with `--logs=LEVEL` (mirage's option; a
+    /// `*:LEVEL` form is accepted too): `error`, `warn`, `info`, `debug`,
+    /// `trace`. `None` when absent or not understood.
+    pub fn log_level(&self) -> Option<log::LevelFilter> {
+        let value = self.option(PLATFORM_LOGS_OPTION)?;
+        let level = value.rsplit(':').next().unwrap_or(value);
+        match level {
+            "error" => Some(log::LevelFilter::Error),
+            "warn" | "warning" => Some(log::LevelFilter::Warn),
+            "info" => Some(log::LevelFilter::Info),
+            "debug" => Some(log::LevelFilter::Debug),
+            "trace" => Some(log::LevelFilter::Trace),
+            _ => None,
+        }
+    }
+
     /// The RAM ranges of the memory map.
     pub fn ram(&self) -> &[RamRange] {
         self.ram.get(..self.ram_count).unwrap_or_default()
@@ -189,7 +223,7 @@ mod tests {
         m[24..32].copy_from_slice(&0x100u64.to_le_bytes());
         m[40..48].copy_from_slice(&0x200u64.to_le_bytes());
         m[48..52].copy_from_slice(&3u32.to_le_bytes());
-        m[0x100..0x100 + 26].copy_from_slice(b"loglevel=debug quiet x=1\0\0");
+        m[0x100..0x100 + 26].copy_from_slice(b"--logs=debug quiet x=1\0\0\0\0");
         let entries: [(u64, u64, u32); 3] = [
             (0, 0xa0000, 1),
             (0xf0000, 0x10000, 2),
@@ -218,8 +252,10 @@ mod tests {
     fn parses_cmdline_options_and_ram() {
         let m = memory();
         let boot = BootInfo::parse(0, reader(&m)).unwrap();
-        assert_eq!(boot.cmdline(), "loglevel=debug quiet x=1");
-        assert_eq!(boot.option("loglevel"), Some("debug"));
+        assert_eq!(boot.cmdline(), "--logs=debug quiet x=1");
+        assert_eq!(boot.option("--logs"), Some("debug"));
+        assert_eq!(boot.log_level(), Some(log::LevelFilter::Debug));
+        assert_eq!(boot.program_cmdline(), "quiet x=1");
         assert_eq!(boot.option("quiet"), Some(""));
         assert_eq!(boot.option("missing"), None);
         assert_eq!(boot.ram().len(), 2);
