@@ -4,12 +4,15 @@
 //! memory) and runs the firewall's program flow on it.
 //!
 //! It must never contain firewall logic of its own: everything past the
-//! platform bring-up belongs to `unikernel::firewall`.
+//! platform bring-up belongs to `unikernel::firewall::run`, whose answer
+//! (power off, reboot, crash) becomes the exit status
+//! (`hosted::exit_status`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use unikernel::platform::hosted::{self, HostedConfig, reactor::Reactor};
+use unikernel::platform::Platform;
+use unikernel::platform::hosted::{self, HostedConfig, HostedPlatform, reactor::Reactor};
 
 const USAGE: &str = "\
 Usage: qubes-firewall-hosted [OPTIONS] [-- KERNEL-COMMAND-LINE...]
@@ -142,8 +145,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let link = match hosted::xenstore::connect(reactor.clone(), &options.xenstore_socket) {
-        Ok(link) => link,
+    let xenstore = match hosted::xenstore::connect_client(reactor.clone(), &options.xenstore_socket)
+    {
+        Ok(client) => client,
         Err(error) => {
             eprintln!("qubes-firewall-hosted: {error}");
             return ExitCode::FAILURE;
@@ -158,19 +162,7 @@ fn main() -> ExitCode {
         options.config.uplink_tap,
         options.cmdline,
     );
-    run(options, reactor, link)
-}
-
-/// Runs the program flow. The portable xenstore client and
-/// `unikernel::firewall` are being written at the same time as this binary;
-/// until both exist the hosted binary stops after bringing the platform up.
-fn run(
-    _options: Options,
-    _reactor: std::rc::Rc<Reactor>,
-    _xenstore_link: hosted::vchan::SocketLink,
-) -> ExitCode {
-    eprintln!(
-        "qubes-firewall-hosted: platform is up, but this build has no firewall program flow yet (unikernel::firewall); exiting"
-    );
-    ExitCode::FAILURE
+    let mut platform = HostedPlatform::new(options.config, reactor, xenstore);
+    let how = unikernel::firewall::run(&mut platform, &options.cmdline);
+    platform.exit(how)
 }

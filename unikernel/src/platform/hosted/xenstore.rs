@@ -18,6 +18,47 @@ use std::rc::Rc;
 
 use super::reactor::Reactor;
 use super::vchan::SocketLink;
+use crate::xenstore::{LinkWait, XenstoreClient};
+
+/// The portable xenstore client on the hosted link.
+pub type HostedXenstore = XenstoreClient<SocketLink, SocketWait>;
+
+/// How long one [`LinkWait::wait`] sleeps at most; the client gives up on a
+/// reply after `DEFAULT_MAX_WAITS` (2000) of them, i.e. 20 s.
+pub const WAIT_SLICE_MS: libc::c_int = 10;
+
+/// Waits for xenstored's socket to become readable (or 10 ms to pass), so
+/// the portable client sleeps instead of spinning while a reply is on its way.
+#[derive(Debug)]
+pub struct SocketWait {
+    fd: Option<std::os::fd::RawFd>,
+}
+
+impl LinkWait for SocketWait {
+    fn wait(&mut self) {
+        let Some(fd) = self.fd else {
+            std::thread::sleep(std::time::Duration::from_millis(WAIT_SLICE_MS as u64));
+            return;
+        };
+        let mut poll_fd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `poll_fd` is one valid pollfd for the duration of the
+        // call, and we pass a count of 1. The fd belongs to the link the
+        // same client owns; if it were closed, poll reports POLLNVAL.
+        let _ = unsafe { libc::poll(&mut poll_fd, 1, WAIT_SLICE_MS) };
+    }
+}
+
+/// Connects to xenstored at `path` and wraps the link in the portable
+/// xenstore client.
+pub fn connect_client(reactor: Rc<Reactor>, path: &Path) -> io::Result<HostedXenstore> {
+    let link = connect(reactor, path)?;
+    let waiter = SocketWait { fd: link.raw_fd() };
+    Ok(XenstoreClient::new(link, waiter))
+}
 
 /// libxenstore's default socket path.
 pub const DEFAULT_XENSTORED_SOCKET: &str = "/var/run/xenstored/socket";
@@ -104,6 +145,52 @@ mod tests {
         }
         assert_eq!(&reply[..16], &header(2, 7, 0, 8));
         assert_eq!(&reply[16..], b"firewall");
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The portable client on the hosted link, against a scripted
+    /// xenstored thread: a READ, and a watch event that arrives before the
+    /// reply to the next request and is queued.
+    #[test]
+    fn portable_client_runs_on_the_hosted_link() {
+        use crate::platform::Xenstore;
+        let dir = std::env::temp_dir().join(std::format!("hosted-xsc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("socket");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 16 + 5];
+            conn.read_exact(&mut request).unwrap();
+            let req_id = u32::from_le_bytes(request[4..8].try_into().unwrap());
+            assert_eq!(&request[16..], b"name\0");
+            // Answer slowly, so the client has to wait on the socket.
+            std::thread::sleep(Duration::from_millis(50));
+            let mut reply = header(2, req_id, 0, 8).to_vec();
+            reply.extend_from_slice(b"firewall");
+            conn.write_all(&reply).unwrap();
+            // WATCH "backend/vif" "t": an event first, then OK.
+            let mut watch = [0u8; 16 + 14];
+            conn.read_exact(&mut watch).unwrap();
+            let req_id = u32::from_le_bytes(watch[4..8].try_into().unwrap());
+            let mut event = header(15, 0, 0, 14).to_vec();
+            event.extend_from_slice(b"backend/vif\0t\0");
+            let mut ok = header(4, req_id, 0, 3).to_vec();
+            ok.extend_from_slice(b"OK\0");
+            conn.write_all(&event).unwrap();
+            conn.write_all(&ok).unwrap();
+        });
+        let reactor = Reactor::new().unwrap();
+        let mut client = connect_client(reactor, &path).unwrap();
+        assert_eq!(client.read("name").unwrap().as_deref(), Some("firewall"));
+        client.watch("backend/vif", "t").unwrap();
+        let event = client.poll_watch().unwrap();
+        assert_eq!(
+            (event.path.as_str(), event.token.as_str()),
+            ("backend/vif", "t")
+        );
         server.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
