@@ -3,7 +3,7 @@
 //! `--features hosted` because a plain workspace build skips it), then
 //! traffic from the client qubes through the firewall to sys-net, the
 //! per-client rules enforced, a live rule change made with `qubesdb-write`
-//! taking effect, and `qubes-box down` leaving nothing behind.
+//! taking effect, and a poweroff through XenStore ending the process.
 #![allow(clippy::unwrap_used)] // reason: test code
 
 use std::path::{Path, PathBuf};
@@ -191,4 +191,34 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
         "port 8080 should be dropped (timeout), was refused quickly: {}",
         text(&blocked)
     );
+
+    // The toolstack powers the firewall off through XenStore; it
+    // acknowledges (writes "") and the hosted platform exits with status 0.
+    let socket = up.state.join("xenstored.sock").display().to_string();
+    let xs = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_qubes-box"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let write = xs(&[
+        "xenstore-write",
+        "--socket",
+        &socket,
+        "/local/domain/2/control/shutdown",
+        "poweroff",
+    ]);
+    assert!(write.status.success(), "{}", text(&write));
+    up.wait_until("the firewall exiting on poweroff", || {
+        std::fs::read_to_string(up.state.join("firewall.log"))
+            .unwrap_or_default()
+            .contains("exiting (PowerOff, status 0)")
+    });
+    let ack = xs(&[
+        "xenstore-read",
+        "--socket",
+        &socket,
+        "/local/domain/2/control/shutdown",
+    ]);
+    assert_eq!(ack.stdout, b"\n", "{}", text(&ack));
 }
