@@ -79,6 +79,8 @@ struct Shared {
     /// xenstore directories of closed vchan servers with the ring-ref they
     /// published, removed by `wait` unless a newer server took the path.
     stale_paths: RefCell<Vec<(String, u32)>>,
+    /// Pages of closed servers waiting for the peer to unmap them.
+    retired: RefCell<Vec<Retired>>,
 }
 
 impl core::fmt::Debug for Shared {
@@ -176,6 +178,7 @@ impl XenPlatform {
                 window: RefCell::new(ForeignWindow::default()),
                 ports: RefCell::new(BTreeSet::from([store_port])),
                 stale_paths: RefCell::new(Vec::new()),
+                retired: RefCell::new(Vec::new()),
             }),
             xenstore,
             shutdown_watch: false,
@@ -342,6 +345,32 @@ impl Drop for XenVchan {
     }
 }
 
+/// Pages of a closed vchan server still granted to the peer.
+#[derive(Debug)]
+struct Retired {
+    grants: Vec<u32>,
+    pages: *mut u8,
+    layout: Layout,
+}
+
+impl Retired {
+    /// Revokes what it can; frees the pages once nothing is granted.
+    /// Returns itself while some grant is still mapped by the peer.
+    fn try_free(mut self, shared: &Shared) -> Option<Retired> {
+        self.grants
+            .retain(|gref| shared.grants.borrow_mut().end_access(*gref).is_err());
+        if !self.grants.is_empty() {
+            return Some(self);
+        }
+        if !self.pages.is_null() {
+            // SAFETY: allocated in `vchan_server` with this layout; no grant
+            // to it remains, so no peer can reach it any more.
+            unsafe { alloc::alloc::dealloc(self.pages, self.layout) };
+        }
+        None
+    }
+}
+
 /// Gives back what a vchan held: revokes grants (freeing the pages only if
 /// every grant could be revoked), queues the xenstore directory for
 /// removal, unmaps foreign pages and frees their window slots.
@@ -354,21 +383,15 @@ fn release(holdings: &mut Holdings, shared: &Shared) {
             path,
             ring_ref,
         } => {
-            let mut all_revoked = true;
-            for gref in grants.drain(..) {
-                if shared.grants.borrow_mut().end_access(gref).is_err() {
-                    all_revoked = false;
-                }
-            }
-            if all_revoked && !pages.is_null() {
-                // SAFETY: allocated in `vchan_server` with this layout; no
-                // grant to it remains, so no peer can touch it any more.
-                unsafe { alloc::alloc::dealloc(*pages, *layout) };
-            } else if !all_revoked {
-                log::warn!(
-                    "xen: peer still maps vchan pages; leaking {} bytes",
-                    layout.size()
-                );
+            let retired = Retired {
+                grants: core::mem::take(grants),
+                pages: *pages,
+                layout: *layout,
+            };
+            if let Some(retired) = retired.try_free(shared) {
+                // The peer has not unmapped yet (it will once it sees the
+                // close); `wait` tries again. Never reuse the pages before.
+                shared.retired.borrow_mut().push(retired);
             }
             *pages = core::ptr::null_mut();
             if !path.is_empty() {
@@ -410,6 +433,12 @@ impl Platform for XenPlatform {
     }
 
     fn wait(&mut self, deadline: Option<Instant>) {
+        let retired: Vec<Retired> = self.shared.retired.borrow_mut().drain(..).collect();
+        for pages in retired {
+            if let Some(still) = pages.try_free(&self.shared) {
+                self.shared.retired.borrow_mut().push(still);
+            }
+        }
         let stale: Vec<(String, u32)> = self.shared.stale_paths.borrow_mut().drain(..).collect();
         for (path, ring_ref) in stale {
             // A newer server on the same port republished the path: keep it.
