@@ -290,19 +290,25 @@ impl Policy {
         confirm: &dyn Confirm,
         indexed: bool,
     ) -> Decision {
-        let prefix = format!(
-            "qrexec: {}: {} -> {}:",
-            query.service_and_arg, query.source, query.intended_target
-        );
+        let prefix = || {
+            format!(
+                "qrexec: {}: {} -> {}:",
+                query.service_and_arg, query.source, query.intended_target
+            )
+        };
         match self.decide(query, system, confirm, indexed) {
             Ok(decision) => {
                 if let Decision::Allow { target, .. } = &decision {
-                    log::info!("{prefix} allowed to {target}");
+                    if log::log_enabled!(log::Level::Info) {
+                        log::info!("{} allowed to {target}", prefix());
+                    }
                 }
                 decision
             }
             Err(denial) => {
-                log::info!("{prefix} denied: {}", denial.reason);
+                if log::log_enabled!(log::Level::Info) {
+                    log::info!("{} denied: {}", prefix(), denial.reason);
+                }
                 Decision::Deny {
                     reason: denial.reason,
                     notify: denial.notify,
@@ -385,7 +391,7 @@ impl Policy {
             } => {
                 let mut targets: Vec<String> = match target {
                     Some(t) => vec![t.text()],
-                    None => self.collect_targets_for_ask(&request, system),
+                    None => self.collect_targets_for_ask(&request, system, indexed),
                 };
                 if !*autostart {
                     targets.retain(|t| allow_no_autostart(t, system));
@@ -457,10 +463,25 @@ impl Policy {
 
     /// Python's `collect_targets_for_ask`: walk the rules backwards, add
     /// what non-deny rules reach, remove what deny rules reach.
-    fn collect_targets_for_ask(&self, request: &Request<'_>, system: &SystemInfo) -> Vec<String> {
+    fn collect_targets_for_ask(
+        &self,
+        request: &Request<'_>,
+        system: &SystemInfo,
+        indexed: bool,
+    ) -> Vec<String> {
         let mut targets: BTreeSet<String> = BTreeSet::new();
         let mut expansion = Vec::new();
-        for rule in self.rules.iter().rev() {
+        let candidates: Vec<usize> = if indexed {
+            self.index
+                .candidates_but_target(request.service, request.argument, &request.source)
+        } else {
+            (0..self.rules.len()).collect()
+        };
+        for rule in candidates
+            .iter()
+            .rev()
+            .filter_map(|&number| self.rules.get(number))
+        {
             if !(rule.matches_service(request.service, request.argument)
                 && rule.source.matches_source(&request.source, system))
             {

@@ -92,6 +92,8 @@ const GENERIC: u32 = 0;
 pub struct RuleIndex {
     strings: HashMap<Box<str>, u32, FxBuild>,
     buckets: HashMap<[u32; 4], Vec<u32>, FxBuild>,
+    /// The same rules keyed without the target, for `ask` choices.
+    but_target: HashMap<[u32; 3], Vec<u32>, FxBuild>,
 }
 
 fn source_key(token: &Token) -> Option<&str> {
@@ -135,6 +137,11 @@ impl RuleIndex {
             ];
             let number = u32::try_from(number).unwrap_or(u32::MAX);
             index.buckets.entry(key).or_default().push(number);
+            index
+                .but_target
+                .entry([key[0], key[1], key[2]])
+                .or_default()
+                .push(number);
         }
         index
     }
@@ -217,6 +224,44 @@ impl RuleIndex {
                 return Some(number);
             }
         }
+    }
+
+    /// Every rule number whose service, argument and source parts could
+    /// match (the target is not looked at), ascending. Callers still check
+    /// each rule; this only skips rules that cannot match.
+    pub fn candidates_but_target(
+        &self,
+        service: &str,
+        argument: &str,
+        source: &Source<'_>,
+    ) -> Vec<usize> {
+        let source_text = if source.is_admin {
+            "@adminvm"
+        } else {
+            source.name
+        };
+        let dims = [self.id(service), self.id(argument), self.id(source_text)];
+        let mut out: Vec<usize> = Vec::new();
+        for combo in 0u32..8 {
+            let mut key = [GENERIC; 3];
+            let mut possible = true;
+            for (d, slot) in key.iter_mut().enumerate() {
+                if combo & (1 << d) != 0 {
+                    match dims[d] {
+                        Some(id) => *slot = id,
+                        None => {
+                            possible = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            if possible && let Some(list) = self.but_target.get(&key) {
+                out.extend(list.iter().map(|&n| n as usize));
+            }
+        }
+        out.sort_unstable();
+        out
     }
 
     /// Number of distinct keys (for diagnostics).
