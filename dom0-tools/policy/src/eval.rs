@@ -298,10 +298,10 @@ impl Policy {
         };
         match self.decide(query, system, confirm, indexed) {
             Ok(decision) => {
-                if let Decision::Allow { target, .. } = &decision {
-                    if log::log_enabled!(log::Level::Info) {
-                        log::info!("{} allowed to {target}", prefix());
-                    }
+                if let Decision::Allow { target, .. } = &decision
+                    && log::log_enabled!(log::Level::Info)
+                {
+                    log::info!("{} allowed to {target}", prefix());
                 }
                 decision
             }
