@@ -29,6 +29,7 @@ Options:
                             replaced (default: vif{domid}.{device})
   --memory MIB              memory the table caps derive from (default: 32)
   --mtu BYTES               IP MTU of every TAP (default: 1500)
+  --tap-queue-len FRAMES    kernel queue towards us on every TAP (default: 10000)
   -h, --help                this text
 
 Arguments after `--` are passed to the firewall as its boot command line
@@ -84,6 +85,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
                     .ok_or_else(|| format!("--memory {mib}: too large"))?;
             }
             "--mtu" => config.mtu = parse_number(flag, &take(&mut iter)?)?,
+            "--tap-queue-len" => config.tap_queue_len = parse_number(flag, &take(&mut iter)?)?,
             "--" => {
                 let rest: Vec<&str> = iter.map(String::as_str).collect();
                 cmdline = rest.join(" ");

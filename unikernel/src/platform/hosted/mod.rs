@@ -53,6 +53,8 @@ pub struct HostedConfig {
     pub client_tap_format: String,
     /// IP MTU of every TAP.
     pub mtu: usize,
+    /// The kernel's queue of frames towards us on every TAP.
+    pub tap_queue_len: u32,
 }
 
 impl Default for HostedConfig {
@@ -64,6 +66,7 @@ impl Default for HostedConfig {
             uplink_tap: String::from("eth0"),
             client_tap_format: String::from("vif{domid}.{device}"),
             mtu: tap::DEFAULT_MTU,
+            tap_queue_len: tap::DEFAULT_QUEUE_LEN,
         }
     }
 }
@@ -141,6 +144,9 @@ impl<X: Xenstore> HostedPlatform<X> {
             // The box may have moved the device's kernel side elsewhere and
             // brought it up there; frames still flow.
             log::warn!("TAP {name}: cannot set link up here: {error}");
+        }
+        if let Err(error) = device.set_queue_len(self.config.tap_queue_len) {
+            log::warn!("TAP {name}: cannot set its queue length: {error}");
         }
         Ok(device)
     }

@@ -29,6 +29,8 @@ use crate::platform::Instant;
 
 /// The IP MTU of a Qubes vif (Xen netfront default).
 pub const DEFAULT_MTU: usize = 1500;
+/// The kernel's queue of frames for us on each TAP (see [`set_txqueuelen`]).
+pub const DEFAULT_QUEUE_LEN: u32 = 10000;
 /// Ethernet header bytes on top of the IP MTU.
 const ETHERNET_HEADER: usize = 14;
 /// Largest frame the kernel can hand us on a TAP (without GSO); the read
@@ -135,6 +137,11 @@ impl TapDevice {
         set_link_up(&self.name)
     }
 
+    /// Sets the kernel's queue towards us (see [`set_txqueuelen`]).
+    pub fn set_queue_len(&self, len: u32) -> io::Result<()> {
+        set_txqueuelen(&self.name, len)
+    }
+
     /// Reads one frame into the receive buffer; `Some(len)` when a frame of
     /// acceptable size arrived.
     fn read_frame(&mut self) -> Option<usize> {
@@ -173,16 +180,39 @@ impl TapDevice {
     }
 }
 
-/// Sets interface `name` up through `SIOCSIFFLAGS` on a throw-away socket.
-pub fn set_link_up(name: &str) -> io::Result<()> {
-    let mut request = ifreq_for(name)?;
+/// A throw-away socket for interface ioctls.
+fn ioctl_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket() takes no pointers; a negative return is an error.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `raw` was just returned by socket and is owned by no one else.
-    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Sets the kernel's queue of frames waiting for us on interface `name`
+/// (`SIOCSIFTXQLEN`, what `ip link set NAME txqueuelen LEN` does). A TAP
+/// attached with `TUNSETIFF` starts at 1000, which a fast TCP sender
+/// overflows while the single-threaded firewall is busy; the drops stall
+/// the connection for seconds (retransmission timeouts).
+pub fn set_txqueuelen(name: &str, len: u32) -> io::Result<()> {
+    let mut request = ifreq_for(name)?;
+    // `ifr_qlen` is the union's int member, at the same place as `ifru_mtu`.
+    request.ifr_ifru.ifru_mtu = libc::c_int::try_from(len).unwrap_or(libc::c_int::MAX);
+    let socket = ioctl_socket()?;
+    // SAFETY: SIOCSIFTXQLEN reads one `struct ifreq`, which `request` is.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFTXQLEN, &mut request) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets interface `name` up through `SIOCSIFFLAGS` on a throw-away socket.
+pub fn set_link_up(name: &str) -> io::Result<()> {
+    let mut request = ifreq_for(name)?;
+    let socket = ioctl_socket()?;
     // SAFETY: SIOCGIFFLAGS fills the flags of one `struct ifreq`.
     let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) };
     if rc < 0 {
@@ -368,6 +398,14 @@ mod tests {
             let reactor = Reactor::new().unwrap();
             let mut tap = TapDevice::open(reactor.clone(), "qbtap0", DEFAULT_MTU).unwrap();
             tap.set_up().unwrap();
+            tap.set_queue_len(DEFAULT_QUEUE_LEN).unwrap();
+            let mut query = ifreq_for("qbtap0").unwrap();
+            let socket = ioctl_socket().unwrap();
+            // SAFETY: SIOCGIFTXQLEN fills one ifreq, which `query` is.
+            let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFTXQLEN, &mut query) };
+            assert_eq!(rc, 0);
+            // SAFETY: after SIOCGIFTXQLEN the union holds the int member.
+            assert_eq!(unsafe { query.ifr_ifru.ifru_mtu }, DEFAULT_QUEUE_LEN as i32);
             let sniffer = packet_socket("qbtap0");
 
             // Firewall → kernel.
