@@ -8,6 +8,9 @@ up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN{printf "%.2f", b-a}'; }
 fail=0
 check() { if [ "$2" = ok ]; then echo "QFW-CHECK ok   $1"; else echo "QFW-CHECK FAIL $1"; fail=1; fi; }
+waitcount() { # file pattern count tenths
+    i=0; until [ "$(grep -c "$2" "$1" 2>/dev/null)" -ge "$3" ] || [ $i -ge "$4" ]; do sleep 0.1; i=$((i+1)); done
+    [ "$(grep -c "$2" "$1" 2>/dev/null)" -ge "$3" ]; }
 waitfor() { # file pattern tenths
     i=0; until grep -q "$2" "$1" 2>/dev/null || [ $i -ge "$3" ]; do sleep 0.1; i=$((i+1)); done; grep -q "$2" "$1" 2>/dev/null; }
 CONS=/var/log/xen/console
@@ -43,6 +46,7 @@ check "xl create -p rc=$rc" $([ $rc = 0 ] && echo ok)
 domid=$(xl domid sys-firewall 2>/dev/null)
 echo "QFW: firewall is domain $domid"
 vchan-peer qubesdb "$domid" > /tmp/peer-qubesdb.log 2>&1 &
+QDB_PID=$!
 waitfor /tmp/peer-qubesdb.log "server up" 50
 xl unpause sys-firewall
 vchan-peer qrexec "$domid" > /tmp/peer-qrexec.log 2>&1 &
@@ -63,7 +67,30 @@ grep -q "HELLO exchanged" /tmp/peer-qrexec.log; check "qrexec HELLO over real vc
 xenstore-ls -f /local/domain/$domid/data 2>/dev/null | sed 's/^/QFW: xenstore /'
 echo "QFW: guest memory:"; xl list sys-firewall
 
-# 2) Clean shutdown.
+# 2) dom0's QubesDB goes away, a hostile one takes its place (corrupts the
+#    ring indices), then a good one comes back: the firewall must drop the
+#    bad link, stay up, and resynchronise.
+kill -TERM $QDB_PID; wait $QDB_PID 2>/dev/null
+waitfor /tmp/peer-qubesdb.log "vchan closed" 50
+t2=$(up)
+vchan-peer hostile-qubesdb "$domid" > /tmp/peer-hostile.log 2>&1 &
+HOSTILE_PID=$!
+waitfor /tmp/peer-hostile.log "client closed\|FAIL" 300
+grep -q "client closed the vchan" /tmp/peer-hostile.log
+check "firewall dropped a QubesDB vchan with corrupt indices" $([ $? = 0 ] && echo ok)
+wait $HOSTILE_PID 2>/dev/null
+vchan-peer qubesdb "$domid" > /tmp/peer-qubesdb2.log 2>&1 &
+QDB_PID=$!
+if waitcount $LOG "QubesDB: synchronised" 2 300; then
+    echo "QFW-MEASURE firewall: QubesDB lost -> hostile peer dropped -> resynchronised in $(since $t2) s"
+    check "firewall resynchronised with a new QubesDB" ok
+else
+    check "firewall resynchronised with a new QubesDB" no
+fi
+state=$(xl list sys-firewall 2>/dev/null | awk 'NR==2{print $5}')
+case $state in ""|*c*|*s*|*d*) check "firewall still running after the hostile peer (state '$state')" no ;; *) check "firewall still running after the hostile peer (state $state)" ok ;; esac
+
+# 3) Clean shutdown.
 t1=$(up)
 xl shutdown sys-firewall; rc=$?
 check "xl shutdown rc=$rc" $([ $rc = 0 ] && echo ok)
@@ -74,7 +101,7 @@ xl list
 case $state in *c*) check "final state $state is shut down, not crashed" no ;; *s*) check "final state $state is shut down" ok ;; *) check "final state '$state' is shut down" no ;; esac
 sleep 0.5
 echo "QFW: ---- guest console log ----"; sed 's/^/QFW-CONSOLE /' $LOG
-echo "QFW: ---- vchan-peer logs ----"; cat /tmp/peer-qubesdb.log /tmp/peer-qrexec.log
+echo "QFW: ---- vchan-peer logs ----"; cat /tmp/peer-qubesdb.log /tmp/peer-hostile.log /tmp/peer-qubesdb2.log /tmp/peer-qrexec.log
 echo "QFW: ---- guest lines in xl dmesg ----"; xl dmesg | grep -E '^\(d[0-9]+\)' | tail -20
 xl destroy sys-firewall 2>/dev/null
 echo "QFW-RESULT $( [ $fail = 0 ] && echo PASS || echo FAIL )"

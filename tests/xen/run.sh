@@ -18,7 +18,7 @@ gcc -c -DPOWEROFF -DLONGMODE "$HERE/hello-pvh.S" -o "$OUT/hello-pvh-lm.o"
 ld -m elf_x86_64 -z max-page-size=4096 --no-warn-rwx-segments -T "$HERE/hello-pvh.ld" -o "$OUT/hello-pvh-lm.elf" "$OUT/hello-pvh-lm.o"
 R=$LAB/root
 gcc -O2 -Wall -o "$OUT/vchan-peer" "$HERE/vchan-peer.c" -I"$R/usr/include" \
-    -L"$R/usr/lib/x86_64-linux-gnu" -Wl,-rpath-link,"$R/usr/lib/x86_64-linux-gnu" -lxenvchan
+    -L"$R/usr/lib/x86_64-linux-gnu" -Wl,-rpath-link,"$R/usr/lib/x86_64-linux-gnu" -lxenvchan -lxenevtchn
 "$HERE/build-initramfs.sh" "$IMAGE:/guest/qubes-firewall.elf" "$OUT/hello-pvh-lm.elf:/guest/hello-pvh-lm.elf" \
     "$OUT/vchan-peer:/usr/bin/vchan-peer" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \
     "$HERE/dom0-test.sh:/guest/test.sh" >/dev/null

@@ -12,6 +12,11 @@
  *                              empty path, answers one QDB_RESP_MULTIREAD per entry and the
  *                              empty-path end marker; then answers WRITE/RM with QDB_RESP_OK
  *                              until the VM closes the vchan.
+ *   vchan-peer hostile-qubesdb DOMID
+ *                              the same server, but once the VM has sent its MULTIREAD it
+ *                              corrupts the ring it writes (right.prod far past right.cons +
+ *                              ring size) and notifies: the VM must drop the link (cli_live
+ *                              0), not crash, and connect again later.
  *   vchan-peer qrexec DOMID    libxenvchan CLIENT of /local/domain/DOMID/data/vchan/0/512
  *                              (the VM's agent serves); reads the agent's MSG_HELLO, answers
  *                              MSG_HELLO version 3 (what qrexec-daemon does), then drains.
@@ -21,6 +26,7 @@
  * MSG_HELLO 0x300 with struct peer_info { uint32_t version; } (qubes-core-qrexec libqrexec).
  * Every line it prints starts with "PEER-" so the test can grep the serial log.
  */
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +47,14 @@ struct msg_header {
     uint32_t len;
 };
 #define MSG_HELLO 0x300
+
+static volatile sig_atomic_t stop;
+
+static void on_term(int sig)
+{
+    (void)sig;
+    stop = 1;
+}
 
 static double now(void)
 {
@@ -82,6 +96,36 @@ static const char *entries[][2] = {
     { "/qubes-service/qubes-firewall", "1" },
 };
 
+static int hostile_qubesdb(int domid)
+{
+    char path[128];
+    snprintf(path, sizeof path, "/local/domain/0/data/vchan/%d/111", domid);
+    struct libxenvchan *v = libxenvchan_server_init(NULL, domid, path, 4096, 4096);
+    if (!v) {
+        printf("PEER-HOSTILE FAIL server_init %s\n", path);
+        return 1;
+    }
+    v->blocking = 1;
+    printf("PEER-HOSTILE server up at %s\n", path);
+    struct qdb_hdr h;
+    if (recv_all(v, &h, sizeof h)) {
+        printf("PEER-HOSTILE FAIL no request from the VM\n");
+        return 1;
+    }
+    printf("PEER-HOSTILE got type %u; corrupting right.prod\n", h.type);
+    v->ring->right.prod = v->ring->right.cons + 0x10000;
+    xenevtchn_notify(v->event, v->event_port);
+    double t0 = now();
+    while (libxenvchan_is_open(v) != 0 && now() - t0 < 20)
+        usleep(10000);
+    if (libxenvchan_is_open(v) == 0)
+        printf("PEER-HOSTILE client closed the vchan after %.3f s\n", now() - t0);
+    else
+        printf("PEER-HOSTILE FAIL client kept the corrupt vchan open\n");
+    libxenvchan_close(v);
+    return 0;
+}
+
 static int qubesdb(int domid)
 {
     char path[128];
@@ -107,7 +151,7 @@ static int qubesdb(int domid)
     struct qdb_hdr h;
     int synced = 0, writes = 0;
     char data[3072];
-    while (recv_all(v, &h, sizeof h) == 0) {
+    while (!stop && recv_all(v, &h, sizeof h) == 0) {
         if (h.data_len >= sizeof data) {
             printf("PEER-QUBESDB FAIL data_len %u too long\n", h.data_len);
             return 1;
@@ -183,13 +227,21 @@ static int qrexec(int domid)
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
+    /* SIGTERM ends a blocking libxenvchan_recv (no SA_RESTART), then the
+     * vchan is closed properly: srv_live 0, xenstore path removed. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_term;
+    sigaction(SIGTERM, &sa, NULL);
     if (argc != 3) {
-        fprintf(stderr, "usage: vchan-peer qubesdb|qrexec DOMID\n");
+        fprintf(stderr, "usage: vchan-peer qubesdb|hostile-qubesdb|qrexec DOMID\n");
         return 2;
     }
     int domid = atoi(argv[2]);
     if (!strcmp(argv[1], "qubesdb"))
         return qubesdb(domid);
+    if (!strcmp(argv[1], "hostile-qubesdb"))
+        return hostile_qubesdb(domid);
     if (!strcmp(argv[1], "qrexec"))
         return qrexec(domid);
     fprintf(stderr, "vchan-peer: unknown mode %s\n", argv[1]);
