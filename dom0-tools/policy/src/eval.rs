@@ -261,7 +261,7 @@ impl Policy {
         let request = Request {
             service,
             argument,
-            source: Source::new(source),
+            source: Source::new(source_name(source, system)),
             target,
         };
         self.find(&request, system, indexed)
@@ -317,10 +317,10 @@ impl Policy {
         }
     }
 
-    fn decide(
+    fn decide<'a>(
         &self,
-        query: &Query,
-        system: &SystemInfo,
+        query: &'a Query,
+        system: &'a SystemInfo,
         confirm: &dyn Confirm,
         indexed: bool,
     ) -> Result<Decision, Denial> {
@@ -346,7 +346,7 @@ impl Policy {
         let request = Request {
             service,
             argument,
-            source: Source::new(&query.source),
+            source: Source::new(source_name(&query.source, system)),
             target,
         };
         let number = self
@@ -511,6 +511,15 @@ impl Policy {
         targets.remove(request.source.name);
         targets.into_iter().collect()
     }
+}
+
+/// A source given as `uuid:U` (Qubes 4.3) is the qube with that uuid;
+/// an unknown uuid stays as written (and so matches only `*`/`@anyvm`).
+fn source_name<'a>(source: &'a str, system: &'a SystemInfo) -> &'a str {
+    source
+        .strip_prefix("uuid:")
+        .and_then(|u| system.name_by_uuid(u))
+        .unwrap_or(source)
 }
 
 /// `SERVICE+ARG` → (`SERVICE`, `+ARG`); no `+` → argument `+`.

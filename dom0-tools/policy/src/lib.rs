@@ -61,6 +61,28 @@
 //! `--check` loads the policy and exits 0 if it is valid, or prints
 //! `FILE:LINE: error: REASON` (the format of Qubes' `qubes-policy-lint`) for
 //! each error found and exits 1.
+//!
+//! # Configuration by environment
+//!
+//! qrexec-daemon runs its fallback program with a fixed argument list, so
+//! both tools also read their paths from the environment when the flag is
+//! absent (these names are ours; Qubes has no such variables):
+//! `QREXEC_POLICY_PATH` (directories separated by `:`),
+//! `QREXEC_LEGACY_POLICY_PATH`, `QREXEC_SYSTEM_INFO`, `QREXEC_ASK_PROGRAM`.
+//!
+//! # Running it in a box
+//!
+//! ```text
+//! mkdir -p /tmp/box/policy.d /tmp/box/legacy
+//! echo 'qubes.Filecopy * work @anyvm ask default_target=vault' > /tmp/box/policy.d/30-user.policy
+//! echo '{"domains": {"dom0": {"type": "AdminVM"}, "work": {"type": "AppVM"},
+//!        "vault": {"type": "AppVM"}}}' > /tmp/box/qubes.json
+//! qrexec-policy-daemon --socket-path /tmp/box/policy.sock \
+//!     --policy-path /tmp/box/policy.d --legacy-policy-path /tmp/box/legacy \
+//!     --system-info /tmp/box/qubes.json --ask-program /tmp/box/ask.sh &
+//! printf 'source=work\nintended_target=vault\nservice_and_arg=qubes.Filecopy\n\n' |
+//!     socat - UNIX-CONNECT:/tmp/box/policy.sock
+//! ```
 
 #![forbid(unsafe_code)]
 

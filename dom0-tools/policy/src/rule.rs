@@ -548,6 +548,50 @@ mod tests {
     }
 
     #[test]
+    fn random_lines_never_panic() {
+        const PIECES: [&str; 24] = [
+            "*",
+            "+",
+            "+a",
+            "a",
+            "qubes.Gpg",
+            "@anyvm",
+            "@tag:",
+            "@dispvm:",
+            "@dispvm:@tag:x",
+            "dom0",
+            "uuid:",
+            "allow",
+            "deny",
+            "ask",
+            "target=",
+            "target=@dispvm",
+            "user=",
+            "notify=yes",
+            "autostart=",
+            "=",
+            "#",
+            "\u{0}",
+            "é",
+            ",",
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let n = (x % 9) as usize;
+            let line: Vec<&str> = (0..n)
+                .map(|i| PIECES[((x >> (i * 5)) % PIECES.len() as u64) as usize])
+                .collect();
+            let line = line.join(" ");
+            let _ = Rule::from_line(&line, origin());
+            let _ = Rule::from_line_service("s", "+a", &line, origin());
+            let _ = Rule::from_line_service("*", "*", &line.replace(',', " "), origin());
+        }
+    }
+
+    #[test]
     fn python_whitespace() {
         assert_eq!(py_split(" a\tb\u{1f}c  "), vec!["a", "b", "c"]);
         assert_eq!(py_strip("\u{1c} x \n"), "x");

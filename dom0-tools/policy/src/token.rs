@@ -22,7 +22,10 @@
 //! prefixes `@type:`, `@tag:`, `@dispvm:`, `@dispvm:@tag:`, an empty suffix
 //! is `invalid empty PREFIX token`, anything else starting with `@` is
 //! `invalid CONTEXT token`). `uuid:U` is the Qubes 4.3 way to name a qube
-//! by uuid; it matches the qube whose system-info `uuid` is `U`.
+//! by uuid (qubes-core-qrexec PR #180: "using the syntax uuid:VM_UUID. This
+//! works anywhere a VM name is expected"); it matches the qube whose
+//! system-info `uuid` is `U`, and a request naming `uuid:U` as source or
+//! target is taken as that qube's name.
 //!
 //! Matching semantics (from the same classes' `match()` and `expand()`):
 //! `@anyvm` matches everything except the admin VM — in particular it also

@@ -155,3 +155,36 @@ fn broken_system_info_or_policy_denies() {
         (Some(1), "result=deny\n")
     );
 }
+
+#[test]
+fn paths_from_the_environment() {
+    let dom0 = Dom0::new();
+    dom0.write("policy.d/30-user.policy", "qubes.Gpg * work vault allow\n");
+    let o = Command::new(env!("CARGO_BIN_EXE_qrexec-policy-exec"))
+        .env(
+            "QREXEC_POLICY_PATH",
+            format!("/nonexistent-first:{}", dom0.policy_dir().display()),
+        )
+        .env("QREXEC_SYSTEM_INFO", dom0.qubes_json())
+        .env("QREXEC_LEGACY_POLICY_PATH", dom0.legacy_dir())
+        .args(["--", "work", "vault", "qubes.Gpg"])
+        .output()
+        .unwrap();
+    // a missing policy directory is an error, as in Qubes
+    assert_eq!(
+        (o.status.code(), stdout(&o).as_str()),
+        (Some(1), "result=deny\n")
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_qrexec-policy-exec"))
+        .env("QREXEC_POLICY_PATH", dom0.policy_dir())
+        .env("QREXEC_SYSTEM_INFO", dom0.qubes_json())
+        .args(["--", "work", "vault", "qubes.Gpg"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -292,6 +292,11 @@ fn tags_types_and_uuids() {
         ),
         allow("work", "work")
     );
+    // a source given by uuid is that qube
+    assert!(matches!(
+        eval(&p, &q("uuid:11111111-2222-3333-4444-555555555555", "vault", "s")),
+        Decision::Allow { user: Some(u), .. } if u == "byuuid"
+    ));
 }
 
 #[test]

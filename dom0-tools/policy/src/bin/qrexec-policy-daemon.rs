@@ -28,21 +28,36 @@ use qrexec_policy::{
 struct Args {
     /// Policy directory; repeat for several (earlier wins on equal names).
     /// Default: /run/qubes/policy.d and /etc/qubes/policy.d.
-    #[arg(long = "policy-path", value_name = "DIR")]
+    #[arg(
+        long = "policy-path",
+        value_name = "DIR",
+        env = "QREXEC_POLICY_PATH",
+        value_delimiter = ':'
+    )]
     policy_path: Vec<PathBuf>,
     /// Socket to listen on.
     #[arg(long = "socket-path", value_name = "PATH", default_value = POLICY_SOCKET)]
     socket_path: PathBuf,
     /// Legacy (Qubes 4.0) policy directory read by `!compat-4.0`.
-    #[arg(long = "legacy-policy-path", value_name = "DIR", default_value = LEGACY_POLICY_PATH)]
+    #[arg(
+        long = "legacy-policy-path",
+        value_name = "DIR",
+        env = "QREXEC_LEGACY_POLICY_PATH",
+        default_value = LEGACY_POLICY_PATH
+    )]
     legacy_policy_path: PathBuf,
     /// JSON file listing the qubes (format: see the crate documentation).
-    #[arg(long = "system-info", value_name = "PATH", default_value = SYSTEM_INFO_PATH)]
+    #[arg(
+        long = "system-info",
+        value_name = "PATH",
+        env = "QREXEC_SYSTEM_INFO",
+        default_value = SYSTEM_INFO_PATH
+    )]
     system_info: PathBuf,
     /// Program answering `ask` rules: run as `PROGRAM SOURCE SERVICE
     /// ARGUMENT DEFAULT_TARGET [TARGET...]`, prints `allow:TARGET` or
     /// `deny`. Without it, `ask` is a deny.
-    #[arg(long = "ask-program", value_name = "PATH")]
+    #[arg(long = "ask-program", value_name = "PATH", env = "QREXEC_ASK_PROGRAM")]
     ask_program: Option<PathBuf>,
     /// Seconds the ask program may take.
     #[arg(long = "ask-timeout", value_name = "SECONDS", default_value_t = 60.0)]

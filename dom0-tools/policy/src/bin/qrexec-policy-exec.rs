@@ -19,7 +19,7 @@ use qrexec_policy::{
 /// Evaluate qrexec policy for one call and print the reply (exit 0 = allow,
 /// 1 = deny), or with --check lint the policy (exit 0 = valid).
 ///
-/// usage: qrexec-policy-exec [options] [--] SOURCE TARGET SERVICE+ARGUMENT
+/// usage: qrexec-policy-exec OPTIONS -- SOURCE TARGET SERVICE+ARGUMENT
 #[derive(Debug, Parser)]
 #[command(name = "qrexec-policy-exec", version)]
 struct Args {
@@ -31,16 +31,31 @@ struct Args {
     just_evaluate: bool,
     /// Use alternative policy path (repeatable). Default:
     /// /run/qubes/policy.d and /etc/qubes/policy.d.
-    #[arg(long = "path", value_name = "DIR")]
+    #[arg(
+        long = "path",
+        value_name = "DIR",
+        env = "QREXEC_POLICY_PATH",
+        value_delimiter = ':'
+    )]
     path: Vec<PathBuf>,
     /// Legacy (Qubes 4.0) policy directory read by `!compat-4.0`.
-    #[arg(long = "legacy-policy-path", value_name = "DIR", default_value = LEGACY_POLICY_PATH)]
+    #[arg(
+        long = "legacy-policy-path",
+        value_name = "DIR",
+        env = "QREXEC_LEGACY_POLICY_PATH",
+        default_value = LEGACY_POLICY_PATH
+    )]
     legacy_policy_path: PathBuf,
     /// JSON file listing the qubes.
-    #[arg(long = "system-info", value_name = "PATH", default_value = SYSTEM_INFO_PATH)]
+    #[arg(
+        long = "system-info",
+        value_name = "PATH",
+        env = "QREXEC_SYSTEM_INFO",
+        default_value = SYSTEM_INFO_PATH
+    )]
     system_info: PathBuf,
     /// Program answering `ask` rules (see qrexec-policy-daemon --help).
-    #[arg(long = "ask-program", value_name = "PATH")]
+    #[arg(long = "ask-program", value_name = "PATH", env = "QREXEC_ASK_PROGRAM")]
     ask_program: Option<PathBuf>,
     /// Seconds the ask program may take.
     #[arg(long = "ask-timeout", value_name = "SECONDS", default_value_t = 60.0)]
