@@ -251,8 +251,11 @@ pub struct Counters {
     drops: Vec<u64>,
     /// New flows accepted (NAT entries created).
     pub flows_created: u64,
-    /// ICMP errors we sent (time exceeded).
+    /// ICMP errors we sent (time exceeded, administratively prohibited,
+    /// fragmentation needed).
     pub icmp_errors_sent: u64,
+    /// ICMP errors not sent because of the rate limit.
+    pub icmp_errors_suppressed: u64,
     /// DNS answers taken by the resolver.
     pub dns_answers: u64,
 }
@@ -594,6 +597,21 @@ fn ipv6_header(src: Ipv6Addr, dst: Ipv6Addr, protocol: u8, payload_len: usize) -
     h
 }
 
+/// Most ICMP errors the router sends per second (burst the same).
+pub const ICMP_ERRORS_PER_SECOND: i64 = 1000;
+
+/// The ICMP errors the router sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IcmpError {
+    /// TTL / hop limit ran out here.
+    TimeExceeded,
+    /// The client's rules deny the flow (Linux's `REJECT --reject-with
+    /// icmp-admin-prohibited` / `icmp6-adm-prohibited`).
+    AdminProhibited,
+    /// Too big for the next hop, and must not be fragmented.
+    FragmentationNeeded(usize),
+}
+
 /// Where a forwarded frame goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Out {
@@ -618,6 +636,8 @@ pub struct Router {
     caps: Caps,
     spare: Vec<Vec<u8>>,
     next_sweep: Millis,
+    icmp_tokens: i64,
+    icmp_tokens_at: Millis,
 }
 
 const SPARE_BUFFERS: usize = 64;
@@ -663,6 +683,8 @@ impl Router {
             caps,
             spare: Vec::new(),
             next_sweep: now.total_millis() + SWEEP_INTERVAL,
+            icmp_tokens: ICMP_ERRORS_PER_SECOND,
+            icmp_tokens_at: now.total_millis(),
         }
     }
 
@@ -1021,13 +1043,19 @@ impl Router {
             return self.drop(DropReason::Broadcast);
         }
         if meta.ttl <= 1 {
-            self.time_exceeded(Out::Client(index), packet, meta);
+            self.icmp_error(
+                Out::Client(index),
+                packet,
+                meta,
+                IcmpError::TimeExceeded,
+                now,
+            );
             return self.drop(DropReason::TtlExceeded);
         }
         let key = meta.key();
         let (id, direction) = match self.nat.lookup(&key, now) {
             Some(found) => found,
-            None => match self.new_flow(index, meta, now) {
+            None => match self.new_flow(index, packet, meta, now) {
                 Some(id) => (id, Direction::Original),
                 None => return,
             },
@@ -1052,7 +1080,7 @@ impl Router {
             Direction::Reply => return self.drop(DropReason::NoFlow),
         };
         let v6 = meta.v6;
-        self.forward(out, v6, packet, |ip| {
+        self.forward((Out::Client(index), out), meta, packet, now, |ip| {
             decrement_ttl(ip, v6);
             if translate {
                 rewrite(ip, meta, true, entry.reply.dst, entry.reply.dst_port);
@@ -1062,8 +1090,28 @@ impl Router {
 
     /// Queues `packet` for `out` after `edit` (TTL, NAT) ran on it, with a
     /// single copy straight into the outgoing frame.
-    fn forward(&mut self, out: Out, v6: bool, packet: &[u8], edit: impl FnOnce(&mut [u8])) {
+    fn forward(
+        &mut self,
+        (back, out): (Out, Out),
+        meta: &IpMeta,
+        packet: &[u8],
+        now: Millis,
+        edit: impl FnOnce(&mut [u8]),
+    ) {
+        let v6 = meta.v6;
         if packet.len() > self.caps.mtu {
+            let dont_fragment = v6 || packet.get(6).is_some_and(|flags| flags & 0x40 != 0);
+            if dont_fragment {
+                // Path MTU discovery: tell the sender (RFC 1191, RFC 8201).
+                self.icmp_error(
+                    back,
+                    packet,
+                    meta,
+                    IcmpError::FragmentationNeeded(self.caps.mtu),
+                    now,
+                );
+                return self.drop(DropReason::DontFragment);
+            }
             let mut owned = self.buffer();
             owned.extend_from_slice(packet);
             edit(&mut owned);
@@ -1088,9 +1136,15 @@ impl Router {
         self.enqueue(out, frame);
     }
 
+    /// Decides a new flow from client `index` and tracks it if accepted.
+    /// A flow the rules deny is answered like Linux's `REJECT
+    /// --reject-with icmp-admin-prohibited` (every Qubes rule with
+    /// `action=drop`, and the policy, becomes such a REJECT in
+    /// qubes-core-agent-linux's `prepare_rules`).
     fn new_flow(
         &mut self,
         index: usize,
+        packet: &[u8],
         meta: &IpMeta,
         now: Millis,
     ) -> Option<crate::nat::EntryId> {
@@ -1125,20 +1179,22 @@ impl Router {
             now_unix: self.now_unix(now),
             names: &self.resolver,
         };
-        match rules.decide(&flow, &ctx) {
-            Verdict::AcceptedByRule(_) | Verdict::AcceptedByPolicy => {}
-            Verdict::DroppedByRule(_) | Verdict::DroppedByPolicy => {
-                self.drop(DropReason::RulesDrop);
-                return None;
-            }
-            Verdict::DroppedParseError => {
-                self.drop(DropReason::RulesParseError);
-                return None;
-            }
-            Verdict::DroppedUnresolvedHost => {
-                self.drop(DropReason::UnresolvedHost);
-                return None;
-            }
+        let denied = match rules.decide(&flow, &ctx) {
+            Verdict::AcceptedByRule(_) | Verdict::AcceptedByPolicy => None,
+            Verdict::DroppedByRule(_) | Verdict::DroppedByPolicy => Some(DropReason::RulesDrop),
+            Verdict::DroppedParseError => Some(DropReason::RulesParseError),
+            Verdict::DroppedUnresolvedHost => Some(DropReason::UnresolvedHost),
+        };
+        if let Some(reason) = denied {
+            self.icmp_error(
+                Out::Client(index),
+                packet,
+                meta,
+                IcmpError::AdminProhibited,
+                now,
+            );
+            self.drop(reason);
+            return None;
         }
         let peer = self.by_address.get(&meta.dst).copied();
         let translate_to = match (peer, meta.dst) {
@@ -1152,7 +1208,6 @@ impl Router {
                 }
             },
         };
-        let _ = index;
         let peer_client = peer.map(|_| meta.dst);
         match self.nat.insert(
             meta.src,
@@ -1224,18 +1279,47 @@ impl Router {
         self.recycle(reply);
     }
 
-    /// Sends ICMP time exceeded for `packet` back out of `out`.
-    fn time_exceeded(&mut self, out: Out, packet: &[u8], meta: &IpMeta) {
+    /// Sends an ICMP error about `packet` back out of `out` (where it came
+    /// from), from the firewall's own address. Never about an ICMP error, a
+    /// non-first fragment or a broadcast source (RFC 1122 §3.2.2, RFC 4443
+    /// §2.4), and at most [`ICMP_ERRORS_PER_SECOND`] a second.
+    fn icmp_error(
+        &mut self,
+        out: Out,
+        packet: &[u8],
+        meta: &IpMeta,
+        error: IcmpError,
+        now: Millis,
+    ) {
         if meta.icmp == IcmpKind::Error || meta.fragment || is_broadcast_or_multicast(meta.src) {
             return;
         }
+        // Token bucket: refill one token per 1000/rate ms, burst = rate.
+        let rate = ICMP_ERRORS_PER_SECOND;
+        let elapsed = now.saturating_sub(self.icmp_tokens_at).max(0);
+        let refill = elapsed.saturating_mul(rate) / 1000;
+        if refill > 0 {
+            self.icmp_tokens = (self.icmp_tokens + refill).min(rate);
+            self.icmp_tokens_at = now;
+        }
+        if self.icmp_tokens <= 0 {
+            self.counters.icmp_errors_suppressed += 1;
+            return;
+        }
+        self.icmp_tokens -= 1;
+        let (type4, code4, type6, code6, rest) = match error {
+            IcmpError::TimeExceeded => (11, 0, 3, 0, 0u32),
+            IcmpError::AdminProhibited => (3, 13, 1, 1, 0),
+            IcmpError::FragmentationNeeded(mtu) => (3, 4, 2, 0, mtu as u32),
+        };
         let mut reply = self.buffer();
         match (meta.src, self.uplink.ip6) {
             (IpAddr::V4(to), _) => {
                 let quote = packet.get(..packet.len().min(548)).unwrap_or(packet);
                 let header = ipv4_header(self.uplink.ip, to, PROTO_ICMP, 8 + quote.len());
                 reply.extend_from_slice(&header);
-                reply.extend_from_slice(&[11, 0, 0, 0, 0, 0, 0, 0]);
+                reply.extend_from_slice(&[type4, code4, 0, 0]);
+                reply.extend_from_slice(&rest.to_be_bytes());
                 reply.extend_from_slice(quote);
                 let sum = checksum::finish(checksum::add(0, reply.get(20..).unwrap_or(&[])));
                 if let Some(field) = reply.get_mut(22..24) {
@@ -1246,7 +1330,8 @@ impl Router {
                 let quote = packet.get(..packet.len().min(1232)).unwrap_or(packet);
                 let header = ipv6_header(ours, to, PROTO_ICMPV6, 8 + quote.len());
                 reply.extend_from_slice(&header);
-                reply.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0]);
+                reply.extend_from_slice(&[type6, code6, 0, 0]);
+                reply.extend_from_slice(&rest.to_be_bytes());
                 reply.extend_from_slice(quote);
                 let pseudo =
                     checksum::pseudo_v6(&ours, &to, PROTO_ICMPV6, (8 + quote.len()) as u32);
@@ -1404,15 +1489,21 @@ impl Router {
             return self.drop(DropReason::NoFlow);
         };
         if meta.ttl <= 1 {
-            self.time_exceeded(Out::Uplink, packet, meta);
+            self.icmp_error(Out::Uplink, packet, meta, IcmpError::TimeExceeded, now);
             return self.drop(DropReason::TtlExceeded);
         }
         self.nat.touch(id, Direction::Reply, meta.tcp, now);
         let v6 = meta.v6;
-        self.forward(Out::Client(client), v6, packet, |ip| {
-            decrement_ttl(ip, v6);
-            rewrite(ip, meta, false, entry.original.src, entry.original.src_port);
-        });
+        self.forward(
+            (Out::Uplink, Out::Client(client)),
+            meta,
+            packet,
+            now,
+            |ip| {
+                decrement_ttl(ip, v6);
+                rewrite(ip, meta, false, entry.original.src, entry.original.src_port);
+            },
+        );
     }
 
     /// An ICMP error from outside about one of our translated flows: send

@@ -363,6 +363,26 @@ fn seen4(frame: &[u8]) -> Seen4 {
     }
 }
 
+/// The client got exactly one ICMP "administratively prohibited" (type 3
+/// code 13) from the firewall, quoting its packet.
+fn assert_rejected(frames: &[Vec<u8>], client: Ipv4Addr) {
+    assert_eq!(frames.len(), 1, "one REJECT");
+    let seen = seen4(&frames[0]);
+    assert_eq!(
+        (seen.src, seen.dst, seen.protocol, seen.sport),
+        (OUR_IP, client, IpProtocol::Icmp, 3)
+    );
+    let eth = EthernetFrame::new_checked(&frames[0][..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!(
+        ip.payload()[1],
+        13,
+        "code 13: communication administratively prohibited"
+    );
+    let quoted = Ipv4Packet::new_checked(&ip.payload()[8..]).unwrap();
+    assert_eq!(quoted.src_addr(), client);
+}
+
 fn accept_all(net: &mut Net, ip: Ipv4Addr) {
     net.rules(ip.into(), &[("policy", "accept")]);
 }
@@ -406,6 +426,42 @@ fn client_without_rules_is_denied_everything() {
     net.send_from_a(&ping4(A_IP, REMOTE, 7, 64));
     assert!(net.uplink_out().is_empty());
     assert_eq!(net.dropped(DropReason::RulesDrop), 3);
+    assert_eq!(net.client_out(A).len(), 3, "each rejected like Linux does");
+}
+
+#[test]
+fn rejects_are_rate_limited() {
+    let mut net = Net::new(false);
+    for port in 0..1500u16 {
+        net.send_from_a(&udp4(A_IP, REMOTE, 1000 + port, 9, b"x"));
+    }
+    assert!(net.uplink_out().is_empty());
+    assert_eq!(net.router.counters().icmp_errors_sent, 1000, "burst");
+    assert_eq!(net.router.counters().icmp_errors_suppressed, 500);
+    net.advance(100);
+    net.send_from_a(&udp4(A_IP, REMOTE, 9999, 9, b"x"));
+    assert_eq!(net.router.counters().icmp_errors_sent, 1001, "refilled");
+}
+
+#[test]
+fn too_big_with_df_gets_fragmentation_needed() {
+    let mut net = Net::new(false);
+    accept_all(&mut net, A_IP);
+    // A 3000-byte datagram with DF set (smoltcp sets DF), as a jumbo client
+    // would send it: the uplink MTU is 1500.
+    let big = udp4(A_IP, REMOTE, 40000, 9, &vec![1u8; 3000]);
+    net.send_from_a(&big);
+    assert!(net.uplink_out().is_empty());
+    assert_eq!(net.dropped(DropReason::DontFragment), 1);
+    let back = net.client_out(A);
+    assert_eq!(back.len(), 1);
+    let seen = seen4(&back[0]);
+    assert_eq!((seen.src, seen.dst, seen.sport), (OUR_IP, A_IP, 3));
+    let eth = EthernetFrame::new_checked(&back[0][..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    let icmp = ip.payload();
+    assert_eq!(icmp[1], 4, "code 4: fragmentation needed");
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1500, "next-hop MTU");
 }
 
 #[test]
@@ -690,9 +746,10 @@ fn rule_change_flushes_the_clients_flows() {
 #[test]
 fn client_to_client_needs_the_senders_rules() {
     let mut net = Net::new(false);
-    // Default: denied.
+    // Default: denied (and rejected towards A, as Linux does).
     net.send_from_a(&tcp4(A_IP, B_IP, 40000, 22, TcpControl::Syn, 64));
     assert!(net.client_out(B).is_empty());
+    assert_rejected(&net.client_out(A), A_IP);
     // A may talk to B; B's own rules deny everything.
     net.rules(
         A_IP.into(),
@@ -715,6 +772,7 @@ fn client_to_client_needs_the_senders_rules() {
     assert_eq!(net.client_out(A).len(), 1);
     net.client_in(B, B_MAC, &tcp4(B_IP, A_IP, 5555, 80, TcpControl::Syn, 64));
     assert!(net.client_out(A).is_empty());
+    assert_rejected(&net.client_out(B), B_IP);
     assert!(
         net.uplink_out().is_empty(),
         "nothing between clients leaks to the uplink"
@@ -1224,10 +1282,19 @@ fn ipv6_forwarding_with_dst6_rules_and_ndp() {
     let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
     assert!(tcp.verify_checksum(&remote6().into(), &a_ip6().into()));
     assert_eq!(tcp.dst_port(), 40000);
-    // Port 80 and other prefixes are denied.
+    // Port 80 and other prefixes are denied, with ICMPv6 "administratively
+    // prohibited" (type 1 code 1) back to the client.
     let segment = tcp_segment(a_ip6().into(), remote6().into(), 40001, 80, TcpControl::Syn);
     net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Tcp, 64, &segment));
     assert!(net.uplink_out().is_empty());
+    let rejected = net.client_out(A);
+    assert_eq!(rejected.len(), 1);
+    let eth = EthernetFrame::new_checked(&rejected[0][..]).unwrap();
+    let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!((ip.src_addr(), ip.dst_addr()), (our_ip6(), a_ip6()));
+    let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+    assert!(icmp.verify_checksum(&ip.src_addr(), &ip.dst_addr()));
+    assert_eq!((u8::from(icmp.msg_type()), icmp.msg_code()), (1, 1));
     // Hop limit 1: ICMPv6 time exceeded.
     let segment = tcp_segment(
         a_ip6().into(),

@@ -194,7 +194,10 @@ fn udp_frames(frames: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     frames
         .into_iter()
         .filter(|f| {
+            // IPv4 carrying UDP (the router also sends ICMP errors, e.g. a
+            // REJECT for a denied flow, which are not what is counted here).
             EthernetFrame::new_checked(&f[..]).unwrap().ethertype() == EthernetProtocol::Ipv4
+                && f.get(23) == Some(&17)
         })
         .collect()
 }
