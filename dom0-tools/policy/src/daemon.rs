@@ -12,9 +12,11 @@
 //! REASON` — a broken file never turns into an allow, and never into a
 //! policy missing the broken file's rules either. If the very first load
 //! fails, the daemon answers `result=deny` to everything until the policy is
-//! fixed. Because file timestamps on Linux are coarse (a jiffy), a load that
-//! saw a file modified in the last two seconds is repeated on the next poll
-//! so a second quick edit of the same size is not missed.
+//! fixed. A change is only read once two looks 50 ms apart agree (so a file
+//! being rewritten in place is not read half-way), and because file
+//! timestamps on Linux are coarse (a jiffy), a load that saw a file modified
+//! in the last two seconds is repeated on the next poll so a second quick
+//! edit of the same size is not missed.
 //!
 //! This module never answers without a complete, valid request, and never
 //! writes more than [`MAX_REPLY`] bytes.
@@ -64,6 +66,10 @@ impl std::fmt::Debug for DaemonConfig {
 }
 
 type Fingerprint = Vec<(PathBuf, FileStamp)>;
+
+/// Pause between the two looks that must agree before a changed policy is
+/// read.
+const SETTLE: Duration = Duration::from_millis(50);
 
 /// The current policy, replaced atomically on reload.
 #[derive(Debug)]
@@ -136,10 +142,23 @@ impl PolicyStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let policy = self.current();
-        let now_fp = fingerprint(&self.paths, policy.inputs());
+        let mut now_fp = fingerprint(&self.paths, policy.inputs());
         let changed = state.fingerprint.as_ref() != Some(&now_fp);
         if !(force || changed || state.racy || state.last_error.is_some()) {
             return ReloadOutcome::Unchanged;
+        }
+        if changed && !force {
+            // Let a writer finish: wait until two looks 50 ms apart agree
+            // (at most 1 s), so a file being rewritten in place is not read
+            // half-way (an emptied file would silently drop its denies).
+            for _ in 0..20 {
+                std::thread::sleep(SETTLE);
+                let again = fingerprint(&self.paths, policy.inputs());
+                if again == now_fp {
+                    break;
+                }
+                now_fp = again;
+            }
         }
         let started = SystemTime::now();
         match Policy::load(&self.paths) {
@@ -216,7 +235,7 @@ pub fn handle_connection(
     let query = match parse_request(buffer.get(..end).unwrap_or_default()) {
         Ok(q) => q,
         Err(e) => {
-            log::error!("{e}");
+            log::error!("{}", crate::eval::printable(&e.to_string()));
             return;
         }
     };
@@ -225,9 +244,9 @@ pub fn handle_connection(
         Err(e) => {
             log::error!(
                 "qrexec: {}: {} -> {}: error getting system info: {e}",
-                query.service_and_arg,
-                query.source,
-                query.intended_target
+                crate::eval::printable(&query.service_and_arg),
+                crate::eval::printable(&query.source),
+                crate::eval::printable(&query.intended_target)
             );
             Decision::Deny {
                 reason: e.to_string(),

@@ -293,7 +293,9 @@ impl Policy {
         let prefix = || {
             format!(
                 "qrexec: {}: {} -> {}:",
-                query.service_and_arg, query.source, query.intended_target
+                printable(&query.service_and_arg),
+                printable(&query.source),
+                printable(&query.intended_target)
             )
         };
         match self.decide(query, system, confirm, indexed) {
@@ -307,7 +309,7 @@ impl Policy {
             }
             Err(denial) => {
                 if log::log_enabled!(log::Level::Info) {
-                    log::info!("{} denied: {}", prefix(), denial.reason);
+                    log::info!("{} denied: {}", prefix(), printable(&denial.reason));
                 }
                 Decision::Deny {
                     reason: denial.reason,
@@ -437,13 +439,18 @@ impl Policy {
                             });
                         }
                         AskAnswer::Invalid(answer) => {
-                            log::error!("invalid ask response for {service}: {answer}");
+                            log::error!(
+                                "invalid ask response for {}: {}",
+                                printable(service),
+                                printable(&answer)
+                            );
                             return Err(deny("invalid response"));
                         }
                         AskAnswer::Unavailable(why) => {
                             log::error!(
-                                "{service} from {}: the resolution was \"ask\" ({}), but {why}; denying",
-                                query.source,
+                                "{} from {}: the resolution was \"ask\" ({}), but {why}; denying",
+                                printable(service),
+                                printable(&query.source),
                                 rule.origin
                             );
                             return Err(deny(format!(
@@ -510,6 +517,16 @@ impl Policy {
         }
         targets.remove(request.source.name);
         targets.into_iter().collect()
+    }
+}
+
+/// Request text made safe for a log line: control characters (which could
+/// forge log lines) are shown escaped.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        std::borrow::Cow::Owned(text.chars().flat_map(char::escape_default).collect())
+    } else {
+        std::borrow::Cow::Borrowed(text)
     }
 }
 
@@ -615,4 +632,26 @@ fn finish_allow(
         autostart,
         requested_target: request.target.text(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_control_characters() {
+        assert_eq!(printable("work"), "work");
+        assert_eq!(
+            printable("a\nqrexec: forged\r\u{1b}[2J"),
+            "a\\nqrexec: forged\\r\\u{1b}[2J"
+        );
+    }
+
+    #[test]
+    fn split_service_and_argument() {
+        assert_eq!(split_service("qubes.Gpg"), ("qubes.Gpg", "+"));
+        assert_eq!(split_service("qubes.Gpg+"), ("qubes.Gpg", "+"));
+        assert_eq!(split_service("a+b+c"), ("a", "+b+c"));
+        assert_eq!(split_service(""), ("", "+"));
+    }
 }
