@@ -314,3 +314,53 @@ fn ask_goes_to_the_confirmation_program() {
     let log = d.wait_log("denied by the user");
     assert!(log.contains("target dom0 is not a valid choice"), "{log}");
 }
+
+#[test]
+fn oversized_reply_is_a_deny() {
+    let dom0 = Dom0::new();
+    let user = "u".repeat(5000);
+    dom0.write(
+        "policy.d/30-user.policy",
+        &format!("qubes.Gpg * work vault allow user={user}\n"),
+    );
+    let d = Daemon::start(&dom0, &[]);
+    assert_eq!(
+        d.ask(&request("work", "vault", "qubes.Gpg")),
+        "result=deny\n"
+    );
+    let log = d.wait_log("exceeds 4096");
+    assert!(log.contains("exceeds 4096; answering result=deny"), "{log}");
+}
+
+#[test]
+fn serves_many_clients_at_once_and_a_silent_one_blocks_nobody() {
+    let dom0 = Dom0::new();
+    basic_policy(&dom0);
+    let d = Daemon::start(&dom0, &[]);
+    // a client that connects and says nothing
+    let _silent = UnixStream::connect(&d.socket).unwrap();
+    let socket = d.socket.clone();
+    let handles: Vec<_> = (0..32)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&socket).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let source = if i % 2 == 0 { "work" } else { "personal" };
+                s.write_all(&request(source, "vault", "qubes.Gpg")).unwrap();
+                let mut reply = String::new();
+                s.read_to_string(&mut reply).unwrap();
+                (i, reply)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (i, reply) = h.join().unwrap();
+        let expected = if i % 2 == 0 {
+            ALLOW_WORK_VAULT
+        } else {
+            "result=deny\n"
+        };
+        assert_eq!(reply, expected);
+    }
+}
