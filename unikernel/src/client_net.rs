@@ -55,6 +55,7 @@ pub struct InterfaceCounters {
 pub struct FrameQueue {
     frames: VecDeque<Vec<u8>>,
     cap: usize,
+    bytes: usize,
 }
 
 impl FrameQueue {
@@ -63,6 +64,7 @@ impl FrameQueue {
         FrameQueue {
             frames: VecDeque::with_capacity(cap.min(1024)),
             cap,
+            bytes: 0,
         }
     }
 
@@ -71,18 +73,27 @@ impl FrameQueue {
         if self.frames.len() >= self.cap {
             return Err(frame);
         }
+        self.bytes += frame.len();
         self.frames.push_back(frame);
         Ok(())
     }
 
     /// Takes the oldest frame.
     pub fn pop(&mut self) -> Option<Vec<u8>> {
-        self.frames.pop_front()
+        let frame = self.frames.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(frame.len());
+        Some(frame)
     }
 
     /// Puts a frame back at the front (the NIC had no room after all).
     pub fn unpop(&mut self, frame: Vec<u8>) {
+        self.bytes += frame.len();
         self.frames.push_front(frame);
+    }
+
+    /// Bytes of the frames waiting.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Frames waiting.
@@ -103,6 +114,7 @@ impl FrameQueue {
     /// Drops every waiting frame.
     pub fn clear(&mut self) {
         self.frames.clear();
+        self.bytes = 0;
     }
 }
 
@@ -154,6 +166,7 @@ mod tests {
         q.push(vec![2]).unwrap();
         assert_eq!(q.push(vec![3]), Err(vec![3]));
         assert!(q.is_full());
+        assert_eq!(q.bytes(), 2);
         assert_eq!(q.pop(), Some(vec![1]));
         q.unpop(vec![1]);
         assert_eq!(q.pop(), Some(vec![1]));

@@ -171,6 +171,8 @@ pub struct Caps {
     pub clients: usize,
     /// Frames waiting per interface.
     pub queue_frames: usize,
+    /// Bytes of frames waiting, all interfaces together.
+    pub queue_bytes: usize,
     /// Datagrams in reassembly.
     pub fragment_datagrams: usize,
     /// Bytes of fragment data held.
@@ -182,18 +184,21 @@ pub struct Caps {
 }
 
 impl Caps {
-    /// Caps for a VM of `memory_bytes`: one NAT entry per 512 bytes of
-    /// memory (an entry with its two index slots costs about 160 bytes),
-    /// between 1 024 and 1 000 000 entries; one client may own a quarter;
-    /// 256 frames per queue; 64 datagrams / 1 MiB in reassembly (less on
-    /// small VMs); 256 names.
+    /// Caps for a VM of `memory_bytes`: one NAT entry per 2 KiB of memory
+    /// (an entry with its slot and two index buckets costs about 250 bytes,
+    /// reserved up front: ~12% of memory), between 1 024 and 1 000 000
+    /// entries; one client may own a quarter; 256 frames per queue and
+    /// 1/16 of memory for all queued frames; 64 datagrams and 1/32 of
+    /// memory (64 KiB – 1 MiB) in reassembly; 256 names. A 32 MiB firewall
+    /// gets 16 384 NAT entries (qubes-mirage-firewall's default is 5 000).
     pub fn for_memory(memory_bytes: usize) -> Caps {
-        let nat_entries = (memory_bytes / 512).clamp(1024, 1_000_000);
+        let nat_entries = (memory_bytes / 2048).clamp(1024, 1_000_000);
         Caps {
             nat_entries,
             nat_entries_per_client: (nat_entries / 4).max(256),
             clients: 256,
             queue_frames: 256,
+            queue_bytes: (memory_bytes / 16).max(256 * 1514),
             fragment_datagrams: 64,
             fragment_bytes: (memory_bytes / 32).clamp(64 * 1024, 1024 * 1024),
             dns_names: 256,
@@ -635,6 +640,8 @@ pub struct Router {
     counters: Counters,
     caps: Caps,
     spare: Vec<Vec<u8>>,
+    /// Bytes in every transmit queue together (capped by `queue_bytes`).
+    queued: usize,
     next_sweep: Millis,
     icmp_tokens: i64,
     icmp_tokens_at: Millis,
@@ -682,6 +689,7 @@ impl Router {
             counters,
             caps,
             spare: Vec::new(),
+            queued: 0,
             next_sweep: now.total_millis() + SWEEP_INTERVAL,
             icmp_tokens: ICMP_ERRORS_PER_SECOND,
             icmp_tokens_at: now.total_millis(),
@@ -715,6 +723,7 @@ impl Router {
             return false;
         };
         let client = self.clients.swap_remove(index);
+        self.queued = self.queued.saturating_sub(client.queue.bytes());
         self.nat.flush_client(IpAddr::V4(client.config.ip));
         if let Some(ip6) = client.config.ip6 {
             self.nat.flush_client(IpAddr::V6(ip6));
@@ -836,6 +845,7 @@ impl Router {
 
     fn enqueue(&mut self, out: Out, frame: Vec<u8>) {
         let length = frame.len() as u64;
+        let over_budget = self.queued + frame.len() > self.caps.queue_bytes;
         let (queue, counters) = match out {
             Out::Uplink => (&mut self.uplink.queue, &mut self.uplink.counters),
             Out::Client(index) => match self.clients.get_mut(index) {
@@ -846,8 +856,15 @@ impl Router {
                 }
             },
         };
+        if over_budget {
+            counters.tx_queue_full += 1;
+            self.counters.count(DropReason::QueueFull);
+            self.recycle(frame);
+            return;
+        }
         match queue.push(frame) {
             Ok(()) => {
+                self.queued += length as usize;
                 counters.tx_frames += 1;
                 counters.tx_bytes += length;
             }
@@ -1672,12 +1689,16 @@ impl Router {
 
     /// Takes the next frame for the uplink.
     pub fn pop_uplink_frame(&mut self) -> Option<Vec<u8>> {
-        self.uplink.queue.pop()
+        let frame = self.uplink.queue.pop()?;
+        self.queued = self.queued.saturating_sub(frame.len());
+        Some(frame)
     }
 
     /// Takes the next frame for a client.
     pub fn pop_client_frame(&mut self, id: ClientId) -> Option<Vec<u8>> {
-        self.clients.iter_mut().find(|c| c.id == id)?.queue.pop()
+        let frame = self.clients.iter_mut().find(|c| c.id == id)?.queue.pop()?;
+        self.queued = self.queued.saturating_sub(frame.len());
+        Some(frame)
     }
 
     /// Receives every frame the uplink NIC has (at most 256 per call), then
@@ -1698,6 +1719,7 @@ impl Router {
             match device.transmit(now) {
                 Some(tx) => {
                     tx.consume(frame.len(), |buffer| buffer.copy_from_slice(&frame));
+                    self.queued = self.queued.saturating_sub(frame.len());
                     self.recycle(frame);
                 }
                 None => {
@@ -1729,6 +1751,7 @@ impl Router {
             match device.transmit(now) {
                 Some(tx) => {
                     tx.consume(frame.len(), |buffer| buffer.copy_from_slice(&frame));
+                    self.queued = self.queued.saturating_sub(frame.len());
                     self.recycle(frame);
                 }
                 None => {

@@ -1137,6 +1137,29 @@ fn per_client_nat_share_protects_other_clients() {
 }
 
 #[test]
+fn queued_bytes_are_capped_across_interfaces() {
+    let mut caps = Caps::for_memory(32 << 20);
+    assert_eq!(caps.nat_entries, 16_384);
+    caps.queue_bytes = 3 * 1514;
+    let mut net = Net::with_caps(false, caps);
+    accept_all(&mut net, A_IP);
+    for port in 0..5u16 {
+        net.send_from_a(&udp4(A_IP, REMOTE, 40000 + port, 9, &[0u8; 1400]));
+    }
+    assert_eq!(
+        net.dropped(DropReason::QueueFull),
+        2,
+        "three 1456-byte frames fit, not five"
+    );
+    assert_eq!(net.uplink_out().len(), 3);
+    for port in 5..8u16 {
+        net.send_from_a(&udp4(A_IP, REMOTE, 40000 + port, 9, &[0u8; 1400]));
+    }
+    assert_eq!(net.uplink_out().len(), 3, "taking frames frees the budget");
+    assert_eq!(net.router.uplink_counters().tx_queue_full, 2);
+}
+
+#[test]
 fn pings_to_the_firewall_are_answered() {
     let mut net = Net::new(false);
     net.send_from_a(&ping4(A_IP, OUR_IP, 9, 64));
