@@ -16,7 +16,9 @@
 //!   and a default route via the firewall, 10.137.0.6;
 //! - dom0: the in-box xenstored (`backend/vif/<domid>/0/ip` under
 //!   `/local/domain/2`), `qubesdb-daemon 2 sys-firewall` holding the
-//!   firewall's QubesDB (network config and per-client rules), vchan
+//!   firewall's QubesDB (network config and per-client rules),
+//!   `qrexec-daemon 2 sys-firewall` (socket `<state>/qubes/qrexec.2`, for
+//!   `qrexec-client --socket-dir=<state>/qubes -d sys-firewall …`), vchan
 //!   sockets in `<state>/vchan`.
 //!
 //! Every resource is written to `<state>/resources` *before* it is created,
@@ -534,6 +536,27 @@ fn build(config: &BoxConfig) -> io::Result<()> {
     for (path, value) in &nodes {
         xs.write(path, value.as_bytes()).map_err(io::Error::other)?;
     }
+
+    // dom0: the firewall's qrexec-daemon (connects to the agent's vchan 512
+    // once the firewall offers it; `-D`: stay in the foreground).
+    let mut qrexec_args = vec![
+        format!("--socket-dir={}", config.qubesdb_dir().display()),
+        "-D".to_string(),
+    ];
+    let policy = config.bin("qrexec-policy-exec");
+    if policy.exists() {
+        qrexec_args.push(format!("--policy-program={}", policy.display()));
+    }
+    qrexec_args.push(FIREWALL.0.to_string());
+    qrexec_args.push(FIREWALL.1.to_string());
+    spawn(
+        config,
+        "qrexec-sys-firewall",
+        None,
+        &config.bin("qrexec-daemon"),
+        &qrexec_args,
+        &[("VCHAN_SOCKET_DIR", &config.vchan_dir())],
+    )?;
 
     // The firewall itself.
     if config.firewall {

@@ -34,7 +34,7 @@ fn can_run() -> Result<(), String> {
     if uid != "0" {
         return Err("not root".into());
     }
-    for tool in ["qubesdb-daemon", "qubesdb-write"] {
+    for tool in ["qubesdb-daemon", "qubesdb-write", "qrexec-daemon"] {
         if !bin_dir().join(tool).exists() {
             return Err(format!(
                 "{tool} not built (run cargo build --workspace --bins)"

@@ -13,6 +13,7 @@
 //! A link never blocks and never panics on what the peer does: a hang-up or
 //! reset is `StreamError::Closed`; anything the peer sends is only bytes.
 
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
@@ -60,7 +61,10 @@ pub struct SocketLink {
     path: PathBuf,
     /// True when we bound `path` and so must unlink it.
     owns_path: bool,
-    inner: Inner,
+    /// In a `RefCell` so that `state(&self)` can accept or connect: the
+    /// program flow asks for the state before it reads (as a Xen vchan's
+    /// state is live on the shared page).
+    inner: RefCell<Inner>,
 }
 
 impl SocketLink {
@@ -80,7 +84,7 @@ impl SocketLink {
             reactor,
             path,
             owns_path: true,
-            inner: Inner::Listening { listener },
+            inner: RefCell::new(Inner::Listening { listener }),
         })
     }
 
@@ -88,13 +92,13 @@ impl SocketLink {
     /// while the server is not there yet. Tries once right away.
     pub fn connect(reactor: Rc<Reactor>, path: PathBuf) -> SocketLink {
         reactor.connecting_started();
-        let mut link = SocketLink {
+        let link = SocketLink {
             reactor,
             path,
             owns_path: false,
-            inner: Inner::Connecting {
+            inner: RefCell::new(Inner::Connecting {
                 next_attempt: Instant::now(),
-            },
+            }),
         };
         link.progress();
         link
@@ -108,10 +112,10 @@ impl SocketLink {
             reactor,
             path: PathBuf::new(),
             owns_path: false,
-            inner: Inner::Connected {
+            inner: RefCell::new(Inner::Connected {
                 stream,
                 want_write: false,
-            },
+            }),
         })
     }
 
@@ -123,87 +127,21 @@ impl SocketLink {
     /// The descriptor to wait on: the connected socket, or the listener
     /// while waiting for the client; `None` while connecting or closed.
     pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
-        match &self.inner {
+        match &*self.inner.borrow() {
             Inner::Listening { listener } => Some(listener.as_raw_fd()),
             Inner::Connected { stream, .. } => Some(stream.as_raw_fd()),
             Inner::Connecting { .. } | Inner::Closed => None,
         }
     }
 
-    fn attach(&mut self, stream: UnixStream) -> Result<(), StreamError> {
-        if stream.set_nonblocking(true).is_err()
-            || self
-                .reactor
-                .epoll
-                .add(stream.as_raw_fd(), Interest::READ)
-                .is_err()
-        {
-            self.inner = Inner::Closed;
-            return Err(StreamError::Platform(
-                "cannot register vchan socket with epoll",
-            ));
-        }
-        self.inner = Inner::Connected {
-            stream,
-            want_write: false,
-        };
-        Ok(())
-    }
-
     /// Accepts the pending client or retries the connect when it is due.
-    fn progress(&mut self) {
-        match &mut self.inner {
-            Inner::Listening { listener } => {
-                let listener_fd = listener.as_raw_fd();
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        self.reactor.epoll.remove(listener_fd);
-                        // Only one client per vchan: stop listening.
-                        let _ = self.attach(stream);
-                    }
-                    Err(error)
-                        if matches!(
-                            error.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                        ) => {}
-                    Err(error) => {
-                        log::warn!("vchan {}: accept failed: {error}", self.path.display());
-                        self.reactor.epoll.remove(listener_fd);
-                        self.inner = Inner::Closed;
-                    }
-                }
-            }
-            Inner::Connecting { next_attempt } => {
-                let now = Instant::now();
-                if now < *next_attempt {
-                    return;
-                }
-                match UnixStream::connect(&self.path) {
-                    Ok(stream) => {
-                        self.reactor.connecting_finished();
-                        let _ = self.attach(stream);
-                    }
-                    Err(error)
-                        if matches!(
-                            error.kind(),
-                            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                        ) =>
-                    {
-                        *next_attempt = now + CONNECT_RETRY;
-                    }
-                    Err(error) => {
-                        log::warn!("vchan {}: connect failed: {error}", self.path.display());
-                        self.reactor.connecting_finished();
-                        self.inner = Inner::Closed;
-                    }
-                }
-            }
-            Inner::Connected { .. } | Inner::Closed => {}
-        }
+    fn progress(&self) {
+        let mut inner = self.inner.borrow_mut();
+        progress(&self.reactor, &self.path, &mut inner);
     }
 
     fn set_want_write(&mut self, want: bool) {
-        if let Inner::Connected { stream, want_write } = &mut self.inner
+        if let Inner::Connected { stream, want_write } = self.inner.get_mut()
             && *want_write != want
         {
             let interest = if want {
@@ -223,7 +161,7 @@ impl SocketLink {
     }
 
     fn shut(&mut self) {
-        match std::mem::replace(&mut self.inner, Inner::Closed) {
+        match std::mem::replace(self.inner.get_mut(), Inner::Closed) {
             Inner::Listening { listener } => self.reactor.epoll.remove(listener.as_raw_fd()),
             Inner::Connecting { .. } => self.reactor.connecting_finished(),
             Inner::Connected { stream, .. } => {
@@ -235,11 +173,80 @@ impl SocketLink {
     }
 }
 
+fn attach(reactor: &Reactor, inner: &mut Inner, stream: UnixStream) {
+    if stream.set_nonblocking(true).is_err()
+        || reactor
+            .epoll
+            .add(stream.as_raw_fd(), Interest::READ)
+            .is_err()
+    {
+        log::warn!("vchan: cannot register the connected socket with epoll; closing it");
+        *inner = Inner::Closed;
+        return;
+    }
+    *inner = Inner::Connected {
+        stream,
+        want_write: false,
+    };
+}
+
+/// Accepts the pending client or retries the connect when it is due.
+fn progress(reactor: &Reactor, path: &Path, inner: &mut Inner) {
+    match inner {
+        Inner::Listening { listener } => {
+            let listener_fd = listener.as_raw_fd();
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    reactor.epoll.remove(listener_fd);
+                    // Only one client per vchan: stop listening.
+                    attach(reactor, inner, stream);
+                }
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(error) => {
+                    log::warn!("vchan {}: accept failed: {error}", path.display());
+                    reactor.epoll.remove(listener_fd);
+                    *inner = Inner::Closed;
+                }
+            }
+        }
+        Inner::Connecting { next_attempt } => {
+            let now = Instant::now();
+            if now < *next_attempt {
+                return;
+            }
+            match UnixStream::connect(path) {
+                Ok(stream) => {
+                    reactor.connecting_finished();
+                    attach(reactor, inner, stream);
+                }
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    *next_attempt = now + CONNECT_RETRY;
+                }
+                Err(error) => {
+                    log::warn!("vchan {}: connect failed: {error}", path.display());
+                    reactor.connecting_finished();
+                    *inner = Inner::Closed;
+                }
+            }
+        }
+        Inner::Connected { .. } | Inner::Closed => {}
+    }
+}
+
 impl ByteStream for SocketLink {
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, StreamError> {
         self.progress();
-        let Inner::Connected { stream, .. } = &mut self.inner else {
-            return match self.inner {
+        let Inner::Connected { stream, .. } = self.inner.get_mut() else {
+            return match *self.inner.get_mut() {
                 Inner::Closed => Err(StreamError::Closed),
                 _ => Ok(0),
             };
@@ -274,8 +281,8 @@ impl ByteStream for SocketLink {
 
     fn write(&mut self, buf: &[u8]) -> Result<usize, StreamError> {
         self.progress();
-        let Inner::Connected { stream, .. } = &mut self.inner else {
-            return match self.inner {
+        let Inner::Connected { stream, .. } = self.inner.get_mut() else {
+            return match *self.inner.get_mut() {
                 Inner::Closed => Err(StreamError::Closed),
                 _ => Ok(0),
             };
@@ -315,7 +322,8 @@ impl ByteStream for SocketLink {
     }
 
     fn state(&self) -> LinkState {
-        match self.inner {
+        self.progress();
+        match *self.inner.borrow() {
             Inner::Listening { .. } | Inner::Connecting { .. } => LinkState::Waiting,
             Inner::Connected { .. } => LinkState::Connected,
             Inner::Closed => LinkState::Closed,
@@ -445,6 +453,25 @@ mod tests {
         }
         assert!(reactor.epoll.wait(Some(Duration::from_secs(2))).unwrap() >= 1);
         assert!(server.write(&chunk).unwrap() > 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The program flow asks `state()` before it ever reads: asking must be
+    /// enough to accept the client (server) or to connect (client).
+    #[test]
+    fn state_alone_makes_the_link_progress() {
+        let dir = temp_dir("state");
+        let reactor = Reactor::new().unwrap();
+        let path = socket_path(&dir, 2, 0, 512);
+        let server = SocketLink::listen(reactor.clone(), path.clone()).unwrap();
+        let _peer = UnixStream::connect(&path).unwrap();
+        pump(&reactor, || server.state() == LinkState::Connected);
+        let path = socket_path(&dir, 0, 2, 111);
+        let client = SocketLink::connect(reactor.clone(), path.clone());
+        assert_eq!(client.state(), LinkState::Waiting);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        pump(&reactor, || client.state() == LinkState::Connected);
+        assert!(listener.accept().is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
