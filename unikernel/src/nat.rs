@@ -251,6 +251,7 @@ pub struct NatTable {
     per_client: usize,
     hasher: SeededState,
     sweep_cursor: usize,
+    reserved: Vec<u16>,
 }
 
 impl NatTable {
@@ -269,6 +270,15 @@ impl NatTable {
             per_client: per_client.max(1),
             hasher,
             sweep_cursor: 0,
+            reserved: Vec::new(),
+        }
+    }
+
+    /// Keeps `port` of the NAT address for the firewall itself (its DNS
+    /// client): no flow is ever translated to it.
+    pub fn reserve_port(&mut self, port: u16) {
+        if !self.reserved.contains(&port) {
+            self.reserved.push(port);
         }
     }
 
@@ -446,6 +456,9 @@ impl NatTable {
             (u32::from(NAT_PORT_MIN) + offset) as u16
         });
         for port in first.into_iter().chain(probes) {
+            if self.reserved.contains(&port) {
+                continue;
+            }
             let key = candidate(port);
             match self.by_reply.get(&key).copied() {
                 None if !self.by_original.contains_key(&key) => return Ok(key),
@@ -781,6 +794,24 @@ mod tests {
         );
         assert_eq!(first + t.expire(timeouts::UDP, 1000), 10);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn reserved_ports_are_never_handed_out() {
+        let mut t = NatTable::new(8, 8, 1);
+        t.reserve_port(50000);
+        let id = t
+            .insert(
+                CLIENT,
+                key(CLIENT, 50000, PROTO_UDP),
+                Some(NAT),
+                None,
+                None,
+                0,
+            )
+            .unwrap();
+        assert_ne!(t.get(id).unwrap().reply.dst_port, 50000);
+        assert!(t.get(id).unwrap().reply.dst_port >= NAT_PORT_MIN);
     }
 
     #[test]

@@ -663,6 +663,14 @@ impl Router {
             drops: alloc::vec![0; DropReason::ALL.len()],
             ..Counters::default()
         };
+        let resolver = Resolver::new(
+            servers,
+            caps.dns_names,
+            config.ip6.is_some(),
+            config.seed.rotate_left(17),
+        );
+        let mut nat = NatTable::new(caps.nat_entries, caps.nat_entries_per_client, config.seed);
+        nat.reserve_port(resolver.port());
         Router {
             uplink: Uplink::new(
                 config.uplink_mac,
@@ -676,14 +684,9 @@ impl Router {
             by_address: HashMap::with_hasher(hasher),
             rules: HashMap::with_hasher(hasher),
             no_rules: RuleSet::deny_all(),
-            nat: NatTable::new(caps.nat_entries, caps.nat_entries_per_client, config.seed),
+            nat,
             reassembler: Reassembler::new(caps.fragment_datagrams, caps.fragment_bytes),
-            resolver: Resolver::new(
-                servers,
-                caps.dns_names,
-                config.ip6.is_some(),
-                config.seed.rotate_left(17),
-            ),
+            resolver,
             dns_servers,
             wall_clock: None,
             counters,
@@ -1168,7 +1171,7 @@ impl Router {
         match meta.icmp {
             IcmpKind::NotIcmp | IcmpKind::EchoRequest => {}
             IcmpKind::Error => {
-                self.drop(DropReason::IcmpErrorUnmatched);
+                self.related_from_client(index, packet, meta, now);
                 return None;
             }
             IcmpKind::EchoReply => {
@@ -1568,23 +1571,66 @@ impl Router {
             icmp: IcmpKind::Other,
             ..*meta
         };
-        rewrite_address_only(&mut owned, &outer, entry.original.src);
-        // Recompute the ICMP checksum over the whole message.
-        if let Some(field) = owned.get_mut(meta.header_len + 2..meta.header_len + 4) {
-            field.copy_from_slice(&[0, 0]);
-        }
-        let body = owned.get(meta.header_len..).unwrap_or(&[]);
-        let sum = match (meta.v6, entry.original.src, meta.src) {
-            (true, IpAddr::V6(dst), IpAddr::V6(src)) => checksum::finish(checksum::add(
-                checksum::pseudo_v6(&src, &dst, PROTO_ICMPV6, body.len() as u32),
-                body,
-            )),
-            _ => checksum::finish(checksum::add(0, body)),
-        };
-        if let Some(field) = owned.get_mut(meta.header_len + 2..meta.header_len + 4) {
-            field.copy_from_slice(&sum.to_be_bytes());
-        }
+        rewrite_address_only(&mut owned, &outer, false, entry.original.src);
+        refill_icmp_checksum(&mut owned, meta.header_len, meta.src, entry.original.src);
         self.send_ip(Out::Client(client), meta.v6, &owned);
+        self.recycle(owned);
+    }
+
+    /// An ICMP error a client sends about a flow it is part of (say, port
+    /// unreachable for a reply it got): to the flow's other end, with the
+    /// quoted packet and the outer source translated for flows to the
+    /// outside, like Linux conntrack's RELATED handling.
+    fn related_from_client(&mut self, index: usize, packet: &[u8], meta: &IpMeta, now: Millis) {
+        let quote_at = meta.header_len + 8;
+        let Some(quote) = packet.get(quote_at..) else {
+            return self.drop(DropReason::Malformed);
+        };
+        let inner = match parse_ip(quote, false) {
+            Ok(inner) if inner.v6 == meta.v6 && !inner.fragment && inner.dst == meta.src => inner,
+            _ => return self.drop(DropReason::IcmpErrorUnmatched),
+        };
+        let Some((id, direction)) = self.nat.lookup(&inner.key().reversed(), now) else {
+            return self.drop(DropReason::IcmpErrorUnmatched);
+        };
+        let Some(entry) = self.nat.get(id).copied() else {
+            return;
+        };
+        let (out, translate) = match direction {
+            Direction::Original if entry.owner == meta.src && entry.is_translated() => {
+                (Out::Uplink, true)
+            }
+            Direction::Original if entry.owner == meta.src => {
+                match entry.peer_client.and_then(|ip| self.by_address.get(&ip)) {
+                    Some(peer) => (Out::Client(*peer), false),
+                    None => return self.drop(DropReason::IcmpErrorUnmatched),
+                }
+            }
+            Direction::Reply if !entry.is_translated() && entry.peer_client == Some(meta.src) => {
+                match self.by_address.get(&entry.owner) {
+                    Some(owner) => (Out::Client(*owner), false),
+                    None => return self.drop(DropReason::IcmpErrorUnmatched),
+                }
+            }
+            _ => return self.drop(DropReason::IcmpErrorUnmatched),
+        };
+        let _ = index;
+        let mut owned = self.buffer();
+        owned.extend_from_slice(packet);
+        decrement_ttl(&mut owned, meta.v6);
+        if translate {
+            if let Some(quoted) = owned.get_mut(quote_at..) {
+                rewrite(quoted, &inner, false, entry.reply.dst, entry.reply.dst_port);
+            }
+            let outer = IpMeta {
+                protocol: 0,
+                icmp: IcmpKind::Other,
+                ..*meta
+            };
+            rewrite_address_only(&mut owned, &outer, true, entry.reply.dst);
+            refill_icmp_checksum(&mut owned, meta.header_len, entry.reply.dst, meta.dst);
+        }
+        self.send_ip(out, meta.v6, &owned);
         self.recycle(owned);
     }
 
@@ -1765,8 +1811,13 @@ impl Router {
     }
 }
 
-fn rewrite_address_only(packet: &mut [u8], meta: &IpMeta, address: IpAddr) {
-    let (at, len) = if meta.v6 { (24, 16) } else { (16, 4) };
+fn rewrite_address_only(packet: &mut [u8], meta: &IpMeta, source: bool, address: IpAddr) {
+    let (at, len) = match (meta.v6, source) {
+        (false, true) => (12, 4),
+        (false, false) => (16, 4),
+        (true, true) => (8, 16),
+        (true, false) => (24, 16),
+    };
     let mut new = [0u8; 16];
     match address {
         IpAddr::V4(a) => new[..4].copy_from_slice(&a.octets()),
@@ -1786,6 +1837,25 @@ fn rewrite_address_only(packet: &mut [u8], meta: &IpMeta, address: IpAddr) {
     }
     if let Some(field) = packet.get_mut(at..at + len) {
         field.copy_from_slice(&new[..len]);
+    }
+}
+
+/// Recomputes the checksum of the ICMP message at `at` of an IP packet
+/// (ICMPv6 includes the pseudo header of `src` → `dst`).
+fn refill_icmp_checksum(packet: &mut [u8], at: usize, src: IpAddr, dst: IpAddr) {
+    if let Some(field) = packet.get_mut(at + 2..at + 4) {
+        field.copy_from_slice(&[0, 0]);
+    }
+    let body = packet.get(at..).unwrap_or(&[]);
+    let sum = match (src, dst) {
+        (IpAddr::V6(src), IpAddr::V6(dst)) => checksum::finish(checksum::add(
+            checksum::pseudo_v6(&src, &dst, PROTO_ICMPV6, body.len() as u32),
+            body,
+        )),
+        _ => checksum::finish(checksum::add(0, body)),
+    };
+    if let Some(field) = packet.get_mut(at + 2..at + 4) {
+        field.copy_from_slice(&sum.to_be_bytes());
     }
 }
 

@@ -1042,6 +1042,43 @@ fn icmp_errors_are_translated_back_to_the_inner_flow() {
 }
 
 #[test]
+fn client_icmp_errors_about_replies_go_out_translated() {
+    let mut net = Net::new(false);
+    accept_all(&mut net, A_IP);
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"hello"));
+    let port = seen4(&net.uplink_out()[0]).sport;
+    net.send_from_outside(&udp4(REMOTE, OUR_IP, 9, port, b"reply"));
+    let delivered = net.client_out(A);
+    let eth = EthernetFrame::new_checked(&delivered[0][..]).unwrap();
+    // A answers "port unreachable", quoting the reply it got.
+    let mut message = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    message.extend_from_slice(eth.payload());
+    let sum = !smoltcp::wire::checksum::data(&message);
+    message[2..4].copy_from_slice(&sum.to_be_bytes());
+    net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &message));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    let seen = seen4(&out[0]);
+    assert_eq!((seen.src, seen.dst, seen.sport), (OUR_IP, REMOTE, 3));
+    let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    let inner = Ipv4Packet::new_checked(&ip.payload()[8..]).unwrap();
+    assert!(inner.verify_checksum());
+    assert_eq!((inner.src_addr(), inner.dst_addr()), (REMOTE, OUR_IP));
+    let udp = UdpPacket::new_checked(inner.payload()).unwrap();
+    assert_eq!(udp.dst_port(), port, "the NAT port, not the client's");
+    assert!(udp.verify_checksum(&REMOTE.into(), &OUR_IP.into()));
+    // An error about a flow A is not part of goes nowhere.
+    let mut forged = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    forged.extend_from_slice(&udp4(REMOTE, A_IP, 9, 41000, b"x"));
+    let sum = !smoltcp::wire::checksum::data(&forged);
+    forged[2..4].copy_from_slice(&sum.to_be_bytes());
+    net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &forged));
+    assert!(net.uplink_out().is_empty());
+    assert_eq!(net.dropped(DropReason::IcmpErrorUnmatched), 1);
+}
+
+#[test]
 fn nat_entries_expire_when_idle() {
     // mirage-firewall had no NAT idle timeouts.
     let mut net = Net::new(false);
