@@ -30,6 +30,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use crate::eval::{Confirm, Decision, Policy};
+use crate::eval_service::{self, EvalService};
 use crate::loader::PolicyPaths;
 use crate::protocol::{MAX_REPLY, MAX_REQUEST, parse_request, request_end};
 use crate::system_info::{FileStamp, SystemInfoSource, file_stamp};
@@ -51,6 +52,11 @@ pub struct DaemonConfig {
     pub max_connections: usize,
     /// How long a client may take to send its request.
     pub read_timeout: Duration,
+    /// `policy.EvalSimple` socket: path, and whether failing to bind it is
+    /// fatal (an explicit flag) or only logged (the default path).
+    pub eval_socket: Option<(PathBuf, bool)>,
+    /// `policy.EvalGUI` socket, likewise.
+    pub gui_socket: Option<(PathBuf, bool)>,
 }
 
 impl std::fmt::Debug for DaemonConfig {
@@ -61,6 +67,8 @@ impl std::fmt::Debug for DaemonConfig {
             .field("reload_interval", &self.reload_interval)
             .field("max_connections", &self.max_connections)
             .field("read_timeout", &self.read_timeout)
+            .field("eval_socket", &self.eval_socket)
+            .field("gui_socket", &self.gui_socket)
             .finish_non_exhaustive()
     }
 }
@@ -284,25 +292,48 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Load the policy, start the watcher and serve forever.
-pub fn run(config: DaemonConfig) -> std::io::Result<()> {
-    let store = Arc::new(PolicyStore::new(config.policy_paths.clone()));
-    store.reload(true);
-    let listener = bind(&config.socket_path)?;
-    log::info!("listening on {}", config.socket_path.display());
-    {
-        let store = Arc::clone(&store);
-        let interval = config.reload_interval;
-        std::thread::Builder::new()
-            .name("policy-watch".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(interval);
-                    store.reload(false);
-                }
-            })?;
+/// What a listening socket serves.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    Policy,
+    Eval(EvalService),
+}
+
+fn serve_one(stream: UnixStream, endpoint: Endpoint, store: &PolicyStore, config: &DaemonConfig) {
+    match endpoint {
+        Endpoint::Policy => handle_connection(
+            stream,
+            store,
+            config.system_info.as_ref(),
+            config.confirm.as_ref(),
+            config.read_timeout,
+        ),
+        Endpoint::Eval(kind) => {
+            let _ = stream.set_read_timeout(Some(config.read_timeout));
+            let _ = stream.set_write_timeout(Some(config.read_timeout));
+            eval_service::serve(
+                stream,
+                kind,
+                |query, system, confirm| store.current().evaluate(query, system, confirm),
+                || match config.system_info.system_info() {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        log::error!("{}: error getting system info: {e}", kind.name());
+                        None
+                    }
+                },
+            );
+        }
     }
-    let active = Arc::new(AtomicUsize::new(0));
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    endpoint: Endpoint,
+    store: Arc<PolicyStore>,
+    config: DaemonConfig,
+    active: Arc<AtomicUsize>,
+) {
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
@@ -321,18 +352,12 @@ pub fn run(config: DaemonConfig) -> std::io::Result<()> {
             continue;
         }
         let store = Arc::clone(&store);
-        let config = config.clone();
+        let config_here = config.clone();
         let active_here = Arc::clone(&active);
         let spawned = std::thread::Builder::new()
             .name("policy-request".into())
             .spawn(move || {
-                handle_connection(
-                    stream,
-                    &store,
-                    config.system_info.as_ref(),
-                    config.confirm.as_ref(),
-                    config.read_timeout,
-                );
+                serve_one(stream, endpoint, &store, &config_here);
                 active_here.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
@@ -340,5 +365,54 @@ pub fn run(config: DaemonConfig) -> std::io::Result<()> {
             log::error!("cannot start a request thread: {e}");
         }
     }
+}
+
+/// Load the policy, start the watcher and serve forever.
+pub fn run(config: DaemonConfig) -> std::io::Result<()> {
+    let store = Arc::new(PolicyStore::new(config.policy_paths.clone()));
+    store.reload(true);
+    let listener = bind(&config.socket_path)?;
+    log::info!("listening on {}", config.socket_path.display());
+    let mut extra = Vec::new();
+    for (socket, kind) in [
+        (&config.eval_socket, EvalService::Simple),
+        (&config.gui_socket, EvalService::Gui),
+    ] {
+        let Some((path, required)) = socket else {
+            continue;
+        };
+        match bind(path) {
+            Ok(l) => {
+                log::info!("listening for {} on {}", kind.name(), path.display());
+                extra.push((l, kind));
+            }
+            Err(e) if !required => {
+                log::warn!("not serving {} on {}: {e}", kind.name(), path.display());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    {
+        let store = Arc::clone(&store);
+        let interval = config.reload_interval;
+        std::thread::Builder::new()
+            .name("policy-watch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(interval);
+                    store.reload(false);
+                }
+            })?;
+    }
+    let active = Arc::new(AtomicUsize::new(0));
+    for (listener, kind) in extra {
+        let store = Arc::clone(&store);
+        let config = config.clone();
+        let active = Arc::clone(&active);
+        std::thread::Builder::new()
+            .name(kind.name().into())
+            .spawn(move || accept_loop(listener, Endpoint::Eval(kind), store, config, active))?;
+    }
+    accept_loop(listener, Endpoint::Policy, store, config, active);
     Ok(())
 }

@@ -24,6 +24,7 @@
 //!                      [--legacy-policy-path DIR] [--system-info PATH]
 //!                      [--ask-program PATH] [--ask-timeout SECONDS]
 //!                      [--reload-interval-ms MS] [--max-connections N]
+//!                      [--eval-socket-path PATH] [--gui-socket-path PATH]
 //! ```
 //!
 //! Listens on `--socket-path` (default `/run/qubes/policy.sock`, mode 0660)
@@ -40,6 +41,12 @@
 //! without it every `ask` is a deny, logged as such. Policy files are
 //! watched (`--reload-interval-ms`, default 500) and reloaded on change; a
 //! broken policy keeps the last good one and logs `FILE:LINE: REASON`.
+//! Like Qubes' daemon it also serves the `policy.EvalSimple` and
+//! `policy.EvalGUI` qrexec socket services ([`eval_service`]) on
+//! `--eval-socket-path` (default `/etc/qubes-rpc/policy.EvalSimple`) and
+//! `--gui-socket-path` (default `/etc/qubes-rpc/policy.EvalGUI`); when the
+//! default path cannot be bound (not root, no such directory) that service
+//! is skipped with a warning, an explicitly given path must work.
 //! Logs go to standard error.
 //!
 //! # `qrexec-policy-exec`
@@ -89,6 +96,7 @@
 pub mod ask;
 pub mod daemon;
 pub mod eval;
+pub mod eval_service;
 pub mod index;
 pub mod loader;
 pub mod logger;

@@ -34,6 +34,10 @@ impl Daemon {
             .arg(dom0.qubes_json())
             .arg("--reload-interval-ms")
             .arg("50")
+            .arg("--eval-socket-path")
+            .arg(dom0.path("policy.EvalSimple"))
+            .arg("--gui-socket-path")
+            .arg(dom0.path("policy.EvalGUI"))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -363,4 +367,63 @@ fn serves_many_clients_at_once_and_a_silent_one_blocks_nobody() {
         };
         assert_eq!(reply, expected);
     }
+}
+
+fn raw(socket: &Path, bytes: &[u8]) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    // closing with our data unread makes the kernel reset the connection
+    match s.read_to_end(&mut reply) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{e}"),
+    }
+    String::from_utf8(reply).unwrap()
+}
+
+#[test]
+fn eval_simple_and_eval_gui_services() {
+    let dom0 = Dom0::new();
+    basic_policy(&dom0);
+    let d = Daemon::start(&dom0, &[]);
+    let simple = dom0.path("policy.EvalSimple");
+    let gui = dom0.path("policy.EvalGUI");
+    assert_eq!(
+        raw(&simple, b"policy.EvalSimple+qubes.Gpg sys-gui\0work\0vault"),
+        "result=allow\n"
+    );
+    assert_eq!(
+        raw(
+            &simple,
+            b"policy.EvalSimple+qubes.Gpg sys-gui\0personal\0vault"
+        ),
+        "result=deny\n"
+    );
+    // wrong service name, no argument, bad data: closed unanswered
+    assert_eq!(
+        raw(&simple, b"policy.EvalGUI+qubes.Gpg sys-gui\0work\0vault"),
+        ""
+    );
+    assert_eq!(raw(&simple, b"policy.EvalSimple sys-gui\0work\0vault"), "");
+    assert_eq!(
+        raw(&simple, b"policy.EvalSimple+qubes.Gpg sys-gui\0work"),
+        ""
+    );
+    // EvalGUI needs the caller to be the GUI qube of both (no guivm- tags here)
+    assert_eq!(
+        raw(&gui, b"policy.EvalGUI+qubes.Gpg sys-gui\0work\0vault"),
+        ""
+    );
+    let log = d.wait_log("provides GUI");
+    assert!(
+        log.contains("policy.EvalGUI can only be invoked by a domain that provides GUI"),
+        "{log}"
+    );
+    assert!(
+        log.contains("policy.EvalSimple invoked with incorrect name policy.EvalGUI"),
+        "{log}"
+    );
 }

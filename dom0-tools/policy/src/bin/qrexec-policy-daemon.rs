@@ -68,6 +68,14 @@ struct Args {
     /// Most requests served at once.
     #[arg(long = "max-connections", value_name = "N", default_value_t = 256)]
     max_connections: usize,
+    /// Socket of the policy.EvalSimple qrexec service (default
+    /// /etc/qubes-rpc/policy.EvalSimple, skipped if it cannot be bound).
+    #[arg(long = "eval-socket-path", value_name = "PATH")]
+    eval_socket_path: Option<PathBuf>,
+    /// Socket of the policy.EvalGUI qrexec service (default
+    /// /etc/qubes-rpc/policy.EvalGUI, skipped if it cannot be bound).
+    #[arg(long = "gui-socket-path", value_name = "PATH")]
+    gui_socket_path: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +107,14 @@ fn main() -> ExitCode {
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(10)),
         max_connections: args.max_connections.max(1),
         read_timeout: Duration::from_secs(10),
+        eval_socket: Some(match args.eval_socket_path {
+            Some(p) => (p, true),
+            None => ("/etc/qubes-rpc/policy.EvalSimple".into(), false),
+        }),
+        gui_socket: Some(match args.gui_socket_path {
+            Some(p) => (p, true),
+            None => ("/etc/qubes-rpc/policy.EvalGUI".into(), false),
+        }),
     };
     match daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,
