@@ -232,6 +232,7 @@ drop_reasons! {
     NotForUs = "uplink packet not addressed to the firewall",
     ToFirewall = "client packet to the firewall itself",
     Broadcast = "broadcast or multicast destination",
+    LinkLocal = "IPv6 link-local or neighbour-discovery traffic not for us",
     RulesDrop = "denied by the client's rules",
     RulesParseError = "client's rules failed to parse",
     UnresolvedHost = "client's dsthost rule not resolved yet",
@@ -999,7 +1000,18 @@ impl Router {
         };
         let packet = packet.get(..meta.total_len).unwrap_or(packet);
         if meta.icmp == IcmpKind::Ndp {
-            return self.client_ndp(index, packet, &meta);
+            if matches!(meta.icmp_type, Some(arp::NDP_SOLICIT | arp::NDP_ADVERT)) {
+                return self.client_ndp(index, packet, &meta);
+            }
+            // Router solicitations, redirects…: clients are configured
+            // statically (`/qubes-gateway6`), nothing to answer.
+            return self.drop(DropReason::LinkLocal);
+        }
+        if let IpAddr::V6(src) = meta.src
+            && (src.is_unicast_link_local() || src.is_unspecified() || meta.dst.is_multicast())
+        {
+            // MLD reports, link-local chatter: never routed.
+            return self.drop(DropReason::LinkLocal);
         }
         let Some(client) = self.clients.get(index) else {
             return;

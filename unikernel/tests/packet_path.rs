@@ -1374,6 +1374,33 @@ fn ipv6_forwarding_with_dst6_rules_and_ndp() {
 }
 
 #[test]
+fn ipv6_link_local_chatter_is_not_routed() {
+    let mut net = Net::new(true);
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    let link_local: Ipv6Addr = "fe80::216:3eff:fe5e:6c0a".parse().unwrap();
+    let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+    let solicit = icmp6_message(
+        link_local,
+        all_routers,
+        Icmpv6Repr::Ndisc(smoltcp::wire::NdiscRepr::RouterSolicit {
+            lladdr: Some(A_MAC.into()),
+        }),
+    );
+    net.send_from_a(&ip6(
+        link_local,
+        all_routers,
+        IpProtocol::Icmpv6,
+        255,
+        &solicit,
+    ));
+    let udp = udp_datagram(link_local.into(), all_routers.into(), 546, 547, b"dhcpv6");
+    net.send_from_a(&ip6(link_local, all_routers, IpProtocol::Udp, 1, &udp));
+    assert!(net.uplink_out().is_empty());
+    assert!(net.client_out(A).is_empty());
+    assert_eq!(net.dropped(DropReason::LinkLocal), 2);
+}
+
+#[test]
 fn ipv6_without_qubes_ip6_is_dropped() {
     let mut net = Net::new(false);
     net.rules(IpAddr::V4(A_IP), &[("policy", "accept")]);
