@@ -29,6 +29,7 @@ Usage: qubes-box COMMAND [ARGS]
 
 Commands:
   up [--state-dir DIR] [--prefix P] [--bin-dir DIR] [--no-firewall]
+     [--firewall-bin PATH]
                                   build the box: namespaces <P>sys-net,
                                   <P>sys-firewall, <P>client1, <P>client2,
                                   xenstored, qubesdb-daemon, sys-net's HTTP
@@ -73,6 +74,7 @@ struct Parsed {
     prefix: String,
     bin_dir: Option<PathBuf>,
     firewall: bool,
+    firewall_bin: Option<PathBuf>,
     rest: Vec<String>,
 }
 
@@ -85,6 +87,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
         prefix: "qb-".to_string(),
         bin_dir: None,
         firewall: true,
+        firewall_bin: None,
         rest: Vec::new(),
     };
     let mut iter = args.iter();
@@ -121,6 +124,11 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                 parsed.bin_dir = Some(PathBuf::from(iter.next().ok_or("--bin-dir needs a path")?));
             }
             "--no-firewall" => parsed.firewall = false,
+            "--firewall-bin" => {
+                parsed.firewall_bin = Some(PathBuf::from(
+                    iter.next().ok_or("--firewall-bin needs a path")?,
+                ));
+            }
             "-n" => {
                 let text = iter.next().ok_or("-n needs a count")?;
                 parsed.count = text
@@ -146,6 +154,7 @@ fn box_config(parsed: &Parsed) -> Result<BoxConfig, String> {
         prefix: parsed.prefix.clone(),
         bin_dir,
         firewall: parsed.firewall,
+        firewall_bin: parsed.firewall_bin.clone(),
     })
 }
 

@@ -94,6 +94,9 @@ pub struct BoxConfig {
     /// Start the hosted firewall (it must have been built with
     /// `--features hosted`).
     pub firewall: bool,
+    /// The firewall binary to run instead of `<bin_dir>/qubes-firewall-hosted`
+    /// (e.g. a release build for measurements).
+    pub firewall_bin: Option<PathBuf>,
 }
 
 impl BoxConfig {
@@ -564,7 +567,10 @@ fn build(config: &BoxConfig) -> io::Result<()> {
             config,
             "firewall",
             Some(&firewall),
-            &config.bin("qubes-firewall-hosted"),
+            &config
+                .firewall_bin
+                .clone()
+                .unwrap_or_else(|| config.bin("qubes-firewall-hosted")),
             &[
                 "--domid".into(),
                 FIREWALL.0.to_string(),
