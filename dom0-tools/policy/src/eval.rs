@@ -81,7 +81,13 @@ pub enum Decision {
 
 impl Decision {
     /// The reply bytes for the policy daemon socket and for
-    /// `qrexec-policy-exec`'s standard output.
+    /// `qrexec-policy-exec`'s standard output. Each line ends in `\n`;
+    /// qrexec-daemon (`parse_policy_response` in qubes-core-qrexec
+    /// `daemon/qrexec-daemon.c`) strips one trailing newline, splits on
+    /// `\n`, requires `user`, `target`, `requested_target` and `autostart`
+    /// with `result=allow` and forbids them with `result=deny`, and reads at
+    /// most 4096 bytes. (Python's daemon omits the final newline of an allow;
+    /// both forms parse the same.)
     pub fn reply(&self) -> String {
         match self {
             Decision::Allow {
