@@ -87,10 +87,7 @@ impl Qubes {
         cmd.env("VCHAN_SOCKET_DIR", self.dir.join("vchan"))
             .env("VCHAN_DOMAIN", domid.to_string())
             .env("QREXEC_SERVICE_PATH", self.rpc_dir(rpc))
-            .env(
-                "QREXEC_POLICY_SOCKET",
-                self.dir.join("no-policy-daemon.sock"),
-            )
+            .env("QREXEC_POLICY_SOCKET", self.dir.join("policy.sock"))
             .env("QREXEC_LOG_DIR", self.dir.join("log"));
     }
 
