@@ -30,8 +30,9 @@
 //!
 //! The exchange on the vchan (`handle_vchan_data`, `handle_multiread`,
 //! `request_full_db_sync` in `daemon/db-cmds.c`, `mainloop` in
-//! `daemon/db-daemon.c`): the VM's daemon is the vchan server on port 111
-//! and dom0's connects as client. Once connected the VM sends one
+//! `daemon/db-daemon.c`, `init_vchan`): dom0's daemon for a VM is the vchan
+//! *server* on port 111 and the VM connects as *client* (the reverse of
+//! qrexec, where the VM's agent serves port 512). Once connected the VM sends one
 //! `QDB_CMD_MULTIREAD` with an **empty** path (`path[0]` = 0, not `/`) and no
 //! data. dom0 answers with one `QDB_RESP_MULTIREAD` per entry (path and
 //! value; for the empty path the whole database in reverse order), then a

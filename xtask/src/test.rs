@@ -16,6 +16,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .current_dir(&root)
             .args(["build", "--workspace", "--bins"]),
     )?;
+    // The hosted firewall needs its feature; the box tests start it.
+    run_command(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--package",
+        "unikernel",
+        "--features",
+        "hosted",
+        "--bin",
+        "qubes-firewall-hosted",
+    ]))?;
     run_command(
         Command::new("cargo")
             .current_dir(&root)

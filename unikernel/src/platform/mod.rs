@@ -176,11 +176,12 @@ pub trait Platform {
     /// passes (`None`: no deadline).
     fn wait(&mut self, deadline: Option<Instant>);
 
-    /// Offers a vchan as server to `peer` on `port` (QubesDB: 111, qrexec
-    /// control: 512). The stream stays `Waiting` until the peer connects.
+    /// Offers a vchan as server to `peer` on `port` (the qrexec control
+    /// channel: 512). The stream stays `Waiting` until the peer connects.
     fn vchan_server(&mut self, peer: u16, port: u32) -> Result<Self::Vchan, PlatformError>;
-    /// Connects as client to the vchan server of `peer` on `port` (qrexec
-    /// data channels offered by dom0's `qrexec-client`).
+    /// Connects as client to the vchan server of `peer` on `port` (QubesDB:
+    /// dom0's `qubesdb-daemon` serves port 111; qrexec data channels are
+    /// offered by dom0's `qrexec-client`).
     fn vchan_client(&mut self, peer: u16, port: u32) -> Result<Self::Vchan, PlatformError>;
     /// The xenstore client.
     fn xenstore(&mut self) -> &mut Self::Xenstore;
