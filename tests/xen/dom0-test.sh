@@ -14,6 +14,8 @@ waitcount() { # file pattern count tenths
 waitfor() { # file pattern tenths
     i=0; until grep -q "$2" "$1" 2>/dev/null || [ $i -ge "$3" ]; do sleep 0.1; i=$((i+1)); done; grep -q "$2" "$1" 2>/dev/null; }
 CONS=/var/log/xen/console
+# dom0 plays the net qube: the firewall's uplink vif joins xenbr0 (vif-mini).
+brctl addbr xenbr0 && ip addr add 10.137.0.1/24 dev xenbr0 && ip link set xenbr0 up
 
 # 0) Baseline: the minimal hello guest (long mode, PV console line, poweroff).
 cat > /tmp/hello.cfg <<CFG
@@ -34,11 +36,11 @@ xl destroy hello 2>/dev/null
 
 # 1) The firewall, created paused so the QubesDB server (dom0's side) is
 #    there before it runs, as qubesd arranges on Qubes.
-sed -e "s|^kernel *=.*|kernel = \"/guest/qubes-firewall.elf\"|" -e "/^vif/d" /guest/qubes-firewall.cfg > /tmp/fw.cfg
+sed -e "s|^kernel *=.*|kernel = \"/guest/qubes-firewall.elf\"|" -e "/^vif/d" -e "/^on_/d" /guest/qubes-firewall.cfg > /tmp/fw.cfg
 cat >> /tmp/fw.cfg <<CFG
 on_poweroff = "preserve"
 on_crash = "preserve"
-vif = []
+vif = [ 'bridge=xenbr0,script=vif-mini,mac=00:16:3e:5e:6c:00' ]
 CFG
 t0=$(up)
 xl create -p /tmp/fw.cfg; rc=$?
@@ -79,7 +81,7 @@ waitfor /tmp/peer-hostile.log "client closed\|FAIL" 300
 grep -q "client closed the vchan" /tmp/peer-hostile.log
 check "firewall dropped a QubesDB vchan with corrupt indices" $([ $? = 0 ] && echo ok)
 wait $HOSTILE_PID 2>/dev/null
-vchan-peer qubesdb "$domid" > /tmp/peer-qubesdb2.log 2>&1 &
+vchan-peer qubesdb-net "$domid" > /tmp/peer-qubesdb2.log 2>&1 &
 QDB_PID=$!
 if waitcount $LOG "QubesDB: synchronised" 2 300; then
     echo "QFW-MEASURE firewall: QubesDB lost -> hostile peer dropped -> resynchronised in $(since $t2) s"
@@ -90,7 +92,24 @@ fi
 state=$(xl list sys-firewall 2>/dev/null | awk 'NR==2{print $5}')
 case $state in ""|*c*|*s*|*d*) check "firewall still running after the hostile peer (state '$state')" no ;; *) check "firewall still running after the hostile peer (state $state)" ok ;; esac
 
-# 3) Clean shutdown.
+# 3) The new QubesDB carries the network keys: the firewall brings up its
+#    uplink (netfront <-> dom0's netback on xenbr0) and answers ARP and ping.
+t3=$(up)
+if waitfor $LOG "netfront device/vif/0 connected" 300; then
+    echo "QFW-MEASURE firewall: network keys -> netfront connected in $(since $t3) s"
+    check "netfront connected to dom0's netback" ok
+else
+    check "netfront connected to dom0's netback" no
+fi
+waitfor /tmp/peer-qubesdb2.log "qubes-iptables-error" 100
+grep -q "wrote /qubes-iptables-error" /tmp/peer-qubesdb2.log; check "firewall reported networking up (/qubes-iptables-error written)" $([ $? = 0 ] && echo ok)
+ping -c 3 -W 2 10.137.0.2 > /tmp/ping.log 2>&1; rc=$?
+sed 's/^/QFW: /' /tmp/ping.log
+check "dom0 pings the firewall's uplink address over netfront (rc=$rc)" $([ $rc = 0 ] && echo ok)
+vif=$(xl list | awk '$1=="sys-firewall"{print "vif"$2".0"}')
+echo "QFW: $vif rx_packets=$(cat /sys/class/net/$vif/statistics/rx_packets 2>/dev/null) tx_packets=$(cat /sys/class/net/$vif/statistics/tx_packets 2>/dev/null)"
+
+# 4) Clean shutdown.
 t1=$(up)
 xl shutdown sys-firewall; rc=$?
 check "xl shutdown rc=$rc" $([ $rc = 0 ] && echo ok)

@@ -12,6 +12,10 @@
  *                              empty path, answers one QDB_RESP_MULTIREAD per entry and the
  *                              empty-path end marker; then answers WRITE/RM with QDB_RESP_OK
  *                              until the VM closes the vchan.
+ *   vchan-peer qubesdb-net DOMID
+ *                              the same, plus the network keys (/qubes-ip 10.137.0.2,
+ *                              /qubes-gateway 10.137.0.1, DNS), so the firewall brings up its
+ *                              uplink (netfront) towards dom0's bridge.
  *   vchan-peer hostile-qubesdb DOMID
  *                              the same server, but once the VM has sent its MULTIREAD it
  *                              corrupts the ring it writes (right.prod far past right.cons +
@@ -126,6 +130,17 @@ static int hostile_qubesdb(int domid)
     return 0;
 }
 
+/* The network keys dom0 writes once the firewall VM has a netvm
+ * (`qubes-ip` etc.), for `qubesdb-net`: the lab's dom0 plays the net qube
+ * on bridge xenbr0 at 10.137.0.1. */
+static const char *net_entries[][2] = {
+    { "/qubes-ip", "10.137.0.2" },
+    { "/qubes-gateway", "10.137.0.1" },
+    { "/qubes-primary-dns", "10.139.1.1" },
+    { "/qubes-secondary-dns", "10.139.1.2" },
+};
+static int with_net;
+
 static int qubesdb(int domid)
 {
     char path[128];
@@ -167,9 +182,12 @@ static int qubesdb(int domid)
             }
             for (size_t i = 0; i < sizeof entries / sizeof entries[0]; i++)
                 send_qdb(v, QDB_RESP_MULTIREAD, entries[i][0], entries[i][1]);
+            for (size_t i = 0; with_net && i < sizeof net_entries / sizeof net_entries[0]; i++)
+                send_qdb(v, QDB_RESP_MULTIREAD, net_entries[i][0], net_entries[i][1]);
             send_qdb(v, QDB_RESP_MULTIREAD, "", NULL);
             synced = 1;
-            printf("PEER-QUBESDB MULTIREAD answered with %zu entries\n", sizeof entries / sizeof entries[0]);
+            printf("PEER-QUBESDB MULTIREAD answered with %zu entries\n",
+                   sizeof entries / sizeof entries[0] + (with_net ? sizeof net_entries / sizeof net_entries[0] : 0));
         } else if (h.type == QDB_CMD_WRITE || h.type == QDB_CMD_RM) {
             writes++;
             printf("PEER-QUBESDB VM %s %s = '%s'\n", h.type == QDB_CMD_WRITE ? "wrote" : "removed", h.path, data);
@@ -234,12 +252,16 @@ int main(int argc, char **argv)
     sa.sa_handler = on_term;
     sigaction(SIGTERM, &sa, NULL);
     if (argc != 3) {
-        fprintf(stderr, "usage: vchan-peer qubesdb|hostile-qubesdb|qrexec DOMID\n");
+        fprintf(stderr, "usage: vchan-peer qubesdb|qubesdb-net|hostile-qubesdb|qrexec DOMID\n");
         return 2;
     }
     int domid = atoi(argv[2]);
     if (!strcmp(argv[1], "qubesdb"))
         return qubesdb(domid);
+    if (!strcmp(argv[1], "qubesdb-net")) {
+        with_net = 1;
+        return qubesdb(domid);
+    }
     if (!strcmp(argv[1], "hostile-qubesdb"))
         return hostile_qubesdb(domid);
     if (!strcmp(argv[1], "qrexec"))

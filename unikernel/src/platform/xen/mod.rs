@@ -1,11 +1,12 @@
 //! The Xen PVH platform: the firewall as a Xen guest. Boot, hypercalls, the
-//! PV console, the clock, event channels, grant tables, the xenstore ring
-//! and libxenvchan-compatible vchans, tied together in [`XenPlatform`].
+//! PV console, the clock, event channels, grant tables, the xenstore ring,
+//! libxenvchan-compatible vchans and the uplink netfront, tied together in
+//! [`XenPlatform`].
 //!
 //! Layout: `abi` declares the C ABI; `hypercall` is the only place that
 //! traps to Xen; `shared` is the only place that touches shared memory
 //! (volatile/atomic, behind the `SharedMemory` trait); the ring protocols
-//! (`console`, `xenstore_ring`, `vchan`) and the bookkeeping (`grant`,
+//! (`console`, `xenstore_ring`, `vchan`, `netfront`) and the bookkeeping (`grant`,
 //! `time`, `start_info`) are portable and tested on the host with a
 //! `Vec`-backed memory; `runtime` (boot code, allocator, panic handler,
 //! libc symbols) exists only in the image (feature `xen`). Every value a
@@ -18,6 +19,7 @@ pub mod console;
 pub mod events;
 pub mod grant;
 pub mod hypercall;
+pub mod netfront;
 mod platform;
 #[cfg(all(feature = "xen", not(test)))]
 pub mod runtime;
@@ -27,4 +29,4 @@ pub mod time;
 pub mod vchan;
 pub mod xenstore_ring;
 
-pub use platform::{XenLinkWait, XenPlatform, XenVchan, XenXenstore};
+pub use platform::{XenLinkWait, XenNic, XenPlatform, XenVchan, XenXenstore};

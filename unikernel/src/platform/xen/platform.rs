@@ -7,10 +7,11 @@
 //! under `/local/domain/<us>/data/vchan/<peer>/<port>` with permissions
 //! `n<us> r<peer>` in one transaction); clients follow
 //! `libxenvchan_client_init` (read those keys of the peer, bind, map).
-//! Numbers read from xenstore are parsed strictly; a grant we cannot revoke
-//! (the peer still maps it) is leaked on purpose, never reused. NICs
-//! (netfront/netback) are not implemented yet: `uplink` and `attach_client`
-//! say so with a `PlatformError`.
+//! The uplink is a netfront (`device/vif/0`, xenbus handshake as Mini-OS and
+//! Linux `xen-netfront` do it). Numbers read from xenstore are parsed
+//! strictly; a page whose grant cannot be revoked yet (the peer still maps
+//! it) is kept until it can, never reused. netback for client qubes is not
+//! implemented yet: `attach_client` says so with a `PlatformError`.
 
 use alloc::alloc::{Layout, alloc_zeroed};
 use alloc::collections::BTreeSet;
@@ -26,6 +27,7 @@ use super::abi;
 use super::events::{self, SharedInfo, XenNotify};
 use super::grant::{self, ForeignMapping, ForeignWindow, GrantTable};
 use super::hypercall;
+use super::netfront::{self, Buffer, Netfront, NetfrontRx, NetfrontTx};
 use super::shared::RawMemory;
 use super::start_info::BootInfo;
 use super::time::{self, TimeInfo};
@@ -296,6 +298,195 @@ impl XenPlatform {
     }
 }
 
+/// The xenstore directory of our uplink vif (the toolstack's first vif).
+pub const UPLINK_NODE: &str = "device/vif/0";
+/// `XenbusStateConnected`.
+const XENBUS_CONNECTED: u32 = 4;
+/// How long the backend may take to connect.
+const NETBACK_TIMEOUT_MS: u64 = 10_000;
+
+impl XenPlatform {
+    /// The xenbus handshake of a netfront (Mini-OS / Linux `xen-netfront`):
+    /// read `backend-id` and `backend`, grant the rings and buffers, write
+    /// `tx-ring-ref`, `rx-ring-ref`, `event-channel`, `request-rx-copy`,
+    /// `feature-rx-notify`, `feature-no-csum-offload` and `state` =
+    /// Connected in one transaction, then wait for the backend's `state`
+    /// to reach Connected.
+    fn connect_netfront(&mut self, node: &str) -> Result<XenNic, PlatformError> {
+        let read = |xs: &mut XenXenstore, key: &str| -> Result<String, PlatformError> {
+            xs.read(&format!("{node}/{key}"))
+                .map_err(PlatformError::Xenstore)?
+                .ok_or_else(|| {
+                    other(format!(
+                        "no {node}/{key} in xenstore: is a vif configured for this domain?"
+                    ))
+                })
+        };
+        let backend_id_text = read(&mut self.xenstore, "backend-id")?;
+        let backend_id = parse_decimal(&backend_id_text)
+            .and_then(|d| u16::try_from(d).ok())
+            .ok_or_else(|| other(format!("{node}/backend-id is {backend_id_text:?}")))?;
+        let backend = read(&mut self.xenstore, "backend")?;
+        let count = 2 + netfront::TX_BUFFERS + netfront::RX_BUFFERS;
+        let layout = Layout::from_size_align(count * abi::PAGE_SIZE, abi::PAGE_SIZE)
+            .map_err(|_| PlatformError::Exhausted("memory for netfront buffers"))?;
+        // SAFETY: the layout has a non-zero size.
+        let pages = unsafe { alloc_zeroed(layout) };
+        if pages.is_null() {
+            return Err(PlatformError::Exhausted("memory for netfront buffers"));
+        }
+        let mut retired = Retired {
+            grants: Vec::new(),
+            pages,
+            layout,
+        };
+        let page = |i: usize| pages.wrapping_add(i * abi::PAGE_SIZE);
+        for i in 0..count {
+            match self.shared.grants.borrow_mut().grant_access(
+                backend_id,
+                page(i) as u64 >> 12,
+                false,
+            ) {
+                Ok(gref) => retired.grants.push(gref),
+                Err(_) => {
+                    if let Some(still) = retired.try_free(&self.shared) {
+                        self.shared.retired.borrow_mut().push(still);
+                    }
+                    return Err(PlatformError::Exhausted("grant references"));
+                }
+            }
+        }
+        let port = match events::alloc_unbound(backend_id) {
+            Ok(port) => port,
+            Err(rc) => {
+                if let Some(still) = retired.try_free(&self.shared) {
+                    self.shared.retired.borrow_mut().push(still);
+                }
+                return Err(other(format!(
+                    "cannot allocate an event channel for netback in domain {backend_id}: {rc}"
+                )));
+            }
+        };
+        // SAFETY: page `i` of our zeroed allocation, granted to the backend
+        // and kept until the NIC is dropped (then freed only once every
+        // grant is revoked); touched only through `RawMemory`.
+        let mem = |i: usize| unsafe { RawMemory::new(page(i), abi::PAGE_SIZE) };
+        let grefs = retired.grants.clone();
+        let buffers = |range: core::ops::Range<usize>| -> Vec<Buffer<RawMemory>> {
+            range
+                .filter_map(|i| {
+                    Some(Buffer {
+                        mem: mem(i),
+                        gref: *grefs.get(i)?,
+                    })
+                })
+                .collect()
+        };
+        let tx_bufs = buffers(2..2 + netfront::TX_BUFFERS);
+        let rx_bufs = buffers(2 + netfront::TX_BUFFERS..count);
+        let front = Netfront::new(mem(0), mem(1), tx_bufs, rx_bufs, port, XenNotify);
+        self.remember_port(port);
+        let nic = XenNic {
+            front,
+            retired: Some(retired),
+            shared: self.shared.clone(),
+        };
+        let (tx_ref, rx_ref) = (
+            grefs.first().copied().unwrap_or_default(),
+            grefs.get(1).copied().unwrap_or_default(),
+        );
+        self.xenstore
+            .transaction(8, |xs| {
+                xs.write(&format!("{node}/tx-ring-ref"), &tx_ref.to_string())?;
+                xs.write(&format!("{node}/rx-ring-ref"), &rx_ref.to_string())?;
+                xs.write(&format!("{node}/event-channel"), &port.to_string())?;
+                xs.write(&format!("{node}/request-rx-copy"), "1")?;
+                xs.write(&format!("{node}/feature-rx-notify"), "1")?;
+                xs.write(&format!("{node}/feature-no-csum-offload"), "1")?;
+                xs.write(&format!("{node}/state"), &XENBUS_CONNECTED.to_string())
+            })
+            .map_err(PlatformError::Xenstore)?;
+        let started = self.now();
+        loop {
+            let state = self
+                .xenstore
+                .read(&format!("{backend}/state"))
+                .map_err(PlatformError::Xenstore)?;
+            match state.as_deref().and_then(parse_decimal) {
+                Some(XENBUS_CONNECTED) => break,
+                Some(state) if state > XENBUS_CONNECTED => {
+                    return Err(other(format!(
+                        "netback {backend} went to state {state} instead of connecting"
+                    )));
+                }
+                _ => {}
+            }
+            if (self.now() - started).total_millis() > NETBACK_TIMEOUT_MS {
+                return Err(other(format!(
+                    "netback {backend} did not connect in {NETBACK_TIMEOUT_MS} ms"
+                )));
+            }
+            let at = self.now() + smoltcp::time::Duration::from_millis(20);
+            self.wait(Some(at));
+        }
+        log::info!(
+            "xen: netfront {node} connected to {backend} (domain {backend_id}), event channel {port}"
+        );
+        Ok(nic)
+    }
+}
+
+/// A virtual NIC on Xen: the uplink's netfront.
+#[derive(Debug)]
+pub struct XenNic {
+    front: Netfront<RawMemory, XenNotify>,
+    retired: Option<Retired>,
+    shared: Rc<Shared>,
+}
+
+impl XenNic {
+    /// The NIC's counters.
+    pub fn stats(&self) -> netfront::NetfrontStats {
+        self.front.stats()
+    }
+}
+
+impl smoltcp::phy::Device for XenNic {
+    type RxToken<'a>
+        = NetfrontRx
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = NetfrontTx<'a, RawMemory, XenNotify>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        self.front.receive(timestamp)
+    }
+
+    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        self.front.transmit(timestamp)
+    }
+
+    fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
+        self.front.capabilities()
+    }
+}
+
+impl Drop for XenNic {
+    fn drop(&mut self) {
+        let port = self.front.port();
+        events::close(port);
+        self.shared.ports.borrow_mut().remove(&port);
+        if let Some(retired) = self.retired.take()
+            && let Some(still) = retired.try_free(&self.shared)
+        {
+            self.shared.retired.borrow_mut().push(still);
+        }
+    }
+}
+
 /// Resources behind one vchan, released when it is dropped.
 #[derive(Debug)]
 enum Holdings {
@@ -417,7 +608,7 @@ fn release(holdings: &mut Holdings, shared: &Shared) {
 impl Platform for XenPlatform {
     type Vchan = XenVchan;
     type Xenstore = XenXenstore;
-    type Nic = smoltcp::phy::Loopback;
+    type Nic = XenNic;
 
     fn domid(&self) -> u16 {
         self.domid
@@ -667,10 +858,8 @@ impl Platform for XenPlatform {
         &mut self.xenstore
     }
 
-    fn uplink(&mut self) -> Result<Self::Nic, PlatformError> {
-        Err(other(
-            "xen: netfront (the uplink to the net qube) is not implemented yet",
-        ))
+    fn uplink(&mut self) -> Result<XenNic, PlatformError> {
+        self.connect_netfront(UPLINK_NODE)
     }
 
     fn attach_client(&mut self, domid: u16, device: u32) -> Result<Self::Nic, PlatformError> {
