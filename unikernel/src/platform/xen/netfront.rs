@@ -447,10 +447,10 @@ mod tests {
             let id = self.rx.load_u16(at);
             let gref = self.rx.load_u32(at + 4);
             self.rx_req_cons += 1;
-            if let Some(page) = self.pages.get(&gref) {
-                if offset as usize + frame.len() <= PAGE {
-                    page.write_bytes(offset as usize, frame);
-                }
+            if let Some(page) = self.pages.get(&gref)
+                && offset as usize + frame.len() <= PAGE
+            {
+                page.write_bytes(offset as usize, frame);
             }
             let rsp = RING_HEADER + (self.rx_rsp_prod % RING_SIZE) as usize * RX_ENTRY;
             self.rx.store_u16(rsp, id_override.unwrap_or(id));
