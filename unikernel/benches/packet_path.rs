@@ -168,13 +168,30 @@ fn rules(count: usize) -> RuleSet {
 }
 
 /// `count` rules that are not for one host (`proto=tcp dstports=N-N`,
-/// none matching port 443) then an accept: the index cannot skip these.
-fn general_rules(count: usize) -> RuleSet {
+/// none matching port 443) then an accept: found through the port index.
+fn port_rules(count: usize) -> RuleSet {
     let mut entries: Vec<(String, String)> = vec![("policy".into(), "drop".into())];
     for i in 0..count.saturating_sub(1) {
         entries.push((
             format!("{i:04}"),
             format!("action=drop proto=tcp dstports={}-{}", 2000 + i, 2000 + i),
+        ));
+    }
+    entries.push((
+        format!("{:04}", count.saturating_sub(1)),
+        "action=accept proto=tcp".into(),
+    ));
+    RuleSet::parse(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
+/// `count` network-prefix rules without ports (`dst4=172.x.y.0/24`): the
+/// index cannot skip these, they are scanned in order.
+fn prefix_rules(count: usize) -> RuleSet {
+    let mut entries: Vec<(String, String)> = vec![("policy".into(), "drop".into())];
+    for i in 0..count.saturating_sub(1) {
+        entries.push((
+            format!("{i:04}"),
+            format!("action=drop dst4=172.{}.{}.0/24", 16 + i / 256, i % 256),
         ));
     }
     entries.push((
@@ -256,7 +273,8 @@ fn new_flows(c: &mut Criterion) {
     let sets = [
         ("10 host rules", rules(10)),
         ("1000 host rules", rules(1000)),
-        ("1000 port rules (not indexable)", general_rules(1000)),
+        ("1000 port rules", port_rules(1000)),
+        ("1000 prefix rules (scanned)", prefix_rules(1000)),
     ];
     for (name, set) in sets {
         let mut router = router(set.clone());

@@ -323,6 +323,75 @@ struct RuleIndex {
 struct ClassIndex {
     by_host: HashMap<IpAddr, Vec<u32>, SeededState>,
     general: Vec<u32>,
+    /// TCP/UDP rules that are not for one host but for a port range: the
+    /// port space cut at every range boundary (`port_starts[i]` starts
+    /// segment `i`), each segment listing the rules whose range covers it.
+    port_starts: Vec<u16>,
+    port_rules: Vec<Vec<u32>>,
+}
+
+/// Most rule positions kept in a class's port segments; beyond that (many
+/// overlapping ranges) the port rules stay in the general list.
+const PORT_INDEX_BUDGET: usize = 1 << 18;
+
+impl ClassIndex {
+    /// Moves the port-range rules of `general` into port segments.
+    fn index_ports(&mut self, rules: &[Rule]) {
+        let range_of = |position: u32| -> Option<(u16, u16)> {
+            let rule = rules.get(position as usize)?;
+            match (rule.ports, rule.dns_only) {
+                (Some(range), _) => Some(range),
+                (None, true) => Some((53, 53)),
+                (None, false) => None,
+            }
+        };
+        let ranged: Vec<(u32, (u16, u16))> = self
+            .general
+            .iter()
+            .filter_map(|&p| range_of(p).map(|range| (p, range)))
+            .collect();
+        if ranged.len() < 8 {
+            return;
+        }
+        let mut starts: Vec<u16> = alloc::vec![0];
+        for &(_, (low, high)) in &ranged {
+            starts.push(low);
+            if let Some(next) = high.checked_add(1) {
+                starts.push(next);
+            }
+        }
+        starts.sort_unstable();
+        starts.dedup();
+        let mut segments: Vec<Vec<u32>> = alloc::vec![Vec::new(); starts.len()];
+        let mut total = 0usize;
+        for &(position, (low, high)) in &ranged {
+            let first = starts.partition_point(|&start| start < low);
+            for (segment, &start) in starts.iter().enumerate().skip(first) {
+                if start > high {
+                    break;
+                }
+                if let Some(list) = segments.get_mut(segment) {
+                    list.push(position);
+                    total += 1;
+                }
+            }
+            if total > PORT_INDEX_BUDGET {
+                return;
+            }
+        }
+        self.general.retain(|&p| range_of(p).is_none());
+        self.port_starts = starts;
+        self.port_rules = segments;
+    }
+
+    /// The port-range rules that may match `port`.
+    fn port_candidates(&self, port: u16) -> &[u32] {
+        let segment = self.port_starts.partition_point(|&start| start <= port);
+        segment
+            .checked_sub(1)
+            .and_then(|segment| self.port_rules.get(segment))
+            .map_or(&[], Vec::as_slice)
+    }
 }
 
 /// The index slot of a flow: protocol class (TCP, UDP, ICMP, other) plus
@@ -375,6 +444,12 @@ impl RuleIndex {
                         .push(position),
                     _ => class.general.push(position),
                 }
+            }
+        }
+        // TCP and UDP, both families.
+        for slot in [0, 1, 4, 5] {
+            if let Some(class) = index.classes.get_mut(slot) {
+                class.index_ports(rules);
             }
         }
         index
@@ -514,30 +589,30 @@ impl RuleSet {
             .index
             .classes
             .get(flow_class(flow.protocol, flow.dst.is_ipv6()));
-        let (hosts, general): (&[u32], &[u32]) = match class {
+        let (hosts, general, ports): (&[u32], &[u32], &[u32]) = match class {
             Some(class) => (
                 class.by_host.get(&flow.dst).map_or(&[], Vec::as_slice),
                 &class.general,
+                class.port_candidates(flow.dst_port),
             ),
-            None => (&[], &[]),
+            None => (&[], &[], &[]),
         };
-        let (mut h, mut g) = (0, 0);
+        // Merge the three sorted lists of rule positions: first match wins.
+        let mut heads = [0usize; 3];
+        let lists = [hosts, general, ports];
         loop {
-            let next = match (hosts.get(h), general.get(g)) {
-                (Some(&a), Some(&b)) if a < b => {
-                    h += 1;
-                    a
+            let mut best: Option<(usize, u32)> = None;
+            for (which, list) in lists.iter().enumerate() {
+                if let Some(&position) = heads.get(which).and_then(|&at| list.get(at))
+                    && best.is_none_or(|(_, current)| position < current)
+                {
+                    best = Some((which, position));
                 }
-                (_, Some(&b)) => {
-                    g += 1;
-                    b
-                }
-                (Some(&a), None) => {
-                    h += 1;
-                    a
-                }
-                (None, None) => break,
-            };
+            }
+            let Some((which, next)) = best else { break };
+            if let Some(head) = heads.get_mut(which) {
+                *head += 1;
+            }
             let Some(rule) = self.rules.get(next as usize) else {
                 continue;
             };
@@ -1249,6 +1324,75 @@ mod tests {
             }
         }
         assert_eq!(checked, 9 * 5 * 6 * 3);
+    }
+
+    #[test]
+    fn port_index_agrees_with_a_linear_scan() {
+        let mut owned: Vec<(String, String)> = vec![(String::from("policy"), String::from("drop"))];
+        let ranges = [
+            (1, 1024),
+            (22, 22),
+            (80, 80),
+            (443, 443),
+            (1000, 2000),
+            (53, 53),
+            (65535, 65535),
+            (0, 0),
+        ];
+        for (i, (low, high)) in ranges.iter().enumerate() {
+            let action = if i % 2 == 0 { "drop" } else { "accept" };
+            let proto = ["tcp", "udp"][i % 2];
+            owned.push((
+                alloc::format!("{:04}", i * 3),
+                alloc::format!("action={action} proto={proto} dstports={low}-{high}"),
+            ));
+            owned.push((
+                alloc::format!("{:04}", i * 3 + 1),
+                alloc::format!("action={action} dstports={low}-{high}"),
+            ));
+            owned.push((
+                alloc::format!("{:04}", i * 3 + 2),
+                alloc::format!("action=accept dst4=1.2.3.{i} proto=tcp dstports={high}-{high}"),
+            ));
+        }
+        owned.push((
+            String::from("0100"),
+            String::from("action=accept specialtarget=dns"),
+        ));
+        owned.push((String::from("0101"), String::from("action=drop proto=udp")));
+        let s = RuleSet::parse(owned.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        assert_eq!(s.error(), None);
+        let class = &s.index.classes[0];
+        assert!(
+            !class.port_starts.is_empty(),
+            "the TCP port index was built"
+        );
+        let c = ctx(&NoNames, None);
+        for dst in ["1.2.3.0", "1.2.3.4", "10.139.1.1", "8.8.8.8"] {
+            for protocol in [PROTO_TCP, PROTO_UDP] {
+                for port in [
+                    0, 1, 21, 22, 23, 52, 53, 54, 80, 443, 999, 1000, 1024, 1025, 2000, 2001,
+                    65534, 65535,
+                ] {
+                    let f = FlowMeta {
+                        dst: dst.parse().unwrap(),
+                        protocol,
+                        dst_port: port,
+                        icmp_type: None,
+                    };
+                    let linear = s
+                        .rules()
+                        .iter()
+                        .find(|r| r.matches(&f, &c))
+                        .map(|r| match r.action {
+                            Action::Accept => Verdict::AcceptedByRule(r.number),
+                            Action::Drop => Verdict::DroppedByRule(r.number),
+                        })
+                        .unwrap_or(Verdict::DroppedByPolicy);
+                    assert_eq!(s.decide(&f, &c), linear, "{f:?}");
+                }
+            }
+        }
     }
 
     #[test]
