@@ -5,8 +5,8 @@
 //! `nf_defrag_ipv4`) and the whole datagram is then routed; if it is bigger
 //! than the outgoing MTU it is cut again ([`fragment_ipv4`]).
 //!
-//! Bounds: at most `max_datagrams` datagrams in reassembly and `max_bytes`
-//! of fragment data in total; a datagram not completed within 30 s (Linux's
+//! Bounds: at most `max_datagrams` datagrams in reassembly (a quarter of
+//! them per source address) and `max_bytes` of fragment data in total; a datagram not completed within 30 s (Linux's
 //! `ipfrag_time`) is dropped; at most [`MAX_FRAGMENTS`] fragments per
 //! datagram. Overlapping fragments drop the whole datagram (RFC 5722's rule
 //! for IPv6, applied to IPv4 too: overlaps only serve to evade filters).
@@ -84,6 +84,12 @@ impl Reassembler {
         }
     }
 
+    /// Most datagrams one source address may have in reassembly: a quarter
+    /// of the slots (at least one), so one client cannot take them all.
+    pub fn per_source(&self) -> usize {
+        (self.max_datagrams / 4).max(1)
+    }
+
     /// Datagrams being reassembled.
     pub fn len(&self) -> usize {
         self.pending.len()
@@ -131,7 +137,8 @@ impl Reassembler {
         let index = match self.pending.iter().position(|p| p.key == key) {
             Some(index) => index,
             None => {
-                if self.pending.len() >= self.max_datagrams {
+                let from_source = self.pending.iter().filter(|p| p.key.0 == src).count();
+                if self.pending.len() >= self.max_datagrams || from_source >= self.per_source() {
                     return Reassembly::Dropped(FragmentDrop::NoRoom);
                 }
                 self.pending.push(Pending {
@@ -359,6 +366,25 @@ mod tests {
             Reassembly::Dropped(FragmentDrop::NoRoom)
         );
         assert!(small.is_empty());
+    }
+
+    #[test]
+    fn one_source_gets_a_quarter_of_the_slots() {
+        let mut r = Reassembler::new(8, 1_000_000);
+        for id in 0..3u8 {
+            let mut p = datagram(3000);
+            p[5] = id;
+            let first = split(&p, 1500).remove(0);
+            let expected = if id < 2 {
+                Reassembly::Incomplete
+            } else {
+                Reassembly::Dropped(FragmentDrop::NoRoom)
+            };
+            assert_eq!(r.push(&first, 0), expected);
+        }
+        let mut other = datagram(3000);
+        other[15] = 11; // another source
+        assert_eq!(r.push(&split(&other, 1500)[0], 0), Reassembly::Incomplete);
     }
 
     #[test]

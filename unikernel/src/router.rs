@@ -634,7 +634,10 @@ pub struct Router {
     rules: HashMap<IpAddr, RuleSet, SeededState>,
     no_rules: RuleSet,
     nat: NatTable,
+    /// Fragments from clients and from the uplink are kept apart, so the
+    /// net qube cannot crowd out the clients' datagrams (and the reverse).
     reassembler: Reassembler,
+    uplink_reassembler: Reassembler,
     resolver: Resolver,
     dns_servers: Vec<IpAddr>,
     wall_clock: Option<(u64, Millis)>,
@@ -687,6 +690,7 @@ impl Router {
             no_rules: RuleSet::deny_all(),
             nat,
             reassembler: Reassembler::new(caps.fragment_datagrams, caps.fragment_bytes),
+            uplink_reassembler: Reassembler::new(caps.fragment_datagrams, caps.fragment_bytes),
             resolver,
             dns_servers,
             wall_clock: None,
@@ -771,6 +775,18 @@ impl Router {
             .collect();
         let now = self.next_sweep - SWEEP_INTERVAL;
         self.resolver.set_wanted(names, now);
+    }
+
+    /// The net qube went away and came back (its vif was re-attached):
+    /// forget its MACs so they are asked for again, and drop what was
+    /// queued for the old link. Flows stay: our address did not change.
+    pub fn uplink_restarted(&mut self) {
+        self.uplink.gateway = crate::uplink::Neighbour::new(self.uplink.gateway.ip);
+        if let Some(gateway6) = self.uplink.gateway6.as_mut() {
+            *gateway6 = crate::uplink::Neighbour::new(gateway6.ip);
+        }
+        self.queued = self.queued.saturating_sub(self.uplink.queue.bytes());
+        self.uplink.queue.clear();
     }
 
     /// The parse error of a client's rules, if any.
@@ -1438,7 +1454,7 @@ impl Router {
             return self.drop(DropReason::SpoofedSource);
         }
         if meta.fragment {
-            match self.reassembler.push(packet, now) {
+            match self.uplink_reassembler.push(packet, now) {
                 Reassembly::Incomplete => {}
                 Reassembly::Dropped(_) => self.drop(DropReason::Fragment),
                 Reassembly::Complete(datagram) => match parse_ip(&datagram, true) {
@@ -1654,6 +1670,7 @@ impl Router {
             let budget = (self.nat.capacity() / 30).max(4096);
             self.nat.expire(now, budget);
             self.reassembler.expire(now);
+            self.uplink_reassembler.expire(now);
             self.next_sweep = now + SWEEP_INTERVAL;
         }
         if self.uplink.gateway.should_ask(now) {
@@ -1724,7 +1741,10 @@ impl Router {
         if self.has_output() {
             return Some(now);
         }
-        let mut at = if self.nat.is_empty() && self.reassembler.is_empty() {
+        let mut at = if self.nat.is_empty()
+            && self.reassembler.is_empty()
+            && self.uplink_reassembler.is_empty()
+        {
             None
         } else {
             Some(self.next_sweep)

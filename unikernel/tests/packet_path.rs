@@ -965,6 +965,44 @@ fn gateway_mac_is_asked_for_until_known() {
     assert!(router.pop_uplink_frame().is_some(), "asks again");
 }
 
+#[test]
+fn net_qube_restart_relearns_the_gateway() {
+    let mut net = Net::new(false);
+    accept_all(&mut net, A_IP);
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"x"));
+    let port = seen4(&net.uplink_out()[0]).sport;
+    net.router.uplink_restarted();
+    assert_eq!(net.router.gateway_mac(), None);
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"x"));
+    assert!(net.uplink_out().is_empty());
+    assert_eq!(net.dropped(DropReason::NoGatewayMac), 1);
+    net.advance(1);
+    let asked = net.uplink_out();
+    assert!(
+        asked
+            .iter()
+            .any(|f| EthernetFrame::new_checked(&f[..]).unwrap().ethertype()
+                == EthernetProtocol::Arp)
+    );
+    // The new net qube answers from a new MAC; the old flow still works.
+    let new_mac = EthernetAddress([0x00, 0x16, 0x3e, 0x00, 0x00, 0x99]);
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: new_mac,
+        source_protocol_addr: GATEWAY,
+        target_hardware_addr: UPLINK_MAC,
+        target_protocol_addr: OUR_IP,
+    };
+    let mut payload = vec![0u8; arp.buffer_len()];
+    arp.emit(&mut ArpPacket::new_unchecked(&mut payload));
+    net.uplink_in(&eth(UPLINK_MAC, new_mac, EthernetProtocol::Arp, &payload));
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"x"));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(seen4(&out[0]).eth_dst, new_mac);
+    assert_eq!(seen4(&out[0]).sport, port);
+}
+
 fn eth_frame_from_a(ip_packet: &[u8]) -> Vec<u8> {
     eth(CLIENT_SIDE_MAC, A_MAC, EthernetProtocol::Ipv4, ip_packet)
 }
