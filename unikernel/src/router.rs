@@ -8,13 +8,21 @@
 //!   (anti-spoofing); a known flow is translated by its NAT entry; a new
 //!   flow is decided by the client's [`RuleSet`] once and, if accepted, gets
 //!   a NAT entry (so the per-packet cost does not depend on the rules);
+//! - a new flow the rules deny is answered with ICMP "administratively
+//!   prohibited" (type 3 code 13 / ICMPv6 1/1), as Linux's qubes-firewall
+//!   does (`REJECT --reject-with icmp-admin-prohibited` for `action=drop`
+//!   and the policy); all ICMP errors we send share a 1 000/s token bucket;
 //! - client → client: only when the *sender's* rules accept (default deny,
 //!   like Linux); tracked without translation so the replies get back;
+//! - ICMP errors a client sends about one of its flows go to the other end,
+//!   translated (Linux's RELATED);
 //! - outside → client: only through an existing NAT entry (replies, and ICMP
 //!   errors about a flow, translated back to the inner flow); uplink packets
 //!   claiming a client's or the firewall's own source are dropped;
 //! - TTL / hop limit decremented, ICMP time-exceeded sent when it runs out;
-//!   IPv4 fragments reassembled (bounded) and re-fragmented to the MTU;
+//!   IPv4 fragments reassembled (bounded, clients and uplink apart) and
+//!   re-fragmented to the MTU; a DF packet (any IPv6 packet) over the MTU
+//!   gets ICMP fragmentation-needed / packet-too-big;
 //! - ARP/NDP: a fixed responder towards clients, the gateway's MAC learned
 //!   on the uplink (`arp.rs`); pings to the firewall's own address answered;
 //! - IPv6 (`/qubes-ip6` set): the same forwarding and NAT with `dst6` rules;
@@ -25,6 +33,12 @@
 //! Every table and queue has a cap from [`Caps`]; at the cap new work is
 //! refused and counted. Nothing here may panic on a frame a peer sent, and
 //! no frame a client's rules deny may ever leave on the uplink.
+//!
+//! Not done (yet): IPv6 fragments are dropped (counted), not reassembled;
+//! only TCP, UDP and ICMP echo flows are tracked (other protocols such as
+//! GRE are dropped, Linux would masquerade them with a generic timeout);
+//! rules on network prefixes without ports are matched by a scan (exact
+//! hosts and port ranges are indexed, see `rules.rs`).
 //!
 //! ```text
 //! use unikernel::router::{Router, NetworkConfig, Caps};
@@ -55,7 +69,12 @@
 //! // Frame by frame instead: handle_uplink_frame / handle_client_frame,
 //! // pop_uplink_frame / pop_client_frame, recycle(buffer).
 //!
-//! // Status: counters(), client_counters(id), nat_len(), rules_error(ip).
+//! // Frames a client queued for the uplink leave at the next pump_uplink
+//! // (or call transmit_uplink(&mut nic, now) after the clients).
+//! router.uplink_restarted();                 // the net qube came back
+//!
+//! // Status: counters() (per DropReason, DropReason::ALL / name()),
+//! // uplink_counters(), client_counters(id), nat_len(), rules_error(ip).
 //! ```
 #![forbid(unsafe_code)]
 
@@ -987,7 +1006,7 @@ impl Router {
         if client.config.mac.is_none() && source.is_unicast() {
             client.mac = source;
         }
-        let (client_ip, client_mac) = (client.config.ip, client.mac);
+        let client_ip = client.config.ip;
         match u16::from_be_bytes([header[12], header[13]]) {
             ETHERTYPE_ARP => {
                 let Some(request) = Arp::parse(payload) else {
@@ -998,7 +1017,7 @@ impl Router {
                     self.drop(DropReason::SpoofedSource);
                     return;
                 }
-                if let Some(reply) = arp::answer_client_arp(&request, client_ip, client_mac) {
+                if let Some(reply) = arp::answer_client_arp(&request, client_ip) {
                     let mut buffer = self.buffer();
                     buffer.extend_from_slice(&reply);
                     self.enqueue(Out::Client(index), buffer);
