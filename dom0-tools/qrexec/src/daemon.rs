@@ -21,6 +21,7 @@
 //! without touching other qubes. At most 256 clients and 256 pending policy
 //! requests exist at once; beyond that new work is refused, never queued.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -105,6 +106,10 @@ struct Shared {
     pending: Mutex<Vec<Option<Pending>>>,
     clients: AtomicUsize,
     next_client: AtomicU64,
+    /// Every connected client, so an agent restart can disconnect them all.
+    client_streams: Mutex<HashMap<u64, UnixStream>>,
+    /// Bumped when the client socket is re-created; older accept loops stop.
+    listener_generation: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -136,15 +141,14 @@ fn fatal(cfg: &DaemonConfig, what: std::fmt::Arguments<'_>) -> ! {
 impl Shared {
     /// Send to the agent; a failed write is fatal (the control channel is
     /// gone), a message that cannot be encoded is the caller's problem.
-    fn send_to_agent(&self, repr: &Repr<'_>) -> Result<(), qrexec::Error> {
+    fn send_to_agent(&self, repr: &Repr<'_>) -> Result<(), String> {
         let mut out = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut out)?;
+        repr.emit(&mut out).map_err(|e| e.to_string())?;
         let mut agent = lock(&self.agent);
         if let Err(e) = std::io::Write::write_all(&mut **agent, &out) {
-            fatal(
-                &self.cfg,
-                format_args!("Error while vchan send, exiting: {e}"),
-            );
+            // The agent is gone: make the reader see it and reconnect.
+            let _ = agent.shutdown();
+            return Err(format!("Error while vchan send: {e}"));
         }
         Ok(())
     }
@@ -265,7 +269,15 @@ fn read_client_request(stream: &mut UnixStream, client: u64) -> Result<ClientReq
     }
 }
 
-fn handle_client(shared: &Shared, mut stream: UnixStream, client: u64) {
+fn handle_client(shared: &Shared, stream: UnixStream, client: u64) {
+    if let Ok(clone) = stream.try_clone() {
+        lock(&shared.client_streams).insert(client, clone);
+    }
+    serve_client(shared, stream, client);
+    lock(&shared.client_streams).remove(&client);
+}
+
+fn serve_client(shared: &Shared, mut stream: UnixStream, client: u64) {
     if let Err(e) = wire::send_hello(&mut stream, CLIENT_PROTOCOL_VERSION) {
         log_error!("Failed to send MSG_HELLO to client {client}: {e}");
         return;
@@ -573,7 +585,7 @@ fn agent_loop(shared: &Arc<Shared>, mut reader: Box<dyn Vchan>, version: u32) {
         let result = wire::read_message(&mut *reader, &mut buf, "qrexec-agent");
         let repr = match result {
             Ok(Some(repr)) => repr,
-            Ok(None) => fatal(&shared.cfg, format_args!("qrexec-agent has disconnected")),
+            Ok(None) | Err(Error::Io { .. } | Error::Eof(_)) => return,
             Err(Error::Protocol {
                 source:
                     qrexec::Error::NotNulTerminated(Field::ServiceName)
@@ -683,8 +695,84 @@ fn create_socket(cfg: &DaemonConfig) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+fn spawn_acceptor(shared: &Arc<Shared>, listener: UnixListener) -> std::io::Result<()> {
+    let generation = shared.listener_generation.fetch_add(1, Ordering::SeqCst) + 1;
+    listener.set_nonblocking(true)?;
+    let shared = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("qrexec-accept".into())
+        .spawn(move || {
+            while shared.listener_generation.load(Ordering::SeqCst) == generation {
+                let mut fds = [rustix::event::PollFd::new(
+                    &listener,
+                    rustix::event::PollFlags::IN,
+                )];
+                let timeout = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 200_000_000,
+                };
+                if !matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0) {
+                    continue;
+                }
+                let Ok((stream, _)) = listener.accept() else {
+                    continue;
+                };
+                if stream.set_nonblocking(false).is_err() {
+                    continue;
+                }
+                if shared.clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
+                    log_error!("too many clients, refusing a new one");
+                    continue;
+                }
+                shared.clients.fetch_add(1, Ordering::SeqCst);
+                let id = shared.next_client.fetch_add(1, Ordering::SeqCst);
+                let worker = Arc::clone(&shared);
+                let started = std::thread::Builder::new()
+                    .name("qrexec-client-conn".into())
+                    .spawn(move || {
+                        handle_client(&worker, stream, id);
+                        worker.clients.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if started.is_err() {
+                    shared.clients.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// `handle_agent_restart`: stop listening, disconnect every client, forget
+/// pending requests (ports stay reserved: their calls may still run), wait
+/// for the agent to come back and listen again.
+fn restart_agent(shared: &Arc<Shared>) -> Option<(Box<dyn Vchan>, u32)> {
+    log_error!("qrexec-agent has disconnected");
+    shared.listener_generation.fetch_add(1, Ordering::SeqCst);
+    unlink_sockets(&shared.cfg);
+    for (_, stream) in lock(&shared.client_streams).drain() {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    for entry in lock(&shared.pending).iter_mut() {
+        *entry = None;
+    }
+    let (agent, version) = match connect_agent(&shared.cfg, None) {
+        Ok(ok) => ok,
+        Err(e) => {
+            log_error!("{e}");
+            return None;
+        }
+    };
+    let reader = agent.try_clone().ok()?;
+    *lock(&shared.agent) = agent;
+    let listener = create_socket(&shared.cfg).ok()?;
+    spawn_acceptor(shared, listener).ok()?;
+    log_error!("qrexec-agent has reconnected");
+    Some((reader, version))
+}
+
 /// Run the daemon in the foreground after the agent connected. `ready` is
-/// called once the client socket exists.
+/// called once the client socket exists. When the agent disconnects the
+/// daemon waits for it to come back (as Qubes' does); a malformed message
+/// from the agent ends it.
 pub fn serve(cfg: DaemonConfig, agent: Box<dyn Vchan>, version: u32, ready: impl FnOnce()) -> i32 {
     let listener = match create_socket(&cfg) {
         Ok(l) => l,
@@ -697,7 +785,7 @@ pub fn serve(cfg: DaemonConfig, agent: Box<dyn Vchan>, version: u32, ready: impl
             return 1;
         }
     };
-    let reader = match agent.try_clone() {
+    let mut reader = match agent.try_clone() {
         Ok(r) => r,
         Err(e) => {
             log_error!("{e}");
@@ -711,40 +799,29 @@ pub fn serve(cfg: DaemonConfig, agent: Box<dyn Vchan>, version: u32, ready: impl
         pending: Mutex::new((0..MAX_CLIENTS).map(|_| None).collect()),
         clients: AtomicUsize::new(0),
         next_client: AtomicU64::new(1),
+        client_streams: Mutex::new(HashMap::new()),
+        listener_generation: AtomicU64::new(0),
     });
-    {
-        let shared = Arc::clone(&shared);
-        let spawned = std::thread::Builder::new()
-            .name("qrexec-accept".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    let Ok(stream) = stream else { continue };
-                    if shared.clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
-                        log_error!("too many clients, refusing a new one");
-                        continue;
-                    }
-                    shared.clients.fetch_add(1, Ordering::SeqCst);
-                    let id = shared.next_client.fetch_add(1, Ordering::SeqCst);
-                    let worker = Arc::clone(&shared);
-                    let started = std::thread::Builder::new()
-                        .name("qrexec-client-conn".into())
-                        .spawn(move || {
-                            handle_client(&worker, stream, id);
-                            worker.clients.fetch_sub(1, Ordering::SeqCst);
-                        });
-                    if started.is_err() {
-                        shared.clients.fetch_sub(1, Ordering::SeqCst);
-                    }
-                }
-            });
-        if spawned.is_err() {
-            log_error!("cannot start accept thread");
-            return 1;
-        }
+    if let Err(e) = spawn_acceptor(&shared, listener) {
+        log_error!("cannot start accept thread: {e}");
+        return 1;
     }
     ready();
-    agent_loop(&shared, reader, version);
-    0
+    let mut version = version;
+    loop {
+        agent_loop(&shared, reader, version);
+        match restart_agent(&shared) {
+            Some((r, v)) => {
+                reader = r;
+                version = v;
+            }
+            None => {
+                log_error!("Failed to reconnect to qrexec-agent, terminating");
+                unlink_sockets(&shared.cfg);
+                return 1;
+            }
+        }
+    }
 }
 
 const SPECS: &[OptSpec] = &[

@@ -280,6 +280,15 @@ fn peer_disconnecting_mid_stream_ends_call_without_hanging() {
     };
     drain.join().unwrap();
     assert!(!status.success(), "{status:?}");
+    // vmA's daemon waits for a new agent (as Qubes' does) and serves it.
+    assert!(
+        !q.daemon_exited("vmA"),
+        "daemon must survive an agent restart"
+    );
+    q.restart_agent("vmA");
+    let mut cmd = q.client();
+    cmd.args(["-d", "vmA", "DEFAULT:echo back"]);
+    assert_eq!(run_with_input(cmd, b"").stdout, b"back\n");
     // The other qube is unaffected.
     let mut cmd = q.client();
     cmd.args(["-d", "vmB", "DEFAULT:echo still fine"]);

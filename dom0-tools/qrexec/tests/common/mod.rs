@@ -101,16 +101,7 @@ impl Qubes {
         let log = |what: &str| {
             fs::File::create(self.dir.join("log").join(format!("{what}.{name}.stderr"))).unwrap()
         };
-        let mut agent = Command::new(AGENT);
-        agent
-            .arg(format!(
-                "--agent-socket={}",
-                self.agent_socket(name).display()
-            ))
-            .stdin(Stdio::null())
-            .stderr(log("agent"));
-        self.env(&mut agent, domid, name);
-        let agent = agent.spawn().unwrap();
+        let agent = self.spawn_agent(domid, name);
         let mut daemon = Command::new(DAEMON);
         daemon
             .arg("--direct")
@@ -145,6 +136,47 @@ impl Qubes {
             agent,
             daemon,
         });
+    }
+
+    fn spawn_agent(&self, domid: u32, name: &str) -> Child {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log").join(format!("agent.{name}.stderr")))
+            .unwrap();
+        let mut agent = Command::new(AGENT);
+        agent
+            .arg(format!(
+                "--agent-socket={}",
+                self.agent_socket(name).display()
+            ))
+            .stdin(Stdio::null())
+            .stderr(log);
+        self.env(&mut agent, domid, name);
+        agent.spawn().unwrap()
+    }
+
+    /// Start a new agent for `vm` after the old one died, and wait until its
+    /// daemon has reconnected and listens again.
+    pub fn restart_agent(&mut self, vm: &str) {
+        let socket = |q: &Self, domid: u32| q.dir.join("run").join(format!("qrexec.{domid}"));
+        let domid = self.vms.iter().find(|v| v.name == vm).unwrap().domid;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while socket(self, domid).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not notice the agent died"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let agent = self.spawn_agent(domid, vm);
+        if let Some(v) = self.vms.iter_mut().find(|v| v.name == vm) {
+            v.agent = agent;
+        }
+        while !socket(self, domid).exists() {
+            assert!(Instant::now() < deadline, "daemon did not reconnect");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// `qrexec-client` in dom0.
