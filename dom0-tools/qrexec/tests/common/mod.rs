@@ -169,10 +169,8 @@ impl Qubes {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        let agent = self.spawn_agent(domid, vm);
-        if let Some(v) = self.vms.iter_mut().find(|v| v.name == vm) {
-            v.agent = agent;
-        }
+        let index = self.vms.iter().position(|v| v.name == vm).unwrap();
+        self.vms[index].agent = self.spawn_agent(domid, vm);
         while !socket(self, domid).exists() {
             assert!(Instant::now() < deadline, "daemon did not reconnect");
             std::thread::sleep(Duration::from_millis(10));
