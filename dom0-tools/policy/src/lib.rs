@@ -91,6 +91,18 @@
 //!     socat - UNIX-CONNECT:/tmp/box/policy.sock
 //! ```
 
+//!
+//! # Tests, fuzzing, benchmark
+//!
+//! `cargo test -p qrexec-policy` (unit tests per module; `tests/semantics.rs`
+//! one test per semantic corner and the seed examples; `tests/daemon.rs` and
+//! `tests/exec.rs` run the binaries; `tests/index_property.rs` checks the
+//! index against a linear scan on random policies).
+//! `cd dom0-tools/policy/fuzz && cargo +nightly fuzz run policy_request`
+//! (also `policy_line`, `eval_service`).
+//! `cargo bench -p qrexec-policy --bench policy` (load and decision time at
+//! 10, 1 000 and 10 000 rules).
+
 #![forbid(unsafe_code)]
 
 pub mod ask;
