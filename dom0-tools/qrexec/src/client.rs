@@ -348,7 +348,10 @@ pub fn run_to_dom0(
         user: None,
         service_path: &service_path,
         extra_env: &env,
-        stdio: StdioMode::Piped,
+        // As in Qubes (`run_qrexec_to_dom0`), a dom0 service's stderr is not
+        // sent to the calling qube: it stays ours, i.e. the daemon's per-qube
+        // log `qrexec.<name>.log`.
+        stdio: StdioMode::PipedKeepStderr,
         shell: "/bin/bash",
     });
     let mut vchan = match transport.client(connect.connect_domain, connect.connect_port, timeout) {

@@ -1043,3 +1043,175 @@ pub fn main(argv: Vec<String>) -> i32 {
 pub fn socket_ready(socket_dir: &Path, domid: u32) -> bool {
     socket_dir.join(format!("qrexec.{domid}")).exists()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vchan::socket::SocketVchan;
+
+    fn shared(domid: u32) -> (Shared, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let cfg = DaemonConfig {
+            domid,
+            name: "vm".into(),
+            uuid: None,
+            default_user: "user".into(),
+            socket_dir: PathBuf::from("/nonexistent"),
+            policy: PolicyConfig {
+                socket: PathBuf::from("/nonexistent"),
+                program: PathBuf::from("/nonexistent"),
+            },
+            client_path: PathBuf::from("/nonexistent"),
+        };
+        let shared = Shared {
+            cfg,
+            agent: Mutex::new(Box::new(SocketVchan::new(ours))),
+            ports: Mutex::new((0..MAX_DATA_PORTS).map(|_| None).collect()),
+            pending: Mutex::new((0..MAX_CLIENTS).map(|_| None).collect()),
+            clients: AtomicUsize::new(0),
+            next_client: AtomicU64::new(1),
+            client_streams: Mutex::new(HashMap::new()),
+            listener_generation: AtomicU64::new(0),
+        };
+        (shared, theirs)
+    }
+
+    #[test]
+    fn port_allocation_splits_vm_pairs_by_parity() {
+        let (s, _peer) = shared(5);
+        // dom0 calls use every port from 513 up.
+        assert_eq!(s.allocate_port(0), Some(513));
+        assert_eq!(s.allocate_port(0), Some(514));
+        // Towards a higher domain id: odd offsets; lower: even offsets.
+        assert_eq!(s.allocate_port(6), Some(516));
+        assert_eq!(s.allocate_port(6), Some(518));
+        assert_eq!(s.allocate_port(3), Some(515));
+        assert_eq!(s.allocate_port(3), Some(517));
+    }
+
+    #[test]
+    fn ports_run_out_at_256_and_release_checks_the_domain() {
+        let (s, _peer) = shared(5);
+        let ports: Vec<u32> = (0..256).map_while(|_| s.allocate_port(0)).collect();
+        assert_eq!(ports.len(), 256);
+        assert_eq!(ports.last(), Some(&(513 + 255)));
+        assert_eq!(s.allocate_port(0), None);
+        // Released only for the domain it was reserved for.
+        s.release_port(600, 7);
+        assert_eq!(s.allocate_port(0), None);
+        s.release_port(600, 0);
+        assert_eq!(s.allocate_port(0), Some(600));
+        // Out-of-range ports are ignored, not a panic.
+        s.release_port(0, 0);
+        s.release_port(u32::MAX, 0);
+        assert_eq!(Shared::port_index(512), None);
+        assert_eq!(Shared::port_index(513 + 256), None);
+    }
+
+    #[test]
+    fn release_closes_the_client_that_asked_to_be_told() {
+        let (s, _peer) = shared(5);
+        let port = s.allocate_port(0).unwrap();
+        let (daemon_side, mut client_side) = UnixStream::pair().unwrap();
+        s.set_notify(port, 1, daemon_side);
+        s.release_port(port, 0);
+        let mut buf = [0u8; 1];
+        assert_eq!(client_side.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn trigger_checks_follow_qubes() {
+        let ok = check_trigger(Trigger {
+            target: b"vm;1".to_vec(),
+            requested_source: Some(b"a b".to_vec()),
+            service: b"test.File+a/b".to_vec(),
+            ident: RequestId::new(b"SOCKET3").unwrap(),
+        })
+        .unwrap_or_else(|_| panic!("valid trigger refused"));
+        assert_eq!(ok.target, b"vm_1");
+        assert_eq!(ok.requested_source.as_deref(), Some(&b"a_b"[..]));
+        assert_eq!(ok.service, b"test.File+a_b");
+        for (service, ident) in [
+            (&b"+x"[..], &b"SOCKET1"[..]),
+            (b"", b"SOCKET1"),
+            (b"ok", b"SOCKET/1"),
+        ] {
+            let id = RequestId::new(ident).unwrap();
+            let refused = check_trigger(Trigger {
+                target: b"vm".to_vec(),
+                requested_source: None,
+                service: service.to_vec(),
+                ident: id,
+            });
+            assert!(matches!(refused, Err(i) if i == id));
+        }
+    }
+
+    #[test]
+    fn service_connect_must_match_a_pending_request() {
+        let (s, mut agent) = shared(5);
+        let ident = RequestId::new(b"SOCKET4").unwrap();
+        lock(&s.pending)[0] = Some(Pending {
+            ident,
+            response: Response::Pending,
+            client_done: false,
+        });
+        // A client answering the request: forwarded to the agent.
+        let (mut client, daemon_side) = UnixStream::pair().unwrap();
+        let worker = std::thread::spawn(move || {
+            handle_client(&s, daemon_side, 1);
+            s
+        });
+        assert_eq!(wire::recv_hello(&mut client, "daemon").unwrap(), 3);
+        wire::send_hello(&mut client, 3).unwrap();
+        wire::write_message(
+            &mut client,
+            &Repr::ServiceConnect {
+                connect: ConnectParams {
+                    connect_domain: 6,
+                    connect_port: 520,
+                },
+                request_id: Some(ident),
+            },
+        )
+        .unwrap();
+        let mut buf = MessageBuf::new();
+        let forwarded = wire::read_message(&mut agent, &mut buf, "daemon").unwrap();
+        assert_eq!(
+            forwarded,
+            Some(Repr::ServiceConnect {
+                connect: ConnectParams {
+                    connect_domain: 6,
+                    connect_port: 520
+                },
+                request_id: Some(ident)
+            })
+        );
+        drop(client);
+        let s = worker.join().unwrap();
+        assert_eq!(
+            lock(&s.pending)[0].as_ref().map(|p| p.response),
+            Some(Response::Allow)
+        );
+        // A second answer for the same ident is refused (connection closed).
+        let (mut client, daemon_side) = UnixStream::pair().unwrap();
+        let worker = std::thread::spawn(move || handle_client(&s, daemon_side, 2));
+        wire::recv_hello(&mut client, "daemon").unwrap();
+        wire::send_hello(&mut client, 3).unwrap();
+        wire::write_message(
+            &mut client,
+            &Repr::ServiceConnect {
+                connect: ConnectParams {
+                    connect_domain: 6,
+                    connect_port: 520,
+                },
+                request_id: Some(ident),
+            },
+        )
+        .unwrap();
+        worker.join().unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+}

@@ -57,6 +57,28 @@ fn dom0_to_vm_exec_streams_stdio_and_exit_code() {
 }
 
 #[test]
+fn root_agent_runs_commands_as_the_requested_user() {
+    if default_user() != "root" {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let q = two_vms("user", "");
+    let mut cmd = q.client();
+    cmd.args(["-d", "vmA", "nobody:id -un; echo $HOME $USER"]);
+    let out = run_with_input(cmd, b"");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("nobody\n"), "{text}");
+    assert!(text.ends_with(" nobody\n"), "{text}");
+    // An unknown user: the command does not run.
+    let mut cmd = q.client();
+    cmd.args(["-d", "vmA", "no-such-user-here:echo ran"]);
+    let out = run_with_input(cmd, b"");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
 fn just_exec_starts_command_and_reports_zero() {
     let q = two_vms("justexec", "");
     let marker = q.dir.join("marker");
@@ -105,7 +127,7 @@ fn vm_to_dom0_service_gets_qubes_environment() {
     q.add_service(
         "dom0",
         "test.Env",
-        "#!/bin/sh\nread line\necho \"got=$line arg=$1 remote=$QREXEC_REMOTE_DOMAIN full=$QREXEC_SERVICE_FULL_NAME \
+        "#!/bin/sh\necho dom0-service-stderr >&2\nread line\necho \"got=$line arg=$1 remote=$QREXEC_REMOTE_DOMAIN full=$QREXEC_SERVICE_FULL_NAME \
          sarg=$QREXEC_SERVICE_ARGUMENT type=$QREXEC_REQUESTED_TARGET_TYPE kw=$QREXEC_REQUESTED_TARGET_KEYWORD \
          leak=${QREXEC_LEAK-none}\"\n",
     );
@@ -118,6 +140,9 @@ fn vm_to_dom0_service_gets_qubes_environment() {
         String::from_utf8_lossy(&out.stdout),
         "got=ping arg=xyz remote=vmA full=test.Env+xyz sarg=xyz type=keyword kw=adminvm leak=none\n"
     );
+    // The dom0 service's stderr goes to the per-qube log, not to the qube.
+    assert!(out.stderr.is_empty(), "{out:?}");
+    assert!(q.log("daemon", "vmA").contains("dom0-service-stderr"));
 }
 
 #[test]
