@@ -7,8 +7,10 @@
 //! grammar here follows Qubes' own parser and rule generator
 //! (qubes-core-agent-linux `qubesagent/firewall.py`, `read_rules` and
 //! `prepare_rules`; qubes-core-admin `qubes/firewall.py`):
-//! - keys are read in numeric order and gaps are allowed (dom0 leaves gaps
-//!   for rules of the other address family and for expired rules);
+//! - keys are read in numeric order and gaps are allowed: dom0
+//!   (qubes-core-admin `Firewall.qdb_entries`) numbers each rule by its
+//!   position in the VM's list and skips expired rules and rules of the
+//!   other address family, so gaps are normal;
 //!   qubes-mirage-firewall stopped at the first gap, we do not. A key that is
 //!   not all digits (Linux: exactly four digits; we also take longer ones,
 //!   for sets of 10 000 rules and more) is a parse error, as in Linux.
