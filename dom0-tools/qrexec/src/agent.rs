@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,6 +45,8 @@ use crate::wire::{self, MessageBuf};
 
 /// Default agent socket (`QREXEC_AGENT_TRIGGER_PATH`).
 pub const QREXEC_AGENT_TRIGGER_PATH: &str = "/var/run/qubes/qrexec-agent";
+/// How long a qrexec-client-vm may take to send its request.
+pub const TRIGGER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the requesting side's data vchan.
 pub const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -53,9 +55,33 @@ struct Agent {
     transport: Box<dyn Transport>,
     control: Mutex<Box<dyn Vchan>>,
     version: u32,
-    clients: Mutex<HashMap<u32, UnixStream>>,
+    clients: Mutex<HashMap<u32, (UnixStream, ClientSlot)>>,
     next_client: AtomicU32,
+    active_clients: Arc<AtomicUsize>,
     service_path: Vec<PathBuf>,
+}
+
+/// Most qrexec-client-vm connections served at once (`MAX_FDS`); more are
+/// closed at once.
+pub const MAX_CLIENTS: usize = 256;
+
+/// One of the [`MAX_CLIENTS`] client slots, given back when dropped.
+#[derive(Debug)]
+struct ClientSlot(Arc<AtomicUsize>);
+
+impl ClientSlot {
+    fn take(counter: &Arc<AtomicUsize>) -> Option<Self> {
+        let taken = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < MAX_CLIENTS).then_some(n + 1)
+        });
+        taken.ok().map(|_| ClientSlot(Arc::clone(counter)))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,9 +111,12 @@ fn client_id_from_ident(ident: &RequestId) -> Option<u32> {
 }
 
 /// One qrexec-client-vm request: read it, give it an ident, forward it.
-fn handle_trigger_client(agent: &Agent, mut stream: UnixStream) {
+fn handle_trigger_client(agent: &Agent, mut stream: UnixStream, slot: ClientSlot) {
+    // A client that connects and says nothing must not hold its slot forever.
+    let _ = stream.set_read_timeout(Some(TRIGGER_READ_TIMEOUT));
     let mut buf = MessageBuf::new();
     let request = wire::read_message(&mut stream, &mut buf, "qrexec-client-vm");
+    let _ = stream.set_read_timeout(None);
     let (target, source, service) = match request {
         Ok(Some(Repr::TriggerService3(t))) => (
             t.target_domain.to_vec(),
@@ -136,7 +165,7 @@ fn handle_trigger_client(agent: &Agent, mut stream: UnixStream) {
         log_error!("Failed to retrieve/execute request from qrexec-client-vm: {e}");
         return;
     }
-    lock(&agent.clients).insert(id, stream);
+    lock(&agent.clients).insert(id, (stream, slot));
     agent.send(&repr);
 }
 
@@ -144,7 +173,7 @@ fn handle_trigger_client(agent: &Agent, mut stream: UnixStream) {
 /// and report the end of the call when the client closes.
 fn handle_service_connect(agent: &Arc<Agent>, connect: ConnectParams, ident: RequestId) {
     let stream = client_id_from_ident(&ident).and_then(|id| lock(&agent.clients).remove(&id));
-    let Some(mut stream) = stream else {
+    let Some((mut stream, slot)) = stream else {
         log_error!(
             "Got MSG_SERVICE_CONNECT from qrexec-daemon with invalid ident ({}), ignoring",
             escape(ident.as_bytes())
@@ -160,6 +189,7 @@ fn handle_service_connect(agent: &Arc<Agent>, connect: ConnectParams, ident: Req
         let mut buf = [0u8; 64];
         while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
         agent.connection_terminated(connect);
+        drop(slot);
     });
 }
 
@@ -385,6 +415,7 @@ pub fn main(argv: Vec<String>) -> i32 {
         version,
         clients: Mutex::new(HashMap::new()),
         next_client: AtomicU32::new(1),
+        active_clients: Arc::new(AtomicUsize::new(0)),
         service_path: exec::service_path_from_env(),
     });
     {
@@ -392,8 +423,12 @@ pub fn main(argv: Vec<String>) -> i32 {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
+                let Some(slot) = ClientSlot::take(&agent.active_clients) else {
+                    log_error!("too many qrexec-client-vm connections, closing a new one");
+                    continue;
+                };
                 let agent = Arc::clone(&agent);
-                std::thread::spawn(move || handle_trigger_client(&agent, stream));
+                std::thread::spawn(move || handle_trigger_client(&agent, stream, slot));
             }
         });
     }
@@ -421,5 +456,42 @@ pub fn main(argv: Vec<String>) -> i32 {
                 return 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_slots_are_bounded_and_given_back() {
+        let counter = Arc::new(AtomicUsize::new(0));
+        let slots: Vec<ClientSlot> = (0..MAX_CLIENTS)
+            .map(|_| ClientSlot::take(&counter).unwrap())
+            .collect();
+        assert!(ClientSlot::take(&counter).is_none());
+        drop(slots);
+        assert_eq!(counter.load(Ordering::SeqCst), 0);
+        assert!(ClientSlot::take(&counter).is_some());
+    }
+
+    #[test]
+    fn idents_map_back_to_clients() {
+        assert_eq!(
+            client_id_from_ident(&RequestId::new(b"SOCKET42").unwrap()),
+            Some(42)
+        );
+        assert_eq!(
+            client_id_from_ident(&RequestId::new(b"SOCKET").unwrap()),
+            None
+        );
+        assert_eq!(
+            client_id_from_ident(&RequestId::new(b"SOCK42").unwrap()),
+            None
+        );
+        assert_eq!(
+            client_id_from_ident(&RequestId::new(b"SOCKET99999999999").unwrap()),
+            None
+        );
     }
 }
