@@ -1306,6 +1306,9 @@ impl Router {
         if meta.icmp != IcmpKind::EchoRequest || meta.fragment {
             return self.drop(DropReason::ToFirewall);
         }
+        if is_broadcast_or_multicast(meta.src) {
+            return self.drop(DropReason::Broadcast);
+        }
         let mut reply = self.buffer();
         reply.extend_from_slice(packet);
         let (src_at, len) = if meta.v6 { (8, 16) } else { (12, 4) };
