@@ -1,0 +1,155 @@
+//! Fuzzes everything in the Xen platform layer that reads what another
+//! domain (or the toolstack) wrote: the xenstore client fed arbitrary
+//! xenstored bytes, a vchan server and client whose shared page a hostile
+//! peer rewrites between our calls, a netfront whose rings a hostile
+//! netback rewrites, and the PVH start info. Nothing may panic; the
+//! `Vec`-backed shared memory also asserts (debug builds) that our own code
+//! never reaches outside a shared region, whatever the peer wrote.
+//!
+//! Input: byte 0 picks the target; the rest is the peer's bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use protocol::vchan::RingOrders;
+use smoltcp::phy::{Device, RxToken, TxToken};
+use smoltcp::time::Instant;
+use unikernel::platform::xen::events::Notify;
+use unikernel::platform::xen::netfront::{Buffer, Netfront};
+use unikernel::platform::xen::shared::{SharedMemory, VecMemory};
+use unikernel::platform::xen::start_info::BootInfo;
+use unikernel::platform::xen::vchan::{RingBuffer, VchanRing, read_grants, read_orders};
+use unikernel::platform::{ByteStream, LinkState, StreamError, Xenstore};
+use unikernel::xenstore::{NoWait, XenstoreClient};
+
+#[derive(Clone, Copy)]
+struct NoNotify;
+impl Notify for NoNotify {
+    fn notify(&self, _: u32) {}
+}
+
+/// A xenstored that answers with the fuzz bytes, in chunks.
+struct Replay<'a> {
+    data: &'a [u8],
+    chunk: usize,
+}
+
+impl ByteStream for Replay<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, StreamError> {
+        let n = buf.len().min(self.chunk).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+    fn write(&mut self, buf: &[u8]) -> Result<usize, StreamError> {
+        Ok(buf.len())
+    }
+    fn state(&self) -> LinkState {
+        LinkState::Connected
+    }
+    fn close(&mut self) {}
+}
+
+/// Writes peer bytes over a region, 8 bytes at a time at offsets chosen by
+/// the input.
+fn scribble(mem: &VecMemory, input: &[u8]) {
+    for piece in input.chunks(10) {
+        if piece.len() < 10 {
+            break;
+        }
+        let offset = usize::from(u16::from_le_bytes([piece[0], piece[1]])) % mem.len().max(1);
+        let end = (offset + 8).min(mem.len());
+        mem.write_bytes(offset, &piece[2..2 + (end - offset)]);
+    }
+}
+
+fn xenstore(data: &[u8]) {
+    let chunk = usize::from(data.first().copied().unwrap_or(1)).max(1);
+    let mut xs = XenstoreClient::new(Replay { data, chunk }, NoWait);
+    xs.set_max_waits(1);
+    let _ = xs.read("domid");
+    let _ = xs.directory("backend/vif");
+    let _ = xs.write("data/x", "1");
+    let _ = xs.transaction_start();
+    let _ = xs.transaction_end(true);
+    while xs.poll_watch().is_some() {}
+}
+
+fn vchan(data: &[u8], server: bool) {
+    let ctrl = VecMemory::new(4096);
+    let pages = [VecMemory::new(4096), VecMemory::new(4096)];
+    let orders = RingOrders::for_server(4096, 4096).unwrap();
+    let buffer = |i: usize| RingBuffer { mem: pages[i].clone(), base: 0 };
+    let mut ring = if server {
+        VchanRing::server(ctrl.clone(), &orders, &[8, 9], buffer(0), buffer(1), 1, NoNotify)
+    } else {
+        scribble(&ctrl, data.get(..40).unwrap_or_default());
+        let Ok(seen) = read_orders(&ctrl) else { return };
+        let _ = read_grants(&ctrl, &seen);
+        // Map every ring in our one page, as a client would after checks.
+        let place = |layout: protocol::vchan::RingLayout| match layout.placement() {
+            protocol::vchan::RingPlacement::InPage { offset } => RingBuffer { mem: ctrl.clone(), base: offset },
+            protocol::vchan::RingPlacement::Granted { pages: n, .. } => {
+                RingBuffer { mem: VecMemory::new(n * 4096), base: 0 }
+            }
+        };
+        VchanRing::client(ctrl.clone(), &seen, place(seen.right()), place(seen.left()), 1, NoNotify)
+    };
+    let mut buf = [0u8; 5000];
+    for piece in data.chunks(60) {
+        scribble(&ctrl, piece);
+        scribble(&pages[usize::from(piece.first().copied().unwrap_or(0) & 1)], piece);
+        let _ = ring.read(&mut buf);
+        let _ = ring.write(&buf[..usize::from(piece.len() as u8) * 20]);
+        let _ = ring.state();
+    }
+    ring.close();
+}
+
+fn netfront(data: &[u8]) {
+    let tx = VecMemory::new(4096);
+    let rx = VecMemory::new(4096);
+    let bufs = |n: usize, base: u32| -> Vec<Buffer<VecMemory>> {
+        (0..n).map(|i| Buffer { mem: VecMemory::new(4096), gref: base + i as u32 }).collect()
+    };
+    let mut front = Netfront::new(tx.clone(), rx.clone(), bufs(8, 100), bufs(8, 200), 3, NoNotify);
+    for piece in data.chunks(40) {
+        scribble(if piece.first().copied().unwrap_or(0) & 1 == 0 { &tx } else { &rx }, piece);
+        while let Some((rx_token, _)) = front.receive(Instant::from_millis(0)) {
+            rx_token.consume(|frame| assert!(frame.len() <= 1514));
+        }
+        if let Some(token) = front.transmit(Instant::from_millis(0)) {
+            token.consume(usize::from(piece.len() as u8) * 40, |b| b.fill(0xaa));
+        }
+    }
+}
+
+fn start_info(data: &[u8]) {
+    let _ = BootInfo::parse(0, |addr, buf| {
+        let Ok(start) = usize::try_from(addr) else { return false };
+        match data.get(start..start.saturating_add(buf.len())) {
+            Some(src) if src.len() == buf.len() => {
+                buf.copy_from_slice(src);
+                true
+            }
+            _ => false,
+        }
+    })
+    .map(|boot| {
+        let _ = boot.program_cmdline();
+        let _ = boot.log_level();
+        let _ = boot.ram_bytes();
+    });
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    match which % 5 {
+        0 => xenstore(rest),
+        1 => vchan(rest, true),
+        2 => vchan(rest, false),
+        3 => netfront(rest),
+        _ => start_info(rest),
+    }
+});
