@@ -35,6 +35,9 @@ pub const LOCAL_PROTOCOL_VERSION: u32 = QREXEC_PROTOCOL_V4;
 /// (Qubes' `remote_status` stays -1, i.e. 255).
 pub const EXIT_CODE_DISCONNECTED: u32 = 255;
 
+/// How long the data vchan peer may take to send its `MSG_HELLO`.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A vchan writer shared by the threads of one call.
 pub type SharedWriter = Arc<Mutex<Box<dyn Vchan>>>;
 
@@ -61,7 +64,14 @@ pub fn handshake(vchan: &mut dyn Vchan, we_are_server: bool) -> Result<u32> {
     if we_are_server {
         send_hello(vchan)?;
     }
+    // A peer that connects and never says hello must not hold the call.
+    vchan
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .context(|| "setting handshake timeout".into())?;
     let remote = wire::recv_hello(vchan, "data vchan peer")?;
+    vchan
+        .set_read_timeout(None)
+        .context(|| "clearing handshake timeout".into())?;
     if !we_are_server {
         send_hello(vchan)?;
     }
@@ -392,6 +402,17 @@ mod tests {
         });
         assert_eq!(handshake(&mut *a, false).unwrap(), 3);
         assert_eq!(peer.join().unwrap(), LOCAL_PROTOCOL_VERSION);
+    }
+
+    #[test]
+    fn silent_peer_fails_the_handshake() {
+        let (mut a, b) = pair();
+        a.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .unwrap();
+        // handshake() installs its own (longer) timeout; call the reader
+        // directly with the short one to keep the test fast.
+        assert!(wire::recv_hello(&mut *a, "t").is_err());
+        drop(b);
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub trait Vchan: Read + Write + Send + fmt::Debug {
     fn try_clone(&self) -> io::Result<Box<dyn Vchan>>;
     /// Close both directions; blocked readers see end of stream.
     fn shutdown(&self) -> io::Result<()>;
+    /// Limit how long a read may block (`None`: forever).
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 /// How vchan ends are created in this process.

@@ -70,6 +70,10 @@ impl Vchan for SocketVchan {
             other => other,
         }
     }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(timeout)
+    }
 }
 
 /// The socket transport: a directory and our own domain id.
