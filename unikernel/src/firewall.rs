@@ -622,7 +622,8 @@ fn read_mac<X: Xenstore>(xenstore: &mut X, path: &str) -> Option<EthernetAddress
     let mut parts = text.trim().split(':');
     for byte in &mut bytes {
         let part = parts.next()?;
-        if part.len() != 2 {
+        // from_str_radix alone would take "+0".
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         *byte = u8::from_str_radix(part, 16).ok()?;
@@ -806,5 +807,91 @@ pub fn run<P: Platform>(platform: &mut P, cmdline: &str) -> Shutdown {
         }
         let now = platform.now();
         platform.wait(firewall.next_deadline(now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{FakePlatform, FakeXenstore};
+
+    #[test]
+    fn mac_parsing_refuses_malformed_values() {
+        let mut xs = FakeXenstore::new();
+        for (text, expected) in [
+            (
+                "00:16:3e:5e:6c:02",
+                Some(EthernetAddress([0, 0x16, 0x3e, 0x5e, 0x6c, 2])),
+            ),
+            (
+                " 00:16:3E:5E:6C:02\n",
+                Some(EthernetAddress([0, 0x16, 0x3e, 0x5e, 0x6c, 2])),
+            ),
+            ("00:16:3e:5e:6c", None),
+            ("00:16:3e:5e:6c:02:03", None),
+            ("0:16:3e:5e:6c:02", None),
+            ("zz:16:3e:5e:6c:02", None),
+            ("+0:16:3e:5e:6c:02", None),
+            ("", None),
+        ] {
+            xs.set("mac", text);
+            assert_eq!(read_mac(&mut xs, "mac"), expected, "{text:?}");
+        }
+        assert_eq!(read_mac(&mut xs, "absent"), None);
+    }
+
+    #[test]
+    fn only_poweroff_halt_and_reboot_are_honoured_and_acknowledged() {
+        let (mut platform, handle) = FakePlatform::new(2, 32 << 20);
+        for (request, expected) in [
+            ("poweroff", Some(Shutdown::PowerOff)),
+            ("halt", Some(Shutdown::PowerOff)),
+            ("reboot", Some(Shutdown::Reboot)),
+            ("suspend", None),
+            ("", None),
+        ] {
+            handle.xenstore().set(CONTROL_SHUTDOWN, request);
+            let before = handle.xenstore().writes_by_vm().len();
+            assert_eq!(shutdown_requested(&mut platform), expected, "{request}");
+            let acked = handle.xenstore().writes_by_vm().len() > before;
+            assert_eq!(acked, expected.is_some(), "{request}");
+        }
+        handle.xenstore().fail_below("control", "EACCES");
+        assert_eq!(shutdown_requested(&mut platform), None);
+    }
+
+    #[test]
+    fn vif_listing_takes_the_first_token_and_skips_junk() {
+        let mut xs = FakeXenstore::new();
+        xs.set("backend/vif/5/0/ip", "10.137.0.10 fd09:24ef:4179::a89:a");
+        xs.set("backend/vif/5/0/mac", "00:16:3e:5e:6c:0a");
+        xs.set("backend/vif/6/0/ip", "fd09::1");
+        xs.set("backend/vif/7/x/ip", "10.137.0.12");
+        xs.set("backend/vif/70000/0/ip", "10.137.0.13");
+        xs.set("backend/vif/8/0/state", "4");
+        let vifs = list_vifs(&mut xs).unwrap();
+        assert_eq!(vifs.len(), 1);
+        let (id, config) = vifs.iter().next().unwrap();
+        assert_eq!((id.domid, id.device), (5, 0));
+        assert_eq!(config.ip, Ipv4Addr::new(10, 137, 0, 10));
+        assert_eq!(config.ip6, Some("fd09:24ef:4179::a89:a".parse().unwrap()));
+        assert!(config.mac.is_some());
+    }
+
+    #[test]
+    fn wall_clock_advances_with_the_monotonic_clock() {
+        let clock = WallClock {
+            base: Some((1_000, Instant::from_secs(5))),
+        };
+        assert_eq!(clock.now(Instant::from_secs(65)), Some(1_060));
+        assert_eq!(WallClock::default().now(Instant::from_secs(1)), None);
+    }
+
+    #[test]
+    fn seeds_differ_between_domains_and_boots() {
+        let (a, _) = FakePlatform::new(2, 32 << 20);
+        let (b, _) = FakePlatform::new(3, 32 << 20);
+        assert_ne!(seed(&a, Instant::ZERO), seed(&b, Instant::ZERO));
+        assert_ne!(seed(&a, Instant::ZERO), seed(&a, Instant::from_micros(1)));
     }
 }
