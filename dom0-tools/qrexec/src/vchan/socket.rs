@@ -22,11 +22,29 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use super::{Transport, Vchan};
 
 /// Default socket directory of qubes-core-vchan-socket.
-pub const DEFAULT_SOCKET_DIR: &str = "/var/run/vchan";
+pub const DEFAULT_SOCKET_DIR: &str = protocol::vchan::DEFAULT_SOCKET_DIR;
 
-/// The socket path where domain `server` offers `port` to domain `client`.
-pub fn socket_path(dir: &Path, server: u32, client: u32, port: u32) -> PathBuf {
-    dir.join(format!("vchan.{server}.{client}.{port}.sock"))
+/// The socket path where domain `server` offers `port` to domain `client`
+/// (name formatted by `protocol::vchan::VchanName`). Domain ids are 16-bit
+/// in Xen; a larger one is refused.
+pub fn socket_path(dir: &Path, server: u32, client: u32, port: u32) -> io::Result<PathBuf> {
+    let domain = |id: u32| {
+        u16::try_from(id).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("domain id {id} is not a Xen domain id (0..=65535)"),
+            )
+        })
+    };
+    let name = protocol::vchan::VchanName {
+        server: domain(server)?,
+        client: domain(client)?,
+        port,
+    };
+    let mut file = String::new();
+    name.write_socket_name(&mut file)
+        .map_err(|_| io::Error::other("formatting vchan socket name"))?;
+    Ok(dir.join(file))
 }
 
 /// One end of a socket vchan.
@@ -94,10 +112,10 @@ impl SocketTransport {
 
     /// Configure from `VCHAN_SOCKET_DIR` and `VCHAN_DOMAIN`.
     pub fn from_env() -> io::Result<Self> {
-        let dir = std::env::var_os("VCHAN_SOCKET_DIR")
+        let dir = std::env::var_os(protocol::vchan::SOCKET_DIR_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR));
-        let own_domain = match std::env::var("VCHAN_DOMAIN") {
+        let own_domain = match std::env::var(protocol::vchan::DOMAIN_ENV) {
             Ok(text) => text.trim().parse::<u32>().map_err(|_| {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -153,7 +171,7 @@ impl Transport for SocketTransport {
         port: u32,
         timeout: Option<Duration>,
     ) -> io::Result<Box<dyn Vchan>> {
-        let path = socket_path(&self.dir, self.own_domain, peer, port);
+        let path = socket_path(&self.dir, self.own_domain, peer, port)?;
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -183,7 +201,7 @@ impl Transport for SocketTransport {
         port: u32,
         timeout: Option<Duration>,
     ) -> io::Result<Box<dyn Vchan>> {
-        let path = socket_path(&self.dir, server, self.own_domain, port);
+        let path = socket_path(&self.dir, server, self.own_domain, port)?;
         let deadline = timeout.map(|t| Instant::now() + t);
         // The server usually appears within a few milliseconds (both ends
         // learn the port at the same moment): poll fast at first, then back
@@ -236,9 +254,10 @@ mod tests {
     #[test]
     fn path_layout() {
         assert_eq!(
-            socket_path(Path::new("/run/v"), 5, 0, 512),
+            socket_path(Path::new("/run/v"), 5, 0, 512).unwrap(),
             PathBuf::from("/run/v/vchan.5.0.512.sock")
         );
+        assert!(socket_path(Path::new("/run/v"), 70000, 0, 512).is_err());
     }
 
     #[test]
@@ -265,7 +284,7 @@ mod tests {
         s.write_all(b"pong").unwrap();
         assert_eq!(&client.join().unwrap(), b"pong");
         assert!(
-            !socket_path(&dir, 3, 0, 513).exists(),
+            !socket_path(&dir, 3, 0, 513).unwrap().exists(),
             "server removes its socket"
         );
         let _ = std::fs::remove_dir_all(&dir);
