@@ -197,3 +197,34 @@ fn vm_to_dom0_with_real_policy() {
         assert!(text.starts_with("pong for vmA via "), "{text}");
     }
 }
+
+#[test]
+fn protocol_4_source_qube_reaches_the_policy() {
+    // qrexec-client-vm --source-qube sends MSG_TRIGGER_SERVICE4; the daemon
+    // passes requested_source= to the policy daemon, which only accepts a
+    // qube asking for itself.
+    let mut b = QrexecBox::new("source-qube");
+    std::fs::write(
+        b.policy_dir().join("30-test.policy"),
+        "test.Add * vmA vmB allow\n",
+    )
+    .unwrap();
+    b.start_qube(5, "vmA");
+    b.start_qube(6, "vmB");
+    b.start_policy_daemon();
+    b.add_service("vmB", "test.Add", "#!/bin/sh\nread a b\necho $(($a+$b))\n");
+    let mut cmd = b.client_vm("vmA");
+    cmd.args(["--source-qube=vmA", "vmB", "test.Add"]);
+    let out = run(cmd, b"2 3\n");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{out:?}\n{}",
+        b.log("policy-daemon")
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "5\n");
+    let mut cmd = b.client_vm("vmA");
+    cmd.args(["--source-qube=vmB", "vmB", "test.Add"]);
+    let out = run(cmd, b"2 3\n");
+    assert_eq!(out.status.code(), Some(126), "{out:?}");
+}
