@@ -29,17 +29,31 @@ Usage: qubes-box COMMAND [ARGS]
 
 Commands:
   up [--state-dir DIR] [--prefix P] [--bin-dir DIR] [--no-firewall]
-     [--firewall-bin PATH]
+     [--firewall-bin PATH] [--clients N]
                                   build the box: namespaces <P>sys-net,
-                                  <P>sys-firewall, <P>client1, <P>client2,
-                                  xenstored, qubesdb-daemon, sys-net's HTTP
-                                  and DNS servers, the hosted firewall
+                                  <P>sys-firewall, <P>client1..N (default 2),
+                                  xenstored, qubesdb-daemon, qrexec daemons,
+                                  agents and policy daemon, sys-net's
+                                  services, the hosted firewall
   down [--state-dir DIR]          stop and remove everything the box recorded
   status [--state-dir DIR]        show what is up (exit 1 if anything is down)
+  add-client N [--state-dir DIR] [--prefix P]
+                                  start client N in the running box
+  remove-client N [--state-dir DIR] [--prefix P]
+                                  shut client N down
+  restart-net [--state-dir DIR] [--prefix P]
+                                  restart sys-net (new namespace, new MAC)
+  firewall-pid [--state-dir DIR]  print the pid of the firewall process
   serve-http ADDR:PORT            sys-net's web server (used by up)
   serve-dns ADDR:PORT ANSWER-IP   sys-net's DNS server (used by up)
+  serve-tcp-echo ADDR:PORT        sys-net's TCP echo server (used by up)
+  serve-udp-echo ADDR:PORT        sys-net's UDP echo server (used by up)
   http-get ADDR:PORT [PATH]       fetch and print a page (probe)
   dns-query SERVER:PORT NAME      resolve NAME to an IPv4 address (probe)
+  udp-echo ADDR:PORT TEXT         send TEXT, print the echo (probe)
+  tcp-hold ADDR:PORT              one TCP connection to an echo server:
+                                  each stdin line is sent, `echo LINE` or
+                                  `cut: ERROR` printed (probe)
   http-bench ADDR:PORT BYTES      download BYTES (at most 1 GiB) from
                                   serve-http and print the throughput
   xenstored [--socket PATH] [--guest-socket DOMID=PATH]...
@@ -75,6 +89,7 @@ struct Parsed {
     bin_dir: Option<PathBuf>,
     firewall: bool,
     firewall_bin: Option<PathBuf>,
+    clients: u16,
     rest: Vec<String>,
 }
 
@@ -88,6 +103,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
         bin_dir: None,
         firewall: true,
         firewall_bin: None,
+        clients: 2,
         rest: Vec::new(),
     };
     let mut iter = args.iter();
@@ -129,6 +145,16 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                     iter.next().ok_or("--firewall-bin needs a path")?,
                 ));
             }
+            "--clients" => {
+                let text = iter.next().ok_or("--clients needs a count")?;
+                parsed.clients = text
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= netbox::MAX_CLIENTS)
+                    .ok_or_else(|| {
+                        format!("--clients {text:?}: a count up to {}", netbox::MAX_CLIENTS)
+                    })?;
+            }
             "-n" => {
                 let text = iter.next().ok_or("-n needs a count")?;
                 parsed.count = text
@@ -155,6 +181,7 @@ fn box_config(parsed: &Parsed) -> Result<BoxConfig, String> {
         bin_dir,
         firewall: parsed.firewall,
         firewall_bin: parsed.firewall_bin.clone(),
+        clients: parsed.clients,
     })
 }
 
@@ -188,6 +215,66 @@ fn run(command: &str, parsed: Parsed) -> Result<(), String> {
             } else {
                 Err("not everything is up".into())
             };
+        }
+        "add-client" | "remove-client" => {
+            let config = box_config(&parsed)?;
+            let client = parsed
+                .rest
+                .first()
+                .and_then(|n| n.parse().ok())
+                .and_then(netbox::client_qube)
+                .ok_or_else(|| {
+                    format!(
+                        "{command} needs a client number 1..={}",
+                        netbox::MAX_CLIENTS
+                    )
+                })?;
+            if command == "add-client" {
+                netbox::add_client(&config, &client).map_err(|e| e.to_string())?;
+                println!("{} is up ({})", client.name, client.ip);
+            } else {
+                netbox::remove_client(&config, &client).map_err(|e| e.to_string())?;
+                println!("{} is down", client.name);
+            }
+            return Ok(());
+        }
+        "restart-net" => {
+            let config = box_config(&parsed)?;
+            netbox::restart_net(&config).map_err(|e| e.to_string())?;
+            println!("sys-net restarted");
+            return Ok(());
+        }
+        "firewall-pid" => {
+            let config = box_config(&parsed)?;
+            let pid = netbox::firewall_pid(&config).ok_or("no firewall process is running")?;
+            println!("{pid}");
+            return Ok(());
+        }
+        "serve-tcp-echo" => {
+            let address = socket_addr(parsed.rest.first(), "serve-tcp-echo")?;
+            return services::serve_tcp_echo(address).map_err(|e| e.to_string());
+        }
+        "serve-udp-echo" => {
+            let address = socket_addr(parsed.rest.first(), "serve-udp-echo")?;
+            return services::serve_udp_echo(address).map_err(|e| e.to_string());
+        }
+        "udp-echo" => {
+            let address = socket_addr(parsed.rest.first(), "udp-echo")?;
+            let text = parsed.rest.get(1).ok_or("udp-echo needs a TEXT")?;
+            let echo = services::udp_echo(address, text, Duration::from_secs(3))
+                .map_err(|e| e.to_string())?;
+            println!("{echo}");
+            return Ok(());
+        }
+        "tcp-hold" => {
+            let address = socket_addr(parsed.rest.first(), "tcp-hold")?;
+            return services::tcp_hold(
+                address,
+                std::io::stdin().lock(),
+                std::io::stdout().lock(),
+                Duration::from_secs(3),
+            )
+            .map_err(|e| e.to_string());
         }
         "serve-http" => {
             let address = socket_addr(parsed.rest.first(), "serve-http")?;

@@ -4,22 +4,29 @@
 //!
 //! Layout (addresses as a default Qubes install numbers them):
 //! - `<prefix>sys-net` (domid 1): the "internet" — addresses on its `lo`:
-//!   192.0.2.80 (HTTP on port 80) and the Qubes virtual DNS addresses
+//!   192.0.2.80 (HTTP on ports 80 and 8080, TCP and UDP echo on port 7),
+//!   192.0.2.81 (HTTP on port 80) and the Qubes virtual DNS addresses
 //!   10.139.1.1/10.139.1.2 (DNS answering every A query with 192.0.2.80) —
-//!   and `vif2.0`, 10.137.0.5, the backend of the firewall's uplink;
+//!   and `vif2.0`, 10.137.0.5, the backend of the firewall's uplink (with
+//!   `arp_notify`, so a restarted sys-net announces its new MAC);
 //! - `<prefix>sys-firewall` (domid 2): no addresses, only layer 2: the TAP
 //!   `eth0` (the hosted firewall's uplink) bridged to the veth from sys-net,
 //!   and per client the TAP `vif<domid>.0` bridged to the veth from that
 //!   client; `qubes-firewall-hosted` runs here and owns the TAPs;
-//! - `<prefix>client1` (domid 3, 10.137.0.20, may use HTTP and DNS) and
-//!   `<prefix>client2` (domid 4, 10.137.0.21, DNS only), each with `eth0`
-//!   and a default route via the firewall, 10.137.0.6;
+//! - `<prefix>client1` (domid 3, 10.137.0.20, may use HTTP and DNS),
+//!   `<prefix>client2` (domid 4, 10.137.0.21, DNS only) and, with
+//!   `--clients N`, client3… (domid N+2, 10.137.0.N+19, HTTP and DNS), each
+//!   with `eth0` and a default route via the firewall, 10.137.0.6, and a
+//!   `qrexec-agent` serving the seed examples `test.Add` and `test.File`;
+//!   clients can be added and removed while the box runs;
 //! - dom0: the in-box xenstored (`backend/vif/<domid>/0/ip` under
 //!   `/local/domain/2`), `qubesdb-daemon 2 sys-firewall` holding the
 //!   firewall's QubesDB (network config and per-client rules),
 //!   `qrexec-daemon 2 sys-firewall` (socket `<state>/qubes/qrexec.2`, for
-//!   `qrexec-client --socket-dir=<state>/qubes -d sys-firewall …`), vchan
-//!   sockets in `<state>/vchan`.
+//!   `qrexec-client --socket-dir=<state>/qubes -d sys-firewall …`), one
+//!   `qrexec-daemon` per client, `qrexec-policy-daemon` (socket
+//!   `<state>/policy.sock`, policy in `<state>/policy.d` and the legacy
+//!   files in `<state>/qubes-rpc-policy`), vchan sockets in `<state>/vchan`.
 //!
 //! Every resource is written to `<state>/resources` *before* it is created,
 //! so `down` (and `up` itself when a step fails) removes everything even
@@ -48,38 +55,50 @@ pub const DNS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 139, 1, 1), Ipv4Addr::new(10, 
 /// The "internet" host inside sys-net.
 pub const WEB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
 
+/// A second "internet" host inside sys-net (HTTP on port 80 only), so
+/// `dst4`/`dsthost` rules have something to leave out.
+pub const WEB2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 81);
+/// The TCP and UDP echo port on [`WEB`].
+pub const ECHO_PORT: u16 = 7;
+/// Most clients a box may have (domids 3.., addresses 10.137.0.20..).
+pub const MAX_CLIENTS: u16 = 200;
+
 /// One client qube: domid, name, address, firewall rules as dom0 writes
 /// them (`policy`, then `0000`, `0001`, …).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ClientQube {
     /// Domain id.
     pub domid: u16,
     /// Name (and namespace suffix).
-    pub name: &'static str,
+    pub name: String,
     /// Its address.
     pub ip: Ipv4Addr,
     /// Its rules.
-    pub rules: &'static [&'static str],
+    pub rules: Vec<String>,
 }
 
-/// The two clients of the box.
-pub const CLIENTS: [ClientQube; 2] = [
-    ClientQube {
-        domid: 3,
-        name: "client1",
-        ip: Ipv4Addr::new(10, 137, 0, 20),
-        rules: &[
+/// Client number `n` (1-based) of the box: `client<n>`, domid `n + 2`,
+/// address `10.137.0.<n + 19>`. client2 may use DNS only; every other
+/// client TCP port 80 and DNS. `None` outside `1..=MAX_CLIENTS`.
+pub fn client_qube(n: u16) -> Option<ClientQube> {
+    if !(1..=MAX_CLIENTS).contains(&n) {
+        return None;
+    }
+    let rules: &[&str] = if n == 2 {
+        &["action=accept specialtarget=dns"]
+    } else {
+        &[
             "action=accept proto=tcp dstports=80-80",
             "action=accept specialtarget=dns",
-        ],
-    },
-    ClientQube {
-        domid: 4,
-        name: "client2",
-        ip: Ipv4Addr::new(10, 137, 0, 21),
-        rules: &["action=accept specialtarget=dns"],
-    },
-];
+        ]
+    };
+    Some(ClientQube {
+        domid: n + 2,
+        name: format!("client{n}"),
+        ip: Ipv4Addr::new(10, 137, 0, u8::try_from(n + 19).ok()?),
+        rules: rules.iter().map(|r| (*r).to_string()).collect(),
+    })
+}
 
 /// How a box is set up.
 #[derive(Clone, Debug)]
@@ -97,6 +116,8 @@ pub struct BoxConfig {
     /// The firewall binary to run instead of `<bin_dir>/qubes-firewall-hosted`
     /// (e.g. a release build for measurements).
     pub firewall_bin: Option<PathBuf>,
+    /// How many clients `up` starts (`client1`…).
+    pub clients: u16,
 }
 
 impl BoxConfig {
@@ -130,7 +151,46 @@ impl BoxConfig {
         self.state_dir.join("vchan")
     }
 
-    fn bin(&self, name: &str) -> PathBuf {
+    /// Where client qube `name`'s qrexec services live
+    /// (`QREXEC_SERVICE_PATH`, its `/etc/qubes-rpc`).
+    pub fn rpc_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("rpc").join(name)
+    }
+
+    /// The socket of client qube `name`'s qrexec-agent (for
+    /// `qrexec-client-vm --agent-socket=…`).
+    pub fn agent_socket(&self, name: &str) -> PathBuf {
+        self.state_dir.join(format!("agent.{name}.sock"))
+    }
+
+    /// The policy daemon's socket (`QREXEC_POLICY_SOCKET`).
+    pub fn policy_socket(&self) -> PathBuf {
+        self.state_dir.join("policy.sock")
+    }
+
+    /// The qrexec policy directory (`/etc/qubes/policy.d` of the box).
+    pub fn policy_dir(&self) -> PathBuf {
+        self.state_dir.join("policy.d")
+    }
+
+    /// The legacy (Qubes 4.0) policy directory read by `!compat-4.0`
+    /// (`/etc/qubes-rpc/policy` of the box).
+    pub fn legacy_policy_dir(&self) -> PathBuf {
+        self.state_dir.join("qubes-rpc-policy")
+    }
+
+    /// The box's `qubes.json` (the qube list the policy daemon reads).
+    pub fn system_info(&self) -> PathBuf {
+        self.state_dir.join("qubes.json")
+    }
+
+    /// Where the `test.File` service of the seed example reads from.
+    pub fn file_storage(&self) -> PathBuf {
+        self.state_dir.join("rpc-file-storage")
+    }
+
+    /// The path of a workspace binary.
+    pub fn bin(&self, name: &str) -> PathBuf {
         self.bin_dir.join(name)
     }
 }
@@ -140,20 +200,21 @@ impl BoxConfig {
 pub enum Resource {
     /// A network namespace.
     Netns(String),
-    /// A process: pid and the program name its cmdline must contain.
-    Process(u32, String),
+    /// A process: pid, the program name its cmdline must contain, and the
+    /// machine it belongs to (`dom0`, `sys-net`, `client3`…; empty in
+    /// older lists).
+    Process(u32, String, String),
 }
 
 fn parse_resources(text: &str) -> Vec<Resource> {
     text.lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
-            match (words.next(), words.next(), words.next()) {
-                (Some("netns"), Some(name), None) => Some(Resource::Netns(name.to_string())),
-                (Some("pid"), Some(pid), Some(program)) => pid
-                    .parse()
-                    .ok()
-                    .map(|pid| Resource::Process(pid, program.to_string())),
+            match (words.next(), words.next(), words.next(), words.next()) {
+                (Some("netns"), Some(name), None, None) => Some(Resource::Netns(name.to_string())),
+                (Some("pid"), Some(pid), Some(program), owner) => pid.parse().ok().map(|pid| {
+                    Resource::Process(pid, program.to_string(), owner.unwrap_or("").to_string())
+                }),
                 _ => None,
             }
         })
@@ -174,7 +235,7 @@ fn record(config: &BoxConfig, resource: &Resource) -> io::Result<()> {
         .open(config.resources())?;
     match resource {
         Resource::Netns(name) => writeln!(file, "netns {name}"),
-        Resource::Process(pid, program) => writeln!(file, "pid {pid} {program}"),
+        Resource::Process(pid, program, owner) => writeln!(file, "pid {pid} {program} {owner}"),
     }?;
     file.sync_all()
 }
@@ -241,10 +302,12 @@ fn wait_for_path(path: &Path, what: &str) -> io::Result<()> {
 }
 
 /// Starts a background process (its own process group, output to
-/// `<state>/<log>.log`), recording it.
+/// `<state>/<log>.log`), recording it as belonging to `owner`.
+#[allow(clippy::too_many_arguments)] // reason: one call site per kind of process; a struct would only rename them.
 fn spawn(
     config: &BoxConfig,
     log: &str,
+    owner: &str,
     netns: Option<&str>,
     program: &Path,
     args: &[String],
@@ -285,7 +348,10 @@ fn spawn(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    record(config, &Resource::Process(child.id(), name))?;
+    record(
+        config,
+        &Resource::Process(child.id(), name, owner.to_string()),
+    )?;
     // The child outlives us; it is reaped by init after `up` exits.
     drop(child);
     Ok(())
@@ -320,6 +386,12 @@ pub fn up(config: &BoxConfig) -> io::Result<()> {
             ),
         ));
     }
+    if config.clients > MAX_CLIENTS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("at most {MAX_CLIENTS} clients"),
+        ));
+    }
     let _ = fs::remove_dir_all(&config.state_dir);
     fs::create_dir_all(config.qubesdb_dir())?;
     fs::create_dir_all(config.vchan_dir())?;
@@ -332,12 +404,480 @@ pub fn up(config: &BoxConfig) -> io::Result<()> {
     }
 }
 
+fn qubesdb_write(config: &BoxConfig, entries: &[(String, String)]) -> io::Result<()> {
+    for (path, value) in entries {
+        let output = Command::new(config.bin("qubesdb-write"))
+            .args(["-d", FIREWALL.1, path, value])
+            .env("QUBESDB_SOCKET_DIR", config.qubesdb_dir())
+            .output()?;
+        if !output.status.success() {
+            return Err(io::Error::other(format!(
+                "qubesdb-write {path}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn xenstore(config: &BoxConfig) -> io::Result<Client> {
+    Client::connect(&config.xenstored_socket()).map_err(io::Error::other)
+}
+
+/// sys-net: its namespace, its "internet" on `lo`, the backend `vif2.0` of
+/// the firewall's uplink (whose other end joins the firewall's `br0`), and
+/// its services. `arp_notify` makes its kernel announce its (new) MAC with
+/// a gratuitous ARP when `vif2.0` comes up, as a restarted net qube's
+/// interface does, so a running firewall learns the new gateway MAC.
+fn build_sys_net(config: &BoxConfig) -> io::Result<()> {
+    let sys_net = config.netns("sys-net");
+    let firewall = config.netns(FIREWALL.1);
+    netns_add(config, &sys_net)?;
+    // On `lo`: needs no dummy-interface support in the kernel.
+    for address in [WEB, WEB2, DNS[0], DNS[1]] {
+        ip(&[
+            "-n",
+            &sys_net,
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            "lo",
+        ])?;
+    }
+    let backend = format!("vif{}.0", FIREWALL.0);
+    ip(&[
+        "link", "add", &backend, "netns", &sys_net, "type", "veth", "peer", "name", "uplink",
+        "netns", &firewall,
+    ])?;
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &sys_net,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("net/ipv4/conf/{backend}/arp_notify=1"),
+        ],
+    )?;
+    ip(&[
+        "-n",
+        &sys_net,
+        "addr",
+        "add",
+        &format!("{SYS_NET_IP}/32"),
+        "dev",
+        &backend,
+    ])?;
+    if link_exists(&firewall, "br0") {
+        ip(&["-n", &firewall, "link", "set", "uplink", "master", "br0"])?;
+        ip(&["-n", &firewall, "link", "set", "uplink", "up"])?;
+    } else {
+        ip(&[
+            "-n", &firewall, "tuntap", "add", "dev", "eth0", "mode", "tap",
+        ])?;
+        bridge(&firewall, "br0", &["uplink", "eth0"])?;
+    }
+    // Up last, with the bridge port ready: the gratuitous ARP gets through.
+    ip(&["-n", &sys_net, "link", "set", &backend, "up"])?;
+    ip(&[
+        "-n",
+        &sys_net,
+        "route",
+        "add",
+        &format!("{FIREWALL_IP}/32"),
+        "dev",
+        &backend,
+    ])?;
+    let self_exe = config.bin("qubes-box");
+    let services: Vec<(String, Vec<String>)> = vec![
+        (
+            "http".into(),
+            vec!["serve-http".into(), format!("{WEB}:80")],
+        ),
+        (
+            "http8080".into(),
+            vec!["serve-http".into(), format!("{WEB}:8080")],
+        ),
+        (
+            "http-web2".into(),
+            vec!["serve-http".into(), format!("{WEB2}:80")],
+        ),
+        (
+            "tcp-echo".into(),
+            vec!["serve-tcp-echo".into(), format!("{WEB}:{ECHO_PORT}")],
+        ),
+        (
+            "udp-echo".into(),
+            vec!["serve-udp-echo".into(), format!("{WEB}:{ECHO_PORT}")],
+        ),
+        (
+            "dns0".into(),
+            vec![
+                "serve-dns".into(),
+                format!("{}:53", DNS[0]),
+                WEB.to_string(),
+            ],
+        ),
+        (
+            "dns1".into(),
+            vec![
+                "serve-dns".into(),
+                format!("{}:53", DNS[1]),
+                WEB.to_string(),
+            ],
+        ),
+    ];
+    for (log, args) in &services {
+        spawn(config, log, "sys-net", Some(&sys_net), &self_exe, args, &[])?;
+    }
+    Ok(())
+}
+
+fn link_exists(netns: &str, link: &str) -> bool {
+    Command::new("ip")
+        .args(["-n", netns, "link", "show", link])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|status| status.success())
+        .unwrap_or(false)
+}
+
+/// Restarts the net qube: stops its services, deletes its namespace (and
+/// with it `vif2.0` and the firewall-side `uplink`), and builds it again
+/// (a new veth pair: a new gateway MAC). The firewall keeps running.
+pub fn restart_net(config: &BoxConfig) -> io::Result<()> {
+    // Namespaces are cleaned up asynchronously: delete the veth pair
+    // first, so its firewall-side end is gone before it is made again.
+    let _ = ip(&[
+        "-n",
+        &config.netns("sys-net"),
+        "link",
+        "del",
+        &format!("vif{}.0", FIREWALL.0),
+    ]);
+    stop_machine(config, "sys-net")?;
+    build_sys_net(config)?;
+    // The gratuitous ARP of `arp_notify` at link-up races the bridge: the
+    // firewall-side port only forwards once the kernel's link watcher has
+    // seen the carrier (up to a second later). Wait for that, then give
+    // vif2.0 a fresh MAC, which makes the kernel announce it again
+    // (NETDEV_CHANGEADDR with arp_notify): the firewall learns the new
+    // gateway MAC as from any restarted net qube that announces itself.
+    let firewall = config.netns(FIREWALL.1);
+    let start = Instant::now();
+    loop {
+        let output = Command::new("ip")
+            .args(["-n", &firewall, "-d", "link", "show", "uplink"])
+            .output()?;
+        if String::from_utf8_lossy(&output.stdout).contains("state forwarding") {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(5) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the firewall-side bridge port of the new sys-net link did not forward within 5 s",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let [_, a, b, c] = (nanos ^ std::process::id()).to_be_bytes();
+    ip(&[
+        "-n",
+        &config.netns("sys-net"),
+        "link",
+        "set",
+        &format!("vif{}.0", FIREWALL.0),
+        "address",
+        &format!("02:00:5e:{a:02x}:{b:02x}:{c:02x}"),
+    ])
+}
+
+/// Stops every recorded process of `machine` and deletes its namespace.
+fn stop_machine(config: &BoxConfig, machine: &str) -> io::Result<()> {
+    for resource in recorded(config).iter().rev() {
+        if let Resource::Process(pid, program, owner) = resource
+            && owner == machine
+        {
+            stop_process(*pid, program);
+        }
+    }
+    let netns = config.netns(machine);
+    if netns_exists(&netns) {
+        kill_netns_pids(&netns);
+        ip(&["netns", "del", &netns])?;
+    }
+    Ok(())
+}
+
+fn write_system_info(config: &BoxConfig) -> io::Result<()> {
+    let mut names = vec![
+        ("dom0".to_string(), "AdminVM"),
+        ("sys-net".to_string(), "AppVM"),
+        (FIREWALL.1.to_string(), "AppVM"),
+    ];
+    if let Ok(dir) = fs::read_dir(config.state_dir.join("rpc")) {
+        let mut clients: Vec<String> = dir
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        clients.sort();
+        names.extend(clients.into_iter().map(|name| (name, "AppVM")));
+    }
+    let domains: Vec<String> = names
+        .iter()
+        .map(|(name, kind)| format!("\"{name}\": {{\"type\": \"{kind}\"}}"))
+        .collect();
+    let temporary = config.system_info().with_extension("json.new");
+    fs::write(
+        &temporary,
+        format!("{{\"domains\": {{{}}}}}\n", domains.join(", ")),
+    )?;
+    fs::rename(&temporary, config.system_info())
+}
+
+fn write_executable(path: &Path, text: &str) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, text)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+}
+
+/// dom0's qrexec policy, as the seed examples (Qubes' qrexec3 page) write
+/// it in the legacy per-service files, read through `!compat-4.0`:
+/// `test.Add` allowed between any qubes (the seed says `ask`; the box has
+/// no one to ask), `test.File+testfile1` from client1 to client2 only,
+/// every other `test.File` denied.
+fn write_policy(config: &BoxConfig) -> io::Result<()> {
+    fs::create_dir_all(config.policy_dir())?;
+    fs::create_dir_all(config.legacy_policy_dir())?;
+    fs::write(
+        config.policy_dir().join("90-box-compat.policy"),
+        "# The box's policy: the legacy files of the seed examples.\n!compat-4.0\n",
+    )?;
+    let legacy = config.legacy_policy_dir();
+    fs::write(legacy.join("test.Add"), "$anyvm $anyvm allow\n")?;
+    fs::write(
+        legacy.join("test.File+testfile1"),
+        "client1 client2 allow\n",
+    )?;
+    fs::write(legacy.join("test.File"), "$anyvm $anyvm deny\n")?;
+    fs::create_dir_all(config.file_storage())?;
+    fs::write(
+        config.file_storage().join("testfile1"),
+        "content of testfile1\n",
+    )?;
+    fs::write(
+        config.file_storage().join("testfile2"),
+        "content of testfile2\n",
+    )?;
+    Ok(())
+}
+
+/// The qrexec environment of every box process (dom0's and the qubes').
+fn qrexec_env(config: &BoxConfig) -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("VCHAN_SOCKET_DIR", config.vchan_dir()),
+        ("QREXEC_POLICY_SOCKET", config.policy_socket()),
+        ("QREXEC_POLICY_PATH", config.policy_dir()),
+        ("QREXEC_LEGACY_POLICY_PATH", config.legacy_policy_dir()),
+        ("QREXEC_SYSTEM_INFO", config.system_info()),
+        ("QREXEC_LOG_DIR", config.state_dir.join("log")),
+    ]
+}
+
+/// Adds client qube `client` to a running box, as Xen and qubesd do when a
+/// VM starts: its rules in the firewall's QubesDB, its namespace and veth,
+/// the firewall-side TAP `vif<domid>.0` bridged to it, its qrexec-agent
+/// (with the seed services `test.Add` and `test.File`) and dom0's
+/// qrexec-daemon for it, then `backend/vif/<domid>/0/ip` in XenStore
+/// (which the firewall watches).
+pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
+    let base = format!("/qubes-firewall/{}", client.ip);
+    let mut entries = vec![(format!("{base}/policy"), "drop".to_string())];
+    for (index, rule) in client.rules.iter().enumerate() {
+        entries.push((format!("{base}/{index:04}"), rule.clone()));
+    }
+    // The commit: an empty write to the client's key.
+    entries.push((base, String::new()));
+    qubesdb_write(config, &entries)?;
+
+    let firewall = config.netns(FIREWALL.1);
+    let netns = config.netns(&client.name);
+    netns_add(config, &netns)?;
+    let veth = format!("veth{}", client.domid);
+    let vif = format!("vif{}.0", client.domid);
+    let bridge_name = format!("br{}", client.domid);
+    ip(&[
+        "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &veth, "netns",
+        &firewall,
+    ])?;
+    ip(&[
+        "-n",
+        &netns,
+        "addr",
+        "add",
+        &format!("{}/32", client.ip),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        &netns,
+        "route",
+        "add",
+        &format!("{FIREWALL_IP}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        &netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &FIREWALL_IP.to_string(),
+    ])?;
+    ip(&["-n", &firewall, "tuntap", "add", "dev", &vif, "mode", "tap"])?;
+    bridge(&firewall, &bridge_name, &[&veth, &vif])?;
+
+    // qrexec: the qube's services (the seed examples) and agent, dom0's
+    // daemon for it.
+    let rpc = config.rpc_dir(&client.name);
+    fs::create_dir_all(&rpc)?;
+    write_executable(
+        &rpc.join("test.Add"),
+        "#!/bin/sh\n# our_test_add_server (seed: Qubes' qrexec3 page)\nread arg1 arg2\necho $(($arg1+$arg2))\n",
+    )?;
+    write_executable(
+        &rpc.join("test.File"),
+        &format!(
+            "#!/bin/sh\n# seed: Qubes' qrexec3 page, storage in the box\nargument=\"$1\"\ncat \"{}/$argument\"\n",
+            config.file_storage().display()
+        ),
+    )?;
+    write_system_info(config)?;
+    let domid = PathBuf::from(client.domid.to_string());
+    let mut env: Vec<(&str, PathBuf)> = qrexec_env(config);
+    env.push(("VCHAN_DOMAIN", domid));
+    env.push(("QREXEC_SERVICE_PATH", rpc));
+    let env_refs: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (*k, v.as_path())).collect();
+    spawn(
+        config,
+        &format!("qrexec-agent-{}", client.name),
+        &client.name,
+        Some(&netns),
+        &config.bin("qrexec-agent"),
+        &[format!(
+            "--agent-socket={}",
+            config.agent_socket(&client.name).display()
+        )],
+        &env_refs,
+    )?;
+    let dom0_env: Vec<(&str, &Path)> = env_refs
+        .iter()
+        .filter(|(key, _)| *key != "VCHAN_DOMAIN" && *key != "QREXEC_SERVICE_PATH")
+        .copied()
+        .collect();
+    spawn(
+        config,
+        &format!("qrexec-{}", client.name),
+        &client.name,
+        None,
+        &config.bin("qrexec-daemon"),
+        &[
+            format!("--socket-dir={}", config.qubesdb_dir().display()),
+            "-D".to_string(),
+            format!(
+                "--policy-program={}",
+                config.bin("qrexec-policy-exec").display()
+            ),
+            client.domid.to_string(),
+            client.name.clone(),
+            "root".to_string(),
+        ],
+        &dom0_env,
+    )?;
+
+    let mut xs = xenstore(config)?;
+    let home = format!("/local/domain/{}", FIREWALL.0);
+    for (path, value) in [
+        (
+            format!("/local/domain/{}/name", client.domid),
+            client.name.clone(),
+        ),
+        (
+            format!("{home}/backend/vif/{}/0/ip", client.domid),
+            client.ip.to_string(),
+        ),
+    ] {
+        xs.write(&path, value.as_bytes())
+            .map_err(io::Error::other)?;
+    }
+    Ok(())
+}
+
+/// Removes client qube `client` from a running box, as when the VM shuts
+/// down: its `backend/vif/<domid>` and domain entries leave XenStore, its
+/// processes stop, its namespace goes (and with it the veth), then the
+/// firewall-side TAP and bridge, its rules in QubesDB.
+pub fn remove_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
+    let mut xs = xenstore(config)?;
+    xs.remove(&format!(
+        "/local/domain/{}/backend/vif/{}",
+        FIREWALL.0, client.domid
+    ))
+    .map_err(io::Error::other)?;
+    xs.remove(&format!("/local/domain/{}", client.domid))
+        .map_err(io::Error::other)?;
+    stop_machine(config, &client.name)?;
+    let firewall = config.netns(FIREWALL.1);
+    let _ = ip(&[
+        "-n",
+        &firewall,
+        "link",
+        "del",
+        &format!("br{}", client.domid),
+    ]);
+    let _ = ip(&[
+        "-n",
+        &firewall,
+        "link",
+        "del",
+        &format!("vif{}.0", client.domid),
+    ]);
+    let _ = fs::remove_dir_all(config.rpc_dir(&client.name));
+    let _ = fs::remove_file(config.agent_socket(&client.name));
+    write_system_info(config)?;
+    let output = Command::new(config.bin("qubesdb-rm"))
+        .args(["-d", FIREWALL.1, &format!("/qubes-firewall/{}/", client.ip)])
+        .env("QUBESDB_SOCKET_DIR", config.qubesdb_dir())
+        .output()?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "qubesdb-rm: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 fn build(config: &BoxConfig) -> io::Result<()> {
     let self_exe = config.bin("qubes-box");
+    fs::create_dir_all(config.state_dir.join("log"))?;
     // dom0: xenstored (dom0's socket and the firewall's).
     spawn(
         config,
         "xenstored",
+        "dom0",
         None,
         &self_exe,
         &[
@@ -355,117 +895,46 @@ fn build(config: &BoxConfig) -> io::Result<()> {
     )?;
     wait_for_path(&config.xenstored_socket(), "xenstored")?;
 
-    // Machines.
-    let sys_net = config.netns("sys-net");
-    let firewall = config.netns(FIREWALL.1);
-    netns_add(config, &sys_net)?;
-    netns_add(config, &firewall)?;
-    for client in CLIENTS {
-        netns_add(config, &config.netns(client.name))?;
-    }
+    // The firewall's machine (layer 2 only), then sys-net with the uplink.
+    netns_add(config, &config.netns(FIREWALL.1))?;
+    build_sys_net(config)?;
 
-    // sys-net's "internet" and the firewall's uplink.
-    // On `lo`: needs no dummy-interface support in the kernel.
-    for address in [WEB, DNS[0], DNS[1]] {
-        ip(&[
-            "-n",
-            &sys_net,
-            "addr",
-            "add",
-            &format!("{address}/32"),
-            "dev",
-            "lo",
-        ])?;
-    }
-    let backend = format!("vif{}.0", FIREWALL.0);
-    ip(&[
-        "link", "add", &backend, "netns", &sys_net, "type", "veth", "peer", "name", "uplink",
-        "netns", &firewall,
-    ])?;
-    ip(&[
-        "-n",
-        &sys_net,
-        "addr",
-        "add",
-        &format!("{SYS_NET_IP}/32"),
-        "dev",
-        &backend,
-    ])?;
-    ip(&["-n", &sys_net, "link", "set", &backend, "up"])?;
-    ip(&[
-        "-n",
-        &sys_net,
-        "route",
-        "add",
-        &format!("{FIREWALL_IP}/32"),
-        "dev",
-        &backend,
-    ])?;
-    ip(&[
-        "-n", &firewall, "tuntap", "add", "dev", "eth0", "mode", "tap",
-    ])?;
-    bridge(&firewall, "br0", &["uplink", "eth0"])?;
-
-    // Clients.
-    for client in CLIENTS {
-        let netns = config.netns(client.name);
-        let veth = format!("veth{}", client.domid);
-        let vif = format!("vif{}.0", client.domid);
-        let bridge_name = format!("br{}", client.domid);
-        ip(&[
-            "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &veth, "netns",
-            &firewall,
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{}/32", client.ip),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            &format!("{FIREWALL_IP}/32"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &FIREWALL_IP.to_string(),
-        ])?;
-        ip(&["-n", &firewall, "tuntap", "add", "dev", &vif, "mode", "tap"])?;
-        bridge(&firewall, &bridge_name, &[&veth, &vif])?;
-    }
-
-    // sys-net's services.
-    spawn(
-        config,
-        "http",
-        Some(&sys_net),
-        &self_exe,
-        &["serve-http".into(), format!("{WEB}:80")],
-        &[],
-    )?;
-    for (index, dns) in DNS.iter().enumerate() {
+    // dom0: the qrexec policy daemon.
+    write_policy(config)?;
+    write_system_info(config)?;
+    let policy_daemon = config.bin("qrexec-policy-daemon");
+    if policy_daemon.exists() {
         spawn(
             config,
-            &format!("dns{index}"),
-            Some(&sys_net),
-            &self_exe,
-            &["serve-dns".into(), format!("{dns}:53"), WEB.to_string()],
+            "qrexec-policy-daemon",
+            "dom0",
+            None,
+            &policy_daemon,
+            &[
+                "--socket-path".into(),
+                config.policy_socket().display().to_string(),
+                "--policy-path".into(),
+                config.policy_dir().display().to_string(),
+                "--legacy-policy-path".into(),
+                config.legacy_policy_dir().display().to_string(),
+                "--system-info".into(),
+                config.system_info().display().to_string(),
+                "--eval-socket-path".into(),
+                config
+                    .state_dir
+                    .join("policy.EvalSimple")
+                    .display()
+                    .to_string(),
+                "--gui-socket-path".into(),
+                config
+                    .state_dir
+                    .join("policy.EvalGUI")
+                    .display()
+                    .to_string(),
+            ],
             &[],
         )?;
+        wait_for_path(&config.policy_socket(), "qrexec-policy-daemon")?;
     }
 
     // dom0: the firewall's QubesDB.
@@ -477,6 +946,7 @@ fn build(config: &BoxConfig) -> io::Result<()> {
     spawn(
         config,
         "qubesdb-sys-firewall",
+        "dom0",
         None,
         &config.bin("qubesdb-daemon"),
         &[FIREWALL.0.to_string(), FIREWALL.1.to_string()],
@@ -488,7 +958,7 @@ fn build(config: &BoxConfig) -> io::Result<()> {
             .join(format!("qubesdb.{}.sock", FIREWALL.1)),
         "qubesdb-daemon",
     )?;
-    let mut entries: Vec<(String, String)> = vec![
+    let entries: Vec<(String, String)> = vec![
         ("/name".into(), FIREWALL.1.into()),
         ("/qubes-vm-type".into(), "ProxyVM".into()),
         ("/qubes-ip".into(), FIREWALL_IP.to_string()),
@@ -497,47 +967,24 @@ fn build(config: &BoxConfig) -> io::Result<()> {
         ("/qubes-primary-dns".into(), DNS[0].to_string()),
         ("/qubes-secondary-dns".into(), DNS[1].to_string()),
     ];
-    for client in CLIENTS {
-        let base = format!("/qubes-firewall/{}", client.ip);
-        entries.push((format!("{base}/policy"), "drop".into()));
-        for (index, rule) in client.rules.iter().enumerate() {
-            entries.push((format!("{base}/{index:04}"), (*rule).into()));
-        }
-        // The commit: an empty write to the client's key.
-        entries.push((base, String::new()));
-    }
-    for (path, value) in &entries {
-        let output = Command::new(config.bin("qubesdb-write"))
-            .args(["-d", FIREWALL.1, path, value])
-            .env("QUBESDB_SOCKET_DIR", config.qubesdb_dir())
-            .output()?;
-        if !output.status.success() {
-            return Err(io::Error::other(format!(
-                "qubesdb-write {path}: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
-        }
-    }
+    qubesdb_write(config, &entries)?;
 
-    // XenStore: the firewall's identity and its clients' vifs.
-    let mut xs = Client::connect(&config.xenstored_socket()).map_err(io::Error::other)?;
+    // XenStore: the firewall's identity.
+    let mut xs = xenstore(config)?;
     let home = format!("/local/domain/{}", FIREWALL.0);
-    let mut nodes = vec![
+    for (path, value) in [
         (format!("{home}/name"), FIREWALL.1.to_string()),
         (format!("{home}/domid"), FIREWALL.0.to_string()),
-    ];
-    for client in CLIENTS {
-        nodes.push((
-            format!("{home}/backend/vif/{}/0/ip", client.domid),
-            client.ip.to_string(),
-        ));
-        nodes.push((
-            format!("/local/domain/{}/name", client.domid),
-            client.name.to_string(),
-        ));
+    ] {
+        xs.write(&path, value.as_bytes())
+            .map_err(io::Error::other)?;
     }
-    for (path, value) in &nodes {
-        xs.write(path, value.as_bytes()).map_err(io::Error::other)?;
+
+    // The clients.
+    for n in 1..=config.clients {
+        if let Some(client) = client_qube(n) {
+            add_client(config, &client)?;
+        }
     }
 
     // dom0: the firewall's qrexec-daemon (connects to the agent's vchan 512
@@ -552,13 +999,16 @@ fn build(config: &BoxConfig) -> io::Result<()> {
     }
     qrexec_args.push(FIREWALL.0.to_string());
     qrexec_args.push(FIREWALL.1.to_string());
+    let env = qrexec_env(config);
+    let env_refs: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (*k, v.as_path())).collect();
     spawn(
         config,
         "qrexec-sys-firewall",
+        "dom0",
         None,
         &config.bin("qrexec-daemon"),
         &qrexec_args,
-        &[("VCHAN_SOCKET_DIR", &config.vchan_dir())],
+        &env_refs,
     )?;
 
     // The firewall itself.
@@ -566,7 +1016,8 @@ fn build(config: &BoxConfig) -> io::Result<()> {
         spawn(
             config,
             "firewall",
-            Some(&firewall),
+            FIREWALL.1,
+            Some(&config.netns(FIREWALL.1)),
             &config
                 .firewall_bin
                 .clone()
@@ -587,6 +1038,42 @@ fn build(config: &BoxConfig) -> io::Result<()> {
     Ok(())
 }
 
+/// The pid of the running firewall process, if any.
+pub fn firewall_pid(config: &BoxConfig) -> Option<u32> {
+    recorded(config)
+        .iter()
+        .rev()
+        .find_map(|resource| match resource {
+            Resource::Process(pid, program, owner)
+                if owner == FIREWALL.1 && process_matches(*pid, program) =>
+            {
+                Some(*pid)
+            }
+            _ => None,
+        })
+}
+
+fn stop_process(pid: u32, program: &str) {
+    if process_matches(pid, program) {
+        let _ = run("kill", &["-TERM", &pid.to_string()]);
+        let start = Instant::now();
+        while process_matches(pid, program) && start.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if process_matches(pid, program) {
+            let _ = run("kill", &["-KILL", &pid.to_string()]);
+        }
+    }
+}
+
+fn kill_netns_pids(name: &str) {
+    if let Ok(output) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+            let _ = run("kill", &["-KILL", pid]);
+        }
+    }
+}
+
 /// Stops every recorded process and deletes every recorded namespace, then
 /// the state directory. Safe to run repeatedly and after a failed `up`.
 pub fn down(config: &BoxConfig) -> io::Result<()> {
@@ -594,17 +1081,8 @@ pub fn down(config: &BoxConfig) -> io::Result<()> {
     let mut problems = Vec::new();
     // Processes first (newest first), then namespaces.
     for resource in resources.iter().rev() {
-        if let Resource::Process(pid, program) = resource
-            && process_matches(*pid, program)
-        {
-            let _ = run("kill", &["-TERM", &pid.to_string()]);
-            let start = Instant::now();
-            while process_matches(*pid, program) && start.elapsed() < Duration::from_secs(2) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if process_matches(*pid, program) {
-                let _ = run("kill", &["-KILL", &pid.to_string()]);
-            }
+        if let Resource::Process(pid, program, _) = resource {
+            stop_process(*pid, program);
         }
     }
     // Anything still running inside a recorded namespace is stopped with it.
@@ -612,11 +1090,7 @@ pub fn down(config: &BoxConfig) -> io::Result<()> {
         if let Resource::Netns(name) = resource
             && netns_exists(name)
         {
-            if let Ok(output) = Command::new("ip").args(["netns", "pids", name]).output() {
-                for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
-                    let _ = run("kill", &["-KILL", pid]);
-                }
-            }
+            kill_netns_pids(name);
             if let Err(error) = ip(&["netns", "del", name]) {
                 problems.push(error.to_string());
             }
@@ -648,7 +1122,7 @@ pub fn status(config: &BoxConfig) -> (bool, String) {
     for resource in &resources {
         let (alive, what) = match resource {
             Resource::Netns(name) => (netns_exists(name), format!("netns {name}")),
-            Resource::Process(pid, program) => (
+            Resource::Process(pid, program, _) => (
                 process_matches(*pid, program),
                 format!("process {program} ({pid})"),
             ),
@@ -668,13 +1142,21 @@ mod tests {
 
     #[test]
     fn resource_list_roundtrips_and_ignores_garbage() {
-        let text = "netns qb-sys-net\npid 42 qubes-box\ngarbage line here too\npid x y\n";
+        let text = "netns qb-sys-net\npid 42 qubes-box\npid 43 qrexec-agent client3\n\
+                    garbage line here too\npid x y\nnetns a b\n";
         assert_eq!(
             parse_resources(text),
             vec![
                 Resource::Netns("qb-sys-net".into()),
-                Resource::Process(42, "qubes-box".into())
+                Resource::Process(42, "qubes-box".into(), String::new()),
+                Resource::Process(43, "qrexec-agent".into(), "client3".into()),
             ]
         );
+        assert!(client_qube(0).is_none());
+        assert!(client_qube(MAX_CLIENTS + 1).is_none());
+        let c10 = client_qube(10).unwrap();
+        assert_eq!((c10.domid, c10.name.as_str()), (12, "client10"));
+        assert_eq!(c10.ip, Ipv4Addr::new(10, 137, 0, 29));
+        assert_eq!(client_qube(2).unwrap().rules.len(), 1);
     }
 }

@@ -192,6 +192,98 @@ pub fn build_answer(query: &[u8], question: &Question, address: Ipv4Addr) -> Vec
     out
 }
 
+/// Echoes every TCP connection on `address` back to itself, forever
+/// (bounded buffer, one thread per connection).
+pub fn serve_tcp_echo(address: SocketAddr) -> io::Result<()> {
+    let listener = TcpListener::bind(address)?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(count) = stream.read(&mut buffer) {
+                if count == 0
+                    || stream
+                        .write_all(buffer.get(..count).unwrap_or(&[]))
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Echoes every UDP datagram on `address` back to its sender, forever.
+pub fn serve_udp_echo(address: SocketAddr) -> io::Result<()> {
+    let socket = UdpSocket::bind(address)?;
+    let mut buffer = [0u8; 2048];
+    loop {
+        let Ok((count, peer)) = socket.recv_from(&mut buffer) else {
+            continue;
+        };
+        let _ = socket.send_to(buffer.get(..count).unwrap_or(&[]), peer);
+    }
+}
+
+/// Sends `text` to a UDP echo server and returns what came back.
+pub fn udp_echo(server: SocketAddr, text: &str, timeout: Duration) -> io::Result<String> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(text.as_bytes(), server)?;
+    let mut buffer = [0u8; 2048];
+    let (count, _) = socket.recv_from(&mut buffer)?;
+    Ok(String::from_utf8_lossy(buffer.get(..count).unwrap_or(&[])).into_owned())
+}
+
+/// Holds one TCP connection to an echo server open: sends each line of
+/// `input` and writes `echo LINE` to `output` when it comes back, or
+/// `cut: ERROR` (and returns the error) when the connection no longer
+/// carries data. Prints `connected` first. A probe for "an established
+/// connection is cut".
+pub fn tcp_hold(
+    server: SocketAddr,
+    input: impl io::BufRead,
+    mut output: impl Write,
+    timeout: Duration,
+) -> io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&server, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    writeln!(output, "connected")?;
+    output.flush()?;
+    for line in input.lines() {
+        let line = line?;
+        let exchange = |stream: &mut TcpStream| -> io::Result<String> {
+            stream.write_all(format!("{line}\n").as_bytes())?;
+            let mut got = Vec::new();
+            let mut byte = [0u8; 1];
+            while got.last() != Some(&b'\n') {
+                if stream.read(&mut byte)? == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the server closed the connection",
+                    ));
+                }
+                got.push(byte[0]);
+                if got.len() > 4096 {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
+                }
+            }
+            Ok(String::from_utf8_lossy(&got).trim_end().to_string())
+        };
+        match exchange(&mut stream) {
+            Ok(echo) => writeln!(output, "echo {echo}")?,
+            Err(error) => {
+                writeln!(output, "cut: {error}")?;
+                output.flush()?;
+                return Err(error);
+            }
+        }
+        output.flush()?;
+    }
+    Ok(())
+}
+
 /// Answers every A query on `bind` with `address`, forever.
 pub fn serve_dns(bind: SocketAddr, address: Ipv4Addr) -> io::Result<()> {
     let socket = UdpSocket::bind(bind)?;
@@ -271,5 +363,33 @@ mod tests {
         let (received, _) = http_bench(address, 1_000_000, Duration::from_secs(5)).unwrap();
         // The body plus a header of well under 200 bytes.
         assert!((1_000_000..1_000_200).contains(&received), "{received}");
+    }
+
+    #[test]
+    fn echo_servers_and_tcp_hold() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = tcp.local_addr().unwrap();
+        drop(tcp);
+        thread::spawn(move || serve_tcp_echo(address));
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_address = udp.local_addr().unwrap();
+        drop(udp);
+        thread::spawn(move || serve_udp_echo(udp_address));
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            udp_echo(udp_address, "ping", Duration::from_secs(2)).unwrap(),
+            "ping"
+        );
+        let mut out = Vec::new();
+        tcp_hold(
+            address,
+            &b"one\ntwo\n"[..],
+            &mut out,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(out, b"connected\necho one\necho two\n");
+        // Nothing listens on the UDP port's number over TCP: refused.
+        assert!(tcp_hold(udp_address, &b""[..], Vec::new(), Duration::from_secs(2)).is_err());
     }
 }
