@@ -19,7 +19,7 @@
 //! edit of the same size is not missed.
 //!
 //! This module never answers without a complete, valid request, and never
-//! writes more than [`MAX_REPLY`] bytes.
+//! writes more than [`crate::protocol::MAX_REPLY`] bytes.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime};
 use crate::eval::{Confirm, Decision, Policy};
 use crate::eval_service::{self, EvalService};
 use crate::loader::PolicyPaths;
-use crate::protocol::{MAX_REPLY, MAX_REQUEST, parse_request, request_end};
+use crate::protocol::{MAX_REQUEST, checked_reply, parse_request, request_end};
 use crate::system_info::{FileStamp, SystemInfoSource, file_stamp};
 
 /// Everything the daemon needs.
@@ -262,18 +262,7 @@ pub fn handle_connection(
             }
         }
     };
-    let mut reply = decision.reply();
-    if reply.len() > MAX_REPLY {
-        log::error!(
-            "reply of {} bytes exceeds {MAX_REPLY}; answering result=deny",
-            reply.len()
-        );
-        reply = Decision::Deny {
-            reason: String::new(),
-            notify: false,
-        }
-        .reply();
-    }
+    let reply = checked_reply(&decision);
     if let Err(e) = stream.write_all(reply.as_bytes()) {
         log::error!("error writing policy reply: {e}");
     }

@@ -21,7 +21,7 @@
 //! 64 KiB per line). The reply is text to end of stream, at most
 //! [`MAX_REPLY`] bytes. This parser never panics on any input.
 
-use crate::eval::Query;
+use crate::eval::{Decision, Query};
 
 /// Largest request accepted, in bytes.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -57,6 +57,39 @@ pub enum RequestError {
     /// More than [`MAX_REQUEST`] bytes before the end.
     #[error("error parsing policy request: longer than {MAX_REQUEST} bytes")]
     TooLong,
+}
+
+/// The reply for `decision` as it may go on the wire: at most
+/// [`MAX_REPLY`] bytes of printable ASCII lines. Anything else (a huge or
+/// non-ASCII `user=` from a policy file, a NUL byte qrexec-daemon would
+/// reject) is logged and answered `result=deny` instead — Python's daemon
+/// fails to encode such a reply and closes the connection unanswered.
+pub fn checked_reply(decision: &Decision) -> String {
+    let reply = decision.reply();
+    let problem = if reply.len() > MAX_REPLY {
+        Some(format!(
+            "reply of {} bytes exceeds {MAX_REPLY}",
+            reply.len()
+        ))
+    } else if reply
+        .bytes()
+        .any(|b| b != b'\n' && !(0x20..0x7f).contains(&b))
+    {
+        Some("reply has bytes that are not printable ASCII".to_owned())
+    } else {
+        None
+    };
+    match problem {
+        None => reply,
+        Some(why) => {
+            log::error!("{why}; answering result=deny");
+            Decision::Deny {
+                reason: why,
+                notify: false,
+            }
+            .reply()
+        }
+    }
 }
 
 /// Whether `buffer` already holds a complete request (an empty line), and
@@ -166,6 +199,26 @@ mod tests {
         assert_eq!(e(b"\n"), Missing);
         assert_eq!(e(&vec![b'a'; MAX_REQUEST + 1]), TooLong);
         assert_eq!(e(b"=x\n\n"), UnknownKey(String::new()));
+    }
+
+    #[test]
+    fn replies_are_bounded_printable_ascii() {
+        let allow = |user: &str| Decision::Allow {
+            user: Some(user.to_owned()),
+            target: "vault".into(),
+            autostart: true,
+            requested_target: "vault".into(),
+        };
+        assert_eq!(
+            checked_reply(&allow("u")),
+            "user=u\nresult=allow\ntarget=vault\nautostart=True\nrequested_target=vault\n"
+        );
+        assert_eq!(checked_reply(&allow("ü")), "result=deny\n");
+        assert_eq!(checked_reply(&allow("a\0b")), "result=deny\n");
+        assert_eq!(
+            checked_reply(&allow(&"u".repeat(MAX_REPLY))),
+            "result=deny\n"
+        );
     }
 
     #[test]

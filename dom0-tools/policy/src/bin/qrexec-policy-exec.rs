@@ -148,8 +148,9 @@ fn main() -> ExitCode {
         None => Box::new(NoConfirm),
     };
     let decision = policy.evaluate(&query, &system, confirm.as_ref());
-    print!("{}", decision.reply());
-    if decision.is_allow() {
+    let reply = qrexec_policy::protocol::checked_reply(&decision);
+    print!("{reply}");
+    if reply != "result=deny\n" && decision.is_allow() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
