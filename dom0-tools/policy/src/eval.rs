@@ -398,6 +398,12 @@ impl Policy {
                 autostart,
             } => {
                 let mut targets: Vec<String> = match target {
+                    // as Qubes 4.3 does for ask targets, a uuid becomes the name
+                    Some(Token::Uuid(u)) => system
+                        .name_by_uuid(u)
+                        .map(str::to_owned)
+                        .into_iter()
+                        .collect(),
                     Some(t) => vec![t.text()],
                     None => self.collect_targets_for_ask(&request, system, indexed),
                 };

@@ -445,6 +445,13 @@ fn ask_choices_exclude_later_denies_and_source() {
         reason(p.evaluate(&q("work", "personal", "s"), &system(), &NoConfirm)),
         format!("policy define 'ask' action at {F}:1 but no target is available to choose from")
     );
+    let p = policy(
+        "s * work @anyvm ask target=uuid:11111111-2222-3333-4444-555555555555\n\
+         s * personal @anyvm ask target=uuid:00000000-dead-beef-0000-000000000000\n",
+    );
+    let (_, question) = ask(&p, &q("work", "personal", "s"), AskAnswer::Deny);
+    assert_eq!(question.targets, vec!["work"]);
+    assert!(reason(eval(&p, &q("personal", "vault", "s"))).contains("no target is available"));
     let p = policy("s * work @anyvm ask target=vault default_target=vault\n");
     let (d, question) = ask(
         &p,
