@@ -35,7 +35,10 @@
 //! `--policy-path` may be repeated; giving it replaces the defaults
 //! `/run/qubes/policy.d` and `/etc/qubes/policy.d` (earlier directories win
 //! on equal file names). `--legacy-policy-path` (default
-//! `/etc/qubes-rpc/policy`) is what `!compat-4.0` reads. `--system-info`
+//! `/etc/qubes-rpc/policy`) is what `!compat-4.0` reads; as in Qubes 4.1+
+//! (`35-compat.policy`), legacy files are used only through that directive,
+//! so a legacy-only setup is a policy directory holding one file with the
+//! line `!compat-4.0`. `--system-info`
 //! (default `/etc/qubes/qubes.json`) is the qube list, format in
 //! [`system_info`]. `--ask-program` answers `ask` rules (see [`ask`]);
 //! without it every `ask` is a deny, logged as such. Policy files are
