@@ -311,11 +311,12 @@ pub struct RuleSet {
     index: RuleIndex,
 }
 
-/// Which rules can match a flow of one protocol class and address family,
-/// split into exact-host rules (looked up by destination) and the rest.
-/// First-match order is kept by merging the two sorted lists of rule
-/// positions, so a new flow costs one hash lookup plus the rules that are
-/// not for one host, instead of every rule.
+/// Which rules can match a flow of one protocol class and address family:
+/// rules for an address prefix (looked up by the destination masked to each
+/// prefix length in use), rules for a port range (looked up by port), and
+/// the rest. First-match order is kept by merging the sorted lists of rule
+/// positions, so a new flow costs a few hash lookups and a binary search
+/// plus the rules the index cannot narrow down, instead of every rule.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct RuleIndex {
     classes: [ClassIndex; 8],
@@ -323,7 +324,11 @@ struct RuleIndex {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct ClassIndex {
-    by_host: HashMap<IpAddr, Vec<u32>, SeededState>,
+    /// Rules whose destination is an address prefix (a host is a /32 or
+    /// /128), by (masked network, prefix length).
+    by_prefix: HashMap<(u128, u8), Vec<u32>, SeededState>,
+    /// The distinct prefix lengths in `by_prefix`, longest first.
+    prefix_lengths: Vec<u8>,
     general: Vec<u32>,
     /// TCP/UDP rules that are not for one host but for a port range: the
     /// port space cut at every range boundary (`port_starts[i]` starts
@@ -434,19 +439,25 @@ impl RuleIndex {
                     continue;
                 }
                 match rule.destination {
-                    Destination::Prefix(Prefix::V4(net, 32)) => class
-                        .by_host
-                        .entry(IpAddr::V4(Ipv4Addr::from(net)))
+                    Destination::Prefix(Prefix::V4(net, len)) => class
+                        .by_prefix
+                        .entry((u128::from(net), len))
                         .or_default()
                         .push(position),
-                    Destination::Prefix(Prefix::V6(net, 128)) => class
-                        .by_host
-                        .entry(IpAddr::V6(Ipv6Addr::from(net)))
+                    Destination::Prefix(Prefix::V6(net, len)) => class
+                        .by_prefix
+                        .entry((net, len))
                         .or_default()
                         .push(position),
                     _ => class.general.push(position),
                 }
             }
+        }
+        for class in index.classes.iter_mut() {
+            let mut lengths: Vec<u8> = class.by_prefix.keys().map(|(_, len)| *len).collect();
+            lengths.sort_unstable_by(|a, b| b.cmp(a));
+            lengths.dedup();
+            class.prefix_lengths = lengths;
         }
         // TCP and UDP, both families.
         for slot in [0, 1, 4, 5] {
@@ -591,29 +602,43 @@ impl RuleSet {
             .index
             .classes
             .get(flow_class(flow.protocol, flow.dst.is_ipv6()));
-        let (hosts, general, ports): (&[u32], &[u32], &[u32]) = match class {
-            Some(class) => (
-                class.by_host.get(&flow.dst).map_or(&[], Vec::as_slice),
-                &class.general,
-                class.port_candidates(flow.dst_port),
-            ),
-            None => (&[], &[], &[]),
-        };
-        // Merge the three sorted lists of rule positions: first match wins.
-        let mut heads = [0usize; 3];
-        let lists = [hosts, general, ports];
+        // The candidate lists, each sorted by rule position: the rules for
+        // every prefix holding the destination, the port segment of its
+        // port, and the rules the index cannot narrow down.
+        let mut lists: Vec<(&[u32], usize)> = Vec::new();
+        if let Some(class) = class {
+            let address = match flow.dst {
+                IpAddr::V4(a) => u128::from(u32::from(a)),
+                IpAddr::V6(a) => u128::from(a),
+            };
+            let bits = if flow.dst.is_ipv6() { 128 } else { 32 };
+            for &len in &class.prefix_lengths {
+                let shift = u32::from(bits - len.min(bits));
+                let network = if shift >= 128 {
+                    0
+                } else {
+                    (address >> shift) << shift
+                };
+                if let Some(list) = class.by_prefix.get(&(network, len)) {
+                    lists.push((list, 0));
+                }
+            }
+            lists.push((&class.general, 0));
+            lists.push((class.port_candidates(flow.dst_port), 0));
+        }
+        // Merge them: the lowest position first, so the first match wins.
         loop {
             let mut best: Option<(usize, u32)> = None;
-            for (which, list) in lists.iter().enumerate() {
-                if let Some(&position) = heads.get(which).and_then(|&at| list.get(at))
+            for (which, (list, at)) in lists.iter().enumerate() {
+                if let Some(&position) = list.get(*at)
                     && best.is_none_or(|(_, current)| position < current)
                 {
                     best = Some((which, position));
                 }
             }
             let Some((which, next)) = best else { break };
-            if let Some(head) = heads.get_mut(which) {
-                *head += 1;
+            if let Some((_, at)) = lists.get_mut(which) {
+                *at += 1;
             }
             let Some(rule) = self.rules.get(next as usize) else {
                 continue;
@@ -1394,6 +1419,44 @@ mod tests {
                     assert_eq!(s.decide(&f, &c), linear, "{f:?}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn nested_prefixes_keep_first_match_order() {
+        let s = set(&[
+            ("policy", "drop"),
+            ("0000", "action=drop dst4=10.1.2.0/24"),
+            ("0001", "action=accept dst4=10.1.0.0/16 proto=tcp"),
+            (
+                "0002",
+                "action=drop dst4=10.0.0.0/8 proto=tcp dstports=22-22",
+            ),
+            ("0003", "action=accept dst4=10.0.0.0/8"),
+            ("0004", "action=drop dst4=0.0.0.0/0 proto=udp"),
+            ("0005", "action=accept dst6=::/0"),
+            ("0006", "action=accept dst4=0.0.0.0/1"),
+        ]);
+        let c = ctx(&NoNames, None);
+        let cases = [
+            ("10.1.2.3", PROTO_TCP, 80, Verdict::DroppedByRule(0)),
+            ("10.1.3.3", PROTO_TCP, 22, Verdict::AcceptedByRule(1)),
+            ("10.1.3.3", PROTO_UDP, 22, Verdict::AcceptedByRule(3)),
+            ("10.9.3.3", PROTO_TCP, 22, Verdict::DroppedByRule(2)),
+            ("10.9.3.3", PROTO_TCP, 23, Verdict::AcceptedByRule(3)),
+            ("11.0.0.1", PROTO_UDP, 1, Verdict::DroppedByRule(4)),
+            ("11.0.0.1", PROTO_TCP, 1, Verdict::AcceptedByRule(6)),
+            ("200.0.0.1", PROTO_TCP, 1, Verdict::DroppedByPolicy),
+            ("2001:db8::1", PROTO_UDP, 1, Verdict::AcceptedByRule(5)),
+        ];
+        for (dst, protocol, port, expected) in cases {
+            let f = FlowMeta {
+                dst: dst.parse().unwrap(),
+                protocol,
+                dst_port: port,
+                icmp_type: None,
+            };
+            assert_eq!(s.decide(&f, &c), expected, "{f:?}");
         }
     }
 
