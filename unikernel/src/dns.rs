@@ -61,6 +61,18 @@ pub enum DnsError {
     WrongQuestion,
 }
 
+impl core::fmt::Display for DnsError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            DnsError::Malformed => {
+                "DNS answer malformed (truncated, or a name running off the end)"
+            }
+            DnsError::Unexpected => "DNS answer for no pending query (wrong id or server): ignored",
+            DnsError::WrongQuestion => "DNS answer to a question we did not ask: ignored",
+        })
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct Family {
     addresses: Vec<IpAddr>,

@@ -42,6 +42,26 @@ pub enum FragmentDrop {
     TooBig,
 }
 
+impl core::fmt::Display for FragmentDrop {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            FragmentDrop::Malformed => "fragment malformed (lengths do not add up)",
+            FragmentDrop::NoRoom => "reassembly buffers full: fragment dropped",
+            FragmentDrop::Overlap => "overlapping or too many fragments: datagram dropped",
+            FragmentDrop::TooBig => "fragments exceed 65 535 bytes: datagram dropped",
+        })
+    }
+}
+
+impl core::fmt::Display for FragmentError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            FragmentError::DontFragment => "packet over the MTU with DF set",
+            FragmentError::Unsupported => "cannot fragment a header with options",
+        })
+    }
+}
+
 /// What happened to a fragment.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reassembly {

@@ -171,6 +171,19 @@ pub enum NatError {
     Unsupported,
 }
 
+impl core::fmt::Display for NatError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            NatError::TableFull => "NAT table full: new flow refused until idle entries expire",
+            NatError::ClientShareFull => {
+                "this client uses its whole share of the NAT table: new flow refused"
+            }
+            NatError::NoFreePort => "no free NAT port towards this destination: new flow refused",
+            NatError::Unsupported => "only TCP, UDP and ICMP echo flows are tracked",
+        })
+    }
+}
+
 /// A hasher keyed by the boot seed (a folded multiply, like foldhash).
 /// `Default` is an unkeyed state, for tables whose keys no peer chooses
 /// (the rule index).
