@@ -12,10 +12,13 @@ pub fn init(program: &'static str) {
     let _ = PROGRAM.set(program);
 }
 
-/// Write one log line to stderr.
+/// Write one log line to stderr. A closed or broken stderr is ignored
+/// (`eprintln!` would panic, and a daemon must not die of its log).
 pub fn log(args: fmt::Arguments<'_>) {
+    use std::io::Write;
     let program = PROGRAM.get().copied().unwrap_or("qrexec");
-    eprintln!("{program}[{}]: {args}", std::process::id());
+    let line = format!("{program}[{}]: {args}\n", std::process::id());
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// Log a formatted line.
