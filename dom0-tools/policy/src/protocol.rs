@@ -139,6 +139,9 @@ pub fn parse_request(bytes: &[u8]) -> Result<Query, RequestError> {
             "requested_source" => query.requested_source = Some(value.to_owned()),
             "assume_yes_for_ask" => query.assume_yes_for_ask = parse_bool(value)?,
             "just_evaluate" => query.just_evaluate = parse_bool(value)?,
+            // Qubes 4.1's qrexec-daemon also sends these (the 4.1 Python
+            // daemon requires them); they do not take part in the decision.
+            "domain_id" | "process_ident" => {}
             _ => return Err(RequestError::UnknownKey(key.to_owned())),
         }
         seen.push(key);
@@ -157,6 +160,25 @@ pub fn parse_request(bytes: &[u8]) -> Result<Query, RequestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepts_the_qubes_4_1_daemon_request() {
+        // Byte for byte what qrexec-daemon 4.1 (`connect_daemon_socket`) sends.
+        let q = parse_request(
+            b"domain_id=5\nsource=work\nintended_target=vault\nservice_and_arg=qubes.Gpg\nprocess_ident=SOCKET11\n\n",
+        )
+        .unwrap();
+        assert_eq!(q.source, "work");
+        assert_eq!(q.intended_target, "vault");
+        assert_eq!(q.service_and_arg, "qubes.Gpg");
+        assert_eq!(
+            parse_request(
+                b"domain_id=5\ndomain_id=5\nsource=a\nintended_target=b\nservice_and_arg=c\n\n"
+            )
+            .unwrap_err(),
+            RequestError::DuplicateKey("domain_id".into())
+        );
+    }
 
     #[test]
     fn parses_full_request() {
