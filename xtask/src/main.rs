@@ -7,10 +7,16 @@
 //!   (`target/xen/qubes-firewall.elf`), check its ELF, print its size.
 //! - `fuzz [SECONDS] [TARGET…]` — run every cargo-fuzz target (or the named
 //!   ones) for SECONDS each (default 20); installs `cargo-fuzz` if missing.
+//! - `demo` — Qubes in a box in one command: install, build, bring the box
+//!   up, show allowed/denied traffic, a live rule change and qrexec (root).
+//! - `bench box` — iperf3 through the hosted firewall vs the Linux kernel
+//!   path, and the firewall's memory with 10 clients (root).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod bench;
+mod demo;
 mod fuzz;
 mod image;
 mod test;
@@ -18,6 +24,8 @@ mod test;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("bench") => bench::run(&args[1..]),
+        Some("demo") => demo::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("image") => image::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
@@ -36,7 +44,9 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: cargo xtask <command>
   test [CARGO TEST ARGS...]    build every binary, then run the whole test suite
   fuzz [SECONDS] [TARGET...]   run the cargo-fuzz targets for SECONDS each (default 20)
-  image [--check-reproducible] build the Xen PVH image target/xen/qubes-firewall.elf";
+  image [--check-reproducible] build the Xen PVH image target/xen/qubes-firewall.elf
+  demo                         Qubes in a box: the whole system and what it does (root)
+  bench box                    iperf3 through the hosted firewall vs the Linux kernel path (root)";
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {

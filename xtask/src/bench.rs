@@ -1,0 +1,542 @@
+//! `cargo xtask bench KIND`: the project's measurements.
+//!
+//! `bench box` measures the hosted firewall in Qubes in a box against what
+//! a Linux `sys-firewall` does: iperf3 from a client qube to a server in
+//! sys-net (both directions, `-R` for sys-net → client) through
+//! `qubes-firewall-hosted` (release build, 10 clients attached), then
+//! through the same topology routed and masqueraded by the Linux kernel
+//! (a namespace with `ip_forward` and an nftables forward filter plus
+//! `masquerade`). It prints both figures, the ratio, and the firewall
+//! process's VmRSS/VmHWM from `/proc` (goals: at least 50 % of the kernel
+//! path, under 32 MiB RSS).
+//!
+//! Missing tools (iperf3, nftables, iproute2, procps) are installed with
+//! `apt-get install -y` after one `apt-get update`. Everything it creates
+//! (namespaces with its own prefixes, the box's state dir) is removed
+//! again, also when a step fails; it must never touch anything else.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{run_command, workspace_root};
+
+/// Seconds each iperf3 run lasts.
+const SECONDS: u32 = 5;
+/// Clients attached to the firewall while it is measured.
+const CLIENTS: u16 = 10;
+/// iperf3's port.
+const IPERF_PORT: u16 = 5201;
+/// The box's state dir and namespace prefix for the benchmark.
+const BOX_STATE: &str = "/run/qubes-box-bench";
+const BOX_PREFIX: &str = "qbb-";
+/// The kernel path's namespace prefix.
+const KERNEL_PREFIX: &str = "qbk-";
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    match args.first().map(String::as_str) {
+        Some("box") => bench_box(),
+        Some(other) => Err(format!("unknown benchmark `{other}` (known: box)")),
+        None => Err("usage: cargo xtask bench box".into()),
+    }
+}
+
+/// Commands the box needs and the Debian packages that carry them.
+pub const BOX_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("sysctl", "procps"),
+    ("nft", "nftables"),
+    ("iperf3", "iperf3"),
+];
+
+fn have(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(command).is_file()))
+}
+
+/// Installs the packages of every missing command (one `apt-get update`).
+pub fn ensure_tools(tools: &[(&str, &str)]) -> Result<(), String> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(command, _)| !have(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("installing {}", missing.join(" "));
+    run_command(Command::new("apt-get").args(["update", "-q"]))?;
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// Must run as root (namespaces, TAPs, nftables).
+pub fn require_root() -> Result<(), String> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        == Some("0");
+    if root {
+        Ok(())
+    } else {
+        Err("must run as root (network namespaces, TAP devices, nftables)".into())
+    }
+}
+
+/// Builds what the box runs: every workspace binary (debug) and the hosted
+/// firewall (debug and, for measurements, release). Returns the debug
+/// binary directory.
+pub fn build_box(release_firewall: bool) -> Result<PathBuf, String> {
+    let root = workspace_root();
+    run_command(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--workspace", "--bins"]),
+    )?;
+    let mut firewall = Command::new("cargo");
+    firewall.current_dir(&root).args([
+        "build",
+        "-p",
+        "unikernel",
+        "--features",
+        "hosted",
+        "--bin",
+        "qubes-firewall-hosted",
+    ]);
+    if release_firewall {
+        firewall.arg("--release");
+    }
+    run_command(&mut firewall)?;
+    Ok(target_dir().join("debug"))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Runs a command quietly; an error carries its stderr.
+pub fn quiet(program: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim(),
+            String::from_utf8_lossy(&output.stdout).trim()
+        ))
+    }
+}
+
+/// A box brought up by `qubes-box up`, taken down on drop.
+pub struct BoxUp {
+    pub bin: PathBuf,
+    pub state: String,
+    pub prefix: String,
+}
+
+impl BoxUp {
+    pub fn up(bin: &Path, state: &str, prefix: &str, extra: &[&str]) -> Result<BoxUp, String> {
+        let qubes_box = bin.join("qubes-box");
+        let qubes_box = qubes_box.to_string_lossy().into_owned();
+        // A box left over from an interrupted run goes first.
+        let _ = quiet(&qubes_box, &["down", "--state-dir", state]);
+        let mut args = vec!["up", "--state-dir", state, "--prefix", prefix];
+        args.extend_from_slice(extra);
+        quiet(&qubes_box, &args)?;
+        Ok(BoxUp {
+            bin: bin.to_path_buf(),
+            state: state.to_string(),
+            prefix: prefix.to_string(),
+        })
+    }
+
+    pub fn qubes_box(&self) -> String {
+        self.bin.join("qubes-box").to_string_lossy().into_owned()
+    }
+
+    /// `ip netns exec <prefix><machine> PROGRAM ARGS...`
+    pub fn in_machine(&self, machine: &str, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &format!("{}{machine}", self.prefix)])
+            .arg(program)
+            .args(args);
+        command
+    }
+
+    /// A QubesDB tool of dom0 on the firewall's database.
+    pub fn qubesdb(&self, tool: &str, args: &[&str]) -> Result<String, String> {
+        let output = Command::new(self.bin.join(tool))
+            .args(["-d", "sys-firewall"])
+            .args(args)
+            .env("QUBESDB_SOCKET_DIR", Path::new(&self.state).join("qubes"))
+            .output()
+            .map_err(|e| format!("cannot run {tool}: {e}"))?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{tool} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+
+    /// Replaces a client's rules the way qubesd does: remove the client's
+    /// directory, write `policy` and `0000`…, then the empty commit write.
+    pub fn set_rules(&self, ip: &str, policy: &str, rules: &[&str]) -> Result<(), String> {
+        self.qubesdb("qubesdb-rm", &[&format!("/qubes-firewall/{ip}/")])?;
+        let mut args = vec![format!("/qubes-firewall/{ip}/policy"), policy.to_string()];
+        for (index, rule) in rules.iter().enumerate() {
+            args.push(format!("/qubes-firewall/{ip}/{index:04}"));
+            args.push((*rule).to_string());
+        }
+        args.push(format!("/qubes-firewall/{ip}"));
+        args.push(String::new());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.qubesdb("qubesdb-write", &args).map(|_| ())
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(Path::new(&self.state).join(format!("{name}.log")))
+            .unwrap_or_default()
+    }
+
+    pub fn down(&self) -> Result<(), String> {
+        quiet(&self.qubes_box(), &["down", "--state-dir", &self.state]).map(|_| ())
+    }
+}
+
+impl Drop for BoxUp {
+    fn drop(&mut self) {
+        let _ = self.down();
+    }
+}
+
+/// Kills a child we started, by its pid, and reaps it.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One iperf3 run's result in bits per second (the receiver's sum).
+fn iperf_bits(json: &str) -> Option<f64> {
+    let at = json.rfind("\"sum_received\"")?;
+    let rest = json.get(at..)?;
+    let key = "\"bits_per_second\":";
+    let start = rest.find(key)? + key.len();
+    let number: String = rest
+        .get(start..)?
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == 'E' || *c == '+')
+        .collect();
+    number.parse().ok()
+}
+
+/// iperf3 from a namespace to `server` (`reverse`: the server sends), after
+/// starting a one-shot server in `server_netns`.
+fn iperf(client_netns: &str, server_netns: &str, reverse: bool) -> Result<f64, String> {
+    let server = Command::new("ip")
+        .args(["netns", "exec", server_netns, "iperf3", "-s", "-1", "-B"])
+        .arg("192.0.2.80")
+        .args(["-p", &IPERF_PORT.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start iperf3 -s: {e}"))?;
+    let _server = Reaped(server);
+    let start = Instant::now();
+    loop {
+        let mut args = vec![
+            "netns".to_string(),
+            "exec".into(),
+            client_netns.into(),
+            "iperf3".into(),
+            "-c".into(),
+            "192.0.2.80".into(),
+            "-p".into(),
+            IPERF_PORT.to_string(),
+            "-t".into(),
+            SECONDS.to_string(),
+            "-J".into(),
+        ];
+        if reverse {
+            args.push("-R".into());
+        }
+        let output = Command::new("ip")
+            .args(&args)
+            .output()
+            .map_err(|e| format!("cannot run iperf3: {e}"))?;
+        let json = String::from_utf8_lossy(&output.stdout);
+        if output.status.success()
+            && let Some(bits) = iperf_bits(&json)
+        {
+            return Ok(bits);
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err(format!(
+                "iperf3 from {client_netns} failed: {}",
+                json.chars().take(600).collect::<String>()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The process's VmRSS and VmHWM in KiB.
+fn memory_kib(pid: &str) -> Result<(u64, u64), String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    match (field("VmRSS:"), field("VmHWM:")) {
+        (Some(rss), Some(hwm)) => Ok((rss, hwm)),
+        _ => Err(format!("/proc/{pid}/status has no VmRSS/VmHWM")),
+    }
+}
+
+struct Figures {
+    up: f64,
+    down: f64,
+}
+
+fn measure_hosted(bin: &Path, firewall: &Path) -> Result<(Figures, (u64, u64)), String> {
+    let firewall = firewall.to_string_lossy().into_owned();
+    let clients = CLIENTS.to_string();
+    let bx = BoxUp::up(
+        bin,
+        BOX_STATE,
+        BOX_PREFIX,
+        &["--firewall-bin", &firewall, "--clients", &clients],
+    )?;
+    // client1 may reach iperf3 (and keeps its HTTP and DNS rules).
+    bx.set_rules(
+        "10.137.0.20",
+        "drop",
+        &[
+            "action=accept proto=tcp dstports=80-80",
+            &format!("action=accept proto=tcp dstports={IPERF_PORT}-{IPERF_PORT}"),
+            "action=accept specialtarget=dns",
+        ],
+    )?;
+    let client = format!("{BOX_PREFIX}client1");
+    let server = format!("{BOX_PREFIX}sys-net");
+    let up = iperf(&client, &server, false)?;
+    let down = iperf(&client, &server, true)?;
+    let pid = quiet(&bx.qubes_box(), &["firewall-pid", "--state-dir", BOX_STATE])?;
+    let attached = bx.log("firewall").matches("added with IP").count();
+    if attached < usize::from(CLIENTS) {
+        return Err(format!(
+            "only {attached} of {CLIENTS} clients attached to the firewall"
+        ));
+    }
+    let memory = memory_kib(pid.trim())?;
+    bx.down()?;
+    Ok((Figures { up, down }, memory))
+}
+
+/// The kernel path's namespaces, deleted on drop.
+struct KernelPath {
+    names: Vec<String>,
+}
+
+impl Drop for KernelPath {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = quiet("ip", &["netns", "del", name]);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    quiet("ip", args).map(|_| ())
+}
+
+/// What a Linux sys-firewall does: forward between the client's vif and
+/// the uplink, nftables filtering new flows per client (established ones
+/// pass by conntrack) and masquerading out of the uplink.
+const NFT_RULES: &str = "\
+table ip qubes {
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname \"vif3.0\" ip saddr 10.137.0.20 tcp dport { 80, 5201 } accept
+        iifname \"vif3.0\" ip saddr 10.137.0.20 ip daddr { 10.139.1.1, 10.139.1.2 } udp dport 53 accept
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname \"eth0\" masquerade
+    }
+}
+";
+
+fn build_kernel_path() -> Result<KernelPath, String> {
+    let net = format!("{KERNEL_PREFIX}sys-net");
+    let fw = format!("{KERNEL_PREFIX}sys-firewall");
+    let client = format!("{KERNEL_PREFIX}client1");
+    for name in [&net, &fw, &client] {
+        let _ = quiet("ip", &["netns", "del", name]);
+    }
+    let path = KernelPath {
+        names: vec![net.clone(), fw.clone(), client.clone()],
+    };
+    for name in [&net, &fw, &client] {
+        ip(&["netns", "add", name])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+    }
+    ip(&["-n", &net, "addr", "add", "192.0.2.80/32", "dev", "lo"])?;
+    ip(&[
+        "link", "add", "vif2.0", "netns", &net, "type", "veth", "peer", "name", "eth0", "netns",
+        &fw,
+    ])?;
+    ip(&["-n", &net, "addr", "add", "10.137.0.5/32", "dev", "vif2.0"])?;
+    ip(&["-n", &net, "link", "set", "vif2.0", "up"])?;
+    ip(&["-n", &net, "route", "add", "10.137.0.6/32", "dev", "vif2.0"])?;
+    ip(&["-n", &fw, "addr", "add", "10.137.0.6/32", "dev", "eth0"])?;
+    ip(&["-n", &fw, "link", "set", "eth0", "up"])?;
+    ip(&["-n", &fw, "route", "add", "10.137.0.5/32", "dev", "eth0"])?;
+    ip(&["-n", &fw, "route", "add", "default", "via", "10.137.0.5"])?;
+    ip(&[
+        "link", "add", "eth0", "netns", &client, "type", "veth", "peer", "name", "vif3.0", "netns",
+        &fw,
+    ])?;
+    ip(&["-n", &fw, "link", "set", "vif3.0", "up"])?;
+    ip(&["-n", &fw, "route", "add", "10.137.0.20/32", "dev", "vif3.0"])?;
+    ip(&[
+        "-n",
+        &client,
+        "addr",
+        "add",
+        "10.137.0.20/32",
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", &client, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        &client,
+        "route",
+        "add",
+        "10.137.0.6/32",
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        &client,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.137.0.6",
+    ])?;
+    quiet(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &fw,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ],
+    )?;
+    // The firewall answers ARP for the addresses it routes to, as Qubes'
+    // Linux firewall does on vifs (proxy ARP); here plain routes suffice
+    // because each side has a host route to the other.
+    let rules = std::env::temp_dir().join(format!("qbk-{}.nft", std::process::id()));
+    std::fs::write(&rules, NFT_RULES).map_err(|e| e.to_string())?;
+    let loaded = quiet(
+        "ip",
+        &["netns", "exec", &fw, "nft", "-f", &rules.to_string_lossy()],
+    );
+    let _ = std::fs::remove_file(&rules);
+    loaded?;
+    Ok(path)
+}
+
+fn measure_kernel() -> Result<Figures, String> {
+    let _path = build_kernel_path()?;
+    let client = format!("{KERNEL_PREFIX}client1");
+    let server = format!("{KERNEL_PREFIX}sys-net");
+    let up = iperf(&client, &server, false)?;
+    let down = iperf(&client, &server, true)?;
+    Ok(Figures { up, down })
+}
+
+fn bench_box() -> Result<(), String> {
+    require_root()?;
+    ensure_tools(BOX_TOOLS)?;
+    let bin = build_box(true)?;
+    let firewall = target_dir().join("release").join("qubes-firewall-hosted");
+    println!(
+        "bench box: iperf3 -t {SECONDS}, client1 -> sys-net (up) and sys-net -> client1 (down, -R)"
+    );
+    let (hosted, (rss, hwm)) = measure_hosted(&bin, &firewall)?;
+    let kernel = measure_kernel()?;
+    let gbit = |bits: f64| bits / 1e9;
+    println!(
+        "hosted firewall (release, {CLIENTS} clients): up {:.2} Gbit/s, down {:.2} Gbit/s",
+        gbit(hosted.up),
+        gbit(hosted.down)
+    );
+    println!(
+        "Linux kernel (ip_forward + nftables masquerade): up {:.2} Gbit/s, down {:.2} Gbit/s",
+        gbit(kernel.up),
+        gbit(kernel.down)
+    );
+    let up_ratio = hosted.up / kernel.up.max(1.0) * 100.0;
+    let down_ratio = hosted.down / kernel.down.max(1.0) * 100.0;
+    println!(
+        "ratio hosted/kernel: up {up_ratio:.1} %, down {down_ratio:.1} % (goal: at least 50 %)"
+    );
+    println!(
+        "firewall memory with {CLIENTS} clients: VmRSS {:.1} MiB, VmHWM {:.1} MiB (goal: under 32 MiB)",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iperf_json_receiver_sum() {
+        let json = r#"{"end": {"sum_sent": {"bits_per_second": 5.0e9},
+            "sum_received": {"seconds": 5, "bits_per_second": 4.5e9, "x": 1}}}"#;
+        assert_eq!(iperf_bits(json), Some(4.5e9));
+        assert_eq!(iperf_bits("{}"), None);
+        assert_eq!(
+            iperf_bits(r#""sum_received": {"bits_per_second": 123456.5}"#),
+            Some(123456.5)
+        );
+    }
+}
