@@ -569,11 +569,19 @@ pub fn run_in_vm(
             replace_stderr: opts.replace_stderr,
         },
     );
-    if let Some(mut child) = local_child {
-        let _ = child.wait();
-    }
+    let local_status = local_child.map(|mut child| {
+        child
+            .wait()
+            .map(exec::exit_code)
+            .unwrap_or(QREXEC_EXIT_PROBLEM)
+    });
     drop(daemon);
-    code
+    // As Qubes' process_io: a non-zero remote status wins, otherwise the
+    // local program's status.
+    match (code, local_status) {
+        (Ok(0), Some(local)) => Ok(local),
+        (code, _) => code,
+    }
 }
 
 /// `qrexec-client` main: returns the process exit code.

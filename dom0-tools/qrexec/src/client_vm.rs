@@ -9,8 +9,8 @@
 //! the data vchan as server and streams stdin/stdout — its own, or those of
 //! LOCAL_PROGRAM, whose stdin/stdout become the service's stdout/stdin while
 //! the caller's original fds are passed as `SAVED_FD_0`/`SAVED_FD_1`
-//! (`SAVED_FD_2` with `PASS_LOCAL_STDERR`). Exit code: the local program's,
-//! or the service's. `$` in the target is read as `@` (old keyword form).
+//! (`SAVED_FD_2` with `PASS_LOCAL_STDERR`). Exit code: the service's when
+//! non-zero, otherwise the local program's (as `qrexec_process_io` returns). `$` in the target is read as `@` (old keyword form).
 //!
 //! Source: qubes-core-qrexec `agent/qrexec-client-vm.c`. Options are parsed
 //! in POSIX mode so the local program's own flags are left alone.
@@ -298,8 +298,11 @@ pub fn main(argv: Vec<String>) -> i32 {
             EXIT_CODE_DISCONNECTED as i32
         }
     };
+    // As Qubes' process_io: a non-zero remote status wins, otherwise the
+    // local program's status.
     match child {
         Some(mut c) => match c.wait() {
+            Ok(_) if remote_code != 0 => remote_code,
             Ok(status) => exec::exit_code(status) as i32,
             Err(e) => {
                 eprintln!("wait for local process: {e}");

@@ -16,6 +16,7 @@
 //! can make us panic or buffer without bound.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -47,13 +48,6 @@ pub fn send(writer: &SharedWriter, repr: &Repr<'_>) -> io::Result<()> {
         .lock()
         .map_err(|_| io::Error::other("vchan writer lock poisoned"))?;
     wire::write_message(&mut **guard, repr)
-}
-
-fn send_raw(writer: &SharedWriter, bytes: &[u8]) -> io::Result<()> {
-    let mut guard = writer
-        .lock()
-        .map_err(|_| io::Error::other("vchan writer lock poisoned"))?;
-    guard.write_all(bytes)
 }
 
 /// Exchange `MSG_HELLO` on a fresh data vchan; the server speaks first.
@@ -94,14 +88,25 @@ pub fn replace_chars(buf: &mut [u8]) {
     }
 }
 
+/// Coordinates the requester's stdin thread with the end of the call: once
+/// the exit code arrived the main thread sends the stdin EOF (if the stdin
+/// thread has not) and nothing more may follow it.
+#[derive(Debug, Default)]
+struct StdinGate {
+    stopped: AtomicBool,
+    eof_sent: AtomicBool,
+}
+
 /// Stream `input` to the vchan as `stream` messages, ending with EOF
-/// (unless `send_eof` is false). Returns when `input` ends or the vchan fails.
+/// (unless `send_eof` is false). Returns when `input` ends, the vchan fails
+/// or `gate` is closed.
 fn pump(
     mut input: Box<dyn Read + Send>,
     writer: &SharedWriter,
     msg_type: MsgType,
     chunk: usize,
     send_eof: bool,
+    gate: Option<&StdinGate>,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; HEADER_LEN + chunk];
     loop {
@@ -115,7 +120,20 @@ fn pump(
             return Ok(());
         }
         wire::fill_data_header(&mut buf, msg_type, n);
-        send_raw(writer, buf.get(..HEADER_LEN + n).unwrap_or(&[]))?;
+        {
+            let mut guard = writer
+                .lock()
+                .map_err(|_| io::Error::other("vchan writer lock poisoned"))?;
+            if gate.is_some_and(|g| g.stopped.load(Ordering::SeqCst)) {
+                return Ok(());
+            }
+            guard.write_all(buf.get(..HEADER_LEN + n).unwrap_or(&[]))?;
+            if n == 0
+                && let Some(g) = gate
+            {
+                g.eof_sent.store(true, Ordering::SeqCst);
+            }
+        }
         if n == 0 {
             return Ok(());
         }
@@ -150,24 +168,23 @@ pub fn run_requester(vchan: Box<dyn Vchan>, version: u32, local: Requester) -> R
     let mut reader = vchan.try_clone().context(|| "cloning data vchan".into())?;
     let writer: SharedWriter = Arc::new(Mutex::new(vchan));
     let chunk = max_data_chunk(version);
+    let gate = Arc::new(StdinGate::default());
     {
         let writer = Arc::clone(&writer);
-        let input = local.input;
+        let gate = Arc::clone(&gate);
+        let input = local.input.unwrap_or_else(|| Box::new(io::empty()));
         thread::Builder::new()
             .name("qrexec-stdin".into())
             .spawn(move || {
-                let result = match input {
-                    Some(input) => pump(input, &writer, MsgType::DataStdin, chunk, true),
-                    None => send(
-                        &writer,
-                        &Repr::Data {
-                            stream: DataStream::Stdin,
-                            data: &[],
-                        },
-                    ),
-                };
                 // The remote may be gone already; the exit code decides.
-                drop(result);
+                drop(pump(
+                    input,
+                    &writer,
+                    MsgType::DataStdin,
+                    chunk,
+                    true,
+                    Some(&gate),
+                ));
             })
             .context(|| "starting stdin thread".into())?;
     }
@@ -225,7 +242,19 @@ pub fn run_requester(vchan: Box<dyn Vchan>, version: u32, local: Requester) -> R
             }
             Repr::ExitCode(code) => {
                 drop(output);
-                if let Ok(guard) = writer.lock() {
+                if let Ok(mut guard) = writer.lock() {
+                    // As Qubes' process_io: once the remote exited, send our
+                    // stdin EOF if we have not yet, then nothing more.
+                    gate.stopped.store(true, Ordering::SeqCst);
+                    if !gate.eof_sent.load(Ordering::SeqCst) {
+                        let _ = wire::write_message(
+                            &mut **guard,
+                            &Repr::Data {
+                                stream: DataStream::Stdin,
+                                data: &[],
+                            },
+                        );
+                    }
                     let _ = guard.shutdown();
                 }
                 return Ok(code);
@@ -297,15 +326,23 @@ pub fn run_executor(vchan: Box<dyn Vchan>, version: u32, local: Executor) -> Res
         })
         .context(|| "starting remote stdin thread".into())?;
 
+    let mut send_failed = false;
+    let stderr_eof = Repr::Data {
+        stream: DataStream::Stderr,
+        data: &[],
+    };
+    if local.stderr.is_none() {
+        // As Qubes' process_io: no stderr to forward, say so first.
+        send_failed |= send(&writer, &stderr_eof).is_err();
+    }
     let out_thread = local.stdout.map(|stdout| {
         let writer = Arc::clone(&writer);
-        thread::spawn(move || pump(stdout, &writer, MsgType::DataStdout, chunk, true))
+        thread::spawn(move || pump(stdout, &writer, MsgType::DataStdout, chunk, true, None))
     });
     let err_thread = local.stderr.map(|stderr| {
         let writer = Arc::clone(&writer);
-        thread::spawn(move || pump(stderr, &writer, MsgType::DataStderr, chunk, false))
+        thread::spawn(move || pump(stderr, &writer, MsgType::DataStderr, chunk, false, None))
     });
-    let mut send_failed = false;
     match out_thread {
         Some(t) => send_failed |= !matches!(t.join(), Ok(Ok(()))),
         None => {
@@ -319,16 +356,13 @@ pub fn run_executor(vchan: Box<dyn Vchan>, version: u32, local: Executor) -> Res
             .is_err()
         }
     }
-    if let Some(t) = err_thread {
-        send_failed |= !matches!(t.join(), Ok(Ok(())));
-    }
-    let eof = send(
-        &writer,
-        &Repr::Data {
-            stream: DataStream::Stderr,
-            data: &[],
-        },
-    );
+    let eof = match err_thread {
+        Some(t) => {
+            send_failed |= !matches!(t.join(), Ok(Ok(())));
+            send(&writer, &stderr_eof)
+        }
+        None => Ok(()),
+    };
     let code = (local.wait)();
     let sent = eof.and_then(|()| send(&writer, &Repr::ExitCode(code)));
     if let Ok(guard) = writer.lock() {
@@ -466,7 +500,62 @@ mod tests {
         }
         drop(b);
         let _ = e.join();
-        assert_eq!(seen, ["Stdout:1", "Stdout:0", "Stderr:0", "exit:3"]);
+        assert_eq!(seen, ["Stderr:0", "Stdout:1", "Stdout:0", "exit:3"]);
+    }
+
+    #[test]
+    fn executor_with_stderr_sends_stdout_eof_stderr_eof_exit() {
+        let (a, mut b) = pair();
+        let exec = Executor {
+            stdin: None,
+            stdout: Some(Box::new(&b""[..])),
+            stderr: Some(Box::new(&b"e"[..])),
+            wait: Box::new(|| 0),
+        };
+        let e = thread::spawn(move || run_executor(a, 3, exec));
+        let mut buf = MessageBuf::new();
+        let mut seen = Vec::new();
+        while let Ok(Some(repr)) = wire::read_message(&mut *b, &mut buf, "t") {
+            seen.push(format!("{:?}", repr.msg_type()));
+        }
+        drop(b);
+        let _ = e.join();
+        let stdout_eof = seen.iter().position(|m| m == "DataStdout").unwrap();
+        let stderr_positions: Vec<usize> = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| *m == "DataStderr")
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(stderr_positions.len(), 2, "{seen:?}");
+        assert!(stdout_eof < stderr_positions[1], "{seen:?}");
+        assert_eq!(seen.last().map(String::as_str), Some("DataExitCode"));
+    }
+
+    #[test]
+    fn requester_sends_stdin_eof_once_remote_exited() {
+        let (a, mut b) = pair();
+        // Local stdin that never ends during the call.
+        let (idle, _keep_open) = UnixStream::pair().unwrap();
+        let req = Requester {
+            input: Some(Box::new(idle)),
+            output: Box::new(io::sink()),
+            errors: Box::new(io::sink()),
+            replace_stdout: false,
+            replace_stderr: false,
+        };
+        let r = thread::spawn(move || run_requester(a, 3, req));
+        wire::write_message(&mut *b, &Repr::ExitCode(5)).unwrap();
+        assert_eq!(r.join().unwrap().unwrap(), 5);
+        let mut buf = MessageBuf::new();
+        assert_eq!(
+            wire::read_message(&mut *b, &mut buf, "t").unwrap(),
+            Some(Repr::Data {
+                stream: DataStream::Stdin,
+                data: &[]
+            })
+        );
+        assert_eq!(wire::read_message(&mut *b, &mut buf, "t").unwrap(), None);
     }
 
     #[test]
