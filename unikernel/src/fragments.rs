@@ -10,14 +10,15 @@
 //! `ipfrag_time`) is dropped; at most [`MAX_FRAGMENTS`] fragments per
 //! datagram. Overlapping fragments drop the whole datagram (RFC 5722's rule
 //! for IPv6, applied to IPv4 too: overlaps only serve to evade filters).
-//! IPv6 fragments are not reassembled (the router drops and counts them).
+//! IPv6 fragments (a Fragment header right after the fixed header) are
+//! reassembled the same way and cut again with [`fragment_ipv6`].
 //!
 //! The input is a peer's bytes: nothing here may panic or grow past its
 //! bounds.
 #![forbid(unsafe_code)]
 
 use alloc::vec::Vec;
-use core::net::Ipv4Addr;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::nat::Millis;
 use crate::router::checksum;
@@ -74,9 +75,21 @@ pub enum Reassembly {
     Dropped(FragmentDrop),
 }
 
+/// One fragment as both families have it.
+struct Fragment<'a> {
+    /// (source, destination, identification, protocol / next header).
+    key: (IpAddr, IpAddr, u32, u8),
+    /// The header to keep for the datagram (IPv4 header / IPv6 fixed header).
+    header: &'a [u8],
+    payload: &'a [u8],
+    offset: usize,
+    more: bool,
+    v6: bool,
+}
+
 #[derive(Debug)]
 struct Pending {
-    key: (Ipv4Addr, Ipv4Addr, u16, u8),
+    key: (IpAddr, IpAddr, u32, u8),
     header: Vec<u8>,
     data: Vec<u8>,
     ranges: Vec<(usize, usize)>,
@@ -124,7 +137,6 @@ impl Reassembler {
     /// caller: version, header length and total length within the buffer)
     /// with MF set or a non-zero offset.
     pub fn push(&mut self, packet: &[u8], now: Millis) -> Reassembly {
-        self.expire(now);
         let Some(&first) = packet.first() else {
             return Reassembly::Dropped(FragmentDrop::Malformed);
         };
@@ -137,27 +149,89 @@ impl Reassembler {
             return Reassembly::Dropped(FragmentDrop::Malformed);
         }
         let flags_offset = u16::from_be_bytes([header[6], header[7]]);
-        let more = flags_offset & 0x2000 != 0;
-        let offset = usize::from(flags_offset & 0x1fff) * 8;
+        let src = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
+        let dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
+        let fragment = Fragment {
+            key: (
+                IpAddr::V4(src),
+                IpAddr::V4(dst),
+                u32::from(u16::from_be_bytes([header[4], header[5]])),
+                header[9],
+            ),
+            header,
+            payload,
+            offset: usize::from(flags_offset & 0x1fff) * 8,
+            more: flags_offset & 0x2000 != 0,
+            v6: false,
+        };
+        self.insert(fragment, now)
+    }
+
+    /// Takes one IPv6 fragment: `packet` is a whole IPv6 packet (checked by
+    /// the caller) whose next header is the Fragment header (44) right after
+    /// the fixed header; other extension headers are not supported.
+    pub fn push_ipv6(&mut self, packet: &[u8], now: Millis) -> Reassembly {
+        let (Some(header), Some(fragment_header), Some(payload)) =
+            (packet.get(..40), packet.get(40..48), packet.get(48..))
+        else {
+            return Reassembly::Dropped(FragmentDrop::Malformed);
+        };
+        if header[6] != 44 {
+            return Reassembly::Dropped(FragmentDrop::Malformed);
+        }
+        let mut src = [0u8; 16];
+        src.copy_from_slice(&header[8..24]);
+        let mut dst = [0u8; 16];
+        dst.copy_from_slice(&header[24..40]);
+        let offset_flags = u16::from_be_bytes([fragment_header[2], fragment_header[3]]);
+        let id = u32::from_be_bytes([
+            fragment_header[4],
+            fragment_header[5],
+            fragment_header[6],
+            fragment_header[7],
+        ]);
+        let fragment = Fragment {
+            key: (
+                IpAddr::V6(Ipv6Addr::from(src)),
+                IpAddr::V6(Ipv6Addr::from(dst)),
+                id,
+                fragment_header[0],
+            ),
+            header,
+            payload,
+            offset: usize::from(offset_flags >> 3) * 8,
+            more: offset_flags & 1 != 0,
+            v6: true,
+        };
+        self.insert(fragment, now)
+    }
+
+    fn insert(&mut self, fragment: Fragment<'_>, now: Millis) -> Reassembly {
+        self.expire(now);
+        let Fragment {
+            key,
+            header,
+            payload,
+            offset,
+            more,
+            v6,
+        } = fragment;
         let end = offset + payload.len();
-        if end > MAX_DATAGRAM - header_len {
+        let limit = if v6 {
+            MAX_DATAGRAM
+        } else {
+            MAX_DATAGRAM - header.len()
+        };
+        if end > limit {
             return Reassembly::Dropped(FragmentDrop::TooBig);
         }
         if more && payload.len() % 8 != 0 || payload.is_empty() {
             return Reassembly::Dropped(FragmentDrop::Malformed);
         }
-        let src = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
-        let dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
-        let key = (
-            src,
-            dst,
-            u16::from_be_bytes([header[4], header[5]]),
-            header[9],
-        );
         let index = match self.pending.iter().position(|p| p.key == key) {
             Some(index) => index,
             None => {
-                let from_source = self.pending.iter().filter(|p| p.key.0 == src).count();
+                let from_source = self.pending.iter().filter(|p| p.key.0 == key.0).count();
                 if self.pending.len() >= self.max_datagrams || from_source >= self.per_source() {
                     return Reassembly::Dropped(FragmentDrop::NoRoom);
                 }
@@ -208,7 +282,12 @@ impl Reassembler {
             Some(total) if covered == total && !entry.header.is_empty() => {
                 let done = self.pending.swap_remove(index);
                 self.used_bytes = self.used_bytes.saturating_sub(done.data.len());
-                Reassembly::Complete(assemble(done.header, &done.data))
+                let datagram = if v6 {
+                    assemble6(done.header, done.key.3, &done.data)
+                } else {
+                    assemble(done.header, &done.data)
+                };
+                Reassembly::Complete(datagram)
             }
             _ => Reassembly::Incomplete,
         }
@@ -256,6 +335,61 @@ fn assemble(mut header: Vec<u8>, data: &[u8]) -> Vec<u8> {
     }
     header.extend_from_slice(data);
     header
+}
+
+/// An IPv6 datagram from its fixed header and data: the Fragment header
+/// is gone, its next header takes its place.
+fn assemble6(mut header: Vec<u8>, next_header: u8, data: &[u8]) -> Vec<u8> {
+    if let Some(field) = header.get_mut(4..6) {
+        field.copy_from_slice(&(data.len() as u16).to_be_bytes());
+    }
+    if let Some(field) = header.get_mut(6) {
+        *field = next_header;
+    }
+    header.extend_from_slice(data);
+    header
+}
+
+/// Cuts a reassembled IPv6 packet (fixed header, no extension headers)
+/// into fragments of at most `mtu` bytes carrying a Fragment header with
+/// `id` (what Linux conntrack does when it forwards a datagram it
+/// reassembled). A packet that fits is handed over whole.
+pub fn fragment_ipv6(
+    packet: &[u8],
+    mtu: usize,
+    id: u32,
+    mut emit: impl FnMut(&[u8]),
+) -> Result<(), FragmentError> {
+    if packet.len() <= mtu {
+        emit(packet);
+        return Ok(());
+    }
+    let (Some(header), Some(data)) = (packet.get(..40), packet.get(40..)) else {
+        return Err(FragmentError::Unsupported);
+    };
+    if mtu < 56 {
+        return Err(FragmentError::Unsupported);
+    }
+    let next_header = header[6];
+    let chunk = (mtu - 48) & !7;
+    let mut buffer = Vec::with_capacity(mtu);
+    let mut start = 0;
+    while start < data.len() {
+        let end = (start + chunk).min(data.len());
+        let more = end < data.len();
+        buffer.clear();
+        buffer.extend_from_slice(header);
+        buffer[4..6].copy_from_slice(&((8 + end - start) as u16).to_be_bytes());
+        buffer[6] = 44;
+        let offset_flags = ((start / 8) as u16) << 3 | u16::from(more);
+        buffer.extend_from_slice(&[next_header, 0]);
+        buffer.extend_from_slice(&offset_flags.to_be_bytes());
+        buffer.extend_from_slice(&id.to_be_bytes());
+        buffer.extend_from_slice(data.get(start..end).unwrap_or(&[]));
+        emit(&buffer);
+        start = end;
+    }
+    Ok(())
 }
 
 /// Why [`fragment_ipv4`] refused a packet.
@@ -425,6 +559,46 @@ mod tests {
         far[6] = 0x3f;
         far[7] = 0xff; // offset 65528 + 16 bytes > 65535
         assert_eq!(r.push(&far, 0), Reassembly::Dropped(FragmentDrop::TooBig));
+    }
+
+    fn datagram6(len: usize) -> Vec<u8> {
+        let mut p = alloc::vec![0u8; 40 + len];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+        p[6] = 17;
+        p[7] = 64;
+        p[8] = 0xfd;
+        p[23] = 0x0a;
+        p[24] = 0x20;
+        p[39] = 0x80;
+        for (i, b) in p[40..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        p
+    }
+
+    #[test]
+    fn ipv6_fragment_and_reassemble() {
+        let p = datagram6(3000);
+        let mut frags = Vec::new();
+        fragment_ipv6(&p, 1280, 0xabcd, |f| frags.push(f.to_vec())).unwrap();
+        assert_eq!(frags.len(), 3);
+        assert!(frags.iter().all(|f| f.len() <= 1280 && f[6] == 44));
+        let mut r = Reassembler::new(4, 100_000);
+        frags.swap(0, 2);
+        assert_eq!(r.push_ipv6(&frags[0], 0), Reassembly::Incomplete);
+        assert_eq!(r.push_ipv6(&frags[1], 0), Reassembly::Incomplete);
+        assert_eq!(r.push_ipv6(&frags[2], 0), Reassembly::Complete(p));
+        assert_eq!(
+            r.push_ipv6(&[0x60; 20], 0),
+            Reassembly::Dropped(FragmentDrop::Malformed)
+        );
+        let mut not_fragment = datagram6(100);
+        not_fragment.truncate(60);
+        assert_eq!(
+            r.push_ipv6(&not_fragment, 0),
+            Reassembly::Dropped(FragmentDrop::Malformed)
+        );
     }
 
     #[test]

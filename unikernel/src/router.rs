@@ -20,8 +20,8 @@
 //!   errors about a flow, translated back to the inner flow); uplink packets
 //!   claiming a client's or the firewall's own source are dropped;
 //! - TTL / hop limit decremented, ICMP time-exceeded sent when it runs out;
-//!   IPv4 fragments reassembled (bounded, clients and uplink apart) and
-//!   re-fragmented to the MTU; a DF packet (any IPv6 packet) over the MTU
+//!   IPv4 and IPv6 fragments reassembled (bounded, clients and uplink
+//!   apart) and re-fragmented to the MTU; a DF packet (any IPv6 packet) over the MTU
 //!   gets ICMP fragmentation-needed / packet-too-big;
 //! - ARP/NDP: a fixed responder towards clients, the gateway's MAC learned
 //!   on the uplink (`arp.rs`); pings to the firewall's own address answered;
@@ -34,8 +34,8 @@
 //! refused and counted. Nothing here may panic on a frame a peer sent, and
 //! no frame a client's rules deny may ever leave on the uplink.
 //!
-//! Not done (yet): IPv6 fragments are dropped (counted), not reassembled;
-//! only TCP, UDP and ICMP echo flows are tracked (other protocols such as
+//! Not done (yet): IPv6 extension headers other than a lone Fragment
+//! header are dropped (counted); only TCP, UDP and ICMP echo flows are tracked (other protocols such as
 //! GRE are dropped, Linux would masquerade them with a generic timeout);
 //! rules on network prefixes without ports are matched by a scan (exact
 //! hosts and port ranges are indexed, see `rules.rs`).
@@ -93,7 +93,7 @@ use crate::arp::{
 use crate::client_net::Client;
 pub use crate::client_net::{ClientConfig, ClientId, InterfaceCounters};
 use crate::dns::Resolver;
-use crate::fragments::{FragmentError, Reassembler, Reassembly, fragment_ipv4};
+use crate::fragments::{FragmentError, Reassembler, Reassembly, fragment_ipv4, fragment_ipv6};
 use crate::nat::{Direction, FlowKey, Millis, NatError, NatTable, SeededState, TcpFlags};
 use crate::rules::{
     FlowMeta, MatchContext, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RuleError, RuleSet,
@@ -350,6 +350,9 @@ struct IpMeta {
     icmp: IcmpKind,
     icmp_type: Option<u8>,
     tcp: Option<TcpFlags>,
+    /// For an IPv6 datagram we reassembled: its fragment id, to cut it
+    /// again the same way if it does not fit the next link.
+    frag_id: Option<u32>,
 }
 
 impl IpMeta {
@@ -413,18 +416,18 @@ fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason> {
             let mut dst = [0u8; 16];
             dst.copy_from_slice(&header[24..40]);
             let protocol = header[6];
-            if !matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_ICMPV6) {
-                return Err(if protocol == 44 {
-                    DropReason::Fragment
-                } else {
-                    DropReason::UnsupportedProtocol
-                });
+            if !matches!(
+                protocol,
+                PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 | PROTO_FRAGMENT
+            ) {
+                return Err(DropReason::UnsupportedProtocol);
             }
             let (src, dst) = (
                 IpAddr::V6(Ipv6Addr::from(src)),
                 IpAddr::V6(Ipv6Addr::from(dst)),
             );
-            (true, src, dst, protocol, 40, total_len, header[7], false)
+            let fragment = protocol == PROTO_FRAGMENT;
+            (true, src, dst, protocol, 40, total_len, header[7], fragment)
         }
         _ => return Err(DropReason::Malformed),
     };
@@ -442,6 +445,7 @@ fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason> {
         icmp: IcmpKind::NotIcmp,
         icmp_type: None,
         tcp: None,
+        frag_id: None,
     };
     if fragment {
         return Ok(meta);
@@ -636,6 +640,9 @@ enum IcmpError {
     /// Too big for the next hop, and must not be fragmented.
     FragmentationNeeded(usize),
 }
+
+/// IPv6 next header: Fragment.
+const PROTO_FRAGMENT: u8 = 44;
 
 /// Where a forwarded frame goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -947,6 +954,26 @@ impl Router {
         Some(addresses)
     }
 
+    /// Queues a reassembled IPv6 datagram for `out` in fragments.
+    fn send_ipv6_fragments(&mut self, out: Out, packet: &[u8], id: u32) {
+        let Some((dst_mac, src_mac)) = self.link_addresses(out, true) else {
+            return;
+        };
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        let result = fragment_ipv6(packet, self.caps.mtu, id, |piece| {
+            let mut frame = Vec::with_capacity(ETH_LEN + piece.len());
+            push_eth(&mut frame, dst_mac, src_mac, ETHERTYPE_IPV6);
+            frame.extend_from_slice(piece);
+            pieces.push(frame);
+        });
+        match result {
+            Ok(()) => pieces
+                .into_iter()
+                .for_each(|frame| self.enqueue(out, frame)),
+            Err(_) => self.drop(DropReason::Fragment),
+        }
+    }
+
     fn send_ip(&mut self, out: Out, v6: bool, packet: &[u8]) {
         let Some((dst_mac, src_mac)) = self.link_addresses(out, v6) else {
             return;
@@ -1055,11 +1082,24 @@ impl Router {
             return self.drop(DropReason::SpoofedSource);
         }
         if meta.fragment {
-            match self.reassembler.push(packet, now) {
+            let (outcome, frag_id) = if meta.v6 {
+                (
+                    self.reassembler.push_ipv6(packet, now),
+                    packet
+                        .get(44..48)
+                        .map(|id| u32::from_be_bytes([id[0], id[1], id[2], id[3]])),
+                )
+            } else {
+                (self.reassembler.push(packet, now), None)
+            };
+            match outcome {
                 Reassembly::Incomplete => {}
                 Reassembly::Dropped(_) => self.drop(DropReason::Fragment),
                 Reassembly::Complete(datagram) => match parse_ip(&datagram, true) {
-                    Ok(whole) => self.forward_from_client(index, &datagram, &whole, now),
+                    Ok(mut whole) => {
+                        whole.frag_id = frag_id;
+                        self.forward_from_client(index, &datagram, &whole, now)
+                    }
                     Err(reason) => self.drop(reason),
                 },
             }
@@ -1167,7 +1207,12 @@ impl Router {
     ) {
         let v6 = meta.v6;
         if packet.len() > self.caps.mtu {
-            let dont_fragment = v6 || packet.get(6).is_some_and(|flags| flags & 0x40 != 0);
+            // An IPv6 datagram we reassembled goes out in fragments again,
+            // like Linux conntrack does; any other IPv6 packet may not be
+            // fragmented by a router.
+            let refragment_v6 = v6 && meta.frag_id.is_some();
+            let dont_fragment =
+                !refragment_v6 && (v6 || packet.get(6).is_some_and(|flags| flags & 0x40 != 0));
             if dont_fragment {
                 // Path MTU discovery: tell the sender (RFC 1191, RFC 8201).
                 self.icmp_error(
@@ -1182,7 +1227,10 @@ impl Router {
             let mut owned = self.buffer();
             owned.extend_from_slice(packet);
             edit(&mut owned);
-            self.send_ip(out, v6, &owned);
+            match meta.frag_id {
+                Some(id) if v6 => self.send_ipv6_fragments(out, &owned, id),
+                _ => self.send_ip(out, v6, &owned),
+            }
             self.recycle(owned);
             return;
         }
@@ -1476,11 +1524,24 @@ impl Router {
             return self.drop(DropReason::SpoofedSource);
         }
         if meta.fragment {
-            match self.uplink_reassembler.push(packet, now) {
+            let (outcome, frag_id) = if meta.v6 {
+                (
+                    self.uplink_reassembler.push_ipv6(packet, now),
+                    packet
+                        .get(44..48)
+                        .map(|id| u32::from_be_bytes([id[0], id[1], id[2], id[3]])),
+                )
+            } else {
+                (self.uplink_reassembler.push(packet, now), None)
+            };
+            match outcome {
                 Reassembly::Incomplete => {}
                 Reassembly::Dropped(_) => self.drop(DropReason::Fragment),
                 Reassembly::Complete(datagram) => match parse_ip(&datagram, true) {
-                    Ok(whole) => self.forward_from_uplink(&datagram, &whole, now),
+                    Ok(mut whole) => {
+                        whole.frag_id = frag_id;
+                        self.forward_from_uplink(&datagram, &whole, now)
+                    }
                     Err(reason) => self.drop(reason),
                 },
             }

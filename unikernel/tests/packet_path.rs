@@ -1412,6 +1412,64 @@ fn ipv6_forwarding_with_dst6_rules_and_ndp() {
 }
 
 #[test]
+fn ipv6_fragments_are_reassembled_translated_and_refragmented() {
+    let mut net = Net::new(true);
+    net.rules(
+        a_ip6().into(),
+        &[("policy", "drop"), ("0000", "action=accept proto=udp")],
+    );
+    net.advance(1);
+    let advert = icmp6_message(
+        gateway6(),
+        our_ip6(),
+        Icmpv6Repr::Ndisc(smoltcp::wire::NdiscRepr::NeighborAdvert {
+            flags: smoltcp::wire::NdiscNeighborFlags::SOLICITED,
+            target_addr: gateway6(),
+            lladdr: Some(GATEWAY_MAC.into()),
+        }),
+    );
+    net.send_from_outside(&ip6(
+        gateway6(),
+        our_ip6(),
+        IpProtocol::Icmpv6,
+        255,
+        &advert,
+    ));
+    net.uplink_out();
+    let payload = vec![0x6b; 3000];
+    let datagram = udp_datagram(a_ip6().into(), remote6().into(), 40000, 53, &payload);
+    let whole = ip6(a_ip6(), remote6(), IpProtocol::Udp, 64, &datagram);
+    let mut pieces = Vec::new();
+    unikernel::fragments::fragment_ipv6(&whole, 1280, 77, |p| pieces.push(p.to_vec())).unwrap();
+    assert_eq!(pieces.len(), 3);
+    for piece in pieces.iter().rev() {
+        net.send_from_a(piece);
+    }
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 3, "cut again to the 1500-byte MTU");
+    let mut reassembler = unikernel::fragments::Reassembler::new(4, 100_000);
+    let mut done = None;
+    for frame in &out {
+        assert!(frame.len() <= 14 + 1500);
+        let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
+        if let unikernel::fragments::Reassembly::Complete(d) =
+            reassembler.push_ipv6(eth.payload(), 0)
+        {
+            done = Some(d);
+        }
+    }
+    let done = done.unwrap();
+    let ip = Ipv6Packet::new_checked(&done[..]).unwrap();
+    assert_eq!(
+        (ip.src_addr(), ip.dst_addr(), ip.hop_limit()),
+        (our_ip6(), remote6(), 63)
+    );
+    let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+    assert!(udp.verify_checksum(&our_ip6().into(), &remote6().into()));
+    assert_eq!(udp.payload(), &payload[..]);
+}
+
+#[test]
 fn ipv6_link_local_chatter_is_not_routed() {
     let mut net = Net::new(true);
     net.rules(a_ip6().into(), &[("policy", "accept")]);
