@@ -206,7 +206,7 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
             return;
         }
     };
-    let version = match data::handshake(&mut *vchan, false) {
+    let version = match data::handshake(&mut *vchan, true) {
         Ok(v) => v,
         Err(e) => {
             log_error!("{e}");
@@ -238,13 +238,15 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
         }
     };
     if just_exec {
+        // Qubes' handle_just_exec reports 0 once it has forked, whatever
+        // becomes of the command, and -1 only for a command without a user.
         let code = match launch {
             Launch::Started(mut child) => {
                 std::thread::spawn(move || child.wait());
                 0
             }
-            Launch::NotFound => QREXEC_EXIT_SERVICE_NOT_FOUND,
-            Launch::Failed(code) => code,
+            Launch::NotFound | Launch::Failed(_) if split_user(cmdline).is_ok() => 0,
+            Launch::NotFound | Launch::Failed(_) => u32::MAX,
         };
         let _ = wire::write_message(&mut *vchan, &Repr::ExitCode(code));
         let _ = vchan.shutdown();

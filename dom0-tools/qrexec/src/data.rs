@@ -3,8 +3,8 @@
 //! side that executes it.
 //!
 //! Rules (qubes-core-qrexec `libqrexec/process_io.c`, `remote.c`,
-//! `daemon/qrexec-daemon-common.c`): the vchan *server* sends `MSG_HELLO`
-//! first and the lower version wins (at least 2); chunks are at most 4096
+//! `daemon/qrexec-daemon-common.c`): both ends exchange `MSG_HELLO` (see
+//! [`handshake`] for who speaks first) and the lower version wins (at least 2); chunks are at most 4096
 //! bytes (v2) or 65536 (v3+); an empty data message is EOF. The executing
 //! side sends stdout, then its stdout EOF, stderr EOF and finally
 //! `MSG_DATA_EXIT_CODE`; a command that could not be started sends stderr
@@ -50,12 +50,17 @@ pub fn send(writer: &SharedWriter, repr: &Repr<'_>) -> io::Result<()> {
     wire::write_message(&mut **guard, repr)
 }
 
-/// Exchange `MSG_HELLO` on a fresh data vchan; the server speaks first.
-pub fn handshake(vchan: &mut dyn Vchan, we_are_server: bool) -> Result<u32> {
+/// Exchange `MSG_HELLO` on a fresh data vchan. Who speaks first is Qubes'
+/// order, not a vchan role: a qube's agent and qrexec-client-vm always send
+/// first (`handle_handshake` in `qrexec-agent-data.c`), dom0's qrexec-client
+/// sends first when calling a qube and listens first when a qube calls dom0
+/// (`remote_send_first`). Sending first is never a deadlock: the hello fits
+/// in any buffer.
+pub fn handshake(vchan: &mut dyn Vchan, send_first: bool) -> Result<u32> {
     let send_hello = |v: &mut dyn Vchan| {
         wire::send_hello(v, LOCAL_PROTOCOL_VERSION).context(|| "sending MSG_HELLO".into())
     };
-    if we_are_server {
+    if send_first {
         send_hello(vchan)?;
     }
     // A peer that connects and never says hello must not hold the call.
@@ -66,7 +71,7 @@ pub fn handshake(vchan: &mut dyn Vchan, we_are_server: bool) -> Result<u32> {
     vchan
         .set_read_timeout(None)
         .context(|| "clearing handshake timeout".into())?;
-    if !we_are_server {
+    if !send_first {
         send_hello(vchan)?;
     }
     negotiate(LOCAL_PROTOCOL_VERSION, remote, QREXEC_PROTOCOL_V2).map_err(|source| {
