@@ -43,10 +43,13 @@ fn within<T>(limit: Duration, mut check: impl FnMut() -> Result<T, String>) -> R
     }
 }
 
-/// Takes the box down when this process ends, however it ends.
+/// Takes the box down when this process ends, however it ends (after a
+/// `qubes-box up` still running has finished or died).
 fn guardian(qubes_box: &str) -> Result<Child, String> {
     let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 0.3; done; exec {qubes_box} down --state-dir {STATE}",
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.3; done; \
+         while pgrep -f 'qubes-box up --state-dir {STATE}' >/dev/null; do sleep 0.3; done; \
+         exec {qubes_box} down --state-dir {STATE}",
         pid = std::process::id()
     );
     let mut command = Command::new("sh");
