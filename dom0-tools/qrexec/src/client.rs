@@ -709,6 +709,94 @@ pub fn main(argv: Vec<String>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A fake qrexec-daemon socket answering with `reply` after the request.
+    fn fake_daemon(hello_version: u32, reply: Vec<u8>) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!(
+            "qrexec-client-unit-{}-{hello_version}-{}",
+            std::process::id(),
+            reply.len()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = UnixListener::bind(dir.join("qrexec.vm")).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            wire::send_hello(&mut s, hello_version).unwrap();
+            if wire::recv_hello(&mut s, "client").is_err() {
+                return;
+            }
+            let mut buf = MessageBuf::new();
+            let _ = wire::read_message(&mut s, &mut buf, "client");
+            let _ = s.write_all(&reply);
+        });
+        (dir, t)
+    }
+
+    fn exec_request() -> Repr<'static> {
+        Repr::ExecCmdline(ExecParams {
+            connect: ConnectParams::default(),
+            cmdline: Some(b"user:true"),
+        })
+    }
+
+    #[test]
+    fn negotiate_takes_the_daemons_answer() {
+        let mut reply = Vec::new();
+        wire::write_message(
+            &mut reply,
+            &Repr::ExecCmdline(ExecParams {
+                connect: ConnectParams {
+                    connect_domain: 5,
+                    connect_port: 513,
+                },
+                cmdline: None,
+            }),
+        )
+        .unwrap();
+        let (dir, t) = fake_daemon(3, reply);
+        let mut d = DaemonConnection::connect(&dir, "vm").unwrap();
+        let c = d.negotiate(&exec_request()).unwrap();
+        assert_eq!((c.connect_domain, c.connect_port), (5, 513));
+        t.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn hostile_daemon_answers_are_errors() {
+        let mut wrong_type = Vec::new();
+        wire::write_message(&mut wrong_type, &Repr::ExitCode(0)).unwrap();
+        let mut with_cmdline = Vec::new();
+        wire::write_message(&mut with_cmdline, &exec_request()).unwrap();
+        for reply in [
+            wrong_type,
+            with_cmdline,
+            b"\x00\x02\x00\x00\xff\xff\xff\xff".to_vec(),
+            b"\x00\x02".to_vec(),
+            Vec::new(),
+        ] {
+            let (dir, t) = fake_daemon(3, reply);
+            let mut d = DaemonConnection::connect(&dir, "vm").unwrap();
+            assert!(d.negotiate(&exec_request()).is_err());
+            drop(d);
+            t.join().unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        // A daemon older than protocol 3 is refused at the handshake.
+        let (dir, t) = fake_daemon(2, Vec::new());
+        assert!(matches!(
+            DaemonConnection::connect(&dir, "vm"),
+            Err(ConnectError::Failed(_))
+        ));
+        t.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        // No daemon at all.
+        assert!(matches!(
+            DaemonConnection::connect(Path::new("/nonexistent-qrexec-dir"), "vm"),
+            Err(ConnectError::NotRunning(_))
+        ));
+    }
 
     #[test]
     fn connect_spec() {
