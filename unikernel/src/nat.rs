@@ -57,6 +57,9 @@ pub mod timeouts {
     pub const UDP_STREAM: Millis = 120_000;
     /// ICMP query.
     pub const ICMP: Millis = 30_000;
+    /// Any other protocol (GRE, ESP, SCTP…), tracked by address only
+    /// (`nf_conntrack_generic_timeout`).
+    pub const GENERIC: Millis = 600_000;
 }
 
 /// Lowest NAT port handed out.
@@ -167,8 +170,6 @@ pub enum NatError {
     ClientShareFull,
     /// No free NAT port for this destination after the probe sequence.
     NoFreePort,
-    /// The protocol cannot be tracked (only TCP, UDP and ICMP queries).
-    Unsupported,
 }
 
 impl core::fmt::Display for NatError {
@@ -179,7 +180,6 @@ impl core::fmt::Display for NatError {
                 "this client uses its whole share of the NAT table: new flow refused"
             }
             NatError::NoFreePort => "no free NAT port towards this destination: new flow refused",
-            NatError::Unsupported => "only TCP, UDP and ICMP echo flows are tracked",
         })
     }
 }
@@ -389,7 +389,7 @@ impl NatTable {
             PROTO_TCP => timeouts::TCP_SYN_SENT,
             PROTO_UDP => timeouts::UDP,
             PROTO_ICMP | PROTO_ICMPV6 => timeouts::ICMP,
-            _ => return Err(NatError::Unsupported),
+            _ => timeouts::GENERIC,
         };
         if self.len() >= self.capacity {
             self.expire(now, 64);
@@ -451,6 +451,25 @@ impl NatTable {
         is_icmp: bool,
         now: Millis,
     ) -> Result<FlowKey, NatError> {
+        if !is_icmp && !matches!(original.protocol, PROTO_TCP | PROTO_UDP) {
+            // No ports to tell flows apart: one flow per destination and
+            // protocol on the NAT address, like Linux's generic NAT.
+            let key = FlowKey {
+                src: original.dst,
+                dst: nat_address,
+                src_port: 0,
+                dst_port: 0,
+                protocol: original.protocol,
+            };
+            return match self.by_reply.get(&key).copied() {
+                None if !self.by_original.contains_key(&key) => Ok(key),
+                Some(slot) if self.get(EntryId(slot)).is_none_or(|e| e.expired(now)) => {
+                    self.remove(EntryId(slot));
+                    Ok(key)
+                }
+                _ => Err(NatError::NoFreePort),
+            };
+        }
         let candidate = |port: u16| FlowKey {
             src: original.dst,
             dst: nat_address,
@@ -700,10 +719,6 @@ mod tests {
             )
             .is_ok()
         );
-        assert_eq!(
-            t.insert(third, key(third, 1, 99), Some(NAT), None, None, 0),
-            Err(NatError::Unsupported)
-        );
     }
 
     #[test]
@@ -807,6 +822,38 @@ mod tests {
         );
         assert_eq!(first + t.expire(timeouts::UDP, 1000), 10);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn portless_protocols_get_one_flow_per_destination() {
+        let mut t = NatTable::new(8, 8, 1);
+        let gre = FlowKey {
+            src: CLIENT,
+            dst: REMOTE,
+            src_port: 0,
+            dst_port: 0,
+            protocol: 47,
+        };
+        let id = t.insert(CLIENT, gre, Some(NAT), None, None, 0).unwrap();
+        let reply = t.get(id).unwrap().reply;
+        assert_eq!(
+            (reply.src, reply.dst, reply.src_port, reply.dst_port),
+            (REMOTE, NAT, 0, 0)
+        );
+        let other = FlowKey {
+            src: CLIENT2,
+            ..gre
+        };
+        assert_eq!(
+            t.insert(CLIENT2, other, Some(NAT), None, None, 0),
+            Err(NatError::NoFreePort)
+        );
+        assert!(t.lookup(&gre, timeouts::GENERIC - 1).is_some());
+        assert!(
+            t.insert(CLIENT2, other, Some(NAT), None, None, 2 * timeouts::GENERIC)
+                .is_ok(),
+            "the idle one expired"
+        );
     }
 
     #[test]

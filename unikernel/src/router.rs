@@ -34,11 +34,12 @@
 //! refused and counted. Nothing here may panic on a frame a peer sent, and
 //! no frame a client's rules deny may ever leave on the uplink.
 //!
+//! Flows of protocols without ports (GRE, ESP, SCTP, …) are tracked by
+//! address only, one per destination and protocol on the NAT address, with
+//! Linux's generic 600 s timeout.
+//!
 //! Not done (yet): IPv6 extension headers other than a lone Fragment
-//! header are dropped (counted); only TCP, UDP and ICMP echo flows are tracked (other protocols such as
-//! GRE are dropped, Linux would masquerade them with a generic timeout);
-//! rules on network prefixes without ports are matched by a scan (exact
-//! hosts and port ranges are indexed, see `rules.rs`).
+//! header are dropped (counted).
 //!
 //! ```text
 //! use unikernel::router::{Router, NetworkConfig, Caps};
@@ -416,9 +417,17 @@ fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason> {
             let mut dst = [0u8; 16];
             dst.copy_from_slice(&header[24..40]);
             let protocol = header[6];
+            // Upper-layer protocols only: an extension header (hop-by-hop,
+            // routing, destination options, …) would hide the real one.
             if !matches!(
                 protocol,
-                PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 | PROTO_FRAGMENT
+                PROTO_TCP
+                    | PROTO_UDP
+                    | PROTO_ICMPV6
+                    | PROTO_FRAGMENT
+                    | PROTO_GRE
+                    | PROTO_ESP
+                    | PROTO_SCTP
             ) {
                 return Err(DropReason::UnsupportedProtocol);
             }
@@ -499,7 +508,11 @@ fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason> {
                 meta.dst_port = id;
             }
         }
-        _ => return Err(DropReason::UnsupportedProtocol),
+        // ICMP of the other family.
+        PROTO_ICMP | PROTO_ICMPV6 => return Err(DropReason::UnsupportedProtocol),
+        // Other protocols (GRE, ESP, SCTP, …) are tracked by address only,
+        // like Linux's generic conntrack.
+        _ => {}
     }
     Ok(meta)
 }
@@ -564,7 +577,8 @@ fn rewrite(packet: &mut [u8], meta: &IpMeta, source: bool, address: IpAddr, port
             }
         }
     }
-    if let Some(field) = packet.get_mut(port_at..port_at + 2) {
+    let has_ports = is_icmp || matches!(meta.protocol, PROTO_TCP | PROTO_UDP);
+    if has_ports && let Some(field) = packet.get_mut(port_at..port_at + 2) {
         field.copy_from_slice(&port.to_be_bytes());
     }
     if !meta.v6
@@ -643,6 +657,12 @@ enum IcmpError {
 
 /// IPv6 next header: Fragment.
 const PROTO_FRAGMENT: u8 = 44;
+/// GRE, tracked without ports.
+const PROTO_GRE: u8 = 47;
+/// ESP, tracked without ports.
+const PROTO_ESP: u8 = 50;
+/// SCTP, tracked without ports (its CRC does not cover the addresses).
+const PROTO_SCTP: u8 = 132;
 
 /// Where a forwarded frame goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1341,7 +1361,6 @@ impl Router {
                     NatError::TableFull => DropReason::NatTableFull,
                     NatError::ClientShareFull => DropReason::NatClientShare,
                     NatError::NoFreePort => DropReason::NatNoPort,
-                    NatError::Unsupported => DropReason::UnsupportedProtocol,
                 });
                 None
             }

@@ -1235,6 +1235,53 @@ fn queued_bytes_are_capped_across_interfaces() {
 }
 
 #[test]
+fn portless_protocols_are_translated_by_address() {
+    let mut net = Net::new(false);
+    accept_all(&mut net, A_IP);
+    accept_all(&mut net, B_IP);
+    let gre = [0u8, 0, 0x08, 0x00, 0x45, 0, 0, 20];
+    net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Unknown(47), 64, &gre));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(
+        (ip.src_addr(), ip.dst_addr(), ip.payload()),
+        (OUR_IP, REMOTE, &gre[..])
+    );
+    net.send_from_outside(&ip4(REMOTE, OUR_IP, IpProtocol::Unknown(47), 64, &gre));
+    let back = net.client_out(A);
+    assert_eq!(back.len(), 1);
+    let eth = EthernetFrame::new_checked(&back[0][..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(
+        (ip.src_addr(), ip.dst_addr(), ip.payload()),
+        (REMOTE, A_IP, &gre[..])
+    );
+    // A second client to the same destination cannot share the address.
+    net.client_in(
+        B,
+        B_MAC,
+        &ip4(B_IP, REMOTE, IpProtocol::Unknown(47), 64, &gre),
+    );
+    assert!(net.uplink_out().is_empty());
+    assert_eq!(net.dropped(DropReason::NatNoPort), 1);
+    // IPv6 extension headers are refused rather than misread.
+    let mut net6 = Net::new(true);
+    net6.rules(a_ip6().into(), &[("policy", "accept")]);
+    net6.send_from_a(&ip6(
+        a_ip6(),
+        remote6(),
+        IpProtocol::HopByHop,
+        64,
+        &[6, 0, 0, 0, 0, 0, 0, 0],
+    ));
+    assert_eq!(net6.dropped(DropReason::UnsupportedProtocol), 1);
+}
+
+#[test]
 fn pings_to_the_firewall_are_answered() {
     let mut net = Net::new(false);
     net.send_from_a(&ping4(A_IP, OUR_IP, 9, 64));
