@@ -109,7 +109,48 @@ check "dom0 pings the firewall's uplink address over netfront (rc=$rc)" $([ $rc 
 vif=$(xl list | awk '$1=="sys-firewall"{print "vif"$2".0"}')
 echo "QFW: $vif rx_packets=$(cat /sys/class/net/$vif/statistics/rx_packets 2>/dev/null) tx_packets=$(cat /sys/class/net/$vif/statistics/tx_packets 2>/dev/null)"
 
-# 4) Clean shutdown.
+# 4) A client qube behind the firewall: a second instance of the image whose
+#    vif is served by the firewall's netback (backend=sys-firewall). It
+#    connects its netfront, and the two exchange frames (its ARP for its
+#    gateway, the firewall's answer); frame counts are logged at shutdown.
+cat > /tmp/client.cfg <<CFG
+name = "client"
+type = "pvh"
+kernel = "/guest/qubes-firewall.elf"
+memory = 32
+on_poweroff = "preserve"
+on_crash = "preserve"
+vif = [ 'backend=sys-firewall,ip=10.137.0.10,mac=00:16:3e:5e:6c:10' ]
+CFG
+t4=$(up)
+xl create -p /tmp/client.cfg; rc=$?
+check "xl create -p client with backend=sys-firewall rc=$rc" $([ $rc = 0 ] && echo ok)
+cdomid=$(xl domid client 2>/dev/null)
+vchan-peer qubesdb-client "$cdomid" > /tmp/peer-client.log 2>&1 &
+CPEER_PID=$!
+waitfor /tmp/peer-client.log "server up" 50
+xl unpause client
+CLOG=$CONS/guest-client.log
+if waitfor $LOG "netback vif$cdomid.0 connected" 300; then
+    echo "QFW-MEASURE firewall: client created -> netback vif$cdomid.0 connected in $(since $t4) s"
+    check "firewall's netback connected the client's netfront" ok
+else
+    check "firewall's netback connected the client's netfront" no
+fi
+waitfor $LOG "client vif$cdomid.0 added" 50
+grep -q "client vif$cdomid.0 added with IP 10.137.0.10" $LOG; check "firewall added client vif$cdomid.0 (10.137.0.10) to its router" $([ $? = 0 ] && echo ok)
+waitfor /tmp/peer-client.log "qubes-iptables-error" 300
+grep -q "wrote /qubes-iptables-error" /tmp/peer-client.log; check "client brought its network up through the firewall's netback" $([ $? = 0 ] && echo ok)
+sleep 3   # let the client ARP for its gateway a few times
+xl shutdown client
+i=0; until xl list client 2>/dev/null | awk 'NR==2{exit !($5 ~ /s/)}' || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done
+sleep 0.5
+grep -E "netfront device/vif/0: [1-9][0-9]* frames received, [1-9]" $CLOG > /dev/null
+check "client's netfront received and sent frames via the firewall ($(grep -o 'netfront device/vif/0: .*' $CLOG))" $([ $? = 0 ] && echo ok)
+sed 's/^/QFW-CLIENT-CONSOLE /' $CLOG
+xl destroy client 2>/dev/null
+
+# 5) Clean shutdown.
 t1=$(up)
 xl shutdown sys-firewall; rc=$?
 check "xl shutdown rc=$rc" $([ $rc = 0 ] && echo ok)
@@ -120,7 +161,9 @@ xl list
 case $state in *c*) check "final state $state is shut down, not crashed" no ;; *s*) check "final state $state is shut down" ok ;; *) check "final state '$state' is shut down" no ;; esac
 sleep 0.5
 echo "QFW: ---- guest console log ----"; sed 's/^/QFW-CONSOLE /' $LOG
-echo "QFW: ---- vchan-peer logs ----"; cat /tmp/peer-qubesdb.log /tmp/peer-hostile.log /tmp/peer-qubesdb2.log /tmp/peer-qrexec.log
+echo "QFW: ---- vchan-peer logs ----"; cat /tmp/peer-qubesdb.log /tmp/peer-hostile.log /tmp/peer-qubesdb2.log /tmp/peer-qrexec.log /tmp/peer-client.log
+grep -E "netback vif[0-9]+\.0: [1-9][0-9]* frames received, [1-9]" $LOG > /dev/null
+check "firewall's netback received and sent frames ($(grep -o 'netback vif[0-9.]*: .*' $LOG))" $([ $? = 0 ] && echo ok)
 echo "QFW: ---- guest lines in xl dmesg ----"; xl dmesg | grep -E '^\(d[0-9]+\)' | tail -20
 xl destroy sys-firewall 2>/dev/null
 echo "QFW-RESULT $( [ $fail = 0 ] && echo PASS || echo FAIL )"

@@ -16,6 +16,10 @@
  *                              the same, plus the network keys (/qubes-ip 10.137.0.2,
  *                              /qubes-gateway 10.137.0.1, DNS), so the firewall brings up its
  *                              uplink (netfront) towards dom0's bridge.
+ *   vchan-peer qubesdb-client DOMID
+ *                              the same with a client qube's keys (/qubes-ip 10.137.0.10,
+ *                              /qubes-gateway 10.137.0.2): a second instance of the image plays a
+ *                              client qube whose vif is served by the firewall's netback.
  *   vchan-peer hostile-qubesdb DOMID
  *                              the same server, but once the VM has sent its MULTIREAD it
  *                              corrupts the ring it writes (right.prod far past right.cons +
@@ -139,7 +143,15 @@ static const char *net_entries[][2] = {
     { "/qubes-primary-dns", "10.139.1.1" },
     { "/qubes-secondary-dns", "10.139.1.2" },
 };
-static int with_net;
+/* `qubesdb-client`: a client qube behind the firewall (10.137.0.10, its
+ * gateway is the firewall's 10.137.0.2). */
+static const char *client_entries[][2] = {
+    { "/qubes-ip", "10.137.0.10" },
+    { "/qubes-gateway", "10.137.0.2" },
+    { "/qubes-primary-dns", "10.139.1.1" },
+    { "/qubes-secondary-dns", "10.139.1.2" },
+};
+static int with_net, as_client;
 
 static int qubesdb(int domid)
 {
@@ -183,7 +195,8 @@ static int qubesdb(int domid)
             for (size_t i = 0; i < sizeof entries / sizeof entries[0]; i++)
                 send_qdb(v, QDB_RESP_MULTIREAD, entries[i][0], entries[i][1]);
             for (size_t i = 0; with_net && i < sizeof net_entries / sizeof net_entries[0]; i++)
-                send_qdb(v, QDB_RESP_MULTIREAD, net_entries[i][0], net_entries[i][1]);
+                send_qdb(v, QDB_RESP_MULTIREAD, as_client ? client_entries[i][0] : net_entries[i][0],
+                         as_client ? client_entries[i][1] : net_entries[i][1]);
             send_qdb(v, QDB_RESP_MULTIREAD, "", NULL);
             synced = 1;
             printf("PEER-QUBESDB MULTIREAD answered with %zu entries\n",
@@ -252,12 +265,16 @@ int main(int argc, char **argv)
     sa.sa_handler = on_term;
     sigaction(SIGTERM, &sa, NULL);
     if (argc != 3) {
-        fprintf(stderr, "usage: vchan-peer qubesdb|qubesdb-net|hostile-qubesdb|qrexec DOMID\n");
+        fprintf(stderr, "usage: vchan-peer qubesdb|qubesdb-net|qubesdb-client|hostile-qubesdb|qrexec DOMID\n");
         return 2;
     }
     int domid = atoi(argv[2]);
     if (!strcmp(argv[1], "qubesdb"))
         return qubesdb(domid);
+    if (!strcmp(argv[1], "qubesdb-client")) {
+        with_net = as_client = 1;
+        return qubesdb(domid);
+    }
     if (!strcmp(argv[1], "qubesdb-net")) {
         with_net = 1;
         return qubesdb(domid);

@@ -149,6 +149,31 @@ pub struct GnttabUnmapGrantRef {
     pub status: i16,
 }
 
+pub const GNTTABOP_COPY: u64 = 5;
+pub const GNTCOPY_SOURCE_GREF: u16 = 1;
+pub const GNTCOPY_DEST_GREF: u16 = 1 << 1;
+
+/// One end of a `struct gnttab_copy`: a grant reference (with `domid` the
+/// granting domain) or our own frame number (with `DOMID_SELF`).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct GnttabCopyPtr {
+    pub u: u64,
+    pub domid: u16,
+    pub offset: u16,
+}
+
+/// `struct gnttab_copy`.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct GnttabCopy {
+    pub source: GnttabCopyPtr,
+    pub dest: GnttabCopyPtr,
+    pub len: u16,
+    pub flags: u16,
+    pub status: i16,
+}
+
 /// `struct gnttab_query_size`.
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -247,6 +272,14 @@ mod tests {
         assert_eq!(offset_of!(GnttabUnmapGrantRef, handle), 16);
         assert_eq!(offset_of!(GnttabUnmapGrantRef, status), 20);
         assert_eq!(size_of::<GnttabQuerySize>(), 16);
+        assert_eq!(size_of::<GnttabCopyPtr>(), 16);
+        assert_eq!(offset_of!(GnttabCopyPtr, domid), 8);
+        assert_eq!(offset_of!(GnttabCopyPtr, offset), 10);
+        assert_eq!(size_of::<GnttabCopy>(), 40);
+        assert_eq!(offset_of!(GnttabCopy, dest), 16);
+        assert_eq!(offset_of!(GnttabCopy, len), 32);
+        assert_eq!(offset_of!(GnttabCopy, flags), 34);
+        assert_eq!(offset_of!(GnttabCopy, status), 36);
         assert_eq!(offset_of!(GnttabQuerySize, nr_frames), 4);
         assert_eq!(offset_of!(GnttabQuerySize, status), 12);
         assert_eq!(size_of::<HvmStartInfo>(), 56);

@@ -19,6 +19,7 @@ pub mod console;
 pub mod events;
 pub mod grant;
 pub mod hypercall;
+pub mod netback;
 pub mod netfront;
 mod platform;
 #[cfg(all(feature = "xen", not(test)))]

@@ -319,7 +319,7 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
 
 /// A received frame.
 #[derive(Debug)]
-pub struct NetfrontRx(Vec<u8>);
+pub struct NetfrontRx(pub Vec<u8>);
 
 impl phy::RxToken for NetfrontRx {
     fn consume<R, F>(self, f: F) -> R

@@ -14,10 +14,12 @@
 //! implemented yet: `attach_client` says so with a `PlatformError`.
 
 use alloc::alloc::{Layout, alloc_zeroed};
+use alloc::boxed::Box;
 use alloc::collections::BTreeSet;
 use alloc::format;
-use alloc::rc::Rc;
+use alloc::rc::{Rc, Weak};
 use alloc::string::{String, ToString};
+use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
@@ -27,8 +29,9 @@ use super::abi;
 use super::events::{self, SharedInfo, XenNotify};
 use super::grant::{self, ForeignMapping, ForeignWindow, GrantTable};
 use super::hypercall;
+use super::netback::{CopyRefused, GrantCopy, Netback, NetbackStats};
 use super::netfront::{self, Buffer, Netfront, NetfrontRx, NetfrontTx};
-use super::shared::RawMemory;
+use super::shared::{RawMemory, SharedMemory};
 use super::start_info::BootInfo;
 use super::time::{self, TimeInfo};
 use super::vchan::{RingBuffer, VchanRing, read_grants, read_orders};
@@ -83,6 +86,10 @@ struct Shared {
     stale_paths: RefCell<Vec<(String, u32)>>,
     /// Pages of closed servers waiting for the peer to unmap them.
     retired: RefCell<Vec<Retired>>,
+    /// Client vifs whose frontend has not connected yet.
+    backends: RefCell<Vec<Weak<RefCell<BackConn>>>>,
+    /// Frame counters of every NIC, logged at exit: (name, (rx, tx)).
+    nic_counters: RefCell<Vec<(String, FrameCounters)>>,
 }
 
 impl core::fmt::Debug for Shared {
@@ -181,6 +188,8 @@ impl XenPlatform {
                 ports: RefCell::new(BTreeSet::from([store_port])),
                 stale_paths: RefCell::new(Vec::new()),
                 retired: RefCell::new(Vec::new()),
+                backends: RefCell::new(Vec::new()),
+                nic_counters: RefCell::new(Vec::new()),
             }),
             xenstore,
             shutdown_watch: false,
@@ -300,12 +309,124 @@ impl XenPlatform {
 
 /// The xenstore directory of our uplink vif (the toolstack's first vif).
 pub const UPLINK_NODE: &str = "device/vif/0";
+/// `XenbusStateInitWait`.
+const XENBUS_INIT_WAIT: u32 = 2;
+/// `XenbusStateInitialised`.
+const XENBUS_INITIALISED: u32 = 3;
 /// `XenbusStateConnected`.
 const XENBUS_CONNECTED: u32 = 4;
+/// How often pending client vifs are looked at while they connect (ms).
+const BACKEND_POLL_MS: i64 = 50;
 /// How long the backend may take to connect.
 const NETBACK_TIMEOUT_MS: u64 = 10_000;
 
 impl XenPlatform {
+    /// Connects client vifs whose frontend is ready (`Initialised` or
+    /// `Connected`): reads `tx-ring-ref`, `rx-ring-ref`, `event-channel`,
+    /// requires `request-rx-copy`, maps both rings, binds the event channel
+    /// and switches the backend to `Connected`. A vif that fails stays
+    /// pending (the frontend may retry) and is logged once.
+    fn progress_backends(&mut self) {
+        let live: Vec<Rc<RefCell<BackConn>>> = {
+            let mut list = self.shared.backends.borrow_mut();
+            list.retain(|weak| {
+                weak.upgrade()
+                    .is_some_and(|c| matches!(*c.borrow(), BackConn::Pending { .. }))
+            });
+            list.iter().filter_map(Weak::upgrade).collect()
+        };
+        for conn in live {
+            let (domid, device, backend, frontend) = match &*conn.borrow() {
+                BackConn::Pending {
+                    domid,
+                    device,
+                    backend,
+                    frontend,
+                } => (*domid, *device, backend.clone(), frontend.clone()),
+                _ => continue,
+            };
+            let state = self
+                .xenstore
+                .read(&format!("{frontend}/state"))
+                .ok()
+                .flatten();
+            match state.as_deref().and_then(parse_decimal) {
+                Some(XENBUS_INITIALISED | XENBUS_CONNECTED) => {}
+                _ => continue,
+            }
+            match self.connect_backend(domid, &backend, &frontend) {
+                Ok(up) => {
+                    log::info!("xen: netback vif{domid}.{device} connected to {frontend}");
+                    *conn.borrow_mut() = up;
+                }
+                Err(error) => {
+                    log::warn!("xen: netback vif{domid}.{device}: {error}");
+                    *conn.borrow_mut() = BackConn::Gone;
+                }
+            }
+        }
+    }
+
+    fn connect_backend(
+        &mut self,
+        domid: u16,
+        backend: &str,
+        frontend: &str,
+    ) -> Result<BackConn, PlatformError> {
+        let read_number = |xs: &mut XenXenstore, key: &str| -> Result<u32, PlatformError> {
+            let text = xs
+                .read(&format!("{frontend}/{key}"))
+                .map_err(PlatformError::Xenstore)?
+                .ok_or_else(|| other(format!("frontend did not write {key}")))?;
+            parse_decimal(&text).ok_or_else(|| other(format!("{frontend}/{key} is {text:?}")))
+        };
+        let tx_ref = read_number(&mut self.xenstore, "tx-ring-ref")?;
+        let rx_ref = read_number(&mut self.xenstore, "rx-ring-ref")?;
+        let remote_port = read_number(&mut self.xenstore, "event-channel")?;
+        if read_number(&mut self.xenstore, "request-rx-copy").ok() != Some(1) {
+            return Err(other(
+                "frontend does not use rx-copy (request-rx-copy), the only mode we serve",
+            ));
+        }
+        let mut mappings = Vec::new();
+        let mut windows = Vec::new();
+        let result = (|| {
+            let tx = self.map_ring(domid, &[tx_ref], false, &mut mappings, &mut windows)?;
+            let rx = self.map_ring(domid, &[rx_ref], false, &mut mappings, &mut windows)?;
+            let port = events::bind_interdomain(domid, remote_port).map_err(|rc| {
+                other(format!(
+                    "cannot bind event channel {remote_port} of domain {domid}: {rc}"
+                ))
+            })?;
+            let copier = match XenGrantCopy::new() {
+                Some(copier) => copier,
+                None => {
+                    events::close(port);
+                    return Err(PlatformError::Exhausted("memory for a grant-copy page"));
+                }
+            };
+            Ok((tx, rx, port, copier))
+        })();
+        let (tx, rx, port, copier) = match result {
+            Ok(parts) => parts,
+            Err(error) => {
+                let mut holdings = Holdings::Client { mappings, windows };
+                release(&mut holdings, &self.shared);
+                return Err(error);
+            }
+        };
+        self.remember_port(port);
+        let back = Netback::new(tx, rx, domid, port, copier, XenNotify);
+        self.xenstore
+            .write(&format!("{backend}/state"), &XENBUS_CONNECTED.to_string())
+            .map_err(PlatformError::Xenstore)?;
+        Ok(BackConn::Up {
+            back,
+            mappings,
+            windows,
+        })
+    }
+
     /// The xenbus handshake of a netfront (Mini-OS / Linux `xen-netfront`):
     /// read `backend-id` and `backend`, grant the rings and buffers, write
     /// `tx-ring-ref`, `rx-ring-ref`, `event-channel`, `request-rx-copy`,
@@ -386,11 +507,14 @@ impl XenPlatform {
         let rx_bufs = buffers(2 + netfront::TX_BUFFERS..count);
         let front = Netfront::new(mem(0), mem(1), tx_bufs, rx_bufs, port, XenNotify);
         self.remember_port(port);
-        let nic = XenNic {
-            front,
-            retired: Some(retired),
-            shared: self.shared.clone(),
-        };
+        let nic = XenNic::new(
+            NicKind::Front {
+                front: Box::new(front),
+                retired: Some(retired),
+            },
+            format!("netfront {node}"),
+            &self.shared,
+        );
         let (tx_ref, rx_ref) = (
             grefs.first().copied().unwrap_or_default(),
             grefs.get(1).copied().unwrap_or_default(),
@@ -436,18 +560,207 @@ impl XenPlatform {
     }
 }
 
-/// A virtual NIC on Xen: the uplink's netfront.
+/// Frames received and sent by one NIC.
+type FrameCounters = Rc<core::cell::Cell<(u64, u64)>>;
+
+/// Grant copy through a bounce page of ours (`GNTTABOP_copy`).
+#[derive(Debug)]
+pub struct XenGrantCopy {
+    bounce: RawMemory,
+    layout: Layout,
+}
+
+impl XenGrantCopy {
+    fn new() -> Option<Self> {
+        let layout = Layout::from_size_align(abi::PAGE_SIZE, abi::PAGE_SIZE).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let page = unsafe { alloc_zeroed(layout) };
+        if page.is_null() {
+            return None;
+        }
+        // SAFETY: our own page, freed only in `drop`; never granted; Xen
+        // writes it during grant copies we ask for, so it is accessed only
+        // through `RawMemory`.
+        let bounce = unsafe { RawMemory::new(page, abi::PAGE_SIZE) };
+        Some(XenGrantCopy { bounce, layout })
+    }
+
+    fn copy(
+        &self,
+        foreign: (u16, u32, u16),
+        len: usize,
+        to_foreign: bool,
+    ) -> Result<(), CopyRefused> {
+        if usize::from(foreign.2) + len > abi::PAGE_SIZE {
+            return Err(CopyRefused);
+        }
+        let local = abi::GnttabCopyPtr {
+            u: self.bounce.base() as u64 >> 12,
+            domid: abi::DOMID_SELF,
+            offset: 0,
+        };
+        let remote = abi::GnttabCopyPtr {
+            u: u64::from(foreign.1),
+            domid: foreign.0,
+            offset: foreign.2,
+        };
+        let mut op = if to_foreign {
+            abi::GnttabCopy {
+                source: local,
+                dest: remote,
+                len: len as u16,
+                flags: abi::GNTCOPY_DEST_GREF,
+                status: 0,
+            }
+        } else {
+            abi::GnttabCopy {
+                source: remote,
+                dest: local,
+                len: len as u16,
+                flags: abi::GNTCOPY_SOURCE_GREF,
+                status: 0,
+            }
+        };
+        let rc = hypercall::grant_table_op(abi::GNTTABOP_COPY, &mut op);
+        if rc == 0 && op.status == abi::GNTST_OKAY {
+            Ok(())
+        } else {
+            Err(CopyRefused)
+        }
+    }
+}
+
+impl GrantCopy for XenGrantCopy {
+    fn copy_from(
+        &mut self,
+        dom: u16,
+        gref: u32,
+        offset: u16,
+        dst: &mut [u8],
+    ) -> Result<(), CopyRefused> {
+        self.copy((dom, gref, offset), dst.len(), false)?;
+        self.bounce.read_bytes(0, dst);
+        Ok(())
+    }
+
+    fn copy_to(&mut self, dom: u16, gref: u32, offset: u16, src: &[u8]) -> Result<(), CopyRefused> {
+        if src.len() > abi::PAGE_SIZE {
+            return Err(CopyRefused);
+        }
+        self.bounce.write_bytes(0, src);
+        self.copy((dom, gref, offset), src.len(), true)
+    }
+}
+
+impl Drop for XenGrantCopy {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout and never granted.
+        unsafe { alloc::alloc::dealloc(self.bounce.base(), self.layout) };
+    }
+}
+
+/// A client vif's backend, from `attach_client` until it is dropped.
+#[derive(Debug)]
+pub enum BackConn {
+    /// InitWait written; waiting for the frontend to connect.
+    Pending {
+        domid: u16,
+        device: u32,
+        backend: String,
+        frontend: String,
+    },
+    /// Rings mapped, event channel bound.
+    Up {
+        back: Netback<RawMemory, XenGrantCopy, XenNotify>,
+        mappings: Vec<ForeignMapping>,
+        windows: Vec<(usize, usize)>,
+    },
+    /// Released.
+    Gone,
+}
+
+#[derive(Debug)]
+enum NicKind {
+    Front {
+        front: Box<Netfront<RawMemory, XenNotify>>,
+        retired: Option<Retired>,
+    },
+    Back(Rc<RefCell<BackConn>>),
+}
+
+/// A virtual NIC on Xen: the uplink's netfront, or a client's netback.
 #[derive(Debug)]
 pub struct XenNic {
-    front: Netfront<RawMemory, XenNotify>,
-    retired: Option<Retired>,
+    kind: NicKind,
+    counters: Rc<core::cell::Cell<(u64, u64)>>,
     shared: Rc<Shared>,
 }
 
 impl XenNic {
-    /// The NIC's counters.
-    pub fn stats(&self) -> netfront::NetfrontStats {
-        self.front.stats()
+    fn new(kind: NicKind, name: String, shared: &Rc<Shared>) -> Self {
+        let counters = Rc::new(core::cell::Cell::new((0, 0)));
+        shared
+            .nic_counters
+            .borrow_mut()
+            .push((name, counters.clone()));
+        XenNic {
+            kind,
+            counters,
+            shared: shared.clone(),
+        }
+    }
+
+    /// The netfront counters (uplink only).
+    pub fn netfront_stats(&self) -> Option<netfront::NetfrontStats> {
+        match &self.kind {
+            NicKind::Front { front, .. } => Some(front.stats()),
+            NicKind::Back(_) => None,
+        }
+    }
+
+    /// The netback counters (client vifs that connected).
+    pub fn netback_stats(&self) -> Option<NetbackStats> {
+        match &self.kind {
+            NicKind::Back(conn) => match &*conn.borrow() {
+                BackConn::Up { back, .. } => Some(back.stats()),
+                _ => None,
+            },
+            NicKind::Front { .. } => None,
+        }
+    }
+}
+
+/// A send slot on a [`XenNic`].
+#[derive(Debug)]
+pub enum XenTx<'a> {
+    Front(
+        NetfrontTx<'a, RawMemory, XenNotify>,
+        Rc<core::cell::Cell<(u64, u64)>>,
+    ),
+    Back(Rc<RefCell<BackConn>>, Rc<core::cell::Cell<(u64, u64)>>),
+}
+
+impl smoltcp::phy::TxToken for XenTx<'_> {
+    fn consume<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        let counters = match &self {
+            XenTx::Front(_, c) | XenTx::Back(_, c) => c.clone(),
+        };
+        let (r, t) = counters.get();
+        counters.set((r, t + 1));
+        match self {
+            XenTx::Front(token, _) => token.consume(len, f),
+            XenTx::Back(conn, _) => {
+                let mut frame = vec![0u8; len];
+                let result = f(&mut frame);
+                if let BackConn::Up { back, .. } = &mut *conn.borrow_mut() {
+                    back.send(&frame);
+                }
+                result
+            }
+        }
     }
 }
 
@@ -457,32 +770,87 @@ impl smoltcp::phy::Device for XenNic {
     where
         Self: 'a;
     type TxToken<'a>
-        = NetfrontTx<'a, RawMemory, XenNotify>
+        = XenTx<'a>
     where
         Self: 'a;
 
-    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        self.front.receive(timestamp)
+    fn receive(&mut self, timestamp: Instant) -> Option<(NetfrontRx, XenTx<'_>)> {
+        let counters = self.counters.clone();
+        let (r, t) = counters.get();
+        match &mut self.kind {
+            NicKind::Front { front, .. } => {
+                let (rx, tx) = front.receive(timestamp)?;
+                counters.set((r + 1, t));
+                Some((rx, XenTx::Front(tx, counters)))
+            }
+            NicKind::Back(conn) => {
+                let frame = match &mut *conn.borrow_mut() {
+                    BackConn::Up { back, .. } => {
+                        back.poll();
+                        back.take_frame()?
+                    }
+                    _ => return None,
+                };
+                counters.set((r + 1, t));
+                Some((NetfrontRx(frame), XenTx::Back(conn.clone(), counters)))
+            }
+        }
     }
 
-    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        self.front.transmit(timestamp)
+    fn transmit(&mut self, timestamp: Instant) -> Option<XenTx<'_>> {
+        let counters = self.counters.clone();
+        match &mut self.kind {
+            NicKind::Front { front, .. } => front
+                .transmit(timestamp)
+                .map(|tx| XenTx::Front(tx, counters)),
+            NicKind::Back(conn) => match &*conn.borrow() {
+                BackConn::Up { back, .. } if back.can_send() => {
+                    Some(XenTx::Back(conn.clone(), counters))
+                }
+                _ => None,
+            },
+        }
     }
 
     fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
-        self.front.capabilities()
+        let mut caps = smoltcp::phy::DeviceCapabilities::default();
+        caps.medium = smoltcp::phy::Medium::Ethernet;
+        caps.max_transmission_unit = netfront::MAX_FRAME;
+        let mut checksum = smoltcp::phy::ChecksumCapabilities::default();
+        checksum.ipv4 = smoltcp::phy::Checksum::Both;
+        caps.checksum = checksum;
+        caps
     }
 }
 
 impl Drop for XenNic {
     fn drop(&mut self) {
-        let port = self.front.port();
-        events::close(port);
-        self.shared.ports.borrow_mut().remove(&port);
-        if let Some(retired) = self.retired.take()
-            && let Some(still) = retired.try_free(&self.shared)
-        {
-            self.shared.retired.borrow_mut().push(still);
+        match &mut self.kind {
+            NicKind::Front { front, retired } => {
+                let port = front.port();
+                events::close(port);
+                self.shared.ports.borrow_mut().remove(&port);
+                if let Some(retired) = retired.take()
+                    && let Some(still) = retired.try_free(&self.shared)
+                {
+                    self.shared.retired.borrow_mut().push(still);
+                }
+            }
+            NicKind::Back(conn) => {
+                if let BackConn::Up {
+                    back,
+                    mappings,
+                    windows,
+                } = core::mem::replace(&mut *conn.borrow_mut(), BackConn::Gone)
+                {
+                    let port = back.port();
+                    events::close(port);
+                    self.shared.ports.borrow_mut().remove(&port);
+                    drop(back);
+                    let mut holdings = Holdings::Client { mappings, windows };
+                    release(&mut holdings, &self.shared);
+                }
+            }
         }
     }
 }
@@ -624,6 +992,13 @@ impl Platform for XenPlatform {
     }
 
     fn wait(&mut self, deadline: Option<Instant>) {
+        self.progress_backends();
+        let deadline = if self.shared.backends.borrow().is_empty() {
+            deadline
+        } else {
+            let soon = self.now() + smoltcp::time::Duration::from_millis(BACKEND_POLL_MS as u64);
+            Some(deadline.map_or(soon, |d| d.min(soon)))
+        };
         let retired: Vec<Retired> = self.shared.retired.borrow_mut().drain(..).collect();
         for pages in retired {
             if let Some(still) = pages.try_free(&self.shared) {
@@ -863,12 +1238,50 @@ impl Platform for XenPlatform {
     }
 
     fn attach_client(&mut self, domid: u16, device: u32) -> Result<Self::Nic, PlatformError> {
-        Err(other(format!(
-            "xen: netback (vif {domid}/{device}) is not implemented yet"
-        )))
+        let backend = format!("/local/domain/{}/backend/vif/{domid}/{device}", self.domid);
+        let frontend = self
+            .xenstore
+            .read(&format!("{backend}/frontend"))
+            .map_err(PlatformError::Xenstore)?
+            .ok_or_else(|| {
+                other(format!(
+                    "{backend}/frontend missing: the toolstack has not set up vif{domid}.{device}"
+                ))
+            })?;
+        if !frontend.starts_with(&format!("/local/domain/{domid}/")) || frontend.contains("..") {
+            return Err(other(format!(
+                "{backend}/frontend is {frontend:?}, not in domain {domid}"
+            )));
+        }
+        self.xenstore
+            .transaction(8, |xs| {
+                xs.write(&format!("{backend}/feature-rx-copy"), "1")?;
+                xs.write(&format!("{backend}/feature-rx-flip"), "0")?;
+                xs.write(&format!("{backend}/hotplug-status"), "connected")?;
+                xs.write(&format!("{backend}/state"), &XENBUS_INIT_WAIT.to_string())
+            })
+            .map_err(PlatformError::Xenstore)?;
+        let conn = Rc::new(RefCell::new(BackConn::Pending {
+            domid,
+            device,
+            backend,
+            frontend,
+        }));
+        self.shared.backends.borrow_mut().push(Rc::downgrade(&conn));
+        let nic = XenNic::new(
+            NicKind::Back(conn),
+            format!("netback vif{domid}.{device}"),
+            &self.shared,
+        );
+        self.progress_backends();
+        Ok(nic)
     }
 
     fn exit(&mut self, how: Shutdown) -> ! {
+        for (name, counters) in self.shared.nic_counters.borrow().iter() {
+            let (rx, tx) = counters.get();
+            log::info!("xen: {name}: {rx} frames received, {tx} sent");
+        }
         let reason = match how {
             Shutdown::PowerOff => abi::SHUTDOWN_POWEROFF,
             Shutdown::Reboot => abi::SHUTDOWN_REBOOT,
