@@ -8,10 +8,13 @@
 //! `n<us> r<peer>` in one transaction); clients follow
 //! `libxenvchan_client_init` (read those keys of the peer, bind, map).
 //! The uplink is a netfront (`device/vif/0`, xenbus handshake as Mini-OS and
-//! Linux `xen-netfront` do it). Numbers read from xenstore are parsed
+//! Linux `xen-netfront` do it); each client vif is a netback
+//! (`backend/vif/<domid>/<dev>`: `attach_client` writes `feature-rx-copy`,
+//! `hotplug-status` and InitWait and returns at once; `wait` connects it
+//! when the frontend is ready, as Linux `xen-netback` does, so a slow client
+//! never stalls the firewall). Numbers read from xenstore are parsed
 //! strictly; a page whose grant cannot be revoked yet (the peer still maps
-//! it) is kept until it can, never reused. netback for client qubes is not
-//! implemented yet: `attach_client` says so with a `PlatformError`.
+//! it) is kept until it can, never reused.
 
 use alloc::alloc::{Layout, alloc_zeroed};
 use alloc::boxed::Box;
