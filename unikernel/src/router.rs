@@ -2005,3 +2005,106 @@ fn is_broadcast_or_multicast(address: IpAddr) -> bool {
         IpAddr::V6(a) => a.is_multicast() || a.is_unspecified(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incremental_checksum_matches_a_full_recompute() {
+        let mut data: Vec<u8> = (0..64u32)
+            .map(|i| (i.wrapping_mul(37) ^ 0x5a) as u8)
+            .collect();
+        for round in 0..200u32 {
+            let before = checksum::finish(checksum::add(0, &data));
+            let at = (round as usize * 6) % 60 & !1;
+            let old = [data[at], data[at + 1], data[at + 2], data[at + 3]];
+            let new = (round.wrapping_mul(0x9e37_79b9)).to_be_bytes();
+            data[at..at + 4].copy_from_slice(&new);
+            let adjusted = checksum::adjust(before, &old, &new);
+            let recomputed = checksum::finish(checksum::add(0, &data));
+            // 0x0000 and 0xffff are the same value in one's complement.
+            assert!(
+                adjusted == recomputed
+                    || (adjusted | recomputed) == 0xffff && (adjusted & recomputed) == 0,
+                "round {round}: {adjusted:#06x} vs {recomputed:#06x}"
+            );
+        }
+    }
+
+    #[test]
+    fn parse_ip_refuses_malformed_packets() {
+        let cases: &[&[u8]] = &[
+            &[],
+            &[0x45],
+            &[0x44; 20], // IHL 4
+            &[0x46; 24], // options but total length nonsense
+            &[0x60; 39], // short IPv6 header
+            &[0x70; 40], // version 7
+        ];
+        for case in cases {
+            assert!(parse_ip(case, true).is_err(), "{case:?}");
+        }
+        // A valid header whose total length runs past the buffer.
+        let mut header = ipv4_header(
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            PROTO_UDP,
+            100,
+        );
+        assert_eq!(parse_ip(&header, true).err(), Some(DropReason::Malformed));
+        // A bad header checksum.
+        header[2..4].copy_from_slice(&28u16.to_be_bytes());
+        let mut packet = header.to_vec();
+        packet.extend_from_slice(&[0, 1, 0, 2, 0, 8, 0, 0]);
+        assert_eq!(parse_ip(&packet, true).err(), Some(DropReason::Malformed));
+        // Fixed: parses, ports read.
+        packet[10..12].copy_from_slice(&[0, 0]);
+        let sum = checksum::finish(checksum::add(0, &packet[..20]));
+        packet[10..12].copy_from_slice(&sum.to_be_bytes());
+        let meta = parse_ip(&packet, true).unwrap();
+        assert_eq!(
+            (meta.src_port, meta.dst_port, meta.protocol),
+            (1, 2, PROTO_UDP)
+        );
+        // Every truncation of it fails cleanly or parses; never panics.
+        for len in 0..packet.len() {
+            let _ = parse_ip(&packet[..len], true);
+            let _ = parse_ip(&packet[..len], false);
+        }
+    }
+
+    #[test]
+    fn rewrite_keeps_tcp_checksum_valid() {
+        let src = Ipv4Addr::new(10, 137, 0, 10);
+        let dst = Ipv4Addr::new(93, 184, 216, 34);
+        let mut segment = alloc::vec![0u8; 24];
+        segment[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        segment[2..4].copy_from_slice(&443u16.to_be_bytes());
+        segment[12] = 0x50;
+        segment[13] = 0x02;
+        segment[20..24].copy_from_slice(b"data");
+        let pseudo = checksum::pseudo_v4(&src, &dst, PROTO_TCP, 24);
+        let sum = checksum::finish(checksum::add(pseudo, &segment));
+        segment[16..18].copy_from_slice(&sum.to_be_bytes());
+        let mut packet = ipv4_header(src, dst, PROTO_TCP, 24).to_vec();
+        packet.extend_from_slice(&segment);
+        let meta = parse_ip(&packet, true).unwrap();
+        let nat = Ipv4Addr::new(10, 137, 0, 2);
+        rewrite(&mut packet, &meta, true, IpAddr::V4(nat), 51000);
+        decrement_ttl(&mut packet, false);
+        assert_eq!(
+            checksum::fold(checksum::add(0, &packet[..20])),
+            0xffff,
+            "IPv4 header checksum"
+        );
+        let pseudo = checksum::pseudo_v4(&nat, &dst, PROTO_TCP, 24);
+        assert_eq!(
+            checksum::fold(checksum::add(pseudo, &packet[20..])),
+            0xffff,
+            "TCP checksum"
+        );
+        assert_eq!(&packet[20..22], &51000u16.to_be_bytes());
+        assert_eq!(packet[8], 63);
+    }
+}
