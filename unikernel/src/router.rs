@@ -2017,7 +2017,7 @@ mod tests {
             .collect();
         for round in 0..200u32 {
             let before = checksum::finish(checksum::add(0, &data));
-            let at = (round as usize * 6) % 60 & !1;
+            let at = ((round as usize * 6) % 60) & !1;
             let old = [data[at], data[at + 1], data[at + 2], data[at + 3]];
             let new = (round.wrapping_mul(0x9e37_79b9)).to_be_bytes();
             data[at..at + 4].copy_from_slice(&new);
