@@ -24,10 +24,13 @@
 //! break only its own QubesDB link, never the daemon or a local tool. Every
 //! queue towards a peer is bounded; a peer that stops reading is
 //! disconnected instead of stalling the others.
+//!
+//! The vchan is the qrexec crate's transport (`qrexec::vchan`: the
+//! UNIX-socket layout of qubes-core-vchan-socket), the same one every
+//! other dom0 program uses: offered as server, one peer per offer.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,8 +38,10 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
+use qrexec::vchan::socket::{SocketTransport, SocketVchan};
+use qrexec::vchan::{Transport, Vchan};
+
 use crate::db::{ClientId, Db, verify_data};
-use crate::vchan;
 use crate::wire::{self, Command, HEADER_LEN, Header};
 
 /// `QUBESDB_VCHAN_PORT`.
@@ -48,7 +53,9 @@ pub const QUEUE_DEPTH: usize = 16384;
 /// Largest data part a local client may make us discard before we give up
 /// on it (the C daemon discards any amount).
 const MAX_DISCARD: u64 = 1 << 20;
-/// How long a write to a peer may block before the peer is given up.
+/// How long `start` waits for the vchan to be offered.
+const VCHAN_OFFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a write to a local client may block before it is given up.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How one daemon instance is set up.
@@ -75,12 +82,19 @@ impl Config {
 
     /// The vchan socket the VM connects to.
     pub fn vchan_path(&self) -> PathBuf {
-        vchan::socket_path(
+        // Both ids are 16-bit: the transport's range check cannot fail.
+        qrexec::vchan::socket::socket_path(
             &self.vchan_socket_dir,
-            self.own_domid,
-            self.domid,
+            u32::from(self.own_domid),
+            u32::from(self.domid),
             QUBESDB_VCHAN_PORT,
         )
+        .unwrap_or_default()
+    }
+
+    /// The vchan transport, as dom0 (`own_domid`).
+    fn transport(&self) -> SocketTransport {
+        SocketTransport::new(&self.vchan_socket_dir, u32::from(self.own_domid))
     }
 }
 
@@ -89,23 +103,24 @@ pub fn socket_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("qubesdb.{name}.sock"))
 }
 
-/// A peer we send to: a queue drained by its writer thread, and the socket
+/// A peer we send to: a queue drained by its writer thread, and the link
 /// (to shut it down).
 struct Peer {
     queue: SyncSender<Vec<u8>>,
-    stream: UnixStream,
+    link: Box<dyn Vchan>,
 }
 
 impl Peer {
-    fn start(stream: &UnixStream) -> io::Result<Peer> {
+    /// Starts the writer of `link`. A peer that stops reading fills its
+    /// queue and is shut down (which also ends a write blocked on it);
+    /// local sockets carry a write timeout as well.
+    fn start(link: &dyn Vchan) -> io::Result<Peer> {
         let (queue, outgoing) = mpsc::sync_channel(QUEUE_DEPTH);
-        let writer = stream.try_clone()?;
-        // A peer that stops reading cannot hold a writer thread forever.
-        writer.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let writer = link.try_clone()?;
         thread::spawn(move || write_loop(writer, outgoing));
         Ok(Peer {
             queue,
-            stream: stream.try_clone()?,
+            link: link.try_clone()?,
         })
     }
 
@@ -118,20 +133,20 @@ impl Peer {
     }
 
     fn shut(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.link.shutdown();
     }
 }
 
 /// Sends everything queued, in order; when the queue's sender is dropped
 /// (the peer's link is being closed) it flushes what is left, then closes
 /// the socket so the peer sees the end.
-fn write_loop(mut stream: UnixStream, outgoing: Receiver<Vec<u8>>) {
+fn write_loop(mut link: Box<dyn Vchan>, outgoing: Receiver<Vec<u8>>) {
     for bytes in outgoing {
-        if stream.write_all(&bytes).is_err() {
+        if link.write_all(&bytes).is_err() {
             break;
         }
     }
-    let _ = stream.shutdown(Shutdown::Both);
+    let _ = link.shutdown();
 }
 
 #[derive(Default)]
@@ -211,7 +226,7 @@ enum Incoming {
     Closed,
 }
 
-fn read_header(stream: &mut UnixStream) -> io::Result<Option<[u8; HEADER_LEN]>> {
+fn read_header(stream: &mut dyn Read) -> io::Result<Option<[u8; HEADER_LEN]>> {
     let mut raw = [0u8; HEADER_LEN];
     let mut filled = 0;
     while filled < HEADER_LEN {
@@ -232,13 +247,13 @@ fn read_header(stream: &mut UnixStream) -> io::Result<Option<[u8; HEADER_LEN]>> 
     Ok(Some(raw))
 }
 
-fn read_data(stream: &mut UnixStream, len: usize) -> io::Result<Vec<u8>> {
+fn read_data(stream: &mut dyn Read, len: usize) -> io::Result<Vec<u8>> {
     let mut data = vec![0u8; len];
     stream.read_exact(&mut data)?;
     Ok(data)
 }
 
-fn discard(stream: &mut UnixStream, len: u64) -> io::Result<()> {
+fn discard(stream: &mut dyn Read, len: u64) -> io::Result<()> {
     if len > MAX_DISCARD {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -306,13 +321,29 @@ impl Daemon {
                 error,
             })?;
         } else {
-            let vchan =
-                vchan::Server::bind(&self.config.vchan_path()).map_err(|error| StartError {
-                    what: format!("cannot offer vchan {}", self.config.vchan_path().display()),
-                    error,
-                })?;
+            // The transport offers the vchan inside the serving thread;
+            // wait (bounded) until it is offered, or for why it is not.
+            let (offered, failed) = mpsc::sync_channel(1);
             let daemon = Arc::clone(self);
-            thread::spawn(move || daemon.serve_vm(vchan));
+            thread::spawn(move || daemon.serve_vm(offered));
+            let path = self.config.vchan_path();
+            let start = std::time::Instant::now();
+            while !path.exists() {
+                let what = || format!("cannot offer vchan {}", path.display());
+                if let Ok(error) = failed.try_recv() {
+                    return Err(StartError {
+                        what: what(),
+                        error,
+                    });
+                }
+                if start.elapsed() > VCHAN_OFFER_TIMEOUT {
+                    return Err(StartError {
+                        what: what(),
+                        error: io::Error::new(io::ErrorKind::TimedOut, "not offered within 5 s"),
+                    });
+                }
+                thread::sleep(std::time::Duration::from_millis(2));
+            }
         }
         let daemon = Arc::clone(self);
         thread::spawn(move || {
@@ -328,7 +359,14 @@ impl Daemon {
 
     fn start_client(self: &Arc<Self>, stream: UnixStream) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let peer = match Peer::start(&stream) {
+        // A client that stops reading cannot hold a writer thread forever
+        // (the timeout is the socket's, shared by its clones).
+        if let Err(error) = stream.set_write_timeout(Some(WRITE_TIMEOUT)) {
+            eprintln!("ERROR: cannot set up client: {error}");
+            return;
+        }
+        let link = SocketVchan::new(stream);
+        let peer = match Peer::start(&link) {
             Ok(peer) => peer,
             Err(error) => {
                 eprintln!("ERROR: cannot set up client: {error}");
@@ -338,8 +376,8 @@ impl Daemon {
         self.lock().clients.insert(id, peer);
         let daemon = Arc::clone(self);
         thread::spawn(move || {
-            let mut stream = stream;
-            if let Err(error) = daemon.client_loop(id, &mut stream) {
+            let mut link = link;
+            if let Err(error) = daemon.client_loop(id, &mut link) {
                 eprintln!("client {id}: {error}; disconnecting");
             }
             let mut state = daemon.lock();
@@ -350,7 +388,7 @@ impl Daemon {
         });
     }
 
-    fn next_message(stream: &mut UnixStream, vchan: bool) -> io::Result<Result<Incoming, Header>> {
+    fn next_message(stream: &mut dyn Read, vchan: bool) -> io::Result<Result<Incoming, Header>> {
         let Some(raw) = read_header(stream)? else {
             return Ok(Ok(Incoming::Closed));
         };
@@ -367,7 +405,7 @@ impl Daemon {
     }
 
     /// One local client: db-cmds.c `handle_client_data`.
-    fn client_loop(&self, id: ClientId, stream: &mut UnixStream) -> io::Result<()> {
+    fn client_loop(&self, id: ClientId, stream: &mut dyn Read) -> io::Result<()> {
         loop {
             let (header, data) = match Self::next_message(stream, false)? {
                 Ok(Incoming::Closed) => return Ok(()),
@@ -475,17 +513,25 @@ impl Daemon {
         }
     }
 
-    /// Offers the vchan forever: one VM connection at a time.
-    fn serve_vm(self: &Arc<Self>, mut server: vchan::Server) {
+    /// Offers the vchan forever: one VM connection at a time. The first
+    /// failure to offer it is reported on `offered` (for `start`).
+    fn serve_vm(self: &Arc<Self>, offered: SyncSender<io::Error>) {
+        let transport = self.config.transport();
+        let mut first = Some(offered);
         loop {
-            let mut stream = match server.accept() {
-                Ok(stream) => stream,
-                Err(error) => {
-                    eprintln!("vchan accept failed: {error}; giving up on the VM link");
-                    return;
-                }
-            };
-            let peer = match Peer::start(&stream) {
+            let mut link =
+                match transport.server(u32::from(self.config.domid), QUBESDB_VCHAN_PORT, None) {
+                    Ok(link) => link,
+                    Err(error) => {
+                        eprintln!("vchan accept failed: {error}; giving up on the VM link");
+                        if let Some(offered) = first.take() {
+                            let _ = offered.try_send(error);
+                        }
+                        return;
+                    }
+                };
+            first = None;
+            let peer = match Peer::start(link.as_ref()) {
                 Ok(peer) => peer,
                 Err(error) => {
                     eprintln!("vchan: cannot set up the link: {error}");
@@ -497,7 +543,7 @@ impl Daemon {
                 state.vm = Some(peer);
                 state.vm_synced = false;
             }
-            match self.vm_loop(&mut stream) {
+            match self.vm_loop(&mut link) {
                 Ok(()) => eprintln!("vchan closed"),
                 Err(reason) => eprintln!("vchan: {reason}; dropping the VM link"),
             }
@@ -508,17 +554,13 @@ impl Daemon {
                 state.vm = None;
                 state.vm_synced = false;
             }
-            drop(stream);
+            drop(link);
             eprintln!("reconnecting");
-            if let Err(error) = server.rebind() {
-                eprintln!("vchan reconnection failed: {error}");
-                return;
-            }
         }
     }
 
     /// The VM's side of the link: db-cmds.c `handle_vchan_data`.
-    fn vm_loop(&self, stream: &mut UnixStream) -> Result<(), String> {
+    fn vm_loop(&self, stream: &mut dyn Read) -> Result<(), String> {
         loop {
             let (header, data) = match Self::next_message(stream, true) {
                 Err(error) => return Err(format!("read failed: {error}")),
@@ -612,4 +654,28 @@ fn multiread_reply(db: &Db, prefix: &str) -> Vec<u8> {
     }
     out.extend(wire::encode(Command::RespMultiread, "", &[]));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vchan_path_is_the_vchan_socket_convention() {
+        let config = Config {
+            domid: 12,
+            name: "work".into(),
+            socket_dir: PathBuf::from("/run/q"),
+            vchan_socket_dir: PathBuf::from("/run/v"),
+            own_domid: 0,
+        };
+        assert_eq!(
+            config.vchan_path(),
+            PathBuf::from("/run/v/vchan.0.12.111.sock")
+        );
+        assert_eq!(
+            config.socket_path(),
+            PathBuf::from("/run/q/qubesdb.work.sock")
+        );
+    }
 }

@@ -7,7 +7,7 @@
 //! - [`db`]: the entries and watches with the C daemon's semantics;
 //! - [`wire`]: the `qdb_hdr` handling on top of `protocol::qubesdb`;
 //! - [`client`], [`cli`]: the tools' side;
-//! - [`vchan`]: the vchan-over-UNIX-socket server end.
+//! - the vchan is the qrexec crate's transport (`qrexec::vchan`).
 //!
 //! Nothing here trusts the VM: every byte from the vchan is checked, and a
 //! VM that breaks the protocol loses its link, never the daemon.
@@ -17,5 +17,4 @@ pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod db;
-pub mod vchan;
 pub mod wire;
