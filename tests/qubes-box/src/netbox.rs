@@ -567,23 +567,7 @@ pub fn restart_net(config: &BoxConfig) -> io::Result<()> {
     // vif2.0 a fresh MAC, which makes the kernel announce it again
     // (NETDEV_CHANGEADDR with arp_notify): the firewall learns the new
     // gateway MAC as from any restarted net qube that announces itself.
-    let firewall = config.netns(FIREWALL.1);
-    let start = Instant::now();
-    loop {
-        let output = Command::new("ip")
-            .args(["-n", &firewall, "-d", "link", "show", "uplink"])
-            .output()?;
-        if String::from_utf8_lossy(&output.stdout).contains("state forwarding") {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(5) {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the firewall-side bridge port of the new sys-net link did not forward within 5 s",
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_forwarding(config, "uplink")?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -598,6 +582,39 @@ pub fn restart_net(config: &BoxConfig) -> io::Result<()> {
         "address",
         &format!("02:00:5e:{a:02x}:{b:02x}:{c:02x}"),
     ])
+}
+
+/// Waits (at most 5 s) until the bridge in the firewall's namespace
+/// forwards on `port`. The kernel applies a port's carrier change
+/// asynchronously (link watch, up to a second later); until then the
+/// bridge drops what crosses the port — a client's first ARP for its
+/// gateway, the firewall's first ARP for sys-net. A TAP gets its carrier
+/// when the firewall attaches it.
+fn wait_forwarding(config: &BoxConfig, port: &str) -> io::Result<()> {
+    let firewall = config.netns(FIREWALL.1);
+    let start = Instant::now();
+    loop {
+        let output = Command::new("ip")
+            .args(["-n", &firewall, "-d", "link", "show", port])
+            .output()?;
+        if String::from_utf8_lossy(&output.stdout).contains("state forwarding") {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(5) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the bridge port {port} in {firewall} did not forward within 5 s{}",
+                    if port.starts_with("vif") || port == "eth0" {
+                        " (did the firewall attach its TAP? see firewall.log)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Stops every recorded process of `machine` and deletes its namespace.
@@ -692,6 +709,18 @@ fn qrexec_env(config: &BoxConfig) -> Vec<(&'static str, PathBuf)> {
     ]
 }
 
+/// The MAC of a qube's `eth0` as Qubes numbers them
+/// (`00:16:3e:5e:6c:<qid>`, here with the domid), written to
+/// `backend/vif/<domid>/0/mac` as the toolstack does.
+pub fn client_mac(domid: u16) -> String {
+    let [high, low] = domid.to_be_bytes();
+    if high == 0 {
+        format!("00:16:3e:5e:6c:{low:02x}")
+    } else {
+        format!("00:16:3e:5e:{high:02x}:{low:02x}")
+    }
+}
+
 /// Adds client qube `client` to a running box, as Xen and qubesd do when a
 /// VM starts: its rules in the firewall's QubesDB, its namespace and veth,
 /// the firewall-side TAP `vif<domid>.0` bridged to it, its qrexec-agent
@@ -714,9 +743,10 @@ pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
     let veth = format!("veth{}", client.domid);
     let vif = format!("vif{}.0", client.domid);
     let bridge_name = format!("br{}", client.domid);
+    let mac = client_mac(client.domid);
     ip(&[
-        "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &veth, "netns",
-        &firewall,
+        "link", "add", "eth0", "netns", &netns, "address", &mac, "type", "veth", "peer", "name",
+        &veth, "netns", &firewall,
     ])?;
     ip(&[
         "-n",
@@ -818,6 +848,7 @@ pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
             format!("{home}/backend/vif/{}/0/ip", client.domid),
             client.ip.to_string(),
         ),
+        (format!("{home}/backend/vif/{}/0/mac", client.domid), mac),
     ] {
         xs.write(&path, value.as_bytes())
             .map_err(io::Error::other)?;
@@ -895,8 +926,27 @@ fn build(config: &BoxConfig) -> io::Result<()> {
     )?;
     wait_for_path(&config.xenstored_socket(), "xenstored")?;
 
-    // The firewall's machine (layer 2 only), then sys-net with the uplink.
+    // The firewall's machine (layer 2 only: no IPv6 either, so its bridges
+    // and ports never send link-local chatter into the clients' TAPs),
+    // then sys-net with the uplink.
     netns_add(config, &config.netns(FIREWALL.1))?;
+    for key in [
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ] {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &config.netns(FIREWALL.1),
+                "sysctl",
+                "-q",
+                "-w",
+                key,
+            ],
+        )?;
+    }
     build_sys_net(config)?;
 
     // dom0: the qrexec policy daemon.
@@ -975,6 +1025,7 @@ fn build(config: &BoxConfig) -> io::Result<()> {
     for (path, value) in [
         (format!("{home}/name"), FIREWALL.1.to_string()),
         (format!("{home}/domid"), FIREWALL.0.to_string()),
+        (format!("{home}/device/vif/0/mac"), client_mac(FIREWALL.0)),
     ] {
         xs.write(&path, value.as_bytes())
             .map_err(io::Error::other)?;
@@ -1034,6 +1085,14 @@ fn build(config: &BoxConfig) -> io::Result<()> {
             ],
             &[],
         )?;
+        // Up means ready: the firewall attached its TAPs and the bridges
+        // forward on them (else a client's first packets are lost).
+        wait_forwarding(config, "eth0")?;
+        for n in 1..=config.clients {
+            if let Some(client) = client_qube(n) {
+                wait_forwarding(config, &format!("vif{}.0", client.domid))?;
+            }
+        }
     }
     Ok(())
 }
@@ -1158,5 +1217,7 @@ mod tests {
         assert_eq!((c10.domid, c10.name.as_str()), (12, "client10"));
         assert_eq!(c10.ip, Ipv4Addr::new(10, 137, 0, 29));
         assert_eq!(client_qube(2).unwrap().rules.len(), 1);
+        assert_eq!(client_mac(3), "00:16:3e:5e:6c:03");
+        assert_eq!(client_mac(0x1234), "00:16:3e:5e:12:34");
     }
 }

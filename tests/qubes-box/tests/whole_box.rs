@@ -267,6 +267,17 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
 
+    // `up` returns once the firewall has attached its TAPs and the bridges
+    // forward on them: the very first request gets through at once (a
+    // lost first SYN or ARP would cost a retransmission, 1 s).
+    let first = Instant::now();
+    assert!(up.web_from("client1"), "the first request after up failed");
+    assert!(
+        first.elapsed() < Duration::from_millis(950),
+        "the first request after up took {:?} (a packet was lost)",
+        first.elapsed()
+    );
+
     // The firewall reports its networking up with an empty
     // /qubes-iptables-error, as Qubes' own firewall does.
     up.wait_until("/qubes-iptables-error written", || {

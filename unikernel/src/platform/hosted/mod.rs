@@ -36,6 +36,9 @@ pub mod exit_status {
     pub const REBOOT: i32 = 3;
 }
 
+/// Longest wait at bring-up for the uplink TAP's bridge port to forward.
+const UPLINK_LINK_WAIT: Duration = Duration::from_secs(3);
+
 /// How the hosted firewall is wired to the box.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostedConfig {
@@ -209,7 +212,18 @@ impl<X: Xenstore> Platform for HostedPlatform<X> {
 
     fn uplink(&mut self) -> Result<TapDevice, PlatformError> {
         let name = self.config.uplink_tap.clone();
-        self.open_tap(&name)
+        let device = self.open_tap(&name)?;
+        // Like netfront waiting for its backend to connect: the uplink is
+        // usable once the bridge behind the TAP (the box's) forwards, so
+        // the first ARP for the gateway is not lost. Bounded; only at
+        // bring-up (clients attach at run time and never wait here).
+        if !tap::wait_until_bridge_forwards(&name, UPLINK_LINK_WAIT) {
+            log::warn!(
+                "TAP {name}: its bridge port does not forward after {} ms; continuing",
+                UPLINK_LINK_WAIT.as_millis()
+            );
+        }
+        Ok(device)
     }
 
     fn attach_client(&mut self, domid: u16, device: u32) -> Result<TapDevice, PlatformError> {

@@ -209,6 +209,35 @@ pub fn set_txqueuelen(name: &str, len: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// `BR_STATE_FORWARDING` in `/sys/class/net/<port>/brport/state`.
+const BRIDGE_PORT_FORWARDING: &str = "3";
+
+/// If `name` is a bridge port (`/sys/class/net/<name>/brport` exists in our
+/// network namespace), waits until the bridge forwards on it, at most
+/// `limit`; returns whether it forwards (`true` at once for a device that
+/// is not bridged). A TAP gets its carrier only when we attach, and the
+/// kernel applies carrier changes to bridge ports asynchronously (link
+/// watch, up to a second later): frames written before then are dropped by
+/// the bridge, the firewall's first ARP request for its gateway among them.
+pub fn wait_until_bridge_forwards(name: &str, limit: std::time::Duration) -> bool {
+    wait_for_port_state(
+        std::path::Path::new(&std::format!("/sys/class/net/{name}/brport/state")),
+        limit,
+    )
+}
+
+fn wait_for_port_state(path: &std::path::Path, limit: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        match std::fs::read_to_string(path) {
+            Err(_) => return true,
+            Ok(state) if state.trim() == BRIDGE_PORT_FORWARDING => return true,
+            Ok(_) if start.elapsed() >= limit => return false,
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}
+
 /// Sets interface `name` up through `SIOCSIFFLAGS` on a throw-away socket.
 pub fn set_link_up(name: &str) -> io::Result<()> {
     let mut request = ifreq_for(name)?;
@@ -329,6 +358,29 @@ mod tests {
     use super::*;
     use smoltcp::phy::{Device, RxToken, TxToken};
     use std::time::Duration;
+
+    #[test]
+    fn waits_for_a_bridge_port_to_forward_and_no_longer() {
+        let dir = std::env::temp_dir().join(std::format!("tap-brport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = dir.join("state");
+        // Not a bridge port: no wait.
+        assert!(wait_for_port_state(&state, Duration::from_secs(5)));
+        // Disabled (0) for good: gives up after the limit.
+        std::fs::write(&state, "0\n").unwrap();
+        let start = std::time::Instant::now();
+        assert!(!wait_for_port_state(&state, Duration::from_millis(100)));
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        // Forwarding (3) later: returns once it is.
+        let later = state.clone();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            std::fs::write(later, "3\n").unwrap();
+        });
+        assert!(wait_for_port_state(&state, Duration::from_secs(5)));
+        writer.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn rejects_bad_interface_names() {
