@@ -632,6 +632,15 @@ pub fn main(argv: Vec<String>) -> i32 {
         usage(true);
         return 1;
     }
+    if parsed.has("use-stdin-socket") {
+        let is_socket = rustix::fs::fstat(std::io::stdin()).map(|st| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Socket
+        });
+        if !matches!(is_socket, Ok(true)) {
+            eprintln!("qrexec-client: --use-stdin-socket passed, but stdin not a socket");
+            return 2;
+        }
+    }
     let timeout_secs = match parsed.value("w").map(str::parse::<u64>).transpose() {
         Ok(t) => t.unwrap_or(5),
         Err(_) => {

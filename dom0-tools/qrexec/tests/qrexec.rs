@@ -422,6 +422,31 @@ fn hundred_concurrent_calls() {
 }
 
 #[test]
+fn use_stdin_socket_carries_both_directions() {
+    let q = two_vms("stdin-socket", "");
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let mut cmd = q.client();
+    cmd.args([
+        "--use-stdin-socket",
+        "-d",
+        "vmA",
+        "DEFAULT:read x; echo \"<$x>\"",
+    ])
+    .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+    .stdout(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd); // our copy of the socket end, or EOF never comes
+    ours.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    ours.write_all(b"over-socket\n").unwrap();
+    ours.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    ours.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "<over-socket>\n");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
 fn daemon_flags_and_usage() {
     let out = std::process::Command::new(common::DAEMON).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -441,4 +466,11 @@ fn daemon_flags_and_usage() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    let out = std::process::Command::new(common::CLIENT)
+        .args(["--use-stdin-socket", "-d", "vm", "cmd"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stdin not a socket"));
 }
