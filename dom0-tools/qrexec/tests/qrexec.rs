@@ -100,7 +100,10 @@ fn just_exec_starts_command_and_reports_zero() {
 
 #[test]
 fn missing_service_is_127_and_refused_call_is_126() {
-    let q = two_vms("codes", "\"vmA vmB test.Allowed\"*) allow root vmB vmB;;");
+    let q = two_vms(
+        "codes",
+        "\"vmA vmB test.Allowed\"*) allow root vmB vmB;;\n\"vmA vmZ test.Allowed\"*) allow root vmZ vmZ;;",
+    );
     let mut cmd = q.client();
     cmd.args(["-d", "vmA", "DEFAULT:QUBESRPC test.Missing dom0"]);
     assert_eq!(run_with_input(cmd, b"").status.code(), Some(127));
@@ -116,6 +119,12 @@ fn missing_service_is_127_and_refused_call_is_126() {
     let mut cmd = q.client_vm("vmA");
     cmd.args(["vmB", "test.Allowed"]);
     assert_eq!(run_with_input(cmd, b"").status.code(), Some(127));
+
+    // Allowed by policy but the target qube is not running: refused.
+    let mut cmd = q.client_vm("vmA");
+    cmd.args(["vmZ", "test.Allowed"]);
+    let out = run_with_input(cmd, b"");
+    assert_eq!(out.status.code(), Some(126), "{out:?}");
 }
 
 #[test]
