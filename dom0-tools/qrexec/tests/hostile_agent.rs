@@ -53,7 +53,7 @@ struct FakeQube {
     daemon: Child,
 }
 
-fn fake_qube(q: &Qubes, domid: u32, name: &str) -> FakeQube {
+fn fake_qube(q: &Qubes, domid: u32, name: &str, version: u32) -> FakeQube {
     let listener = UnixListener::bind(
         q.dir
             .join("vchan")
@@ -81,9 +81,9 @@ fn fake_qube(q: &Qubes, domid: u32, name: &str) -> FakeQube {
     agent
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    // The agent speaks first; we claim protocol 3.
+    // The agent speaks first, with the protocol version under test.
     agent
-        .write_all(&[header(0x300, 4), 3u32.to_ne_bytes().to_vec()].concat())
+        .write_all(&[header(0x300, 4), version.to_ne_bytes().to_vec()].concat())
         .unwrap();
     let (t, body) = read_msg(&mut agent);
     assert_eq!(t, 0x300);
@@ -106,7 +106,7 @@ fn expect_refused(agent: &mut UnixStream, raw_ident: &[u8; 32]) {
 fn malformed_triggers_are_refused_and_protocol_violations_end_the_daemon() {
     let mut q = Qubes::new("hostile", "\"evil vmB test.Add\"*) allow root vmB vmB;;");
     q.start_vm(6, "vmB");
-    let mut evil = fake_qube(&q, 9, "evil");
+    let mut evil = fake_qube(&q, 9, "evil", 3);
 
     // Service name without its NUL terminator.
     let id = ident(b"SOCKET7");
@@ -189,9 +189,40 @@ fn malformed_triggers_are_refused_and_protocol_violations_end_the_daemon() {
 }
 
 #[test]
+fn protocol_2_agent_uses_the_fixed_size_trigger() {
+    let q = Qubes::new("hostile-v2", "");
+    let mut old = fake_qube(&q, 9, "old", 2);
+    let trigger2 = |service: &[u8], target: &[u8], id: &[u8; 32]| {
+        let body = [fixed(service, 64), fixed(target, 32), id.to_vec()].concat();
+        [header(0x210, body.len()), body].concat()
+    };
+    // Bad ident and policy denial are refusals, echoing the ident.
+    let id = ident(b"13 bad/");
+    old.agent
+        .write_all(&trigger2(b"test.Add", b"vmB", &id))
+        .unwrap();
+    expect_refused(&mut old.agent, &id);
+    let id = ident(b"13");
+    old.agent
+        .write_all(&trigger2(b"test.Add", b"vmB", &id))
+        .unwrap();
+    expect_refused(&mut old.agent, &id);
+    assert!(q.policy_calls().contains("old vmB test.Add"));
+    // MSG_TRIGGER_SERVICE3 is not part of protocol 2: the daemon gives up.
+    old.agent
+        .write_all(&trigger3(b"vmB", &ident(b"14"), b"test.Add\0"))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while old.daemon.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn oversized_header_from_agent_ends_daemon() {
     let q = Qubes::new("hostile-len", "");
-    let mut evil = fake_qube(&q, 9, "evil");
+    let mut evil = fake_qube(&q, 9, "evil", 3);
     // TRIGGER_SERVICE3 claiming 1 GiB: refused before reading the body.
     evil.agent.write_all(&header(0x212, 1 << 30)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
