@@ -274,6 +274,43 @@ mod tests {
     }
 
     #[test]
+    fn random_replies_never_panic_and_never_allow_by_accident() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let pieces: [&[u8]; 12] = [
+            b"result=",
+            b"allow",
+            b"deny",
+            b"user=",
+            b"target=",
+            b"\n",
+            b"=",
+            b"\0",
+            b"autostart=",
+            b"True",
+            b"requested_target=",
+            b"x",
+        ];
+        for _ in 0..20_000 {
+            let mut reply = Vec::new();
+            for _ in 0..(next() % 12) {
+                reply.extend_from_slice(pieces[(next() % 12) as usize]);
+            }
+            if let Ok(Decision::Allow(a)) = parse_reply(&reply) {
+                // Only a complete allow reply is an allow.
+                let text = String::from_utf8_lossy(&reply);
+                assert!(text.contains("result=allow"));
+                assert!(!a.user.contains('\n') && !a.target.contains('\n'));
+            }
+        }
+    }
+
+    #[test]
     fn malformed_replies() {
         for bad in [
             &b""[..],

@@ -210,6 +210,36 @@ mod tests {
     }
 
     #[test]
+    fn random_streams_never_panic() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let types = [
+            0x190u32, 0x191, 0x192, 0x193, 0x200, 0x201, 0x202, 0x203, 0x210, 0x211, 0x212, 0x213,
+            0x300, 7,
+        ];
+        let mut buf = MessageBuf::new();
+        for _ in 0..5_000 {
+            let mut bytes = Vec::new();
+            for _ in 0..(next() % 4) {
+                let t = types[(next() % types.len() as u64) as usize];
+                let len = (next() % 200) as u32;
+                bytes.extend_from_slice(&t.to_ne_bytes());
+                bytes.extend_from_slice(&len.to_ne_bytes());
+                for _ in 0..(next() % 220) {
+                    bytes.push(next() as u8);
+                }
+            }
+            let mut r = &bytes[..];
+            while let Ok(Some(_)) = read_message(&mut r, &mut buf, "random") {}
+        }
+    }
+
+    #[test]
     fn hello_must_be_hello() {
         let mut bytes = Vec::new();
         write_message(&mut bytes, &Repr::ExitCode(7)).unwrap();
