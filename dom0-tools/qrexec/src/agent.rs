@@ -216,6 +216,9 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
     };
     let pid = std::process::id().to_string();
     let env = [("QREXEC_AGENT_PID", pid)];
+    let stderr_tag = split_user(cmdline)
+        .ok()
+        .and_then(|uc| exec::stderr_tag(uc.command));
     let launch = match split_user(cmdline) {
         Ok(uc) => {
             let user = String::from_utf8_lossy(uc.user).into_owned();
@@ -253,7 +256,7 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
     } else {
         match launch {
             Launch::Started(child) => {
-                crate::client::run_child_as_executor(vchan, version, child);
+                crate::client::run_child_logging_stderr(vchan, version, child, stderr_tag);
             }
             Launch::NotFound => {
                 let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_SERVICE_NOT_FOUND);

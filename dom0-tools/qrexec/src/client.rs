@@ -387,7 +387,19 @@ pub fn run_to_dom0(
 pub fn run_child_as_executor(
     vchan: Box<dyn vchan::Vchan>,
     version: u32,
+    child: std::process::Child,
+) -> u32 {
+    run_child_logging_stderr(vchan, version, child, None)
+}
+
+/// Like [`run_child_as_executor`]; with `stderr_tag`, the service's stderr
+/// is also logged locally under that tag (qubes-rpc-multiplexer tees it to
+/// `logger -t SERVICE-SOURCE`).
+pub fn run_child_logging_stderr(
+    vchan: Box<dyn vchan::Vchan>,
+    version: u32,
     mut child: std::process::Child,
+    stderr_tag: Option<String>,
 ) -> u32 {
     let stdin = child
         .stdin
@@ -397,10 +409,10 @@ pub fn run_child_as_executor(
         .stdout
         .take()
         .map(|s| Box::new(s) as Box<dyn Read + Send>);
-    let stderr = child
-        .stderr
-        .take()
-        .map(|s| Box::new(s) as Box<dyn Read + Send>);
+    let stderr = child.stderr.take().map(|s| match stderr_tag {
+        Some(tag) => Box::new(exec::LoggedStderr::new(s, tag)) as Box<dyn Read + Send>,
+        None => Box::new(s) as Box<dyn Read + Send>,
+    });
     let executor = Executor {
         stdin,
         stdout,

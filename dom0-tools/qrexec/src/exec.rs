@@ -321,6 +321,46 @@ pub fn spawn(req: &Request<'_>) -> Launch {
     }
 }
 
+/// A service's stderr that is also written to our own log, one line per
+/// chunk read, tagged `SERVICE-SOURCE` like qubes-rpc-multiplexer's
+/// `logger -t "$1-$2"`. Unprintable bytes are escaped in the log only; the
+/// bytes read are passed on unchanged.
+#[derive(Debug)]
+pub struct LoggedStderr<R> {
+    inner: R,
+    tag: String,
+}
+
+impl<R> LoggedStderr<R> {
+    /// Wrap `inner`, logging under `tag`.
+    pub fn new(inner: R, tag: String) -> Self {
+        LoggedStderr { inner, tag }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for LoggedStderr<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) {
+            let text = chunk.strip_suffix(b"\n").unwrap_or(chunk);
+            crate::log_error!("{}: {}", self.tag, crate::log::escape(text));
+        }
+        Ok(n)
+    }
+}
+
+/// The log tag of an RPC command (`service-source`), if it is one.
+pub fn stderr_tag(command: &[u8]) -> Option<String> {
+    match cmdline::parse_command(command) {
+        Ok(cmdline::Command::Rpc(rpc)) => Some(format!(
+            "{}-{}",
+            String::from_utf8_lossy(rpc.service),
+            String::from_utf8_lossy(rpc.source)
+        )),
+        _ => None,
+    }
+}
+
 /// An `OsString` holding `bytes` exactly (commands need not be UTF-8).
 fn os_from_bytes(bytes: &[u8]) -> OsString {
     use std::os::unix::ffi::OsStringExt;
@@ -365,6 +405,20 @@ mod tests {
         assert_eq!(find_service(&dirs, "..", ".."), None);
         assert_eq!(find_service(&dirs, "a/b", "a/b"), None);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn stderr_is_passed_on_and_tagged() {
+        use std::io::Read;
+        let mut r = LoggedStderr::new(&b"oops\n"[..], "test.Add+-vmA".into());
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"oops\n");
+        assert_eq!(
+            stderr_tag(b"QUBESRPC test.Add+ vmA").as_deref(),
+            Some("test.Add+-vmA")
+        );
+        assert_eq!(stderr_tag(b"echo hi"), None);
     }
 
     #[test]

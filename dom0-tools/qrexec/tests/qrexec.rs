@@ -157,7 +157,10 @@ fn vm_to_dom0_service_gets_qubes_environment() {
 #[test]
 fn vm_to_vm_seed_test_add_prints_3() {
     // Seed 002: test.Add with a local client program that uses SAVED_FD_1.
-    let q = two_vms("testadd", "\"vmA vmB test.Add\") allow root vmB vmB;;");
+    let q = two_vms(
+        "testadd",
+        "\"vmA vmB test.Add\"|\"vmA vmB test.Warn\") allow root vmB vmB;;",
+    );
     q.add_service(
         "vmB",
         "test.Add",
@@ -180,6 +183,19 @@ fn vm_to_vm_seed_test_add_prints_3() {
     assert_eq!(out.stdout, b"3\n");
     // The target saw the call from vmA with the '+' Qubes appends.
     assert!(q.policy_calls().contains("vmA vmB test.Add"));
+
+    // A service's stderr reaches the caller and the target's log.
+    q.add_service("vmB", "test.Warn", "#!/bin/sh\necho careful >&2\n");
+    let mut cmd = q.client_vm("vmA");
+    cmd.args(["vmB", "test.Warn"]);
+    let out = run_with_input(cmd, b"");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.stderr, b"careful\n");
+    assert!(
+        q.log("agent", "vmB").contains("test.Warn+-vmA: careful"),
+        "{}",
+        q.log("agent", "vmB")
+    );
 }
 
 #[test]
