@@ -150,6 +150,42 @@ check "client's netfront received and sent frames via the firewall ($(grep -o 'n
 sed 's/^/QFW-CLIENT-CONSOLE /' $CLOG
 xl destroy client 2>/dev/null
 
+# 4b) A Linux client qube behind the firewall pings dom0 (the net qube):
+#     its netfront -> our netback -> rules (accept) -> NAT -> our netfront
+#     -> dom0's netback/bridge, and back.
+cat > /tmp/linux-client.cfg <<CFG
+name = "linux-client"
+type = "pvh"
+kernel = "/guest/vmlinuz"
+ramdisk = "/guest/client-initrd.gz"
+extra = "console=hvc0 quiet"
+memory = 128
+on_poweroff = "preserve"
+on_crash = "preserve"
+vif = [ 'backend=sys-firewall,ip=10.137.0.10,mac=00:16:3e:5e:6c:11' ]
+CFG
+t5=$(up)
+xl create /tmp/linux-client.cfg; rc=$?
+check "xl create linux-client with backend=sys-firewall rc=$rc" $([ $rc = 0 ] && echo ok)
+LLOG=$CONS/guest-linux-client.log
+# Not yet a gate: in this lab the Debian kernel as a PVH domU stops at once
+# (state ---s--, 0.0 s of CPU, no console output; not yet understood), so
+# the outcome is printed as QFW-INFO with diagnostics.
+i=0; until grep -q "CLIENT-LINUX PING-" $LLOG 2>/dev/null || [ $i -ge 900 ] \
+    || xl list linux-client 2>/dev/null | awk 'NR==2{exit !($5 ~ /[sc]/)}'; do sleep 0.1; i=$((i+1)); done
+sed 's/^/QFW-LINUX-CLIENT /' $LLOG | tail -40
+if grep -q "CLIENT-LINUX PING-OK" $LLOG; then
+    echo "QFW-MEASURE linux-client: xl create -> ping through the firewall answered in $(since $t5) s"
+    echo "QFW-INFO ok   a Linux client qube pings dom0 through the firewall (netback, rules, NAT, netfront)"
+else
+    echo "QFW-INFO no   a Linux client qube pings dom0 through the firewall (not gating)"
+    xl list | sed 's/^/QFW-INFO /'
+    ldom=$(xl domid linux-client 2>/dev/null)
+    xenstore-ls -f /local/domain/$ldom/device 2>/dev/null | grep -E 'state|ring-ref|rx-copy' | sed 's/^/QFW-INFO /'
+    xl dmesg | grep -E "\(d$ldom\)|d${ldom}v0" | grep -v "save:\|restore:" | tail -15 | sed 's/^/QFW-INFO /'
+fi
+xl destroy linux-client 2>/dev/null
+
 # 5) Clean shutdown.
 t1=$(up)
 xl shutdown sys-firewall; rc=$?

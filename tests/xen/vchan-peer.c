@@ -199,6 +199,14 @@ static int qubesdb(int domid)
                          as_client ? client_entries[i][1] : net_entries[i][1]);
             send_qdb(v, QDB_RESP_MULTIREAD, "", NULL);
             synced = 1;
+            if (with_net && !as_client) {
+                /* Then, as dom0 does for each client: the rules of client
+                 * 10.137.0.10 (accept everything), then the commit. */
+                send_qdb(v, QDB_CMD_WRITE, "/qubes-firewall/10.137.0.10/policy", "drop");
+                send_qdb(v, QDB_CMD_WRITE, "/qubes-firewall/10.137.0.10/0000", "action=accept");
+                send_qdb(v, QDB_CMD_WRITE, "/qubes-firewall/10.137.0.10", "");
+                printf("PEER-QUBESDB pushed the rules of client 10.137.0.10 and committed\n");
+            }
             printf("PEER-QUBESDB MULTIREAD answered with %zu entries\n",
                    sizeof entries / sizeof entries[0] + (with_net ? sizeof net_entries / sizeof net_entries[0] : 0));
         } else if (h.type == QDB_CMD_WRITE || h.type == QDB_CMD_RM) {
