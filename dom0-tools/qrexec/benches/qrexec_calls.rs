@@ -134,6 +134,14 @@ fn main() {
         &format!("#!/bin/sh\nexec head -c {} /dev/zero\n", mib << 20),
     );
 
+    // What one process start costs on this machine right now: a call
+    // starts two (client and service) or three (VM->VM adds nothing in
+    // dom0, but client-vm and the service) processes.
+    latency("baseline: sh -c true (no qrexec)", calls, || {
+        let mut c = Command::new("/bin/sh");
+        c.args(["-c", "true"]);
+        c
+    });
     latency("latency dom0->VM", calls, || {
         let mut c = q.client();
         c.args(["-d", "vmA", "DEFAULT:true"]);

@@ -7,8 +7,8 @@
 //!
 //! Facts: qubes-core-vchan-socket `vchan/init.c`/`io.c`; the same layout as
 //! the unikernel's hosted platform (`unikernel/src/platform/hosted/vchan.rs`).
-//! Qubes' client polls every 100 ms; ours polls every 0.2 ms for the first
-//! 10 ms, then backs off to 100 ms, which keeps call latency low without changing what either side
+//! Qubes' client polls every 100 ms; ours polls every 0.2-1 ms for the
+//! first 5 s, then backs off to 100 ms, which keeps call latency low without changing what either side
 //! sees on the socket. This module must never accept a second connection on
 //! a server socket: a vchan has exactly one peer.
 
@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
 use super::{Transport, Vchan};
+
+/// How long a client polls for its server every millisecond or faster.
+const FAST_POLL_PERIOD: Duration = Duration::from_secs(5);
 
 /// Default socket directory of qubes-core-vchan-socket.
 pub const DEFAULT_SOCKET_DIR: &str = protocol::vchan::DEFAULT_SOCKET_DIR;
@@ -203,11 +206,12 @@ impl Transport for SocketTransport {
     ) -> io::Result<Box<dyn Vchan>> {
         let path = socket_path(&self.dir, server, self.own_domain, port)?;
         let deadline = timeout.map(|t| Instant::now() + t);
-        // The server usually appears within a few milliseconds (both ends
-        // learn the port at the same moment): poll fast at first, then back
-        // off to Qubes' 100 ms.
+        // The server usually appears within milliseconds (both ends learn
+        // the port at about the same moment): poll every 0.2-1 ms for the
+        // first seconds (a failed connect() to a missing path costs a few
+        // microseconds), then back off to Qubes' 100 ms.
+        let started = Instant::now();
         let mut delay = Duration::from_micros(200);
-        let mut attempts = 0u32;
         loop {
             match UnixStream::connect(&path) {
                 Ok(stream) => return Ok(Box::new(SocketVchan::new(stream))),
@@ -224,10 +228,12 @@ impl Transport for SocketTransport {
                         ));
                     }
                     std::thread::sleep(delay);
-                    attempts += 1;
-                    if attempts > 50 {
-                        delay = (delay * 2).min(Duration::from_millis(100));
-                    }
+                    let cap = if started.elapsed() < FAST_POLL_PERIOD {
+                        Duration::from_millis(1)
+                    } else {
+                        Duration::from_millis(100)
+                    };
+                    delay = (delay * 2).min(cap);
                 }
                 Err(e) => {
                     return Err(io::Error::new(
