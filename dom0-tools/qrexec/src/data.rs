@@ -340,27 +340,22 @@ pub fn run_executor(vchan: Box<dyn Vchan>, version: u32, local: Executor) -> Res
         // As Qubes' process_io: no stderr to forward, say so first.
         send_failed |= send(&writer, &stderr_eof).is_err();
     }
-    let out_thread = local.stdout.map(|stdout| {
-        let writer = Arc::clone(&writer);
-        thread::spawn(move || pump(stdout, &writer, MsgType::DataStdout, chunk, true, None))
-    });
     let err_thread = local.stderr.map(|stderr| {
         let writer = Arc::clone(&writer);
         thread::spawn(move || pump(stderr, &writer, MsgType::DataStderr, chunk, false, None))
     });
-    match out_thread {
-        Some(t) => send_failed |= !matches!(t.join(), Ok(Ok(()))),
-        None => {
-            send_failed |= send(
-                &writer,
-                &Repr::Data {
-                    stream: DataStream::Stdout,
-                    data: &[],
-                },
-            )
-            .is_err()
-        }
-    }
+    // stdout is pumped on this thread: one thread start less per call.
+    send_failed |= match local.stdout {
+        Some(stdout) => pump(stdout, &writer, MsgType::DataStdout, chunk, true, None).is_err(),
+        None => send(
+            &writer,
+            &Repr::Data {
+                stream: DataStream::Stdout,
+                data: &[],
+            },
+        )
+        .is_err(),
+    };
     let eof = match err_thread {
         Some(t) => {
             send_failed |= !matches!(t.join(), Ok(Ok(())));
