@@ -10,6 +10,7 @@
 #![allow(unsafe_code)] // reason: epoll, TAP ioctls and netns syscalls; each block carries a SAFETY comment.
 
 pub mod epoll;
+pub mod gso;
 pub mod reactor;
 pub mod tap;
 pub mod vchan;
@@ -174,6 +175,8 @@ impl<X: Xenstore> Platform for HostedPlatform<X> {
     }
 
     fn wait(&mut self, deadline: Option<Instant>) {
+        // Frames held back to be merged go out before we sleep.
+        self.reactor.flush_all();
         // smoltcp's `Instant - Instant` is an absolute difference: a deadline
         // already passed must not turn into a sleep as long as it is overdue.
         let now = self.now();

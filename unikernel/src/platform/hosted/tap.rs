@@ -2,10 +2,15 @@
 //! Xen vif (netback for a client, netfront for the uplink).
 //!
 //! The device is opened through `/dev/net/tun` with `TUNSETIFF` and
-//! `IFF_TAP | IFF_NO_PI` (Linux `Documentation/networking/tuntap.rst`), so
-//! every `read` is exactly one Ethernet frame and every `write` sends one;
-//! the descriptor is non-blocking and registered with the platform's epoll
-//! set. The kernel side of the device can be moved into another network
+//! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (Linux
+//! `Documentation/networking/tuntap.rst`), so every `read` is one
+//! `virtio_net_hdr` and one Ethernet frame and every `write` sends one; the
+//! descriptor is non-blocking and registered with the platform's epoll set.
+//! We offer the kernel no offloads (no `TUNSETOFFLOAD`), so what we read is
+//! always a complete, checksummed frame of at most the MTU (a header asking
+//! for GSO or a checksum is dropped and counted); what we write goes
+//! through [`super::gso::Coalescer`], which merges runs of one TCP flow's
+//! segments into GSO frames the kernel carries as one packet. The kernel side of the device can be moved into another network
 //! namespace (the client qube's, in the box) while we keep the descriptor.
 //!
 //! Frames the other side sends are hostile input: a frame larger than our
@@ -13,10 +18,11 @@
 //! kernel refuses (queue full) drops that frame and counts it. Nothing here
 //! panics on any frame.
 
+use std::cell::{Cell, RefCell};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::string::String;
 use std::vec;
 use std::vec::Vec;
@@ -24,7 +30,8 @@ use std::vec::Vec;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 
 use super::epoll::Interest;
-use super::reactor::Reactor;
+use super::gso::{self, Coalescer, VNET_HDR_LEN};
+use super::reactor::{Flush, Reactor};
 use crate::platform::Instant;
 
 /// The IP MTU of a Qubes vif (Xen netfront default).
@@ -35,7 +42,7 @@ pub const DEFAULT_QUEUE_LEN: u32 = 10000;
 const ETHERNET_HEADER: usize = 14;
 /// Largest frame the kernel can hand us on a TAP (without GSO); the read
 /// buffer is this big so that an oversized frame is seen whole and dropped.
-const READ_BUFFER: usize = 65536;
+const READ_BUFFER: usize = 65536 + VNET_HDR_LEN;
 
 /// Per-device counters, readable for the status service.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,12 +57,58 @@ pub struct TapCounters {
     pub tx_dropped: u64,
     /// Read errors other than "nothing there".
     pub rx_errors: u64,
+    /// Frames dropped because their vnet header asked for GSO or a
+    /// checksum (offloads we never offered).
+    pub rx_offloaded: u64,
+    /// Writes that were GSO frames (each several frames merged).
+    pub tx_gso_writes: u64,
+    /// Frames that went out merged into GSO frames.
+    pub tx_merged_frames: u64,
+}
+
+/// The transmit side, shared with the reactor so that frames held back
+/// for merging are written before the platform sleeps.
+#[derive(Debug)]
+struct TxPath {
+    fd: OwnedFd,
+    coalescer: RefCell<Coalescer>,
+    tx_frames: Cell<u64>,
+    tx_dropped: Cell<u64>,
+}
+
+impl TxPath {
+    fn write(&self, bytes: &[u8]) {
+        // SAFETY: the pointer and length describe `bytes`, which outlives
+        // the call; write does not keep the pointer.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        if usize::try_from(n).ok() == Some(bytes.len()) {
+            self.tx_frames.set(self.tx_frames.get().saturating_add(1));
+        } else {
+            self.tx_dropped.set(self.tx_dropped.get().saturating_add(1));
+        }
+    }
+
+    fn send(&self, frame: &[u8]) {
+        if let Ok(mut coalescer) = self.coalescer.try_borrow_mut() {
+            coalescer.push(frame, &mut |bytes| self.write(bytes));
+        }
+    }
+}
+
+impl Flush for TxPath {
+    fn flush(&self) {
+        if let Ok(mut coalescer) = self.coalescer.try_borrow_mut()
+            && coalescer.is_pending()
+        {
+            coalescer.flush(&mut |bytes| self.write(bytes));
+        }
+    }
 }
 
 /// One TAP device.
 #[derive(Debug)]
 pub struct TapDevice {
-    fd: OwnedFd,
+    tx: Rc<TxPath>,
     name: String,
     mtu: usize,
     reactor: Rc<Reactor>,
@@ -89,7 +142,8 @@ impl TapDevice {
     /// (needs `CAP_NET_ADMIN`, or a persistent device owned by our user).
     pub fn open(reactor: Rc<Reactor>, name: &str, mtu: usize) -> io::Result<TapDevice> {
         let mut request = ifreq_for(name)?;
-        request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        request.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         let path = CString::new("/dev/net/tun").map_err(io::Error::other)?;
         // SAFETY: `path` is a valid NUL-terminated string for the call.
         let raw = unsafe {
@@ -110,8 +164,17 @@ impl TapDevice {
             return Err(io::Error::last_os_error());
         }
         reactor.epoll.add(fd.as_raw_fd(), Interest::READ)?;
-        Ok(TapDevice {
+        let tx = Rc::new(TxPath {
             fd,
+            coalescer: RefCell::new(Coalescer::default()),
+            tx_frames: Cell::new(0),
+            tx_dropped: Cell::new(0),
+        });
+        let flusher: Rc<dyn Flush> = tx.clone();
+        let weak: Weak<dyn Flush> = Rc::downgrade(&flusher);
+        reactor.add_flusher(weak);
+        Ok(TapDevice {
+            tx,
             name: String::from(name),
             mtu,
             reactor,
@@ -128,7 +191,19 @@ impl TapDevice {
 
     /// The counters so far.
     pub fn counters(&self) -> TapCounters {
-        self.counters
+        let mut counters = self.counters;
+        counters.tx_frames = self.tx.tx_frames.get();
+        counters.tx_dropped = self.tx.tx_dropped.get();
+        if let Ok(coalescer) = self.tx.coalescer.try_borrow() {
+            counters.tx_gso_writes = coalescer.gso_writes;
+            counters.tx_merged_frames = coalescer.merged_frames;
+        }
+        counters
+    }
+
+    /// Writes out any frames held back for merging.
+    pub fn flush(&self) {
+        self.tx.flush();
     }
 
     /// Sets the kernel side of the device administratively up (what
@@ -142,15 +217,16 @@ impl TapDevice {
         set_txqueuelen(&self.name, len)
     }
 
-    /// Reads one frame into the receive buffer; `Some(len)` when a frame of
-    /// acceptable size arrived.
+    /// Reads one vnet header and frame into the receive buffer;
+    /// `Some(len)` (of the frame, which starts at `VNET_HDR_LEN`) when a
+    /// plain frame of acceptable size arrived.
     fn read_frame(&mut self) -> Option<usize> {
         loop {
             // SAFETY: the pointer and length describe `rx_buffer`, which is
             // writable and outlives the call.
             let n = unsafe {
                 libc::read(
-                    self.fd.as_raw_fd(),
+                    self.tx.fd.as_raw_fd(),
                     self.rx_buffer.as_mut_ptr().cast(),
                     self.rx_buffer.len(),
                 )
@@ -166,7 +242,19 @@ impl TapDevice {
                     }
                 }
             }
-            let len = usize::try_from(n).unwrap_or(0);
+            let Some(len) = usize::try_from(n)
+                .ok()
+                .and_then(|n| n.checked_sub(VNET_HDR_LEN))
+            else {
+                self.counters.rx_errors = self.counters.rx_errors.saturating_add(1);
+                continue;
+            };
+            let flags = self.rx_buffer.first().copied().unwrap_or(0);
+            let gso_type = self.rx_buffer.get(1).copied().unwrap_or(0);
+            if flags & gso::F_NEEDS_CSUM != 0 || gso_type != gso::GSO_NONE {
+                self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
+                continue;
+            }
             if len > self.mtu + ETHERNET_HEADER {
                 self.counters.rx_oversized = self.counters.rx_oversized.saturating_add(1);
                 continue;
@@ -260,7 +348,8 @@ pub fn set_link_up(name: &str) -> io::Result<()> {
 
 impl Drop for TapDevice {
     fn drop(&mut self) {
-        self.reactor.epoll.remove(self.fd.as_raw_fd());
+        self.tx.flush();
+        self.reactor.epoll.remove(self.tx.fd.as_raw_fd());
     }
 }
 
@@ -273,9 +362,8 @@ pub struct TapRxToken<'a> {
 /// Permission to send one frame.
 #[derive(Debug)]
 pub struct TapTxToken<'a> {
-    fd: &'a OwnedFd,
+    tx: &'a TxPath,
     buffer: &'a mut Vec<u8>,
-    counters: &'a mut TapCounters,
 }
 
 impl phy::RxToken for TapRxToken<'_> {
@@ -295,14 +383,7 @@ impl phy::TxToken for TapTxToken<'_> {
         self.buffer.clear();
         self.buffer.resize(len, 0);
         let result = f(self.buffer);
-        // SAFETY: the pointer and length describe the initialised `buffer`,
-        // which outlives the call; write does not keep the pointer.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), self.buffer.as_ptr().cast(), len) };
-        if usize::try_from(n).ok() == Some(len) {
-            self.counters.tx_frames = self.counters.tx_frames.saturating_add(1);
-        } else {
-            self.counters.tx_dropped = self.counters.tx_dropped.saturating_add(1);
-        }
+        self.tx.send(self.buffer);
         result
     }
 }
@@ -320,28 +401,25 @@ impl phy::Device for TapDevice {
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let len = self.read_frame()?;
         let TapDevice {
-            fd,
+            tx,
             rx_buffer,
             tx_buffer,
-            counters,
             ..
         } = self;
-        let frame = rx_buffer.get(..len)?;
+        let frame = rx_buffer.get(VNET_HDR_LEN..VNET_HDR_LEN + len)?;
         Some((
             TapRxToken { frame },
             TapTxToken {
-                fd,
+                tx,
                 buffer: tx_buffer,
-                counters,
             },
         ))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
         Some(TapTxToken {
-            fd: &self.fd,
+            tx: &self.tx,
             buffer: &mut self.tx_buffer,
-            counters: &mut self.counters,
         })
     }
 
