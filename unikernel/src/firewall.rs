@@ -510,7 +510,7 @@ impl<P: Platform> Firewall<P> {
             secondary_dns: Some(settings.secondary_dns),
             ip6: settings.ip6,
             gateway6: settings.gateway6,
-            seed: seed(platform, now),
+            seed: platform.random_seed(),
         };
         let uplink = platform.uplink().map_err(|error| FlowError::Platform {
             doing: "bringing up the uplink to the net qube",
@@ -675,20 +675,6 @@ fn list_vifs<X: Xenstore>(
         }
     }
     Ok(found)
-}
-
-/// A seed for the router's hash keys and NAT ports. The platform has no
-/// entropy source in its trait; this mixes what differs between boots and
-/// VMs (time of start, domain id, memory size).
-fn seed<P: Platform>(platform: &P, now: Instant) -> u64 {
-    let mut x = (now.total_micros() as u64)
-        ^ (u64::from(platform.domid()) << 48)
-        ^ (platform.memory_bytes() as u64).rotate_left(17);
-    // splitmix64 finaliser
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 /// What the qrexec services see of the firewall.
@@ -885,13 +871,5 @@ mod tests {
         };
         assert_eq!(clock.now(Instant::from_secs(65)), Some(1_060));
         assert_eq!(WallClock::default().now(Instant::from_secs(1)), None);
-    }
-
-    #[test]
-    fn seeds_differ_between_domains_and_boots() {
-        let (a, _) = FakePlatform::new(2, 32 << 20);
-        let (b, _) = FakePlatform::new(3, 32 << 20);
-        assert_ne!(seed(&a, Instant::ZERO), seed(&b, Instant::ZERO));
-        assert_ne!(seed(&a, Instant::ZERO), seed(&a, Instant::from_micros(1)));
     }
 }

@@ -523,6 +523,8 @@ struct Shared {
     /// Vifs whose attach fails (to test a broken backend).
     broken_vifs: Vec<(u16, u32)>,
     waits: usize,
+    /// How many seeds the firewall drew.
+    seeds_drawn: u64,
     max_waits: usize,
     hook: Option<WaitHook>,
     vchan_limit: usize,
@@ -689,6 +691,19 @@ impl Platform for FakePlatform {
 
     fn now(&self) -> Instant {
         self.clock.now()
+    }
+
+    /// Deterministic, so that test runs repeat: derived from the domain id
+    /// and memory size, different on each call.
+    fn random_seed(&mut self) -> u64 {
+        let mut shared = self.shared.borrow_mut();
+        shared.seeds_drawn += 1;
+        let mut x = (u64::from(self.domid) << 48)
+            ^ (self.memory_bytes as u64)
+            ^ shared.seeds_drawn.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
     }
 
     fn wait(&mut self, deadline: Option<Instant>) {

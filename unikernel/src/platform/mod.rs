@@ -175,6 +175,11 @@ pub trait Platform {
     /// Sleeps until an event arrives on any link or NIC, or `deadline`
     /// passes (`None`: no deadline).
     fn wait(&mut self, deadline: Option<Instant>);
+    /// 64 bits from the platform's entropy source (RDRAND on Xen, the
+    /// kernel's random pool hosted). They key the router's hash tables and
+    /// randomise NAT ports and DNS query ids, so that a peer cannot predict
+    /// them; they are not for cryptography.
+    fn random_seed(&mut self) -> u64;
 
     /// Offers a vchan as server to `peer` on `port` (the qrexec control
     /// channel: 512). The stream stays `Waiting` until the peer connects.

@@ -174,6 +174,22 @@ impl<X: Xenstore> Platform for HostedPlatform<X> {
         Instant::from_micros(micros)
     }
 
+    fn random_seed(&mut self) -> u64 {
+        use std::io::Read as _;
+        let mut bytes = [0u8; 8];
+        match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)) {
+            Ok(()) => u64::from_ne_bytes(bytes),
+            Err(error) => {
+                // Without the kernel's pool, the clock is the best we have.
+                log::warn!("hosted platform: /dev/urandom: {error}; seeding from the clock");
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                now ^ u64::from(std::process::id()).rotate_left(40)
+            }
+        }
+    }
+
     fn wait(&mut self, deadline: Option<Instant>) {
         // Frames held back to be merged go out before we sleep.
         self.reactor.flush_all();

@@ -16,6 +16,7 @@
 
 pub mod abi;
 pub mod console;
+pub mod entropy;
 pub mod events;
 pub mod grant;
 pub mod hypercall;

@@ -994,6 +994,10 @@ impl Platform for XenPlatform {
         Instant::from_micros((ns / 1000) as i64)
     }
 
+    fn random_seed(&mut self) -> u64 {
+        super::entropy::seed(system_time(&self.shared_info))
+    }
+
     fn wait(&mut self, deadline: Option<Instant>) {
         self.progress_backends();
         let deadline = if self.shared.backends.borrow().is_empty() {
