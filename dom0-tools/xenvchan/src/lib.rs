@@ -1,0 +1,54 @@
+//! xenvchan: a safe, blocking, thread-shareable handle on Xen's
+//! `libxenvchan` (the shared-ring byte stream between two domains), for the
+//! dom0 tools' real-Xen vchan transport.
+//!
+//! With the cargo feature `xen` the crate links `libxenvchan` (Debian:
+//! `libxen-dev` to build, `libxenvchan4.17` to run) and exports
+//! [`XenVchan`]. Without it the crate builds anywhere, links nothing, and
+//! [`AVAILABLE`] is `false`: the blocking machinery ([`blocking`]) is still
+//! built and tested against an in-memory double.
+//!
+//! Facts (Xen 4.17 `tools/include/libxenvchan.h`, `tools/libs/vchan/io.c`,
+//! `init.c`): a handle starts non-blocking (`blocking = 0`), so
+//! `libxenvchan_read`/`write` move what fits and return at once;
+//! `libxenvchan_data_ready`/`buffer_space` also ask the peer for a
+//! notification, so checking them before waiting never loses a wake-up;
+//! `libxenvchan_is_open` is 0 (closed), 1 (open) or 2 (server waiting for
+//! its client); `libxenvchan_fd_for_select` is the event channel's fd and
+//! `libxenvchan_wait` consumes its pending event (blocking only if none is
+//! pending). This module must never hold the handle's lock while blocked in
+//! `poll`, and never lets two threads consume the same event channel at
+//! once (one polls, the others wait on a condition variable for it).
+
+#![deny(unsafe_code)] // only `ffi` (the libxenvchan calls) may use unsafe; see its SAFETY comments.
+
+pub mod blocking;
+
+#[cfg(feature = "xen")]
+#[allow(unsafe_code)] // reason: the FFI layer; every unsafe block carries a SAFETY comment.
+mod ffi;
+
+#[cfg(feature = "xen")]
+pub use ffi::XenVchan;
+
+/// Was this build linked against `libxenvchan` (feature `xen`)?
+pub const AVAILABLE: bool = cfg!(feature = "xen");
+
+/// The xenstore directory where domain `server` offers vchan `port` to
+/// domain `client`: `/local/domain/<server>/data/vchan/<client>/<port>`
+/// (qubes-core-vchan-xen `vchan/init.c`: the server writes `ring-ref` and
+/// `event-channel` there; the client reads them).
+pub fn xs_path(server: u16, client: u16, port: u32) -> String {
+    format!("/local/domain/{server}/data/vchan/{client}/{port}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xenstore_layout() {
+        assert_eq!(xs_path(0, 5, 111), "/local/domain/0/data/vchan/5/111");
+        assert_eq!(xs_path(7, 0, 512), "/local/domain/7/data/vchan/0/512");
+    }
+}
