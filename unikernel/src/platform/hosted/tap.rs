@@ -6,9 +6,12 @@
 //! `Documentation/networking/tuntap.rst`), so every `read` is one
 //! `virtio_net_hdr` and one Ethernet frame and every `write` sends one; the
 //! descriptor is non-blocking and registered with the platform's epoll set.
-//! We offer the kernel no offloads (no `TUNSETOFFLOAD`), so what we read is
-//! always a complete, checksummed frame of at most the MTU (a header asking
-//! for GSO or a checksum is dropped and counted); what we write goes
+//! We offer the kernel checksum and TCP/IPv4 segmentation offload
+//! (`TUNSETOFFLOAD` with `TUN_F_CSUM | TUN_F_TSO4`): a frame whose header
+//! asks for a checksum gets it completed here, a GSO frame is split here
+//! ([`super::gso::Splitter`]) into the MTU-sized frames the firewall core
+//! takes, anything else that asks for offloads is dropped and counted, so
+//! the core only ever sees complete frames of at most the MTU; what we write goes
 //! through [`super::gso::Coalescer`], which merges runs of one TCP flow's
 //! segments into GSO frames the kernel carries as one packet. The kernel side of the device can be moved into another network
 //! namespace (the client qube's, in the box) while we keep the descriptor.
@@ -30,7 +33,7 @@ use std::vec::Vec;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 
 use super::epoll::Interest;
-use super::gso::{self, Coalescer, VNET_HDR_LEN};
+use super::gso::{self, Coalescer, Splitter, VNET_HDR_LEN, VnetHeader};
 use super::reactor::{Flush, Reactor};
 use crate::platform::Instant;
 
@@ -115,6 +118,9 @@ pub struct TapDevice {
     rx_buffer: Vec<u8>,
     tx_buffer: Vec<u8>,
     counters: TapCounters,
+    splitter: Splitter,
+    splitting: bool,
+    segment: Vec<u8>,
 }
 
 fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
@@ -163,6 +169,24 @@ impl TapDevice {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
+        // Let the kernel hand us checksum-pending and TCP/IPv4 GSO frames
+        // (we complete and split them): one read per run instead of per
+        // segment. Without it every frame comes complete, also fine.
+        let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
+        // SAFETY: TUNSETOFFLOAD takes its flags as the integer argument.
+        let rc = unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                offloads as libc::c_ulong,
+            )
+        };
+        if rc < 0 {
+            log::warn!(
+                "TAP {name}: no receive offloads ({}); one frame per read",
+                io::Error::last_os_error()
+            );
+        }
         reactor.epoll.add(fd.as_raw_fd(), Interest::READ)?;
         let tx = Rc::new(TxPath {
             fd,
@@ -181,6 +205,9 @@ impl TapDevice {
             rx_buffer: vec![0; READ_BUFFER],
             tx_buffer: Vec::with_capacity(mtu + ETHERNET_HEADER),
             counters: TapCounters::default(),
+            splitter: Splitter::default(),
+            splitting: false,
+            segment: Vec::with_capacity(mtu + ETHERNET_HEADER),
         })
     }
 
@@ -217,10 +244,10 @@ impl TapDevice {
         set_txqueuelen(&self.name, len)
     }
 
-    /// Reads one vnet header and frame into the receive buffer;
-    /// `Some(len)` (of the frame, which starts at `VNET_HDR_LEN`) when a
-    /// plain frame of acceptable size arrived.
-    fn read_frame(&mut self) -> Option<usize> {
+    /// Reads one vnet header and frame into the receive buffer: a plain
+    /// frame of acceptable size (its checksum completed if the kernel left
+    /// it to us), or a GSO frame handed to the splitter.
+    fn read_frame(&mut self) -> Option<Read> {
         loop {
             // SAFETY: the pointer and length describe `rx_buffer`, which is
             // writable and outlives the call.
@@ -249,11 +276,24 @@ impl TapDevice {
                 self.counters.rx_errors = self.counters.rx_errors.saturating_add(1);
                 continue;
             };
-            let flags = self.rx_buffer.first().copied().unwrap_or(0);
-            let gso_type = self.rx_buffer.get(1).copied().unwrap_or(0);
-            if flags & gso::F_NEEDS_CSUM != 0 || gso_type != gso::GSO_NONE {
-                self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
-                continue;
+            let header = VnetHeader::parse(&self.rx_buffer).unwrap_or_default();
+            let end = VNET_HDR_LEN + len;
+            if header.gso_type != gso::GSO_NONE {
+                let frame = self.rx_buffer.get(VNET_HDR_LEN..end).unwrap_or(&[]);
+                match self.splitter.start(&header, frame) {
+                    Ok(()) => return Some(Read::Split),
+                    Err(_) => {
+                        self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
+                        continue;
+                    }
+                }
+            }
+            if header.flags & gso::F_NEEDS_CSUM != 0 {
+                let frame = self.rx_buffer.get_mut(VNET_HDR_LEN..end).unwrap_or(&mut []);
+                if gso::complete_checksum(frame, &header).is_err() {
+                    self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
+                    continue;
+                }
             }
             if len > self.mtu + ETHERNET_HEADER {
                 self.counters.rx_oversized = self.counters.rx_oversized.saturating_add(1);
@@ -263,9 +303,17 @@ impl TapDevice {
                 continue;
             }
             self.counters.rx_frames = self.counters.rx_frames.saturating_add(1);
-            return Some(len);
+            return Some(Read::Plain(len));
         }
     }
+}
+
+/// What one read brought.
+enum Read {
+    /// A plain frame of this length after the vnet header.
+    Plain(usize),
+    /// A GSO frame, now in the splitter.
+    Split,
 }
 
 /// A throw-away socket for interface ioctls.
@@ -399,14 +447,37 @@ impl phy::Device for TapDevice {
         Self: 'a;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let len = self.read_frame()?;
+        let plain = loop {
+            if self.splitting {
+                if self.splitter.next_segment(&mut self.segment) {
+                    if self.segment.is_empty() {
+                        self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
+                    } else if self.segment.len() > self.mtu + ETHERNET_HEADER {
+                        self.counters.rx_oversized = self.counters.rx_oversized.saturating_add(1);
+                    } else {
+                        self.counters.rx_frames = self.counters.rx_frames.saturating_add(1);
+                        break None;
+                    }
+                    continue;
+                }
+                self.splitting = false;
+            }
+            match self.read_frame()? {
+                Read::Plain(len) => break Some(len),
+                Read::Split => self.splitting = true,
+            }
+        };
         let TapDevice {
             tx,
             rx_buffer,
             tx_buffer,
+            segment,
             ..
         } = self;
-        let frame = rx_buffer.get(VNET_HDR_LEN..VNET_HDR_LEN + len)?;
+        let frame = match plain {
+            Some(len) => rx_buffer.get(VNET_HDR_LEN..VNET_HDR_LEN + len)?,
+            None => segment.as_slice(),
+        };
         Some((
             TapRxToken { frame },
             TapTxToken {
