@@ -314,7 +314,12 @@ pub fn complete_checksum(frame: &mut [u8], header: &VnetHeader) -> Result<(), Of
     if at + 2 > frame.len() || start >= frame.len() {
         return Err(OffloadError::BadChecksumPosition);
     }
-    let sum = !fold(checksum_add(0, frame.get(start..).unwrap_or(&[])));
+    // As `skb_checksum_help`: a computed 0 goes out as 0xffff (for UDP, 0
+    // would mean "no checksum"; for TCP both are the same sum).
+    let sum = match !fold(checksum_add(0, frame.get(start..).unwrap_or(&[]))) {
+        0 => 0xffff,
+        sum => sum,
+    };
     frame
         .get_mut(at..at + 2)
         .ok_or(OffloadError::BadChecksumPosition)?
