@@ -15,6 +15,8 @@ use std::time::Duration;
 
 #[cfg(feature = "vchan-socket")]
 pub mod socket;
+#[cfg(feature = "xen")]
+pub mod xen;
 
 /// One connected end of a vchan: a reliable, ordered byte stream.
 pub trait Vchan: Read + Write + Send + fmt::Debug {
@@ -43,8 +45,11 @@ pub trait Transport: Send + Sync + fmt::Debug {
 }
 
 /// The transport this build uses, configured from the environment
-/// (`VCHAN_DOMAIN`, `VCHAN_SOCKET_DIR`).
-#[cfg(feature = "vchan-socket")]
+/// (`VCHAN_DOMAIN`, `VCHAN_SOCKET_DIR`). A `xen` build uses
+/// [`xen::from_env`] instead: real Xen unless `VCHAN_SOCKET_DIR` is set.
+#[cfg(feature = "xen")]
+pub use xen::from_env;
+#[cfg(all(feature = "vchan-socket", not(feature = "xen")))]
 pub fn from_env() -> io::Result<Box<dyn Transport>> {
     Ok(Box::new(socket::SocketTransport::from_env()?))
 }
