@@ -39,6 +39,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
 use qrexec::vchan::socket::{SocketTransport, SocketVchan};
+#[cfg(feature = "xen")]
+use qrexec::vchan::xen::XenTransport;
 use qrexec::vchan::{Transport, Vchan};
 
 use crate::db::{ClientId, Db, verify_data};
@@ -95,6 +97,13 @@ impl Config {
     /// The vchan transport, as dom0 (`own_domid`).
     fn transport(&self) -> SocketTransport {
         SocketTransport::new(&self.vchan_socket_dir, u32::from(self.own_domid))
+    }
+
+    /// A `xen` build serves the VM over real Xen vchan (4096-byte rings,
+    /// as db-daemon.c) unless `VCHAN_SOCKET_DIR` is set, the same rule as
+    /// `qrexec::vchan::from_env`.
+    fn uses_xen(&self) -> bool {
+        cfg!(feature = "xen") && std::env::var_os("VCHAN_SOCKET_DIR").is_none()
     }
 }
 
@@ -193,6 +202,9 @@ pub struct Daemon {
     config: Config,
     state: Mutex<State>,
     next_id: AtomicU64,
+    /// A Xen vchan server was offered (xenstore written): `start`'s ready
+    /// point on Xen, where no socket path appears.
+    xen_offered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -277,6 +289,7 @@ impl Daemon {
             config,
             state: Mutex::new(State::default()),
             next_id: AtomicU64::new(1),
+            xen_offered: Arc::default(),
         })
     }
 
@@ -328,7 +341,14 @@ impl Daemon {
             thread::spawn(move || daemon.serve_vm(offered));
             let path = self.config.vchan_path();
             let start = std::time::Instant::now();
-            while !path.exists() {
+            let offered = || {
+                if self.config.uses_xen() {
+                    self.xen_offered.load(Ordering::SeqCst)
+                } else {
+                    path.exists()
+                }
+            };
+            while !offered() {
                 let what = || format!("cannot offer vchan {}", path.display());
                 if let Ok(error) = failed.try_recv() {
                     return Err(StartError {
@@ -513,10 +533,31 @@ impl Daemon {
         }
     }
 
+    /// The real-Xen transport, raising `xen_offered` at each offer.
+    #[cfg(feature = "xen")]
+    fn xen_transport(&self) -> Box<dyn Transport> {
+        let offered = Arc::clone(&self.xen_offered);
+        Box::new(
+            XenTransport::new(self.config.own_domid)
+                .with_ring_sizes(4096, 4096)
+                .with_offer_hook(Arc::new(move |_, _| offered.store(true, Ordering::SeqCst))),
+        )
+    }
+
+    /// Without the `xen` feature `uses_xen` is always false.
+    #[cfg(not(feature = "xen"))]
+    fn xen_transport(&self) -> Box<dyn Transport> {
+        Box::new(self.config.transport())
+    }
+
     /// Offers the vchan forever: one VM connection at a time. The first
     /// failure to offer it is reported on `offered` (for `start`).
     fn serve_vm(self: &Arc<Self>, offered: SyncSender<io::Error>) {
-        let transport = self.config.transport();
+        let transport: Box<dyn Transport> = if self.config.uses_xen() {
+            self.xen_transport()
+        } else {
+            Box::new(self.config.transport())
+        };
         let mut first = Some(offered);
         loop {
             let mut link =

@@ -17,6 +17,7 @@
 //! bytes it carries.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xenvchan::XenVchan;
@@ -92,12 +93,27 @@ impl Vchan for XenEnd {
     }
 }
 
+/// Called with (peer, port) once a server's vchan is offered in xenstore,
+/// before it waits for the client.
+pub type OfferHook = Arc<dyn Fn(u32, u32) + Send + Sync>;
+
 /// The Xen transport: our domain id and the ring sizes a server asks for.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct XenTransport {
     own_domain: u16,
     read_min: usize,
     write_min: usize,
+    on_offer: Option<OfferHook>,
+}
+
+impl std::fmt::Debug for XenTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XenTransport")
+            .field("own_domain", &self.own_domain)
+            .field("read_min", &self.read_min)
+            .field("write_min", &self.write_min)
+            .finish_non_exhaustive()
+    }
 }
 
 impl XenTransport {
@@ -107,7 +123,15 @@ impl XenTransport {
             own_domain,
             read_min: DEFAULT_RING_SIZE,
             write_min: DEFAULT_RING_SIZE,
+            on_offer: None,
         }
+    }
+
+    /// Tell `hook` each time a server is offered (e.g. a daemon's
+    /// readiness: the peer may start connecting from then on).
+    pub fn with_offer_hook(mut self, hook: OfferHook) -> Self {
+        self.on_offer = Some(hook);
+        self
     }
 
     /// The ring sizes (bytes) this transport's servers ask for.
@@ -148,6 +172,9 @@ impl Transport for XenTransport {
         let peer = domain(peer)?;
         let path = xenvchan::xs_path(self.own_domain, peer, port);
         let chan = XenVchan::server(peer, &path, self.read_min, self.write_min)?;
+        if let Some(hook) = &self.on_offer {
+            hook(u32::from(peer), port);
+        }
         if !chan.wait_connected(timeout)? {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
