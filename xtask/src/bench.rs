@@ -10,8 +10,9 @@
 //! process's VmRSS/VmHWM from `/proc` (goals: at least 50 % of the kernel
 //! path, under 32 MiB RSS). A third figure is the kernel path with its
 //! segmentation/checksum offloads turned off (ethtool): the kernel then
-//! moves one MTU-sized frame at a time, as the hosted firewall does through
-//! TAPs without `IFF_VNET_HDR` — the per-packet comparison.
+//! moves one MTU-sized frame at a time — the per-packet baseline (the
+//! hosted firewall's TAPs use offloads: GSO frames in and out, split and
+//! merged around the core, which routes one MTU-sized frame at a time).
 //!
 //! Missing tools (iperf3, nftables, iproute2, procps, ethtool) are installed with
 //! `apt-get install -y` after one `apt-get update`. Everything it creates
@@ -486,9 +487,8 @@ fn build_kernel_path() -> Result<KernelPath, String> {
 }
 
 /// Turns off segmentation/receive offloads and checksum offload on every
-/// link of the kernel path, so the kernel too moves one MTU-sized frame at
-/// a time, as the hosted firewall does through its TAPs (no
-/// `IFF_VNET_HDR`).
+/// link of the kernel path, so the kernel moves one MTU-sized frame at a
+/// time (the per-packet baseline).
 fn offloads_off() -> Result<(), String> {
     for (machine, link) in [
         ("sys-net", "vif2.0"),
@@ -558,7 +558,7 @@ fn bench_box() -> Result<(), String> {
         gbit(kernel.down)
     );
     println!(
-        "Linux kernel, offloads off (one MTU frame at a time, like our TAPs): up {:.2} Gbit/s, down {:.2} Gbit/s",
+        "Linux kernel, offloads off (one MTU frame at a time): up {:.2} Gbit/s, down {:.2} Gbit/s",
         gbit(plain.up),
         gbit(plain.down)
     );
