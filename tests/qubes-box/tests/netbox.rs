@@ -34,7 +34,18 @@ fn can_run() -> Result<(), String> {
     if uid != "0" {
         return Err("not root".into());
     }
-    for tool in ["qubesdb-daemon", "qubesdb-write", "qrexec-daemon"] {
+    for tool in [
+        "qubesdb-daemon",
+        "qubesdb-write",
+        "qubesdb-rm",
+        "qubesdb-read",
+        "qrexec-daemon",
+        "qrexec-client",
+        "qrexec-agent",
+        "qrexec-client-vm",
+        "qrexec-policy-daemon",
+        "qrexec-policy-exec",
+    ] {
         if !bin_dir().join(tool).exists() {
             return Err(format!(
                 "{tool} not built (run cargo build --workspace --bins)"

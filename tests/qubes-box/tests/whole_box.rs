@@ -230,7 +230,18 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
         eprintln!("skipped: not root");
         return;
     }
-    for tool in ["qubesdb-daemon", "qrexec-daemon", "qrexec-client"] {
+    for tool in [
+        "qubesdb-daemon",
+        "qubesdb-write",
+        "qubesdb-rm",
+        "qubesdb-read",
+        "qrexec-daemon",
+        "qrexec-client",
+        "qrexec-agent",
+        "qrexec-client-vm",
+        "qrexec-policy-daemon",
+        "qrexec-policy-exec",
+    ] {
         if !bin_dir().join(tool).exists() {
             eprintln!("skipped: {tool} not built (run cargo build --workspace --bins)");
             return;
