@@ -1,8 +1,11 @@
 #!/bin/sh
 # Runs inside dom0 as /guest/test.sh (tests/xen/run.sh): starts the firewall
-# image with `xl create`, plays dom0's QubesDB and qrexec ends with
-# vchan-peer (Xen's C libxenvchan), checks the guest's PV console log, stops
-# it with `xl shutdown`, and measures it against a minimal PVH guest.
+# image with `xl create`, serves its QubesDB with our qubesdb-daemon (seeded
+# with our qubesdb-write), connects our qrexec-daemon to its agent and calls
+# qubes.FirewallStatus with our qrexec-client (all built with --features xen:
+# real vchan through Xen's libxenvchan), plays a hostile QubesDB with
+# vchan-peer (C, libxenvchan), checks the guest's PV console log, stops it
+# with `xl shutdown`, and measures it against a minimal PVH guest.
 # Every verdict line starts with QFW-.
 up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN{printf "%.2f", b-a}'; }
@@ -14,6 +17,30 @@ waitcount() { # file pattern count tenths
 waitfor() { # file pattern tenths
     i=0; until grep -q "$2" "$1" 2>/dev/null || [ $i -ge "$3" ]; do sleep 0.1; i=$((i+1)); done; grep -q "$2" "$1" 2>/dev/null; }
 CONS=/var/log/xen/console
+mkdir -p /var/run/qubes /var/log/qubes
+QDB_BASE="/name sys-firewall /qubes-vm-type ProxyVM /qubes-vm-persistence none /qubes-debug-mode 0 /qubes-service/qubes-firewall 1"
+QDB_NET="/qubes-ip 10.137.0.2 /qubes-gateway 10.137.0.1 /qubes-primary-dns 10.139.1.1 /qubes-secondary-dns 10.139.1.2"
+# start_qdb DOMID NAME KEY VALUE...: our qubesdb-daemon (detaches once its
+# vchan is offered in xenstore, as Qubes' does), then seeded as dom0's
+# qubesd would, with our qubesdb-write.
+start_qdb() {
+    d=$1; n=$2; shift 2
+    qubesdb-daemon "$d" "$n"; r1=$?
+    qubesdb-write -d "$n" "$@"; r2=$?
+    check "our qubesdb-daemon $d $n started (rc=$r1) and seeded with qubesdb-write (rc=$r2)" $([ $r1 = 0 ] && [ $r2 = 0 ] && echo ok)
+}
+stop_qdb() { kill "$(cat /var/run/qubes/qubesdb.$1.pid 2>/dev/null)" 2>/dev/null; }
+# qdb_wait NAME PATH TENTHS: until the VM has written PATH to our daemon.
+qdb_wait() { i=0; until qubesdb-read -d "$1" "$2" >/dev/null 2>&1 || [ $i -ge "$3" ]; do sleep 0.1; i=$((i+1)); done
+    qubesdb-read -d "$1" "$2" >/dev/null 2>&1; }
+# firewall_status FILE: our qrexec-client through our qrexec-daemon.
+firewall_status() {
+    ts=$(up)
+    qrexec-client -d sys-firewall 'DEFAULT:QUBESRPC qubes.FirewallStatus dom0' > "$1" 2>&1; r=$?
+    echo "QFW-MEASURE qrexec-client -d sys-firewall qubes.FirewallStatus: rc=$r in $(since $ts) s"
+    sed 's/^/QFW-STATUS /' "$1" | head -40
+    return $r
+}
 # dom0 plays the net qube: the firewall's uplink vif joins xenbr0 (vif-mini).
 brctl addbr xenbr0 && ip addr add 10.137.0.1/24 dev xenbr0 && ip link set xenbr0 up
 
@@ -47,11 +74,11 @@ xl create -p /tmp/fw.cfg; rc=$?
 check "xl create -p rc=$rc" $([ $rc = 0 ] && echo ok)
 domid=$(xl domid sys-firewall 2>/dev/null)
 echo "QFW: firewall is domain $domid"
-vchan-peer qubesdb "$domid" > /tmp/peer-qubesdb.log 2>&1 &
-QDB_PID=$!
-waitfor /tmp/peer-qubesdb.log "server up" 50
+# shellcheck disable=SC2086
+start_qdb "$domid" sys-firewall $QDB_BASE
 xl unpause sys-firewall
-vchan-peer qrexec "$domid" > /tmp/peer-qrexec.log 2>&1 &
+qrexec-daemon --direct "$domid" sys-firewall root > /tmp/qrexec-daemon.log 2>&1 &
+QREXEC_PID=$!
 LOG=$CONS/guest-sys-firewall.log
 if waitfor $LOG "booted:" 600; then
     echo "QFW-MEASURE firewall: xl create -> first console line in $(since $t0) s"
@@ -64,16 +91,22 @@ else
 fi
 grep -q "booted:" $LOG; check "image booted (console line via xenconsoled)" $([ $? = 0 ] && echo ok)
 grep -q "domain $domid (sys-firewall)" $LOG; check "read its domid/name from xenstore" $([ $? = 0 ] && echo ok)
-grep -q "MULTIREAD answered" /tmp/peer-qubesdb.log; check "QubesDB MULTIREAD over real vchan (our client, libxenvchan server)" $([ $? = 0 ] && echo ok)
-grep -q "HELLO exchanged" /tmp/peer-qrexec.log; check "qrexec HELLO over real vchan (our server, libxenvchan client)" $([ $? = 0 ] && echo ok)
+waitfor $LOG "QubesDB: synchronised" 50
+grep -q "QubesDB: synchronised" $LOG; check "firewall synchronised with our qubesdb-daemon over real vchan (libxenvchan server)" $([ $? = 0 ] && echo ok)
+grep -q "for sys-firewall (domain $domid)" /var/log/qubes/qubesdb.sys-firewall.log 2>/dev/null; check "qubesdb-daemon served domain $domid" $([ $? = 0 ] && echo ok)
+i=0; until [ -S /var/run/qubes/qrexec.$domid ] || [ $i -ge 300 ]; do sleep 0.1; i=$((i+1)); done
+[ -S /var/run/qubes/qrexec.$domid ] && kill -0 $QREXEC_PID 2>/dev/null
+check "our qrexec-daemon did the HELLO with the agent over real vchan (libxenvchan client) and listens" $([ $? = 0 ] && echo ok)
+firewall_status /tmp/status1.txt && grep -q "^qubes-firewall status" /tmp/status1.txt
+check "qrexec-client -d sys-firewall 'DEFAULT:QUBESRPC qubes.FirewallStatus dom0' printed the status" $([ $? = 0 ] && echo ok)
 xenstore-ls -f /local/domain/$domid/data 2>/dev/null | sed 's/^/QFW: xenstore /'
 echo "QFW: guest memory:"; xl list sys-firewall
 
 # 2) dom0's QubesDB goes away, a hostile one takes its place (corrupts the
 #    ring indices), then a good one comes back: the firewall must drop the
 #    bad link, stay up, and resynchronise.
-kill -TERM $QDB_PID; wait $QDB_PID 2>/dev/null
-waitfor /tmp/peer-qubesdb.log "vchan closed" 50
+stop_qdb sys-firewall
+i=0; while [ -e /proc/"$(cat /var/run/qubes/qubesdb.sys-firewall.pid)" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 t2=$(up)
 vchan-peer hostile-qubesdb "$domid" > /tmp/peer-hostile.log 2>&1 &
 HOSTILE_PID=$!
@@ -81,8 +114,11 @@ waitfor /tmp/peer-hostile.log "client closed\|FAIL" 300
 grep -q "client closed the vchan" /tmp/peer-hostile.log
 check "firewall dropped a QubesDB vchan with corrupt indices" $([ $? = 0 ] && echo ok)
 wait $HOSTILE_PID 2>/dev/null
-vchan-peer qubesdb-net "$domid" > /tmp/peer-qubesdb2.log 2>&1 &
-QDB_PID=$!
+# Our daemon again, now with the network keys and, as dom0 does for each
+# client, the rules of client 10.137.0.10 (accept everything) and the commit.
+# shellcheck disable=SC2086
+start_qdb "$domid" sys-firewall $QDB_BASE $QDB_NET
+qubesdb-write -d sys-firewall /qubes-firewall/10.137.0.10/policy drop /qubes-firewall/10.137.0.10/0000 action=accept /qubes-firewall/10.137.0.10 ''
 if waitcount $LOG "QubesDB: synchronised" 2 300; then
     echo "QFW-MEASURE firewall: QubesDB lost -> hostile peer dropped -> resynchronised in $(since $t2) s"
     check "firewall resynchronised with a new QubesDB" ok
@@ -101,12 +137,14 @@ if waitfor $LOG "netfront device/vif/0 connected" 300; then
 else
     check "netfront connected to dom0's netback" no
 fi
-waitfor /tmp/peer-qubesdb2.log "qubes-iptables-error" 100
-grep -q "wrote /qubes-iptables-error" /tmp/peer-qubesdb2.log; check "firewall reported networking up (/qubes-iptables-error written)" $([ $? = 0 ] && echo ok)
+qdb_wait sys-firewall /qubes-iptables-error 100; rc=$?
+check "firewall reported networking up (/qubes-iptables-error written to our qubesdb-daemon: '$(qubesdb-read -d sys-firewall /qubes-iptables-error 2>&1)')" $([ $rc = 0 ] && echo ok)
 ping -c 3 -W 2 10.137.0.2 > /tmp/ping.log 2>&1; rc=$?
 sed 's/^/QFW: /' /tmp/ping.log
 check "dom0 pings the firewall's uplink address over netfront (rc=$rc)" $([ $rc = 0 ] && echo ok)
 vif=$(xl list | awk '$1=="sys-firewall"{print "vif"$2".0"}')
+firewall_status /tmp/status2.txt && grep -q "^ip: 10.137.0.2" /tmp/status2.txt
+check "FirewallStatus shows the config read from our qubesdb-daemon (ip: 10.137.0.2)" $([ $? = 0 ] && echo ok)
 echo "QFW: $vif rx_packets=$(cat /sys/class/net/$vif/statistics/rx_packets 2>/dev/null) tx_packets=$(cat /sys/class/net/$vif/statistics/tx_packets 2>/dev/null)"
 
 # 4) A client qube behind the firewall: a second instance of the image whose
@@ -126,9 +164,8 @@ t4=$(up)
 xl create -p /tmp/client.cfg; rc=$?
 check "xl create -p client with backend=sys-firewall rc=$rc" $([ $rc = 0 ] && echo ok)
 cdomid=$(xl domid client 2>/dev/null)
-vchan-peer qubesdb-client "$cdomid" > /tmp/peer-client.log 2>&1 &
-CPEER_PID=$!
-waitfor /tmp/peer-client.log "server up" 50
+# shellcheck disable=SC2086
+start_qdb "$cdomid" client $QDB_BASE /qubes-ip 10.137.0.10 /qubes-gateway 10.137.0.2 /qubes-primary-dns 10.139.1.1 /qubes-secondary-dns 10.139.1.2
 xl unpause client
 CLOG=$CONS/guest-client.log
 if waitfor $LOG "netback vif$cdomid.0 connected" 300; then
@@ -139,8 +176,8 @@ else
 fi
 waitfor $LOG "client vif$cdomid.0 added" 50
 grep -q "client vif$cdomid.0 added with IP 10.137.0.10" $LOG; check "firewall added client vif$cdomid.0 (10.137.0.10) to its router" $([ $? = 0 ] && echo ok)
-waitfor /tmp/peer-client.log "qubes-iptables-error" 300
-grep -q "wrote /qubes-iptables-error" /tmp/peer-client.log; check "client brought its network up through the firewall's netback" $([ $? = 0 ] && echo ok)
+qdb_wait client /qubes-iptables-error 300
+check "client brought its network up through the firewall's netback" $([ $? = 0 ] && echo ok)
 sleep 3   # let the client ARP for its gateway a few times
 xl shutdown client
 i=0; until xl list client 2>/dev/null | awk 'NR==2{exit !($5 ~ /s/)}' || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done
@@ -149,6 +186,7 @@ grep -E "netfront device/vif/0: [1-9][0-9]* frames received, [1-9]" $CLOG > /dev
 check "client's netfront received and sent frames via the firewall ($(grep -o 'netfront device/vif/0: .*' $CLOG))" $([ $? = 0 ] && echo ok)
 sed 's/^/QFW-CLIENT-CONSOLE /' $CLOG
 xl destroy client 2>/dev/null
+stop_qdb client
 
 # 4b) A Linux client qube behind the firewall pings dom0 (the net qube):
 #     its netfront -> our netback -> rules (accept) -> NAT -> our netfront
@@ -197,7 +235,11 @@ xl list
 case $state in *c*) check "final state $state is shut down, not crashed" no ;; *s*) check "final state $state is shut down" ok ;; *) check "final state '$state' is shut down" no ;; esac
 sleep 0.5
 echo "QFW: ---- guest console log ----"; sed 's/^/QFW-CONSOLE /' $LOG
-echo "QFW: ---- vchan-peer logs ----"; cat /tmp/peer-qubesdb.log /tmp/peer-hostile.log /tmp/peer-qubesdb2.log /tmp/peer-qrexec.log /tmp/peer-client.log
+i=0; while kill -0 $QREXEC_PID 2>/dev/null && [ $i -lt 30 ]; do sleep 0.1; i=$((i+1)); done
+kill -0 $QREXEC_PID 2>/dev/null && echo "QFW-INFO qrexec-daemon still running after the shutdown" || echo "QFW-INFO qrexec-daemon ended with its qube"
+stop_qdb sys-firewall
+echo "QFW: ---- dom0 daemon logs ----"
+for f in /var/log/qubes/qubesdb.*.log /tmp/qrexec-daemon.log /tmp/peer-hostile.log; do sed "s|^|QFW-LOG $(basename $f): |" $f; done
 grep -E "netback vif[0-9]+\.0: [1-9][0-9]* frames received, [1-9]" $LOG > /dev/null
 check "firewall's netback received and sent frames ($(grep -o 'netback vif[0-9.]*: .*' $LOG))" $([ $? = 0 ] && echo ok)
 echo "QFW: ---- guest lines in xl dmesg ----"; xl dmesg | grep -E '^\(d[0-9]+\)' | tail -20

@@ -1,6 +1,8 @@
 #!/bin/bash
 # The firewall on real Xen: fetch Debian's Xen 4.17 + a Linux dom0 (no host
-# install), build the image (`cargo xtask image`), the minimal hello guest
+# install but libxen-dev), build the image (`cargo xtask image`), our dom0
+# tools (qubesdb-daemon/-read/-write..., qrexec-daemon, qrexec-client) with
+# `--features xen` (real vchan through libxenvchan), the minimal hello guest
 # and vchan-peer (against Debian's libxenvchan), pack the dom0 initramfs,
 # boot Xen under QEMU (TCG with emulated AMD-V), run dom0-test.sh in dom0 and
 # check its verdict. Run as root from a fresh clone:  tests/xen/run.sh
@@ -17,6 +19,20 @@ OUT=$LAB/out; mkdir -p "$OUT"
 gcc -c -DPOWEROFF -DLONGMODE "$HERE/hello-pvh.S" -o "$OUT/hello-pvh-lm.o"
 ld -m elf_x86_64 -z max-page-size=4096 --no-warn-rwx-segments -T "$HERE/hello-pvh.ld" -o "$OUT/hello-pvh-lm.elf" "$OUT/hello-pvh-lm.o"
 R=$LAB/root
+# Our dom0 tools on real Xen: feature `xen` links libxenvchan (headers and
+# .so from the host's libxen-dev). Own target dir: these binaries must not
+# replace the socket-vchan ones other builds and tests use.
+if [ ! -e /usr/include/libxenvchan.h ]; then
+    apt-get update >/dev/null || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libxen-dev >/dev/null
+fi
+DT=${CARGO_TARGET_DIR:-$ROOT/target}/xen-dom0
+(cd "$ROOT" && cargo build --target-dir "$DT" -p qubesdb -p qrexec --features qubesdb/xen,qrexec/xen --bins)
+TOOLS=()
+for b in qubesdb-daemon qubesdb-read qubesdb-write qubesdb-rm qubesdb-list qubesdb-multiread qubesdb-watch qrexec-daemon qrexec-client; do
+    strip -o "$OUT/$b" "$DT/debug/$b"
+    TOOLS+=("$OUT/$b:/usr/bin/$b")
+done
 gcc -O2 -Wall -o "$OUT/vchan-peer" "$HERE/vchan-peer.c" -I"$R/usr/include" \
     -L"$R/usr/lib/x86_64-linux-gnu" -Wl,-rpath-link,"$R/usr/lib/x86_64-linux-gnu" -lxenvchan -lxenevtchn
 # A Linux client qube (the Debian kernel as a PVH domU with a busybox
@@ -31,10 +47,10 @@ cp "$HERE/client-init" "$C/init"; chmod +x "$C/init"
 (cd "$C" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/client-initrd.gz"
 "$HERE/build-initramfs.sh" "$IMAGE:/guest/qubes-firewall.elf" "$LAB/img/vmlinuz:/guest/vmlinuz" "$OUT/client-initrd.gz:/guest/client-initrd.gz" "$OUT/hello-pvh-lm.elf:/guest/hello-pvh-lm.elf" \
     "$OUT/vchan-peer:/usr/bin/vchan-peer" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \
-    "$HERE/dom0-test.sh:/guest/test.sh" >/dev/null
+    "$HERE/dom0-test.sh:/guest/test.sh" "${TOOLS[@]}" >/dev/null
 echo "run.sh: prepared in $((SECONDS - t0)) s; image $(stat -c %s "$IMAGE") bytes"
 export LOG=$OUT/serial.log
 TIMEOUT=${TIMEOUT:-540} "$HERE/boot.sh" tcg || true
-grep -E 'QFW-(CHECK|MEASURE|INFO)|QFW-CONSOLE.*(QubesDB and qrexec|heap in use)' "$LOG" | sed 's/^\[ *[0-9.]*\] //' || true
+grep -E 'QFW-(CHECK|MEASURE|INFO|STATUS)|QFW-CONSOLE.*(QubesDB and qrexec|heap in use)' "$LOG" | sed 's/^\[ *[0-9.]*\] //' || true
 echo "run.sh: total $((SECONDS - t0)) s, serial log $LOG"
 if grep -q 'QFW-RESULT PASS' "$LOG"; then echo "run.sh: PASS"; else echo "run.sh: FAIL"; exit 1; fi
