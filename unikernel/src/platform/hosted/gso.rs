@@ -130,15 +130,26 @@ fn same_flow(first: &[u8], next: &[u8], headers: usize) -> bool {
     })
 }
 
-fn checksum_add(mut sum: u32, bytes: &[u8]) -> u32 {
-    let mut chunks = bytes.chunks_exact(2);
-    for pair in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([pair[0], pair[1]])));
+/// Adds `bytes` (from an even offset) to a ones' complement sum. Sums
+/// 32-bit words into 64 bits and folds (2^16 and 2^32 are 1 modulo
+/// 0xffff, so the result is the same sum as 16 bits at a time, faster).
+fn checksum_add(sum: u32, bytes: &[u8]) -> u32 {
+    let mut acc = u64::from(sum);
+    let mut quads = bytes.chunks_exact(4);
+    for quad in &mut quads {
+        acc += u64::from(u32::from_be_bytes(quad.try_into().unwrap_or([0; 4])));
     }
-    if let [last] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*last) << 8);
+    let mut pairs = quads.remainder().chunks_exact(2);
+    for pair in &mut pairs {
+        acc += u64::from(u16::from_be_bytes(pair.try_into().unwrap_or([0; 2])));
     }
-    sum
+    if let [last] = pairs.remainder() {
+        acc += u64::from(*last) << 8;
+    }
+    while acc > 0xffff_ffff {
+        acc = (acc & 0xffff_ffff) + (acc >> 32);
+    }
+    acc as u32
 }
 
 fn fold(mut sum: u32) -> u16 {
@@ -331,9 +342,13 @@ pub fn complete_checksum(frame: &mut [u8], header: &VnetHeader) -> Result<(), Of
 /// way the kernel's `tcp_gso_segment` would: each segment gets its own IP
 /// length, id (counting up), header checksum, TCP sequence number, flags
 /// (FIN and PSH only on the last) and a full TCP checksum.
+///
+/// It keeps no copy of the frame: the caller keeps it unchanged and passes
+/// it to every [`Splitter::next_segment`] call.
 #[derive(Debug, Default)]
 pub struct Splitter {
-    frame: Vec<u8>,
+    /// Length of the frame being split (0: none).
+    len: usize,
     headers: usize,
     mss: usize,
     /// Offset of the next payload byte in `frame`.
@@ -345,7 +360,7 @@ impl Splitter {
     /// Takes a GSO frame; `Err` (and nothing to split) if it is not one we
     /// can split.
     pub fn start(&mut self, header: &VnetHeader, frame: &[u8]) -> Result<(), OffloadError> {
-        self.frame.clear();
+        self.len = 0;
         self.next = 0;
         self.index = 0;
         if header.gso_type & !0x80 != GSO_TCPV4 || header.gso_type & 0x80 != 0 {
@@ -368,25 +383,26 @@ impl Splitter {
         if offset < 20 || headers >= frame.len() || mss == 0 {
             return Err(bad);
         }
-        self.frame.extend_from_slice(frame);
+        self.len = frame.len();
         self.headers = headers;
         self.mss = mss;
         self.next = headers;
         Ok(())
     }
 
-    /// Writes the next segment into `out`; `false` when all are out.
-    pub fn next_segment(&mut self, out: &mut Vec<u8>) -> bool {
-        let Some(rest) = self.frame.get(self.next..) else {
+    /// Writes the next segment of `frame` (the one given to `start`) into
+    /// `out`; `false` when all are out.
+    pub fn next_segment(&mut self, frame: &[u8], out: &mut Vec<u8>) -> bool {
+        let Some(rest) = frame.get(self.next..self.len) else {
             return false;
         };
-        if rest.is_empty() || self.headers == 0 {
+        if rest.is_empty() || self.headers == 0 || frame.len() != self.len {
             return false;
         }
         let take = rest.len().min(self.mss);
         let last = take == rest.len();
         out.clear();
-        out.extend_from_slice(self.frame.get(..self.headers).unwrap_or(&[]));
+        out.extend_from_slice(frame.get(..self.headers).unwrap_or(&[]));
         out.extend_from_slice(rest.get(..take).unwrap_or(&[]));
         let done = self.next - self.headers;
         self.next += take;
@@ -562,10 +578,11 @@ mod tests {
         let header = VnetHeader::parse(&out[0]).unwrap();
         assert_eq!(header.gso_size, 1448);
         let mut splitter = Splitter::default();
-        splitter.start(&header, &out[0][VNET_HDR_LEN..]).unwrap();
+        let gso = &out[0][VNET_HDR_LEN..];
+        splitter.start(&header, gso).unwrap();
         let mut segments = Vec::new();
         let mut buffer = Vec::new();
-        while splitter.next_segment(&mut buffer) {
+        while splitter.next_segment(gso, &mut buffer) {
             segments.push(buffer.clone());
         }
         assert_eq!(segments.len(), 3);
@@ -579,6 +596,29 @@ mod tests {
         }
         assert_eq!(segments[0][47] & TCP_PSH, 0);
         assert_eq!(segments[2][47] & TCP_PSH, TCP_PSH);
+    }
+
+    #[test]
+    fn wide_checksum_equals_the_16_bit_one() {
+        let slow = |bytes: &[u8]| {
+            let mut sum = 0u32;
+            for pair in bytes.chunks(2) {
+                let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+                sum += u32::from(word);
+            }
+            fold(sum)
+        };
+        let mut seed = 7u32;
+        for len in [0usize, 1, 2, 3, 4, 5, 7, 8, 1499, 1500, 65535] {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (seed >> 16) as u8
+                })
+                .collect();
+            assert_eq!(fold(checksum_add(0, &bytes)), slow(&bytes), "len {len}");
+        }
+        assert_eq!(fold(checksum_add(0, &[0xff; 1500])), 0xffff);
     }
 
     #[test]
@@ -645,7 +685,7 @@ mod tests {
         );
         let mut buffer = Vec::new();
         assert!(
-            !splitter.next_segment(&mut buffer),
+            !splitter.next_segment(&good, &mut buffer),
             "a refused frame yields nothing"
         );
         let mut seed = 0x9e37_79b9u32;
@@ -670,7 +710,7 @@ mod tests {
                 .is_ok()
             {
                 let mut count = 0;
-                while splitter.next_segment(&mut buffer) {
+                while splitter.next_segment(&f, &mut buffer) {
                     count += 1;
                     assert!(count <= f.len());
                 }

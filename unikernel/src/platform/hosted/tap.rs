@@ -120,6 +120,8 @@ pub struct TapDevice {
     counters: TapCounters,
     splitter: Splitter,
     splitting: bool,
+    /// Length of the GSO frame in the receive buffer being split.
+    split_len: usize,
     segment: Vec<u8>,
 }
 
@@ -207,6 +209,7 @@ impl TapDevice {
             counters: TapCounters::default(),
             splitter: Splitter::default(),
             splitting: false,
+            split_len: 0,
             segment: Vec::with_capacity(mtu + ETHERNET_HEADER),
         })
     }
@@ -281,7 +284,10 @@ impl TapDevice {
             if header.gso_type != gso::GSO_NONE {
                 let frame = self.rx_buffer.get(VNET_HDR_LEN..end).unwrap_or(&[]);
                 match self.splitter.start(&header, frame) {
-                    Ok(()) => return Some(Read::Split),
+                    Ok(()) => {
+                        self.split_len = len;
+                        return Some(Read::Split);
+                    }
                     Err(_) => {
                         self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
                         continue;
@@ -449,7 +455,12 @@ impl phy::Device for TapDevice {
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let plain = loop {
             if self.splitting {
-                if self.splitter.next_segment(&mut self.segment) {
+                // The GSO frame stays in the receive buffer until split.
+                let gso = self
+                    .rx_buffer
+                    .get(VNET_HDR_LEN..VNET_HDR_LEN + self.split_len)
+                    .unwrap_or(&[]);
+                if self.splitter.next_segment(gso, &mut self.segment) {
                     if self.segment.is_empty() {
                         self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
                     } else if self.segment.len() > self.mtu + ETHERNET_HEADER {
