@@ -434,10 +434,16 @@ impl phy::TxToken for TapTxToken<'_> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        self.buffer.clear();
-        self.buffer.resize(len, 0);
-        let result = f(self.buffer);
-        self.tx.send(self.buffer);
+        // Grown once, not zeroed per frame: the router's `f` writes every
+        // byte. Even a writer that did not could only resend bytes this
+        // same TAP already sent to the same peer (each TAP has its own
+        // buffer), never another domain's.
+        if self.buffer.len() < len {
+            self.buffer.resize(len, 0);
+        }
+        let frame = self.buffer.get_mut(..len).unwrap_or(&mut []);
+        let result = f(frame);
+        self.tx.send(frame);
         result
     }
 }
