@@ -67,6 +67,13 @@ pub const LOCAL_VERSION: u32 = QREXEC_PROTOCOL_V4;
 pub const MIN_VERSION: u32 = QREXEC_PROTOCOL_V2;
 /// How long a data vchan may take to connect and say HELLO.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often opening a data vchan is retried while its server is not there
+/// yet: dom0's qrexec-client offers it only after qrexec-daemon has sent us
+/// the command (qrexec-client.c: negotiate, then `libvchan_server_init`),
+/// and Qubes' agent waits for it (qubes-core-vchan-xen
+/// `libvchan_client_init`: "no xenstore entry (yet), wait more"), up to
+/// [`CONNECT_TIMEOUT`].
+pub const CONNECT_RETRY: Duration = Duration::from_millis(10);
 /// How long a service waits for its stdin line before running with what it has.
 pub const STDIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a finished call may take to hand its output to the peer.
@@ -545,6 +552,17 @@ enum CallPhase {
     Draining,
 }
 
+/// A call whose data vchan could not be opened yet (its server is not
+/// offered yet): retried every [`CONNECT_RETRY`] until `deadline`.
+#[derive(Debug)]
+struct PendingCall {
+    connect: ConnectParams,
+    kind: CallKind,
+    service: ServiceCall,
+    next_attempt: Instant,
+    deadline: Instant,
+}
+
 #[derive(Debug)]
 struct Call<V> {
     connect: ConnectParams,
@@ -748,6 +766,8 @@ pub struct Agent<V> {
     reader: Framer,
     outbox: Outbox,
     calls: Vec<Call<V>>,
+    /// Calls waiting for their data vchan's server.
+    pending: Vec<PendingCall>,
     caps: ControlCaps,
     stats: AgentStats,
     close_reason: Option<LinkError>,
@@ -762,6 +782,7 @@ impl<V: ByteStream> Agent<V> {
             reader: Framer::default(),
             outbox: Outbox::new(CONTROL_OUTBOX_BYTES),
             calls: Vec::new(),
+            pending: Vec::new(),
             caps,
             stats: AgentStats::default(),
             close_reason: None,
@@ -801,9 +822,11 @@ impl<V: ByteStream> Agent<V> {
         self.calls.len()
     }
 
-    /// The earliest deadline of a running call.
+    /// The earliest deadline of a running call or retry of a pending one.
     pub fn poll_at(&self) -> Option<Instant> {
-        self.calls.iter().map(|call| call.deadline).min()
+        let running = self.calls.iter().map(|call| call.deadline);
+        let pending = self.pending.iter().map(|p| p.next_attempt.min(p.deadline));
+        running.chain(pending).min()
     }
 
     /// Does all the work possible now: handshake, control messages, calls.
@@ -816,6 +839,10 @@ impl<V: ByteStream> Agent<V> {
             return;
         }
         if let Err(error) = self.poll_control(platform, now) {
+            self.close(error);
+            return;
+        }
+        if let Err(error) = self.retry_pending(platform, now) {
             self.close(error);
             return;
         }
@@ -861,6 +888,7 @@ impl<V: ByteStream> Agent<V> {
             call.data.close();
         }
         self.calls.clear();
+        self.pending.clear();
         self.phase = ControlPhase::Closed;
         self.close_reason = Some(error);
     }
@@ -961,7 +989,7 @@ impl<V: ByteStream> Agent<V> {
         P: Platform<Vchan = V>,
     {
         let (domain, port) = (connect.connect_domain, connect.connect_port);
-        if self.calls.len() >= self.caps.qrexec_connections {
+        if self.calls.len() + self.pending.len() >= self.caps.qrexec_connections {
             self.stats.calls_refused_busy += 1;
             warn!(
                 "qrexec: refusing {service}: {} calls already running (cap from VM memory)",
@@ -977,12 +1005,75 @@ impl<V: ByteStream> Agent<V> {
         };
         let data = match data {
             Ok(data) => data,
+            Err(error) if u16::try_from(domain).is_ok() => {
+                info!(
+                    "qrexec: data vchan {domain}:{port} for {service} not open yet ({error}); retrying"
+                );
+                self.pending.push(PendingCall {
+                    connect,
+                    kind,
+                    service,
+                    next_attempt: now + CONNECT_RETRY,
+                    deadline: now + CONNECT_TIMEOUT,
+                });
+                return Ok(());
+            }
             Err(error) => {
                 self.stats.calls_refused_platform += 1;
                 warn!("qrexec: cannot open data vchan {domain}:{port} for {service}: {error}");
                 return self.terminate(connect);
             }
         };
+        self.push_call(connect, (kind, service), data, now);
+        Ok(())
+    }
+
+    /// Tries again to open the data vchans of pending calls; a call whose
+    /// server did not appear within [`CONNECT_TIMEOUT`] is terminated.
+    fn retry_pending<P>(&mut self, platform: &mut P, now: Instant) -> Result<(), LinkError>
+    where
+        P: Platform<Vchan = V>,
+    {
+        let mut index = 0;
+        while let Some(pending) = self.pending.get_mut(index) {
+            if now < pending.next_attempt {
+                index += 1;
+                continue;
+            }
+            let (domain, port) = (pending.connect.connect_domain, pending.connect.connect_port);
+            // start_call queued only 16-bit domains.
+            let domid = u16::try_from(domain).unwrap_or(u16::MAX);
+            match platform.vchan_client(domid, port) {
+                Ok(data) => {
+                    let pending = self.pending.swap_remove(index);
+                    self.push_call(pending.connect, (pending.kind, pending.service), data, now);
+                }
+                Err(error) if now >= pending.deadline => {
+                    let pending = self.pending.swap_remove(index);
+                    self.stats.calls_refused_platform += 1;
+                    warn!(
+                        "qrexec: cannot open data vchan {domain}:{port} for {}: {error}",
+                        pending.service
+                    );
+                    self.terminate(pending.connect)?;
+                }
+                Err(_) => {
+                    pending.next_attempt = now + CONNECT_RETRY;
+                    index += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn push_call(
+        &mut self,
+        connect: ConnectParams,
+        (kind, service): (CallKind, ServiceCall),
+        data: V,
+        now: Instant,
+    ) {
+        let (domain, port) = (connect.connect_domain, connect.connect_port);
         self.stats.calls_started += 1;
         info!("qrexec: running {service} (data vchan {domain}:{port})");
         self.calls.push(Call {
@@ -1002,7 +1093,6 @@ impl<V: ByteStream> Agent<V> {
             stdin: Vec::new(),
             stdin_done: false,
         });
-        Ok(())
     }
 }
 
@@ -1461,8 +1551,39 @@ mod tests {
         huge_domain[8..12].copy_from_slice(&70_000u32.to_ne_bytes());
         rig.dom0.send(&huge_domain);
         rig.poll();
+        // The bad domain is refused at once; the refused vchan is retried
+        // (its server may not be offered yet) until CONNECT_TIMEOUT.
+        assert_eq!(rig.agent.stats().calls_refused_platform, 1);
+        assert_eq!(decode(&rig.dom0.take()).len(), 1);
+        let now = rig.handle.clock().now();
+        assert_eq!(rig.agent.poll_at(), Some(now + CONNECT_RETRY));
+        rig.handle.clock().advance(CONNECT_TIMEOUT);
+        rig.poll();
         assert_eq!(rig.agent.stats().calls_refused_platform, 2);
-        assert_eq!(decode(&rig.dom0.take()).len(), 2);
+        assert_eq!(decode(&rig.dom0.take()).len(), 1);
+        assert_eq!(rig.agent.poll_at(), None);
+    }
+
+    #[test]
+    fn data_vchan_not_there_yet_is_retried_and_the_call_runs() {
+        // dom0's qrexec-client offers the data vchan only after the daemon
+        // sent us the command: the first attempt fails, a retry succeeds.
+        let mut rig = Rig::connected(3);
+        rig.handle.set_vchan_limit(1);
+        rig.dom0.send(&exec(
+            MsgType::ExecCmdline,
+            513,
+            "DEFAULT:QUBESRPC qubes.FirewallStatus dom0",
+        ));
+        rig.poll();
+        assert_eq!(rig.agent.running_calls(), 0);
+        assert!(rig.dom0.take().is_empty(), "not terminated while retrying");
+        rig.handle.set_vchan_limit(usize::MAX);
+        rig.handle.clock().advance(CONNECT_RETRY);
+        rig.poll();
+        assert_eq!(rig.agent.running_calls(), 1);
+        assert_eq!(rig.agent.stats().calls_refused_platform, 0);
+        assert_eq!(rig.agent.stats().calls_started, 1);
     }
 
     #[test]
