@@ -202,19 +202,45 @@ impl BoxUp {
         }
     }
 
-    /// Replaces a client's rules the way qubesd does: remove the client's
-    /// directory, write `policy` and `0000`…, then the empty commit write.
+    /// Replaces a client's rules the way qubesd does (qubes-core-admin
+    /// `reload_firewall_for_vm`), for both address families: remove the
+    /// client's directory, write `policy` and that family's rules as
+    /// `0000`…, then the empty commit write.
     pub fn set_rules(&self, ip: &str, policy: &str, rules: &[&str]) -> Result<(), String> {
-        self.qubesdb("qubesdb-rm", &[&format!("/qubes-firewall/{ip}/")])?;
-        let mut args = vec![format!("/qubes-firewall/{ip}/policy"), policy.to_string()];
-        for (index, rule) in rules.iter().enumerate() {
-            args.push(format!("/qubes-firewall/{ip}/{index:04}"));
-            args.push((*rule).to_string());
+        let ip: std::net::Ipv4Addr = ip
+            .parse()
+            .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+        let [_, _, c, d] = ip.octets();
+        // Qubes' IPv6 address of a qube: fd09:24ef:4179::a89:<last 16 bits>.
+        let ip6 = std::net::Ipv6Addr::new(
+            0xfd09,
+            0x24ef,
+            0x4179,
+            0,
+            0,
+            0,
+            0xa89,
+            u16::from_be_bytes([c, d]),
+        );
+        for (address, skip) in [(ip.to_string(), "dst6="), (ip6.to_string(), "dst4=")] {
+            self.qubesdb("qubesdb-rm", &[&format!("/qubes-firewall/{address}/")])?;
+            let mut args = vec![
+                format!("/qubes-firewall/{address}/policy"),
+                policy.to_string(),
+            ];
+            let family = rules
+                .iter()
+                .filter(|rule| !rule.split_whitespace().any(|word| word.starts_with(skip)));
+            for (index, rule) in family.enumerate() {
+                args.push(format!("/qubes-firewall/{address}/{index:04}"));
+                args.push((*rule).to_string());
+            }
+            args.push(format!("/qubes-firewall/{address}"));
+            args.push(String::new());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.qubesdb("qubesdb-write", &args)?;
         }
-        args.push(format!("/qubes-firewall/{ip}"));
-        args.push(String::new());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.qubesdb("qubesdb-write", &args).map(|_| ())
+        Ok(())
     }
 
     pub fn log(&self, name: &str) -> String {

@@ -37,7 +37,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -58,6 +58,30 @@ pub const WEB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
 /// A second "internet" host inside sys-net (HTTP on port 80 only), so
 /// `dst4`/`dsthost` rules have something to leave out.
 pub const WEB2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 81);
+/// The IPv6 "internet" host inside sys-net (HTTP on port 80).
+pub const WEB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80);
+/// The firewall's IPv6 address (`/qubes-ip6`), as Qubes derives it from
+/// the IPv4 one (`fd09:24ef:4179::a89:<last 16 bits>`).
+pub const FIREWALL_IP6: Ipv6Addr = qubes_ip6(FIREWALL_IP);
+/// sys-net's IPv6 address on the uplink (`/qubes-gateway6`).
+pub const SYS_NET_IP6: Ipv6Addr = qubes_ip6(SYS_NET_IP);
+
+/// Qubes' IPv6 address of a qube: `fd09:24ef:4179::a89:<last 16 bits of
+/// its IPv4 address>`.
+pub const fn qubes_ip6(ip: Ipv4Addr) -> Ipv6Addr {
+    let [_, _, c, d] = ip.octets();
+    Ipv6Addr::new(
+        0xfd09,
+        0x24ef,
+        0x4179,
+        0,
+        0,
+        0,
+        0xa89,
+        ((c as u16) << 8) | d as u16,
+    )
+}
+
 /// The TCP and UDP echo port on [`WEB`].
 pub const ECHO_PORT: u16 = 7;
 /// Most clients a box may have (domids 3.., addresses 10.137.0.20..).
@@ -445,6 +469,15 @@ fn build_sys_net(config: &BoxConfig) -> io::Result<()> {
             "lo",
         ])?;
     }
+    ip(&[
+        "-n",
+        &sys_net,
+        "addr",
+        "add",
+        &format!("{WEB6}/128"),
+        "dev",
+        "lo",
+    ])?;
     let backend = format!("vif{}.0", FIREWALL.0);
     ip(&[
         "link", "add", &backend, "netns", &sys_net, "type", "veth", "peer", "name", "uplink",
@@ -480,6 +513,16 @@ fn build_sys_net(config: &BoxConfig) -> io::Result<()> {
         ])?;
         bridge(&firewall, "br0", &["uplink", "eth0"])?;
     }
+    ip(&[
+        "-n",
+        &sys_net,
+        "addr",
+        "add",
+        &format!("{SYS_NET_IP6}/128"),
+        "dev",
+        &backend,
+        "nodad",
+    ])?;
     // Up last, with the bridge port ready: the gratuitous ARP gets through.
     ip(&["-n", &sys_net, "link", "set", &backend, "up"])?;
     ip(&[
@@ -488,6 +531,15 @@ fn build_sys_net(config: &BoxConfig) -> io::Result<()> {
         "route",
         "add",
         &format!("{FIREWALL_IP}/32"),
+        "dev",
+        &backend,
+    ])?;
+    ip(&[
+        "-n",
+        &sys_net,
+        "route",
+        "add",
+        &format!("{FIREWALL_IP6}/128"),
         "dev",
         &backend,
     ])?;
@@ -504,6 +556,10 @@ fn build_sys_net(config: &BoxConfig) -> io::Result<()> {
         (
             "http-web2".into(),
             vec!["serve-http".into(), format!("{WEB2}:80")],
+        ),
+        (
+            "http-web6".into(),
+            vec!["serve-http".into(), format!("[{WEB6}]:80")],
         ),
         (
             "tcp-echo".into(),
@@ -709,6 +765,31 @@ fn qrexec_env(config: &BoxConfig) -> Vec<(&'static str, PathBuf)> {
     ]
 }
 
+/// A client's rules as qubesd writes them (qubes-core-admin
+/// `reload_firewall_for_vm`): for each address family, under
+/// `/qubes-firewall/<ip>/` and `/qubes-firewall/<ip6>/`, `policy` and the
+/// rules of that family (`dst4` rules only for IPv4, `dst6` only for IPv6)
+/// numbered `0000`…, then the empty write to the directory's own key that
+/// commits them. (Removing the old directories first is the caller's.)
+pub fn firewall_entries(ip: Ipv4Addr, policy: &str, rules: &[&str]) -> Vec<(String, String)> {
+    let mut entries = Vec::new();
+    for (address, skip) in [
+        (ip.to_string(), "dst6="),
+        (qubes_ip6(ip).to_string(), "dst4="),
+    ] {
+        let base = format!("/qubes-firewall/{address}");
+        entries.push((format!("{base}/policy"), policy.to_string()));
+        let family = rules
+            .iter()
+            .filter(|rule| !rule.split_whitespace().any(|word| word.starts_with(skip)));
+        for (index, rule) in family.enumerate() {
+            entries.push((format!("{base}/{index:04}"), (*rule).to_string()));
+        }
+        entries.push((base, String::new()));
+    }
+    entries
+}
+
 /// The MAC of a qube's `eth0` as Qubes numbers them
 /// (`00:16:3e:5e:6c:<qid>`, here with the domid), written to
 /// `backend/vif/<domid>/0/mac` as the toolstack does.
@@ -728,14 +809,8 @@ pub fn client_mac(domid: u16) -> String {
 /// qrexec-daemon for it, then `backend/vif/<domid>/0/ip` in XenStore
 /// (which the firewall watches).
 pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
-    let base = format!("/qubes-firewall/{}", client.ip);
-    let mut entries = vec![(format!("{base}/policy"), "drop".to_string())];
-    for (index, rule) in client.rules.iter().enumerate() {
-        entries.push((format!("{base}/{index:04}"), rule.clone()));
-    }
-    // The commit: an empty write to the client's key.
-    entries.push((base, String::new()));
-    qubesdb_write(config, &entries)?;
+    let rules: Vec<&str> = client.rules.iter().map(String::as_str).collect();
+    qubesdb_write(config, &firewall_entries(client.ip, "drop", &rules))?;
 
     let firewall = config.netns(FIREWALL.1);
     let netns = config.netns(&client.name);
@@ -757,6 +832,17 @@ pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
         "dev",
         "eth0",
     ])?;
+    let ip6 = qubes_ip6(client.ip);
+    ip(&[
+        "-n",
+        &netns,
+        "addr",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
     ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
     ip(&[
         "-n",
@@ -766,6 +852,25 @@ pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
         &format!("{FIREWALL_IP}/32"),
         "dev",
         "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        &netns,
+        "route",
+        "add",
+        &format!("{FIREWALL_IP6}/128"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        &netns,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &FIREWALL_IP6.to_string(),
     ])?;
     ip(&[
         "-n",
@@ -846,7 +951,7 @@ pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
         ),
         (
             format!("{home}/backend/vif/{}/0/ip", client.domid),
-            client.ip.to_string(),
+            format!("{} {ip6}", client.ip),
         ),
         (format!("{home}/backend/vif/{}/0/mac", client.domid), mac),
     ] {
@@ -889,7 +994,12 @@ pub fn remove_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> 
     let _ = fs::remove_file(config.agent_socket(&client.name));
     write_system_info(config)?;
     let output = Command::new(config.bin("qubesdb-rm"))
-        .args(["-d", FIREWALL.1, &format!("/qubes-firewall/{}/", client.ip)])
+        .args([
+            "-d",
+            FIREWALL.1,
+            &format!("/qubes-firewall/{}/", client.ip),
+            &format!("/qubes-firewall/{}/", qubes_ip6(client.ip)),
+        ])
         .env("QUBESDB_SOCKET_DIR", config.qubesdb_dir())
         .output()?;
     if !output.status.success() {
@@ -1014,6 +1124,8 @@ fn build(config: &BoxConfig) -> io::Result<()> {
         ("/qubes-ip".into(), FIREWALL_IP.to_string()),
         ("/qubes-netmask".into(), "255.255.255.255".into()),
         ("/qubes-gateway".into(), SYS_NET_IP.to_string()),
+        ("/qubes-ip6".into(), FIREWALL_IP6.to_string()),
+        ("/qubes-gateway6".into(), SYS_NET_IP6.to_string()),
         ("/qubes-primary-dns".into(), DNS[0].to_string()),
         ("/qubes-secondary-dns".into(), DNS[1].to_string()),
     ];
@@ -1218,6 +1330,34 @@ mod tests {
         assert_eq!(c10.ip, Ipv4Addr::new(10, 137, 0, 29));
         assert_eq!(client_qube(2).unwrap().rules.len(), 1);
         assert_eq!(client_mac(3), "00:16:3e:5e:6c:03");
+        assert_eq!(
+            qubes_ip6(Ipv4Addr::new(10, 137, 0, 20)).to_string(),
+            "fd09:24ef:4179::a89:14"
+        );
+        assert_eq!(FIREWALL_IP6.to_string(), "fd09:24ef:4179::a89:6");
+        let entries = firewall_entries(
+            Ipv4Addr::new(10, 137, 0, 20),
+            "drop",
+            &[
+                "action=accept dst4=192.0.2.80/32",
+                "action=accept dst6=2001:db8::80/128",
+                "action=accept proto=udp",
+            ],
+        );
+        let text: Vec<String> = entries.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(
+            text,
+            [
+                "/qubes-firewall/10.137.0.20/policy=drop",
+                "/qubes-firewall/10.137.0.20/0000=action=accept dst4=192.0.2.80/32",
+                "/qubes-firewall/10.137.0.20/0001=action=accept proto=udp",
+                "/qubes-firewall/10.137.0.20=",
+                "/qubes-firewall/fd09:24ef:4179::a89:14/policy=drop",
+                "/qubes-firewall/fd09:24ef:4179::a89:14/0000=action=accept dst6=2001:db8::80/128",
+                "/qubes-firewall/fd09:24ef:4179::a89:14/0001=action=accept proto=udp",
+                "/qubes-firewall/fd09:24ef:4179::a89:14=",
+            ]
+        );
         assert_eq!(client_mac(0x1234), "00:16:3e:5e:12:34");
     }
 }

@@ -167,7 +167,7 @@ fn box_comes_up_serves_and_goes_down_cleanly() {
     ]);
     assert_eq!(
         String::from_utf8_lossy(&xs.stdout),
-        "10.137.0.21\n",
+        "10.137.0.21 fd09:24ef:4179::a89:15\n",
         "{}",
         text(&xs)
     );

@@ -3,10 +3,10 @@
 //! `--features hosted` because a plain workspace build skips it), then, in
 //! one box to keep the run short (every wait bounded): `qubes.FirewallStatus`
 //! over qrexec from dom0; allowed and denied TCP/UDP/ICMP by each rule field
-//! (`proto`, `dstports`, `dst4`, `icmptype`, `specialtarget=dns`, `dsthost`
-//! resolved through the box's DNS, `policy`; IPv6 is not wired in the box,
-//! so no `dst6`); rule changes written with `qubesdb-rm`/`qubesdb-write` as
-//! qubesd writes them, one cutting an established connection and allowing a
+//! (`proto`, `dstports`, `dst4`, `dst6` over the box's IPv6, `icmptype`,
+//! `specialtarget=dns`, `dsthost` resolved through the box's DNS,
+//! `policy`); rule changes written with `qubesdb-rm`/`qubesdb-write` as
+//! qubesd writes them (both address families), one cutting an established connection and allowing a
 //! new one; a spoofed source dropped; client-to-client traffic denied
 //! unless the sender's rules accept it; a client added and removed while
 //! the others keep working; sys-net restarted (new namespace, new gateway
@@ -134,19 +134,24 @@ impl Up {
         }
     }
 
-    /// Replaces a client's rules as qubesd does: remove the client's
-    /// directory, write `policy` and `0000`…, then the empty commit write.
+    /// Replaces a client's rules as qubesd does, for both address
+    /// families: remove the client's directories, write `policy` and
+    /// `0000`…, then the empty commit write.
     fn set_rules(&self, ip: &str, policy: &str, rules: &[&str]) {
-        let rm = self.qubesdb("qubesdb-rm", &[&format!("/qubes-firewall/{ip}/")]);
+        let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+        let rm = self.qubesdb(
+            "qubesdb-rm",
+            &[
+                &format!("/qubes-firewall/{ip}/"),
+                &format!("/qubes-firewall/{}/", netbox::qubes_ip6(ip)),
+            ],
+        );
         assert!(rm.status.success(), "{}", text(&rm));
-        let mut args = vec![format!("/qubes-firewall/{ip}/policy"), policy.to_string()];
-        for (index, rule) in rules.iter().enumerate() {
-            args.push(format!("/qubes-firewall/{ip}/{index:04}"));
-            args.push((*rule).to_string());
-        }
-        args.push(format!("/qubes-firewall/{ip}"));
-        args.push(String::new());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let entries = netbox::firewall_entries(ip, policy, rules);
+        let args: Vec<&str> = entries
+            .iter()
+            .flat_map(|(k, v)| [k.as_str(), v.as_str()])
+            .collect();
         let write = self.qubesdb("qubesdb-write", &args);
         assert!(write.status.success(), "{}", text(&write));
     }
@@ -342,6 +347,9 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
         text(&dns)
     );
 
+    // IPv6 too (rules are written for both families).
+    assert!(up.http("client1", "[2001:db8::80]:80"), "client1 over IPv6");
+
     // client2 may use DNS only.
     let dns = up.in_netns("client2", &["dns-query", "10.139.1.2:53", "example.com"]);
     assert_eq!(
@@ -427,6 +435,34 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
     );
     up.wait_until("dst4 rule applied", || !up.http("client1", "192.0.2.81:80"));
     assert!(up.http("client1", "192.0.2.80:80"), "dst4: .80 denied");
+    assert!(
+        !up.http("client1", "[2001:db8::80]:80"),
+        "dst4: a rule for IPv4 allowed IPv6"
+    );
+
+    // dst6: IPv6 is wired (/qubes-ip6, the clients' second address); the
+    // rule allows 2001:db8::80 over IPv6 and nothing over IPv4.
+    up.set_rules(
+        c1,
+        "drop",
+        &["action=accept proto=tcp dst6=2001:db8::1/128 dstports=80-80"],
+    );
+    up.wait_until("dst6 rule for another host applied", || {
+        !up.http("client1", "192.0.2.80:80")
+    });
+    assert!(
+        !up.http("client1", "[2001:db8::80]:80"),
+        "dst6: ::80 allowed"
+    );
+    up.set_rules(
+        c1,
+        "drop",
+        &["action=accept proto=tcp dst6=2001:db8::80/128 dstports=80-80"],
+    );
+    up.wait_until("dst6 rule applied", || {
+        up.http("client1", "[2001:db8::80]:80")
+    });
+    assert!(!up.http("client1", "192.0.2.80:80"), "dst6: IPv4 allowed");
 
     // dsthost: resolved by the firewall through the box's DNS (which
     // answers 192.0.2.80 for every name).
