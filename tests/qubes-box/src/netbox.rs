@@ -5,9 +5,11 @@
 //! Layout (addresses as a default Qubes install numbers them):
 //! - `<prefix>sys-net` (domid 1): the "internet" — addresses on its `lo`:
 //!   192.0.2.80 (HTTP on ports 80 and 8080, TCP and UDP echo on port 7),
-//!   192.0.2.81 (HTTP on port 80) and the Qubes virtual DNS addresses
+//!   192.0.2.81 (HTTP on port 80), 2001:db8::80 (HTTP on port 80) and the
+//!   Qubes virtual DNS addresses
 //!   10.139.1.1/10.139.1.2 (DNS answering every A query with 192.0.2.80) —
-//!   and `vif2.0`, 10.137.0.5, the backend of the firewall's uplink (with
+//!   and `vif2.0`, 10.137.0.5 and fd09:24ef:4179::a89:5, the backend of
+//!   the firewall's uplink (with
 //!   `arp_notify`, so a restarted sys-net announces its new MAC);
 //! - `<prefix>sys-firewall` (domid 2): no addresses, only layer 2: the TAP
 //!   `eth0` (the hosted firewall's uplink) bridged to the veth from sys-net,
