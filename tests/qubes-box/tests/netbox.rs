@@ -75,6 +75,18 @@ fn text(output: &Output) -> String {
     )
 }
 
+/// Takes the box down if the test fails half-way (the test itself checks
+/// a clean `down` when it gets that far).
+struct DownOnPanic(String);
+
+impl Drop for DownOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = qubes_box(&["down", "--state-dir", &self.0]);
+        }
+    }
+}
+
 #[test]
 fn box_comes_up_serves_and_goes_down_cleanly() {
     if let Err(reason) = can_run() {
@@ -84,6 +96,7 @@ fn box_comes_up_serves_and_goes_down_cleanly() {
     let prefix = format!("qbt{}-", std::process::id());
     let state = std::env::temp_dir().join(format!("qubes-box-state-{}", std::process::id()));
     let state_arg = state.display().to_string();
+    let _cleanup = DownOnPanic(state_arg.clone());
     let up = qubes_box(&[
         "up",
         "--state-dir",
