@@ -242,8 +242,14 @@ xl list
 case $state in *c*) check "final state $state is shut down, not crashed" no ;; *s*) check "final state $state is shut down" ok ;; *) check "final state '$state' is shut down" no ;; esac
 sleep 0.5
 echo "QFW: ---- guest console log ----"; sed 's/^/QFW-CONSOLE /' $LOG
-i=0; while kill -0 $QREXEC_PID 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-kill -0 $QREXEC_PID 2>/dev/null && echo "QFW-INFO qrexec-daemon still running after the shutdown" || echo "QFW-INFO qrexec-daemon ended with its qube"
+# qrexec-daemon, as Qubes', logs the agent's disconnection and waits for it
+# to come back; we started it, so we end it.
+if waitfor /tmp/qrexec-daemon.log "qrexec-agent has disconnected" 100; then
+    echo "QFW-INFO ok   qrexec-daemon saw the agent disconnect $(since $t1) s after xl shutdown"
+else
+    echo "QFW-INFO no   qrexec-daemon did not see the agent disconnect within 10 s of the shutdown"
+fi
+kill $QREXEC_PID 2>/dev/null
 stop_qdb sys-firewall
 echo "QFW: ---- dom0 daemon logs ----"
 for f in /var/log/qubes/qubesdb.*.log /tmp/qrexec-daemon.log /tmp/peer-hostile.log; do sed "s|^|QFW-LOG $(basename $f): |" $f; done

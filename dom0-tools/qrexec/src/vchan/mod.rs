@@ -5,9 +5,9 @@
 //! *server* (offers `port` to one peer domain and accepts once) or *client*
 //! (connects to a server domain's `port`, retrying until it appears). The
 //! UNIX-socket backend ([`socket`], feature `vchan-socket`) is the test
-//! transport of qubes-core-vchan-socket; a libxenvchan backend for real Xen
-//! would be another module behind its own feature. This module must never
-//! interpret the bytes it carries.
+//! transport of qubes-core-vchan-socket; `xen` (feature `xen`) is real Xen
+//! through libxenvchan. This module must never interpret the bytes it
+//! carries.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -46,7 +46,7 @@ pub trait Transport: Send + Sync + fmt::Debug {
 
 /// The transport this build uses, configured from the environment
 /// (`VCHAN_DOMAIN`, `VCHAN_SOCKET_DIR`). A `xen` build uses
-/// [`xen::from_env`] instead: real Xen unless `VCHAN_SOCKET_DIR` is set.
+/// `xen::from_env` instead: real Xen unless `VCHAN_SOCKET_DIR` is set.
 #[cfg(feature = "xen")]
 pub use xen::from_env;
 #[cfg(all(feature = "vchan-socket", not(feature = "xen")))]
