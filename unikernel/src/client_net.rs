@@ -111,6 +111,18 @@ impl FrameQueue {
         self.frames.len() >= self.cap
     }
 
+    /// The waiting frames, oldest first, to rewrite in place (lengths must
+    /// stay: the byte count is not updated).
+    pub fn frames_mut(&mut self) -> impl Iterator<Item = &mut [u8]> {
+        self.frames.iter_mut().map(|frame| frame.as_mut_slice())
+    }
+
+    /// Takes every waiting frame, oldest first.
+    pub fn take_all(&mut self) -> VecDeque<Vec<u8>> {
+        self.bytes = 0;
+        core::mem::take(&mut self.frames)
+    }
+
     /// Drops every waiting frame.
     pub fn clear(&mut self) {
         self.frames.clear();

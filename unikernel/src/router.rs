@@ -25,6 +25,15 @@
 //!   gets ICMP fragmentation-needed / packet-too-big;
 //! - ARP/NDP: a fixed responder towards clients, the gateway's MAC learned
 //!   on the uplink (`arp.rs`); pings to the firewall's own address answered;
+//! - while the gateway's MAC (ARP, or NDP for `/qubes-gateway6`) is unknown
+//!   — after boot, after `uplink_restarted()` — IP frames for the uplink
+//!   wait in a bounded pending queue (Linux's per-neighbour `unres_qlen`;
+//!   caps `pending_frames` / `pending_bytes`, oldest dropped at the cap,
+//!   3 s expiry, all counted), the gateway is asked once a second, and the
+//!   frames leave in order, addressed to the learned MAC, as soon as it is
+//!   announced for the gateway's address. A waiting frame carries an
+//!   all-zero placeholder MAC that never reaches a NIC; frames already
+//!   queued when the gateway's MAC changes are re-addressed, not lost;
 //! - IPv6 (`/qubes-ip6` set): the same forwarding and NAT with `dst6` rules;
 //! - `dsthost=` names resolved in the background by `dns.rs`;
 //! - counters per interface and per drop reason; no formatted print per
@@ -75,7 +84,8 @@
 //! router.uplink_restarted();                 // the net qube came back
 //!
 //! // Status: counters() (per DropReason, DropReason::ALL / name()),
-//! // uplink_counters(), client_counters(id), nat_len(), rules_error(ip).
+//! // uplink_counters(), client_counters(id), nat_len(), client_nat_len(id),
+// pending_len(), rules_error(ip).
 //! ```
 #![forbid(unsafe_code)]
 
@@ -191,8 +201,13 @@ pub struct Caps {
     pub clients: usize,
     /// Frames waiting per interface.
     pub queue_frames: usize,
-    /// Bytes of frames waiting, all interfaces together.
+    /// Bytes of frames waiting, all interfaces together (the pending
+    /// queues included).
     pub queue_bytes: usize,
+    /// Frames that may wait for the gateway's MAC, per IP version.
+    pub pending_frames: usize,
+    /// Bytes that may wait for the gateway's MAC, per IP version.
+    pub pending_bytes: usize,
     /// Datagrams in reassembly.
     pub fragment_datagrams: usize,
     /// Bytes of fragment data held.
@@ -208,17 +223,24 @@ impl Caps {
     /// (an entry with its slot and two index buckets costs about 250 bytes,
     /// reserved up front: ~12% of memory), between 1 024 and 1 000 000
     /// entries; one client may own a quarter; 256 frames per queue and
-    /// 1/16 of memory for all queued frames; 64 datagrams and 1/32 of
+    /// 1/16 of memory for all queued frames; a quarter of a queue (64
+    /// frames) and an eighth of the queue bytes (256 KiB at 32 MiB, near
+    /// Linux's `unres_qlen_bytes` default of 212 992) may wait for the
+    /// gateway's MAC; 64 datagrams and 1/32 of
     /// memory (64 KiB – 1 MiB) in reassembly; 256 names. A 32 MiB firewall
     /// gets 16 384 NAT entries (qubes-mirage-firewall's default is 5 000).
     pub fn for_memory(memory_bytes: usize) -> Caps {
         let nat_entries = (memory_bytes / 2048).clamp(1024, 1_000_000);
+        let queue_frames = 256;
+        let queue_bytes = (memory_bytes / 16).max(256 * 1514);
         Caps {
             nat_entries,
             nat_entries_per_client: (nat_entries / 4).max(256),
             clients: 256,
-            queue_frames: 256,
-            queue_bytes: (memory_bytes / 16).max(256 * 1514),
+            queue_frames,
+            queue_bytes,
+            pending_frames: (queue_frames / 4).max(1),
+            pending_bytes: (queue_bytes / 8).max(1514),
             fragment_datagrams: 64,
             fragment_bytes: (memory_bytes / 32).clamp(64 * 1024, 1024 * 1024),
             dns_names: 256,
@@ -261,7 +283,9 @@ drop_reasons! {
     NatClientShare = "client's NAT share used up",
     NatNoPort = "no free NAT port",
     TtlExceeded = "TTL or hop limit exceeded",
-    NoGatewayMac = "gateway MAC not known yet",
+    NoGateway = "no IPv6 gateway (/qubes-gateway6 unset)",
+    PendingFull = "waiting for the gateway MAC: queue full, oldest dropped",
+    PendingExpired = "gateway MAC not learned within 3 s",
     NoIpv6 = "IPv6 without /qubes-ip6",
     Fragment = "fragment dropped",
     DontFragment = "too big with DF set",
@@ -284,6 +308,10 @@ pub struct Counters {
     pub icmp_errors_suppressed: u64,
     /// DNS answers taken by the resolver.
     pub dns_answers: u64,
+    /// Frames for the uplink that had to wait for the gateway's MAC.
+    pub pending_queued: u64,
+    /// Frames sent once the gateway's MAC was learned.
+    pub pending_sent: u64,
 }
 
 impl Counters {
@@ -692,6 +720,9 @@ pub struct Router {
     spare: Vec<Vec<u8>>,
     /// Bytes in every transmit queue together (capped by `queue_bytes`).
     queued: usize,
+    /// The time of the last call that told us (frame handlers, timers):
+    /// when a frame starts waiting for the gateway's MAC.
+    clock: Millis,
     next_sweep: Millis,
     icmp_tokens: i64,
     icmp_tokens_at: Millis,
@@ -729,6 +760,7 @@ impl Router {
                 config.ip6,
                 config.gateway6,
                 caps.queue_frames,
+                (caps.pending_frames, caps.pending_bytes),
             ),
             clients: Vec::new(),
             by_address: HashMap::with_hasher(hasher),
@@ -744,6 +776,7 @@ impl Router {
             caps,
             spare: Vec::new(),
             queued: 0,
+            clock: now.total_millis(),
             next_sweep: now.total_millis() + SWEEP_INTERVAL,
             icmp_tokens: ICMP_ERRORS_PER_SECOND,
             icmp_tokens_at: now.total_millis(),
@@ -824,15 +857,26 @@ impl Router {
     }
 
     /// The net qube went away and came back (its vif was re-attached):
-    /// forget its MACs so they are asked for again, and drop what was
-    /// queued for the old link. Flows stay: our address did not change.
+    /// forget its MACs so they are asked for again (at once). IP frames
+    /// queued for the old gateway MAC are not lost: they move, in order, to
+    /// the pending queues and leave for the new MAC once it is learned.
+    /// ARP/NDP frames for the old link are dropped (they are answers and
+    /// requests the new net qube did not send; we ask afresh). Flows stay:
+    /// our address did not change.
     pub fn uplink_restarted(&mut self) {
+        let old = self.uplink.gateway.mac;
+        let old6 = self.uplink.gateway6.and_then(|g| g.mac);
         self.uplink.gateway = crate::uplink::Neighbour::new(self.uplink.gateway.ip);
         if let Some(gateway6) = self.uplink.gateway6.as_mut() {
             *gateway6 = crate::uplink::Neighbour::new(gateway6.ip);
         }
         self.queued = self.queued.saturating_sub(self.uplink.queue.bytes());
-        self.uplink.queue.clear();
+        for frame in self.uplink.queue.take_all() {
+            match gateway_frame_kind(&frame, old, old6) {
+                Some(v6) => self.hold(v6, frame),
+                None => self.recycle(frame),
+            }
+        }
     }
 
     /// The parse error of a client's rules, if any.
@@ -872,6 +916,23 @@ impl Router {
     /// Live NAT / connection-tracking entries.
     pub fn nat_len(&self) -> usize {
         self.nat.len()
+    }
+
+    /// NAT / connection-tracking entries a client owns (flows it started,
+    /// from its IPv4 and IPv6 addresses): the NAT table keeps the count, so
+    /// this does not scan. `None` for an unknown vif.
+    pub fn client_nat_len(&self, id: ClientId) -> Option<usize> {
+        let client = self.clients.iter().find(|c| c.id == id)?;
+        let v6 = client
+            .config
+            .ip6
+            .map_or(0, |ip6| self.nat.owner_len(IpAddr::V6(ip6)));
+        Some(self.nat.owner_len(IpAddr::V4(client.config.ip)) + v6)
+    }
+
+    /// Frames waiting for the gateway's MAC (IPv4 and IPv6 together).
+    pub fn pending_len(&self) -> usize {
+        self.uplink.pending.len() + self.uplink.pending6.len()
     }
 
     /// The gateway MAC, once learned.
@@ -946,22 +1007,24 @@ impl Router {
     /// (fragmenting IPv4 to the MTU). Returns the frame's buffer offset of
     /// the IP packet, or `None` if it could not be sent.
     /// The Ethernet destination and source for a frame out of `out`;
-    /// `None` (counted) when the gateway's MAC is not known yet.
+    /// `None` (counted) when there is no IPv6 gateway. While the gateway's
+    /// MAC is unknown the destination is a placeholder (all zeroes) that
+    /// [`Router::emit`] never lets out: the frame waits instead.
     fn link_addresses(&mut self, out: Out, v6: bool) -> Option<(EthernetAddress, EthernetAddress)> {
         let addresses = match out {
             Out::Uplink => {
                 let gateway = if v6 {
-                    self.uplink.gateway6.and_then(|g| g.mac)
+                    match self.uplink.gateway6 {
+                        Some(gateway6) => gateway6.mac,
+                        None => {
+                            self.drop(DropReason::NoGateway);
+                            return None;
+                        }
+                    }
                 } else {
                     self.uplink.gateway.mac
                 };
-                match gateway {
-                    Some(mac) => (mac, self.uplink.mac),
-                    None => {
-                        self.drop(DropReason::NoGatewayMac);
-                        return None;
-                    }
-                }
+                (gateway.unwrap_or(UNRESOLVED_MAC), self.uplink.mac)
             }
             Out::Client(index) => match self.clients.get(index) {
                 Some(client) => (client.mac, CLIENT_SIDE_MAC),
@@ -989,7 +1052,7 @@ impl Router {
         match result {
             Ok(()) => pieces
                 .into_iter()
-                .for_each(|frame| self.enqueue(out, frame)),
+                .for_each(|frame| self.emit(out, true, frame)),
             Err(_) => self.drop(DropReason::Fragment),
         }
     }
@@ -1016,7 +1079,7 @@ impl Router {
             match result {
                 Ok(()) => pieces
                     .into_iter()
-                    .for_each(|frame| self.enqueue(out, frame)),
+                    .for_each(|frame| self.emit(out, v6, frame)),
                 Err(FragmentError::DontFragment) => self.drop(DropReason::DontFragment),
                 Err(FragmentError::Unsupported) => self.drop(DropReason::Fragment),
             }
@@ -1025,7 +1088,174 @@ impl Router {
         let mut frame = self.buffer();
         push_eth(&mut frame, dst_mac, src_mac, ethertype);
         frame.extend_from_slice(packet);
+        self.emit(out, v6, frame);
+    }
+
+    /// Queues an IP frame built by [`Router::link_addresses`]: to the
+    /// interface's queue, or, for the uplink while the gateway's MAC is
+    /// unknown, to the pending queue.
+    fn emit(&mut self, out: Out, v6: bool, frame: Vec<u8>) {
+        if out == Out::Uplink {
+            let resolved = if v6 {
+                self.uplink.gateway6.and_then(|g| g.mac)
+            } else {
+                self.uplink.gateway.mac
+            };
+            if resolved.is_none() {
+                return self.hold(v6, frame);
+            }
+        }
         self.enqueue(out, frame);
+    }
+
+    /// Puts an IP frame for the gateway in the pending queue (oldest
+    /// dropped at the caps, counted) and asks for the gateway's MAC if a
+    /// request is due. The frame's destination MAC is written when it
+    /// leaves ([`Router::learned_gateway`]).
+    fn hold(&mut self, v6: bool, frame: Vec<u8>) {
+        let len = frame.len();
+        if self.queued + len > self.caps.queue_bytes {
+            self.uplink.counters.tx_queue_full += 1;
+            self.counters.count(DropReason::QueueFull);
+            self.recycle(frame);
+            return self.ask_gateways(self.clock);
+        }
+        loop {
+            let queue = if v6 {
+                &mut self.uplink.pending6
+            } else {
+                &mut self.uplink.pending
+            };
+            let Some(oldest) = queue.make_room(len) else {
+                break;
+            };
+            self.queued = self.queued.saturating_sub(oldest.len());
+            self.counters.count(DropReason::PendingFull);
+            self.recycle(oldest);
+        }
+        let queue = if v6 {
+            &mut self.uplink.pending6
+        } else {
+            &mut self.uplink.pending
+        };
+        match queue.push(frame, self.clock) {
+            Ok(()) => {
+                self.queued += len;
+                self.counters.pending_queued += 1;
+            }
+            Err(frame) => {
+                self.counters.count(DropReason::PendingFull);
+                self.recycle(frame);
+            }
+        }
+        self.ask_gateways(self.clock);
+    }
+
+    /// The gateway (IPv4 or IPv6) told us its MAC: frames already queued
+    /// for an older MAC of it are re-addressed, and the frames waiting for
+    /// it leave in order (those past [`crate::uplink::PENDING_TIMEOUT`]
+    /// are dropped, counted).
+    /// A MAC that is no single station's (all zeroes, broadcast,
+    /// multicast) is never believed, whoever announces it.
+    fn learned_gateway(&mut self, v6: bool, mac: EthernetAddress) {
+        if mac == UNRESOLVED_MAC || !mac.is_unicast() {
+            return;
+        }
+        let neighbour_mac = if v6 {
+            match self.uplink.gateway6.as_mut() {
+                Some(gateway6) => &mut gateway6.mac,
+                None => return,
+            }
+        } else {
+            &mut self.uplink.gateway.mac
+        };
+        let old = neighbour_mac.replace(mac);
+        if let Some(old) = old
+            && old != mac
+        {
+            for frame in self.uplink.queue.frames_mut() {
+                if gateway_frame_kind(frame, Some(old), Some(old)) == Some(v6)
+                    && let Some(dst) = frame.get_mut(..6)
+                {
+                    dst.copy_from_slice(&mac.0);
+                }
+            }
+        }
+        self.flush_pending(v6, mac);
+    }
+
+    fn flush_pending(&mut self, v6: bool, mac: EthernetAddress) {
+        loop {
+            let queue = if v6 {
+                &mut self.uplink.pending6
+            } else {
+                &mut self.uplink.pending
+            };
+            let Some((at, mut frame)) = queue.pop() else {
+                break;
+            };
+            self.queued = self.queued.saturating_sub(frame.len());
+            if self.clock.saturating_sub(at) >= crate::uplink::PENDING_TIMEOUT {
+                self.counters.count(DropReason::PendingExpired);
+                self.recycle(frame);
+                continue;
+            }
+            if let Some(dst) = frame.get_mut(..6) {
+                dst.copy_from_slice(&mac.0);
+            }
+            self.counters.pending_sent += 1;
+            self.enqueue(Out::Uplink, frame);
+        }
+    }
+
+    /// Drops (counted) the pending frames that waited too long.
+    fn expire_pending(&mut self, now: Millis) {
+        for v6 in [false, true] {
+            loop {
+                let queue = if v6 {
+                    &mut self.uplink.pending6
+                } else {
+                    &mut self.uplink.pending
+                };
+                let Some(frame) = queue.pop_expired(now) else {
+                    break;
+                };
+                self.queued = self.queued.saturating_sub(frame.len());
+                self.counters.count(DropReason::PendingExpired);
+                self.recycle(frame);
+            }
+        }
+    }
+
+    /// Sends an ARP request for the gateway and an NDP solicitation for the
+    /// IPv6 gateway when their MAC is unknown and the last request is at
+    /// least [`crate::uplink::NEIGHBOUR_RETRY`] old.
+    fn ask_gateways(&mut self, now: Millis) {
+        if self.uplink.gateway.should_ask(now) {
+            let request =
+                arp::gateway_request(self.uplink.ip, self.uplink.mac, self.uplink.gateway.ip);
+            let mut buffer = self.buffer();
+            buffer.extend_from_slice(&request);
+            self.enqueue(Out::Uplink, buffer);
+        }
+        if let (Some(ours), Some(gateway)) = (self.uplink.ip6, self.uplink.gateway6.as_mut())
+            && gateway.should_ask(now)
+        {
+            let group = arp::solicited_node(gateway.ip);
+            let request = arp::ndp_frame(
+                arp::NDP_SOLICIT,
+                self.uplink.mac,
+                arp::multicast_mac(group),
+                ours,
+                group,
+                gateway.ip,
+                false,
+                false,
+            );
+            let mut buffer = self.buffer();
+            buffer.extend_from_slice(&request);
+            self.enqueue(Out::Uplink, buffer);
+        }
     }
 
     /// Takes a frame received on a client's vif.
@@ -1034,6 +1264,7 @@ impl Router {
             self.drop(DropReason::UnknownClient);
             return;
         };
+        self.clock = now.total_millis();
         self.client_frame(index, frame, now.total_millis());
     }
 
@@ -1268,7 +1499,7 @@ impl Router {
         if let Some(ip) = frame.get_mut(ETH_LEN..) {
             edit(ip);
         }
-        self.enqueue(out, frame);
+        self.emit(out, v6, frame);
     }
 
     /// Decides a new flow from client `index` and tracks it if accepted.
@@ -1490,6 +1721,7 @@ impl Router {
     /// Takes a frame received on the uplink.
     pub fn handle_uplink_frame(&mut self, frame: &[u8], now: Instant) {
         let now = now.total_millis();
+        self.clock = now;
         self.uplink.counters.rx_frames += 1;
         self.uplink.counters.rx_bytes += frame.len() as u64;
         let (Some(header), Some(payload)) = (frame.get(..ETH_LEN), frame.get(ETH_LEN..)) else {
@@ -1507,10 +1739,10 @@ impl Router {
                     self.uplink.gateway.ip,
                 ) {
                     UplinkArp::Ignore => {}
-                    UplinkArp::GatewayIs(mac) => self.uplink.gateway.mac = Some(mac),
+                    UplinkArp::GatewayIs(mac) => self.learned_gateway(false, mac),
                     UplinkArp::Answer(reply, learned) => {
                         if let Some(mac) = learned {
-                            self.uplink.gateway.mac = Some(mac);
+                            self.learned_gateway(false, mac);
                         }
                         let mut buffer = self.buffer();
                         buffer.extend_from_slice(&reply);
@@ -1580,12 +1812,12 @@ impl Router {
         if meta.ttl != 255 {
             return self.drop(DropReason::Malformed);
         }
-        if let Some(gateway) = self.uplink.gateway6.as_mut()
+        if let Some(gateway) = self.uplink.gateway6
             && ndp.kind == arp::NDP_ADVERT
             && ndp.target == gateway.ip
         {
             if let Some(mac) = ndp.lladdr.filter(|m| m.is_unicast()) {
-                gateway.mac = Some(mac);
+                self.learned_gateway(true, mac);
             }
             return;
         }
@@ -1768,6 +2000,7 @@ impl Router {
     /// DNS queries for `dsthost` rules.
     pub fn poll_timers(&mut self, now: Instant) {
         let now = now.total_millis();
+        self.clock = now;
         if now >= self.next_sweep {
             let budget = (self.nat.capacity() / 30).max(4096);
             self.nat.expire(now, budget);
@@ -1775,33 +2008,8 @@ impl Router {
             self.uplink_reassembler.expire(now);
             self.next_sweep = now + SWEEP_INTERVAL;
         }
-        if self.uplink.gateway.should_ask(now) {
-            let request =
-                arp::gateway_request(self.uplink.ip, self.uplink.mac, self.uplink.gateway.ip);
-            let mut buffer = self.buffer();
-            buffer.extend_from_slice(&request);
-            self.enqueue(Out::Uplink, buffer);
-        }
-        if let (Some(ours), Some(gateway)) = (self.uplink.ip6, self.uplink.gateway6.as_mut())
-            && gateway.should_ask(now)
-        {
-            {
-                let group = arp::solicited_node(gateway.ip);
-                let request = arp::ndp_frame(
-                    arp::NDP_SOLICIT,
-                    self.uplink.mac,
-                    arp::multicast_mac(group),
-                    ours,
-                    group,
-                    gateway.ip,
-                    false,
-                    false,
-                );
-                let mut buffer = self.buffer();
-                buffer.extend_from_slice(&request);
-                self.enqueue(Out::Uplink, buffer);
-            }
-        }
+        self.expire_pending(now);
+        self.ask_gateways(now);
         let mut queries: Vec<(Ipv4Addr, Vec<u8>)> = Vec::new();
         self.resolver.poll(now, &mut |server, message| {
             queries.push((server, message.to_vec()))
@@ -1855,6 +2063,8 @@ impl Router {
             self.uplink.gateway.ask_at(),
             self.uplink.gateway6.and_then(|g| g.ask_at()),
             self.resolver.poll_at(),
+            self.uplink.pending.expires_at(),
+            self.uplink.pending6.expires_at(),
         ];
         for candidate in candidates.into_iter().flatten() {
             at = Some(at.map_or(candidate, |a: Millis| a.min(candidate)));
@@ -1990,6 +2200,33 @@ fn refill_icmp_checksum(packet: &mut [u8], at: usize, src: IpAddr, dst: IpAddr) 
     };
     if let Some(field) = packet.get_mut(at + 2..at + 4) {
         field.copy_from_slice(&sum.to_be_bytes());
+    }
+}
+
+/// The destination MAC of a frame waiting for the gateway's MAC: never
+/// sent (all zeroes is no station's address).
+const UNRESOLVED_MAC: EthernetAddress = EthernetAddress([0; 6]);
+
+/// Whether an uplink frame is an IP packet for the gateway at `mac4` (IPv4)
+/// or `mac6` (IPv6, neighbour discovery excluded): `Some(v6)`, else `None`
+/// (ARP, NDP, anything to another MAC).
+fn gateway_frame_kind(
+    frame: &[u8],
+    mac4: Option<EthernetAddress>,
+    mac6: Option<EthernetAddress>,
+) -> Option<bool> {
+    let dst = frame.get(..6)?;
+    match be16(frame, 12)? {
+        ETHERTYPE_IPV4 => (Some(dst) == mac4.as_ref().map(|m| &m.0[..])).then_some(false),
+        ETHERTYPE_IPV6 => {
+            let ndp = frame.get(ETH_LEN + 6) == Some(&PROTO_ICMPV6)
+                && matches!(
+                    frame.get(ETH_LEN + 40),
+                    Some(&arp::NDP_SOLICIT | &arp::NDP_ADVERT)
+                );
+            (!ndp && Some(dst) == mac6.as_ref().map(|m| &m.0[..])).then_some(true)
+        }
+        _ => None,
     }
 }
 

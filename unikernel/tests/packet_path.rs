@@ -64,6 +64,15 @@ impl Net {
     }
 
     fn with_caps(ipv6: bool, caps: Caps) -> Net {
+        let mut net = Net::unresolved(ipv6, caps);
+        // The gateway announces itself.
+        net.gateway_says(GATEWAY, GATEWAY_MAC);
+        assert_eq!(net.router.gateway_mac(), Some(GATEWAY_MAC));
+        net
+    }
+
+    /// A router that has not learned the gateway's MAC yet (just booted).
+    fn unresolved(ipv6: bool, caps: Caps) -> Net {
         let config = NetworkConfig {
             uplink_mac: UPLINK_MAC,
             ip: OUR_IP,
@@ -96,25 +105,12 @@ impl Net {
                 },
             )
             .unwrap();
-        let mut net = Net { router, now: 0 };
-        // The gateway announces itself.
-        let arp = ArpRepr::EthernetIpv4 {
-            operation: ArpOperation::Reply,
-            source_hardware_addr: GATEWAY_MAC,
-            source_protocol_addr: GATEWAY,
-            target_hardware_addr: UPLINK_MAC,
-            target_protocol_addr: OUR_IP,
-        };
-        let mut payload = vec![0u8; arp.buffer_len()];
-        arp.emit(&mut ArpPacket::new_unchecked(&mut payload));
-        net.uplink_in(&eth(
-            UPLINK_MAC,
-            GATEWAY_MAC,
-            EthernetProtocol::Arp,
-            &payload,
-        ));
-        assert_eq!(net.router.gateway_mac(), Some(GATEWAY_MAC));
-        net
+        Net { router, now: 0 }
+    }
+
+    /// An ARP reply on the uplink: `ip` is at `mac`.
+    fn gateway_says(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
+        self.uplink_in(&arp_frame(ArpOperation::Reply, ip, mac, OUR_IP, UPLINK_MAC));
     }
 
     fn at(&self) -> Instant {
@@ -172,6 +168,25 @@ impl Net {
     fn dropped(&self, reason: DropReason) -> u64 {
         self.router.counters().dropped(reason)
     }
+}
+
+fn arp_frame(
+    operation: ArpOperation,
+    sender_ip: Ipv4Addr,
+    sender_mac: EthernetAddress,
+    target_ip: Ipv4Addr,
+    target_mac: EthernetAddress,
+) -> Vec<u8> {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation,
+        source_hardware_addr: sender_mac,
+        source_protocol_addr: sender_ip,
+        target_hardware_addr: target_mac,
+        target_protocol_addr: target_ip,
+    };
+    let mut payload = vec![0u8; arp.buffer_len()];
+    arp.emit(&mut ArpPacket::new_unchecked(&mut payload));
+    eth(target_mac, sender_mac, EthernetProtocol::Arp, &payload)
 }
 
 fn eth(
@@ -938,7 +953,24 @@ fn gateway_mac_is_asked_for_until_known() {
     router.set_rules(A_IP.into(), RuleSet::accept_all());
     router.poll_timers(Instant::from_millis(0));
     let request = router.pop_uplink_frame().unwrap();
-    let eth = EthernetFrame::new_checked(&request[..]).unwrap();
+    assert_gateway_request(&request);
+    router.poll_timers(Instant::from_millis(500));
+    assert!(
+        router.pop_uplink_frame().is_none(),
+        "not more than once a second"
+    );
+    let frame = eth_frame_from_a(&tcp4(A_IP, REMOTE, 40000, 443, TcpControl::Syn, 64));
+    router.handle_client_frame(A, &frame, Instant::from_millis(600));
+    assert!(router.pop_uplink_frame().is_none(), "the SYN waits");
+    assert_eq!(router.pending_len(), 1);
+    assert_eq!(router.counters().pending_queued, 1);
+    assert_eq!(router.counters().dropped_total(), 0);
+    router.poll_timers(Instant::from_millis(1000));
+    assert_gateway_request(&router.pop_uplink_frame().unwrap());
+}
+
+fn assert_gateway_request(frame: &[u8]) {
+    let eth = EthernetFrame::new_checked(frame).unwrap();
     assert_eq!(eth.dst_addr(), EthernetAddress::BROADCAST);
     let ArpRepr::EthernetIpv4 {
         operation,
@@ -952,17 +984,212 @@ fn gateway_mac_is_asked_for_until_known() {
         (operation, target_protocol_addr),
         (ArpOperation::Request, GATEWAY)
     );
-    router.poll_timers(Instant::from_millis(500));
-    assert!(
-        router.pop_uplink_frame().is_none(),
-        "not more than once a second"
+}
+
+fn is_arp(frame: &[u8]) -> bool {
+    EthernetFrame::new_checked(frame).unwrap().ethertype() == EthernetProtocol::Arp
+}
+
+/// Every IP frame on the uplink goes to `mac`, and no frame to all zeroes.
+fn assert_ip_frames_to(frames: &[Vec<u8>], mac: EthernetAddress) {
+    for frame in frames {
+        let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
+        assert_ne!(eth.dst_addr(), EthernetAddress([0; 6]), "zero MAC");
+        assert_eq!(eth.src_addr(), UPLINK_MAC);
+        if eth.ethertype() != EthernetProtocol::Arp {
+            assert_eq!(eth.dst_addr(), mac);
+        }
+    }
+}
+
+#[test]
+fn syn_before_arp_resolves_leaves_right_after_the_reply() {
+    let syn = tcp4(A_IP, REMOTE, 40000, 443, TcpControl::Syn, 64);
+    // What a router that knew the gateway all along sends for this SYN.
+    let mut resolved = Net::new(false);
+    accept_all(&mut resolved, A_IP);
+    resolved.send_from_a(&syn);
+    let expected = resolved.uplink_out();
+    assert_eq!(expected.len(), 1);
+
+    // Just booted: the client's SYN comes before the gateway's MAC.
+    let mut net = Net::unresolved(false, Caps::for_memory(32 << 20));
+    accept_all(&mut net, A_IP);
+    net.send_from_a(&syn);
+    let asked = net.uplink_out();
+    assert_eq!(asked.len(), 1, "only the ARP request leaves, at once");
+    assert_gateway_request(&asked[0]);
+    assert_eq!(net.router.pending_len(), 1);
+    // Any time the main loop asks, it wakes up for the expiry at the latest.
+    assert_eq!(
+        net.router.poll_at(net.at()),
+        Some(Instant::from_millis(1000)),
+        "next ARP request"
     );
-    let frame = eth_frame_from_a(&tcp4(A_IP, REMOTE, 40000, 443, TcpControl::Syn, 64));
-    router.handle_client_frame(A, &frame, Instant::from_millis(600));
-    assert!(router.pop_uplink_frame().is_none());
-    assert_eq!(router.counters().dropped(DropReason::NoGatewayMac), 1);
-    router.poll_timers(Instant::from_millis(1000));
-    assert!(router.pop_uplink_frame().is_some(), "asks again");
+    net.now = 40;
+    net.gateway_says(GATEWAY, GATEWAY_MAC);
+    let out = net.uplink_out();
+    // Byte for byte what the resolved router sent: only the MACs and NAT
+    // (source address and port, checksums, TTL) differ from the client's.
+    assert_eq!(out, expected);
+    let seen = seen4(&out[0]);
+    assert_eq!(
+        (seen.eth_dst, seen.src, seen.dst, seen.dport, seen.ttl),
+        (GATEWAY_MAC, OUR_IP, REMOTE, 443, 63)
+    );
+    let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+    let sent = Ipv4Packet::new_checked(&syn[..]).unwrap();
+    let sent_tcp = TcpPacket::new_checked(sent.payload()).unwrap();
+    assert_eq!(tcp.seq_number(), sent_tcp.seq_number());
+    assert!(tcp.syn() && !tcp.ack());
+    assert_eq!(net.router.pending_len(), 0);
+    assert_eq!(net.router.counters().pending_sent, 1);
+    assert_eq!(net.router.counters().dropped_total(), 0);
+    // The reply finds its way back through the NAT entry.
+    net.send_from_outside(&tcp4(REMOTE, OUR_IP, 443, seen.sport, TcpControl::Syn, 64));
+    assert_eq!(seen4(&net.client_out(A)[0]).dst, A_IP);
+    // No more requests once known.
+    net.advance(5000);
+    assert!(net.uplink_out().is_empty());
+}
+
+#[test]
+fn pending_frames_leave_in_order_and_the_oldest_go_at_the_cap() {
+    let caps = Caps {
+        pending_frames: 4,
+        ..Caps::for_memory(32 << 20)
+    };
+    let mut net = Net::unresolved(false, caps);
+    accept_all(&mut net, A_IP);
+    for dport in 1..=6 {
+        net.send_from_a(&udp4(A_IP, REMOTE, 40000, dport, b"data"));
+    }
+    assert_eq!(net.router.pending_len(), 4);
+    assert_eq!(net.dropped(DropReason::PendingFull), 2);
+    assert_eq!(net.router.counters().pending_queued, 6);
+    let asked = net.uplink_out();
+    assert_eq!(asked.len(), 1, "one ARP request, however many frames wait");
+    net.gateway_says(GATEWAY, GATEWAY_MAC);
+    let out = net.uplink_out();
+    assert_ip_frames_to(&out, GATEWAY_MAC);
+    let ports: Vec<u16> = out.iter().map(|f| seen4(f).dport).collect();
+    assert_eq!(ports, [3, 4, 5, 6], "the newest, in order");
+
+    // The byte cap: room for two of these frames.
+    let frame_len = 14 + 20 + 8 + 600;
+    let caps = Caps {
+        pending_bytes: 2 * frame_len + frame_len / 2,
+        ..Caps::for_memory(32 << 20)
+    };
+    let mut net = Net::unresolved(false, caps);
+    accept_all(&mut net, A_IP);
+    for dport in 1..=3 {
+        net.send_from_a(&udp4(A_IP, REMOTE, 40000, dport, &[7; 600]));
+    }
+    assert_eq!(net.router.pending_len(), 2);
+    assert_eq!(net.dropped(DropReason::PendingFull), 1);
+    net.gateway_says(GATEWAY, GATEWAY_MAC);
+    let ports: Vec<u16> = net
+        .uplink_out()
+        .iter()
+        .filter(|f| !is_arp(f))
+        .map(|f| seen4(f).dport)
+        .collect();
+    assert_eq!(ports, [2, 3]);
+}
+
+#[test]
+fn pending_frames_expire_and_arp_is_retried_meanwhile() {
+    let mut net = Net::unresolved(false, Caps::for_memory(32 << 20));
+    accept_all(&mut net, A_IP);
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"x"));
+    net.now = 500;
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 10, b"x"));
+    let mut requests = net.uplink_out().iter().filter(|f| is_arp(f)).count();
+    assert_eq!(requests, 1, "asked with the first frame");
+    for _ in 0..24 {
+        net.advance(100);
+        requests += net.uplink_out().iter().filter(|f| is_arp(f)).count();
+    }
+    // Asked at 0, 1 000 and 2 000: once a second while frames wait.
+    assert_eq!(net.now, 2900);
+    assert_eq!(requests, 3);
+    assert_eq!(net.router.pending_len(), 2);
+    assert_eq!(
+        net.router.poll_at(net.at()),
+        Some(Instant::from_millis(3000))
+    );
+    net.advance(100);
+    assert_eq!(net.router.pending_len(), 1, "the first waited 3 s");
+    assert_eq!(net.dropped(DropReason::PendingExpired), 1);
+    // The answer comes late for the second too (its expiry not yet run
+    // by the timers): it is dropped, not sent.
+    net.now = 3600;
+    net.gateway_says(GATEWAY, GATEWAY_MAC);
+    assert!(net.uplink_out().iter().all(|f| is_arp(f)));
+    assert_eq!(net.dropped(DropReason::PendingExpired), 2);
+    assert_eq!(net.router.counters().pending_sent, 0);
+    assert_eq!(net.router.pending_len(), 0);
+    // Afterwards traffic flows directly.
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 11, b"x"));
+    assert_eq!(seen4(&net.uplink_out()[0]).eth_dst, GATEWAY_MAC);
+}
+
+#[test]
+fn hostile_arp_floods_cannot_redirect_pending_frames() {
+    let mut net = Net::unresolved(false, Caps::for_memory(32 << 20));
+    accept_all(&mut net, A_IP);
+    net.send_from_a(&tcp4(A_IP, REMOTE, 40000, 443, TcpControl::Syn, 64));
+    net.uplink_out();
+    let evil = EthernetAddress([0x02, 0xba, 0xd0, 0, 0, 1]);
+    for round in 0..2000u32 {
+        let other = Ipv4Addr::from(0x0a8a_0000 + round);
+        let frames = [
+            // Replies for any address but the gateway's.
+            arp_frame(ArpOperation::Reply, other, evil, OUR_IP, UPLINK_MAC),
+            arp_frame(ArpOperation::Reply, OUR_IP, evil, OUR_IP, UPLINK_MAC),
+            arp_frame(ArpOperation::Reply, A_IP, evil, OUR_IP, UPLINK_MAC),
+            // The gateway's address with no station's MAC.
+            arp_frame(
+                ArpOperation::Reply,
+                GATEWAY,
+                EthernetAddress([0; 6]),
+                OUR_IP,
+                UPLINK_MAC,
+            ),
+            arp_frame(
+                ArpOperation::Reply,
+                GATEWAY,
+                EthernetAddress::BROADCAST,
+                OUR_IP,
+                UPLINK_MAC,
+            ),
+            arp_frame(
+                ArpOperation::Request,
+                GATEWAY,
+                EthernetAddress([0x01, 0, 0x5e, 0, 0, 1]),
+                other,
+                EthernetAddress([0; 6]),
+            ),
+            // Neither request nor reply.
+            arp_frame(ArpOperation::Unknown(9), GATEWAY, evil, OUR_IP, UPLINK_MAC),
+        ];
+        for frame in &frames {
+            net.uplink_in(frame);
+        }
+        assert!(
+            net.uplink_out().iter().all(|f| is_arp(f)),
+            "nothing but ARP answers left, round {round}"
+        );
+    }
+    assert_eq!(net.router.gateway_mac(), None);
+    assert_eq!(net.router.pending_len(), 1);
+    net.gateway_says(GATEWAY, GATEWAY_MAC);
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    assert_ip_frames_to(&out, GATEWAY_MAC);
 }
 
 #[test]
@@ -971,36 +1198,140 @@ fn net_qube_restart_relearns_the_gateway() {
     accept_all(&mut net, A_IP);
     net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"x"));
     let port = seen4(&net.uplink_out()[0]).sport;
+    // Two frames still queued for the old net qube when it goes away.
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"1"));
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"2"));
     net.router.uplink_restarted();
     assert_eq!(net.router.gateway_mac(), None);
-    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"x"));
-    assert!(net.uplink_out().is_empty());
-    assert_eq!(net.dropped(DropReason::NoGatewayMac), 1);
-    net.advance(1);
+    assert_eq!(net.router.pending_len(), 2);
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"3"));
+    assert_eq!(net.router.pending_len(), 3);
+    let asked = net.uplink_out();
+    assert_eq!(asked.len(), 1, "asked for the new MAC at once");
+    assert_gateway_request(&asked[0]);
+    // The new net qube answers from a new MAC; nothing queued was lost and
+    // the old flow still works.
+    let new_mac = EthernetAddress([0x00, 0x16, 0x3e, 0x00, 0x00, 0x99]);
+    net.now = 300;
+    net.gateway_says(GATEWAY, new_mac);
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"4"));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 4);
+    assert_ip_frames_to(&out, new_mac);
+    let payloads: Vec<u8> = out.iter().map(|f| *f.last().unwrap()).collect();
+    assert_eq!(payloads, b"1234");
+    assert!(out.iter().all(|f| seen4(f).sport == port));
+    assert_eq!(net.router.counters().dropped_total(), 0);
+}
+
+#[test]
+fn gateway_mac_change_readdresses_frames_not_yet_sent() {
+    let mut net = Net::new(false);
+    accept_all(&mut net, A_IP);
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"1"));
+    // The net qube came back with a new MAC and says so before our NIC
+    // took the frame.
+    let new_mac = EthernetAddress([0x00, 0x16, 0x3e, 0x00, 0x00, 0x42]);
+    net.gateway_says(GATEWAY, new_mac);
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"2"));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 2);
+    assert_ip_frames_to(&out, new_mac);
+    assert_eq!(net.router.gateway_mac(), Some(new_mac));
+}
+
+#[test]
+fn ipv6_frames_wait_for_the_gateways_ndp_advert() {
+    let mut net = Net::unresolved(true, Caps::for_memory(32 << 20));
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    let l4 = tcp_segment(
+        a_ip6().into(),
+        remote6().into(),
+        40000,
+        443,
+        TcpControl::Syn,
+    );
+    net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Tcp, 64, &l4));
+    assert_eq!(net.router.pending_len(), 1);
     let asked = net.uplink_out();
     assert!(
         asked
             .iter()
             .any(|f| EthernetFrame::new_checked(&f[..]).unwrap().ethertype()
-                == EthernetProtocol::Arp)
+                == EthernetProtocol::Ipv6),
+        "a neighbour solicitation for the IPv6 gateway"
     );
-    // The new net qube answers from a new MAC; the old flow still works.
-    let new_mac = EthernetAddress([0x00, 0x16, 0x3e, 0x00, 0x00, 0x99]);
-    let arp = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Reply,
-        source_hardware_addr: new_mac,
-        source_protocol_addr: GATEWAY,
-        target_hardware_addr: UPLINK_MAC,
-        target_protocol_addr: OUR_IP,
+    let advert = |lladdr: EthernetAddress| {
+        icmp6_message(
+            gateway6(),
+            our_ip6(),
+            Icmpv6Repr::Ndisc(smoltcp::wire::NdiscRepr::NeighborAdvert {
+                flags: smoltcp::wire::NdiscNeighborFlags::SOLICITED,
+                target_addr: gateway6(),
+                lladdr: Some(lladdr.into()),
+            }),
+        )
     };
-    let mut payload = vec![0u8; arp.buffer_len()];
-    arp.emit(&mut ArpPacket::new_unchecked(&mut payload));
-    net.uplink_in(&eth(UPLINK_MAC, new_mac, EthernetProtocol::Arp, &payload));
-    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"x"));
+    // An advert with no station's MAC is not believed.
+    net.send_from_outside(&ip6(
+        gateway6(),
+        our_ip6(),
+        IpProtocol::Icmpv6,
+        255,
+        &advert(EthernetAddress([0; 6])),
+    ));
+    assert!(net.uplink_out().is_empty());
+    assert_eq!(net.router.pending_len(), 1);
+    net.send_from_outside(&ip6(
+        gateway6(),
+        our_ip6(),
+        IpProtocol::Icmpv6,
+        255,
+        &advert(GATEWAY_MAC),
+    ));
     let out = net.uplink_out();
     assert_eq!(out.len(), 1);
-    assert_eq!(seen4(&out[0]).eth_dst, new_mac);
-    assert_eq!(seen4(&out[0]).sport, port);
+    let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+    assert_eq!(eth.dst_addr(), GATEWAY_MAC);
+    let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!(
+        (ip.src_addr(), ip.dst_addr(), ip.hop_limit()),
+        (our_ip6(), remote6(), 63)
+    );
+    // The IPv4 queue was not touched: IPv4 still waits for ARP.
+    assert_eq!(net.router.gateway_mac(), None);
+}
+
+#[test]
+fn per_client_nat_count_is_kept() {
+    let mut net = Net::new(true);
+    accept_all(&mut net, A_IP);
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    accept_all(&mut net, B_IP);
+    assert_eq!(net.router.client_nat_len(A), Some(0));
+    for sport in 0..5 {
+        net.send_from_a(&udp4(A_IP, REMOTE, 41000 + sport, 53, b"q"));
+    }
+    let l4 = udp_datagram(a_ip6().into(), remote6().into(), 41000, 53, b"q");
+    net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Udp, 64, &l4));
+    net.client_in(B, B_MAC, &udp4(B_IP, REMOTE, 41000, 53, b"q"));
+    assert_eq!(net.router.client_nat_len(A), Some(6));
+    assert_eq!(net.router.client_nat_len(B), Some(1));
+    assert_eq!(net.router.nat_len(), 7);
+    assert_eq!(
+        net.router.client_nat_len(ClientId {
+            domid: 99,
+            device: 0
+        }),
+        None
+    );
+    // Rule changes flush the flows and the count with them.
+    accept_all(&mut net, A_IP);
+    assert_eq!(net.router.client_nat_len(A), Some(1), "IPv6 flow stays");
+    // Expiry too.
+    net.advance(3_600_000);
+    assert_eq!(net.router.client_nat_len(A), Some(0));
+    assert_eq!(net.router.client_nat_len(B), Some(0));
 }
 
 fn eth_frame_from_a(ip_packet: &[u8]) -> Vec<u8> {
