@@ -45,7 +45,7 @@ use crate::qrexec::{Agent, Output, ServiceHost};
 use crate::qubesdb::{DbEvent, IPTABLES_ERROR, QubesDb};
 use crate::router::{Caps, ClientConfig, ClientId, DropReason, NetworkConfig, Router};
 use crate::rules::{Action, RuleSet};
-use crate::status::{ClientStatus, InterfaceStatus, StatusReport};
+use crate::status::{ClientStatus, InterfaceStatus, PendingStatus, StatusReport};
 
 /// QubesDB's vchan port (`QUBESDB_VCHAN_PORT`).
 pub const QUBESDB_PORT: u32 = 111;
@@ -759,6 +759,7 @@ fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
                 Some(Action::Accept) => "accept",
                 _ => "drop",
             },
+            nat_entries: router.client_nat_len(*id).unwrap_or(0),
             rules_error: match summary {
                 None => Some("no rules committed yet (all traffic dropped)".to_string()),
                 Some(s) => s.error.clone(),
@@ -773,6 +774,13 @@ fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
     report.icmp_errors_sent = counters.icmp_errors_sent;
     report.nat_entries = router.nat_len();
     report.nat_capacity = network.nat_capacity;
+    report.pending = PendingStatus {
+        waiting: router.pending_len(),
+        queued: counters.pending_queued,
+        sent: counters.pending_sent,
+        expired: counters.dropped(DropReason::PendingExpired),
+        dropped_full: counters.dropped(DropReason::PendingFull),
+    };
     report
 }
 

@@ -50,8 +50,26 @@ pub struct ClientStatus {
     pub rules: usize,
     /// The policy when no rule matches (`accept` / `drop`).
     pub policy: &'static str,
+    /// NAT / connection-tracking entries it owns (flows it started, IPv4
+    /// and IPv6).
+    pub nat_entries: usize,
     /// Why its rules were refused (then everything is dropped).
     pub rules_error: Option<String>,
+}
+
+/// The frames for the uplink that wait for the gateway's MAC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingStatus {
+    /// Waiting now (IPv4 and IPv6).
+    pub waiting: usize,
+    /// Frames that had to wait, since boot.
+    pub queued: u64,
+    /// Sent once the MAC was learned, since boot.
+    pub sent: u64,
+    /// Dropped after waiting too long, since boot.
+    pub expired: u64,
+    /// Dropped (the oldest) because the queue was full, since boot.
+    pub dropped_full: u64,
 }
 
 /// Everything the status service shows.
@@ -75,6 +93,8 @@ pub struct StatusReport {
     pub nat_entries: usize,
     /// NAT table capacity.
     pub nat_capacity: usize,
+    /// The pending queues for the gateway's MAC.
+    pub pending: PendingStatus,
     /// The clients.
     pub clients: Vec<ClientStatus>,
     /// The QubesDB copy.
@@ -145,13 +165,22 @@ impl StatusReport {
         )?;
         writeln!(out, "flows_created: {}", self.flows_created)?;
         writeln!(out, "icmp_errors_sent: {}", self.icmp_errors_sent)?;
+        let p = &self.pending;
+        writeln!(
+            out,
+            "gateway_pending: waiting {} queued {} sent {} expired {} dropped_full {}",
+            p.waiting, p.queued, p.sent, p.expired, p.dropped_full
+        )?;
         writeln!(out)?;
-        writeln!(out, "# clients: vif ip rules policy [rules_error]")?;
+        writeln!(
+            out,
+            "# clients: vif ip rules policy nat_entries [rules_error]"
+        )?;
         for c in &self.clients {
             write!(
                 out,
-                "client vif{}.{} {} {} {}",
-                c.domid, c.device, c.ip, c.rules, c.policy
+                "client vif{}.{} {} {} {} {}",
+                c.domid, c.device, c.ip, c.rules, c.policy, c.nat_entries
             )?;
             match &c.rules_error {
                 Some(error) => writeln!(out, " error={error:?}")?,
@@ -220,6 +249,13 @@ mod tests {
             icmp_errors_sent: 0,
             nat_entries: 7,
             nat_capacity: 8192,
+            pending: PendingStatus {
+                waiting: 2,
+                queued: 11,
+                sent: 8,
+                expired: 1,
+                dropped_full: 0,
+            },
             clients: vec![
                 ClientStatus {
                     domid: 5,
@@ -227,6 +263,7 @@ mod tests {
                     ip: "10.137.0.5".parse().unwrap(),
                     rules: 2,
                     policy: "drop",
+                    nat_entries: 7,
                     rules_error: None,
                 },
                 ClientStatus {
@@ -235,6 +272,7 @@ mod tests {
                     ip: "10.137.0.6".parse().unwrap(),
                     rules: 0,
                     policy: "drop",
+                    nat_entries: 0,
                     rules_error: Some("0003: bad\nvalue".to_string()),
                 },
             ],
@@ -242,20 +280,36 @@ mod tests {
             qrexec: AgentStats::default(),
         };
         let text = report.to_string();
-        assert!(text.contains("uptime_seconds: 42\n"), "{text}");
-        assert!(text.contains("interface uplink 5 500 6 600 1\n"), "{text}");
-        assert!(
-            text.contains("drop 3 denied by the client's rules\n"),
-            "{text}"
-        );
-        assert!(text.contains("nat_entries: 7 of 8192\n"), "{text}");
-        assert!(text.contains("client vif5.0 10.137.0.5 2 drop\n"), "{text}");
-        // A newline in an error cannot forge a line.
-        assert!(
-            text.contains("client vif6.0 10.137.0.6 0 drop error=\"0003: bad\\nvalue\"\n"),
-            "{text}"
-        );
-        assert!(text.contains("qrexec: started 0"), "{text}");
+        let golden = "\
+qubes-firewall status
+uptime_seconds: 42
+wall_clock_unix: 1438359043
+network_source: QubesDB
+ip: 10.137.0.2
+gateway: 10.137.0.1
+dns: 10.139.1.1 10.139.1.2
+
+# interfaces: name rx_frames rx_bytes tx_frames tx_bytes tx_queue_full
+interface uplink 5 500 6 600 1
+
+# drops: count reason
+drop 3 denied by the client's rules
+drop 0 malformed
+
+nat_entries: 7 of 8192
+flows_created: 9
+icmp_errors_sent: 0
+gateway_pending: waiting 2 queued 11 sent 8 expired 1 dropped_full 0
+
+# clients: vif ip rules policy nat_entries [rules_error]
+client vif5.0 10.137.0.5 2 drop 7
+client vif6.0 10.137.0.6 0 drop 0 error=\"0003: bad\\nvalue\"
+
+qubesdb: entries 0 bytes 0 writes 0 removals 0 commits 0 refused_full 0
+qrexec: started 0 completed 0 failed 0 refused_busy 0 refused_platform 0 control_errors 0 ignored 0\n";
+        assert_eq!(text, golden);
+        // A newline in a rule error cannot forge a line: one line per item.
+        assert_eq!(text.lines().filter(|l| l.starts_with("client ")).count(), 2);
     }
 
     #[test]

@@ -479,7 +479,8 @@ fn whole_program_flow() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ip: 10.137.0.2\n"), "{stdout}");
     assert!(
-        stdout.contains("client vif5.0 10.137.0.10 1 drop\n"),
+        // One NAT entry: the port-9 flow under the new rules.
+        stdout.contains("client vif5.0 10.137.0.10 1 drop 1\n"),
         "{stdout}"
     );
     assert!(stdout.contains("interface uplink "), "{stdout}");
