@@ -28,8 +28,8 @@ if [ ! -e /usr/include/libxenvchan.h ]; then
 fi
 DT=${CARGO_TARGET_DIR:-$ROOT/target}/xen-dom0
 (cd "$ROOT" && cargo build --target-dir "$DT" -p qubesdb -p qrexec --features qubesdb/xen,qrexec/xen --bins)
-(cd "$ROOT" && cargo build --target-dir "$DT" -p xenvchan --features xen --example xenvchan-loopback)
-strip -o "$OUT/xenvchan-loopback" "$DT/debug/examples/xenvchan-loopback"
+(cd "$ROOT" && cargo build --release --target-dir "$DT" -p xenvchan --features xen --example xenvchan-loopback)
+strip -o "$OUT/xenvchan-loopback" "$DT/release/examples/xenvchan-loopback"
 TOOLS=("$OUT/xenvchan-loopback:/usr/bin/xenvchan-loopback")
 for b in qubesdb-daemon qubesdb-read qubesdb-write qubesdb-rm qubesdb-list qubesdb-multiread qubesdb-watch qrexec-daemon qrexec-client; do
     strip -o "$OUT/$b" "$DT/debug/$b"

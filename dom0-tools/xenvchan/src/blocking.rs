@@ -181,7 +181,18 @@ impl<C: RawChannel> Shared<C> {
             ];
             let timeout = left.map(timespec);
             match poll(&mut fds, timeout.as_ref()) {
-                Ok(_) => Ok(!fds[0].revents().is_empty()),
+                // Consume only a real event: libxenvchan_wait would block
+                // (under the lock) on an fd that is merely in error.
+                Ok(_)
+                    if fds[0]
+                        .revents()
+                        .intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) =>
+                {
+                    Err(io::Error::other(
+                        "the vchan's event channel fd reports an error; the vchan is unusable",
+                    ))
+                }
+                Ok(_) => Ok(fds[0].revents().contains(PollFlags::IN)),
                 Err(rustix::io::Errno::INTR) => Ok(false),
                 Err(e) => Err(io::Error::from(e)),
             }
