@@ -2049,3 +2049,47 @@ fn pump_moves_frames_through_devices_and_holds_back_when_full() {
     assert_eq!(client.tx.len(), 1);
     assert_eq!(seen4(&client.tx[0]).dst, A_IP);
 }
+
+#[test]
+fn pump_never_hands_the_nic_a_frame_without_the_gateway_mac() {
+    let mut net = Net::unresolved(false, Caps::for_memory(32 << 20));
+    accept_all(&mut net, A_IP);
+    let mut client = QueueDevice {
+        rx: Default::default(),
+        tx: Vec::new(),
+        tx_room: 100,
+    };
+    let mut uplink = QueueDevice {
+        rx: Default::default(),
+        tx: Vec::new(),
+        tx_room: 100,
+    };
+    client.rx.push_back(eth_frame_from_a(&tcp4(
+        A_IP,
+        REMOTE,
+        40000,
+        443,
+        TcpControl::Syn,
+        64,
+    )));
+    let at = net.at();
+    net.router.pump_client(A, &mut client, at);
+    net.router.pump_uplink(&mut uplink, at);
+    assert_eq!(uplink.tx.len(), 1);
+    assert_gateway_request(&uplink.tx[0]);
+    // Nothing is ready: the main loop sleeps until the next ARP request.
+    assert!(!net.router.has_output());
+    assert_eq!(net.router.poll_at(at), Some(Instant::from_millis(1000)));
+    // The reply comes in; the same pump sends the SYN.
+    uplink.rx.push_back(arp_frame(
+        ArpOperation::Reply,
+        GATEWAY,
+        GATEWAY_MAC,
+        OUR_IP,
+        UPLINK_MAC,
+    ));
+    net.router.pump_uplink(&mut uplink, at);
+    assert_eq!(uplink.tx.len(), 2);
+    assert_ip_frames_to(&uplink.tx, GATEWAY_MAC);
+    assert_eq!(seen4(&uplink.tx[1]).dport, 443);
+}
