@@ -121,6 +121,8 @@ impl RawChannel for Handle {
         match unsafe { libxenvchan_is_open(self.ptr.as_ptr()) } {
             1 => OpenState::Open,
             2 => OpenState::Waiting,
+            // 0, or a peer-written byte that is neither: a peer that
+            // scribbles on its live flag loses its link.
             _ => OpenState::Closed,
         }
     }
@@ -142,6 +144,10 @@ impl RawChannel for Handle {
         // SAFETY: open handle used exclusively; `buf` is valid for `len`
         // writable bytes, and libxenvchan copies at most `len` into it.
         let n = unsafe { libxenvchan_read(self.ptr.as_ptr(), buf.as_mut_ptr().cast(), len) };
+        if n < 0 && self.open_state() == OpenState::Closed {
+            // io.c: -1 when nothing is left and the peer closed.
+            return Ok(0);
+        }
         count(n, "read")
     }
 
@@ -150,6 +156,12 @@ impl RawChannel for Handle {
         // SAFETY: open handle used exclusively; `buf` is valid for `len`
         // readable bytes, and libxenvchan copies at most `len` from it.
         let n = unsafe { libxenvchan_write(self.ptr.as_ptr(), buf.as_ptr().cast(), len) };
+        if n < 0 && self.open_state() == OpenState::Closed {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "vchan closed by the peer",
+            ));
+        }
         count(n, "write")
     }
 

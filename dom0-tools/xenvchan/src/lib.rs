@@ -14,11 +14,20 @@
 //! `libxenvchan_data_ready`/`buffer_space` also ask the peer for a
 //! notification, so checking them before waiting never loses a wake-up;
 //! `libxenvchan_is_open` is 0 (closed), 1 (open) or 2 (server waiting for
-//! its client); `libxenvchan_fd_for_select` is the event channel's fd and
-//! `libxenvchan_wait` consumes its pending event (blocking only if none is
-//! pending). This module must never hold the handle's lock while blocked in
-//! `poll`, and never lets two threads consume the same event channel at
-//! once (one polls, the others wait on a condition variable for it).
+//! its client), read straight from the peer's live byte in the shared page
+//! (any other value counts as closed here); `libxenvchan_fd_for_select` is
+//! the event channel's fd and `libxenvchan_wait` consumes its pending event
+//! (blocking only if none is pending).
+//!
+//! Hostile peers (`tools/libs/vchan/io.c`): libxenvchan reads each shared
+//! index once, reports 0 bytes ready or free when the peer's index is out
+//! of range ("locking up the ring"), and masks ring offsets, so a peer can
+//! stall its own link but not make us copy outside the ring; counts from
+//! libxenvchan are never used here beyond the buffer we passed.
+//!
+//! This crate must never hold the handle's lock while blocked in `poll`,
+//! and never lets two threads consume the same event channel at once (one
+//! polls, the others wait on a condition variable for it).
 
 #![deny(unsafe_code)] // only `ffi` (the libxenvchan calls) may use unsafe; see its SAFETY comments.
 
