@@ -5,7 +5,9 @@
 //! `P` to domain `C` under `/local/domain/<server>/data/vchan/<C>/<P>`
 //! (`ring-ref`, `event-channel`); the client reads them there. Our own
 //! domain id comes from `VCHAN_DOMAIN` (0, dom0, when unset), as for the
-//! socket transport. Qubes' clients wait for the server with a xenstore
+//! socket transport: right for the dom0 tools; a VM-side program
+//! (qrexec-agent, qrexec-client-vm) built with `xen` must have it set, since
+//! this module does not read xenstore's `domid` as Qubes' libvchan does. Qubes' clients wait for the server with a xenstore
 //! watch; ours retries `libxenvchan_client_init` every 10 ms for the first
 //! 5 s, then every 100 ms (what either side sees is the same). Rings are
 //! 64 KiB each way by default (`VCHAN_BUFFER_SIZE` of qubes-core-qrexec);
