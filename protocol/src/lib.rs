@@ -10,6 +10,7 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+mod framing;
 pub mod qrexec;
 pub mod qubesdb;
 pub mod vchan;

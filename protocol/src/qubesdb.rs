@@ -49,6 +49,8 @@
 use core::fmt;
 use core::ops::Range;
 
+use crate::framing::{Fault, Reassembler};
+
 /// `QDB_MAX_PATH`: size of the path field, including its NUL.
 pub const QDB_MAX_PATH: usize = 64;
 /// `QDB_MAX_DATA`: the daemon refuses `data_len >= QDB_MAX_DATA`.
@@ -536,34 +538,22 @@ pub type Fed<'d> = (usize, Option<Packet<&'d [u8]>>);
 /// `data_len >= QDB_MAX_DATA` or a path without NUL is an error, after which
 /// the decoder stays failed: the stream cannot be resynchronised. Validate
 /// each yielded packet with [`Repr::parse`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Decoder {
-    buffer: [u8; MESSAGE_MAX],
-    filled: usize,
-    delivered: bool,
-    failed: bool,
-}
-
-impl Default for Decoder {
-    fn default() -> Self {
-        Self::new()
-    }
+    inner: Reassembler<MESSAGE_MAX>,
 }
 
 impl Decoder {
     /// An empty decoder.
     pub const fn new() -> Self {
         Decoder {
-            buffer: [0; MESSAGE_MAX],
-            filled: 0,
-            delivered: false,
-            failed: false,
+            inner: Reassembler::new(),
         }
     }
 
     /// Bytes of an incomplete message held so far.
     pub fn buffered(&self) -> usize {
-        if self.delivered { 0 } else { self.filled }
+        self.inner.buffered()
     }
 
     /// Consumes bytes from `input` up to the end of the current message.
@@ -571,45 +561,12 @@ impl Decoder {
     /// message, the message (valid until the next call). Call again with
     /// the unconsumed rest.
     pub fn feed(&mut self, input: &[u8]) -> Result<Fed<'_>, Error> {
-        if self.failed {
-            return Err(Error::StreamFailed);
-        }
-        if self.delivered {
-            self.filled = 0;
-            self.delivered = false;
-        }
-        let mut consumed = 0;
-        if self.filled < HEADER_LEN {
-            consumed += self.take(input, HEADER_LEN);
-            if self.filled < HEADER_LEN {
-                return Ok((consumed, None));
-            }
-            if let Err(error) = check_header(self.buffer.get(..HEADER_LEN).unwrap_or(&[])) {
-                self.failed = true;
-                return Err(error);
-            }
-        }
-        let total = HEADER_LEN + data_len_of(&self.buffer);
-        consumed += self.take(input.get(consumed..).unwrap_or(&[]), total);
-        if self.filled < total {
-            return Ok((consumed, None));
-        }
-        self.delivered = true;
-        let message = self.buffer.get(..total).unwrap_or(&[]);
-        Ok((consumed, Some(Packet::new_checked(message)?)))
-    }
-
-    fn take(&mut self, input: &[u8], target: usize) -> usize {
-        let want = target.saturating_sub(self.filled).min(input.len());
-        if let (Some(dst), Some(src)) = (
-            self.buffer.get_mut(self.filled..self.filled + want),
-            input.get(..want),
-        ) {
-            dst.copy_from_slice(src);
-            self.filled += want;
-            want
-        } else {
-            0
+        let body_len = |header: &[u8]| check_header(header).map(|()| data_len_of(header));
+        match self.inner.feed(input, HEADER_LEN, body_len) {
+            Ok((consumed, None)) => Ok((consumed, None)),
+            Ok((consumed, Some(message))) => Ok((consumed, Some(Packet::new_checked(message)?))),
+            Err(Fault::Failed) => Err(Error::StreamFailed),
+            Err(Fault::Header(error)) => Err(error),
         }
     }
 }

@@ -36,6 +36,8 @@
 use core::fmt;
 use core::ops::Range;
 
+use crate::framing::{Fault, Reassembler};
+
 /// Length of `struct xsd_sockmsg`.
 pub const HEADER_LEN: usize = 16;
 /// `XENSTORE_PAYLOAD_MAX`: the largest payload either side may send.
@@ -1281,36 +1283,22 @@ pub type Fed<'d> = (usize, Option<Packet<&'d [u8]>>);
 /// Holds at most one message (`MESSAGE_MAX` bytes). A header declaring more
 /// than `XENSTORE_PAYLOAD_MAX` is an error, after which the decoder stays
 /// failed: the stream has lost its framing.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Decoder {
-    buffer: [u8; MESSAGE_MAX],
-    filled: usize,
-    /// The buffer holds a complete message that was handed out; the next
-    /// `feed` starts a new one.
-    delivered: bool,
-    failed: bool,
-}
-
-impl Default for Decoder {
-    fn default() -> Self {
-        Self::new()
-    }
+    inner: Reassembler<MESSAGE_MAX>,
 }
 
 impl Decoder {
     /// An empty decoder.
     pub const fn new() -> Self {
         Decoder {
-            buffer: [0; MESSAGE_MAX],
-            filled: 0,
-            delivered: false,
-            failed: false,
+            inner: Reassembler::new(),
         }
     }
 
     /// Bytes of an incomplete message held so far.
     pub fn buffered(&self) -> usize {
-        if self.delivered { 0 } else { self.filled }
+        self.inner.buffered()
     }
 
     /// Consumes bytes from `input` up to the end of the current message.
@@ -1318,47 +1306,15 @@ impl Decoder {
     /// message, the message (valid until the next call). Call again with the
     /// unconsumed rest.
     pub fn feed(&mut self, input: &[u8]) -> Result<Fed<'_>, Error> {
-        if self.failed {
-            return Err(Error::StreamFailed);
-        }
-        if self.delivered {
-            self.filled = 0;
-            self.delivered = false;
-        }
-        let mut consumed = 0;
-        if self.filled < HEADER_LEN {
-            consumed += self.take(input, HEADER_LEN);
-            if self.filled < HEADER_LEN {
-                return Ok((consumed, None));
-            }
-        }
-        let len = le_u32(&self.buffer, field::LEN) as usize;
-        if len > XENSTORE_PAYLOAD_MAX {
-            self.failed = true;
-            return Err(Error::PayloadTooLong { len });
-        }
-        let total = HEADER_LEN + len;
-        consumed += self.take(input.get(consumed..).unwrap_or(&[]), total);
-        if self.filled < total {
-            return Ok((consumed, None));
-        }
-        self.delivered = true;
-        let message = self.buffer.get(..total).unwrap_or(&[]);
-        Ok((consumed, Some(Packet::new_checked(message)?)))
-    }
-
-    /// Copies from `input` until `filled` reaches `target`; returns bytes taken.
-    fn take(&mut self, input: &[u8], target: usize) -> usize {
-        let want = target.saturating_sub(self.filled).min(input.len());
-        if let (Some(dst), Some(src)) = (
-            self.buffer.get_mut(self.filled..self.filled + want),
-            input.get(..want),
-        ) {
-            dst.copy_from_slice(src);
-            self.filled += want;
-            want
-        } else {
-            0
+        let body_len = |header: &[u8]| match le_u32(header, field::LEN) as usize {
+            len if len > XENSTORE_PAYLOAD_MAX => Err(Error::PayloadTooLong { len }),
+            len => Ok(len),
+        };
+        match self.inner.feed(input, HEADER_LEN, body_len) {
+            Ok((consumed, None)) => Ok((consumed, None)),
+            Ok((consumed, Some(message))) => Ok((consumed, Some(Packet::new_checked(message)?))),
+            Err(Fault::Failed) => Err(Error::StreamFailed),
+            Err(Fault::Header(error)) => Err(error),
         }
     }
 }
