@@ -7,10 +7,12 @@
 //!    not build for a test of another package.
 //! 3. As root, boots the firewall image on Xen under QEMU
 //!    (`tests/xen/run.sh`); `QUBES_TEST_SKIP_XEN=1` skips it for a quick run.
-//! 4. Runs `cargo test --workspace` last, so that its summary lines close
-//!    the output.
+//! 4. Runs `cargo test --workspace` last and closes with one line that adds
+//!    up every test binary's result: `tests: N passed, N failed, N skipped`
+//!    (skipped: cargo's ignored).
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 use crate::bench::{ensure_tools, require_root};
 use crate::{run_command, workspace_root};
@@ -53,10 +55,92 @@ pub fn run(args: &[String]) -> Result<(), String> {
     } else {
         println!("xtask test: skipped: tests/xen/run.sh (needs root)");
     }
-    run_command(
+    run_tests(
         Command::new("cargo")
             .current_dir(&root)
             .args(["test", "--workspace"])
             .args(args),
     )
+}
+
+/// Runs cargo test, passing its output through, and closes with one line
+/// that adds up every test binary's `test result:` line.
+fn run_tests(command: &mut Command) -> Result<(), String> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("cannot start {command:?}: {error}"))?;
+    let mut totals = Totals::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.map_err(|error| format!("reading cargo test's output: {error}"))?;
+            println!("{line}");
+            totals.add(&line);
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|error| format!("waiting for {command:?}: {error}"))?;
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed with {status}"))
+    }
+}
+
+/// Sums of cargo's `test result: ok. N passed; N failed; N ignored; …` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match label {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn adds_up_cargo_result_lines() {
+        let mut totals = Totals::default();
+        totals.add("test result: ok. 75 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.09s");
+        totals.add("test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s");
+        totals.add("test something ... ok");
+        totals.add("running 5 tests");
+        assert_eq!(
+            totals,
+            Totals {
+                passed: 78,
+                failed: 1,
+                ignored: 2
+            }
+        );
+    }
 }
