@@ -22,8 +22,10 @@
 //! Bounded: at most `max_names` names and one outstanding query per name and
 //! family. The answer is a peer's bytes: parsing never panics, loops are
 //! bounded by counts and lengths, compression pointers are not followed
-//! (answers are matched by position, not by name).
+//! (answers are matched by position, not by name); `clippy::indexing_slicing`
+//! is denied so the compiler checks that no index can panic.
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -290,11 +292,12 @@ impl Resolver {
         message: &[u8],
         now: Millis,
     ) -> Result<bool, DnsError> {
-        let header = message.get(..12).ok_or(DnsError::Malformed)?;
-        let id = u16::from_be_bytes([header[0], header[1]]);
-        let flags = u16::from_be_bytes([header[2], header[3]]);
-        let questions = u16::from_be_bytes([header[4], header[5]]);
-        let answers = u16::from_be_bytes([header[6], header[7]]);
+        let [id0, id1, flags0, flags1, qd0, qd1, an0, an1, ..] =
+            *message.first_chunk::<12>().ok_or(DnsError::Malformed)?;
+        let id = u16::from_be_bytes([id0, id1]);
+        let flags = u16::from_be_bytes([flags0, flags1]);
+        let questions = u16::from_be_bytes([qd0, qd1]);
+        let answers = u16::from_be_bytes([an0, an1]);
         let index = self
             .queries
             .iter()
@@ -322,11 +325,14 @@ impl Resolver {
         let mut ttl_min: Option<u32> = None;
         for _ in 0..answers.min(64) {
             at = skip_name(message, at)?;
-            let fixed = message.get(at..at + 10).ok_or(DnsError::Malformed)?;
-            let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
-            let class = u16::from_be_bytes([fixed[2], fixed[3]]);
-            let ttl = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
-            let length = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+            let [t0, t1, c0, c1, ttl0, ttl1, ttl2, ttl3, l0, l1] = *message
+                .get(at..)
+                .and_then(<[u8]>::first_chunk::<10>)
+                .ok_or(DnsError::Malformed)?;
+            let rtype = u16::from_be_bytes([t0, t1]);
+            let class = u16::from_be_bytes([c0, c1]);
+            let ttl = u32::from_be_bytes([ttl0, ttl1, ttl2, ttl3]);
+            let length = usize::from(u16::from_be_bytes([l0, l1]));
             let data = message
                 .get(at + 10..at + 10 + length)
                 .ok_or(DnsError::Malformed)?;
@@ -334,14 +340,17 @@ impl Resolver {
             if class != 1 || rtype != wanted_type || addresses.len() >= MAX_ADDRESSES {
                 continue;
             }
-            let address = match (rtype, data.len()) {
-                (TYPE_A, 4) => IpAddr::V4(Ipv4Addr::new(data[0], data[1], data[2], data[3])),
-                (TYPE_AAAA, 16) => {
-                    let mut raw = [0u8; 16];
-                    raw.copy_from_slice(data);
-                    IpAddr::V6(Ipv6Addr::from(raw))
+            // An A record is exactly 4 bytes, AAAA exactly 16; others skipped.
+            let address = if rtype == TYPE_A {
+                match <[u8; 4]>::try_from(data) {
+                    Ok(raw) => IpAddr::V4(Ipv4Addr::from(raw)),
+                    Err(_) => continue,
                 }
-                _ => continue,
+            } else {
+                match <[u8; 16]>::try_from(data) {
+                    Ok(raw) => IpAddr::V6(Ipv6Addr::from(raw)),
+                    Err(_) => continue,
+                }
             };
             if !addresses.contains(&address) {
                 addresses.push(address);
@@ -456,6 +465,7 @@ fn skip_name(message: &[u8], mut at: usize) -> Result<usize, DnsError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes messages it built itself.
 mod tests {
     use super::*;
     use alloc::vec;
@@ -552,6 +562,36 @@ mod tests {
         assert_eq!(r.handle_response(SERVER, &[], 1), Err(DnsError::Malformed));
         assert_eq!(r.lookup("example.com", false), NameState::Unresolved);
         assert_eq!(r.handle_response(SERVER, &good, 1), Ok(true));
+    }
+
+    #[test]
+    fn address_records_of_the_wrong_length_are_skipped() {
+        let mut r = Resolver::new(vec![SERVER], 8, true, 7);
+        r.set_wanted(["example.com"], 0);
+        let q = sent(&mut r, 0);
+        let (v4, v6) = if q[0].1.ends_with(&[0, 1, 0, 1]) {
+            (&q[0].1, &q[1].1)
+        } else {
+            (&q[1].1, &q[0].1)
+        };
+        let short_a = answer(
+            v4,
+            0,
+            &[(TYPE_A, &[1, 2, 3], 60), (TYPE_A, &[1, 2, 3, 4, 5], 60)],
+        );
+        assert_eq!(r.handle_response(SERVER, &short_a, 1), Ok(false));
+        assert_eq!(r.lookup("example.com", false), NameState::Unresolved);
+        let aaaa = [0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let mixed = answer(
+            v6,
+            0,
+            &[(TYPE_AAAA, &aaaa[..15], 60), (TYPE_AAAA, &aaaa, 60)],
+        );
+        assert_eq!(r.handle_response(SERVER, &mixed, 1), Ok(true));
+        assert_eq!(
+            r.lookup("example.com", true),
+            NameState::Resolved(&[IpAddr::V6(Ipv6Addr::from(aaaa))])
+        );
     }
 
     #[test]
