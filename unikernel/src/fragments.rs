@@ -14,8 +14,10 @@
 //! reassembled the same way and cut again with [`fragment_ipv6`].
 //!
 //! The input is a peer's bytes: nothing here may panic or grow past its
-//! bounds.
+//! bounds (`clippy::indexing_slicing` is denied: headers are read through
+//! fixed-size arrays from `split_first_chunk`, everything else via `get`).
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
 
 use alloc::vec::Vec;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -145,18 +147,39 @@ impl Reassembler {
         else {
             return Reassembly::Dropped(FragmentDrop::Malformed);
         };
-        if header_len < 20 {
+        // At least the 20-byte fixed header (a shorter IHL is malformed).
+        let Some(fixed) = header.first_chunk::<20>() else {
             return Reassembly::Dropped(FragmentDrop::Malformed);
-        }
-        let flags_offset = u16::from_be_bytes([header[6], header[7]]);
-        let src = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
-        let dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
+        };
+        let [
+            _,
+            _,
+            _,
+            _,
+            id0,
+            id1,
+            fo0,
+            fo1,
+            _,
+            protocol,
+            _,
+            _,
+            s0,
+            s1,
+            s2,
+            s3,
+            d0,
+            d1,
+            d2,
+            d3,
+        ] = *fixed;
+        let flags_offset = u16::from_be_bytes([fo0, fo1]);
         let fragment = Fragment {
             key: (
-                IpAddr::V4(src),
-                IpAddr::V4(dst),
-                u32::from(u16::from_be_bytes([header[4], header[5]])),
-                header[9],
+                IpAddr::V4(Ipv4Addr::new(s0, s1, s2, s3)),
+                IpAddr::V4(Ipv4Addr::new(d0, d1, d2, d3)),
+                u32::from(u16::from_be_bytes([id0, id1])),
+                protocol,
             ),
             header,
             payload,
@@ -171,8 +194,13 @@ impl Reassembler {
     /// the caller) whose next header is the Fragment header (44) right after
     /// the fixed header; other extension headers are not supported.
     pub fn push_ipv6(&mut self, packet: &[u8], now: Millis) -> Reassembly {
-        let (Some(header), Some(fragment_header), Some(payload)) =
-            (packet.get(..40), packet.get(40..48), packet.get(48..))
+        // Fixed-size arrays: the constant offsets below are checked at
+        // compile time.
+        let Some((header, rest)) = packet.split_first_chunk::<40>() else {
+            return Reassembly::Dropped(FragmentDrop::Malformed);
+        };
+        let Some((&[next_header, _, of0, of1, id0, id1, id2, id3], payload)) =
+            rest.split_first_chunk::<8>()
         else {
             return Reassembly::Dropped(FragmentDrop::Malformed);
         };
@@ -183,21 +211,16 @@ impl Reassembler {
         src.copy_from_slice(&header[8..24]);
         let mut dst = [0u8; 16];
         dst.copy_from_slice(&header[24..40]);
-        let offset_flags = u16::from_be_bytes([fragment_header[2], fragment_header[3]]);
-        let id = u32::from_be_bytes([
-            fragment_header[4],
-            fragment_header[5],
-            fragment_header[6],
-            fragment_header[7],
-        ]);
+        let offset_flags = u16::from_be_bytes([of0, of1]);
+        let id = u32::from_be_bytes([id0, id1, id2, id3]);
         let fragment = Fragment {
             key: (
                 IpAddr::V6(Ipv6Addr::from(src)),
                 IpAddr::V6(Ipv6Addr::from(dst)),
                 id,
-                fragment_header[0],
+                next_header,
             ),
-            header,
+            header: header.as_slice(),
             payload,
             offset: usize::from(offset_flags >> 3) * 8,
             more: offset_flags & 1 != 0,
@@ -321,10 +344,10 @@ fn assemble(mut header: Vec<u8>, data: &[u8]) -> Vec<u8> {
     if let Some(field) = header.get_mut(2..4) {
         field.copy_from_slice(&(total as u16).to_be_bytes());
     }
-    if let Some(field) = header.get_mut(6..8) {
+    if let Some([flags, offset_low]) = header.get_mut(6..8) {
         // Keep DF, clear MF and the offset.
-        let df = field[0] & 0x40;
-        field.copy_from_slice(&[df, 0]);
+        *flags &= 0x40;
+        *offset_low = 0;
     }
     if let Some(field) = header.get_mut(10..12) {
         field.copy_from_slice(&[0, 0]);
@@ -364,23 +387,26 @@ pub fn fragment_ipv6(
         emit(packet);
         return Ok(());
     }
-    let (Some(header), Some(data)) = (packet.get(..40), packet.get(40..)) else {
+    let Some((header, data)) = packet.split_first_chunk::<40>() else {
         return Err(FragmentError::Unsupported);
     };
     if mtu < 56 {
         return Err(FragmentError::Unsupported);
     }
     let next_header = header[6];
+    // Each fragment's fixed header: this copy with its own payload length
+    // and next header 44 (Fragment).
+    let mut fixed = *header;
+    fixed[6] = 44;
     let chunk = (mtu - 48) & !7;
     let mut buffer = Vec::with_capacity(mtu);
     let mut start = 0;
     while start < data.len() {
         let end = (start + chunk).min(data.len());
         let more = end < data.len();
+        fixed[4..6].copy_from_slice(&((8 + end - start) as u16).to_be_bytes());
         buffer.clear();
-        buffer.extend_from_slice(header);
-        buffer[4..6].copy_from_slice(&((8 + end - start) as u16).to_be_bytes());
-        buffer[6] = 44;
+        buffer.extend_from_slice(&fixed);
         let offset_flags = ((start / 8) as u16) << 3 | u16::from(more);
         buffer.extend_from_slice(&[next_header, 0]);
         buffer.extend_from_slice(&offset_flags.to_be_bytes());
@@ -413,7 +439,7 @@ pub fn fragment_ipv4(
         emit(packet);
         return Ok(());
     }
-    let (Some(header), Some(data)) = (packet.get(..20), packet.get(20..)) else {
+    let Some((header, data)) = packet.split_first_chunk::<20>() else {
         return Err(FragmentError::Unsupported);
     };
     if header[0] != 0x45 || mtu < 28 {
@@ -431,15 +457,17 @@ pub fn fragment_ipv4(
     while start < data.len() {
         let end = (start + chunk).min(data.len());
         let more = end < data.len() || original_more;
-        buffer.clear();
-        buffer.extend_from_slice(header);
-        buffer.extend_from_slice(data.get(start..end).unwrap_or(&[]));
+        // The fragment's header, edited in a fixed-size copy.
+        let mut fixed = *header;
         let field = ((base_offset + start) / 8) as u16 | if more { 0x2000 } else { 0 };
-        buffer[2..4].copy_from_slice(&((20 + end - start) as u16).to_be_bytes());
-        buffer[6..8].copy_from_slice(&field.to_be_bytes());
-        buffer[10..12].copy_from_slice(&[0, 0]);
-        let sum = checksum::finish(checksum::add(0, &buffer[..20]));
-        buffer[10..12].copy_from_slice(&sum.to_be_bytes());
+        fixed[2..4].copy_from_slice(&((20 + end - start) as u16).to_be_bytes());
+        fixed[6..8].copy_from_slice(&field.to_be_bytes());
+        fixed[10..12].copy_from_slice(&[0, 0]);
+        let sum = checksum::finish(checksum::add(0, &fixed));
+        fixed[10..12].copy_from_slice(&sum.to_be_bytes());
+        buffer.clear();
+        buffer.extend_from_slice(&fixed);
+        buffer.extend_from_slice(data.get(start..end).unwrap_or(&[]));
         emit(&buffer);
         start = end;
     }
@@ -447,6 +475,7 @@ pub fn fragment_ipv4(
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes packets it built itself.
 mod tests {
     use super::*;
 
@@ -555,6 +584,21 @@ mod tests {
             r.push(&odd, 0),
             Reassembly::Dropped(FragmentDrop::Malformed)
         );
+        let mut short_ihl = datagram(16);
+        short_ihl[0] = 0x44; // IHL 4: a 16-byte header is shorter than the fixed one
+        short_ihl[6] = 0x20;
+        assert_eq!(
+            r.push(&short_ihl, 0),
+            Reassembly::Dropped(FragmentDrop::Malformed)
+        );
+        let mut cut_fragment_header = datagram6(8);
+        cut_fragment_header[6] = 44;
+        cut_fragment_header.truncate(44); // Fragment header cut in half
+        assert_eq!(
+            r.push_ipv6(&cut_fragment_header, 0),
+            Reassembly::Dropped(FragmentDrop::Malformed)
+        );
+        assert!(r.is_empty());
         let mut far = datagram(16);
         far[6] = 0x3f;
         far[7] = 0xff; // offset 65528 + 16 bytes > 65535
