@@ -87,7 +87,12 @@
 //! // uplink_counters(), client_counters(id), nat_len(), client_nat_len(id),
 // pending_len(), rules_error(ip).
 //! ```
+//!
+//! `clippy::indexing_slicing` is denied in this module: no index or slice
+//! of a peer's bytes can panic (fixed headers are read through arrays from
+//! `first_chunk`/`split_first_chunk`, everything else through `get`).
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
 
 use alloc::vec::Vec;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -119,11 +124,11 @@ pub mod checksum {
     /// Adds `bytes` (big-endian 16-bit words, odd byte padded) to `sum`.
     pub fn add(sum: u32, bytes: &[u8]) -> u32 {
         let mut acc = u64::from(sum);
-        let mut chunks = bytes.chunks_exact(2);
-        for word in &mut chunks {
-            acc += u64::from(u16::from_be_bytes([word[0], word[1]]));
+        let (words, tail) = bytes.as_chunks::<2>();
+        for &word in words {
+            acc += u64::from(u16::from_be_bytes(word));
         }
-        if let Some(&last) = chunks.remainder().first() {
+        if let Some(&last) = tail.first() {
             acc += u64::from(u16::from_be_bytes([last, 0]));
         }
         while acc > 0xffff_ffff {
@@ -161,9 +166,11 @@ pub mod checksum {
     /// even lengths): HC' = ~(~HC + ~m + m').
     pub fn adjust(check: u16, old: &[u8], new: &[u8]) -> u16 {
         let mut sum = u32::from(!check);
-        for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
-            sum += u32::from(!u16::from_be_bytes([o[0], o[1]]));
-            sum += u32::from(u16::from_be_bytes([n[0], n[1]]));
+        let (old_words, _) = old.as_chunks::<2>();
+        let (new_words, _) = new.as_chunks::<2>();
+        for (&o, &n) in old_words.iter().zip(new_words) {
+            sum += u32::from(!u16::from_be_bytes(o));
+            sum += u32::from(u16::from_be_bytes(n));
         }
         !fold(sum)
     }
@@ -409,33 +416,32 @@ fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason> {
         4 => {
             let header_len = usize::from(first & 0x0f) * 4;
             let header = packet.get(..header_len).ok_or(DropReason::Malformed)?;
-            if header_len < 20 {
-                return Err(DropReason::Malformed);
-            }
-            let total_len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+            // The fixed 20 bytes as an array: constant offsets, no panics.
+            let fixed = header.first_chunk::<20>().ok_or(DropReason::Malformed)?;
+            let total_len = usize::from(u16::from_be_bytes([fixed[2], fixed[3]]));
             if strict && (total_len < header_len || total_len > packet.len()) {
                 return Err(DropReason::Malformed);
             }
             if strict && checksum::fold(checksum::add(0, header)) != 0xffff {
                 return Err(DropReason::Malformed);
             }
-            let flags = u16::from_be_bytes([header[6], header[7]]);
-            let src = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
-            let dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
+            let flags = u16::from_be_bytes([fixed[6], fixed[7]]);
+            let src = Ipv4Addr::new(fixed[12], fixed[13], fixed[14], fixed[15]);
+            let dst = Ipv4Addr::new(fixed[16], fixed[17], fixed[18], fixed[19]);
             let fragment = flags & 0x3fff != 0;
             (
                 false,
                 IpAddr::V4(src),
                 IpAddr::V4(dst),
-                header[9],
+                fixed[9],
                 header_len,
                 total_len,
-                header[8],
+                fixed[8],
                 fragment,
             )
         }
         6 => {
-            let header = packet.get(..40).ok_or(DropReason::Malformed)?;
+            let header = packet.first_chunk::<40>().ok_or(DropReason::Malformed)?;
             let total_len = 40 + usize::from(u16::from_be_bytes([header[4], header[5]]));
             if strict && total_len > packet.len() {
                 return Err(DropReason::Malformed);
@@ -569,13 +575,16 @@ fn rewrite(packet: &mut [u8], meta: &IpMeta, source: bool, address: IpAddr, port
         IpAddr::V4(a) => new_addr[..4].copy_from_slice(&a.octets()),
         IpAddr::V6(a) => new_addr.copy_from_slice(&a.octets()),
     }
-    let new_addr = &new_addr[..addr_len];
     let mut old_addr = [0u8; 16];
-    let Some(current) = packet.get(addr_at..addr_at + addr_len) else {
+    let (Some(new_addr), Some(old_part), Some(current)) = (
+        new_addr.get(..addr_len),
+        old_addr.get_mut(..addr_len),
+        packet.get(addr_at..addr_at + addr_len),
+    ) else {
         return;
     };
-    old_addr[..addr_len].copy_from_slice(current);
-    let old_addr = &old_addr[..addr_len];
+    old_part.copy_from_slice(current);
+    let old_addr = &*old_part;
     let is_icmp = matches!(meta.icmp, IcmpKind::EchoRequest | IcmpKind::EchoReply);
     let port_at = meta.header_len
         + match (is_icmp, source) {
@@ -1274,7 +1283,7 @@ impl Router {
         };
         client.counters.rx_frames += 1;
         client.counters.rx_bytes += frame.len() as u64;
-        let (Some(header), Some(payload)) = (frame.get(..ETH_LEN), frame.get(ETH_LEN..)) else {
+        let Some((header, payload)) = frame.split_first_chunk::<ETH_LEN>() else {
             self.drop(DropReason::Malformed);
             return;
         };
@@ -1337,8 +1346,9 @@ impl Router {
                 (
                     self.reassembler.push_ipv6(packet, now),
                     packet
-                        .get(44..48)
-                        .map(|id| u32::from_be_bytes([id[0], id[1], id[2], id[3]])),
+                        .get(44..)
+                        .and_then(<[u8]>::first_chunk::<4>)
+                        .map(|id| u32::from_be_bytes(*id)),
                 )
             } else {
                 (self.reassembler.push(packet, now), None)
@@ -1610,17 +1620,10 @@ impl Router {
         let mut reply = self.buffer();
         reply.extend_from_slice(packet);
         let (src_at, len) = if meta.v6 { (8, 16) } else { (12, 4) };
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        src[..len].copy_from_slice(reply.get(src_at..src_at + len).unwrap_or(&[0; 16][..len]));
-        dst[..len].copy_from_slice(
-            reply
-                .get(src_at + len..src_at + 2 * len)
-                .unwrap_or(&[0; 16][..len]),
-        );
+        // Source and destination are adjacent: rotating the pair by one
+        // address swaps them.
         if let Some(field) = reply.get_mut(src_at..src_at + 2 * len) {
-            field[..len].copy_from_slice(&dst[..len]);
-            field[len..].copy_from_slice(&src[..len]);
+            field.rotate_left(len);
         }
         let type_at = meta.header_len;
         let old_type = reply.get(type_at).copied().unwrap_or(0);
@@ -1637,11 +1640,19 @@ impl Router {
             if let Some(hop) = reply.get_mut(7) {
                 *hop = 64;
             }
-        } else if let Some(header) = reply.get_mut(..meta.header_len) {
-            header[8] = 64;
-            header[10..12].copy_from_slice(&[0, 0]);
+        } else if let Some(header) = reply.get_mut(..meta.header_len)
+            && header.len() >= 20
+        {
+            if let Some(ttl) = header.get_mut(8) {
+                *ttl = 64;
+            }
+            if let Some(field) = header.get_mut(10..12) {
+                field.copy_from_slice(&[0, 0]);
+            }
             let sum = checksum::finish(checksum::add(0, header));
-            header[10..12].copy_from_slice(&sum.to_be_bytes());
+            if let Some(field) = header.get_mut(10..12) {
+                field.copy_from_slice(&sum.to_be_bytes());
+            }
         }
         self.send_ip(out, meta.v6, &reply);
         self.recycle(reply);
@@ -1724,7 +1735,7 @@ impl Router {
         self.clock = now;
         self.uplink.counters.rx_frames += 1;
         self.uplink.counters.rx_bytes += frame.len() as u64;
-        let (Some(header), Some(payload)) = (frame.get(..ETH_LEN), frame.get(ETH_LEN..)) else {
+        let Some((header, payload)) = frame.split_first_chunk::<ETH_LEN>() else {
             return self.drop(DropReason::Malformed);
         };
         match u16::from_be_bytes([header[12], header[13]]) {
@@ -1779,8 +1790,9 @@ impl Router {
                 (
                     self.uplink_reassembler.push_ipv6(packet, now),
                     packet
-                        .get(44..48)
-                        .map(|id| u32::from_be_bytes([id[0], id[1], id[2], id[3]])),
+                        .get(44..)
+                        .and_then(<[u8]>::first_chunk::<4>)
+                        .map(|id| u32::from_be_bytes(*id)),
                 )
             } else {
                 (self.uplink_reassembler.push(packet, now), None)
@@ -2168,19 +2180,22 @@ fn rewrite_address_only(packet: &mut [u8], meta: &IpMeta, source: bool, address:
         IpAddr::V6(a) => new.copy_from_slice(&a.octets()),
     }
     let mut old = [0u8; 16];
+    let (Some(new), Some(old)) = (new.get(..len), old.get_mut(..len)) else {
+        return;
+    };
     if let Some(current) = packet.get(at..at + len) {
-        old[..len].copy_from_slice(current);
+        old.copy_from_slice(current);
     }
     if !meta.v6
         && let Some(sum) = be16(packet, 10)
     {
-        let sum = checksum::adjust(sum, &old[..len], &new[..len]);
+        let sum = checksum::adjust(sum, old, new);
         if let Some(field) = packet.get_mut(10..12) {
             field.copy_from_slice(&sum.to_be_bytes());
         }
     }
     if let Some(field) = packet.get_mut(at..at + len) {
-        field.copy_from_slice(&new[..len]);
+        field.copy_from_slice(new);
     }
 }
 
@@ -2244,6 +2259,7 @@ fn is_broadcast_or_multicast(address: IpAddr) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes packets it built itself.
 mod tests {
     use super::*;
 
