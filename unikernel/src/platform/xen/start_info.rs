@@ -6,7 +6,9 @@
 //! input: the magic must match, the command line is cut at 1023 bytes and
 //! must be UTF-8 (else it is ignored), and at most [`MAX_MEMMAP`] entries are
 //! kept. Physical memory is read through a callback so that the parser runs
-//! on the host in tests; it must never dereference an address itself.
+//! on the host in tests; it must never dereference an address itself, and
+//! never index out of bounds (`clippy::indexing_slicing` is denied).
+#![deny(clippy::indexing_slicing)]
 
 use core::mem::size_of;
 
@@ -104,15 +106,21 @@ impl BootInfo {
         };
         if info.cmdline_paddr != 0 {
             // Byte by byte until NUL: the line may end near unmapped memory.
-            for i in 0..MAX_CMDLINE {
+            for (i, slot) in boot.cmdline.iter_mut().enumerate() {
                 let mut byte = [0u8; 1];
-                if !read(info.cmdline_paddr.saturating_add(i as u64), &mut byte) || byte[0] == 0 {
+                if !read(info.cmdline_paddr.saturating_add(i as u64), &mut byte) {
                     break;
                 }
-                boot.cmdline[i] = byte[0];
+                let [byte] = byte;
+                if byte == 0 {
+                    break;
+                }
+                *slot = byte;
                 boot.cmdline_len = i + 1;
             }
-            if core::str::from_utf8(&boot.cmdline[..boot.cmdline_len]).is_err() {
+            if core::str::from_utf8(boot.cmdline.get(..boot.cmdline_len).unwrap_or_default())
+                .is_err()
+            {
                 boot.cmdline_len = 0;
             }
         }
@@ -136,11 +144,14 @@ impl BootInfo {
                 && entry.size > 0
                 && entry.addr.checked_add(entry.size).is_some()
             {
-                boot.ram[boot.ram_count] = RamRange {
-                    start: entry.addr,
-                    len: entry.size,
-                };
-                boot.ram_count += 1;
+                // `ram_count < MAX_MEMMAP` was checked above.
+                if let Some(slot) = boot.ram.get_mut(boot.ram_count) {
+                    *slot = RamRange {
+                        start: entry.addr,
+                        len: entry.size,
+                    };
+                    boot.ram_count += 1;
+                }
             }
         }
         Ok(boot)
@@ -212,6 +223,7 @@ impl BootInfo {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes buffers it built itself.
 mod tests {
     use super::*;
     use alloc::vec::Vec;
