@@ -410,6 +410,38 @@ fn be16(bytes: &[u8], at: usize) -> Option<u16> {
 /// Parses an IP packet (`strict`: verify the IPv4 header checksum and that
 /// the whole packet is there; not for the quoted packet inside an ICMP
 /// error).
+/// Feeds one fragment to `reassembler`: `Ok(None)` while the datagram is
+/// incomplete, the whole datagram and its parsed header once it is, or why
+/// it was dropped. An IPv6 datagram keeps the Fragment header's
+/// identification (bytes 44..48 after the fixed header) for re-fragmenting.
+fn reassemble(
+    reassembler: &mut Reassembler,
+    packet: &[u8],
+    meta: &IpMeta,
+    now: i64,
+) -> Result<Option<(Vec<u8>, IpMeta)>, DropReason> {
+    let (outcome, frag_id) = if meta.v6 {
+        (
+            reassembler.push_ipv6(packet, now),
+            packet
+                .get(44..)
+                .and_then(<[u8]>::first_chunk::<4>)
+                .map(|id| u32::from_be_bytes(*id)),
+        )
+    } else {
+        (reassembler.push(packet, now), None)
+    };
+    match outcome {
+        Reassembly::Incomplete => Ok(None),
+        Reassembly::Dropped(_) => Err(DropReason::Fragment),
+        Reassembly::Complete(datagram) => {
+            let mut whole = parse_ip(&datagram, true)?;
+            whole.frag_id = frag_id;
+            Ok(Some((datagram, whole)))
+        }
+    }
+}
+
 fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason> {
     let first = *packet.first().ok_or(DropReason::Malformed)?;
     let (v6, src, dst, protocol, header_len, total_len, ttl, fragment) = match first >> 4 {
@@ -1342,27 +1374,12 @@ impl Router {
             return self.drop(DropReason::SpoofedSource);
         }
         if meta.fragment {
-            let (outcome, frag_id) = if meta.v6 {
-                (
-                    self.reassembler.push_ipv6(packet, now),
-                    packet
-                        .get(44..)
-                        .and_then(<[u8]>::first_chunk::<4>)
-                        .map(|id| u32::from_be_bytes(*id)),
-                )
-            } else {
-                (self.reassembler.push(packet, now), None)
-            };
-            match outcome {
-                Reassembly::Incomplete => {}
-                Reassembly::Dropped(_) => self.drop(DropReason::Fragment),
-                Reassembly::Complete(datagram) => match parse_ip(&datagram, true) {
-                    Ok(mut whole) => {
-                        whole.frag_id = frag_id;
-                        self.forward_from_client(index, &datagram, &whole, now)
-                    }
-                    Err(reason) => self.drop(reason),
-                },
+            match reassemble(&mut self.reassembler, packet, &meta, now) {
+                Ok(None) => {}
+                Ok(Some((datagram, whole))) => {
+                    self.forward_from_client(index, &datagram, &whole, now)
+                }
+                Err(reason) => self.drop(reason),
             }
             return;
         }
@@ -1786,27 +1803,10 @@ impl Router {
             return self.drop(DropReason::SpoofedSource);
         }
         if meta.fragment {
-            let (outcome, frag_id) = if meta.v6 {
-                (
-                    self.uplink_reassembler.push_ipv6(packet, now),
-                    packet
-                        .get(44..)
-                        .and_then(<[u8]>::first_chunk::<4>)
-                        .map(|id| u32::from_be_bytes(*id)),
-                )
-            } else {
-                (self.uplink_reassembler.push(packet, now), None)
-            };
-            match outcome {
-                Reassembly::Incomplete => {}
-                Reassembly::Dropped(_) => self.drop(DropReason::Fragment),
-                Reassembly::Complete(datagram) => match parse_ip(&datagram, true) {
-                    Ok(mut whole) => {
-                        whole.frag_id = frag_id;
-                        self.forward_from_uplink(&datagram, &whole, now)
-                    }
-                    Err(reason) => self.drop(reason),
-                },
+            match reassemble(&mut self.uplink_reassembler, packet, &meta, now) {
+                Ok(None) => {}
+                Ok(Some((datagram, whole))) => self.forward_from_uplink(&datagram, &whole, now),
+                Err(reason) => self.drop(reason),
             }
             return;
         }
