@@ -18,7 +18,12 @@ use crate::bench::{ensure_tools, require_root};
 use crate::{run_command, workspace_root};
 
 /// Commands the end-to-end tests run, and their Debian packages.
-const TEST_TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("ethtool", "ethtool")];
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    // the differential test builds Qubes' Linux sys-firewall tables beside ours
+    ("nft", "nftables"),
+];
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let root = workspace_root();
