@@ -172,8 +172,14 @@ fn list_policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     Ok(paths)
 }
 
+/// Proposed changes for [`load_with_overrides`]: canonical file path →
+/// new content, or `None` for a file about to be removed.
+pub type Overrides = BTreeMap<PathBuf, Option<String>>;
+
 struct Loader<'p> {
     paths: &'p PolicyPaths,
+    /// Files read from here instead of the disk (policy admin validation).
+    overrides: Option<&'p Overrides>,
     out: LoadedPolicy,
     /// `Some` in lint mode: errors are collected and loading goes on.
     errors: Option<Vec<PolicyError>>,
@@ -192,6 +198,32 @@ impl Loader<'_> {
         path.display().to_string().into()
     }
 
+    fn read(&self, path: &Path) -> Result<String, PolicyError> {
+        match self.overrides.and_then(|o| o.get(path)) {
+            Some(Some(text)) => Ok(text.clone()),
+            _ => read_text(path),
+        }
+    }
+
+    /// `list_policy_files` with the overrides applied as Qubes'
+    /// `ValidateParser.load_policy_dir` does: overridden files are skipped,
+    /// new contents for this directory come after the others.
+    fn list_dir(&self, dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+        let mut files = list_policy_files(dir)?;
+        if let Some(overrides) = self.overrides {
+            let canon = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+            files.retain(|p| !overrides.contains_key(&canon(p)));
+            let dir = canon(dir);
+            files.extend(
+                overrides
+                    .iter()
+                    .filter(|(p, text)| p.parent() == Some(dir.as_path()) && text.is_some())
+                    .map(|(p, _)| p.clone()),
+            );
+        }
+        Ok(files)
+    }
+
     fn include_file(
         &self,
         base: &Path,
@@ -200,6 +232,17 @@ impl Loader<'_> {
         line: u32,
     ) -> Result<PathBuf, PolicyError> {
         let path = resolve(base, included);
+        match self.overrides.and_then(|o| o.get(&path)) {
+            Some(Some(_)) => return Ok(path),
+            Some(None) => {
+                return Err(syntax(
+                    file,
+                    line,
+                    format!("including a file that will be removed: {}", path.display()),
+                ));
+            }
+            None => {}
+        }
         if !path.is_file() {
             return Err(syntax(
                 file,
@@ -223,7 +266,7 @@ impl Loader<'_> {
 
     /// `load_policy_file`: a current-format file.
     fn load_file(&mut self, path: &Path, base: &Path, depth: usize) -> Result<(), PolicyError> {
-        let text = read_text(path)?;
+        let text = self.read(path)?;
         self.out.inputs.push(path.to_owned());
         self.load_text(&text, Self::file_label(path), base, depth)
     }
@@ -287,7 +330,7 @@ impl Loader<'_> {
                         ));
                     }
                     self.out.inputs.push(dir.clone());
-                    for path in list_policy_files(&dir)? {
+                    for path in self.list_dir(&dir)? {
                         if let Err(e) = self.load_file(&path, base, depth + 1) {
                             self.fail(e)?;
                         }
@@ -333,7 +376,7 @@ impl Loader<'_> {
         base: &Path,
         depth: usize,
     ) -> Result<(), PolicyError> {
-        let text = read_text(path)?;
+        let text = self.read(path)?;
         self.out.inputs.push(path.to_owned());
         let file = Self::file_label(path);
         for (index, raw) in py_lines(&text).enumerate() {
@@ -470,7 +513,7 @@ fn run_loader(loader: &mut Loader<'_>) -> Result<(), PolicyError> {
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     for dir in &paths.policy_dirs {
         loader.out.inputs.push(dir.clone());
-        for path in list_policy_files(dir)? {
+        for path in loader.list_dir(dir)? {
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -491,6 +534,26 @@ fn run_loader(loader: &mut Loader<'_>) -> Result<(), PolicyError> {
 pub fn load(paths: &PolicyPaths) -> Result<LoadedPolicy, PolicyError> {
     let mut loader = Loader {
         paths,
+        overrides: None,
+        out: LoadedPolicy::default(),
+        errors: None,
+    };
+    run_loader(&mut loader)?;
+    Ok(loader.out)
+}
+
+/// Load the policy as it would be after the changes in `overrides` (Qubes'
+/// `ValidateParser`): an overridden file is read from there, a `None`
+/// entry is a file about to be removed (including it is an error), and a new
+/// `*.policy` file in a policy directory is loaded after that directory's
+/// other files. Keys must be canonical paths.
+pub fn load_with_overrides(
+    paths: &PolicyPaths,
+    overrides: &Overrides,
+) -> Result<LoadedPolicy, PolicyError> {
+    let mut loader = Loader {
+        paths,
+        overrides: Some(overrides),
         out: LoadedPolicy::default(),
         errors: None,
     };
@@ -503,6 +566,7 @@ pub fn load(paths: &PolicyPaths) -> Result<LoadedPolicy, PolicyError> {
 pub fn lint(paths: &PolicyPaths) -> Vec<PolicyError> {
     let mut loader = Loader {
         paths,
+        overrides: None,
         out: LoadedPolicy::default(),
         errors: Some(Vec::new()),
     };
@@ -526,6 +590,7 @@ pub fn load_text(
     };
     let mut loader = Loader {
         paths: &paths,
+        overrides: None,
         out: LoadedPolicy::default(),
         errors: None,
     };
