@@ -31,7 +31,7 @@
 //! Services: `qubes.WaitForSession` (always ready), `qubes.SetDateTime`
 //! (one line on stdin in `date -u -Iseconds` form, e.g.
 //! `2015-07-31T16:10:43+0000`, as dom0's `qvm-sync-clock` sends it; sets the
-//! wall clock used by rules' `expire=`), and `qubes.FirewallStatus`
+//! wall clock the status report shows), and `qubes.FirewallStatus`
 //! (counters, formatted by [`crate::status`]). Anything else gets one clear
 //! stderr line and exit code 127 (`QREXEC_EXIT_SERVICE_NOT_FOUND`); a shell
 //! command gets the same, since there is no shell.

@@ -12,8 +12,11 @@
 //!   prohibited" (type 3 code 13 / ICMPv6 1/1), as Linux's qubes-firewall
 //!   does (`REJECT --reject-with icmp-admin-prohibited` for `action=drop`
 //!   and the policy); all ICMP errors we send share a 1 000/s token bucket;
-//! - client → client: only when the *sender's* rules accept (default deny,
-//!   like Linux); tracked without translation so the replies get back;
+//! - client → client: never forwarded. Linux's `qubes` table drops every
+//!   new forwarded packet whose output is a client vif (`oifgroup 2 counter
+//!   drop`); the sender's rules still run first (its `qubes-firewall`
+//!   chain comes first in netfilter), so a flow they deny is rejected and
+//!   one they accept is dropped silently (`ClientToClient`);
 //! - ICMP errors a client sends about one of its flows go to the other end,
 //!   translated (Linux's RELATED);
 //! - outside → client: only through an existing NAT entry (replies, and ICMP
@@ -279,6 +282,7 @@ drop_reasons! {
     UnsupportedProtocol = "unsupported IP protocol or extension header",
     SpoofedSource = "source address not allowed on this interface",
     NotForUs = "uplink packet not addressed to the firewall",
+    ClientToClient = "client-to-client traffic (clients are isolated, as in Linux's qubes table)",
     ToFirewall = "client packet to the firewall itself",
     Broadcast = "broadcast or multicast destination",
     LinkLocal = "IPv6 link-local or neighbour-discovery traffic not for us",
@@ -1589,24 +1593,32 @@ impl Router {
             self.drop(reason);
             return None;
         }
-        let peer = self.by_address.get(&meta.dst).copied();
-        let translate_to = match (peer, meta.dst) {
-            (Some(_), _) => None,
-            (None, IpAddr::V4(_)) => Some(IpAddr::V4(self.uplink.ip)),
-            (None, IpAddr::V6(_)) => match self.uplink.ip6 {
-                Some(ip6) => Some(IpAddr::V6(ip6)),
+        if self.by_address.contains_key(&meta.dst) {
+            // Client-to-client isolation: Linux's `qubes` table drops every
+            // new forwarded packet whose output is a client vif (chain
+            // `forward`: `oifgroup 2 counter drop`), whatever the sender's
+            // rules say. Its `qubes-firewall` forward chain has the same
+            // priority and was registered later, so netfilter runs it first:
+            // a flow the rules deny is rejected (above), one they accept is
+            // dropped here, silently.
+            self.drop(DropReason::ClientToClient);
+            return None;
+        }
+        let translate_to = match meta.dst {
+            IpAddr::V4(_) => IpAddr::V4(self.uplink.ip),
+            IpAddr::V6(_) => match self.uplink.ip6 {
+                Some(ip6) => IpAddr::V6(ip6),
                 None => {
                     self.drop(DropReason::NoIpv6);
                     return None;
                 }
             },
         };
-        let peer_client = peer.map(|_| meta.dst);
         match self.nat.insert(
             meta.src,
             meta.key(),
-            translate_to,
-            peer_client,
+            Some(translate_to),
+            None,
             meta.tcp,
             now,
         ) {

@@ -17,9 +17,16 @@
 //! - options: `action` (required: `accept`/`drop`), one of `dst4`
 //!   (`a.b.c.d[/len]`), `dst6` (`addr[/len]`) or `dsthost` (a DNS name),
 //!   `proto` (`tcp`/`udp`/`icmp`; `icmp` means ICMPv6 for IPv6 traffic),
-//!   `specialtarget=dns`, `dstports` (`lo-hi`), `icmptype` (a number),
-//!   `expire` (unix seconds) and `comment` (ignored). An unknown or repeated
-//!   option, a missing `action` or a value that does not parse is an error.
+//!   `specialtarget=dns`, `dstports` (`lo-hi`) and `icmptype` (a number) —
+//!   exactly Linux's `supported_rule_opts`. Any other option, `expire` and
+//!   `comment` included, is an error of the whole set, as Qubes'
+//!   `vm-interface` documentation asks and `firewall.py` does ("Unsupported
+//!   rule option(s)"): qubesd never writes either (it drops expired rules
+//!   itself and keeps comments in dom0), so one in QubesDB means a writer
+//!   this firewall does not understand, and the client's traffic is
+//!   blocked. A repeated option, a missing `action` or a value that does
+//!   not parse is an error too (Linux's `dict()` would keep the last of a
+//!   repeated option; the documentation's fail-closed reading is kept).
 //! - `specialtarget=dns` means: destination is one of the DNS servers
 //!   (`/qubes-primary-dns`, `/qubes-secondary-dns`), port 53, protocol TCP or
 //!   UDP intersected with the rule's `proto` — so `action=drop proto=tcp
@@ -41,9 +48,6 @@
 //!   for IPv6 — like Linux, which resolves in the client's family: a name
 //!   with only AAAA records blocks an IPv4 client's new flows). mirage-firewall skipped such rules silently, letting later
 //!   accept rules apply — we never do that.
-//! - `expire`: a rule stops matching once the wall clock reaches its time.
-//!   Without a wall clock (`now_unix = None`) we fail closed: an expiring
-//!   `accept` rule does not match, an expiring `drop` rule does.
 //!
 //! Matching is pure and allocation-free. This module must never panic on
 //! what dom0 writes, and never let a set that failed to parse accept
@@ -162,8 +166,6 @@ pub struct Rule {
     pub ports: Option<(u16, u16)>,
     /// `icmptype=`
     pub icmp_type: Option<u8>,
-    /// `expire=` (unix seconds).
-    pub expire: Option<u64>,
 }
 
 /// Why a rule set could not be parsed. Kept in the (deny-all) set so the
@@ -249,7 +251,8 @@ impl NameLookup for NoNames {
 pub struct MatchContext<'a> {
     /// The DNS server addresses `specialtarget=dns` means.
     pub dns_servers: &'a [IpAddr],
-    /// Wall-clock time (unix seconds) if known, for `expire=`.
+    /// Wall-clock time (unix seconds) if known. No rule option reads it
+    /// any more (`expire=` is refused, as on Linux); matching ignores it.
     pub now_unix: Option<u64>,
     /// The background DNS cache for `dsthost=`.
     pub names: &'a dyn NameLookup,
@@ -658,17 +661,8 @@ impl RuleSet {
 }
 
 impl Rule {
-    /// Whether this rule matches the flow (the action is not looked at,
-    /// except for how an `expire` without wall clock fails closed).
+    /// Whether this rule matches the flow (the action is not looked at).
     pub fn matches(&self, flow: &FlowMeta, ctx: &MatchContext<'_>) -> bool {
-        if let Some(expire) = self.expire {
-            match ctx.now_unix {
-                Some(now) if now >= expire => return false,
-                Some(_) => {}
-                None if self.action == Action::Accept => return false,
-                None => {}
-            }
-        }
         let is_v6 = flow.dst.is_ipv6();
         let is_icmp = flow.protocol == if is_v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
         let is_port_proto = flow.protocol == PROTO_TCP || flow.protocol == PROTO_UDP;
@@ -725,8 +719,6 @@ fn parse_rule(number: u32, text: &str) -> Result<Rule, RuleErrorReason> {
     let mut dns_only = None;
     let mut ports = None;
     let mut icmp_type = None;
-    let mut expire = None;
-    let mut comment = None;
     for word in text.split(' ').filter(|word| !word.is_empty()) {
         let (name, value) = word.split_once('=').ok_or(RuleErrorReason::NotKeyValue)?;
         match name {
@@ -748,13 +740,8 @@ fn parse_rule(number: u32, text: &str) -> Result<Rule, RuleErrorReason> {
                     .map_err(|_| RuleErrorReason::BadValue("icmptype"))?;
                 set_once(&mut icmp_type, "icmptype", value)?
             }
-            "expire" => {
-                let value = value
-                    .parse()
-                    .map_err(|_| RuleErrorReason::BadValue("expire"))?;
-                set_once(&mut expire, "expire", value)?
-            }
-            "comment" => set_once(&mut comment, "comment", ())?,
+            // `expire`, `comment` and anything else: Linux's
+            // "Unsupported rule option(s)", the whole set blocked.
             other => return Err(RuleErrorReason::UnknownOption(String::from(other))),
         }
     }
@@ -766,7 +753,6 @@ fn parse_rule(number: u32, text: &str) -> Result<Rule, RuleErrorReason> {
         dns_only: dns_only.unwrap_or(false),
         ports,
         icmp_type,
-        expire,
     })
 }
 
@@ -929,12 +915,12 @@ mod tests {
                 "0006",
                 "action=accept dst6=2001:db8::/32 proto=udp dstports=123-123",
             ),
-            ("0007", "action=drop expire=1700000000 comment=x"),
+            ("0007", "action=drop proto=icmp icmptype=13"),
         ]);
         assert_eq!(s.error(), None);
         assert_eq!(s.rules().len(), 8);
         assert_eq!(s.hostnames(), &[String::from("example.com")]);
-        assert_eq!(s.rules()[7].expire, Some(1_700_000_000));
+        assert_eq!(s.rules()[7].icmp_type, Some(13));
         assert_eq!(
             s.rules()[6].destination,
             Destination::Prefix(Prefix::V6(0x2001_0db8 << 96, 32))
@@ -1120,35 +1106,68 @@ mod tests {
     }
 
     #[test]
-    fn expire_stops_matching() {
-        let s = set(&[
-            ("policy", "drop"),
-            ("0000", "action=accept expire=1000"),
-            ("0001", "action=drop proto=udp expire=1000"),
-        ]);
+    fn expire_comment_and_unknown_options_block_the_whole_set() {
+        // qubesd never writes `expire=` or `comment=`; Linux refuses every
+        // option outside its `supported_rule_opts`, and so do we: the
+        // whole set drops, whatever the policy and the other rules say.
         let names = NoNames;
-        assert!(
-            s.decide(&flow("1.1.1.1", PROTO_TCP, 1), &ctx(&names, Some(999)))
-                .accepts()
-        );
-        assert!(
-            !s.decide(&flow("1.1.1.1", PROTO_TCP, 1), &ctx(&names, Some(1000)))
-                .accepts()
-        );
-        // No wall clock: the accept rule fails closed.
-        assert!(
-            !s.decide(&flow("1.1.1.1", PROTO_TCP, 1), &ctx(&names, None))
-                .accepts()
-        );
-        let d = set(&[("policy", "accept"), ("0000", "action=drop expire=1000")]);
-        assert!(
-            !d.decide(&flow("1.1.1.1", PROTO_TCP, 1), &ctx(&names, None))
-                .accepts()
-        );
-        assert!(
-            d.decide(&flow("1.1.1.1", PROTO_TCP, 1), &ctx(&names, Some(2000)))
-                .accepts()
-        );
+        for (bad, option) in [
+            ("action=accept expire=1000", "expire"),
+            ("action=drop proto=udp expire=99999999999", "expire"),
+            ("action=accept comment=x", "comment"),
+            ("action=accept proto=tcp dstports=80-80 comment=", "comment"),
+            ("action=accept srcports=1-2", "srcports"),
+            ("action=accept dst4=1.2.3.4 Proto=tcp", "Proto"),
+            ("action=accept =x", ""),
+        ] {
+            let s = set(&[
+                ("policy", "accept"),
+                ("0000", "action=accept proto=tcp"),
+                ("0001", bad),
+            ]);
+            let error = s.error().unwrap_or_else(|| panic!("{bad:?} parsed"));
+            assert_eq!(error.key, "0001", "{bad}");
+            assert_eq!(
+                error.reason,
+                RuleErrorReason::UnknownOption(String::from(option)),
+                "{bad}"
+            );
+            let text = alloc::format!("{error}");
+            assert!(
+                text.contains(&alloc::format!("unsupported rule option '{option}'")),
+                "{text}"
+            );
+            assert!(text.contains("blocked"), "{text}");
+            for now in [None, Some(0), Some(u64::MAX)] {
+                for protocol in [PROTO_TCP, PROTO_UDP, PROTO_ICMP] {
+                    assert_eq!(
+                        s.decide(&flow("1.1.1.1", protocol, 80), &ctx(&names, now)),
+                        Verdict::DroppedParseError,
+                        "{bad}"
+                    );
+                }
+            }
+            assert!(s.rules().is_empty() && s.policy() == Action::Drop);
+        }
+        // Duplicated options fail closed, known ones and unknown ones.
+        for bad in [
+            "action=accept proto=tcp proto=tcp",
+            "action=accept icmptype=8 icmptype=8",
+            "action=accept dstports=1-2 dstports=1-2",
+            "action=accept specialtarget=dns specialtarget=dns",
+        ] {
+            let s = set(&[("policy", "accept"), ("0000", bad)]);
+            assert!(
+                matches!(
+                    s.error().map(|e| &e.reason),
+                    Some(RuleErrorReason::Repeated(_))
+                ),
+                "{bad}: {:?}",
+                s.error()
+            );
+        }
+        let s = set(&[("policy", "accept"), ("0000", "comment=a comment=b")]);
+        assert!(s.error().is_some());
     }
 
     #[test]
@@ -1271,7 +1290,7 @@ mod tests {
             (
                 &[("policy", "accept"), ("0000", "action=accept expire=-1")],
                 "0000",
-                RuleErrorReason::BadValue("expire"),
+                RuleErrorReason::UnknownOption(String::from("expire")),
             ),
         ];
         let c = ctx(&NoNames, None);
