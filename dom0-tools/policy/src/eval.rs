@@ -141,10 +141,31 @@ pub enum AskAnswer {
     Unavailable(String),
 }
 
+/// What the user is told about a decision of a rule with `notify=yes` (or
+/// a denial Qubes notifies): Qubes' `policy.Notify` parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// `true` for `"resolution": "allow"`, `false` for `"deny"`.
+    pub allowed: bool,
+    /// Service name.
+    pub service: String,
+    /// Argument, with its `+`.
+    pub argument: String,
+    /// The calling qube.
+    pub source: String,
+    /// The chosen target (allow) or the intended target (deny).
+    pub target: String,
+}
+
 /// Who answers `ask`.
 pub trait Confirm: Send + Sync {
     /// Ask the user.
     fn confirm(&self, question: &AskQuestion) -> AskAnswer;
+
+    /// Tell the user (`policy.Notify`); failures are only logged. Called
+    /// for an allow by a rule with `notify=yes` and for a notifying denial,
+    /// never for `just_evaluate`.
+    fn notify(&self, _notice: &Notice) {}
 }
 
 /// No confirmation program: every `ask` is a deny.
@@ -317,6 +338,16 @@ impl Policy {
                 if log::log_enabled!(log::Level::Info) {
                     log::info!("{} denied: {}", prefix(), printable(&denial.reason));
                 }
+                if denial.notify && !query.just_evaluate {
+                    let (service, argument) = split_service(&query.service_and_arg);
+                    confirm.notify(&Notice {
+                        allowed: false,
+                        service: service.to_owned(),
+                        argument: argument.to_owned(),
+                        source: query.source.clone(),
+                        target: query.intended_target.clone(),
+                    });
+                }
                 Decision::Deny {
                     reason: denial.reason,
                     notify: denial.notify,
@@ -388,7 +419,8 @@ impl Policy {
                         notify: *notify,
                     });
                 }
-                finish_allow(query, &request, user.clone(), resolved, *autostart)
+                let decision = finish_allow(query, &request, user.clone(), resolved, *autostart);
+                notify_allow(confirm, query, *notify, decision)
             }
             Action::Ask {
                 target,
@@ -475,7 +507,8 @@ impl Policy {
                 if !targets.contains(&choice) {
                     return Err(deny(format!("target {choice} is not a valid choice")));
                 }
-                finish_allow(query, &request, user.clone(), choice, *autostart)
+                let decision = finish_allow(query, &request, user.clone(), choice, *autostart);
+                notify_allow(confirm, query, *notify, decision)
             }
         }
     }
@@ -625,6 +658,27 @@ fn ask_default(token: &Token, request: &Request<'_>, system: &SystemInfo) -> Opt
 }
 
 /// `AllowResolution.execute` (or its just-evaluate variant).
+/// `NotifyAllowedResolution`: tell the user about an allow by a rule with
+/// `notify=yes`.
+fn notify_allow(
+    confirm: &dyn Confirm,
+    query: &Query,
+    notify: bool,
+    decision: Result<Decision, Denial>,
+) -> Result<Decision, Denial> {
+    if notify && let Ok(Decision::Allow { target, .. }) = &decision {
+        let (service, argument) = split_service(&query.service_and_arg);
+        confirm.notify(&Notice {
+            allowed: true,
+            service: service.to_owned(),
+            argument: argument.to_owned(),
+            source: query.source.clone(),
+            target: target.clone(),
+        });
+    }
+    decision
+}
+
 fn finish_allow(
     query: &Query,
     request: &Request<'_>,

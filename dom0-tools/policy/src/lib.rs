@@ -121,7 +121,7 @@ pub mod rule;
 pub mod system_info;
 pub mod token;
 
-pub use eval::{AskAnswer, AskQuestion, Confirm, Decision, NoConfirm, Policy, Query};
+pub use eval::{AskAnswer, AskQuestion, Confirm, Decision, NoConfirm, Notice, Policy, Query};
 pub use loader::{PolicyError, PolicyPaths};
 pub use system_info::{
     Domain, JsonFileSystemInfo, StaticSystemInfo, SystemInfo, SystemInfoError, SystemInfoSource,
