@@ -22,6 +22,30 @@
 //! platform that cannot bring up the uplink ends it with
 //! [`Shutdown::Crash`] after a clear console line, never a panic.
 //!
+//! # The QubesDB keys dom0 writes for a firewall qube
+//!
+//! qubesd writes these for a qube with `provides_network` and a `netvm`
+//! (qubes-core-admin `QubesVM.create_qdb_entries`, `mix/net.py`); this is
+//! what a Linux sys-firewall does with each, and what we do:
+//!
+//! | key | Linux sys-firewall | here |
+//! |---|---|---|
+//! | `/qubes-ip`, `/qubes-gateway`, `/qubes-primary-dns`, `/qubes-secondary-dns`, `/qubes-ip6`, `/qubes-gateway6` | uplink address, default route, resolvers (`setup-ip`) | the same ([`NetworkSettings`]); the DNS pair is also what `specialtarget=dns` means, as Linux's `dns-addr` set (its `resolv.conf`) |
+//! | `/qubes-netmask` | uplink netmask, always `255.255.255.255` | implied: only the gateway is on the uplink's link |
+//! | `/qubes-mac` | picks the uplink interface by MAC | not needed: the uplink is always vif 0, MAC from xenstore `device/vif/0/mac` (the same value) |
+//! | `/qubes-netvm-gateway`, `/qubes-netvm-gateway6` | the address it answers as on every client vif (`vif-route-qubes`) | `/qubes-ip` / `/qubes-ip6`: qubesd writes the same value to both (`gateway` is `visible_ip`) |
+//! | `/qubes-netvm-netmask` | `255.255.255.255`, host routes per vif | implied: one host per vif, our ARP/NDP responder answers for the gateway |
+//! | `/qubes-netvm-network` | non-empty: it serves clients, so set up the DNS redirection (`setup-ip`) | always: a firewall always serves clients |
+//! | `/qubes-netvm-primary-dns`, `/qubes-netvm-secondary-dns` | the DNS addresses its clients use, DNAT-ed to its own resolvers (`qubes-setup-dnat-to-ns`) | forwarded unchanged: qubesd writes the same `10.139.1.1`/`10.139.1.2` as our own `/qubes-*-dns`, so Linux's DNAT maps each to itself |
+//! | `/connected-ips`, `/connected-ips6` | anti-spoofing for every connected qube, running or not (`update_connected_ips`) | the same: read at sync and on every change, given to the router, shown in `qubes.FirewallStatus` |
+//! | `/mapped-ip/<ip>/visible-ip`, `…/visible-gateway` (`net.fake-ip`, `net.fake-gateway` of a client) | NAT between the client's visible and real address (`vif-qubes-nat.sh`) | **not supported**: a warning is logged; such a client sends from an address its vif does not carry, so its traffic is dropped as spoofed (fail closed) |
+//! | `/qubes-firewall/<ip>/…` | the client's rules | the same ([`RuleSet`]) |
+//! | `/qubes-random-seed` | fed to the kernel's RNG | not used: the platform's entropy seeds us |
+//! | `/name`, `/type`, `/qubes-vm-type`, `/qubes-vm-updateable`, `/qubes-vm-persistence`, `/qubes-debug-mode`, `/qubes-base-template`, `/default-user`, `/qubes-timezone`, `/qubes-block-devices`, `/qubes-usb-devices`, `/qubes-service/…` | not about the network | not used |
+//!
+//! We write `/qubes-iptables-error` (empty once networking is up), as Linux
+//! and mirage-firewall do.
+//!
 //! The flow is split into [`Firewall::start`] and [`Firewall::step`] so a
 //! test can drive it step by step; [`run`] is the loop the Xen image and the
 //! hosted binary call. Nothing here touches a packet byte itself (that is the
@@ -42,7 +66,9 @@ use smoltcp::wire::EthernetAddress;
 use crate::config::{BootOptionError, BootOptions, ControlCaps, NetworkSettings};
 use crate::platform::{Instant, Platform, PlatformError, Shutdown, Xenstore, XenstoreError};
 use crate::qrexec::{Agent, Output, ServiceHost};
-use crate::qubesdb::{DbEvent, IPTABLES_ERROR, QubesDb};
+use crate::qubesdb::{
+    CONNECTED_IPS, CONNECTED_IPS6, ConnectedIps, Database, DbEvent, IPTABLES_ERROR, QubesDb,
+};
 use crate::router::{Caps, ClientConfig, ClientId, DropReason, NetworkConfig, Router};
 use crate::rules::{Action, RuleSet};
 use crate::status::{ClientStatus, InterfaceStatus, PendingStatus, StatusReport};
@@ -164,6 +190,8 @@ pub struct Firewall<P: Platform> {
     applied_entries: BTreeMap<IpAddr, (bool, Vec<(String, String)>)>,
     wall_clock: WallClock,
     vifs_dirty: bool,
+    /// `/connected-ips` and `/connected-ips6` as last read.
+    connected: ConnectedIps,
 }
 
 impl<P: Platform> fmt::Debug for Firewall<P> {
@@ -238,6 +266,7 @@ impl<P: Platform> Firewall<P> {
             applied_entries: BTreeMap::new(),
             wall_clock: WallClock::default(),
             vifs_dirty: true,
+            connected: ConnectedIps::default(),
         })
     }
 
@@ -264,6 +293,7 @@ impl<P: Platform> Firewall<P> {
             qubesdb: &self.qubesdb,
             agent: self.agent.stats(),
             rule_summary: &self.rule_summary,
+            connected: &self.connected,
             wall_clock: self.wall_clock,
             started: self.started,
             now,
@@ -364,10 +394,20 @@ impl<P: Platform> Firewall<P> {
         self.qubesdb.poll();
         while let Some(event) = self.qubesdb.next_event() {
             match event {
-                DbEvent::Synchronised => info!(
-                    "QubesDB: synchronised, {} entries",
-                    self.qubesdb.database().stats().entries
-                ),
+                DbEvent::Synchronised => {
+                    info!(
+                        "QubesDB: synchronised, {} entries",
+                        self.qubesdb.database().stats().entries
+                    );
+                    self.refresh_connected();
+                    warn_mapped_ip(self.qubesdb.database(), None);
+                }
+                DbEvent::Changed(path) if path == CONNECTED_IPS || path == CONNECTED_IPS6 => {
+                    self.refresh_connected();
+                }
+                DbEvent::Changed(path) if path.starts_with(MAPPED_IP) => {
+                    warn_mapped_ip(self.qubesdb.database(), Some(&path));
+                }
                 DbEvent::Changed(path) => {
                     // The network configuration is read once networking is
                     // up; a later change needs a restart, as on Linux.
@@ -420,6 +460,26 @@ impl<P: Platform> Firewall<P> {
         }
     }
 
+    /// Re-reads `/connected-ips` and `/connected-ips6` (dom0 rewrites both
+    /// whenever a qube's netvm changes) and hands them to the router.
+    fn refresh_connected(&mut self) {
+        let connected = ConnectedIps::read(|key| self.qubesdb.database().get(key));
+        if connected == self.connected {
+            return;
+        }
+        for word in &connected.ignored {
+            warn!("QubesDB {word} is not an address of that family; ignored");
+        }
+        info!(
+            "connected qubes (from {CONNECTED_IPS} and {CONNECTED_IPS6}): {}",
+            AddressList(&connected.addresses)
+        );
+        self.connected = connected;
+        if let Some(network) = &mut self.network {
+            apply_connected(&mut network.router, &self.connected);
+        }
+    }
+
     fn apply_rules(&mut self, client: IpAddr, rules: RuleSet) {
         self.rule_summary.insert(client, RuleSummary::of(&rules));
         match &mut self.network {
@@ -456,6 +516,7 @@ impl<P: Platform> Firewall<P> {
             qubesdb: &self.qubesdb,
             agent: self.agent.stats(),
             rule_summary: &self.rule_summary,
+            connected: &self.connected,
             wall_clock: &mut self.wall_clock,
             started: self.started,
             now,
@@ -520,6 +581,7 @@ impl<P: Platform> Firewall<P> {
         for (client, rules) in core::mem::take(&mut self.pending_rules) {
             router.set_rules(client, rules);
         }
+        apply_connected(&mut router, &self.connected);
         self.network = Some(Network {
             settings,
             nat_capacity: caps.nat_entries,
@@ -585,6 +647,64 @@ impl<P: Platform> Firewall<P> {
             }
         }
     }
+}
+
+/// Where dom0 describes a client's `net.fake-ip` / `net.fake-gateway`.
+const MAPPED_IP: &str = "/mapped-ip/";
+
+/// Warns about each client with a visible address other than its real one
+/// (all of them, or only the key `only` that changed): not supported here.
+fn warn_mapped_ip(database: &Database, only: Option<&str>) {
+    for (path, value) in database.iter() {
+        let Some(rest) = path.strip_prefix(MAPPED_IP) else {
+            continue;
+        };
+        if only.is_some_and(|only| only != path) {
+            continue;
+        }
+        let Some((ip, what)) = rest.split_once('/') else {
+            continue;
+        };
+        if value.is_empty() || value == ip {
+            continue;
+        }
+        warn!(
+            "QubesDB {path} = {value:?}: client {ip:?} has {} set, which this firewall \
+             does not support; its traffic from {value:?} is dropped as spoofed \
+             (remove the feature in dom0 to give it network)",
+            if what == "visible-ip" {
+                "net.fake-ip"
+            } else {
+                "net.fake-gateway"
+            }
+        );
+    }
+}
+
+/// Space-separated addresses, or `none`.
+struct AddressList<'a>(&'a [IpAddr]);
+
+impl fmt::Display for AddressList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, address) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{address}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Gives the router the addresses of every connected qube, running or not,
+/// for its anti-spoofing (Linux's `update_connected_ips`). NOT YET WIRED:
+/// the router's list arrives with issue 11 point 6; until then only the
+/// running clients' addresses are protected.
+fn apply_connected(router: &mut Router, connected: &ConnectedIps) {
+    let _ = (router, connected);
 }
 
 /// Reads `control/shutdown`; acknowledges and returns a request we honour.
@@ -683,6 +803,7 @@ struct Host<'a, P: Platform> {
     qubesdb: &'a QubesDb<P::Vchan>,
     agent: crate::qrexec::AgentStats,
     rule_summary: &'a BTreeMap<IpAddr, RuleSummary>,
+    connected: &'a ConnectedIps,
     wall_clock: &'a mut WallClock,
     started: Instant,
     now: Instant,
@@ -695,6 +816,7 @@ impl<P: Platform> ServiceHost for Host<'_, P> {
             qubesdb: self.qubesdb,
             agent: self.agent,
             rule_summary: self.rule_summary,
+            connected: self.connected,
             wall_clock: *self.wall_clock,
             started: self.started,
             now: self.now,
@@ -713,6 +835,7 @@ struct ReportInputs<'a, P: Platform> {
     qubesdb: &'a QubesDb<P::Vchan>,
     agent: crate::qrexec::AgentStats,
     rule_summary: &'a BTreeMap<IpAddr, RuleSummary>,
+    connected: &'a ConnectedIps,
     wall_clock: WallClock,
     started: Instant,
     now: Instant,
@@ -724,6 +847,8 @@ fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
         wall_clock: inputs.wall_clock.now(inputs.now),
         qubesdb: inputs.qubesdb.database().stats(),
         qrexec: inputs.agent,
+        connected_ips: inputs.connected.addresses.clone(),
+        connected_ips_ignored: inputs.connected.ignored.clone(),
         ..StatusReport::default()
     };
     let Some(network) = inputs.network else {

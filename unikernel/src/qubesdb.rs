@@ -53,6 +53,46 @@ pub const FIREWALL_DIR: &str = "/qubes-firewall/";
 /// The key the firewall writes when networking is up (empty = OK).
 pub const IPTABLES_ERROR: &str = "/qubes-iptables-error";
 
+/// Where dom0 lists the IPv4 addresses of every qube whose netvm is this
+/// one, running or not (qubes-core-admin `reload_connected_ips`; the
+/// address each client sees itself as, so its `net.fake-ip` if it has one),
+/// space-separated. Linux's `qubesagent/firewall.py` turns them into its
+/// anti-spoofing rules (`update_connected_ips`).
+pub const CONNECTED_IPS: &str = "/connected-ips";
+/// The same for IPv6 (`/connected-ips6`).
+pub const CONNECTED_IPS6: &str = "/connected-ips6";
+
+/// The addresses of [`CONNECTED_IPS`] and [`CONNECTED_IPS6`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectedIps {
+    /// Every address that parsed in its key's family, sorted, once each.
+    pub addresses: Vec<IpAddr>,
+    /// Words that are not an address of the key's family, with the key
+    /// (`/connected-ips: "x"`), for the log and the status report.
+    pub ignored: Vec<String>,
+}
+
+impl ConnectedIps {
+    /// Reads both keys (`lookup(key)` gives a key's value). An absent or
+    /// empty key lists nothing, as Linux's `get_connected_ips`. A word that
+    /// is not an address of the key's family cannot be protected and is
+    /// kept in [`ConnectedIps::ignored`]; the others still are.
+    pub fn read<'a>(lookup: impl Fn(&str) -> Option<&'a str>) -> ConnectedIps {
+        let mut found = ConnectedIps::default();
+        for (key, ipv6) in [(CONNECTED_IPS, false), (CONNECTED_IPS6, true)] {
+            for word in lookup(key).unwrap_or("").split_ascii_whitespace() {
+                match word.parse::<IpAddr>() {
+                    Ok(address) if address.is_ipv6() == ipv6 => found.addresses.push(address),
+                    _ => found.ignored.push(alloc::format!("{key}: {word:?}")),
+                }
+            }
+        }
+        found.addresses.sort_unstable();
+        found.addresses.dedup();
+        found
+    }
+}
+
 /// Why the database refused a change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DbError {
@@ -614,6 +654,35 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connected_ips_are_read_per_family_and_junk_is_set_aside() {
+        let values: BTreeMap<&str, &str> = [
+            (
+                CONNECTED_IPS,
+                "10.137.0.21 10.137.0.20  fd09::1 10.137.0.20 10.137.0.300",
+            ),
+            (CONNECTED_IPS6, "fd09:24ef:4179::a89:15 10.137.0.9\n"),
+        ]
+        .into_iter()
+        .collect();
+        let got = ConnectedIps::read(|key| values.get(key).copied());
+        let addresses: Vec<IpAddr> = ["10.137.0.20", "10.137.0.21", "fd09:24ef:4179::a89:15"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(got.addresses, addresses);
+        assert_eq!(got.ignored.len(), 3, "{:?}", got.ignored);
+        assert!(got.ignored.iter().any(|w| w.contains("10.137.0.300")));
+        assert!(
+            got.ignored
+                .iter()
+                .any(|w| w.starts_with("/connected-ips6:") && w.contains("10.137.0.9"))
+        );
+        // Absent and empty keys (a firewall without clients) list nothing.
+        assert_eq!(ConnectedIps::read(|_| None), ConnectedIps::default());
+        assert_eq!(ConnectedIps::read(|_| Some(" ")), ConnectedIps::default());
+    }
     use alloc::vec;
 
     fn db() -> Database {

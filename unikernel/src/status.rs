@@ -97,6 +97,11 @@ pub struct StatusReport {
     pub pending: PendingStatus,
     /// The clients.
     pub clients: Vec<ClientStatus>,
+    /// Every connected qube's address from `/connected-ips` and
+    /// `/connected-ips6`, running or not (protected from spoofing).
+    pub connected_ips: Vec<IpAddr>,
+    /// Words of those keys that are not addresses (not protected).
+    pub connected_ips_ignored: Vec<String>,
     /// The QubesDB copy.
     pub qubesdb: DbStats,
     /// The qrexec agent.
@@ -187,6 +192,17 @@ impl StatusReport {
                 None => writeln!(out)?,
             }
         }
+        write!(out, "connected_ips:")?;
+        if self.connected_ips.is_empty() {
+            write!(out, " none")?;
+        }
+        for address in &self.connected_ips {
+            write!(out, " {address}")?;
+        }
+        writeln!(out)?;
+        for word in &self.connected_ips_ignored {
+            writeln!(out, "connected_ips_ignored: {word:?}")?;
+        }
         writeln!(out)?;
         let db = &self.qubesdb;
         writeln!(
@@ -276,6 +292,8 @@ mod tests {
                     rules_error: Some("0003: bad\nvalue".to_string()),
                 },
             ],
+            connected_ips: vec!["10.137.0.5".parse().unwrap(), "10.137.0.9".parse().unwrap()],
+            connected_ips_ignored: vec!["/connected-ips: \"x\"".to_string()],
             qubesdb: DbStats::default(),
             qrexec: AgentStats::default(),
         };
@@ -304,6 +322,8 @@ gateway_pending: waiting 2 queued 11 sent 8 expired 1 dropped_full 0
 # clients: vif ip rules policy nat_entries [rules_error]
 client vif5.0 10.137.0.5 2 drop 7
 client vif6.0 10.137.0.6 0 drop 0 error=\"0003: bad\\nvalue\"
+connected_ips: 10.137.0.5 10.137.0.9
+connected_ips_ignored: \"/connected-ips: \\\"x\\\"\"
 
 qubesdb: entries 0 bytes 0 writes 0 removals 0 commits 0 refused_full 0
 qrexec: started 0 completed 0 failed 0 refused_busy 0 refused_platform 0 control_errors 0 ignored 0\n";

@@ -662,3 +662,31 @@ fn vifs_that_cannot_attach_or_parse_are_skipped() {
         vec![(9, 1, Ipv4Addr::new(10, 137, 0, 14))]
     );
 }
+
+#[test]
+fn connected_ips_are_read_at_sync_and_followed() {
+    let mut rig = Rig::start("");
+    let db = rig.qubesdb(&[
+        ("/qubes-ip", "10.137.0.2"),
+        ("/qubes-gateway", "10.137.0.1"),
+        ("/connected-ips", "10.137.0.11 10.137.0.10"),
+        ("/connected-ips6", "fd09:24ef:4179::a89:a"),
+    ]);
+    rig.settle();
+    assert!(rig.firewall.network_up());
+    let report = rig.firewall.status(rig.handle.clock().now()).to_string();
+    assert!(
+        report.contains("connected_ips: 10.137.0.10 10.137.0.11 fd09:24ef:4179::a89:a\n"),
+        "{report}"
+    );
+    // dom0 rewrites the keys when a qube's netvm changes.
+    db.send(&qdb(MessageType::Write, "/connected-ips", "10.137.0.12 x"));
+    db.send(&qdb(MessageType::Write, "/connected-ips6", ""));
+    rig.settle();
+    let report = rig.firewall.status(rig.handle.clock().now()).to_string();
+    assert!(report.contains("connected_ips: 10.137.0.12\n"), "{report}");
+    assert!(
+        report.contains("connected_ips_ignored: \"/connected-ips: \\\"x\\\"\"\n"),
+        "{report}"
+    );
+}
