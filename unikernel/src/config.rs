@@ -4,7 +4,11 @@
 //! - the boot options from the kernel command line, named as
 //!   qubes-mirage-firewall names them in `unikernel.ml` (cmdliner
 //!   arguments): `--ipv4`, `--ipv4-gw`, `--ipv4-dns`, `--ipv4-dns2`,
-//!   `--nat-table-size`, each as `--name=value` or `--name value`;
+//!   `--nat-table-size`, each as `--name=value` or `--name value`; words
+//!   without `--` are Linux kernel options (Qubes adds its default ones,
+//!   `kernelopts_common` and `swiotlb=2048`, unless the qube has the feature
+//!   `no-default-kernelopts`): they are ignored with one warning, where
+//!   mirage-firewall's argument parser refuses them and stops;
 //! - the network configuration, from QubesDB (`/qubes-ip`,
 //!   `/qubes-gateway`, `/qubes-primary-dns`, `/qubes-secondary-dns`,
 //!   `/qubes-ip6`, `/qubes-gateway6`) unless the boot options give it;
@@ -23,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 use core::fmt;
 use core::net::{Ipv4Addr, Ipv6Addr};
 
@@ -44,6 +49,9 @@ pub struct BootOptions {
     pub ipv4_dns2: Option<Ipv4Addr>,
     /// `--nat-table-size`: the number of NAT entries (capped by memory).
     pub nat_table_size: Option<usize>,
+    /// Linux kernel options (words without `--`, such as Qubes' defaults
+    /// `root=/dev/mapper/dmroot ro nomodeset console=hvc0`), ignored.
+    pub ignored: Vec<String>,
 }
 
 /// Why the command line was refused.
@@ -51,7 +59,9 @@ pub struct BootOptions {
 pub enum BootOptionError {
     /// An option this firewall does not know.
     Unknown(String),
-    /// A word that is not an option (`--name`).
+    /// A word that is neither an option (`--name`) nor a Linux kernel
+    /// option (`name` or `name=value`, printable ASCII, not starting with
+    /// `-`).
     NotAnOption(String),
     /// An option without its value at the end of the line.
     MissingValue(&'static str),
@@ -111,7 +121,11 @@ impl BootOptions {
         let mut words = cmdline.split_ascii_whitespace();
         while let Some(word) = words.next() {
             let Some(option) = word.strip_prefix("--") else {
-                return Err(BootOptionError::NotAnOption(word.to_string()));
+                if !is_kernel_option(word) {
+                    return Err(BootOptionError::NotAnOption(word.to_string()));
+                }
+                options.ignored.push(word.to_string());
+                continue;
             };
             let (name, inline) = match option.split_once('=') {
                 Some((name, value)) => (name, Some(value)),
@@ -150,6 +164,14 @@ impl BootOptions {
             };
             set_once(slot, addr, name)?;
         }
+        if !options.ignored.is_empty() {
+            log::warn!(
+                "kernel command line: ignoring {} Linux kernel option(s) {:?} (Qubes' defaults; \
+                 `qvm-features VM no-default-kernelopts 1` stops Qubes adding them)",
+                options.ignored.len(),
+                options.ignored
+            );
+        }
         match (options.ipv4, options.ipv4_gw) {
             (Some(_), None) => Err(BootOptionError::Requires {
                 given: "--ipv4",
@@ -177,6 +199,13 @@ impl BootOptions {
             from_cmdline: true,
         })
     }
+}
+
+/// A Linux kernel option as Qubes passes them: `name` or `name=value`,
+/// printable ASCII, not starting with `-` (so `-x` or a stray control byte
+/// is still refused).
+fn is_kernel_option(word: &str) -> bool {
+    !word.starts_with('-') && word.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn set_once<T>(slot: &mut Option<T>, value: T, name: &'static str) -> Result<(), BootOptionError> {
@@ -442,8 +471,12 @@ mod tests {
             BootOptionError::Unknown("--frobnicate=1".into())
         );
         assert_eq!(
-            BootOptions::parse("quiet").unwrap_err(),
-            BootOptionError::NotAnOption("quiet".into())
+            BootOptions::parse("-q").unwrap_err(),
+            BootOptionError::NotAnOption("-q".into())
+        );
+        assert_eq!(
+            BootOptions::parse("caf\u{e9}").unwrap_err(),
+            BootOptionError::NotAnOption("caf\u{e9}".into())
         );
         assert_eq!(
             BootOptions::parse("--ipv4-dns=1.1.1.1 --ipv4-dns=1.1.1.2").unwrap_err(),
@@ -452,6 +485,54 @@ mod tests {
         // Non-ASCII and control bytes never panic.
         assert!(BootOptions::parse("--ipv4=\u{1F525} --\u{0}").is_err());
         assert!(BootOptions::parse("--=").is_err());
+    }
+
+    /// What qubes-core-admin puts before `kernelopts` without the feature
+    /// `no-default-kernelopts` (its `kernelopts_common` default, the
+    /// default `kernelopts` `swiotlb=2048`, and the `systemd.machine_id=`
+    /// it adds for Linux qubes).
+    const QUBES_DEFAULT_OPTIONS: &str = "root=/dev/mapper/dmroot ro nomodeset console=hvc0 \
+        rd_NO_PLYMOUTH rd.plymouth.enable=0 plymouth.enable=0 xen_privcmd.unrestricted \
+        swiotlb=2048 systemd.machine_id=0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn qubes_default_kernel_options_are_ignored() {
+        let options = BootOptions::parse(QUBES_DEFAULT_OPTIONS).unwrap();
+        assert_eq!(options.network(), None);
+        assert_eq!(options.nat_table_size, None);
+        assert_eq!(options.ignored.len(), 10);
+        assert_eq!(options.ignored[0], "root=/dev/mapper/dmroot");
+        assert_eq!(
+            options.ignored[9],
+            "systemd.machine_id=0123456789abcdef0123456789abcdef"
+        );
+    }
+
+    #[test]
+    fn our_options_still_work_after_qubes_defaults() {
+        let line = alloc::format!(
+            "{QUBES_DEFAULT_OPTIONS} --ipv4=10.137.0.9 --ipv4-gw 10.137.0.1 --nat-table-size=50"
+        );
+        let options = BootOptions::parse(&line).unwrap();
+        assert_eq!(options.nat_table_size, Some(50));
+        let network = options.network().unwrap();
+        assert_eq!(network.ip, Ipv4Addr::new(10, 137, 0, 9));
+        assert_eq!(network.gateway, Ipv4Addr::new(10, 137, 0, 1));
+        // A kernel option between `--ipv4-gw` and its value is taken as the
+        // value and refused: ours are never split by Qubes' (it puts its
+        // defaults first).
+        assert!(matches!(
+            BootOptions::parse("--ipv4-gw ro --ipv4=10.137.0.9").unwrap_err(),
+            BootOptionError::BadValue {
+                option: "--ipv4-gw",
+                ..
+            }
+        ));
+        // An unknown `--` option is still a typo in the VM's kernelopts.
+        assert_eq!(
+            BootOptions::parse("ro --ipv44=1.2.3.4").unwrap_err(),
+            BootOptionError::Unknown("--ipv44=1.2.3.4".into())
+        );
     }
 
     fn db(entries: &[(&'static str, &'static str)]) -> BTreeMap<&'static str, &'static str> {
