@@ -108,6 +108,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod ask;
 pub mod daemon;
 pub mod eval;

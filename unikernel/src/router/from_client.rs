@@ -1,0 +1,307 @@
+//! Frames from a client vif: ARP and NDP towards the fixed responder,
+//! anti-spoofing, reassembly, and forwarding — a known flow by its NAT
+//! entry, a new one decided by the client's rules.
+#![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
+
+use core::net::IpAddr;
+
+use smoltcp::time::Instant;
+use smoltcp::wire::EthernetAddress;
+
+use crate::arp::{self, Arp, CLIENT_SIDE_MAC, Ndp};
+use crate::nat::{Direction, Millis, NatError};
+use crate::rules::{FlowMeta, MatchContext, Verdict};
+use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+
+use super::icmp::IcmpError;
+use super::packet::{
+    IcmpKind, IpMeta, decrement_ttl, is_broadcast_or_multicast, parse_ip, reassemble, rewrite,
+};
+use super::{ClientId, DropReason, Out, Router};
+
+impl Router {
+    /// Takes a frame received on a client's vif.
+    pub fn handle_client_frame(&mut self, id: ClientId, frame: &[u8], now: Instant) {
+        let Some(index) = self.clients.iter().position(|c| c.id == id) else {
+            self.drop(DropReason::UnknownClient);
+            return;
+        };
+        self.clock = now.total_millis();
+        self.client_frame(index, frame, now.total_millis());
+    }
+
+    pub(super) fn client_frame(&mut self, index: usize, frame: &[u8], now: Millis) {
+        let Some(client) = self.clients.get_mut(index) else {
+            return;
+        };
+        client.counters.rx_frames += 1;
+        client.counters.rx_bytes += frame.len() as u64;
+        let Some((header, payload)) = frame.split_first_chunk::<ETH_LEN>() else {
+            self.drop(DropReason::Malformed);
+            return;
+        };
+        let mut source = [0u8; 6];
+        source.copy_from_slice(&header[6..12]);
+        let source = EthernetAddress(source);
+        if client.config.mac.is_none() && source.is_unicast() {
+            client.mac = source;
+        }
+        let client_ip = client.config.ip;
+        match u16::from_be_bytes([header[12], header[13]]) {
+            ETHERTYPE_ARP => {
+                let Some(request) = Arp::parse(payload) else {
+                    self.drop(DropReason::Malformed);
+                    return;
+                };
+                if request.sender_ip != client_ip && !request.sender_ip.is_unspecified() {
+                    self.drop(DropReason::SpoofedSource);
+                    return;
+                }
+                if let Some(reply) = arp::answer_client_arp(&request, client_ip) {
+                    let mut buffer = self.buffer();
+                    buffer.extend_from_slice(&reply);
+                    self.enqueue(Out::Client(index), buffer);
+                }
+            }
+            ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => self.client_ip(index, payload, now),
+            _ => self.drop(DropReason::UnsupportedEthertype),
+        }
+    }
+
+    pub(super) fn client_ip(&mut self, index: usize, packet: &[u8], now: Millis) {
+        let meta = match parse_ip(packet, true) {
+            Ok(meta) => meta,
+            Err(reason) => return self.drop(reason),
+        };
+        let packet = packet.get(..meta.total_len).unwrap_or(packet);
+        if meta.icmp == IcmpKind::Ndp {
+            if matches!(meta.icmp_type, Some(arp::NDP_SOLICIT | arp::NDP_ADVERT)) {
+                return self.client_ndp(index, packet, &meta);
+            }
+            // Router solicitations, redirects…: clients are configured
+            // statically (`/qubes-gateway6`), nothing to answer.
+            return self.drop(DropReason::LinkLocal);
+        }
+        if let IpAddr::V6(src) = meta.src
+            && (src.is_unicast_link_local() || src.is_unspecified() || meta.dst.is_multicast())
+        {
+            // MLD reports, link-local chatter: never routed.
+            return self.drop(DropReason::LinkLocal);
+        }
+        let Some(client) = self.clients.get(index) else {
+            return;
+        };
+        if !client.owns(meta.src) {
+            return self.drop(DropReason::SpoofedSource);
+        }
+        if meta.fragment {
+            match reassemble(&mut self.reassembler, packet, &meta, now) {
+                Ok(None) => {}
+                Ok(Some((datagram, whole))) => {
+                    self.forward_from_client(index, &datagram, &whole, now)
+                }
+                Err(reason) => self.drop(reason),
+            }
+            return;
+        }
+        self.forward_from_client(index, packet, &meta, now);
+    }
+
+    pub(super) fn client_ndp(&mut self, index: usize, packet: &[u8], meta: &IpMeta) {
+        let Some(client) = self.clients.get(index) else {
+            return;
+        };
+        let (client_ip6, client_mac) = (client.config.ip6, client.mac);
+        let (IpAddr::V6(src), Some(ndp)) =
+            (meta.src, packet.get(meta.header_len..).and_then(Ndp::parse))
+        else {
+            return self.drop(DropReason::Malformed);
+        };
+        let from_client =
+            Some(src) == client_ip6 || src.is_unicast_link_local() || src.is_unspecified();
+        if !from_client || meta.ttl != 255 {
+            return self.drop(DropReason::SpoofedSource);
+        }
+        if ndp.kind != arp::NDP_SOLICIT || Some(ndp.target) == client_ip6 || src.is_unspecified() {
+            return;
+        }
+        let reply = arp::ndp_frame(
+            arp::NDP_ADVERT,
+            CLIENT_SIDE_MAC,
+            ndp.lladdr.unwrap_or(client_mac),
+            ndp.target,
+            src,
+            ndp.target,
+            true,
+            true,
+        );
+        let mut buffer = self.buffer();
+        buffer.extend_from_slice(&reply);
+        self.enqueue(Out::Client(index), buffer);
+    }
+
+    /// A whole (reassembled) packet from client `index`, source checked.
+    pub(super) fn forward_from_client(
+        &mut self,
+        index: usize,
+        packet: &[u8],
+        meta: &IpMeta,
+        now: Millis,
+    ) {
+        if self.is_ours(meta.dst) {
+            return self.answer_firewall(Out::Client(index), packet, meta);
+        }
+        if is_broadcast_or_multicast(meta.dst) {
+            return self.drop(DropReason::Broadcast);
+        }
+        if meta.ttl <= 1 {
+            self.icmp_error(
+                Out::Client(index),
+                packet,
+                meta,
+                IcmpError::TimeExceeded,
+                now,
+            );
+            return self.drop(DropReason::TtlExceeded);
+        }
+        let key = meta.key();
+        let (id, direction) = match self.nat.lookup(&key, now) {
+            Some(found) => found,
+            None => match self.new_flow(index, packet, meta, now) {
+                Some(id) => (id, Direction::Original),
+                None => return,
+            },
+        };
+        self.nat.touch(id, direction, meta.tcp, now);
+        let Some(entry) = self.nat.get(id).copied() else {
+            return;
+        };
+        let (out, translate) = match direction {
+            Direction::Original if entry.is_translated() => (Out::Uplink, true),
+            Direction::Original => {
+                match entry.peer_client.and_then(|ip| self.by_address.get(&ip)) {
+                    Some(peer) => (Out::Client(*peer), false),
+                    None => return self.drop(DropReason::NoFlow),
+                }
+            }
+            // A reply from the peer of a client-to-client flow.
+            Direction::Reply if !entry.is_translated() => match self.by_address.get(&entry.owner) {
+                Some(owner) => (Out::Client(*owner), false),
+                None => return self.drop(DropReason::NoFlow),
+            },
+            Direction::Reply => return self.drop(DropReason::NoFlow),
+        };
+        let v6 = meta.v6;
+        self.forward((Out::Client(index), out), meta, packet, now, |ip| {
+            decrement_ttl(ip, v6);
+            if translate {
+                rewrite(ip, meta, true, entry.reply.dst, entry.reply.dst_port);
+            }
+        });
+    }
+
+    /// Decides a new flow from client `index` and tracks it if accepted.
+    /// A flow the rules deny is answered like Linux's `REJECT
+    /// --reject-with icmp-admin-prohibited` (every Qubes rule with
+    /// `action=drop`, and the policy, becomes such a REJECT in
+    /// qubes-core-agent-linux's `prepare_rules`).
+    pub(super) fn new_flow(
+        &mut self,
+        index: usize,
+        packet: &[u8],
+        meta: &IpMeta,
+        now: Millis,
+    ) -> Option<crate::nat::EntryId> {
+        match meta.icmp {
+            IcmpKind::NotIcmp | IcmpKind::EchoRequest => {}
+            IcmpKind::Error => {
+                self.related_from_client(index, packet, meta, now);
+                return None;
+            }
+            IcmpKind::EchoReply => {
+                self.drop(DropReason::NoFlow);
+                return None;
+            }
+            IcmpKind::Ndp | IcmpKind::Other => {
+                self.drop(DropReason::UnsupportedProtocol);
+                return None;
+            }
+        }
+        let flow = FlowMeta {
+            dst: meta.dst,
+            protocol: meta.protocol,
+            dst_port: if meta.icmp == IcmpKind::NotIcmp {
+                meta.dst_port
+            } else {
+                0
+            },
+            icmp_type: meta.icmp_type,
+        };
+        let rules = self.rules.get(&meta.src).unwrap_or(&self.no_rules);
+        let ctx = MatchContext {
+            dns_servers: &self.dns_servers,
+            now_unix: self.now_unix(now),
+            names: &self.resolver,
+        };
+        let denied = match rules.decide(&flow, &ctx) {
+            Verdict::AcceptedByRule(_) | Verdict::AcceptedByPolicy => None,
+            Verdict::DroppedByRule(_) | Verdict::DroppedByPolicy => Some(DropReason::RulesDrop),
+            Verdict::DroppedParseError => Some(DropReason::RulesParseError),
+            Verdict::DroppedUnresolvedHost => Some(DropReason::UnresolvedHost),
+        };
+        if let Some(reason) = denied {
+            self.icmp_error(
+                Out::Client(index),
+                packet,
+                meta,
+                IcmpError::AdminProhibited,
+                now,
+            );
+            self.drop(reason);
+            return None;
+        }
+        if self.by_address.contains_key(&meta.dst) {
+            // Client-to-client isolation: Linux's `qubes` table drops every
+            // new forwarded packet whose output is a client vif (chain
+            // `forward`: `oifgroup 2 counter drop`), whatever the sender's
+            // rules say. Its `qubes-firewall` forward chain has the same
+            // priority and was registered later, so netfilter runs it first:
+            // a flow the rules deny is rejected (above), one they accept is
+            // dropped here, silently.
+            self.drop(DropReason::ClientToClient);
+            return None;
+        }
+        let translate_to = match meta.dst {
+            IpAddr::V4(_) => IpAddr::V4(self.uplink.ip),
+            IpAddr::V6(_) => match self.uplink.ip6 {
+                Some(ip6) => IpAddr::V6(ip6),
+                None => {
+                    self.drop(DropReason::NoIpv6);
+                    return None;
+                }
+            },
+        };
+        match self.nat.insert(
+            meta.src,
+            meta.key(),
+            Some(translate_to),
+            None,
+            meta.tcp,
+            now,
+        ) {
+            Ok(id) => {
+                self.counters.flows_created += 1;
+                Some(id)
+            }
+            Err(error) => {
+                self.drop(match error {
+                    NatError::TableFull => DropReason::NatTableFull,
+                    NatError::ClientShareFull => DropReason::NatClientShare,
+                    NatError::NoFreePort => DropReason::NatNoPort,
+                });
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Frames from the uplink: ARP / NDP (our address, the gateway's MAC),
+//! the DNS answers for `dsthost` rules, and replies of known flows
+//! translated back to their client. Nothing from outside starts a flow.
+#![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
+
+use core::net::IpAddr;
+
+use smoltcp::time::Instant;
+
+use crate::arp::{self, Arp, Ndp, UplinkArp};
+use crate::nat::{Direction, Millis};
+use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, PROTO_UDP};
+
+use super::icmp::IcmpError;
+use super::packet::{IcmpKind, IpMeta, decrement_ttl, parse_ip, reassemble, rewrite};
+use super::{DropReason, Out, Router};
+
+impl Router {
+    /// Takes a frame received on the uplink.
+    pub fn handle_uplink_frame(&mut self, frame: &[u8], now: Instant) {
+        let now = now.total_millis();
+        self.clock = now;
+        self.uplink.counters.rx_frames += 1;
+        self.uplink.counters.rx_bytes += frame.len() as u64;
+        let Some((header, payload)) = frame.split_first_chunk::<ETH_LEN>() else {
+            return self.drop(DropReason::Malformed);
+        };
+        match u16::from_be_bytes([header[12], header[13]]) {
+            ETHERTYPE_ARP => {
+                let Some(packet) = Arp::parse(payload) else {
+                    return self.drop(DropReason::Malformed);
+                };
+                match arp::handle_uplink_arp(
+                    &packet,
+                    self.uplink.ip,
+                    self.uplink.mac,
+                    self.uplink.gateway.ip,
+                ) {
+                    UplinkArp::Ignore => {}
+                    UplinkArp::GatewayIs(mac) => self.learned_gateway(false, mac),
+                    UplinkArp::Answer(reply, learned) => {
+                        if let Some(mac) = learned {
+                            self.learned_gateway(false, mac);
+                        }
+                        let mut buffer = self.buffer();
+                        buffer.extend_from_slice(&reply);
+                        self.enqueue(Out::Uplink, buffer);
+                    }
+                }
+            }
+            ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => self.uplink_ip(payload, now),
+            _ => self.drop(DropReason::UnsupportedEthertype),
+        }
+    }
+
+    pub(super) fn uplink_ip(&mut self, packet: &[u8], now: Millis) {
+        let meta = match parse_ip(packet, true) {
+            Ok(meta) => meta,
+            Err(reason) => return self.drop(reason),
+        };
+        let packet = packet.get(..meta.total_len).unwrap_or(packet);
+        if meta.icmp == IcmpKind::Ndp {
+            return self.uplink_ndp(packet, &meta);
+        }
+        if !self.is_ours(meta.dst) {
+            return self.drop(if meta.v6 && self.uplink.ip6.is_none() {
+                DropReason::NoIpv6
+            } else {
+                DropReason::NotForUs
+            });
+        }
+        if self.is_ours(meta.src) || self.by_address.contains_key(&meta.src) {
+            return self.drop(DropReason::SpoofedSource);
+        }
+        if meta.fragment {
+            match reassemble(&mut self.uplink_reassembler, packet, &meta, now) {
+                Ok(None) => {}
+                Ok(Some((datagram, whole))) => self.forward_from_uplink(&datagram, &whole, now),
+                Err(reason) => self.drop(reason),
+            }
+            return;
+        }
+        self.forward_from_uplink(packet, &meta, now);
+    }
+
+    pub(super) fn uplink_ndp(&mut self, packet: &[u8], meta: &IpMeta) {
+        let (IpAddr::V6(src), Some(ours), Some(ndp)) = (
+            meta.src,
+            self.uplink.ip6,
+            packet.get(meta.header_len..).and_then(Ndp::parse),
+        ) else {
+            return self.drop(DropReason::Malformed);
+        };
+        if meta.ttl != 255 {
+            return self.drop(DropReason::Malformed);
+        }
+        if let Some(gateway) = self.uplink.gateway6
+            && ndp.kind == arp::NDP_ADVERT
+            && ndp.target == gateway.ip
+        {
+            if let Some(mac) = ndp.lladdr.filter(|m| m.is_unicast()) {
+                self.learned_gateway(true, mac);
+            }
+            return;
+        }
+        if ndp.kind == arp::NDP_SOLICIT && ndp.target == ours && !src.is_unspecified() {
+            let Some(to_mac) = ndp.lladdr else { return };
+            let reply = arp::ndp_frame(
+                arp::NDP_ADVERT,
+                self.uplink.mac,
+                to_mac,
+                ours,
+                src,
+                ours,
+                true,
+                false,
+            );
+            let mut buffer = self.buffer();
+            buffer.extend_from_slice(&reply);
+            self.enqueue(Out::Uplink, buffer);
+        }
+    }
+
+    pub(super) fn forward_from_uplink(&mut self, packet: &[u8], meta: &IpMeta, now: Millis) {
+        if meta.protocol == PROTO_UDP
+            && meta.dst_port == self.resolver.port()
+            && meta.src_port == 53
+            && self.dns_servers.contains(&meta.src)
+        {
+            if let (IpAddr::V4(server), Some(message)) =
+                (meta.src, packet.get(meta.header_len + 8..))
+            {
+                match self.resolver.handle_response(server, message, now) {
+                    Ok(_) => self.counters.dns_answers += 1,
+                    Err(_) => self.drop(DropReason::DnsAnswerRefused),
+                }
+            }
+            return;
+        }
+        match meta.icmp {
+            IcmpKind::EchoRequest => return self.answer_firewall(Out::Uplink, packet, meta),
+            IcmpKind::Error => return self.related_from_uplink(packet, meta, now),
+            IcmpKind::Other => return self.drop(DropReason::UnsupportedProtocol),
+            _ => {}
+        }
+        let Some((id, Direction::Reply)) = self.nat.lookup(&meta.key(), now) else {
+            return self.drop(DropReason::NoFlow);
+        };
+        let Some(entry) = self.nat.get(id).copied() else {
+            return;
+        };
+        let Some(&client) = self.by_address.get(&entry.owner) else {
+            return self.drop(DropReason::NoFlow);
+        };
+        if meta.ttl <= 1 {
+            self.icmp_error(Out::Uplink, packet, meta, IcmpError::TimeExceeded, now);
+            return self.drop(DropReason::TtlExceeded);
+        }
+        self.nat.touch(id, Direction::Reply, meta.tcp, now);
+        let v6 = meta.v6;
+        self.forward(
+            (Out::Uplink, Out::Client(client)),
+            meta,
+            packet,
+            now,
+            |ip| {
+                decrement_ttl(ip, v6);
+                rewrite(ip, meta, false, entry.original.src, entry.original.src_port);
+            },
+        );
+    }
+}

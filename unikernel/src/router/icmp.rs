@@ -1,0 +1,270 @@
+//! ICMP the firewall answers or relays: echo replies from its own
+//! addresses, the errors it sends (time exceeded, administratively
+//! prohibited, fragmentation needed / packet too big; rate-limited), and
+//! errors about a tracked flow relayed to the flow's other end (Linux
+//! conntrack's RELATED), translated.
+#![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
+
+use core::net::IpAddr;
+
+use crate::nat::{Direction, Millis};
+use crate::wire::{PROTO_ICMP, PROTO_ICMPV6, be16, checksum};
+
+use super::packet::{
+    IcmpKind, IpMeta, decrement_ttl, ipv4_header, ipv6_header, is_broadcast_or_multicast, parse_ip,
+    refill_icmp_checksum, rewrite, rewrite_address_only,
+};
+use super::{DropReason, Out, Router};
+
+/// Most ICMP errors the router sends per second (burst the same).
+pub const ICMP_ERRORS_PER_SECOND: i64 = 1000;
+
+/// The ICMP errors the router sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum IcmpError {
+    /// TTL / hop limit ran out here.
+    TimeExceeded,
+    /// The client's rules deny the flow (Linux's `REJECT --reject-with
+    /// icmp-admin-prohibited` / `icmp6-adm-prohibited`).
+    AdminProhibited,
+    /// Too big for the next hop, and must not be fragmented.
+    FragmentationNeeded(usize),
+}
+
+impl Router {
+    /// A packet to one of the firewall's own addresses: answer pings, drop
+    /// the rest.
+    pub(super) fn answer_firewall(&mut self, out: Out, packet: &[u8], meta: &IpMeta) {
+        if meta.icmp != IcmpKind::EchoRequest || meta.fragment {
+            return self.drop(DropReason::ToFirewall);
+        }
+        if is_broadcast_or_multicast(meta.src) {
+            return self.drop(DropReason::Broadcast);
+        }
+        let mut reply = self.buffer();
+        reply.extend_from_slice(packet);
+        let (src_at, len) = if meta.v6 { (8, 16) } else { (12, 4) };
+        // Source and destination are adjacent: rotating the pair by one
+        // address swaps them.
+        if let Some(field) = reply.get_mut(src_at..src_at + 2 * len) {
+            field.rotate_left(len);
+        }
+        let type_at = meta.header_len;
+        let old_type = reply.get(type_at).copied().unwrap_or(0);
+        let new_type = if meta.v6 { 129 } else { 0 };
+        if let (Some(sum), Some(code)) =
+            (be16(&reply, type_at + 2), reply.get(type_at + 1).copied())
+        {
+            let sum = checksum::adjust(sum, &[old_type, code], &[new_type, code]);
+            if let Some(field) = reply.get_mut(type_at..type_at + 4) {
+                field.copy_from_slice(&[new_type, code, (sum >> 8) as u8, sum as u8]);
+            }
+        }
+        if meta.v6 {
+            if let Some(hop) = reply.get_mut(7) {
+                *hop = 64;
+            }
+        } else if let Some(header) = reply.get_mut(..meta.header_len)
+            && header.len() >= 20
+        {
+            if let Some(ttl) = header.get_mut(8) {
+                *ttl = 64;
+            }
+            if let Some(field) = header.get_mut(10..12) {
+                field.copy_from_slice(&[0, 0]);
+            }
+            let sum = checksum::finish(checksum::add(0, header));
+            if let Some(field) = header.get_mut(10..12) {
+                field.copy_from_slice(&sum.to_be_bytes());
+            }
+        }
+        self.send_ip(out, meta.v6, &reply);
+        self.recycle(reply);
+    }
+
+    /// Sends an ICMP error about `packet` back out of `out` (where it came
+    /// from), from the firewall's own address. Never about an ICMP error, a
+    /// non-first fragment or a broadcast source (RFC 1122 §3.2.2, RFC 4443
+    /// §2.4), and at most [`ICMP_ERRORS_PER_SECOND`] a second.
+    pub(super) fn icmp_error(
+        &mut self,
+        out: Out,
+        packet: &[u8],
+        meta: &IpMeta,
+        error: IcmpError,
+        now: Millis,
+    ) {
+        if meta.icmp == IcmpKind::Error || meta.fragment || is_broadcast_or_multicast(meta.src) {
+            return;
+        }
+        // Token bucket: refill one token per 1000/rate ms, burst = rate.
+        let rate = ICMP_ERRORS_PER_SECOND;
+        let elapsed = now.saturating_sub(self.icmp_tokens_at).max(0);
+        let refill = elapsed.saturating_mul(rate) / 1000;
+        if refill > 0 {
+            self.icmp_tokens = (self.icmp_tokens + refill).min(rate);
+            self.icmp_tokens_at = now;
+        }
+        if self.icmp_tokens <= 0 {
+            self.counters.icmp_errors_suppressed += 1;
+            return;
+        }
+        self.icmp_tokens -= 1;
+        let (type4, code4, type6, code6, rest) = match error {
+            IcmpError::TimeExceeded => (11, 0, 3, 0, 0u32),
+            IcmpError::AdminProhibited => (3, 13, 1, 1, 0),
+            IcmpError::FragmentationNeeded(mtu) => (3, 4, 2, 0, mtu as u32),
+        };
+        let mut reply = self.buffer();
+        match (meta.src, self.uplink.ip6) {
+            (IpAddr::V4(to), _) => {
+                let quote = packet.get(..packet.len().min(548)).unwrap_or(packet);
+                let header = ipv4_header(self.uplink.ip, to, PROTO_ICMP, 8 + quote.len());
+                reply.extend_from_slice(&header);
+                reply.extend_from_slice(&[type4, code4, 0, 0]);
+                reply.extend_from_slice(&rest.to_be_bytes());
+                reply.extend_from_slice(quote);
+                let sum = checksum::finish(checksum::add(0, reply.get(20..).unwrap_or(&[])));
+                if let Some(field) = reply.get_mut(22..24) {
+                    field.copy_from_slice(&sum.to_be_bytes());
+                }
+            }
+            (IpAddr::V6(to), Some(ours)) => {
+                let quote = packet.get(..packet.len().min(1232)).unwrap_or(packet);
+                let header = ipv6_header(ours, to, PROTO_ICMPV6, 8 + quote.len());
+                reply.extend_from_slice(&header);
+                reply.extend_from_slice(&[type6, code6, 0, 0]);
+                reply.extend_from_slice(&rest.to_be_bytes());
+                reply.extend_from_slice(quote);
+                let pseudo =
+                    checksum::pseudo_v6(&ours, &to, PROTO_ICMPV6, (8 + quote.len()) as u32);
+                let sum = checksum::finish(checksum::add(pseudo, reply.get(40..).unwrap_or(&[])));
+                if let Some(field) = reply.get_mut(42..44) {
+                    field.copy_from_slice(&sum.to_be_bytes());
+                }
+            }
+            (IpAddr::V6(_), None) => {
+                self.recycle(reply);
+                return;
+            }
+        }
+        self.counters.icmp_errors_sent += 1;
+        self.send_ip(out, meta.v6, &reply);
+        self.recycle(reply);
+    }
+
+    /// An ICMP error from outside about one of our translated flows: send
+    /// it to the client with the outer destination and the quoted packet's
+    /// source translated back.
+    pub(super) fn related_from_uplink(&mut self, packet: &[u8], meta: &IpMeta, now: Millis) {
+        let quote_at = meta.header_len + 8;
+        let Some(quote) = packet.get(quote_at..) else {
+            return self.drop(DropReason::Malformed);
+        };
+        let inner = match parse_ip(quote, false) {
+            Ok(inner) if inner.v6 == meta.v6 && !inner.fragment => inner,
+            _ => return self.drop(DropReason::IcmpErrorUnmatched),
+        };
+        // The quoted packet went out translated: its reverse is the flow's
+        // reply key.
+        let Some((id, Direction::Reply)) = self.nat.lookup(&inner.key().reversed(), now) else {
+            return self.drop(DropReason::IcmpErrorUnmatched);
+        };
+        let Some(entry) = self.nat.get(id).copied() else {
+            return;
+        };
+        let Some(&client) = self.by_address.get(&entry.owner) else {
+            return self.drop(DropReason::IcmpErrorUnmatched);
+        };
+        if meta.ttl <= 1 {
+            return self.drop(DropReason::TtlExceeded);
+        }
+        let mut owned = self.buffer();
+        owned.extend_from_slice(packet);
+        decrement_ttl(&mut owned, meta.v6);
+        // The quoted packet: its source back to the client's address/port.
+        if let Some(quoted) = owned.get_mut(quote_at..) {
+            rewrite(
+                quoted,
+                &inner,
+                true,
+                entry.original.src,
+                entry.original.src_port,
+            );
+        }
+        // The outer destination (no ports to change: keep the ICMP header).
+        let outer = IpMeta {
+            protocol: 0,
+            icmp: IcmpKind::Other,
+            ..*meta
+        };
+        rewrite_address_only(&mut owned, &outer, false, entry.original.src);
+        refill_icmp_checksum(&mut owned, meta.header_len, meta.src, entry.original.src);
+        self.send_ip(Out::Client(client), meta.v6, &owned);
+        self.recycle(owned);
+    }
+
+    /// An ICMP error a client sends about a flow it is part of (say, port
+    /// unreachable for a reply it got): to the flow's other end, with the
+    /// quoted packet and the outer source translated for flows to the
+    /// outside, like Linux conntrack's RELATED handling.
+    pub(super) fn related_from_client(
+        &mut self,
+        index: usize,
+        packet: &[u8],
+        meta: &IpMeta,
+        now: Millis,
+    ) {
+        let quote_at = meta.header_len + 8;
+        let Some(quote) = packet.get(quote_at..) else {
+            return self.drop(DropReason::Malformed);
+        };
+        let inner = match parse_ip(quote, false) {
+            Ok(inner) if inner.v6 == meta.v6 && !inner.fragment && inner.dst == meta.src => inner,
+            _ => return self.drop(DropReason::IcmpErrorUnmatched),
+        };
+        let Some((id, direction)) = self.nat.lookup(&inner.key().reversed(), now) else {
+            return self.drop(DropReason::IcmpErrorUnmatched);
+        };
+        let Some(entry) = self.nat.get(id).copied() else {
+            return;
+        };
+        let (out, translate) = match direction {
+            Direction::Original if entry.owner == meta.src && entry.is_translated() => {
+                (Out::Uplink, true)
+            }
+            Direction::Original if entry.owner == meta.src => {
+                match entry.peer_client.and_then(|ip| self.by_address.get(&ip)) {
+                    Some(peer) => (Out::Client(*peer), false),
+                    None => return self.drop(DropReason::IcmpErrorUnmatched),
+                }
+            }
+            Direction::Reply if !entry.is_translated() && entry.peer_client == Some(meta.src) => {
+                match self.by_address.get(&entry.owner) {
+                    Some(owner) => (Out::Client(*owner), false),
+                    None => return self.drop(DropReason::IcmpErrorUnmatched),
+                }
+            }
+            _ => return self.drop(DropReason::IcmpErrorUnmatched),
+        };
+        let _ = index;
+        let mut owned = self.buffer();
+        owned.extend_from_slice(packet);
+        decrement_ttl(&mut owned, meta.v6);
+        if translate {
+            if let Some(quoted) = owned.get_mut(quote_at..) {
+                rewrite(quoted, &inner, false, entry.reply.dst, entry.reply.dst_port);
+            }
+            let outer = IpMeta {
+                protocol: 0,
+                icmp: IcmpKind::Other,
+                ..*meta
+            };
+            rewrite_address_only(&mut owned, &outer, true, entry.reply.dst);
+            refill_icmp_checksum(&mut owned, meta.header_len, entry.reply.dst, meta.dst);
+        }
+        self.send_ip(out, meta.v6, &owned);
+        self.recycle(owned);
+    }
+}

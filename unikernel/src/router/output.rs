@@ -1,0 +1,231 @@
+//! The output side: Ethernet framing, the per-interface transmit queues
+//! (one byte budget for all), IPv4 / IPv6 fragmentation to the MTU, and
+//! handing frames for the uplink to the gateway logic while its MAC is
+//! unknown.
+#![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
+
+use alloc::vec::Vec;
+
+use smoltcp::wire::EthernetAddress;
+
+use crate::arp::CLIENT_SIDE_MAC;
+use crate::fragments::{FragmentError, fragment_ipv4, fragment_ipv6};
+use crate::nat::Millis;
+use crate::wire::{ETH_LEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+
+use super::gateway::UNRESOLVED_MAC;
+use super::icmp::IcmpError;
+use super::packet::IpMeta;
+use super::{DropReason, Out, Router};
+
+impl Router {
+    pub(super) fn enqueue(&mut self, out: Out, frame: Vec<u8>) {
+        let length = frame.len() as u64;
+        let over_budget = self.queued + frame.len() > self.caps.queue_bytes;
+        let (queue, counters) = match out {
+            Out::Uplink => (&mut self.uplink.queue, &mut self.uplink.counters),
+            Out::Client(index) => match self.clients.get_mut(index) {
+                Some(client) => (&mut client.queue, &mut client.counters),
+                None => {
+                    self.counters.count(DropReason::UnknownClient);
+                    return;
+                }
+            },
+        };
+        if over_budget {
+            counters.tx_queue_full += 1;
+            self.counters.count(DropReason::QueueFull);
+            self.recycle(frame);
+            return;
+        }
+        match queue.push(frame) {
+            Ok(()) => {
+                self.queued += length as usize;
+                counters.tx_frames += 1;
+                counters.tx_bytes += length;
+            }
+            Err(frame) => {
+                counters.tx_queue_full += 1;
+                self.counters.count(DropReason::QueueFull);
+                self.recycle(frame);
+            }
+        }
+    }
+
+    /// Builds an Ethernet frame around an IP packet for `out` and queues it
+    /// (fragmenting IPv4 to the MTU). Returns the frame's buffer offset of
+    /// the IP packet, or `None` if it could not be sent.
+    /// The Ethernet destination and source for a frame out of `out`;
+    /// `None` (counted) when there is no IPv6 gateway. While the gateway's
+    /// MAC is unknown the destination is a placeholder (all zeroes) that
+    /// [`Router::emit`] never lets out: the frame waits instead.
+    pub(super) fn link_addresses(
+        &mut self,
+        out: Out,
+        v6: bool,
+    ) -> Option<(EthernetAddress, EthernetAddress)> {
+        let addresses = match out {
+            Out::Uplink => {
+                let gateway = if v6 {
+                    match self.uplink.gateway6 {
+                        Some(gateway6) => gateway6.mac,
+                        None => {
+                            self.drop(DropReason::NoGateway);
+                            return None;
+                        }
+                    }
+                } else {
+                    self.uplink.gateway.mac
+                };
+                (gateway.unwrap_or(UNRESOLVED_MAC), self.uplink.mac)
+            }
+            Out::Client(index) => match self.clients.get(index) {
+                Some(client) => (client.mac, CLIENT_SIDE_MAC),
+                None => {
+                    self.drop(DropReason::UnknownClient);
+                    return None;
+                }
+            },
+        };
+        Some(addresses)
+    }
+
+    /// Queues a reassembled IPv6 datagram for `out` in fragments.
+    pub(super) fn send_ipv6_fragments(&mut self, out: Out, packet: &[u8], id: u32) {
+        let Some((dst_mac, src_mac)) = self.link_addresses(out, true) else {
+            return;
+        };
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        let result = fragment_ipv6(packet, self.caps.mtu, id, |piece| {
+            let mut frame = Vec::with_capacity(ETH_LEN + piece.len());
+            push_eth(&mut frame, dst_mac, src_mac, ETHERTYPE_IPV6);
+            frame.extend_from_slice(piece);
+            pieces.push(frame);
+        });
+        match result {
+            Ok(()) => pieces
+                .into_iter()
+                .for_each(|frame| self.emit(out, true, frame)),
+            Err(_) => self.drop(DropReason::Fragment),
+        }
+    }
+
+    pub(super) fn send_ip(&mut self, out: Out, v6: bool, packet: &[u8]) {
+        let Some((dst_mac, src_mac)) = self.link_addresses(out, v6) else {
+            return;
+        };
+        let ethertype = if v6 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 };
+        let mtu = self.caps.mtu;
+        if packet.len() > mtu {
+            if v6 {
+                // We neither fragment IPv6 nor send packet-too-big (yet).
+                self.drop(DropReason::DontFragment);
+                return;
+            }
+            let mut pieces: Vec<Vec<u8>> = Vec::new();
+            let result = fragment_ipv4(packet, mtu, |piece| {
+                let mut frame = Vec::with_capacity(ETH_LEN + piece.len());
+                push_eth(&mut frame, dst_mac, src_mac, ethertype);
+                frame.extend_from_slice(piece);
+                pieces.push(frame);
+            });
+            match result {
+                Ok(()) => pieces
+                    .into_iter()
+                    .for_each(|frame| self.emit(out, v6, frame)),
+                Err(FragmentError::DontFragment) => self.drop(DropReason::DontFragment),
+                Err(FragmentError::Unsupported) => self.drop(DropReason::Fragment),
+            }
+            return;
+        }
+        let mut frame = self.buffer();
+        push_eth(&mut frame, dst_mac, src_mac, ethertype);
+        frame.extend_from_slice(packet);
+        self.emit(out, v6, frame);
+    }
+
+    /// Queues an IP frame built by [`Router::link_addresses`]: to the
+    /// interface's queue, or, for the uplink while the gateway's MAC is
+    /// unknown, to the pending queue.
+    pub(super) fn emit(&mut self, out: Out, v6: bool, frame: Vec<u8>) {
+        if out == Out::Uplink {
+            let resolved = if v6 {
+                self.uplink.gateway6.and_then(|g| g.mac)
+            } else {
+                self.uplink.gateway.mac
+            };
+            if resolved.is_none() {
+                return self.hold(v6, frame);
+            }
+        }
+        self.enqueue(out, frame);
+    }
+
+    /// Queues `packet` for `out` after `edit` (TTL, NAT) ran on it, with a
+    /// single copy straight into the outgoing frame.
+    pub(super) fn forward(
+        &mut self,
+        (back, out): (Out, Out),
+        meta: &IpMeta,
+        packet: &[u8],
+        now: Millis,
+        edit: impl FnOnce(&mut [u8]),
+    ) {
+        let v6 = meta.v6;
+        if packet.len() > self.caps.mtu {
+            // An IPv6 datagram we reassembled goes out in fragments again,
+            // like Linux conntrack does; any other IPv6 packet may not be
+            // fragmented by a router.
+            let refragment_v6 = v6 && meta.frag_id.is_some();
+            let dont_fragment =
+                !refragment_v6 && (v6 || packet.get(6).is_some_and(|flags| flags & 0x40 != 0));
+            if dont_fragment {
+                // Path MTU discovery: tell the sender (RFC 1191, RFC 8201).
+                self.icmp_error(
+                    back,
+                    packet,
+                    meta,
+                    IcmpError::FragmentationNeeded(self.caps.mtu),
+                    now,
+                );
+                return self.drop(DropReason::DontFragment);
+            }
+            let mut owned = self.buffer();
+            owned.extend_from_slice(packet);
+            edit(&mut owned);
+            match meta.frag_id {
+                Some(id) if v6 => self.send_ipv6_fragments(out, &owned, id),
+                _ => self.send_ip(out, v6, &owned),
+            }
+            self.recycle(owned);
+            return;
+        }
+        let Some((dst_mac, src_mac)) = self.link_addresses(out, v6) else {
+            return;
+        };
+        let mut frame = self.buffer();
+        push_eth(
+            &mut frame,
+            dst_mac,
+            src_mac,
+            if v6 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 },
+        );
+        frame.extend_from_slice(packet);
+        if let Some(ip) = frame.get_mut(ETH_LEN..) {
+            edit(ip);
+        }
+        self.emit(out, v6, frame);
+    }
+}
+
+pub(super) fn push_eth(
+    frame: &mut Vec<u8>,
+    dst: EthernetAddress,
+    src: EthernetAddress,
+    ethertype: u16,
+) {
+    frame.extend_from_slice(&dst.0);
+    frame.extend_from_slice(&src.0);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+}

@@ -1,0 +1,521 @@
+//! What the router reads from and writes into an IP packet: the parsed
+//! header ([`IpMeta`]), reassembly of a fragment into its datagram, NAT
+//! rewrites with incremental checksum updates, TTL / hop-limit decrement,
+//! and headers for the packets the firewall itself builds.
+//!
+//! Nothing here may panic on a peer's bytes: `clippy::indexing_slicing` is
+//! denied, fixed headers are read through arrays.
+#![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
+
+use alloc::vec::Vec;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::fragments::{Reassembler, Reassembly};
+use crate::nat::{FlowKey, TcpFlags};
+use crate::wire::{
+    PROTO_ESP, PROTO_FRAGMENT, PROTO_GRE, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, be16, checksum,
+};
+
+use super::DropReason;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum IcmpKind {
+    NotIcmp,
+    EchoRequest,
+    EchoReply,
+    Error,
+    Ndp,
+    Other,
+}
+
+/// What the router reads from an IP packet.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct IpMeta {
+    pub(super) v6: bool,
+    pub(super) src: IpAddr,
+    pub(super) dst: IpAddr,
+    pub(super) protocol: u8,
+    pub(super) header_len: usize,
+    pub(super) total_len: usize,
+    pub(super) ttl: u8,
+    pub(super) fragment: bool,
+    pub(super) src_port: u16,
+    pub(super) dst_port: u16,
+    pub(super) icmp: IcmpKind,
+    pub(super) icmp_type: Option<u8>,
+    pub(super) tcp: Option<TcpFlags>,
+    /// For an IPv6 datagram we reassembled: its fragment id, to cut it
+    /// again the same way if it does not fit the next link.
+    pub(super) frag_id: Option<u32>,
+}
+
+impl IpMeta {
+    pub(super) fn key(&self) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            protocol: self.protocol,
+        }
+    }
+}
+
+/// Feeds one fragment to `reassembler`: `Ok(None)` while the datagram is
+/// incomplete, the whole datagram and its parsed header once it is, or why
+/// it was dropped. An IPv6 datagram keeps the Fragment header's
+/// identification (bytes 44..48 after the fixed header) for re-fragmenting.
+pub(super) fn reassemble(
+    reassembler: &mut Reassembler,
+    packet: &[u8],
+    meta: &IpMeta,
+    now: i64,
+) -> Result<Option<(Vec<u8>, IpMeta)>, DropReason> {
+    let (outcome, frag_id) = if meta.v6 {
+        (
+            reassembler.push_ipv6(packet, now),
+            packet
+                .get(44..)
+                .and_then(<[u8]>::first_chunk::<4>)
+                .map(|id| u32::from_be_bytes(*id)),
+        )
+    } else {
+        (reassembler.push(packet, now), None)
+    };
+    match outcome {
+        Reassembly::Incomplete => Ok(None),
+        Reassembly::Dropped(_) => Err(DropReason::Fragment),
+        Reassembly::Complete(datagram) => {
+            let mut whole = parse_ip(&datagram, true)?;
+            whole.frag_id = frag_id;
+            Ok(Some((datagram, whole)))
+        }
+    }
+}
+
+/// Parses an IP packet (`strict`: verify the IPv4 header checksum and that
+/// the whole packet is there; not for the quoted packet inside an ICMP
+/// error).
+pub(super) fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason> {
+    let first = *packet.first().ok_or(DropReason::Malformed)?;
+    let (v6, src, dst, protocol, header_len, total_len, ttl, fragment) = match first >> 4 {
+        4 => {
+            let header_len = usize::from(first & 0x0f) * 4;
+            let header = packet.get(..header_len).ok_or(DropReason::Malformed)?;
+            // The fixed 20 bytes as an array: constant offsets, no panics.
+            let fixed = header.first_chunk::<20>().ok_or(DropReason::Malformed)?;
+            let total_len = usize::from(u16::from_be_bytes([fixed[2], fixed[3]]));
+            if strict && (total_len < header_len || total_len > packet.len()) {
+                return Err(DropReason::Malformed);
+            }
+            if strict && checksum::fold(checksum::add(0, header)) != 0xffff {
+                return Err(DropReason::Malformed);
+            }
+            let flags = u16::from_be_bytes([fixed[6], fixed[7]]);
+            let src = Ipv4Addr::new(fixed[12], fixed[13], fixed[14], fixed[15]);
+            let dst = Ipv4Addr::new(fixed[16], fixed[17], fixed[18], fixed[19]);
+            let fragment = flags & 0x3fff != 0;
+            (
+                false,
+                IpAddr::V4(src),
+                IpAddr::V4(dst),
+                fixed[9],
+                header_len,
+                total_len,
+                fixed[8],
+                fragment,
+            )
+        }
+        6 => {
+            let header = packet.first_chunk::<40>().ok_or(DropReason::Malformed)?;
+            let total_len = 40 + usize::from(u16::from_be_bytes([header[4], header[5]]));
+            if strict && total_len > packet.len() {
+                return Err(DropReason::Malformed);
+            }
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&header[8..24]);
+            let mut dst = [0u8; 16];
+            dst.copy_from_slice(&header[24..40]);
+            let protocol = header[6];
+            // Upper-layer protocols only: an extension header (hop-by-hop,
+            // routing, destination options, …) would hide the real one.
+            if !matches!(
+                protocol,
+                PROTO_TCP
+                    | PROTO_UDP
+                    | PROTO_ICMPV6
+                    | PROTO_FRAGMENT
+                    | PROTO_GRE
+                    | PROTO_ESP
+                    | PROTO_SCTP
+            ) {
+                return Err(DropReason::UnsupportedProtocol);
+            }
+            let (src, dst) = (
+                IpAddr::V6(Ipv6Addr::from(src)),
+                IpAddr::V6(Ipv6Addr::from(dst)),
+            );
+            let fragment = protocol == PROTO_FRAGMENT;
+            (true, src, dst, protocol, 40, total_len, header[7], fragment)
+        }
+        _ => return Err(DropReason::Malformed),
+    };
+    let mut meta = IpMeta {
+        v6,
+        src,
+        dst,
+        protocol,
+        header_len,
+        total_len,
+        ttl,
+        fragment,
+        src_port: 0,
+        dst_port: 0,
+        icmp: IcmpKind::NotIcmp,
+        icmp_type: None,
+        tcp: None,
+        frag_id: None,
+    };
+    if fragment {
+        return Ok(meta);
+    }
+    let end = if strict {
+        total_len
+    } else {
+        packet.len().min(total_len)
+    };
+    let l4 = packet.get(header_len..end).ok_or(DropReason::Malformed)?;
+    match protocol {
+        PROTO_TCP => {
+            meta.src_port = be16(l4, 0).ok_or(DropReason::Malformed)?;
+            meta.dst_port = be16(l4, 2).ok_or(DropReason::Malformed)?;
+            if strict {
+                let offset = usize::from(*l4.get(12).ok_or(DropReason::Malformed)? >> 4) * 4;
+                if offset < 20 || offset > l4.len() {
+                    return Err(DropReason::Malformed);
+                }
+            }
+            let flags = l4.get(13).copied().unwrap_or(0);
+            meta.tcp = Some(TcpFlags {
+                fin: flags & 1 != 0,
+                syn: flags & 2 != 0,
+                rst: flags & 4 != 0,
+            });
+        }
+        PROTO_UDP => {
+            meta.src_port = be16(l4, 0).ok_or(DropReason::Malformed)?;
+            meta.dst_port = be16(l4, 2).ok_or(DropReason::Malformed)?;
+            if strict && l4.len() < 8 {
+                return Err(DropReason::Malformed);
+            }
+        }
+        PROTO_ICMP | PROTO_ICMPV6 if (protocol == PROTO_ICMPV6) == v6 => {
+            let icmp_type = *l4.first().ok_or(DropReason::Malformed)?;
+            if strict && l4.len() < 8 {
+                return Err(DropReason::Malformed);
+            }
+            meta.icmp_type = Some(icmp_type);
+            meta.icmp = match (v6, icmp_type) {
+                (false, 8) | (true, 128) => IcmpKind::EchoRequest,
+                (false, 0) | (true, 129) => IcmpKind::EchoReply,
+                (false, 3 | 4 | 5 | 11 | 12) | (true, 1..=4) => IcmpKind::Error,
+                (true, 133..=137) => IcmpKind::Ndp,
+                _ => IcmpKind::Other,
+            };
+            if matches!(meta.icmp, IcmpKind::EchoRequest | IcmpKind::EchoReply) {
+                let id = be16(l4, 4).ok_or(DropReason::Malformed)?;
+                meta.src_port = id;
+                meta.dst_port = id;
+            }
+        }
+        // ICMP of the other family.
+        PROTO_ICMP | PROTO_ICMPV6 => return Err(DropReason::UnsupportedProtocol),
+        // Other protocols (GRE, ESP, SCTP, …) are tracked by address only,
+        // like Linux's generic conntrack.
+        _ => {}
+    }
+    Ok(meta)
+}
+
+pub(super) fn l4_checksum_offset(meta: &IpMeta) -> Option<usize> {
+    match meta.protocol {
+        PROTO_TCP => Some(16),
+        PROTO_UDP => Some(6),
+        PROTO_ICMP | PROTO_ICMPV6 => Some(2),
+        _ => None,
+    }
+}
+
+/// Rewrites an address of `packet` (an IP packet described by `meta`) and,
+/// with it, the port (or ICMP id) on the same side, fixing every checksum
+/// incrementally. `source` picks the side.
+pub(super) fn rewrite(packet: &mut [u8], meta: &IpMeta, source: bool, address: IpAddr, port: u16) {
+    let (addr_at, addr_len) = match (meta.v6, source) {
+        (false, true) => (12, 4),
+        (false, false) => (16, 4),
+        (true, true) => (8, 16),
+        (true, false) => (24, 16),
+    };
+    let mut new_addr = [0u8; 16];
+    match address {
+        IpAddr::V4(a) => new_addr[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => new_addr.copy_from_slice(&a.octets()),
+    }
+    let mut old_addr = [0u8; 16];
+    let (Some(new_addr), Some(old_part), Some(current)) = (
+        new_addr.get(..addr_len),
+        old_addr.get_mut(..addr_len),
+        packet.get(addr_at..addr_at + addr_len),
+    ) else {
+        return;
+    };
+    old_part.copy_from_slice(current);
+    let old_addr = &*old_part;
+    let is_icmp = matches!(meta.icmp, IcmpKind::EchoRequest | IcmpKind::EchoReply);
+    let port_at = meta.header_len
+        + match (is_icmp, source) {
+            (true, _) => 4,
+            (false, true) => 0,
+            (false, false) => 2,
+        };
+    let old_port = be16(packet, port_at).unwrap_or(port);
+    let l4_sum_at = l4_checksum_offset(meta).map(|o| meta.header_len + o);
+    // Does the L4 checksum cover the address (pseudo header)?
+    let pseudo = meta.protocol != PROTO_ICMP;
+    if let Some(at) = l4_sum_at
+        && let Some(old_sum) = be16(packet, at)
+    {
+        let udp_without_sum = meta.protocol == PROTO_UDP && !meta.v6 && old_sum == 0;
+        if !udp_without_sum {
+            let mut sum = old_sum;
+            if pseudo {
+                sum = checksum::adjust(sum, old_addr, new_addr);
+            }
+            sum = checksum::adjust(sum, &old_port.to_be_bytes(), &port.to_be_bytes());
+            if meta.protocol == PROTO_UDP && sum == 0 {
+                sum = 0xffff;
+            }
+            if let Some(field) = packet.get_mut(at..at + 2) {
+                field.copy_from_slice(&sum.to_be_bytes());
+            }
+        }
+    }
+    let has_ports = is_icmp || matches!(meta.protocol, PROTO_TCP | PROTO_UDP);
+    if has_ports && let Some(field) = packet.get_mut(port_at..port_at + 2) {
+        field.copy_from_slice(&port.to_be_bytes());
+    }
+    if !meta.v6
+        && let Some(old_sum) = be16(packet, 10)
+    {
+        let sum = checksum::adjust(old_sum, old_addr, new_addr);
+        if let Some(field) = packet.get_mut(10..12) {
+            field.copy_from_slice(&sum.to_be_bytes());
+        }
+    }
+    if let Some(field) = packet.get_mut(addr_at..addr_at + addr_len) {
+        field.copy_from_slice(new_addr);
+    }
+}
+
+/// Decrements the TTL / hop limit (the caller checked it is > 1).
+pub(super) fn decrement_ttl(packet: &mut [u8], v6: bool) {
+    if v6 {
+        if let Some(hop) = packet.get_mut(7) {
+            *hop = hop.saturating_sub(1);
+        }
+        return;
+    }
+    let (Some(ttl), Some(protocol), Some(sum)) = (
+        packet.get(8).copied(),
+        packet.get(9).copied(),
+        be16(packet, 10),
+    ) else {
+        return;
+    };
+    let new_ttl = ttl.saturating_sub(1);
+    let sum = checksum::adjust(sum, &[ttl, protocol], &[new_ttl, protocol]);
+    if let Some(field) = packet.get_mut(8..12) {
+        field.copy_from_slice(&[new_ttl, protocol, (sum >> 8) as u8, sum as u8]);
+    }
+}
+
+pub(super) fn ipv4_header(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    payload_len: usize,
+) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&((20 + payload_len) as u16).to_be_bytes());
+    h[8] = 64;
+    h[9] = protocol;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let sum = checksum::finish(checksum::add(0, &h));
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+    h
+}
+
+pub(super) fn ipv6_header(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    protocol: u8,
+    payload_len: usize,
+) -> [u8; 40] {
+    let mut h = [0u8; 40];
+    h[0] = 0x60;
+    h[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+    h[6] = protocol;
+    h[7] = 64;
+    h[8..24].copy_from_slice(&src.octets());
+    h[24..40].copy_from_slice(&dst.octets());
+    h
+}
+
+pub(super) fn rewrite_address_only(
+    packet: &mut [u8],
+    meta: &IpMeta,
+    source: bool,
+    address: IpAddr,
+) {
+    let (at, len) = match (meta.v6, source) {
+        (false, true) => (12, 4),
+        (false, false) => (16, 4),
+        (true, true) => (8, 16),
+        (true, false) => (24, 16),
+    };
+    let mut new = [0u8; 16];
+    match address {
+        IpAddr::V4(a) => new[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => new.copy_from_slice(&a.octets()),
+    }
+    let mut old = [0u8; 16];
+    let (Some(new), Some(old)) = (new.get(..len), old.get_mut(..len)) else {
+        return;
+    };
+    if let Some(current) = packet.get(at..at + len) {
+        old.copy_from_slice(current);
+    }
+    if !meta.v6
+        && let Some(sum) = be16(packet, 10)
+    {
+        let sum = checksum::adjust(sum, old, new);
+        if let Some(field) = packet.get_mut(10..12) {
+            field.copy_from_slice(&sum.to_be_bytes());
+        }
+    }
+    if let Some(field) = packet.get_mut(at..at + len) {
+        field.copy_from_slice(new);
+    }
+}
+
+/// Recomputes the checksum of the ICMP message at `at` of an IP packet
+/// (ICMPv6 includes the pseudo header of `src` → `dst`).
+pub(super) fn refill_icmp_checksum(packet: &mut [u8], at: usize, src: IpAddr, dst: IpAddr) {
+    if let Some(field) = packet.get_mut(at + 2..at + 4) {
+        field.copy_from_slice(&[0, 0]);
+    }
+    let body = packet.get(at..).unwrap_or(&[]);
+    let sum = match (src, dst) {
+        (IpAddr::V6(src), IpAddr::V6(dst)) => checksum::finish(checksum::add(
+            checksum::pseudo_v6(&src, &dst, PROTO_ICMPV6, body.len() as u32),
+            body,
+        )),
+        _ => checksum::finish(checksum::add(0, body)),
+    };
+    if let Some(field) = packet.get_mut(at + 2..at + 4) {
+        field.copy_from_slice(&sum.to_be_bytes());
+    }
+}
+
+pub(super) fn is_broadcast_or_multicast(address: IpAddr) -> bool {
+    match address {
+        IpAddr::V4(a) => a.is_broadcast() || a.is_multicast() || a.is_unspecified(),
+        IpAddr::V6(a) => a.is_multicast() || a.is_unspecified(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes packets it built itself.
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_ip_refuses_malformed_packets() {
+        let cases: &[&[u8]] = &[
+            &[],
+            &[0x45],
+            &[0x44; 20], // IHL 4
+            &[0x46; 24], // options but total length nonsense
+            &[0x60; 39], // short IPv6 header
+            &[0x70; 40], // version 7
+        ];
+        for case in cases {
+            assert!(parse_ip(case, true).is_err(), "{case:?}");
+        }
+        // A valid header whose total length runs past the buffer.
+        let mut header = ipv4_header(
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            PROTO_UDP,
+            100,
+        );
+        assert_eq!(parse_ip(&header, true).err(), Some(DropReason::Malformed));
+        // A bad header checksum.
+        header[2..4].copy_from_slice(&28u16.to_be_bytes());
+        let mut packet = header.to_vec();
+        packet.extend_from_slice(&[0, 1, 0, 2, 0, 8, 0, 0]);
+        assert_eq!(parse_ip(&packet, true).err(), Some(DropReason::Malformed));
+        // Fixed: parses, ports read.
+        packet[10..12].copy_from_slice(&[0, 0]);
+        let sum = checksum::finish(checksum::add(0, &packet[..20]));
+        packet[10..12].copy_from_slice(&sum.to_be_bytes());
+        let meta = parse_ip(&packet, true).unwrap();
+        assert_eq!(
+            (meta.src_port, meta.dst_port, meta.protocol),
+            (1, 2, PROTO_UDP)
+        );
+        // Every truncation of it fails cleanly or parses; never panics.
+        for len in 0..packet.len() {
+            let _ = parse_ip(&packet[..len], true);
+            let _ = parse_ip(&packet[..len], false);
+        }
+    }
+
+    #[test]
+    fn rewrite_keeps_tcp_checksum_valid() {
+        let src = Ipv4Addr::new(10, 137, 0, 10);
+        let dst = Ipv4Addr::new(93, 184, 216, 34);
+        let mut segment = alloc::vec![0u8; 24];
+        segment[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        segment[2..4].copy_from_slice(&443u16.to_be_bytes());
+        segment[12] = 0x50;
+        segment[13] = 0x02;
+        segment[20..24].copy_from_slice(b"data");
+        let pseudo = checksum::pseudo_v4(&src, &dst, PROTO_TCP, 24);
+        let sum = checksum::finish(checksum::add(pseudo, &segment));
+        segment[16..18].copy_from_slice(&sum.to_be_bytes());
+        let mut packet = ipv4_header(src, dst, PROTO_TCP, 24).to_vec();
+        packet.extend_from_slice(&segment);
+        let meta = parse_ip(&packet, true).unwrap();
+        let nat = Ipv4Addr::new(10, 137, 0, 2);
+        rewrite(&mut packet, &meta, true, IpAddr::V4(nat), 51000);
+        decrement_ttl(&mut packet, false);
+        assert_eq!(
+            checksum::fold(checksum::add(0, &packet[..20])),
+            0xffff,
+            "IPv4 header checksum"
+        );
+        let pseudo = checksum::pseudo_v4(&nat, &dst, PROTO_TCP, 24);
+        assert_eq!(
+            checksum::fold(checksum::add(pseudo, &packet[20..])),
+            0xffff,
+            "TCP checksum"
+        );
+        assert_eq!(&packet[20..22], &51000u16.to_be_bytes());
+        assert_eq!(packet[8], 63);
+    }
+}

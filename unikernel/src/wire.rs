@@ -1,0 +1,135 @@
+//! The bottom layer of the packet path: wire constants (EtherTypes, IP
+//! protocol numbers), the Internet checksum, the monotonic clock type and
+//! a bounds-checked big-endian read. Every networking module (`arp`,
+//! `fragments`, `nat`, `rules`, `router`, …) builds on this one, and it
+//! imports nothing from them, so no module imports from one above it.
+#![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
+
+/// Milliseconds of the monotonic clock.
+pub type Millis = i64;
+
+/// Ethernet header length.
+pub const ETH_LEN: usize = 14;
+/// EtherType ARP.
+pub const ETHERTYPE_ARP: u16 = 0x0806;
+/// EtherType IPv4.
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+/// EtherType IPv6.
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+
+/// IP protocol number: ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// TCP.
+pub const PROTO_TCP: u8 = 6;
+/// UDP.
+pub const PROTO_UDP: u8 = 17;
+/// ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+/// IPv6 next header: Fragment.
+pub const PROTO_FRAGMENT: u8 = 44;
+/// GRE, tracked without ports.
+pub const PROTO_GRE: u8 = 47;
+/// ESP, tracked without ports.
+pub const PROTO_ESP: u8 = 50;
+/// SCTP, tracked without ports (its CRC does not cover the addresses).
+pub const PROTO_SCTP: u8 = 132;
+
+/// The big-endian 16-bit word at `at`, if `bytes` holds it.
+pub fn be16(bytes: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]))
+}
+
+/// Internet checksum helpers (RFC 1071, incremental update per RFC 1624).
+pub mod checksum {
+    use core::net::{Ipv4Addr, Ipv6Addr};
+
+    /// Adds `bytes` (big-endian 16-bit words, odd byte padded) to `sum`.
+    pub fn add(sum: u32, bytes: &[u8]) -> u32 {
+        let mut acc = u64::from(sum);
+        let (words, tail) = bytes.as_chunks::<2>();
+        for &word in words {
+            acc += u64::from(u16::from_be_bytes(word));
+        }
+        if let Some(&last) = tail.first() {
+            acc += u64::from(u16::from_be_bytes([last, 0]));
+        }
+        while acc > 0xffff_ffff {
+            acc = (acc & 0xffff_ffff) + (acc >> 32);
+        }
+        acc as u32
+    }
+
+    /// Folds a sum to 16 bits.
+    pub fn fold(mut sum: u32) -> u16 {
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum as u16
+    }
+
+    /// The checksum field value for a sum.
+    pub fn finish(sum: u32) -> u16 {
+        !fold(sum)
+    }
+
+    /// IPv4 pseudo-header sum.
+    pub fn pseudo_v4(src: &Ipv4Addr, dst: &Ipv4Addr, protocol: u8, length: u32) -> u32 {
+        let sum = add(add(0, &src.octets()), &dst.octets());
+        add(sum, &[0, protocol, (length >> 8) as u8, length as u8])
+    }
+
+    /// IPv6 pseudo-header sum.
+    pub fn pseudo_v6(src: &Ipv6Addr, dst: &Ipv6Addr, protocol: u8, length: u32) -> u32 {
+        let sum = add(add(0, &src.octets()), &dst.octets());
+        add(sum, &length.to_be_bytes()) + u32::from(protocol)
+    }
+
+    /// Updates checksum field `check` for a change of `old` to `new` (equal
+    /// even lengths): HC' = ~(~HC + ~m + m').
+    pub fn adjust(check: u16, old: &[u8], new: &[u8]) -> u16 {
+        let mut sum = u32::from(!check);
+        let (old_words, _) = old.as_chunks::<2>();
+        let (new_words, _) = new.as_chunks::<2>();
+        for (&o, &n) in old_words.iter().zip(new_words) {
+            sum += u32::from(!u16::from_be_bytes(o));
+            sum += u32::from(u16::from_be_bytes(n));
+        }
+        !fold(sum)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes buffers it built itself.
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incremental_checksum_matches_a_full_recompute() {
+        let mut data: alloc::vec::Vec<u8> = (0..64u32)
+            .map(|i| (i.wrapping_mul(37) ^ 0x5a) as u8)
+            .collect();
+        for round in 0..200u32 {
+            let before = checksum::finish(checksum::add(0, &data));
+            let at = ((round as usize * 6) % 60) & !1;
+            let old = [data[at], data[at + 1], data[at + 2], data[at + 3]];
+            let new = (round.wrapping_mul(0x9e37_79b9)).to_be_bytes();
+            data[at..at + 4].copy_from_slice(&new);
+            let adjusted = checksum::adjust(before, &old, &new);
+            let recomputed = checksum::finish(checksum::add(0, &data));
+            // 0x0000 and 0xffff are the same value in one's complement.
+            assert!(
+                adjusted == recomputed
+                    || (adjusted | recomputed) == 0xffff && (adjusted & recomputed) == 0,
+                "round {round}: {adjusted:#06x} vs {recomputed:#06x}"
+            );
+        }
+    }
+
+    #[test]
+    fn be16_reads_in_bounds_only() {
+        assert_eq!(be16(&[0x12, 0x34, 0x56], 1), Some(0x3456));
+        assert_eq!(be16(&[0x12, 0x34, 0x56], 2), None);
+        assert_eq!(be16(&[], 0), None);
+    }
+}
