@@ -19,22 +19,16 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 
 use smoltcp::wire::EthernetAddress;
 
-use crate::router::checksum;
+use crate::wire::{PROTO_ICMPV6, checksum};
 
 /// The MAC the firewall uses towards its clients: Qubes' vif backends use
 /// `fe:ff:ff:ff:ff:ff` (so does mirage-firewall).
 pub const CLIENT_SIDE_MAC: EthernetAddress = EthernetAddress([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]);
 
-/// Ethernet header length.
-pub const ETH_LEN: usize = 14;
+pub use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+
 /// An ARP frame: Ethernet header + 28 bytes of ARP.
 pub const ARP_FRAME_LEN: usize = ETH_LEN + 28;
-/// EtherType ARP.
-pub const ETHERTYPE_ARP: u16 = 0x0806;
-/// EtherType IPv4.
-pub const ETHERTYPE_IPV4: u16 = 0x0800;
-/// EtherType IPv6.
-pub const ETHERTYPE_IPV6: u16 = 0x86dd;
 
 /// ARP request.
 pub const ARP_REQUEST: u16 = 1;
@@ -255,7 +249,7 @@ pub fn ndp_frame(
     icmp[24] = if kind == NDP_SOLICIT { 1 } else { 2 };
     icmp[25] = 1;
     icmp[26..32].copy_from_slice(&eth_src.0);
-    let sum = checksum::pseudo_v6(&ip_src, &ip_dst, crate::rules::PROTO_ICMPV6, 32);
+    let sum = checksum::pseudo_v6(&ip_src, &ip_dst, PROTO_ICMPV6, 32);
     let sum = checksum::finish(checksum::add(sum, &icmp));
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
 
@@ -267,7 +261,7 @@ pub fn ndp_frame(
     // hop limit 255 (RFC 4861 §7.1), source, destination.
     frame[14] = 0x60;
     frame[18..20].copy_from_slice(&32u16.to_be_bytes());
-    frame[20] = crate::rules::PROTO_ICMPV6;
+    frame[20] = PROTO_ICMPV6;
     frame[21] = 255;
     frame[22..38].copy_from_slice(&ip_src.octets());
     frame[38..54].copy_from_slice(&ip_dst.octets());
@@ -400,7 +394,7 @@ mod tests {
         assert_eq!(ndp.kind, NDP_ADVERT);
         assert_eq!(ndp.target, src);
         assert_eq!(ndp.lladdr, Some(CLIENT_SIDE_MAC));
-        let sum = checksum::pseudo_v6(&src, &dst, crate::rules::PROTO_ICMPV6, 32);
+        let sum = checksum::pseudo_v6(&src, &dst, PROTO_ICMPV6, 32);
         assert_eq!(
             checksum::finish(checksum::add(sum, &frame[ETH_LEN + 40..])),
             0

@@ -22,8 +22,7 @@
 use alloc::vec::Vec;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::nat::Millis;
-use crate::router::checksum;
+use crate::wire::{Millis, checksum};
 
 /// Reassembly timeout (Linux `net.ipv4.ipfrag_time`).
 pub const REASSEMBLY_TIMEOUT: Millis = 30_000;

@@ -21,6 +21,7 @@ pub mod nat;
 pub mod router;
 pub mod rules;
 pub mod uplink;
+pub mod wire;
 
 // Control plane: QubesDB, qrexec, xenstore and the program flow.
 pub mod config;

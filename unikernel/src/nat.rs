@@ -37,10 +37,10 @@ use core::net::IpAddr;
 use alloc::vec::Vec;
 use hashbrown::HashMap;
 
-use crate::rules::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::wire::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// Milliseconds of the monotonic clock.
-pub type Millis = i64;
+pub use crate::wire::Millis;
 
 /// Idle timeouts, in milliseconds (Linux conntrack defaults).
 pub mod timeouts {

@@ -63,14 +63,8 @@ use hashbrown::HashMap;
 
 use crate::nat::SeededState;
 
-/// IP protocol numbers used by rule matching.
-pub const PROTO_ICMP: u8 = 1;
-/// TCP.
-pub const PROTO_TCP: u8 = 6;
-/// UDP.
-pub const PROTO_UDP: u8 = 17;
-/// ICMPv6.
-pub const PROTO_ICMPV6: u8 = 58;
+/// IP protocol numbers used by rule matching (defined in [`crate::wire`]).
+pub use crate::wire::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// Maximum number of rules kept for one client; more is a parse error.
 pub const MAX_RULES: usize = 16_384;
