@@ -35,7 +35,7 @@ use crate::index::RuleIndex;
 use crate::loader::{self, LoadedPolicy, PolicyError, PolicyPaths};
 use crate::rule::{Action, Origin, Rule};
 use crate::system_info::SystemInfo;
-use crate::token::{IntendedTarget, Source, Token};
+use crate::token::{AdminForm, IntendedTarget, Source, TargetMatch, Token, is_dom0, resolve_name};
 
 /// A policy question as the daemon socket or the command line asks it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,8 +61,13 @@ pub enum Decision {
     Allow {
         /// User to run as (`None` = `DEFAULT`).
         user: Option<String>,
-        /// Where: a qube name, `dom0`, or `@dispvm:X` (a new disposable).
+        /// Where: a qube name or `uuid:U` (as the request or redirect wrote
+        /// it), `dom0`, or `@dispvm:X` (a new disposable).
         target: String,
+        /// `uuid:U` of the target qube, or `@dispvm:uuid:U` of the
+        /// disposable's template (none for dom0, or when the system info
+        /// gives the qube no uuid).
+        target_uuid: Option<String>,
         /// Start the target if needed.
         autostart: bool,
         /// The verified requested target (`@default`, `@adminvm`, …).
@@ -93,15 +98,23 @@ impl Decision {
             Decision::Allow {
                 user,
                 target,
+                target_uuid,
                 autostart,
                 requested_target,
-            } => format!(
-                "user={}\nresult=allow\ntarget={}\nautostart={}\nrequested_target={}\n",
-                user.as_deref().unwrap_or("DEFAULT"),
-                target,
-                if *autostart { "True" } else { "False" },
-                requested_target
-            ),
+            } => {
+                let uuid_line = match target_uuid {
+                    Some(u) => format!("target_uuid={u}\n"),
+                    None => String::new(),
+                };
+                format!(
+                    "user={}\nresult=allow\ntarget={}\n{}autostart={}\nrequested_target={}\n",
+                    user.as_deref().unwrap_or("DEFAULT"),
+                    target,
+                    uuid_line,
+                    if *autostart { "True" } else { "False" },
+                    requested_target
+                )
+            }
             Decision::AllowJustEvaluate => "result=allow\n".to_owned(),
             Decision::Deny { .. } => "result=deny\n".to_owned(),
         }
@@ -375,7 +388,10 @@ impl Policy {
             return Err(deny("empty service name"));
         }
         let (target, substituted) = IntendedTarget::resolve(&query.intended_target, system)
-            .map_err(|e| deny(e.to_string()))?;
+            .map_err(|e| Denial {
+                reason: e.to_string(),
+                notify: e.notify(),
+            })?;
         if substituted {
             log::warn!(
                 "qrexec: target {} does not exist, using @default instead",
@@ -395,6 +411,18 @@ impl Policy {
             .rules
             .get(number)
             .ok_or_else(|| deny("no matching rule found"))?;
+        if rule
+            .target
+            .match_target(&request.target, &request.source, system)
+            == TargetMatch::Fail
+        {
+            return Err(deny(format!(
+                "rule at {} names {} as target, but {} has no default_dispvm to compare the requested @dispvm with",
+                rule.origin,
+                rule.target.text(),
+                printable(request.source.name)
+            )));
+        }
         match &rule.action {
             Action::Deny { notify } => Err(Denial {
                 reason: format!("denied by policy {}", rule.origin),
@@ -419,7 +447,8 @@ impl Policy {
                         notify: *notify,
                     });
                 }
-                let decision = finish_allow(query, &request, user.clone(), resolved, *autostart);
+                let decision =
+                    finish_allow(system, query, &request, user.clone(), resolved, *autostart);
                 notify_allow(confirm, query, *notify, decision)
             }
             Action::Ask {
@@ -430,14 +459,18 @@ impl Policy {
                 autostart,
             } => {
                 let mut targets: Vec<String> = match target {
-                    // as Qubes 4.3 does for ask targets, a uuid becomes the name
-                    Some(Token::Uuid(u)) => system
-                        .name_by_uuid(u)
-                        .map(str::to_owned)
-                        .into_iter()
-                        .collect(),
+                    // the admin VM is offered as `dom0`; any other redirect
+                    // is offered as written (a uuid stays a uuid)
+                    Some(Token::AdminVm(_)) => vec!["dom0".to_owned()],
                     Some(t) => vec![t.text()],
-                    None => self.collect_targets_for_ask(&request, system, indexed),
+                    None => self
+                        .collect_targets_for_ask(&request, system, indexed)
+                        .map_err(|why| {
+                            deny(format!(
+                                "policy define 'ask' action at {} but {why}",
+                                rule.origin
+                            ))
+                        })?,
                 };
                 if !*autostart {
                     targets.retain(|t| allow_no_autostart(t, system));
@@ -507,7 +540,8 @@ impl Policy {
                 if !targets.contains(&choice) {
                     return Err(deny(format!("target {choice} is not a valid choice")));
                 }
-                let decision = finish_allow(query, &request, user.clone(), choice, *autostart);
+                let decision =
+                    finish_allow(system, query, &request, user.clone(), choice, *autostart);
                 notify_allow(confirm, query, *notify, decision)
             }
         }
@@ -520,7 +554,13 @@ impl Policy {
         request: &Request<'_>,
         system: &SystemInfo,
         indexed: bool,
-    ) -> Vec<String> {
+    ) -> Result<Vec<String>, String> {
+        if !system.contains(request.source.name) {
+            return Err(format!(
+                "the source {} is not in the system info",
+                printable(request.source.name)
+            ));
+        }
         let mut targets: BTreeSet<String> = BTreeSet::new();
         let mut expansion = Vec::new();
         let candidates: Vec<usize> = if indexed {
@@ -543,7 +583,8 @@ impl Policy {
             rule.action
                 .redirect()
                 .unwrap_or(&rule.target)
-                .expand(system, &mut expansion);
+                .expand(system, &mut expansion)
+                .map_err(|why| format!("{why} ({})", rule.origin))?;
             if rule.action.is_deny() {
                 for t in &expansion {
                     targets.remove(t);
@@ -561,7 +602,13 @@ impl Policy {
             targets.insert("dom0".to_owned());
         }
         targets.remove(request.source.name);
-        targets.into_iter().collect()
+        // internal qubes (and disposables of internal templates) are never
+        // offered from the rules
+        targets.retain(|t| {
+            let name = t.strip_prefix("@dispvm:").unwrap_or(t);
+            !system.get(name).is_some_and(|d| d.internal)
+        });
+        Ok(targets.into_iter().collect())
     }
 }
 
@@ -594,13 +641,15 @@ pub fn split_service(service_and_arg: &str) -> (&str, &str) {
 
 /// Python's `ActionType.allow_no_autostart`.
 fn allow_no_autostart(target: &str, system: &SystemInfo) -> bool {
-    if target == "@adminvm" {
+    if is_dom0(target) {
         return true;
     }
     if target.starts_with("@dispvm") {
         return false;
     }
-    system.get(target).is_some_and(|d| d.is_running())
+    resolve_name(target, system)
+        .and_then(|n| system.get(n))
+        .is_some_and(|d| d.is_running())
 }
 
 /// Python's `Allow.evaluate` target resolution.
@@ -638,9 +687,10 @@ fn allow_target(
                 ));
             }
         },
-        IntendedTarget::AdminVm => "dom0".to_owned(),
-        IntendedTarget::Name(n) => n.to_string(),
-        IntendedTarget::DispVmTemplate(x) => format!("@dispvm:{x}"),
+        // `@adminvm` becomes `dom0`; `dom0` and dom0's uuid stay as written
+        // (the reply says `target=dom0` for all three)
+        IntendedTarget::AdminVm(AdminForm::Keyword) => "dom0".to_owned(),
+        other => other.text(),
     })
 }
 
@@ -651,8 +701,7 @@ fn ask_default(token: &Token, request: &Request<'_>, system: &SystemInfo) -> Opt
             .source
             .default_dispvm(system)
             .map(|d| format!("@dispvm:{d}")),
-        Token::AdminVm => Some("dom0".to_owned()),
-        Token::Uuid(u) => system.name_by_uuid(u).map(str::to_owned),
+        Token::AdminVm(_) => Some("dom0".to_owned()),
         other => Some(other.text()),
     }
 }
@@ -680,6 +729,7 @@ fn notify_allow(
 }
 
 fn finish_allow(
+    system: &SystemInfo,
     query: &Query,
     request: &Request<'_>,
     user: Option<String>,
@@ -689,15 +739,46 @@ fn finish_allow(
     if query.just_evaluate {
         return Ok(Decision::AllowJustEvaluate);
     }
-    if request.source.name == target {
+    // Qubes compares the texts only; a target naming the source by uuid
+    // (or dom0 calling `uuid:0…`) is a loopback here too.
+    let same = request.source.name == target
+        || (is_dom0(&target) && request.source.is_admin)
+        || resolve_name(&target, system).is_some_and(|n| n == request.source.name);
+    if same {
         return Err(deny("loopback qrexec connection not supported"));
     }
+    let (target, target_uuid) = reply_target(&target, system)?;
     Ok(Decision::Allow {
         user,
         target,
+        target_uuid,
         autostart,
         requested_target: request.target.text(),
     })
+}
+
+/// `target=` and `target_uuid=` of an allow reply (Python's
+/// `AllowResolution.execute`): the admin VM in any form is `target=dom0`
+/// without a uuid; `@dispvm:X` keeps its text and gets
+/// `@dispvm:uuid:` of the template; a qube keeps its text and gets
+/// `uuid:` of the qube. A target that is no qube (an `ask` redirect to
+/// `@dispvm` or to a qube that does not exist) is refused, where Qubes
+/// fails with an exception.
+fn reply_target(target: &str, system: &SystemInfo) -> Result<(String, Option<String>), Denial> {
+    if is_dom0(target) {
+        return Ok(("dom0".to_owned(), None));
+    }
+    let (qube, prefix) = match target.strip_prefix("@dispvm:") {
+        Some(x) => (x, "@dispvm:uuid:"),
+        None => (target, "uuid:"),
+    };
+    let domain = resolve_name(qube, system)
+        .and_then(|n| system.get(n))
+        .ok_or_else(|| deny(format!("target {} is not a qube", printable(target))))?;
+    Ok((
+        target.to_owned(),
+        domain.uuid.as_ref().map(|u| format!("{prefix}{u}")),
+    ))
 }
 
 #[cfg(test)]

@@ -99,7 +99,7 @@ pub struct RuleIndex {
 fn source_key(token: &Token) -> Option<&str> {
     match token {
         Token::Name(n) => Some(n),
-        Token::AdminVm => Some("@adminvm"),
+        Token::AdminVm(_) => Some("@adminvm"),
         _ => None,
     }
 }
@@ -107,7 +107,7 @@ fn source_key(token: &Token) -> Option<&str> {
 fn target_key(token: &Token) -> Option<&str> {
     match token {
         Token::Name(n) => Some(n),
-        Token::AdminVm => Some("@adminvm"),
+        Token::AdminVm(_) => Some("@adminvm"),
         Token::Default => Some("@default"),
         Token::DispVm => Some("@dispvm"),
         _ => None,
@@ -167,11 +167,11 @@ impl RuleIndex {
             source.name
         };
         let target_text: Option<&str> = match target {
-            IntendedTarget::Name(n) => Some(n),
-            IntendedTarget::AdminVm => Some("@adminvm"),
+            IntendedTarget::Name { name, .. } => Some(name),
+            IntendedTarget::AdminVm(_) => Some("@adminvm"),
             IntendedTarget::Default => Some("@default"),
             IntendedTarget::DispVm => Some("@dispvm"),
-            IntendedTarget::DispVmTemplate(_) => None,
+            IntendedTarget::DispVmTemplate { .. } => None,
         };
         let dims = [
             self.id(service),

@@ -228,6 +228,7 @@ mod tests {
         let allow = |user: &str| Decision::Allow {
             user: Some(user.to_owned()),
             target: "vault".into(),
+            target_uuid: None,
             autostart: true,
             requested_target: "vault".into(),
         };

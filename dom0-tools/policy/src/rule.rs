@@ -424,7 +424,10 @@ mod tests {
             ok("* * @anyvm @anyvm deny notify=no").action,
             Action::Deny { notify: false }
         );
-        assert_eq!(ok("a + @anyvm dom0 allow").target, Token::AdminVm);
+        assert_eq!(
+            ok("a + @anyvm dom0 allow").target,
+            Token::AdminVm(crate::token::AdminForm::Name)
+        );
         assert_eq!(ok("a + @anyvm dom0 allow user=").action.redirect(), None);
     }
 

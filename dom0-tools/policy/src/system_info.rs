@@ -22,8 +22,11 @@
 //!
 //! Every field except `type` is optional: `tags` defaults to `[]`,
 //! `default_dispvm` to `null`, `template_for_dispvms` to `false`,
-//! `power_state` to `"Halted"` (so `autostart=no` fails closed) and `uuid` to
-//! none. Unknown fields (`icon`, `label`, `guivm`, …) are ignored. A qube
+//! `power_state` to `"Halted"` (so `autostart=no` fails closed), `uuid` to
+//! none and `internal` to `false`. The admin VM is `dom0`, whose uuid in
+//! Qubes is always `00000000-0000-0000-0000-000000000000`; `uuid:` of that
+//! value names the admin VM in policies and requests whether or not the
+//! file gives dom0 a uuid. Unknown fields (`icon`, `label`, `guivm`, …) are ignored. A qube
 //! name must be non-empty, must not start with `@` (that is the keyword
 //! namespace) and must not contain whitespace; a broken file is an error,
 //! never an empty system (which would silently change `@anyvm` results).
@@ -58,6 +61,10 @@ pub struct Domain {
     /// The qube's uuid (without the `uuid:` prefix).
     #[serde(default)]
     pub uuid: Option<String>,
+    /// An internal qube (Qubes' `internal` feature): never offered as an
+    /// `ask` choice collected from the rules.
+    #[serde(default)]
+    pub internal: bool,
 }
 
 fn default_power_state() -> String {
@@ -74,6 +81,7 @@ impl Domain {
             template_for_dispvms: false,
             power_state: "Running".to_owned(),
             uuid: None,
+            internal: false,
         }
     }
 
@@ -129,6 +137,14 @@ pub enum SystemInfoError {
         /// The offending name.
         name: String,
     },
+    /// A qube other than dom0 claims the admin VM's uuid.
+    #[error(
+        "qube {name:?} in system info has the uuid 00000000-0000-0000-0000-000000000000, which is the admin VM's (dom0)"
+    )]
+    AdminUuid {
+        /// The offending qube.
+        name: String,
+    },
     /// Two qubes claim the same uuid.
     #[error("uuid {uuid} is given to both {first} and {second} in system info")]
     DuplicateUuid {
@@ -151,6 +167,12 @@ impl SystemInfo {
         for (name, domain) in &domains {
             if name.is_empty() || name.starts_with('@') || name.chars().any(char::is_whitespace) {
                 return Err(SystemInfoError::BadName { name: name.clone() });
+            }
+            if let Some(uuid) = &domain.uuid
+                && uuid == crate::token::ADMIN_UUID
+                && name != "dom0"
+            {
+                return Err(SystemInfoError::AdminUuid { name: name.clone() });
             }
             if let Some(uuid) = &domain.uuid
                 && let Some(first) = by_uuid.insert(uuid.clone(), name.clone())
@@ -178,6 +200,13 @@ impl SystemInfo {
     /// The qube called `name`.
     pub fn get(&self, name: &str) -> Option<&Domain> {
         self.domains.get(name)
+    }
+
+    /// The qube called `name`, with its name as stored.
+    pub fn get_key_value(&self, name: &str) -> Option<(&str, &Domain)> {
+        self.domains
+            .get_key_value(name)
+            .map(|(n, d)| (n.as_str(), d))
     }
 
     /// Whether a qube called `name` exists.

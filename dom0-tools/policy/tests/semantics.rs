@@ -91,10 +91,22 @@ fn eval(p: &Policy, query: &Query) -> Decision {
     indexed
 }
 
+/// An allow to `target` as Qubes replies it; `target_uuid` is the uuid the
+/// test system gives the qube (or the disposable's template).
 fn allow(target: &str, requested: &str) -> Decision {
+    let (qube, prefix) = match target.strip_prefix("@dispvm:") {
+        Some(x) => (x, "@dispvm:uuid:"),
+        None => (target, "uuid:"),
+    };
+    let target_uuid = system()
+        .get(qube)
+        .and_then(|d| d.uuid.clone())
+        .filter(|_| target != "dom0")
+        .map(|u| format!("{prefix}{u}"));
     Decision::Allow {
         user: None,
         target: target.into(),
+        target_uuid,
         autostart: true,
         requested_target: requested.into(),
     }
@@ -182,7 +194,8 @@ fn anyvm_never_matches_dom0() {
         } => {
             assert_eq!(user.as_deref(), Some("root"));
             assert_eq!(target, "dom0");
-            assert_eq!(requested_target, "@adminvm");
+            // Qubes 4.3.8+: `dom0` is no longer rewritten to `@adminvm`
+            assert_eq!(requested_target, "dom0");
         }
         d => panic!("{d:?}"),
     }
@@ -199,7 +212,11 @@ fn anyvm_never_matches_dom0() {
     let p = policy("s * @adminvm work allow\n");
     assert_eq!(eval(&p, &q("dom0", "work", "s")), allow("work", "work"));
     let p = policy("s * * * allow\n");
-    assert_eq!(eval(&p, &q("work", "dom0", "s")), allow("dom0", "@adminvm"));
+    assert_eq!(eval(&p, &q("work", "dom0", "s")), allow("dom0", "dom0"));
+    assert_eq!(
+        eval(&p, &q("work", "@adminvm", "s")),
+        allow("dom0", "@adminvm")
+    );
 }
 
 #[test]
@@ -284,14 +301,20 @@ fn tags_types_and_uuids() {
     assert!(
         matches!(eval(&p, &q("work", "vault", "s")), Decision::Allow { user: Some(u), .. } if u == "byuuid")
     );
-    assert_eq!(eval(&p, &q("personal", "work", "s")), allow("work", "work"));
+    const W: &str = "uuid:11111111-2222-3333-4444-555555555555";
+    let with_uuid = |target: &str, requested: &str| Decision::Allow {
+        user: None,
+        target: target.into(),
+        target_uuid: Some(W.into()),
+        autostart: true,
+        requested_target: requested.into(),
+    };
     assert_eq!(
-        eval(
-            &p,
-            &q("personal", "uuid:11111111-2222-3333-4444-555555555555", "s")
-        ),
-        allow("work", "work")
+        eval(&p, &q("personal", "work", "s")),
+        with_uuid("work", "work")
     );
+    // a target asked for by uuid stays a uuid in the reply, as in Qubes
+    assert_eq!(eval(&p, &q("personal", W, "s")), with_uuid(W, W));
     // a source given by uuid is that qube
     assert!(matches!(
         eval(&p, &q("uuid:11111111-2222-3333-4444-555555555555", "vault", "s")),
@@ -311,6 +334,7 @@ fn loopback_and_autostart() {
         Decision::Allow {
             user: None,
             target: "personal".into(),
+            target_uuid: None,
             autostart: false,
             requested_target: "personal".into()
         }
@@ -450,8 +474,26 @@ fn ask_choices_exclude_later_denies_and_source() {
          s * personal @anyvm ask target=uuid:00000000-dead-beef-0000-000000000000\n",
     );
     let (_, question) = ask(&p, &q("work", "personal", "s"), AskAnswer::Deny);
-    assert_eq!(question.targets, vec!["work"]);
-    assert!(reason(eval(&p, &q("personal", "vault", "s"))).contains("no target is available"));
+    // Qubes 4.4 offers a redirect as written (a uuid is not turned into a name)
+    assert_eq!(
+        question.targets,
+        vec!["uuid:11111111-2222-3333-4444-555555555555"]
+    );
+    // a uuid that names no qube is offered too (as in Qubes), but choosing
+    // it is refused
+    let (d, question) = ask(
+        &p,
+        &q("personal", "vault", "s"),
+        AskAnswer::Allow("uuid:00000000-dead-beef-0000-000000000000".into()),
+    );
+    assert_eq!(
+        question.targets,
+        vec!["uuid:00000000-dead-beef-0000-000000000000"]
+    );
+    assert_eq!(
+        reason(d),
+        "target uuid:00000000-dead-beef-0000-000000000000 is not a qube"
+    );
     let p = policy("s * work @anyvm ask target=vault default_target=vault\n");
     let (d, question) = ask(
         &p,
@@ -591,6 +633,7 @@ fn reply_format() {
         Decision::Allow {
             user: Some("root".into()),
             target: "dom0".into(),
+            target_uuid: None,
             autostart: false,
             requested_target: "@adminvm".into()
         }
