@@ -80,9 +80,14 @@ pub struct FlowKey {
     pub src: IpAddr,
     /// Destination address.
     pub dst: IpAddr,
-    /// Source port (TCP/UDP) or ICMP identifier.
+    /// Source port (TCP/UDP); for an ICMP query (echo, timestamp,
+    /// information, address mask, node information) its identifier, for
+    /// the query's reply its request type.
     pub src_port: u16,
-    /// Destination port (TCP/UDP) or ICMP identifier.
+    /// Destination port (TCP/UDP); for an ICMP query its request type (8,
+    /// 13, 15, 17; ICMPv6 128, 139), for the reply its identifier. So
+    /// queries of two types with one identifier are two flows, as in Linux
+    /// conntrack, whose ICMP tuple holds the type.
     pub dst_port: u16,
     /// IP protocol number.
     pub protocol: u8,
@@ -483,10 +488,12 @@ impl NatTable {
                 _ => Err(NatError::NoFreePort),
             };
         }
+        // An ICMP query's "ports" are its identifier and its request type
+        // (see [`FlowKey`]): the identifier is what gets translated.
         let candidate = |port: u16| FlowKey {
             src: original.dst,
             dst: nat_address,
-            src_port: if is_icmp { port } else { original.dst_port },
+            src_port: original.dst_port,
             dst_port: port,
             protocol: original.protocol,
         };
@@ -895,12 +902,27 @@ mod tests {
             src: CLIENT,
             dst: REMOTE,
             src_port: 77,
-            dst_port: 77,
+            dst_port: 8,
             protocol: PROTO_ICMP,
         };
         let id = t.insert(CLIENT, ping, Some(NAT), None, None, 0).unwrap();
         let reply = t.get(id).unwrap().reply;
-        assert_eq!(reply.src_port, reply.dst_port);
+        assert_eq!(
+            (reply.src_port, reply.dst_port),
+            (8, 77),
+            "the reply's key: the request type, then the identifier (kept when free)"
+        );
+        // A timestamp request with the same identifier is another flow.
+        let timestamp = FlowKey {
+            dst_port: 13,
+            ..ping
+        };
+        assert!(t.lookup(&timestamp, 0).is_none());
+        let id_ts = t
+            .insert(CLIENT, timestamp, Some(NAT), None, None, 0)
+            .unwrap();
+        assert_ne!(id_ts, id);
+        assert_eq!(t.get(id_ts).unwrap().reply.src_port, 13);
         let ping2 = FlowKey {
             src: CLIENT2,
             ..ping

@@ -113,6 +113,27 @@ impl Net {
         self.uplink_in(&arp_frame(ArpOperation::Reply, ip, mac, OUR_IP, UPLINK_MAC));
     }
 
+    /// The IPv6 gateway's neighbour advertisement on the uplink.
+    fn gateway6_says(&mut self, mac: EthernetAddress) {
+        let advert = icmp6_message(
+            gateway6(),
+            our_ip6(),
+            Icmpv6Repr::Ndisc(smoltcp::wire::NdiscRepr::NeighborAdvert {
+                flags: smoltcp::wire::NdiscNeighborFlags::SOLICITED,
+                target_addr: gateway6(),
+                lladdr: Some(mac.into()),
+            }),
+        );
+        self.send_from_outside(&ip6(
+            gateway6(),
+            our_ip6(),
+            IpProtocol::Icmpv6,
+            255,
+            &advert,
+        ));
+        self.uplink_out();
+    }
+
     fn at(&self) -> Instant {
         Instant::from_millis(self.now)
     }
@@ -563,6 +584,155 @@ fn icmp_and_icmptype() {
     };
     net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &timestamp));
     assert!(net.uplink_out().is_empty());
+}
+
+/// An ICMP message of any type: identifier and sequence number, then
+/// `body`, with its checksum (ICMPv6: over the pseudo header of
+/// `v6 = Some((src, dst))`).
+fn icmp_raw(icmp_type: u8, ident: u16, body: &[u8], v6: Option<(Ipv6Addr, Ipv6Addr)>) -> Vec<u8> {
+    use unikernel::wire::checksum;
+    let mut m = vec![icmp_type, 0, 0, 0];
+    m.extend_from_slice(&ident.to_be_bytes());
+    m.extend_from_slice(&1u16.to_be_bytes());
+    m.extend_from_slice(body);
+    let start = match v6 {
+        Some((src, dst)) => checksum::pseudo_v6(&src, &dst, 58, m.len() as u32),
+        None => 0,
+    };
+    let sum = checksum::finish(checksum::add(start, &m));
+    m[2..4].copy_from_slice(&sum.to_be_bytes());
+    m
+}
+
+/// The ICMP type and identifier of a frame's IPv4 or IPv6 packet, its
+/// ICMP checksum verified.
+fn icmp_seen(frame: &[u8]) -> (u8, u16) {
+    let eth = EthernetFrame::new_checked(frame).unwrap();
+    if eth.ethertype() == EthernetProtocol::Ipv6 {
+        use unikernel::wire::checksum;
+        let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+        let p = ip.payload();
+        let pseudo = checksum::pseudo_v6(&ip.src_addr(), &ip.dst_addr(), 58, p.len() as u32);
+        assert_eq!(
+            checksum::fold(checksum::add(pseudo, p)),
+            0xffff,
+            "ICMPv6 checksum"
+        );
+        return (p[0], u16::from_be_bytes([p[4], p[5]]));
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    let p = ip.payload();
+    (p[0], u16::from_be_bytes([p[4], p[5]]))
+}
+
+#[test]
+fn icmp_queries_are_flows_decided_by_icmptype() {
+    // Linux conntrack starts flows for echo, timestamp (13), information
+    // (15) and address-mask (17) requests; the client's rules decide them.
+    let mut net = Net::new(false);
+    net.rules(
+        A_IP.into(),
+        &[
+            ("policy", "drop"),
+            ("0000", "action=accept proto=icmp icmptype=13"),
+            ("0001", "action=accept proto=icmp icmptype=17"),
+        ],
+    );
+    let ts = icmp_raw(13, 0x0d0d, &[0; 12], None);
+    net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &ts));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1, "timestamp request accepted by icmptype=13");
+    assert_eq!(seen4(&out[0]).src, OUR_IP);
+    let (kind, nat_id) = icmp_seen(&out[0]);
+    assert_eq!(kind, 13);
+    // Its reply (14) comes back to A with A's identifier.
+    let reply = icmp_raw(14, nat_id, &[0; 12], None);
+    net.send_from_outside(&ip4(REMOTE, OUR_IP, IpProtocol::Icmp, 60, &reply));
+    let back = net.client_out(A);
+    assert_eq!(back.len(), 1);
+    assert_eq!(seen4(&back[0]).dst, A_IP);
+    assert_eq!(icmp_seen(&back[0]), (14, 0x0d0d));
+    // An echo reply with that identifier is not the timestamp flow's reply.
+    let echo_reply = icmp_raw(0, nat_id, b"x", None);
+    net.send_from_outside(&ip4(REMOTE, OUR_IP, IpProtocol::Icmp, 60, &echo_reply));
+    assert!(net.client_out(A).is_empty());
+    // An echo request with the same identifier is a flow of its own, and
+    // the rules (no icmptype=8) reject it.
+    let echo = icmp_raw(8, 0x0d0d, b"x", None);
+    net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &echo));
+    assert!(net.uplink_out().is_empty());
+    assert_rejected(&net.client_out(A), A_IP);
+    // Address mask (17) accepted, information request (15) rejected.
+    let mask = icmp_raw(17, 7, &[0; 4], None);
+    net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &mask));
+    assert_eq!(net.uplink_out().len(), 1);
+    let info = icmp_raw(15, 7, &[], None);
+    net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &info));
+    assert!(net.uplink_out().is_empty());
+    assert_rejected(&net.client_out(A), A_IP);
+    // A reply type no flow asked for, and types conntrack does not track
+    // (router advertisement 9, 42, 255): dropped without a reply, even
+    // under `policy accept` (Linux: `ct state invalid drop`).
+    accept_all(&mut net, A_IP);
+    let before = net.dropped(DropReason::IcmpUntracked);
+    for kind in [9u8, 10, 42, 255] {
+        let m = icmp_raw(kind, 1, &[0; 8], None);
+        net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &m));
+    }
+    let stray = icmp_raw(16, 1, &[], None);
+    net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &stray));
+    assert!(net.uplink_out().is_empty());
+    assert!(
+        net.client_out(A).is_empty(),
+        "no ICMP error for invalid ones"
+    );
+    assert_eq!(net.dropped(DropReason::IcmpUntracked) - before, 4);
+}
+
+#[test]
+fn icmpv6_queries_and_untracked_types() {
+    let mut net = Net::new(true);
+    net.gateway6_says(GATEWAY_MAC);
+    net.rules(
+        a_ip6().into(),
+        &[
+            ("policy", "drop"),
+            ("0000", "action=accept proto=icmp icmptype=139"),
+        ],
+    );
+    // Node information query (139): a flow, decided by icmptype.
+    let q = icmp_raw(139, 0x8b8b, &[0; 8], Some((a_ip6(), remote6())));
+    net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &q));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    let (kind, nat_id) = icmp_seen(&out[0]);
+    assert_eq!(kind, 139);
+    let reply = icmp_raw(140, nat_id, &[0; 8], Some((remote6(), our_ip6())));
+    net.send_from_outside(&ip6(remote6(), our_ip6(), IpProtocol::Icmpv6, 60, &reply));
+    let back = net.client_out(A);
+    assert_eq!(back.len(), 1);
+    assert_eq!(icmp_seen(&back[0]), (140, 0x8b8b));
+    // Echo (128) is not accepted: rejected with ICMPv6 1/1.
+    let echo = icmp_raw(128, 1, b"x", Some((a_ip6(), remote6())));
+    net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &echo));
+    assert!(net.uplink_out().is_empty());
+    let rejects = net.client_out(A);
+    assert_eq!(rejects.len(), 1);
+    let eth = EthernetFrame::new_checked(&rejects[0][..]).unwrap();
+    let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!(&ip.payload()[..2], &[1, 1], "administratively prohibited");
+    // Informational types conntrack does not track (200, 255; MLD 130 to
+    // a unicast address): dropped silently whatever the rules.
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    for kind in [130u8, 200, 255] {
+        let m = icmp_raw(kind, 1, &[0; 8], Some((a_ip6(), remote6())));
+        net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &m));
+    }
+    assert!(net.uplink_out().is_empty());
+    assert!(net.client_out(A).is_empty());
+    assert_eq!(net.dropped(DropReason::IcmpUntracked), 3);
 }
 
 #[test]

@@ -214,17 +214,19 @@ impl Router {
         now: Millis,
     ) -> Option<crate::nat::EntryId> {
         match meta.icmp {
-            IcmpKind::NotIcmp | IcmpKind::EchoRequest => {}
+            // Flows conntrack starts: any protocol, ICMP queries.
+            IcmpKind::NotIcmp | IcmpKind::Query => {}
             IcmpKind::Error => {
                 self.related_from_client(index, packet, meta, now);
                 return None;
             }
-            IcmpKind::EchoReply => {
+            IcmpKind::QueryReply => {
                 self.drop(DropReason::NoFlow);
                 return None;
             }
+            // Conntrack calls these invalid (`ct state invalid drop`).
             IcmpKind::Ndp | IcmpKind::Other => {
-                self.drop(DropReason::UnsupportedProtocol);
+                self.drop(DropReason::IcmpUntracked);
                 return None;
             }
         }

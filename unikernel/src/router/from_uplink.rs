@@ -139,9 +139,9 @@ impl Router {
             return;
         }
         match meta.icmp {
-            IcmpKind::EchoRequest => return self.answer_firewall(Out::Uplink, packet, meta),
+            IcmpKind::Query => return self.answer_firewall(Out::Uplink, packet, meta),
             IcmpKind::Error => return self.related_from_uplink(packet, meta, now),
-            IcmpKind::Other => return self.drop(DropReason::UnsupportedProtocol),
+            IcmpKind::Other => return self.drop(DropReason::IcmpUntracked),
             _ => {}
         }
         let Some((id, Direction::Reply)) = self.nat.lookup(&meta.key(), now) else {

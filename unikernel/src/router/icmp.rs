@@ -12,8 +12,8 @@ use crate::nat::{Direction, Millis};
 use crate::wire::{PROTO_ICMP, PROTO_ICMPV6, be16, checksum};
 
 use super::packet::{
-    IcmpKind, IpMeta, decrement_ttl, ipv4_header, ipv6_header, is_broadcast_or_multicast, parse_ip,
-    refill_icmp_checksum, rewrite, rewrite_address_only,
+    IcmpKind, IpMeta, decrement_ttl, ipv4_header, ipv6_header, is_broadcast_or_multicast,
+    is_echo_request, parse_ip, refill_icmp_checksum, rewrite, rewrite_address_only,
 };
 use super::{DropReason, Out, Router};
 
@@ -36,7 +36,7 @@ impl Router {
     /// A packet to one of the firewall's own addresses: answer pings, drop
     /// the rest.
     pub(super) fn answer_firewall(&mut self, out: Out, packet: &[u8], meta: &IpMeta) {
-        if meta.icmp != IcmpKind::EchoRequest || meta.fragment {
+        if !is_echo_request(meta) || meta.fragment {
             return self.drop(DropReason::ToFirewall);
         }
         if is_broadcast_or_multicast(meta.src) {

@@ -17,6 +17,12 @@
 //!   drop`); the sender's rules still run first (its `qubes-firewall`
 //!   chain comes first in netfilter), so a flow they deny is rejected and
 //!   one they accept is dropped silently (`ClientToClient`);
+//! - ICMP as Linux conntrack sees it: queries (echo, timestamp 13,
+//!   information 15, address mask 17; ICMPv6 echo 128, node information
+//!   139) start flows the client's rules decide (`icmptype=`), keyed by
+//!   identifier *and* type; their replies only match a flow; errors go
+//!   with the flow they quote (RELATED); every other type is dropped
+//!   silently (conntrack's `ct state invalid`, `IcmpUntracked`);
 //! - ICMP errors a client sends about one of its flows go to the other end,
 //!   translated (Linux's RELATED);
 //! - outside → client: only through an existing NAT entry (replies, and ICMP
@@ -227,6 +233,7 @@ drop_reasons! {
     Malformed = "malformed frame or packet",
     UnsupportedEthertype = "unsupported ethertype",
     UnsupportedProtocol = "unsupported IP protocol or extension header",
+    IcmpUntracked = "ICMP type connection tracking does not track (Linux: ct state invalid)",
     SpoofedSource = "source address not allowed on this interface",
     NotForUs = "uplink packet not addressed to the firewall",
     ClientToClient = "client-to-client traffic (clients are isolated, as in Linux's qubes table)",

@@ -20,14 +20,41 @@ use crate::wire::{
 
 use super::DropReason;
 
+/// How Linux conntrack sees an ICMP / ICMPv6 message
+/// (`nf_conntrack_proto_icmp.c`, `nf_conntrack_proto_icmpv6.c`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum IcmpKind {
     NotIcmp,
-    EchoRequest,
-    EchoReply,
+    /// A query that starts a flow: echo (8), timestamp (13), information
+    /// (15), address mask (17); ICMPv6 echo (128), node information (139).
+    Query,
+    /// The reply of a query (0, 14, 16, 18; ICMPv6 129, 140): only ever
+    /// part of a flow.
+    QueryReply,
+    /// An error about another packet (3, 4, 5, 11, 12; ICMPv6 1–4):
+    /// RELATED to the flow it quotes.
     Error,
+    /// Neighbour discovery (ICMPv6 133–137): link-local, never routed.
     Ndp,
+    /// Anything else: conntrack refuses it (`ct state invalid`, dropped).
     Other,
+}
+
+/// The request type an ICMP query or query reply belongs to (`None` for
+/// every other message): the "port" its flow is keyed by.
+pub(super) fn icmp_query_type(v6: bool, icmp_type: u8) -> Option<(IcmpKind, u8)> {
+    match (v6, icmp_type) {
+        (false, 8 | 13 | 15 | 17) | (true, 128 | 139) => Some((IcmpKind::Query, icmp_type)),
+        (false, 0) => Some((IcmpKind::QueryReply, 8)),
+        (false, 14 | 16 | 18) => Some((IcmpKind::QueryReply, icmp_type - 1)),
+        (true, 129 | 140) => Some((IcmpKind::QueryReply, icmp_type - 1)),
+        _ => None,
+    }
+}
+
+/// Whether a message is an echo request (what the firewall answers itself).
+pub(super) fn is_echo_request(meta: &IpMeta) -> bool {
+    meta.icmp_type == Some(if meta.v6 { 128 } else { 8 }) && meta.icmp == IcmpKind::Query
 }
 
 /// What the router reads from an IP packet.
@@ -218,16 +245,18 @@ pub(super) fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason
             }
             meta.icmp_type = Some(icmp_type);
             meta.icmp = match (v6, icmp_type) {
-                (false, 8) | (true, 128) => IcmpKind::EchoRequest,
-                (false, 0) | (true, 129) => IcmpKind::EchoReply,
                 (false, 3 | 4 | 5 | 11 | 12) | (true, 1..=4) => IcmpKind::Error,
                 (true, 133..=137) => IcmpKind::Ndp,
                 _ => IcmpKind::Other,
             };
-            if matches!(meta.icmp, IcmpKind::EchoRequest | IcmpKind::EchoReply) {
+            if let Some((kind, request)) = icmp_query_type(v6, icmp_type) {
+                // Keyed like conntrack's tuple: identifier and type.
                 let id = be16(l4, 4).ok_or(DropReason::Malformed)?;
-                meta.src_port = id;
-                meta.dst_port = id;
+                meta.icmp = kind;
+                (meta.src_port, meta.dst_port) = match kind {
+                    IcmpKind::Query => (id, u16::from(request)),
+                    _ => (u16::from(request), id),
+                };
             }
         }
         // ICMP of the other family.
@@ -273,7 +302,7 @@ pub(super) fn rewrite(packet: &mut [u8], meta: &IpMeta, source: bool, address: I
     };
     old_part.copy_from_slice(current);
     let old_addr = &*old_part;
-    let is_icmp = matches!(meta.icmp, IcmpKind::EchoRequest | IcmpKind::EchoReply);
+    let is_icmp = matches!(meta.icmp, IcmpKind::Query | IcmpKind::QueryReply);
     let port_at = meta.header_len
         + match (is_icmp, source) {
             (true, _) => 4,
@@ -517,5 +546,55 @@ mod tests {
         );
         assert_eq!(&packet[20..22], &51000u16.to_be_bytes());
         assert_eq!(packet[8], 63);
+    }
+
+    fn icmp4_packet(icmp_type: u8, ident: u16) -> Vec<u8> {
+        let mut m = alloc::vec![icmp_type, 0, 0, 0, (ident >> 8) as u8, ident as u8, 0, 1];
+        let sum = checksum::finish(checksum::add(0, &m));
+        m[2..4].copy_from_slice(&sum.to_be_bytes());
+        let src = Ipv4Addr::new(10, 137, 0, 10);
+        let dst = Ipv4Addr::new(1, 1, 1, 1);
+        let mut packet = ipv4_header(src, dst, PROTO_ICMP, m.len()).to_vec();
+        packet.extend_from_slice(&m);
+        packet
+    }
+
+    #[test]
+    fn icmp_messages_are_classified_as_conntrack_does() {
+        // Queries: (identifier, type); their replies: (request type, id).
+        for (request, reply) in [(8u8, 0u8), (13, 14), (15, 16), (17, 18)] {
+            let meta = parse_ip(&icmp4_packet(request, 0x1234), true).unwrap();
+            assert_eq!(meta.icmp, IcmpKind::Query, "type {request}");
+            assert_eq!((meta.src_port, meta.dst_port), (0x1234, u16::from(request)));
+            let meta = parse_ip(&icmp4_packet(reply, 0x1234), true).unwrap();
+            assert_eq!(meta.icmp, IcmpKind::QueryReply, "type {reply}");
+            assert_eq!((meta.src_port, meta.dst_port), (u16::from(request), 0x1234));
+            // The reply's key is the query's, reversed.
+            let query = parse_ip(&icmp4_packet(request, 0x1234), true).unwrap();
+            assert_eq!(
+                (query.key().src_port, query.key().dst_port),
+                (meta.key().dst_port, meta.key().src_port)
+            );
+        }
+        for error in [3u8, 4, 5, 11, 12] {
+            let meta = parse_ip(&icmp4_packet(error, 0), true).unwrap();
+            assert_eq!(meta.icmp, IcmpKind::Error, "type {error}");
+        }
+        for other in [1u8, 2, 6, 7, 9, 10, 19, 30, 42, 255] {
+            let meta = parse_ip(&icmp4_packet(other, 0), true).unwrap();
+            assert_eq!(meta.icmp, IcmpKind::Other, "type {other}");
+        }
+        assert_eq!(icmp_query_type(true, 128), Some((IcmpKind::Query, 128)));
+        assert_eq!(icmp_query_type(true, 139), Some((IcmpKind::Query, 139)));
+        assert_eq!(
+            icmp_query_type(true, 129),
+            Some((IcmpKind::QueryReply, 128))
+        );
+        assert_eq!(
+            icmp_query_type(true, 140),
+            Some((IcmpKind::QueryReply, 139))
+        );
+        assert_eq!(icmp_query_type(true, 8), None);
+        assert_eq!(icmp_query_type(false, 128), None);
     }
 }
