@@ -881,9 +881,12 @@ fn default_client_path() -> PathBuf {
     if let Some(path) = std::env::var_os("QREXEC_CLIENT_PATH") {
         return PathBuf::from(path);
     }
+    // Next to qrexec-daemon when it is there (a build tree); otherwise
+    // Qubes' place (qrexec-daemon is /usr/sbin/, qrexec-client is not).
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|d| d.join("qrexec-client")))
+        .filter(|path| path.exists())
         .unwrap_or_else(|| PathBuf::from("/usr/lib/qubes/qrexec-client"))
 }
 
