@@ -109,6 +109,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod agent;
 pub mod ask;
 pub mod daemon;
 pub mod eval;

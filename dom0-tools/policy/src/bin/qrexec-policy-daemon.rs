@@ -76,6 +76,9 @@ struct Args {
     /// /etc/qubes-rpc/policy.EvalGUI, skipped if it cannot be bound).
     #[arg(long = "gui-socket-path", value_name = "PATH")]
     gui_socket_path: Option<PathBuf>,
+    /// How `ask` and notifications reach the source's GUI qube.
+    #[command(flatten)]
+    agent: qrexec_policy::agent::AgentArgs,
 }
 
 fn main() -> ExitCode {
@@ -86,16 +89,19 @@ fn main() -> ExitCode {
     } else {
         args.policy_path
     };
+    let ask_timeout =
+        Duration::try_from_secs_f64(args.ask_timeout).unwrap_or(Duration::from_secs(60));
     let confirm: Arc<dyn Confirm> = match args.ask_program {
-        Some(p) => Arc::new(ProgramConfirm::new(
-            p,
-            Duration::try_from_secs_f64(args.ask_timeout).unwrap_or(Duration::from_secs(60)),
-        )),
+        Some(p) => Arc::new(ProgramConfirm::new(p, ask_timeout)),
         None => {
-            log::warn!("no --ask-program given: every 'ask' rule will be denied");
+            log::warn!(
+                "no --ask-program given: every 'ask' from a qube without a GUI qube will be denied"
+            );
             Arc::new(NoConfirm)
         }
     };
+    let confirm =
+        qrexec_policy::agent::with_agent(confirm, &args.system_info, &args.agent, ask_timeout);
     let config = DaemonConfig {
         socket_path: args.socket_path,
         policy_paths: PolicyPaths {

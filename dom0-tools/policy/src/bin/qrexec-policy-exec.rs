@@ -64,6 +64,9 @@ struct Args {
     /// if it does not load.
     #[arg(long = "check")]
     check: bool,
+    /// How `ask` and notifications reach the source's GUI qube.
+    #[command(flatten)]
+    agent: qrexec_policy::agent::AgentArgs,
     /// SOURCE TARGET SERVICE+ARGUMENT
     #[arg(value_name = "ARGS")]
     args: Vec<String>,
@@ -140,13 +143,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let confirm: Box<dyn Confirm> = match &args.ask_program {
-        Some(p) => Box::new(ProgramConfirm::new(
-            p,
-            Duration::try_from_secs_f64(args.ask_timeout).unwrap_or(Duration::from_secs(60)),
-        )),
-        None => Box::new(NoConfirm),
+    let ask_timeout =
+        Duration::try_from_secs_f64(args.ask_timeout).unwrap_or(Duration::from_secs(60));
+    let confirm: std::sync::Arc<dyn Confirm> = match &args.ask_program {
+        Some(p) => std::sync::Arc::new(ProgramConfirm::new(p, ask_timeout)),
+        None => std::sync::Arc::new(NoConfirm),
     };
+    let confirm =
+        qrexec_policy::agent::with_agent(confirm, &args.system_info, &args.agent, ask_timeout);
     let decision = policy.evaluate(&query, &system, confirm.as_ref());
     let reply = qrexec_policy::protocol::checked_reply(&decision);
     print!("{reply}");
