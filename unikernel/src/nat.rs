@@ -561,6 +561,24 @@ impl NatTable {
         removed
     }
 
+    /// Removes every flow towards `dst` (an address that turned out to be a
+    /// client's). Returns how many were removed.
+    pub fn flush_destination(&mut self, dst: IpAddr) -> usize {
+        let mut removed = 0;
+        for slot in 0..self.slots.len() {
+            let hit = self
+                .slots
+                .get(slot)
+                .and_then(Option::as_ref)
+                .is_some_and(|entry| entry.original.dst == dst);
+            if hit {
+                self.remove(EntryId(slot as u32));
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Removes expired entries, looking at no more than `budget` slots from
     /// where the last sweep stopped. Returns how many were removed.
     pub fn expire(&mut self, now: Millis, budget: usize) -> usize {
@@ -893,6 +911,25 @@ mod tests {
             .unwrap();
         assert_ne!(t.get(id).unwrap().reply.dst_port, 50000);
         assert!(t.get(id).unwrap().reply.dst_port >= NAT_PORT_MIN);
+    }
+
+    #[test]
+    fn flush_destination_ends_the_flows_towards_an_address() {
+        let mut t = NatTable::new(8, 8, 1);
+        let to_remote = key(CLIENT, 40000, PROTO_TCP);
+        let to_client2 = FlowKey {
+            dst: CLIENT2,
+            ..key(CLIENT, 40001, PROTO_TCP)
+        };
+        t.insert(CLIENT, to_remote, Some(NAT), None, None, 0)
+            .unwrap();
+        t.insert(CLIENT, to_client2, Some(NAT), None, None, 0)
+            .unwrap();
+        assert_eq!(t.flush_destination(CLIENT2), 1);
+        assert_eq!(t.len(), 1);
+        assert!(t.lookup(&to_client2, 0).is_none());
+        assert!(t.lookup(&to_remote, 0).is_some());
+        assert_eq!(t.owner_len(CLIENT), 1);
     }
 
     #[test]

@@ -985,6 +985,78 @@ fn clients_are_isolated_from_each_other() {
 }
 
 #[test]
+fn connected_but_stopped_clients_are_protected() {
+    // /connected-ips lists C, which is not running: Linux drops packets
+    // that would leave towards it on the uplink, and uplink packets that
+    // claim its address.
+    let c_ip = Ipv4Addr::new(10, 137, 0, 12);
+    let c_ip6: Ipv6Addr = "fd09:24ef:4179::a89:c".parse().unwrap();
+    let mut net = Net::new(true);
+    net.gateway6_says(GATEWAY_MAC);
+    accept_all(&mut net, A_IP);
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    // Before it is listed, A's flow to C goes out like any other.
+    net.send_from_a(&tcp4(A_IP, c_ip, 40000, 22, TcpControl::Syn, 64));
+    assert_eq!(net.uplink_out().len(), 1);
+    let flows = net.router.nat_len();
+    net.router
+        .set_connected_ips(&[A_IP.into(), B_IP.into(), c_ip.into(), c_ip6.into()]);
+    assert_eq!(net.router.connected_len(), 4);
+    assert_eq!(net.router.nat_len(), flows - 1, "the flow towards C ended");
+    // Now nothing goes out to C, in either family, silently.
+    net.send_from_a(&tcp4(A_IP, c_ip, 40000, 22, TcpControl::None, 64));
+    net.send_from_a(&tcp4(A_IP, c_ip, 40001, 80, TcpControl::Syn, 64));
+    let syn6 = tcp_segment(a_ip6().into(), c_ip6.into(), 40000, 22, TcpControl::Syn);
+    net.send_from_a(&ip6(a_ip6(), c_ip6, IpProtocol::Tcp, 64, &syn6));
+    assert!(net.uplink_out().is_empty());
+    assert!(net.client_out(A).is_empty(), "dropped, not rejected");
+    assert_eq!(net.dropped(DropReason::ClientToClient), 3);
+    // Rules that deny C still reject first.
+    net.rules(
+        A_IP.into(),
+        &[
+            ("policy", "accept"),
+            ("0000", "action=drop dst4=10.137.0.12/32"),
+        ],
+    );
+    net.send_from_a(&tcp4(A_IP, c_ip, 40002, 22, TcpControl::Syn, 64));
+    assert_rejected(&net.client_out(A), A_IP);
+    // The uplink cannot claim C's addresses.
+    accept_all(&mut net, A_IP);
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"x"));
+    let port = seen4(&net.uplink_out()[0]).sport;
+    let spoofed_before = net.dropped(DropReason::SpoofedSource);
+    net.send_from_outside(&udp4(c_ip, OUR_IP, 9, port, b"x"));
+    let udp6 = udp_datagram(c_ip6.into(), our_ip6().into(), 9, port, b"x");
+    net.send_from_outside(&ip6(c_ip6, our_ip6(), IpProtocol::Udp, 60, &udp6));
+    assert!(net.client_out(A).is_empty());
+    assert_eq!(net.dropped(DropReason::SpoofedSource) - spoofed_before, 2);
+    // Remote still answers.
+    net.send_from_outside(&udp4(REMOTE, OUR_IP, 9, port, b"x"));
+    assert_eq!(net.client_out(A).len(), 1);
+    // Listed no more: C is an outside address again.
+    net.router.set_connected_ips(&[]);
+    net.send_from_a(&tcp4(A_IP, c_ip, 40003, 22, TcpControl::Syn, 64));
+    assert_eq!(net.uplink_out().len(), 1);
+    // C's vif comes up: that flow ends, and A cannot reach C.
+    let flows = net.router.nat_len();
+    let c = ClientId {
+        domid: 7,
+        device: 0,
+    };
+    let config = ClientConfig {
+        ip: c_ip,
+        ip6: None,
+        mac: None,
+    };
+    net.router.add_client(c, config).unwrap();
+    assert_eq!(net.router.nat_len(), flows - 1);
+    net.send_from_a(&tcp4(A_IP, c_ip, 40003, 22, TcpControl::None, 64));
+    assert!(net.client_out(c).is_empty());
+    assert!(net.uplink_out().is_empty());
+}
+
+#[test]
 fn outside_cannot_start_flows_to_clients() {
     let mut net = Net::new(false);
     accept_all(&mut net, A_IP);

@@ -263,15 +263,9 @@ impl Router {
             self.drop(reason);
             return None;
         }
-        if self.by_address.contains_key(&meta.dst) {
-            // Client-to-client isolation: Linux's `qubes` table drops every
-            // new forwarded packet whose output is a client vif (chain
-            // `forward`: `oifgroup 2 counter drop`), whatever the sender's
-            // rules say. Its `qubes-firewall` forward chain has the same
-            // priority and was registered later, so netfilter runs it first:
-            // a flow the rules deny is rejected (above), one they accept is
-            // dropped here, silently.
-            self.drop(DropReason::ClientToClient);
+        // Client-to-client isolation (`isolation.rs`): after the rules, as
+        // in Linux.
+        if self.isolated(meta.dst) {
             return None;
         }
         let translate_to = match meta.dst {

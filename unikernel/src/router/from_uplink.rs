@@ -70,7 +70,7 @@ impl Router {
                 DropReason::NotForUs
             });
         }
-        if self.is_ours(meta.src) || self.by_address.contains_key(&meta.src) {
+        if self.is_ours(meta.src) || self.is_client_address(meta.src) {
             return self.drop(DropReason::SpoofedSource);
         }
         if meta.fragment {

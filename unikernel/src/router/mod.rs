@@ -16,7 +16,10 @@
 //!   new forwarded packet whose output is a client vif (`oifgroup 2 counter
 //!   drop`); the sender's rules still run first (its `qubes-firewall`
 //!   chain comes first in netfilter), so a flow they deny is rejected and
-//!   one they accept is dropped silently (`ClientToClient`);
+//!   one they accept is dropped silently (`ClientToClient`). The same for
+//!   an address listed in `/connected-ips`/`/connected-ips6` whose qube is
+//!   not running (never sent to the net qube), and uplink packets with
+//!   such a source are dropped (`isolation.rs`);
 //! - ICMP as Linux conntrack sees it: queries (echo, timestamp 13,
 //!   information 15, address mask 17; ICMPv6 echo 128, node information
 //!   139) start flows the client's rules decide (`icmptype=`), keyed by
@@ -79,6 +82,8 @@
 //! // client's flows. Log `set.error()` (key + reason) if any.
 //! router.set_rules(client_ip, RuleSet::parse(entries));
 //! router.set_wall_clock(Some(unix_seconds), now);   // for expire=
+//! // /connected-ips and /connected-ips6, both families in one list:
+//! router.set_connected_ips(&addresses);
 //!
 //! // Main loop (D: smoltcp::phy::Device):
 //! router.pump_uplink(&mut uplink_nic, now);   // receive all, transmit queued
@@ -106,7 +111,7 @@
 use alloc::vec::Vec;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use smoltcp::phy::{Device, RxToken, TxToken};
 use smoltcp::time::Instant;
 use smoltcp::wire::EthernetAddress;
@@ -126,6 +131,7 @@ mod from_client;
 mod from_uplink;
 mod gateway;
 mod icmp;
+mod isolation;
 mod output;
 mod packet;
 
@@ -332,6 +338,8 @@ pub struct Router {
     clients: Vec<Client>,
     by_address: HashMap<IpAddr, usize, SeededState>,
     rules: HashMap<IpAddr, RuleSet, SeededState>,
+    /// `/connected-ips` and `/connected-ips6` (`isolation.rs`).
+    connected: HashSet<IpAddr, SeededState>,
     no_rules: RuleSet,
     nat: NatTable,
     /// Fragments from clients and from the uplink are kept apart, so the
@@ -391,6 +399,7 @@ impl Router {
             clients: Vec::new(),
             by_address: HashMap::with_hasher(hasher),
             rules: HashMap::with_hasher(hasher),
+            connected: HashSet::with_hasher(hasher),
             no_rules: RuleSet::deny_all(),
             nat,
             reassembler: Reassembler::new(caps.fragment_datagrams, caps.fragment_bytes),
@@ -409,7 +418,7 @@ impl Router {
         }
     }
 
-    /// Attaches a client vif.
+    /// Attaches a client vif (flows going to its addresses end).
     pub fn add_client(&mut self, id: ClientId, config: ClientConfig) -> Result<(), RouterError> {
         if self.clients.iter().any(|c| c.id == id) {
             return Err(RouterError::DuplicateClient);
@@ -422,6 +431,11 @@ impl Router {
             if self.by_address.contains_key(address) || self.is_ours(*address) {
                 return Err(RouterError::AddressInUse);
             }
+        }
+        // Flows other clients had going out to this address (before it
+        // was a client's) end: clients never reach each other.
+        for address in addresses.iter().flatten() {
+            self.nat.flush_destination(*address);
         }
         self.clients
             .push(Client::new(id, config, self.caps.queue_frames));
