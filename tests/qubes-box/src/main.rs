@@ -29,19 +29,23 @@ Usage: qubes-box COMMAND [ARGS]
 
 Commands:
   up [--state-dir DIR] [--prefix P] [--bin-dir DIR] [--no-firewall]
-     [--firewall-bin PATH] [--clients N]
+     [--firewall-bin PATH] [--clients N] [--sys-net-no-arp]
                                   build the box: namespaces <P>sys-net,
                                   <P>sys-firewall, <P>client1..N (default 2),
                                   xenstored, qubesdb-daemon, qrexec daemons,
                                   agents and policy daemon, sys-net's
-                                  services, the hosted firewall
+                                  services, the hosted firewall;
+                                  --sys-net-no-arp: sys-net's vif2.0 has
+                                  Xen's backend MAC fe:ff:ff:ff:ff:ff and
+                                  never answers or announces ARP (give it
+                                  to restart-net too)
   down [--state-dir DIR]          stop and remove everything the box recorded
   status [--state-dir DIR]        show what is up (exit 1 if anything is down)
   add-client N [--state-dir DIR] [--prefix P]
                                   start client N in the running box
   remove-client N [--state-dir DIR] [--prefix P]
                                   shut client N down
-  restart-net [--state-dir DIR] [--prefix P]
+  restart-net [--state-dir DIR] [--prefix P] [--sys-net-no-arp]
                                   restart sys-net (new namespace, new MAC)
   firewall-pid [--state-dir DIR]  print the pid of the firewall process
   serve-http ADDR:PORT            sys-net's web server (used by up)
@@ -90,6 +94,7 @@ struct Parsed {
     firewall: bool,
     firewall_bin: Option<PathBuf>,
     clients: u16,
+    sys_net_arp: bool,
     rest: Vec<String>,
 }
 
@@ -104,6 +109,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
         firewall: true,
         firewall_bin: None,
         clients: 2,
+        sys_net_arp: true,
         rest: Vec::new(),
     };
     let mut iter = args.iter();
@@ -140,6 +146,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                 parsed.bin_dir = Some(PathBuf::from(iter.next().ok_or("--bin-dir needs a path")?));
             }
             "--no-firewall" => parsed.firewall = false,
+            "--sys-net-no-arp" => parsed.sys_net_arp = false,
             "--firewall-bin" => {
                 parsed.firewall_bin = Some(PathBuf::from(
                     iter.next().ok_or("--firewall-bin needs a path")?,
@@ -182,6 +189,7 @@ fn box_config(parsed: &Parsed) -> Result<BoxConfig, String> {
         firewall: parsed.firewall,
         firewall_bin: parsed.firewall_bin.clone(),
         clients: parsed.clients,
+        sys_net_answers_arp: parsed.sys_net_arp,
     })
 }
 

@@ -23,7 +23,9 @@
 //!   clients can be added and removed while the box runs;
 //! - dom0: the in-box xenstored (`backend/vif/<domid>/0/ip` under
 //!   `/local/domain/2`), `qubesdb-daemon 2 sys-firewall` holding the
-//!   firewall's QubesDB (network config and per-client rules),
+//!   firewall's QubesDB (network config, the `/qubes-netvm-*` keys, the
+//!   per-client rules and `/connected-ips`/`/connected-ips6` listing every
+//!   client ever added, as qubesd lists running and halted ones alike),
 //!   `qrexec-daemon 2 sys-firewall` (socket `<state>/qubes/qrexec.2`, for
 //!   `qrexec-client --socket-dir=<state>/qubes -d sys-firewall …`), one
 //!   `qrexec-daemon` per client, `qrexec-policy-daemon` (socket
@@ -83,6 +85,11 @@ pub const fn qubes_ip6(ip: Ipv4Addr) -> Ipv6Addr {
         ((c as u16) << 8) | d as u16,
     )
 }
+
+/// The MAC Xen's netback gives every backend vif (the numerically largest
+/// non-broadcast address), so sys-net's end of the firewall's uplink in
+/// Qubes.
+pub const XEN_BACKEND_MAC: &str = "fe:ff:ff:ff:ff:ff";
 
 /// The TCP and UDP echo port on [`WEB`].
 pub const ECHO_PORT: u16 = 7;
@@ -144,6 +151,13 @@ pub struct BoxConfig {
     pub firewall_bin: Option<PathBuf>,
     /// How many clients `up` starts (`client1`…).
     pub clients: u16,
+    /// sys-net answers ARP for its uplink address and announces its MAC
+    /// (the default). When false, its `vif2.0` has the MAC Xen's netback
+    /// gives every backend vif, `fe:ff:ff:ff:ff:ff` (which a Linux
+    /// firewall puts in a permanent neighbour entry for its gateway,
+    /// `setup-ip`, and never ARPs for), answers no ARP request
+    /// (`arp_ignore=8`) and sends no gratuitous ARP.
+    pub sys_net_answers_arp: bool,
 }
 
 impl BoxConfig {
@@ -485,18 +499,29 @@ fn build_sys_net(config: &BoxConfig) -> io::Result<()> {
         "link", "add", &backend, "netns", &sys_net, "type", "veth", "peer", "name", "uplink",
         "netns", &firewall,
     ])?;
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
+    let arp_sysctls: &[String] = if config.sys_net_answers_arp {
+        &[format!("net/ipv4/conf/{backend}/arp_notify=1")]
+    } else {
+        ip(&[
+            "-n",
             &sys_net,
-            "sysctl",
-            "-q",
-            "-w",
-            &format!("net/ipv4/conf/{backend}/arp_notify=1"),
-        ],
-    )?;
+            "link",
+            "set",
+            &backend,
+            "address",
+            XEN_BACKEND_MAC,
+        ])?;
+        &[
+            format!("net/ipv4/conf/{backend}/arp_notify=0"),
+            format!("net/ipv4/conf/{backend}/arp_ignore=8"),
+        ]
+    };
+    for sysctl in arp_sysctls {
+        run(
+            "ip",
+            &["netns", "exec", &sys_net, "sysctl", "-q", "-w", sysctl],
+        )?;
+    }
     ip(&[
         "-n",
         &sys_net,
@@ -606,7 +631,9 @@ fn link_exists(netns: &str, link: &str) -> bool {
 
 /// Restarts the net qube: stops its services, deletes its namespace (and
 /// with it `vif2.0` and the firewall-side `uplink`), and builds it again
-/// (a new veth pair: a new gateway MAC). The firewall keeps running.
+/// (a new veth pair: a new gateway MAC, unless
+/// [`BoxConfig::sys_net_answers_arp`] is false). The firewall keeps
+/// running.
 pub fn restart_net(config: &BoxConfig) -> io::Result<()> {
     // Namespaces are cleaned up asynchronously: delete the veth pair
     // first, so its firewall-side end is gone before it is made again.
@@ -626,6 +653,10 @@ pub fn restart_net(config: &BoxConfig) -> io::Result<()> {
     // (NETDEV_CHANGEADDR with arp_notify): the firewall learns the new
     // gateway MAC as from any restarted net qube that announces itself.
     wait_forwarding(config, "uplink")?;
+    if !config.sys_net_answers_arp {
+        // Xen's backend MAC stays, as on Qubes, and nothing is announced.
+        return Ok(());
+    }
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -811,6 +842,7 @@ pub fn client_mac(domid: u16) -> String {
 /// qrexec-daemon for it, then `backend/vif/<domid>/0/ip` in XenStore
 /// (which the firewall watches).
 pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
+    connect_qube(config, client.ip)?;
     let rules: Vec<&str> = client.rules.iter().map(String::as_str).collect();
     qubesdb_write(config, &firewall_entries(client.ip, "drop", &rules))?;
 
@@ -959,6 +991,35 @@ pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
     ] {
         xs.write(&path, value.as_bytes())
             .map_err(io::Error::other)?;
+    }
+    Ok(())
+}
+
+/// Lists a qube in the firewall's `/connected-ips` and `/connected-ips6`,
+/// as qubesd does for every qube whose netvm is the firewall, running or
+/// not (qubes-core-admin `reload_connected_ips`: space-separated, rewritten
+/// whole). Addresses already listed stay; a qube stays listed when it shuts
+/// down (only a netvm change removes it), so [`remove_client`] leaves it.
+pub fn connect_qube(config: &BoxConfig, ip: Ipv4Addr) -> io::Result<()> {
+    for (key, address) in [
+        ("/connected-ips", ip.to_string()),
+        ("/connected-ips6", qubes_ip6(ip).to_string()),
+    ] {
+        let output = Command::new(config.bin("qubesdb-read"))
+            .args(["-d", FIREWALL.1, key])
+            .env("QUBESDB_SOCKET_DIR", config.qubesdb_dir())
+            .output()?;
+        let current = if output.status.success() {
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        } else {
+            String::new()
+        };
+        let mut words: Vec<&str> = current.split_whitespace().collect();
+        if words.contains(&address.as_str()) {
+            continue;
+        }
+        words.push(&address);
+        qubesdb_write(config, &[(key.to_string(), words.join(" "))])?;
     }
     Ok(())
 }
@@ -1130,6 +1191,17 @@ fn build(config: &BoxConfig) -> io::Result<()> {
         ("/qubes-gateway6".into(), SYS_NET_IP6.to_string()),
         ("/qubes-primary-dns".into(), DNS[0].to_string()),
         ("/qubes-secondary-dns".into(), DNS[1].to_string()),
+        // qubesd's keys for a qube that provides network (its clients see
+        // the firewall as their gateway and the virtual DNS servers).
+        ("/qubes-netvm-network".into(), FIREWALL_IP.to_string()),
+        ("/qubes-netvm-gateway".into(), FIREWALL_IP.to_string()),
+        ("/qubes-netvm-gateway6".into(), FIREWALL_IP6.to_string()),
+        ("/qubes-netvm-netmask".into(), "255.255.255.255".into()),
+        ("/qubes-netvm-primary-dns".into(), DNS[0].to_string()),
+        ("/qubes-netvm-secondary-dns".into(), DNS[1].to_string()),
+        // No qube connected yet; `add_client` lists each one.
+        ("/connected-ips".into(), String::new()),
+        ("/connected-ips6".into(), String::new()),
     ];
     qubesdb_write(config, &entries)?;
 
