@@ -6,13 +6,24 @@
 //! (`proto`, `dstports`, `dst4`, `dst6` over the box's IPv6, `icmptype`,
 //! `specialtarget=dns`, `dsthost` resolved through the box's DNS,
 //! `policy`); rule changes written with `qubesdb-rm`/`qubesdb-write` as
-//! qubesd writes them (both address families), one cutting an established connection and allowing a
-//! new one; a spoofed source dropped; client-to-client traffic denied
-//! unless the sender's rules accept it; a client added and removed while
-//! the others keep working; sys-net restarted (new namespace, new gateway
-//! MAC) with traffic recovering and the same firewall process; the seed
-//! qrexec examples between two client qubes through the policy daemon; and
-//! a poweroff through XenStore ending the process.
+//! qubesd writes them (both address families), one cutting an established
+//! connection and allowing a new one; a spoofed source dropped; clients
+//! isolated from each other even under `policy accept` and with a rule
+//! naming the other (as Linux's `oifgroup 2 drop`); `expire=` (an option
+//! qubesd never writes) blocking the client with the reason in
+//! `qubes.FirewallStatus`; a client added and removed while the others
+//! keep working; sys-net restarted (new namespace, new gateway MAC) with
+//! traffic recovering and the same firewall process; the seed qrexec
+//! examples between two client qubes through the policy daemon; ICMP
+//! timestamp requests (type 13) rejected without and answered with
+//! `icmptype=13`; TCP over IPv6 with a Destination Options header
+//! forwarded; a qube listed only in `/connected-ips` (never started)
+//! protected from spoofing (sys-net cannot impersonate it, no client can
+//! send as it); and a poweroff through XenStore ending the process.
+//!
+//! A second, smaller box (one client) runs beside it: its sys-net never
+//! answers ARP and has Xen's backend MAC `fe:ff:ff:ff:ff:ff`, and still
+//! carries the client's traffic.
 #![allow(clippy::unwrap_used)] // reason: test code
 
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +32,63 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use qubes_box::netbox::{self, BoxConfig};
+
+/// Packets the standard library cannot send, from Python's standard
+/// library (the test crate forbids unsafe code, so no raw sockets of its
+/// own; no scapy):
+/// - `timestamp ADDR`: one ICMP timestamp request (type 13); prints
+///   `reply` (type 14 from ADDR), `prohibited` (type 3 code 13 from the
+///   firewall) or `nothing` after 2 s;
+/// - `dstopts [ADDR]:PORT`: HTTP GET over TCP/IPv6 with a Destination
+///   Options header (PadN) on every segment the client sends
+///   (`IPV6_DSTOPTS`); prints the response body.
+const RAW_PY: &str = r#"
+import socket, struct, sys, time
+def csum(b):
+    if len(b) % 2: b += b'\0'
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+mode, target = sys.argv[1], sys.argv[2]
+if mode == 'timestamp':
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident = 0x5151
+    body = struct.pack('!HH', ident, 1) + struct.pack('!III', 1000, 0, 0)
+    msg = struct.pack('!BBH', 13, 0, 0) + body
+    msg = struct.pack('!BBH', 13, 0, csum(msg)) + body
+    s.sendto(msg, (target, 0))
+    end = time.time() + 2
+    while time.time() < end:
+        s.settimeout(max(0.01, end - time.time()))
+        try:
+            data, (src, _) = s.recvfrom(2048)
+        except socket.timeout:
+            break
+        ihl = (data[0] & 15) * 4
+        icmp = data[ihl:]
+        if len(icmp) >= 8 and icmp[0] == 14 and src == target and icmp[4:6] == b'QQ':
+            print('reply'); sys.exit(0)
+        if len(icmp) >= 8 and icmp[0] == 3 and icmp[1] == 13:
+            print('prohibited'); sys.exit(0)
+    print('nothing')
+elif mode == 'dstopts':
+    host, port = target.rsplit(':', 1)
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+    s.settimeout(3)
+    s.connect((host.strip('[]'), int(port)))
+    s.sendall(b'GET / HTTP/1.0\r\n\r\n')
+    data = b''
+    while True:
+        chunk = s.recv(4096)
+        if not chunk: break
+        data += chunk
+    sys.stdout.write(data.split(b'\r\n\r\n', 1)[-1].decode())
+"#;
+
+/// The drop counter of client-to-client traffic in qubes.FirewallStatus.
+const CLIENT_TO_CLIENT: &str =
+    "client-to-client traffic (clients are isolated, as in Linux's qubes table)";
 
 fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_qubes-box"))
@@ -70,6 +138,7 @@ fn text(output: &Output) -> String {
 struct Up {
     state: PathBuf,
     prefix: String,
+    sys_net_answers_arp: bool,
 }
 
 impl Drop for Up {
@@ -123,6 +192,24 @@ impl Up {
             .success()
     }
 
+    /// [`RAW_PY`] in `machine`'s namespace; its stdout.
+    fn raw(&self, machine: &str, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("{}{machine}", self.prefix)])
+            .args(["python3", "-c", RAW_PY])
+            .args(args)
+            .output()
+            .unwrap();
+        let mut said = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            said.push_str(&format!(
+                "[failed: {}]",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        said
+    }
+
     fn config(&self) -> BoxConfig {
         BoxConfig {
             state_dir: self.state.clone(),
@@ -131,6 +218,7 @@ impl Up {
             firewall: true,
             firewall_bin: None,
             clients: 2,
+            sys_net_answers_arp: self.sys_net_answers_arp,
         }
     }
 
@@ -229,11 +317,19 @@ impl Up {
     }
 }
 
-#[test]
-fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
+/// Root, the workspace tools, ping and python3 (installed from the
+/// distribution when missing), the hosted firewall built: false (test
+/// skipped, said on stderr) when the box cannot run here. Done once for
+/// the tests of this file, which run at the same time.
+fn ready() -> bool {
+    static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *READY.get_or_init(prepare)
+}
+
+fn prepare() -> bool {
     if !is_root() {
         eprintln!("skipped: not root");
-        return;
+        return false;
     }
     for tool in [
         "qubesdb-daemon",
@@ -249,15 +345,19 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
     ] {
         if !bin_dir().join(tool).exists() {
             eprintln!("skipped: {tool} not built (run cargo build --workspace --bins)");
-            return;
+            return false;
         }
     }
-    if Command::new("ping").arg("-V").output().is_err() {
+    let missing: Vec<&str> = [("ping", "iputils-ping"), ("python3", "python3")]
+        .into_iter()
+        .filter(|(program, _)| Command::new(program).arg("-V").output().is_err())
+        .map(|(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
         // Like every other dependency of the box, from the distribution.
-        for args in [
-            &["update", "-q"][..],
-            &["install", "-y", "-q", "iputils-ping"][..],
-        ] {
+        let mut install = vec!["install", "-y", "-q"];
+        install.extend(&missing);
+        for args in [&["update", "-q"][..], &install[..]] {
             let status = Command::new("apt-get")
                 .args(args)
                 .env("DEBIAN_FRONTEND", "noninteractive")
@@ -267,9 +367,16 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
         }
     }
     build_firewall();
+    true
+}
+
+/// `qubes-box up` with its own state directory and namespace prefix
+/// (`tag` keeps two boxes of one test run apart) and extra arguments.
+fn bring_up(tag: &str, extra: &[&str]) -> Up {
     let up = Up {
-        state: std::env::temp_dir().join(format!("qubes-box-whole-{}", std::process::id())),
-        prefix: format!("qbw{}-", std::process::id()),
+        state: std::env::temp_dir().join(format!("qubes-box-{tag}-{}", std::process::id())),
+        prefix: format!("qb{tag}{}-", std::process::id()),
+        sys_net_answers_arp: !extra.contains(&"--sys-net-no-arp"),
     };
     let out = Command::new(env!("CARGO_BIN_EXE_qubes-box"))
         .args([
@@ -279,9 +386,19 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
             "--prefix",
             &up.prefix,
         ])
+        .args(extra)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
+    up
+}
+
+#[test]
+fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
+    if !ready() {
+        return;
+    }
+    let up = bring_up("w", &[]);
 
     // `up` returns once the firewall has attached its TAPs and the bridges
     // forward on them: the very first request gets through at once (a
@@ -494,7 +611,6 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
     up.wait_until("ping allowed by icmptype=8", || {
         up.ping("client1", "192.0.2.80")
     });
-
     // policy: accept with no rules lets everything through.
     up.set_rules(c1, "accept", &[]);
     up.wait_until("policy accept applied", || {
@@ -532,16 +648,28 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
     let _ = hold.kill();
     let _ = hold.wait();
 
-    // Client to client: denied unless the sender's rules accept it.
+    // Client to client: never, as on Linux (`oifgroup 2 drop`) — not under
+    // Qubes' default `policy accept`, not with a rule naming client2.
     let mut echo = up.spawn_in("client2", &["serve-tcp-echo", "10.137.0.21:7"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let to_client2 = |up: &Up| {
-        let mut child = up.spawn_in("client1", &["tcp-hold", "10.137.0.21:7"]);
+    let to_echo = |up: &Up, from: &str, address: &str| {
+        let mut child = up.spawn_in(from, &["tcp-hold", address]);
         writeln!(child.stdin.take().unwrap(), "hi").unwrap();
         let out = child.wait_with_output().unwrap();
         out.status.success() && out.stdout == b"connected\necho hi\n"
     };
-    assert!(!to_client2(&up), "client1 reached client2 without a rule");
+    // The echo server works (so a failure below is the firewall's).
+    up.wait_until("client2's echo server answering locally", || {
+        to_echo(&up, "client2", "10.137.0.21:7")
+    });
+    up.set_rules(c1, "accept", &[]);
+    up.wait_until("policy accept applied", || {
+        up.udp("client1", "192.0.2.80:7")
+    });
+    let isolated_before = up.drops(CLIENT_TO_CLIENT);
+    assert!(
+        !to_echo(&up, "client1", "10.137.0.21:7"),
+        "client1 reached client2 under policy accept"
+    );
     up.set_rules(
         c1,
         "drop",
@@ -550,13 +678,43 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
             "action=accept proto=tcp dst4=10.137.0.21/32 dstports=7-7",
         ],
     );
-    up.wait_until("client1 reaching client2 with a rule", || to_client2(&up));
+    up.wait_until("rule naming client2 applied", || up.web_from("client1"));
+    assert!(
+        !to_echo(&up, "client1", "10.137.0.21:7"),
+        "client1 reached client2 with a rule naming it"
+    );
+    assert!(up.drops(CLIENT_TO_CLIENT) > isolated_before);
     let _ = echo.kill();
     let _ = echo.wait();
 
-    // A client added and removed while the others keep working.
+    // A rule option qubesd never writes (`expire=`, `comment=`, …) blocks
+    // the client, as Linux's "Unsupported rule option(s)", and
+    // qubes.FirewallStatus says why.
+    up.set_rules(
+        c1,
+        "accept",
+        &["action=accept proto=tcp dstports=80-80 expire=1700000000"],
+    );
+    up.wait_until("expire= blocking client1", || !up.web_from("client1"));
+    let status = String::from_utf8_lossy(&up.firewall_status().stdout).into_owned();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("client vif3.0 10.137.0.20 "))
+        .unwrap_or_else(|| panic!("no client1 line: {status}"));
+    assert!(
+        line.contains("error=") && line.contains("unsupported rule option 'expire'"),
+        "{line}"
+    );
+    assert!(
+        !up.ping("client1", "192.0.2.80"),
+        "expire=: ICMP got through"
+    );
+    up.set_rules(c1, "drop", &["action=accept proto=tcp dstports=80-80"]);
+    up.wait_until("client1 unblocked", || up.web_from("client1"));
+
     let config = up.config();
     let client3 = netbox::client_qube(3).unwrap();
+    // A client added and removed while the others keep working.
     netbox::add_client(&config, &client3).unwrap();
     up.wait_until("client3 reaching sys-net", || up.web_from("client3"));
     assert!(up.web_from("client1"));
@@ -634,6 +792,123 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
         assert!(out.stdout.is_empty());
     }
 
+    // Issue 11 in the box: what a Linux sys-firewall does that needs the
+    // router to walk past echo and errors, IPv6 extension headers and
+    // /connected-ips.
+    up.set_rules(
+        c1,
+        "drop",
+        &[
+            "action=accept proto=icmp icmptype=8",
+            "action=accept proto=tcp dstports=80-80",
+        ],
+    );
+    up.wait_until("rules with echo but not timestamp applied", || {
+        up.ping("client1", "192.0.2.80")
+    });
+    // ICMP timestamp (type 13): a new flow the rules decide, as Linux's
+    // conntrack makes it: denied (and rejected) without a rule for it...
+    assert_eq!(up.raw("sys-net", &["timestamp", "192.0.2.80"]), "reply\n");
+    assert_eq!(
+        up.raw("client1", &["timestamp", "192.0.2.80"]),
+        "prohibited\n",
+        "ICMP timestamp without icmptype=13"
+    );
+    // ...and answered with `icmptype=13`.
+    up.set_rules(
+        c1,
+        "drop",
+        &[
+            "action=accept proto=icmp icmptype=13",
+            "action=accept proto=tcp dstports=80-80",
+        ],
+    );
+    up.wait_until("ICMP timestamp allowed by icmptype=13", || {
+        up.raw("client1", &["timestamp", "192.0.2.80"]) == "reply\n"
+    });
+    assert!(
+        !up.ping("client1", "192.0.2.80"),
+        "icmptype=13 allowed echo"
+    );
+
+    // An IPv6 packet with a Destination Options header is forwarded under
+    // the rules like any other (the header walked to TCP).
+    assert_eq!(
+        up.raw("client1", &["dstopts", "[2001:db8::80]:80"]),
+        "hello from sys-net\n",
+        "TCP over IPv6 with a Destination Options header"
+    );
+
+    // A qube connected to the firewall but not running (client4, listed in
+    // /connected-ips only) is protected from spoofing: sys-net cannot
+    // impersonate it (it answers for 10.137.0.23 itself here), and no
+    // client may send as it.
+    let client4 = netbox::client_qube(4).unwrap();
+    netbox::connect_qube(&config, client4.ip).unwrap();
+    up.wait_until("the firewall listing client4 as connected", || {
+        String::from_utf8_lossy(&up.firewall_status().stdout)
+            .lines()
+            .any(|l| l.starts_with("connected_ips:") && l.contains(" 10.137.0.23"))
+    });
+    let sys_net = format!("{}sys-net", up.prefix);
+    ip(&["-n", &sys_net, "addr", "add", "10.137.0.23/32", "dev", "lo"]);
+    let mut impostor = up.spawn_in("sys-net", &["serve-tcp-echo", "10.137.0.23:7"]);
+    up.wait_until("the impostor answering inside sys-net", || {
+        to_echo(&up, "sys-net", "10.137.0.23:7")
+    });
+    up.set_rules(c1, "accept", &[]);
+    up.wait_until("policy accept applied", || {
+        to_echo(&up, "client1", "192.0.2.80:7")
+    });
+    assert!(
+        !to_echo(&up, "client1", "10.137.0.23:7"),
+        "sys-net impersonated client4, which is connected but not running"
+    );
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    ip(&["-n", &sys_net, "addr", "del", "10.137.0.23/32", "dev", "lo"]);
+    let spoofed_before = up.drops("source address not allowed on this interface");
+    let client2 = format!("{}client2", up.prefix);
+    ip(&[
+        "-n",
+        &client2,
+        "addr",
+        "add",
+        "10.137.0.23/32",
+        "dev",
+        "eth0",
+    ]);
+    ip(&[
+        "-n",
+        &client2,
+        "route",
+        "add",
+        "192.0.2.81/32",
+        "via",
+        "10.137.0.6",
+        "src",
+        "10.137.0.23",
+    ]);
+    assert!(
+        !up.http("client2", "192.0.2.81:80"),
+        "client2 sent as client4"
+    );
+    assert!(up.drops("source address not allowed on this interface") > spoofed_before);
+    ip(&["-n", &client2, "route", "del", "192.0.2.81/32"]);
+    ip(&[
+        "-n",
+        &client2,
+        "addr",
+        "del",
+        "10.137.0.23/32",
+        "dev",
+        "eth0",
+    ]);
+    up.set_rules(c1, "drop", &["action=accept proto=tcp dstports=80-80"]);
+    up.wait_until("client1 back to HTTP only", || {
+        !up.udp("client1", "192.0.2.80:7")
+    });
+
     // The toolstack powers the firewall off through XenStore; it
     // acknowledges (writes "") and the hosted platform exits with status 0.
     let socket = up.state.join("xenstored.sock").display().to_string();
@@ -663,4 +938,34 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
         "/local/domain/2/control/shutdown",
     ]);
     assert_eq!(ack.stdout, b"\n", "{}", text(&ack));
+}
+
+/// A net qube that never answers ARP (and never announces its MAC) still
+/// carries traffic: sys-net's end of the uplink has Xen's backend MAC
+/// `fe:ff:ff:ff:ff:ff`, which a Linux sys-firewall uses for its gateway
+/// without asking (`setup-ip`: a permanent neighbour entry), and which the
+/// firewall falls back to when its ARP requests go unanswered.
+#[test]
+fn a_net_qube_that_never_answers_arp_still_carries_traffic() {
+    if !ready() {
+        return;
+    }
+    let up = bring_up("a", &["--sys-net-no-arp", "--clients", "1"]);
+    // sys-net really is silent: its vif2.0 ignores every ARP request.
+    let sysctl = Command::new("ip")
+        .args(["netns", "exec", &format!("{}sys-net", up.prefix)])
+        .args(["sysctl", "-n", "net.ipv4.conf.vif2/0.arp_ignore"])
+        .output()
+        .unwrap();
+    assert_eq!(sysctl.stdout, b"8\n", "{}", text(&sysctl));
+    up.wait_until("client1 reaching sys-net without ARP answers", || {
+        up.web_from("client1")
+    });
+    let dns = up.in_netns("client1", &["dns-query", "10.139.1.1:53", "example.com"]);
+    assert_eq!(
+        String::from_utf8_lossy(&dns.stdout),
+        "192.0.2.80\n",
+        "{}",
+        text(&dns)
+    );
 }
