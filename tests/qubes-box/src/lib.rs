@@ -4,7 +4,8 @@
 //! firewall and the box's scripts share, a blocking client for it
 //! ([`client`]), the namespaces and processes of the box itself
 //! ([`netbox`]: `qubes-box up|down|status`) and sys-net's tiny HTTP and DNS
-//! servers ([`services`]).
+//! servers ([`services`]), and the differential test's Qubes Linux
+//! sys-firewall ([`linuxfw`]) and probe packets ([`probe`]).
 //!
 //! It is test and box tooling: it must never be mistaken for, or installed
 //! as, a real xenstored, and it never touches anything outside the sockets
@@ -13,7 +14,9 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod linuxfw;
 pub mod netbox;
+pub mod probe;
 pub mod services;
 pub mod store;
 pub mod xenstored;
