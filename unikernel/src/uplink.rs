@@ -7,6 +7,8 @@
 //! gateway that wait while its MAC (IPv4 ARP, IPv6 NDP) is unknown, like
 //! Linux's per-neighbour `unres_qlen` queue, so a client's first packets
 //! after boot or after a net qube restart are not lost.
+//! A gateway that does not answer gets Linux sys-firewall's static
+//! neighbour MAC ([`GATEWAY_FALLBACK_MAC`]) after [`FALLBACK_AFTER`].
 //! The router decides what goes out; this module never forwards anything by
 //! itself, never believes a gateway MAC that was not announced for the
 //! gateway's address, and never lets a pending frame grow past its caps or
@@ -24,6 +26,18 @@ use crate::nat::Millis;
 
 /// How often to ask for a gateway MAC we do not know yet.
 pub const NEIGHBOUR_RETRY: Millis = 1_000;
+
+/// How long the gateway may leave our requests for its MAC unanswered
+/// (two of them, [`NEIGHBOUR_RETRY`] apart) before we use
+/// [`GATEWAY_FALLBACK_MAC`]: before a waiting frame expires.
+pub const FALLBACK_AFTER: Millis = 2 * NEIGHBOUR_RETRY;
+
+/// The MAC used for a gateway that does not answer ARP / NDP: Linux
+/// sys-firewall never asks, it sets this as a permanent neighbour for
+/// `/qubes-gateway` and `/qubes-gateway6` (qubes-core-agent-linux
+/// `network/setup-ip`); it is the MAC of Qubes' vif backends.
+pub const GATEWAY_FALLBACK_MAC: EthernetAddress =
+    EthernetAddress([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]);
 
 /// How long a frame may wait for the gateway's MAC. Linux gives up on an
 /// unresolved neighbour after `mcast_solicit` (3) probes `retrans_time`
@@ -128,6 +142,11 @@ pub struct Neighbour<A> {
     pub mac: Option<EthernetAddress>,
     /// When we last asked.
     pub last_request: Option<Millis>,
+    /// When we first asked (since the MAC was last unknown).
+    pub first_request: Option<Millis>,
+    /// Whether `mac` is [`GATEWAY_FALLBACK_MAC`], taken because nobody
+    /// answered (a MAC the gateway announces replaces it).
+    pub fallback: bool,
 }
 
 impl<A: Copy> Neighbour<A> {
@@ -137,7 +156,18 @@ impl<A: Copy> Neighbour<A> {
             ip,
             mac: None,
             last_request: None,
+            first_request: None,
+            fallback: false,
         }
+    }
+
+    /// Whether the requests went unanswered for [`FALLBACK_AFTER`] at
+    /// `now`: time to use [`GATEWAY_FALLBACK_MAC`].
+    pub fn fallback_due(&self, now: Millis) -> bool {
+        self.mac.is_none()
+            && self
+                .first_request
+                .is_some_and(|at| now.saturating_sub(at) >= FALLBACK_AFTER)
     }
 
     /// Whether a request should go out now (unknown MAC, not asked within
@@ -150,17 +180,21 @@ impl<A: Copy> Neighbour<A> {
             Some(at) if now.saturating_sub(at) < NEIGHBOUR_RETRY => false,
             _ => {
                 self.last_request = Some(now);
+                self.first_request.get_or_insert(now);
                 true
             }
         }
     }
 
-    /// When the next request is due, if the MAC is unknown.
+    /// When the next request (or the fallback) is due, if the MAC is
+    /// unknown.
     pub fn ask_at(&self) -> Option<Millis> {
         if self.mac.is_some() {
             return None;
         }
-        Some(self.last_request.map_or(0, |at| at + NEIGHBOUR_RETRY))
+        let ask = self.last_request.map_or(0, |at| at + NEIGHBOUR_RETRY);
+        let fallback = self.first_request.map(|at| at + FALLBACK_AFTER);
+        Some(fallback.map_or(ask, |f| f.min(ask)))
     }
 }
 
@@ -228,6 +262,23 @@ mod tests {
         n.mac = Some(EthernetAddress([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]));
         assert!(!n.should_ask(5000));
         assert_eq!(n.ask_at(), None);
+    }
+
+    #[test]
+    fn fallback_is_due_two_requests_after_the_first() {
+        let mut n = Neighbour::new(Ipv4Addr::new(10, 137, 0, 1));
+        assert!(!n.fallback_due(10_000), "never asked: nothing is due");
+        assert!(n.should_ask(500));
+        assert!(!n.fallback_due(500 + FALLBACK_AFTER - 1));
+        assert!(n.should_ask(1500));
+        // The next request would be at 2 500, the fallback is at 2 500 too.
+        assert_eq!(n.ask_at(), Some(500 + FALLBACK_AFTER));
+        assert!(n.fallback_due(500 + FALLBACK_AFTER));
+        n.mac = Some(GATEWAY_FALLBACK_MAC);
+        assert!(
+            !n.fallback_due(100_000),
+            "a known MAC is never replaced by it"
+        );
     }
 
     #[test]

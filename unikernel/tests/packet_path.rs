@@ -1356,7 +1356,11 @@ fn pending_frames_leave_in_order_and_the_oldest_go_at_the_cap() {
 }
 
 #[test]
-fn pending_frames_expire_and_arp_is_retried_meanwhile() {
+fn unanswered_arp_falls_back_to_the_static_gateway_mac() {
+    // A net qube that never answers ARP (qubes-mirage-firewall #213):
+    // Linux sys-firewall would use its static neighbour fe:ff:ff:ff:ff:ff
+    // from the start; we ask twice, then use it before frames expire.
+    let fallback = EthernetAddress([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]);
     let mut net = Net::unresolved(false, Caps::for_memory(32 << 20));
     accept_all(&mut net, A_IP);
     net.send_from_a(&udp4(A_IP, REMOTE, 40000, 9, b"x"));
@@ -1364,32 +1368,69 @@ fn pending_frames_expire_and_arp_is_retried_meanwhile() {
     net.send_from_a(&udp4(A_IP, REMOTE, 40000, 10, b"x"));
     let mut requests = net.uplink_out().iter().filter(|f| is_arp(f)).count();
     assert_eq!(requests, 1, "asked with the first frame");
-    for _ in 0..24 {
+    for _ in 0..14 {
         net.advance(100);
         requests += net.uplink_out().iter().filter(|f| is_arp(f)).count();
     }
-    // Asked at 0, 1 000 and 2 000: once a second while frames wait.
-    assert_eq!(net.now, 2900);
-    assert_eq!(requests, 3);
+    // Asked at 0 and 1 000; at 1 900 the frames still wait.
+    assert_eq!(net.now, 1900);
+    assert_eq!(requests, 2);
     assert_eq!(net.router.pending_len(), 2);
     assert_eq!(
         net.router.poll_at(net.at()),
-        Some(Instant::from_millis(3000))
+        Some(Instant::from_millis(2000))
     );
+    assert!(!net.router.gateway_uses_fallback_mac());
     net.advance(100);
-    assert_eq!(net.router.pending_len(), 1, "the first waited 3 s");
-    assert_eq!(net.dropped(DropReason::PendingExpired), 1);
-    // The answer comes late for the second too (its expiry not yet run
-    // by the timers): it is dropped, not sent.
-    net.now = 3600;
-    net.gateway_says(GATEWAY, GATEWAY_MAC);
-    assert!(net.uplink_out().iter().all(|f| is_arp(f)));
-    assert_eq!(net.dropped(DropReason::PendingExpired), 2);
-    assert_eq!(net.router.counters().pending_sent, 0);
-    assert_eq!(net.router.pending_len(), 0);
-    // Afterwards traffic flows directly.
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 2, "both waiting frames leave, no third request");
+    assert!(out.iter().all(|f| !is_arp(f)));
+    assert_eq!(seen4(&out[0]).dport, 9, "in order");
+    assert_ip_frames_to(&out, fallback);
+    assert_eq!(net.router.gateway_mac(), Some(fallback));
+    assert!(net.router.gateway_uses_fallback_mac());
+    assert_eq!(net.dropped(DropReason::PendingExpired), 0);
+    assert_eq!(net.router.counters().pending_sent, 2);
+    // No more requests; traffic flows directly, and the replies come in.
+    net.advance(5000);
+    assert!(net.uplink_out().is_empty());
     net.send_from_a(&udp4(A_IP, REMOTE, 40000, 11, b"x"));
+    let out = net.uplink_out();
+    assert_eq!(seen4(&out[0]).eth_dst, fallback);
+    let port = seen4(&out[0]).sport;
+    net.send_from_outside(&udp4(REMOTE, OUR_IP, 11, port, b"r"));
+    assert_eq!(net.client_out(A).len(), 1);
+    // A MAC the gateway announces later replaces the fallback.
+    net.gateway_says(GATEWAY, GATEWAY_MAC);
+    assert_eq!(net.router.gateway_mac(), Some(GATEWAY_MAC));
+    assert!(!net.router.gateway_uses_fallback_mac());
+    net.send_from_a(&udp4(A_IP, REMOTE, 40000, 12, b"x"));
     assert_eq!(seen4(&net.uplink_out()[0]).eth_dst, GATEWAY_MAC);
+}
+
+#[test]
+fn unanswered_ndp_falls_back_to_the_static_gateway_mac() {
+    let fallback = EthernetAddress([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    let mut net = Net::new(true);
+    net.uplink_out();
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    let udp = udp_datagram(a_ip6().into(), remote6().into(), 40000, 9, b"x");
+    net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Udp, 64, &udp));
+    let solicits = net.uplink_out();
+    assert_eq!(solicits.len(), 1, "one neighbour solicitation");
+    assert_eq!(net.router.pending_len(), 1);
+    net.advance(1000);
+    assert_eq!(net.uplink_out().len(), 1, "asked again");
+    net.advance(1000);
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+    assert_eq!(eth.dst_addr(), fallback);
+    assert_eq!(eth.ethertype(), EthernetProtocol::Ipv6);
+    assert_eq!(net.router.pending_len(), 0);
+    assert!(net.router.gateway_uses_fallback_mac());
+    // The IPv4 gateway answered: it keeps its own MAC.
+    assert_eq!(net.router.gateway_mac(), Some(GATEWAY_MAC));
 }
 
 #[test]

@@ -10,6 +10,7 @@ use smoltcp::wire::EthernetAddress;
 
 use crate::arp;
 use crate::nat::Millis;
+use crate::uplink::GATEWAY_FALLBACK_MAC;
 use crate::wire::{ETH_LEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, PROTO_ICMPV6, be16};
 
 use super::{DropReason, Out, Router};
@@ -91,14 +92,18 @@ impl Router {
         if mac == UNRESOLVED_MAC || !mac.is_unicast() {
             return;
         }
-        let neighbour_mac = if v6 {
+        let (neighbour_mac, fallback) = if v6 {
             match self.uplink.gateway6.as_mut() {
-                Some(gateway6) => &mut gateway6.mac,
+                Some(gateway6) => (&mut gateway6.mac, &mut gateway6.fallback),
                 None => return,
             }
         } else {
-            &mut self.uplink.gateway.mac
+            (
+                &mut self.uplink.gateway.mac,
+                &mut self.uplink.gateway.fallback,
+            )
         };
+        *fallback = false;
         let old = neighbour_mac.replace(mac);
         if let Some(old) = old
             && old != mac
@@ -160,7 +165,23 @@ impl Router {
     /// Sends an ARP request for the gateway and an NDP solicitation for the
     /// IPv6 gateway when their MAC is unknown and the last request is at
     /// least [`crate::uplink::NEIGHBOUR_RETRY`] old.
+    ///
+    /// A gateway that left two requests unanswered
+    /// ([`crate::uplink::FALLBACK_AFTER`]) gets
+    /// [`GATEWAY_FALLBACK_MAC`], Linux sys-firewall's static neighbour: the
+    /// waiting frames leave for it and we stop asking (a MAC the gateway
+    /// announces later still replaces it).
     pub(super) fn ask_gateways(&mut self, now: Millis) {
+        if self.uplink.gateway.fallback_due(now) {
+            self.learned_gateway(false, GATEWAY_FALLBACK_MAC);
+            self.uplink.gateway.fallback = true;
+        }
+        if self.uplink.gateway6.is_some_and(|g| g.fallback_due(now)) {
+            self.learned_gateway(true, GATEWAY_FALLBACK_MAC);
+            if let Some(gateway6) = self.uplink.gateway6.as_mut() {
+                gateway6.fallback = true;
+            }
+        }
         if self.uplink.gateway.should_ask(now) {
             let request =
                 arp::gateway_request(self.uplink.ip, self.uplink.mac, self.uplink.gateway.ip);

@@ -45,7 +45,10 @@
 //!   frames leave in order, addressed to the learned MAC, as soon as it is
 //!   announced for the gateway's address. A waiting frame carries an
 //!   all-zero placeholder MAC that never reaches a NIC; frames already
-//!   queued when the gateway's MAC changes are re-addressed, not lost;
+//!   queued when the gateway's MAC changes are re-addressed, not lost. A
+//!   gateway that leaves two requests unanswered gets `fe:ff:ff:ff:ff:ff`
+//!   (Linux sys-firewall's static neighbour from `setup-ip`): the waiting
+//!   frames leave for it, before they expire;
 //! - IPv6 (`/qubes-ip6` set): the same forwarding and NAT with `dst6` rules;
 //! - `dsthost=` names resolved in the background by `dns.rs`;
 //! - counters per interface and per drop reason; no formatted print per
@@ -555,6 +558,13 @@ impl Router {
     /// The gateway MAC, once learned.
     pub fn gateway_mac(&self) -> Option<EthernetAddress> {
         self.uplink.gateway.mac
+    }
+
+    /// Whether a gateway (IPv4 or IPv6) is reached through
+    /// [`crate::uplink::GATEWAY_FALLBACK_MAC`] because it never answered
+    /// ARP / NDP.
+    pub fn gateway_uses_fallback_mac(&self) -> bool {
+        self.uplink.gateway.fallback || self.uplink.gateway6.is_some_and(|g| g.fallback)
     }
 
     /// The DNS cache the `dsthost` rules use.
