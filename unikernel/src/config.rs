@@ -15,6 +15,13 @@
 //! - the caps of the control plane (QubesDB entries, qrexec connections and
 //!   buffers), derived from the VM's memory size.
 //!
+//! The other keys qubesd writes for a firewall qube (`/qubes-netmask`,
+//! `/qubes-mac`, the `/qubes-netvm-*` keys, `/mapped-ip/…` of a client's
+//! `net.fake-ip`, `/connected-ips`, …) are not network settings of ours:
+//! the table in the [`crate::firewall`] docs says, key by key, what Linux's
+//! sys-firewall does with it and what we do (the same, or why it does not
+//! apply).
+//!
 //! Differences from mirage-firewall, on purpose: mirage treats
 //! `0.0.0.0` as "not given" and would start with only one of `--ipv4` /
 //! `--ipv4-gw` set (and then trips an assertion); here giving one without

@@ -138,6 +138,7 @@ impl WallClock {
 #[derive(Debug)]
 struct ClientVif<N> {
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     nic: N,
 }
 
@@ -624,7 +625,7 @@ impl<P: Platform> Firewall<P> {
             if network.clients.contains_key(&id) {
                 continue;
             }
-            let ip = config.ip;
+            let (ip, ip6) = (config.ip, config.ip6);
             let nic = match platform.attach_client(id.domid, id.device) {
                 Ok(nic) => nic,
                 Err(error) => {
@@ -638,7 +639,7 @@ impl<P: Platform> Firewall<P> {
             match network.router.add_client(id, config) {
                 Ok(()) => {
                     info!("client vif{}.{} added with IP {ip}", id.domid, id.device);
-                    network.clients.insert(id, ClientVif { ip, nic });
+                    network.clients.insert(id, ClientVif { ip, ip6, nic });
                 }
                 Err(error) => warn!(
                     "client vif{}.{} ({ip}): refused by the router: {error}",
@@ -655,7 +656,19 @@ const MAPPED_IP: &str = "/mapped-ip/";
 /// Warns about each client with a visible address other than its real one
 /// (all of them, or only the key `only` that changed): not supported here.
 fn warn_mapped_ip(database: &Database, only: Option<&str>) {
-    for (path, value) in database.iter() {
+    for warning in mapped_ip_warnings(database.iter(), only) {
+        warn!("{warning}");
+    }
+}
+
+/// The warnings [`warn_mapped_ip`] logs, one per `/mapped-ip/<ip>/…` key
+/// whose value is an address other than `<ip>`.
+fn mapped_ip_warnings<'a>(
+    entries: impl Iterator<Item = (&'a str, &'a str)>,
+    only: Option<&str>,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (path, value) in entries {
         let Some(rest) = path.strip_prefix(MAPPED_IP) else {
             continue;
         };
@@ -665,20 +678,21 @@ fn warn_mapped_ip(database: &Database, only: Option<&str>) {
         let Some((ip, what)) = rest.split_once('/') else {
             continue;
         };
+        let feature = match what {
+            "visible-ip" => "net.fake-ip",
+            "visible-gateway" => "net.fake-gateway",
+            _ => continue,
+        };
         if value.is_empty() || value == ip {
             continue;
         }
-        warn!(
-            "QubesDB {path} = {value:?}: client {ip:?} has {} set, which this firewall \
-             does not support; its traffic from {value:?} is dropped as spoofed \
-             (remove the feature in dom0 to give it network)",
-            if what == "visible-ip" {
-                "net.fake-ip"
-            } else {
-                "net.fake-gateway"
-            }
-        );
+        warnings.push(format!(
+            "QubesDB {path} = {value:?}: client {ip:?} has {feature} set, which this \
+             firewall does not support; its traffic is dropped as spoofed (remove the \
+             feature in dom0 to give it network)"
+        ));
     }
+    warnings
 }
 
 /// Space-separated addresses, or `none`.
@@ -885,9 +899,15 @@ fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
                 _ => "drop",
             },
             nat_entries: router.client_nat_len(*id).unwrap_or(0),
+            // The IPv4 set's error, else the IPv6 set's (its own rules,
+            // under /qubes-firewall/<ip6>/), said as such.
             rules_error: match summary {
                 None => Some("no rules committed yet (all traffic dropped)".to_string()),
-                Some(s) => s.error.clone(),
+                Some(s) => s.error.clone().or_else(|| {
+                    let ip6 = vif.ip6?;
+                    let error = inputs.rule_summary.get(&IpAddr::V6(ip6))?.error.as_ref()?;
+                    Some(format!("IPv6 rules ({ip6}): {error}"))
+                }),
             },
         });
     }
@@ -995,6 +1015,28 @@ mod tests {
         assert_eq!(config.ip, Ipv4Addr::new(10, 137, 0, 10));
         assert_eq!(config.ip6, Some("fd09:24ef:4179::a89:a".parse().unwrap()));
         assert!(config.mac.is_some());
+    }
+
+    #[test]
+    fn fake_ip_clients_are_warned_about() {
+        let entries = [
+            ("/mapped-ip/10.137.0.9/visible-ip", "10.1.1.1"),
+            ("/mapped-ip/10.137.0.9/visible-gateway", "10.1.1.254"),
+            ("/mapped-ip/10.137.0.10/visible-ip", "10.137.0.10"),
+            ("/mapped-ip/10.137.0.11/other", "1.2.3.4"),
+            ("/mapped-ip/junk", "1.2.3.4"),
+            ("/qubes-ip", "10.137.0.2"),
+        ];
+        let all = mapped_ip_warnings(entries.iter().copied(), None);
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert!(all[0].contains("net.fake-ip") && all[0].contains("\"10.137.0.9\""));
+        assert!(all[1].contains("net.fake-gateway"));
+        let one = mapped_ip_warnings(
+            entries.iter().copied(),
+            Some("/mapped-ip/10.137.0.9/visible-gateway"),
+        );
+        assert_eq!(one.len(), 1);
+        assert!(one[0].contains("net.fake-gateway"));
     }
 
     #[test]

@@ -690,3 +690,55 @@ fn connected_ips_are_read_at_sync_and_followed() {
         "{report}"
     );
 }
+
+#[test]
+fn status_names_the_rule_error_of_either_family() {
+    let mut rig = Rig::start("");
+    let db = rig.qubesdb(&[
+        ("/qubes-ip", "10.137.0.2"),
+        ("/qubes-gateway", "10.137.0.1"),
+        ("/qubes-firewall/10.137.0.10/policy", "accept"),
+        ("/qubes-firewall/10.137.0.10", ""),
+        ("/qubes-firewall/fd09::a/policy", "accept"),
+        ("/qubes-firewall/fd09::a/0000", "action=accept comment=x"),
+        ("/qubes-firewall/fd09::a", ""),
+    ]);
+    rig.handle
+        .xenstore()
+        .set("backend/vif/5/0/ip", "10.137.0.10 fd09::a");
+    rig.settle();
+    assert_eq!(rig.firewall.clients().len(), 1);
+    let status = |rig: &Rig| {
+        rig.firewall
+            .status(rig.handle.clock().now())
+            .to_string()
+            .lines()
+            .find(|l| l.starts_with("client vif5.0 "))
+            .unwrap()
+            .to_string()
+    };
+    let line = status(&rig);
+    assert!(
+        line.contains("IPv6 rules (fd09::a)") && line.contains("unsupported rule option 'comment'"),
+        "{line}"
+    );
+    // The IPv4 set's own error comes first: expire= there.
+    db.send(&qdb(MessageType::Rm, "/qubes-firewall/10.137.0.10/", ""));
+    db.send(&qdb(
+        MessageType::Write,
+        "/qubes-firewall/10.137.0.10/policy",
+        "accept",
+    ));
+    db.send(&qdb(
+        MessageType::Write,
+        "/qubes-firewall/10.137.0.10/0000",
+        "action=accept expire=1700000000",
+    ));
+    db.send(&qdb(MessageType::Write, "/qubes-firewall/10.137.0.10", ""));
+    rig.settle();
+    let line = status(&rig);
+    assert!(
+        line.contains("unsupported rule option 'expire'") && !line.contains("IPv6"),
+        "{line}"
+    );
+}
