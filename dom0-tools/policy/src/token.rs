@@ -325,7 +325,8 @@ impl Token {
 
     /// Every concrete target this token stands for (Python's `expand()`
     /// followed by its uuid-to-name step), used to offer choices for `ask`.
-    /// Keywords come out as `@adminvm`, `@dispvm` and `@dispvm:NAME`.
+    /// The admin VM comes out as `dom0`, disposables as `@dispvm` and
+    /// `@dispvm:NAME`.
     /// `Err` names a `@dispvm:X` whose `X` is not a qube: Qubes fails on it
     /// (and so refuses the call), and so must the caller.
     pub fn expand(&self, system: &SystemInfo, out: &mut Vec<String>) -> Result<(), String> {
@@ -340,7 +341,12 @@ impl Token {
                     out.push(n.to_owned());
                 }
             }
-            Token::AdminVm(AdminForm::Keyword) => out.push("@adminvm".to_owned()),
+            // Qubes expands the keyword to itself and turns it into `dom0`
+            // only after the deny rules were applied, so an earlier deny of
+            // `dom0` (`*`, `dom0`, `@type:AdminVM`, …) does not cancel a
+            // later `@adminvm` (qubes-core-qrexec parser.py:1898-1901); we
+            // expand it to `dom0` at once, so that it does.
+            Token::AdminVm(AdminForm::Keyword) => out.push("dom0".to_owned()),
             Token::AdminVm(AdminForm::Name | AdminForm::Uuid) => {
                 if system.contains("dom0") {
                     out.push("dom0".to_owned());
