@@ -3,8 +3,9 @@
 //! In Qubes, dom0 asks `qrexec-policy-agent` in the source's GUI qube over
 //! the `policy.Ask` service, with the source, service, argument, the list of
 //! allowed targets and the default target; it answers `allow:TARGET` or
-//! `deny`. Here the same question goes to a program named in configuration
-//! (`--ask-program`), run as
+//! `deny` ([`crate::agent`] does that when the source has a GUI qube). As the
+//! fallback when it has none, the same question goes to a program named in
+//! configuration (`--ask-program`), run as
 //!
 //! ```text
 //! PROGRAM SOURCE SERVICE ARGUMENT DEFAULT_TARGET [TARGET ...]

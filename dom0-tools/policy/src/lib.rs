@@ -14,8 +14,10 @@
 //! `!include*`, `!compat-4.0`, legacy files), [`index`] (the compiled
 //! index), [`eval`] (actions, redirects, `ask`, replies), [`system_info`]
 //! (the qube list from a JSON file, behind a trait), [`protocol`] (the daemon
-//! socket request), [`ask`] (the confirmation program), [`daemon`] (the
-//! server and the reload watcher).
+//! socket request), [`ask`] (the confirmation program), [`agent`]
+//! (`policy.Ask`/`policy.Notify` to the GUI qube's `qrexec-policy-agent`),
+//! [`daemon`] (the server and the reload watcher), [`admin`] (the policy
+//! admin API served by `qubes-policy-admin`).
 //!
 //! # `qrexec-policy-daemon`
 //!
@@ -25,6 +27,8 @@
 //!                      [--ask-program PATH] [--ask-timeout SECONDS]
 //!                      [--reload-interval-ms MS] [--max-connections N]
 //!                      [--eval-socket-path PATH] [--gui-socket-path PATH]
+//!                      [--qrexec-client PATH] [--qrexec-socket-dir DIR]
+//!                      [--rpc-socket-dir DIR]
 //! ```
 //!
 //! Listens on `--socket-path` (default `/run/qubes/policy.sock`, mode 0660)
@@ -40,8 +44,11 @@
 //! so a legacy-only setup is a policy directory holding one file with the
 //! line `!compat-4.0`. `--system-info`
 //! (default `/etc/qubes/qubes.json`) is the qube list, format in
-//! [`system_info`]. `--ask-program` answers `ask` rules (see [`ask`]);
-//! without it every `ask` is a deny, logged as such. Policy files are
+//! [`system_info`]. When the source qube has a GUI qube (`guivm`), `ask`
+//! rules and notifications go to its `qrexec-policy-agent` as in Qubes (see
+//! [`agent`]; `--qrexec-client`, `--qrexec-socket-dir`, `--rpc-socket-dir`).
+//! Otherwise `--ask-program` answers `ask` rules (see [`ask`]); without it
+//! every such `ask` is a deny, logged as such. Policy files are
 //! watched (`--reload-interval-ms`, default 500) and reloaded on change; a
 //! broken policy keeps the last good one and logs `FILE:LINE: REASON`.
 //! Like Qubes' daemon it also serves the `policy.EvalSimple` and
@@ -58,6 +65,8 @@
 //! qrexec-policy-exec [--assume-yes-for-ask] [--just-evaluate] [--path DIR]...
 //!                    [--legacy-policy-path DIR] [--system-info PATH]
 //!                    [--ask-program PATH] [--ask-timeout SECONDS]
+//!                    [--qrexec-client PATH] [--qrexec-socket-dir DIR]
+//!                    [--rpc-socket-dir DIR]
 //!                    [--] SOURCE TARGET SERVICE[+ARGUMENT]
 //! qrexec-policy-exec --check [--path DIR]... [--legacy-policy-path DIR]
 //! ```
@@ -72,13 +81,23 @@
 //! `FILE:LINE: error: REASON` (the format of Qubes' `qubes-policy-lint`) for
 //! each error found and exits 1.
 //!
+//! # `qubes-policy-admin`
+//!
+//! The policy admin API (`policy.List`, `policy.Get`, `policy.Replace`,
+//! `policy.Remove`, `policy.GetFiles` and the `policy.include.*` forms) as
+//! one program installed under each service name in dom0's
+//! `/etc/qubes-rpc`; see [`admin`] and the program's own documentation
+//! (`QREXEC_POLICY_DIR` points it at another policy directory).
+//!
 //! # Configuration by environment
 //!
 //! qrexec-daemon runs its fallback program with a fixed argument list, so
 //! both tools also read their paths from the environment when the flag is
 //! absent (these names are ours; Qubes has no such variables):
 //! `QREXEC_POLICY_PATH` (directories separated by `:`),
-//! `QREXEC_LEGACY_POLICY_PATH`, `QREXEC_SYSTEM_INFO`, `QREXEC_ASK_PROGRAM`.
+//! `QREXEC_LEGACY_POLICY_PATH`, `QREXEC_SYSTEM_INFO`, `QREXEC_ASK_PROGRAM`,
+//! `QREXEC_POLICY_AGENT_CLIENT`, `QREXEC_POLICY_AGENT_SOCKET_DIR`,
+//! `QREXEC_POLICY_AGENT_RPC_DIR`.
 //!
 //! # Running it in a box
 //!
@@ -100,7 +119,10 @@
 //! `cargo test -p qrexec-policy` (unit tests per module; `tests/semantics.rs`
 //! one test per semantic corner and the seed examples; `tests/daemon.rs` and
 //! `tests/exec.rs` run the binaries; `tests/index_property.rs` checks the
-//! index against a linear scan on random policies).
+//! index against a linear scan on random policies; `tests/admin.rs` the
+//! admin API, also against Qubes' own `PolicyAdmin`; `tests/agent.rs`
+//! `policy.Ask`/`policy.Notify` through a fake qrexec-client and Qubes' own
+//! `SocketService`).
 //! `cd dom0-tools/policy/fuzz && cargo +nightly fuzz run policy_request`
 //! (also `policy_line`, `eval_service`).
 //! `cargo bench -p qrexec-policy --bench policy` (load and decision time at
