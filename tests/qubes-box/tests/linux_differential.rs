@@ -515,6 +515,28 @@ fn accident(probe: &Probe, policy: &str, rules: &[String]) -> Option<&'static st
     None
 }
 
+/// A disagreement caused by Linux itself, not by Qubes' rules: its
+/// `reject` (nf_send_unreach) sends no ICMP error for an IP protocol it
+/// has no checksum rule for (measured with protocol 253 whether or not the
+/// payload sums; GRE, ESP and SCTP are rejected), where ours answers
+/// admin-prohibited as for any denied packet. Only that difference is
+/// excused: both must have dropped the probe.
+fn kernel_quirk(probe: &Probe, ours: &Outcome, linux: &Outcome) -> Option<&'static str> {
+    let unusual = !matches!(probe.proto, 1 | 6 | 17 | 47 | 50 | 58 | 132);
+    if unusual
+        && ours.markers_arrived == 0
+        && linux.markers_arrived == 0
+        && linux.rejections.is_empty()
+        && !ours.rejections.is_empty()
+    {
+        return Some(
+            "IP protocol without a Linux checksum rule (253): ours rejects with \
+             admin-prohibited, Linux's nf_send_unreach sends nothing",
+        );
+    }
+    None
+}
+
 #[test]
 fn the_firewall_decides_as_qubes_linux_sys_firewall() {
     if !is_root() {
@@ -702,7 +724,7 @@ fn the_firewall_decides_as_qubes_linux_sys_firewall() {
                 agreed += 1;
                 continue;
             }
-            if let Some(reason) = accident(p, &policy, &rules) {
+            if let Some(reason) = accident(p, &policy, &rules).or_else(|| kernel_quirk(p, o, l)) {
                 *accidents.entry(reason).or_default() += 1;
                 continue;
             }
@@ -731,14 +753,15 @@ fn the_firewall_decides_as_qubes_linux_sys_firewall() {
 
     let compared = probes_total;
     eprintln!("differential against Qubes' Linux sys-firewall (seed {seed}):");
+    let excused: u64 = accidents.values().sum();
     eprintln!(
-        "  rule sets {rulesets} ({} excluded as Qubes accidents), probes compared {compared}, \
-         agreed {agreed} ({:.1} %)",
+        "  rule sets {rulesets} ({} excluded as Qubes accidents), probes {compared}, agreed \
+         {agreed}, excused as Qubes/Linux accidents {excused}, agreement {:.1} % of the rest",
         excluded_sets.values().sum::<u64>(),
-        if compared == 0 {
+        if compared == excused {
             100.0
         } else {
-            agreed as f64 * 100.0 / compared as f64
+            agreed as f64 * 100.0 / (compared - excused) as f64
         }
     );
     eprintln!("  probes ours forwards where Linux drops: {ours_forwards_linux_drops}");
@@ -749,7 +772,7 @@ fn the_firewall_decides_as_qubes_linux_sys_firewall() {
         eprintln!("  excluded rule sets: {n} x {reason}");
     }
     for (reason, n) in &accidents {
-        eprintln!("  Qubes accident, probes not compared: {n} x {reason}");
+        eprintln!("  Qubes/Linux accident, probes not counted as disagreeing: {n} x {reason}");
     }
     for (c, (n, example)) in &disagreements {
         eprintln!("  DISAGREE {n} x {c}\n      e.g. {example}");
