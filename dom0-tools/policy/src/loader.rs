@@ -521,7 +521,11 @@ fn run_loader(loader: &mut Loader<'_>) -> Result<(), PolicyError> {
             seen.entry(name).or_insert(path);
         }
     }
-    for path in seen.into_values() {
+    // As `ValidateParser`: proposed contents are read after the files on disk.
+    let (proposed, on_disk): (Vec<PathBuf>, Vec<PathBuf>) = seen
+        .into_values()
+        .partition(|p| loader.overrides.is_some_and(|o| o.contains_key(p)));
+    for path in on_disk.into_iter().chain(proposed) {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         if let Err(e) = loader.load_file(&path, &base, 0) {
             loader.fail(e)?;

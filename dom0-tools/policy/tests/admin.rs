@@ -738,6 +738,8 @@ fn requests(token_of_30: &str) -> Vec<(String, String, Vec<u8>)> {
         r("policy.Remove", "50-inc", "any"),
         r("policy.include.Remove", "inc1", "any"),
         r("policy.Replace", "70-empty", "new\n"),
+        r("policy.Replace", "90-broken", "any\nnot a rule\n"),
+        r("policy.include.Replace", "existing", "any\nbroken\n"),
         r(
             "policy.Replace",
             "80-crlf",
@@ -755,6 +757,36 @@ fn requests(token_of_30: &str) -> Vec<(String, String, Vec<u8>)> {
 
 #[test]
 fn same_answers_as_qubes_policy_admin() {
+    let token = compute_token(b"svc * @anyvm @anyvm allow\n");
+    differential(seed, &requests(&token));
+}
+
+#[test]
+fn same_first_error_as_qubes_with_a_broken_file_on_disk() {
+    let r = |s: &str, a: &str, p: &str| (s.to_owned(), a.to_owned(), p.as_bytes().to_vec());
+    differential(
+        |t| {
+            seed(t);
+            t.write("20-broken.policy", "svc * @anyvm\n");
+        },
+        &[
+            // Qubes reads the files on disk first, then the proposed one.
+            r("policy.Replace", "05-new", "new\nnot a rule\n"),
+            r("policy.Replace", "30-ok", "new\nsvc * @anyvm @anyvm deny\n"),
+            r("policy.Replace", "20-broken", "any\nstill broken\n"),
+            r("policy.Remove", "10-base", "any"),
+            r(
+                "policy.Replace",
+                "20-broken",
+                "any\nsvc * @anyvm @anyvm deny\n",
+            ),
+            r("policy.Replace", "05-new", "new\nnot a rule\n"),
+            r("policy.List", "", ""),
+        ],
+    );
+}
+
+fn differential(seed: impl Fn(&Tree), requests: &[(String, String, Vec<u8>)]) {
     let tarball = reference_tarball();
     let python = Command::new("python3").arg("--version").output();
     if !tarball.is_file() || python.is_err() {
@@ -779,8 +811,6 @@ fn same_answers_as_qubes_policy_admin() {
     let theirs = Tree::new();
     seed(&ours);
     seed(&theirs);
-    let token = compute_token(b"svc * @anyvm @anyvm allow\n");
-    let requests = requests(&token);
 
     let json: Vec<serde_json::Value> = requests
         .iter()
