@@ -926,6 +926,8 @@ fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
         expired: counters.dropped(DropReason::PendingExpired),
         dropped_full: counters.dropped(DropReason::PendingFull),
     };
+    report.gateway_mac = router.gateway_mac().map(|mac| mac.0);
+    report.gateway_fallback = router.gateway_uses_fallback_mac();
     report
 }
 

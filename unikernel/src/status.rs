@@ -95,6 +95,11 @@ pub struct StatusReport {
     pub nat_capacity: usize,
     /// The pending queues for the gateway's MAC.
     pub pending: PendingStatus,
+    /// The gateway's MAC, once known.
+    pub gateway_mac: Option<[u8; 6]>,
+    /// True when a gateway (IPv4 or IPv6) never answered ARP/NDP and is
+    /// reached through Linux's static `fe:ff:ff:ff:ff:ff`.
+    pub gateway_fallback: bool,
     /// The clients.
     pub clients: Vec<ClientStatus>,
     /// Every connected qube's address from `/connected-ips` and
@@ -176,6 +181,20 @@ impl StatusReport {
             "gateway_pending: waiting {} queued {} sent {} expired {} dropped_full {}",
             p.waiting, p.queued, p.sent, p.expired, p.dropped_full
         )?;
+        match self.gateway_mac {
+            Some([a, b, c, d, e, f]) => write!(
+                out,
+                "gateway_mac: {a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}"
+            )?,
+            None => write!(out, "gateway_mac: unknown")?,
+        }
+        if self.gateway_fallback {
+            write!(
+                out,
+                " (fallback: the gateway did not answer ARP/NDP; fe:ff:ff:ff:ff:ff as Linux's setup-ip)"
+            )?;
+        }
+        writeln!(out)?;
         writeln!(out)?;
         writeln!(
             out,
@@ -272,6 +291,8 @@ mod tests {
                 expired: 1,
                 dropped_full: 0,
             },
+            gateway_mac: Some([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            gateway_fallback: true,
             clients: vec![
                 ClientStatus {
                     domid: 5,
@@ -318,6 +339,7 @@ nat_entries: 7 of 8192
 flows_created: 9
 icmp_errors_sent: 0
 gateway_pending: waiting 2 queued 11 sent 8 expired 1 dropped_full 0
+gateway_mac: fe:ff:ff:ff:ff:ff (fallback: the gateway did not answer ARP/NDP; fe:ff:ff:ff:ff:ff as Linux's setup-ip)
 
 # clients: vif ip rules policy nat_entries [rules_error]
 client vif5.0 10.137.0.5 2 drop 7

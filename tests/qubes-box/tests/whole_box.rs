@@ -961,6 +961,11 @@ fn a_net_qube_that_never_answers_arp_still_carries_traffic() {
     up.wait_until("client1 reaching sys-net without ARP answers", || {
         up.web_from("client1")
     });
+    let status = String::from_utf8_lossy(&up.firewall_status().stdout).into_owned();
+    assert!(
+        status.contains("\ngateway_mac: fe:ff:ff:ff:ff:ff (fallback"),
+        "the firewall does not say it uses the fallback MAC: {status}"
+    );
     let dns = up.in_netns("client1", &["dns-query", "10.139.1.1:53", "example.com"]);
     assert_eq!(
         String::from_utf8_lossy(&dns.stdout),
