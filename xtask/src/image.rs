@@ -70,7 +70,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn build(root: &Path, target_dir: &Path) -> Result<PathBuf, String> {
+pub fn build(root: &Path, target_dir: &Path) -> Result<PathBuf, String> {
     let mut command = Command::new("cargo");
     command.current_dir(root).arg("build");
     for config in PROFILE_CONFIG {

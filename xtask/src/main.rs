@@ -5,6 +5,8 @@
 //! - `test [ARGS…]` — build every binary, then `cargo test --workspace`.
 //! - `image [--check-reproducible]` — build the Xen PVH image of the firewall
 //!   (`target/xen/qubes-firewall.elf`), check its ELF, print its size.
+//! - `dist` — the release directory for Qubes (`target/dist/…`): image as
+//!   `vmlinuz`, `initramfs`, install script, tarball, RPMs, .deb, SHA256SUMS.
 //! - `fuzz [SECONDS] [TARGET…]` — run every cargo-fuzz target (or the named
 //!   ones) for SECONDS each (default 20); installs `cargo-fuzz` if missing.
 //! - `demo` — Qubes in a box in one command: install, build, bring the box
@@ -17,6 +19,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod demo;
+mod dist;
 mod fuzz;
 mod image;
 mod test;
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        Some("dist") => dist::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("image") => image::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
@@ -45,6 +49,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   test [CARGO TEST ARGS...]    build every binary, then run the whole test suite
   fuzz [SECONDS] [TARGET...]   run the cargo-fuzz targets for SECONDS each (default 20)
   image [--check-reproducible] build the Xen PVH image target/xen/qubes-firewall.elf
+  dist                         the release directory for Qubes (target/dist/qubes-firewall-rs-VERSION)
   demo                         Qubes in a box: the whole system and what it does (root)
   bench box                    iperf3 through the hosted firewall vs the Linux kernel path (root)";
 
