@@ -225,6 +225,12 @@ impl Policy {
         Ok(Policy::from_loaded(loader::load(paths)?))
     }
 
+    /// Load and compile a policy tree installed under `root` (see
+    /// [`loader::load_under`]).
+    pub fn load_under(paths: &PolicyPaths, root: &std::path::Path) -> Result<Policy, PolicyError> {
+        Ok(Policy::from_loaded(loader::load_under(paths, root)?))
+    }
+
     /// Compile loaded rules.
     pub fn from_loaded(loaded: LoadedPolicy) -> Policy {
         let index = RuleIndex::build(&loaded.rules);
@@ -615,11 +621,7 @@ impl Policy {
 /// Request text made safe for a log line: control characters (which could
 /// forge log lines) are shown escaped.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(char::is_control) {
-        std::borrow::Cow::Owned(text.chars().flat_map(char::escape_default).collect())
-    } else {
-        std::borrow::Cow::Borrowed(text)
-    }
+    crate::logger::escape_controls(text)
 }
 
 /// A source given as `uuid:U` (Qubes 4.3) is the qube with that uuid;

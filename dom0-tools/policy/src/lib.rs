@@ -66,9 +66,10 @@
 //!                    [--legacy-policy-path DIR] [--system-info PATH]
 //!                    [--ask-program PATH] [--ask-timeout SECONDS]
 //!                    [--qrexec-client PATH] [--qrexec-socket-dir DIR]
-//!                    [--rpc-socket-dir DIR]
+//!                    [--rpc-socket-dir DIR] [--root DIR]
 //!                    [--] SOURCE TARGET SERVICE[+ARGUMENT]
 //! qrexec-policy-exec --check [--path DIR]... [--legacy-policy-path DIR]
+//!                    [--root DIR]
 //! ```
 //!
 //! The fallback qrexec-daemon runs when the policy daemon is not reachable
@@ -80,6 +81,12 @@
 //! `--check` loads the policy and exits 0 if it is valid, or prints
 //! `FILE:LINE: error: REASON` (the format of Qubes' `qubes-policy-lint`) for
 //! each error found and exits 1.
+//! `--root DIR` (ours; Qubes' tools read only `/etc`) reads the policy
+//! tree under `DIR` as if it were `/` — the policy directories, the legacy
+//! directory and every include, absolute `!include /etc/qubes/policy.d/…`
+//! and `$include:/etc/qubes-rpc/…` too — so a policy can be checked or
+//! tried before it is installed; messages name the installed paths
+//! ([`loader::load_under`]).
 //!
 //! # `qubes-policy-admin`
 //!
@@ -122,7 +129,11 @@
 //! index against a linear scan on random policies; `tests/admin.rs` the
 //! admin API, also against Qubes' own `PolicyAdmin`; `tests/agent.rs`
 //! `policy.Ask`/`policy.Notify` through a fake qrexec-client and Qubes' own
-//! `SocketService`).
+//! `SocketService`); `tests/qubes44.rs` Qubes 4.4's decisions case by case
+//! (dom0 by name, keyword and uuid in every position, `internal`,
+//! `@dispvm:uuid:`, replies); `tests/differential.rs` compares every
+//! decision with Qubes' own Python parser on random systems, policies and
+//! requests, and lists the Qubes accidents we do not copy).
 //! `cd dom0-tools/policy/fuzz && cargo +nightly fuzz run policy_request`
 //! (also `policy_line`, `eval_service`).
 //! `cargo bench -p qrexec-policy --bench policy` (load and decision time at

@@ -142,21 +142,22 @@ fn resolve(base: &Path, included: &str) -> PathBuf {
 }
 
 /// `filter_filepaths`: `*.policy` regular files not starting with `.`,
-/// sorted; any other name character fails the whole directory.
-fn list_policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
-    let entries = fs::read_dir(dir).map_err(|e| io_error(dir, &e))?;
+/// sorted; any other name character fails the whole directory. `dir` is
+/// read on disk at `disk`; the paths returned are under `dir`.
+fn list_policy_files(dir: &Path, disk: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+    let entries = fs::read_dir(disk).map_err(|e| io_error(dir, &e))?;
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| io_error(dir, &e))?;
-        let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with('.') || !name.ends_with(".policy") || name == ".policy" {
             continue;
         }
-        if !path.is_file() {
+        if !entry.path().is_file() {
             continue;
         }
+        let path = dir.join(&*name);
         files.push((name.into_owned(), path));
     }
     for (name, path) in &files {
@@ -178,6 +179,8 @@ pub type Overrides = BTreeMap<PathBuf, Option<String>>;
 
 struct Loader<'p> {
     paths: &'p PolicyPaths,
+    /// `--root`: every path is a path on the real system, read under here.
+    root: Option<&'p Path>,
     /// Files read from here instead of the disk (policy admin validation).
     overrides: Option<&'p Overrides>,
     out: LoadedPolicy,
@@ -185,12 +188,29 @@ struct Loader<'p> {
     errors: Option<Vec<PolicyError>>,
 }
 
-fn read_text(path: &Path) -> Result<String, PolicyError> {
-    let bytes = fs::read(path).map_err(|e| io_error(path, &e))?;
+/// Read `disk`, naming it `path` in errors.
+fn read_text(path: &Path, disk: &Path) -> Result<String, PolicyError> {
+    let bytes = fs::read(disk).map_err(|e| io_error(path, &e))?;
     String::from_utf8(bytes).map_err(|e| PolicyError::Io {
         path: path.display().to_string(),
         reason: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()),
     })
+}
+
+/// `path` with `.` and `..` taken out lexically (never above `/`).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 impl Loader<'_> {
@@ -198,10 +218,28 @@ impl Loader<'_> {
         path.display().to_string().into()
     }
 
+    /// Where a real-system path is read: itself, or under `--root`.
+    fn disk(&self, path: &Path) -> PathBuf {
+        match self.root {
+            Some(root) => root.join(normalize(path).strip_prefix("/").unwrap_or(path)),
+            None => path.to_owned(),
+        }
+    }
+
+    /// Qubes' `(base / included).resolve()`; under `--root` lexically, on
+    /// the real-system path (so an absolute include stays inside the root
+    /// and messages name the path as it will be once installed).
+    fn resolve(&self, base: &Path, included: &str) -> PathBuf {
+        match self.root {
+            Some(_) => normalize(&base.join(included)),
+            None => resolve(base, included),
+        }
+    }
+
     fn read(&self, path: &Path) -> Result<String, PolicyError> {
         match self.overrides.and_then(|o| o.get(path)) {
             Some(Some(text)) => Ok(text.clone()),
-            _ => read_text(path),
+            _ => read_text(path, &self.disk(path)),
         }
     }
 
@@ -209,7 +247,7 @@ impl Loader<'_> {
     /// `ValidateParser.load_policy_dir` does: overridden files are skipped,
     /// new contents for this directory come after the others.
     fn list_dir(&self, dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
-        let mut files = list_policy_files(dir)?;
+        let mut files = list_policy_files(dir, &self.disk(dir))?;
         if let Some(overrides) = self.overrides {
             let canon = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
             files.retain(|p| !overrides.contains_key(&canon(p)));
@@ -231,7 +269,7 @@ impl Loader<'_> {
         file: &Arc<str>,
         line: u32,
     ) -> Result<PathBuf, PolicyError> {
-        let path = resolve(base, included);
+        let path = self.resolve(base, included);
         match self.overrides.and_then(|o| o.get(&path)) {
             Some(Some(_)) => return Ok(path),
             Some(None) => {
@@ -243,7 +281,7 @@ impl Loader<'_> {
             }
             None => {}
         }
-        if !path.is_file() {
+        if !self.disk(&path).is_file() {
             return Err(syntax(
                 file,
                 line,
@@ -267,7 +305,7 @@ impl Loader<'_> {
     /// `load_policy_file`: a current-format file.
     fn load_file(&mut self, path: &Path, base: &Path, depth: usize) -> Result<(), PolicyError> {
         let text = self.read(path)?;
-        self.out.inputs.push(path.to_owned());
+        self.out.inputs.push(self.disk(path));
         self.load_text(&text, Self::file_label(path), base, depth)
     }
 
@@ -321,15 +359,15 @@ impl Loader<'_> {
                 }
                 ("!include-dir", [included]) => {
                     Self::check_depth(depth, file, line)?;
-                    let dir = resolve(base, included);
-                    if !dir.is_dir() {
+                    let dir = self.resolve(base, included);
+                    if !self.disk(&dir).is_dir() {
                         return Err(syntax(
                             file,
                             line,
                             format!("not a directory: {}", dir.display()),
                         ));
                     }
-                    self.out.inputs.push(dir.clone());
+                    self.out.inputs.push(self.disk(&dir));
                     for path in self.list_dir(&dir)? {
                         if let Err(e) = self.load_file(&path, base, depth + 1) {
                             self.fail(e)?;
@@ -377,7 +415,7 @@ impl Loader<'_> {
         depth: usize,
     ) -> Result<(), PolicyError> {
         let text = self.read(path)?;
-        self.out.inputs.push(path.to_owned());
+        self.out.inputs.push(self.disk(path));
         let file = Self::file_label(path);
         for (index, raw) in py_lines(&text).enumerate() {
             let line = u32::try_from(index + 1).unwrap_or(u32::MAX);
@@ -440,15 +478,16 @@ impl Loader<'_> {
     /// `!compat-4.0`: the whole legacy directory, with the implicit denies.
     fn load_compat(&mut self, file: &Arc<str>, line: u32, depth: usize) -> Result<(), PolicyError> {
         let legacy = self.paths.legacy_dir.clone();
-        let entries = fs::read_dir(&legacy).map_err(|e| io_error(&legacy, &e))?;
-        self.out.inputs.push(legacy.clone());
+        let legacy_disk = self.disk(&legacy);
+        let entries = fs::read_dir(&legacy_disk).map_err(|e| io_error(&legacy, &e))?;
+        self.out.inputs.push(legacy_disk);
         // service -> argument ("*" for none) -> path
         let mut services: BTreeMap<String, BTreeMap<String, PathBuf>> = BTreeMap::new();
         for entry in entries {
             let entry = entry.map_err(|e| io_error(&legacy, &e))?;
-            let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !path.is_file()
+            let path = legacy.join(&name);
+            if !entry.path().is_file()
                 || [".rpmsave", ".rpmnew", ".swp"]
                     .iter()
                     .any(|s| name.ends_with(s))
@@ -512,7 +551,7 @@ fn run_loader(loader: &mut Loader<'_>) -> Result<(), PolicyError> {
     let paths = loader.paths;
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     for dir in &paths.policy_dirs {
-        loader.out.inputs.push(dir.clone());
+        loader.out.inputs.push(loader.disk(dir));
         for path in loader.list_dir(dir)? {
             let name = path
                 .file_name()
@@ -538,6 +577,7 @@ fn run_loader(loader: &mut Loader<'_>) -> Result<(), PolicyError> {
 pub fn load(paths: &PolicyPaths) -> Result<LoadedPolicy, PolicyError> {
     let mut loader = Loader {
         paths,
+        root: None,
         overrides: None,
         out: LoadedPolicy::default(),
         errors: None,
@@ -557,6 +597,7 @@ pub fn load_with_overrides(
 ) -> Result<LoadedPolicy, PolicyError> {
     let mut loader = Loader {
         paths,
+        root: None,
         overrides: Some(overrides),
         out: LoadedPolicy::default(),
         errors: None,
@@ -565,11 +606,47 @@ pub fn load_with_overrides(
     Ok(loader.out)
 }
 
+/// [`load`] a policy tree that is not installed yet: every path (the policy
+/// directories, the legacy directory, absolute `!include` and `$include:`
+/// paths) is a path on the real system and is read under `root`, as if
+/// `root` were `/`. Messages and rule origins name the real-system paths
+/// (`/etc/qubes/policy.d/30-user.policy:3`), relative includes resolve
+/// against the real-system directory, and `..` never leaves `root`. Paths
+/// are resolved lexically: a symbolic link in the tree is followed by the
+/// operating system when reading, so an absolute link points outside it.
+pub fn load_under(paths: &PolicyPaths, root: &Path) -> Result<LoadedPolicy, PolicyError> {
+    let mut loader = Loader {
+        paths,
+        root: Some(root),
+        overrides: None,
+        out: LoadedPolicy::default(),
+        errors: None,
+    };
+    run_loader(&mut loader)?;
+    Ok(loader.out)
+}
+
+/// [`lint`] under `root`, as [`load_under`] reads.
+pub fn lint_under(paths: &PolicyPaths, root: &Path) -> Vec<PolicyError> {
+    let mut loader = Loader {
+        paths,
+        root: Some(root),
+        overrides: None,
+        out: LoadedPolicy::default(),
+        errors: Some(Vec::new()),
+    };
+    let fatal = run_loader(&mut loader).err();
+    let mut errors = loader.errors.unwrap_or_default();
+    errors.extend(fatal);
+    errors
+}
+
 /// Check the whole policy and return every error found (empty = valid).
 /// Parsing goes on after an error in a line, a file or an include.
 pub fn lint(paths: &PolicyPaths) -> Vec<PolicyError> {
     let mut loader = Loader {
         paths,
+        root: None,
         overrides: None,
         out: LoadedPolicy::default(),
         errors: Some(Vec::new()),
@@ -594,6 +671,7 @@ pub fn load_text(
     };
     let mut loader = Loader {
         paths: &paths,
+        root: None,
         overrides: None,
         out: LoadedPolicy::default(),
         errors: None,

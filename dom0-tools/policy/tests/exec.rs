@@ -188,3 +188,111 @@ fn paths_from_the_environment() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+fn exec_under(root: &std::path::Path, dom0: &Dom0, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qrexec-policy-exec"))
+        .arg("--root")
+        .arg(root)
+        .arg("--system-info")
+        .arg(dom0.qubes_json())
+        .args(args)
+        .env_remove("QREXEC_POLICY_PATH")
+        .env_remove("QREXEC_LEGACY_POLICY_PATH")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn root_option_reads_a_tree_that_is_not_installed() {
+    let dom0 = Dom0::new();
+    let root = dom0.path("image");
+    let put = |rel: &str, text: &str| {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    std::fs::create_dir_all(root.join("run/qubes/policy.d")).unwrap();
+    put(
+        "etc/qubes/policy.d/30-user.policy",
+        "!include /etc/qubes/policy.d/include/extra\n\
+         !include-service svc.C * /etc/qubes/policy.d/include/old\n\
+         !compat-4.0\n",
+    );
+    put("etc/qubes/policy.d/include/extra", "s * work vault allow\n");
+    put(
+        "etc/qubes/policy.d/include/old",
+        "$anyvm $anyvm allow,target=vault\n",
+    );
+    put(
+        "etc/qubes-rpc/policy/svc.B",
+        "$include:/etc/qubes-rpc/policy/shared\n",
+    );
+    put(
+        "etc/qubes-rpc/policy/shared",
+        "$anyvm $anyvm allow,target=personal\n",
+    );
+    // absolute `!include`, `!include-service` and `$include:` all read
+    // inside the root
+    let o = exec_under(&root, &dom0, &["--", "work", "vault", "s"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = exec_under(&root, &dom0, &["--", "work", "", "svc.B"]);
+    assert!(stdout(&o).contains("target=personal\n"), "{}", stdout(&o));
+    let o = exec_under(&root, &dom0, &["--", "work", "", "svc.C"]);
+    assert!(stdout(&o).contains("target=vault\n"), "{}", stdout(&o));
+    let o = exec_under(&root, &dom0, &["--check"]);
+    assert_eq!((o.status.code(), stdout(&o).as_str()), (Some(0), ""));
+    // errors name the installed paths, and `..` does not leave the root
+    put(
+        "etc/qubes/policy.d/include/extra",
+        "s * work vault allow\ns * work vault permit\n!include ../../../../../../etc/passwd\n",
+    );
+    let o = exec_under(&root, &dom0, &["--check"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stdout(&o),
+        "/etc/qubes/policy.d/include/extra:2: error: invalid action: permit\n\
+         /etc/qubes/policy.d/include/extra:3: error: not a file: /etc/passwd\n"
+    );
+    let o = exec_under(&root, &dom0, &["--", "work", "vault", "s"]);
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains(
+            "error loading policy: /etc/qubes/policy.d/include/extra:2: invalid action: permit"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&root.display().to_string()), "{stderr}");
+}
+
+#[test]
+fn control_characters_of_a_policy_line_are_escaped() {
+    let dom0 = Dom0::new();
+    dom0.write(
+        "policy.d/30-user.policy",
+        "s * work vault \u{1b}[2Jallow\u{7f}\n",
+    );
+    let o = exec(&dom0, &["--", "work", "vault", "s"]);
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("invalid action: \\u{1b}[2Jallow\\u{7f}"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}') && !stderr.contains('\u{7f}'),
+        "{stderr}"
+    );
+    let o = exec(&dom0, &["--check"]);
+    let out = stdout(&o);
+    assert!(
+        out.contains("invalid action: \\u{1b}[2Jallow\\u{7f}\n"),
+        "{out}"
+    );
+    assert!(!out.contains('\u{1b}'), "{out}");
+}

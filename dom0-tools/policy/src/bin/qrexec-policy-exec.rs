@@ -46,6 +46,13 @@ struct Args {
         default_value = LEGACY_POLICY_PATH
     )]
     legacy_policy_path: PathBuf,
+    /// Read the policy tree (the policy directories, the legacy directory
+    /// and every include, absolute ones too) under DIR as if DIR were `/`,
+    /// to check or try a policy before it is installed; messages name the
+    /// paths as on the installed system. The system-info file is not
+    /// affected.
+    #[arg(long = "root", value_name = "DIR")]
+    root: Option<PathBuf>,
     /// JSON file listing the qubes.
     #[arg(
         long = "system-info",
@@ -73,10 +80,12 @@ struct Args {
 }
 
 fn print_error(err: &PolicyError) {
-    match err {
-        PolicyError::Syntax(e) => println!("{}:{}: error: {}", e.file, e.line, e.message),
-        other => println!("{other}"),
-    }
+    let text = match err {
+        PolicyError::Syntax(e) => format!("{}:{}: error: {}", e.file, e.line, e.message),
+        other => other.to_string(),
+    };
+    // a policy line's control characters are shown escaped
+    println!("{}", qrexec_policy::logger::escape_controls(&text));
 }
 
 fn main() -> ExitCode {
@@ -95,7 +104,10 @@ fn main() -> ExitCode {
             eprintln!("qrexec-policy-exec: --check takes no positional arguments");
             return ExitCode::from(2);
         }
-        let errors = qrexec_policy::loader::lint(&paths);
+        let errors = match &args.root {
+            Some(root) => qrexec_policy::loader::lint_under(&paths, root),
+            None => qrexec_policy::loader::lint(&paths),
+        };
         for e in &errors {
             print_error(e);
         }
@@ -135,7 +147,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let policy = match Policy::load(&paths) {
+    let loaded = match &args.root {
+        Some(root) => Policy::load_under(&paths, root),
+        None => Policy::load(&paths),
+    };
+    let policy = match loaded {
         Ok(p) => p,
         Err(e) => {
             log::error!("{prefix} error loading policy: {e}");
