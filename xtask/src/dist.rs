@@ -268,7 +268,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "-p",
             "qubesdb",
             "-p",
-            "policy",
+            "qrexec-policy",
         ])
         .args(["--features", "qrexec/xen,qubesdb/xen", "--bins", "--locked"])
         .arg("--target-dir")
