@@ -101,14 +101,20 @@ impl Dom0 {
     /// Runs the install script; returns its output and the calls it made
     /// (and forgets them, so the next run starts a new list).
     fn run(&self, args: &[&str]) -> (Output, Vec<String>) {
+        let mut command = Command::new("bash");
+        command
+            .arg(root().join("xen-config/install-qubes.sh"))
+            .args(args);
+        self.run_command(command)
+    }
+
+    fn run_command(&self, mut command: Command) -> (Output, Vec<String>) {
         let path = format!(
             "{}:{}",
             self.dir.join("bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let output = Command::new("bash")
-            .arg(root().join("xen-config/install-qubes.sh"))
-            .args(args)
+        let output = command
             .env("PATH", path)
             .env("FAKE_QUBES", self.dir.join("state"))
             .env("FAKE_QUBES_KERNELS", self.dir.join("kernels"))
@@ -518,4 +524,48 @@ fn the_fakes_refuse_what_qubes_refuses() {
             .code(),
         Some(1)
     );
+}
+
+/// The install, switch and roll-back commands of `xen-config/README.md`,
+/// run in the order the README gives them, from the release directory as
+/// the README says (the script found next to `vmlinuz`).
+#[test]
+fn the_readme_commands_work_in_order() {
+    let readme = std::fs::read_to_string(root().join("xen-config/README.md")).unwrap();
+    let commands: Vec<&str> = readme
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.starts_with("bash install-qubes.sh"))
+        .collect();
+    assert!(
+        commands.iter().any(|c| c.contains("--switch-clients"))
+            && commands.iter().any(|c| c.contains("--rollback")),
+        "{commands:?}"
+    );
+    let dom0 = Dom0::new("readme");
+    let release = dom0.dir.join("release");
+    std::fs::copy(
+        root().join("xen-config/install-qubes.sh"),
+        release.join("install-qubes.sh"),
+    )
+    .unwrap();
+    for line in &commands {
+        let mut words = line.split_whitespace();
+        let mut command = Command::new(words.next().unwrap());
+        command.args(words).current_dir(&release);
+        let (output, calls) = dom0.run_command(command);
+        ok(&output);
+        assert!(!calls.is_empty(), "{line}");
+    }
+    // Installed, switched, rolled back: the clients are where they began.
+    assert_eq!(
+        dom0.pref("sys-firewall-rs", "kernel").as_deref(),
+        Some("qubes-firewall")
+    );
+    assert_eq!(
+        dom0.pref("personal", "netvm").as_deref(),
+        Some("sys-firewall")
+    );
+    assert_eq!(dom0.global("default_netvm"), "sys-firewall");
+    assert!(!dom0.dir.join("state/vms/sys-firewall-rs/running").exists());
 }
