@@ -10,8 +10,10 @@
 //! `ipfrag_time`) is dropped; at most [`MAX_FRAGMENTS`] fragments per
 //! datagram. Overlapping fragments drop the whole datagram (RFC 5722's rule
 //! for IPv6, applied to IPv4 too: overlaps only serve to evade filters).
-//! IPv6 fragments (a Fragment header right after the fixed header) are
-//! reassembled the same way and cut again with [`fragment_ipv6`].
+//! IPv6 fragments (a Fragment header right after the fixed header or after
+//! the unfragmentable extension headers) are reassembled the same way and
+//! cut again with [`fragment_ipv6`], behind the unfragmentable part Linux's
+//! `ip6_find_1stfragopt` would keep.
 //!
 //! The input is a peer's bytes: nothing here may panic or grow past its
 //! bounds (`clippy::indexing_slicing` is denied: headers are read through
@@ -190,12 +192,21 @@ impl Reassembler {
     }
 
     /// Takes one IPv6 fragment: `packet` is a whole IPv6 packet (checked by
-    /// the caller) whose next header is the Fragment header (44) right after
-    /// the fixed header; other extension headers are not supported.
+    /// the caller) with a Fragment header (44), right after the fixed header
+    /// or after the extension headers of the unfragmentable part
+    /// (hop-by-hop, routing, destination options, authentication), which
+    /// the first fragment's copy gives the datagram.
     pub fn push_ipv6(&mut self, packet: &[u8], now: Millis) -> Reassembly {
+        let Some((frag_at, _)) = find_fragment_header(packet) else {
+            return Reassembly::Dropped(FragmentDrop::Malformed);
+        };
         // Fixed-size arrays: the constant offsets below are checked at
         // compile time.
-        let Some((header, rest)) = packet.split_first_chunk::<40>() else {
+        let (Some(fixed), Some(header), Some(rest)) = (
+            packet.first_chunk::<40>(),
+            packet.get(..frag_at),
+            packet.get(frag_at..),
+        ) else {
             return Reassembly::Dropped(FragmentDrop::Malformed);
         };
         let Some((&[next_header, _, of0, of1, id0, id1, id2, id3], payload)) =
@@ -203,13 +214,10 @@ impl Reassembler {
         else {
             return Reassembly::Dropped(FragmentDrop::Malformed);
         };
-        if header[6] != 44 {
-            return Reassembly::Dropped(FragmentDrop::Malformed);
-        }
         let mut src = [0u8; 16];
-        src.copy_from_slice(&header[8..24]);
+        src.copy_from_slice(&fixed[8..24]);
         let mut dst = [0u8; 16];
-        dst.copy_from_slice(&header[24..40]);
+        dst.copy_from_slice(&fixed[24..40]);
         let offset_flags = u16::from_be_bytes([of0, of1]);
         let id = u32::from_be_bytes([id0, id1, id2, id3]);
         let fragment = Fragment {
@@ -219,7 +227,7 @@ impl Reassembler {
                 id,
                 next_header,
             ),
-            header: header.as_slice(),
+            header,
             payload,
             offset: usize::from(offset_flags >> 3) * 8,
             more: offset_flags & 1 != 0,
@@ -240,7 +248,9 @@ impl Reassembler {
         } = fragment;
         let end = offset + payload.len();
         let limit = if v6 {
-            MAX_DATAGRAM
+            // The payload length counts the unfragmentable extension
+            // headers too.
+            MAX_DATAGRAM.saturating_sub(header.len().saturating_sub(40))
         } else {
             MAX_DATAGRAM - header.len()
         };
@@ -359,21 +369,84 @@ fn assemble(mut header: Vec<u8>, data: &[u8]) -> Vec<u8> {
     header
 }
 
-/// An IPv6 datagram from its fixed header and data: the Fragment header
-/// is gone, its next header takes its place.
+/// An IPv6 datagram from its unfragmentable part (fixed header and the
+/// extension headers before the Fragment header) and data: the Fragment
+/// header is gone, its next header takes its place.
 fn assemble6(mut header: Vec<u8>, next_header: u8, data: &[u8]) -> Vec<u8> {
+    let next_at = find_fragment_header(&header).map_or(6, |(_, at)| at);
+    let payload = header.len().saturating_sub(40) + data.len();
     if let Some(field) = header.get_mut(4..6) {
-        field.copy_from_slice(&(data.len() as u16).to_be_bytes());
+        field.copy_from_slice(&(payload as u16).to_be_bytes());
     }
-    if let Some(field) = header.get_mut(6) {
+    if let Some(field) = header.get_mut(next_at) {
         *field = next_header;
     }
     header.extend_from_slice(data);
     header
 }
 
-/// Cuts a reassembled IPv6 packet (fixed header, no extension headers)
-/// into fragments of at most `mtu` bytes carrying a Fragment header with
+/// Most extension headers looked through for the Fragment header.
+const MAX_UNFRAGMENTABLE: usize = 8;
+
+/// The length of an IPv6 extension header whose type is `kind`, from its
+/// second byte, for the headers that may come before a Fragment header.
+fn extension_length(kind: u8, second: u8) -> Option<usize> {
+    match kind {
+        // Hop-by-hop, routing, destination options: 8-byte units.
+        0 | 43 | 60 => Some((usize::from(second) + 1) * 8),
+        // Authentication header: 4-byte units.
+        51 => Some((usize::from(second) + 2) * 4),
+        _ => None,
+    }
+}
+
+/// Where an IPv6 packet's Fragment header is, and where the next-header
+/// byte naming it is: `(offset, next_header_at)`. With `packet` cut just
+/// before the Fragment header (an unfragmentable part), the position it
+/// would be at. `None` if there is none among the first extension headers.
+fn find_fragment_header(packet: &[u8]) -> Option<(usize, usize)> {
+    let mut next_at = 6;
+    let mut at = 40;
+    for _ in 0..=MAX_UNFRAGMENTABLE {
+        let kind = *packet.get(next_at)?;
+        if kind == 44 || at == packet.len() {
+            return (kind == 44).then_some((at, next_at));
+        }
+        let length = extension_length(kind, *packet.get(at + 1)?)?;
+        next_at = at;
+        at += length;
+    }
+    None
+}
+
+/// The unfragmentable part of an IPv6 packet when we cut it, as Linux's
+/// `ip6_find_1stfragopt`: hop-by-hop, routing, and destination options
+/// before a routing header (or with none after them). Returns its length
+/// and where the next-header byte that follows it is.
+fn unfragmentable(packet: &[u8]) -> Option<(usize, usize)> {
+    let mut next_at = 6;
+    let mut at = 40;
+    let mut routing = false;
+    for _ in 0..=MAX_UNFRAGMENTABLE {
+        let kind = *packet.get(next_at)?;
+        match kind {
+            0 | 43 => routing |= kind == 43,
+            60 if !routing => {}
+            _ => return Some((at, next_at)),
+        }
+        let length = extension_length(kind, *packet.get(at + 1)?)?;
+        if at + length > packet.len() {
+            return None;
+        }
+        next_at = at;
+        at += length;
+    }
+    None
+}
+
+/// Cuts a reassembled IPv6 packet into fragments of at most `mtu` bytes,
+/// each the packet's unfragmentable part (fixed header, hop-by-hop,
+/// routing, destination options before routing) then a Fragment header with
 /// `id` (what Linux conntrack does when it forwards a datagram it
 /// reassembled). A packet that fits is handed over whole.
 pub fn fragment_ipv6(
@@ -386,24 +459,38 @@ pub fn fragment_ipv6(
         emit(packet);
         return Ok(());
     }
-    let Some((header, data)) = packet.split_first_chunk::<40>() else {
+    let (Some((unfragmentable_len, next_at)), true) = (unfragmentable(packet), packet.len() >= 40)
+    else {
         return Err(FragmentError::Unsupported);
     };
-    if mtu < 56 {
+    let (Some(header), Some(data)) = (
+        packet.get(..unfragmentable_len),
+        packet.get(unfragmentable_len..),
+    ) else {
+        return Err(FragmentError::Unsupported);
+    };
+    if mtu < unfragmentable_len + 16 {
         return Err(FragmentError::Unsupported);
     }
-    let next_header = header[6];
-    // Each fragment's fixed header: this copy with its own payload length
-    // and next header 44 (Fragment).
-    let mut fixed = *header;
-    fixed[6] = 44;
-    let chunk = (mtu - 48) & !7;
+    // Each fragment's unfragmentable part: this copy with its own payload
+    // length and next header 44 (Fragment).
+    let mut fixed = header.to_vec();
+    let Some(next_header) = fixed
+        .get_mut(next_at)
+        .map(|byte| core::mem::replace(byte, 44))
+    else {
+        return Err(FragmentError::Unsupported);
+    };
+    let chunk = (mtu - unfragmentable_len - 8) & !7;
     let mut buffer = Vec::with_capacity(mtu);
     let mut start = 0;
     while start < data.len() {
         let end = (start + chunk).min(data.len());
         let more = end < data.len();
-        fixed[4..6].copy_from_slice(&((8 + end - start) as u16).to_be_bytes());
+        let payload = unfragmentable_len - 40 + 8 + end - start;
+        if let Some(field) = fixed.get_mut(4..6) {
+            field.copy_from_slice(&(payload as u16).to_be_bytes());
+        }
         buffer.clear();
         buffer.extend_from_slice(&fixed);
         let offset_flags = ((start / 8) as u16) << 3 | u16::from(more);
@@ -642,6 +729,51 @@ mod tests {
             r.push_ipv6(&not_fragment, 0),
             Reassembly::Dropped(FragmentDrop::Malformed)
         );
+    }
+
+    #[test]
+    fn ipv6_cut_behind_the_unfragmentable_part_and_reassembled() {
+        // Fixed header, hop-by-hop, routing, destination options (after
+        // the routing header: fragmentable), then 3 000 bytes of UDP.
+        let mut p = datagram6(3000 + 24);
+        p[6] = 0;
+        let headers = [
+            [43, 0, 1, 4, 0, 0, 0, 0],
+            [60, 0, 4, 0, 0, 0, 0, 0],
+            [17, 0, 1, 4, 0, 0, 0, 0],
+        ];
+        for (i, header) in headers.iter().enumerate() {
+            p[40 + 8 * i..48 + 8 * i].copy_from_slice(header);
+        }
+        assert_eq!(unfragmentable(&p), Some((56, 48)));
+        let mut frags = Vec::new();
+        fragment_ipv6(&p, 1280, 0xabcd, |f| frags.push(f.to_vec())).unwrap();
+        assert_eq!(frags.len(), 3);
+        for f in &frags {
+            assert!(f.len() <= 1280);
+            assert_eq!((&f[..4], &f[7..40]), (&p[..4], &p[7..40]), "fixed header");
+            assert_eq!(
+                (f[6], f[40], f[48]),
+                (0, 43, 44),
+                "hop-by-hop, routing, Fragment"
+            );
+            assert_eq!(
+                f[56], 60,
+                "the Fragment header names the destination options"
+            );
+            assert_eq!(usize::from(u16::from_be_bytes([f[4], f[5]])), f.len() - 40);
+        }
+        let mut r = Reassembler::new(4, 100_000);
+        assert_eq!(r.push_ipv6(&frags[2], 0), Reassembly::Incomplete);
+        assert_eq!(r.push_ipv6(&frags[0], 0), Reassembly::Incomplete);
+        assert_eq!(r.push_ipv6(&frags[1], 0), Reassembly::Complete(p));
+        // Routing then destination options without anything after: the
+        // walk stops at what is not an extension header.
+        let mut q = datagram6(100);
+        q[6] = 60;
+        q[40..48].copy_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+        assert_eq!(unfragmentable(&q), Some((48, 40)), "no routing: kept");
+        assert_eq!(find_fragment_header(&q), None);
     }
 
     #[test]

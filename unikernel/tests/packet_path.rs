@@ -1895,7 +1895,8 @@ fn portless_protocols_are_translated_by_address() {
     );
     assert!(net.uplink_out().is_empty());
     assert_eq!(net.dropped(DropReason::NatNoPort), 1);
-    // IPv6 extension headers are refused rather than misread.
+    // An IPv6 extension header is read through, never misread: here the
+    // TCP header it announces is missing.
     let mut net6 = Net::new(true);
     net6.rules(a_ip6().into(), &[("policy", "accept")]);
     net6.send_from_a(&ip6(
@@ -1905,7 +1906,245 @@ fn portless_protocols_are_translated_by_address() {
         64,
         &[6, 0, 0, 0, 0, 0, 0, 0],
     ));
-    assert_eq!(net6.dropped(DropReason::UnsupportedProtocol), 1);
+    assert_eq!(net6.dropped(DropReason::Malformed), 1);
+    assert!(
+        net6.uplink_out()
+            .iter()
+            .all(|f| f[12..14] != [0x86, 0xdd] || f[20] == 58)
+    );
+}
+
+/// An IPv6 extension header of `kind` (0 hop-by-hop, 43 routing, 60
+/// destination options) announcing `next`, 8 bytes, padded with PadN.
+fn ext_header(next: u8, kind: u8) -> Vec<u8> {
+    match kind {
+        // Routing type 4 (segment routing), segments left 0.
+        43 => vec![next, 0, 4, 0, 0, 0, 0, 0],
+        _ => vec![next, 0, 1, 4, 0, 0, 0, 0],
+    }
+}
+
+/// An IPv6 packet with `headers` (kinds, in order) before `l4` of
+/// `protocol`.
+fn ip6_ext(src: Ipv6Addr, dst: Ipv6Addr, headers: &[u8], protocol: u8, l4: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (i, &kind) in headers.iter().enumerate() {
+        let next = headers.get(i + 1).copied().unwrap_or(protocol);
+        body.extend_from_slice(&ext_header(next, kind));
+    }
+    body.extend_from_slice(l4);
+    let first = headers.first().copied().unwrap_or(protocol);
+    ip6(src, dst, IpProtocol::from(first), 64, &body)
+}
+
+/// The IPv6 packet in `frame`: (next header of the fixed header, offset of
+/// the transport header after the 8-byte extension headers, transport
+/// protocol, source port, destination port), the TCP/UDP checksum checked.
+fn seen6_ext(frame: &[u8]) -> (u8, usize, u8, u16, u16) {
+    use unikernel::wire::checksum;
+    let eth = EthernetFrame::new_checked(frame).unwrap();
+    let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+    let bytes = &eth.payload()[..40 + usize::from(ip.payload_len())];
+    let mut next = bytes[6];
+    let mut at = 40;
+    while matches!(next, 0 | 43 | 60) {
+        next = bytes[at];
+        at += (usize::from(bytes[at + 1]) + 1) * 8;
+    }
+    let l4 = &bytes[at..];
+    let pseudo = checksum::pseudo_v6(&ip.src_addr(), &ip.dst_addr(), next, l4.len() as u32);
+    assert_eq!(
+        checksum::fold(checksum::add(pseudo, l4)),
+        0xffff,
+        "L4 checksum"
+    );
+    let ports = (
+        u16::from_be_bytes([l4[0], l4[1]]),
+        u16::from_be_bytes([l4[2], l4[3]]),
+    );
+    (bytes[6], at, next, ports.0, ports.1)
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_as_linux_does() {
+    let mut net = Net::new(true);
+    net.gateway6_says(GATEWAY_MAC);
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    let syn = |sport: u16, dport: u16| {
+        tcp_segment(
+            a_ip6().into(),
+            remote6().into(),
+            sport,
+            dport,
+            TcpControl::Syn,
+        )
+    };
+    // Destination options, routing, hop-by-hop: forwarded, translated,
+    // the headers kept.
+    for (i, headers) in [&[60u8][..], &[43], &[0], &[0, 43, 60]].iter().enumerate() {
+        let sport = 41000 + i as u16;
+        net.send_from_a(&ip6_ext(a_ip6(), remote6(), headers, 6, &syn(sport, 22)));
+        let out = net.uplink_out();
+        assert_eq!(out.len(), 1, "{headers:?}");
+        let (first, at, protocol, _, dport) = seen6_ext(&out[0]);
+        assert_eq!(
+            (first, at, protocol, dport),
+            (headers[0], 40 + 8 * headers.len(), 6, 22)
+        );
+        let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+        let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!(ip.src_addr(), our_ip6());
+        assert_eq!(ip.hop_limit(), 63);
+    }
+    // The reply, with a destination options header of its own, gets back.
+    let out_port = {
+        net.send_from_a(&ip6_ext(a_ip6(), remote6(), &[60], 6, &syn(42000, 80)));
+        seen6_ext(&net.uplink_out()[0]).3
+    };
+    let reply = tcp_segment(
+        remote6().into(),
+        our_ip6().into(),
+        80,
+        out_port,
+        TcpControl::Syn,
+    );
+    net.send_from_outside(&ip6_ext(remote6(), our_ip6(), &[60], 6, &reply));
+    let back = net.client_out(A);
+    assert_eq!(back.len(), 1);
+    assert_eq!(seen6_ext(&back[0]).4, 42000);
+
+    // Qubes' `proto=tcp` is `ip6 nexthdr tcp`: it reads the fixed header
+    // only, so behind an extension header it never matches.
+    net.rules(
+        a_ip6().into(),
+        &[
+            ("policy", "drop"),
+            ("0000", "action=accept proto=tcp dstports=22-22"),
+        ],
+    );
+    net.send_from_a(&ip6(
+        a_ip6(),
+        remote6(),
+        IpProtocol::Tcp,
+        64,
+        &syn(43000, 22),
+    ));
+    assert_eq!(net.uplink_out().len(), 1, "without: accepted by the rule");
+    net.send_from_a(&ip6_ext(a_ip6(), remote6(), &[60], 6, &syn(43001, 22)));
+    assert!(net.uplink_out().is_empty(), "with one: the policy decides");
+    let rejects = net.client_out(A);
+    assert_eq!(rejects.len(), 1);
+    let eth = EthernetFrame::new_checked(&rejects[0][..]).unwrap();
+    let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!(&ip.payload()[..2], &[1, 1], "administratively prohibited");
+    // A rule without proto= (dst6=) still matches behind it.
+    net.rules(
+        a_ip6().into(),
+        &[
+            ("policy", "drop"),
+            ("0000", "action=accept dst6=2001:db8::/32"),
+        ],
+    );
+    net.send_from_a(&ip6_ext(a_ip6(), remote6(), &[43], 6, &syn(43002, 22)));
+    assert_eq!(net.uplink_out().len(), 1);
+    // And a `proto=tcp action=drop` rule cannot catch it.
+    net.rules(
+        a_ip6().into(),
+        &[("policy", "accept"), ("0000", "action=drop proto=tcp")],
+    );
+    net.send_from_a(&ip6_ext(a_ip6(), remote6(), &[60], 6, &syn(43003, 22)));
+    assert_eq!(net.uplink_out().len(), 1);
+    net.send_from_a(&ip6(
+        a_ip6(),
+        remote6(),
+        IpProtocol::Tcp,
+        64,
+        &syn(43004, 22),
+    ));
+    assert!(net.uplink_out().is_empty());
+    net.client_out(A);
+
+    // Hop-by-hop options: an unknown "skip" option passes, an unknown
+    // "discard" one, too much padding and a hop-by-hop header not first
+    // drop the packet; so do more than 8 extension headers.
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    let with_hbh = |option: [u8; 6], sport: u16| {
+        let mut body = vec![6, 0];
+        body.extend_from_slice(&option);
+        body.extend_from_slice(&syn(sport, 22));
+        ip6(a_ip6(), remote6(), IpProtocol::HopByHop, 64, &body)
+    };
+    net.send_from_a(&with_hbh([0x1e, 4, 1, 2, 3, 4], 44000));
+    assert_eq!(net.uplink_out().len(), 1, "unknown option, skip");
+    net.send_from_a(&with_hbh([5, 2, 0, 0, 1, 0], 44001));
+    assert_eq!(net.uplink_out().len(), 1, "router alert");
+    let dropped = net.dropped(DropReason::UnsupportedProtocol);
+    net.send_from_a(&with_hbh([0x9e, 4, 1, 2, 3, 4], 44002));
+    // 14 bytes of padding in a 16-byte hop-by-hop header (Linux: at most 7).
+    let mut padded = vec![6, 1, 1, 12];
+    padded.extend_from_slice(&[0; 12]);
+    padded.extend_from_slice(&syn(44003, 22));
+    net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::HopByHop, 64, &padded));
+    let mut bad_padn = with_hbh([1, 4, 0, 0, 0, 0], 44004);
+    bad_padn[40 + 4] = 1; // PadN of non-zero bytes
+    net.send_from_a(&bad_padn);
+    net.send_from_a(&ip6_ext(a_ip6(), remote6(), &[60; 9], 6, &syn(44005, 22)));
+    assert_eq!(net.dropped(DropReason::UnsupportedProtocol) - dropped, 4);
+    let malformed = net.dropped(DropReason::Malformed);
+    net.send_from_a(&ip6_ext(a_ip6(), remote6(), &[60, 0], 6, &syn(44006, 22)));
+    assert_eq!(net.dropped(DropReason::Malformed) - malformed, 1);
+    net.send_from_a(&ip6_ext(a_ip6(), remote6(), &[60; 8], 6, &syn(44007, 22)));
+    assert_eq!(net.uplink_out().len(), 1, "8 extension headers are walked");
+    assert!(net.client_out(A).is_empty(), "no ICMP for any of these");
+
+    // ICMPv6 behind a destination options header: an echo is a flow.
+    let echo = icmp_raw(128, 0x6060, b"x", Some((a_ip6(), remote6())));
+    net.send_from_a(&ip6_ext(a_ip6(), remote6(), &[60], 58, &echo));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+    let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+    let l4 = &ip.payload()[8..];
+    let pseudo = unikernel::wire::checksum::pseudo_v6(&our_ip6(), &remote6(), 58, l4.len() as u32);
+    assert_eq!(
+        unikernel::wire::checksum::fold(unikernel::wire::checksum::add(pseudo, l4)),
+        0xffff
+    );
+    assert_eq!(l4[0], 128);
+}
+
+#[test]
+fn ipv6_fragments_behind_a_hop_by_hop_header_are_reassembled() {
+    let mut net = Net::new(true);
+    net.gateway6_says(GATEWAY_MAC);
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    let mut payload = vec![0u8; 600];
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let udp = udp_datagram(a_ip6().into(), remote6().into(), 45000, 9, &payload);
+    // Two fragments, each: fixed header, hop-by-hop (PadN), Fragment.
+    let fragment = |offset: usize, more: bool, data: &[u8]| {
+        let mut body = vec![44, 0, 1, 4, 0, 0, 0, 0];
+        let flags = ((offset / 8) as u16) << 3 | u16::from(more);
+        body.extend_from_slice(&[17, 0]);
+        body.extend_from_slice(&flags.to_be_bytes());
+        body.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        body.extend_from_slice(data);
+        ip6(a_ip6(), remote6(), IpProtocol::HopByHop, 64, &body)
+    };
+    net.send_from_a(&fragment(0, true, &udp[..304]));
+    assert!(net.uplink_out().is_empty());
+    net.send_from_a(&fragment(304, false, &udp[304..]));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1, "reassembled, fits the MTU");
+    let (first, at, protocol, sport, dport) = seen6_ext(&out[0]);
+    assert_eq!((first, at, protocol, dport), (0, 48, 17, 9));
+    assert_ne!(sport, 0);
+    let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+    let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!(usize::from(ip.payload_len()), 8 + udp.len());
+    assert_eq!(&ip.payload()[8 + 8..], &payload[..]);
 }
 
 #[test]

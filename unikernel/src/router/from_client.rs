@@ -15,6 +15,7 @@ use crate::rules::{FlowMeta, MatchContext, Verdict};
 use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 
 use super::icmp::IcmpError;
+use super::ipv6;
 use super::packet::{
     IcmpKind, IpMeta, decrement_ttl, is_broadcast_or_multicast, parse_ip, reassemble, rewrite,
 };
@@ -246,7 +247,12 @@ impl Router {
             now_unix: self.now_unix(now),
             names: &self.resolver,
         };
-        let denied = match rules.decide(&flow, &ctx) {
+        let verdict = if meta.extensions {
+            ipv6::decide_behind_extension_headers(rules, &flow, &ctx)
+        } else {
+            rules.decide(&flow, &ctx)
+        };
+        let denied = match verdict {
             Verdict::AcceptedByRule(_) | Verdict::AcceptedByPolicy => None,
             Verdict::DroppedByRule(_) | Verdict::DroppedByPolicy => Some(DropReason::RulesDrop),
             Verdict::DroppedParseError => Some(DropReason::RulesParseError),

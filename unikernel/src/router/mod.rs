@@ -50,6 +50,8 @@
 //!   (Linux sys-firewall's static neighbour from `setup-ip`): the waiting
 //!   frames leave for it, before they expire;
 //! - IPv6 (`/qubes-ip6` set): the same forwarding and NAT with `dst6` rules;
+//!   fragments behind unfragmentable extension headers are reassembled and
+//!   cut again behind the same part;
 //! - `dsthost=` names resolved in the background by `dns.rs`;
 //! - counters per interface and per drop reason; no formatted print per
 //!   packet.
@@ -62,8 +64,11 @@
 //! address only, one per destination and protocol on the NAT address, with
 //! Linux's generic 600 s timeout.
 //!
-//! Not done (yet): IPv6 extension headers other than a lone Fragment
-//! header are dropped (counted).
+//! IPv6 extension headers (hop-by-hop, routing, destination options,
+//! authentication, Fragment) are walked to the transport header, at most
+//! 8, as conntrack does; a hop-by-hop header's options are checked as a
+//! router must; behind an extension header a `proto=` rule never matches,
+//! as Qubes' `ip6 nexthdr` rules do not (`ipv6.rs`).
 //!
 //! ```text
 //! use unikernel::router::{Router, NetworkConfig, Caps};
@@ -134,6 +139,7 @@ mod from_client;
 mod from_uplink;
 mod gateway;
 mod icmp;
+mod ipv6;
 mod isolation;
 mod output;
 mod packet;

@@ -13,12 +13,9 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::fragments::{Reassembler, Reassembly};
 use crate::nat::{FlowKey, TcpFlags};
-use crate::wire::{
-    PROTO_ESP, PROTO_FRAGMENT, PROTO_GRE, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, be16, checksum,
-};
+use crate::wire::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, be16, checksum};
 
-use super::DropReason;
+use super::{DropReason, ipv6};
 
 /// How Linux conntrack sees an ICMP / ICMPv6 message
 /// (`nf_conntrack_proto_icmp.c`, `nf_conntrack_proto_icmpv6.c`).
@@ -73,6 +70,9 @@ pub(super) struct IpMeta {
     pub(super) icmp: IcmpKind,
     pub(super) icmp_type: Option<u8>,
     pub(super) tcp: Option<TcpFlags>,
+    /// IPv6: an extension header comes before the transport header (the
+    /// header at `header_len`).
+    pub(super) extensions: bool,
     /// For an IPv6 datagram we reassembled: its fragment id, to cut it
     /// again the same way if it does not fit the next link.
     pub(super) frag_id: Option<u32>,
@@ -93,7 +93,8 @@ impl IpMeta {
 /// Feeds one fragment to `reassembler`: `Ok(None)` while the datagram is
 /// incomplete, the whole datagram and its parsed header once it is, or why
 /// it was dropped. An IPv6 datagram keeps the Fragment header's
-/// identification (bytes 44..48 after the fixed header) for re-fragmenting.
+/// identification (bytes 4..8 of the Fragment header at `header_len`) for
+/// re-fragmenting.
 pub(super) fn reassemble(
     reassembler: &mut Reassembler,
     packet: &[u8],
@@ -104,7 +105,7 @@ pub(super) fn reassemble(
         (
             reassembler.push_ipv6(packet, now),
             packet
-                .get(44..)
+                .get(meta.header_len + 4..)
                 .and_then(<[u8]>::first_chunk::<4>)
                 .map(|id| u32::from_be_bytes(*id)),
         )
@@ -127,6 +128,7 @@ pub(super) fn reassemble(
 /// error).
 pub(super) fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason> {
     let first = *packet.first().ok_or(DropReason::Malformed)?;
+    let mut extensions = false;
     let (v6, src, dst, protocol, header_len, total_len, ttl, fragment) = match first >> 4 {
         4 => {
             let header_len = usize::from(first & 0x0f) * 4;
@@ -165,31 +167,30 @@ pub(super) fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason
             src.copy_from_slice(&header[8..24]);
             let mut dst = [0u8; 16];
             dst.copy_from_slice(&header[24..40]);
-            let protocol = header[6];
-            // Upper-layer protocols only: an extension header (hop-by-hop,
-            // routing, destination options, …) would hide the real one.
-            if !matches!(
-                protocol,
-                PROTO_TCP
-                    | PROTO_UDP
-                    | PROTO_ICMPV6
-                    | PROTO_FRAGMENT
-                    | PROTO_GRE
-                    | PROTO_ESP
-                    | PROTO_SCTP
-            ) {
-                return Err(DropReason::UnsupportedProtocol);
-            }
+            // The extension headers, walked to the transport header (or
+            // the Fragment header) as conntrack does (`ipv6.rs`).
+            let chain = ipv6::walk(packet, packet.len().min(total_len))?;
+            extensions = chain.extensions;
             let (src, dst) = (
                 IpAddr::V6(Ipv6Addr::from(src)),
                 IpAddr::V6(Ipv6Addr::from(dst)),
             );
-            let fragment = protocol == PROTO_FRAGMENT;
-            (true, src, dst, protocol, 40, total_len, header[7], fragment)
+            let fragment = ipv6::is_fragment(chain.protocol);
+            (
+                true,
+                src,
+                dst,
+                chain.protocol,
+                chain.offset,
+                total_len,
+                header[7],
+                fragment,
+            )
         }
         _ => return Err(DropReason::Malformed),
     };
     let mut meta = IpMeta {
+        extensions,
         v6,
         src,
         dst,
