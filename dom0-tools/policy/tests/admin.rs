@@ -852,10 +852,8 @@ fn random_requests(seed: u64, count: usize) -> Vec<(String, String, Vec<u8>)> {
     for _ in 0..count {
         let service = rng.pick(&services);
         let mut arg = rng.pick(&names).to_owned();
-        if service == "policy.List" || service == "policy.include.List" {
-            if rng.below(5) != 0 {
-                arg.clear();
-            }
+        if (service == "policy.List" || service == "policy.include.List") && rng.below(5) != 0 {
+            arg.clear();
         }
         let mut payload = String::new();
         let token = |rng: &mut Rng, contents: &[String]| -> String {
