@@ -5,28 +5,41 @@
 //! `qrexec/policy/parser.py`, with the same denial texts (they are logged as
 //! `qrexec: SERVICE+ARG: SOURCE -> TARGET: denied: REASON`):
 //!
-//! * the requested target is verified first (`dom0` → `@adminvm`, empty →
-//!   `@default`, a qube that does not exist → `@default` with a warning,
-//!   `@dispvm:X` needs `X` to be a template for disposables);
+//! * the requested target is verified first (empty → `@default`, a qube
+//!   that does not exist → `@default` with a warning, `@dispvm:X` needs `X`
+//!   to be a template for disposables; as since Qubes 4.3.8, `dom0`, its
+//!   uuid `uuid:00000000-…` and `@adminvm` all name the admin VM but keep
+//!   their form: `requested_target=dom0`); a malformed target is refused
+//!   without `notify`, as Qubes' policy error is;
 //! * `deny` → `denied by policy FILE:LINE`;
 //! * `allow` → the target is the redirect (`target=`) if there is one,
 //!   otherwise the requested target — **the action stands even if another
 //!   rule would deny the redirected target**; `@default` then is an error,
-//!   `@dispvm` becomes `@dispvm:DEFAULT_DISPVM` of the source, `@adminvm`
-//!   becomes `dom0`; `autostart=no` refuses targets that are not running;
-//!   calling oneself is refused (`loopback qrexec connection not supported`);
+//!   `@dispvm` becomes `@dispvm:DEFAULT_DISPVM` of the source, the admin
+//!   VM in any form becomes `target=dom0`, other targets keep their text (a
+//!   `uuid:` stays one) and come with `target_uuid=uuid:U` (or
+//!   `@dispvm:uuid:U` of a disposable's template); `autostart=no` refuses
+//!   targets that are not running; calling oneself is refused (`loopback
+//!   qrexec connection not supported`) — also when the target names the
+//!   caller by uuid, which Qubes, comparing texts, lets through;
 //! * `ask` → the choices are the redirect alone, or every target some
 //!   non-deny rule for this service/argument/source would reach minus those a
-//!   later deny removes (Python's `collect_targets_for_ask`); the question
+//!   later deny removes (Python's `collect_targets_for_ask`), the caller and
+//!   `internal` qubes left out, `@adminvm` counted as `dom0` from the start
+//!   (Qubes converts it only after the denies, so an earlier deny of dom0
+//!   does not remove it there; see `tests/differential.rs`); the question
 //!   goes to a [`Confirm`] implementation (the configured confirmation
 //!   program); without one, `ask` is a deny and says so in the log.
 //!   `assume_yes_for_ask` answers with the requested target; `just_evaluate`
 //!   turns `allow` into a bare `result=allow` and `ask` into `result=deny`.
 //!
-//! One deliberate difference: a `default_target=` that is not among the
-//! choices is dropped with a warning (Python fails an assertion and the call
-//! dies, i.e. is refused, instead). Evaluation never panics and never turns
-//! an error into an allow.
+//! A `default_target=` that is not among the choices is dropped with a
+//! warning. Where Qubes' evaluation fails with an exception (a `@dispvm:X`
+//! rule compared with `@dispvm` from a qube without `default_dispvm`, ask
+//! choices naming a `@dispvm:X` that is no qube, an `ask` choice that is no
+//! qube, a source not in the system info when choices are collected), the
+//! call is refused here too. Evaluation never panics and never turns an
+//! error into an allow.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

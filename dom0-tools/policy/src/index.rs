@@ -3,7 +3,8 @@
 //! Each rule gets a key of four parts — service, argument, source, target —
 //! each either *specific* (an interned string the request must equal: a
 //! service name, a `+argument`, a qube name or one of the exact keywords
-//! `@adminvm`, `@default`, `@dispvm`) or *generic* (`*`, `@anyvm`, `@tag:`,
+//! `@adminvm` (for the admin VM in any of its three forms), `@default`,
+//! `@dispvm`) or *generic* (`*`, `@anyvm`, `@tag:`,
 //! `@type:`, `@dispvm:…`, `uuid:`: decided by evaluating the token). Rules
 //! with equal keys share one list, in policy order.
 //!

@@ -361,6 +361,22 @@ mod tests {
             ),
             Err(SystemInfoError::DuplicateUuid { .. })
         ));
+        // only dom0 may carry the admin VM's uuid
+        assert!(matches!(
+            SystemInfo::from_json(
+                p,
+                r#"{"domains": {"work": {"type": "AppVM", "uuid": "00000000-0000-0000-0000-000000000000"}}}"#
+            ),
+            Err(SystemInfoError::AdminUuid { .. })
+        ));
+        let ok = SystemInfo::from_json(
+            p,
+            r#"{"domains": {"dom0": {"type": "AdminVM", "uuid": "00000000-0000-0000-0000-000000000000", "internal": false},
+                "sys-usb": {"type": "AppVM", "internal": true}}}"#,
+        )
+        .unwrap();
+        assert!(ok.get("sys-usb").unwrap().internal);
+        assert!(!ok.get("dom0").unwrap().internal);
     }
 
     #[test]

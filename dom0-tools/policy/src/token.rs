@@ -25,7 +25,11 @@
 //! by uuid (qubes-core-qrexec PR #180: "using the syntax uuid:VM_UUID. This
 //! works anywhere a VM name is expected"); it matches the qube whose
 //! system-info `uuid` is `U`, and a request naming `uuid:U` as source or
-//! target is taken as that qube's name.
+//! target is that qube (a target keeps the `uuid:` form in replies).
+//! `@adminvm`, `dom0` and `uuid:00000000-0000-0000-0000-000000000000` are
+//! the admin VM everywhere ([`AdminForm`]; Python's `is_dom0`); `dom0` is
+//! not rewritten to `@adminvm` (Qubes 4.3.8). `@dispvm:uuid:U` is the
+//! disposable template with uuid `U`.
 //!
 //! Matching semantics (from the same classes' `match()` and `expand()`):
 //! `@anyvm` matches everything except the admin VM — in particular it also

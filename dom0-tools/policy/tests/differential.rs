@@ -48,8 +48,10 @@
 //!    `dom0` (`:1910-1912`). So a rule `… @anyvm @adminvm allow` (or
 //!    `target=@adminvm`) after a `… * deny` (or `dom0 deny`,
 //!    `@type:AdminVM deny`) still offers dom0, and `--assume-yes-for-ask`
-//!    then calls dom0, although a direct call to dom0 is denied. We expand
-//!    `@adminvm` to `dom0` at once, so the deny removes it. Skipped here:
+//!    then calls dom0, although a direct call to dom0 is denied; the other
+//!    way round, an earlier `… @adminvm deny` does not remove a later
+//!    `target=dom0`. We expand `@adminvm` to `dom0` at once, so the deny
+//!    removes it either way. Skipped here:
 //!    a policy that uses `@adminvm` as a target, where Qubes' answer
 //!    differs from ours only by offering (or, assuming yes, calling) dom0.
 
@@ -673,6 +675,16 @@ fn accident(py: &Value, ours: &Value, uses_adminvm: bool) -> Option<&'static str
                 }
             }
             ("ask", "deny") if no_choice && py["targets"] == json!(["dom0"]) => return Some(NAME),
+            // assuming yes for something else: Qubes refuses the choice
+            // among its (dom0-only) list, we find no list at all
+            ("deny", "deny")
+                if py["why"]
+                    .as_str()
+                    .is_some_and(|w| w.ends_with("is not a valid choice"))
+                    && ours_why.ends_with("but no target is available to choose from") =>
+            {
+                return Some(NAME);
+            }
             ("allow", "deny") if no_choice && py["reply"]["target"] == "dom0" => {
                 return Some(NAME);
             }

@@ -270,6 +270,16 @@ fn earlier_deny_of_dom0_removes_it_from_ask_choices() {
         ));
         assert_eq!(choices(&p, "work", ""), ["dom0"], "{later}");
     }
+    // an earlier `@adminvm deny` removes a later `dom0` (in Qubes it does
+    // not: documented accident; case found by the differential test)
+    let p = policy(
+        "s * work @default ask\ns * work @adminvm deny\ns * work @anyvm allow target=dom0\n",
+    );
+    assert!(question(&p, "work", "").is_none());
+    assert_eq!(
+        reason(eval(&p, &query("work", ""))),
+        format!("policy define 'ask' action at {F}:1 but no target is available to choose from")
+    );
     // `@adminvm` too (Qubes would still offer dom0 here: documented accident)
     let p = policy("s * work @default ask\ns * work dom0 deny\ns * work @adminvm allow\n");
     assert_eq!(
