@@ -44,7 +44,15 @@
 //! * the temporary file is named `.!NAME` (Qubes: `!NAME`), so a policy
 //!   daemon listing the directory in the meantime ignores it instead of
 //!   failing on its name;
-//! * payloads over [`MAX_PAYLOAD`] bytes are refused.
+//! * payloads over [`MAX_PAYLOAD`] bytes are refused;
+//! * a change that creates an include cycle is refused as a
+//!   `PolicyAdminSyntaxException` naming the line (`includes nested deeper
+//!   than 32`); Qubes' parser recurses until Python's `RecursionError`, an
+//!   internal error (exit 2) — refused either way.
+//!
+//! `tests/admin.rs` runs the same requests through Qubes' own `PolicyAdmin`
+//! (hand-written cases and seeded random sequences) and compares every
+//! answer and the files left behind.
 
 #![deny(clippy::indexing_slicing)]
 
