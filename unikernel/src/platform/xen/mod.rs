@@ -6,7 +6,8 @@
 //! Layout: `abi` declares the C ABI; `hypercall` is the only place that
 //! traps to Xen; `shared` is the only place that touches shared memory
 //! (volatile/atomic, behind the `SharedMemory` trait); the ring protocols
-//! (`console`, `xenstore_ring`, `vchan`, `netfront`) and the bookkeeping (`grant`,
+//! (`console`, `xenstore_ring`, `vchan`, `netfront`, `netback`), checksum
+//! completion for offloading peers (`csum`) and the bookkeeping (`grant`,
 //! `time`, `start_info`) are portable and tested on the host with a
 //! `Vec`-backed memory; `runtime` (boot code, allocator, panic handler,
 //! libc symbols) exists only in the image (feature `xen`). Every value a
@@ -16,6 +17,7 @@
 
 pub mod abi;
 pub mod console;
+pub mod csum;
 pub mod entropy;
 pub mod events;
 pub mod grant;

@@ -9,7 +9,14 @@
 //! requests and producer of responses; we offer `feature-rx-copy` and no
 //! scatter-gather or GSO, so a TX request flagged `NETTXF_more_data` or
 //! `NETTXF_extra_info` is answered with `NETIF_RSP_ERROR` (and an extra-info
-//! slot with `NETIF_RSP_NULL`). The frontend is hostile: its `req_prod` is
+//! slot with `NETIF_RSP_NULL`). Checksum offload as Linux netback does it:
+//! we accept blank (partial) IPv4 and IPv6 TCP/UDP checksums
+//! (`feature-no-csum-offload` 0, `feature-ipv6-csum-offload` 1) and
+//! complete a frame flagged `NETTXF_csum_blank` before the router sees it
+//! ([`super::csum`]); one that cannot be completed is dropped and counted.
+//! `NETTXF_data_validated` changes nothing (the router verifies no TCP/UDP
+//! checksum). Towards the client every checksum is complete and we did
+//! not verify it, so RX responses carry no `NETRXF_*` checksum flag. The frontend is hostile: its `req_prod` is
 //! read once per poll and may not exceed one ring of unanswered requests;
 //! offsets and sizes must stay inside one page; ids are echoed, never used
 //! as indices; grant copies Xen refuses become errors, never a panic. The
@@ -20,6 +27,7 @@ use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 
+use super::csum::complete_partial_checksum;
 use super::events::Notify;
 use super::netfront::{MAX_FRAME, NETIF_RSP_NULL, RING_HEADER, RING_SIZE, RX_ENTRY, TX_ENTRY};
 use super::shared::{SharedMemory, barrier};
@@ -27,6 +35,10 @@ use super::shared::{SharedMemory, barrier};
 const REQ_PROD: usize = 0;
 const REQ_EVENT: usize = 4;
 const RSP_PROD: usize = 8;
+/// `NETTXF_csum_blank`: the TCP/UDP checksum holds only the pseudo-header sum.
+pub const NETTXF_CSUM_BLANK: u16 = 1 << 0;
+/// `NETTXF_data_validated`: the sender checked the checksum.
+pub const NETTXF_DATA_VALIDATED: u16 = 1 << 1;
 /// `NETTXF_more_data`.
 pub const NETTXF_MORE_DATA: u16 = 1 << 2;
 /// `NETTXF_extra_info`.
@@ -69,6 +81,9 @@ pub struct NetbackStats {
     pub bad_requests: u64,
     /// Frames dropped: no RX buffer posted by the client, or queue full.
     pub dropped: u64,
+    /// Frames flagged `NETTXF_csum_blank` whose checksum could not be
+    /// completed (not TCP/UDP over IP, a fragment, too short): dropped.
+    pub bad_checksum_offload: u64,
 }
 
 /// The backend rings of one client vif.
@@ -180,6 +195,12 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
                 self.respond_tx(id, RSP_ERROR);
                 continue;
             }
+            if flags & NETTXF_CSUM_BLANK != 0 && complete_partial_checksum(&mut frame).is_err() {
+                // As Linux netback: the request was served, the frame dropped.
+                self.stats.bad_checksum_offload += 1;
+                self.respond_tx(id, RSP_OKAY);
+                continue;
+            }
             if self.received.len() < RX_QUEUE {
                 self.received.push_back(frame);
                 self.stats.from_client += 1;
@@ -236,7 +257,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         let rsp = RING_HEADER + (self.rx_rsp_prod % RING_SIZE) as usize * RX_ENTRY;
         self.rx.store_u16(rsp, id);
         self.rx.store_u16(rsp + 2, 0); // offset
-        self.rx.store_u16(rsp + 4, 0); // flags: checksums complete
+        self.rx.store_u16(rsp + 4, 0); // no NETRXF_*: complete, not verified by us
         self.rx.store_u16(rsp + 6, status as u16);
         self.rx_rsp_prod = self.rx_rsp_prod.wrapping_add(1);
         barrier();
@@ -392,6 +413,211 @@ mod tests {
         assert!(back.broken().is_some());
         back.send(&[0; 60]);
         assert_eq!(back.stats().to_client, 0);
+    }
+
+    /// Writes TX requests by hand (as a Linux netfront would) and returns
+    /// the statuses of their responses.
+    fn send_raw(
+        back: &mut Netback<VecMemory, Pages, NoNotify>,
+        pages: &Pages,
+        tx: &VecMemory,
+        requests: &[(u16, &[u8])],
+    ) -> Vec<i16> {
+        let start = tx.load_u32(REQ_PROD);
+        for (i, (flags, frame)) in requests.iter().enumerate() {
+            let gref = 100 + i as u32;
+            pages.0.borrow()[&gref].write_bytes(0, frame);
+            let at = RING_HEADER + ((start + i as u32) % RING_SIZE) as usize * TX_ENTRY;
+            tx.store_u32(at, gref);
+            tx.store_u16(at + 4, 0);
+            tx.store_u16(at + 6, *flags);
+            tx.store_u16(at + 8, i as u16);
+            tx.store_u16(at + 10, frame.len() as u16);
+        }
+        tx.store_u32(REQ_PROD, start + requests.len() as u32);
+        back.poll();
+        (0..requests.len() as u32)
+            .map(|i| {
+                tx.load_u16(RING_HEADER + ((start + i) % RING_SIZE) as usize * TX_ENTRY + 2) as i16
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_checksum_flag_combination_from_a_linux_style_frontend() {
+        use crate::platform::xen::csum::tests::{blank_frame, l4_checksum_ok};
+        const FLAGS: [u16; 4] = [
+            0,
+            NETTXF_CSUM_BLANK,
+            NETTXF_DATA_VALIDATED,
+            NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED,
+        ];
+        for v6 in [false, true] {
+            for protocol in [6u8, 17] {
+                let blank = blank_frame(v6, protocol, b"GET / HTTP/1.0\r\n\r\n");
+                let mut complete = blank.clone();
+                crate::platform::xen::csum::complete_partial_checksum(&mut complete).unwrap();
+                for flags in FLAGS {
+                    for (frame, already) in [(&blank, false), (&complete, true)] {
+                        let (_front, mut back, pages, tx) = pair();
+                        let status = send_raw(&mut back, &pages, &tx, &[(flags, frame)]);
+                        assert_eq!(status, [0]);
+                        let got = back.take_frame().unwrap();
+                        if flags & NETTXF_CSUM_BLANK != 0 && !already {
+                            // Completed: valid, equal to the complete frame.
+                            assert_eq!(got, complete, "v6={v6} proto={protocol} flags={flags}");
+                            assert!(l4_checksum_ok(&got));
+                        } else if flags & NETTXF_CSUM_BLANK != 0 {
+                            // A lie (the checksum was complete): garbage in,
+                            // garbage out, but only the checksum bytes moved.
+                            assert_eq!(got.len(), frame.len());
+                            let moved = (0..got.len()).filter(|&i| got[i] != frame[i]).count();
+                            assert!(moved <= 2);
+                        } else {
+                            // Without csum_blank the frame is passed as is.
+                            assert_eq!(&got, frame);
+                            assert_eq!(l4_checksum_ok(&got), already);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lying_checksum_flags_drop_the_frame_never_change_it_or_panic() {
+        use crate::platform::xen::csum::tests::blank_frame;
+        let tcp = blank_frame(false, 6, b"data");
+        let mut short = tcp.clone(); // IP total length too short for TCP
+        short[16..18].copy_from_slice(&30u16.to_be_bytes());
+        let mut fragment = tcp.clone();
+        fragment[20] = 0x20; // more fragments
+        let mut icmp = tcp.clone();
+        icmp[23] = 1;
+        let mut arp = vec![0u8; 42];
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        let lies: [&[u8]; 5] = [&short, &fragment, &icmp, &arp, &tcp[..30]];
+        for flags in [NETTXF_CSUM_BLANK, NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED] {
+            let (_front, mut back, pages, tx) = pair();
+            let requests: Vec<(u16, &[u8])> = lies.iter().map(|f| (flags, *f)).collect();
+            let status = send_raw(&mut back, &pages, &tx, &requests);
+            // Served (as Linux netback does), but nothing reaches the router.
+            assert_eq!(status, [0; 5]);
+            assert!(back.take_frame().is_none());
+            assert_eq!(back.stats().bad_checksum_offload, 5);
+            assert_eq!(back.stats().from_client, 0);
+        }
+        // The same frames without the flag pass unchanged: the router
+        // decides about them as about any other frame.
+        for flags in [0, NETTXF_DATA_VALIDATED] {
+            let (_front, mut back, pages, tx) = pair();
+            let requests: Vec<(u16, &[u8])> = lies.iter().map(|f| (flags, *f)).collect();
+            send_raw(&mut back, &pages, &tx, &requests);
+            for lie in lies {
+                assert_eq!(back.take_frame().unwrap(), lie);
+            }
+        }
+    }
+
+    /// A router with client 7.0 (10.137.0.10, the address of the test
+    /// frames) whose gateway 10.137.0.1 has announced its MAC.
+    fn router(rules: &[(&str, &str)]) -> (crate::router::Router, crate::router::ClientId) {
+        use crate::router::{Caps, ClientConfig, ClientId, NetworkConfig, Router};
+        use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress};
+        let ours = EthernetAddress([0x00, 0x16, 0x3e, 0x5e, 0x6c, 0x02]);
+        let gateway_mac = EthernetAddress([0x00, 0x16, 0x3e, 0, 0, 1]);
+        let (us, gateway) = (
+            core::net::Ipv4Addr::new(10, 137, 0, 2),
+            core::net::Ipv4Addr::new(10, 137, 0, 1),
+        );
+        let config = NetworkConfig {
+            uplink_mac: ours,
+            ip: us,
+            gateway,
+            primary_dns: None,
+            secondary_dns: None,
+            ip6: None,
+            gateway6: None,
+            seed: 1,
+        };
+        let now = Instant::from_millis(0);
+        let mut router = Router::new(config, Caps::for_memory(16 << 20), now);
+        let id = ClientId {
+            domid: 7,
+            device: 0,
+        };
+        let client = ClientConfig {
+            ip: core::net::Ipv4Addr::new(10, 137, 0, 10),
+            ip6: None,
+            mac: Some(EthernetAddress([0x00, 0x16, 0x3e, 0x5e, 0x6c, 0x11])),
+        };
+        router.add_client(id, client).unwrap();
+        router.set_rules(
+            client.ip.into(),
+            crate::rules::RuleSet::parse(rules.iter().copied()),
+        );
+        let arp = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: gateway_mac,
+            source_protocol_addr: gateway,
+            target_hardware_addr: ours,
+            target_protocol_addr: us,
+        };
+        let mut frame = vec![0u8; 14 + arp.buffer_len()];
+        frame[0..6].copy_from_slice(&ours.0);
+        frame[6..12].copy_from_slice(&gateway_mac.0);
+        frame[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        arp.emit(&mut ArpPacket::new_unchecked(&mut frame[14..]));
+        router.handle_uplink_frame(&frame, now);
+        while router.pop_uplink_frame().is_some() {}
+        assert!(router.gateway_mac().is_some());
+        (router, id)
+    }
+
+    #[test]
+    fn a_blank_udp_checksum_leaves_the_uplink_valid_after_nat() {
+        use crate::platform::xen::csum::tests::{blank_frame, l4_checksum_ok};
+        for protocol in [17u8, 6] {
+            let (mut router, id) = router(&[("policy", "accept")]);
+            let (_front, mut back, pages, tx) = pair();
+            let mut frame = blank_frame(false, protocol, b"query");
+            frame[0..6].copy_from_slice(&crate::arp::CLIENT_SIDE_MAC.0);
+            send_raw(&mut back, &pages, &tx, &[(NETTXF_CSUM_BLANK, &frame)]);
+            let got = back.take_frame().unwrap();
+            router.handle_client_frame(id, &got, Instant::from_millis(1));
+            let out = router.pop_uplink_frame().expect("forwarded");
+            assert_eq!(out[26..30], [10, 137, 0, 2], "source NATed");
+            assert!(l4_checksum_ok(&out), "protocol {protocol}");
+        }
+    }
+
+    #[test]
+    fn checksum_flags_never_make_a_denied_frame_pass() {
+        use crate::platform::xen::csum::tests::blank_frame;
+        for flags in [
+            0,
+            NETTXF_CSUM_BLANK,
+            NETTXF_DATA_VALIDATED,
+            NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED,
+        ] {
+            // Only UDP is allowed: TCP must be dropped whatever the flags.
+            let (mut router, id) =
+                router(&[("0000", "action=accept proto=udp"), ("policy", "drop")]);
+            let (_front, mut back, pages, tx) = pair();
+            let mut tcp = blank_frame(false, 6, b"GET");
+            tcp[0..6].copy_from_slice(&crate::arp::CLIENT_SIDE_MAC.0);
+            let mut udp = blank_frame(false, 17, b"ok");
+            udp[0..6].copy_from_slice(&crate::arp::CLIENT_SIDE_MAC.0);
+            send_raw(&mut back, &pages, &tx, &[(flags, &tcp), (flags, &udp)]);
+            let mut forwarded = Vec::new();
+            while let Some(frame) = back.take_frame() {
+                router.handle_client_frame(id, &frame, Instant::from_millis(1));
+                while let Some(out) = router.pop_uplink_frame() {
+                    forwarded.push(out[23]);
+                }
+            }
+            assert_eq!(forwarded, [17], "flags {flags}");
+        }
     }
 
     #[test]

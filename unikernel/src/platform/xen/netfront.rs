@@ -11,8 +11,13 @@
 //! }`, response `{ id u16, offset u16, flags u16, status i16 }`, status > 0
 //! is the length); 256 entries each (`__RING_SIZE` of a 4 KiB page). We ask
 //! for `request-rx-copy` (the backend copies each frame into a page we
-//! posted) and offer no scatter-gather, GSO or checksum offload, so every
-//! frame is one slot each way.
+//! posted) and offer no scatter-gather or GSO, so every frame is one slot
+//! each way. Checksums: we send complete ones (TX flags 0) and ask for
+//! complete ones (`feature-no-csum-offload` 1, no
+//! `feature-ipv6-csum-offload`); a backend that still flags a frame
+//! `NETRXF_csum_blank` gets it completed ([`super::csum`]) or, when that is
+//! impossible, dropped and counted. `NETRXF_data_validated` changes nothing
+//! (the router verifies no TCP/UDP checksum).
 //!
 //! The ring logic is portable over [`SharedMemory`] and tested on the host
 //! against a netback double. Hostile backend: our producer/consumer indices
@@ -29,6 +34,7 @@ use alloc::vec::Vec;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
+use super::csum::complete_partial_checksum;
 use super::events::Notify;
 use super::shared::{SharedMemory, barrier};
 
@@ -51,6 +57,10 @@ pub const TX_BUFFERS: usize = 64;
 pub const RX_BUFFERS: usize = 64;
 /// Largest Ethernet frame we send or accept (1500-byte MTU + header).
 pub const MAX_FRAME: usize = 1514;
+/// `NETRXF_data_validated`: the backend checked the checksum.
+pub const NETRXF_DATA_VALIDATED: u16 = 1 << 0;
+/// `NETRXF_csum_blank`: the TCP/UDP checksum holds only the pseudo-header sum.
+pub const NETRXF_CSUM_BLANK: u16 = 1 << 1;
 /// `NETRXF_more_data`.
 pub const NETRXF_MORE_DATA: u16 = 1 << 2;
 /// `NETRXF_extra_info`.
@@ -80,6 +90,9 @@ pub struct NetfrontStats {
     pub tx_errors: u64,
     /// Responses naming buffers we did not post.
     pub protocol_errors: u64,
+    /// Frames flagged `NETRXF_csum_blank` whose checksum could not be
+    /// completed: dropped.
+    pub bad_checksum_offload: u64,
 }
 
 /// The frontend rings of one vif.
@@ -253,8 +266,13 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
                 if let Some(buffer) = self.rx_bufs.get(id as usize) {
                     buffer.mem.read_bytes(offset, &mut frame);
                 }
-                self.received.push_back(frame);
-                self.stats.rx_frames += 1;
+                if flags & NETRXF_CSUM_BLANK != 0 && complete_partial_checksum(&mut frame).is_err()
+                {
+                    self.stats.bad_checksum_offload += 1;
+                } else {
+                    self.received.push_back(frame);
+                    self.stats.rx_frames += 1;
+                }
             } else {
                 self.stats.rx_errors += 1;
             }
@@ -549,6 +567,36 @@ mod tests {
         // Too long a frame is dropped and counted, not sent.
         front.send(MAX_FRAME + 1, |b| b.fill(0));
         assert_eq!(front.stats().tx_errors, 1);
+    }
+
+    #[test]
+    fn blank_checksums_from_the_backend_are_completed_or_dropped() {
+        use crate::platform::xen::csum::tests::{blank_frame, l4_checksum_ok};
+        let (mut front, mut backend, _) = setup();
+        let udp = blank_frame(false, 17, b"dns answer");
+        let tcp6 = blank_frame(true, 6, b"payload");
+        let mut arp = vec![0u8; 60];
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        for flags in [NETRXF_CSUM_BLANK, NETRXF_CSUM_BLANK | NETRXF_DATA_VALIDATED] {
+            for frame in [&udp, &tcp6] {
+                assert!(backend.deliver_raw(None, 0, flags, frame.len() as i16, frame));
+                front.poll();
+                let got = front.take_frame().unwrap();
+                assert!(l4_checksum_ok(&got));
+                assert_eq!(got.len(), frame.len());
+            }
+            // A lie: ARP flagged blank is dropped.
+            assert!(backend.deliver_raw(None, 0, flags, 60, &arp));
+            front.poll();
+            assert!(front.take_frame().is_none());
+        }
+        assert_eq!(front.stats().bad_checksum_offload, 2);
+        // data_validated alone, or nothing: the frame as it came.
+        for flags in [0, NETRXF_DATA_VALIDATED] {
+            assert!(backend.deliver_raw(None, 0, flags, udp.len() as i16, &udp));
+            front.poll();
+            assert_eq!(front.take_frame().unwrap(), udp);
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! The uplink is a netfront (`device/vif/0`, xenbus handshake as Mini-OS and
 //! Linux `xen-netfront` do it); each client vif is a netback
 //! (`backend/vif/<domid>/<dev>`: `attach_client` writes `feature-rx-copy`,
-//! `hotplug-status` and InitWait and returns at once; `wait` connects it
+//! the checksum-offload features it honours (`feature-no-csum-offload` 0,
+//! `feature-ipv6-csum-offload` 1), `hotplug-status` and InitWait and returns at once; `wait` connects it
 //! when the frontend is ready, as Linux `xen-netback` does, so a slow client
 //! never stalls the firewall). Numbers read from xenstore are parsed
 //! strictly; a page whose grant cannot be revoked yet (the peer still maps
@@ -1264,6 +1265,9 @@ impl Platform for XenPlatform {
             .transaction(8, |xs| {
                 xs.write(&format!("{backend}/feature-rx-copy"), "1")?;
                 xs.write(&format!("{backend}/feature-rx-flip"), "0")?;
+                // We complete blank IPv4 and IPv6 TCP/UDP checksums (csum.rs).
+                xs.write(&format!("{backend}/feature-no-csum-offload"), "0")?;
+                xs.write(&format!("{backend}/feature-ipv6-csum-offload"), "1")?;
                 xs.write(&format!("{backend}/hotplug-status"), "connected")?;
                 xs.write(&format!("{backend}/state"), &XENBUS_INIT_WAIT.to_string())
             })
