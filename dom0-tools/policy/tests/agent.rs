@@ -1,9 +1,10 @@
 //! `policy.Ask` / `policy.Notify` through `qrexec-policy-exec`: a fake
 //! `qrexec-client` records what dom0 sends to the GUI qube and plays the
 //! agent's answers; the dom0-local socket form is checked against a socket
-//! server of our own and against Qubes' own `SocketService`
-//! (`qrexec/server.py`, unpacked from `../shared/reference/`, run with
-//! `python3`; skipped with a message when either is missing).
+//! server of our own and against Qubes' own `qrexec-policy-agent`
+//! (`PolicyAgent` of `qrexec/tools/qrexec_policy_agent.py`, GTK stubbed, the
+//! dialog replaced by a recorder; unpacked from `../shared/reference/`, run
+//! with `python3`; skipped with a message when either is missing).
 #![allow(clippy::unwrap_used)] // reason: test code
 
 use std::fs;
@@ -248,21 +249,31 @@ fn gui_qube_dom0_uses_the_local_socket_service() {
     assert!(d.calls().is_empty());
 }
 
-const QUBES_SERVER: &str = r#"
+/// Qubes' own `PolicyAgent` (its `handle_request`, `handle_ask`,
+/// `handle_notify` and `SocketService` framing), with GTK stubbed out and
+/// the dialog and the notification replaced by recorders: the dialog
+/// "chooses" the default target.
+const QUBES_AGENT: &str = r#"
 import asyncio, json, sys
+from unittest import mock
 sys.path.insert(0, sys.argv[1])
-from qrexec.server import SocketService
+for name in ["gi", "gi.repository", "gi.events"]:
+    sys.modules[name] = mock.MagicMock()
+from qrexec.tools import qrexec_policy_agent as qpa
 
-class Agent(SocketService):
-    async def handle_request(self, params, service, source_domain):
-        with open(sys.argv[3], "w") as f:
-            json.dump({"service": service, "source": source_domain, "params": params}, f)
-        if service == "policy.Ask":
-            return "allow:" + params["default_target"]
-        return ""
+def record(value):
+    with open(sys.argv[3], "w") as f:
+        json.dump(value, f, sort_keys=True)
+
+async def dialog(entries_info, source, service, argument, targets_list, target=None):
+    record({"entries_info": entries_info, "source": source, "service": service,
+            "argument": argument, "targets": targets_list, "default": target})
+    return target
+qpa.confirm_rpc = dialog
+qpa.PolicyAgent.notify = lambda self, *args: record({"notify": list(args)})
 
 async def main():
-    server = await Agent(sys.argv[2]).start()
+    server = await qpa.PolicyAgent(sys.argv[2]).start()
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
@@ -271,7 +282,7 @@ asyncio.run(main())
 "#;
 
 #[test]
-fn qubes_socket_service_understands_our_requests() {
+fn qubes_policy_agent_understands_our_requests() {
     let tarball = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../../shared/reference/qubes-core-qrexec.tar.gz");
     if !tarball.is_file() || Command::new("python3").arg("--version").output().is_err() {
@@ -294,10 +305,21 @@ fn qubes_socket_service_understands_our_requests() {
             .unwrap()
             .success()
     );
-    fs::write(d.path("server.py"), QUBES_SERVER).unwrap();
-    for (service, query, check) in [
-        ("policy.Ask", "test.Svc", "default_target"),
-        ("policy.Notify", "test.Loud", "resolution"),
+    fs::write(d.path("server.py"), QUBES_AGENT).unwrap();
+    let icons = r#"{"@dispvm:dvm": {"icon": "dispvm-green"}, "dom0": {"icon": "adminvm-black"}, "dvm": {"icon": "appvm-green"}, "local": {"icon": "appvm-red"}, "sys-gui": {"icon": "servicevm-red"}, "vault": {"icon": "appvm-black"}, "work": {"icon": "appvm-blue"}}"#;
+    for (service, query, expected) in [
+        (
+            "policy.Ask",
+            "test.Svc",
+            format!(
+                r#"{{"argument": "+", "default": "vault", "entries_info": {icons}, "service": "test.Svc", "source": "local", "targets": ["@dispvm:dvm", "dvm", "sys-gui", "vault", "work"]}}"#
+            ),
+        ),
+        (
+            "policy.Notify",
+            "test.Loud",
+            r#"{"notify": ["allow", "test.Loud", "+", "local", "vault"]}"#.to_owned(),
+        ),
     ] {
         let record = d.path(&format!("{service}.seen"));
         let mut server = Command::new("python3")
@@ -309,22 +331,17 @@ fn qubes_socket_service_understands_our_requests() {
             .spawn()
             .unwrap();
         let mut ready = [0u8; 6];
-        server
-            .stdout
-            .take()
-            .unwrap()
-            .read_exact(&mut ready)
-            .unwrap();
-        assert_eq!(&ready, b"ready\n");
+        let started = server.stdout.take().unwrap().read_exact(&mut ready);
+        if started.is_err() {
+            let _ = server.kill();
+            let _ = server.wait();
+            panic!("Qubes' PolicyAgent did not start (see its error above)");
+        }
         let out = d.exec(&[], "local", "vault", query);
         let _ = server.kill();
         let _ = server.wait();
         assert_eq!(out.status.code(), Some(0), "{service}: {out:?}");
-        let seen = fs::read_to_string(&record).unwrap();
-        assert!(
-            seen.contains(&format!("\"service\": \"{service}\", \"source\": \"dom0\"")),
-            "{seen}"
-        );
-        assert!(seen.contains(check), "{seen}");
+        assert!(reply(&out).contains("target=vault\n"), "{}", reply(&out));
+        assert_eq!(fs::read_to_string(&record).unwrap(), expected, "{service}");
     }
 }
