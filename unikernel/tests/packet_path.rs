@@ -456,18 +456,29 @@ fn tcp_flow_is_translated_both_ways() {
 
 #[test]
 fn client_without_rules_is_denied_everything() {
+    // No /qubes-firewall/<ip> at all: Linux has no chain for the address,
+    // its forward chain's policy drops, silently.
     let mut net = Net::new(false);
     net.send_from_a(&tcp4(A_IP, REMOTE, 40000, 443, TcpControl::Syn, 64));
     net.send_from_a(&udp4(A_IP, DNS1, 40000, 53, b"q"));
     net.send_from_a(&ping4(A_IP, REMOTE, 7, 64));
     assert!(net.uplink_out().is_empty());
-    assert_eq!(net.dropped(DropReason::RulesDrop), 3);
-    assert_eq!(net.client_out(A).len(), 3, "each rejected like Linux does");
+    assert_eq!(net.dropped(DropReason::NoRules), 3);
+    assert!(net.client_out(A).is_empty(), "dropped, not rejected");
+    // Rules written, then removed: firewall.py blocks the address with a
+    // REJECT rule.
+    accept_all(&mut net, A_IP);
+    net.router.remove_rules(A_IP.into());
+    net.send_from_a(&tcp4(A_IP, REMOTE, 40001, 443, TcpControl::Syn, 64));
+    assert!(net.uplink_out().is_empty());
+    assert_eq!(net.dropped(DropReason::RulesDrop), 1);
+    assert_rejected(&net.client_out(A), A_IP);
 }
 
 #[test]
 fn rejects_are_rate_limited() {
     let mut net = Net::new(false);
+    net.rules(A_IP.into(), &[("policy", "drop")]);
     for port in 0..1500u16 {
         net.send_from_a(&udp4(A_IP, REMOTE, 1000 + port, 9, b"x"));
     }
@@ -935,6 +946,7 @@ fn rule_change_flushes_the_clients_flows() {
 #[test]
 fn clients_are_isolated_from_each_other() {
     let mut net = Net::new(false);
+    net.rules(A_IP.into(), &[("policy", "drop")]);
     // Rules that deny: rejected towards A (the sender's rules run first,
     // as Linux's qubes-firewall chain does), nothing reaches B.
     net.send_from_a(&tcp4(A_IP, B_IP, 40000, 22, TcpControl::Syn, 64));
@@ -2155,11 +2167,56 @@ fn pings_to_the_firewall_are_answered() {
     assert_eq!(back.len(), 1);
     let seen = seen4(&back[0]);
     assert_eq!((seen.src, seen.dst, seen.sport), (OUR_IP, A_IP, 0));
+    // From the net qube, IPv4: not answered (Linux's IPv4 input chain
+    // takes ICMP from clients only).
     net.send_from_outside(&ping4(GATEWAY, OUR_IP, 9, 64));
-    let out = net.uplink_out();
-    assert_eq!(seen4(&out[0]).dst, GATEWAY);
-    net.send_from_a(&udp4(A_IP, OUR_IP, 1, 2, b"x"));
+    assert!(net.uplink_out().is_empty());
     assert_eq!(net.dropped(DropReason::ToFirewall), 1);
+}
+
+#[test]
+fn client_packets_to_the_firewall_are_taken_as_linux_input_chains_do() {
+    let mut net = Net::new(true);
+    net.gateway6_says(GATEWAY_MAC);
+    // TCP, UDP, GRE: rejected with host-prohibited (3/10).
+    net.send_from_a(&tcp4(A_IP, OUR_IP, 40000, 22, TcpControl::Syn, 64));
+    net.send_from_a(&udp4(A_IP, OUR_IP, 40000, 53, b"q"));
+    net.send_from_a(&ip4(A_IP, OUR_IP, IpProtocol::Unknown(47), 64, &[0; 4]));
+    let rejects = net.client_out(A);
+    assert_eq!(rejects.len(), 3);
+    for frame in &rejects {
+        let seen = seen4(frame);
+        assert_eq!((seen.src, seen.dst, seen.sport), (OUR_IP, A_IP, 3));
+        let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!(ip.payload()[1], 10, "host administratively prohibited");
+    }
+    // DHCP (UDP 68) and ICMP other than echo: taken silently.
+    net.send_from_a(&udp4(A_IP, OUR_IP, 67, 68, b"d"));
+    net.send_from_a(&ip4(
+        A_IP,
+        OUR_IP,
+        IpProtocol::Icmp,
+        64,
+        &icmp_raw(13, 1, &[0; 12], None),
+    ));
+    assert!(net.client_out(A).is_empty());
+    assert_eq!(net.dropped(DropReason::ToFirewall), 5);
+    // IPv6: non-ICMPv6 rejected with admin-prohibited (1/1); pings
+    // answered, from a client and from the net qube.
+    let syn6 = tcp_segment(a_ip6().into(), our_ip6().into(), 40000, 22, TcpControl::Syn);
+    net.send_from_a(&ip6(a_ip6(), our_ip6(), IpProtocol::Tcp, 64, &syn6));
+    let rejects = net.client_out(A);
+    assert_eq!(rejects.len(), 1);
+    let eth = EthernetFrame::new_checked(&rejects[0][..]).unwrap();
+    let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!(&ip.payload()[..2], &[1, 1]);
+    let ping = icmp_raw(128, 5, b"p", Some((a_ip6(), our_ip6())));
+    net.send_from_a(&ip6(a_ip6(), our_ip6(), IpProtocol::Icmpv6, 64, &ping));
+    assert_eq!(icmp_seen(&net.client_out(A)[0]), (129, 5));
+    let ping = icmp_raw(128, 6, b"p", Some((remote6(), our_ip6())));
+    net.send_from_outside(&ip6(remote6(), our_ip6(), IpProtocol::Icmpv6, 64, &ping));
+    assert_eq!(icmp_seen(&net.uplink_out()[0]), (129, 6));
 }
 
 fn icmp6_message(src: Ipv6Addr, dst: Ipv6Addr, repr: Icmpv6Repr<'_>) -> Vec<u8> {

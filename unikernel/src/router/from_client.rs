@@ -151,7 +151,7 @@ impl Router {
         now: Millis,
     ) {
         if self.is_ours(meta.dst) {
-            return self.answer_firewall(Out::Client(index), packet, meta);
+            return self.client_to_firewall(index, packet, meta, now);
         }
         if is_broadcast_or_multicast(meta.dst) {
             return self.drop(DropReason::Broadcast);
@@ -241,7 +241,12 @@ impl Router {
             },
             icmp_type: meta.icmp_type,
         };
-        let rules = self.rules.get(&meta.src).unwrap_or(&self.no_rules);
+        let Some(rules) = self.rules.get(&meta.src) else {
+            // No rules ever written for this address: Linux has no chain
+            // for it, its forward chain's policy drops, silently.
+            self.drop(DropReason::NoRules);
+            return None;
+        };
         let ctx = MatchContext {
             dns_servers: &self.dns_servers,
             now_unix: self.now_unix(now),

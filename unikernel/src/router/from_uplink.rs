@@ -139,7 +139,11 @@ impl Router {
             return;
         }
         match meta.icmp {
-            IcmpKind::Query => return self.answer_firewall(Out::Uplink, packet, meta),
+            // Linux sys-firewall's IPv4 input chain takes ICMP from clients
+            // only (`iifgroup 2 meta l4proto icmp accept`, policy drop);
+            // its IPv6 one from everywhere.
+            IcmpKind::Query if meta.v6 => return self.answer_firewall(Out::Uplink, packet, meta),
+            IcmpKind::Query => return self.drop(DropReason::ToFirewall),
             IcmpKind::Error => return self.related_from_uplink(packet, meta, now),
             IcmpKind::Other => return self.drop(DropReason::IcmpUntracked),
             _ => {}

@@ -9,7 +9,7 @@
 use core::net::IpAddr;
 
 use crate::nat::{Direction, Millis};
-use crate::wire::{PROTO_ICMP, PROTO_ICMPV6, be16, checksum};
+use crate::wire::{PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, be16, checksum};
 
 use super::packet::{
     IcmpKind, IpMeta, decrement_ttl, ipv4_header, ipv6_header, is_broadcast_or_multicast,
@@ -30,9 +30,42 @@ pub(super) enum IcmpError {
     AdminProhibited,
     /// Too big for the next hop, and must not be fragmented.
     FragmentationNeeded(usize),
+    /// A client's packet to the firewall itself that is not ICMP (Linux's
+    /// input chain: `iifgroup 2 reject with icmp type host-prohibited`;
+    /// for IPv6 its `_icmpv6` chain rejects with admin-prohibited).
+    HostProhibited,
 }
 
 impl Router {
+    /// A client's packet to one of the firewall's own addresses, as Linux
+    /// sys-firewall's input chains (`qubes-ipv4.nft`, `qubes-ipv6.nft`)
+    /// take it: pings are answered, other ICMP is taken silently, DHCP
+    /// (UDP port 68) dropped silently, everything else rejected (IPv4:
+    /// host-prohibited, IPv6: admin-prohibited).
+    pub(super) fn client_to_firewall(
+        &mut self,
+        index: usize,
+        packet: &[u8],
+        meta: &IpMeta,
+        now: Millis,
+    ) {
+        if is_echo_request(meta) {
+            return self.answer_firewall(Out::Client(index), packet, meta);
+        }
+        let icmp = meta.protocol == if meta.v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
+        let dhcp = !meta.v6 && meta.protocol == PROTO_UDP && meta.dst_port == 68;
+        if !icmp && !dhcp {
+            self.icmp_error(
+                Out::Client(index),
+                packet,
+                meta,
+                IcmpError::HostProhibited,
+                now,
+            );
+        }
+        self.drop(DropReason::ToFirewall);
+    }
+
     /// A packet to one of the firewall's own addresses: answer pings, drop
     /// the rest.
     pub(super) fn answer_firewall(&mut self, out: Out, packet: &[u8], meta: &IpMeta) {
@@ -114,6 +147,7 @@ impl Router {
         let (type4, code4, type6, code6, rest) = match error {
             IcmpError::TimeExceeded => (11, 0, 3, 0, 0u32),
             IcmpError::AdminProhibited => (3, 13, 1, 1, 0),
+            IcmpError::HostProhibited => (3, 10, 1, 1, 0),
             IcmpError::FragmentationNeeded(mtu) => (3, 4, 2, 0, mtu as u32),
         };
         let mut reply = self.buffer();

@@ -10,8 +10,14 @@
 //!   a NAT entry (so the per-packet cost does not depend on the rules);
 //! - a new flow the rules deny is answered with ICMP "administratively
 //!   prohibited" (type 3 code 13 / ICMPv6 1/1), as Linux's qubes-firewall
-//!   does (`REJECT --reject-with icmp-admin-prohibited` for `action=drop`
-//!   and the policy); all ICMP errors we send share a 1 000/s token bucket;
+//!   does (`reject with icmp type admin-prohibited` for `action=drop`,
+//!   the policy, and a set that failed to parse); a client with no rules
+//!   at all is dropped silently (no chain: the forward policy drops);
+//!   a client's non-ICMP packet to the firewall itself is rejected with
+//!   host-prohibited (3/10; IPv6: 1/1), except DHCP (UDP 68), as Linux's
+//!   input chains; IPv4 pings from the uplink are not answered (Linux takes
+//!   ICMP from clients only), IPv6 ones are; all ICMP errors we send share
+//!   a 1 000/s token bucket;
 //! - client → client: never forwarded. Linux's `qubes` table drops every
 //!   new forwarded packet whose output is a client vif (`oifgroup 2 counter
 //!   drop`); the sender's rules still run first (its `qubes-firewall`
@@ -86,8 +92,10 @@
 //! // After the commit write to /qubes-firewall/<ip>: entries below
 //! // /qubes-firewall/<ip>/ with relative keys ("policy", "0000", …).
 //! // Keyed by address: rules may arrive before or after the vif; an
-//! // address without rules is deny-all; replacing a set flushes that
-//! // client's flows. Log `set.error()` (key + reason) if any.
+//! // address no rules were ever set for is dropped silently (Linux has no
+//! // chain for it); after remove_rules it is denied with rejects;
+//! // replacing a set flushes that client's flows. Log `set.error()`
+//! // (key + reason) if any.
 //! router.set_rules(client_ip, RuleSet::parse(entries));
 //! router.set_wall_clock(Some(unix_seconds), now);   // for expire=
 //! // /connected-ips and /connected-ips6, both families in one list:
@@ -257,6 +265,7 @@ drop_reasons! {
     LinkLocal = "IPv6 link-local or neighbour-discovery traffic not for us",
     RulesDrop = "denied by the client's rules",
     RulesParseError = "client's rules failed to parse",
+    NoRules = "no rules written for this client yet (/qubes-firewall/<ip>)",
     UnresolvedHost = "client's dsthost rule not resolved yet",
     NoFlow = "no NAT entry for this packet",
     NatTableFull = "NAT table full",
@@ -349,7 +358,6 @@ pub struct Router {
     rules: HashMap<IpAddr, RuleSet, SeededState>,
     /// `/connected-ips` and `/connected-ips6` (`isolation.rs`).
     connected: HashSet<IpAddr, SeededState>,
-    no_rules: RuleSet,
     nat: NatTable,
     /// Fragments from clients and from the uplink are kept apart, so the
     /// net qube cannot crowd out the clients' datagrams (and the reverse).
@@ -409,7 +417,6 @@ impl Router {
             by_address: HashMap::with_hasher(hasher),
             rules: HashMap::with_hasher(hasher),
             connected: HashSet::with_hasher(hasher),
-            no_rules: RuleSet::deny_all(),
             nat,
             reassembler: Reassembler::new(caps.fragment_datagrams, caps.fragment_bytes),
             uplink_reassembler: Reassembler::new(caps.fragment_datagrams, caps.fragment_bytes),
@@ -487,10 +494,12 @@ impl Router {
         self.update_wanted_names();
     }
 
-    /// Forgets the rules of `client_ip` (back to deny-all), flushing its
-    /// flows.
+    /// The rules of `client_ip` were removed: from now on it is denied
+    /// everything, rejected (Linux's `firewall.py` then fails to read a
+    /// policy and blocks the address with a single `action=drop` rule, a
+    /// REJECT), and its flows are flushed.
     pub fn remove_rules(&mut self, client_ip: IpAddr) {
-        self.rules.remove(&client_ip);
+        self.rules.insert(client_ip, RuleSet::deny_all());
         self.nat.flush_client(client_ip);
         self.update_wanted_names();
     }
