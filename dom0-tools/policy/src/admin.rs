@@ -440,19 +440,19 @@ fn list(dir: &Path, suffix: &str) -> Result<Vec<u8>, AdminError> {
         if !entry.path().is_file() {
             continue;
         }
-        let name = entry.file_name();
-        let Some(name) = name.to_str().filter(|n| n.is_ascii()) else {
-            return Err(AdminError::Internal(format!(
-                "file name not ASCII in {}: {:?}",
-                dir.display(),
-                entry.file_name()
-            )));
+        let raw = entry.file_name();
+        let lossy = raw.to_string_lossy();
+        let Some(name) = lossy.strip_suffix(suffix) else {
+            continue;
         };
-        if suffix.is_empty() {
-            names.push(name.to_owned());
-        } else if let Some(stem) = name.strip_suffix(suffix) {
-            names.push(stem.to_owned());
+        // Qubes encodes the answer as ASCII: any other listed name fails.
+        if raw.to_str().is_none() || !name.is_ascii() {
+            return Err(AdminError::Internal(format!(
+                "file name not ASCII in {}: {raw:?}",
+                dir.display()
+            )));
         }
+        names.push(name.to_owned());
     }
     names.sort();
     Ok(names

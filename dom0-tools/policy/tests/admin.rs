@@ -93,6 +93,7 @@ fn list_and_include_list() {
     t.write("include/zz", "");
     t.write("include/aa.policy", "");
     fs::create_dir(t.policy_dir().join("dir.policy")).unwrap();
+    t.write("é-not-listed", "");
     assert_eq!(
         classify(t.call("policy.List", "", "")),
         Ok("30-a\n50-b\n".into())
@@ -109,6 +110,12 @@ fn list_and_include_list() {
         classify(t.call("policy.include.List", "", "x")),
         err("PolicyAdminProtocolException", "Unexpected payload")
     );
+    // Qubes answers in ASCII: a listed name that is not fails (exit 2).
+    t.write("é.policy", "");
+    assert!(matches!(
+        t.call("policy.List", "", ""),
+        Err(AdminError::Internal(_))
+    ));
     assert_eq!(
         classify(t.call("policy.Nothing", "", "")),
         err(
