@@ -21,7 +21,8 @@
 //! directory; nothing of it is committed. Python 3.12 is found as
 //! `POLICY_DIFF_PYTHON`, pyenv's `~root/.pyenv/versions/3.12*/bin/python3.12`,
 //! or `python3.12` on `PATH`; the parser needs only the standard library.
-//! Without either the test says why and passes without comparing.
+//! Without either the test says why and passes without comparing (or
+//! fails, if `POLICY_DIFF_REQUIRED` is set).
 //!
 //! `POLICY_DIFF_REQUESTS` (default 15 000) sets the number of requests,
 //! `POLICY_DIFF_SEED` the seed (default fixed, so CI is reproducible; the
@@ -595,7 +596,18 @@ fn unpack_reference() -> Result<PathBuf, String> {
     }
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("policy-differential");
     let marker = out.join("qubes-core-qrexec/qrexec/policy/parser.py");
-    if !marker.is_file() {
+    // unpacked again whenever the tarball changes
+    let stamp_file = out.join("unpacked-from");
+    let meta = fs::metadata(&tarball).map_err(|e| format!("{}: {e}", tarball.display()))?;
+    let stamp = format!(
+        "{} {} {:?}",
+        tarball.display(),
+        meta.len(),
+        meta.modified().ok()
+    );
+    if !marker.is_file() || fs::read_to_string(&stamp_file).ok().as_deref() != Some(stamp.as_str())
+    {
+        let _ = fs::remove_dir_all(out.join("qubes-core-qrexec"));
         fs::create_dir_all(&out).unwrap();
         let status = Command::new("tar")
             .arg("-xzf")
@@ -608,6 +620,7 @@ fn unpack_reference() -> Result<PathBuf, String> {
         if !status.success() || !marker.is_file() {
             return Err(format!("unpacking {} failed ({status})", tarball.display()));
         }
+        fs::write(&stamp_file, &stamp).unwrap();
     }
     Ok(out.join("qubes-core-qrexec"))
 }
@@ -711,21 +724,37 @@ fn same(py: &Value, ours: &Value) -> bool {
     }
 }
 
+/// `eprintln!` straight to the process's standard error, past the test
+/// harness's capture, so that the figures (or why the test could not run)
+/// show in every `cargo test` log.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Say why the comparison cannot run; a failure if `POLICY_DIFF_REQUIRED`
+/// is set (for CI, where both must be there).
+fn skip(why: &str) {
+    assert!(
+        std::env::var_os("POLICY_DIFF_REQUIRED").is_none(),
+        "differential test cannot run (POLICY_DIFF_REQUIRED is set): {why}"
+    );
+    report!("SKIPPED differential test against Qubes' policy parser: {why}");
+}
+
 #[test]
 fn agrees_with_qubes_parser() {
-    let python = match find_python() {
-        Some(p) => p,
-        None => {
-            eprintln!(
-                "SKIPPED differential test: no Python 3.12 found (set POLICY_DIFF_PYTHON, or install pyenv's 3.12 under /root/.pyenv)"
-            );
-            return;
-        }
+    let Some(python) = find_python() else {
+        skip(
+            "no Python 3.12 found (set POLICY_DIFF_PYTHON, or install pyenv's 3.12 under /root/.pyenv, or python3.12 on PATH)",
+        );
+        return;
     };
     let package = match unpack_reference() {
         Ok(p) => p,
         Err(why) => {
-            eprintln!("SKIPPED differential test: {why}");
+            skip(&why);
             return;
         }
     };
@@ -737,7 +766,7 @@ fn agrees_with_qubes_parser() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_0010);
-    eprintln!(
+    report!(
         "differential: {requests} requests, seed {seed}, Python {}, Qubes package {}",
         python.display(),
         package.display()
@@ -753,29 +782,31 @@ fn agrees_with_qubes_parser() {
         run_batch(&python, &package, &mut rng, n, &mut tally);
         done += n;
     }
-    eprintln!(
+    report!(
         "differential: compared {} requests; load errors agreed in {} worlds",
-        tally.compared, tally.load_errors_agreed
+        tally.compared,
+        tally.load_errors_agreed
     );
     for (class, total) in &tally.total {
         let agree = tally.agree.get(class).copied().unwrap_or(0);
-        eprintln!(
+        report!(
             "  Qubes {class:5}: {agree}/{total} agree ({:.2} %)",
             100.0 * agree as f64 / *total as f64
         );
     }
     for (what, n) in &tally.skipped {
-        eprintln!("  skipped (documented Qubes accident, ours safer): {what}: {n}");
+        report!("  skipped (documented Qubes accident, ours safer): {what}: {n}");
     }
-    eprintln!(
+    report!(
         "  we allow where Qubes denies: {}; we ask where Qubes denies: {}",
-        tally.allow_where_qubes_denies, tally.ask_where_qubes_denies
+        tally.allow_where_qubes_denies,
+        tally.ask_where_qubes_denies
     );
     for (why, n) in &tally.reasons {
-        eprintln!("  Qubes {why}…: {n}");
+        report!("  Qubes {why}…: {n}");
     }
     for m in tally.mismatches.iter().take(15) {
-        eprintln!("MISMATCH {m}");
+        report!("MISMATCH {m}");
     }
     assert!(tally.compared > 0, "nothing was compared");
     assert_eq!(
