@@ -29,8 +29,8 @@
 //! denies as Qubes does: "source domain has no GuiVM") and nothing is
 //! notified. A failing agent call (cannot start, non-zero exit, no answer
 //! within the timeout, answer over 4 KiB) is a deny — it never falls back.
-//! The system info is read again for each question, as the qube list may
-//! have changed; an unreadable one is a deny.
+//! The system info is read again whenever the file changed (inode, size or
+//! mtime), as the qube list may have; an unreadable one is a deny.
 
 #![deny(clippy::indexing_slicing)]
 
@@ -38,12 +38,15 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::eval::{AskAnswer, AskQuestion, Confirm, Notice};
+use crate::system_info::{FileStamp, file_stamp};
+
+type Domains = serde_json::Map<String, Value>;
 
 /// Most answer bytes read from the agent.
 const MAX_ANSWER: u64 = 4096;
@@ -88,6 +91,7 @@ pub struct AgentConfirm {
     args: AgentArgs,
     timeout: Duration,
     fallback: Arc<dyn Confirm>,
+    cache: Mutex<Option<(FileStamp, Arc<Domains>)>>,
 }
 
 impl std::fmt::Debug for AgentConfirm {
@@ -114,10 +118,31 @@ impl AgentConfirm {
             args,
             timeout,
             fallback,
+            cache: Mutex::new(None),
         }
     }
 
-    fn domains(&self) -> Result<serde_json::Map<String, Value>, String> {
+    /// The `domains` object, parsed again only when the file changed
+    /// (inode, size or mtime), so a flood of notifying denials does not
+    /// re-parse it each time.
+    fn domains(&self) -> Result<Arc<Domains>, String> {
+        let stamp = file_stamp(&self.system_info);
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((cached, domains)) = cache.as_ref()
+            && stamp.is_some()
+            && *cached == stamp
+        {
+            return Ok(Arc::clone(domains));
+        }
+        let domains = Arc::new(self.read_domains()?);
+        *cache = Some((stamp, Arc::clone(&domains)));
+        Ok(domains)
+    }
+
+    fn read_domains(&self) -> Result<Domains, String> {
         let text = std::fs::read_to_string(&self.system_info)
             .map_err(|e| format!("cannot read {}: {e}", self.system_info.display()))?;
         let mut value: Value = serde_json::from_str(&text)
@@ -226,7 +251,7 @@ impl AgentConfirm {
 }
 
 /// The `guivm` of `source` (a name, or `uuid:…` matched against `uuid`).
-fn guivm_of(domains: &serde_json::Map<String, Value>, source: &str) -> Option<String> {
+fn guivm_of(domains: &Domains, source: &str) -> Option<String> {
     let domain = domains.get(source).or_else(|| {
         let uuid = source.strip_prefix("uuid:")?;
         domains
@@ -241,7 +266,7 @@ fn guivm_of(domains: &serde_json::Map<String, Value>, source: &str) -> Option<St
 }
 
 /// The `icons` object of a `policy.Ask` request.
-fn icons(domains: &serde_json::Map<String, Value>) -> Vec<(String, String)> {
+fn icons(domains: &Domains) -> Vec<(String, String)> {
     let icon = |d: &Value| d.get("icon").and_then(Value::as_str).map(str::to_owned);
     let mut out: Vec<(String, String)> = domains
         .iter()
