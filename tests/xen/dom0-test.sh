@@ -69,9 +69,14 @@ echo "QFW-MEASURE xenvchan loopback in dom0: $(grep -o '[0-9.]* MB/s' /tmp/loopb
 grep -q "XENVCHAN-LOOPBACK ok" /tmp/loopback.log; check "xenvchan: bulk both ways over a real vchan (dom0 loopback, rc=$rc)" $([ $? = 0 ] && echo ok)
 
 # 1) The firewall, created paused so the QubesDB server (dom0's side) is
-#    there before it runs, as qubesd arranges on Qubes.
-sed -e "s|^kernel *=.*|kernel = \"/guest/qubes-firewall.elf\"|" -e "/^vif/d" -e "/^on_/d" /guest/qubes-firewall.cfg > /tmp/fw.cfg
+#    there before it runs, as qubesd arranges on Qubes. Its command line is
+#    what Qubes passes without the feature no-default-kernelopts:
+#    qubes-core-admin's kernelopts_common default, then the default
+#    kernelopts (swiotlb=2048). The firewall must ignore them with a warning.
+QUBES_DEFAULT_KERNELOPTS="root=/dev/mapper/dmroot ro nomodeset console=hvc0 rd_NO_PLYMOUTH rd.plymouth.enable=0 plymouth.enable=0 xen_privcmd.unrestricted swiotlb=2048"
+sed -e "s|^kernel *=.*|kernel = \"/guest/qubes-firewall.elf\"|" -e "/^vif/d" -e "/^on_/d" -e "/^cmdline/d" /guest/qubes-firewall.cfg > /tmp/fw.cfg
 cat >> /tmp/fw.cfg <<CFG
+cmdline = "$QUBES_DEFAULT_KERNELOPTS"
 on_poweroff = "preserve"
 on_crash = "preserve"
 vif = [ 'bridge=xenbr0,script=vif-mini,mac=00:16:3e:5e:6c:00' ]
@@ -97,6 +102,7 @@ else
     check "QubesDB and qrexec connected" no
 fi
 grep -q "booted:" $LOG; check "image booted (console line via xenconsoled)" $([ $? = 0 ] && echo ok)
+grep -q "ignoring 9 Linux kernel option" $LOG; check "booted with Qubes' default kernel options, ignored with a warning" $([ $? = 0 ] && echo ok)
 grep -q "domain $domid (sys-firewall)" $LOG; check "read its domid/name from xenstore" $([ $? = 0 ] && echo ok)
 waitfor $LOG "QubesDB: synchronised" 50
 grep -q "QubesDB: synchronised" $LOG; check "firewall synchronised with our qubesdb-daemon over real vchan (libxenvchan server)" $([ $? = 0 ] && echo ok)
