@@ -33,11 +33,25 @@ use qubes_box::linuxfw::{self, LinuxFirewall};
 use qubes_box::netbox;
 use qubes_box::probe::{self, Outcome, Probe, Rng, Sink};
 
-/// Disagreement classes whose fix is under way (issue 11), reported but not
-/// failing the test while pending. A class is the probe's label without
-/// addresses, and which side did what. Never a class where ours forwards
-/// what Linux drops: those always fail.
-const PENDING: &[(&str, &str)] = &[];
+/// Disagreement classes whose fix is under way (issue 11, helper F1's
+/// router work), reported but not failing the test while pending: a
+/// probe's class (see [`class`]) holding the first text, where ours dropped
+/// the probe. Never a class where ours forwards what Linux drops:
+/// those always fail. Remove an entry once its fix is in.
+const PENDING: &[(&str, &str)] = &[
+    // ICMP types that cannot start a flow (replies 0/14/16/18) are invalid
+    // to Linux conntrack, but Qubes' qubes-firewall chain runs before the
+    // `ct state invalid drop` of the qubes table: a denying rule answers
+    // admin-prohibited; ours drops silently.
+    ("icmp type ", "issue 11 points 2 and 5 (F1)"),
+    // ICMPv6 MLD/ND types 130-136 and 143 are untracked by Linux (the
+    // rules decide: forwarded or rejected); the other types as for ICMP.
+    ("icmpv6 type ", "issue 11 points 2 and 5 (F1)"),
+    // IPv6 hop-by-hop, destination-options and routing headers.
+    ("+ipv6-ext", "issue 11 point 3 (F1)"),
+    // An IPv6 packet whose next header is an unknown protocol.
+    ("IPv6 ip protocol 253", "issue 11 point 3 (F1)"),
+];
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -413,10 +427,36 @@ fn categories(probe: &Probe) -> Vec<&'static str> {
 }
 
 /// A probe's class: its label and what each side did.
+/// The label is coarsened: ICMP codes, IPv4 options, fragmentation and the
+/// list of IPv6 extension headers are left out (the example keeps them).
 fn class(probe: &Probe, ours: &Outcome, linux: &Outcome) -> String {
+    let mut label = String::new();
+    let mut words = probe.label.split(' ').peekable();
+    while let Some(word) = words.next() {
+        match word {
+            "code" | "+ipv4-option" => {
+                words.next();
+            }
+            "+fragments" | "reversed" => {}
+            "+ipv6-ext" => {
+                words.next();
+                label.push_str(" +ipv6-ext");
+            }
+            _ => {
+                if !label.is_empty() {
+                    label.push(' ');
+                }
+                label.push_str(word);
+            }
+        }
+    }
+    let family = if matches!(probe.dst, IpAddr::V6(_)) {
+        "IPv6"
+    } else {
+        "IPv4"
+    };
     format!(
-        "{}: ours {}, Linux {}",
-        probe.label,
+        "{family} {label}: ours {}, Linux {}",
         ours.describe(probe),
         linux.describe(probe)
     )
@@ -734,7 +774,9 @@ fn the_firewall_decides_as_qubes_linux_sys_firewall() {
                 ours_forwards_linux_drops += 1;
             }
             let c = class(p, o, l);
-            let pending = !forwards_more && PENDING.iter().any(|(what, _)| c.contains(what));
+            let pending = !forwards_more
+                && o.markers_arrived == 0
+                && PENDING.iter().any(|(what, _)| c.contains(what));
             if !pending {
                 failing += 1;
             }
@@ -775,7 +817,12 @@ fn the_firewall_decides_as_qubes_linux_sys_firewall() {
         eprintln!("  Qubes/Linux accident, probes not counted as disagreeing: {n} x {reason}");
     }
     for (c, (n, example)) in &disagreements {
-        eprintln!("  DISAGREE {n} x {c}\n      e.g. {example}");
+        let pending = PENDING
+            .iter()
+            .find(|(what, _)| c.contains(what) && c.contains(": ours dropped"))
+            .map(|(_, why)| format!(" [pending, {why}]"))
+            .unwrap_or_default();
+        eprintln!("  DISAGREE {n} x {c}{pending}\n      e.g. {example}");
     }
     drop(sides);
     drop(linux);
