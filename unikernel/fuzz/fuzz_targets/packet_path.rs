@@ -1,7 +1,11 @@
 //! Fuzzes the whole packet path (`router.rs` and everything below it): any
 //! bytes in on a client vif or the uplink never panic, and never leak:
-//! - client A has no rules (deny-all): nothing it sends ever makes a frame
-//!   leave on the uplink or reach client B;
+//! - client A's rules deny all: nothing it sends ever makes a frame leave
+//!   on the uplink or reach client B;
+//! - client B accepts all, yet clients are isolated: nothing B sends
+//!   reaches A unless the firewall wrote it (ICMP errors, ARP/NDP), and
+//!   nothing leaves on the uplink for 10.137.0.12, a connected qube that is
+//!   not running (`/connected-ips`);
 //! - every IP frame that leaves on the uplink carries the firewall's own
 //!   source address (clients are always translated);
 //! - frames towards a client only carry IP packets addressed to it (or
@@ -106,7 +110,10 @@ fuzz_target!(|data: &[u8]| {
             },
         )
         .unwrap();
+    router.set_rules(A_IP.into(), RuleSet::deny_all());
     router.set_rules(B_IP.into(), RuleSet::accept_all());
+    let stopped = Ipv4Addr::new(10, 137, 0, 12);
+    router.set_connected_ips(&[A_IP.into(), B_IP.into(), stopped.into()]);
     router.set_rules(
         "10.137.0.99".parse().unwrap(),
         RuleSet::parse([
@@ -148,10 +155,15 @@ fuzz_target!(|data: &[u8]| {
         let mut uplink_frames = 0;
         while let Some(out) = router.pop_uplink_frame() {
             uplink_frames += 1;
-            if let Some((src, _)) = addresses(&out) {
+            if let Some((src, dst)) = addresses(&out) {
                 assert!(
                     src == ours4 || src == ours6,
                     "uplink frame with a foreign source: {out:?}"
+                );
+                assert_ne!(
+                    dst,
+                    stopped.octets().to_vec(),
+                    "a frame for a connected, stopped qube went to the uplink"
                 );
             }
         }
@@ -176,8 +188,11 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(to_b, 0, "deny-all client A reached client B");
         }
         while let Some(out) = router.pop_client_frame(A) {
-            if let (Some((_, dst)), Some([0x08, 0x00])) = (addresses(&out), out.get(12..14)) {
+            if let (Some((src, dst)), Some([0x08, 0x00])) = (addresses(&out), out.get(12..14)) {
                 assert_eq!(dst, A_IP.octets().to_vec(), "IPv4 frame to A not for A");
+                if interface == 1 {
+                    assert_eq!(src, ours4, "client B reached client A");
+                }
             }
         }
     }

@@ -178,27 +178,15 @@ impl Router {
         let Some(entry) = self.nat.get(id).copied() else {
             return;
         };
-        let (out, translate) = match direction {
-            Direction::Original if entry.is_translated() => (Out::Uplink, true),
-            Direction::Original => {
-                match entry.peer_client.and_then(|ip| self.by_address.get(&ip)) {
-                    Some(peer) => (Out::Client(*peer), false),
-                    None => return self.drop(DropReason::NoFlow),
-                }
-            }
-            // A reply from the peer of a client-to-client flow.
-            Direction::Reply if !entry.is_translated() => match self.by_address.get(&entry.owner) {
-                Some(owner) => (Out::Client(*owner), false),
-                None => return self.drop(DropReason::NoFlow),
-            },
-            Direction::Reply => return self.drop(DropReason::NoFlow),
-        };
+        // Every flow a client starts goes out translated: clients are
+        // isolated (`isolation.rs`), no flow is ever tracked between two.
+        if direction != Direction::Original || !entry.is_translated() {
+            return self.drop(DropReason::NoFlow);
+        }
         let v6 = meta.v6;
-        self.forward((Out::Client(index), out), meta, packet, now, |ip| {
+        self.forward((Out::Client(index), Out::Uplink), meta, packet, now, |ip| {
             decrement_ttl(ip, v6);
-            if translate {
-                rewrite(ip, meta, true, entry.reply.dst, entry.reply.dst_port);
-            }
+            rewrite(ip, meta, true, entry.reply.dst, entry.reply.dst_port);
         });
     }
 

@@ -239,10 +239,10 @@ impl Router {
         self.recycle(owned);
     }
 
-    /// An ICMP error a client sends about a flow it is part of (say, port
-    /// unreachable for a reply it got): to the flow's other end, with the
-    /// quoted packet and the outer source translated for flows to the
-    /// outside, like Linux conntrack's RELATED handling.
+    /// An ICMP error a client sends about a flow it started (say, port
+    /// unreachable for a reply it got): to the outside end, with the quoted
+    /// packet and the outer source translated, like Linux conntrack's
+    /// RELATED handling.
     pub(super) fn related_from_client(
         &mut self,
         index: usize,
@@ -264,41 +264,25 @@ impl Router {
         let Some(entry) = self.nat.get(id).copied() else {
             return;
         };
-        let (out, translate) = match direction {
-            Direction::Original if entry.owner == meta.src && entry.is_translated() => {
-                (Out::Uplink, true)
-            }
-            Direction::Original if entry.owner == meta.src => {
-                match entry.peer_client.and_then(|ip| self.by_address.get(&ip)) {
-                    Some(peer) => (Out::Client(*peer), false),
-                    None => return self.drop(DropReason::IcmpErrorUnmatched),
-                }
-            }
-            Direction::Reply if !entry.is_translated() && entry.peer_client == Some(meta.src) => {
-                match self.by_address.get(&entry.owner) {
-                    Some(owner) => (Out::Client(*owner), false),
-                    None => return self.drop(DropReason::IcmpErrorUnmatched),
-                }
-            }
-            _ => return self.drop(DropReason::IcmpErrorUnmatched),
-        };
+        // Only flows to the outside exist (clients are isolated).
+        if direction != Direction::Original || entry.owner != meta.src || !entry.is_translated() {
+            return self.drop(DropReason::IcmpErrorUnmatched);
+        }
         let _ = index;
         let mut owned = self.buffer();
         owned.extend_from_slice(packet);
         decrement_ttl(&mut owned, meta.v6);
-        if translate {
-            if let Some(quoted) = owned.get_mut(quote_at..) {
-                rewrite(quoted, &inner, false, entry.reply.dst, entry.reply.dst_port);
-            }
-            let outer = IpMeta {
-                protocol: 0,
-                icmp: IcmpKind::Other,
-                ..*meta
-            };
-            rewrite_address_only(&mut owned, &outer, true, entry.reply.dst);
-            refill_icmp_checksum(&mut owned, meta.header_len, entry.reply.dst, meta.dst);
+        if let Some(quoted) = owned.get_mut(quote_at..) {
+            rewrite(quoted, &inner, false, entry.reply.dst, entry.reply.dst_port);
         }
-        self.send_ip(out, meta.v6, &owned);
+        let outer = IpMeta {
+            protocol: 0,
+            icmp: IcmpKind::Other,
+            ..*meta
+        };
+        rewrite_address_only(&mut owned, &outer, true, entry.reply.dst);
+        refill_icmp_checksum(&mut owned, meta.header_len, entry.reply.dst, meta.dst);
+        self.send_ip(Out::Uplink, meta.v6, &owned);
         self.recycle(owned);
     }
 }

@@ -32,8 +32,8 @@
 //!   identifier *and* type; their replies only match a flow; errors go
 //!   with the flow they quote (RELATED); every other type is dropped
 //!   silently (conntrack's `ct state invalid`, `IcmpUntracked`);
-//! - ICMP errors a client sends about one of its flows go to the other end,
-//!   translated (Linux's RELATED);
+//! - ICMP errors a client sends about one of its flows go to the outside
+//!   end, translated (Linux's RELATED);
 //! - outside → client: only through an existing NAT entry (replies, and ICMP
 //!   errors about a flow, translated back to the inner flow); uplink packets
 //!   claiming a client's or the firewall's own source are dropped;
