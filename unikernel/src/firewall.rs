@@ -714,11 +714,9 @@ impl fmt::Display for AddressList<'_> {
 }
 
 /// Gives the router the addresses of every connected qube, running or not,
-/// for its anti-spoofing (Linux's `update_connected_ips`). NOT YET WIRED:
-/// the router's list arrives with issue 11 point 6; until then only the
-/// running clients' addresses are protected.
+/// for its anti-spoofing (Linux's `update_connected_ips`).
 fn apply_connected(router: &mut Router, connected: &ConnectedIps) {
-    let _ = (router, connected);
+    router.set_connected_ips(&connected.addresses);
 }
 
 /// Reads `control/shutdown`; acknowledges and returns a request we honour.

@@ -679,12 +679,43 @@ fn connected_ips_are_read_at_sync_and_followed() {
         report.contains("connected_ips: 10.137.0.10 10.137.0.11 fd09:24ef:4179::a89:a\n"),
         "{report}"
     );
+    // The router has them: the net qube cannot send as 10.137.0.11, whose
+    // qube is connected but not running (no vif).
+    let spoofed = |rig: &Rig| -> u64 {
+        let report = rig.firewall.status(rig.handle.clock().now()).to_string();
+        report
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("drop ")?
+                    .strip_suffix(" source address not allowed on this interface")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap()
+    };
+    rig.uplink().inject(&eth(
+        OUR_MAC,
+        GATEWAY_MAC,
+        EthernetProtocol::Ipv4,
+        &udp4(Ipv4Addr::new(10, 137, 0, 11), OUR_IP, 7, 7, b"as a client"),
+    ));
+    rig.settle();
+    assert_eq!(spoofed(&rig), 1);
     // dom0 rewrites the keys when a qube's netvm changes.
     db.send(&qdb(MessageType::Write, "/connected-ips", "10.137.0.12 x"));
     db.send(&qdb(MessageType::Write, "/connected-ips6", ""));
     rig.settle();
     let report = rig.firewall.status(rig.handle.clock().now()).to_string();
     assert!(report.contains("connected_ips: 10.137.0.12\n"), "{report}");
+    // 10.137.0.11 is no longer listed: not a spoofed source any more.
+    rig.uplink().inject(&eth(
+        OUR_MAC,
+        GATEWAY_MAC,
+        EthernetProtocol::Ipv4,
+        &udp4(Ipv4Addr::new(10, 137, 0, 11), OUR_IP, 7, 7, b"as a client"),
+    ));
+    rig.settle();
+    assert_eq!(spoofed(&rig), 1);
     assert!(
         report.contains("connected_ips_ignored: \"/connected-ips: \\\"x\\\"\"\n"),
         "{report}"

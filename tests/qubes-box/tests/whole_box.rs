@@ -736,62 +736,6 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
             .success()
     );
 
-    // sys-net restarts (new namespace, new veth: a new gateway MAC); the
-    // same firewall process carries traffic again.
-    let pid = netbox::firewall_pid(&config).unwrap();
-    netbox::restart_net(&config).unwrap();
-    up.wait_until("client1 reaching the restarted sys-net", || {
-        up.web_from("client1")
-    });
-    assert_eq!(
-        netbox::firewall_pid(&config),
-        Some(pid),
-        "the firewall was restarted"
-    );
-
-    // The seed qrexec examples between client qubes, through the policy
-    // daemon (legacy per-argument policy files, `!compat-4.0`).
-    let add_client = up.state.join("our_test_add_client");
-    std::fs::write(
-        &add_client,
-        "#!/bin/sh\necho $1 $2\nexec cat >&$SAVED_FD_1\n",
-    )
-    .unwrap();
-    let chmod = Command::new("chmod")
-        .arg("755")
-        .arg(&add_client)
-        .status()
-        .unwrap();
-    assert!(chmod.success());
-    let out = up.client_vm(
-        "client1",
-        3,
-        &[
-            "client2",
-            "test.Add",
-            add_client.to_str().unwrap(),
-            "1",
-            "2",
-        ],
-    );
-    assert_eq!(out.stdout, b"3\n", "{}", text(&out));
-    let out = up.client_vm("client1", 3, &["client2", "test.File+testfile1"]);
-    assert_eq!(out.stdout, b"content of testfile1\n", "{}", text(&out));
-    for (client, domid, target, service) in [
-        ("client2", 4, "client1", "test.File+testfile1"),
-        ("client1", 3, "client2", "test.File+testfile2"),
-        ("client1", 3, "client2", "test.File"),
-    ] {
-        let out = up.client_vm(client, domid, &[target, service]);
-        assert_eq!(
-            out.status.code(),
-            Some(126),
-            "{client} {service}: {}",
-            text(&out)
-        );
-        assert!(out.stdout.is_empty());
-    }
-
     // Issue 11 in the box: what a Linux sys-firewall does that needs the
     // router to walk past echo and errors, IPv6 extension headers and
     // /connected-ips.
@@ -832,11 +776,33 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
     );
 
     // An IPv6 packet with a Destination Options header is forwarded under
-    // the rules like any other (the header walked to TCP).
+    // the rules like any other (the header walked to TCP): a rule for the
+    // destination accepts it...
+    up.set_rules(c1, "drop", &["action=accept dst6=2001:db8::80/128"]);
+    up.wait_until("dst6 rule without proto applied", || {
+        up.http("client1", "[2001:db8::80]:80")
+    });
     assert_eq!(
         up.raw("client1", &["dstopts", "[2001:db8::80]:80"]),
         "hello from sys-net\n",
         "TCP over IPv6 with a Destination Options header"
+    );
+    // ...but, as on Linux, `proto=tcp` does not: qubesd's rule becomes
+    // `ip6 nexthdr tcp`, which reads the IPv6 header's own next header
+    // (60 here), so the policy rejects it (EACCES from the ICMPv6
+    // administratively-prohibited).
+    up.set_rules(
+        c1,
+        "drop",
+        &["action=accept proto=tcp dst6=2001:db8::80/128 dstports=80-80"],
+    );
+    up.wait_until("dst6 rule with proto=tcp applied", || {
+        up.http("client1", "[2001:db8::80]:80")
+    });
+    let said = up.raw("client1", &["dstopts", "[2001:db8::80]:80"]);
+    assert!(
+        said.contains("PermissionError"),
+        "proto=tcp matched behind a Destination Options header: {said}"
     );
 
     // A qube connected to the firewall but not running (client4, listed in
@@ -908,6 +874,62 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
     up.wait_until("client1 back to HTTP only", || {
         !up.udp("client1", "192.0.2.80:7")
     });
+
+    // sys-net restarts (new namespace, new veth: a new gateway MAC); the
+    // same firewall process carries traffic again.
+    let pid = netbox::firewall_pid(&config).unwrap();
+    netbox::restart_net(&config).unwrap();
+    up.wait_until("client1 reaching the restarted sys-net", || {
+        up.web_from("client1")
+    });
+    assert_eq!(
+        netbox::firewall_pid(&config),
+        Some(pid),
+        "the firewall was restarted"
+    );
+
+    // The seed qrexec examples between client qubes, through the policy
+    // daemon (legacy per-argument policy files, `!compat-4.0`).
+    let add_client = up.state.join("our_test_add_client");
+    std::fs::write(
+        &add_client,
+        "#!/bin/sh\necho $1 $2\nexec cat >&$SAVED_FD_1\n",
+    )
+    .unwrap();
+    let chmod = Command::new("chmod")
+        .arg("755")
+        .arg(&add_client)
+        .status()
+        .unwrap();
+    assert!(chmod.success());
+    let out = up.client_vm(
+        "client1",
+        3,
+        &[
+            "client2",
+            "test.Add",
+            add_client.to_str().unwrap(),
+            "1",
+            "2",
+        ],
+    );
+    assert_eq!(out.stdout, b"3\n", "{}", text(&out));
+    let out = up.client_vm("client1", 3, &["client2", "test.File+testfile1"]);
+    assert_eq!(out.stdout, b"content of testfile1\n", "{}", text(&out));
+    for (client, domid, target, service) in [
+        ("client2", 4, "client1", "test.File+testfile1"),
+        ("client1", 3, "client2", "test.File+testfile2"),
+        ("client1", 3, "client2", "test.File"),
+    ] {
+        let out = up.client_vm(client, domid, &[target, service]);
+        assert_eq!(
+            out.status.code(),
+            Some(126),
+            "{client} {service}: {}",
+            text(&out)
+        );
+        assert!(out.stdout.is_empty());
+    }
 
     // The toolstack powers the firewall off through XenStore; it
     // acknowledges (writes "") and the hosted platform exits with status 0.
