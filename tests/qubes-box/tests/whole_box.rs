@@ -17,7 +17,8 @@
 //! examples between two client qubes through the policy daemon; ICMP
 //! timestamp requests (type 13) rejected without and answered with
 //! `icmptype=13`; TCP over IPv6 with a Destination Options header
-//! forwarded; a qube listed only in `/connected-ips` (never started)
+//! forwarded under a `dst6` rule (and, as on Linux, not matched by
+//! `proto=tcp`); a qube listed only in `/connected-ips` (never started)
 //! protected from spoofing (sys-net cannot impersonate it, no client can
 //! send as it); and a poweroff through XenStore ending the process.
 //!
