@@ -47,10 +47,6 @@ const PENDING: &[(&str, &str)] = &[
     // ICMPv6 MLD/ND types 130-136 and 143 are untracked by Linux (the
     // rules decide: forwarded or rejected); the other types as for ICMP.
     ("icmpv6 type ", "issue 11 points 2 and 5 (F1)"),
-    // IPv6 hop-by-hop, destination-options and routing headers.
-    ("+ipv6-ext", "issue 11 point 3 (F1)"),
-    // An IPv6 packet whose next header is an unknown protocol.
-    ("IPv6 ip protocol 253", "issue 11 point 3 (F1)"),
 ];
 
 fn workspace() -> PathBuf {
