@@ -2,14 +2,16 @@
 //!
 //! `qrexec-client-vm [options] TARGET SERVICE[+ARG] [LOCAL_PROGRAM [ARGS…]]`
 //! sends the agent (socket `/var/run/qubes/qrexec-agent` or
-//! `--agent-socket`) a `MSG_TRIGGER_SERVICE3` (or `MSG_TRIGGER_SERVICE4`
-//! with `--source-qube`) with ident `SOCKET`, and reads back 8 bytes: the
+//! `--agent-socket`) a `MSG_TRIGGER_SERVICE4` (source empty unless
+//! `--source-qube`) with ident `SOCKET`, and reads back 8 bytes: the
 //! data vchan's domain and port. An immediate end of stream means dom0
 //! refused: it prints `Request refused` and exits 126. Otherwise it offers
 //! the data vchan as server and streams stdin/stdout — its own, or those of
 //! LOCAL_PROGRAM, whose stdin/stdout become the service's stdout/stdin while
 //! the caller's original fds are passed as `SAVED_FD_0`/`SAVED_FD_1`
-//! (`SAVED_FD_2` with `PASS_LOCAL_STDERR`). Exit code: the service's when
+//! (`SAVED_FD_2` with `PASS_LOCAL_STDERR`). `-p DATA` is sent before
+//! stdin; `--use-stdin-socket` uses the stream socket on fd 0 both ways.
+//! Local stdout is closed when the service's stdout ends. Exit code: the service's when
 //! non-zero, otherwise the local program's (as `qrexec_process_io` returns). `$` in the target is read as `@` (old keyword form).
 //!
 //! Source: qubes-core-qrexec `agent/qrexec-client-vm.c`. Options are parsed
@@ -23,9 +25,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use protocol::qrexec::{
-    QREXEC_EXIT_REQUEST_REFUSED, Repr, RequestId, TriggerService3, TriggerService4,
-};
+use protocol::qrexec::{QREXEC_EXIT_REQUEST_REFUSED, Repr, RequestId, TriggerService4};
 
 use crate::agent::QREXEC_AGENT_TRIGGER_PATH;
 use crate::args::{self, OptSpec};
@@ -79,10 +79,22 @@ const SPECS: &[OptSpec] = &[
         id: "agent-socket",
     },
     OptSpec {
-        short: None,
+        short: Some('s'),
         long: Some("source-qube"),
         takes_arg: true,
         id: "source-qube",
+    },
+    OptSpec {
+        short: Some('p'),
+        long: Some("prefix-data"),
+        takes_arg: true,
+        id: "prefix-data",
+    },
+    OptSpec {
+        short: None,
+        long: Some("use-stdin-socket"),
+        takes_arg: false,
+        id: "use-stdin-socket",
     },
 ];
 
@@ -104,8 +116,59 @@ fn usage() -> i32 {
     eprintln!("  --no-filter-escape-chars-stdout - opposite to --filter-escape-chars-stdout");
     eprintln!("  --no-filter-escape-chars-stderr - opposite to --filter-escape-chars-stderr");
     eprintln!("  --agent-socket=PATH - path to connect to, default: {QREXEC_AGENT_TRIGGER_PATH}");
-    eprintln!("  --source-qube=NAME - ask for the call to be made on behalf of NAME (protocol 4)");
+    eprintln!(
+        "  -p PREFIX-DATA, --prefix-data=PREFIX-DATA - send PREFIX-DATA before standard input (once)"
+    );
+    eprintln!(
+        "  --use-stdin-socket - fd 0 is a stream socket: use it for both standard input and output"
+    );
+    eprintln!(
+        "  -s SOURCE-QUBE, --source-qube=SOURCE-QUBE - the qube the call is relayed for (for the policy)"
+    );
     2
+}
+
+/// Where the service's stdout goes, closed when the service's stdout ends
+/// (as Qubes' client does), not only when the exit code arrives.
+enum LocalOutput {
+    /// Our own stdout: at EOF, fd 1 is pointed at `/dev/null`, so whoever
+    /// reads our stdout sees the end.
+    Stdout(File),
+    /// The `--use-stdin-socket` socket: at EOF, its writing half is shut.
+    Socket(File),
+    /// The local program's stdin.
+    Program(Box<dyn Write + Send>),
+}
+
+impl Write for LocalOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            LocalOutput::Stdout(f) | LocalOutput::Socket(f) => f.write(buf),
+            LocalOutput::Program(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            LocalOutput::Stdout(f) | LocalOutput::Socket(f) => f.flush(),
+            LocalOutput::Program(w) => w.flush(),
+        }
+    }
+}
+
+impl Drop for LocalOutput {
+    fn drop(&mut self) {
+        match self {
+            LocalOutput::Stdout(_) => {
+                if let Ok(null) = File::options().write(true).open("/dev/null") {
+                    let _ = rustix::stdio::dup2_stdout(&null);
+                }
+            }
+            LocalOutput::Socket(f) => {
+                let _ = rustix::net::shutdown(&*f, rustix::net::Shutdown::Write);
+            }
+            LocalOutput::Program(_) => {}
+        }
+    }
 }
 
 /// The last of `-t`/`--no-filter…` wins; `None` if neither was given.
@@ -139,6 +202,57 @@ pub fn main(argv: Vec<String>) -> i32 {
         return usage();
     };
     let local_program = parsed.operands.get(2..).filter(|p| !p.is_empty());
+    let prefix: Vec<&str> = parsed
+        .options
+        .iter()
+        .filter(|(id, _)| *id == "prefix-data")
+        .filter_map(|(_, v)| v.as_deref())
+        .collect();
+    if prefix.len() > 1
+        || parsed
+            .options
+            .iter()
+            .filter(|(id, _)| *id == "source-qube")
+            .count()
+            > 1
+    {
+        return usage();
+    }
+    let prefix = prefix.first().map(|p| p.as_bytes().to_vec());
+    let stdin_socket = match parsed
+        .options
+        .iter()
+        .filter(|(id, _)| *id == "use-stdin-socket")
+        .count()
+    {
+        0 => false,
+        1 => match rustix::net::sockopt::socket_type(std::io::stdin()) {
+            Ok(rustix::net::SocketType::STREAM) => true,
+            Ok(other) => {
+                eprintln!(
+                    "qrexec-client-vm: stdin was a socket of type {}, not SOCK_STREAM",
+                    other.as_raw()
+                );
+                return 2;
+            }
+            Err(rustix::io::Errno::NOTSOCK) => {
+                eprintln!("qrexec-client-vm: --use-stdin-socket passed, but stdin not a socket");
+                return 2;
+            }
+            Err(e) => {
+                eprintln!("qrexec-client-vm: getsockopt(0, SOL_SOCKET, SO_TYPE): {e}");
+                return 2;
+            }
+        },
+        _ => {
+            eprintln!("qrexec-client-vm: --use-stdin-socket passed twice");
+            return 2;
+        }
+    };
+    if stdin_socket && local_program.is_some() {
+        eprintln!("cannot spawn a local process with --use-stdin-socket");
+        return usage();
+    }
     let replace_stdout = last_flag(&parsed, "t", "no-t")
         .unwrap_or(local_program.is_none() && std::io::stdout().is_terminal());
     let replace_stderr = last_flag(&parsed, "T", "no-T").unwrap_or(std::io::stderr().is_terminal());
@@ -158,20 +272,14 @@ pub fn main(argv: Vec<String>) -> i32 {
         return 1;
     };
     let source = parsed.value("source-qube").unwrap_or("");
-    let request = if parsed.has("source-qube") {
-        Repr::TriggerService4(TriggerService4 {
-            source_domain: source.as_bytes(),
-            target_domain: target.as_bytes(),
-            request_id: ident,
-            service_name: service.as_bytes(),
-        })
-    } else {
-        Repr::TriggerService3(TriggerService3 {
-            target_domain: target.as_bytes(),
-            request_id: ident,
-            service_name: service.as_bytes(),
-        })
-    };
+    // Always MSG_TRIGGER_SERVICE4, with an empty source unless
+    // --source-qube was given: the only request Qubes' 4.4 agent accepts.
+    let request = Repr::TriggerService4(TriggerService4 {
+        source_domain: source.as_bytes(),
+        target_domain: target.as_bytes(),
+        request_id: ident,
+        service_name: service.as_bytes(),
+    });
     if let Err(e) = wire::write_message(&mut trigger, &request) {
         eprintln!("write(params) to agent: {e}");
         return 1;
@@ -248,7 +356,7 @@ pub fn main(argv: Vec<String>) -> i32 {
                         return 1;
                     };
                     child = Some(c);
-                    (Box::new(out), Box::new(inp))
+                    (Box::new(out), Box::new(LocalOutput::Program(Box::new(inp))))
                 }
                 Err(e) => {
                     eprintln!("execv: {e}");
@@ -258,7 +366,11 @@ pub fn main(argv: Vec<String>) -> i32 {
         }
         None => {
             let stdin = dup_file(std::os::fd::AsFd::as_fd(&std::io::stdin()));
-            let stdout = dup_file(std::os::fd::AsFd::as_fd(&std::io::stdout()));
+            let stdout = if stdin_socket {
+                dup_file(std::os::fd::AsFd::as_fd(&std::io::stdin())).map(LocalOutput::Socket)
+            } else {
+                dup_file(std::os::fd::AsFd::as_fd(&std::io::stdout())).map(LocalOutput::Stdout)
+            };
             match (stdin, stdout) {
                 (Ok(i), Ok(o)) => (Box::new(i), Box::new(o)),
                 _ => return 1,
@@ -266,6 +378,10 @@ pub fn main(argv: Vec<String>) -> i32 {
         }
     };
 
+    let input: Box<dyn Read + Send> = match prefix {
+        Some(p) => Box::new(std::io::Cursor::new(p).chain(input)),
+        None => input,
+    };
     let remote = (|| -> crate::Result<u32> {
         let transport = vchan::from_env().map_err(|source| crate::Error::Io {
             context: "vchan".into(),
