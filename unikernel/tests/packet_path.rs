@@ -2159,6 +2159,90 @@ fn ipv6_fragments_behind_a_hop_by_hop_header_are_reassembled() {
     assert_eq!(&ip.payload()[8 + 8..], &payload[..]);
 }
 
+/// An IPv4 packet with header `options` (padded to 4 bytes with EOL).
+fn ip4_options(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, options: &[u8], l4: &[u8]) -> Vec<u8> {
+    use unikernel::wire::checksum;
+    let mut options = options.to_vec();
+    while !options.len().is_multiple_of(4) {
+        options.push(0);
+    }
+    let header_len = 20 + options.len();
+    let mut p = vec![0u8; header_len];
+    p[0] = 0x40 | (header_len / 4) as u8;
+    p[2..4].copy_from_slice(&((header_len + l4.len()) as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = protocol;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[20..].copy_from_slice(&options);
+    let sum = checksum::finish(checksum::add(0, &p));
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p.extend_from_slice(l4);
+    p
+}
+
+#[test]
+fn ipv4_options_are_checked_and_filled_in_as_linux_does() {
+    let mut net = Net::new(false);
+    accept_all(&mut net, A_IP);
+    net.router
+        .set_wall_clock(Some(1_700_000_000), Instant::from_millis(0));
+    let udp = |sport: u16| udp_datagram(A_IP.into(), REMOTE.into(), sport, 9, b"o");
+    // Record route with room for two addresses: ours goes in the first.
+    let rr = [7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0];
+    net.send_from_a(&ip4_options(A_IP, REMOTE, 17, &rr, &udp(50000)));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    let seen = seen4(&out[0]);
+    assert_eq!(
+        (seen.src, seen.ttl),
+        (OUR_IP, 63),
+        "translated, checksums valid"
+    );
+    let ip = &out[0][14..];
+    assert_eq!(&ip[20..31], &[7, 11, 8, 10, 137, 0, 2, 0, 0, 0, 0]);
+    // Timestamp with addresses (flag 1): ours and the milliseconds since
+    // midnight UTC (1 700 000 000 s is 22:13:20).
+    let ts = [68, 12, 5, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+    net.send_from_a(&ip4_options(A_IP, REMOTE, 17, &ts, &udp(50001)));
+    let out = net.uplink_out();
+    let ip = &out[0][14..];
+    assert_eq!(&ip[20..24], &[68, 12, 13, 1]);
+    assert_eq!(&ip[24..28], &OUR_IP.octets());
+    let ms = u32::from_be_bytes(ip[28..32].try_into().unwrap());
+    assert_eq!(ms, (22 * 3600 + 13 * 60 + 20) * 1000);
+    // An unknown option travels untouched.
+    let unknown = [0x1e, 4, 0xab, 0xcd];
+    net.send_from_a(&ip4_options(A_IP, REMOTE, 17, &unknown, &udp(50002)));
+    let out = net.uplink_out();
+    assert_eq!(&out[0][14 + 20..14 + 24], &unknown);
+    // The reply's record route gets our address too, back to A.
+    let port = seen4(&out[0]).sport;
+    let reply = udp_datagram(REMOTE.into(), OUR_IP.into(), 9, port, b"r");
+    net.send_from_outside(&ip4_options(REMOTE, OUR_IP, 17, &rr, &reply));
+    let back = net.client_out(A);
+    assert_eq!(back.len(), 1);
+    assert_eq!(seen4(&back[0]).dst, A_IP);
+    assert_eq!(&back[0][14 + 20..14 + 27], &[7, 11, 8, 10, 137, 0, 2]);
+    // Source routes (loose, strict) are dropped silently.
+    let lsrr = [131, 7, 4, 1, 2, 3, 4];
+    let ssrr = [137, 7, 4, 1, 2, 3, 4];
+    net.send_from_a(&ip4_options(A_IP, REMOTE, 17, &lsrr, &udp(50003)));
+    net.send_from_a(&ip4_options(A_IP, REMOTE, 17, &ssrr, &udp(50004)));
+    assert!(net.uplink_out().is_empty());
+    assert!(net.client_out(A).is_empty());
+    assert_eq!(net.dropped(DropReason::SourceRoute), 2);
+    // Malformed (record route pointer 3): parameter problem at byte 22.
+    let bad = [7, 7, 3, 0, 0, 0, 0];
+    net.send_from_a(&ip4_options(A_IP, REMOTE, 17, &bad, &udp(50005)));
+    assert!(net.uplink_out().is_empty());
+    let errors = net.client_out(A);
+    assert_eq!(errors.len(), 1);
+    let seen = seen4(&errors[0]);
+    assert_eq!((seen.src, seen.dst, seen.sport), (OUR_IP, A_IP, 12));
+    assert_eq!(errors[0][14 + 20 + 4], 22, "pointer");
+}
+
 #[test]
 fn pings_to_the_firewall_are_answered() {
     let mut net = Net::new(false);

@@ -15,11 +15,11 @@ use crate::rules::{FlowMeta, MatchContext, Verdict};
 use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 
 use super::icmp::IcmpError;
-use super::ipv6;
 use super::packet::{
     IcmpKind, IpMeta, decrement_ttl, is_broadcast_or_multicast, parse_ip, reassemble, rewrite,
 };
 use super::{ClientId, DropReason, Out, Router};
+use super::{ipv4, ipv6};
 
 impl Router {
     /// Takes a frame received on a client's vif.
@@ -150,6 +150,9 @@ impl Router {
         meta: &IpMeta,
         now: Millis,
     ) {
+        if !self.options_ok(Out::Client(index), packet, meta, now) {
+            return;
+        }
         if self.is_ours(meta.dst) {
             return self.client_to_firewall(index, packet, meta, now);
         }
@@ -184,7 +187,11 @@ impl Router {
             return self.drop(DropReason::NoFlow);
         }
         let v6 = meta.v6;
+        let stamp = self.options_stamp(meta, now);
         self.forward((Out::Client(index), Out::Uplink), meta, packet, now, |ip| {
+            if let Some((ours, time)) = stamp {
+                ipv4::record(ip, ours, time);
+            }
             decrement_ttl(ip, v6);
             rewrite(ip, meta, true, entry.reply.dst, entry.reply.dst_port);
         });

@@ -14,7 +14,7 @@ use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, PROTO_
 
 use super::icmp::IcmpError;
 use super::packet::{IcmpKind, IpMeta, decrement_ttl, parse_ip, reassemble, rewrite};
-use super::{DropReason, Out, Router};
+use super::{DropReason, Out, Router, ipv4};
 
 impl Router {
     /// Takes a frame received on the uplink.
@@ -123,6 +123,9 @@ impl Router {
     }
 
     pub(super) fn forward_from_uplink(&mut self, packet: &[u8], meta: &IpMeta, now: Millis) {
+        if !self.options_ok(Out::Uplink, packet, meta, now) {
+            return;
+        }
         if meta.protocol == PROTO_UDP
             && meta.dst_port == self.resolver.port()
             && meta.src_port == 53
@@ -163,12 +166,16 @@ impl Router {
         }
         self.nat.touch(id, Direction::Reply, meta.tcp, now);
         let v6 = meta.v6;
+        let stamp = self.options_stamp(meta, now);
         self.forward(
             (Out::Uplink, Out::Client(client)),
             meta,
             packet,
             now,
             |ip| {
+                if let Some((ours, time)) = stamp {
+                    ipv4::record(ip, ours, time);
+                }
                 decrement_ttl(ip, v6);
                 rewrite(ip, meta, false, entry.original.src, entry.original.src_port);
             },

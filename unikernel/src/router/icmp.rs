@@ -34,6 +34,9 @@ pub(super) enum IcmpError {
     /// input chain: `iifgroup 2 reject with icmp type host-prohibited`;
     /// for IPv6 its `_icmpv6` chain rejects with admin-prohibited).
     HostProhibited,
+    /// Malformed IPv4 options: parameter problem (12/0) pointing at this
+    /// byte of the header (Linux's `ip_options_compile`).
+    ParameterProblem(u8),
 }
 
 impl Router {
@@ -148,6 +151,7 @@ impl Router {
             IcmpError::TimeExceeded => (11, 0, 3, 0, 0u32),
             IcmpError::AdminProhibited => (3, 13, 1, 1, 0),
             IcmpError::HostProhibited => (3, 10, 1, 1, 0),
+            IcmpError::ParameterProblem(at) => (12, 0, 4, 0, u32::from(at) << 24),
             IcmpError::FragmentationNeeded(mtu) => (3, 4, 2, 0, mtu as u32),
         };
         let mut reply = self.buffer();

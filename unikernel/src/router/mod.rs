@@ -37,6 +37,10 @@
 //! - outside → client: only through an existing NAT entry (replies, and ICMP
 //!   errors about a flow, translated back to the inner flow); uplink packets
 //!   claiming a client's or the firewall's own source are dropped;
+//! - IPv4 options checked before anything else as Linux's
+//!   `ip_options_compile` does (malformed: parameter problem; source
+//!   routes dropped, `accept_source_route = 0`), record route and timestamp
+//!   filled in on forwarding (`ipv4.rs`);
 //! - TTL / hop limit decremented, ICMP time-exceeded sent when it runs out;
 //!   IPv4 and IPv6 fragments reassembled (bounded, clients and uplink
 //!   apart) and re-fragmented to the MTU; a DF packet (any IPv6 packet) over the MTU
@@ -147,6 +151,7 @@ mod from_client;
 mod from_uplink;
 mod gateway;
 mod icmp;
+mod ipv4;
 mod ipv6;
 mod isolation;
 mod output;
@@ -258,6 +263,7 @@ drop_reasons! {
     UnsupportedProtocol = "unsupported IP protocol or extension header",
     IcmpUntracked = "ICMP type connection tracking does not track (Linux: ct state invalid)",
     SpoofedSource = "source address not allowed on this interface",
+    SourceRoute = "IPv4 source route (Linux: accept_source_route = 0)",
     NotForUs = "uplink packet not addressed to the firewall",
     ClientToClient = "client-to-client traffic (clients are isolated, as in Linux's qubes table)",
     ToFirewall = "client packet to the firewall itself",
@@ -523,6 +529,53 @@ impl Router {
     /// `expire=` rules; `None` when unknown.
     pub fn set_wall_clock(&mut self, unix_seconds: Option<u64>, now: Instant) {
         self.wall_clock = unix_seconds.map(|secs| (secs, now.total_millis()));
+    }
+
+    /// The time for IPv4 timestamp options: milliseconds since midnight
+    /// UTC, or (wall clock unknown) our clock with the top bit set, as RFC
+    /// 791 asks.
+    fn ms_since_midnight(&self, now: Millis) -> u32 {
+        match self.wall_clock {
+            Some((secs, at)) => {
+                let ms = (secs % 86_400) * 1000 + now.saturating_sub(at).max(0) as u64;
+                (ms % 86_400_000) as u32
+            }
+            None => 0x8000_0000 | (now as u32 & 0x7fff_ffff),
+        }
+    }
+
+    /// Checks the IPv4 options of a whole packet from `back` (Linux's
+    /// `ip_rcv_options`, before any other decision): `false` when it was
+    /// dropped (a source route silently, malformed options with a
+    /// parameter problem).
+    fn options_ok(&mut self, back: Out, packet: &[u8], meta: &packet::IpMeta, now: Millis) -> bool {
+        if meta.v6 || meta.header_len <= 20 {
+            return true;
+        }
+        match ipv4::check(packet.get(..meta.header_len).unwrap_or(&[])) {
+            ipv4::Options::Forward => true,
+            ipv4::Options::SourceRoute => {
+                self.drop(DropReason::SourceRoute);
+                false
+            }
+            ipv4::Options::Bad(pointer) => {
+                self.icmp_error(
+                    back,
+                    packet,
+                    meta,
+                    icmp::IcmpError::ParameterProblem(pointer),
+                    now,
+                );
+                self.drop(DropReason::Malformed);
+                false
+            }
+        }
+    }
+
+    /// The IPv4 options to fill in when forwarding: `Some((our address,
+    /// time))` for a packet that has options.
+    fn options_stamp(&self, meta: &packet::IpMeta, now: Millis) -> Option<(Ipv4Addr, u32)> {
+        (!meta.v6 && meta.header_len > 20).then(|| (self.uplink.ip, self.ms_since_midnight(now)))
     }
 
     fn now_unix(&self, now: Millis) -> Option<u64> {
