@@ -509,13 +509,15 @@ pub fn fragment_ipv6(
 pub enum FragmentError {
     /// DF is set and the packet is bigger than the MTU.
     DontFragment,
-    /// The header carries options (we do not split options between
-    /// fragments) or is malformed.
+    /// The packet is malformed, or the MTU too small for its header.
     Unsupported,
 }
 
 /// Cuts an IPv4 packet into fragments of at most `mtu` bytes and hands each
-/// to `emit`. A packet that fits is handed over whole.
+/// to `emit`. A packet that fits is handed over whole. Header options go
+/// whole into the first fragment; the later ones keep only the options
+/// whose "copied" bit is set, the others overwritten with NOPs (the header
+/// keeps its length), as Linux's `ip_options_fragment` does.
 pub fn fragment_ipv4(
     packet: &[u8],
     mtu: usize,
@@ -525,39 +527,77 @@ pub fn fragment_ipv4(
         emit(packet);
         return Ok(());
     }
-    let Some((header, data)) = packet.split_first_chunk::<20>() else {
+    let first = *packet.first().ok_or(FragmentError::Unsupported)?;
+    let header_len = usize::from(first & 0x0f) * 4;
+    let (Some(header), Some(data)) = (packet.get(..header_len), packet.get(header_len..)) else {
         return Err(FragmentError::Unsupported);
     };
-    if header[0] != 0x45 || mtu < 28 {
+    let Some(fixed_part) = header.first_chunk::<20>() else {
+        return Err(FragmentError::Unsupported);
+    };
+    if first >> 4 != 4 || mtu < header_len + 8 {
         return Err(FragmentError::Unsupported);
     }
-    let flags_offset = u16::from_be_bytes([header[6], header[7]]);
+    let flags_offset = u16::from_be_bytes([fixed_part[6], fixed_part[7]]);
     if flags_offset & 0x4000 != 0 {
         return Err(FragmentError::DontFragment);
     }
     let base_offset = usize::from(flags_offset & 0x1fff) * 8;
     let original_more = flags_offset & 0x2000 != 0;
-    let chunk = (mtu - 20) & !7;
+    let chunk = (mtu - header_len) & !7;
+    let mut later = header.to_vec();
+    later_fragment_options(&mut later);
     let mut buffer = Vec::with_capacity(mtu);
     let mut start = 0;
     while start < data.len() {
         let end = (start + chunk).min(data.len());
         let more = end < data.len() || original_more;
-        // The fragment's header, edited in a fixed-size copy.
-        let mut fixed = *header;
-        let field = ((base_offset + start) / 8) as u16 | if more { 0x2000 } else { 0 };
-        fixed[2..4].copy_from_slice(&((20 + end - start) as u16).to_be_bytes());
-        fixed[6..8].copy_from_slice(&field.to_be_bytes());
-        fixed[10..12].copy_from_slice(&[0, 0]);
-        let sum = checksum::finish(checksum::add(0, &fixed));
-        fixed[10..12].copy_from_slice(&sum.to_be_bytes());
         buffer.clear();
-        buffer.extend_from_slice(&fixed);
+        buffer.extend_from_slice(if start == 0 { header } else { &later });
+        let field = ((base_offset + start) / 8) as u16 | if more { 0x2000 } else { 0 };
+        let total = (header_len + end - start) as u16;
+        if let Some(edit) = buffer.get_mut(..header_len) {
+            if let Some(length) = edit.get_mut(2..4) {
+                length.copy_from_slice(&total.to_be_bytes());
+            }
+            if let Some(flags) = edit.get_mut(6..8) {
+                flags.copy_from_slice(&field.to_be_bytes());
+            }
+            if let Some(sum) = edit.get_mut(10..12) {
+                sum.copy_from_slice(&[0, 0]);
+            }
+            let sum = checksum::finish(checksum::add(0, edit));
+            if let Some(field) = edit.get_mut(10..12) {
+                field.copy_from_slice(&sum.to_be_bytes());
+            }
+        }
         buffer.extend_from_slice(data.get(start..end).unwrap_or(&[]));
         emit(&buffer);
         start = end;
     }
     Ok(())
+}
+
+/// The options of a fragment after the first: those without the copied bit
+/// become NOPs.
+fn later_fragment_options(header: &mut [u8]) {
+    let mut at = 20;
+    while let Some(&kind) = header.get(at) {
+        match kind {
+            0 => break,
+            1 => at += 1,
+            _ => {
+                let length = usize::from(header.get(at + 1).copied().unwrap_or(0)).max(2);
+                if kind & 0x80 == 0 {
+                    let end = (at + length).min(header.len());
+                    if let Some(option) = header.get_mut(at..end) {
+                        option.fill(1);
+                    }
+                }
+                at += length;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -774,6 +814,42 @@ mod tests {
         q[40..48].copy_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
         assert_eq!(unfragmentable(&q), Some((48, 40)), "no routing: kept");
         assert_eq!(find_fragment_header(&q), None);
+    }
+
+    #[test]
+    fn ipv4_options_are_copied_as_linux_does() {
+        // Record route (not copied) then loose source route (copied).
+        let options = [7u8, 7, 4, 0, 0, 0, 0, 131, 7, 4, 1, 2, 3, 4, 0, 0];
+        let mut p = datagram(3000);
+        let mut with = p[..20].to_vec();
+        with.extend_from_slice(&options);
+        with.extend_from_slice(&p[20..]);
+        p = with;
+        p[0] = 0x45 + 4;
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[10..12].copy_from_slice(&[0, 0]);
+        let sum = checksum::finish(checksum::add(0, &p[..36]));
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut frags = Vec::new();
+        fragment_ipv4(&p, 1500, |f| frags.push(f.to_vec())).unwrap();
+        assert_eq!(frags.len(), 3);
+        assert_eq!(&frags[0][20..36], &options);
+        for f in &frags[1..] {
+            assert_eq!(&f[20..27], &[1; 7], "record route: NOPs");
+            assert_eq!(&f[27..36], &options[7..], "source route kept");
+        }
+        for f in &frags {
+            assert!(f.len() <= 1500);
+            assert_eq!(checksum::fold(checksum::add(0, &f[..36])), 0xffff);
+        }
+        let mut r = Reassembler::new(4, 100_000);
+        assert_eq!(r.push(&frags[1], 0), Reassembly::Incomplete);
+        assert_eq!(r.push(&frags[2], 0), Reassembly::Incomplete);
+        match r.push(&frags[0], 0) {
+            Reassembly::Complete(whole) => assert_eq!(whole[36..], p[36..]),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
