@@ -150,8 +150,74 @@ pub const LAYOUT: &[(Package, &str, Item)] = &[
         "/usr/lib/tmpfiles.d/qrexec.conf",
         Item::File("scripts/qrexec.tmpfiles", 0o644),
     ),
+    (
+        Package::Dom0,
+        "/usr/lib/qubes-rs/qubes-policy-admin",
+        Item::File("bin/qubes-policy-admin", 0o755),
+    ),
     (Package::Dom0, "/etc/qubes/policy.d", Item::Dir),
+    (Package::Dom0, "/etc/qubes/policy.d/include", Item::Dir),
+    (
+        Package::Dom0,
+        "/etc/qubes/policy.d/90-admin-policy-default.policy",
+        Item::File("policy/90-admin-policy-default.policy", 0o644),
+    ),
+    (
+        Package::Dom0,
+        "/etc/qubes/policy.d/include/admin-policy-ro",
+        Item::File("policy/include/admin-policy-ro", 0o644),
+    ),
+    (
+        Package::Dom0,
+        "/etc/qubes/policy.d/include/admin-policy-rwx",
+        Item::File("policy/include/admin-policy-rwx", 0o644),
+    ),
     (Package::Dom0, "/etc/qubes-rpc", Item::Dir),
+    (
+        Package::Dom0,
+        "/etc/qubes-rpc/policy.List",
+        Item::Link("../../usr/lib/qubes-rs/qubes-policy-admin"),
+    ),
+    (
+        Package::Dom0,
+        "/etc/qubes-rpc/policy.Get",
+        Item::Link("../../usr/lib/qubes-rs/qubes-policy-admin"),
+    ),
+    (
+        Package::Dom0,
+        "/etc/qubes-rpc/policy.Replace",
+        Item::Link("../../usr/lib/qubes-rs/qubes-policy-admin"),
+    ),
+    (
+        Package::Dom0,
+        "/etc/qubes-rpc/policy.Remove",
+        Item::Link("../../usr/lib/qubes-rs/qubes-policy-admin"),
+    ),
+    (
+        Package::Dom0,
+        "/etc/qubes-rpc/policy.GetFiles",
+        Item::Link("../../usr/lib/qubes-rs/qubes-policy-admin"),
+    ),
+    (
+        Package::Dom0,
+        "/etc/qubes-rpc/policy.include.List",
+        Item::Link("../../usr/lib/qubes-rs/qubes-policy-admin"),
+    ),
+    (
+        Package::Dom0,
+        "/etc/qubes-rpc/policy.include.Get",
+        Item::Link("../../usr/lib/qubes-rs/qubes-policy-admin"),
+    ),
+    (
+        Package::Dom0,
+        "/etc/qubes-rpc/policy.include.Replace",
+        Item::Link("../../usr/lib/qubes-rs/qubes-policy-admin"),
+    ),
+    (
+        Package::Dom0,
+        "/etc/qubes-rpc/policy.include.Remove",
+        Item::Link("../../usr/lib/qubes-rs/qubes-policy-admin"),
+    ),
     (
         Package::Vm,
         "/usr/lib/qubes/qrexec-agent",
@@ -193,6 +259,7 @@ pub const PROGRAMS: &[&str] = &[
     "qrexec-daemon",
     "qrexec-policy-daemon",
     "qrexec-policy-exec",
+    "qubes-policy-admin",
     "qubesdb-cmd",
     "qubesdb-daemon",
     "qubesdb-list",
@@ -370,9 +437,18 @@ pub fn build_packages(
         }
     }
     let packaging = root.join("packaging");
-    for dir in ["systemd/dom0", "systemd/vm", "scripts"] {
+    for dir in [
+        "systemd/dom0",
+        "systemd/vm",
+        "scripts",
+        "policy",
+        "policy/include",
+    ] {
         mkdir(&tree.join(dir))?;
         for entry in read_dir_sorted(&packaging.join(dir))? {
+            if packaging.join(dir).join(&entry).is_dir() {
+                continue;
+            }
             let mode = if dir == "scripts" && !entry.ends_with(".tmpfiles") {
                 0o755
             } else {
