@@ -2092,6 +2092,17 @@ fn ipv6_extension_headers_are_walked_as_linux_does() {
     assert_eq!(net.uplink_out().len(), 1, "router alert");
     let dropped = net.dropped(DropReason::UnsupportedProtocol);
     net.send_from_a(&with_hbh([0x9e, 4, 1, 2, 3, 4], 44002));
+    // Its type's high bits (10) ask for a parameter problem, code 2
+    // (unrecognized option), pointing at it (byte 42); 01 asks for none.
+    let problem = net.client_out(A);
+    assert_eq!(problem.len(), 1);
+    let eth = EthernetFrame::new_checked(&problem[0][..]).unwrap();
+    let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!((ip.src_addr(), ip.dst_addr()), (our_ip6(), a_ip6()));
+    assert_eq!(&ip.payload()[..2], &[4, 2]);
+    assert_eq!(&ip.payload()[4..8], &42u32.to_be_bytes());
+    net.send_from_a(&with_hbh([0x5e, 4, 1, 2, 3, 4], 44008));
+    assert!(net.client_out(A).is_empty());
     // 14 bytes of padding in a 16-byte hop-by-hop header (Linux: at most 7).
     let mut padded = vec![6, 1, 1, 12];
     padded.extend_from_slice(&[0; 12]);
@@ -2101,7 +2112,7 @@ fn ipv6_extension_headers_are_walked_as_linux_does() {
     bad_padn[40 + 4] = 1; // PadN of non-zero bytes
     net.send_from_a(&bad_padn);
     net.send_from_a(&ip6_ext(a_ip6(), remote6(), &[60; 9], 6, &syn(44005, 22)));
-    assert_eq!(net.dropped(DropReason::UnsupportedProtocol) - dropped, 4);
+    assert_eq!(net.dropped(DropReason::UnsupportedProtocol) - dropped, 5);
     let malformed = net.dropped(DropReason::Malformed);
     net.send_from_a(&ip6_ext(a_ip6(), remote6(), &[60, 0], 6, &syn(44006, 22)));
     assert_eq!(net.dropped(DropReason::Malformed) - malformed, 1);

@@ -16,7 +16,8 @@ use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 
 use super::icmp::IcmpError;
 use super::packet::{
-    IcmpKind, IpMeta, decrement_ttl, is_broadcast_or_multicast, parse_ip, reassemble, rewrite,
+    IcmpKind, IpMeta, bare_ipv6_meta, decrement_ttl, is_broadcast_or_multicast, parse_ip,
+    reassemble, rewrite,
 };
 use super::{ClientId, DropReason, Out, Router};
 use super::{ipv4, ipv6};
@@ -73,7 +74,14 @@ impl Router {
     pub(super) fn client_ip(&mut self, index: usize, packet: &[u8], now: Millis) {
         let meta = match parse_ip(packet, true) {
             Ok(meta) => meta,
-            Err(reason) => return self.drop(reason),
+            Err(reason) => {
+                let client = self.clients.get(index);
+                let owned = |m: &IpMeta| client.is_some_and(|c| c.owns(m.src));
+                if let Some(meta) = bare_ipv6_meta(packet).filter(owned) {
+                    self.unrecognized_option(Out::Client(index), packet, &meta, reason, now);
+                }
+                return self.drop(reason);
+            }
         };
         let packet = packet.get(..meta.total_len).unwrap_or(packet);
         if meta.icmp == IcmpKind::Ndp {

@@ -14,7 +14,7 @@ use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, PROTO_
 
 use super::icmp::IcmpError;
 use super::packet::{IcmpKind, IpMeta, decrement_ttl, parse_ip, reassemble, rewrite};
-use super::{DropReason, Out, Router, ipv4};
+use super::{DropReason, Out, Router, ipv4, packet};
 
 impl Router {
     /// Takes a frame received on the uplink.
@@ -57,7 +57,13 @@ impl Router {
     pub(super) fn uplink_ip(&mut self, packet: &[u8], now: Millis) {
         let meta = match parse_ip(packet, true) {
             Ok(meta) => meta,
-            Err(reason) => return self.drop(reason),
+            Err(reason) => {
+                let ours = |m: &IpMeta| self.is_ours(m.dst) && !self.is_client_address(m.src);
+                if let Some(meta) = packet::bare_ipv6_meta(packet).filter(ours) {
+                    self.unrecognized_option(Out::Uplink, packet, &meta, reason, now);
+                }
+                return self.drop(reason);
+            }
         };
         let packet = packet.get(..meta.total_len).unwrap_or(packet);
         if meta.icmp == IcmpKind::Ndp {

@@ -11,6 +11,7 @@ use core::net::IpAddr;
 use crate::nat::{Direction, Millis};
 use crate::wire::{PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, be16, checksum};
 
+use super::ipv6;
 use super::packet::{
     IcmpKind, IpMeta, decrement_ttl, ipv4_header, ipv6_header, is_broadcast_or_multicast,
     is_echo_request, parse_ip, refill_icmp_checksum, rewrite, rewrite_address_only,
@@ -37,6 +38,9 @@ pub(super) enum IcmpError {
     /// Malformed IPv4 options: parameter problem (12/0) pointing at this
     /// byte of the header (Linux's `ip_options_compile`).
     ParameterProblem(u8),
+    /// An IPv6 hop-by-hop option we do not know whose type asks for it:
+    /// parameter problem, unrecognized option (4/2), pointing at it.
+    UnrecognizedOption(u32),
 }
 
 impl Router {
@@ -67,6 +71,32 @@ impl Router {
             );
         }
         self.drop(DropReason::ToFirewall);
+    }
+
+    /// An IPv6 packet from `out` (addresses in `meta`, from
+    /// `bare_ipv6_meta`) that `parse_ip` refused for `reason`: if its
+    /// hop-by-hop header holds an unknown option that asks for it, a
+    /// parameter problem goes back.
+    pub(super) fn unrecognized_option(
+        &mut self,
+        out: Out,
+        packet: &[u8],
+        meta: &IpMeta,
+        reason: DropReason,
+        now: Millis,
+    ) {
+        if reason != DropReason::UnsupportedProtocol {
+            return;
+        }
+        if let Some(pointer) = ipv6::hop_by_hop_problem(packet) {
+            self.icmp_error(
+                out,
+                packet,
+                meta,
+                IcmpError::UnrecognizedOption(pointer),
+                now,
+            );
+        }
     }
 
     /// A packet to one of the firewall's own addresses: answer pings, drop
@@ -152,6 +182,7 @@ impl Router {
             IcmpError::AdminProhibited => (3, 13, 1, 1, 0),
             IcmpError::HostProhibited => (3, 10, 1, 1, 0),
             IcmpError::ParameterProblem(at) => (12, 0, 4, 0, u32::from(at) << 24),
+            IcmpError::UnrecognizedOption(at) => (12, 0, 4, 2, at),
             IcmpError::FragmentationNeeded(mtu) => (3, 4, 2, 0, mtu as u32),
         };
         let mut reply = self.buffer();

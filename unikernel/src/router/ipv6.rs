@@ -9,8 +9,9 @@
 //! - a hop-by-hop header is only valid first, and its options are checked
 //!   as every router does (`ip6_parse_tlv`): padding of at most 7 bytes, of
 //!   zeroes; at most 8 other options; an unknown option whose type says
-//!   "discard" (the two high bits not 00) drops the packet (Linux also
-//!   sends a parameter problem for two of those cases; we do not);
+//!   "discard" (the two high bits not 00) drops the packet, with an ICMPv6
+//!   parameter problem (4/2, pointing at it) when they are 10, or 11 and
+//!   the destination is not multicast ([`hop_by_hop_problem`]);
 //! - routing and destination options are not ours to process (we are not
 //!   the destination): they are forwarded untouched;
 //! - Qubes' rules match `proto=` as `ip6 nexthdr <proto>`, which reads the
@@ -140,6 +141,37 @@ fn check_hop_by_hop(header: &[u8]) -> Result<(), DropReason> {
     Ok(())
 }
 
+/// For an IPv6 packet [`walk`] refused: where its hop-by-hop header holds an
+/// unknown option whose type asks for an ICMPv6 parameter problem (code 2,
+/// "unrecognized option"): high bits 10 always, 11 unless the destination
+/// is multicast (RFC 8200 §4.2, Linux's `ip6_tlvopt_unknown`). The offset
+/// is from the start of the IPv6 header.
+pub(super) fn hop_by_hop_problem(packet: &[u8]) -> Option<u32> {
+    let fixed = packet.first_chunk::<40>()?;
+    if fixed[6] != HOP_BY_HOP {
+        return None;
+    }
+    let multicast = fixed[24] == 0xff;
+    let length = (usize::from(*packet.get(41)?) + 1) * 8;
+    let header = packet.get(40..40 + length)?;
+    let mut at = 2;
+    while let Some(&kind) = header.get(at) {
+        if kind == 0 {
+            at += 1;
+            continue;
+        }
+        let option_length = usize::from(*header.get(at + 1)?);
+        let known = matches!(kind, 1 | 5 | 0xc2);
+        match kind >> 6 {
+            2 if !known => return Some((40 + at) as u32),
+            3 if !known && !multicast => return Some((40 + at) as u32),
+            _ => {}
+        }
+        at += 2 + option_length;
+    }
+    None
+}
+
 /// Decides a new flow of an IPv6 packet whose transport header follows an
 /// extension header, as Linux's nftables rules from Qubes' `firewall.py`
 /// do: rules with `proto=` (`ip6 nexthdr …`) never match, the others are
@@ -267,6 +299,28 @@ mod tests {
             many.extend_from_slice(&[0x3e, 0]);
         }
         assert_eq!(hbh(&many), Err(DropReason::UnsupportedProtocol));
+    }
+
+    #[test]
+    fn unknown_options_that_ask_for_it_get_a_parameter_problem() {
+        let with = |kind: u8, dst_first: u8| {
+            let mut p = packet(HOP_BY_HOP, &[6, 0, 1, 0, kind, 2, 0, 0]);
+            p[24] = dst_first;
+            p
+        };
+        assert_eq!(hop_by_hop_problem(&with(0x9e, 0x20)), Some(44));
+        assert_eq!(hop_by_hop_problem(&with(0xde, 0x20)), Some(44));
+        assert_eq!(hop_by_hop_problem(&with(0xde, 0xff)), None, "multicast");
+        assert_eq!(hop_by_hop_problem(&with(0x9e, 0xff)), Some(44));
+        assert_eq!(hop_by_hop_problem(&with(0x5e, 0x20)), None);
+        assert_eq!(hop_by_hop_problem(&with(0x1e, 0x20)), None);
+        assert_eq!(
+            hop_by_hop_problem(&packet(ROUTING, &[6, 0, 0, 0, 0, 0, 0, 0])),
+            None
+        );
+        for end in 0..48 {
+            let _ = hop_by_hop_problem(&with(0x9e, 0x20)[..end]);
+        }
     }
 
     #[test]

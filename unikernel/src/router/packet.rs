@@ -123,6 +123,33 @@ pub(super) fn reassemble(
     }
 }
 
+/// The addresses of an IPv6 packet that could not be parsed further, to
+/// answer it with an ICMPv6 error (nothing else is filled in).
+pub(super) fn bare_ipv6_meta(packet: &[u8]) -> Option<IpMeta> {
+    let header = packet.first_chunk::<40>()?;
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&header[8..24]);
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&header[24..40]);
+    Some(IpMeta {
+        extensions: true,
+        v6: true,
+        src: IpAddr::V6(Ipv6Addr::from(src)),
+        dst: IpAddr::V6(Ipv6Addr::from(dst)),
+        protocol: header[6],
+        header_len: 40,
+        total_len: packet.len(),
+        ttl: header[7],
+        fragment: false,
+        src_port: 0,
+        dst_port: 0,
+        icmp: IcmpKind::NotIcmp,
+        icmp_type: None,
+        tcp: None,
+        frag_id: None,
+    })
+}
+
 /// Parses an IP packet (`strict`: verify the IPv4 header checksum and that
 /// the whole packet is there; not for the quoted packet inside an ICMP
 /// error).
