@@ -241,15 +241,20 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
         }
     };
     if just_exec {
-        // Qubes' handle_just_exec reports 0 once it has forked, whatever
-        // becomes of the command, and -1 only for a command without a user.
+        // Qubes' agent reports 0 once the command is started, whatever
+        // becomes of it; a service that does not exist gives 127, one that
+        // cannot be used 125.
         let code = match launch {
             Launch::Started(mut child) => {
                 std::thread::spawn(move || child.wait());
                 0
             }
-            Launch::NotFound | Launch::Failed(_) if split_user(cmdline).is_ok() => 0,
-            Launch::NotFound | Launch::Failed(_) => u32::MAX,
+            Launch::Connected(conn) => {
+                conn.just_exec();
+                0
+            }
+            Launch::NotFound => QREXEC_EXIT_SERVICE_NOT_FOUND,
+            Launch::Failed(code) => code,
         };
         let _ = wire::write_message(&mut *vchan, &Repr::ExitCode(code));
         let _ = vchan.shutdown();
@@ -257,6 +262,9 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
         match launch {
             Launch::Started(child) => {
                 crate::client::run_child_logging_stderr(vchan, version, child, stderr_tag);
+            }
+            Launch::Connected(conn) => {
+                crate::client::run_connected(vchan, version, conn);
             }
             Launch::NotFound => {
                 let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_SERVICE_NOT_FOUND);

@@ -370,6 +370,7 @@ pub fn run_to_dom0(
     };
     let code = match launch {
         Launch::Started(child) => run_child_as_executor(vchan, version, child),
+        Launch::Connected(conn) => run_connected(vchan, version, conn),
         Launch::NotFound => {
             let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_SERVICE_NOT_FOUND);
             QREXEC_EXIT_SERVICE_NOT_FOUND
@@ -421,6 +422,26 @@ pub fn run_child_logging_stderr(
             Ok(status) => exec::exit_code(status),
             Err(_) => QREXEC_EXIT_PROBLEM,
         }),
+    };
+    match data::run_executor(vchan, version, executor) {
+        Ok(code) => code,
+        Err(e) => {
+            log_error!("{e}");
+            QREXEC_EXIT_PROBLEM
+        }
+    }
+}
+
+/// Serve a data channel with a connected socket or `/dev/tcp` service.
+pub fn run_connected(vchan: Box<dyn vchan::Vchan>, version: u32, conn: exec::Connected) -> u32 {
+    let executor = match conn.into_executor() {
+        Ok(e) => e,
+        Err(e) => {
+            log_error!("cannot set up the service connection: {e}");
+            let mut vchan = vchan;
+            let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_PROBLEM);
+            return QREXEC_EXIT_PROBLEM;
+        }
     };
     match data::run_executor(vchan, version, executor) {
         Ok(code) => code,
@@ -553,7 +574,7 @@ pub fn run_in_vm(
                         _ => return Err(Error::Usage("local program has no stdio".into())),
                     }
                 }
-                Launch::NotFound | Launch::Failed(_) => {
+                Launch::NotFound | Launch::Failed(_) | Launch::Connected(_) => {
                     return Err(Error::Usage(format!(
                         "cannot start local program {program}"
                     )));

@@ -378,16 +378,16 @@ pub fn run_executor(vchan: Box<dyn Vchan>, version: u32, local: Executor) -> Res
     }
 }
 
-/// Report a command that could not be started, as Qubes does: stderr EOF,
-/// stdout EOF, exit code.
+/// Report a command that could not be started, as Qubes' agent does: stdout
+/// EOF, stderr EOF, exit code.
 pub fn send_failed_exec(vchan: &mut dyn Vchan, code: u32) -> io::Result<()> {
     for repr in [
         Repr::Data {
-            stream: DataStream::Stderr,
+            stream: DataStream::Stdout,
             data: &[],
         },
         Repr::Data {
-            stream: DataStream::Stdout,
+            stream: DataStream::Stderr,
             data: &[],
         },
         Repr::ExitCode(code),

@@ -1,10 +1,13 @@
 //! Running what a qrexec call asks for: a shell command (`user:command`) or
 //! an RPC service (`QUBESRPC service+arg source [name|keyword target]`).
 //!
-//! Services are looked up as qubes-rpc-multiplexer does: for each directory
-//! of `QREXEC_SERVICE_PATH` (`:`-separated, default
-//! `/usr/local/etc/qubes-rpc:/etc/qubes-rpc`) first `DIR/service+arg`, then
-//! `DIR/service`, taking the first non-empty file. An executable file is run
+//! Services are looked up as Qubes 4.4's agent does (see [`crate::service`]):
+//! `NAME+ARG` (`NAME+` without an argument) in every directory of
+//! `QREXEC_SERVICE_PATH` (`:`-separated, default
+//! `/usr/local/etc/qubes-rpc:/etc/qubes-rpc`), then `NAME`; a UNIX socket is
+//! connected to, a `/dev/tcp…` link forwards to TCP, after the service's
+//! `rpc-config` is applied (an invalid one refuses the call with 125). An
+//! executable file is run
 //! with the argument as `argv[1]` (when non-empty); a non-executable file is
 //! the legacy form holding a command line, run with `/bin/sh -c`. The child
 //! gets a clean environment: every inherited `QREXEC*` variable is removed,
@@ -19,6 +22,7 @@
 
 use std::ffi::OsString;
 use std::fs;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -147,11 +151,124 @@ pub enum StdioMode {
     Null,
 }
 
+/// A connection to a socket or TCP service.
+#[derive(Debug)]
+pub enum ServiceStream {
+    /// A UNIX-socket service.
+    Unix(std::os::unix::net::UnixStream),
+    /// A `/dev/tcp` service.
+    Tcp(std::net::TcpStream),
+}
+
+impl ServiceStream {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            ServiceStream::Unix(s) => ServiceStream::Unix(s.try_clone()?),
+            ServiceStream::Tcp(s) => ServiceStream::Tcp(s.try_clone()?),
+        })
+    }
+    fn shutdown(&self, how: std::net::Shutdown) {
+        let _ = match self {
+            ServiceStream::Unix(s) => s.shutdown(how),
+            ServiceStream::Tcp(s) => s.shutdown(how),
+        };
+    }
+}
+
+impl Read for ServiceStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            ServiceStream::Unix(s) => s.read(buf),
+            ServiceStream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+/// The writing half of a [`ServiceStream`]: dropping it (the caller's
+/// stdin ended) shuts the connection for writing, or entirely with
+/// `exit-on-client-eof`, which also ends the service's output.
+#[derive(Debug)]
+struct ServiceInput {
+    stream: ServiceStream,
+    exit_on_client_eof: bool,
+}
+
+impl Write for ServiceInput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.stream {
+            ServiceStream::Unix(s) => s.write(buf),
+            ServiceStream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ServiceInput {
+    fn drop(&mut self) {
+        self.stream.shutdown(if self.exit_on_client_eof {
+            std::net::Shutdown::Both
+        } else {
+            std::net::Shutdown::Write
+        });
+    }
+}
+
+/// A connected socket or TCP service.
+#[derive(Debug)]
+pub struct Connected {
+    /// The connection.
+    pub stream: ServiceStream,
+    /// Sent before the caller's data (the service descriptor and source,
+    /// NUL-terminated, unless `skip-service-descriptor`).
+    pub prefix: Vec<u8>,
+    /// `exit-on-client-eof`.
+    pub exit_on_client_eof: bool,
+}
+
+impl Connected {
+    /// `MSG_JUST_EXEC` of a socket service: send the prefix, then close.
+    pub fn just_exec(mut self) {
+        if !self.prefix.is_empty() {
+            let _ = match &mut self.stream {
+                ServiceStream::Unix(s) => s.write_all(&self.prefix),
+                ServiceStream::Tcp(s) => s.write_all(&self.prefix),
+            };
+        }
+        self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// The executing side of a data channel for this connection: the
+    /// caller's stdin goes to the socket, the socket's data is the stdout,
+    /// there is no stderr, and the exit code is 0.
+    pub fn into_executor(self) -> std::io::Result<crate::data::Executor> {
+        let mut writer = self.stream.try_clone()?;
+        if !self.prefix.is_empty() {
+            match &mut writer {
+                ServiceStream::Unix(s) => s.write_all(&self.prefix)?,
+                ServiceStream::Tcp(s) => s.write_all(&self.prefix)?,
+            }
+        }
+        Ok(crate::data::Executor {
+            stdin: Some(Box::new(ServiceInput {
+                stream: writer,
+                exit_on_client_eof: self.exit_on_client_eof,
+            })),
+            stdout: Some(Box::new(self.stream)),
+            stderr: None,
+            wait: Box::new(|| 0),
+        })
+    }
+}
+
 /// What [`spawn`] achieved.
 #[derive(Debug)]
 pub enum Launch {
     /// The process runs.
     Started(Child),
+    /// A socket or `/dev/tcp` service is connected.
+    Connected(Connected),
     /// The RPC service does not exist here (exit code 127).
     NotFound,
     /// The process could not be started; report this exit code.
@@ -285,14 +402,95 @@ pub fn spawn(req: &Request<'_>) -> Launch {
                 .argument
                 .and_then(|a| std::str::from_utf8(a).ok())
                 .filter(|a| !a.is_empty());
-            let Some(handler) = find_service(req.service_path, full, name) else {
-                crate::log_error!("Service {} not found", crate::log::escape(rpc.service));
-                return Launch::NotFound;
+            let lookup = if full.contains('+') {
+                full.to_string()
+            } else {
+                format!("{full}+")
+            };
+            let problem = protocol::qrexec::QREXEC_EXIT_PROBLEM;
+            let config = match crate::service::load_config(
+                &crate::service::config_path_from_env(),
+                &lookup,
+                name,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    crate::log_error!("Cannot load service configuration: {e}");
+                    return Launch::Failed(problem);
+                }
+            };
+            let found = match crate::service::find(req.service_path, &lookup, name) {
+                Ok(found) => found,
+                Err(crate::service::LookupError::NotFound) => {
+                    crate::log_error!("Service not found: {}", crate::log::escape(rpc.service));
+                    return Launch::NotFound;
+                }
+                Err(crate::service::LookupError::Broken(e)) => {
+                    crate::log_error!("Error finding service: {e}");
+                    return Launch::Failed(problem);
+                }
+            };
+            let user = config.force_user.as_deref().or(req.user);
+            if config.wait_for_session && !rpc.nogui {
+                wait_for_session(req.service_path, &rpc, user);
+            }
+            let prefix = if config.send_descriptor {
+                let mut p = req.command.to_vec();
+                if let Some(rest) = p.strip_prefix(protocol::qrexec::NOGUI_CMD_PREFIX) {
+                    p = rest.to_vec();
+                }
+                if let Some(rest) = p.strip_prefix(b"QUBESRPC ".as_slice()) {
+                    p = rest.to_vec();
+                }
+                p.push(0);
+                p
+            } else {
+                Vec::new()
+            };
+            let connected = |stream| {
+                Launch::Connected(Connected {
+                    stream,
+                    prefix: prefix.clone(),
+                    exit_on_client_eof: config.exit_on_client_eof,
+                })
+            };
+            let handler = match found {
+                crate::service::Found::Socket(path) => {
+                    return match std::os::unix::net::UnixStream::connect(&path) {
+                        Ok(s) => connected(ServiceStream::Unix(s)),
+                        Err(e) => {
+                            crate::log_error!("connect to {}: {e}", crate::service::show(&path));
+                            Launch::Failed(problem)
+                        }
+                    };
+                }
+                crate::service::Found::Tcp(target) => {
+                    return match crate::service::tcp_destination(&target, argument)
+                        .and_then(|(h, p)| crate::service::tcp_connect(&h, &p))
+                    {
+                        Ok(s) => connected(ServiceStream::Tcp(s)),
+                        Err(e) => {
+                            crate::log_error!("{e}");
+                            Launch::Failed(problem)
+                        }
+                    };
+                }
+                crate::service::Found::File(path) => match handler_at(&path) {
+                    Some(h) => h,
+                    None => {
+                        crate::log_error!(
+                            "Unknown service type (not executable, not a socket): {}",
+                            crate::service::show(&path)
+                        );
+                        return Launch::Failed(problem);
+                    }
+                },
             };
             let mut env: Vec<(&str, String)> = req.extra_env.to_vec();
             env.extend(rpc_env(&rpc));
             let req = Request {
                 extra_env: &env,
+                user,
                 ..req.clone()
             };
             match handler {
@@ -319,6 +517,32 @@ pub fn spawn(req: &Request<'_>) -> Launch {
             Launch::Failed(protocol::qrexec::QREXEC_EXIT_PROBLEM)
         }
     }
+}
+
+/// Run `qubes.WaitForSession` (if installed) and wait for it: stdin is the
+/// user name and a newline, `QREXEC_REMOTE_DOMAIN` the caller.
+fn wait_for_session(dirs: &[PathBuf], rpc: &RpcCommand<'_>, user: Option<&str>) {
+    let Ok(crate::service::Found::File(path)) =
+        crate::service::find_file(dirs, "qubes.WaitForSession")
+    else {
+        crate::log_error!("Service not found: qubes.WaitForSession");
+        return;
+    };
+    let mut cmd = Command::new(&path);
+    cmd.env("QREXEC_REMOTE_DOMAIN", os_from_bytes(rpc.source))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let Ok(mut child) = cmd.spawn() else {
+        crate::log_error!("cannot start {}", crate::service::show(&path));
+        return;
+    };
+    let name = user
+        .map(str::to_string)
+        .unwrap_or_else(|| std::env::var("USER").unwrap_or_default());
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(format!("{name}\n").as_bytes());
+    }
+    let _ = child.wait();
 }
 
 /// A service's stderr that is also written to our own log, one line per

@@ -19,6 +19,7 @@
 //!   order, exit code) for both the requesting and the executing side.
 //! - [`exec`]: running commands and RPC services (`/etc/qubes-rpc`, the
 //!   `QREXEC_*` environment, users).
+//! - [`service`]: socket and `/dev/tcp` services, `rpc-config`.
 //! - [`policy`]: asking the policy daemon socket or the policy program.
 //! - [`daemon`], [`client`], [`agent`], [`client_vm`]: the four programs.
 //!
@@ -41,6 +42,7 @@ pub mod error;
 pub mod exec;
 pub mod log;
 pub mod policy;
+pub mod service;
 pub mod vchan;
 pub mod wire;
 
