@@ -2286,17 +2286,39 @@ fn client_packets_to_the_firewall_are_taken_as_linux_input_chains_do() {
         let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
         assert_eq!(ip.payload()[1], 10, "host administratively prohibited");
     }
-    // DHCP (UDP 68) and ICMP other than echo: taken silently.
+    // DHCP (UDP 68) and ICMP other than echo and timestamp: taken
+    // silently.
     net.send_from_a(&udp4(A_IP, OUR_IP, 67, 68, b"d"));
     net.send_from_a(&ip4(
         A_IP,
         OUR_IP,
         IpProtocol::Icmp,
         64,
-        &icmp_raw(13, 1, &[0; 12], None),
+        &icmp_raw(17, 1, &[0; 4], None),
     ));
     assert!(net.client_out(A).is_empty());
     assert_eq!(net.dropped(DropReason::ToFirewall), 5);
+    // A timestamp request is answered, as the Linux kernel does: the
+    // originate time copied, then ours (ms since midnight UTC) twice.
+    net.router
+        .set_wall_clock(Some(1_700_000_000), Instant::from_millis(net.now));
+    let mut body = 0x0102_0304u32.to_be_bytes().to_vec();
+    body.extend_from_slice(&[0; 8]);
+    net.send_from_a(&ip4(
+        A_IP,
+        OUR_IP,
+        IpProtocol::Icmp,
+        64,
+        &icmp_raw(13, 0x7777, &body, None),
+    ));
+    let replies = net.client_out(A);
+    assert_eq!(replies.len(), 1);
+    assert_eq!(icmp_seen(&replies[0]), (14, 0x7777));
+    let icmp = &replies[0][14 + 20..];
+    assert_eq!(icmp.len(), 20);
+    assert_eq!(&icmp[8..12], &[1, 2, 3, 4]);
+    let ms = 80_000_000u32.to_be_bytes();
+    assert_eq!((&icmp[12..16], &icmp[16..20]), (&ms[..], &ms[..]));
     // IPv6: non-ICMPv6 rejected with admin-prohibited (1/1); pings
     // answered, from a client and from the net qube.
     let syn6 = tcp_segment(a_ip6().into(), our_ip6().into(), 40000, 22, TcpControl::Syn);

@@ -59,6 +59,9 @@ impl Router {
         if is_echo_request(meta) {
             return self.answer_firewall(Out::Client(index), packet, meta);
         }
+        if !meta.v6 && meta.icmp_type == Some(13) && !meta.fragment {
+            return self.answer_timestamp(index, packet, meta, now);
+        }
         let icmp = meta.protocol == if meta.v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
         let dhcp = !meta.v6 && meta.protocol == PROTO_UDP && meta.dst_port == 68;
         if !icmp && !dhcp {
@@ -71,6 +74,35 @@ impl Router {
             );
         }
         self.drop(DropReason::ToFirewall);
+    }
+
+    /// A client's ICMP timestamp request to the firewall: answered, as the
+    /// Linux kernel does (`icmp_timestamp`): the originate timestamp
+    /// copied, receive and transmit our milliseconds since midnight UTC.
+    fn answer_timestamp(&mut self, index: usize, packet: &[u8], meta: &IpMeta, now: Millis) {
+        let (IpAddr::V4(to), Some(request)) = (meta.src, packet.get(meta.header_len..)) else {
+            return self.drop(DropReason::ToFirewall);
+        };
+        let (Some(id_seq), Some(originate)) = (request.get(4..8), request.get(8..12)) else {
+            return self.drop(DropReason::Malformed);
+        };
+        if is_broadcast_or_multicast(meta.src) {
+            return self.drop(DropReason::Broadcast);
+        }
+        let time = self.ms_since_midnight(now).to_be_bytes();
+        let mut reply = self.buffer();
+        reply.extend_from_slice(&ipv4_header(self.uplink.ip, to, PROTO_ICMP, 20));
+        reply.extend_from_slice(&[14, 0, 0, 0]);
+        reply.extend_from_slice(id_seq);
+        reply.extend_from_slice(originate);
+        reply.extend_from_slice(&time);
+        reply.extend_from_slice(&time);
+        let sum = checksum::finish(checksum::add(0, reply.get(20..).unwrap_or(&[])));
+        if let Some(field) = reply.get_mut(22..24) {
+            field.copy_from_slice(&sum.to_be_bytes());
+        }
+        self.send_ip(Out::Client(index), false, &reply);
+        self.recycle(reply);
     }
 
     /// An IPv6 packet from `out` (addresses in `meta`, from

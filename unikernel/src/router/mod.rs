@@ -15,7 +15,8 @@
 //!   at all is dropped silently (no chain: the forward policy drops);
 //!   a client's non-ICMP packet to the firewall itself is rejected with
 //!   host-prohibited (3/10; IPv6: 1/1), except DHCP (UDP 68), as Linux's
-//!   input chains; IPv4 pings from the uplink are not answered (Linux takes
+//!   input chains; its pings and (IPv4) timestamp requests are answered,
+//!   like the Linux kernel does; IPv4 pings from the uplink are not answered (Linux takes
 //!   ICMP from clients only), IPv6 ones are; all ICMP errors we send share
 //!   a 1 000/s token bucket;
 //! - client → client: never forwarded. Linux's `qubes` table drops every
