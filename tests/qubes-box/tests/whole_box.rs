@@ -753,7 +753,11 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
     });
     // ICMP timestamp (type 13): a new flow the rules decide, as Linux's
     // conntrack makes it: denied (and rejected) without a rule for it...
-    assert_eq!(up.raw("sys-net", &["timestamp", "192.0.2.80"]), "reply\n");
+    assert_eq!(
+        up.raw("sys-net", &["timestamp", "192.0.2.80"]),
+        "reply\n",
+        "sys-net's own kernel must answer ICMP timestamp requests (the control)"
+    );
     assert_eq!(
         up.raw("client1", &["timestamp", "192.0.2.80"]),
         "prohibited\n",
