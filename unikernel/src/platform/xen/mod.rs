@@ -31,6 +31,7 @@ pub mod shared;
 pub mod start_info;
 pub mod time;
 pub mod vchan;
+pub mod xenbus;
 pub mod xenstore_ring;
 
 pub use platform::{XenLinkWait, XenNic, XenPlatform, XenVchan, XenXenstore};

@@ -11,11 +11,16 @@
 //! Linux `xen-netfront` do it); each client vif is a netback
 //! (`backend/vif/<domid>/<dev>`: `attach_client` writes `feature-rx-copy`,
 //! the checksum-offload features it honours (`feature-no-csum-offload` 0,
-//! `feature-ipv6-csum-offload` 1), `hotplug-status` and InitWait and returns at once; `wait` connects it
-//! when the frontend is ready, as Linux `xen-netback` does, so a slow client
-//! never stalls the firewall). Numbers read from xenstore are parsed
-//! strictly; a page whose grant cannot be revoked yet (the peer still maps
-//! it) is kept until it can, never reused.
+//! `feature-ipv6-csum-offload` 1), `hotplug-status` and InitWait and
+//! returns at once, so a slow client never stalls the firewall). From then
+//! on the xenbus state machines of `xenbus` run in `wait`, only when a
+//! watched `state` node or the uplink's directory changed (xenstore watches,
+//! no polling): a client connects, closes (Closing, Closed, rings unmapped,
+//! its backend directory removed under a detach) and may reopen; the uplink
+//! closes when the net qube's backend goes and connects again to the next
+//! one (a sys-net restart), behind the same NIC. Numbers read from xenstore
+//! are parsed strictly; a page whose grant cannot be revoked yet (the peer
+//! still maps it) is kept until it can, never reused.
 
 use alloc::alloc::{Layout, alloc_zeroed};
 use alloc::boxed::Box;
@@ -34,11 +39,12 @@ use super::events::{self, SharedInfo, XenNotify};
 use super::grant::{self, ForeignMapping, ForeignWindow, GrantTable};
 use super::hypercall;
 use super::netback::{CopyRefused, GrantCopy, Netback, NetbackStats};
-use super::netfront::{self, Buffer, Netfront, NetfrontRx, NetfrontTx};
+use super::netfront::{self, Buffer, Netfront, NetfrontRx};
 use super::shared::{RawMemory, SharedMemory};
 use super::start_info::BootInfo;
 use super::time::{self, TimeInfo};
 use super::vchan::{RingBuffer, VchanRing, read_grants, read_orders};
+use super::xenbus::{self, BackendMachine, FrontendMachine, Phase, Step, Watches, parse_decimal};
 use super::xenstore_ring::XenstoreRing;
 use crate::platform::{
     ByteStream, Instant, LinkState, Platform, PlatformError, Shutdown, StreamError, Xenstore,
@@ -56,8 +62,9 @@ const MAX_POLL_PORTS: usize = 128;
 /// Largest ring order we map as a client (64 KiB rings).
 pub const CLIENT_MAX_ORDER: u16 = 16;
 
-/// The xenstore client on Xen.
-pub type XenXenstore = XenstoreClient<XenstoreRing<RawMemory, XenNotify>, XenLinkWait>;
+/// The xenstore client on Xen, with the platform's device watches kept
+/// apart from the firewall's ([`Watches`]).
+pub type XenXenstore = Watches<XenstoreClient<XenstoreRing<RawMemory, XenNotify>, XenLinkWait>>;
 
 /// Waits for xenstored: polls the store event channel for up to 10 ms.
 #[derive(Debug)]
@@ -90,8 +97,10 @@ struct Shared {
     stale_paths: RefCell<Vec<(String, u32)>>,
     /// Pages of closed servers waiting for the peer to unmap them.
     retired: RefCell<Vec<Retired>>,
-    /// Client vifs whose frontend has not connected yet.
+    /// Client vifs (their xenbus state machines run in `wait`).
     backends: RefCell<Vec<Weak<RefCell<BackConn>>>>,
+    /// xenstore nodes of dropped devices the platform stops watching.
+    unwatch: RefCell<Vec<String>>,
     /// Frame counters of every NIC, logged at exit: (name, (rx, tx)).
     nic_counters: RefCell<Vec<(String, FrameCounters)>>,
 }
@@ -115,19 +124,12 @@ pub struct XenPlatform {
     shared: Rc<Shared>,
     xenstore: XenXenstore,
     shutdown_watch: bool,
+    /// The uplink's NIC state and xenbus state machine, once brought up.
+    uplink: Option<(Weak<RefCell<FrontConn>>, FrontendMachine)>,
 }
 
 fn other(what: impl Into<String>) -> PlatformError {
     PlatformError::Other(what.into())
-}
-
-/// Parses a decimal number written in xenstore by a peer (no sign, no
-/// spaces, no overflow).
-fn parse_decimal(text: &str) -> Option<u32> {
-    if text.is_empty() || text.len() > 10 || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    text.parse().ok()
 }
 
 impl XenPlatform {
@@ -156,13 +158,13 @@ impl XenPlatform {
         // above) and touched only through `RawMemory`.
         let store_mem = unsafe { RawMemory::new((store_pfn << 12) as *mut u8, abi::PAGE_SIZE) };
         let ring = XenstoreRing::new(store_mem, store_port, XenNotify);
-        let mut xenstore = XenstoreClient::new(
+        let mut xenstore = Watches::new(XenstoreClient::new(
             ring,
             XenLinkWait {
                 port: store_port,
                 shared_info,
             },
-        );
+        ));
         let domid_text = xenstore
             .read("domid")
             .map_err(PlatformError::Xenstore)?
@@ -193,10 +195,12 @@ impl XenPlatform {
                 stale_paths: RefCell::new(Vec::new()),
                 retired: RefCell::new(Vec::new()),
                 backends: RefCell::new(Vec::new()),
+                unwatch: RefCell::new(Vec::new()),
                 nic_counters: RefCell::new(Vec::new()),
             }),
             xenstore,
             shutdown_watch: false,
+            uplink: None,
         })
     }
 
@@ -313,70 +317,177 @@ impl XenPlatform {
 
 /// The xenstore directory of our uplink vif (the toolstack's first vif).
 pub const UPLINK_NODE: &str = "device/vif/0";
-/// `XenbusStateInitWait`.
-const XENBUS_INIT_WAIT: u32 = 2;
-/// `XenbusStateInitialised`.
-const XENBUS_INITIALISED: u32 = 3;
-/// `XenbusStateConnected`.
-const XENBUS_CONNECTED: u32 = 4;
-/// How often pending client vifs are looked at while they connect (ms).
-const BACKEND_POLL_MS: i64 = 50;
-/// How long the backend may take to connect.
+/// How long the backend may take to connect when the uplink first comes up.
 const NETBACK_TIMEOUT_MS: u64 = 10_000;
 
 impl XenPlatform {
-    /// Connects client vifs whose frontend is ready (`Initialised` or
-    /// `Connected`): reads `tx-ring-ref`, `rx-ring-ref`, `event-channel`,
-    /// requires `request-rx-copy`, maps both rings, binds the event channel
-    /// and switches the backend to `Connected`. A vif that fails stays
-    /// pending (the frontend may retry) and is logged once.
+    /// Runs the xenbus state machines of every device after a watched node
+    /// changed ([`xenbus`]): client vifs connect, close and reopen; the
+    /// uplink closes when its backend goes and connects again to a new one.
+    fn progress_devices(&mut self) {
+        for path in self.shared.unwatch.borrow_mut().drain(..) {
+            self.xenstore.unwatch_node(&path);
+        }
+        self.progress_backends();
+        self.progress_uplink();
+    }
+
     fn progress_backends(&mut self) {
         let live: Vec<Rc<RefCell<BackConn>>> = {
             let mut list = self.shared.backends.borrow_mut();
             list.retain(|weak| {
                 weak.upgrade()
-                    .is_some_and(|c| matches!(*c.borrow(), BackConn::Pending { .. }))
+                    .is_some_and(|c| !matches!(*c.borrow(), BackConn::Gone))
             });
             list.iter().filter_map(Weak::upgrade).collect()
         };
         for conn in live {
-            let (domid, device, backend, frontend) = match &*conn.borrow() {
-                BackConn::Pending {
+            let (domid, device, mut machine) = match &*conn.borrow() {
+                BackConn::Waiting {
                     domid,
                     device,
-                    backend,
-                    frontend,
-                } => (*domid, *device, backend.clone(), frontend.clone()),
-                _ => continue,
+                    machine,
+                }
+                | BackConn::Up {
+                    domid,
+                    device,
+                    machine,
+                    ..
+                } => (*domid, *device, machine.clone()),
+                BackConn::Gone => continue,
             };
-            let state = self
-                .xenstore
-                .read(&format!("{frontend}/state"))
-                .ok()
-                .flatten();
-            match state.as_deref().and_then(parse_decimal) {
-                Some(XENBUS_INITIALISED | XENBUS_CONNECTED) => {}
-                _ => continue,
-            }
-            match self.connect_backend(domid, &backend, &frontend) {
-                Ok(up) => {
-                    log::info!("xen: netback vif{domid}.{device} connected to {frontend}");
-                    *conn.borrow_mut() = up;
-                }
+            let step = match machine.progress(&mut self.xenstore) {
+                Ok(step) => step,
                 Err(error) => {
-                    log::warn!("xen: netback vif{domid}.{device}: {error}");
-                    *conn.borrow_mut() = BackConn::Gone;
+                    log::warn!("xen: netback vif{domid}.{device}: xenstore: {error}");
+                    continue;
                 }
+            };
+            match step {
+                Step::Stay => {}
+                Step::Connect => match self.connect_backend(domid, &machine.frontend) {
+                    Ok((back, mappings, windows)) => {
+                        if let Err(error) = machine.connected(&mut self.xenstore) {
+                            log::warn!("xen: netback vif{domid}.{device}: xenstore: {error}");
+                        }
+                        log::info!(
+                            "xen: netback vif{domid}.{device} connected to {}",
+                            machine.frontend
+                        );
+                        *conn.borrow_mut() = BackConn::Up {
+                            domid,
+                            device,
+                            machine,
+                            back,
+                            mappings,
+                            windows,
+                        };
+                        continue;
+                    }
+                    Err(error) => {
+                        log::warn!("xen: netback vif{domid}.{device}: {error}");
+                        let _ = machine.failed(&mut self.xenstore);
+                    }
+                },
+                Step::Disconnect => {
+                    log::info!(
+                        "xen: netback vif{domid}.{device}: frontend {} closed or gone; rings released",
+                        machine.frontend
+                    );
+                }
+            }
+            // Keep the machine's new phase; release rings unless Up.
+            let old = core::mem::replace(
+                &mut *conn.borrow_mut(),
+                BackConn::Waiting {
+                    domid,
+                    device,
+                    machine: machine.clone(),
+                },
+            );
+            match old {
+                BackConn::Up {
+                    back,
+                    mappings,
+                    windows,
+                    ..
+                } if machine.phase() == Phase::Up => {
+                    *conn.borrow_mut() = BackConn::Up {
+                        domid,
+                        device,
+                        machine,
+                        back,
+                        mappings,
+                        windows,
+                    };
+                }
+                BackConn::Up {
+                    back,
+                    mappings,
+                    windows,
+                    ..
+                } => release_backend(back, mappings, windows, &self.shared),
+                _ => {}
             }
         }
+    }
+
+    fn progress_uplink(&mut self) {
+        let Some((weak, machine)) = &mut self.uplink else {
+            return;
+        };
+        let Some(conn) = weak.upgrade() else {
+            self.uplink = None;
+            return;
+        };
+        let mut machine = machine.clone();
+        let step = match machine.progress(&mut self.xenstore) {
+            Ok(step) => step,
+            Err(error) => {
+                log::warn!("xen: uplink {}: xenstore: {error}", machine.node);
+                return;
+            }
+        };
+        match step {
+            Step::Stay => {}
+            Step::Disconnect => {
+                log::warn!(
+                    "xen: uplink {}: the net qube's backend closed or went away; waiting for a new one",
+                    machine.node
+                );
+                if let FrontConn::Up { front, retired } =
+                    core::mem::replace(&mut *conn.borrow_mut(), FrontConn::Down)
+                {
+                    release_frontend(front, retired, &self.shared);
+                }
+            }
+            Step::Connect => match self.start_netfront(&machine.node.clone()) {
+                Ok((front, retired, backend)) => {
+                    log::info!("xen: uplink {} connected again, to {backend}", machine.node);
+                    machine.connected(backend);
+                    *conn.borrow_mut() = FrontConn::Up {
+                        front,
+                        retired: Some(retired),
+                    };
+                }
+                Err(error) => {
+                    log::warn!("xen: uplink {}: cannot connect: {error}", machine.node);
+                }
+            },
+        }
+        for path in machine.watched() {
+            if let Err(error) = self.xenstore.watch_node(&path) {
+                log::warn!("xen: cannot watch {path}: {error}");
+            }
+        }
+        self.uplink = Some((Rc::downgrade(&conn), machine));
     }
 
     fn connect_backend(
         &mut self,
         domid: u16,
-        backend: &str,
         frontend: &str,
-    ) -> Result<BackConn, PlatformError> {
+    ) -> Result<BackendParts, PlatformError> {
         let read_number = |xs: &mut XenXenstore, key: &str| -> Result<u32, PlatformError> {
             let text = xs
                 .read(&format!("{frontend}/{key}"))
@@ -421,23 +532,16 @@ impl XenPlatform {
         };
         self.remember_port(port);
         let back = Netback::new(tx, rx, domid, port, copier, XenNotify);
-        self.xenstore
-            .write(&format!("{backend}/state"), &XENBUS_CONNECTED.to_string())
-            .map_err(PlatformError::Xenstore)?;
-        Ok(BackConn::Up {
-            back,
-            mappings,
-            windows,
-        })
+        Ok((Box::new(back), mappings, windows))
     }
 
     /// The xenbus handshake of a netfront (Mini-OS / Linux `xen-netfront`):
     /// read `backend-id` and `backend`, grant the rings and buffers, write
     /// `tx-ring-ref`, `rx-ring-ref`, `event-channel`, `request-rx-copy`,
     /// `feature-rx-notify`, `feature-no-csum-offload` and `state` =
-    /// Connected in one transaction, then wait for the backend's `state`
-    /// to reach Connected.
-    fn connect_netfront(&mut self, node: &str) -> Result<XenNic, PlatformError> {
+    /// Connected in one transaction. Returns the rings and the backend's
+    /// directory; the backend connects on its own.
+    fn start_netfront(&mut self, node: &str) -> Result<FrontendParts, PlatformError> {
         let read = |xs: &mut XenXenstore, key: &str| -> Result<String, PlatformError> {
             xs.read(&format!("{node}/{key}"))
                 .map_err(PlatformError::Xenstore)?
@@ -493,7 +597,7 @@ impl XenPlatform {
             }
         };
         // SAFETY: page `i` of our zeroed allocation, granted to the backend
-        // and kept until the NIC is dropped (then freed only once every
+        // and kept until the NIC is released (then freed only once every
         // grant is revoked); touched only through `RawMemory`.
         let mem = |i: usize| unsafe { RawMemory::new(page(i), abi::PAGE_SIZE) };
         let grefs = retired.grants.clone();
@@ -509,40 +613,62 @@ impl XenPlatform {
         };
         let tx_bufs = buffers(2..2 + netfront::TX_BUFFERS);
         let rx_bufs = buffers(2 + netfront::TX_BUFFERS..count);
-        let front = Netfront::new(mem(0), mem(1), tx_bufs, rx_bufs, port, XenNotify);
+        let front = Box::new(Netfront::new(
+            mem(0),
+            mem(1),
+            tx_bufs,
+            rx_bufs,
+            port,
+            XenNotify,
+        ));
         self.remember_port(port);
-        let nic = XenNic::new(
-            NicKind::Front {
-                front: Box::new(front),
-                retired: Some(retired),
-            },
-            format!("netfront {node}"),
-            &self.shared,
-        );
         let (tx_ref, rx_ref) = (
             grefs.first().copied().unwrap_or_default(),
             grefs.get(1).copied().unwrap_or_default(),
         );
-        self.xenstore
-            .transaction(8, |xs| {
-                xs.write(&format!("{node}/tx-ring-ref"), &tx_ref.to_string())?;
-                xs.write(&format!("{node}/rx-ring-ref"), &rx_ref.to_string())?;
-                xs.write(&format!("{node}/event-channel"), &port.to_string())?;
-                xs.write(&format!("{node}/request-rx-copy"), "1")?;
-                xs.write(&format!("{node}/feature-rx-notify"), "1")?;
-                xs.write(&format!("{node}/feature-no-csum-offload"), "1")?;
-                xs.write(&format!("{node}/state"), &XENBUS_CONNECTED.to_string())
-            })
-            .map_err(PlatformError::Xenstore)?;
+        let written = self.xenstore.transaction(8, |xs| {
+            xs.write(&format!("{node}/tx-ring-ref"), &tx_ref.to_string())?;
+            xs.write(&format!("{node}/rx-ring-ref"), &rx_ref.to_string())?;
+            xs.write(&format!("{node}/event-channel"), &port.to_string())?;
+            xs.write(&format!("{node}/request-rx-copy"), "1")?;
+            xs.write(&format!("{node}/feature-rx-notify"), "1")?;
+            // We send and want complete checksums (csum.rs completes blank
+            // ones a backend sends anyway).
+            xs.write(&format!("{node}/feature-no-csum-offload"), "1")?;
+            xs.write(&format!("{node}/feature-ipv6-csum-offload"), "0")?;
+            xs.write(&format!("{node}/state"), &xenbus::CONNECTED.to_string())
+        });
+        if let Err(error) = written {
+            release_frontend(front, Some(retired), &self.shared);
+            return Err(PlatformError::Xenstore(error));
+        }
+        log::info!(
+            "xen: netfront {node} connected to {backend} (domain {backend_id}), event channel {port}"
+        );
+        Ok((front, retired, backend))
+    }
+
+    /// Brings the uplink up the first time: the handshake, then a wait for
+    /// the backend's `state` to reach Connected; from then on its xenbus
+    /// state machine runs in `wait`.
+    fn connect_netfront(&mut self, node: &str) -> Result<XenNic, PlatformError> {
+        let (front, retired, backend) = self.start_netfront(node)?;
+        let conn = Rc::new(RefCell::new(FrontConn::Up {
+            front,
+            retired: Some(retired),
+        }));
+        let nic = XenNic::new(
+            NicKind::Front(conn.clone()),
+            format!("netfront {node}"),
+            &self.shared,
+        );
         let started = self.now();
         loop {
-            let state = self
-                .xenstore
-                .read(&format!("{backend}/state"))
+            let state = xenbus::read_state(&mut self.xenstore, &format!("{backend}/state"))
                 .map_err(PlatformError::Xenstore)?;
-            match state.as_deref().and_then(parse_decimal) {
-                Some(XENBUS_CONNECTED) => break,
-                Some(state) if state > XENBUS_CONNECTED => {
+            match state {
+                Some(xenbus::CONNECTED) => break,
+                Some(state) if state > xenbus::CONNECTED => {
                     return Err(other(format!(
                         "netback {backend} went to state {state} instead of connecting"
                     )));
@@ -557,10 +683,58 @@ impl XenPlatform {
             let at = self.now() + smoltcp::time::Duration::from_millis(20);
             self.wait(Some(at));
         }
-        log::info!(
-            "xen: netfront {node} connected to {backend} (domain {backend_id}), event channel {port}"
-        );
+        let mut machine = FrontendMachine::new(node.to_string());
+        machine.connected(backend);
+        for path in machine.watched() {
+            self.xenstore
+                .watch_node(&path)
+                .map_err(PlatformError::Xenstore)?;
+        }
+        self.uplink = Some((Rc::downgrade(&conn), machine));
         Ok(nic)
+    }
+}
+
+/// The uplink's rings, their pages, and the backend's directory.
+type FrontendParts = (Box<Netfront<RawMemory, XenNotify>>, Retired, String);
+
+/// A client's netback with what it maps.
+type BackendParts = (
+    Box<Netback<RawMemory, XenGrantCopy, XenNotify>>,
+    Vec<ForeignMapping>,
+    Vec<(usize, usize)>,
+);
+
+/// Unbinds a client's event channel and unmaps its rings.
+fn release_backend(
+    back: Box<Netback<RawMemory, XenGrantCopy, XenNotify>>,
+    mappings: Vec<ForeignMapping>,
+    windows: Vec<(usize, usize)>,
+    shared: &Shared,
+) {
+    let port = back.port();
+    events::close(port);
+    shared.ports.borrow_mut().remove(&port);
+    drop(back);
+    let mut holdings = Holdings::Client { mappings, windows };
+    release(&mut holdings, shared);
+}
+
+/// Closes the uplink's event channel and ends its grants (the pages are
+/// freed once the backend has unmapped them).
+fn release_frontend(
+    front: Box<Netfront<RawMemory, XenNotify>>,
+    retired: Option<Retired>,
+    shared: &Shared,
+) {
+    let port = front.port();
+    events::close(port);
+    shared.ports.borrow_mut().remove(&port);
+    drop(front);
+    if let Some(retired) = retired
+        && let Some(still) = retired.try_free(shared)
+    {
+        shared.retired.borrow_mut().push(still);
     }
 }
 
@@ -666,16 +840,19 @@ impl Drop for XenGrantCopy {
 /// A client vif's backend, from `attach_client` until it is dropped.
 #[derive(Debug)]
 pub enum BackConn {
-    /// InitWait written; waiting for the frontend to connect.
-    Pending {
+    /// Not connected: waiting for the frontend, or closed (see the
+    /// machine's phase).
+    Waiting {
         domid: u16,
         device: u32,
-        backend: String,
-        frontend: String,
+        machine: BackendMachine,
     },
     /// Rings mapped, event channel bound.
     Up {
-        back: Netback<RawMemory, XenGrantCopy, XenNotify>,
+        domid: u16,
+        device: u32,
+        machine: BackendMachine,
+        back: Box<Netback<RawMemory, XenGrantCopy, XenNotify>>,
         mappings: Vec<ForeignMapping>,
         windows: Vec<(usize, usize)>,
     },
@@ -683,12 +860,21 @@ pub enum BackConn {
     Gone,
 }
 
+/// The uplink's rings, while its backend is there.
 #[derive(Debug)]
-enum NicKind {
-    Front {
+pub enum FrontConn {
+    /// Connected (or connecting: frames wait in the ring).
+    Up {
         front: Box<Netfront<RawMemory, XenNotify>>,
         retired: Option<Retired>,
     },
+    /// The backend closed or went away; waiting for a new one.
+    Down,
+}
+
+#[derive(Debug)]
+enum NicKind {
+    Front(Rc<RefCell<FrontConn>>),
     Back(Rc<RefCell<BackConn>>),
 }
 
@@ -714,37 +900,37 @@ impl XenNic {
         }
     }
 
-    /// The netfront counters (uplink only).
+    /// The netfront counters (uplink only, while connected).
     pub fn netfront_stats(&self) -> Option<netfront::NetfrontStats> {
         match &self.kind {
-            NicKind::Front { front, .. } => Some(front.stats()),
+            NicKind::Front(conn) => match &*conn.borrow() {
+                FrontConn::Up { front, .. } => Some(front.stats()),
+                FrontConn::Down => None,
+            },
             NicKind::Back(_) => None,
         }
     }
 
-    /// The netback counters (client vifs that connected).
+    /// The netback counters (client vifs while connected).
     pub fn netback_stats(&self) -> Option<NetbackStats> {
         match &self.kind {
             NicKind::Back(conn) => match &*conn.borrow() {
                 BackConn::Up { back, .. } => Some(back.stats()),
                 _ => None,
             },
-            NicKind::Front { .. } => None,
+            NicKind::Front(_) => None,
         }
     }
 }
 
 /// A send slot on a [`XenNic`].
 #[derive(Debug)]
-pub enum XenTx<'a> {
-    Front(
-        NetfrontTx<'a, RawMemory, XenNotify>,
-        Rc<core::cell::Cell<(u64, u64)>>,
-    ),
+pub enum XenTx {
+    Front(Rc<RefCell<FrontConn>>, Rc<core::cell::Cell<(u64, u64)>>),
     Back(Rc<RefCell<BackConn>>, Rc<core::cell::Cell<(u64, u64)>>),
 }
 
-impl smoltcp::phy::TxToken for XenTx<'_> {
+impl smoltcp::phy::TxToken for XenTx {
     fn consume<R, F>(self, len: usize, f: F) -> R
     where
         F: FnOnce(&mut [u8]) -> R,
@@ -755,7 +941,14 @@ impl smoltcp::phy::TxToken for XenTx<'_> {
         let (r, t) = counters.get();
         counters.set((r, t + 1));
         match self {
-            XenTx::Front(token, _) => token.consume(len, f),
+            XenTx::Front(conn, _) => {
+                if let FrontConn::Up { front, .. } = &mut *conn.borrow_mut() {
+                    return front.send(len, f);
+                }
+                // Went down since the slot was handed out: built, dropped.
+                let mut frame = vec![0u8; len];
+                f(&mut frame)
+            }
             XenTx::Back(conn, _) => {
                 let mut frame = vec![0u8; len];
                 let result = f(&mut frame);
@@ -774,18 +967,24 @@ impl smoltcp::phy::Device for XenNic {
     where
         Self: 'a;
     type TxToken<'a>
-        = XenTx<'a>
+        = XenTx
     where
         Self: 'a;
 
-    fn receive(&mut self, timestamp: Instant) -> Option<(NetfrontRx, XenTx<'_>)> {
+    fn receive(&mut self, _timestamp: Instant) -> Option<(NetfrontRx, XenTx)> {
         let counters = self.counters.clone();
         let (r, t) = counters.get();
         match &mut self.kind {
-            NicKind::Front { front, .. } => {
-                let (rx, tx) = front.receive(timestamp)?;
+            NicKind::Front(conn) => {
+                let frame = match &mut *conn.borrow_mut() {
+                    FrontConn::Up { front, .. } => {
+                        front.poll();
+                        front.take_frame()?
+                    }
+                    FrontConn::Down => return None,
+                };
                 counters.set((r + 1, t));
-                Some((rx, XenTx::Front(tx, counters)))
+                Some((NetfrontRx(frame), XenTx::Front(conn.clone(), counters)))
             }
             NicKind::Back(conn) => {
                 let frame = match &mut *conn.borrow_mut() {
@@ -801,12 +1000,18 @@ impl smoltcp::phy::Device for XenNic {
         }
     }
 
-    fn transmit(&mut self, timestamp: Instant) -> Option<XenTx<'_>> {
+    fn transmit(&mut self, _timestamp: Instant) -> Option<XenTx> {
         let counters = self.counters.clone();
         match &mut self.kind {
-            NicKind::Front { front, .. } => front
-                .transmit(timestamp)
-                .map(|tx| XenTx::Front(tx, counters)),
+            NicKind::Front(conn) => match &mut *conn.borrow_mut() {
+                FrontConn::Up { front, .. } => {
+                    front.poll();
+                    front
+                        .can_send()
+                        .then(|| XenTx::Front(conn.clone(), counters))
+                }
+                FrontConn::Down => None,
+            },
             NicKind::Back(conn) => match &*conn.borrow() {
                 BackConn::Up { back, .. } if back.can_send() => {
                     Some(XenTx::Back(conn.clone(), counters))
@@ -830,29 +1035,29 @@ impl smoltcp::phy::Device for XenNic {
 impl Drop for XenNic {
     fn drop(&mut self) {
         match &mut self.kind {
-            NicKind::Front { front, retired } => {
-                let port = front.port();
-                events::close(port);
-                self.shared.ports.borrow_mut().remove(&port);
-                if let Some(retired) = retired.take()
-                    && let Some(still) = retired.try_free(&self.shared)
+            NicKind::Front(conn) => {
+                if let FrontConn::Up { front, retired } =
+                    core::mem::replace(&mut *conn.borrow_mut(), FrontConn::Down)
                 {
-                    self.shared.retired.borrow_mut().push(still);
+                    release_frontend(front, retired, &self.shared);
                 }
             }
             NicKind::Back(conn) => {
-                if let BackConn::Up {
-                    back,
-                    mappings,
-                    windows,
-                } = core::mem::replace(&mut *conn.borrow_mut(), BackConn::Gone)
-                {
-                    let port = back.port();
-                    events::close(port);
-                    self.shared.ports.borrow_mut().remove(&port);
-                    drop(back);
-                    let mut holdings = Holdings::Client { mappings, windows };
-                    release(&mut holdings, &self.shared);
+                match core::mem::replace(&mut *conn.borrow_mut(), BackConn::Gone) {
+                    BackConn::Up {
+                        back,
+                        mappings,
+                        windows,
+                        machine,
+                        ..
+                    } => {
+                        release_backend(back, mappings, windows, &self.shared);
+                        self.shared.unwatch.borrow_mut().extend(machine.watched());
+                    }
+                    BackConn::Waiting { machine, .. } => {
+                        self.shared.unwatch.borrow_mut().extend(machine.watched());
+                    }
+                    BackConn::Gone => {}
                 }
             }
         }
@@ -908,9 +1113,9 @@ impl Drop for XenVchan {
     }
 }
 
-/// Pages of a closed vchan server still granted to the peer.
+/// Pages of a closed vchan server or netfront still granted to the peer.
 #[derive(Debug)]
-struct Retired {
+pub struct Retired {
     grants: Vec<u32>,
     pages: *mut u8,
     layout: Layout,
@@ -1000,13 +1205,10 @@ impl Platform for XenPlatform {
     }
 
     fn wait(&mut self, deadline: Option<Instant>) {
-        self.progress_backends();
-        let deadline = if self.shared.backends.borrow().is_empty() {
-            deadline
-        } else {
-            let soon = self.now() + smoltcp::time::Duration::from_millis(BACKEND_POLL_MS as u64);
-            Some(deadline.map_or(soon, |d| d.min(soon)))
-        };
+        // Devices move only when a watched xenstore node changed.
+        if self.xenstore.take_dirty() {
+            self.progress_devices();
+        }
         let retired: Vec<Retired> = self.shared.retired.borrow_mut().drain(..).collect();
         for pages in retired {
             if let Some(still) = pages.try_free(&self.shared) {
@@ -1269,14 +1471,21 @@ impl Platform for XenPlatform {
                 xs.write(&format!("{backend}/feature-no-csum-offload"), "0")?;
                 xs.write(&format!("{backend}/feature-ipv6-csum-offload"), "1")?;
                 xs.write(&format!("{backend}/hotplug-status"), "connected")?;
-                xs.write(&format!("{backend}/state"), &XENBUS_INIT_WAIT.to_string())
+                xs.write(&format!("{backend}/state"), &xenbus::INIT_WAIT.to_string())
             })
             .map_err(PlatformError::Xenstore)?;
-        let conn = Rc::new(RefCell::new(BackConn::Pending {
+        let machine = BackendMachine::new(backend, frontend);
+        for path in machine.watched() {
+            // xenstored fires each new watch at once: the machine runs in
+            // the next `wait`.
+            self.xenstore
+                .watch_node(&path)
+                .map_err(PlatformError::Xenstore)?;
+        }
+        let conn = Rc::new(RefCell::new(BackConn::Waiting {
             domid,
             device,
-            backend,
-            frontend,
+            machine,
         }));
         self.shared.backends.borrow_mut().push(Rc::downgrade(&conn));
         let nic = XenNic::new(
@@ -1284,7 +1493,7 @@ impl Platform for XenPlatform {
             format!("netback vif{domid}.{device}"),
             &self.shared,
         );
-        self.progress_backends();
+        self.xenstore.mark_dirty();
         Ok(nic)
     }
 
