@@ -561,16 +561,16 @@ impl NatTable {
         removed
     }
 
-    /// Removes every flow towards `dst` (an address that turned out to be a
-    /// client's). Returns how many were removed.
-    pub fn flush_destination(&mut self, dst: IpAddr) -> usize {
+    /// Removes every flow towards an address `is_client` says is a
+    /// client's, in one pass. Returns how many were removed.
+    pub fn flush_destinations(&mut self, is_client: impl Fn(&IpAddr) -> bool) -> usize {
         let mut removed = 0;
         for slot in 0..self.slots.len() {
             let hit = self
                 .slots
                 .get(slot)
                 .and_then(Option::as_ref)
-                .is_some_and(|entry| entry.original.dst == dst);
+                .is_some_and(|entry| is_client(&entry.original.dst));
             if hit {
                 self.remove(EntryId(slot as u32));
                 removed += 1;
@@ -925,7 +925,8 @@ mod tests {
             .unwrap();
         t.insert(CLIENT, to_client2, Some(NAT), None, None, 0)
             .unwrap();
-        assert_eq!(t.flush_destination(CLIENT2), 1);
+        assert_eq!(t.flush_destinations(|_| false), 0);
+        assert_eq!(t.flush_destinations(|&d| d == CLIENT2), 1);
         assert_eq!(t.len(), 1);
         assert!(t.lookup(&to_client2, 0).is_none());
         assert!(t.lookup(&to_remote, 0).is_some());

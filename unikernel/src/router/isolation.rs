@@ -33,11 +33,11 @@ impl Router {
     /// going to a newly listed address are ended.
     pub fn set_connected_ips(&mut self, addresses: &[IpAddr]) {
         let old = core::mem::take(&mut self.connected);
-        for &address in addresses {
-            if !old.contains(&address) {
-                self.nat.flush_destination(address);
-            }
-            self.connected.insert(address);
+        self.connected.extend(addresses.iter().copied());
+        if self.connected.iter().any(|a| !old.contains(a)) {
+            let connected = &self.connected;
+            self.nat
+                .flush_destinations(|dst| connected.contains(dst) && !old.contains(dst));
         }
     }
 

@@ -457,9 +457,8 @@ impl Router {
         }
         // Flows other clients had going out to this address (before it
         // was a client's) end: clients never reach each other.
-        for address in addresses.iter().flatten() {
-            self.nat.flush_destination(*address);
-        }
+        self.nat
+            .flush_destinations(|dst| addresses.iter().flatten().any(|a| a == dst));
         self.clients
             .push(Client::new(id, config, self.caps.queue_frames));
         self.reindex();
