@@ -48,7 +48,9 @@ use crate::index::RuleIndex;
 use crate::loader::{self, LoadedPolicy, PolicyError, PolicyPaths};
 use crate::rule::{Action, Origin, Rule};
 use crate::system_info::SystemInfo;
-use crate::token::{AdminForm, IntendedTarget, Source, TargetMatch, Token, is_dom0, resolve_name};
+use crate::token::{
+    AdminForm, IntendedTarget, Source, TargetMatch, Token, is_dom0, resolve_domain, resolve_name,
+};
 
 /// A policy question as the daemon socket or the command line asks it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -623,10 +625,12 @@ impl Policy {
         targets.remove(request.source.name);
         // internal qubes (and disposables of internal templates) are never
         // offered from the rules
-        targets.retain(|t| {
-            let name = t.strip_prefix("@dispvm:").unwrap_or(t);
-            !system.get(name).is_some_and(|d| d.internal)
-        });
+        if system.any_internal() {
+            targets.retain(|t| {
+                let name = t.strip_prefix("@dispvm:").unwrap_or(t);
+                !system.get(name).is_some_and(|d| d.internal)
+            });
+        }
         Ok(targets.into_iter().collect())
     }
 }
@@ -721,7 +725,6 @@ fn ask_default(token: &Token, request: &Request<'_>, system: &SystemInfo) -> Opt
     }
 }
 
-/// `AllowResolution.execute` (or its just-evaluate variant).
 /// `NotifyAllowedResolution`: tell the user about an allow by a rule with
 /// `notify=yes`.
 fn notify_allow(
@@ -743,6 +746,11 @@ fn notify_allow(
     decision
 }
 
+/// `AllowResolution.execute` (or its just-evaluate variant): `target=` and
+/// `target_uuid=` of an allow reply. The admin VM in any form is
+/// `target=dom0` without a uuid; `@dispvm:X` keeps its text and gets
+/// `@dispvm:uuid:` of the template; a qube keeps its text (name or
+/// `uuid:U`) and gets `uuid:` of the qube.
 fn finish_allow(
     system: &SystemInfo,
     query: &Query,
@@ -756,13 +764,34 @@ fn finish_allow(
     }
     // Qubes compares the texts only; a target naming the source by uuid
     // (or dom0 calling `uuid:0…`) is a loopback here too.
-    let same = request.source.name == target
-        || (is_dom0(&target) && request.source.is_admin)
-        || resolve_name(&target, system).is_some_and(|n| n == request.source.name);
-    if same {
-        return Err(deny("loopback qrexec connection not supported"));
+    let loopback = || Err(deny("loopback qrexec connection not supported"));
+    if request.source.name == target {
+        return loopback();
     }
-    let (target, target_uuid) = reply_target(&target, system)?;
+    if is_dom0(&target) {
+        if request.source.is_admin {
+            return loopback();
+        }
+        return Ok(Decision::Allow {
+            user,
+            target: "dom0".to_owned(),
+            target_uuid: None,
+            autostart,
+            requested_target: request.target.text(),
+        });
+    }
+    let (qube, prefix) = match target.strip_prefix("@dispvm:") {
+        Some(x) => (x, "@dispvm:uuid:"),
+        None => (target.as_str(), "uuid:"),
+    };
+    // a target that is no qube (an `ask` redirect to `@dispvm` or to a
+    // qube that does not exist) is refused, where Qubes fails
+    let (name, domain) = resolve_domain(qube, system)
+        .ok_or_else(|| deny(format!("target {} is not a qube", printable(&target))))?;
+    if prefix == "uuid:" && name == request.source.name {
+        return loopback();
+    }
+    let target_uuid = domain.uuid.as_ref().map(|u| format!("{prefix}{u}"));
     Ok(Decision::Allow {
         user,
         target,
@@ -770,30 +799,6 @@ fn finish_allow(
         autostart,
         requested_target: request.target.text(),
     })
-}
-
-/// `target=` and `target_uuid=` of an allow reply (Python's
-/// `AllowResolution.execute`): the admin VM in any form is `target=dom0`
-/// without a uuid; `@dispvm:X` keeps its text and gets
-/// `@dispvm:uuid:` of the template; a qube keeps its text and gets
-/// `uuid:` of the qube. A target that is no qube (an `ask` redirect to
-/// `@dispvm` or to a qube that does not exist) is refused, where Qubes
-/// fails with an exception.
-fn reply_target(target: &str, system: &SystemInfo) -> Result<(String, Option<String>), Denial> {
-    if is_dom0(target) {
-        return Ok(("dom0".to_owned(), None));
-    }
-    let (qube, prefix) = match target.strip_prefix("@dispvm:") {
-        Some(x) => (x, "@dispvm:uuid:"),
-        None => (target, "uuid:"),
-    };
-    let domain = resolve_name(qube, system)
-        .and_then(|n| system.get(n))
-        .ok_or_else(|| deny(format!("target {} is not a qube", printable(target))))?;
-    Ok((
-        target.to_owned(),
-        domain.uuid.as_ref().map(|u| format!("{prefix}{u}")),
-    ))
 }
 
 #[cfg(test)]

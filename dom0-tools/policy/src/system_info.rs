@@ -106,6 +106,7 @@ struct SystemInfoFile {
 pub struct SystemInfo {
     domains: BTreeMap<String, Domain>,
     by_uuid: HashMap<String, String>,
+    any_internal: bool,
 }
 
 /// Why the system info could not be had.
@@ -184,7 +185,12 @@ impl SystemInfo {
                 });
             }
         }
-        Ok(SystemInfo { domains, by_uuid })
+        let any_internal = domains.values().any(|d| d.internal);
+        Ok(SystemInfo {
+            domains,
+            by_uuid,
+            any_internal,
+        })
     }
 
     /// Parse the JSON format documented at the top of this module.
@@ -212,6 +218,11 @@ impl SystemInfo {
     /// Whether a qube called `name` exists.
     pub fn contains(&self, name: &str) -> bool {
         self.domains.contains_key(name)
+    }
+
+    /// Whether any qube is `internal` (lets `ask` skip that filter).
+    pub fn any_internal(&self) -> bool {
+        self.any_internal
     }
 
     /// The name of the qube with this uuid.

@@ -415,9 +415,17 @@ pub enum TargetMatch {
 /// `X` of `@dispvm:X` or of a request: a qube name, or `uuid:U` of a qube;
 /// the name of the qube it is.
 pub fn resolve_name<'s>(text: &str, system: &'s SystemInfo) -> Option<&'s str> {
+    resolve_domain(text, system).map(|(n, _)| n)
+}
+
+/// [`resolve_name`], with the qube's entry.
+pub fn resolve_domain<'s>(
+    text: &str,
+    system: &'s SystemInfo,
+) -> Option<(&'s str, &'s crate::system_info::Domain)> {
     match text.strip_prefix("uuid:") {
-        Some(u) => system.name_by_uuid(u),
-        None => system.get_key_value(text).map(|(n, _)| n),
+        Some(u) => system.name_by_uuid(u).and_then(|n| system.get_key_value(n)),
+        None => system.get_key_value(text),
     }
 }
 
@@ -464,8 +472,8 @@ pub enum IntendedTarget {
     Name {
         /// Its name.
         name: Box<str>,
-        /// As written: the name or `uuid:U`.
-        text: Box<str>,
+        /// `U` if the caller wrote `uuid:U` (the reply keeps that form).
+        uuid: Option<Box<str>>,
     },
     /// The admin VM, in the form the caller wrote.
     AdminVm(AdminForm),
@@ -537,7 +545,7 @@ impl IntendedTarget {
                     (
                         IntendedTarget::Name {
                             name: n.clone(),
-                            text: n.clone(),
+                            uuid: None,
                         },
                         false,
                     )
@@ -549,7 +557,7 @@ impl IntendedTarget {
                 Some(n) => (
                     IntendedTarget::Name {
                         name: n.into(),
-                        text: format!("uuid:{u}").into(),
+                        uuid: Some(u.clone()),
                     },
                     false,
                 ),
@@ -580,7 +588,10 @@ impl IntendedTarget {
     /// The text Qubes prints (`requested_target=` in the reply).
     pub fn text(&self) -> String {
         match self {
-            IntendedTarget::Name { text, .. } => text.to_string(),
+            IntendedTarget::Name {
+                uuid: Some(uuid), ..
+            } => format!("uuid:{uuid}"),
+            IntendedTarget::Name { name, .. } => name.to_string(),
             IntendedTarget::AdminVm(form) => form.text().to_owned(),
             IntendedTarget::Default => "@default".to_owned(),
             IntendedTarget::DispVm => "@dispvm".to_owned(),
@@ -599,11 +610,11 @@ impl IntendedTarget {
         }
     }
 
-    /// A qube named by name (for tests): `Name { name, text: name }`.
+    /// A qube named by name (for tests): `Name { name, uuid: None }`.
     pub fn name(name: &str) -> IntendedTarget {
         IntendedTarget::Name {
             name: name.into(),
-            text: name.into(),
+            uuid: None,
         }
     }
 }
@@ -804,7 +815,7 @@ mod tests {
             (
                 IntendedTarget::Name {
                     name: "work".into(),
-                    text: "uuid:w-uuid".into()
+                    uuid: Some("w-uuid".into())
                 },
                 false
             )
