@@ -267,10 +267,10 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
                 crate::client::run_connected(vchan, version, conn);
             }
             Launch::NotFound => {
-                let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_SERVICE_NOT_FOUND);
+                let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_SERVICE_NOT_FOUND, true);
             }
             Launch::Failed(code) => {
-                let _ = data::send_failed_exec(&mut *vchan, code);
+                let _ = data::send_failed_exec(&mut *vchan, code, true);
             }
         }
     }

@@ -10,7 +10,9 @@
 //! on stdout/stderr; `-w SECS` connection timeout (default 5, 0 = none);
 //! `-W` wait for the connection end in the VM→VM case; `-k` kill the
 //! domain at the end (needs qubesd, which this installation lacks: logged);
-//! `--socket-dir=DIR`; `--use-stdin-socket`. Exit codes: the remote's, 125 on
+//! `--socket-dir=DIR`; `--use-stdin-socket`; `-p DATA` sent before stdin.
+//! `-d dom0` without `-c` runs the dom0 command or service here, on our own
+//! stdio, as Qubes does. Exit codes: the remote's, 125 on
 //! a qrexec problem, 137 when a `-c` connection could not be set up. The
 //! daemon's replies are parsed with the checked wire format; nothing a
 //! daemon or agent sends can make this program panic.
@@ -28,6 +30,7 @@ use protocol::qrexec::{
 };
 
 use crate::args::{self, OptSpec};
+use crate::client_vm::LocalOutput;
 use crate::data::{self, EXIT_CODE_DISCONNECTED, Executor, Requester};
 use crate::error::{Error, IoContext, Result};
 use crate::exec::{self, Launch, StdioMode};
@@ -121,6 +124,12 @@ const SPECS: &[OptSpec] = &[
         takes_arg: false,
         id: "use-stdin-socket",
     },
+    OptSpec {
+        short: Some('p'),
+        long: Some("prefix-data"),
+        takes_arg: true,
+        id: "prefix-data",
+    },
 ];
 
 fn usage(to_stderr: bool) -> String {
@@ -136,7 +145,8 @@ Options:\n\
   -w timeout - override default connection timeout of 5s (set 0 for no timeout)\n\
   -k - kill the domain right before exiting\n\
   --socket-dir=PATH -  directory for qrexec socket, default: {DEFAULT_SOCKET_DIR}\n\
-  --use-stdin-socket - use fd 0 (which must be socket) for both stdin and stdout\n"
+  --use-stdin-socket - use fd 0 (which must be socket) for both stdin and stdout\n\
+  -p PREFIX-DATA, --prefix-data=PREFIX-DATA - send PREFIX-DATA before standard input\n"
     );
     if to_stderr {
         eprint!("{text}");
@@ -372,11 +382,11 @@ pub fn run_to_dom0(
         Launch::Started(child) => run_child_as_executor(vchan, version, child),
         Launch::Connected(conn) => run_connected(vchan, version, conn),
         Launch::NotFound => {
-            let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_SERVICE_NOT_FOUND);
+            let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_SERVICE_NOT_FOUND, false);
             QREXEC_EXIT_SERVICE_NOT_FOUND
         }
         Launch::Failed(code) => {
-            let _ = data::send_failed_exec(&mut *vchan, code);
+            let _ = data::send_failed_exec(&mut *vchan, code, false);
             code
         }
     };
@@ -432,6 +442,53 @@ pub fn run_child_logging_stderr(
     }
 }
 
+/// `-d dom0` without `-c`: run `user:command` (a dom0 command or
+/// `QUBESRPC` service) here with our own stdin/stdout/stderr; returns its
+/// exit code (127 service not found, 125 any other failure to start).
+pub fn run_in_dom0(remote_cmdline: &str, prefix: Option<Vec<u8>>) -> i32 {
+    let command = match protocol::qrexec::cmdline::split_user(remote_cmdline.as_bytes()) {
+        Ok(uc) => uc.command,
+        Err(e) => {
+            log_error!("{e}: {}", crate::log::escape(remote_cmdline.as_bytes()));
+            return QREXEC_EXIT_PROBLEM as i32;
+        }
+    };
+    let service_path = exec::service_path_from_env();
+    let launch = exec::spawn(&exec::Request {
+        command,
+        user: None,
+        service_path: &service_path,
+        extra_env: &[],
+        stdio: if prefix.is_some() {
+            StdioMode::PipedStdinOnly
+        } else {
+            StdioMode::Inherit
+        },
+        shell: "/bin/bash",
+    });
+    match launch {
+        Launch::Started(mut child) => {
+            if let (Some(prefix), Some(mut stdin)) = (prefix, child.stdin.take()) {
+                std::thread::spawn(move || {
+                    if stdin.write_all(&prefix).is_ok() {
+                        let _ = std::io::copy(&mut std::io::stdin(), &mut stdin);
+                    }
+                });
+            }
+            match child.wait() {
+                Ok(status) => exec::exit_code(status) as i32,
+                Err(_) => QREXEC_EXIT_PROBLEM as i32,
+            }
+        }
+        Launch::NotFound => QREXEC_EXIT_SERVICE_NOT_FOUND as i32,
+        Launch::Failed(code) => code as i32,
+        Launch::Connected(_) => {
+            log_error!("socket and /dev/tcp services are not supported for dom0 -> dom0 calls");
+            QREXEC_EXIT_PROBLEM as i32
+        }
+    }
+}
+
 /// Serve a data channel with a connected socket or `/dev/tcp` service.
 pub fn run_connected(vchan: Box<dyn vchan::Vchan>, version: u32, conn: exec::Connected) -> u32 {
     let executor = match conn.into_executor() {
@@ -439,7 +496,7 @@ pub fn run_connected(vchan: Box<dyn vchan::Vchan>, version: u32, conn: exec::Con
         Err(e) => {
             log_error!("cannot set up the service connection: {e}");
             let mut vchan = vchan;
-            let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_PROBLEM);
+            let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_PROBLEM, false);
             return QREXEC_EXIT_PROBLEM;
         }
     };
@@ -524,6 +581,8 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// `--use-stdin-socket`.
     pub use_stdin_socket: bool,
+    /// `-p`: sent before stdin.
+    pub prefix_data: Option<Vec<u8>>,
 }
 
 /// Run `remote_cmdline` in `domname` with our stdio (or the local program's);
@@ -581,12 +640,25 @@ pub fn run_in_vm(
                 }
             }
         } else if opts.use_stdin_socket {
-            (Some(Box::new(stdin_file()?)), Box::new(stdin_file()?))
+            (
+                Some(Box::new(stdin_file()?)),
+                Box::new(LocalOutput::Socket(stdin_file()?)),
+            )
         } else if opts.just_exec {
-            (None, Box::new(stdout_file()?))
+            (None, Box::new(LocalOutput::Stdout(stdout_file()?)))
         } else {
-            (Some(Box::new(stdin_file()?)), Box::new(stdout_file()?))
+            (
+                Some(Box::new(stdin_file()?)),
+                Box::new(LocalOutput::Stdout(stdout_file()?)),
+            )
         };
+    let input: Option<Box<dyn Read + Send>> = match (&opts.prefix_data, input) {
+        (Some(prefix), Some(rest)) => {
+            Some(Box::new(std::io::Cursor::new(prefix.clone()).chain(rest)))
+        }
+        (Some(prefix), None) => Some(Box::new(std::io::Cursor::new(prefix.clone()))),
+        (None, input) => input,
+    };
     let mut vchan = transport
         .server(connect.connect_domain, connect.connect_port, opts.timeout)
         .context(|| "qrexec connection timeout".into())?;
@@ -691,11 +763,28 @@ pub fn main(argv: Vec<String>) -> i32 {
         }
     };
 
+    if parsed
+        .options
+        .iter()
+        .filter(|(id, _)| *id == "prefix-data")
+        .count()
+        > 1
+    {
+        eprintln!("qrexec-client: ERROR: -p passed more than once");
+        usage(true);
+        return 1;
+    }
+    let prefix_data = parsed.value("prefix-data").map(|p| p.as_bytes().to_vec());
     if target_refers_to_dom0(domname.as_bytes()) {
         let Some(spec) = connect else {
-            eprintln!("ERROR: when target domain is 'dom0', -c must be specified");
-            usage(true);
-            return 1;
+            if just_exec || local_program.is_some() {
+                eprintln!(
+                    "ERROR: when target domain is 'dom0', -e and -l cannot be used without -c"
+                );
+                usage(true);
+                return 1;
+            }
+            return run_in_dom0(remote_cmdline, prefix_data);
         };
         return run_to_dom0(
             &*transport,
@@ -724,6 +813,7 @@ pub fn main(argv: Vec<String>) -> i32 {
         replace_stderr: parsed.has("T"),
         timeout,
         use_stdin_socket: parsed.has("use-stdin-socket"),
+        prefix_data,
     };
     let rc = match run_in_vm(&*transport, &socket_dir, domname, remote_cmdline, &opts) {
         Ok(code) => {

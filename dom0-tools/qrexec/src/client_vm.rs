@@ -130,7 +130,7 @@ fn usage() -> i32 {
 
 /// Where the service's stdout goes, closed when the service's stdout ends
 /// (as Qubes' client does), not only when the exit code arrives.
-enum LocalOutput {
+pub enum LocalOutput {
     /// Our own stdout: at EOF, fd 1 is pointed at `/dev/null`, so whoever
     /// reads our stdout sees the end.
     Stdout(File),
@@ -138,6 +138,16 @@ enum LocalOutput {
     Socket(File),
     /// The local program's stdin.
     Program(Box<dyn Write + Send>),
+}
+
+impl std::fmt::Debug for LocalOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LocalOutput::Stdout(_) => "LocalOutput::Stdout",
+            LocalOutput::Socket(_) => "LocalOutput::Socket",
+            LocalOutput::Program(_) => "LocalOutput::Program",
+        })
+    }
 }
 
 impl Write for LocalOutput {

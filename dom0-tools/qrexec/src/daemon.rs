@@ -674,7 +674,9 @@ fn connect_agent(
                 "Incompatible agent protocol version (remote {remote}, local {LOCAL_PROTOCOL_VERSION})"
             )
         })?;
-    wire::send_hello(&mut *agent, LOCAL_PROTOCOL_VERSION)
+    // As Qubes' daemon: the answer carries the negotiated version (the
+    // lower of the two), not our own.
+    wire::send_hello(&mut *agent, version)
         .map_err(|e| format!("Failed to send HELLO to agent: {e}"))?;
     Ok((agent, version))
 }

@@ -378,16 +378,23 @@ pub fn run_executor(vchan: Box<dyn Vchan>, version: u32, local: Executor) -> Res
     }
 }
 
-/// Report a command that could not be started, as Qubes' agent does: stdout
-/// EOF, stderr EOF, exit code.
-pub fn send_failed_exec(vchan: &mut dyn Vchan, code: u32) -> io::Result<()> {
+/// Report a command that could not be started, as Qubes does: stdout EOF,
+/// stderr EOF, exit code from a qube's agent (`stdout_first`); stderr EOF
+/// first from dom0's qrexec-client, whose service side announces the end of
+/// stderr before anything else.
+pub fn send_failed_exec(vchan: &mut dyn Vchan, code: u32, stdout_first: bool) -> io::Result<()> {
+    let (first, second) = if stdout_first {
+        (DataStream::Stdout, DataStream::Stderr)
+    } else {
+        (DataStream::Stderr, DataStream::Stdout)
+    };
     for repr in [
         Repr::Data {
-            stream: DataStream::Stdout,
+            stream: first,
             data: &[],
         },
         Repr::Data {
-            stream: DataStream::Stderr,
+            stream: second,
             data: &[],
         },
         Repr::ExitCode(code),

@@ -10,8 +10,8 @@
 //! executable file is run
 //! with the argument as `argv[1]` (when non-empty); a non-executable file is
 //! the legacy form holding a command line, run with `/bin/sh -c`. The child
-//! gets a clean environment: every inherited `QREXEC*` variable is removed,
-//! then `QREXEC_REMOTE_DOMAIN`, `QREXEC_SERVICE_FULL_NAME`,
+//! gets the variables describing a call ([`CALL_VARIABLES`]) removed (others,
+//! such as `QREXEC_SERVICE_PATH`, stay, as in Qubes), then `QREXEC_REMOTE_DOMAIN`, `QREXEC_SERVICE_FULL_NAME`,
 //! `QREXEC_SERVICE_ARGUMENT` (when the name has a `+`),
 //! `QREXEC_REQUESTED_TARGET_TYPE` (+ `QREXEC_REQUESTED_TARGET` or
 //! `QREXEC_REQUESTED_TARGET_KEYWORD`) are set as the multiplexer sets them.
@@ -149,6 +149,10 @@ pub enum StdioMode {
     PipedKeepStderr,
     /// `/dev/null` for all three (`MSG_JUST_EXEC`).
     Null,
+    /// Our own stdin, stdout and stderr (qrexec-client `-d dom0`).
+    Inherit,
+    /// A pipe for stdin, our own stdout and stderr (`-d dom0 -p`).
+    PipedStdinOnly,
 }
 
 /// A connection to a socket or TCP service.
@@ -292,12 +296,23 @@ pub struct Request<'a> {
     pub shell: &'a str,
 }
 
+/// The environment variables that describe one call.
+pub const CALL_VARIABLES: [&str; 7] = [
+    "QREXEC_SERVICE_FULL_NAME",
+    "QREXEC_REMOTE_DOMAIN",
+    "QREXEC_REQUESTED_TARGET_TYPE",
+    "QREXEC_SERVICE_ARGUMENT",
+    "QREXEC_REQUESTED_TARGET",
+    "QREXEC_REQUESTED_TARGET_KEYWORD",
+    "QREXEC_AGENT_PID",
+];
+
 fn base_command(program: impl Into<OsString>, req: &Request<'_>) -> Command {
     let mut cmd = Command::new(program.into());
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("QREXEC") {
-            cmd.env_remove(&key);
-        }
+    // As Qubes: the variables describing a call are cleared (and set again
+    // for a service); others, such as QREXEC_SERVICE_PATH, stay.
+    for key in CALL_VARIABLES {
+        cmd.env_remove(key);
     }
     for (key, value) in req.extra_env {
         cmd.env(key, value);
@@ -315,6 +330,10 @@ fn base_command(program: impl Into<OsString>, req: &Request<'_>) -> Command {
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
+        }
+        StdioMode::Inherit => {}
+        StdioMode::PipedStdinOnly => {
+            cmd.stdin(Stdio::piped());
         }
     }
     cmd
