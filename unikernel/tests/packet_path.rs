@@ -697,9 +697,25 @@ fn icmp_queries_are_flows_decided_by_icmptype() {
     assert!(net.uplink_out().is_empty());
     assert!(
         net.client_out(A).is_empty(),
-        "no ICMP error for invalid ones"
+        "accepted by the rules, dropped as invalid: no ICMP error"
     );
-    assert_eq!(net.dropped(DropReason::IcmpUntracked) - before, 4);
+    assert_eq!(net.dropped(DropReason::IcmpUntracked) - before, 5);
+    // Denied by the rules, they are rejected first (Linux's qubes-firewall
+    // chain runs before the invalid drop), except a type above 18, which
+    // Linux's icmp_send never answers.
+    net.rules(A_IP.into(), &[("policy", "drop")]);
+    for kind in [9u8, 16, 42] {
+        let m = icmp_raw(kind, 1, &[0; 8], None);
+        net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &m));
+    }
+    assert!(net.uplink_out().is_empty());
+    let rejects = net.client_out(A);
+    assert_eq!(rejects.len(), 2, "9 and 16 rejected, 42 not");
+    for frame in &rejects {
+        let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!(&ip.payload()[..2], &[3, 13]);
+    }
 }
 
 #[test]
@@ -734,16 +750,44 @@ fn icmpv6_queries_and_untracked_types() {
     let eth = EthernetFrame::new_checked(&rejects[0][..]).unwrap();
     let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
     assert_eq!(&ip.payload()[..2], &[1, 1], "administratively prohibited");
-    // Informational types conntrack does not track (200, 255; MLD 130 to
-    // a unicast address): dropped silently whatever the rules.
+    // Informational types conntrack calls invalid (137, 200, 255; an
+    // echo reply without its echo): rejected when the rules deny them...
+    for kind in [129u8, 137, 200, 255] {
+        let m = icmp_raw(kind, 1, &[0; 8], Some((a_ip6(), remote6())));
+        net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &m));
+    }
+    assert!(net.uplink_out().is_empty());
+    assert_eq!(net.client_out(A).len(), 4);
+    // ...dropped silently when they accept them.
     net.rules(a_ip6().into(), &[("policy", "accept")]);
-    for kind in [130u8, 200, 255] {
+    for kind in [129u8, 137, 200, 255] {
         let m = icmp_raw(kind, 1, &[0; 8], Some((a_ip6(), remote6())));
         net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &m));
     }
     assert!(net.uplink_out().is_empty());
     assert!(net.client_out(A).is_empty());
-    assert_eq!(net.dropped(DropReason::IcmpUntracked), 3);
+    assert_eq!(net.dropped(DropReason::IcmpUntracked), 4);
+    // MLD and neighbour discovery to a unicast address out there are
+    // untracked: forwarded as they are, untranslated, when the rules
+    // accept them (Linux's masquerade only sees tracked packets).
+    for kind in [130u8, 131, 132, 133, 134, 135, 136, 143] {
+        let m = icmp_raw(kind, 0, &[0; 16], Some((a_ip6(), remote6())));
+        net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &m));
+        let out = net.uplink_out();
+        assert_eq!(out.len(), 1, "type {kind}");
+        let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+        let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!((ip.src_addr(), ip.hop_limit()), (a_ip6(), 63));
+        assert_eq!(ip.payload()[0], kind);
+    }
+    assert_eq!(net.router.counters().untracked_forwarded, 8);
+    assert_eq!(net.router.nat_len(), 0, "no flow tracked for them");
+    // Rejected when the rules deny them.
+    net.rules(a_ip6().into(), &[("policy", "drop")]);
+    let m = icmp_raw(131, 0, &[0; 16], Some((a_ip6(), remote6())));
+    net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &m));
+    assert!(net.uplink_out().is_empty());
+    assert_eq!(net.client_out(A).len(), 1);
 }
 
 #[test]

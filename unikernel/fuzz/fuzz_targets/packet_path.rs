@@ -7,7 +7,9 @@
 //!   nothing leaves on the uplink for 10.137.0.12, a connected qube that is
 //!   not running (`/connected-ips`);
 //! - every IP frame that leaves on the uplink carries the firewall's own
-//!   source address (clients are always translated);
+//!   source address (clients are translated; the untracked ICMPv6 that
+//!   Linux forwards untranslated cannot come from A, denied all, or B,
+//!   which has no IPv6 address);
 //! - frames towards a client only carry IP packets addressed to it (or
 //!   ARP/NDP answers).
 //!

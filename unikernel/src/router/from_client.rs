@@ -84,7 +84,14 @@ impl Router {
             }
         };
         let packet = packet.get(..meta.total_len).unwrap_or(packet);
-        if meta.icmp == IcmpKind::Ndp {
+        // Neighbour discovery for this link (to us, to a multicast group, to
+        // a link-local address); other ND messages are forwarded traffic
+        // like any other (untracked by conntrack, `new_flow`).
+        let on_link = |dst: IpAddr| match dst {
+            IpAddr::V6(dst) => dst.is_multicast() || dst.is_unicast_link_local(),
+            IpAddr::V4(_) => false,
+        };
+        if meta.icmp == IcmpKind::Ndp && (self.is_ours(meta.dst) || on_link(meta.dst)) {
             if matches!(meta.icmp_type, Some(arp::NDP_SOLICIT | arp::NDP_ADVERT)) {
                 return self.client_ndp(index, packet, &meta);
             }
@@ -205,6 +212,20 @@ impl Router {
         });
     }
 
+    /// An ICMPv6 message conntrack leaves untracked (MLD, neighbour
+    /// discovery) that the client's rules accepted: Linux forwards it
+    /// without a connection and so without NAT (its `masquerade` only sees
+    /// tracked packets), the client's own address as the source.
+    fn forward_untracked(&mut self, index: usize, packet: &[u8], meta: &IpMeta, now: Millis) {
+        if self.uplink.ip6.is_none() {
+            return self.drop(DropReason::NoIpv6);
+        }
+        self.counters.untracked_forwarded += 1;
+        self.forward((Out::Client(index), Out::Uplink), meta, packet, now, |ip| {
+            decrement_ttl(ip, true);
+        });
+    }
+
     /// Decides a new flow from client `index` and tracks it if accepted.
     /// A flow the rules deny is answered like Linux's `REJECT
     /// --reject-with icmp-admin-prohibited` (every Qubes rule with
@@ -217,23 +238,21 @@ impl Router {
         meta: &IpMeta,
         now: Millis,
     ) -> Option<crate::nat::EntryId> {
-        match meta.icmp {
+        // How conntrack sees the packet. Whatever it says, the client's
+        // `qubes-firewall` chain runs first (it comes first in netfilter):
+        // a flow its rules deny is rejected; only then does the `qubes`
+        // table drop what conntrack calls invalid.
+        let tracking = match meta.icmp {
             // Flows conntrack starts: any protocol, ICMP queries.
-            IcmpKind::NotIcmp | IcmpKind::Query => {}
+            IcmpKind::NotIcmp | IcmpKind::Query => Tracking::New,
             IcmpKind::Error => {
                 self.related_from_client(index, packet, meta, now);
                 return None;
             }
-            IcmpKind::QueryReply => {
-                self.drop(DropReason::NoFlow);
-                return None;
-            }
-            // Conntrack calls these invalid (`ct state invalid drop`).
-            IcmpKind::Ndp | IcmpKind::Other => {
-                self.drop(DropReason::IcmpUntracked);
-                return None;
-            }
-        }
+            _ if meta.v6 && meta.icmp_type.is_some_and(ipv6::untracked_icmp) => Tracking::Untracked,
+            // A reply without its query, a type conntrack does not know.
+            IcmpKind::QueryReply | IcmpKind::Ndp | IcmpKind::Other => Tracking::Invalid,
+        };
         let flow = FlowMeta {
             dst: meta.dst,
             protocol: meta.protocol,
@@ -282,6 +301,17 @@ impl Router {
         if self.isolated(meta.dst) {
             return None;
         }
+        match tracking {
+            Tracking::New => {}
+            Tracking::Invalid => {
+                self.drop(DropReason::IcmpUntracked);
+                return None;
+            }
+            Tracking::Untracked => {
+                self.forward_untracked(index, packet, meta, now);
+                return None;
+            }
+        }
         let translate_to = match meta.dst {
             IpAddr::V4(_) => IpAddr::V4(self.uplink.ip),
             IpAddr::V6(_) => match self.uplink.ip6 {
@@ -314,4 +344,15 @@ impl Router {
             }
         }
     }
+}
+
+/// How Linux conntrack takes a packet that has no connection yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tracking {
+    /// It starts one.
+    New,
+    /// Invalid: the `qubes` table drops it.
+    Invalid,
+    /// Left untracked (some ICMPv6): forwarded as it is.
+    Untracked,
 }

@@ -196,6 +196,10 @@ impl Router {
         if meta.icmp == IcmpKind::Error || meta.fragment || is_broadcast_or_multicast(meta.src) {
             return;
         }
+        // Linux's icmp_send neither answers an ICMP type it does not know.
+        if !meta.v6 && meta.protocol == PROTO_ICMP && meta.icmp_type.is_some_and(|t| t > 18) {
+            return;
+        }
         // Token bucket: refill one token per 1000/rate ms, burst = rate.
         let rate = ICMP_ERRORS_PER_SECOND;
         let elapsed = now.saturating_sub(self.icmp_tokens_at).max(0);

@@ -31,8 +31,13 @@
 //!   information 15, address mask 17; ICMPv6 echo 128, node information
 //!   139) start flows the client's rules decide (`icmptype=`), keyed by
 //!   identifier *and* type; their replies only match a flow; errors go
-//!   with the flow they quote (RELATED); every other type is dropped
-//!   silently (conntrack's `ct state invalid`, `IcmpUntracked`);
+//!   with the flow they quote (RELATED); every other type is invalid to
+//!   conntrack, but the client's rules still run first: denied, it is
+//!   rejected (not above type 18 for IPv4, as Linux's `icmp_send`);
+//!   accepted, it is dropped silently (`IcmpUntracked`). ICMPv6 MLD and
+//!   neighbour discovery (130–136, 143) to an address out there are left
+//!   untracked by conntrack: the rules decide, and Linux forwards them
+//!   untranslated (no connection, no masquerade), so do we;
 //! - ICMP errors a client sends about one of its flows go to the outside
 //!   end, translated (Linux's RELATED);
 //! - outside → client: only through an existing NAT entry (replies, and ICMP
@@ -308,6 +313,10 @@ pub struct Counters {
     pub pending_queued: u64,
     /// Frames sent once the gateway's MAC was learned.
     pub pending_sent: u64,
+    /// ICMPv6 messages conntrack leaves untracked (MLD, neighbour
+    /// discovery) forwarded as they are, as Linux does when the client's
+    /// rules accept them.
+    pub untracked_forwarded: u64,
 }
 
 impl Counters {
