@@ -37,18 +37,21 @@ for b in qubesdb-daemon qubesdb-read qubesdb-write qubesdb-rm qubesdb-list qubes
 done
 gcc -O2 -Wall -o "$OUT/vchan-peer" "$HERE/vchan-peer.c" -I"$R/usr/include" \
     -L"$R/usr/lib/x86_64-linux-gnu" -Wl,-rpath-link,"$R/usr/lib/x86_64-linux-gnu" -lxenvchan -lxenevtchn
-# A Linux client qube (the Debian kernel as a PVH domU with a busybox
-# initramfs) that pings dom0 through the firewall's netback, rules and NAT.
+gcc -O2 -Wall -static -o "$OUT/dns-answer" "$HERE/dns-answer.c"
+# A Linux client qube (the Debian kernel as a PV domU with a busybox
+# initramfs, client-init) whose traffic crosses the firewall's netback,
+# rules and NAT to dom0 (ping, HTTP, DNS, a denied port, rule change,
+# detach/attach, uplink re-attach).
 KVER=$(cat "$LAB/img/kver")
-C=$LAB/client-initramfs; rm -rf "$C"; mkdir -p "$C"/{bin,proc,sys,dev}
+C=$LAB/client-initramfs; rm -rf "$C"; mkdir -p "$C"/{bin,proc,sys,dev,tmp}
 cp /bin/busybox "$C/bin/busybox"
-for a in sh ip ping insmod mount sleep cat echo poweroff; do ln -s busybox "$C/bin/$a"; done
+for a in sh ip ping insmod mount sleep cat echo poweroff wget sha256sum nslookup grep sed awk cut tr wc rm mkdir timeout; do ln -s busybox "$C/bin/$a"; done
 mknod -m 600 "$C/dev/console" c 5 1   # the kernel opens it for init's stdio before devtmpfs
 cp "$R/lib/modules/$KVER/kernel/drivers/net/xen-netfront.ko" "$C/"
 cp "$HERE/client-init" "$C/init"; chmod +x "$C/init"
 (cd "$C" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/client-initrd.gz"
 "$HERE/build-initramfs.sh" "$IMAGE:/guest/qubes-firewall.elf" "$LAB/img/vmlinuz:/guest/vmlinuz" "$OUT/client-initrd.gz:/guest/client-initrd.gz" "$OUT/hello-pvh-lm.elf:/guest/hello-pvh-lm.elf" \
-    "$OUT/vchan-peer:/usr/bin/vchan-peer" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \
+    "$OUT/vchan-peer:/usr/bin/vchan-peer" "$OUT/dns-answer:/usr/bin/dns-answer" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \
     "$HERE/dom0-test.sh:/guest/test.sh" "${TOOLS[@]}" >/dev/null
 echo "run.sh: prepared in $((SECONDS - t0)) s; image $(stat -c %s "$IMAGE") bytes"
 export LOG=$OUT/serial.log
