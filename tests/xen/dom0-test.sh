@@ -247,6 +247,7 @@ pdom=$(xl domid linux-pvh 2>/dev/null)
 i=0; until xl list linux-pvh 2>/dev/null | awk 'NR==2{exit !($5 ~ /[sc]/)}' || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done
 echo "QFW-INFO linux PVH attempt: xl create rc=$rc in $(since $t5) s; $(xl list linux-pvh 2>/dev/null | awk 'NR==2{print "state " $5 ", " $6 " s of CPU"}')"
 sed 's/^/QFW-INFO linux-pvh xl: /' /tmp/linux-pvh.log | tail -5
+xl list -v linux-pvh 2>/dev/null | sed 's/^/QFW-INFO linux-pvh (Reason-Code 0 = poweroff, 1 = reboot, 3 = crash): /'
 head -c 3000 $CONS/guest-linux-pvh.log 2>/dev/null | sed 's/^/QFW-INFO linux-pvh console: /' | head -15
 xl dmesg | grep -E "\(d$pdom\)|d${pdom}v0|d$pdom " | grep -v "save:\|restore:" | tail -15 | sed 's/^/QFW-INFO linux-pvh xl dmesg: /'
 xl destroy linux-pvh 2>/dev/null

@@ -11,6 +11,7 @@ need=()
 [ -x /bin/busybox ] && /bin/busybox --list | grep -qx brctl || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 command -v gcc >/dev/null || need+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)   # headers; static dns-answer
 command -v ld >/dev/null || need+=(binutils)
 if [ ${#need[@]} != 0 ]; then
     apt-get update >/dev/null || true
