@@ -283,6 +283,18 @@ fn tcp_segment(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, control: TcpCon
     segment
 }
 
+/// An IPv4 TCP segment with the raw `flags` byte, checksums valid.
+fn tcp4_flags(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    use unikernel::wire::checksum;
+    let mut segment = tcp_segment(src.into(), dst.into(), sport, dport, TcpControl::None);
+    segment[13] = flags;
+    segment[16..18].copy_from_slice(&[0, 0]);
+    let pseudo = checksum::pseudo_v4(&src, &dst, 6, segment.len() as u32);
+    let sum = checksum::finish(checksum::add(pseudo, &segment));
+    segment[16..18].copy_from_slice(&sum.to_be_bytes());
+    ip4(src, dst, IpProtocol::Tcp, 64, &segment)
+}
+
 fn tcp4(
     src: Ipv4Addr,
     dst: Ipv4Addr,
@@ -687,7 +699,7 @@ fn icmp_queries_are_flows_decided_by_icmptype() {
     // (router advertisement 9, 42, 255): dropped without a reply, even
     // under `policy accept` (Linux: `ct state invalid drop`).
     accept_all(&mut net, A_IP);
-    let before = net.dropped(DropReason::IcmpUntracked);
+    let before = net.dropped(DropReason::ConntrackInvalid);
     for kind in [9u8, 10, 42, 255] {
         let m = icmp_raw(kind, 1, &[0; 8], None);
         net.send_from_a(&ip4(A_IP, REMOTE, IpProtocol::Icmp, 64, &m));
@@ -699,7 +711,7 @@ fn icmp_queries_are_flows_decided_by_icmptype() {
         net.client_out(A).is_empty(),
         "accepted by the rules, dropped as invalid: no ICMP error"
     );
-    assert_eq!(net.dropped(DropReason::IcmpUntracked) - before, 5);
+    assert_eq!(net.dropped(DropReason::ConntrackInvalid) - before, 5);
     // Denied by the rules, they are rejected first (Linux's qubes-firewall
     // chain runs before the invalid drop), except a type above 18, which
     // Linux's icmp_send never answers.
@@ -710,7 +722,11 @@ fn icmp_queries_are_flows_decided_by_icmptype() {
     }
     assert!(net.uplink_out().is_empty());
     let rejects = net.client_out(A);
-    assert_eq!(rejects.len(), 2, "9 and 16 rejected, 42 not");
+    assert_eq!(
+        rejects.len(),
+        1,
+        "16 rejected; 9 and 42 not (icmp_send takes them for errors)"
+    );
     for frame in &rejects {
         let eth = EthernetFrame::new_checked(&frame[..]).unwrap();
         let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
@@ -766,7 +782,7 @@ fn icmpv6_queries_and_untracked_types() {
     }
     assert!(net.uplink_out().is_empty());
     assert!(net.client_out(A).is_empty());
-    assert_eq!(net.dropped(DropReason::IcmpUntracked), 4);
+    assert_eq!(net.dropped(DropReason::ConntrackInvalid), 4);
     // MLD and neighbour discovery to a unicast address out there are
     // untracked: forwarded as they are, untranslated, when the rules
     // accept them (Linux's masquerade only sees tracked packets).
@@ -787,6 +803,57 @@ fn icmpv6_queries_and_untracked_types() {
     let m = icmp_raw(131, 0, &[0; 16], Some((a_ip6(), remote6())));
     net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &m));
     assert!(net.uplink_out().is_empty());
+    assert_eq!(net.client_out(A).len(), 1);
+    // Every type below 128 is an error to Linux: about no flow, dropped,
+    // and never answered with an error.
+    for kind in [0u8, 5, 16, 100, 127] {
+        let m = icmp_raw(kind, 0, &[0; 48], Some((a_ip6(), remote6())));
+        net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &m));
+    }
+    assert!(net.uplink_out().is_empty());
+    assert!(net.client_out(A).is_empty());
+    assert_eq!(net.dropped(DropReason::IcmpErrorUnmatched), 5);
+}
+
+#[test]
+fn tcp_segments_conntrack_calls_invalid_are_not_forwarded() {
+    const FIN: u8 = 1;
+    const SYN: u8 = 2;
+    const RST: u8 = 4;
+    const PSH: u8 = 8;
+    const ACK: u8 = 16;
+    let mut net = Net::new(false);
+    accept_all(&mut net, A_IP);
+    // Without a flow, only a SYN starts one, or an ACK picked up
+    // mid-stream (nf_conntrack_tcp_loose); SYN-ACK, RST, FIN and bad
+    // flag sets are invalid: dropped silently though the rules accept.
+    for (i, flags) in [SYN | ACK, RST, RST | ACK, FIN | ACK, SYN | FIN, 0, FIN]
+        .into_iter()
+        .enumerate()
+    {
+        net.send_from_a(&tcp4_flags(A_IP, REMOTE, 30000 + i as u16, 80, flags));
+    }
+    assert!(net.uplink_out().is_empty());
+    assert!(net.client_out(A).is_empty());
+    assert_eq!(net.dropped(DropReason::ConntrackInvalid), 7);
+    net.send_from_a(&tcp4_flags(A_IP, REMOTE, 31000, 80, ACK | PSH));
+    assert_eq!(net.uplink_out().len(), 1, "mid-stream pickup");
+    // Denied by the rules, an invalid one is rejected first.
+    net.rules(A_IP.into(), &[("policy", "drop")]);
+    net.send_from_a(&tcp4_flags(A_IP, REMOTE, 32000, 80, SYN | ACK));
+    assert!(net.uplink_out().is_empty());
+    assert_rejected(&net.client_out(A), A_IP);
+    // Within a flow, bad flags are invalid too, both ways.
+    accept_all(&mut net, A_IP);
+    net.send_from_a(&tcp4_flags(A_IP, REMOTE, 33000, 80, SYN));
+    let port = seen4(&net.uplink_out()[0]).sport;
+    net.send_from_a(&tcp4_flags(A_IP, REMOTE, 33000, 80, SYN | FIN));
+    assert!(net.uplink_out().is_empty());
+    net.send_from_outside(&tcp4_flags(REMOTE, OUR_IP, 80, port, SYN | RST));
+    assert!(net.client_out(A).is_empty());
+    assert_eq!(net.dropped(DropReason::ConntrackInvalid), 9);
+    // The flow itself is fine.
+    net.send_from_outside(&tcp4_flags(REMOTE, OUR_IP, 80, port, SYN | ACK));
     assert_eq!(net.client_out(A).len(), 1);
 }
 

@@ -17,7 +17,7 @@ use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 use super::icmp::IcmpError;
 use super::packet::{
     IcmpKind, IpMeta, bare_ipv6_meta, decrement_ttl, is_broadcast_or_multicast, parse_ip,
-    reassemble, rewrite,
+    reassemble, rewrite, tcp_flags_valid, tcp_starts_flow,
 };
 use super::{ClientId, DropReason, Out, Router};
 use super::{ipv4, ipv6};
@@ -184,6 +184,12 @@ impl Router {
             );
             return self.drop(DropReason::TtlExceeded);
         }
+        if meta.tcp.is_some() && !tcp_flags_valid(meta.tcp_flags) {
+            // Invalid even within a flow: decided as one (rules, then the
+            // invalid drop).
+            self.new_flow(index, packet, meta, now);
+            return;
+        }
         let key = meta.key();
         let (id, direction) = match self.nat.lookup(&key, now) {
             Some(found) => found,
@@ -243,6 +249,11 @@ impl Router {
         // a flow its rules deny is rejected; only then does the `qubes`
         // table drop what conntrack calls invalid.
         let tracking = match meta.icmp {
+            // A TCP segment that cannot start a connection (SYN-ACK, RST,
+            // FIN, bad flags), or bad flags within one.
+            IcmpKind::NotIcmp if meta.tcp.is_some() && !tcp_starts_flow(meta.tcp_flags) => {
+                Tracking::Invalid
+            }
             // Flows conntrack starts: any protocol, ICMP queries.
             IcmpKind::NotIcmp | IcmpKind::Query => Tracking::New,
             IcmpKind::Error => {
@@ -304,7 +315,7 @@ impl Router {
         match tracking {
             Tracking::New => {}
             Tracking::Invalid => {
-                self.drop(DropReason::IcmpUntracked);
+                self.drop(DropReason::ConntrackInvalid);
                 return None;
             }
             Tracking::Untracked => {

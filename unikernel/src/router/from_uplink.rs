@@ -13,7 +13,9 @@ use crate::nat::{Direction, Millis};
 use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, PROTO_UDP};
 
 use super::icmp::IcmpError;
-use super::packet::{IcmpKind, IpMeta, decrement_ttl, parse_ip, reassemble, rewrite};
+use super::packet::{
+    IcmpKind, IpMeta, decrement_ttl, parse_ip, reassemble, rewrite, tcp_flags_valid,
+};
 use super::{DropReason, Out, Router, ipv4, packet};
 
 impl Router {
@@ -154,8 +156,11 @@ impl Router {
             IcmpKind::Query if meta.v6 => return self.answer_firewall(Out::Uplink, packet, meta),
             IcmpKind::Query => return self.drop(DropReason::ToFirewall),
             IcmpKind::Error => return self.related_from_uplink(packet, meta, now),
-            IcmpKind::Other => return self.drop(DropReason::IcmpUntracked),
+            IcmpKind::Other => return self.drop(DropReason::ConntrackInvalid),
             _ => {}
+        }
+        if meta.tcp.is_some() && !tcp_flags_valid(meta.tcp_flags) {
+            return self.drop(DropReason::ConntrackInvalid);
         }
         let Some((id, Direction::Reply)) = self.nat.lookup(&meta.key(), now) else {
             return self.drop(DropReason::NoFlow);

@@ -196,8 +196,14 @@ impl Router {
         if meta.icmp == IcmpKind::Error || meta.fragment || is_broadcast_or_multicast(meta.src) {
             return;
         }
-        // Linux's icmp_send neither answers an ICMP type it does not know.
-        if !meta.v6 && meta.protocol == PROTO_ICMP && meta.icmp_type.is_some_and(|t| t > 18) {
+        // Linux's icmp_send takes ICMP types 1, 2, 6, 7, 9 and 10 and any it
+        // does not know (above 18) for errors too: it answers none of them.
+        if !meta.v6
+            && meta.protocol == PROTO_ICMP
+            && meta
+                .icmp_type
+                .is_some_and(|t| matches!(t, 1 | 2 | 6 | 7 | 9 | 10) || t > 18)
+        {
             return;
         }
         // Token bucket: refill one token per 1000/rate ms, burst = rate.

@@ -7,7 +7,10 @@
 //! - client → outside: the source must be the client's vif address
 //!   (anti-spoofing); a known flow is translated by its NAT entry; a new
 //!   flow is decided by the client's [`RuleSet`] once and, if accepted, gets
-//!   a NAT entry (so the per-packet cost does not depend on the rules);
+//!   a NAT entry (so the per-packet cost does not depend on the rules).
+//!   TCP as Linux conntrack takes it: a flow starts with a SYN or an ACK
+//!   (mid-stream pickup); a SYN-ACK, RST or FIN without a flow, and bad
+//!   flag sets anywhere, are invalid (rules first, then dropped);
 //! - a new flow the rules deny is answered with ICMP "administratively
 //!   prohibited" (type 3 code 13 / ICMPv6 1/1), as Linux's qubes-firewall
 //!   does (`reject with icmp type admin-prohibited` for `action=drop`,
@@ -34,7 +37,7 @@
 //!   with the flow they quote (RELATED); every other type is invalid to
 //!   conntrack, but the client's rules still run first: denied, it is
 //!   rejected (not above type 18 for IPv4, as Linux's `icmp_send`);
-//!   accepted, it is dropped silently (`IcmpUntracked`). ICMPv6 MLD and
+//!   accepted, it is dropped silently (`ConntrackInvalid`). ICMPv6 MLD and
 //!   neighbour discovery (130–136, 143) to an address out there are left
 //!   untracked by conntrack: the rules decide, and Linux forwards them
 //!   untranslated (no connection, no masquerade), so do we;
@@ -267,7 +270,7 @@ drop_reasons! {
     Malformed = "malformed frame or packet",
     UnsupportedEthertype = "unsupported ethertype",
     UnsupportedProtocol = "unsupported IP protocol or extension header",
-    IcmpUntracked = "ICMP type connection tracking does not track (Linux: ct state invalid)",
+    ConntrackInvalid = "invalid to connection tracking: ICMP type, TCP flags (Linux: ct state invalid drop)",
     SpoofedSource = "source address not allowed on this interface",
     SourceRoute = "IPv4 source route (Linux: accept_source_route = 0)",
     NotForUs = "uplink packet not addressed to the firewall",

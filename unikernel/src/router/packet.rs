@@ -49,6 +49,39 @@ pub(super) fn icmp_query_type(v6: bool, icmp_type: u8) -> Option<(IcmpKind, u8)>
     }
 }
 
+/// TCP flags.
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+const URG: u8 = 0x20;
+
+/// Whether Linux conntrack takes a TCP segment with these flags at all
+/// (`tcp_valid_flags`; PSH, ECE and CWR do not count): anything else is
+/// invalid, in a flow or not.
+pub(super) fn tcp_flags_valid(flags: u8) -> bool {
+    let flags = flags & (FIN | SYN | RST | ACK | URG);
+    [
+        SYN,
+        SYN | URG,
+        SYN | ACK,
+        RST,
+        RST | ACK,
+        FIN | ACK,
+        FIN | ACK | URG,
+        ACK,
+        ACK | URG,
+    ]
+    .contains(&flags)
+}
+
+/// Whether a TCP segment without a flow starts one in Linux conntrack: a
+/// SYN, or (`nf_conntrack_tcp_loose`, on by default) an ACK picked up
+/// mid-stream. A SYN-ACK, RST or FIN without a flow is invalid.
+pub(super) fn tcp_starts_flow(flags: u8) -> bool {
+    tcp_flags_valid(flags) && flags & (RST | FIN) == 0 && flags & (SYN | ACK) != SYN | ACK
+}
+
 /// Whether a message is an echo request (what the firewall answers itself).
 pub(super) fn is_echo_request(meta: &IpMeta) -> bool {
     meta.icmp_type == Some(if meta.v6 { 128 } else { 8 }) && meta.icmp == IcmpKind::Query
@@ -70,6 +103,8 @@ pub(super) struct IpMeta {
     pub(super) icmp: IcmpKind,
     pub(super) icmp_type: Option<u8>,
     pub(super) tcp: Option<TcpFlags>,
+    /// TCP: the flags byte as it came.
+    pub(super) tcp_flags: u8,
     /// IPv6: an extension header comes before the transport header (the
     /// header at `header_len`).
     pub(super) extensions: bool,
@@ -146,6 +181,7 @@ pub(super) fn bare_ipv6_meta(packet: &[u8]) -> Option<IpMeta> {
         icmp: IcmpKind::NotIcmp,
         icmp_type: None,
         tcp: None,
+        tcp_flags: 0,
         frag_id: None,
     })
 }
@@ -231,6 +267,7 @@ pub(super) fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason
         icmp: IcmpKind::NotIcmp,
         icmp_type: None,
         tcp: None,
+        tcp_flags: 0,
         frag_id: None,
     };
     if fragment {
@@ -253,6 +290,7 @@ pub(super) fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason
                 }
             }
             let flags = l4.get(13).copied().unwrap_or(0);
+            meta.tcp_flags = flags;
             meta.tcp = Some(TcpFlags {
                 fin: flags & 1 != 0,
                 syn: flags & 2 != 0,
@@ -273,7 +311,9 @@ pub(super) fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason
             }
             meta.icmp_type = Some(icmp_type);
             meta.icmp = match (v6, icmp_type) {
-                (false, 3 | 4 | 5 | 11 | 12) | (true, 1..=4) => IcmpKind::Error,
+                // ICMPv6: every type below 128 is an error to conntrack
+                // (`icmpv6_error`) and to `icmpv6_send`.
+                (false, 3 | 4 | 5 | 11 | 12) | (true, 0..=127) => IcmpKind::Error,
                 (true, 133..=137) => IcmpKind::Ndp,
                 _ => IcmpKind::Other,
             };
@@ -624,5 +664,39 @@ mod tests {
         );
         assert_eq!(icmp_query_type(true, 8), None);
         assert_eq!(icmp_query_type(false, 128), None);
+    }
+
+    #[test]
+    fn tcp_flags_as_conntrack_takes_them() {
+        let (fin, syn, rst, psh, ack, urg, ece) = (1u8, 2, 4, 8, 16, 32, 64);
+        for ok in [
+            syn,
+            syn | ece | 128,
+            ack | psh,
+            ack | urg,
+            fin | ack,
+            rst,
+            rst | ack,
+            syn | ack,
+        ] {
+            assert!(tcp_flags_valid(ok), "{ok:#x}");
+        }
+        for bad in [
+            0,
+            fin,
+            syn | fin,
+            syn | rst,
+            rst | fin,
+            fin | psh | urg,
+            syn | fin | ack,
+        ] {
+            assert!(!tcp_flags_valid(bad), "{bad:#x}");
+        }
+        for starts in [syn, syn | urg, ack, ack | psh] {
+            assert!(tcp_starts_flow(starts), "{starts:#x}");
+        }
+        for invalid in [syn | ack, rst, rst | ack, fin | ack, 0, syn | fin] {
+            assert!(!tcp_starts_flow(invalid), "{invalid:#x}");
+        }
     }
 }
