@@ -9,7 +9,7 @@
 //! | token              | source | target | redirect (`target=`, `default_target=`) | intended target (request) |
 //! |--------------------|:------:|:------:|:------:|:------:|
 //! | name, `uuid:U`     | yes    | yes    | yes    | yes    |
-//! | `@adminvm`, `dom0` | yes    | yes    | yes    | yes    |
+//! | `@adminvm`, `dom0`, `uuid:00000000-…` | yes | yes | yes | yes |
 //! | `*`                | yes    | yes    |        |        |
 //! | `@anyvm`           | yes    | yes    |        |        |
 //! | `@default`         |        | yes    |        | yes    |
@@ -35,7 +35,9 @@
 //! `@anyvm` matches everything except the admin VM — in particular it also
 //! matches a request for `@default`, `@dispvm` and `@dispvm:X`; `@dispvm:X`
 //! as a target also matches a request for `@dispvm` when the source's
-//! `default_dispvm` is `X`; `@dispvm:@tag:T` matches `@dispvm:X` (or
+//! `default_dispvm` is `X` (compared as text, as Qubes does, so
+//! `@dispvm:uuid:U` does not; for a source without `default_dispvm` Qubes'
+//! comparison fails, see [`TargetMatch::Fail`]); `@dispvm:@tag:T` matches `@dispvm:X` (or
 //! `@dispvm` resolved through the source) when `X` is a disposable template
 //! tagged `T`. This module never looks at rules or actions.
 

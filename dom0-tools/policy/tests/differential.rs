@@ -26,7 +26,13 @@
 //!
 //! `POLICY_DIFF_REQUESTS` (default 15 000) sets the number of requests,
 //! `POLICY_DIFF_SEED` the seed (default fixed, so CI is reproducible; the
-//! seed is printed). Figures are printed per result class.
+//! seed is printed). Figures are printed per result class (on standard
+//! error, past the test harness's capture); `POLICY_DIFF_VERBOSE` adds
+//! Qubes' answers counted by reason. Requests in worlds whose policy fails
+//! to load are not counted as compared: there the load errors are compared
+//! (both must refuse the policy with the same first error). Qubes'
+//! exceptions count as denials (the call is refused); where Qubes denies,
+//! `notify` and the logged reason must agree too.
 //!
 //! # Qubes behaviour we deliberately do not copy
 //!
