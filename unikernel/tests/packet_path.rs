@@ -768,25 +768,25 @@ fn icmpv6_queries_and_untracked_types() {
     assert_eq!(&ip.payload()[..2], &[1, 1], "administratively prohibited");
     // Informational types conntrack calls invalid (137, 200, 255; an
     // echo reply without its echo): rejected when the rules deny them...
-    for kind in [129u8, 137, 200, 255] {
+    for kind in [129u8, 137, 153, 200, 255] {
         let m = icmp_raw(kind, 1, &[0; 8], Some((a_ip6(), remote6())));
         net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &m));
     }
     assert!(net.uplink_out().is_empty());
-    assert_eq!(net.client_out(A).len(), 4);
+    assert_eq!(net.client_out(A).len(), 5);
     // ...dropped silently when they accept them.
     net.rules(a_ip6().into(), &[("policy", "accept")]);
-    for kind in [129u8, 137, 200, 255] {
+    for kind in [129u8, 137, 153, 200, 255] {
         let m = icmp_raw(kind, 1, &[0; 8], Some((a_ip6(), remote6())));
         net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &m));
     }
     assert!(net.uplink_out().is_empty());
     assert!(net.client_out(A).is_empty());
-    assert_eq!(net.dropped(DropReason::ConntrackInvalid), 4);
+    assert_eq!(net.dropped(DropReason::ConntrackInvalid), 5);
     // MLD and neighbour discovery to a unicast address out there are
     // untracked: forwarded as they are, untranslated, when the rules
     // accept them (Linux's masquerade only sees tracked packets).
-    for kind in [130u8, 131, 132, 133, 134, 135, 136, 143] {
+    for kind in [130u8, 131, 132, 133, 134, 135, 136, 143, 151, 152] {
         let m = icmp_raw(kind, 0, &[0; 16], Some((a_ip6(), remote6())));
         net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Icmpv6, 64, &m));
         let out = net.uplink_out();
@@ -796,7 +796,7 @@ fn icmpv6_queries_and_untracked_types() {
         assert_eq!((ip.src_addr(), ip.hop_limit()), (a_ip6(), 63));
         assert_eq!(ip.payload()[0], kind);
     }
-    assert_eq!(net.router.counters().untracked_forwarded, 8);
+    assert_eq!(net.router.counters().untracked_forwarded, 10);
     assert_eq!(net.router.nat_len(), 0, "no flow tracked for them");
     // Rejected when the rules deny them.
     net.rules(a_ip6().into(), &[("policy", "drop")]);

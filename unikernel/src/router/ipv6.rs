@@ -206,9 +206,10 @@ pub(super) fn decide_behind_extension_headers(
 /// Whether conntrack leaves an ICMPv6 message of this type untracked
 /// (`nf_conntrack_icmpv6_error`'s `noct_valid_new`: MLD queries, reports
 /// and done, router and neighbour solicitations and advertisements, MLDv2
-/// reports): neither a flow nor invalid, the rules alone decide.
+/// reports, and since Linux 6.8 multicast router advertisements and
+/// solicitations): neither a flow nor invalid, the rules alone decide.
 pub(super) fn untracked_icmp(icmp_type: u8) -> bool {
-    matches!(icmp_type, 130..=136 | 143)
+    matches!(icmp_type, 130..=136 | 143 | 151 | 152)
 }
 
 /// Whether `protocol` (from [`walk`]) is a fragment.

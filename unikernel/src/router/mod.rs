@@ -37,8 +37,9 @@
 //!   with the flow they quote (RELATED); every other type is invalid to
 //!   conntrack, but the client's rules still run first: denied, it is
 //!   rejected (not above type 18 for IPv4, as Linux's `icmp_send`);
-//!   accepted, it is dropped silently (`ConntrackInvalid`). ICMPv6 MLD and
-//!   neighbour discovery (130–136, 143) to an address out there are left
+//!   accepted, it is dropped silently (`ConntrackInvalid`). ICMPv6 MLD,
+//!   neighbour and multicast router discovery (130–136, 143, 151, 152) to
+//!   an address out there are left
 //!   untracked by conntrack: the rules decide, and Linux forwards them
 //!   untranslated (no connection, no masquerade), so do we;
 //! - ICMP errors a client sends about one of its flows go to the outside
