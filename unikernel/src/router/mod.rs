@@ -34,14 +34,15 @@
 //!   information 15, address mask 17; ICMPv6 echo 128, node information
 //!   139) start flows the client's rules decide (`icmptype=`), keyed by
 //!   identifier *and* type; their replies only match a flow; errors go
-//!   with the flow they quote (RELATED); every other type is invalid to
-//!   conntrack, but the client's rules still run first: denied, it is
-//!   rejected (not above type 18 for IPv4, as Linux's `icmp_send`);
+//!   with the flow they quote (RELATED; ICMPv6: every type below 128);
+//!   every other type is invalid to conntrack, but the client's rules
+//!   still run first: denied, it is rejected (except IPv4 types 1, 2, 6,
+//!   7, 9, 10 and above 18, which Linux's `icmp_send` takes for errors);
 //!   accepted, it is dropped silently (`ConntrackInvalid`). ICMPv6 MLD,
 //!   neighbour and multicast router discovery (130–136, 143, 151, 152) to
-//!   an address out there are left
-//!   untracked by conntrack: the rules decide, and Linux forwards them
-//!   untranslated (no connection, no masquerade), so do we;
+//!   an address out there are left untracked by conntrack: the rules
+//!   decide, and Linux forwards them untranslated (no connection, no
+//!   masquerade), so do we;
 //! - ICMP errors a client sends about one of its flows go to the outside
 //!   end, translated (Linux's RELATED);
 //! - outside → client: only through an existing NAT entry (replies, and ICMP
