@@ -53,6 +53,7 @@
 //! what dom0 writes, and never let a set that failed to parse accept
 //! anything.
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -848,6 +849,7 @@ fn parse_ports(value: &str) -> Result<(u16, u16), RuleErrorReason> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes buffers it built itself.
 mod tests {
     use super::*;
     use alloc::vec;
