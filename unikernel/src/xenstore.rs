@@ -14,6 +14,7 @@
 //! `BadReply` rather than misreading a stray reply. This module must never
 //! panic on anything xenstored sends and never uses `unsafe`.
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
 
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
@@ -367,6 +368,7 @@ impl<S: ByteStream, W: LinkWait> Xenstore for XenstoreClient<S, W> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes buffers it built itself.
 mod tests {
     use super::*;
     use crate::platform::LinkState;
