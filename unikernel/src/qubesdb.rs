@@ -34,6 +34,7 @@
 //! into an accept). This module must never trust a path or length from dom0
 //! and never panic on anything dom0 sends.
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::string::{String, ToString};
@@ -652,6 +653,7 @@ fn apply(
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes buffers it built itself.
 mod tests {
     use super::*;
 
