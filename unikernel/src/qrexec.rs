@@ -43,6 +43,7 @@
 //! cap a call is refused and counted), and every wait has a deadline. This
 //! module must never trust a length it did not check, and never block.
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -1101,6 +1102,7 @@ fn cmdline_of<'a>(exec: &ExecParams<'a>) -> &'a [u8] {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes buffers it built itself.
 mod tests {
     use super::*;
     use crate::testing::{FakePlatform, PlatformHandle, VchanPeer};
