@@ -364,7 +364,15 @@ fn write_policy(world: &World, rng: &mut Rng, dir: &Path) -> PolicyPaths {
         text
     };
     // included files (new format), an include-dir, legacy-format files
-    fs::write(include.join("inc1"), rules(rng, 1, 5, false)).unwrap();
+    let mut inc1 = rules(rng, 1, 5, false);
+    if rng.chance(20) {
+        // nested: resolved against the top-level file's directory
+        inc1.push_str("!include include/inc2\n");
+    }
+    fs::write(include.join("inc1"), inc1).unwrap();
+    // ignored: a dot file and another suffix
+    fs::write(policy_d.join(".hidden.policy"), "garbage\n").unwrap();
+    fs::write(policy_d.join("10-gen.policy.rpmnew"), "garbage\n").unwrap();
     fs::write(include.join("inc2"), rules(rng, 1, 5, false)).unwrap();
     fs::write(include.join("old1"), rules(rng, 1, 4, true)).unwrap();
     fs::write(include_dir.join("10-a.policy"), rules(rng, 0, 4, false)).unwrap();
@@ -459,8 +467,24 @@ fn write_policy(world: &World, rng: &mut Rng, dir: &Path) -> PolicyPaths {
         )
         .unwrap();
     }
+    let mut policy_dirs = Vec::new();
+    if rng.chance(30) {
+        // a runtime directory read first: equal basenames hide the later
+        // directory's file
+        let run = dir.join("run.d");
+        fs::create_dir_all(&run).unwrap();
+        for _ in 0..1 + rng.below(2) {
+            let name = rng.pick(&["10-gen.policy", "20-gen.policy", "15-run.policy"]);
+            fs::write(run.join(name), rules(rng, 1, 5, false)).unwrap();
+        }
+        policy_dirs.push(run);
+    }
+    if rng.chance(2) {
+        fs::write(policy_d.join("Bad.policy"), "\n").unwrap();
+    }
+    policy_dirs.push(policy_d);
     PolicyPaths {
-        policy_dirs: vec![policy_d],
+        policy_dirs,
         legacy_dir: legacy,
     }
 }
@@ -838,7 +862,7 @@ fn run_batch(python: &Path, package: &Path, rng: &mut Rng, worlds: usize, tally:
             .map(|_| random_request(&world, rng))
             .collect();
         batch.push(json!({
-            "policy_dir": paths.policy_dirs[0],
+            "policy_dirs": paths.policy_dirs,
             "legacy_dir": paths.legacy_dir,
             "system": world.system_json(),
             "requests": requests,

@@ -6,7 +6,7 @@ directory given as the first argument (the test unpacks the reference
 tarball there) and never copies any of it.
 
 Standard input: one JSON list of worlds, each
-  {"policy_dir": DIR, "legacy_dir": DIR, "system": {NAME: {...}, ...},
+  {"policy_dirs": [DIR, ...], "legacy_dir": DIR, "system": {NAME: {...}, ...},
    "requests": [{"source", "target", "service", "mode"}, ...]}
 with mode "normal" (an `ask` is reported with its choices, not answered),
 "assume_yes" (answered with the requested target, as
@@ -139,7 +139,7 @@ def main():
         info = system_info(world["system"])
         try:
             policy = parser.FilePolicy(
-                policy_path=[pathlib.Path(world["policy_dir"])]
+                policy_path=[pathlib.Path(d) for d in world["policy_dirs"]]
             )
         except exc.AccessDenied as err:
             results.append({"load_error": str(err)})
