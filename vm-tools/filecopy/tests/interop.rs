@@ -1,0 +1,418 @@
+//! Interop with Qubes' own C `qfile-agent` and `qfile-unpacker`, built here
+//! from `../shared/reference/` (qubes-linux-utils' `qrexec-lib` with
+//! `make NO_REBUILD_TABLE=1`, then qubes-core-agent-linux's `qubes-rpc/`
+//! pieces) into this test's target directory.
+//!
+//! * a tree copied ours -> theirs and theirs -> ours, piped directly, gives
+//!   the same tree as the source;
+//! * hostile streams get the same refusal (code on the wire, exit status)
+//!   from both unpackers, and neither writes outside the incoming directory;
+//! * both agents reject a receiver that answers with a wrong CRC.
+//!
+//! Qubes' unpacker bind-mounts the incoming directory and chroots into it,
+//! which needs root: it runs in a private mount namespace (`unshare -m`) so
+//! the host's mounts are never touched. Without root the test says so and
+//! skips.
+#![allow(clippy::unwrap_used)] // reason: test code; a panic is a test failure
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use common::{end, entry, entry_with_len};
+use qubes_filecopy::unpack::{UnpackOptions, unpack};
+
+struct Qubes {
+    agent: PathBuf,
+    unpacker: PathBuf,
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn run_ok(command: &mut Command) {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Build Qubes' C tools once per test run.
+fn qubes() -> &'static Qubes {
+    static BUILT: OnceLock<Qubes> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference");
+        let utils = reference.join("qubes-linux-utils.tar.gz");
+        let agent_src = reference.join("qubes-core-agent-linux.tar.gz");
+        assert!(
+            utils.exists() && agent_src.exists(),
+            "Qubes' sources are missing: expected {} and {} (see /work/shared/reference/README.md)",
+            utils.display(),
+            agent_src.display()
+        );
+        if !have("gcc") || !have("make") {
+            run_ok(Command::new("apt-get").args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "gcc",
+                "make",
+                "libc6-dev",
+            ]));
+        }
+        let tmpdir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        // Builds of earlier runs whose process is gone.
+        for old in std::fs::read_dir(&tmpdir).into_iter().flatten().flatten() {
+            let name = old.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("qubes-filecopy-c-")
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = std::fs::remove_dir_all(old.path());
+            }
+        }
+        let build = tmpdir.join(format!("qubes-filecopy-c-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&build);
+        std::fs::create_dir_all(&build).unwrap();
+        for tarball in [&utils, &agent_src] {
+            run_ok(
+                Command::new("tar")
+                    .arg("xzf")
+                    .arg(tarball)
+                    .arg("-C")
+                    .arg(&build),
+            );
+        }
+        let lib = build.join("qubes-linux-utils/qrexec-lib");
+        run_ok(
+            Command::new("make")
+                .arg("-C")
+                .arg(&lib)
+                .arg("NO_REBUILD_TABLE=1"),
+        );
+        let rpc = build.join("qubes-core-agent-linux/qubes-rpc");
+        for program in ["qfile-agent", "qfile-unpacker"] {
+            run_ok(
+                Command::new("gcc")
+                    .current_dir(&rpc)
+                    .args(["-O2", "-I"])
+                    .arg(&lib)
+                    .args(["-I.", "-o"])
+                    .arg(build.join(program))
+                    .arg(format!("{program}.c"))
+                    .arg("gui-fatal.c")
+                    .arg("-L")
+                    .arg(&lib)
+                    .args(["-l:libqubes-rpc-filecopy.so.2", "-l:libqubes-pure.so.0"])
+                    // RPATH, not RUNPATH: the library's own libqubes-pure dependency
+                    // must be found there too.
+                    .arg(format!("-Wl,--disable-new-dtags,-rpath,{}", lib.display())),
+            );
+        }
+        Qubes {
+            agent: build.join("qfile-agent"),
+            unpacker: build.join("qfile-unpacker"),
+        }
+    })
+}
+
+macro_rules! need_root {
+    () => {
+        if !is_root() {
+            eprintln!(
+                "SKIPPED: Qubes' qfile-unpacker needs root (bind mount + chroot) and the C build may need apt-get; run as root"
+            );
+            return;
+        }
+    };
+}
+
+/// Qubes' unpacker receiving into `dir` (explicit UID and directory), in a
+/// private mount namespace.
+fn their_unpacker(dir: &Path) -> Command {
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private"])
+        .arg(&qubes().unpacker)
+        .arg("0")
+        .arg(dir);
+    command
+}
+
+fn our_unpacker(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_qfile-unpacker"));
+    command
+        .arg(rustix::process::getuid().as_raw().to_string())
+        .arg(dir);
+    command
+}
+
+fn pipe(mut agent: Command, mut unpacker: Command) -> (std::process::Output, std::process::Output) {
+    let mut receiver = unpacker
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let to_receiver = receiver.stdin.take().unwrap();
+    let from_receiver = receiver.stdout.take().unwrap();
+    let sender = agent
+        .stdin(Stdio::from(from_receiver))
+        .stdout(Stdio::from(to_receiver))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (
+        sender.wait_with_output().unwrap(),
+        receiver.wait_with_output().unwrap(),
+    )
+}
+
+fn copy_tree(agent: Command, unpacker: impl Fn(&Path) -> Command, label: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let tree = common::make_tree(&src, 8 * 1024 * 1024 + 3);
+    let incoming = tmp.path().join("incoming");
+    std::fs::create_dir(&incoming).unwrap();
+    let mut agent = agent;
+    agent.current_dir(&src).arg("tree");
+    let (sent, received) = pipe(agent, unpacker(&incoming));
+    assert!(
+        sent.status.success(),
+        "{label}: agent: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert!(
+        received.status.success(),
+        "{label}: unpacker: {}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    assert_eq!(
+        common::describe(&incoming),
+        common::describe(&src),
+        "{label}"
+    );
+    assert!(tree.exists());
+    common::make_removable(tmp.path());
+}
+
+#[test]
+fn ours_to_theirs_and_theirs_to_ours() {
+    need_root!();
+    let q = qubes();
+    copy_tree(
+        Command::new(env!("CARGO_BIN_EXE_qfile-agent")),
+        their_unpacker,
+        "ours -> theirs",
+    );
+    copy_tree(Command::new(&q.agent), our_unpacker, "theirs -> ours");
+    copy_tree(Command::new(&q.agent), their_unpacker, "theirs -> theirs");
+}
+
+struct Verdict {
+    exit: Option<i32>,
+    code: Option<u32>,
+    last_name: Vec<u8>,
+    incoming: Vec<String>,
+}
+
+/// Feed `stream` to an unpacker; check nothing appeared outside.
+fn feed(stream: &[u8], unpacker: impl Fn(&Path) -> Command) -> Verdict {
+    let tmp = tempfile::tempdir().unwrap();
+    let incoming = tmp.path().join("incoming");
+    std::fs::create_dir(&incoming).unwrap();
+    std::fs::create_dir(tmp.path().join("outside")).unwrap();
+    let before: Vec<String> = common::describe(tmp.path())
+        .into_iter()
+        .filter(|l| !l.starts_with("incoming"))
+        .collect();
+    let mut child = unpacker(&incoming)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(stream);
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let after: Vec<String> = common::describe(tmp.path())
+        .into_iter()
+        .filter(|l| !l.starts_with("incoming"))
+        .collect();
+    assert_eq!(before, after, "written outside the incoming directory");
+    let answer = qubes_filecopy::pack::read_answer(&out.stdout[..]);
+    // A directory created just now has a fresh mtime; compare the rest.
+    let incoming_listing = common::describe(&incoming)
+        .into_iter()
+        .map(
+            |line| match (line.contains(" dir "), line.find(" mtime ")) {
+                (true, Some(cut)) => line[..cut].to_string(),
+                _ => line,
+            },
+        )
+        .collect();
+    common::make_removable(tmp.path());
+    Verdict {
+        exit: out.status.code(),
+        code: answer.as_ref().map(|a| a.error_code),
+        last_name: answer.map(|a| a.last_name).unwrap_or_default(),
+        incoming: incoming_listing,
+    }
+}
+
+#[test]
+fn hostile_streams_get_the_same_refusal() {
+    need_root!();
+    let _ = qubes();
+    let reg = 0o100_644;
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut s = Vec::new();
+    entry(&mut s, b"../escaped", reg, b"x");
+    end(&mut s);
+    cases.push(("../ name", s));
+    let mut s = Vec::new();
+    entry(&mut s, b"/tmp/absolute", reg, b"x");
+    end(&mut s);
+    cases.push(("absolute name", s));
+    let mut s = Vec::new();
+    entry(&mut s, b"d", 0o040_755, b"");
+    entry(&mut s, b"d/etc", 0o120_777, b"/etc");
+    end(&mut s);
+    cases.push(("symlink to /etc", s));
+    let mut s = Vec::new();
+    entry(&mut s, b"top", 0o120_777, b"x");
+    end(&mut s);
+    cases.push(("top-level symlink", s));
+    let mut s = Vec::new();
+    entry_with_len(&mut s, b"oversize", reg, 1 << 63, b"");
+    end(&mut s);
+    cases.push(("oversize file", s));
+    let mut s = Vec::new();
+    entry_with_len(&mut s, b"cut", reg, 100, b"short");
+    cases.push(("stream cut inside a file", s));
+    let mut s = Vec::new();
+    entry(&mut s, b"esc\x1b[31m", reg, b"x");
+    end(&mut s);
+    cases.push(("control character", s));
+    let mut s = Vec::new();
+    entry(&mut s, b"bad\xff", reg, b"x");
+    end(&mut s);
+    cases.push(("invalid UTF-8", s));
+    let mut s = Vec::new();
+    entry(&mut s, b"f", reg, b"x");
+    cases.push(("no end marker", s));
+    for (label, stream) in &cases {
+        let theirs = feed(stream, their_unpacker);
+        let ours = feed(stream, our_unpacker);
+        assert_ne!(theirs.exit, Some(0), "{label}: Qubes' unpacker accepted it");
+        assert_eq!(ours.exit, theirs.exit, "{label}: exit status");
+        assert_eq!(ours.code, theirs.code, "{label}: error code on the wire");
+        assert_eq!(ours.last_name, theirs.last_name, "{label}: last file name");
+        assert_eq!(
+            ours.incoming, theirs.incoming,
+            "{label}: what is left in the incoming directory"
+        );
+        eprintln!(
+            "{label}: both refuse with code {:?}, exit {:?}",
+            ours.code, ours.exit
+        );
+    }
+}
+
+/// Run an agent against a receiver that unpacks correctly but reports a
+/// wrong CRC.
+fn agent_vs_lying_receiver(mut agent: Command) -> std::process::Output {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("f"), b"payload").unwrap();
+    let incoming = tmp.path().join("incoming");
+    std::fs::create_dir(&incoming).unwrap();
+    let mut child = agent
+        .current_dir(tmp.path())
+        .arg("f")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let from_agent = child.stdout.take().unwrap();
+    let mut to_agent = child.stdin.take().unwrap();
+    let dir = std::fs::File::open(&incoming).unwrap();
+    let mut reply = Vec::new();
+    let outcome = unpack(
+        from_agent,
+        &mut reply,
+        dir.as_fd(),
+        UnpackOptions::default(),
+    );
+    assert_eq!(outcome.code, 0);
+    reply[8] ^= 0x01; // the CRC field
+    to_agent.write_all(&reply).unwrap();
+    drop(to_agent);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn both_agents_reject_a_wrong_crc() {
+    need_root!();
+    let theirs = agent_vs_lying_receiver(Command::new(&qubes().agent));
+    let ours = agent_vs_lying_receiver(Command::new(env!("CARGO_BIN_EXE_qfile-agent")));
+    for (who, out) in [("theirs", &theirs), ("ours", &ours)] {
+        assert_eq!(out.status.code(), Some(1), "{who}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("File transfer failed: checksum mismatch"),
+            "{who}: {stderr}"
+        );
+    }
+}
+
+/// Every non-ASCII code point our table allows, Qubes' table allows too
+/// (we may refuse more names than Qubes, never fewer).
+#[test]
+fn unicode_table_is_within_qubes() {
+    need_root!();
+    let table = Path::new(&qubes().unpacker)
+        .with_file_name("qubes-linux-utils/qrexec-lib/unicode-allowlist-table.c");
+    let text = std::fs::read_to_string(&table).unwrap();
+    let mut theirs: Vec<(u32, u32)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("case ") else {
+            continue;
+        };
+        let rest = rest.trim_end_matches(':');
+        let mut parts = rest
+            .split(" ... ")
+            .map(|p| u32::from_str_radix(p.trim_start_matches("0x"), 16).unwrap());
+        let lo = parts.next().unwrap();
+        theirs.push((lo, parts.next().unwrap_or(lo)));
+    }
+    assert!(theirs.len() > 100, "could not read {}", table.display());
+    let allowed_by_qubes = |cp: u32| theirs.iter().any(|&(lo, hi)| lo <= cp && cp <= hi);
+    let mut ours = 0;
+    for &(lo, hi) in qubes_filecopy::unicode_table::ALLOWED {
+        for cp in lo..=hi {
+            assert!(allowed_by_qubes(cp), "we allow U+{cp:04X}, Qubes does not");
+            ours += 1;
+        }
+    }
+    eprintln!("our table allows {ours} non-ASCII code points, all allowed by Qubes");
+}
