@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used)] // reason: test helpers; a panic is a test failure
 #![allow(dead_code)]
 
+pub mod qubes_c;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
