@@ -341,16 +341,16 @@ pub fn ask_params(question: &AskQuestion, icons: &[(String, String)]) -> String 
 }
 
 /// The `policy.Notify` parameters.
-pub fn notify_params(notice: &Notice) -> String {
+pub fn notify_params(notice: &Notice<'_>) -> String {
     py_json_object([
         (
             "resolution",
             py_json_string(if notice.allowed { "allow" } else { "deny" }),
         ),
-        ("service", py_json_string(&notice.service)),
-        ("argument", py_json_string(&notice.argument)),
-        ("source", py_json_string(&notice.source)),
-        ("target", py_json_string(&notice.target)),
+        ("service", py_json_string(notice.service)),
+        ("argument", py_json_string(notice.argument)),
+        ("source", py_json_string(notice.source)),
+        ("target", py_json_string(notice.target)),
     ])
 }
 
@@ -386,9 +386,9 @@ impl Confirm for AgentConfirm {
         }
     }
 
-    fn notify(&self, notice: &Notice) {
+    fn notify(&self, notice: &Notice<'_>) {
         let guivm = match self.domains() {
-            Ok(domains) => guivm_of(&domains, &notice.source),
+            Ok(domains) => guivm_of(&domains, notice.source),
             Err(e) => {
                 log::error!("cannot notify: {e}");
                 return;

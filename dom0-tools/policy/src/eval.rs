@@ -171,18 +171,20 @@ pub enum AskAnswer {
 
 /// What the user is told about a decision of a rule with `notify=yes` (or
 /// a denial Qubes notifies): Qubes' `policy.Notify` parameters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Notice {
+/// Borrowed from the query and the decision: nothing is copied unless the
+/// [`Confirm`] keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Notice<'a> {
     /// `true` for `"resolution": "allow"`, `false` for `"deny"`.
     pub allowed: bool,
     /// Service name.
-    pub service: String,
+    pub service: &'a str,
     /// Argument, with its `+`.
-    pub argument: String,
+    pub argument: &'a str,
     /// The calling qube.
-    pub source: String,
+    pub source: &'a str,
     /// The chosen target (allow) or the intended target (deny).
-    pub target: String,
+    pub target: &'a str,
 }
 
 /// Who answers `ask`.
@@ -193,7 +195,7 @@ pub trait Confirm: Send + Sync {
     /// Tell the user (`policy.Notify`); failures are only logged. Called
     /// for an allow by a rule with `notify=yes` and for a notifying denial,
     /// never for `just_evaluate`.
-    fn notify(&self, _notice: &Notice) {}
+    fn notify(&self, _notice: &Notice<'_>) {}
 }
 
 /// No confirmation program: every `ask` is a deny.
@@ -376,10 +378,10 @@ impl Policy {
                     let (service, argument) = split_service(&query.service_and_arg);
                     confirm.notify(&Notice {
                         allowed: false,
-                        service: service.to_owned(),
-                        argument: argument.to_owned(),
-                        source: query.source.clone(),
-                        target: query.intended_target.clone(),
+                        service,
+                        argument,
+                        source: &query.source,
+                        target: &query.intended_target,
                     });
                 }
                 Decision::Deny {
@@ -737,10 +739,10 @@ fn notify_allow(
         let (service, argument) = split_service(&query.service_and_arg);
         confirm.notify(&Notice {
             allowed: true,
-            service: service.to_owned(),
-            argument: argument.to_owned(),
-            source: query.source.clone(),
-            target: target.clone(),
+            service,
+            argument,
+            source: &query.source,
+            target,
         });
     }
     decision
