@@ -432,6 +432,7 @@ pub fn run_child_logging_stderr(
             Ok(status) => exec::exit_code(status),
             Err(_) => QREXEC_EXIT_PROBLEM,
         }),
+        close_stdin_on_exit: true,
     };
     match data::run_executor(vchan, version, executor) {
         Ok(code) => code,

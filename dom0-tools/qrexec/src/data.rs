@@ -17,7 +17,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 
 use protocol::qrexec::{
@@ -285,6 +285,36 @@ pub struct Executor {
     /// Waits for the process and returns its exit code (128+signal when
     /// killed by a signal).
     pub wait: Box<dyn FnOnce() -> u32 + Send>,
+    /// A process (not a socket service): `wait` runs from the start, and
+    /// when the process exits its stdin is closed at once, as Qubes does,
+    /// even while children of it still hold its stdout.
+    pub close_stdin_on_exit: bool,
+}
+
+/// What the stdin writer thread is told.
+enum StdinEvent {
+    /// Data from the remote, in order.
+    Data(Vec<u8>),
+    /// Close the process's stdin (remote EOF, or the process exited).
+    Close,
+}
+
+/// Feed the process's stdin from `events`. Data is queued without limit
+/// (Qubes' `WRITE_STDIN_BUFFERED`): a process that does not read its stdin
+/// yet never stops us reading the data vchan, so the remote never blocks.
+fn stdin_writer(mut stdin: Option<Box<dyn Write + Send>>, events: mpsc::Receiver<StdinEvent>) {
+    while let Ok(event) = events.recv() {
+        match event {
+            StdinEvent::Data(data) => {
+                if let Some(w) = stdin.as_mut()
+                    && w.write_all(&data).and_then(|()| w.flush()).is_err()
+                {
+                    stdin = None;
+                }
+            }
+            StdinEvent::Close => stdin = None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Executor {
@@ -301,7 +331,13 @@ pub fn run_executor(vchan: Box<dyn Vchan>, version: u32, local: Executor) -> Res
     let writer: SharedWriter = Arc::new(Mutex::new(vchan));
     let chunk = max_data_chunk(version);
 
-    let mut stdin = local.stdin;
+    let (events, queue) = mpsc::channel();
+    let stdin = local.stdin;
+    thread::Builder::new()
+        .name("qrexec-stdin-writer".into())
+        .spawn(move || stdin_writer(stdin, queue))
+        .context(|| "starting stdin writer thread".into())?;
+    let remote_events = events.clone();
     thread::Builder::new()
         .name("qrexec-remote-stdin".into())
         .spawn(move || {
@@ -316,20 +352,36 @@ pub fn run_executor(vchan: Box<dyn Vchan>, version: u32, local: Executor) -> Res
                         stream: DataStream::Stdin | DataStream::Stdout,
                         data,
                     } => {
-                        if data.is_empty() {
-                            stdin = None;
-                        } else if let Some(w) = stdin.as_mut()
-                            && w.write_all(data).and_then(|()| w.flush()).is_err()
-                        {
-                            // The process closed its stdin: discard the rest.
-                            stdin = None;
+                        let event = if data.is_empty() {
+                            StdinEvent::Close
+                        } else {
+                            StdinEvent::Data(data.to_vec())
+                        };
+                        if remote_events.send(event).is_err() {
+                            break;
                         }
                     }
                     _ => break,
                 }
             }
+            let _ = remote_events.send(StdinEvent::Close);
         })
         .context(|| "starting remote stdin thread".into())?;
+    let wait = local.wait;
+    let (waiter, wait) = if local.close_stdin_on_exit {
+        let waiter = thread::Builder::new()
+            .name("qrexec-wait".into())
+            .spawn(move || {
+                let code = wait();
+                let _ = events.send(StdinEvent::Close);
+                code
+            })
+            .context(|| "starting wait thread".into())?;
+        (Some(waiter), None)
+    } else {
+        drop(events);
+        (None, Some(wait))
+    };
 
     let mut send_failed = false;
     let stderr_eof = Repr::Data {
@@ -363,7 +415,11 @@ pub fn run_executor(vchan: Box<dyn Vchan>, version: u32, local: Executor) -> Res
         }
         None => Ok(()),
     };
-    let code = (local.wait)();
+    let code = match (waiter, wait) {
+        (Some(waiter), _) => waiter.join().unwrap_or(EXIT_CODE_DISCONNECTED),
+        (None, Some(wait)) => wait(),
+        (None, None) => EXIT_CODE_DISCONNECTED,
+    };
     let sent = eof.and_then(|()| send(&writer, &Repr::ExitCode(code)));
     if let Ok(guard) = writer.lock() {
         let _ = guard.shutdown();
@@ -477,6 +533,7 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 42
             }),
+            close_stdin_on_exit: false,
         };
         let e = thread::spawn(move || run_executor(b, 3, exec).unwrap());
         assert_eq!(run_requester(a, 3, req).unwrap(), 42);
@@ -494,6 +551,7 @@ mod tests {
             stdout: Some(Box::new(&b"x"[..])),
             stderr: None,
             wait: Box::new(|| 3),
+            close_stdin_on_exit: false,
         };
         let e = thread::spawn(move || run_executor(a, 3, exec));
         let mut buf = MessageBuf::new();
@@ -518,6 +576,7 @@ mod tests {
             stdout: Some(Box::new(&b""[..])),
             stderr: Some(Box::new(&b"e"[..])),
             wait: Box::new(|| 0),
+            close_stdin_on_exit: false,
         };
         let e = thread::spawn(move || run_executor(a, 3, exec));
         let mut buf = MessageBuf::new();

@@ -262,6 +262,7 @@ impl Connected {
             stdout: Some(Box::new(self.stream)),
             stderr: None,
             wait: Box::new(|| 0),
+            close_stdin_on_exit: false,
         })
     }
 }

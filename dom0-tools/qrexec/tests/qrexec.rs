@@ -482,11 +482,19 @@ fn daemon_flags_and_usage() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only one of -e, -l, -c"));
+    // `-d dom0` without `-c` runs the command here (as Qubes does), but not
+    // with -e or -l.
     let out = std::process::Command::new(common::CLIENT)
-        .args(["-d", "dom0", "cmd"])
+        .args(["-d", "dom0", "-e", "user:cmd"])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("-c must be specified"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used without -c"));
+    let out = std::process::Command::new(common::CLIENT)
+        .args(["-d", "dom0", "DEFAULT:exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
     let out = std::process::Command::new(common::CLIENT_VM)
         .output()
         .unwrap();
