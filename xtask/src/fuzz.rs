@@ -11,7 +11,12 @@ use std::process::Command;
 use crate::{run_command, workspace_root};
 
 /// Crates that carry a `fuzz/` directory.
-const FUZZ_CRATES: &[&str] = &["protocol", "unikernel", "dom0-tools/policy"];
+const FUZZ_CRATES: &[&str] = &[
+    "protocol",
+    "unikernel",
+    "dom0-tools/policy",
+    "vm-tools/filecopy",
+];
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let (seconds, wanted) = match args.first().map(|arg| arg.parse::<u64>()) {

@@ -42,6 +42,9 @@ pub struct UnpackOptions {
     pub verbose: bool,
     /// Use `O_TMPFILE` + `linkat` through this `/proc/self/fd` directory.
     pub use_tmpfile: bool,
+    /// `syncfs` the incoming directory's filesystem before answering (as
+    /// Qubes does); only the fuzzer turns it off.
+    pub sync: bool,
 }
 
 impl Default for UnpackOptions {
@@ -58,6 +61,7 @@ impl Default for UnpackOptions {
             allow_directories: true,
             verbose: false,
             use_tmpfile: true,
+            sync: true,
         }
     }
 }
@@ -207,7 +211,9 @@ pub fn unpack<R: Read, W: Write>(
     let mut last_name: Vec<u8> = Vec::new();
     let result = unpacker.run(&mut last_name);
     // Make what was written durable before saying so (as Qubes' syncfs).
-    let _ = rustix::fs::syncfs(dir);
+    if options.sync {
+        let _ = rustix::fs::syncfs(dir);
+    }
     let (code, last, message) = match result {
         Ok(()) => (0, Some(last_name), None),
         Err(refusal) => (refusal.code, refusal.last_name, Some(refusal.message)),
