@@ -13,6 +13,9 @@
 //!   up, show allowed/denied traffic, a live rule change and qrexec (root).
 //! - `bench box` — iperf3 through the hosted firewall vs the Linux kernel
 //!   path, and the firewall's memory with 10 clients (root).
+//! - `soak [SECONDS]` — 100 client qubes, well-behaved load while others
+//!   attack in turn; one table of figures; fails on a crash, a hang, a
+//!   leaked denied packet or memory growth (root).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -22,6 +25,7 @@ mod demo;
 mod dist;
 mod fuzz;
 mod image;
+mod soak;
 mod test;
 
 fn main() -> ExitCode {
@@ -32,6 +36,7 @@ fn main() -> ExitCode {
         Some("dist") => dist::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("image") => image::run(&args[1..]),
+        Some("soak") => soak::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
         Some(other) => Err(format!("unknown command `{other}`\n{USAGE}")),
         None => Err(USAGE.to_string()),
@@ -51,7 +56,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   image [--check-reproducible] build the Xen PVH image target/xen/qubes-firewall.elf
   dist                         the release directory for Qubes (target/dist/qubes-firewall-rs-VERSION)
   demo                         Qubes in a box: the whole system and what it does (root)
-  bench box                    iperf3 through the hosted firewall vs the Linux kernel path (root)";
+  bench box                    iperf3 through the hosted firewall vs the Linux kernel path (root)
+  soak [SECONDS]               100 clients under load and attack, one table; fails on crash/hang/leak/growth (root)";
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
