@@ -1,6 +1,6 @@
 #!/bin/bash
 # Boot Xen 4.17 + Debian dom0 + our initramfs in QEMU, timestamp the serial log.
-# usage: boot.sh [tcg|kvm] [initrd]     env: TIMEOUT (s, default 600), SMP, LOG
+# usage: boot.sh [tcg|kvm] [initrd]     env: TIMEOUT (s, default 600), SMP, LOG, QEMU_CPU (tcg)
 set -uo pipefail
 LAB=${LAB:-${TMPDIR:-/tmp}/qubes-fw-xen}
 MODE=${1:-tcg}
@@ -9,7 +9,7 @@ TIMEOUT=${TIMEOUT:-600}
 SMP=${SMP:-2}
 LOG=${LOG:-$LAB/out/serial-$MODE.log}
 case $MODE in
-  tcg) ACCEL=(-accel tcg,thread=multi -cpu qemu64,+svm,+npt,+rdrand) ;;   # emulated AMD-V incl. nested paging
+  tcg) ACCEL=(-accel tcg,thread=multi -cpu "${QEMU_CPU:-qemu64,+svm,+npt,+rdrand}") ;;   # emulated AMD-V incl. nested paging
   kvm) ACCEL=(-accel kvm -cpu host,-arch-capabilities) ;;  # needs real VT-x/AMD-V in the host (fails here: kvm_pvm)
   *) echo "mode must be tcg or kvm" >&2; exit 2 ;;
 esac

@@ -325,11 +325,41 @@ impl XenPlatform {
     /// changed ([`xenbus`]): client vifs connect, close and reopen; the
     /// uplink closes when its backend goes and connects again to a new one.
     fn progress_devices(&mut self) {
-        for path in self.shared.unwatch.borrow_mut().drain(..) {
-            self.xenstore.unwatch_node(&path);
-        }
+        self.flush_unwatch(&[]);
         self.progress_backends();
         self.progress_uplink();
+    }
+
+    /// Stops the watches of dropped devices, except on paths a live device
+    /// (or `keep`, about to be watched) still needs.
+    fn flush_unwatch(&mut self, keep: &[String]) {
+        let queued: Vec<String> = self.shared.unwatch.borrow_mut().drain(..).collect();
+        if queued.is_empty() {
+            return;
+        }
+        let mut live: BTreeSet<String> = keep.iter().cloned().collect();
+        for conn in self
+            .shared
+            .backends
+            .borrow()
+            .iter()
+            .filter_map(Weak::upgrade)
+        {
+            match &*conn.borrow() {
+                BackConn::Waiting { machine, .. } | BackConn::Up { machine, .. } => {
+                    live.extend(machine.watched());
+                }
+                BackConn::Gone => {}
+            }
+        }
+        if let Some((_, machine)) = &self.uplink {
+            live.extend(machine.watched());
+        }
+        for path in queued {
+            if !live.contains(&path) {
+                self.xenstore.unwatch_node(&path);
+            }
+        }
     }
 
     fn progress_backends(&mut self) {
@@ -1464,17 +1494,12 @@ impl Platform for XenPlatform {
             )));
         }
         self.xenstore
-            .transaction(8, |xs| {
-                xs.write(&format!("{backend}/feature-rx-copy"), "1")?;
-                xs.write(&format!("{backend}/feature-rx-flip"), "0")?;
-                // We complete blank IPv4 and IPv6 TCP/UDP checksums (csum.rs).
-                xs.write(&format!("{backend}/feature-no-csum-offload"), "0")?;
-                xs.write(&format!("{backend}/feature-ipv6-csum-offload"), "1")?;
-                xs.write(&format!("{backend}/hotplug-status"), "connected")?;
-                xs.write(&format!("{backend}/state"), &xenbus::INIT_WAIT.to_string())
-            })
+            .transaction(8, |xs| xenbus::offer(xs, &backend))
             .map_err(PlatformError::Xenstore)?;
         let machine = BackendMachine::new(backend, frontend);
+        // A dropped vif of the same client may have queued these very paths
+        // for unwatching: settle the queue first.
+        self.flush_unwatch(&machine.watched());
         for path in machine.watched() {
             // xenstored fires each new watch at once: the machine runs in
             // the next `wait`.

@@ -100,6 +100,19 @@ pub enum Phase {
     Down,
 }
 
+/// Offers a client's vif (our `backend` directory): what we serve
+/// (`feature-rx-copy`; blank IPv4/IPv6 TCP/UDP checksums completed, see
+/// `csum`), `hotplug-status` (what `xl devd` writes after its hotplug
+/// script; libxl waits for it) and InitWait.
+pub fn offer<X: Xenstore>(xs: &mut X, backend: &str) -> Result<(), XenstoreError> {
+    xs.write(&format!("{backend}/feature-rx-copy"), "1")?;
+    xs.write(&format!("{backend}/feature-rx-flip"), "0")?;
+    xs.write(&format!("{backend}/feature-no-csum-offload"), "0")?;
+    xs.write(&format!("{backend}/feature-ipv6-csum-offload"), "1")?;
+    xs.write(&format!("{backend}/hotplug-status"), "connected")?;
+    xs.write(&format!("{backend}/state"), &INIT_WAIT.to_string())
+}
+
 /// Our side of a client's vif: `backend/vif/<domid>/<dev>`.
 #[derive(Debug, Clone)]
 pub struct BackendMachine {
@@ -183,12 +196,13 @@ impl BackendMachine {
             (Phase::Waiting, Some(INITIALISED | CONNECTED)) if ours != Some(CLOSING) => {
                 Step::Connect
             }
-            // A frontend reset (driver reloaded in the same domain): offer
-            // the device again, as Linux netback does.
+            // A frontend reset (driver reloaded in the same domain), or
+            // our directory recreated by a new attach before we looked:
+            // offer the device again, as Linux netback does.
             (Phase::Down, Some(INITIALISING | INIT_WAIT)) if ours.is_some() => {
                 if ours != Some(CLOSING) {
                     self.phase = Phase::Waiting;
-                    self.write_ours(xs, INIT_WAIT)?;
+                    offer(xs, &self.backend)?;
                 }
                 Step::Stay
             }
@@ -538,6 +552,17 @@ mod tests {
         xs.set(&format!("{FRONT}/state"), "1");
         assert_eq!(back.progress(&mut xs), Ok(Step::Stay));
         assert_eq!(state(&mut xs, BACK).as_deref(), Some("2"));
+        // Offered again in full (a recreated directory has none of it).
+        for key in [
+            "feature-rx-copy",
+            "hotplug-status",
+            "feature-ipv6-csum-offload",
+        ] {
+            assert!(
+                xs.read(&format!("{BACK}/{key}")).unwrap().is_some(),
+                "{key}"
+            );
+        }
         xs.set(&format!("{FRONT}/state"), "4");
         assert_eq!(back.progress(&mut xs), Ok(Step::Connect));
     }
