@@ -206,7 +206,8 @@ pub enum Operation {
 }
 
 /// Walk the sources like `qubes-fs-tree-check`: `Ok((total_bytes,
-/// all_names_safe))`, or a message for a source that cannot be read.
+/// all_names_safe))`, or a message for a source that cannot or must not be
+/// sent (unreadable, `.`/`..`/`/`, a symlink the receiver would refuse).
 fn tree_check(sources: &[PathBuf], ignore_symlinks: bool) -> Result<(u64, bool), String> {
     fn walk(
         path: &Path,
@@ -215,31 +216,40 @@ fn tree_check(sources: &[PathBuf], ignore_symlinks: bool) -> Result<(u64, bool),
         total: &mut u64,
         safe: &mut bool,
     ) -> Result<(), String> {
-        let meta =
-            std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if meta.file_type().is_symlink() {
-            if ignore_symlinks {
-                return Ok(());
-            }
-            let target =
-                std::fs::read_link(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let flags = NameFlags {
-                allow_non_canonical_symlinks: true,
-                ..NameFlags::default()
-            };
-            if names::validate_symlink(name, target.as_os_str().as_bytes(), flags).is_err() {
-                return Err(format!(
-                    "{}: symlink would be refused by the receiver (points outside the copied tree)",
-                    path.display()
-                ));
-            }
-        } else if names::validate_file_name(name, NameFlags::default()).is_err() {
+        let shown = unpack::printable(path.as_os_str().as_bytes());
+        let meta = std::fs::symlink_metadata(path).map_err(|e| format!("fstatat({shown}): {e}"))?;
+        let kind = meta.file_type();
+        if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
+            return Ok(()); // not sent
+        }
+        if kind.is_symlink() && ignore_symlinks {
+            return Ok(());
+        }
+        let leaf = name.rsplit(|&b| b == b'/').next().unwrap_or(name);
+        if !names::safe_for_display(leaf) {
             *safe = false;
         }
-        *total += meta.len();
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))? {
-                let entry = entry.map_err(|e| format!("{}: {e}", path.display()))?;
+        *total = total
+            .checked_add(meta.len())
+            .ok_or("Refusing to copy over 2**64 bytes")?;
+        if kind.is_symlink() {
+            let target = std::fs::read_link(path).map_err(|e| format!("readlink({shown}): {e}"))?;
+            let target = target.as_os_str().as_bytes();
+            if !names::safe_for_display(target) {
+                *safe = false;
+            }
+            // Character checks are done above; only the structure here.
+            let flags = NameFlags {
+                allow_unsafe_characters: true,
+                allow_non_canonical_symlinks: true,
+                allow_unsafe_symlinks: false,
+            };
+            if names::validate_symlink(name, target, flags).is_err() {
+                return Err(format!("Refusing to copy unsafe symbolic link {shown}"));
+            }
+        } else if kind.is_dir() {
+            for entry in std::fs::read_dir(path).map_err(|e| format!("open({shown}): {e}"))? {
+                let entry = entry.map_err(|e| format!("readdir({shown}): {e}"))?;
                 let child = [name, b"/", entry.file_name().as_bytes()].concat();
                 walk(&entry.path(), &child, ignore_symlinks, total, safe)?;
             }
@@ -247,8 +257,21 @@ fn tree_check(sources: &[PathBuf], ignore_symlinks: bool) -> Result<(u64, bool),
         Ok(())
     }
     let (mut total, mut safe) = (0, true);
-    for source in sources {
-        let (_, base) = crate::pack::split_argument(source.as_os_str().as_bytes());
+    for (i, source) in sources.iter().enumerate() {
+        let bytes = source.as_os_str().as_bytes();
+        if bytes.is_empty() {
+            return Err(format!(
+                "Empty string (passed as argument {}) is not a valid path",
+                i + 1
+            ));
+        }
+        let (_, base) = crate::pack::split_argument(bytes);
+        if base == b"." || base == b".." {
+            return Err("Refusing to copy path with basename empty, ., or ..".to_string());
+        }
+        if base.first() == Some(&b'/') {
+            return Err("Refusing to copy root directory".to_string());
+        }
         walk(source, &base, ignore_symlinks, &mut total, &mut safe)?;
     }
     Ok((total, safe))

@@ -133,6 +133,23 @@ fn validate_path(path: &[u8], mut allowed_dotdot: usize, rules: PathRules) -> Re
     Ok(normal)
 }
 
+/// Is every character printable ASCII or an allowed UTF-8 character (no
+/// path rules)? Qubes' `qubes_pure_string_safe_for_display`.
+pub fn safe_for_display(text: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(&byte) = text.get(i) {
+        if (0x20..=0x7E).contains(&byte) {
+            i += 1;
+        } else {
+            match text.get(i..).and_then(allowed_char_len) {
+                Some(len) => i += len,
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
 /// Check a received file or directory name. `Err(EILSEQ)` if refused.
 pub fn validate_file_name(name: &[u8], flags: NameFlags) -> Result<(), u32> {
     let rules = PathRules {
@@ -318,6 +335,13 @@ mod tests {
             ..DEFAULT
         };
         assert_eq!(validate_symlink(b"l", b"/etc", unsafe_links), Ok(()));
+    }
+
+    #[test]
+    fn display_safety() {
+        assert!(safe_for_display("../caf\u{e9}/x".as_bytes()));
+        assert!(!safe_for_display(b"a\tb"));
+        assert!(!safe_for_display(b"\xc3"));
     }
 
     #[test]

@@ -191,6 +191,15 @@ fn qvm_copy_and_qvm_move_front_ends() {
     // A name Qubes' safe-name check refuses selects the allow-all-names service.
     std::fs::write(src.join("bad\u{7}name"), b"x").unwrap();
     let _ = front("qvm-copy", &[&src.join("bad\u{7}name")]);
+    // A symlink the receiver would refuse is refused before anything is sent.
+    std::os::unix::fs::symlink("/etc", src.join("etc-link")).unwrap();
+    let out = front("qvm-copy", &[&src]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Refusing to copy unsafe symbolic link"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let log = std::fs::read_to_string(&log).unwrap();
     assert_eq!(
         log.lines().collect::<Vec<_>>(),
