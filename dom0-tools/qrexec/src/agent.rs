@@ -268,9 +268,11 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
             }
             Launch::NotFound => {
                 let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_SERVICE_NOT_FOUND, true);
+                data::drain_in_background(vchan);
             }
             Launch::Failed(code) => {
                 let _ = data::send_failed_exec(&mut *vchan, code, true);
+                data::drain_in_background(vchan);
             }
         }
     }

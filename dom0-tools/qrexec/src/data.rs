@@ -457,7 +457,23 @@ pub fn send_failed_exec(vchan: &mut dyn Vchan, code: u32, stdout_first: bool) ->
     ] {
         wire::write_message(vchan, &repr)?;
     }
-    vchan.shutdown()
+    vchan.shutdown_write()
+}
+
+/// After [`send_failed_exec`]: keep reading (and discarding) what the peer
+/// still sends until it closes, in the background, so that its writes
+/// never fail because we went away first (qubes-core-vchan-socket reads in a
+/// background thread the same way).
+pub fn drain_in_background(mut vchan: Box<dyn Vchan>) {
+    let _ = thread::Builder::new()
+        .name("qrexec-drain".into())
+        .spawn(move || {
+            // Bounded: a peer that neither sends nor closes is left after a
+            // minute.
+            let _ = vchan.set_read_timeout(Some(std::time::Duration::from_secs(60)));
+            let mut buf = [0u8; 4096];
+            while matches!(vchan.read(&mut buf), Ok(n) if n > 0) {}
+        });
 }
 
 #[cfg(test)]

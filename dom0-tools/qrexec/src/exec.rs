@@ -195,6 +195,8 @@ impl Read for ServiceStream {
 struct ServiceInput {
     stream: ServiceStream,
     exit_on_client_eof: bool,
+    /// Told when the caller's input to the service is over.
+    done: std::sync::mpsc::Sender<()>,
 }
 
 impl Write for ServiceInput {
@@ -216,6 +218,7 @@ impl Drop for ServiceInput {
         } else {
             std::net::Shutdown::Write
         });
+        let _ = self.done.send(());
     }
 }
 
@@ -229,6 +232,8 @@ pub struct Connected {
     pub prefix: Vec<u8>,
     /// `exit-on-client-eof`.
     pub exit_on_client_eof: bool,
+    /// `exit-on-service-eof`.
+    pub exit_on_service_eof: bool,
 }
 
 impl Connected {
@@ -254,14 +259,54 @@ impl Connected {
                 ServiceStream::Tcp(s) => s.write_all(&self.prefix)?,
             }
         }
+        // The call ends (exit code 0) once the service's output has ended
+        // and, unless exit-on-service-eof, the input side is over too: the
+        // caller's stdin ended, a write to the service failed, or the
+        // service shut its reading side (the socket hangs up).
+        let (done, over) = std::sync::mpsc::channel();
+        let wait: Box<dyn FnOnce() -> u32 + Send> = if self.exit_on_service_eof {
+            Box::new(|| 0)
+        } else {
+            let hangup = done.clone();
+            let watched = self.stream.try_clone()?;
+            std::thread::Builder::new()
+                .name("qrexec-socket-hangup".into())
+                .spawn(move || {
+                    let fd = match &watched {
+                        ServiceStream::Unix(s) => std::os::fd::AsFd::as_fd(s),
+                        ServiceStream::Tcp(s) => std::os::fd::AsFd::as_fd(s),
+                    };
+                    let mut fds = [rustix::event::PollFd::new(
+                        &fd,
+                        rustix::event::PollFlags::empty(),
+                    )];
+                    loop {
+                        match rustix::event::poll(&mut fds, None) {
+                            Ok(n) if n > 0 => break,
+                            Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = hangup.send(());
+                })?;
+            let closer = self.stream.try_clone()?;
+            Box::new(move || {
+                let _ = over.recv();
+                // Both directions are over: this also wakes the hang-up
+                // watcher, which then lets go of its handle.
+                closer.shutdown(std::net::Shutdown::Both);
+                0
+            })
+        };
         Ok(crate::data::Executor {
             stdin: Some(Box::new(ServiceInput {
                 stream: writer,
                 exit_on_client_eof: self.exit_on_client_eof,
+                done,
             })),
             stdout: Some(Box::new(self.stream)),
             stderr: None,
-            wait: Box::new(|| 0),
+            wait,
             close_stdin_on_exit: false,
         })
     }
@@ -472,6 +517,7 @@ pub fn spawn(req: &Request<'_>) -> Launch {
                     stream,
                     prefix: prefix.clone(),
                     exit_on_client_eof: config.exit_on_client_eof,
+                    exit_on_service_eof: config.exit_on_service_eof,
                 })
             };
             let handler = match found {

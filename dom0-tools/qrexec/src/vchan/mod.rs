@@ -24,6 +24,11 @@ pub trait Vchan: Read + Write + Send + fmt::Debug {
     fn try_clone(&self) -> io::Result<Box<dyn Vchan>>;
     /// Close both directions; blocked readers see end of stream.
     fn shutdown(&self) -> io::Result<()>;
+    /// Close our sending direction only, so the peer sees the end of what we
+    /// sent while we can still read what it sends (default: both).
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown()
+    }
     /// Limit how long a read may block (`None`: forever).
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }

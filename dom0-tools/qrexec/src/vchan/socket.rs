@@ -92,6 +92,13 @@ impl Vchan for SocketVchan {
         }
     }
 
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self.stream.shutdown(std::net::Shutdown::Write) {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        }
+    }
+
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.stream.set_read_timeout(timeout)
     }
