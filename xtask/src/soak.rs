@@ -25,7 +25,8 @@
 //!   sequential ones for the whole phase (the firewall's own qrexec
 //!   counters, `refused_busy` included, are printed with them);
 //! - `qubesdb`: client50's rules rewritten as fast as dom0's tools go (the
-//!   rate is printed) while client101 is added and removed in a loop;
+//!   rate is printed) while client101 is added, makes one HTTP request
+//!   (NAT entries for its removal to take away) and is removed, in a loop;
 //! - `sys-net`: sys-net restarted every 2 s (the server restarts with it,
 //!   so this phase's throughput falls by design; downloads cut by a
 //!   restart stall until their 5 s timeout, so `after` starts once both
@@ -45,7 +46,8 @@
 //! `before`, memory, NAT entries, leaked packets, what the attack did),
 //! then the drops by reason per phase, and fails on a crash (firewall
 //! process gone or replaced, or `panicked` in its log), a hang, a leaked
-//! denied packet, or memory growth: VmRSS after the `after` phase above
+//! denied packet, a leaked NAT entry (the table holds more entries than
+//! the attached clients own, from `qubes.FirewallStatus`), or memory growth: VmRSS after the `after` phase above
 //! [`GROWTH_PERCENT`] % more than VmHWM after the first attack phase plus
 //! [`GROWTH_SLACK_KIB`] (tables are allocated up front; a later phase that
 //! keeps growing is a leak). Throughput ratios and NAT entries are
@@ -492,7 +494,7 @@ fn start_attack(
             let (churn_bx, churn_stop) = (Arc::clone(bx), Arc::clone(&stop));
             attack.threads.push(std::thread::spawn(move || {
                 let qubes_box = churn_bx.qubes_box();
-                let (mut cycles, mut errors) = (0u64, 0u64);
+                let (mut cycles, mut errors, mut fetches) = (0u64, 0u64, 0u64);
                 while !churn_stop.load(Ordering::SeqCst) {
                     let add = quiet(
                         &qubes_box,
@@ -505,6 +507,23 @@ fn start_attack(
                             PREFIX,
                         ],
                     );
+                    // A flow of its own, so its removal has NAT entries
+                    // to take away.
+                    let fetched = quiet(
+                        "ip",
+                        &[
+                            "netns",
+                            "exec",
+                            &format!("{PREFIX}client101"),
+                            &qubes_box,
+                            "http-get",
+                            "192.0.2.80:80",
+                            "/",
+                        ],
+                    );
+                    if fetched.is_ok() {
+                        fetches += 1;
+                    }
                     let remove = quiet(
                         &qubes_box,
                         &[
@@ -522,7 +541,9 @@ fn start_attack(
                         errors += 1;
                     }
                 }
-                format!("client101 added and removed {cycles} times ({errors} errors)")
+                format!(
+                    "client101 added, fetched from ({fetches} ok) and removed {cycles} times ({errors} errors)"
+                )
             }));
         }
         "sys-net" => {
@@ -823,6 +844,17 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     {
         problems.push("hang: no well-behaved request succeeded after the attacks".into());
     }
+    // A NAT entry no attached client owns (a removed client's, say) leaked.
+    for r in &rows {
+        if let Some((entries, _, owned)) = r.nat
+            && entries != owned
+        {
+            problems.push(format!(
+                "NAT leak: after the {} phase the table holds {entries} entries, the attached clients own {owned}",
+                r.phase
+            ));
+        }
+    }
     let first_attack = rows.get(1).and_then(|r| r.memory);
     let last = rows.last().and_then(|r| r.memory);
     if let (Some((_, hwm)), Some((rss, _))) = (first_attack, last) {
@@ -837,7 +869,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     let bx = Arc::try_unwrap(bx).map_err(|_| "soak: the box is still in use")?;
     bx.down()?;
     if problems.is_empty() {
-        println!("soak: no crash, no hang, no denied packet leaked, memory flat");
+        println!("soak: no crash, no hang, no denied packet or NAT entry leaked, memory flat");
         Ok(())
     } else {
         Err(format!("soak failed:\n  {}", problems.join("\n  ")))
