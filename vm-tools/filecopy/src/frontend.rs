@@ -101,8 +101,8 @@ pub fn qfile_unpacker_main() -> ExitCode {
             if bytes.is_empty() || bytes.contains(&b'/') || bytes == b"." || bytes == b".." {
                 return fatal("Cannot get remote domain name");
             }
-            let Some(home) = std::env::var_os("HOME") else {
-                return fatal("Cannot get home directory ($HOME)");
+            let Some(home) = std::env::var_os("HOME").or_else(home_from_passwd) else {
+                return fatal("Cannot get home directory ($HOME, /etc/passwd)");
             };
             let root = Path::new(&home).join("QubesIncoming");
             let _ = rustix::fs::mkdir(&root, Mode::from_raw_mode(0o700));
@@ -140,6 +140,20 @@ pub fn qfile_unpacker_main() -> ExitCode {
         );
     }
     ExitCode::from(outcome.exit_code() as u8)
+}
+
+/// Our own home directory from `/etc/passwd` (when `$HOME` is unset).
+fn home_from_passwd() -> Option<OsString> {
+    let uid = rustix::process::getuid().as_raw().to_string();
+    let passwd = std::fs::read("/etc/passwd").ok()?;
+    passwd.split(|&b| b == b'\n').find_map(|line| {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b':').collect();
+        (fields.get(2) == Some(&uid.as_bytes())).then(|| {
+            fields
+                .get(5)
+                .map(|h| OsString::from(std::ffi::OsStr::from_bytes(h)))
+        })?
+    })
 }
 
 /// `qfile-agent [--ignore-symlinks] [--] FILE...`: send on stdout, read the

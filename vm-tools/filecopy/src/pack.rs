@@ -187,7 +187,9 @@ impl<W: Write> Packer<W> {
         let answer = self.answer.clone().flatten();
         match judge(answer.as_ref(), self.crc.value()) {
             // An early "success" cannot be right: the stream is not finished.
-            Ok(()) | Err(None) => Err(SendError::Receiver(None)),
+            Ok(()) => Err(SendError::Receiver(Some(
+                "File copy: the receiver answered before the end of the transfer".to_string(),
+            ))),
             Err(message) => Err(SendError::Receiver(message)),
         }
     }
