@@ -170,13 +170,27 @@ fn qvm_copy_and_qvm_move_front_ends() {
         expected
     );
     assert!(tree.exists(), "copy keeps the source");
-    // A second copy collides: the front end fails and a move keeps its source.
-    let out = front("qvm-move", &[&tree]);
+    // A move that collides fails, and keeps its source.
+    let solo = tmp.path().join("solo");
+    std::fs::write(&solo, b"mine").unwrap();
+    std::fs::write(home.join("QubesIncoming/client1/solo"), b"theirs").unwrap();
+    let out = front("qvm-move", &[&solo]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists in QubesIncoming dir"));
-    assert!(tree.exists(), "a failed move must keep the source");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("A file named \"solo\" already exists in QubesIncoming dir")
+    );
+    assert_eq!(
+        std::fs::read(&solo).unwrap(),
+        b"mine",
+        "a failed move must keep the source"
+    );
     common::make_removable(&home);
     std::fs::remove_dir_all(home.join("QubesIncoming")).unwrap();
+    // `rm -rf` of a read-only directory's contents needs root: make the
+    // tree removable (modes only) before moving it.
+    common::make_removable(&tree);
+    let expected = common::describe(&src);
     let out = front("qvm-move-to-vm", &[Path::new("client2"), &tree]);
     assert!(
         out.status.success(),
