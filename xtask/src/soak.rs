@@ -471,6 +471,7 @@ fn start_attack(
                 let (ip, _) = client_addresses(50);
                 let mut writes = 0u64;
                 let mut errors = 0u64;
+                let mut first_error = None;
                 while !rules_stop.load(Ordering::SeqCst) {
                     let port = format!(
                         "action=accept proto=tcp dstports={0}-{0}",
@@ -483,12 +484,16 @@ fn start_attack(
                     ];
                     match rules_bx.set_rules(&ip, "drop", &rules) {
                         Ok(()) => writes += 1,
-                        Err(_) => errors += 1,
+                        Err(error) => {
+                            errors += 1;
+                            first_error.get_or_insert(error);
+                        }
                     }
                 }
                 format!(
-                    "client50's rules rewritten {writes} times ({:.0}/s, {errors} errors)",
-                    writes as f64 / start.elapsed().as_secs_f64().max(1e-3)
+                    "client50's rules rewritten {writes} times ({:.0}/s, {errors} errors{})",
+                    writes as f64 / start.elapsed().as_secs_f64().max(1e-3),
+                    first_error.map_or(String::new(), |e| format!(", the first: {e}"))
                 )
             }));
             let (churn_bx, churn_stop) = (Arc::clone(bx), Arc::clone(&stop));
