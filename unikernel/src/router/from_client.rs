@@ -165,7 +165,8 @@ impl Router {
         meta: &IpMeta,
         now: Millis,
     ) {
-        if !self.options_ok(Out::Client(index), packet, meta, now) {
+        let options = !meta.v6 && meta.header_len > 20;
+        if options && !self.options_ok(Out::Client(index), packet, meta, now) {
             return;
         }
         if self.is_ours(meta.dst) {
@@ -208,7 +209,7 @@ impl Router {
             return self.drop(DropReason::NoFlow);
         }
         let v6 = meta.v6;
-        let stamp = self.options_stamp(meta, now);
+        let stamp = options.then(|| self.options_stamp(meta, now)).flatten();
         self.forward((Out::Client(index), Out::Uplink), meta, packet, now, |ip| {
             if let Some((ours, time)) = stamp {
                 ipv4::record(ip, ours, time);

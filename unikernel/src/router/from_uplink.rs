@@ -131,7 +131,8 @@ impl Router {
     }
 
     pub(super) fn forward_from_uplink(&mut self, packet: &[u8], meta: &IpMeta, now: Millis) {
-        if !self.options_ok(Out::Uplink, packet, meta, now) {
+        let options = !meta.v6 && meta.header_len > 20;
+        if options && !self.options_ok(Out::Uplink, packet, meta, now) {
             return;
         }
         if meta.protocol == PROTO_UDP
@@ -177,7 +178,7 @@ impl Router {
         }
         self.nat.touch(id, Direction::Reply, meta.tcp, now);
         let v6 = meta.v6;
-        let stamp = self.options_stamp(meta, now);
+        let stamp = options.then(|| self.options_stamp(meta, now)).flatten();
         self.forward(
             (Out::Uplink, Out::Client(client)),
             meta,

@@ -109,6 +109,7 @@ impl Router {
     /// `bare_ipv6_meta`) that `parse_ip` refused for `reason`: if its
     /// hop-by-hop header holds an unknown option that asks for it, a
     /// parameter problem goes back.
+    #[cold]
     pub(super) fn unrecognized_option(
         &mut self,
         out: Out,

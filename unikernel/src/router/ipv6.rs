@@ -55,6 +55,7 @@ pub(super) struct Chain {
 
 /// Walks the extension headers of the IPv6 packet `packet` (fixed header
 /// included) within its first `end` bytes.
+#[inline(never)] // reason: keeps parse_ip small for the IPv4 fast path.
 pub(super) fn walk(packet: &[u8], end: usize) -> Result<Chain, DropReason> {
     let fixed = packet.first_chunk::<40>().ok_or(DropReason::Malformed)?;
     let mut next = fixed[6];

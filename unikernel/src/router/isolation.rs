@@ -32,13 +32,15 @@ impl Router {
     /// client are not sent out (counted `ClientToClient`), and flows already
     /// going to a newly listed address are ended.
     pub fn set_connected_ips(&mut self, addresses: &[IpAddr]) {
-        let old = core::mem::take(&mut self.connected);
+        let old = self.connected.clone();
+        self.connected.clear();
         self.connected.extend(addresses.iter().copied());
         if self.connected.iter().any(|a| !old.contains(a)) {
             let connected = &self.connected;
             self.nat
                 .flush_destinations(|dst| connected.contains(dst) && !old.contains(dst));
         }
+        self.rebuild_client_addresses();
     }
 
     /// How many addresses [`Router::set_connected_ips`] last listed (each
@@ -50,7 +52,14 @@ impl Router {
     /// Whether `address` belongs to a client: a running one, or one dom0
     /// lists as connected.
     pub(super) fn is_client_address(&self, address: IpAddr) -> bool {
-        self.by_address.contains_key(&address) || self.connected.contains(&address)
+        self.client_addresses.contains(&address)
+    }
+
+    /// Rebuilds the one set [`Router::is_client_address`] looks in.
+    pub(super) fn rebuild_client_addresses(&mut self) {
+        self.client_addresses.clear();
+        self.client_addresses
+            .extend(self.by_address.keys().chain(&self.connected).copied());
     }
 
     /// For a new flow the sender's rules accepted: `true` (dropped,

@@ -379,6 +379,9 @@ pub struct Router {
     rules: HashMap<IpAddr, RuleSet, SeededState>,
     /// `/connected-ips` and `/connected-ips6` (`isolation.rs`).
     connected: HashSet<IpAddr, SeededState>,
+    /// The running clients' addresses and `connected` together: one
+    /// lookup per uplink packet.
+    client_addresses: HashSet<IpAddr, SeededState>,
     nat: NatTable,
     /// Fragments from clients and from the uplink are kept apart, so the
     /// net qube cannot crowd out the clients' datagrams (and the reverse).
@@ -438,6 +441,7 @@ impl Router {
             by_address: HashMap::with_hasher(hasher),
             rules: HashMap::with_hasher(hasher),
             connected: HashSet::with_hasher(hasher),
+            client_addresses: HashSet::with_hasher(hasher),
             nat,
             reassembler: Reassembler::new(caps.fragment_datagrams, caps.fragment_bytes),
             uplink_reassembler: Reassembler::new(caps.fragment_datagrams, caps.fragment_bytes),
@@ -503,6 +507,7 @@ impl Router {
                 self.by_address.insert(IpAddr::V6(ip6), index);
             }
         }
+        self.rebuild_client_addresses();
     }
 
     /// Installs the rules of the client with address `client_ip` (from
@@ -562,6 +567,7 @@ impl Router {
     /// `ip_rcv_options`, before any other decision): `false` when it was
     /// dropped (a source route silently, malformed options with a
     /// parameter problem).
+    #[cold]
     fn options_ok(&mut self, back: Out, packet: &[u8], meta: &packet::IpMeta, now: Millis) -> bool {
         if meta.v6 || meta.header_len <= 20 {
             return true;
