@@ -35,8 +35,8 @@ use protocol::qrexec::names::{
     sanitize_qube_name, sanitize_service_name, target_refers_to_dom0, validate_service_name,
 };
 use protocol::qrexec::{
-    self, ConnectParams, ExecParams, Field, MAX_DATA_PORTS, QREXEC_PROTOCOL_V2, Repr, RequestId,
-    VCHAN_BASE_DATA_PORT, VCHAN_BASE_PORT,
+    self, ConnectParams, ExecParams, Field, HEADER_LEN, HeaderRepr, IDENT_LEN, MAX_DATA_PORTS,
+    MsgType, QREXEC_PROTOCOL_V2, Repr, RequestId, VCHAN_BASE_DATA_PORT, VCHAN_BASE_PORT,
 };
 
 use crate::args::{self, OptSpec};
@@ -153,6 +153,22 @@ impl Shared {
         Ok(())
     }
 
+    /// Send a message whose body is already checked, as it is.
+    fn send_raw_to_agent(&self, msg_type: MsgType, body: &[u8]) -> Result<(), String> {
+        let len = u32::try_from(body.len()).map_err(|e| e.to_string())?;
+        let mut out = vec![0u8; HEADER_LEN];
+        HeaderRepr { msg_type, len }
+            .emit(&mut out)
+            .map_err(|e| e.to_string())?;
+        out.extend_from_slice(body);
+        let mut agent = lock(&self.agent);
+        if let Err(e) = std::io::Write::write_all(&mut **agent, &out) {
+            let _ = agent.shutdown();
+            return Err(format!("Error while vchan send: {e}"));
+        }
+        Ok(())
+    }
+
     fn send_refused(&self, ident: RequestId) {
         let _ = self.send_to_agent(&Repr::ServiceRefused(ident));
     }
@@ -232,6 +248,9 @@ enum ClientRequest {
     ServiceConnect {
         connect: ConnectParams,
         ident: RequestId,
+        /// The body as the client sent it, forwarded to the agent verbatim
+        /// (as Qubes' daemon does, whatever the ident's length).
+        body: Vec<u8>,
     },
 }
 
@@ -260,7 +279,14 @@ fn read_client_request(stream: &mut UnixStream, client: u64) -> Result<ClientReq
         Repr::ServiceConnect {
             connect,
             request_id: Some(ident),
-        } => Ok(ClientRequest::ServiceConnect { connect, ident }),
+        } => {
+            let body = buf.message().map(|m| m.body().to_vec()).unwrap_or_default();
+            Ok(ClientRequest::ServiceConnect {
+                connect,
+                ident,
+                body,
+            })
+        }
         other => Err(format!(
             "Invalid message type {} (len {}) from client {client}",
             other.msg_type().name(),
@@ -303,7 +329,7 @@ fn serve_client(shared: &Shared, mut stream: UnixStream, client: u64) {
         }
     };
     let (mut connect, forward_type) = match &request {
-        ClientRequest::ServiceConnect { connect, ident } => {
+        ClientRequest::ServiceConnect { connect, ident, .. } => {
             let mut pending = lock(&shared.pending);
             let found = pending.iter_mut().find(|p| {
                 p.as_ref().is_some_and(|p| {
@@ -377,11 +403,30 @@ fn serve_client(shared: &Shared, mut stream: UnixStream, client: u64) {
         return;
     }
     let sent = match &request {
-        ClientRequest::ServiceConnect { ident, .. } => {
-            shared.send_to_agent(&Repr::ServiceConnect {
-                connect,
-                request_id: Some(*ident),
-            })
+        ClientRequest::ServiceConnect { ident, body, .. } => {
+            let params_len = protocol::qrexec::message::EXEC_PARAMS_LEN;
+            if body.len() > params_len && body.len() <= params_len + IDENT_LEN {
+                // The connect parameters as settled above (the client may
+                // have left them to us), then the client's ident bytes.
+                let params = Repr::ServiceConnect {
+                    connect,
+                    request_id: None,
+                };
+                let mut raw = vec![0u8; params.buffer_len()];
+                match params.emit(&mut raw) {
+                    Ok(_) => {
+                        let mut out = raw.get(HEADER_LEN..).unwrap_or(&[]).to_vec();
+                        out.extend_from_slice(body.get(params_len..).unwrap_or(&[]));
+                        shared.send_raw_to_agent(MsgType::ServiceConnect, &out)
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            } else {
+                shared.send_to_agent(&Repr::ServiceConnect {
+                    connect,
+                    request_id: Some(*ident),
+                })
+            }
         }
         ClientRequest::Exec {
             just_exec, cmdline, ..

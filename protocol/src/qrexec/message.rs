@@ -362,9 +362,12 @@ impl<'a> Repr<'a> {
                 }
             }
             MsgType::ServiceConnect => {
+                // Qubes' programs send the whole 32-byte ident, but Qubes'
+                // daemon and agent also take a shorter one (read as a C
+                // string), which is zero-padded here.
                 let request_id = match rest.len() {
                     0 => None,
-                    IDENT_LEN => Some(RequestId::from_slice(rest)),
+                    1..=IDENT_LEN => Some(RequestId::from_slice(rest)),
                     _ => return Err(bad_len),
                 };
                 Repr::ServiceConnect {
@@ -819,7 +822,8 @@ mod tests {
             Repr::parse_bytes(&head),
             Err(Error::BadLength { .. })
         ));
-        // SERVICE_CONNECT with a 20-byte ident.
+        // SERVICE_CONNECT with a 20-byte ident: taken (as Qubes takes it),
+        // zero-padded; one longer than 32 bytes is refused by the header.
         let mut buf = [0u8; 8 + 28];
         HeaderRepr {
             msg_type: MsgType::ServiceConnect,
@@ -827,10 +831,25 @@ mod tests {
         }
         .emit(&mut buf)
         .unwrap();
-        assert!(matches!(
-            Repr::parse_bytes(&buf),
-            Err(Error::BadLength { .. })
-        ));
+        buf[16] = b'S';
+        match Repr::parse_bytes(&buf) {
+            Ok((
+                Repr::ServiceConnect {
+                    request_id: Some(id),
+                    ..
+                },
+                36,
+            )) => assert_eq!(id.as_bytes(), b"S"),
+            other => panic!("{other:?}"),
+        }
+        let mut buf = [0u8; 8 + 41];
+        HeaderRepr {
+            msg_type: MsgType::ServiceConnect,
+            len: 41,
+        }
+        .emit(&mut buf)
+        .unwrap();
+        assert!(Repr::parse_bytes(&buf).is_err());
         // parse_body with a body that disagrees with the header.
         let header = HeaderRepr {
             msg_type: MsgType::DataExitCode,
