@@ -56,9 +56,9 @@
 //!
 //! Needs python3 (the attack, sink and load scripts, standard library
 //! only) and iproute2; missing packages are installed with apt-get.
-//! Everything it creates (the box's namespaces and state dir, its scripts
-//! under `target/soak/`, processes it starts) is removed again, also when
-//! a step fails.
+//! Everything it creates (the box's namespaces and state dir, processes
+//! it starts) is removed again, also when a step fails; the scripts and
+//! the sinks' counts stay in `target/soak/`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -878,5 +878,51 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         Ok(())
     } else {
         Err(format!("soak failed:\n  {}", problems.join("\n  ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "qubes-firewall status
+uptime_seconds: 12
+
+# drops: count reason
+drop 0 fragment
+drop 7 denied
+drop 3 client's
+
+nat_entries: 5 of 16384
+flows_created: 9
+client vif3.0 10.137.0.20 3 drop 2
+client vif4.0 10.137.0.21 1 drop 2 error=\"bad\"
+connected_ips: 10.137.0.20
+";
+
+    #[test]
+    fn drops_by_reason_are_read() {
+        let drops = drops(STATUS);
+        assert_eq!(drops.get("denied"), Some(&7));
+        assert_eq!(drops.get("client's"), Some(&3));
+        assert_eq!(drops.get("fragment"), Some(&0));
+        assert_eq!(drops.len(), 3);
+    }
+
+    #[test]
+    fn nat_entries_and_the_clients_share_are_read() {
+        assert_eq!(nat(STATUS), Some((5, 16384, 4)));
+        assert_eq!(nat("qubes-firewall status\n"), None);
+    }
+
+    #[test]
+    fn client_addresses_follow_the_box() {
+        assert_eq!(
+            client_addresses(3),
+            (
+                "10.137.0.22".to_string(),
+                "fd09:24ef:4179::a89:16".to_string()
+            )
+        );
     }
 }
