@@ -18,7 +18,9 @@
 //! `--fork-server-socket` is accepted and ignored). Messages from a local
 //! qrexec-client-vm are hostile input: malformed ones close that client
 //! only. Commands run as the requested user when the agent is root, as the
-//! agent's own user otherwise.
+//! agent's own user otherwise. Each call gets a stand-in process (this
+//! program run with `--qrexec-call-process`) whose PID is the call's
+//! `QREXEC_AGENT_PID`, so a service signalling it cannot end the agent.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -214,8 +216,15 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
             return;
         }
     };
-    let pid = std::process::id().to_string();
-    let env = [("QREXEC_AGENT_PID", pid)];
+    // QREXEC_AGENT_PID names a process of this call only, as in Qubes
+    // (where it is the per-call process): a service that signals it (Qubes'
+    // services may send SIGUSR1) can only end that stand-in, never the agent
+    // and every other call. Without one, no PID is given.
+    let mut call_process = CallProcess::start();
+    let env: Vec<(&str, String)> = call_process
+        .as_ref()
+        .map(|c| vec![("QREXEC_AGENT_PID", c.pid())])
+        .unwrap_or_default();
     let stderr_tag = split_user(cmdline)
         .ok()
         .and_then(|uc| exec::stderr_tag(uc.command));
@@ -276,7 +285,55 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
             }
         }
     }
+    if let Some(c) = call_process.as_mut() {
+        c.stop();
+    }
     agent.connection_terminated(connect);
+}
+
+/// Argument that makes `qrexec-agent` a call's stand-in process (see
+/// [`CallProcess`]).
+pub const CALL_PROCESS_ARG: &str = "--qrexec-call-process";
+
+/// A process standing for one call (`QREXEC_AGENT_PID`): our own program
+/// started with [`CALL_PROCESS_ARG`], which only waits; it is killed when
+/// the call ends, and leaves by itself if the agent is gone.
+#[derive(Debug)]
+struct CallProcess(std::process::Child);
+
+impl CallProcess {
+    fn start() -> Option<Self> {
+        let exe = std::env::current_exe().ok()?;
+        std::process::Command::new(exe)
+            .arg(CALL_PROCESS_ARG)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()
+            .map(CallProcess)
+    }
+
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The body of a call's stand-in process: wait until killed, or until the
+/// agent that started it is gone.
+fn call_process_main() -> i32 {
+    let parent = rustix::process::getppid();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if rustix::process::getppid() != parent {
+            return 0;
+        }
+    }
 }
 
 fn control_loop(agent: &Arc<Agent>, mut reader: Box<dyn Vchan>) -> bool {
@@ -381,6 +438,9 @@ fn usage() -> i32 {
 
 /// `qrexec-agent` main: returns the exit code.
 pub fn main(argv: Vec<String>) -> i32 {
+    if argv.get(1).map(String::as_str) == Some(CALL_PROCESS_ARG) && argv.len() == 2 {
+        return call_process_main();
+    }
     crate::log::init("qrexec-agent");
     let parsed = match args::parse(argv.get(1..).unwrap_or(&[]), SPECS, false) {
         Ok(p) => p,

@@ -507,3 +507,25 @@ fn daemon_flags_and_usage() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stdin not a socket"));
 }
+
+#[test]
+fn a_service_signalling_qrexec_agent_pid_does_not_end_the_agent() {
+    let q = two_vms("agentpid", "");
+    // Qubes' services may send SIGUSR1 to $QREXEC_AGENT_PID; that must
+    // reach a process of this call only, never the agent itself.
+    let mut cmd = q.client();
+    cmd.args([
+        "-d",
+        "vmA",
+        "DEFAULT:test -n \"$QREXEC_AGENT_PID\" || exit 9; kill -USR1 \"$QREXEC_AGENT_PID\"; echo signalled",
+    ]);
+    let out = run_with_input(cmd, b"");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "signalled\n");
+    // The agent still serves calls.
+    let mut cmd = q.client();
+    cmd.args(["-d", "vmA", "DEFAULT:echo still here"]);
+    let out = run_with_input(cmd, b"");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "still here\n");
+}
