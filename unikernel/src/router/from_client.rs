@@ -238,6 +238,7 @@ impl Router {
     /// --reject-with icmp-admin-prohibited` (every Qubes rule with
     /// `action=drop`, and the policy, becomes such a REJECT in
     /// qubes-core-agent-linux's `prepare_rules`).
+    #[inline(never)] // reason: the slow path; keeps forwarding's code small.
     pub(super) fn new_flow(
         &mut self,
         index: usize,

@@ -49,6 +49,7 @@ impl Router {
     /// take it: pings are answered, other ICMP is taken silently, DHCP
     /// (UDP port 68) dropped silently, everything else rejected (IPv4:
     /// host-prohibited, IPv6: admin-prohibited).
+    #[inline(never)] // reason: not the forwarding path.
     pub(super) fn client_to_firewall(
         &mut self,
         index: usize,
