@@ -7,7 +7,10 @@
 //! checking anything. The tests listed in `tests/interop/not-passing.txt`
 //! (each with its reason) are not run; every other test of the suite must
 //! pass, so a regression, or a listed test that would now pass but was
-//! left listed, is caught by keeping that list honest in review.
+//! left listed, is caught by keeping that list honest in review. Then
+//! `tests/interop/pairs.sh` runs the mixed-pair matrix (ours and Qubes'
+//! programs in every combination, dom0 -> qube and qube -> qube), which
+//! must be all green.
 #![allow(clippy::unwrap_used)] // reason: test code
 
 use std::path::{Path, PathBuf};
@@ -94,4 +97,20 @@ fn qubes_socket_suite_passes_against_our_programs() {
         "run.sh failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
+
+    // The mixed pairs: ours and Qubes' programs in every combination
+    // (Qubes' build is the one run.sh made).
+    let out = Command::new(root.join("tests/interop/pairs.sh"))
+        .env("OUR_BIN_DIR", &bins)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(": ok")).count(),
+        24,
+        "mixed pairs not all working:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pairs.sh failed ({})", out.status);
 }
