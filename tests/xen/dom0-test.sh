@@ -332,6 +332,12 @@ check "linux-client: all of the above with the firewall at $fwmem MiB (16 requir
 sed 's/^/QFW: dns: /' /tmp/dns.log | tail -4
 firewall_status /tmp/status3.txt > /dev/null
 grep -E "^interface|^drop [1-9]|^heap" /tmp/status3.txt | sed 's/^/QFW-STATUS /'
+# The status (over qrexec) reports the heap: used and free, both non-zero,
+# with the firewall at 16 MiB after all the client's traffic.
+heap=$(grep -E "^heap: used [0-9]+ KiB free [0-9]+ KiB of [0-9]+ KiB$" /tmp/status3.txt | head -1)
+hused=$(echo "$heap" | awk '{print $3}'); hfree=$(echo "$heap" | awk '{print $6}')
+check "qubes.FirewallStatus over qrexec reports the heap at $fwmem MiB (${heap:-no heap line})" \
+    $([ "$fwmem" = 16 ] && [ "${hused:-0}" -gt 0 ] && [ "${hfree:-0}" -gt 0 ] && echo ok)
 xl destroy linux-client 2>/dev/null
 kill $DNS_PID 2>/dev/null
 

@@ -287,7 +287,9 @@ impl<P: Platform> Firewall<P> {
         })
     }
 
-    /// The status report, as `qubes.FirewallStatus` prints it.
+    /// The status report, as `qubes.FirewallStatus` prints it, but without
+    /// the heap's figures (they come from the platform, not at hand here;
+    /// the qrexec service asks the platform).
     pub fn status(&self, now: Instant) -> StatusReport {
         build_report(&ReportInputs {
             network: self.network.as_ref(),
@@ -296,6 +298,7 @@ impl<P: Platform> Firewall<P> {
             rule_summary: &self.rule_summary,
             connected: &self.connected,
             wall_clock: self.wall_clock,
+            heap: None,
             started: self.started,
             now,
         })
@@ -512,7 +515,9 @@ impl<P: Platform> Firewall<P> {
             }
             return;
         }
+        let heap = platform.heap_usage();
         let mut host = Host {
+            heap,
             network: self.network.as_ref(),
             qubesdb: &self.qubesdb,
             agent: self.agent.stats(),
@@ -817,6 +822,7 @@ struct Host<'a, P: Platform> {
     rule_summary: &'a BTreeMap<IpAddr, RuleSummary>,
     connected: &'a ConnectedIps,
     wall_clock: &'a mut WallClock,
+    heap: Option<crate::platform::HeapUsage>,
     started: Instant,
     now: Instant,
 }
@@ -830,6 +836,7 @@ impl<P: Platform> ServiceHost for Host<'_, P> {
             rule_summary: self.rule_summary,
             connected: self.connected,
             wall_clock: *self.wall_clock,
+            heap: self.heap,
             started: self.started,
             now: self.now,
         });
@@ -849,6 +856,7 @@ struct ReportInputs<'a, P: Platform> {
     rule_summary: &'a BTreeMap<IpAddr, RuleSummary>,
     connected: &'a ConnectedIps,
     wall_clock: WallClock,
+    heap: Option<crate::platform::HeapUsage>,
     started: Instant,
     now: Instant,
 }
@@ -857,6 +865,7 @@ fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
     let mut report = StatusReport {
         uptime_seconds: (inputs.now - inputs.started).secs(),
         wall_clock: inputs.wall_clock.now(inputs.now),
+        heap: inputs.heap,
         qubesdb: inputs.qubesdb.database().stats(),
         qrexec: inputs.agent,
         connected_ips: inputs.connected.addresses.clone(),

@@ -9,6 +9,8 @@
 //! It must never hold state of its own, never allocate per packet (it runs
 //! only when dom0 asks) and never print anything a client qube could inject
 //! unescaped (rule errors and names are written with `{:?}`).
+//! The heap line (`heap: used N KiB free N KiB of N KiB`) is what the Xen
+//! test greps to show the image's memory at `memory = 16`.
 #![forbid(unsafe_code)]
 
 use alloc::string::String;
@@ -17,6 +19,7 @@ use core::fmt::{self, Write};
 use core::net::IpAddr;
 
 use crate::config::NetworkSettings;
+use crate::platform::HeapUsage;
 use crate::qrexec::AgentStats;
 use crate::qubesdb::DbStats;
 
@@ -79,6 +82,8 @@ pub struct StatusReport {
     pub uptime_seconds: u64,
     /// Wall clock (seconds since the epoch), once dom0 set it.
     pub wall_clock: Option<i64>,
+    /// The heap's use, where the platform measures it (the Xen image).
+    pub heap: Option<HeapUsage>,
     /// The network configuration, once known.
     pub network: Option<NetworkSettings>,
     /// Per-interface counters (uplink first).
@@ -123,6 +128,19 @@ impl StatusReport {
             None => writeln!(
                 out,
                 "wall_clock_unix: unknown (qubes.SetDateTime not yet called)"
+            )?,
+        }
+        match self.heap {
+            Some(heap) => writeln!(
+                out,
+                "heap: used {} KiB free {} KiB of {} KiB",
+                heap.used >> 10,
+                heap.free() >> 10,
+                heap.total >> 10
+            )?,
+            None => writeln!(
+                out,
+                "heap: not measured (a hosted process's heap belongs to its C library)"
             )?,
         }
         match &self.network {
@@ -262,6 +280,10 @@ mod tests {
         let report = StatusReport {
             uptime_seconds: 42,
             wall_clock: Some(1_438_359_043),
+            heap: Some(HeapUsage {
+                used: 3 << 20,
+                total: (12 << 20) + 512,
+            }),
             network: Some(NetworkSettings {
                 ip: Ipv4Addr::new(10, 137, 0, 2),
                 gateway: Ipv4Addr::new(10, 137, 0, 1),
@@ -323,6 +345,7 @@ mod tests {
 qubes-firewall status
 uptime_seconds: 42
 wall_clock_unix: 1438359043
+heap: used 3072 KiB free 9216 KiB of 12288 KiB
 network_source: QubesDB
 ip: 10.137.0.2
 gateway: 10.137.0.1
@@ -359,5 +382,6 @@ qrexec: started 0 completed 0 failed 0 refused_busy 0 refused_platform 0 control
         let text = StatusReport::default().to_string();
         assert!(text.contains("waiting for QubesDB"));
         assert!(text.contains("qubes.SetDateTime not yet called"));
+        assert!(text.contains("heap: not measured"));
     }
 }

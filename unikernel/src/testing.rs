@@ -37,8 +37,8 @@ use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Duration;
 
 use crate::platform::{
-    ByteStream, Instant, LinkState, Platform, PlatformError, Shutdown, StreamError, WatchEvent,
-    Xenstore, XenstoreError,
+    ByteStream, HeapUsage, Instant, LinkState, Platform, PlatformError, Shutdown, StreamError,
+    WatchEvent, Xenstore, XenstoreError,
 };
 
 // ---------------------------------------------------------------------------
@@ -528,6 +528,8 @@ struct Shared {
     max_waits: usize,
     hook: Option<WaitHook>,
     vchan_limit: usize,
+    /// What `heap_usage` answers (set by the test).
+    heap: Option<HeapUsage>,
 }
 
 impl fmt::Debug for Shared {
@@ -587,6 +589,11 @@ impl FakePlatform {
 }
 
 impl PlatformHandle {
+    /// Sets what the platform reports as its heap's use (`None`: not
+    /// measured, as hosted).
+    pub fn set_heap_usage(&self, heap: Option<HeapUsage>) {
+        self.shared.borrow_mut().heap = heap;
+    }
     /// The clock.
     pub fn clock(&self) -> &FakeClock {
         &self.clock
@@ -687,6 +694,10 @@ impl Platform for FakePlatform {
 
     fn memory_bytes(&self) -> usize {
         self.memory_bytes
+    }
+
+    fn heap_usage(&self) -> Option<HeapUsage> {
+        self.shared.borrow().heap
     }
 
     fn now(&self) -> Instant {

@@ -474,9 +474,18 @@ fn whole_program_flow() {
     rig.settle();
     assert!(udp_frames(client.take_sent()).is_empty());
 
-    // dom0 asks for the status.
+    // dom0 asks for the status; the platform's heap figures are in it.
+    rig.handle
+        .set_heap_usage(Some(unikernel::platform::HeapUsage {
+            used: 5 << 20,
+            total: 14 << 20,
+        }));
     let (stdout, stderr, code) = rig.call(&control, "qubes.FirewallStatus", 513, b"");
     assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("heap: used 5120 KiB free 9216 KiB of 14336 KiB\n"),
+        "{stdout}"
+    );
     assert!(stdout.contains("ip: 10.137.0.2\n"), "{stdout}");
     assert!(
         // One NAT entry: the port-9 flow under the new rules.

@@ -156,6 +156,22 @@ impl fmt::Display for PlatformError {
     }
 }
 
+/// The heap of the firewall: what is allocated and what is left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapUsage {
+    /// Bytes allocated now.
+    pub used: usize,
+    /// Bytes the heap holds in all (allocated and free).
+    pub total: usize,
+}
+
+impl HeapUsage {
+    /// Bytes still free.
+    pub fn free(&self) -> usize {
+        self.total.saturating_sub(self.used)
+    }
+}
+
 /// Everything the portable firewall needs from the machine it runs on.
 pub trait Platform {
     /// A vchan end (server or client).
@@ -170,6 +186,9 @@ pub trait Platform {
     /// Total memory of this VM in bytes; the caps of every table derive
     /// from it.
     fn memory_bytes(&self) -> usize;
+    /// The heap's use, where the platform owns its heap (the Xen image);
+    /// `None` where it does not (a Linux process: the C library's heap).
+    fn heap_usage(&self) -> Option<HeapUsage>;
     /// Monotonic time since boot.
     fn now(&self) -> Instant;
     /// Sleeps until an event arrives on any link or NIC, or `deadline`

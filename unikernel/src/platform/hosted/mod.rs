@@ -24,7 +24,7 @@ use std::time::Duration;
 use self::reactor::Reactor;
 use self::tap::TapDevice;
 use self::vchan::SocketLink;
-use super::{Instant, Platform, PlatformError, Shutdown, Xenstore};
+use super::{HeapUsage, Instant, Platform, PlatformError, Shutdown, Xenstore};
 
 /// Process exit status for each way the firewall can end, so that the box
 /// (the hosted "hypervisor") can tell them apart.
@@ -167,6 +167,11 @@ impl<X: Xenstore> Platform for HostedPlatform<X> {
 
     fn memory_bytes(&self) -> usize {
         self.config.memory_bytes
+    }
+
+    /// A Linux process's heap is the C library's; not measured here.
+    fn heap_usage(&self) -> Option<HeapUsage> {
+        None
     }
 
     fn now(&self) -> Instant {

@@ -47,8 +47,8 @@ use super::vchan::{RingBuffer, VchanRing, read_grants, read_orders};
 use super::xenbus::{self, BackendMachine, FrontendMachine, Phase, Step, Watches, parse_decimal};
 use super::xenstore_ring::XenstoreRing;
 use crate::platform::{
-    ByteStream, Instant, LinkState, Platform, PlatformError, Shutdown, StreamError, Xenstore,
-    XenstoreError,
+    ByteStream, HeapUsage, Instant, LinkState, Platform, PlatformError, Shutdown, StreamError,
+    Xenstore, XenstoreError,
 };
 use crate::xenstore::{LinkWait, XenstoreClient};
 
@@ -1223,6 +1223,10 @@ impl Platform for XenPlatform {
 
     fn memory_bytes(&self) -> usize {
         self.boot.ram_bytes() as usize
+    }
+
+    fn heap_usage(&self) -> Option<HeapUsage> {
+        XenPlatform::heap_usage(self).map(|(used, total)| HeapUsage { used, total })
     }
 
     fn now(&self) -> Instant {
