@@ -33,20 +33,15 @@ use qubes_box::linuxfw::{self, LinuxFirewall};
 use qubes_box::netbox;
 use qubes_box::probe::{self, Outcome, Probe, Rng, Sink};
 
-/// Disagreement classes whose fix is under way (issue 11, helper F1's
-/// router work), reported but not failing the test while pending: a
+/// Disagreement classes whose fix is under way, reported but not failing the test while pending: a
 /// probe's class (see [`class`]) holding the first text, where ours dropped
 /// the probe. Never a class where ours forwards what Linux drops:
 /// those always fail. Remove an entry once its fix is in.
 const PENDING: &[(&str, &str)] = &[
-    // ICMP types that cannot start a flow (replies 0/14/16/18) are invalid
-    // to Linux conntrack, but Qubes' qubes-firewall chain runs before the
-    // `ct state invalid drop` of the qubes table: a denying rule answers
-    // admin-prohibited; ours drops silently.
-    ("icmp type ", "issue 11 points 2 and 5 (F1)"),
-    // ICMPv6 MLD/ND types 130-136 and 143 are untracked by Linux (the
-    // rules decide: forwarded or rejected); the other types as for ICMP.
-    ("icmpv6 type ", "issue 11 points 2 and 5 (F1)"),
+    // Empty: every disagreement class found so far is fixed (issue 11:
+    // ICMP replies and unknown types rejected under denying rules, ICMPv6
+    // MLD/ND untracked, TCP without a flow invalid). A class listed here is
+    // reported without failing the test, and only while ours drops.
 ];
 
 fn workspace() -> PathBuf {
