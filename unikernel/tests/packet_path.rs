@@ -1644,6 +1644,85 @@ fn net_qube_restart_relearns_the_gateway() {
 }
 
 #[test]
+fn a_net_qube_on_a_new_mac_is_asked_for_its_ipv6_mac_too() {
+    // A restarted sys-net on a new MAC announces itself by ARP only: the
+    // IPv6 gateway, at the same old MAC, must be asked for again rather
+    // than kept (its frames would go to a station that is gone).
+    let mut net = Net::new(true);
+    net.gateway6_says(GATEWAY_MAC);
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    let udp = udp_datagram(a_ip6().into(), remote6().into(), 40000, 9, b"x");
+    net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Udp, 64, &udp));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        EthernetFrame::new_checked(&out[0][..]).unwrap().dst_addr(),
+        GATEWAY_MAC
+    );
+    let new_mac = EthernetAddress([0x00, 0x16, 0x3e, 0x00, 0x00, 0x77]);
+    net.gateway_says(GATEWAY, new_mac);
+    let asked = net.uplink_out();
+    assert_eq!(
+        asked.len(),
+        1,
+        "a neighbour solicitation for the IPv6 gateway"
+    );
+    let eth = EthernetFrame::new_checked(&asked[0][..]).unwrap();
+    assert_eq!(eth.ethertype(), EthernetProtocol::Ipv6);
+    assert!(eth.dst_addr().is_multicast());
+    // IPv6 traffic waits for the answer and then goes to the new MAC.
+    net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Udp, 64, &udp));
+    assert!(net.uplink_out().is_empty());
+    assert_eq!(net.router.pending_len(), 1);
+    let advert = icmp6_message(
+        gateway6(),
+        our_ip6(),
+        Icmpv6Repr::Ndisc(smoltcp::wire::NdiscRepr::NeighborAdvert {
+            flags: smoltcp::wire::NdiscNeighborFlags::SOLICITED,
+            target_addr: gateway6(),
+            lladdr: Some(new_mac.into()),
+        }),
+    );
+    net.send_from_outside(&ip6(
+        gateway6(),
+        our_ip6(),
+        IpProtocol::Icmpv6,
+        255,
+        &advert,
+    ));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        EthernetFrame::new_checked(&out[0][..]).unwrap().dst_addr(),
+        new_mac
+    );
+    assert_eq!(net.router.counters().dropped_total(), 0);
+}
+
+#[test]
+fn a_gateway_on_another_mac_for_ipv6_is_left_alone() {
+    // IPv4 and IPv6 gateways at different stations: a new IPv4 MAC says
+    // nothing about the IPv6 one.
+    let mut net = Net::new(true);
+    let mac6 = EthernetAddress([0x00, 0x16, 0x3e, 0x00, 0x00, 0x66]);
+    net.gateway6_says(mac6);
+    net.gateway_says(
+        GATEWAY,
+        EthernetAddress([0x00, 0x16, 0x3e, 0x00, 0x00, 0x77]),
+    );
+    assert!(net.uplink_out().is_empty(), "nothing asked");
+    net.rules(a_ip6().into(), &[("policy", "accept")]);
+    let udp = udp_datagram(a_ip6().into(), remote6().into(), 40000, 9, b"x");
+    net.send_from_a(&ip6(a_ip6(), remote6(), IpProtocol::Udp, 64, &udp));
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        EthernetFrame::new_checked(&out[0][..]).unwrap().dst_addr(),
+        mac6
+    );
+}
+
+#[test]
 fn gateway_mac_change_readdresses_frames_not_yet_sent() {
     let mut net = Net::new(false);
     accept_all(&mut net, A_IP);

@@ -115,8 +115,36 @@ impl Router {
                     dst.copy_from_slice(&mac.0);
                 }
             }
+            if old != GATEWAY_FALLBACK_MAC {
+                self.forget_sibling_gateway(!v6, old);
+            }
         }
         self.flush_pending(v6, mac);
+    }
+
+    /// One family's gateway moved from `old` to a new MAC: the net qube was
+    /// replaced (a restarted sys-net on a new MAC announces itself by ARP,
+    /// but sends no unsolicited neighbour advertisement). If the other
+    /// family's gateway was at `old` too, forget it and ask afresh, rather
+    /// than sending that family's traffic to a station that is gone.
+    fn forget_sibling_gateway(&mut self, v6: bool, old: EthernetAddress) {
+        let forgot = if v6 {
+            match self.uplink.gateway6.as_mut() {
+                Some(gateway6) if gateway6.mac == Some(old) => {
+                    *gateway6 = crate::uplink::Neighbour::new(gateway6.ip);
+                    true
+                }
+                _ => false,
+            }
+        } else if self.uplink.gateway.mac == Some(old) {
+            self.uplink.gateway = crate::uplink::Neighbour::new(self.uplink.gateway.ip);
+            true
+        } else {
+            false
+        };
+        if forgot {
+            self.ask_gateways(self.clock);
+        }
     }
 
     pub(super) fn flush_pending(&mut self, v6: bool, mac: EthernetAddress) {
