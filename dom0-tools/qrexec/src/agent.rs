@@ -20,7 +20,9 @@
 //! only. Commands run as the requested user when the agent is root, as the
 //! agent's own user otherwise. Each call gets a stand-in process (this
 //! program run with `--qrexec-call-process`) whose PID is the call's
-//! `QREXEC_AGENT_PID`, so a service signalling it cannot end the agent.
+//! `QREXEC_AGENT_PID`, so a service signalling it cannot end the agent; a
+//! service's stdin is a socketpair, and SIGUSR1 to that PID makes the call
+//! read the service's output from it ([`crate::stdio_socket`]).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -42,6 +44,8 @@ use crate::data::{self, LOCAL_PROTOCOL_VERSION};
 use crate::exec::{self, Launch, StdioMode};
 use crate::log::escape;
 use crate::log_error;
+pub use crate::stdio_socket::CALL_PROCESS_ARG;
+use crate::stdio_socket::{self, CallProcess};
 use crate::vchan::{self, Transport, Vchan};
 use crate::wire::{self, MessageBuf};
 
@@ -221,6 +225,7 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
     // services may send SIGUSR1) can only end that stand-in, never the agent
     // and every other call. Without one, no PID is given.
     let mut call_process = CallProcess::start();
+    let call_pidfd = call_process.as_ref().and_then(CallProcess::pidfd);
     let env: Vec<(&str, String)> = call_process
         .as_ref()
         .map(|c| vec![("QREXEC_AGENT_PID", c.pid())])
@@ -254,7 +259,7 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
         // becomes of it; a service that does not exist gives 127, one that
         // cannot be used 125.
         let code = match launch {
-            Launch::Started(mut child) => {
+            Launch::Started(mut child, _) => {
                 std::thread::spawn(move || child.wait());
                 0
             }
@@ -269,8 +274,14 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
         let _ = vchan.shutdown();
     } else {
         match launch {
-            Launch::Started(child) => {
-                crate::client::run_child_logging_stderr(vchan, version, child, stderr_tag);
+            Launch::Started(child, socket) => {
+                crate::client::run_child_logging_stderr(
+                    vchan,
+                    version,
+                    child,
+                    stderr_tag,
+                    socket.map(|s| (s, call_pidfd)),
+                );
             }
             Launch::Connected(conn) => {
                 crate::client::run_connected(vchan, version, conn);
@@ -289,51 +300,6 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
         c.stop();
     }
     agent.connection_terminated(connect);
-}
-
-/// Argument that makes `qrexec-agent` a call's stand-in process (see
-/// [`CallProcess`]).
-pub const CALL_PROCESS_ARG: &str = "--qrexec-call-process";
-
-/// A process standing for one call (`QREXEC_AGENT_PID`): our own program
-/// started with [`CALL_PROCESS_ARG`], which only waits; it is killed when
-/// the call ends, and leaves by itself if the agent is gone.
-#[derive(Debug)]
-struct CallProcess(std::process::Child);
-
-impl CallProcess {
-    fn start() -> Option<Self> {
-        let exe = std::env::current_exe().ok()?;
-        std::process::Command::new(exe)
-            .arg(CALL_PROCESS_ARG)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()
-            .map(CallProcess)
-    }
-
-    fn pid(&self) -> String {
-        self.0.id().to_string()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The body of a call's stand-in process: wait until killed, or until the
-/// agent that started it is gone.
-fn call_process_main() -> i32 {
-    let parent = rustix::process::getppid();
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        if rustix::process::getppid() != parent {
-            return 0;
-        }
-    }
 }
 
 fn control_loop(agent: &Arc<Agent>, mut reader: Box<dyn Vchan>) -> bool {
@@ -439,7 +405,7 @@ fn usage() -> i32 {
 /// `qrexec-agent` main: returns the exit code.
 pub fn main(argv: Vec<String>) -> i32 {
     if argv.get(1).map(String::as_str) == Some(CALL_PROCESS_ARG) && argv.len() == 2 {
-        return call_process_main();
+        return stdio_socket::call_process_main();
     }
     crate::log::init("qrexec-agent");
     let parsed = match args::parse(argv.get(1..).unwrap_or(&[]), SPECS, false) {

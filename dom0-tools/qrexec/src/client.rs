@@ -379,7 +379,7 @@ pub fn run_to_dom0(
         }
     };
     let code = match launch {
-        Launch::Started(child) => run_child_as_executor(vchan, version, child),
+        Launch::Started(child, _) => run_child_as_executor(vchan, version, child),
         Launch::Connected(conn) => run_connected(vchan, version, conn),
         Launch::NotFound => {
             let _ = data::send_failed_exec(&mut *vchan, QREXEC_EXIT_SERVICE_NOT_FOUND, false);
@@ -400,26 +400,46 @@ pub fn run_child_as_executor(
     version: u32,
     child: std::process::Child,
 ) -> u32 {
-    run_child_logging_stderr(vchan, version, child, None)
+    run_child_logging_stderr(vchan, version, child, None, None)
 }
 
 /// Like [`run_child_as_executor`]; with `stderr_tag`, the service's stderr
 /// is also logged locally under that tag (qubes-rpc-multiplexer tees it to
-/// `logger -t SERVICE-SOURCE`).
+/// `logger -t SERVICE-SOURCE`). With `stdio_socket` (our end of the
+/// child's stdin socket, and the pidfd of the call's stand-in process), the
+/// child's stdin is that socket, and its output is read from it once the
+/// stand-in is ended by SIGUSR1 ([`crate::stdio_socket`]).
 pub fn run_child_logging_stderr(
     vchan: Box<dyn vchan::Vchan>,
     version: u32,
     mut child: std::process::Child,
     stderr_tag: Option<String>,
+    stdio_socket: Option<(std::os::unix::net::UnixStream, Option<std::os::fd::OwnedFd>)>,
 ) -> u32 {
-    let stdin = child
-        .stdin
-        .take()
-        .map(|s| Box::new(s) as Box<dyn Write + Send>);
-    let stdout = child
-        .stdout
-        .take()
-        .map(|s| Box::new(s) as Box<dyn Read + Send>);
+    let (stdin, stdout) = match stdio_socket {
+        Some((socket, pidfd)) => {
+            let reader = socket.try_clone().ok();
+            let stdin =
+                Some(Box::new(crate::stdio_socket::SocketStdin(socket)) as Box<dyn Write + Send>);
+            let stdout = match (child.stdout.take(), reader) {
+                (Some(out), Some(reader)) => Some(Box::new(
+                    crate::stdio_socket::SwitchingOutput::new(out, reader, pidfd),
+                ) as Box<dyn Read + Send>),
+                (out, _) => out.map(|s| Box::new(s) as Box<dyn Read + Send>),
+            };
+            (stdin, stdout)
+        }
+        None => (
+            child
+                .stdin
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Write + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
+    };
     let stderr = child.stderr.take().map(|s| match stderr_tag {
         Some(tag) => Box::new(exec::LoggedStderr::new(s, tag)) as Box<dyn Read + Send>,
         None => Box::new(s) as Box<dyn Read + Send>,
@@ -468,7 +488,7 @@ pub fn run_in_dom0(remote_cmdline: &str, prefix: Option<Vec<u8>>) -> i32 {
         shell: "/bin/bash",
     });
     match launch {
-        Launch::Started(mut child) => {
+        Launch::Started(mut child, _) => {
             if let (Some(prefix), Some(mut stdin)) = (prefix, child.stdin.take()) {
                 std::thread::spawn(move || {
                     if stdin.write_all(&prefix).is_ok() {
@@ -625,7 +645,7 @@ pub fn run_in_vm(
                 stdio: StdioMode::PipedKeepStderr,
                 shell: "/bin/bash",
             }) {
-                Launch::Started(mut child) => {
+                Launch::Started(mut child, _) => {
                     let out = child.stdout.take();
                     let inp = child.stdin.take();
                     local_child = Some(child);

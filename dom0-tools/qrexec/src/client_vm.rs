@@ -32,6 +32,7 @@ use crate::args::{self, OptSpec};
 use crate::data::{self, EXIT_CODE_DISCONNECTED, Requester};
 use crate::exec;
 use crate::log_error;
+use crate::stdio_socket;
 use crate::vchan;
 use crate::wire;
 
@@ -197,6 +198,9 @@ fn dup_file(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<File> {
 
 /// `qrexec-client-vm` main: returns the exit code.
 pub fn main(argv: Vec<String>) -> i32 {
+    if argv.get(1).map(String::as_str) == Some(stdio_socket::CALL_PROCESS_ARG) && argv.len() == 2 {
+        return stdio_socket::call_process_main();
+    }
     crate::log::init("qrexec-client-vm");
     let parsed = match args::parse(argv.get(1..).unwrap_or(&[]), SPECS, true) {
         Ok(p) => p,
@@ -319,6 +323,7 @@ pub fn main(argv: Vec<String>) -> i32 {
     let connect_port = u32::from_ne_bytes([params[4], params[5], params[6], params[7]]);
 
     let mut child = None;
+    let mut call_process = None;
     let (input, output): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match local_program {
         Some(program) => {
             let Some(path) = program.first() else {
@@ -334,9 +339,30 @@ pub fn main(argv: Vec<String>) -> i32 {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| path.clone());
+            // As Qubes: the program's stdin is a socketpair, and
+            // QREXEC_AGENT_PID names a process of this call; SIGUSR1 to it
+            // means "read my output from my stdin socket from now on".
+            let (theirs, ours) = match stdio_socket::stdin_pair() {
+                Ok(pair) => pair,
+                Err(e) => {
+                    eprintln!("socketpair: {e}");
+                    return 1;
+                }
+            };
+            let Ok(reader) = ours.try_clone() else {
+                return 1;
+            };
+            call_process = stdio_socket::CallProcess::start();
+            match call_process.as_ref() {
+                Some(c) => cmd.env("QREXEC_AGENT_PID", c.pid()),
+                None => cmd.env_remove("QREXEC_AGENT_PID"),
+            };
+            let pidfd = call_process
+                .as_ref()
+                .and_then(stdio_socket::CallProcess::pidfd);
             cmd.arg0(name)
                 .args(program.get(1..).unwrap_or(&[]))
-                .stdin(Stdio::piped())
+                .stdin(Stdio::from(theirs))
                 .stdout(Stdio::piped());
             let fds = [
                 std::os::fd::AsFd::as_fd(&std::io::stdin()).try_clone_to_owned(),
@@ -360,13 +386,19 @@ pub fn main(argv: Vec<String>) -> i32 {
             }
             let spawned = cmd.spawn();
             drop(saved);
+            drop(cmd);
             match spawned {
                 Ok(mut c) => {
-                    let (Some(out), Some(inp)) = (c.stdout.take(), c.stdin.take()) else {
+                    let Some(out) = c.stdout.take() else {
                         return 1;
                     };
                     child = Some(c);
-                    (Box::new(out), Box::new(LocalOutput::Program(Box::new(inp))))
+                    (
+                        Box::new(stdio_socket::SwitchingOutput::new(out, reader, pidfd)),
+                        Box::new(LocalOutput::Program(Box::new(stdio_socket::SocketStdin(
+                            ours,
+                        )))),
+                    )
                 }
                 Err(e) => {
                     eprintln!("execv: {e}");
@@ -424,6 +456,7 @@ pub fn main(argv: Vec<String>) -> i32 {
             EXIT_CODE_DISCONNECTED as i32
         }
     };
+    drop(call_process);
     // As Qubes' process_io: a non-zero remote status wins, otherwise the
     // local program's status.
     match child {

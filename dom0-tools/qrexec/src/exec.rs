@@ -142,7 +142,9 @@ pub fn lookup_user(name: &str) -> Option<Account> {
 /// How the child's stdio is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StdioMode {
-    /// Pipes for stdin, stdout and stderr.
+    /// A socketpair for stdin (as Qubes' agent: the service may send its
+    /// output there after SIGUSR1 to `QREXEC_AGENT_PID`), pipes for stdout
+    /// and stderr.
     Piped,
     /// Pipes for stdin and stdout; stderr stays ours (a local program of
     /// qrexec-client or qrexec-client-vm).
@@ -315,8 +317,9 @@ impl Connected {
 /// What [`spawn`] achieved.
 #[derive(Debug)]
 pub enum Launch {
-    /// The process runs.
-    Started(Child),
+    /// The process runs; with [`StdioMode::Piped`], also our end of its
+    /// stdin socket (its `child.stdin` is then `None`).
+    Started(Child, Option<std::os::unix::net::UnixStream>),
     /// A socket or `/dev/tcp` service is connected.
     Connected(Connected),
     /// The RPC service does not exist here (exit code 127).
@@ -365,9 +368,8 @@ fn base_command(program: impl Into<OsString>, req: &Request<'_>) -> Command {
     }
     match req.stdio {
         StdioMode::Piped => {
-            cmd.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
+            // stdin is set by spawn (a socketpair).
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
         StdioMode::PipedKeepStderr => {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
@@ -576,8 +578,22 @@ pub fn spawn(req: &Request<'_>) -> Launch {
     if let Err(code) = apply_user(&mut cmd, req.user) {
         return Launch::Failed(code);
     }
+    let socket = if req.stdio == StdioMode::Piped {
+        match crate::stdio_socket::stdin_pair() {
+            Ok((theirs, ours)) => {
+                cmd.stdin(Stdio::from(theirs));
+                Some(ours)
+            }
+            Err(e) => {
+                crate::log_error!("socketpair for the process's stdin: {e}");
+                return Launch::Failed(protocol::qrexec::QREXEC_EXIT_PROBLEM);
+            }
+        }
+    } else {
+        None
+    };
     match cmd.spawn() {
-        Ok(child) => Launch::Started(child),
+        Ok(child) => Launch::Started(child, socket),
         Err(e) => {
             crate::log_error!("cannot start process: {e}");
             Launch::Failed(protocol::qrexec::QREXEC_EXIT_PROBLEM)

@@ -20,6 +20,8 @@
 //! - [`exec`]: running commands and RPC services (`/etc/qubes-rpc`, the
 //!   `QREXEC_*` environment, users).
 //! - [`service`]: socket and `/dev/tcp` services, `rpc-config`.
+//! - [`stdio_socket`]: `QREXEC_AGENT_PID` and SIGUSR1 (a process's output
+//!   through its stdin socket).
 //! - [`policy`]: asking the policy daemon socket or the policy program.
 //! - [`daemon`], [`client`], [`agent`], [`client_vm`]: the four programs.
 //!
@@ -43,6 +45,7 @@ pub mod exec;
 pub mod log;
 pub mod policy;
 pub mod service;
+pub mod stdio_socket;
 pub mod vchan;
 pub mod wire;
 

@@ -509,22 +509,27 @@ fn daemon_flags_and_usage() {
 }
 
 #[test]
-fn a_service_signalling_qrexec_agent_pid_does_not_end_the_agent() {
+fn a_service_signalling_qrexec_agent_pid_switches_to_its_stdin_socket() {
     let q = two_vms("agentpid", "");
-    // Qubes' services may send SIGUSR1 to $QREXEC_AGENT_PID; that must
-    // reach a process of this call only, never the agent itself.
+    // Qubes' services may send SIGUSR1 to $QREXEC_AGENT_PID to say "read my
+    // output from my stdin socket from now on"; the signal must reach a
+    // process of this call only, never the agent itself.
     let mut cmd = q.client();
     cmd.args([
         "-d",
         "vmA",
-        "DEFAULT:test -n \"$QREXEC_AGENT_PID\" || exit 9; kill -USR1 \"$QREXEC_AGENT_PID\"; echo signalled",
+        "DEFAULT:test -n \"$QREXEC_AGENT_PID\" || exit 9; echo before; \
+         kill -USR1 \"$QREXEC_AGENT_PID\"; echo signalled >&0; read x; echo \"got $x\" >&0",
     ]);
-    let out = run_with_input(cmd, b"");
+    let out = run_with_input(cmd, b"input\n");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "signalled\n");
-    // The agent still serves calls.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "before\nsignalled\ngot input\n"
+    );
+    // The agent still serves calls, and without the signal stdout is used.
     let mut cmd = q.client();
-    cmd.args(["-d", "vmA", "DEFAULT:echo still here"]);
+    cmd.args(["-d", "vmA", "DEFAULT:echo still here; echo not here >&0"]);
     let out = run_with_input(cmd, b"");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "still here\n");
