@@ -887,6 +887,11 @@ fn clients_reach_sys_net_through_the_hosted_firewall_under_their_rules() {
     up.wait_until("client1 reaching the restarted sys-net", || {
         up.web_from("client1")
     });
+    // IPv6 too: the new sys-net announced its MAC by ARP only, and the
+    // firewall asks for the IPv6 gateway again.
+    up.wait_until("client1 reaching the restarted sys-net over IPv6", || {
+        up.http("client1", "[2001:db8::80]:80")
+    });
     assert_eq!(
         netbox::firewall_pid(&config),
         Some(pid),
