@@ -21,7 +21,11 @@ waitfor() { # file pattern tenths
 CONS=/var/log/xen/console
 mkdir -p /var/run/qubes /var/log/qubes
 QDB_BASE="/name sys-firewall /qubes-vm-type ProxyVM /qubes-vm-persistence none /qubes-debug-mode 0 /qubes-service/qubes-firewall 1"
-QDB_NET="/qubes-ip 10.137.0.2 /qubes-gateway 10.137.0.1 /qubes-primary-dns 10.139.1.1 /qubes-secondary-dns 10.139.1.2"
+# IPv6 as qubesd derives it (fd09:24ef:4179::a89:<last 16 bits of the IPv4
+# address>, as tests/qubes-box does): dom0 (sys-net) ::a89:1, the firewall
+# ::a89:2, the Linux client ::a89:a.
+IP6_NET=fd09:24ef:4179::a89:1 IP6_FW=fd09:24ef:4179::a89:2 IP6_CLIENT=fd09:24ef:4179::a89:a
+QDB_NET="/qubes-ip 10.137.0.2 /qubes-gateway 10.137.0.1 /qubes-ip6 $IP6_FW /qubes-gateway6 $IP6_NET /qubes-primary-dns 10.139.1.1 /qubes-secondary-dns 10.139.1.2"
 # start_qdb DOMID NAME KEY VALUE...: our qubesdb-daemon (detaches once its
 # vchan is offered in xenstore, as Qubes' does), then seeded as dom0's
 # qubesd would, with our qubesdb-write.
@@ -45,6 +49,11 @@ firewall_status() {
 }
 # dom0 plays the net qube: the firewall's uplink vif joins xenbr0 (vif-mini).
 brctl addbr xenbr0 && ip addr add 10.137.0.1/24 dev xenbr0 && ip link set xenbr0 up
+# Its IPv6 as sys-net has it: its own address, a route to the firewall's
+# (the firewall masquerades its clients' IPv6 as Qubes does).
+# (busybox's ip has no nodad: duplicate address detection is turned off.)
+echo 0 > /proc/sys/net/ipv6/conf/xenbr0/accept_dad && ip -6 addr add $IP6_NET/128 dev xenbr0 && ip -6 route add $IP6_FW/128 dev xenbr0
+check "dom0 (sys-net) has IPv6 $IP6_NET on xenbr0 and a route to the firewall's $IP6_FW" $([ $? = 0 ] && echo ok)
 
 # 0) Baseline: the minimal hello guest (long mode, PV console line, poweroff).
 cat > /tmp/hello.cfg <<CFG
@@ -223,8 +232,12 @@ httpd -p 10.137.0.1:80 -h /www; httpd -p 10.137.0.1:81 -h /www
 dns-answer 10.139.1.1 10.139.1.2 > /tmp/dns.log 2>&1 &
 DNS_PID=$!
 RULES=/qubes-firewall/10.137.0.10
+RULES6=/qubes-firewall/$IP6_CLIENT
+qubesdb-write -d sys-firewall $RULES6/policy drop $RULES6/0000 action=accept $RULES6 ''
 qubesdb-write -d sys-firewall $RULES/policy drop $RULES/0000 "action=drop proto=tcp dstports=81-81" $RULES/0001 action=accept $RULES ''
-LINUX_VIF="backend=sys-firewall,ip=10.137.0.10,mac=00:16:3e:5e:6c:11"
+# The vif's ip as Qubes' toolstack writes it: IPv4 and IPv6, space-separated.
+LINUX_VIF_IP="10.137.0.10 $IP6_CLIENT"
+LINUX_VIF="backend=sys-firewall,ip=$LINUX_VIF_IP,mac=00:16:3e:5e:6c:11"
 
 # Qubes' client qubes are PVH. Debian's kernel as a PVH domU stops at once
 # in this lab (---s--, 0.0 s of CPU, no console line); this short attempt
@@ -257,7 +270,7 @@ name = "linux-client"
 type = "pv"
 kernel = "/guest/vmlinuz"
 ramdisk = "/guest/client-initrd.gz"
-extra = "console=hvc0 quiet qfw_sha=$BLOB_SHA"
+extra = "console=hvc0 quiet qfw_sha=$BLOB_SHA qfw_ip6=$IP6_CLIENT qfw_gw6=$IP6_FW qfw_net6=$IP6_NET"
 memory = 128
 on_poweroff = "preserve"
 on_crash = "preserve"
@@ -291,8 +304,7 @@ if client_said "READY detach" 600; then
         $([ $rc = 0 ] && ! grep -qi "timed out\|timeout" /tmp/detach.log && echo ok)
     waitfor $LOG "client vif$ldom.0 removed" 100
     check "linux-client: the firewall removed vif$ldom.0 from its router" $([ $? = 0 ] && echo ok)
-    # shellcheck disable=SC2046
-    xl network-attach linux-client $(echo "$LINUX_VIF" | tr ',' ' ') > /tmp/attach.log 2>&1; rc=$?
+    xl network-attach linux-client backend=sys-firewall "ip=$LINUX_VIF_IP" mac=00:16:3e:5e:6c:11 > /tmp/attach.log 2>&1; rc=$?
     echo "QFW: xl network-attach linux-client rc=$rc $(tr '\n' ' ' < /tmp/attach.log)"
 fi
 # 7. The uplink: sys-net restart as qubesd does it (detach, network keys
@@ -318,7 +330,7 @@ echo "QFW-MEASURE linux-client: xl create -> all client checks done in $(since $
 sed 's/^/QFW-LINUX-CLIENT /' $LLOG | grep -v "CHECK" | tail -30
 # The client's own verdicts, gating; each expected one must be there.
 client_ok=1
-for c in "ping dom0" "HTTP download" "DNS query" "TCP port 81 denied" "a live rule change" \
+for c in "ping dom0" "IPv6 ping dom0" "HTTP download" "DNS query" "TCP port 81 denied" "a live rule change" \
          "traffic flows again after xl network-detach" "traffic flows again after the uplink"; do
     line=$(grep -o "CLIENT-LINUX CHECK [a-zA-Z]* $c.*" $LLOG | head -1)
     case $line in
