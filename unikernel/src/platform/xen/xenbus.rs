@@ -178,6 +178,20 @@ impl BackendMachine {
                 self.write_ours(xs, CLOSING)?;
                 Step::Disconnect
             }
+            // The frontend reset while we were connected: its Closing and
+            // Closed went by between two looks (a watch says the node
+            // changed; we read only its latest value). Release the old
+            // rings (Linux frees them once we unmap) and offer the device
+            // again, unless the toolstack is taking it away.
+            (Phase::Up, Some(INITIALISING | INIT_WAIT)) => {
+                if ours.is_some() && ours != Some(CLOSING) {
+                    self.phase = Phase::Waiting;
+                    offer(xs, &self.backend)?;
+                } else {
+                    self.phase = Phase::Down;
+                }
+                Step::Disconnect
+            }
             (Phase::Waiting | Phase::Down, None | Some(0 | CLOSED)) => {
                 // Frontend closed before connecting, or after we released:
                 // report Closed so that a detach completes. A backend still
@@ -537,6 +551,40 @@ mod tests {
             state(&mut xs, "/local/domain/2/backend/vif/10/0").as_deref(),
             Some("2")
         );
+    }
+
+    #[test]
+    fn a_frontend_reset_seen_only_as_initialising_releases_the_old_rings() {
+        let mut xs = FakeXenstore::new();
+        let mut back = attach(&xs, 7);
+        xs.set(&format!("{FRONT}/state"), "4");
+        assert_eq!(back.progress(&mut xs), Ok(Step::Connect));
+        back.connected(&mut xs).unwrap();
+        assert_eq!(state(&mut xs, BACK).as_deref(), Some("4"));
+        // Closing, Closed and Initialising happened before we looked.
+        xs.remove(&format!("{BACK}/hotplug-status")).unwrap();
+        xs.set(&format!("{FRONT}/state"), "1");
+        assert_eq!(back.progress(&mut xs), Ok(Step::Disconnect));
+        assert_eq!(back.phase(), Phase::Waiting);
+        assert_eq!(state(&mut xs, BACK).as_deref(), Some("2"));
+        assert_eq!(
+            xs.read(&format!("{BACK}/hotplug-status"))
+                .unwrap()
+                .as_deref(),
+            Some("connected")
+        );
+        // Nothing more to release while it initialises; it connects anew.
+        assert_eq!(back.progress(&mut xs), Ok(Step::Stay));
+        xs.set(&format!("{FRONT}/state"), "4");
+        assert_eq!(back.progress(&mut xs), Ok(Step::Connect));
+        back.connected(&mut xs).unwrap();
+        // The same seen while the toolstack takes the device away (ours
+        // Closing): released, not offered again.
+        xs.set(&format!("{BACK}/state"), "5");
+        xs.set(&format!("{FRONT}/state"), "2");
+        assert_eq!(back.progress(&mut xs), Ok(Step::Disconnect));
+        assert_eq!(back.phase(), Phase::Down);
+        assert_eq!(state(&mut xs, BACK).as_deref(), Some("5"));
     }
 
     #[test]
