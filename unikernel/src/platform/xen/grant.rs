@@ -221,6 +221,34 @@ pub fn map_grant(
     })
 }
 
+/// Unmaps `mappings` with `unmap` and frees the window frames `windows`
+/// reserved for them, except the windows where some page could not be
+/// unmapped: such a frame may still hold the peer's page, and mapping
+/// another grant over it must never happen, so those frames stay reserved
+/// (a leak of a few frames, which the caller logs). Returns the mappings
+/// that failed, with Xen's error.
+pub fn unmap_all(
+    mappings: Vec<ForeignMapping>,
+    windows: Vec<(usize, usize)>,
+    window: &mut ForeignWindow,
+    mut unmap: impl FnMut(ForeignMapping) -> Result<(), GrantError>,
+) -> Vec<(ForeignMapping, GrantError)> {
+    let mut failed = Vec::new();
+    for mapping in mappings {
+        if let Err(error) = unmap(mapping) {
+            failed.push((mapping, error));
+        }
+    }
+    for (start, count) in windows {
+        let first = ForeignWindow::addr(start);
+        let end = ForeignWindow::addr(start.saturating_add(count));
+        if !failed.iter().any(|(m, _)| (first..end).contains(&m.addr)) {
+            window.release(start, count);
+        }
+    }
+    failed
+}
+
 /// Unmaps a foreign page.
 pub fn unmap_grant(mapping: ForeignMapping) -> Result<(), GrantError> {
     let mut op = abi::GnttabUnmapGrantRef {
@@ -285,6 +313,48 @@ mod tests {
         assert!(table.grant_access(0, 1, false).is_ok());
         assert!(table.grant_access(0, 2, false).is_ok());
         assert_eq!(table.grant_access(0, 3, false), Err(GrantError::Exhausted));
+    }
+
+    #[test]
+    fn a_window_whose_page_stays_mapped_is_never_reused() {
+        let mut window = ForeignWindow::default();
+        let a = window.reserve(1).unwrap();
+        let b = window.reserve(2).unwrap();
+        let mapping = |frame: usize, handle: u32| ForeignMapping {
+            addr: ForeignWindow::addr(frame),
+            handle,
+        };
+        let mut unmapped = Vec::new();
+        // The second page of window `b` cannot be unmapped.
+        let failed = unmap_all(
+            alloc::vec![mapping(a, 1), mapping(b, 2), mapping(b + 1, 3)],
+            alloc::vec![(a, 1), (b, 2)],
+            &mut window,
+            |m| {
+                unmapped.push(m.handle);
+                if m.handle == 3 {
+                    Err(GrantError::Xen(-1))
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        assert_eq!(unmapped, [1, 2, 3], "every page is tried");
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0.handle, 3);
+        // `a` is free again; `b` and `b + 1` are not handed out.
+        assert_eq!(window.reserve(1), Some(a));
+        let next = window.reserve(2).unwrap();
+        assert!(next > b + 1, "window {b} reused: {next}");
+        // All unmapped: everything is released.
+        let failed = unmap_all(
+            alloc::vec![mapping(next, 4), mapping(next + 1, 5)],
+            alloc::vec![(next, 2)],
+            &mut window,
+            |_| Ok(()),
+        );
+        assert!(failed.is_empty());
+        assert_eq!(window.reserve(2), Some(next));
     }
 
     #[test]

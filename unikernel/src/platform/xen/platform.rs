@@ -1200,13 +1200,17 @@ fn release(holdings: &mut Holdings, shared: &Shared) {
             }
         }
         Holdings::Client { mappings, windows } => {
-            for mapping in mappings.drain(..) {
-                if let Err(error) = grant::unmap_grant(mapping) {
-                    log::warn!("xen: cannot unmap a vchan page: {error:?}");
-                }
-            }
-            for (start, count) in windows.drain(..) {
-                shared.window.borrow_mut().release(start, count);
+            let failed = grant::unmap_all(
+                core::mem::take(mappings),
+                core::mem::take(windows),
+                &mut shared.window.borrow_mut(),
+                grant::unmap_grant,
+            );
+            for (mapping, error) in failed {
+                log::warn!(
+                    "xen: cannot unmap the foreign page at {:#x}: {error:?}; its window frames stay reserved",
+                    mapping.addr
+                );
             }
         }
     }
