@@ -1,4 +1,5 @@
-//! `cargo xtask bench KIND`: the project's measurements.
+//! `cargo xtask bench KIND`: the project's measurements (`bench qrexec`:
+//! see `bench_qrexec.rs`).
 //!
 //! `bench box` measures the hosted firewall in Qubes in a box against what
 //! a Linux `sys-firewall` does: iperf3 from a client qube to a server in
@@ -40,8 +41,9 @@ const KERNEL_PREFIX: &str = "qbk-";
 pub fn run(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
         Some("box") => bench_box(),
-        Some(other) => Err(format!("unknown benchmark `{other}` (known: box)")),
-        None => Err("usage: cargo xtask bench box".into()),
+        Some("qrexec") => crate::bench_qrexec::bench_qrexec(),
+        Some(other) => Err(format!("unknown benchmark `{other}` (known: box, qrexec)")),
+        None => Err("usage: cargo xtask bench box|qrexec".into()),
     }
 }
 

@@ -13,6 +13,8 @@
 //!   up, show allowed/denied traffic, a live rule change and qrexec (root).
 //! - `bench box` — iperf3 through the hosted firewall vs the Linux kernel
 //!   path, and the firewall's memory with 10 clients (root).
+//! - `bench qrexec` — our qrexec programs against Qubes' C build: latency
+//!   and throughput, interleaved, with ratios (root).
 //! - `soak [SECONDS]` — 100 client qubes, well-behaved load while others
 //!   attack in turn; one table of figures; fails on a crash, a hang, a
 //!   leaked denied packet or memory growth (root).
@@ -21,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod bench;
+mod bench_qrexec;
 mod demo;
 mod dist;
 mod fuzz;
@@ -57,6 +60,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   dist                         the release directory for Qubes (target/dist/qubes-firewall-rs-VERSION)
   demo                         Qubes in a box: the whole system and what it does (root)
   bench box                    iperf3 through the hosted firewall vs the Linux kernel path (root)
+  bench qrexec                 our qrexec vs Qubes' C build: call latency and 1 GiB throughput, with ratios (root)
   soak [SECONDS]               100 clients under load and attack, one table; fails on crash/hang/leak/growth (root)";
 
 /// The workspace root (the parent of this crate's directory).
