@@ -399,7 +399,11 @@ impl Policy {
         confirm: &dyn Confirm,
         indexed: bool,
     ) -> Result<Decision, Denial> {
+        // An empty requested_source (Qubes' 4.4 daemon sends one for a
+        // MSG_TRIGGER_SERVICE4 without --source-qube) means none, as in
+        // Qubes' policy.
         if let Some(requested) = &query.requested_source
+            && !requested.is_empty()
             && *requested != query.source
         {
             return Err(deny(format!(
