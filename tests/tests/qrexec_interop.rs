@@ -9,8 +9,9 @@
 //! pass, so a regression, or a listed test that would now pass but was
 //! left listed, is caught by keeping that list honest in review. Then
 //! `tests/interop/pairs.sh` runs the mixed-pair matrix (ours and Qubes'
-//! programs in every combination, dom0 -> qube and qube -> qube), which
-//! must be all green.
+//! programs in every combination, dom0 -> qube, qube -> qube and qube ->
+//! dom0, through a policy program and through a real policy file with our
+//! `qrexec-policy-daemon`), which must be all green.
 #![allow(clippy::unwrap_used)] // reason: test code
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,7 @@ fn qubes_socket_suite_passes_against_our_programs() {
         "qrexec-client-vm",
         "qrexec-daemon",
         "qrexec-client",
+        "qrexec-policy-daemon",
     ] {
         // Fails with a clear message when the programs were not built.
         system_tests::binary(name);
@@ -108,7 +110,7 @@ fn qubes_socket_suite_passes_against_our_programs() {
     println!("{stdout}");
     assert_eq!(
         stdout.lines().filter(|l| l.ends_with(": ok")).count(),
-        24,
+        40,
         "mixed pairs not all working:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
