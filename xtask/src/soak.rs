@@ -500,6 +500,7 @@ fn start_attack(
             attack.threads.push(std::thread::spawn(move || {
                 let qubes_box = churn_bx.qubes_box();
                 let (mut cycles, mut errors, mut fetches) = (0u64, 0u64, 0u64);
+                let mut first_error = None;
                 while !churn_stop.load(Ordering::SeqCst) {
                     let add = quiet(
                         &qubes_box,
@@ -540,14 +541,17 @@ fn start_attack(
                             PREFIX,
                         ],
                     );
-                    if add.is_ok() && remove.is_ok() {
-                        cycles += 1;
-                    } else {
-                        errors += 1;
+                    match (add, remove) {
+                        (Ok(_), Ok(_)) => cycles += 1,
+                        (Err(error), _) | (_, Err(error)) => {
+                            errors += 1;
+                            first_error.get_or_insert(error);
+                        }
                     }
                 }
                 format!(
-                    "client101 added, fetched from ({fetches} ok) and removed {cycles} times ({errors} errors)"
+                    "client101 added, fetched from ({fetches} ok) and removed {cycles} times ({errors} errors{})",
+                    first_error.map_or(String::new(), |e: String| format!(", the first: {e}"))
                 )
             }));
         }
