@@ -27,7 +27,8 @@ set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 work=${INTEROP_DIR:-$root/target/interop}
-user=${INTEROP_USER:-qrexec-test}
+# Its own user: run.sh's watchdog kills long-lived processes of its user.
+user=${BENCH_USER:-qrexec-bench}
 ours=${OUR_BIN_DIR:-$root/target/release}
 q=$work/src/qubes-core-qrexec
 calls=${BENCH_CALLS:-200}
@@ -35,13 +36,16 @@ rounds=${BENCH_ROUNDS:-3}
 bytes=${BENCH_BYTES:-1073741824}
 [ "$(id -u)" = 0 ] || { echo "bench.sh: must run as root (private mount namespace, runs as user '$user')" >&2; exit 2; }
 [ -x "$q/daemon/qrexec-daemon" ] || { echo "bench.sh: Qubes' build missing in $q: run tests/interop/run.sh first" >&2; exit 2; }
-id -u "$user" >/dev/null 2>&1 || { echo "bench.sh: user '$user' missing: run tests/interop/run.sh first" >&2; exit 2; }
+if ! id -u "$user" >/dev/null 2>&1; then
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$user" ||
+        { echo "bench.sh: could not create user '$user'" >&2; exit 2; }
+fi
 for b in qrexec-daemon qrexec-client qrexec-agent qrexec-client-vm qrexec-policy-daemon; do
     [ -x "$ours/$b" ] || { echo "bench.sh: $ours/$b not found (cargo build --release -p qrexec -p qrexec-policy --bins)" >&2; exit 2; }
 done
 [ $((bytes % 65536)) = 0 ] || { echo "bench.sh: BENCH_BYTES must be a multiple of 65536" >&2; exit 2; }
-d=$ours
-while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
+for d in $ours $q; do while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done; done
+chmod -R o+rX "$work/src" 2>/dev/null || true
 
 tmp=$(mktemp -d /tmp/qrexec-bench.XXXXXX)
 for impl in ours qubes; do
