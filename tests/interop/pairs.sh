@@ -8,7 +8,9 @@
 #   the target's agent, the seed's `test.Add` with an argument;
 # - through a real policy file (our qrexec-policy-daemon on
 #   /run/qubes/policy.sock, a tmpfs in a private mount namespace, where
-#   Qubes' daemon looks for it): for the same 16 combinations, the seed's
+#   Qubes' daemon looks for it), for vmA's daemon x vmB's daemon x the
+#   caller's qrexec-client-vm x its agent x the target's agent (32), and 4
+#   where our daemons run Qubes' qrexec-client for the call to dom0: the seed's
 #   argument-specific `test.File+testfile1` qube -> qube (allowed: the file's
 #   content), `test.File+testfile2` (denied: 126, no data), and qube -> dom0
 #   (`test.Add+x` to @adminvm, run by the calling qube's daemon).
@@ -81,7 +83,8 @@ for d in ours qubes; do for cv in ours qubes; do for a in ours qubes; do for b i
 done; done; done; done
 policy_daemon=$ours/qrexec-policy-daemon
 [ -x "$policy_daemon" ] || { echo "pairs.sh: $policy_daemon missing (cargo build --workspace --bins)" >&2; exit 2; }
-for d in ours qubes; do for cv in ours qubes; do for a in ours qubes; do for b in ours qubes; do
+policy_case() { # policy_case DAEMON_A DAEMON_B CLIENT_VM AGENT_A AGENT_B [QREXEC_CLIENT_FOR_OUR_DAEMONS]
+    local da=$1 db=$2 cv=$3 a=$4 b=$5 qc=${6:-} tmp result
     tmp=$(mktemp -d /tmp/qrexec-pairs.XXXXXX)
     mkdir -p "$tmp/run" "$tmp/rpcA" "$tmp/rpcB" "$tmp/rpc0" "$tmp/policy.d" "$tmp/files"
     printf '#!/bin/sh\nread a b\necho "$1: $(($a+$b))"\n' >"$tmp/rpc0/test.Add"
@@ -93,6 +96,8 @@ for d in ours qubes; do for cv in ours qubes; do for a in ours qubes; do for b i
     chmod 755 "$tmp/rpc0/test.Add" "$tmp/rpcB/test.File"
     cat >"$tmp/calls.sh" <<'EOF'
 U=$(id -un)
+# the qrexec-client our daemons run for calls to dom0
+[ -n "$QC" ] && export QREXEC_CLIENT_PATH=$QC
 S=/run/qubes/policy.sock
 "$P" --socket-path $S --policy-path $T/policy.d --legacy-policy-path $T/legacy --system-info $T/qubes.json \
     --eval-socket-path $T/policy.EvalSimple --gui-socket-path $T/policy.EvalGUI 2>>$T/policy-daemon.log &
@@ -102,9 +107,9 @@ p1=$!
 VCHAN_DOMAIN=6 VCHAN_SOCKET_DIR=$T QREXEC_SERVICE_PATH=$T/rpcB "$B" --no-fork-server --agent-socket=$T/agent6.sock 2>>$T/agent6.log &
 p2=$!
 for i in $(seq 100); do [ -e $S ] && break; sleep 0.1; done
-VCHAN_DOMAIN=0 VCHAN_SOCKET_DIR=$T QREXEC_SERVICE_PATH=$T/rpc0 QREXEC_POLICY_SOCKET=$S "$D" --uuid=d95e1147-2d82-4595-90bb-5a7500cc3196 --socket-dir=$T/run --policy-program=/bin/false --direct 5 vmA "$U" 2>>$T/daemon5.log &
+VCHAN_DOMAIN=0 VCHAN_SOCKET_DIR=$T QREXEC_SERVICE_PATH=$T/rpc0 QREXEC_POLICY_SOCKET=$S "$DA" --uuid=d95e1147-2d82-4595-90bb-5a7500cc3196 --socket-dir=$T/run --policy-program=/bin/false --direct 5 vmA "$U" 2>>$T/daemon5.log &
 p3=$!
-VCHAN_DOMAIN=0 VCHAN_SOCKET_DIR=$T QREXEC_SERVICE_PATH=$T/rpc0 QREXEC_POLICY_SOCKET=$S "$D" --uuid=a95e1147-2d82-4595-90bb-5a7500cc3196 --socket-dir=$T/run --policy-program=/bin/false --direct 6 vmB "$U" 2>>$T/daemon6.log &
+VCHAN_DOMAIN=0 VCHAN_SOCKET_DIR=$T QREXEC_SERVICE_PATH=$T/rpc0 QREXEC_POLICY_SOCKET=$S "$DB" --uuid=a95e1147-2d82-4595-90bb-5a7500cc3196 --socket-dir=$T/run --policy-program=/bin/false --direct 6 vmB "$U" 2>>$T/daemon6.log &
 p4=$!
 for i in $(seq 100); do [ -e $T/run/qrexec.vmA ] && [ -e $T/run/qrexec.vmB ] && [ -e $T/agent5.sock ] && break; sleep 0.1; done
 cv() { VCHAN_DOMAIN=5 VCHAN_SOCKET_DIR=$T timeout 20 "$CV" --agent-socket=$T/agent5.sock "$@" </dev/null 2>>$T/client-vm.log; }
@@ -120,9 +125,17 @@ EOF
     # a private tmpfs on /run, in a private mount namespace.
     result=$(unshare -m --propagation private bash -c 'mount -t tmpfs -o mode=755 pairs /run && mkdir -m 1777 /run/qubes && exec "$@"' sh \
         runuser -u "$user" -- env -i PATH=/usr/bin:/bin HOME="$tmp" \
-        A="$(prog $a qrexec-agent)" B="$(prog $b qrexec-agent)" D="$(prog $d qrexec-daemon)" \
+        A="$(prog $a qrexec-agent)" B="$(prog $b qrexec-agent)" DA="$(prog $da qrexec-daemon)" DB="$(prog $db qrexec-daemon)" QC="$qc" \
         CV="$(prog $cv qrexec-client-vm)" P="$policy_daemon" T="$tmp" bash "$tmp/calls.sh")
-    echo "policy file: test.File vmA->vmB, test.Add vmA->dom0: daemons=$d client-vm=$cv agentA=$a agentB=$b: $result"
+    echo "policy file: test.File vmA->vmB, test.Add vmA->dom0: daemonA=$da daemonB=$db client-vm=$cv agentA=$a agentB=$b${qc:+ qrexec-client-for-our-daemons=qubes}: $result"
     case $result in ok) rm -rf "$tmp" ;; *) failed=1; echo "  logs in $tmp" ;; esac
-done; done; done; done
+}
+for da in ours qubes; do for db in ours qubes; do for cv in ours qubes; do for a in ours qubes; do for b in ours qubes; do
+    policy_case $da $db $cv $a $b
+done; done; done; done; done
+# Our daemon runs qrexec-client for a call to dom0 (Qubes 4.4's runs the
+# service itself): also with Qubes' qrexec-client.
+for cv in ours qubes; do for a in ours qubes; do
+    policy_case ours ours $cv $a ours "$(prog qubes qrexec-client)"
+done; done
 exit $failed
