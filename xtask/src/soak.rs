@@ -37,10 +37,12 @@
 //! marker `QSOAKDENY`; `soak/sink.py` in sys-net counts every frame with it
 //! (restarted with sys-net). A canary (an allowed SYN from client3, marked
 //! `QSOAKCANARY`) is sent first: if the sink does not count it, the run
-//! fails, since it could not see a leak either. After each phase: `qubes.FirewallStatus`
-//! over qrexec (drops by reason, NAT entries; no answer within 15 s is a
-//! hang), the firewall's VmRSS/VmHWM from `/proc` (its status reports no
-//! heap figure), whether its process is still the same.
+//! fails, since it could not see a leak either. After each phase:
+//! `qubes.FirewallStatus` over qrexec (drops by reason, NAT entries; no
+//! answer within 15 s is a hang), the firewall's VmRSS/VmHWM from `/proc`
+//! (the status's `heap:` line is printed once: the hosted firewall does not
+//! measure its heap, the C library owns it), whether its process is still
+//! the same.
 //!
 //! It prints one table (throughput and latency per phase, ratio to
 //! `before`, memory, NAT entries, leaked packets, what the attack did),
@@ -698,9 +700,13 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     // Let the load settle before measuring.
     std::thread::sleep(Duration::from_secs(2));
     let mut rows: Vec<Row> = Vec::new();
-    let mut previous_drops = firewall_status(&bx, Duration::from_secs(15))
-        .map(|s| drops(&s))
-        .unwrap_or_default();
+    let first_status = firewall_status(&bx, Duration::from_secs(15)).unwrap_or_default();
+    let heap = first_status
+        .lines()
+        .find(|l| l.starts_with("heap:"))
+        .unwrap_or("heap: (no heap line in qubes.FirewallStatus)")
+        .to_string();
+    let mut previous_drops = drops(&first_status);
     let mut problems: Vec<String> = Vec::new();
     for phase in PHASES {
         let from = Instant::now();
@@ -815,6 +821,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     if let Some((_, capacity, _)) = rows.iter().find_map(|r| r.nat) {
         println!("NAT table capacity: {capacity}");
     }
+    println!("qubes.FirewallStatus {heap}");
     println!("drops by reason (new in each phase):");
     for r in &rows {
         let list: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
