@@ -668,24 +668,30 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     // The canary: an allowed, marked SYN the sink must see.
     let (ip3, ip3_6) = client_addresses(3);
     let script = scripts.join("attack.py").to_string_lossy().into_owned();
-    quiet(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &format!("{PREFIX}client3"),
-            "python3",
-            &script,
-            "canary",
-            &ip3,
-            &ip3_6,
-            "0.5",
-            "20",
-        ],
-    )?;
-    let canary_start = Instant::now();
-    while sinks.leaked().2 == 0 && canary_start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(100));
+    // Three tries: on a loaded machine the sink may start late.
+    for _ in 0..3 {
+        quiet(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &format!("{PREFIX}client3"),
+                "python3",
+                &script,
+                "canary",
+                &ip3,
+                &ip3_6,
+                "0.5",
+                "20",
+            ],
+        )?;
+        let canary_start = Instant::now();
+        while sinks.leaked().2 == 0 && canary_start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if sinks.leaked().2 > 0 {
+            break;
+        }
     }
     let canary = sinks.leaked().2;
     if canary == 0 {
