@@ -126,7 +126,15 @@ pub struct XenPlatform {
     shutdown_watch: bool,
     /// The uplink's NIC state and xenbus state machine, once brought up.
     uplink: Option<(Weak<RefCell<FrontConn>>, FrontendMachine)>,
+    /// Client vif directories Closed under a detach, removed at the given
+    /// system time (ns): libxl must read Closed before they go.
+    removals: Vec<(BackendMachine, u64)>,
 }
+
+/// How long a detached vif's Closed directory stays for libxl to read it
+/// (`xl devd` takes about as long running its hotplug script; libxl then
+/// waits up to 10 s for the removal).
+const REMOVAL_DELAY_NS: u64 = 1_000_000_000;
 
 fn other(what: impl Into<String>) -> PlatformError {
     PlatformError::Other(what.into())
@@ -201,6 +209,7 @@ impl XenPlatform {
             xenstore,
             shutdown_watch: false,
             uplink: None,
+            removals: Vec::new(),
         })
     }
 
@@ -421,10 +430,26 @@ impl XenPlatform {
                 },
                 Step::Disconnect => {
                     log::info!(
-                        "xen: netback vif{domid}.{device}: frontend {} closed or gone; rings released",
+                        "xen: netback vif{domid}.{device}: frontend {} closed, gone or reset; rings released",
                         machine.frontend
                     );
+                    // Waiting again (a reset frontend): look at it once
+                    // more without waiting for a watch, it may be ready.
+                    if machine.phase() == Phase::Waiting {
+                        self.xenstore.mark_dirty();
+                    }
                 }
+            }
+            // Closed under a detach: our directory goes a moment later.
+            if machine.phase() == Phase::Down
+                && machine.removable(&mut self.xenstore).unwrap_or(false)
+                && !self
+                    .removals
+                    .iter()
+                    .any(|(queued, _)| queued.backend == machine.backend)
+            {
+                let due = system_time(&self.shared_info).saturating_add(REMOVAL_DELAY_NS);
+                self.removals.push((machine.clone(), due));
             }
             // Keep the machine's new phase; release rings unless Up.
             let old = core::mem::replace(
@@ -1261,6 +1286,18 @@ impl Platform for XenPlatform {
                 let _ = self.xenstore.remove(&path);
             }
         }
+        // Detached vifs' directories whose time has come.
+        let now_ns = system_time(&self.shared_info);
+        let (due, later): (Vec<_>, Vec<_>) = core::mem::take(&mut self.removals)
+            .into_iter()
+            .partition(|(_, at)| *at <= now_ns);
+        self.removals = later;
+        for (machine, _) in due {
+            if let Err(error) = machine.remove(&mut self.xenstore) {
+                log::warn!("xen: cannot remove {}: {error}", machine.backend);
+            }
+        }
+        let next_removal = self.removals.iter().map(|(_, at)| *at).min();
         let ports: Vec<u32> = self.shared.ports.borrow().iter().copied().collect();
         // Anything that fired since the last wait: return at once so the
         // caller looks at its links again.
@@ -1284,6 +1321,12 @@ impl Platform for XenPlatform {
                 at
             }
             None => 0,
+        };
+        // Wake up for the next directory removal.
+        let timeout = match (timeout, next_removal) {
+            (0, Some(at)) => at.max(1),
+            (t, Some(at)) => t.min(at.max(1)),
+            (t, None) => t,
         };
         // Xen polls at most 128 ports at once (`do_poll`); past that, sleep
         // in short slices so no link is starved.

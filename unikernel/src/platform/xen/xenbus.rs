@@ -12,8 +12,12 @@
 //! netfront writes Closed at once). When the backend lives in a driver
 //! domain (us), libxl in dom0 does not remove the backend directory
 //! itself: it waits for the driver domain to remove it (`xl devd` does
-//! that on Linux driver domains), so once we are Closed with `online` = 0
-//! we remove our own `backend/vif/<domid>/<dev>`. A backend tears down when its frontend
+//! that on Linux driver domains, after its hotplug script), so once we are
+//! Closed with `online` = 0 we remove our own `backend/vif/<domid>/<dev>`,
+//! a moment later (the platform waits a second): libxl must first read
+//! Closed, and a state node gone before it did fails the detach. A
+//! frontend that reset or reconnected with new rings between two looks at
+//! its `state` (watches coalesce) gets its old rings released. A backend tears down when its frontend
 //! goes Closing and reports Closed once the frontend is Closed (or gone:
 //! the domain died). A new attach (another vif, or the same qube again
 //! under a new domid) creates fresh directories: frontend and backend
@@ -121,6 +125,8 @@ pub struct BackendMachine {
     /// The client's directory (absolute), from our `frontend` node.
     pub frontend: String,
     phase: Phase,
+    /// The frontend's ring references and event channel we connected to.
+    rings: Option<[Option<String>; 3]>,
 }
 
 impl BackendMachine {
@@ -130,7 +136,15 @@ impl BackendMachine {
             backend,
             frontend,
             phase: Phase::Waiting,
+            rings: None,
         }
+    }
+
+    /// The frontend's `tx-ring-ref`, `rx-ring-ref` and `event-channel` as
+    /// written now (unreadable counts as absent).
+    fn read_rings<X: Xenstore>(&self, xs: &mut X) -> [Option<String>; 3] {
+        ["tx-ring-ref", "rx-ring-ref", "event-channel"]
+            .map(|key| xs.read(&format!("{}/{key}", self.frontend)).ok().flatten())
     }
 
     /// Where it stands.
@@ -152,12 +166,6 @@ impl BackendMachine {
         match read_state(xs, &path)? {
             Some(now) if now != state => xs.write(&path, &state.to_string())?,
             _ => {}
-        }
-        // Closed under a detach (`online` 0): the directory is ours to
-        // remove, as `xl devd` does; libxl waits for that.
-        if state == CLOSED && xs.read(&format!("{}/online", self.backend))?.as_deref() == Some("0")
-        {
-            xs.remove(&self.backend)?;
         }
         Ok(())
     }
@@ -190,6 +198,15 @@ impl BackendMachine {
                 } else {
                     self.phase = Phase::Down;
                 }
+                Step::Disconnect
+            }
+            // Connected again with new rings before we saw it reset (its
+            // whole Closing..Connected went by between two looks): release
+            // the old ones; the caller connects to the new ones.
+            (Phase::Up, Some(INITIALISED | CONNECTED))
+                if self.rings.as_ref() != Some(&self.read_rings(xs)) =>
+            {
+                self.phase = Phase::Waiting;
                 Step::Disconnect
             }
             (Phase::Waiting | Phase::Down, None | Some(0 | CLOSED)) => {
@@ -225,8 +242,32 @@ impl BackendMachine {
         Ok(step)
     }
 
-    /// The rings are mapped: report Connected.
+    /// True when our directory is ours to remove: Closed under a detach
+    /// (`online` 0), as `xl devd` removes it after its hotplug script;
+    /// libxl waits for that. The caller removes it with [`Self::remove`]
+    /// a moment later, not at once: libxl first waits to read Closed in
+    /// our `state`, and a state node removed before it read it fails the
+    /// detach ("unable to remove device").
+    pub fn removable<X: Xenstore>(&self, xs: &mut X) -> Result<bool, XenstoreError> {
+        Ok(
+            read_state(xs, &format!("{}/state", self.backend))? == Some(CLOSED)
+                && xs.read(&format!("{}/online", self.backend))?.as_deref() == Some("0"),
+        )
+    }
+
+    /// Removes our directory if it is still [`Self::removable`] (never one
+    /// the toolstack recreated meanwhile).
+    pub fn remove<X: Xenstore>(&self, xs: &mut X) -> Result<(), XenstoreError> {
+        if self.removable(xs)? {
+            xs.remove(&self.backend)?;
+        }
+        Ok(())
+    }
+
+    /// The rings are mapped: report Connected (and remember which rings,
+    /// to see a frontend that reconnects with new ones).
     pub fn connected<X: Xenstore>(&mut self, xs: &mut X) -> Result<(), XenstoreError> {
+        self.rings = Some(self.read_rings(xs));
         self.phase = Phase::Up;
         self.write_ours(xs, CONNECTED)
     }
@@ -487,12 +528,19 @@ mod tests {
         assert_eq!(back.progress(&mut xs), Ok(Step::Stay));
         xs.set(&format!("{FRONT}/state"), "6");
         assert_eq!(back.progress(&mut xs), Ok(Step::Stay));
-        // Closed with online 0: we removed our directory (libxl waits for
-        // that when the backend is a driver domain); libxl removes the
-        // frontend's. We never recreate either.
+        // Closed, and our directory kept (libxl must read Closed first);
+        // removable, and removed when the caller says so.
+        assert_eq!(state(&mut xs, BACK).as_deref(), Some("6"));
+        assert_eq!(back.progress(&mut xs), Ok(Step::Stay));
+        assert_eq!(state(&mut xs, BACK).as_deref(), Some("6"));
+        assert_eq!(back.removable(&mut xs), Ok(true));
+        back.remove(&mut xs).unwrap();
+        // Gone (libxl waits for that when the backend is a driver
+        // domain); libxl removes the frontend's. We never recreate either.
         assert_eq!(state(&mut xs, BACK), None);
-        assert_eq!(xs.read(&format!("{BACK}/frontend")).unwrap(), None);
+        assert_eq!(back.removable(&mut xs), Ok(false));
         xs.remove(FRONT).unwrap();
+        assert_eq!(xs.read(&format!("{BACK}/frontend")).unwrap(), None);
         assert_eq!(back.progress(&mut xs), Ok(Step::Stay));
         assert_eq!(state(&mut xs, BACK), None);
         // The same qube started again: a new domid, a new device.
@@ -540,8 +588,14 @@ mod tests {
             state(&mut xs, "/local/domain/2/backend/vif/8/0").as_deref(),
             Some("6")
         );
+        assert_eq!(early.removable(&mut xs), Ok(false), "online is 1");
         xs.set("/local/domain/2/backend/vif/8/0/online", "0");
         assert_eq!(early.progress(&mut xs), Ok(Step::Stay));
+        assert_eq!(
+            state(&mut xs, "/local/domain/2/backend/vif/8/0").as_deref(),
+            Some("6")
+        );
+        early.remove(&mut xs).unwrap();
         assert_eq!(state(&mut xs, "/local/domain/2/backend/vif/8/0"), None);
         // A frontend that is not there yet is waited for, not closed.
         let mut slow = attach(&xs, 10);
@@ -585,6 +639,30 @@ mod tests {
         assert_eq!(back.progress(&mut xs), Ok(Step::Disconnect));
         assert_eq!(back.phase(), Phase::Down);
         assert_eq!(state(&mut xs, BACK).as_deref(), Some("5"));
+    }
+
+    #[test]
+    fn a_frontend_back_at_connected_with_new_rings_is_reconnected() {
+        let mut xs = FakeXenstore::new();
+        let mut back = attach(&xs, 7);
+        xs.set(&format!("{FRONT}/tx-ring-ref"), "8");
+        xs.set(&format!("{FRONT}/rx-ring-ref"), "9");
+        xs.set(&format!("{FRONT}/event-channel"), "3");
+        xs.set(&format!("{FRONT}/state"), "4");
+        assert_eq!(back.progress(&mut xs), Ok(Step::Connect));
+        back.connected(&mut xs).unwrap();
+        // Nothing changed: stay.
+        assert_eq!(back.progress(&mut xs), Ok(Step::Stay));
+        // The frontend reset and connected again between two looks.
+        xs.set(&format!("{FRONT}/tx-ring-ref"), "12");
+        assert_eq!(back.progress(&mut xs), Ok(Step::Disconnect));
+        assert_eq!(back.phase(), Phase::Waiting);
+        assert_eq!(back.progress(&mut xs), Ok(Step::Connect));
+        back.connected(&mut xs).unwrap();
+        assert_eq!(back.progress(&mut xs), Ok(Step::Stay));
+        // A new event channel alone counts too.
+        xs.set(&format!("{FRONT}/event-channel"), "5");
+        assert_eq!(back.progress(&mut xs), Ok(Step::Disconnect));
     }
 
     #[test]
