@@ -20,7 +20,16 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut out = vec![0u8; repr.buffer_len()];
     let len = repr.emit(&mut out).expect("a parsed message can be emitted");
-    assert_eq!(len, message.total_len());
+    match repr {
+        // A MSG_SERVICE_CONNECT with an ident shorter than 32 bytes (taken
+        // as Qubes' daemon takes it) is emitted in the full, zero-padded
+        // form Qubes' programs send.
+        Repr::ServiceConnect {
+            request_id: Some(_),
+            ..
+        } => assert!(len >= message.total_len()),
+        _ => assert_eq!(len, message.total_len()),
+    }
     let (again, used) = Repr::parse_bytes(&out).expect("emitted message parses");
     assert_eq!(used, len);
     assert_eq!(again, repr);
