@@ -50,9 +50,17 @@ mknod -m 600 "$C/dev/console" c 5 1   # the kernel opens it for init's stdio bef
 cp "$R/lib/modules/$KVER/kernel/drivers/net/xen-netfront.ko" "$C/"
 cp "$HERE/client-init" "$C/init"; chmod +x "$C/init"
 (cd "$C" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/client-initrd.gz"
+# Qubes' own C dom0 programs (BACKEND_VMM=xen, built from ../shared/reference
+# at test time) for the qubes-c pass (dom0-qubes-c.sh); QUBES_C=0 skips it.
+QC_FILES=()
+if [ "${QUBES_C:-1}" != 0 ]; then
+    QC=$("$HERE/build-qubes-c.sh" | tail -1)
+    for b in qubesdb-daemon qubesdb-cmd qrexec-daemon qrexec-client; do QC_FILES+=("$QC/bin/$b:/usr/lib/qubes-c/$b"); done
+    QC_FILES+=("$HERE/dom0-qubes-c.sh:/guest/dom0-qubes-c.sh")
+fi
 "$HERE/build-initramfs.sh" "$IMAGE:/guest/qubes-firewall.elf" "$LAB/img/vmlinuz:/guest/vmlinuz" "$OUT/client-initrd.gz:/guest/client-initrd.gz" "$OUT/hello-pvh-lm.elf:/guest/hello-pvh-lm.elf" \
     "$OUT/vchan-peer:/usr/bin/vchan-peer" "$OUT/dns-answer:/usr/bin/dns-answer" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \
-    "$HERE/dom0-test.sh:/guest/test.sh" "${TOOLS[@]}" >/dev/null
+    "$HERE/dom0-test.sh:/guest/test.sh" "${TOOLS[@]}" "${QC_FILES[@]}" >/dev/null
 echo "run.sh: prepared in $((SECONDS - t0)) s; image $(stat -c %s "$IMAGE") bytes"
 export LOG=$OUT/serial.log
 TIMEOUT=${TIMEOUT:-540} "$HERE/boot.sh" tcg || true
