@@ -229,6 +229,7 @@ ip addr add 10.139.1.1/32 dev xenbr0; ip addr add 10.139.1.2/32 dev xenbr0
 mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1M count=3 2>/dev/null && echo small > /www/small
 BLOB_SHA=$(sha256sum /www/blob | cut -d' ' -f1)
 httpd -p 10.137.0.1:80 -h /www; httpd -p 10.137.0.1:81 -h /www
+iperf3 -s -D -B 10.137.0.1 --logfile /tmp/iperf3.log
 dns-answer 10.139.1.1 10.139.1.2 > /tmp/dns.log 2>&1 &
 DNS_PID=$!
 RULES=/qubes-firewall/10.137.0.10
@@ -330,7 +331,7 @@ echo "QFW-MEASURE linux-client: xl create -> all client checks done in $(since $
 sed 's/^/QFW-LINUX-CLIENT /' $LLOG | grep -v "CHECK" | tail -30
 # The client's own verdicts, gating; each expected one must be there.
 client_ok=1
-for c in "ping dom0" "IPv6 ping dom0" "HTTP download" "DNS query" "TCP port 81 denied" "a live rule change" \
+for c in "ping dom0" "IPv6 ping dom0" "HTTP download" "DNS query" "iperf3 TCP" "TCP port 81 denied" "a live rule change" \
          "traffic flows again after xl network-detach" "traffic flows again after the uplink"; do
     line=$(grep -o "CLIENT-LINUX CHECK [a-zA-Z]* $c.*" $LLOG | head -1)
     case $line in

@@ -41,7 +41,8 @@ qemu-system-x86_64 --version | head -1
 KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
 PKGS="xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common xenstore-utils libxencall1 libxenevtchn1
       libxenforeignmemory1 libxengnttab1 libxenmisc4.17 libxenstore4 libxentoollog1
-      libxendevicemodel1 libxenhypfs1 libxentoolcore1 libyajl2 libxen-dev $KPKG"
+      libxendevicemodel1 libxenhypfs1 libxentoolcore1 libyajl2 libxen-dev $KPKG
+      iperf3 libiperf0 libsctp1"
 cd "$LAB/debs"
 chmod 777 . # lets apt's _apt user write here (avoids the "unsandboxed" warning)
 missing=()

@@ -45,6 +45,14 @@ gcc -O2 -Wall -static -o "$OUT/dns-answer" "$HERE/dns-answer.c"
 KVER=$(cat "$LAB/img/kver")
 C=$LAB/client-initramfs; rm -rf "$C"; mkdir -p "$C"/{bin,proc,sys,dev,tmp}
 cp /bin/busybox "$C/bin/busybox"
+# iperf3 (Debian's, unpacked by fetch.sh) with its libraries, for the
+# throughput check through the firewall; dom0 gets it through
+# build-initramfs.sh's own library copying.
+mkdir -p "$C/lib64" "$C/lib/x86_64-linux-gnu"
+cp "$R/usr/bin/iperf3" "$C/bin/iperf3"
+LD_LIBRARY_PATH=$R/usr/lib/x86_64-linux-gnu:$R/lib/x86_64-linux-gnu ldd "$R/usr/bin/iperf3" |
+    awk '/=>/ {print $3}' | while read -r l; do cp -L "$l" "$C/lib/x86_64-linux-gnu/"; done
+cp -L /lib64/ld-linux-x86-64.so.2 "$C/lib64/"
 for a in sh ip ping insmod mount sleep cat echo poweroff wget sha256sum nslookup grep sed awk cut tr wc rm mkdir timeout; do ln -s busybox "$C/bin/$a"; done
 mknod -m 600 "$C/dev/console" c 5 1   # the kernel opens it for init's stdio before devtmpfs
 cp "$R/lib/modules/$KVER/kernel/drivers/net/xen-netfront.ko" "$C/"
@@ -59,7 +67,7 @@ if [ "${QUBES_C:-1}" != 0 ]; then
     QC_FILES+=("$HERE/dom0-qubes-c.sh:/guest/dom0-qubes-c.sh")
 fi
 "$HERE/build-initramfs.sh" "$IMAGE:/guest/qubes-firewall.elf" "$LAB/img/vmlinuz:/guest/vmlinuz" "$OUT/client-initrd.gz:/guest/client-initrd.gz" "$OUT/hello-pvh-lm.elf:/guest/hello-pvh-lm.elf" \
-    "$OUT/vchan-peer:/usr/bin/vchan-peer" "$OUT/dns-answer:/usr/bin/dns-answer" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \
+    "$OUT/vchan-peer:/usr/bin/vchan-peer" "$OUT/dns-answer:/usr/bin/dns-answer" "$R/usr/bin/iperf3:/usr/bin/iperf3" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \
     "$HERE/dom0-test.sh:/guest/test.sh" "${TOOLS[@]}" "${QC_FILES[@]}" >/dev/null
 echo "run.sh: prepared in $((SECONDS - t0)) s; image $(stat -c %s "$IMAGE") bytes"
 export LOG=$OUT/serial.log
