@@ -115,7 +115,7 @@ impl Drop for SocketStdin {
 
 /// A process's output: its stdout until the call's stand-in is ended by
 /// SIGUSR1, then its stdin socket (the stdout is closed then, as Qubes
-/// does).
+/// does, once what was written to it before the signal has been read).
 pub struct SwitchingOutput<R> {
     stdout: Option<R>,
     socket: UnixStream,
@@ -180,6 +180,15 @@ impl<R: Read + AsFd> Read for SwitchingOutput<R> {
             };
             if pid_ready {
                 if Self::ended_by_sigusr1(pidfd) {
+                    // What the process wrote to stdout before it signalled
+                    // is in the pipe already (poll saw it with the signal):
+                    // pass it on first, then switch.
+                    if out_ready {
+                        let n = stdout.read(buf)?;
+                        if n > 0 {
+                            return Ok(n);
+                        }
+                    }
                     self.switched = true;
                     self.stdout = None;
                 } else {
@@ -189,7 +198,42 @@ impl<R: Read + AsFd> Read for SwitchingOutput<R> {
                 continue;
             }
             if out_ready {
-                return stdout.read(buf);
+                let n = stdout.read(buf)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+                // Stdout ended. A SIGUSR1 sent before it closed may not
+                // have ended the stand-in yet: end the stand-in ourselves
+                // and see which signal it died of (a pending SIGUSR1, the
+                // lower number, is taken before our SIGTERM).
+                if let Some(pidfd) = self.pidfd.take()
+                    && Self::settle(&pidfd)
+                {
+                    self.switched = true;
+                    self.stdout = None;
+                    continue;
+                }
+                return Ok(0);
+            }
+        }
+    }
+}
+
+impl<R> SwitchingOutput<R> {
+    /// Ends the stand-in with SIGTERM and waits for it (not reaped here):
+    /// whether SIGUSR1 ended it instead.
+    fn settle(pidfd: &OwnedFd) -> bool {
+        let _ = rustix::process::pidfd_send_signal(pidfd.as_fd(), Signal::TERM);
+        loop {
+            match rustix::process::waitid(
+                WaitId::PidFd(pidfd.as_fd()),
+                WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+            ) {
+                Ok(Some(status)) => {
+                    return status.terminating_signal() == Some(Signal::USR1.as_raw());
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                _ => return false,
             }
         }
     }
