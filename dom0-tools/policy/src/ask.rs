@@ -80,20 +80,7 @@ impl Confirm for ProgramConfirm {
             let _ = stdout.take(MAX_ANSWER).read_to_end(&mut out);
             out
         });
-        let deadline = Instant::now() + self.timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Ok(None) | Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-            }
-        };
+        let status = wait_with_deadline(&mut child, self.timeout);
         let Some(status) = status else {
             return AskAnswer::Unavailable(format!(
                 "the confirmation program {} did not answer within {} s",
@@ -116,6 +103,29 @@ impl Confirm for ProgramConfirm {
             AskAnswer::Allow(target.to_owned())
         } else {
             AskAnswer::Invalid(answer.to_owned())
+        }
+    }
+}
+
+/// Waits for `child` until `timeout` has passed; then kills and reaps it and
+/// gives `None`. Shared by the ask program and the policy agent's
+/// qrexec-client.
+pub(crate) fn wait_with_deadline(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
         }
     }
 }
