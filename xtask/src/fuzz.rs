@@ -1,9 +1,16 @@
 //! `cargo xtask fuzz`: bounded runs of every cargo-fuzz target.
 //!
 //! Fuzz crates live in `<crate>/fuzz/` (their own workspaces, built with the
-//! nightly toolchain that exists on this machine for cargo-fuzz only). Each
-//! target runs for a fixed number of seconds from an empty corpus, so a fresh
-//! checkout behaves the same as CI.
+//! nightly toolchain that exists on this machine for cargo-fuzz only).
+//!
+//! For each target, first every input of its checked-in regression corpus
+//! (`<crate>/fuzz/regressions/<target>/`: the minimised corpus of a
+//! 10-minute run, plus any crash that was once found) is replayed
+//! (`-runs=0`: run the inputs, nothing else), so an input that once
+//! exercised a path keeps exercising it; then the target fuzzes for a fixed
+//! number of seconds, seeded from that corpus. New inputs go to the
+//! ignored `corpus/<target>/` only (libFuzzer writes to the first corpus
+//! directory it is given), so a run never changes the checkout.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,11 +43,28 @@ pub fn run(args: &[String]) -> Result<(), String> {
             let corpus = dir.join("corpus").join(&target);
             std::fs::create_dir_all(&corpus)
                 .map_err(|error| format!("cannot create {}: {error}", corpus.display()))?;
+            let regressions = dir.join("regressions").join(&target);
+            let mut seeds = Vec::new();
+            if regressions.is_dir() {
+                println!(
+                    "xtask fuzz: {krate}/{target}: replaying {}",
+                    regressions.display()
+                );
+                run_command(
+                    Command::new("cargo")
+                        .current_dir(&dir)
+                        .args(["+nightly", "fuzz", "run", &target])
+                        .arg(&regressions)
+                        .args(["--", "-runs=0"]),
+                )?;
+                seeds.push(regressions);
+            }
             run_command(
                 Command::new("cargo")
                     .current_dir(&dir)
                     .args(["+nightly", "fuzz", "run", &target])
                     .arg(&corpus)
+                    .args(&seeds)
                     .arg("--")
                     .arg(format!("-max_total_time={seconds}"))
                     .arg("-print_final_stats=1"),
