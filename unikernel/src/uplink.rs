@@ -14,6 +14,7 @@
 //! gateway's address, and never lets a pending frame grow past its caps or
 //! outlive [`PENDING_TIMEOUT`].
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
@@ -247,6 +248,7 @@ impl Uplink {
     }
 }
 
+#[allow(clippy::indexing_slicing)] // reason: test code and test doubles; a panic there is a failed test
 #[cfg(test)]
 mod tests {
     use super::*;

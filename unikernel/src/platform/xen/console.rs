@@ -9,6 +9,7 @@
 //! producer or more than a ring behind it. Console output must never block
 //! the firewall for long: when xenconsoled stops consuming, output is
 //! dropped (and counted) after a bounded wait.
+#![deny(clippy::indexing_slicing)]
 
 use core::fmt::{self, Write};
 

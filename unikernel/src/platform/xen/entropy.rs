@@ -3,6 +3,7 @@
 //! time, with a warning on the console. It must never be used for
 //! cryptography, and never blocks: RDRAND is retried a bounded number of
 //! times, as Intel's guidance recommends (10).
+#![deny(clippy::indexing_slicing)]
 
 use core::arch::x86_64::{__cpuid, _rdrand64_step};
 

@@ -6,6 +6,7 @@
 //! Xen `public/event_channel.h`; `SCHEDOP_poll` (`public/sched.h`) wakes us
 //! when any polled port becomes pending. Ports are numbers chosen by Xen;
 //! a port outside the 2-level range is refused, never used as an index.
+#![deny(clippy::indexing_slicing)]
 
 use super::abi;
 use super::hypercall;

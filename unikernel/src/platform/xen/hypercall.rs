@@ -8,6 +8,7 @@
 //! This module must never be used before [`init`] succeeds, and its raw
 //! `hypercall` must never be handed a pointer to memory that does not live
 //! until the call returns.
+#![deny(clippy::indexing_slicing)]
 
 use core::arch::asm;
 use core::cell::UnsafeCell;

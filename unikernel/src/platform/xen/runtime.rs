@@ -7,6 +7,7 @@
 //! `_start`, `memcpy` and a `#[panic_handler]`). It must never take an
 //! interrupt: the precompiled `core` uses the red zone, so interrupts stay
 //! disabled for the life of the guest and events are polled.
+#![deny(clippy::indexing_slicing)]
 
 use core::fmt::Write;
 use core::panic::PanicInfo;

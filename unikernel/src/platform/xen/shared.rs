@@ -9,6 +9,7 @@
 //! check it and do nothing (reads give 0) rather than touch foreign memory.
 //! Nothing here interprets a peer-written value: callers read once, copy,
 //! then validate.
+#![deny(clippy::indexing_slicing)]
 
 use alloc::rc::Rc;
 use alloc::vec;

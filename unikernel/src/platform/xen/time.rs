@@ -4,6 +4,7 @@
 //! The record is written by Xen under a version counter (odd while it is
 //! being updated): we copy it whole, retry while the version is odd or
 //! changed, and only then compute. The scaling is portable and tested here.
+#![deny(clippy::indexing_slicing)]
 
 use super::abi;
 use super::shared::{SharedMemory, barrier};

@@ -12,6 +12,7 @@
 //! is read once per call and validated; orders and grant lists read by a
 //! client are validated before anything is mapped; a bad index closes the
 //! link (`PeerProtocol`), never a panic or an access outside the rings.
+#![deny(clippy::indexing_slicing)]
 
 use alloc::vec::Vec;
 
@@ -310,6 +311,7 @@ impl<M: SharedMemory, N: Notify> ByteStream for VchanRing<M, N> {
     }
 }
 
+#[allow(clippy::indexing_slicing)] // reason: test code and test doubles; a panic there is a failed test
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 //! validated with `protocol::xenstore::RingIndices` (producer at most one
 //! ring ahead). A bad index from xenstored closes the link for good: the
 //! client then fails every request instead of reading garbage.
+#![deny(clippy::indexing_slicing)]
 
 use protocol::xenstore::{RingIndices, XENSTORE_RING_SIZE, ring};
 
@@ -133,6 +134,7 @@ impl<M: SharedMemory, N: Notify> ByteStream for XenstoreRing<M, N> {
 /// Bytes in each ring (for callers sizing their buffers).
 pub const RING_SIZE: usize = XENSTORE_RING_SIZE as usize;
 
+#[allow(clippy::indexing_slicing)] // reason: test code and test doubles; a panic there is a failed test
 #[cfg(test)]
 mod tests {
     use super::*;
