@@ -1,6 +1,8 @@
 //! qubes.Filecopy for qubes: the wire format of qubes-linux-utils'
 //! `qrexec-lib` (pack/unpack), the receiver `qfile-unpacker`, the sender
-//! `qfile-agent` and the `qvm-copy`/`qvm-move` front ends.
+//! `qfile-agent` and the `qvm-copy`/`qvm-move` front ends; and
+//! qubes.OpenInVM ([`openinvm`], [`open_programs`]): `vm-file-editor`,
+//! `qopen-in-vm`, `qvm-open-in-vm`, `qvm-open-in-dvm`.
 //!
 //! The receiver is the attack surface: everything it reads comes from another
 //! qube. It parses with checked accessors ([`wire`]), validates every name and
@@ -13,6 +15,8 @@
 pub mod crc32;
 pub mod frontend;
 pub mod names;
+pub mod open_programs;
+pub mod openinvm;
 pub mod pack;
 pub mod unicode_table;
 pub mod unpack;
