@@ -11,10 +11,9 @@
 //! then validate.
 #![deny(clippy::indexing_slicing)]
 
+use alloc::boxed::Box;
 use alloc::rc::Rc;
 use alloc::vec;
-use alloc::vec::Vec;
-use core::cell::RefCell;
 use core::sync::atomic::{AtomicU8, AtomicU16, Ordering, fence};
 
 /// A region of memory shared with a peer domain.
@@ -60,80 +59,93 @@ fn in_range(offset: usize, size: usize, len: usize) -> bool {
     offset.checked_add(size).is_some_and(|end| end <= len)
 }
 
-/// A `Vec`-backed region that two ends (our code and a test double playing
-/// the peer) share through `Clone`. Safe code only: the host-test stand-in
-/// for a granted page.
+/// A heap region that two ends (our code and a test double playing the
+/// peer) share through `Clone`: the host-test and fuzzing stand-in for a
+/// granted page. Every access goes through [`RawMemory`] over the heap
+/// block, so host tests (and Miri, `cargo xtask miri`) run the same
+/// volatile and atomic code as the image; only where the block comes from
+/// differs. An access outside the region is a bug in the caller: it fails a
+/// debug assertion (and reads 0 / writes nothing, as `RawMemory` does).
 #[derive(Clone, Debug)]
-pub struct VecMemory(Rc<RefCell<Vec<u8>>>);
+pub struct VecMemory(Rc<HeapBlock>);
+
+/// The owned block behind a [`VecMemory`]: 8-byte aligned (as a page is for
+/// the 2- and 4-byte fields), freed when the last clone goes.
+#[derive(Debug)]
+struct HeapBlock {
+    words: *mut [u64],
+    mem: RawMemory,
+}
+
+impl Drop for HeapBlock {
+    fn drop(&mut self) {
+        // SAFETY: `words` came from `Box::into_raw` in `VecMemory::new` and
+        // is freed only here, once, when no `VecMemory` (and so no copy of
+        // `mem`) is left.
+        drop(unsafe { Box::from_raw(self.words) });
+    }
+}
 
 impl VecMemory {
     /// A zeroed region of `len` bytes.
     pub fn new(len: usize) -> Self {
-        VecMemory(Rc::new(RefCell::new(vec![0; len])))
+        let words: Box<[u64]> = vec![0u64; len.div_ceil(8)].into_boxed_slice();
+        let words = Box::into_raw(words);
+        // SAFETY: `words` is our own allocation of at least `len` bytes,
+        // reached from now on only through this `RawMemory` (no reference to
+        // it is made) and freed by `HeapBlock::drop` after the last user.
+        let mem = unsafe { RawMemory::new(words.cast::<u8>(), len) };
+        VecMemory(Rc::new(HeapBlock { words, mem }))
+    }
+
+    fn raw(&self, offset: usize, size: usize) -> &RawMemory {
+        let mem = &self.0.mem;
+        debug_assert!(
+            in_range(offset, size, mem.len()),
+            "access outside the shared region: {size} bytes at {offset} of {}",
+            mem.len()
+        );
+        mem
     }
 }
 
 impl SharedMemory for VecMemory {
     fn len(&self) -> usize {
-        self.0.borrow().len()
+        self.0.mem.len()
     }
     fn load_u32(&self, offset: usize) -> u32 {
-        let mut b = [0u8; 4];
-        self.read_bytes(offset, &mut b);
-        u32::from_le_bytes(b)
+        self.raw(offset, 4).load_u32(offset)
     }
     fn store_u32(&self, offset: usize, value: u32) {
-        self.write_bytes(offset, &value.to_le_bytes());
+        self.raw(offset, 4).store_u32(offset, value);
     }
     fn load_u8(&self, offset: usize) -> u8 {
-        let mut b = [0u8; 1];
-        self.read_bytes(offset, &mut b);
-        b[0]
+        self.raw(offset, 1).load_u8(offset)
     }
     fn store_u8(&self, offset: usize, value: u8) {
-        self.write_bytes(offset, &[value]);
+        self.raw(offset, 1).store_u8(offset, value);
     }
     fn load_u16(&self, offset: usize) -> u16 {
-        let mut b = [0u8; 2];
-        self.read_bytes(offset, &mut b);
-        u16::from_le_bytes(b)
+        self.raw(offset, 2).load_u16(offset)
     }
     fn store_u16(&self, offset: usize, value: u16) {
-        self.write_bytes(offset, &value.to_le_bytes());
+        self.raw(offset, 2).store_u16(offset, value);
     }
     fn fetch_or_u8(&self, offset: usize, bits: u8) -> u8 {
-        let old = self.load_u8(offset);
-        self.store_u8(offset, old | bits);
-        old
+        self.raw(offset, 1).fetch_or_u8(offset, bits)
     }
     fn fetch_and_u8(&self, offset: usize, bits: u8) -> u8 {
-        let old = self.load_u8(offset);
-        self.store_u8(offset, old & bits);
-        old
+        self.raw(offset, 1).fetch_and_u8(offset, bits)
     }
     fn compare_exchange_u16(&self, offset: usize, current: u16, new: u16) -> u16 {
-        let old = self.load_u16(offset);
-        if old == current {
-            self.store_u16(offset, new);
-        }
-        old
+        self.raw(offset, 2)
+            .compare_exchange_u16(offset, current, new)
     }
     fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
-        let mem = self.0.borrow();
-        match mem.get(offset..offset.saturating_add(dst.len())) {
-            Some(src) => dst.copy_from_slice(src),
-            None => {
-                debug_assert!(false, "read outside the shared region");
-                dst.fill(0);
-            }
-        }
+        self.raw(offset, dst.len()).read_bytes(offset, dst);
     }
     fn write_bytes(&self, offset: usize, src: &[u8]) {
-        let mut mem = self.0.borrow_mut();
-        match mem.get_mut(offset..offset.saturating_add(src.len())) {
-            Some(dst) => dst.copy_from_slice(src),
-            None => debug_assert!(false, "write outside the shared region"),
-        }
+        self.raw(offset, src.len()).write_bytes(offset, src);
     }
 }
 
