@@ -43,7 +43,7 @@ use super::netfront::{self, Buffer, Netfront, NetfrontRx};
 use super::shared::{RawMemory, SharedMemory};
 use super::start_info::BootInfo;
 use super::time::{self, TimeInfo};
-use super::vchan::{RingBuffer, VchanRing, read_grants, read_orders};
+use super::vchan::{CLIENT_MAX_ORDER, ClientRing, RingBuffer, VchanRing, plan_client};
 use super::xenbus::{self, BackendMachine, FrontendMachine, Phase, Step, Watches, parse_decimal};
 use super::xenstore_ring::XenstoreRing;
 use crate::platform::{
@@ -59,8 +59,6 @@ pub const SERVER_READ_MIN: usize = 4096;
 pub const SERVER_WRITE_MIN: usize = 4096;
 /// Most ports one `SCHEDOP_poll` takes (Xen `do_poll`).
 const MAX_POLL_PORTS: usize = 128;
-/// Largest ring order we map as a client (64 KiB rings).
-pub const CLIENT_MAX_ORDER: u16 = 16;
 
 /// The xenstore client on Xen, with the platform's device watches kept
 /// apart from the firewall's ([`Watches`]).
@@ -1473,34 +1471,22 @@ impl Platform for XenPlatform {
         };
         let result = (|| {
             let ctrl = self.map_ring(peer, &[ring_ref], false, mappings, windows)?;
-            let orders = read_orders(&ctrl)
+            let plan = plan_client(&ctrl, CLIENT_MAX_ORDER)
                 .map_err(|error| other(format!("vchan server of domain {peer}: {error}")))?;
-            if orders.left().order() > CLIENT_MAX_ORDER || orders.right().order() > CLIENT_MAX_ORDER
+            let mut buffer = |ring: &ClientRing, readonly: bool, this: &mut XenPlatform| match ring
             {
-                return Err(other(format!(
-                    "vchan server of domain {peer} wants rings over {} bytes",
-                    1u32 << CLIENT_MAX_ORDER
-                )));
-            }
-            let refs = read_grants(&ctrl, &orders);
-            let mut buffer =
-                |ring: protocol::vchan::RingLayout, readonly: bool, this: &mut XenPlatform| {
-                    match ring.placement() {
-                        RingPlacement::InPage { offset } => Ok(RingBuffer {
-                            mem: ctrl,
-                            base: offset,
-                        }),
-                        RingPlacement::Granted { first_grant, pages } => {
-                            let slice = refs
-                                .get(first_grant..first_grant + pages)
-                                .unwrap_or_default();
-                            let mem = this.map_ring(peer, slice, readonly, mappings, windows)?;
-                            Ok::<_, PlatformError>(RingBuffer { mem, base: 0 })
-                        }
-                    }
-                };
-            let write = buffer(orders.left(), false, self)?;
-            let read = buffer(orders.right(), true, self)?;
+                ClientRing::InPage { offset } => Ok(RingBuffer {
+                    mem: ctrl,
+                    base: *offset,
+                }),
+                ClientRing::Granted(refs) => {
+                    let mem = this.map_ring(peer, refs, readonly, mappings, windows)?;
+                    Ok::<_, PlatformError>(RingBuffer { mem, base: 0 })
+                }
+            };
+            let write = buffer(&plan.write, false, self)?;
+            let read = buffer(&plan.read, true, self)?;
+            let orders = plan.orders;
             Ok((ctrl, orders, read, write))
         })();
         let (ctrl, orders, read, write) = match result {
