@@ -420,9 +420,12 @@ impl<M: SharedMemory, N: Notify> ByteStream for VchanRing<M, N> {
 mod tests {
     use super::*;
     use crate::platform::xen::shared::VecMemory;
+    use alloc::collections::BTreeMap;
     use alloc::rc::Rc;
+    use alloc::string::ToString;
     use alloc::vec;
     use core::cell::Cell;
+    use protocol::vchan::PAGE_SIZE;
 
     #[derive(Clone, Default)]
     struct Counter(Rc<Cell<u32>>);
@@ -435,17 +438,17 @@ mod tests {
     /// The other end written straight from libxenvchan's io.c (not from our
     /// engine): `rd_*`/`wr_*` on the page, `request_notify`/`send_notify`
     /// on the notify bytes, sizes from the orders on the page.
-    struct CPeer {
-        ctrl: VecMemory,
-        rd: RingBuffer<VecMemory>,
-        wr: RingBuffer<VecMemory>,
+    struct CPeer<M = VecMemory> {
+        ctrl: M,
+        rd: RingBuffer<M>,
+        wr: RingBuffer<M>,
         rd_size: u32,
         wr_size: u32,
         is_server: bool,
         notified: u32,
     }
 
-    impl CPeer {
+    impl<M: SharedMemory> CPeer<M> {
         fn off(&self, server: usize, client: usize) -> usize {
             if self.is_server { server } else { client }
         }
@@ -590,7 +593,7 @@ mod tests {
         (ours, peer, counter)
     }
 
-    fn connect(peer: &CPeer) {
+    fn connect<M: SharedMemory>(peer: &CPeer<M>) {
         peer.ctrl.store_u8(field::CLI_LIVE, 1);
         peer.ctrl.store_u8(field::SRV_NOTIFY, VCHAN_NOTIFY_WRITE);
     }
@@ -768,5 +771,388 @@ mod tests {
         assert_eq!(&buf[..5], b"hello");
         ctrl.store_u8(field::SRV_LIVE, 0);
         assert_eq!(ours.read(&mut buf), Err(StreamError::Closed));
+    }
+
+    /// Pages side by side: the double of granted pages mapped contiguously
+    /// (`map_ring` on Xen maps a ring's grant list into consecutive frames
+    /// of the foreign window). Byte `i` is in page `i / 4096`.
+    #[derive(Clone, Debug)]
+    struct Paged(Rc<Vec<VecMemory>>);
+
+    impl Paged {
+        fn new(pages: Vec<VecMemory>) -> Self {
+            Paged(Rc::new(pages))
+        }
+        fn page(&self, offset: usize) -> Option<(&VecMemory, usize)> {
+            self.0
+                .get(offset / PAGE_SIZE)
+                .map(|page| (page, offset % PAGE_SIZE))
+        }
+    }
+
+    impl SharedMemory for Paged {
+        fn len(&self) -> usize {
+            self.0.len() * PAGE_SIZE
+        }
+        fn load_u32(&self, offset: usize) -> u32 {
+            self.page(offset).map_or(0, |(p, at)| p.load_u32(at))
+        }
+        fn store_u32(&self, offset: usize, value: u32) {
+            if let Some((p, at)) = self.page(offset) {
+                p.store_u32(at, value);
+            }
+        }
+        fn load_u8(&self, offset: usize) -> u8 {
+            self.page(offset).map_or(0, |(p, at)| p.load_u8(at))
+        }
+        fn store_u8(&self, offset: usize, value: u8) {
+            if let Some((p, at)) = self.page(offset) {
+                p.store_u8(at, value);
+            }
+        }
+        fn load_u16(&self, offset: usize) -> u16 {
+            self.page(offset).map_or(0, |(p, at)| p.load_u16(at))
+        }
+        fn store_u16(&self, offset: usize, value: u16) {
+            if let Some((p, at)) = self.page(offset) {
+                p.store_u16(at, value);
+            }
+        }
+        fn fetch_or_u8(&self, offset: usize, bits: u8) -> u8 {
+            self.page(offset)
+                .map_or(0, |(p, at)| p.fetch_or_u8(at, bits))
+        }
+        fn fetch_and_u8(&self, offset: usize, bits: u8) -> u8 {
+            self.page(offset)
+                .map_or(0, |(p, at)| p.fetch_and_u8(at, bits))
+        }
+        fn compare_exchange_u16(&self, offset: usize, current: u16, new: u16) -> u16 {
+            self.page(offset)
+                .map_or(0, |(p, at)| p.compare_exchange_u16(at, current, new))
+        }
+        fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+            let mut done = 0;
+            while done < dst.len() {
+                let (page, at) = self.page(offset + done).expect("read inside the pages");
+                let n = (PAGE_SIZE - at).min(dst.len() - done);
+                page.read_bytes(at, &mut dst[done..done + n]);
+                done += n;
+            }
+        }
+        fn write_bytes(&self, offset: usize, src: &[u8]) {
+            let mut done = 0;
+            while done < src.len() {
+                let (page, at) = self.page(offset + done).expect("write inside the pages");
+                let n = (PAGE_SIZE - at).min(src.len() - done);
+                page.write_bytes(at, &src[done..done + n]);
+                done += n;
+            }
+        }
+    }
+
+    /// The pages granted by one domain, by grant reference.
+    type GrantTableDouble = BTreeMap<u32, VecMemory>;
+
+    /// Grant references that are neither sequential nor sorted, so a client
+    /// that maps the list in the wrong order reads scrambled data.
+    fn gref(i: usize) -> u32 {
+        (i as u32 * 7919) % 10_007 + 8
+    }
+
+    /// Maps a ring the way `vchan_client` on Xen does, from our plan.
+    fn map(ctrl: &Paged, ring: &ClientRing, table: &GrantTableDouble) -> RingBuffer<Paged> {
+        match ring {
+            ClientRing::InPage { offset } => RingBuffer {
+                mem: ctrl.clone(),
+                base: *offset,
+            },
+            ClientRing::Granted(refs) => RingBuffer {
+                mem: Paged::new(
+                    refs.iter()
+                        .map(|r| table.get(r).expect("a granted page").clone())
+                        .collect(),
+                ),
+                base: 0,
+            },
+        }
+    }
+
+    /// A server written from libxenvchan's `init_gnt_srv` (not from our
+    /// engine): zeroed page, orders, the left ring's pages granted first,
+    /// then the right's, their references in the grant list, live flags.
+    /// Returns the page, the grant table and the server end.
+    fn c_server(left_order: u16, right_order: u16) -> (Paged, GrantTableDouble, CPeer<Paged>) {
+        let ctrl = Paged::new(vec![VecMemory::new(PAGE_SIZE)]);
+        ctrl.store_u16(field::LEFT_ORDER, left_order);
+        ctrl.store_u16(field::RIGHT_ORDER, right_order);
+        let mut table = GrantTableDouble::new();
+        let mut next = 0;
+        let mut ring = |order: u16, table: &mut GrantTableDouble| -> RingBuffer<Paged> {
+            match order {
+                10 => RingBuffer {
+                    mem: ctrl.clone(),
+                    base: 1024,
+                },
+                11 => RingBuffer {
+                    mem: ctrl.clone(),
+                    base: 2048,
+                },
+                _ => {
+                    let pages: Vec<VecMemory> = (0..1usize << (order - 12))
+                        .map(|_| VecMemory::new(PAGE_SIZE))
+                        .collect();
+                    for page in &pages {
+                        ctrl.store_u32(grant_offset(next), gref(next));
+                        table.insert(gref(next), page.clone());
+                        next += 1;
+                    }
+                    RingBuffer {
+                        mem: Paged::new(pages),
+                        base: 0,
+                    }
+                }
+            }
+        };
+        let left = ring(left_order, &mut table);
+        let right = ring(right_order, &mut table);
+        ctrl.store_u8(field::CLI_LIVE, 2);
+        ctrl.store_u8(field::SRV_LIVE, 1);
+        ctrl.store_u8(field::CLI_NOTIFY, VCHAN_NOTIFY_WRITE);
+        let server = CPeer {
+            ctrl: ctrl.clone(),
+            rd: left,
+            wr: right,
+            rd_size: 1 << left_order,
+            wr_size: 1 << right_order,
+            is_server: true,
+            notified: 0,
+        };
+        (ctrl, table, server)
+    }
+
+    /// Pumps `total` bytes each way between our end and a C-style end in
+    /// odd-sized pieces; checks every byte.
+    fn stream_both_ways<M: SharedMemory>(
+        ours: &mut VchanRing<M, Counter>,
+        peer: &mut CPeer<M>,
+        total: u32,
+    ) {
+        let data: Vec<u8> = (0..total).map(|i| (i * 13 % 253) as u8).collect();
+        let (mut sent_up, mut got_up, mut sent_down, mut got_down) = (0, Vec::new(), 0, Vec::new());
+        let mut guard = 0;
+        while got_up.len() < data.len() || got_down.len() < data.len() {
+            guard += 1;
+            assert!(guard < 10_000, "no progress");
+            sent_down += peer.write(&data[sent_down..(sent_down + 20_011).min(data.len())]);
+            let mut b = vec![0u8; 17_003];
+            let n = ours.read(&mut b).unwrap();
+            got_down.extend_from_slice(&b[..n]);
+            sent_up += ours
+                .write(&data[sent_up..(sent_up + 30_013).min(data.len())])
+                .unwrap();
+            let mut c = vec![0u8; 9_001];
+            let n = peer.read(&mut c);
+            got_up.extend_from_slice(&c[..n]);
+        }
+        assert!(got_up == data, "client to server bytes differ");
+        assert!(got_down == data, "server to client bytes differ");
+    }
+
+    #[test]
+    fn our_client_maps_multi_page_rings_in_grant_list_order() {
+        let total: u32 = if cfg!(miri) { 70_000 } else { 300_000 };
+        for (left, right) in [(16, 16), (12, 16), (16, 10), (13, 11), (14, 12)] {
+            let (ctrl, table, mut server) = c_server(left, right);
+            let plan = plan_client(&ctrl, CLIENT_MAX_ORDER).unwrap();
+            let pages = |order: u16| if order >= 12 { 1 << (order - 12) } else { 0 };
+            match &plan.write {
+                ClientRing::Granted(refs) => {
+                    assert_eq!(refs, &(0..pages(left)).map(gref).collect::<Vec<_>>())
+                }
+                ClientRing::InPage { .. } => assert!(left < 12),
+            }
+            match &plan.read {
+                ClientRing::Granted(refs) => assert_eq!(
+                    refs,
+                    &(pages(left)..pages(left) + pages(right))
+                        .map(gref)
+                        .collect::<Vec<_>>()
+                ),
+                ClientRing::InPage { .. } => assert!(right < 12),
+            }
+            let counter = Counter::default();
+            let mut ours = VchanRing::client(
+                ctrl.clone(),
+                &plan.orders,
+                map(&ctrl, &plan.read, &table),
+                map(&ctrl, &plan.write, &table),
+                3,
+                counter.clone(),
+            );
+            assert_eq!(ours.state(), LinkState::Connected);
+            // One call fills the whole ring: not a page at a time.
+            let big = vec![0xa5u8; 100_000];
+            assert_eq!(ours.write(&big).unwrap(), 1 << left, "{left} {right}");
+            let mut got = vec![0u8; 100_000];
+            assert_eq!(server.read(&mut got), 1 << left);
+            assert!(got[..1 << left].iter().all(|b| *b == 0xa5));
+            assert_eq!(server.write(&big), 1 << right);
+            assert_eq!(ours.read(&mut got).unwrap(), 1 << right);
+            stream_both_ways(&mut ours, &mut server, total);
+            assert!(counter.0.get() > 0 && server.notified > 0);
+        }
+    }
+
+    #[test]
+    fn our_server_offers_multi_page_rings_a_c_client_maps() {
+        let total: u32 = if cfg!(miri) { 70_000 } else { 300_000 };
+        for (left_min, right_min) in [(65536, 65536), (4096, 65536), (65536, 1024)] {
+            let orders = RingOrders::for_server(left_min, right_min).unwrap();
+            let ctrl = Paged::new(vec![VecMemory::new(PAGE_SIZE)]);
+            let mut table = GrantTableDouble::new();
+            let grants: Vec<u32> = (0..orders.grant_count()).map(gref).collect();
+            let mut ring = |layout: protocol::vchan::RingLayout| match layout.placement() {
+                RingPlacement::InPage { offset } => RingBuffer {
+                    mem: ctrl.clone(),
+                    base: offset,
+                },
+                RingPlacement::Granted { first_grant, pages } => {
+                    let pages: Vec<VecMemory> = (first_grant..first_grant + pages)
+                        .map(|i| {
+                            let page = VecMemory::new(PAGE_SIZE);
+                            table.insert(gref(i), page.clone());
+                            page
+                        })
+                        .collect();
+                    RingBuffer {
+                        mem: Paged::new(pages),
+                        base: 0,
+                    }
+                }
+            };
+            let (read, write) = (ring(orders.left()), ring(orders.right()));
+            let counter = Counter::default();
+            let mut ours = VchanRing::server(
+                ctrl.clone(),
+                &orders,
+                &grants,
+                read,
+                write,
+                5,
+                counter.clone(),
+            );
+            // The C client: libxenvchan_client_init reads the page once and
+            // maps the grant list, left ring first.
+            let seen = plan_client(&ctrl, protocol::vchan::MAX_RING_ORDER).unwrap();
+            let mut client = CPeer {
+                ctrl: ctrl.clone(),
+                rd: map(&ctrl, &seen.read, &table),
+                wr: map(&ctrl, &seen.write, &table),
+                rd_size: seen.orders.right().size(),
+                wr_size: seen.orders.left().size(),
+                is_server: false,
+                notified: 0,
+            };
+            assert_eq!(ours.state(), LinkState::Waiting);
+            connect(&client);
+            assert_eq!(ours.state(), LinkState::Connected);
+            let big = vec![0x3cu8; 100_000];
+            assert_eq!(
+                ours.write(&big).unwrap(),
+                orders.right().size() as usize,
+                "{left_min} {right_min}"
+            );
+            assert_eq!(client.write(&big), orders.left().size() as usize);
+            // Our stream engine is the client side of `stream_both_ways`'s
+            // names; swap roles by streaming with the C client as `peer`.
+            let mut sink = vec![0u8; 100_000];
+            assert_eq!(client.read(&mut sink), orders.right().size() as usize);
+            assert_eq!(ours.read(&mut sink).unwrap(), orders.left().size() as usize);
+            stream_both_ways(&mut ours, &mut client, total);
+            assert!(counter.0.get() > 0 && client.notified > 0);
+        }
+    }
+
+    #[test]
+    fn a_client_refuses_hostile_orders_and_grant_lists_before_mapping() {
+        let ctrl = VecMemory::new(PAGE_SIZE);
+        let set = |l: u16, r: u16| {
+            ctrl.store_u16(field::LEFT_ORDER, l);
+            ctrl.store_u16(field::RIGHT_ORDER, r);
+        };
+        // Orders libxenvchan allows, but bigger than we map.
+        for (l, r) in [(17, 16), (16, 17), (20, 20), (18, 10)] {
+            set(l, r);
+            assert_eq!(
+                plan_client(&ctrl, CLIENT_MAX_ORDER),
+                Err(PlanError::TooLarge { order: l.max(r) }),
+                "{l} {r}"
+            );
+        }
+        // Orders no libxenvchan server writes.
+        for (l, r) in [
+            (21, 12),
+            (12, 21),
+            (9, 12),
+            (0, 0),
+            (u16::MAX, 16),
+            (10, 10),
+        ] {
+            set(l, r);
+            assert!(
+                matches!(
+                    plan_client(&ctrl, CLIENT_MAX_ORDER),
+                    Err(PlanError::Orders(_))
+                ),
+                "{l} {r}"
+            );
+        }
+        // The same page granted twice, within a ring or across both.
+        set(13, 12);
+        for (i, g) in [40u32, 41, 42].into_iter().enumerate() {
+            ctrl.store_u32(grant_offset(i), g);
+        }
+        assert!(plan_client(&ctrl, CLIENT_MAX_ORDER).is_ok());
+        ctrl.store_u32(grant_offset(2), 40);
+        assert_eq!(
+            plan_client(&ctrl, CLIENT_MAX_ORDER),
+            Err(PlanError::DuplicateGrant { gref: 40 })
+        );
+        ctrl.store_u32(grant_offset(2), 42);
+        ctrl.store_u32(grant_offset(1), 40);
+        assert_eq!(
+            plan_client(&ctrl, CLIENT_MAX_ORDER),
+            Err(PlanError::DuplicateGrant { gref: 40 })
+        );
+        // Messages say what to do.
+        assert!(
+            PlanError::TooLarge { order: 17 }
+                .to_string()
+                .contains("refuse the connection")
+        );
+    }
+
+    #[test]
+    fn a_hostile_server_cannot_push_multi_page_indices_out_of_range() {
+        let (ctrl, table, _server) = c_server(16, 16);
+        let plan = plan_client(&ctrl, CLIENT_MAX_ORDER).unwrap();
+        let mut ours = VchanRing::client(
+            ctrl.clone(),
+            &plan.orders,
+            map(&ctrl, &plan.read, &table),
+            map(&ctrl, &plan.write, &table),
+            3,
+            Counter::default(),
+        );
+        // A full ring is fine; one byte more is not.
+        ctrl.store_u32(field::RIGHT_PROD, 65536);
+        let mut buf = vec![0u8; 70_000];
+        assert_eq!(ours.read(&mut buf).unwrap(), 65536);
+        ctrl.store_u32(field::RIGHT_PROD, 65536 + 65537);
+        assert!(matches!(
+            ours.read(&mut buf),
+            Err(StreamError::PeerProtocol(_))
+        ));
+        assert_eq!(ours.state(), LinkState::Closed);
     }
 }
