@@ -4,8 +4,11 @@
 //! firewall and the box's scripts share, a blocking client for it
 //! ([`client`]), the namespaces and processes of the box itself
 //! ([`netbox`]: `qubes-box up|down|status`) and sys-net's tiny HTTP and DNS
-//! servers ([`services`]), and the differential test's Qubes Linux
-//! sys-firewall ([`linuxfw`]) and probe packets ([`probe`]).
+//! servers ([`services`]), the box's qubesd ([`qubesd`]: system info,
+//! starting halted qubes, disposables) and what each qube has besides its
+//! agent ([`vmtools`]: home, file-copy and open-in-disposable services,
+//! QubesDB), and the differential test's Qubes Linux sys-firewall
+//! ([`linuxfw`]) and probe packets ([`probe`]).
 //!
 //! It is test and box tooling: it must never be mistaken for, or installed
 //! as, a real xenstored, and it never touches anything outside the sockets
@@ -17,6 +20,8 @@ pub mod client;
 pub mod linuxfw;
 pub mod netbox;
 pub mod probe;
+pub mod qubesd;
 pub mod services;
 pub mod store;
+pub mod vmtools;
 pub mod xenstored;

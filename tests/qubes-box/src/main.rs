@@ -10,6 +10,11 @@
 //!   (`--socket PATH`, else `XENSTORED_PATH`, else
 //!   `/var/run/xenstored/socket`, as libxenstore chooses).
 //!
+//! - `qubes-box up|down|status|add-client|remove-client|restart-net` run
+//!   the box (`netbox`), `qubes-box qubesd` is its qubesd (`qubesd`),
+//!   `qubes-box run-in QUBE PROGRAM...` runs a program in a box qube
+//!   (`vmtools::command`).
+//!
 //! It must never act on anything but the sockets it is given.
 #![forbid(unsafe_code)]
 
@@ -48,6 +53,17 @@ Commands:
   restart-net [--state-dir DIR] [--prefix P] [--sys-net-no-arp]
                                   restart sys-net (new namespace, new MAC)
   firewall-pid [--state-dir DIR]  print the pid of the firewall process
+  qubesd [--state-dir DIR] [--prefix P] [--bin-dir DIR]
+                                  the box's qubesd (foreground; used by up)
+  qubesd-call [--state-dir DIR] METHOD DEST [ARG [PAYLOAD]]
+                                  one call from dom0 to the box's qubesd;
+                                  prints the answer's payload (exit 1 and
+                                  the exception on an exception)
+  run-in [--state-dir DIR] [--prefix P] QUBE PROGRAM [ARGS]...
+                                  run PROGRAM in a running qube: its
+                                  namespace, its home (<state>/home/QUBE),
+                                  its qrexec-client-vm and the file-copy
+                                  tools (qvm-copy-to-vm, qvm-open-in-dvm...)
   serve-http ADDR:PORT            sys-net's web server (used by up)
   serve-dns ADDR:PORT ANSWER-IP   sys-net's DNS server (used by up)
   serve-tcp-echo ADDR:PORT        sys-net's TCP echo server (used by up)
@@ -257,6 +273,56 @@ fn run(command: &str, parsed: Parsed) -> Result<(), String> {
             let pid = netbox::firewall_pid(&config).ok_or("no firewall process is running")?;
             println!("{pid}");
             return Ok(());
+        }
+        "qubesd" => {
+            let config = box_config(&parsed)?;
+            eprintln!(
+                "qubes-box qubesd: serving {} and {}",
+                qubes_box::qubesd::socket(&config).display(),
+                qubes_box::qubesd::internal_socket(&config).display()
+            );
+            return qubes_box::qubesd::Qubesd::new(config)
+                .serve()
+                .map_err(|e| e.to_string());
+        }
+        "qubesd-call" => {
+            let config = box_config(&parsed)?;
+            let (Some(method), Some(dest)) = (parsed.rest.first(), parsed.rest.get(1)) else {
+                return Err("qubesd-call needs METHOD DEST [ARG [PAYLOAD]]".into());
+            };
+            let arg = parsed.rest.get(2).map_or("", String::as_str);
+            let mut request = format!("{method}+{arg} dom0 name {dest}\0").into_bytes();
+            if let Some(payload) = parsed.rest.get(3) {
+                request.extend_from_slice(payload.as_bytes());
+            }
+            let answer = qubes_box::qubesd::call(&qubes_box::qubesd::socket(&config), &request)
+                .map_err(|e| e.to_string())?;
+            if let Some(payload) = answer.strip_prefix(b"0\0") {
+                println!("{}", String::from_utf8_lossy(payload));
+                return Ok(());
+            }
+            return Err(format!(
+                "qubesd answered: {}",
+                String::from_utf8_lossy(&answer).replace('\0', " | ")
+            ));
+        }
+        "run-in" => {
+            let config = box_config(&parsed)?;
+            let (Some(name), Some(program)) = (parsed.rest.first(), parsed.rest.get(1)) else {
+                return Err("run-in needs QUBE PROGRAM [ARGS]...".into());
+            };
+            let qube = qubes_box::qubesd::Registry::new(&config)
+                .get(name)
+                .ok_or_else(|| format!("no qube {name:?} in the box"))?;
+            let status = qubes_box::vmtools::command(&config, name, qube.domid, program)
+                .args(parsed.rest.get(2..).unwrap_or(&[]))
+                .status()
+                .map_err(|e| format!("cannot run {program} in {name}: {e}"))?;
+            return if status.success() {
+                Ok(())
+            } else {
+                Err(format!("{program} in {name} failed: {status}"))
+            };
         }
         "serve-tcp-echo" => {
             let address = socket_addr(parsed.rest.first(), "serve-tcp-echo")?;

@@ -30,7 +30,14 @@
 //!   `qrexec-client --socket-dir=<state>/qubes -d sys-firewall …`), one
 //!   `qrexec-daemon` per client, `qrexec-policy-daemon` (socket
 //!   `<state>/policy.sock`, policy in `<state>/policy.d` and the legacy
-//!   files in `<state>/qubes-rpc-policy`), vchan sockets in `<state>/vchan`.
+//!   files in `<state>/qubes-rpc-policy`; `ask` answered by
+//!   `<state>/ask-program`), vchan sockets in `<state>/vchan`, and the
+//!   box's qubesd (`crate::qubesd`: its registry of qubes in
+//!   `<state>/qubes.d`, sockets `<state>/qubesd.sock` and
+//!   `<state>/qubesd.internal.sock`, passed to dom0's processes in
+//!   `QUBESD_SOCKET`/`QUBESD_INTERNAL_SOCKET`); each client also gets
+//!   dom0's `qubesdb-daemon` for it, a home in `<state>/home/<name>` and
+//!   the `qubes.Filecopy`/`qubes.OpenInVM` services (`crate::vmtools`).
 //!
 //! Every resource is written to `<state>/resources` *before* it is created,
 //! so `down` (and `up` itself when a step fails) removes everything even
@@ -723,30 +730,10 @@ fn stop_machine(config: &BoxConfig, machine: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// `<state>/qubes.json` from the box's registry of qubes: the same JSON
+/// the box's qubesd answers to `internal.GetSystemInfo`.
 fn write_system_info(config: &BoxConfig) -> io::Result<()> {
-    let mut names = vec![
-        ("dom0".to_string(), "AdminVM"),
-        ("sys-net".to_string(), "AppVM"),
-        (FIREWALL.1.to_string(), "AppVM"),
-    ];
-    if let Ok(dir) = fs::read_dir(config.state_dir.join("rpc")) {
-        let mut clients: Vec<String> = dir
-            .filter_map(Result::ok)
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        clients.sort();
-        names.extend(clients.into_iter().map(|name| (name, "AppVM")));
-    }
-    let domains: Vec<String> = names
-        .iter()
-        .map(|(name, kind)| format!("\"{name}\": {{\"type\": \"{kind}\"}}"))
-        .collect();
-    let temporary = config.system_info().with_extension("json.new");
-    fs::write(
-        &temporary,
-        format!("{{\"domains\": {{{}}}}}\n", domains.join(", ")),
-    )?;
-    fs::rename(&temporary, config.system_info())
+    crate::qubesd::write_system_info_file(config)
 }
 
 fn write_executable(path: &Path, text: &str) -> io::Result<()> {
@@ -795,6 +782,11 @@ fn qrexec_env(config: &BoxConfig) -> Vec<(&'static str, PathBuf)> {
         ("QREXEC_LEGACY_POLICY_PATH", config.legacy_policy_dir()),
         ("QREXEC_SYSTEM_INFO", config.system_info()),
         ("QREXEC_LOG_DIR", config.state_dir.join("log")),
+        ("QUBESD_SOCKET", crate::qubesd::socket(config)),
+        (
+            "QUBESD_INTERNAL_SOCKET",
+            crate::qubesd::internal_socket(config),
+        ),
     ]
 }
 
@@ -842,6 +834,7 @@ pub fn client_mac(domid: u16) -> String {
 /// qrexec-daemon for it, then `backend/vif/<domid>/0/ip` in XenStore
 /// (which the firewall watches).
 pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
+    crate::qubesd::Registry::new(config).register_client(client)?;
     connect_qube(config, client.ip)?;
     let rules: Vec<&str> = client.rules.iter().map(String::as_str).collect();
     qubesdb_write(config, &firewall_entries(client.ip, "drop", &rules))?;
@@ -933,6 +926,8 @@ pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
             config.file_storage().display()
         ),
     )?;
+    crate::vmtools::install(config, client, &rpc)?;
+    start_qubesdb(config, client)?;
     write_system_info(config)?;
     let domid = PathBuf::from(client.domid.to_string());
     let mut env: Vec<(&str, PathBuf)> = qrexec_env(config);
@@ -969,6 +964,13 @@ pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
                 "--policy-program={}",
                 config.bin("qrexec-policy-exec").display()
             ),
+            format!(
+                "--uuid={}",
+                crate::qubesd::Registry::new(config)
+                    .get(&client.name)
+                    .map(|qube| qube.uuid)
+                    .unwrap_or_default()
+            ),
             client.domid.to_string(),
             client.name.clone(),
             "root".to_string(),
@@ -991,6 +993,52 @@ pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
     ] {
         xs.write(&path, value.as_bytes())
             .map_err(io::Error::other)?;
+    }
+    Ok(())
+}
+
+/// dom0's QubesDB daemon for a client qube, holding the keys qubesd
+/// writes for a qube (`crate::vmtools::qubesdb_entries`).
+fn start_qubesdb(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
+    let env: [(&str, &Path); 3] = [
+        ("QUBESDB_SOCKET_DIR", &config.qubesdb_dir()),
+        ("VCHAN_SOCKET_DIR", &config.vchan_dir()),
+        ("QUBESDB_FOREGROUND", Path::new("1")),
+    ];
+    let _ = fs::remove_file(
+        config
+            .qubesdb_dir()
+            .join(format!("qubesdb.{}.sock", client.name)),
+    );
+    spawn(
+        config,
+        &format!("qubesdb-{}", client.name),
+        &client.name,
+        None,
+        &config.bin("qubesdb-daemon"),
+        &[client.domid.to_string(), client.name.clone()],
+        &env,
+    )?;
+    wait_for_path(
+        &config
+            .qubesdb_dir()
+            .join(format!("qubesdb.{}.sock", client.name)),
+        "qubesdb-daemon",
+    )?;
+    let mut command = Command::new(config.bin("qubesdb-write"));
+    command.args(["-d", &client.name]);
+    for (key, value) in crate::vmtools::qubesdb_entries(config, client) {
+        command.args([key, value]);
+    }
+    let output = command
+        .env("QUBESDB_SOCKET_DIR", config.qubesdb_dir())
+        .output()?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "qubesdb-write -d {}: {}",
+            client.name,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
     }
     Ok(())
 }
@@ -1122,8 +1170,31 @@ fn build(config: &BoxConfig) -> io::Result<()> {
     }
     build_sys_net(config)?;
 
+    // dom0: the box's qubesd (crate::qubesd), its registry of qubes, the
+    // file-copy policy and ask program (crate::vmtools).
+    crate::qubesd::Registry::new(config).register_builtin()?;
+    spawn(
+        config,
+        "qubesd",
+        "dom0",
+        None,
+        &self_exe,
+        &[
+            "qubesd".into(),
+            "--state-dir".into(),
+            config.state_dir.display().to_string(),
+            "--prefix".into(),
+            config.prefix.clone(),
+            "--bin-dir".into(),
+            config.bin_dir.display().to_string(),
+        ],
+        &[],
+    )?;
+    wait_for_path(&crate::qubesd::socket(config), "qubes-box qubesd")?;
+
     // dom0: the qrexec policy daemon.
     write_policy(config)?;
+    crate::vmtools::write_policy(config)?;
     write_system_info(config)?;
     let policy_daemon = config.bin("qrexec-policy-daemon");
     if policy_daemon.exists() {
@@ -1142,6 +1213,8 @@ fn build(config: &BoxConfig) -> io::Result<()> {
                 config.legacy_policy_dir().display().to_string(),
                 "--system-info".into(),
                 config.system_info().display().to_string(),
+                "--ask-program".into(),
+                crate::vmtools::ask_program(config).display().to_string(),
                 "--eval-socket-path".into(),
                 config
                     .state_dir
