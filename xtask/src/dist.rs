@@ -241,6 +241,68 @@ pub const LAYOUT: &[(Package, &str, Item)] = &[
     ),
     (
         Package::Vm,
+        "/usr/lib/qubes-rs/qfile-agent",
+        Item::File("bin/qfile-agent", 0o755),
+    ),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/qfile-unpacker",
+        Item::File("bin/qfile-unpacker", 0o755),
+    ),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/qopen-in-vm",
+        Item::File("bin/qopen-in-vm", 0o755),
+    ),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/vm-file-editor",
+        Item::File("bin/vm-file-editor", 0o755),
+    ),
+    (Package::Vm, "/usr/lib/qubes-rs/bin", Item::Dir),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/bin/qvm-copy",
+        Item::File("bin/qvm-copy", 0o755),
+    ),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/bin/qvm-copy-to-vm",
+        Item::File("bin/qvm-copy-to-vm", 0o755),
+    ),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/bin/qvm-move",
+        Item::File("bin/qvm-move", 0o755),
+    ),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/bin/qvm-move-to-vm",
+        Item::File("bin/qvm-move-to-vm", 0o755),
+    ),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/bin/qvm-open-in-vm",
+        Item::File("bin/qvm-open-in-vm", 0o755),
+    ),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/bin/qvm-open-in-dvm",
+        Item::File("bin/qvm-open-in-dvm", 0o755),
+    ),
+    (Package::Vm, "/usr/lib/qubes-rs/qubes-rpc", Item::Dir),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/qubes-rpc/qubes.Filecopy",
+        Item::File("qubes-rpc/qubes.Filecopy", 0o755),
+    ),
+    (
+        Package::Vm,
+        "/usr/lib/qubes-rs/qubes-rpc/qubes.OpenInVM",
+        Item::File("qubes-rpc/qubes.OpenInVM", 0o755),
+    ),
+    (
+        Package::Vm,
         "/usr/lib/systemd/system/qubes-qrexec-agent.service",
         Item::File("systemd/vm/qubes-qrexec-agent.service", 0o644),
     ),
@@ -253,6 +315,9 @@ pub const LAYOUT: &[(Package, &str, Item)] = &[
 
 /// The programs the packages carry (`bin/` of the tarball).
 pub const PROGRAMS: &[&str] = &[
+    "qfile-agent",
+    "qfile-unpacker",
+    "qopen-in-vm",
     "qrexec-agent",
     "qrexec-client",
     "qrexec-client-vm",
@@ -268,6 +333,13 @@ pub const PROGRAMS: &[&str] = &[
     "qubesdb-rm",
     "qubesdb-watch",
     "qubesdb-write",
+    "qvm-copy",
+    "qvm-copy-to-vm",
+    "qvm-move",
+    "qvm-move-to-vm",
+    "qvm-open-in-dvm",
+    "qvm-open-in-vm",
+    "vm-file-editor",
 ];
 
 /// `gzip -n` of nothing: the empty initramfs.
@@ -336,6 +408,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "qubesdb",
             "-p",
             "qrexec-policy",
+            "-p",
+            "qubes-filecopy",
         ])
         .args(["--features", "qrexec/xen,qubesdb/xen", "--bins", "--locked"])
         .arg("--target-dir")
@@ -443,17 +517,19 @@ pub fn build_packages(
         "scripts",
         "policy",
         "policy/include",
+        "qubes-rpc",
     ] {
         mkdir(&tree.join(dir))?;
         for entry in read_dir_sorted(&packaging.join(dir))? {
             if packaging.join(dir).join(&entry).is_dir() {
                 continue;
             }
-            let mode = if dir == "scripts" && !entry.ends_with(".tmpfiles") {
-                0o755
-            } else {
-                0o644
+            let executable = match dir {
+                "scripts" => !entry.ends_with(".tmpfiles"),
+                "qubes-rpc" => true,
+                _ => false,
             };
+            let mode = if executable { 0o755 } else { 0o644 };
             copy(
                 &packaging.join(dir).join(&entry),
                 &tree.join(dir).join(&entry),
@@ -566,7 +642,12 @@ fn build_deb(root: &Path, tree: &Path, out: &Path, epoch: u64) -> Result<PathBuf
          runs to talk to dom0: qrexec-agent (qubes-qrexec-agent.service),\n \
          qrexec-client-vm, the QubesDB daemon (qubes-db.service) and its tools,\n \
          at the paths Qubes' own packages use. It stands in for\n \
-         qubes-core-qrexec, qubesdb and qubesdb-vm; reinstall those to go back.\n",
+         qubes-core-qrexec, qubesdb and qubesdb-vm; reinstall those to go back.\n \
+         .\n \
+         It also carries file copy and open-in-qube programs (qfile-agent,\n \
+         qfile-unpacker, qvm-copy, qvm-open-in-dvm, ...) in /usr/lib/qubes-rs,\n \
+         beside qubes-core-agent's own: its qubes.Filecopy and qubes.OpenInVM\n \
+         services are used only once linked into /usr/local/etc/qubes-rpc.\n",
         stands_for(true),
         stands_for(false),
         stands_for(false),
@@ -895,6 +976,29 @@ mod tests {
                 assert!(
                     root.join("packaging").join(source).is_file(),
                     "{path}: {source}"
+                );
+            }
+        }
+        // The packaged services run programs the package installs.
+        for service in read_dir_sorted(&root.join("packaging/qubes-rpc")).unwrap() {
+            let text =
+                std::fs::read_to_string(root.join("packaging/qubes-rpc").join(&service)).unwrap();
+            let runs: Vec<&str> = text
+                .split_whitespace()
+                .filter(|word| word.starts_with("/usr/lib/") && !word.ends_with('/'))
+                .filter(|word| !text.contains(&format!("# {word}")))
+                .filter(|word| {
+                    text.lines()
+                        .any(|l| l.contains("exec ") && l.contains(word))
+                })
+                .collect();
+            assert!(!runs.is_empty(), "{service} runs nothing");
+            for program in runs {
+                assert!(
+                    LAYOUT
+                        .iter()
+                        .any(|(package, path, _)| *path == program && *package == Package::Vm),
+                    "{service} runs {program}, which qubes-rs-vm does not install"
                 );
             }
         }

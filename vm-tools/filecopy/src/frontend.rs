@@ -4,8 +4,8 @@
 //!
 //! The front ends run `qrexec-client-vm TARGET qubes.Filecopy qfile-agent
 //! FILES...` (`$QREXEC_CLIENT_VM` and `$QFILE_AGENT` override the
-//! `/usr/lib/qubes/` paths) and, for a move, remove the sources only after
-//! the copy succeeded.
+//! `/usr/lib/qubes/` paths; see [`helper`] for our package's layout) and,
+//! for a move, remove the sources only after the copy succeeded.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -29,6 +29,28 @@ fn program() -> String {
                 .map(|n| n.to_string_lossy().into_owned())
         })
         .unwrap_or_else(|| "qfile".to_string())
+}
+
+/// The path of a helper program a front end runs: `$ENV` if set; else, for
+/// a front end installed as `PREFIX/bin/NAME` with the helper at
+/// `PREFIX/HELPER` (our package's `/usr/lib/qubes-rs/bin/` and
+/// `/usr/lib/qubes-rs/`), that one; else Qubes' `/usr/lib/qubes/HELPER`.
+pub fn helper(env: &str, name: &str) -> OsString {
+    if let Some(path) = std::env::var_os(env) {
+        return path;
+    }
+    let beside = std::env::current_exe().ok().and_then(|exe| {
+        let dir = exe.parent()?;
+        if dir.file_name()? != "bin" {
+            return None;
+        }
+        let candidate = dir.parent()?.join(name);
+        candidate.is_file().then_some(candidate)
+    });
+    match beside {
+        Some(path) => path.into_os_string(),
+        None => Path::new("/usr/lib/qubes").join(name).into_os_string(),
+    }
 }
 
 fn fatal(message: &str) -> ExitCode {
@@ -368,8 +390,7 @@ pub fn qvm_copy_main(operation: Operation, to_vm: bool) -> ExitCode {
     };
     let client = std::env::var_os("QREXEC_CLIENT_VM")
         .unwrap_or_else(|| "/usr/lib/qubes/qrexec-client-vm".into());
-    let agent =
-        std::env::var_os("QFILE_AGENT").unwrap_or_else(|| "/usr/lib/qubes/qfile-agent".into());
+    let agent = helper("QFILE_AGENT", "qfile-agent");
     let mut command = Command::new(client);
     command
         .args(["--filter-escape-chars-stderr", "--"])

@@ -4,7 +4,8 @@
 //!
 //! The front ends run `qrexec-client-vm -- TARGET qubes.OpenInVM
 //! qopen-in-vm [--view-only] --receive-into TMP -- FILE` (`$QREXEC_CLIENT_VM`
-//! and `$QOPEN_IN_VM` override the `/usr/lib/qubes/` paths); `TMP` is a new
+//! and `$QOPEN_IN_VM` override the `/usr/lib/qubes/` paths; see
+//! [`crate::frontend::helper`] for our package's layout); `TMP` is a new
 //! file next to `FILE`. Only when the whole call ended with status 0 (our
 //! sender and the far side's handler) and `TMP` differs from `FILE` is `TMP`
 //! renamed over `FILE`; otherwise `FILE` is left alone and `TMP` removed.
@@ -481,8 +482,7 @@ pub fn qvm_open_main(dispvm: bool) -> ExitCode {
             .status();
         return finish(name, status.map(|s| (s, None)));
     }
-    let qopen =
-        std::env::var_os("QOPEN_IN_VM").unwrap_or_else(|| "/usr/lib/qubes/qopen-in-vm".into());
+    let qopen = crate::frontend::helper("QOPEN_IN_VM", "qopen-in-vm");
     command.arg("qubes.OpenInVM").arg(qopen);
     if view_only {
         command.arg("--view-only");
