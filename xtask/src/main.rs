@@ -18,6 +18,8 @@
 //! - `soak [SECONDS]` — 100 client qubes, well-behaved load while others
 //!   attack in turn; one table of figures; fails on a crash, a hang, a
 //!   leaked denied packet or memory growth (root).
+//! - `miri` — the Xen platform's ring tests under Miri (installs the
+//!   nightly `miri` and `rust-src` components); fails on any UB.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -28,6 +30,7 @@ mod demo;
 mod dist;
 mod fuzz;
 mod image;
+mod miri;
 mod soak;
 mod test;
 
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Some("dist") => dist::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("image") => image::run(&args[1..]),
+        Some("miri") => miri::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
         Some(other) => Err(format!("unknown command `{other}`\n{USAGE}")),
@@ -61,7 +65,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   demo                         Qubes in a box: the whole system and what it does (root)
   bench box                    iperf3 through the hosted firewall vs the Linux kernel path (root)
   bench qrexec                 our qrexec vs Qubes' C build: call latency and 1 GiB throughput, with ratios (root)
-  soak [SECONDS]               100 clients under load and attack, one table; fails on crash/hang/leak/growth (root)";
+  soak [SECONDS]               100 clients under load and attack, one table; fails on crash/hang/leak/growth (root)
+  miri                         the Xen platform's ring tests under Miri; fails on any undefined behaviour";
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
