@@ -160,8 +160,9 @@ pub fn install(config: &BoxConfig, client: &ClientQube, rpc: &Path) -> io::Resul
 
 /// A command running `program` "in" qube `name` of a running box: in its
 /// namespace, in its home, with its `qrexec-client-vm` and `qfile-agent`
-/// (`QREXEC_CLIENT_VM`, `QFILE_AGENT`, `QOPEN_IN_VM`), the box's binaries first in
-/// `PATH`, and its vchan environment.
+/// (`QREXEC_CLIENT_VM`, `QFILE_AGENT`, `QOPEN_IN_VM`), its own
+/// `qrexec-client-vm` wrapper then the box's binaries first in `PATH`, and
+/// its vchan environment.
 pub fn command(config: &BoxConfig, name: &str, domid: u16, program: &str) -> Command {
     let home = home(config, name);
     let mut command = Command::new("ip");
@@ -181,7 +182,8 @@ pub fn command(config: &BoxConfig, name: &str, domid: u16, program: &str) -> Com
         .env(
             "PATH",
             format!(
-                "{}:{}",
+                "{}:{}:{}",
+                vm_dir(config, name).display(),
                 config.bin_dir.display(),
                 std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())
             ),
