@@ -97,9 +97,6 @@ fn ready() -> bool {
             "qfile-unpacker",
             "qvm-copy-to-vm",
             "qvm-move-to-vm",
-            "qopen-in-vm",
-            "qvm-open-in-dvm",
-            "vm-file-editor",
         ] {
             if !bin_dir().join(tool).exists() {
                 eprintln!("skipped: {tool} not built (run cargo build --workspace --bins)");
@@ -558,6 +555,12 @@ fn files_between_qubes_copy_move_ask_and_hostile_streams() {
 fn disposables_and_autostart_through_the_box_qubesd() {
     if !ready() {
         return;
+    }
+    for tool in ["qopen-in-vm", "qvm-open-in-dvm", "vm-file-editor"] {
+        assert!(
+            bin_dir().join(tool).exists(),
+            "{tool} not built (cargo build --workspace --bins)"
+        );
     }
     let up = bring_up("dv", 3);
     let config = &up.config;
