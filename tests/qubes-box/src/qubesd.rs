@@ -18,7 +18,8 @@
 //! `2\0EXCEPTION-TYPE\0TRACEBACK\0MESSAGE\0` (the traceback is empty, as
 //! qubesd sends it without `--debug`), then the end of the connection.
 //!
-//! Methods:
+//! A source or destination is a qube's name or `uuid:UUID` (as qubesd's
+//! `decode_vm`). Methods:
 //! - `internal.GetSystemInfo` (to dom0, no argument, no payload): the
 //!   JSON qubesd returns, `{"domains": {NAME: {...}}}` with `type`, `tags`,
 //!   `template_for_dispvms`, `default_dispvm`, `internal`, `icon`, `label`,
@@ -381,6 +382,15 @@ impl<'a> Registry<'a> {
         Qube::from_text(name, &text)
     }
 
+    /// The qube a request names: `NAME`, or `uuid:UUID` (as qubesd's
+    /// `decode_vm`).
+    pub fn find(&self, dest: &str) -> Option<Qube> {
+        match dest.strip_prefix("uuid:") {
+            Some(uuid) => self.all().into_iter().find(|q| q.uuid == uuid),
+            None => self.get(dest),
+        }
+    }
+
     /// Every qube, by name.
     pub fn all(&self) -> Vec<Qube> {
         let mut qubes: Vec<Qube> = fs::read_dir(self.dir())
@@ -574,7 +584,7 @@ impl Qubesd {
             request.payload.len()
         );
         let registry = Registry::new(&self.config);
-        let lookup = |name: &str| registry.get(name).ok_or_else(|| not_found(name));
+        let lookup = |name: &str| registry.find(name).ok_or_else(|| not_found(name));
         let source = lookup(&request.source)?;
         let dest = lookup(&request.dest)?;
         let no_arg = || {
@@ -1007,9 +1017,21 @@ mod tests {
         assert_eq!(dispvm.klass, "DispVM");
         assert_eq!(dispvm.template.as_deref(), Some(DEFAULT_DVM));
         assert!(dispvm.tags.contains(&"created-by-client1".to_string()));
-        let uuid = ask(b"admin.vm.CreateDisposable+ dom0 name default-dvm\0uuid");
+        let dvm_uuid = registry.get(DEFAULT_DVM).unwrap().uuid;
+        let uuid =
+            ask(format!("admin.vm.CreateDisposable+ dom0 name uuid:{dvm_uuid}\0uuid").as_bytes());
         let uuid = uuid.strip_prefix("0\0uuid:").expect(&uuid).to_string();
-        assert!(registry.all().iter().any(|q| q.uuid == uuid));
+        assert!(registry.find(&format!("uuid:{uuid}")).is_some());
+        assert_eq!(
+            ask(format!("admin.vm.Kill+ dom0 name uuid:{uuid}\0").as_bytes()),
+            format!(
+                "2\0QubesVMNotStartedError\0\0Domain is powered off: '{}'\0",
+                registry.find(&format!("uuid:{uuid}")).unwrap().name
+            )
+        );
+        assert!(
+            ask(b"admin.vm.Kill+ dom0 name uuid:0000\0").contains("No such domain: 'uuid:0000'")
+        );
         assert!(registry.system_info().contains("\"type\": \"DispVM\""));
         let _ = fs::remove_dir_all(dir);
     }
