@@ -52,6 +52,11 @@ pub fn ask_log(config: &BoxConfig) -> PathBuf {
 /// to the file, so the edit is visible to the sender.
 pub const BOX_EDITOR_LINE: &str = "edited in the disposable";
 
+/// Where the box's editor notes `QUBE FILE-NAME` for every file it opens.
+pub fn open_log(config: &BoxConfig) -> PathBuf {
+    config.state_dir.join("open-in-vm.log")
+}
+
 fn write_executable(path: &Path, text: &str) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let temporary = path.with_extension("new");
@@ -136,8 +141,12 @@ pub fn install(config: &BoxConfig, client: &ClientQube, rpc: &Path) -> io::Resul
     write_executable(
         &vm.join("box-editor"),
         &format!(
-            "#!/bin/sh\n# The box's 'default application': edits the file it is given.\n\
-             printf '%s\\n' '{BOX_EDITOR_LINE}' >> \"$1\"\n"
+            "#!/bin/sh\n# The box's 'default application': edits the file it is given\n\
+             # and notes which qube opened which file in {log}.\n\
+             printf '%s %s\\n' '{name}' \"${{1##*/}}\" >> {log}\n\
+             printf '%s\\n' '{BOX_EDITOR_LINE}' >> \"$1\"\n",
+            name = client.name,
+            log = sh_quote(&open_log(config)),
         ),
     )?;
     write_executable(
