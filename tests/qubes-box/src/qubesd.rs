@@ -1033,6 +1033,30 @@ mod tests {
             ask(b"admin.vm.Kill+ dom0 name uuid:0000\0").contains("No such domain: 'uuid:0000'")
         );
         assert!(registry.system_info().contains("\"type\": \"DispVM\""));
+
+        // Over the sockets: a whole request, then one too long (dropped
+        // without an answer, as qubesd does), then the other socket.
+        std::thread::spawn(move || server.serve());
+        let admin = socket(&config);
+        let start = Instant::now();
+        while UnixStream::connect(&admin).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "no socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let answer = call(&admin, b"internal.GetSystemInfo+ dom0 keyword adminvm\0").unwrap();
+        assert!(answer.starts_with(b"0\0{\"domains\": {\"client1\": "));
+        let mut long = b"admin.vm.Kill+ dom0 name client1\0".to_vec();
+        long.resize(MAX_REQUEST + 1, b'x');
+        assert_eq!(call(&admin, &long).unwrap(), b"");
+        let internal = internal_socket(&config);
+        while UnixStream::connect(&internal).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "no socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            call(&internal, b"dom0\0admin.vm.Kill\0client1\0\0").unwrap(),
+            b"2\0QubesVMNotStartedError\0\0Domain is powered off: 'client1'\0"
+        );
         let _ = fs::remove_dir_all(dir);
     }
 }

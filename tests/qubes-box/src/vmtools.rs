@@ -52,7 +52,8 @@ pub fn ask_log(config: &BoxConfig) -> PathBuf {
 /// to the file, so the edit is visible to the sender.
 pub const BOX_EDITOR_LINE: &str = "edited in the disposable";
 
-/// Where the box's editor notes `QUBE FILE-NAME` for every file it opens.
+/// Where the box's editor notes `QUBE TYPE FILE-NAME` for every file it
+/// opens (`TYPE`: `/qubes-vm-type` from the qube's QubesDB).
 pub fn open_log(config: &BoxConfig) -> PathBuf {
     config.state_dir.join("open-in-vm.log")
 }
@@ -142,11 +143,16 @@ pub fn install(config: &BoxConfig, client: &ClientQube, rpc: &Path) -> io::Resul
         &vm.join("box-editor"),
         &format!(
             "#!/bin/sh\n# The box's 'default application': edits the file it is given\n\
-             # and notes which qube opened which file in {log}.\n\
-             printf '%s %s\\n' '{name}' \"${{1##*/}}\" >> {log}\n\
+             # and notes which qube opened which file in {log}, with the\n\
+             # qube's type from its QubesDB (through dom0's socket: the box\n\
+             # runs no QubesDB daemon inside qubes).\n\
+             type=$(QUBESDB_SOCKET_DIR={qubesdb} {read} -d '{name}' /qubes-vm-type) || type=no-qubesdb\n\
+             printf '%s %s %s\\n' '{name}' \"$type\" \"${{1##*/}}\" >> {log}\n\
              printf '%s\\n' '{BOX_EDITOR_LINE}' >> \"$1\"\n",
             name = client.name,
             log = sh_quote(&open_log(config)),
+            qubesdb = sh_quote(&config.qubesdb_dir()),
+            read = sh_quote(&config.bin("qubesdb-read")),
         ),
     )?;
     write_executable(

@@ -87,6 +87,7 @@ fn ready() -> bool {
         for tool in [
             "qubesdb-daemon",
             "qubesdb-write",
+            "qubesdb-read",
             "qrexec-daemon",
             "qrexec-client",
             "qrexec-agent",
@@ -593,10 +594,11 @@ fn disposables_and_autostart_through_the_box_qubesd() {
         qubesd_log.contains(&format!("qubesd: started {dispvm}")),
         "{qubesd_log}"
     );
-    // The file was opened in the disposable, by the box's editor there.
+    // The file was opened in the disposable, by the box's editor there,
+    // and the disposable's own QubesDB says what it is.
     assert_eq!(
         fs::read_to_string(vmtools::open_log(config)).unwrap(),
-        format!("{dispvm} document.txt\n")
+        format!("{dispvm} DispVM document.txt\n")
     );
     // The disposable is killed once the call has ended (by client1's
     // qrexec-daemon, after qvm-open-in-dvm returned): wait for it (at most
