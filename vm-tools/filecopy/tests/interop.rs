@@ -19,6 +19,7 @@ mod common;
 
 use std::io::Write;
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -309,4 +310,199 @@ fn unicode_table_is_within_qubes() {
         }
     }
     eprintln!("our table allows {ours} non-ASCII code points, all allowed by Qubes");
+}
+
+/// Qubes' `vm-file-editor`, as the `qubes.OpenInVM` service of qube
+/// `client1`, in a private mount namespace whose `/usr/bin/qubes-open` (the
+/// path it runs) is `opener` (a read-only overlay on `/usr/bin`) and whose
+/// `/tmp` (where it writes) is a tmpfs of its own.
+fn their_editor(scratch: &Path, opener: &str) -> Command {
+    let extra = scratch.join("overlay-bin");
+    let _ = std::fs::create_dir(&extra);
+    let script = extra.join("qubes-open");
+    std::fs::write(&script, format!("#!/bin/sh\n{opener}\n")).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut command = Command::new("unshare");
+    command
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            "mount -t overlay overlay -o \"lowerdir=$1:/usr/bin\" /usr/bin && mount -t tmpfs tmpfs /tmp && exec \"$2\"",
+            "sh",
+        ])
+        .arg(&extra)
+        .arg(&qubes().editor)
+        .env("QREXEC_REMOTE_DOMAIN", "client1");
+    command
+}
+
+fn our_editor(scratch: &Path, opener: &str) -> Command {
+    let far = scratch.join("far-tmp");
+    let _ = std::fs::create_dir(&far);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vm-file-editor"));
+    command
+        .env("QREXEC_REMOTE_DOMAIN", "client1")
+        .env("TMPDIR", far)
+        .env("QUBES_OPEN_IN_VM_COMMAND", opener);
+    command
+}
+
+/// `sender`'s stdout into `handler`'s stdin and back, dropping every copy
+/// of the pipes here (a qubes.OpenInVM stream ends at its EOF).
+fn open_pipe(
+    mut sender: Command,
+    mut handler: Command,
+) -> (std::process::Output, std::process::Output) {
+    let mut far = handler
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(handler);
+    let to_far = far.stdin.take().unwrap();
+    let from_far = far.stdout.take().unwrap();
+    sender
+        .stdin(Stdio::from(from_far))
+        .stdout(Stdio::from(to_far))
+        .stderr(Stdio::piped());
+    let near = sender.spawn().unwrap();
+    drop(sender);
+    let sent = near.wait_with_output().unwrap();
+    let handled = far.wait_with_output().unwrap();
+    (sent, handled)
+}
+
+/// An opener for both handlers: `EDIT` on the file, then an old mtime
+/// (Qubes' handler compares whole seconds).
+fn opener(edit: &str) -> String {
+    format!("f=\"$1\"; {edit}; touch -d 2001-01-01 \"$f\"")
+}
+
+#[test]
+fn open_in_vm_between_ours_and_theirs() {
+    need_root!();
+    let q = qubes();
+    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = scratch.path().join("files");
+    std::fs::create_dir(&dir).unwrap();
+    // The opener writes the name it was given into the file.
+    let edit = opener("basename \"$f\" > \"$f\"");
+    type Pair<'a> = (&'a str, Command, Command);
+    let pairs: Vec<Pair<'_>> = vec![
+        (
+            "theirs -> ours",
+            Command::new(&q.qopen),
+            our_editor(scratch.path(), &edit),
+        ),
+        (
+            "ours -> theirs",
+            Command::new(env!("CARGO_BIN_EXE_qopen-in-vm")),
+            their_editor(scratch.path(), &edit),
+        ),
+        (
+            "theirs -> theirs",
+            Command::new(&q.qopen),
+            their_editor(scratch.path(), &edit),
+        ),
+    ];
+    let mut names = Vec::new();
+    for (label, mut sender, editor) in pairs {
+        let file = dir.join("my doc \u{e9}\u{7}.txt");
+        std::fs::write(&file, b"original\n").unwrap();
+        sender.arg(&file);
+        let (sent, handled) = open_pipe(sender, editor);
+        assert!(
+            sent.status.success() && handled.status.success(),
+            "{label}: {} / {}",
+            String::from_utf8_lossy(&sent.stderr),
+            String::from_utf8_lossy(&handled.stderr)
+        );
+        let got = std::fs::read_to_string(&file).unwrap();
+        names.push(got.trim_end().to_string());
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "{label}: temporary files left");
+        std::fs::remove_file(&file).unwrap();
+    }
+    assert_eq!(
+        names,
+        ["my_doc____.txt", "my_doc____.txt", "my_doc____.txt"],
+        "both handlers make the same safe name"
+    );
+    // Unchanged: nothing comes back, the file is left alone.
+    let unchanged: Vec<(&str, Command, Command)> = vec![
+        (
+            "theirs -> ours",
+            Command::new(&q.qopen),
+            our_editor(scratch.path(), "true"),
+        ),
+        (
+            "ours -> theirs",
+            Command::new(env!("CARGO_BIN_EXE_qopen-in-vm")),
+            their_editor(scratch.path(), "true"),
+        ),
+    ];
+    for (label, mut sender, editor) in unchanged {
+        let file = dir.join("same.txt");
+        std::fs::write(&file, b"same\n").unwrap();
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&file).unwrap());
+        sender.arg(&file);
+        let (sent, handled) = open_pipe(sender, editor);
+        assert!(sent.status.success() && handled.status.success(), "{label}");
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::ino(&meta), ino, "{label}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"same\n", "{label}");
+        std::fs::remove_file(&file).unwrap();
+    }
+}
+
+#[test]
+fn open_in_vm_handlers_refuse_the_same_requests() {
+    need_root!();
+    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mark = scratch.path().join("opened");
+    let edit = opener(&format!("touch '{}'; echo edited > \"$f\"", mark.display()));
+    let field = |name: &[u8]| {
+        let mut f = name.to_vec();
+        f.resize(qubes_filecopy::openinvm::NAME_FIELD_LEN, 0);
+        f
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("slash", [field(b"../../etc/x"), b"data".to_vec()].concat()),
+        ("absolute", [field(b"/etc/x"), b"data".to_vec()].concat()),
+        ("dotdot", [field(b".."), b"data".to_vec()].concat()),
+        ("empty", [field(b""), b"data".to_vec()].concat()),
+        ("truncated", field(b"a.txt")[..100].to_vec()),
+    ];
+    for (what, stream) in &cases {
+        for (side, mut editor) in [
+            ("ours", our_editor(scratch.path(), &edit)),
+            ("theirs", their_editor(scratch.path(), &edit)),
+        ] {
+            let _ = std::fs::remove_file(&mark);
+            let mut child = editor
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let data = stream.clone();
+            let writer = std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = stdin.write_all(&data);
+            });
+            let out = child.wait_with_output().unwrap();
+            writer.join().unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{side} {what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.stdout.is_empty(), "{side} {what}: sent something back");
+            assert!(!mark.exists(), "{side} {what}: the opener ran");
+        }
+    }
 }

@@ -1,4 +1,5 @@
-//! Builds Qubes' own C `qfile-agent` and `qfile-unpacker` from
+//! Builds Qubes' own C `qfile-agent`, `qfile-unpacker`, `qopen-in-vm` and
+//! `vm-file-editor` from
 //! `../shared/reference/` (qubes-linux-utils' `qrexec-lib` with `make
 //! NO_REBUILD_TABLE=1`, then qubes-core-agent-linux's `qubes-rpc/` pieces)
 //! into the target directory, once per process; installs gcc/make with
@@ -13,6 +14,9 @@ use std::sync::OnceLock;
 pub struct Qubes {
     pub agent: PathBuf,
     pub unpacker: PathBuf,
+    /// qubes.OpenInVM's sender and handler.
+    pub qopen: PathBuf,
+    pub editor: PathBuf,
 }
 
 pub fn is_root() -> bool {
@@ -92,7 +96,12 @@ pub fn qubes() -> &'static Qubes {
                 .arg("NO_REBUILD_TABLE=1"),
         );
         let rpc = build.join("qubes-core-agent-linux/qubes-rpc");
-        for program in ["qfile-agent", "qfile-unpacker"] {
+        for program in [
+            "qfile-agent",
+            "qfile-unpacker",
+            "qopen-in-vm",
+            "vm-file-editor",
+        ] {
             run_ok(
                 Command::new("gcc")
                     .current_dir(&rpc)
@@ -113,6 +122,8 @@ pub fn qubes() -> &'static Qubes {
         Qubes {
             agent: build.join("qfile-agent"),
             unpacker: build.join("qfile-unpacker"),
+            qopen: build.join("qopen-in-vm"),
+            editor: build.join("vm-file-editor"),
         }
     })
 }
