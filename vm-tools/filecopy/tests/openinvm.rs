@@ -78,7 +78,7 @@ impl Setup {
         for (k, v) in env {
             command.env(k, v);
         }
-        command.output().unwrap()
+        output_retrying_etxtbsy(&mut command)
     }
 
     /// Files in the test directory other than the stand-in's own.
@@ -99,6 +99,24 @@ impl Setup {
             .collect();
         assert!(left.is_empty(), "left in the far side's TMPDIR: {left:?}");
     }
+}
+
+/// Run `command`; again when a script this test just wrote could not be
+/// executed yet ("Text file busy": another thread's child, between its fork
+/// and exec, still held the script's write descriptor).
+fn output_retrying_etxtbsy(command: &mut Command) -> Output {
+    for _ in 0..20 {
+        match command.output() {
+            Err(e) if e.raw_os_error() == Some(26) => {}
+            Ok(out) if !String::from_utf8_lossy(&out.stderr).contains("Text file busy") => {
+                return out;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("cannot run {command:?}: {e}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{command:?}: Text file busy 20 times");
 }
 
 fn stderr(out: &Output) -> String {
@@ -398,4 +416,31 @@ fn hostile_requests_are_refused_by_the_handler() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     s.far_side_is_clean();
+}
+
+#[test]
+fn an_installed_front_end_runs_the_helper_of_its_prefix() {
+    // The package's layout: PREFIX/bin/qvm-open-in-dvm runs PREFIX/qopen-in-vm.
+    let s = setup();
+    let prefix = s.tmp.path().join("prefix");
+    std::fs::create_dir_all(prefix.join("bin")).unwrap();
+    let front = prefix.join("bin/qvm-open-in-dvm");
+    std::fs::copy(env!("CARGO_BIN_EXE_qvm-open-in-dvm"), &front).unwrap();
+    let mark = s.tmp.path().join("helper-ran");
+    let helper = prefix.join("qopen-in-vm");
+    std::fs::write(&helper, format!("#!/bin/sh\ntouch '{}'\n", mark.display())).unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let client = s.tmp.path().join("run-local");
+    std::fs::write(&client, "#!/bin/sh\nshift 3\nexec \"$@\"\n").unwrap();
+    std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = s.file("h.txt", b"h");
+    let out = output_retrying_etxtbsy(
+        Command::new(&front)
+            .arg(&file)
+            .env("QREXEC_CLIENT_VM", &client)
+            .env_remove("QOPEN_IN_VM"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(mark.exists(), "PREFIX/qopen-in-vm was not run");
+    assert_eq!(std::fs::read(&file).unwrap(), b"h");
 }
