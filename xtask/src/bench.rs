@@ -1,5 +1,5 @@
 //! `cargo xtask bench KIND`: the project's measurements (`bench qrexec`:
-//! see `bench_qrexec.rs`).
+//! see `bench_qrexec.rs`; `bench xen`: see `bench_xen.rs`).
 //!
 //! `bench box` measures the hosted firewall in Qubes in a box against what
 //! a Linux `sys-firewall` does: iperf3 from a client qube to a server in
@@ -42,8 +42,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
         Some("box") => bench_box(),
         Some("qrexec") => crate::bench_qrexec::bench_qrexec(),
-        Some(other) => Err(format!("unknown benchmark `{other}` (known: box, qrexec)")),
-        None => Err("usage: cargo xtask bench box|qrexec".into()),
+        Some("xen") => crate::bench_xen::bench_xen(),
+        Some(other) => Err(format!(
+            "unknown benchmark `{other}` (known: box, qrexec, xen)"
+        )),
+        None => Err("usage: cargo xtask bench box|qrexec|xen".into()),
     }
 }
 

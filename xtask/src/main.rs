@@ -15,6 +15,8 @@
 //!   path, and the firewall's memory with 10 clients (root).
 //! - `bench qrexec` — our qrexec programs against Qubes' C build: latency
 //!   and throughput, interleaved, with ratios (root).
+//! - `bench xen` — iperf3 through our image vs a Linux sys-firewall on Xen
+//!   under QEMU (tests/xen/bench.sh), with ratios, CPU and memory (root).
 //! - `soak [SECONDS]` — 100 client qubes, well-behaved load while others
 //!   attack in turn; one table of figures; fails on a crash, a hang, a
 //!   leaked denied packet or memory growth (root).
@@ -26,6 +28,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod bench_qrexec;
+mod bench_xen;
 mod demo;
 mod dist;
 mod fuzz;
@@ -65,6 +68,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   demo                         Qubes in a box: the whole system and what it does (root)
   bench box                    iperf3 through the hosted firewall vs the Linux kernel path (root)
   bench qrexec                 our qrexec vs Qubes' C build: call latency and 1 GiB throughput, with ratios (root)
+  bench xen                    iperf3 through our image vs a Linux sys-firewall on Xen under QEMU, with ratios (root)
   soak [SECONDS]               100 clients under load and attack, one table; fails on crash/hang/leak/growth (root)
   miri                         the Xen platform's ring tests under Miri; fails on any undefined behaviour";
 

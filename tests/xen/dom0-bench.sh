@@ -1,0 +1,138 @@
+#!/bin/sh
+# Runs inside dom0 as /guest/test.sh for `cargo xtask bench xen`
+# (tests/xen/bench.sh). dom0 plays sys-net (xenbr0 10.137.0.1/24,
+# `iperf3 -s`). Two firewalls side by side, each with one Linux client
+# qube (Debian's kernel, bench-client-init, 10.137.0.10) behind it:
+#   ours:  the image at Qubes' size (xen-config/qubes-firewall.cfg:
+#          PVH, 1 vCPU, 16 MiB), served by our qubesdb-daemon and
+#          qrexec-daemon, uplink 10.137.0.2;
+#   linux: Debian's kernel as a PV domU at a Qubes Linux sys-firewall's
+#          size (2 vCPUs, 400 MiB) with linuxfw-init (Qubes' nftables
+#          tables, masquerade, netback + netfront), uplink 10.137.0.3.
+# The runs are interleaved (each test through ours, then through linux),
+# each bracketed by `xl list` CPU times of the firewall, its client and
+# dom0. Results are `QFW-BENCH` lines; the serial log is parsed by
+# xtask/src/bench_xen.rs. Env (from the kernel command line of dom0 via
+# /guest/bench.env): SECS, UDP_RATE, ROUNDS, FLOWTABLE.
+up() { cut -d' ' -f1 /proc/uptime; }
+since() { awk -v a="$1" -v b="$(up)" 'BEGIN{printf "%.2f", b-a}'; }
+waitfor() { # file pattern tenths
+    i=0; until grep -q "$2" "$1" 2>/dev/null || [ $i -ge "$3" ]; do sleep 0.1; i=$((i+1)); done; grep -q "$2" "$1" 2>/dev/null; }
+# shellcheck disable=SC1091
+[ -f /guest/bench.env ] && . /guest/bench.env
+SECS=${SECS:-10} UDP_RATE=${UDP_RATE:-20M} ROUNDS=${ROUNDS:-1} FLOWTABLE=${FLOWTABLE:-1}
+CONS=/var/log/xen/console
+mkdir -p /var/run/qubes /var/log/qubes
+fail() { echo "QFW-BENCH FAIL $*"; echo "QFW-BENCH-END"; exit 1; }
+cpu() { xl list "$1" 2>/dev/null | awk 'NR==2{print $6}'; }
+mem() { xl list "$1" 2>/dev/null | awk 'NR==2{print $3}'; }
+vcpus() { xl list "$1" 2>/dev/null | awk 'NR==2{print $4}'; }
+# tell DOMAIN LINE: a line on the domain's console input (its pty).
+tell() { t=$(xenstore-read "/local/domain/$(xl domid "$1")/console/tty") && echo "$2" > "$t"; }
+
+brctl addbr xenbr0 && ip addr add 10.137.0.1/24 dev xenbr0 && ip link set xenbr0 up
+iperf3 -s -D -B 10.137.0.1 --logfile /tmp/iperf3.log
+
+# Ours, as dom0-test.sh starts it (QubesDB, qrexec), with the network keys
+# and client 10.137.0.10's rules (Qubes' default: accept all) at once.
+sed -e "s|^kernel *=.*|kernel = \"/guest/qubes-firewall.elf\"|" -e "/^vif/d" -e "/^on_/d" /guest/qubes-firewall.cfg > /tmp/fw.cfg
+cat >> /tmp/fw.cfg <<CFG
+on_poweroff = "preserve"
+on_crash = "preserve"
+vif = [ 'bridge=xenbr0,script=vif-mini,mac=00:16:3e:5e:6c:00' ]
+CFG
+xl create -p /tmp/fw.cfg || fail "xl create of our firewall"
+domid=$(xl domid sys-firewall)
+qubesdb-daemon "$domid" sys-firewall || fail "qubesdb-daemon"
+qubesdb-write -d sys-firewall /name sys-firewall /qubes-vm-type ProxyVM /qubes-vm-persistence none /qubes-debug-mode 0 \
+    /qubes-service/qubes-firewall 1 /qubes-ip 10.137.0.2 /qubes-gateway 10.137.0.1 \
+    /qubes-primary-dns 10.139.1.1 /qubes-secondary-dns 10.139.1.2 \
+    /qubes-firewall/10.137.0.10/policy drop /qubes-firewall/10.137.0.10/0000 action=accept /qubes-firewall/10.137.0.10 ''
+xl unpause sys-firewall
+qrexec-daemon --direct "$domid" sys-firewall root > /tmp/qrexec-daemon.log 2>&1 &
+LOG=$CONS/guest-sys-firewall.log
+waitfor $LOG "netfront device/vif/0 connected" 1200 || fail "our firewall's uplink did not connect"
+echo "QFW-BENCH info ours up (domain $domid)"
+
+# The Linux sys-firewall.
+cat > /tmp/linuxfw.cfg <<CFG
+name = "linux-fw"
+type = "pv"
+kernel = "/guest/vmlinuz"
+ramdisk = "/guest/linuxfw-initrd.gz"
+extra = "console=hvc0 quiet qfw_ip=10.137.0.3 qfw_gw=10.137.0.1 qfw_flowtable=$FLOWTABLE"
+memory = 400
+maxmem = 400
+vcpus = 2
+on_poweroff = "preserve"
+on_crash = "preserve"
+vif = [ 'bridge=xenbr0,script=vif-mini,mac=00:16:3e:5e:6c:03' ]
+CFG
+xl create /tmp/linuxfw.cfg || fail "xl create of the Linux firewall"
+LFLOG=$CONS/guest-linux-fw.log
+waitfor $LFLOG "LINUXFW ready" 1800 || { sed 's/^/QFW-BENCH linux-fw console: /' $LFLOG | tail -30; fail "the Linux firewall did not come up"; }
+grep "LINUXFW" $LFLOG | sed 's/^/QFW-BENCH info /'
+
+# One client behind each.
+client() { # NAME BACKEND GATEWAY MAC
+    cat > "/tmp/$1.cfg" <<CFG
+name = "$1"
+type = "pv"
+kernel = "/guest/vmlinuz"
+ramdisk = "/guest/client-initrd.gz"
+extra = "console=hvc0 quiet qfw_gw=$3"
+memory = 128
+vcpus = 1
+on_poweroff = "preserve"
+on_crash = "preserve"
+vif = [ 'backend=$2,ip=10.137.0.10,mac=$4' ]
+CFG
+    xl create "/tmp/$1.cfg" || fail "xl create $1"
+}
+client client-ours sys-firewall 10.137.0.2 00:16:3e:5e:6c:10
+client client-linux linux-fw 10.137.0.3 00:16:3e:5e:6c:11
+for c in client-ours client-linux; do
+    waitfor $CONS/guest-$c.log "BENCH-CLIENT ready" 1800 || { sed "s/^/QFW-BENCH $c console: /" $CONS/guest-$c.log | tail -30; fail "$c did not come up"; }
+    grep "BENCH-CLIENT ready" $CONS/guest-$c.log | sed "s/^/QFW-BENCH info $c: /"
+done
+grep "LINUXFW vif" $LFLOG | sed 's/^/QFW-BENCH info /'
+
+# measure FW TEST SEQ: one run through firewall FW (ours|linux).
+measure() {
+    fw=$1; test=$2; seq=$3
+    case $fw in ours) dom=sys-firewall ;; *) dom=linux-fw ;; esac
+    c=client-$fw
+    f0=$(cpu $dom) c0=$(cpu $c) d0=$(cpu Domain-0) t0=$(up)
+    tell $c "run $seq $test $SECS $UDP_RATE"
+    waitfor $CONS/guest-$c.log "BENCH-CLIENT result $seq " $(( (SECS + 60) * 10 )) || echo "QFW-BENCH info $c gave no result for run $seq"
+    f1=$(cpu $dom) c1=$(cpu $c) d1=$(cpu Domain-0) t=$(since "$t0")
+    r=$(grep "BENCH-CLIENT result $seq " $CONS/guest-$c.log | head -1 | sed 's/.*result [0-9]* [a-z-]* //')
+    d() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", b-a}'; }
+    echo "QFW-BENCH result fw=$fw test=$test $r fw_cpu_s=$(d "$f0" "$f1") client_cpu_s=$(d "$c0" "$c1") dom0_cpu_s=$(d "$d0" "$d1") wall_s=$t"
+    grep "BENCH-CLIENT iperf3: " $CONS/guest-$c.log | sed 's/^/QFW-BENCH info /' | tail -3
+}
+seq=0
+round=1
+while [ $round -le "$ROUNDS" ]; do
+    for test in tcp-up tcp-down udp; do
+        for fw in ours linux; do seq=$((seq + 1)); measure $fw $test $seq; done
+    done
+    round=$((round + 1))
+done
+
+# Memory: the domains' sizes, ours' heap (qubes.FirewallStatus over
+# qrexec), Linux's MemTotal - MemAvailable.
+qrexec-client -d sys-firewall 'DEFAULT:QUBESRPC qubes.FirewallStatus dom0' > /tmp/status.txt 2>&1
+heap=$(grep -E "^heap: " /tmp/status.txt | head -1)
+echo "QFW-BENCH memory fw=ours domain_mib=$(mem sys-firewall) vcpus=$(vcpus sys-firewall) $(echo "$heap" | awk '{print "heap_used_kib=" $3 " heap_total_kib=" $9}')"
+tell linux-fw mem
+waitfor $LFLOG "LINUXFW mem " 100
+lm=$(grep "LINUXFW mem " $LFLOG | tail -1 | sed 's/.*LINUXFW mem //')
+echo "QFW-BENCH memory fw=linux domain_mib=$(mem linux-fw) vcpus=$(vcpus linux-fw) $lm"
+tell linux-fw stats
+sleep 2
+grep "LINUXFW stats" $LFLOG | sed 's/^/QFW-BENCH info /'
+grep -E "^interface|^drop|^heap" /tmp/status.txt | sed 's/^/QFW-BENCH info ours status: /'
+xl list | sed 's/^/QFW-BENCH info xl list: /'
+for dd in client-ours client-linux linux-fw sys-firewall; do xl destroy $dd 2>/dev/null; done
+echo "QFW-BENCH-END"

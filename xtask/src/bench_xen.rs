@@ -1,0 +1,270 @@
+//! `cargo xtask bench xen`: our firewall image against a Linux
+//! sys-firewall on real Xen (under QEMU, TCG), in one run.
+//!
+//! `tests/xen/bench.sh` builds and boots the lab (see tests/xen/README.md,
+//! "The benchmark"): dom0 plays sys-net (`iperf3 -s`); our image at Qubes'
+//! size (1 vCPU, 16 MiB) and a Linux sys-firewall (Debian's kernel as a PV
+//! domU, 2 vCPUs, 400 MiB, with Qubes' `qubes` and `qubes-firewall`
+//! nftables tables as Qubes' own code generates them, masquerade,
+//! netback and netfront) each serve one Linux client qube. Interleaved,
+//! each test runs through ours, then through Linux: iperf3 TCP up
+//! (client → dom0) and down (`-R`), then UDP up at a fixed rate (loss
+//! reported). Around each run dom0 reads `xl list`'s CPU time of the
+//! firewall, the client and dom0. This module runs the script, reads the
+//! `QFW-BENCH` lines from the serial log and prints both throughputs, the
+//! ratio ours/Linux, the CPU time of each firewall domain and memory.
+//! Under TCG only the ratio of one run means anything.
+//!
+//! Env, passed on to bench.sh: `LAB` (default `/tmp/qubes-fw-xen-bench`),
+//! `SECS` (10), `UDP_RATE` (20M), `ROUNDS` (1), `FLOWTABLE` (1), `TIMEOUT`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::bench::require_root;
+use crate::workspace_root;
+
+/// The tests, in the order dom0 runs them.
+const TESTS: [&str; 3] = ["tcp-up", "tcp-down", "udp"];
+
+/// One `QFW-BENCH result` line.
+#[derive(Debug, Clone, PartialEq)]
+struct Run {
+    fw: String,
+    test: String,
+    mbit: Option<f64>,
+    /// (lost, total) datagrams of a UDP run.
+    loss: Option<(u64, u64)>,
+    rc: Option<i32>,
+    fw_cpu_s: Option<f64>,
+    wall_s: Option<f64>,
+}
+
+/// The `key=value` words of a line.
+fn fields(line: &str) -> BTreeMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+fn parse_run(line: &str) -> Option<Run> {
+    let rest = &line[line.find("QFW-BENCH result ")? + "QFW-BENCH result ".len()..];
+    let f = fields(rest);
+    let num = |k: &str| f.get(k).and_then(|v| v.parse::<f64>().ok());
+    let loss = f.get("loss").and_then(|v| {
+        let (lost, total) = v.split_once('/')?;
+        Some((lost.parse().ok()?, total.parse().ok()?))
+    });
+    Some(Run {
+        fw: f.get("fw")?.to_string(),
+        test: f.get("test")?.to_string(),
+        mbit: num("mbit"),
+        loss,
+        rc: f.get("rc").and_then(|v| v.parse().ok()),
+        fw_cpu_s: num("fw_cpu_s"),
+        wall_s: num("wall_s"),
+    })
+}
+
+/// `QFW-BENCH memory fw=… key=value…` lines: firewall → its fields.
+fn parse_memory(log: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for line in log.lines() {
+        let Some(at) = line.find("QFW-BENCH memory ") else {
+            continue;
+        };
+        let f = fields(&line[at..]);
+        if let Some(fw) = f.get("fw") {
+            out.insert(
+                fw.to_string(),
+                f.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+/// Mean of the values present.
+fn mean(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = values.flatten().collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn show(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
+}
+
+/// The report of a run's log.
+fn report(log: &str) -> Result<String, String> {
+    let runs: Vec<Run> = log.lines().filter_map(parse_run).collect();
+    if runs.is_empty() {
+        return Err("no `QFW-BENCH result` line in the serial log: the lab did not get to the measurements (see the QFW-BENCH FAIL/info lines above and the log)".into());
+    }
+    let of = |fw: &str, test: &str| -> Vec<&Run> {
+        runs.iter()
+            .filter(|r| r.fw == fw && r.test == test)
+            .collect()
+    };
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<9} {:>12} {:>12} {:>11} {:>11} {:>11} {:>12} {:>12}\n",
+        "test",
+        "ours Mbit/s",
+        "Linux Mbit/s",
+        "ours/Linux",
+        "ours CPU s",
+        "Linux CPU s",
+        "ours loss",
+        "Linux loss"
+    ));
+    for test in TESTS {
+        let (ours, linux) = (of("ours", test), of("linux", test));
+        if ours.is_empty() && linux.is_empty() {
+            continue;
+        }
+        let rate = |rs: &[&Run]| mean(rs.iter().map(|r| r.mbit));
+        let cpu = |rs: &[&Run]| mean(rs.iter().map(|r| r.fw_cpu_s));
+        let loss = |rs: &[&Run]| -> String {
+            let (lost, total) = rs
+                .iter()
+                .filter_map(|r| r.loss)
+                .fold((0, 0), |(a, b), (l, t)| (a + l, b + t));
+            if total == 0 {
+                "-".into()
+            } else {
+                format!("{:.1} %", 100.0 * lost as f64 / total as f64)
+            }
+        };
+        let (ro, rl) = (rate(&ours), rate(&linux));
+        let ratio = match (ro, rl) {
+            (Some(o), Some(l)) if l > 0.0 => Some(100.0 * o / l),
+            _ => None,
+        };
+        out.push_str(&format!(
+            "{:<9} {:>12} {:>12} {:>11} {:>11} {:>11} {:>12} {:>12}\n",
+            test,
+            show(ro, 2),
+            show(rl, 2),
+            ratio.map_or_else(|| "-".into(), |r| format!("{r:.0} %")),
+            show(cpu(&ours), 1),
+            show(cpu(&linux), 1),
+            loss(&ours),
+            loss(&linux),
+        ));
+    }
+    for r in runs.iter().filter(|r| r.rc != Some(0) || r.mbit.is_none()) {
+        out.push_str(&format!(
+            "warning: run {} through {} failed (rc {:?}, {} s)\n",
+            r.test,
+            r.fw,
+            r.rc,
+            show(r.wall_s, 1)
+        ));
+    }
+    let memory = parse_memory(log);
+    for (fw, name) in [("ours", "ours "), ("linux", "Linux")] {
+        let Some(m) = memory.get(fw) else {
+            out.push_str(&format!("memory {name}: not reported\n"));
+            continue;
+        };
+        let get = |k: &str| m.get(k).map_or("?", String::as_str);
+        let used = if fw == "ours" {
+            format!(
+                "heap in use {} of {} KiB",
+                get("heap_used_kib"),
+                get("heap_total_kib")
+            )
+        } else {
+            format!(
+                "in use (MemTotal - MemAvailable) {} of {} KiB",
+                get("used_kib"),
+                get("total_kib")
+            )
+        };
+        out.push_str(&format!(
+            "memory {name}: domain {} MiB, {} vCPU, {used}\n",
+            get("domain_mib"),
+            get("vcpus")
+        ));
+    }
+    out.push_str("CPU s: the firewall domain's `xl list` Time(s) over the run (TCG: compare, do not read as absolute).\n");
+    Ok(out)
+}
+
+pub fn bench_xen() -> Result<(), String> {
+    require_root()?;
+    let root = workspace_root();
+    let lab = std::env::var_os("LAB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("qubes-fw-xen-bench"));
+    let log = lab.join("out/bench-serial.log");
+    let _ = std::fs::remove_file(&log);
+    let status = Command::new(root.join("tests/xen/bench.sh"))
+        .env("LAB", &lab)
+        .status()
+        .map_err(|e| format!("cannot start tests/xen/bench.sh: {e}"))?;
+    let text = std::fs::read_to_string(&log)
+        .map_err(|e| format!("{}: {e} (bench.sh exited with {status})", log.display()))?;
+    let table = report(&text)?;
+    println!(
+        "\n== cargo xtask bench xen: ours (image, 16 MiB) vs Linux sys-firewall, Xen under QEMU TCG =="
+    );
+    print!("{table}");
+    println!("serial log: {}", log.display());
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("tests/xen/bench.sh exited with {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG: &str = "\
+[ 12.00] QFW-BENCH result fw=ours test=tcp-up mbit=10.0 loss= rc=0 fw_cpu_s=9.5 client_cpu_s=3.0 dom0_cpu_s=2.0 wall_s=11.2
+[ 13.00] QFW-BENCH result fw=linux test=tcp-up mbit=40.0 loss= rc=0 fw_cpu_s=4.5 client_cpu_s=3.0 dom0_cpu_s=2.0 wall_s=11.0
+[ 14.00] QFW-BENCH result fw=ours test=udp mbit=5.0 loss=10/100 rc=0 fw_cpu_s=9.0 client_cpu_s=3.0 dom0_cpu_s=2.0 wall_s=11.0
+[ 15.00] QFW-BENCH result fw=linux test=udp mbit= loss= rc=1 fw_cpu_s=0.1 client_cpu_s=0.1 dom0_cpu_s=0.1 wall_s=40.0
+[ 16.00] QFW-BENCH memory fw=ours domain_mib=16 vcpus=1 heap_used_kib=900 heap_total_kib=12000
+";
+
+    #[test]
+    fn parses_a_result_line() {
+        let r = parse_run(LOG.lines().nth(2).unwrap_or_default()).expect("a run");
+        assert_eq!(r.fw, "ours");
+        assert_eq!(r.test, "udp");
+        assert_eq!(r.mbit, Some(5.0));
+        assert_eq!(r.loss, Some((10, 100)));
+        assert_eq!(r.fw_cpu_s, Some(9.0));
+        assert!(parse_run("QFW-BENCH info something").is_none());
+    }
+
+    #[test]
+    fn report_has_the_ratio_loss_failures_and_memory() {
+        let text = report(LOG).expect("a report");
+        let up = text
+            .lines()
+            .find(|l| l.starts_with("tcp-up"))
+            .expect("tcp-up row");
+        assert!(up.contains("25 %"), "{up}");
+        let udp = text
+            .lines()
+            .find(|l| l.starts_with("udp"))
+            .expect("udp row");
+        assert!(udp.contains("10.0 %"), "{udp}");
+        assert!(text.contains("warning: run udp through linux failed"));
+        assert!(text.contains("heap in use 900 of 12000 KiB"));
+        assert!(text.contains("memory Linux: not reported"));
+        assert!(!text.contains("tcp-down"));
+    }
+
+    #[test]
+    fn no_results_is_an_error() {
+        assert!(report("QFW-BENCH FAIL the Linux firewall did not come up\n").is_err());
+    }
+}
