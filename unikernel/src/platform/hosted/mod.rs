@@ -11,6 +11,7 @@
 
 pub mod epoll;
 pub mod gso;
+mod heap;
 pub mod reactor;
 pub mod tap;
 pub mod vchan;
