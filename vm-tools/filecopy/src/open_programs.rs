@@ -294,10 +294,12 @@ fn send_and_receive(
             Ok(None)
         }
         Answer::Settle => {
-            let mut received = temp_next_to(file)?;
+            // A symbolic link: its target is what gets replaced.
+            let real = std::fs::canonicalize(file).map_err(|e| format!("{shown}: {e}"))?;
+            let mut received = temp_next_to(&real)?;
             openinvm::copy_bounded(&mut input, received.0.as_file_mut(), limit)
                 .map_err(|e| format!("receiving the file back: {e}; {shown} is left unchanged"))?;
-            match settle(file, sent, received)? {
+            match settle(&real, sent, received)? {
                 Settled::Unchanged | Settled::Replaced => Ok(None),
                 Settled::Kept(path, why) => Ok(Some(format!(
                     "{why}; the edited file has been saved to {}",
@@ -489,14 +491,22 @@ pub fn qvm_open_main(dispvm: bool) -> ExitCode {
         let status = command.arg("--").arg(&path).stdin(Stdio::null()).status();
         return finish(name, status.map(|s| (s, None)));
     }
-    let sent = match std::fs::metadata(&path) {
+    // A symbolic link: its target is what gets replaced (the link stays).
+    let real = match std::fs::canonicalize(&path) {
+        Ok(real) => real,
+        Err(e) => {
+            eprintln!("{name}: {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let sent = match std::fs::metadata(&real) {
         Ok(meta) => Stamp::of(&meta),
         Err(e) => {
             eprintln!("{name}: stat {}: {e}", path.display());
             return ExitCode::from(1);
         }
     };
-    let received = match temp_next_to(&path) {
+    let received = match temp_next_to(&real) {
         Ok(t) => t,
         Err(message) => {
             eprintln!("{name}: {message}");
@@ -520,7 +530,7 @@ pub fn qvm_open_main(dispvm: bool) -> ExitCode {
         // `received` is removed when dropped.
         return finish(name, Ok((status, Some(&path))));
     }
-    match settle(&path, sent, received) {
+    match settle(&real, sent, received) {
         Ok(Settled::Unchanged | Settled::Replaced) => ExitCode::SUCCESS,
         Ok(Settled::Kept(kept, why)) => {
             eprintln!(

@@ -151,9 +151,23 @@ fn an_edited_file_comes_back_and_replaces_the_original() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(&odd).unwrap(), b"renamed-ok\n");
+    // Through a symbolic link: the target is replaced, the link stays.
+    let target_dir = s.tmp.path().join("real");
+    std::fs::create_dir(&target_dir).unwrap();
+    std::fs::write(target_dir.join("t.txt"), b"via link\n").unwrap();
+    let link = s.tmp.path().join("link.txt");
+    std::os::unix::fs::symlink("real/t.txt", &link).unwrap();
+    let out = s.open(&[&link], true, "sed -i s/via/edited-via/", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+    assert_eq!(
+        std::fs::read(target_dir.join("t.txt")).unwrap(),
+        b"edited-via link\n"
+    );
+    assert_eq!(std::fs::read_dir(&target_dir).unwrap().count(), 1);
     assert_eq!(
         std::fs::read_to_string(&s.log).unwrap(),
-        "@dispvm qubes.OpenInVM\nwork qubes.OpenInVM\n"
+        "@dispvm qubes.OpenInVM\nwork qubes.OpenInVM\n@dispvm qubes.OpenInVM\n"
     );
 }
 
