@@ -506,3 +506,60 @@ fn open_in_vm_handlers_refuse_the_same_requests() {
         }
     }
 }
+
+/// Our `qvm-open-in-dvm` (which takes the answer through `qopen-in-vm
+/// --receive-into` and decides on the call's status) against Qubes'
+/// handler, through a stand-in `qrexec-client-vm` with the exit-code rule of
+/// Qubes' and ours (the service's when non-zero, else the local program's).
+#[test]
+fn open_in_dvm_front_end_with_their_handler() {
+    need_root!();
+    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let edit = opener("sed -i s/original/edited/ \"$f\"");
+    let editor = their_editor(scratch.path(), &edit);
+    let service = scratch.path().join("service");
+    let program = editor.get_args().map(|a| a.to_string_lossy().into_owned());
+    let quoted: Vec<String> = program.map(|a| format!("'{a}'")).collect();
+    std::fs::write(
+        &service,
+        format!(
+            "#!/bin/sh\nexport QREXEC_REMOTE_DOMAIN=client1\nexec unshare {}\n",
+            quoted.join(" ")
+        ),
+    )
+    .unwrap();
+    let client = scratch.path().join("qrexec-client-vm");
+    std::fs::write(
+        &client,
+        format!(
+            "#!/bin/sh\nshift 3\nd=$(mktemp -d)\nmkfifo \"$d/f\"\n\
+             {{ '{}' < \"$d/f\"; echo $? > \"$d/s\"; }} | \"$@\" > \"$d/f\"\n\
+             l=$?; r=$(cat \"$d/s\"); rm -rf \"$d\"; [ \"$r\" != 0 ] && exit \"$r\"; exit \"$l\"\n",
+            service.display()
+        ),
+    )
+    .unwrap();
+    for script in [&service, &client] {
+        std::fs::set_permissions(script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let dir = scratch.path().join("files");
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("doc.txt");
+    std::fs::write(&file, b"original\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qvm-open-in-dvm"))
+        .arg(&file)
+        .env("QREXEC_CLIENT_VM", &client)
+        .env("QOPEN_IN_VM", env!("CARGO_BIN_EXE_qopen-in-vm"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"edited\n");
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o644, "mode kept");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "nothing left");
+}
