@@ -10,7 +10,10 @@
 //! only when dom0 asks) and never print anything a client qube could inject
 //! unescaped (rule errors and names are written with `{:?}`).
 //! The heap line (`heap: used N KiB free N KiB of N KiB`) is what the Xen
-//! test greps to show the image's memory at `memory = 16`.
+//! test greps to show the image's memory at `memory = 16`; a heap without a
+//! fixed size (the hosted process's, counted by its global allocator) shows
+//! `used` only, and `heap_peak: N KiB` follows where the platform keeps the
+//! high-water mark (the soak reports it).
 #![forbid(unsafe_code)]
 
 use alloc::string::String;
@@ -82,7 +85,8 @@ pub struct StatusReport {
     pub uptime_seconds: u64,
     /// Wall clock (seconds since the epoch), once dom0 set it.
     pub wall_clock: Option<i64>,
-    /// The heap's use, where the platform measures it (the Xen image).
+    /// The heap's use, where the platform measures it (the Xen image's
+    /// talc, the hosted process's counting allocator).
     pub heap: Option<HeapUsage>,
     /// The network configuration, once known.
     pub network: Option<NetworkSettings>,
@@ -131,17 +135,22 @@ impl StatusReport {
             )?,
         }
         match self.heap {
-            Some(heap) => writeln!(
+            Some(heap) if heap.total > 0 => writeln!(
                 out,
                 "heap: used {} KiB free {} KiB of {} KiB",
                 heap.used >> 10,
                 heap.free() >> 10,
                 heap.total >> 10
             )?,
-            None => writeln!(
+            Some(heap) => writeln!(
                 out,
-                "heap: not measured (a hosted process's heap belongs to its C library)"
+                "heap: used {} KiB (no fixed size: a hosted process's heap grows from its C library)",
+                heap.used >> 10
             )?,
+            None => writeln!(out, "heap: not measured")?,
+        }
+        if let Some(heap) = self.heap.filter(|heap| heap.peak > 0) {
+            writeln!(out, "heap_peak: {} KiB", heap.peak >> 10)?;
         }
         match &self.network {
             Some(network) => {
@@ -283,6 +292,7 @@ mod tests {
             heap: Some(HeapUsage {
                 used: 3 << 20,
                 total: (12 << 20) + 512,
+                peak: 0,
             }),
             network: Some(NetworkSettings {
                 ip: Ipv4Addr::new(10, 137, 0, 2),
@@ -382,6 +392,26 @@ qrexec: started 0 completed 0 failed 0 refused_busy 0 refused_platform 0 control
         let text = StatusReport::default().to_string();
         assert!(text.contains("waiting for QubesDB"));
         assert!(text.contains("qubes.SetDateTime not yet called"));
-        assert!(text.contains("heap: not measured"));
+        assert!(text.contains("heap: not measured\n"));
+        assert!(!text.contains("heap_peak"));
+    }
+
+    #[test]
+    fn a_heap_without_fixed_size_shows_used_and_the_peak() {
+        let report = StatusReport {
+            heap: Some(HeapUsage {
+                used: 3 << 20,
+                total: 0,
+                peak: 5 << 20,
+            }),
+            ..StatusReport::default()
+        };
+        let text = report.to_string();
+        assert!(
+            text.contains("\nheap: used 3072 KiB (no fixed size"),
+            "{text}"
+        );
+        assert!(text.contains("\nheap_peak: 5120 KiB\n"), "{text}");
+        assert!(!text.contains(" free "), "{text}");
     }
 }

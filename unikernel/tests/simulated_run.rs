@@ -479,6 +479,7 @@ fn whole_program_flow() {
         .set_heap_usage(Some(unikernel::platform::HeapUsage {
             used: 5 << 20,
             total: 14 << 20,
+            peak: 0,
         }));
     let (stdout, stderr, code) = rig.call(&control, "qubes.FirewallStatus", 513, b"");
     assert_eq!(code, 0, "{stderr}");

@@ -161,8 +161,12 @@ impl fmt::Display for PlatformError {
 pub struct HeapUsage {
     /// Bytes allocated now.
     pub used: usize,
-    /// Bytes the heap holds in all (allocated and free).
+    /// Bytes the heap holds in all (allocated and free); 0 where it has
+    /// no fixed size (a hosted process's heap grows from the C library).
     pub total: usize,
+    /// The most bytes ever allocated at once (high-water mark); 0 where
+    /// the platform does not keep it.
+    pub peak: usize,
 }
 
 impl HeapUsage {

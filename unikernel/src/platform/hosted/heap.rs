@@ -20,7 +20,9 @@ static USED: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 fn grew(bytes: usize) {
-    let now = USED.fetch_add(bytes, Ordering::Relaxed).saturating_add(bytes);
+    let now = USED
+        .fetch_add(bytes, Ordering::Relaxed)
+        .saturating_add(bytes);
     PEAK.fetch_max(now, Ordering::Relaxed);
 }
 
@@ -73,15 +75,13 @@ static ALLOCATOR: Counting = Counting;
 
 /// Bytes allocated now, and the most ever allocated at once.
 pub fn usage() -> (usize, usize) {
-    (
-        USED.load(Ordering::Relaxed),
-        PEAK.load(Ordering::Relaxed),
-    )
+    (USED.load(Ordering::Relaxed), PEAK.load(Ordering::Relaxed))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::vec::Vec;
 
     #[test]
     fn a_block_is_counted_while_it_lives_and_raises_the_peak() {
@@ -92,7 +92,7 @@ mod tests {
         let (used, peak) = usage();
         assert!(used >= SIZE, "used {used} below the live block's {SIZE}");
         assert!(peak >= used, "peak {peak} below used {used}");
-        drop(block);
+        core::mem::drop(block);
         let (_, after) = usage();
         assert!(after >= SIZE, "the peak {after} forgot the block");
     }

@@ -1253,7 +1253,11 @@ impl Platform for XenPlatform {
     }
 
     fn heap_usage(&self) -> Option<HeapUsage> {
-        XenPlatform::heap_usage(self).map(|(used, total)| HeapUsage { used, total })
+        XenPlatform::heap_usage(self).map(|(used, total)| HeapUsage {
+            used,
+            total,
+            peak: 0,
+        })
     }
 
     fn now(&self) -> Instant {
