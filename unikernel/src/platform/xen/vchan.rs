@@ -12,6 +12,15 @@
 //! is read once per call and validated; orders and grant lists read by a
 //! client are validated before anything is mapped; a bad index closes the
 //! link (`PeerProtocol`), never a panic or an access outside the rings.
+//!
+//! Ring sizes: rings of 1 KiB and 2 KiB sit in the shared page; bigger ones
+//! (up to libxenvchan's 1 MiB) are separately granted pages, the left
+//! ring's first in the grant list. As a client we map what the server
+//! offers up to [`CLIENT_MAX_ORDER`] (64 KiB: Qubes' qrexec data vchans
+//! are 64 KiB each way, so one read or write moves up to 64 KiB, not a
+//! page); [`plan_client`] reads and checks the page before anything is
+//! mapped. As a server (the qrexec agent's control vchan on port 512) the
+//! platform asks for what Qubes' agent asks for, 4 KiB each way.
 #![deny(clippy::indexing_slicing)]
 
 use alloc::vec::Vec;
