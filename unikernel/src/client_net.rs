@@ -15,6 +15,8 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 
 use smoltcp::wire::EthernetAddress;
 
+use crate::offload::Offload;
+
 /// A client's vif: `backend/vif/<domid>/<device>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientId {
@@ -50,10 +52,11 @@ pub struct InterfaceCounters {
     pub tx_queue_full: u64,
 }
 
-/// A bounded queue of frames waiting for a NIC.
+/// A bounded queue of frames waiting for a NIC, each with its offload
+/// metadata ([`Offload`]: a GSO frame counts its whole length).
 #[derive(Debug)]
 pub struct FrameQueue {
-    frames: VecDeque<Vec<u8>>,
+    frames: VecDeque<(Vec<u8>, Offload)>,
     cap: usize,
     bytes: usize,
 }
@@ -68,27 +71,39 @@ impl FrameQueue {
         }
     }
 
-    /// Queues a frame; hands it back when the queue is full.
+    /// Queues a complete frame; hands it back when the queue is full.
     pub fn push(&mut self, frame: Vec<u8>) -> Result<(), Vec<u8>> {
+        self.push_offloaded(frame, Offload::NONE)
+    }
+
+    /// Queues a frame with its offload metadata; hands it back when the
+    /// queue is full.
+    pub fn push_offloaded(&mut self, frame: Vec<u8>, offload: Offload) -> Result<(), Vec<u8>> {
         if self.frames.len() >= self.cap {
             return Err(frame);
         }
         self.bytes += frame.len();
-        self.frames.push_back(frame);
+        self.frames.push_back((frame, offload));
         Ok(())
     }
 
-    /// Takes the oldest frame.
+    /// Takes the oldest frame, without its offload metadata (for frames
+    /// known to be complete; see [`FrameQueue::pop_offloaded`]).
     pub fn pop(&mut self) -> Option<Vec<u8>> {
-        let frame = self.frames.pop_front()?;
+        self.pop_offloaded().map(|(frame, _)| frame)
+    }
+
+    /// Takes the oldest frame and its offload metadata.
+    pub fn pop_offloaded(&mut self) -> Option<(Vec<u8>, Offload)> {
+        let (frame, offload) = self.frames.pop_front()?;
         self.bytes = self.bytes.saturating_sub(frame.len());
-        Some(frame)
+        Some((frame, offload))
     }
 
     /// Puts a frame back at the front (the NIC had no room after all).
-    pub fn unpop(&mut self, frame: Vec<u8>) {
+    pub fn unpop(&mut self, frame: Vec<u8>, offload: Offload) {
         self.bytes += frame.len();
-        self.frames.push_front(frame);
+        self.frames.push_front((frame, offload));
     }
 
     /// Bytes of the frames waiting.
@@ -114,11 +129,13 @@ impl FrameQueue {
     /// The waiting frames, oldest first, to rewrite in place (lengths must
     /// stay: the byte count is not updated).
     pub fn frames_mut(&mut self) -> impl Iterator<Item = &mut [u8]> {
-        self.frames.iter_mut().map(|frame| frame.as_mut_slice())
+        self.frames
+            .iter_mut()
+            .map(|(frame, _)| frame.as_mut_slice())
     }
 
     /// Takes every waiting frame, oldest first.
-    pub fn take_all(&mut self) -> VecDeque<Vec<u8>> {
+    pub fn take_all(&mut self) -> VecDeque<(Vec<u8>, Offload)> {
         self.bytes = 0;
         core::mem::take(&mut self.frames)
     }
@@ -180,7 +197,7 @@ mod tests {
         assert!(q.is_full());
         assert_eq!(q.bytes(), 2);
         assert_eq!(q.pop(), Some(vec![1]));
-        q.unpop(vec![1]);
+        q.unpop(vec![1], Offload::NONE);
         assert_eq!(q.pop(), Some(vec![1]));
         assert_eq!(q.pop(), Some(vec![2]));
         assert!(q.is_empty());

@@ -18,6 +18,7 @@ pub mod client_net;
 pub mod dns;
 pub mod fragments;
 pub mod nat;
+pub mod offload;
 pub mod router;
 pub mod rules;
 pub mod uplink;

@@ -467,6 +467,8 @@ impl phy::TxToken for FakeTxToken {
     }
 }
 
+impl crate::offload::OffloadNic for FakeNic {}
+
 impl phy::Device for FakeNic {
     type RxToken<'a> = FakeRxToken;
     type TxToken<'a> = FakeTxToken;

@@ -2886,6 +2886,8 @@ impl smoltcp::phy::TxToken for QueueTx<'_> {
     }
 }
 
+impl unikernel::offload::OffloadNic for QueueDevice {}
+
 impl smoltcp::phy::Device for QueueDevice {
     type RxToken<'a> = QueueRx;
     type TxToken<'a> = QueueTx<'a>;

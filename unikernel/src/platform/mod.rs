@@ -183,7 +183,7 @@ pub trait Platform {
     /// The xenstore client.
     type Xenstore: Xenstore;
     /// A network interface: the uplink to the net qube, or one client's vif.
-    type Nic: smoltcp::phy::Device;
+    type Nic: crate::offload::OffloadNic;
 
     /// Our own domain id.
     fn domid(&self) -> u16;

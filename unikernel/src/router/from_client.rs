@@ -11,6 +11,7 @@ use smoltcp::wire::EthernetAddress;
 
 use crate::arp::{self, Arp, CLIENT_SIDE_MAC, Ndp};
 use crate::nat::{Direction, Millis, NatError};
+use crate::offload::Offload;
 use crate::rules::{FlowMeta, MatchContext, Verdict};
 use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 
@@ -25,12 +26,27 @@ use super::{ipv4, ipv6};
 impl Router {
     /// Takes a frame received on a client's vif.
     pub fn handle_client_frame(&mut self, id: ClientId, frame: &[u8], now: Instant) {
+        self.handle_client_frame_offloaded(id, frame, Offload::NONE, now);
+    }
+
+    /// Takes a frame received on a client's vif with its offload metadata
+    /// (from [`crate::offload::accept`]): a partial checksum stays
+    /// partial, a GSO frame is forwarded whole (see `crate::offload`).
+    pub fn handle_client_frame_offloaded(
+        &mut self,
+        id: ClientId,
+        frame: &[u8],
+        offload: Offload,
+        now: Instant,
+    ) {
         let Some(index) = self.clients.iter().position(|c| c.id == id) else {
             self.drop(DropReason::UnknownClient);
             return;
         };
         self.clock = now.total_millis();
+        self.rx_offload = offload;
         self.client_frame(index, frame, now.total_millis());
+        self.rx_offload = Offload::NONE;
     }
 
     pub(super) fn client_frame(&mut self, index: usize, frame: &[u8], now: Millis) {
@@ -72,7 +88,7 @@ impl Router {
     }
 
     pub(super) fn client_ip(&mut self, index: usize, packet: &[u8], now: Millis) {
-        let meta = match parse_ip(packet, true) {
+        let meta = match parse_ip(packet, true).and_then(|m| self.with_offload(m)) {
             Ok(meta) => meta,
             Err(reason) => {
                 let client = self.clients.get(index);

@@ -10,6 +10,7 @@ use smoltcp::time::Instant;
 
 use crate::arp::{self, Arp, Ndp, UplinkArp};
 use crate::nat::{Direction, Millis};
+use crate::offload::Offload;
 use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, PROTO_UDP};
 
 use super::icmp::IcmpError;
@@ -21,6 +22,18 @@ use super::{DropReason, Out, Router, ipv4, packet};
 impl Router {
     /// Takes a frame received on the uplink.
     pub fn handle_uplink_frame(&mut self, frame: &[u8], now: Instant) {
+        self.handle_uplink_frame_offloaded(frame, Offload::NONE, now);
+    }
+
+    /// Takes a frame received on the uplink with its offload metadata (see
+    /// [`Router::handle_client_frame_offloaded`]).
+    pub fn handle_uplink_frame_offloaded(&mut self, frame: &[u8], offload: Offload, now: Instant) {
+        self.rx_offload = offload;
+        self.uplink_frame(frame, now);
+        self.rx_offload = Offload::NONE;
+    }
+
+    fn uplink_frame(&mut self, frame: &[u8], now: Instant) {
         let now = now.total_millis();
         self.clock = now;
         self.uplink.counters.rx_frames += 1;
@@ -57,7 +70,7 @@ impl Router {
     }
 
     pub(super) fn uplink_ip(&mut self, packet: &[u8], now: Millis) {
-        let meta = match parse_ip(packet, true) {
+        let meta = match parse_ip(packet, true).and_then(|m| self.with_offload(m)) {
             Ok(meta) => meta,
             Err(reason) => {
                 let ours = |m: &IpMeta| self.is_ours(m.dst) && !self.is_client_address(m.src);

@@ -31,9 +31,9 @@ impl Router {
             *gateway6 = crate::uplink::Neighbour::new(gateway6.ip);
         }
         self.queued = self.queued.saturating_sub(self.uplink.queue.bytes());
-        for frame in self.uplink.queue.take_all() {
+        for (frame, offload) in self.uplink.queue.take_all() {
             match gateway_frame_kind(&frame, old, old6) {
-                Some(v6) => self.hold(v6, frame),
+                Some(v6) => self.hold_offloaded(v6, frame, offload),
                 None => self.recycle(frame),
             }
         }

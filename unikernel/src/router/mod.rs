@@ -143,7 +143,6 @@ use alloc::vec::Vec;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hashbrown::{HashMap, HashSet};
-use smoltcp::phy::{Device, RxToken, TxToken};
 use smoltcp::time::Instant;
 use smoltcp::wire::EthernetAddress;
 
@@ -152,6 +151,7 @@ pub use crate::client_net::{ClientConfig, ClientId, InterfaceCounters};
 use crate::dns::Resolver;
 use crate::fragments::Reassembler;
 use crate::nat::{Millis, NatTable, SeededState};
+use crate::offload::{self, Offload, OffloadNic};
 use crate::rules::{RuleError, RuleSet};
 use crate::uplink::Uplink;
 use crate::wire::PROTO_UDP;
@@ -401,6 +401,11 @@ pub struct Router {
     next_sweep: Millis,
     icmp_tokens: i64,
     icmp_tokens_at: Millis,
+    /// The offload metadata of the frame being handled (`crate::offload`);
+    /// [`Offload::NONE`] between frames.
+    rx_offload: Offload,
+    /// Pieces of an offloaded frame cut in software, before they go out.
+    pieces: Vec<Vec<u8>>,
 }
 
 const SPARE_BUFFERS: usize = 64;
@@ -456,6 +461,8 @@ impl Router {
             next_sweep: now.total_millis() + SWEEP_INTERVAL,
             icmp_tokens: ICMP_ERRORS_PER_SECOND,
             icmp_tokens_at: now.total_millis(),
+            rx_offload: Offload::NONE,
+            pieces: Vec::new(),
         }
     }
 
@@ -766,80 +773,124 @@ impl Router {
         !self.uplink.queue.is_empty() || self.clients.iter().any(|c| !c.queue.is_empty())
     }
 
-    /// Takes the next frame for the uplink.
+    /// Takes the next frame for the uplink. An offloaded frame (only the
+    /// `*_offloaded` entry points make them) loses its metadata here: use
+    /// [`Router::pop_uplink_frame_offloaded`] for those.
     pub fn pop_uplink_frame(&mut self) -> Option<Vec<u8>> {
-        let frame = self.uplink.queue.pop()?;
-        self.queued = self.queued.saturating_sub(frame.len());
-        Some(frame)
+        self.pop_uplink_frame_offloaded().map(|(frame, _)| frame)
     }
 
-    /// Takes the next frame for a client.
-    pub fn pop_client_frame(&mut self, id: ClientId) -> Option<Vec<u8>> {
-        let frame = self.clients.iter_mut().find(|c| c.id == id)?.queue.pop()?;
+    /// Takes the next frame for the uplink, with its offload metadata.
+    pub fn pop_uplink_frame_offloaded(&mut self) -> Option<(Vec<u8>, Offload)> {
+        let (frame, offload) = self.uplink.queue.pop_offloaded()?;
         self.queued = self.queued.saturating_sub(frame.len());
-        Some(frame)
+        Some((frame, offload))
+    }
+
+    /// Takes the next frame for a client (see [`Router::pop_uplink_frame`]).
+    pub fn pop_client_frame(&mut self, id: ClientId) -> Option<Vec<u8>> {
+        self.pop_client_frame_offloaded(id).map(|(frame, _)| frame)
+    }
+
+    /// Takes the next frame for a client, with its offload metadata.
+    pub fn pop_client_frame_offloaded(&mut self, id: ClientId) -> Option<(Vec<u8>, Offload)> {
+        let (frame, offload) = self
+            .clients
+            .iter_mut()
+            .find(|c| c.id == id)?
+            .queue
+            .pop_offloaded()?;
+        self.queued = self.queued.saturating_sub(frame.len());
+        Some((frame, offload))
     }
 
     /// Receives every frame the uplink NIC has (at most 256 per call), then
     /// transmits what is queued for it.
-    pub fn pump_uplink<D: Device>(&mut self, device: &mut D, now: Instant) {
+    pub fn pump_uplink<D: OffloadNic>(&mut self, device: &mut D, now: Instant) {
         for _ in 0..256 {
-            let Some((rx, _tx)) = device.receive(now) else {
+            let handled = device.receive_offloaded(now, |frame, offload| {
+                self.handle_uplink_frame_offloaded(frame, offload, now)
+            });
+            if handled.is_none() {
                 break;
-            };
-            rx.consume(|frame| self.handle_uplink_frame(frame, now));
+            }
         }
         self.transmit_uplink(device, now);
     }
 
     /// Transmits what is queued for the uplink, as far as the NIC takes it.
-    pub fn transmit_uplink<D: Device>(&mut self, device: &mut D, now: Instant) {
-        while let Some(frame) = self.uplink.queue.pop() {
-            match device.transmit(now) {
-                Some(tx) => {
-                    tx.consume(frame.len(), |buffer| buffer.copy_from_slice(&frame));
-                    self.queued = self.queued.saturating_sub(frame.len());
-                    self.recycle(frame);
-                }
-                None => {
-                    self.uplink.queue.unpop(frame);
-                    break;
-                }
-            }
-        }
+    pub fn transmit_uplink<D: OffloadNic>(&mut self, device: &mut D, now: Instant) {
+        self.transmit(None, device, now);
     }
 
     /// Receives every frame a client's NIC has (at most 256 per call), then
     /// transmits what is queued for it.
-    pub fn pump_client<D: Device>(&mut self, id: ClientId, device: &mut D, now: Instant) {
+    pub fn pump_client<D: OffloadNic>(&mut self, id: ClientId, device: &mut D, now: Instant) {
         for _ in 0..256 {
-            let Some((rx, _tx)) = device.receive(now) else {
+            let handled = device.receive_offloaded(now, |frame, offload| {
+                self.handle_client_frame_offloaded(id, frame, offload, now)
+            });
+            if handled.is_none() {
                 break;
-            };
-            rx.consume(|frame| self.handle_client_frame(id, frame, now));
+            }
         }
         self.transmit_client(id, device, now);
     }
 
     /// Transmits what is queued for a client, as far as its NIC takes it.
-    pub fn transmit_client<D: Device>(&mut self, id: ClientId, device: &mut D, now: Instant) {
+    pub fn transmit_client<D: OffloadNic>(&mut self, id: ClientId, device: &mut D, now: Instant) {
         let Some(index) = self.clients.iter().position(|c| c.id == id) else {
             return;
         };
-        while let Some(frame) = self.clients.get_mut(index).and_then(|c| c.queue.pop()) {
-            match device.transmit(now) {
-                Some(tx) => {
-                    tx.consume(frame.len(), |buffer| buffer.copy_from_slice(&frame));
-                    self.queued = self.queued.saturating_sub(frame.len());
+        self.transmit(Some(index), device, now);
+    }
+
+    fn queue_mut(&mut self, client: Option<usize>) -> Option<&mut crate::client_net::FrameQueue> {
+        match client {
+            None => Some(&mut self.uplink.queue),
+            Some(index) => self.clients.get_mut(index).map(|c| &mut c.queue),
+        }
+    }
+
+    /// Hands queued frames to the NIC until it has no room. An offloaded
+    /// frame the NIC cannot take is cut (GSO) or completed (checksum) in
+    /// software first, its pieces going out in its place.
+    fn transmit<D: OffloadNic>(&mut self, client: Option<usize>, device: &mut D, now: Instant) {
+        let offloads = device.tx_offloads();
+        while let Some((frame, offload)) = self.queue_mut(client).and_then(|q| q.pop_offloaded()) {
+            self.queued = self.queued.saturating_sub(frame.len());
+            let v6 = frame.get(12..14) == Some(&crate::wire::ETHERTYPE_IPV6.to_be_bytes()[..]);
+            if offload.is_none() || offloads.take(offload, v6) {
+                if device.transmit_offloaded(now, &frame, offload) {
                     self.recycle(frame);
+                    continue;
                 }
-                None => {
-                    if let Some(client) = self.clients.get_mut(index) {
-                        client.queue.unpop(frame);
-                    }
-                    break;
+                self.queued += frame.len();
+                if let Some(queue) = self.queue_mut(client) {
+                    queue.unpop(frame, offload);
+                }
+                break;
+            }
+            // Cut in software; the pieces go back at the front of the
+            // queue (as complete frames) and leave from there.
+            let mut pieces = core::mem::take(&mut self.pieces);
+            let mut scratch = self.buffer();
+            let result = offload::finish(&frame, offload, &mut scratch, &mut |piece| {
+                pieces.push(piece.to_vec())
+            });
+            self.recycle(scratch);
+            self.recycle(frame);
+            if result.is_err() {
+                pieces.clear();
+                self.drop(DropReason::Malformed);
+            }
+            while let Some(piece) = pieces.pop() {
+                self.queued += piece.len();
+                if let Some(queue) = self.queue_mut(client) {
+                    queue.unpop(piece, Offload::NONE);
                 }
             }
+            self.pieces = pieces;
         }
     }
 }

@@ -12,7 +12,9 @@ use smoltcp::wire::EthernetAddress;
 use crate::arp::CLIENT_SIDE_MAC;
 use crate::fragments::{FragmentError, fragment_ipv4, fragment_ipv6};
 use crate::nat::Millis;
+use crate::offload::{self, Offload};
 use crate::wire::{ETH_LEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+use crate::wire::{PROTO_TCP, PROTO_UDP};
 
 use super::gateway::UNRESOLVED_MAC;
 use super::icmp::IcmpError;
@@ -21,6 +23,35 @@ use super::{DropReason, Out, Router};
 
 impl Router {
     pub(super) fn enqueue(&mut self, out: Out, frame: Vec<u8>) {
+        self.enqueue_offloaded(out, frame, Offload::NONE);
+    }
+
+    /// The parsed header of a received packet with the frame's offload
+    /// metadata checked against it: offloads only on an unfragmented
+    /// TCP/UDP packet without IPv6 extension headers, GSO only on TCP and
+    /// with the checksum partial (what `crate::offload::accept` makes).
+    pub(super) fn with_offload(&self, mut meta: IpMeta) -> Result<IpMeta, DropReason> {
+        let offload = self.rx_offload;
+        if offload.is_none() {
+            return Ok(meta);
+        }
+        let transport = match meta.protocol {
+            PROTO_TCP => true,
+            PROTO_UDP => !offload.is_gso(),
+            _ => false,
+        };
+        if !transport
+            || meta.fragment
+            || meta.extensions
+            || (offload.is_gso() && !offload.csum_partial)
+        {
+            return Err(DropReason::Malformed);
+        }
+        meta.csum_partial = offload.csum_partial;
+        Ok(meta)
+    }
+
+    pub(super) fn enqueue_offloaded(&mut self, out: Out, frame: Vec<u8>, offload: Offload) {
         let length = frame.len() as u64;
         let over_budget = self.queued + frame.len() > self.caps.queue_bytes;
         let (queue, counters) = match out {
@@ -39,7 +70,7 @@ impl Router {
             self.recycle(frame);
             return;
         }
-        match queue.push(frame) {
+        match queue.push_offloaded(frame, offload) {
             Ok(()) => {
                 self.queued += length as usize;
                 counters.tx_frames += 1;
@@ -149,6 +180,13 @@ impl Router {
     /// interface's queue, or, for the uplink while the gateway's MAC is
     /// unknown, to the pending queue.
     pub(super) fn emit(&mut self, out: Out, v6: bool, frame: Vec<u8>) {
+        self.emit_offloaded(out, v6, frame, Offload::NONE);
+    }
+
+    /// [`Router::emit`] for a frame with offload metadata. One that has to
+    /// wait for the gateway's MAC is finished in software first (the
+    /// pending queue holds complete frames).
+    pub(super) fn emit_offloaded(&mut self, out: Out, v6: bool, frame: Vec<u8>, offload: Offload) {
         if out == Out::Uplink {
             let resolved = if v6 {
                 self.uplink.gateway6.and_then(|g| g.mac)
@@ -156,10 +194,29 @@ impl Router {
                 self.uplink.gateway.mac
             };
             if resolved.is_none() {
-                return self.hold(v6, frame);
+                return self.hold_offloaded(v6, frame, offload);
             }
         }
-        self.enqueue(out, frame);
+        self.enqueue_offloaded(out, frame, offload);
+    }
+
+    /// Holds a frame for the gateway (`gateway.rs`), cut or completed in
+    /// software if it has offloads.
+    pub(super) fn hold_offloaded(&mut self, v6: bool, frame: Vec<u8>, offload: Offload) {
+        if offload.is_none() {
+            return self.hold(v6, frame);
+        }
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        let mut scratch = self.buffer();
+        let result = offload::finish(&frame, offload, &mut scratch, &mut |piece| {
+            pieces.push(piece.to_vec())
+        });
+        self.recycle(scratch);
+        self.recycle(frame);
+        match result {
+            Ok(()) => pieces.into_iter().for_each(|piece| self.hold(v6, piece)),
+            Err(_) => self.drop(DropReason::Malformed),
+        }
     }
 
     /// Queues `packet` for `out` after `edit` (TTL, NAT) ran on it, with a
@@ -173,7 +230,19 @@ impl Router {
         edit: impl FnOnce(&mut [u8]),
     ) {
         let v6 = meta.v6;
-        if packet.len() > self.caps.mtu {
+        let offload = if meta.csum_partial {
+            self.rx_offload
+        } else {
+            Offload::NONE
+        };
+        let too_big = if offload.is_gso() {
+            // Within the MTU if every segment is (Linux's
+            // `skb_gso_validate_network_len`).
+            !offload::segments_fit(packet, meta.header_len, offload.gso_size, self.caps.mtu)
+        } else {
+            packet.len() > self.caps.mtu
+        };
+        if too_big {
             // An IPv6 datagram we reassembled goes out in fragments again,
             // like Linux conntrack does; any other IPv6 packet may not be
             // fragmented by a router.
@@ -190,6 +259,9 @@ impl Router {
                     now,
                 );
                 return self.drop(DropReason::DontFragment);
+            }
+            if !offload.is_none() {
+                return self.forward_finished(out, packet, offload, edit);
             }
             let mut owned = self.buffer();
             owned.extend_from_slice(packet);
@@ -215,7 +287,44 @@ impl Router {
         if let Some(ip) = frame.get_mut(ETH_LEN..) {
             edit(ip);
         }
-        self.emit(out, v6, frame);
+        self.emit_offloaded(out, v6, frame, offload);
+    }
+
+    /// An offloaded IPv4 packet (no DF) over the MTU: edited, cut or
+    /// completed in software, and each piece fragmented to the MTU.
+    #[cold]
+    fn forward_finished(
+        &mut self,
+        out: Out,
+        packet: &[u8],
+        offload: Offload,
+        edit: impl FnOnce(&mut [u8]),
+    ) {
+        let mut owned = self.buffer();
+        // A placeholder Ethernet header: `offload::finish` takes frames.
+        push_eth(
+            &mut owned,
+            EthernetAddress([0; 6]),
+            EthernetAddress([0; 6]),
+            ETHERTYPE_IPV4,
+        );
+        owned.extend_from_slice(packet);
+        if let Some(ip) = owned.get_mut(ETH_LEN..) {
+            edit(ip);
+        }
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        let mut scratch = self.buffer();
+        let result = offload::finish(&owned, offload, &mut scratch, &mut |piece| {
+            pieces.push(piece.get(ETH_LEN..).unwrap_or(&[]).to_vec())
+        });
+        self.recycle(scratch);
+        self.recycle(owned);
+        match result {
+            Ok(()) => pieces
+                .into_iter()
+                .for_each(|piece| self.send_ip(out, false, &piece)),
+            Err(_) => self.drop(DropReason::Malformed),
+        }
     }
 }
 

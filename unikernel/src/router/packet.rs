@@ -110,6 +110,11 @@ pub(super) struct IpMeta {
     /// For an IPv6 datagram we reassembled: its fragment id, to cut it
     /// again the same way if it does not fit the next link.
     pub(super) frag_id: Option<u32>,
+    /// The transport checksum field holds only the pseudo-header sum
+    /// (a frame received with offloads, `crate::offload`): NAT adjusts
+    /// it for the addresses only, the output NIC (or the software
+    /// fallback) completes it.
+    pub(super) csum_partial: bool,
 }
 
 impl IpMeta {
@@ -182,6 +187,7 @@ pub(super) fn bare_ipv6_meta(packet: &[u8]) -> Option<IpMeta> {
         tcp: None,
         tcp_flags: 0,
         frag_id: None,
+        csum_partial: false,
     })
 }
 
@@ -268,6 +274,7 @@ pub(super) fn parse_ip(packet: &[u8], strict: bool) -> Result<IpMeta, DropReason
         tcp: None,
         tcp_flags: 0,
         frag_id: None,
+        csum_partial: false,
     };
     if fragment {
         return Ok(meta);
@@ -384,7 +391,14 @@ pub(super) fn rewrite(packet: &mut [u8], meta: &IpMeta, source: bool, address: I
         && let Some(old_sum) = be16(packet, at)
     {
         let udp_without_sum = meta.protocol == PROTO_UDP && !meta.v6 && old_sum == 0;
-        if !udp_without_sum {
+        if meta.csum_partial {
+            // The field is the folded pseudo-header sum, not complemented:
+            // only the addresses are in it, the ports are summed later.
+            let sum = !checksum::adjust(!old_sum, old_addr, new_addr);
+            if let Some(field) = packet.get_mut(at..at + 2) {
+                field.copy_from_slice(&sum.to_be_bytes());
+            }
+        } else if !udp_without_sum {
             let mut sum = old_sum;
             if pseudo {
                 sum = checksum::adjust(sum, old_addr, new_addr);

@@ -448,6 +448,8 @@ impl phy::TxToken for TapTxToken<'_> {
     }
 }
 
+impl crate::offload::OffloadNic for TapDevice {}
+
 impl phy::Device for TapDevice {
     type RxToken<'a>
         = TapRxToken<'a>

@@ -1014,6 +1014,8 @@ impl smoltcp::phy::TxToken for XenTx {
     }
 }
 
+impl crate::offload::OffloadNic for XenNic {}
+
 impl smoltcp::phy::Device for XenNic {
     type RxToken<'a>
         = NetfrontRx
