@@ -9,7 +9,11 @@
 //! REQID,SRC,SRCID` answer a trigger; `-t`/`-T` replace unprintable bytes
 //! on stdout/stderr; `-w SECS` connection timeout (default 5, 0 = none);
 //! `-W` wait for the connection end in the VM→VM case; `-k` kill the
-//! domain at the end (needs qubesd, which this installation lacks: logged);
+//! domain through qubesd (`admin.vm.Kill`) right before exiting, also
+//! after `-c` (Qubes 4.4's client only does so without `-c`, although
+//! `qrexec-policy-exec` passes `-k` with `-c` to end its disposables);
+//! `-k` with a `@` keyword target is ignored; a `@dispvm:` target with `-c` is
+//! refused (no autostart here, as in Qubes); see [`execute_vm`];
 //! `--socket-dir=DIR`; `--use-stdin-socket`; `-p DATA` sent before stdin.
 //! `-d dom0` without `-c` runs the dom0 command or service here, on our own
 //! stdio, as Qubes does. Exit codes: the remote's, 125 on
@@ -35,6 +39,7 @@ use crate::data::{self, EXIT_CODE_DISCONNECTED, Executor, Requester};
 use crate::error::{Error, IoContext, Result};
 use crate::exec::{self, Launch, StdioMode};
 use crate::log_error;
+use crate::qubesd::Qubesd;
 use crate::vchan::{self, Transport};
 use crate::wire::{self, MessageBuf};
 
@@ -530,14 +535,66 @@ pub fn run_connected(vchan: Box<dyn vchan::Vchan>, version: u32, conn: exec::Con
     }
 }
 
-/// Connect the two ends of a VM→VM call (`-c` with a VM target).
+/// How a VM→VM call reaches its target (the arguments of Qubes'
+/// `qrexec_execute_vm`).
+#[derive(Debug, Clone, Copy)]
+pub struct VmCall<'a> {
+    /// The target: a qube name, `uuid:UUID`, or `@dispvm:TEMPLATE` /
+    /// `@dispvm:uuid:UUID` for a new disposable.
+    pub target: &'a str,
+    /// Whether qubesd may start the target (`autostart=True`).
+    pub autostart: bool,
+    /// `MSG_JUST_EXEC` instead of `MSG_EXEC_CMDLINE`.
+    pub just_exec: bool,
+    /// Return only when the target's daemon closes the connection (`-W`;
+    /// always so for a disposable).
+    pub wait_connection_end: bool,
+}
+
+fn kill_disposable(qubesd: &Qubesd, name: &str) {
+    if let Err(e) = qubesd.kill(name) {
+        log_error!("qubesd could not kill disposable VM {name}: {e}");
+    }
+}
+
+/// Connect to the target's daemon, starting the target through qubesd
+/// first when it is a new disposable, or when its daemon is not running
+/// and `autostart` allows it.
+fn connect_target(
+    socket_dir: &Path,
+    qubesd: &Qubesd,
+    target: &str,
+    disposable: bool,
+    autostart: bool,
+) -> Option<DaemonConnection> {
+    if !disposable {
+        match DaemonConnection::connect(socket_dir, target) {
+            Ok(d) => return Some(d),
+            Err(ConnectError::NotRunning(_)) if autostart => {}
+            Err(_) => return None,
+        }
+    }
+    if let Err(e) = qubesd.start(target) {
+        log_error!("qubesd could not start VM {target}: {e}");
+        return None;
+    }
+    DaemonConnection::connect(socket_dir, target).ok()
+}
+
+/// Connect the two ends of a VM→VM call (`-c` with a VM target), as Qubes'
+/// `qrexec_execute_vm`: for `@dispvm:TEMPLATE` a disposable is created
+/// (`admin.vm.CreateDisposable`, asking for its `uuid:` when the template
+/// is given by uuid), started (`admin.vm.Start`), called, and killed
+/// (`admin.vm.Kill`) once its daemon closes the connection — or at once if
+/// it cannot be started or reached, so no half-set-up disposable is left.
+/// A target whose daemon is not running is started first when `autostart`
+/// says so. Any qubesd error refuses the call (logged).
 pub fn execute_vm(
     socket_dir: &Path,
-    target: &str,
+    qubesd: &Qubesd,
+    call: VmCall<'_>,
     spec: &ConnectSpec,
     cmd: &str,
-    just_exec: bool,
-    wait_connection_end: bool,
 ) -> bool {
     if cmd.len() + 1 < 2 || cmd.len() + 1 > protocol::qrexec::MAX_QREXEC_CMD_LEN {
         log_error!(
@@ -549,7 +606,38 @@ pub fn execute_vm(
     let Ok(ident) = RequestId::new(spec.request_id.as_bytes()) else {
         return false;
     };
-    let Ok(mut target_daemon) = DaemonConnection::connect(socket_dir, target) else {
+    let mut wait_connection_end = call.wait_connection_end;
+    let created;
+    let (target, disposable) = match call.target.strip_prefix("@dispvm:") {
+        Some(template) => {
+            if !call.autostart {
+                // A disposable that is never started cannot be connected to.
+                log_error!("Target {} with autostart=False makes no sense", call.target);
+                return false;
+            }
+            if call.just_exec {
+                // It would be killed as soon as the command started.
+                log_error!("Target {} with MSG_JUST_EXEC makes no sense", call.target);
+                return false;
+            }
+            wait_connection_end = true;
+            created = match qubesd.create_disposable(template, template.starts_with("uuid:")) {
+                Ok(name) => name,
+                Err(e) => {
+                    log_error!("qubesd could not create disposable VM: {e}");
+                    return false;
+                }
+            };
+            (created.as_str(), true)
+        }
+        None => (call.target, false),
+    };
+    let Some(mut target_daemon) =
+        connect_target(socket_dir, qubesd, target, disposable, call.autostart)
+    else {
+        if disposable {
+            kill_disposable(qubesd, target);
+        }
         return false;
     };
     let exec = ExecParams {
@@ -559,7 +647,7 @@ pub fn execute_vm(
         },
         cmdline: Some(cmd.as_bytes()),
     };
-    let request = if just_exec {
+    let request = if call.just_exec {
         Repr::JustExec(exec)
     } else {
         Repr::ExecCmdline(exec)
@@ -568,6 +656,9 @@ pub fn execute_vm(
         Ok(c) => c,
         Err(e) => {
             log_error!("{e}");
+            if disposable {
+                kill_disposable(qubesd, target);
+            }
             return false;
         }
     };
@@ -583,6 +674,9 @@ pub fn execute_vm(
     };
     if wait_connection_end {
         target_daemon.wait_for_close();
+    }
+    if disposable {
+        kill_disposable(qubesd, target);
     }
     ok
 }
@@ -816,15 +910,25 @@ pub fn main(argv: Vec<String>) -> i32 {
             exit_with_code,
         );
     }
+    let qubesd = Qubesd::from_env();
     if let Some(spec) = connect {
+        // As Qubes' qrexec-client: never autostart here (a `@dispvm:`
+        // target is refused; qrexec-policy-exec creates disposables itself).
         let ok = execute_vm(
             &socket_dir,
-            domname,
+            &qubesd,
+            VmCall {
+                target: domname,
+                autostart: false,
+                just_exec,
+                wait_connection_end: parsed.has("W"),
+            },
             &spec,
             remote_cmdline,
-            just_exec,
-            parsed.has("W"),
         );
+        if parsed.has("k") {
+            kill_at_exit(&qubesd, domname);
+        }
         return if ok { 0 } else { EXIT_CONNECT_FAILED };
     }
     let opts = CallOptions {
@@ -854,9 +958,20 @@ pub fn main(argv: Vec<String>) -> i32 {
         }
     };
     if parsed.has("k") {
-        log_error!("cannot kill domain {domname}: qubesd (admin.vm.Kill) is not available here");
+        kill_at_exit(&qubesd, domname);
     }
     rc
+}
+
+/// `-k`: kill the target through qubesd right before exiting (whether the
+/// call worked or not, as Qubes does); a failure is logged.
+fn kill_at_exit(qubesd: &Qubesd, domname: &str) {
+    if domname.starts_with('@') {
+        return;
+    }
+    if let Err(e) = qubesd.kill(domname) {
+        log_error!("cannot kill domain {domname}: {e}");
+    }
 }
 
 #[cfg(test)]

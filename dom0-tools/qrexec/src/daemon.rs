@@ -13,7 +13,11 @@
 //! `MSG_TRIGGER_SERVICE{,3,4}` it validates and sanitises names and the
 //! request ident as Qubes does, asks the policy (daemon socket, then
 //! program), and either connects the call (`qrexec-client -c` semantics, see
-//! `run_allowed_call`) or answers `MSG_SERVICE_REFUSED`.
+//! `run_allowed_call`) or answers `MSG_SERVICE_REFUSED`. A call to
+//! `@dispvm:TEMPLATE` creates, starts and afterwards kills a disposable
+//! through qubesd, and a target allowed with `autostart=True` whose daemon
+//! is not running is started through qubesd first ([`crate::qubesd`]); a
+//! qubesd error refuses the call.
 //!
 //! Source: qubes-core-qrexec `daemon/qrexec-daemon.c`. Every byte from a
 //! client or the agent is hostile: a misbehaving client is disconnected on
@@ -46,6 +50,7 @@ use crate::error::Error;
 use crate::log::escape;
 use crate::log_error;
 use crate::policy::{self, Decision, PolicyConfig, PolicyRequest};
+use crate::qubesd::Qubesd;
 use crate::vchan::{self, Vchan};
 use crate::wire::{self, MessageBuf};
 
@@ -75,6 +80,8 @@ pub struct DaemonConfig {
     pub policy: PolicyConfig,
     /// The qrexec-client to run for allowed calls.
     pub client_path: PathBuf,
+    /// qubesd, for disposable targets and `autostart=True`.
+    pub qubesd: Qubesd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -489,7 +496,9 @@ fn check_trigger(mut t: Trigger) -> Result<Trigger, RequestId> {
 }
 
 /// Connect the two ends of an allowed call. VM→VM runs the very code of
-/// `qrexec-client -c` (`client::execute_vm`) in this thread, as current
+/// `qrexec-client -c` (`client::execute_vm`, which also creates, starts and
+/// kills disposables and starts `autostart` targets through qubesd) in
+/// this thread, as current
 /// Qubes' daemon runs `qrexec_execute_vm` in a forked child (seed 000 shows
 /// the older design that spawned the program; the messages are identical and
 /// this saves a process start per call). VM→dom0 runs `qrexec-client -d dom0
@@ -520,11 +529,9 @@ fn run_allowed_call(shared: &Shared, trigger: &Trigger, allow: &policy::Allow) -
             }
         };
     }
+    // As Qubes: the uuid form when the policy gave one (`uuid:U`, or
+    // `@dispvm:uuid:U` for a disposable of template U).
     let target = allow.target_uuid.as_deref().unwrap_or(&allow.target);
-    if target.starts_with("@dispvm") {
-        log_error!("Target {target}: disposable qubes need qubesd, which is not available");
-        return false;
-    }
     let line = VmServiceCommand {
         user: &allow.user,
         service: &service,
@@ -533,15 +540,19 @@ fn run_allowed_call(shared: &Shared, trigger: &Trigger, allow: &policy::Allow) -
     .to_string();
     crate::client::execute_vm(
         &cfg.socket_dir,
-        target,
+        &cfg.qubesd,
+        crate::client::VmCall {
+            target,
+            autostart: allow.autostart,
+            just_exec: false,
+            wait_connection_end: false,
+        },
         &crate::client::ConnectSpec {
             request_id: ident,
             source_name: cfg.name.clone(),
             source_id: cfg.domid,
         },
         &line,
-        false,
-        false,
     )
 }
 
@@ -1058,6 +1069,7 @@ pub fn main(argv: Vec<String>) -> i32 {
             ),
         },
         client_path: default_client_path(),
+        qubesd: Qubesd::from_env(),
     };
     let direct = parsed.has("direct");
     let foreground_child = std::env::var_os(CHILD_ENV).is_some();
@@ -1112,6 +1124,7 @@ mod tests {
                 program: PathBuf::from("/nonexistent"),
             },
             client_path: PathBuf::from("/nonexistent"),
+            qubesd: Qubesd::at("/nonexistent"),
         };
         let shared = Shared {
             cfg,

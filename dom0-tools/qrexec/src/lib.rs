@@ -23,12 +23,16 @@
 //! - [`stdio_socket`]: `QREXEC_AGENT_PID` and SIGUSR1 (a process's output
 //!   through its stdin socket).
 //! - [`policy`]: asking the policy daemon socket or the policy program.
+//! - [`qubesd`]: calls to qubesd (disposables, `autostart`, `-k`, the
+//!   policy's system info).
 //! - [`daemon`], [`client`], [`agent`], [`client_vm`]: the four programs.
 //!
 //! Environment variables beyond Qubes' own (all optional, for tests and
 //! unusual installs): `QREXEC_POLICY_SOCKET` (default `/run/qubes/policy.sock`),
 //! `QREXEC_LOG_DIR` (default `/var/log/qubes`), `QREXEC_CLIENT_PATH` (the
-//! `qrexec-client` the daemon runs; default: next to `qrexec-daemon`). Qubes'
+//! `qrexec-client` the daemon runs; default: next to `qrexec-daemon`),
+//! `QUBESD_SOCKET` / `QUBESD_INTERNAL_SOCKET` (qubesd's sockets; default
+//! `/var/run/qubesd.sock` / `/var/run/qubesd.internal.sock`). Qubes'
 //! own: `VCHAN_DOMAIN`, `VCHAN_SOCKET_DIR`, `QREXEC_SERVICE_PATH`,
 //! `QREXEC_STARTUP_TIMEOUT`, `QREXEC_STARTUP_NOWAIT`.
 #![forbid(unsafe_code)]
@@ -44,6 +48,7 @@ pub mod error;
 pub mod exec;
 pub mod log;
 pub mod policy;
+pub mod qubesd;
 pub mod service;
 pub mod stdio_socket;
 pub mod vchan;

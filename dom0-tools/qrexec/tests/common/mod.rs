@@ -88,7 +88,15 @@ impl Qubes {
             .env("VCHAN_DOMAIN", domid.to_string())
             .env("QREXEC_SERVICE_PATH", self.rpc_dir(rpc))
             .env("QREXEC_POLICY_SOCKET", self.dir.join("policy.sock"))
-            .env("QREXEC_LOG_DIR", self.dir.join("log"));
+            .env("QREXEC_LOG_DIR", self.dir.join("log"))
+            // Never the host's qubesd: a test that needs one serves it here.
+            .env("QUBESD_SOCKET", self.qubesd_socket())
+            .env("QUBESD_INTERNAL_SOCKET", self.qubesd_socket());
+    }
+
+    /// Where the tools look for qubesd (nothing listens unless a test does).
+    pub fn qubesd_socket(&self) -> PathBuf {
+        self.dir.join("qubesd.sock")
     }
 
     pub fn add_service(&self, vm: &str, service: &str, script: &str) {
@@ -97,6 +105,40 @@ impl Qubes {
 
     /// Start a qube: its agent, then its daemon; wait until both are up.
     pub fn start_vm(&mut self, domid: u32, name: &str) {
+        self.start_vm_with_uuid(domid, name, None);
+    }
+
+    /// Stop a qube started here (daemon and agent killed, sockets removed).
+    pub fn stop_vm(&mut self, name: &str) -> bool {
+        let Some(index) = self.vms.iter().position(|v| v.name == name) else {
+            return false;
+        };
+        let mut vm = self.vms.remove(index);
+        let _ = vm.daemon.kill();
+        let _ = vm.agent.kill();
+        let _ = vm.daemon.wait();
+        let _ = vm.agent.wait();
+        let run = self.dir.join("run");
+        for entry in fs::read_dir(&run).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let target = fs::read_link(&path).ok();
+            let own = format!("qrexec.{}", vm.domid);
+            if entry.file_name().to_str() == Some(own.as_str())
+                || target.is_some_and(|t| t.as_os_str() == own.as_str())
+            {
+                let _ = fs::remove_file(path);
+            }
+        }
+        true
+    }
+
+    /// Whether a qube of that name runs here.
+    pub fn running(&self, name: &str) -> bool {
+        self.vms.iter().any(|v| v.name == name)
+    }
+
+    /// [`Qubes::start_vm`], the daemon started with `--uuid` when given.
+    pub fn start_vm_with_uuid(&mut self, domid: u32, name: &str, uuid: Option<&str>) {
         fs::create_dir_all(self.rpc_dir(name)).unwrap();
         let log = |what: &str| {
             fs::File::create(self.dir.join("log").join(format!("{what}.{name}.stderr"))).unwrap()
@@ -105,6 +147,7 @@ impl Qubes {
         let mut daemon = Command::new(DAEMON);
         daemon
             .arg("--direct")
+            .args(uuid.map(|u| format!("--uuid={u}")))
             .arg(format!("--socket-dir={}", self.dir.join("run").display()))
             .arg(format!(
                 "--policy-program={}",
