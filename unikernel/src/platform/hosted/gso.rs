@@ -1,11 +1,14 @@
-//! Transmit coalescing for TAP devices opened with `IFF_VNET_HDR`: runs of
-//! TCP/IPv4 segments of one flow, queued back to back for the same TAP, are
-//! written as one GSO frame (a `struct virtio_net_hdr` with
-//! `VIRTIO_NET_HDR_GSO_TCPV4` and `VIRTIO_NET_HDR_F_NEEDS_CSUM`), so the
-//! kernel moves one big packet through its bridge and veth instead of up to
-//! 44 MTU-sized ones, each a syscall and a trip through its stack. The
-//! firewall core never sees this: it still routes, filters and NATs one
-//! MTU-sized frame at a time; only already-decided frames are merged here.
+//! The `virtio_net_hdr` of TAP devices opened with `IFF_VNET_HDR`
+//! ([`VnetHeader`]: parsed on receive and turned into the firewall's
+//! offload metadata, [`crate::offload`]; built for the GSO and
+//! checksum-partial frames the firewall forwards whole), and transmit
+//! coalescing: runs of complete TCP/IPv4 segments of one flow (from a
+//! sender that did not use GSO), queued back to back for the same TAP, are
+//! written as one GSO frame (`VIRTIO_NET_HDR_GSO_TCPV4` and
+//! `VIRTIO_NET_HDR_F_NEEDS_CSUM`), so the kernel moves one big packet
+//! through its bridge and veth instead of up to 44 MTU-sized ones, each a
+//! syscall and a trip through its stack. Only already-decided frames are
+//! merged here.
 //!
 //! Facts: `struct virtio_net_hdr` (10 bytes: flags u8, gso_type u8,
 //! hdr_len, gso_size, csum_start, csum_offset as native-endian u16 — little
@@ -37,6 +40,10 @@ pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 /// `VIRTIO_NET_HDR_GSO_TCPV4`.
 pub const GSO_TCPV4: u8 = 1;
+/// `VIRTIO_NET_HDR_GSO_TCPV6`.
+pub const GSO_TCPV6: u8 = 4;
+/// `VIRTIO_NET_HDR_GSO_ECN` (a flag on the type; we do not take it).
+pub const GSO_ECN: u8 = 0x80;
 
 const ETH_LEN: usize = 14;
 const IP_LEN: usize = 20;
@@ -281,6 +288,8 @@ pub struct VnetHeader {
     pub flags: u8,
     /// `gso_type`.
     pub gso_type: u8,
+    /// `hdr_len`: Ethernet, IP and TCP header bytes.
+    pub hdr_len: u16,
     /// `gso_size`: payload bytes per segment.
     pub gso_size: u16,
     /// `csum_start`: where the checksummed bytes start.
@@ -299,6 +308,7 @@ impl VnetHeader {
         Some(VnetHeader {
             flags: *bytes.first()?,
             gso_type: *bytes.get(1)?,
+            hdr_len: le(2)?,
             gso_size: le(4)?,
             csum_start: le(6)?,
             csum_offset: le(8)?,
@@ -306,141 +316,54 @@ impl VnetHeader {
     }
 }
 
-/// Why a frame read with offloads cannot be made into plain frames.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OffloadError {
-    /// The checksum position lies outside the frame.
-    BadChecksumPosition,
-    /// A GSO type we never offered, or a GSO frame that is not plain
-    /// TCP/IPv4 with consistent lengths.
-    BadGso,
-}
-
-/// Completes a checksum the kernel left to us (`F_NEEDS_CSUM`): the
-/// Internet checksum of everything from `csum_start` (the field holds the
-/// pseudo-header sum) stored at `csum_start + csum_offset`.
-pub fn complete_checksum(frame: &mut [u8], header: &VnetHeader) -> Result<(), OffloadError> {
-    let start = usize::from(header.csum_start);
-    let at = start + usize::from(header.csum_offset);
-    if at + 2 > frame.len() || start >= frame.len() {
-        return Err(OffloadError::BadChecksumPosition);
-    }
-    // As `skb_checksum_help`: a computed 0 goes out as 0xffff (for UDP, 0
-    // would mean "no checksum"; for TCP both are the same sum).
-    let sum = match !fold(checksum_add(0, frame.get(start..).unwrap_or(&[]))) {
-        0 => 0xffff,
-        sum => sum,
-    };
-    frame
-        .get_mut(at..at + 2)
-        .ok_or(OffloadError::BadChecksumPosition)?
-        .copy_from_slice(&sum.to_be_bytes());
-    Ok(())
-}
-
-/// Splits a TCP/IPv4 GSO frame into MTU-sized frames, one at a time, the
-/// way the kernel's `tcp_gso_segment` would: each segment gets its own IP
-/// length, id (counting up), header checksum, TCP sequence number, flags
-/// (FIN and PSH only on the last) and a full TCP checksum.
-///
-/// It keeps no copy of the frame: the caller keeps it unchanged and passes
-/// it to every [`Splitter::next_segment`] call.
-#[derive(Debug, Default)]
-pub struct Splitter {
-    /// Length of the frame being split (0: none).
-    len: usize,
-    headers: usize,
-    mss: usize,
-    /// Offset of the next payload byte in `frame`.
-    next: usize,
-    index: u16,
-}
-
-impl Splitter {
-    /// Takes a GSO frame; `Err` (and nothing to split) if it is not one we
-    /// can split.
-    pub fn start(&mut self, header: &VnetHeader, frame: &[u8]) -> Result<(), OffloadError> {
-        self.len = 0;
-        self.next = 0;
-        self.index = 0;
-        if header.gso_type & !0x80 != GSO_TCPV4 || header.gso_type & 0x80 != 0 {
-            return Err(OffloadError::BadGso);
+impl VnetHeader {
+    /// The header for a frame the firewall sends with `offload`
+    /// (positions from [`crate::offload::positions`]); all zero for a
+    /// complete frame.
+    pub fn for_frame(frame: &[u8], offload: crate::offload::Offload) -> Option<VnetHeader> {
+        if offload.is_none() {
+            return Some(VnetHeader::default());
         }
-        let bad = OffloadError::BadGso;
-        if be16(frame, 12).ok_or(bad)? != 0x0800 {
-            return Err(bad);
-        }
-        let ip = frame.get(ETH_LEN..).ok_or(bad)?;
-        let version_ihl = *ip.first().ok_or(bad)?;
-        let ihl = usize::from(version_ihl & 0x0f) * 4;
-        if version_ihl >> 4 != 4 || ihl < IP_LEN || *ip.get(9).ok_or(bad)? != 6 {
-            return Err(bad);
-        }
-        let tcp = ip.get(ihl..).ok_or(bad)?;
-        let offset = usize::from(*tcp.get(12).ok_or(bad)? >> 4) * 4;
-        let headers = ETH_LEN + ihl + offset;
-        let mss = usize::from(header.gso_size);
-        if offset < 20 || headers >= frame.len() || mss == 0 {
-            return Err(bad);
-        }
-        self.len = frame.len();
-        self.headers = headers;
-        self.mss = mss;
-        self.next = headers;
-        Ok(())
-    }
-
-    /// Writes the next segment of `frame` (the one given to `start`) into
-    /// `out`; `false` when all are out.
-    pub fn next_segment(&mut self, frame: &[u8], out: &mut Vec<u8>) -> bool {
-        let Some(rest) = frame.get(self.next..self.len) else {
-            return false;
+        let (csum_start, csum_offset, headers, v6) = crate::offload::positions(frame)?;
+        let gso_type = match (offload.is_gso(), v6) {
+            (false, _) => GSO_NONE,
+            (true, false) => GSO_TCPV4,
+            (true, true) => GSO_TCPV6,
         };
-        if rest.is_empty() || self.headers == 0 || frame.len() != self.len {
-            return false;
-        }
-        let take = rest.len().min(self.mss);
-        let last = take == rest.len();
-        out.clear();
-        out.extend_from_slice(frame.get(..self.headers).unwrap_or(&[]));
-        out.extend_from_slice(rest.get(..take).unwrap_or(&[]));
-        let done = self.next - self.headers;
-        self.next += take;
-        let index = self.index;
-        self.index = self.index.wrapping_add(1);
-        if Self::fix(out, done, index, last).is_none() {
-            out.clear();
-        }
-        true
+        Some(VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type,
+            hdr_len: headers,
+            gso_size: offload.gso_size,
+            csum_start,
+            csum_offset,
+        })
     }
 
-    fn fix(out: &mut [u8], done: usize, index: u16, last: bool) -> Option<()> {
-        let ihl = usize::from(*out.get(ETH_LEN)? & 0x0f) * 4;
-        let ip_len = out.len().checked_sub(ETH_LEN)?;
-        let tcp_at = ETH_LEN + ihl;
-        let tcp_len = out.len().checked_sub(tcp_at)?;
-        {
-            let ip = out.get_mut(ETH_LEN..tcp_at)?;
-            ip.get_mut(2..4)?
-                .copy_from_slice(&u16::try_from(ip_len).ok()?.to_be_bytes());
-            let id = be16(ip, 4)?.wrapping_add(index);
-            ip.get_mut(4..6)?.copy_from_slice(&id.to_be_bytes());
-            ip.get_mut(10..12)?.copy_from_slice(&[0, 0]);
-            let sum = !fold(checksum_add(0, ip));
-            ip.get_mut(10..12)?.copy_from_slice(&sum.to_be_bytes());
+    /// The header as the kernel reads it (little-endian fields).
+    pub fn to_bytes(self) -> [u8; VNET_HDR_LEN] {
+        let [h0, h1] = self.hdr_len.to_le_bytes();
+        let [g0, g1] = self.gso_size.to_le_bytes();
+        let [s0, s1] = self.csum_start.to_le_bytes();
+        let [o0, o1] = self.csum_offset.to_le_bytes();
+        [self.flags, self.gso_type, h0, h1, g0, g1, s0, s1, o0, o1]
+    }
+
+    /// The metadata in the firewall's terms, for [`crate::offload::accept`].
+    pub fn nic_offload(self) -> crate::offload::NicOffload {
+        use crate::offload::GsoKind;
+        crate::offload::NicOffload {
+            csum_partial: self.flags & F_NEEDS_CSUM != 0,
+            csum_start: self.csum_start,
+            csum_offset: self.csum_offset,
+            gso: match self.gso_type & !GSO_ECN {
+                GSO_NONE => GsoKind::None,
+                GSO_TCPV4 if self.gso_type & GSO_ECN == 0 => GsoKind::TcpV4,
+                GSO_TCPV6 if self.gso_type & GSO_ECN == 0 => GsoKind::TcpV6,
+                _ => GsoKind::Other,
+            },
+            gso_size: self.gso_size,
         }
-        let mut pseudo = checksum_add(0, out.get(ETH_LEN + 12..ETH_LEN + 20)?);
-        pseudo = pseudo.wrapping_add(6).wrapping_add(tcp_len as u32);
-        let tcp = out.get_mut(tcp_at..)?;
-        let seq = be32(tcp, 4)?.wrapping_add(done as u32);
-        tcp.get_mut(4..8)?.copy_from_slice(&seq.to_be_bytes());
-        if !last {
-            *tcp.get_mut(13)? &= !(TCP_FIN | TCP_PSH);
-        }
-        tcp.get_mut(16..18)?.copy_from_slice(&[0, 0]);
-        let sum = !fold(checksum_add(pseudo, tcp));
-        tcp.get_mut(16..18)?.copy_from_slice(&sum.to_be_bytes());
-        Some(())
     }
 }
 
@@ -559,43 +482,37 @@ mod tests {
         assert_eq!(total, 100 * 1448);
     }
 
-    /// A valid TCP checksum over the segment (pseudo-header included).
-    fn tcp_checksum_ok(frame: &[u8]) -> bool {
-        let tcp = &frame[34..];
-        let pseudo = checksum_add(0, &frame[26..34]) + 6 + tcp.len() as u32;
-        fold(checksum_add(pseudo, tcp)) == 0xffff
-    }
-
     #[test]
-    fn a_gso_frame_splits_into_valid_segments() {
-        // One merged frame from three segments, as the kernel would hand it.
-        let frames = [
-            tcp_frame(1000, 1448, TCP_ACK, 7),
-            tcp_frame(2448, 1448, TCP_ACK, 8),
-            tcp_frame(3896, 100, TCP_ACK | TCP_PSH, 9),
-        ];
-        let (out, _) = run(&frames);
-        let header = VnetHeader::parse(&out[0]).unwrap();
-        assert_eq!(header.gso_size, 1448);
-        let mut splitter = Splitter::default();
-        let gso = &out[0][VNET_HDR_LEN..];
-        splitter.start(&header, gso).unwrap();
-        let mut segments = Vec::new();
-        let mut buffer = Vec::new();
-        while splitter.next_segment(gso, &mut buffer) {
-            segments.push(buffer.clone());
-        }
-        assert_eq!(segments.len(), 3);
-        for (got, want) in segments.iter().zip(&frames) {
-            assert_eq!(got.len(), want.len());
-            assert!(tcp_checksum_ok(got));
-            assert_eq!(fold(checksum_add(0, &got[14..34])), 0xffff);
-            assert_eq!(&got[38..42], &want[38..42], "sequence number");
-            assert_eq!(&got[54..], &want[54..], "payload");
-            assert_eq!(&got[18..20], &want[18..20], "ip id");
-        }
-        assert_eq!(segments[0][47] & TCP_PSH, 0);
-        assert_eq!(segments[2][47] & TCP_PSH, TCP_PSH);
+    fn vnet_headers_round_trip_and_describe_the_frame() {
+        let frame = tcp_frame(0, 3000, TCP_ACK, 1);
+        let offload = crate::offload::Offload {
+            csum_partial: true,
+            gso_size: 1000,
+        };
+        let header = VnetHeader::for_frame(&frame, offload).unwrap();
+        assert_eq!(
+            header,
+            VnetHeader {
+                flags: F_NEEDS_CSUM,
+                gso_type: GSO_TCPV4,
+                hdr_len: 54,
+                gso_size: 1000,
+                csum_start: 34,
+                csum_offset: 16,
+            }
+        );
+        assert_eq!(VnetHeader::parse(&header.to_bytes()), Some(header));
+        let nic = header.nic_offload();
+        assert_eq!(nic.gso, crate::offload::GsoKind::TcpV4);
+        let ecn = VnetHeader {
+            gso_type: GSO_TCPV4 | GSO_ECN,
+            ..header
+        };
+        assert_eq!(ecn.nic_offload().gso, crate::offload::GsoKind::Other);
+        assert_eq!(
+            VnetHeader::for_frame(&frame, crate::offload::Offload::NONE),
+            Some(VnetHeader::default())
+        );
     }
 
     #[test]
@@ -619,103 +536,6 @@ mod tests {
             assert_eq!(fold(checksum_add(0, &bytes)), slow(&bytes), "len {len}");
         }
         assert_eq!(fold(checksum_add(0, &[0xff; 1500])), 0xffff);
-    }
-
-    #[test]
-    fn needs_csum_is_completed_and_bad_positions_refused() {
-        let mut frame = tcp_frame(5, 300, TCP_ACK, 1);
-        let tcp_len = (frame.len() - 34) as u32;
-        let pseudo = fold(checksum_add(0, &frame[26..34]) + 6 + tcp_len);
-        frame[50..52].copy_from_slice(&pseudo.to_be_bytes());
-        let header = VnetHeader {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_NONE,
-            gso_size: 0,
-            csum_start: 34,
-            csum_offset: 16,
-        };
-        complete_checksum(&mut frame, &header).unwrap();
-        assert!(tcp_checksum_ok(&frame));
-        let len = frame.len() as u16;
-        for (start, offset) in [(len, 0), (len - 1, 0), (34, len), (u16::MAX, u16::MAX)] {
-            let header = VnetHeader {
-                csum_start: start,
-                csum_offset: offset,
-                ..header
-            };
-            assert_eq!(
-                complete_checksum(&mut frame, &header),
-                Err(OffloadError::BadChecksumPosition)
-            );
-        }
-    }
-
-    #[test]
-    fn hostile_gso_frames_are_refused_or_split_without_panics() {
-        let mut splitter = Splitter::default();
-        let header = VnetHeader {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_TCPV4,
-            gso_size: 1448,
-            csum_start: 34,
-            csum_offset: 16,
-        };
-        let good = tcp_frame(0, 3000, TCP_ACK, 1);
-        assert!(
-            splitter
-                .start(
-                    &VnetHeader {
-                        gso_type: 3,
-                        ..header
-                    },
-                    &good
-                )
-                .is_err()
-        );
-        assert!(
-            splitter
-                .start(
-                    &VnetHeader {
-                        gso_size: 0,
-                        ..header
-                    },
-                    &good
-                )
-                .is_err()
-        );
-        let mut buffer = Vec::new();
-        assert!(
-            !splitter.next_segment(&good, &mut buffer),
-            "a refused frame yields nothing"
-        );
-        let mut seed = 0x9e37_79b9u32;
-        for cut in (0..good.len()).step_by(97) {
-            let mut f = good[..cut].to_vec();
-            for _ in 0..3 {
-                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
-                if !f.is_empty() {
-                    let at = (seed as usize >> 8) % f.len();
-                    f[at] = (seed >> 24) as u8;
-                }
-            }
-            let size = (seed >> 20) as u16 % 3000;
-            if splitter
-                .start(
-                    &VnetHeader {
-                        gso_size: size,
-                        ..header
-                    },
-                    &f,
-                )
-                .is_ok()
-            {
-                let mut count = 0;
-                while splitter.next_segment(&f, &mut buffer) {
-                    count += 1;
-                    assert!(count <= f.len());
-                }
-            }
-        }
     }
 
     #[test]

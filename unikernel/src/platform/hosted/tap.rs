@@ -6,20 +6,27 @@
 //! `Documentation/networking/tuntap.rst`), so every `read` is one
 //! `virtio_net_hdr` and one Ethernet frame and every `write` sends one; the
 //! descriptor is non-blocking and registered with the platform's epoll set.
-//! We offer the kernel checksum and TCP/IPv4 segmentation offload
-//! (`TUNSETOFFLOAD` with `TUN_F_CSUM | TUN_F_TSO4`): a frame whose header
-//! asks for a checksum gets it completed here, a GSO frame is split here
-//! ([`super::gso::Splitter`]) into the MTU-sized frames the firewall core
-//! takes, anything else that asks for offloads is dropped and counted, so
-//! the core only ever sees complete frames of at most the MTU; what we write goes
-//! through [`super::gso::Coalescer`], which merges runs of one TCP flow's
-//! segments into GSO frames the kernel carries as one packet. The kernel side of the device can be moved into another network
-//! namespace (the client qube's, in the box) while we keep the descriptor.
+//! We offer the kernel checksum and TCP segmentation offload
+//! (`TUNSETOFFLOAD` with `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`): a frame
+//! whose header asks for a checksum or is a TCP GSO frame of up to 64 KiB
+//! goes to the firewall core whole, with its metadata
+//! ([`crate::offload::accept`] checks it against the frame; the device is
+//! an [`crate::offload::OffloadNic`]), no segmentation on receive; the
+//! core sends such frames back out as GSO frames with their own vnet
+//! header (the kernel on the other side segments them, or not, as its
+//! device needs). Complete frames we write go through
+//! [`super::gso::Coalescer`], which merges runs of one TCP flow's segments
+//! into GSO frames the kernel carries as one packet. The kernel side of
+//! the device can be moved into another network namespace (the client
+//! qube's, in the box) while we keep the descriptor.
 //!
-//! Frames the other side sends are hostile input: a frame larger than our
-//! MTU is dropped and counted, never truncated and passed on; a write the
-//! kernel refuses (queue full) drops that frame and counts it. Nothing here
-//! panics on any frame.
+//! Frames the other side sends are hostile input: a frame without GSO
+//! larger than our MTU is dropped and counted, never truncated and passed
+//! on; offload metadata that does not match its frame is dropped and
+//! counted (`rx_offloaded`); a write the kernel refuses (queue full) drops
+//! that frame and counts it. Nothing here panics on any frame. A caller
+//! that uses the plain `smoltcp::phy::Device::receive` gets offloaded
+//! frames cut and completed in software ([`crate::offload::finish`]).
 
 use std::cell::{Cell, RefCell};
 use std::ffi::CString;
@@ -30,11 +37,14 @@ use std::string::String;
 use std::vec;
 use std::vec::Vec;
 
+use std::collections::VecDeque;
+
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 
 use super::epoll::Interest;
-use super::gso::{self, Coalescer, Splitter, VNET_HDR_LEN, VnetHeader};
+use super::gso::{Coalescer, VNET_HDR_LEN, VnetHeader};
 use super::reactor::{Flush, Reactor};
+use crate::offload::{self, Offload, OffloadNic, TxOffloads};
 use crate::platform::Instant;
 
 /// The IP MTU of a Qubes vif (Xen netfront default).
@@ -43,9 +53,9 @@ pub const DEFAULT_MTU: usize = 1500;
 pub const DEFAULT_QUEUE_LEN: u32 = 10000;
 /// Ethernet header bytes on top of the IP MTU.
 const ETHERNET_HEADER: usize = 14;
-/// Largest frame the kernel can hand us on a TAP (without GSO); the read
+/// Largest frame the kernel can hand us on a TAP (a GSO frame); the read
 /// buffer is this big so that an oversized frame is seen whole and dropped.
-const READ_BUFFER: usize = 65536 + VNET_HDR_LEN;
+const READ_BUFFER: usize = offload::MAX_OFFLOAD_FRAME + VNET_HDR_LEN;
 
 /// Per-device counters, readable for the status service.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,9 +70,13 @@ pub struct TapCounters {
     pub tx_dropped: u64,
     /// Read errors other than "nothing there".
     pub rx_errors: u64,
-    /// Frames dropped because their vnet header asked for GSO or a
-    /// checksum (offloads we never offered).
+    /// Frames dropped because their vnet header's offloads did not match
+    /// the frame or were of a kind we never offered.
     pub rx_offloaded: u64,
+    /// GSO frames handed to the firewall whole.
+    pub rx_gso_frames: u64,
+    /// GSO frames the firewall wrote whole (received as such).
+    pub tx_gso_frames: u64,
     /// Writes that were GSO frames (each several frames merged).
     pub tx_gso_writes: u64,
     /// Frames that went out merged into GSO frames.
@@ -77,9 +91,60 @@ struct TxPath {
     coalescer: RefCell<Coalescer>,
     tx_frames: Cell<u64>,
     tx_dropped: Cell<u64>,
+    tx_gso_frames: Cell<u64>,
 }
 
 impl TxPath {
+    /// Writes a vnet header and a frame with one `writev`.
+    fn write_parts(&self, header: &[u8; VNET_HDR_LEN], frame: &[u8]) {
+        let parts = [
+            libc::iovec {
+                iov_base: header.as_ptr().cast_mut().cast(),
+                iov_len: header.len(),
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr().cast_mut().cast(),
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: both iovecs describe live buffers that outlive the call;
+        // writev only reads them.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), parts.as_ptr(), 2) };
+        if usize::try_from(n).ok() == Some(header.len() + frame.len()) {
+            self.tx_frames.set(self.tx_frames.get().saturating_add(1));
+        } else {
+            self.tx_dropped.set(self.tx_dropped.get().saturating_add(1));
+        }
+    }
+
+    /// Sends a frame with offloads as it is, after whatever the coalescer
+    /// holds (order on the wire never changes).
+    fn send_offloaded(&self, frame: &[u8], offload: Offload) {
+        if offload.is_none() {
+            return self.send(frame);
+        }
+        Flush::flush(self);
+        match VnetHeader::for_frame(frame, offload) {
+            Some(header) => {
+                if offload.is_gso() {
+                    self.tx_gso_frames
+                        .set(self.tx_gso_frames.get().saturating_add(1));
+                }
+                self.write_parts(&header.to_bytes(), frame);
+            }
+            None => {
+                // Not one the kernel could take: finished here.
+                let mut scratch = Vec::new();
+                let result = offload::finish(frame, offload, &mut scratch, &mut |piece| {
+                    self.write_parts(&[0; VNET_HDR_LEN], piece)
+                });
+                if result.is_err() {
+                    self.tx_dropped.set(self.tx_dropped.get().saturating_add(1));
+                }
+            }
+        }
+    }
+
     fn write(&self, bytes: &[u8]) {
         // SAFETY: the pointer and length describe `bytes`, which outlives
         // the call; write does not keep the pointer.
@@ -118,10 +183,8 @@ pub struct TapDevice {
     rx_buffer: Vec<u8>,
     tx_buffer: Vec<u8>,
     counters: TapCounters,
-    splitter: Splitter,
-    splitting: bool,
-    /// Length of the GSO frame in the receive buffer being split.
-    split_len: usize,
+    /// Frames cut in software for [`phy::Device::receive`] callers.
+    finished: VecDeque<Vec<u8>>,
     segment: Vec<u8>,
 }
 
@@ -171,10 +234,10 @@ impl TapDevice {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
-        // Let the kernel hand us checksum-pending and TCP/IPv4 GSO frames
-        // (we complete and split them): one read per run instead of per
+        // Let the kernel hand us checksum-pending and TCP GSO frames (the
+        // firewall forwards them whole): one read per run instead of per
         // segment. Without it every frame comes complete, also fine.
-        let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
+        let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
         // SAFETY: TUNSETOFFLOAD takes its flags as the integer argument.
         let rc = unsafe {
             libc::ioctl(
@@ -195,6 +258,7 @@ impl TapDevice {
             coalescer: RefCell::new(Coalescer::default()),
             tx_frames: Cell::new(0),
             tx_dropped: Cell::new(0),
+            tx_gso_frames: Cell::new(0),
         });
         let flusher: Rc<dyn Flush> = tx.clone();
         let weak: Weak<dyn Flush> = Rc::downgrade(&flusher);
@@ -207,9 +271,7 @@ impl TapDevice {
             rx_buffer: vec![0; READ_BUFFER],
             tx_buffer: Vec::with_capacity(mtu + ETHERNET_HEADER),
             counters: TapCounters::default(),
-            splitter: Splitter::default(),
-            splitting: false,
-            split_len: 0,
+            finished: VecDeque::new(),
             segment: Vec::with_capacity(mtu + ETHERNET_HEADER),
         })
     }
@@ -224,6 +286,7 @@ impl TapDevice {
         let mut counters = self.counters;
         counters.tx_frames = self.tx.tx_frames.get();
         counters.tx_dropped = self.tx.tx_dropped.get();
+        counters.tx_gso_frames = self.tx.tx_gso_frames.get();
         if let Ok(coalescer) = self.tx.coalescer.try_borrow() {
             counters.tx_gso_writes = coalescer.gso_writes;
             counters.tx_merged_frames = coalescer.merged_frames;
@@ -247,10 +310,9 @@ impl TapDevice {
         set_txqueuelen(&self.name, len)
     }
 
-    /// Reads one vnet header and frame into the receive buffer: a plain
-    /// frame of acceptable size (its checksum completed if the kernel left
-    /// it to us), or a GSO frame handed to the splitter.
-    fn read_frame(&mut self) -> Option<Read> {
+    /// Reads one vnet header and frame into the receive buffer: its
+    /// length after the header and its offloads (checked against it).
+    fn read_frame(&mut self) -> Option<(usize, Offload)> {
         loop {
             // SAFETY: the pointer and length describe `rx_buffer`, which is
             // writable and outlives the call.
@@ -279,47 +341,59 @@ impl TapDevice {
                 self.counters.rx_errors = self.counters.rx_errors.saturating_add(1);
                 continue;
             };
-            let header = VnetHeader::parse(&self.rx_buffer).unwrap_or_default();
-            let end = VNET_HDR_LEN + len;
-            if header.gso_type != gso::GSO_NONE {
-                let frame = self.rx_buffer.get(VNET_HDR_LEN..end).unwrap_or(&[]);
-                match self.splitter.start(&header, frame) {
-                    Ok(()) => {
-                        self.split_len = len;
-                        return Some(Read::Split);
-                    }
-                    Err(_) => {
-                        self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
-                        continue;
-                    }
-                }
-            }
-            if header.flags & gso::F_NEEDS_CSUM != 0 {
-                let frame = self.rx_buffer.get_mut(VNET_HDR_LEN..end).unwrap_or(&mut []);
-                if gso::complete_checksum(frame, &header).is_err() {
-                    self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
-                    continue;
-                }
-            }
-            if len > self.mtu + ETHERNET_HEADER {
-                self.counters.rx_oversized = self.counters.rx_oversized.saturating_add(1);
-                continue;
-            }
             if len == 0 {
                 continue;
             }
+            let header = VnetHeader::parse(&self.rx_buffer).unwrap_or_default();
+            let Some(frame) = self.rx_buffer.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + len) else {
+                self.counters.rx_errors = self.counters.rx_errors.saturating_add(1);
+                continue;
+            };
+            let offload = match offload::accept(frame, header.nic_offload()) {
+                Ok(offload) => offload,
+                Err(_) => {
+                    self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
+                    continue;
+                }
+            };
+            if offload.is_gso() {
+                self.counters.rx_gso_frames = self.counters.rx_gso_frames.saturating_add(1);
+            } else if len > self.mtu + ETHERNET_HEADER {
+                self.counters.rx_oversized = self.counters.rx_oversized.saturating_add(1);
+                continue;
+            }
             self.counters.rx_frames = self.counters.rx_frames.saturating_add(1);
-            return Some(Read::Plain(len));
+            return Some((len, offload));
         }
     }
 }
 
-/// What one read brought.
-enum Read {
-    /// A plain frame of this length after the vnet header.
-    Plain(usize),
-    /// A GSO frame, now in the splitter.
-    Split,
+impl OffloadNic for TapDevice {
+    fn receive_offloaded<R>(
+        &mut self,
+        _now: Instant,
+        f: impl FnOnce(&[u8], Offload) -> R,
+    ) -> Option<R> {
+        if let Some(frame) = self.finished.pop_front() {
+            return Some(f(&frame, Offload::NONE));
+        }
+        let (len, offload) = self.read_frame()?;
+        let frame = self.rx_buffer.get(VNET_HDR_LEN..VNET_HDR_LEN + len)?;
+        Some(f(frame, offload))
+    }
+
+    fn tx_offloads(&self) -> TxOffloads {
+        TxOffloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+        }
+    }
+
+    fn transmit_offloaded(&mut self, _now: Instant, frame: &[u8], offload: Offload) -> bool {
+        self.tx.send_offloaded(frame, offload);
+        true
+    }
 }
 
 /// A throw-away socket for interface ioctls.
@@ -448,8 +522,6 @@ impl phy::TxToken for TapTxToken<'_> {
     }
 }
 
-impl crate::offload::OffloadNic for TapDevice {}
-
 impl phy::Device for TapDevice {
     type RxToken<'a>
         = TapRxToken<'a>
@@ -461,29 +533,27 @@ impl phy::Device for TapDevice {
         Self: 'a;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let plain = loop {
-            if self.splitting {
-                // The GSO frame stays in the receive buffer until split.
-                let gso = self
-                    .rx_buffer
-                    .get(VNET_HDR_LEN..VNET_HDR_LEN + self.split_len)
-                    .unwrap_or(&[]);
-                if self.splitter.next_segment(gso, &mut self.segment) {
-                    if self.segment.is_empty() {
-                        self.counters.rx_offloaded = self.counters.rx_offloaded.saturating_add(1);
-                    } else if self.segment.len() > self.mtu + ETHERNET_HEADER {
-                        self.counters.rx_oversized = self.counters.rx_oversized.saturating_add(1);
-                    } else {
-                        self.counters.rx_frames = self.counters.rx_frames.saturating_add(1);
-                        break None;
-                    }
-                    continue;
-                }
-                self.splitting = false;
+        let plain = match self.finished.pop_front() {
+            Some(frame) => {
+                self.segment = frame;
+                None
             }
-            match self.read_frame()? {
-                Read::Plain(len) => break Some(len),
-                Read::Split => self.splitting = true,
+            None => {
+                let (len, offload) = self.read_frame()?;
+                if offload.is_none() {
+                    Some(len)
+                } else {
+                    // Cut and completed here for a caller without offloads.
+                    let frame = self.rx_buffer.get(VNET_HDR_LEN..VNET_HDR_LEN + len)?;
+                    let mut scratch = Vec::new();
+                    let finished = &mut self.finished;
+                    offload::finish(frame, offload, &mut scratch, &mut |piece| {
+                        finished.push_back(piece.to_vec())
+                    })
+                    .ok()?;
+                    self.segment = self.finished.pop_front()?;
+                    None
+                }
             }
         };
         let TapDevice {
