@@ -1477,7 +1477,7 @@ impl Platform for XenPlatform {
         };
         let result = (|| {
             let ctrl = self.map_ring(peer, &[ring_ref], false, mappings, windows)?;
-            let plan = plan_client(&ctrl, CLIENT_MAX_ORDER)
+            let plan = plan_client(&ctrl, ring_ref, CLIENT_MAX_ORDER)
                 .map_err(|error| other(format!("vchan server of domain {peer}: {error}")))?;
             let mut buffer = |ring: &ClientRing, readonly: bool, this: &mut XenPlatform| match ring
             {

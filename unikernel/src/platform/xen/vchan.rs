@@ -118,7 +118,8 @@ pub enum PlanError {
         /// The order the server wrote.
         order: u16,
     },
-    /// The same grant reference appears twice in the grant list.
+    /// The same grant reference appears twice in the grant list, or the
+    /// list names the shared page itself.
     DuplicateGrant {
         /// The repeated reference.
         gref: u32,
@@ -137,7 +138,7 @@ impl core::fmt::Display for PlanError {
             ),
             PlanError::DuplicateGrant { gref } => write!(
                 f,
-                "vchan grant list names grant {gref} twice: the server's shared page is corrupt, refuse the connection"
+                "vchan grant list names grant {gref} twice (or names the shared page): the server's shared page is corrupt, refuse the connection"
             ),
         }
     }
@@ -147,8 +148,12 @@ impl core::fmt::Display for PlanError {
 /// then the grant list: the left ring's pages first, then the right's),
 /// once, and validates it before anything is mapped: orders a libxenvchan
 /// server can write, rings of at most `2^max_order` bytes, no grant
-/// reference twice.
-pub fn plan_client<M: SharedMemory>(ctrl: &M, max_order: u16) -> Result<ClientPlan, PlanError> {
+/// reference twice and not `ctrl_ref` (the shared page's own reference).
+pub fn plan_client<M: SharedMemory>(
+    ctrl: &M,
+    ctrl_ref: u32,
+    max_order: u16,
+) -> Result<ClientPlan, PlanError> {
     let orders = read_orders(ctrl).map_err(PlanError::Orders)?;
     for ring in [orders.left(), orders.right()] {
         if ring.order() > max_order {
@@ -159,6 +164,7 @@ pub fn plan_client<M: SharedMemory>(ctrl: &M, max_order: u16) -> Result<ClientPl
     }
     let refs = read_grants(ctrl, &orders);
     let mut sorted = refs.clone();
+    sorted.push(ctrl_ref);
     sorted.sort_unstable();
     if let Some(pair) = sorted.windows(2).find(|pair| pair.first() == pair.get(1)) {
         return Err(PlanError::DuplicateGrant {
@@ -859,6 +865,10 @@ mod tests {
         }
     }
 
+    /// The shared page's own grant reference in these tests (`gref` never
+    /// yields it).
+    const CTRL_REF: u32 = 3;
+
     /// The pages granted by one domain, by grant reference.
     type GrantTableDouble = BTreeMap<u32, VecMemory>;
 
@@ -978,7 +988,7 @@ mod tests {
         };
         for &(left, right) in configs {
             let (ctrl, table, mut server) = c_server(left, right);
-            let plan = plan_client(&ctrl, CLIENT_MAX_ORDER).unwrap();
+            let plan = plan_client(&ctrl, CTRL_REF, CLIENT_MAX_ORDER).unwrap();
             let pages = |order: u16| if order >= 12 { 1 << (order - 12) } else { 0 };
             match &plan.write {
                 ClientRing::Granted(refs) => {
@@ -1062,7 +1072,7 @@ mod tests {
             );
             // The C client: libxenvchan_client_init reads the page once and
             // maps the grant list, left ring first.
-            let seen = plan_client(&ctrl, protocol::vchan::MAX_RING_ORDER).unwrap();
+            let seen = plan_client(&ctrl, CTRL_REF, protocol::vchan::MAX_RING_ORDER).unwrap();
             let mut client = CPeer {
                 ctrl: ctrl.clone(),
                 rd: map(&ctrl, &seen.read, &table),
@@ -1103,7 +1113,7 @@ mod tests {
         for (l, r) in [(17, 16), (16, 17), (20, 20), (18, 10)] {
             set(l, r);
             assert_eq!(
-                plan_client(&ctrl, CLIENT_MAX_ORDER),
+                plan_client(&ctrl, CTRL_REF, CLIENT_MAX_ORDER),
                 Err(PlanError::TooLarge { order: l.max(r) }),
                 "{l} {r}"
             );
@@ -1120,7 +1130,7 @@ mod tests {
             set(l, r);
             assert!(
                 matches!(
-                    plan_client(&ctrl, CLIENT_MAX_ORDER),
+                    plan_client(&ctrl, CTRL_REF, CLIENT_MAX_ORDER),
                     Err(PlanError::Orders(_))
                 ),
                 "{l} {r}"
@@ -1131,17 +1141,23 @@ mod tests {
         for (i, g) in [40u32, 41, 42].into_iter().enumerate() {
             ctrl.store_u32(grant_offset(i), g);
         }
-        assert!(plan_client(&ctrl, CLIENT_MAX_ORDER).is_ok());
+        assert!(plan_client(&ctrl, CTRL_REF, CLIENT_MAX_ORDER).is_ok());
         ctrl.store_u32(grant_offset(2), 40);
         assert_eq!(
-            plan_client(&ctrl, CLIENT_MAX_ORDER),
+            plan_client(&ctrl, CTRL_REF, CLIENT_MAX_ORDER),
             Err(PlanError::DuplicateGrant { gref: 40 })
         );
         ctrl.store_u32(grant_offset(2), 42);
         ctrl.store_u32(grant_offset(1), 40);
         assert_eq!(
-            plan_client(&ctrl, CLIENT_MAX_ORDER),
+            plan_client(&ctrl, CTRL_REF, CLIENT_MAX_ORDER),
             Err(PlanError::DuplicateGrant { gref: 40 })
+        );
+        // The shared page named as a ring page.
+        ctrl.store_u32(grant_offset(1), CTRL_REF);
+        assert_eq!(
+            plan_client(&ctrl, CTRL_REF, CLIENT_MAX_ORDER),
+            Err(PlanError::DuplicateGrant { gref: CTRL_REF })
         );
         // Messages say what to do.
         assert!(
@@ -1157,7 +1173,7 @@ mod tests {
         let order = if cfg!(miri) { 14 } else { 16 };
         let size = 1u32 << order;
         let (ctrl, table, _server) = c_server(order, order);
-        let plan = plan_client(&ctrl, CLIENT_MAX_ORDER).unwrap();
+        let plan = plan_client(&ctrl, CTRL_REF, CLIENT_MAX_ORDER).unwrap();
         let mut ours = VchanRing::client(
             ctrl.clone(),
             &plan.orders,
