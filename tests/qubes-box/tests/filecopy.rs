@@ -552,7 +552,6 @@ fn files_between_qubes_copy_move_ask_and_hostile_streams() {
 /// Demos 4 and 5: the disposable and the autostart go through the box's
 /// qubesd, called by our dom0 qrexec tools.
 #[test]
-#[ignore = "needs the dom0 qrexec tools calling qubesd (@dispvm, autostart): not landed yet"]
 fn disposables_and_autostart_through_the_box_qubesd() {
     if !ready() {
         return;
