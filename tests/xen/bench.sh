@@ -89,6 +89,8 @@ cp "$R/usr/sbin/nft" "$R/usr/bin/xenstore" "$F/bin/"
 for a in xenstore-read xenstore-write; do ln -s xenstore "$F/bin/$a"; done
 libs "$F" "$R/usr/sbin/nft" "$R/usr/bin/xenstore"
 mknod -m 600 "$F/dev/console" c 5 1
+# nft resolves protocol names (ipv6-icmp, tcp) through /etc/protocols.
+mkdir -p "$F/etc"; cp /etc/protocols /etc/services "$F/etc/"; printf 'protocols: files\nservices: files\n' > "$F/etc/nsswitch.conf"
 MODS="xen-netfront xen-netback crc32c_generic libcrc32c nf_tables nft_ct nft_masq nft_chain_nat nft_reject_ipv4 nft_reject_ipv6 nft_reject_inet nf_flow_table nf_flow_table_inet nft_flow_offload"
 /bin/busybox depmod -b "$R" "$KVER"
 MD=$R/lib/modules/$KVER

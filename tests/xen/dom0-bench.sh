@@ -23,8 +23,9 @@ waitfor() { # file pattern tenths
 SECS=${SECS:-10} UDP_RATE=${UDP_RATE:-20M} ROUNDS=${ROUNDS:-1} FLOWTABLE=${FLOWTABLE:-1}
 CONS=/var/log/xen/console
 mkdir -p /var/run/qubes /var/log/qubes
-fail() { echo "QFW-BENCH FAIL $*"; echo "QFW-BENCH-END"; exit 1; }
+fail() { echo "QFW-BENCH FAIL $*"; grep LINUXFW $CONS/guest-linux-fw.log 2>/dev/null | sed 's/^/QFW-BENCH info /'; echo "QFW-BENCH-END"; exit 1; }
 cpu() { xl list "$1" 2>/dev/null | awk 'NR==2{print $6}'; }
+allcpu() { xl list | awk 'NR>1{t+=$6} END{print t}'; }
 mem() { xl list "$1" 2>/dev/null | awk 'NR==2{print $3}'; }
 vcpus() { xl list "$1" 2>/dev/null | awk 'NR==2{print $4}'; }
 # tell DOMAIN LINE: a line on the domain's console input (its pty).
@@ -95,21 +96,21 @@ for c in client-ours client-linux; do
     waitfor $CONS/guest-$c.log "BENCH-CLIENT ready" 1800 || { sed "s/^/QFW-BENCH $c console: /" $CONS/guest-$c.log | tail -30; fail "$c did not come up"; }
     grep "BENCH-CLIENT ready" $CONS/guest-$c.log | sed "s/^/QFW-BENCH info $c: /"
 done
-grep "LINUXFW vif" $LFLOG | sed 's/^/QFW-BENCH info /'
+grep "LINUXFW vif\|LINUXFW nft" $LFLOG | sed 's/^/QFW-BENCH info /'
 
 # measure FW TEST SEQ: one run through firewall FW (ours|linux).
 measure() {
     fw=$1; test=$2; seq=$3
     case $fw in ours) dom=sys-firewall ;; *) dom=linux-fw ;; esac
     c=client-$fw
-    f0=$(cpu $dom) c0=$(cpu $c) d0=$(cpu Domain-0) t0=$(up)
+    f0=$(cpu $dom) c0=$(cpu $c) d0=$(cpu Domain-0) a0=$(allcpu) t0=$(up)
     tell $c "run $seq $test $SECS $UDP_RATE"
     waitfor $CONS/guest-$c.log "BENCH-CLIENT result $seq " $(( (SECS + 60) * 10 )) || echo "QFW-BENCH info $c gave no result for run $seq"
-    f1=$(cpu $dom) c1=$(cpu $c) d1=$(cpu Domain-0) t=$(since "$t0")
+    f1=$(cpu $dom) c1=$(cpu $c) d1=$(cpu Domain-0) a1=$(allcpu) t=$(since "$t0")
     r=$(grep "BENCH-CLIENT result $seq " $CONS/guest-$c.log | head -1 | sed 's/.*result [0-9]* [a-z-]* //')
     d() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", b-a}'; }
-    echo "QFW-BENCH result fw=$fw test=$test $r fw_cpu_s=$(d "$f0" "$f1") client_cpu_s=$(d "$c0" "$c1") dom0_cpu_s=$(d "$d0" "$d1") wall_s=$t"
-    grep "BENCH-CLIENT iperf3: " $CONS/guest-$c.log | sed 's/^/QFW-BENCH info /' | tail -3
+    echo "QFW-BENCH result fw=$fw test=$test $r fw_cpu_s=$(d "$f0" "$f1") client_cpu_s=$(d "$c0" "$c1") dom0_cpu_s=$(d "$d0" "$d1") others_cpu_s=$(awk -v a="$a1" -v b="$a0" -v f="$(d "$f0" "$f1")" -v c="$(d "$c0" "$c1")" -v d="$(d "$d0" "$d1")" 'BEGIN{printf "%.1f", a-b-f-c-d}') wall_s=$t"
+    grep "BENCH-CLIENT iperf3: " $CONS/guest-$c.log | sed 's/^/QFW-BENCH info /' | tail -6
 }
 seq=0
 round=1
@@ -130,9 +131,10 @@ waitfor $LFLOG "LINUXFW mem " 100
 lm=$(grep "LINUXFW mem " $LFLOG | tail -1 | sed 's/.*LINUXFW mem //')
 echo "QFW-BENCH memory fw=linux domain_mib=$(mem linux-fw) vcpus=$(vcpus linux-fw) $lm"
 tell linux-fw stats
-sleep 2
+waitfor $LFLOG "LINUXFW stats nft" 100
 grep "LINUXFW stats" $LFLOG | sed 's/^/QFW-BENCH info /'
 grep -E "^interface|^drop|^heap" /tmp/status.txt | sed 's/^/QFW-BENCH info ours status: /'
 xl list | sed 's/^/QFW-BENCH info xl list: /'
+for f in linux-fw client-linux client-ours; do grep -v "^\[" $CONS/guest-$f.log | tail -25 | sed "s/^/QFW-BENCH log $f: /"; done
 for dd in client-ours client-linux linux-fw sys-firewall; do xl destroy $dd 2>/dev/null; done
 echo "QFW-BENCH-END"
