@@ -83,11 +83,22 @@ const CLIENTS: u16 = 100;
 const DEFAULT_SECONDS: u64 = 120;
 /// Frames a second per attacking client.
 const ATTACK_RATE: u32 = 20_000;
-/// Concurrent qrexec calls in the qrexec phase.
+/// Concurrent qrexec calls in the qrexec phases.
 const QREXEC_CONCURRENT: usize = 1000;
+/// Sequential qrexec calls to the firewall in a full-length run.
+const QREXEC_SEQUENTIAL: u64 = 10_000;
+/// The run length with full counts; shorter runs scale them down.
+const FULL_SECONDS: u64 = 600;
+/// Client rules rewrites a second in the qubesdb phase.
+const RULES_PER_SECOND: f64 = 100.0;
+/// sys-net restarted this often in its phase.
+const SYS_NET_EVERY: Duration = Duration::from_secs(2);
 /// Memory growth allowed between the first attack phase and the end.
 const GROWTH_PERCENT: u64 = 25;
 const GROWTH_SLACK_KIB: u64 = 2048;
+/// The goal for the well-behaved clients' throughput during an attack,
+/// over the quiet window before it (reported, not judged: see the docs).
+const RATIO_GOAL: f64 = 0.8;
 
 const ATTACK_PY: &str = include_str!("soak/attack.py");
 const SINK_PY: &str = include_str!("soak/sink.py");
@@ -101,6 +112,7 @@ const PHASES: &[&str] = &[
     "fragments",
     "icmp-spoof",
     "qrexec",
+    "qrexec-vm",
     "qubesdb",
     "sys-net",
     "after",
@@ -148,8 +160,10 @@ impl Drop for Reaped {
 
 /// One line of a load script, with when it arrived.
 enum Sample {
-    /// A download's bytes, and which client made it.
-    Bytes(u64, &'static str),
+    /// Bytes of a download that arrived (progress, about every 0.2 s).
+    Bytes(u64),
+    /// A whole download, and which client made it.
+    Done(&'static str),
     Latency(f64),
     Failure,
 }
@@ -187,7 +201,8 @@ impl Load {
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                     let mut words = line.split_whitespace();
                     let sample = match (words.next(), words.next()) {
-                        (Some("B"), Some(n)) => n.parse().ok().map(|n| Sample::Bytes(n, machine)),
+                        (Some("P"), Some(n)) => n.parse().ok().map(Sample::Bytes),
+                        (Some("B"), Some(_)) => Some(Sample::Done(machine)),
                         (Some("L"), Some(ms)) => ms.parse().ok().map(Sample::Latency),
                         (Some("E"), _) => Some(Sample::Failure),
                         _ => None,
@@ -213,9 +228,7 @@ impl Load {
             let done = self.samples.lock().ok().is_some_and(|all| {
                 ["client3", "client4"].iter().all(|who| {
                     all.iter()
-                        .filter(|(at, s)| {
-                            *at >= since && matches!(s, Sample::Bytes(_, w) if w == who)
-                        })
+                        .filter(|(at, s)| *at >= since && matches!(s, Sample::Done(w) if w == who))
                         .count()
                         >= 2
                 })
@@ -232,9 +245,9 @@ impl Load {
 
     /// Throughput (MB/s), median and worst latency (ms) and failures
     /// between two instants.
-    fn figures(&self, from: Instant, to: Instant) -> (f64, Option<f64>, Option<f64>, u64) {
+    fn window(&self, from: Instant, to: Instant) -> Window {
         let Ok(all) = self.samples.lock() else {
-            return (0.0, None, None, 0);
+            return Window::default();
         };
         let mut bytes = 0u64;
         let mut latencies = Vec::new();
@@ -242,7 +255,8 @@ impl Load {
         for (at, sample) in all.iter().filter(|(at, _)| *at >= from && *at < to) {
             let _ = at;
             match sample {
-                Sample::Bytes(n, _) => bytes += n,
+                Sample::Bytes(n) => bytes += n,
+                Sample::Done(_) => {}
                 Sample::Latency(ms) => latencies.push(*ms),
                 Sample::Failure => failures += 1,
             }
@@ -251,7 +265,12 @@ impl Load {
         let seconds = to.duration_since(from).as_secs_f64().max(1e-3);
         let median = latencies.get(latencies.len() / 2).copied();
         let worst = latencies.last().copied();
-        (bytes as f64 / seconds / 1e6, median, worst, failures)
+        Window {
+            mbps: bytes as f64 / seconds / 1e6,
+            median_ms: median,
+            worst_ms: worst,
+            failures,
+        }
     }
 }
 
@@ -316,6 +335,10 @@ struct Attack {
     children: Vec<Reaped>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<String>>,
+    /// Set when the attack has done its count (the phase lasts until then).
+    done: Option<Arc<AtomicBool>>,
+    /// When each sys-net restart completed.
+    restarts: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl Attack {
@@ -351,7 +374,19 @@ impl Attack {
 
 /// `qubes.FirewallStatus` from dom0 over qrexec; `None` if no answer.
 fn firewall_status(bx: &BoxUp, timeout: Duration) -> Option<String> {
-    let mut child = Command::new(bx.bin.join("qrexec-client"))
+    status_call(bx, timeout, false)
+}
+
+/// [`firewall_status`], the caller niced (`nice -n 19`) when `attacker`.
+fn status_call(bx: &BoxUp, timeout: Duration, attacker: bool) -> Option<String> {
+    let mut command = if attacker {
+        let mut nice = Command::new("nice");
+        nice.args(["-n", "19"]).arg(bx.bin.join("qrexec-client"));
+        nice
+    } else {
+        Command::new(bx.bin.join("qrexec-client"))
+    };
+    let mut child = command
         .arg(format!(
             "--socket-dir={}",
             Path::new(&bx.state).join("qubes").display()
@@ -390,25 +425,166 @@ fn firewall_status(bx: &BoxUp, timeout: Duration) -> Option<String> {
     }
 }
 
+/// Nices (19) every process of the box but the firewall's and sys-net's
+/// (every thread of each: `setpriority` on a pid reaches one thread), so
+/// that dom0's daemons and the other qubes' agents, whose work the attacks
+/// multiply, take the CPU the firewall and the load leave: on Qubes they
+/// run on other CPUs than sys-firewall. Returns how many were niced.
+fn nice_the_rest(state: &str) -> usize {
+    let resources = std::fs::read_to_string(Path::new(state).join("resources")).unwrap_or_default();
+    let mut niced = 0;
+    for line in resources.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (Some(&"pid"), Some(pid), Some(owner)) = (words.first(), words.get(1), words.get(3))
+        else {
+            continue;
+        };
+        if matches!(*owner, "sys-firewall" | "sys-net") {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        let tids: Vec<String> = tasks
+            .filter_map(|t| Some(t.ok()?.file_name().to_string_lossy().into_owned()))
+            .collect();
+        let mut args = vec!["-n", "19", "-p"];
+        args.extend(tids.iter().map(String::as_str));
+        if quiet("renice", &args).is_ok() {
+            niced += 1;
+        }
+    }
+    niced
+}
+
+/// One qrexec call between clients through dom0's policy daemon: client
+/// `from` calls `test.Add` in client `to` (allowed between any qubes) with
+/// `1 2`, niced; true if it answered `3`.
+fn vm_call(bx: &BoxUp, from: u16, to: u16) -> bool {
+    let state = Path::new(&bx.state);
+    let child = Command::new("nice")
+        .args(["-n", "19"])
+        .arg(bx.bin.join("qrexec-client-vm"))
+        .arg(format!(
+            "--agent-socket={}",
+            state.join(format!("agent.client{from}.sock")).display()
+        ))
+        .args([&format!("client{to}"), "test.Add"])
+        .env("VCHAN_SOCKET_DIR", state.join("vchan"))
+        .env("VCHAN_DOMAIN", (from + 2).to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return false;
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = std::io::Write::write_all(&mut stdin, b"1 2\n");
+    }
+    let mut child = Reaped(child);
+    let mut text = String::new();
+    if let Some(mut out) = child.0.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut out, &mut text);
+    }
+    matches!(child.0.wait(), Ok(status) if status.success()) && text.trim() == "3"
+}
+
+/// Replaces client `n`'s rules as qubesd does (both address families:
+/// remove the directory, write `policy` and the rules `0000`…, then the
+/// empty commit write), the allowed port changing with `generation`.
+fn rewrite_rules(
+    db: &mut qubesdb::client::QdbClient,
+    n: u16,
+    generation: u64,
+) -> Result<(), String> {
+    let (ip, ip6) = client_addresses(n);
+    let port = format!(
+        "action=accept proto=tcp dstports={0}-{0}",
+        1000 + generation % 1000
+    );
+    let rules = [
+        "action=accept proto=tcp dstports=80-80",
+        port.as_str(),
+        "action=accept specialtarget=dns",
+    ];
+    for address in [ip, ip6] {
+        let base = format!("/qubes-firewall/{address}");
+        let fail = |what: &str, e: qubesdb::client::QdbError| format!("{what} {base}: {e}");
+        db.rm(&format!("{base}/")).or_else(|e| match e {
+            qubesdb::client::QdbError::NotFound => Ok(()),
+            e => Err(fail("rm", e)),
+        })?;
+        db.write(&format!("{base}/policy"), b"drop")
+            .map_err(|e| fail("write", e))?;
+        for (index, rule) in rules.iter().enumerate() {
+            db.write(&format!("{base}/{index:04}"), rule.as_bytes())
+                .map_err(|e| fail("write", e))?;
+        }
+        db.write(&base, b"").map_err(|e| fail("commit", e))?;
+    }
+    Ok(())
+}
+
+/// How much each attack does; scaled down for short runs.
+#[derive(Clone, Copy)]
+struct Plan {
+    /// Length of each attack phase (and of `before`/`after`).
+    seconds: f64,
+    /// Sequential qrexec calls to the firewall in the `qrexec` phase (the
+    /// phase lasts until they are done).
+    sequential: u64,
+}
+
+impl Plan {
+    fn new(run_seconds: u64) -> Plan {
+        // Each attack phase has a quiet window of half its length before
+        // it, and `before` and `after` one phase each.
+        let attacks = PHASES.len().saturating_sub(2) as f64;
+        let seconds = (run_seconds as f64 / (attacks * 1.5 + 2.0)).max(3.0);
+        let scale = (run_seconds as f64 / FULL_SECONDS as f64).min(1.0);
+        Plan {
+            seconds,
+            sequential: ((QREXEC_SEQUENTIAL as f64 * scale) as u64).max(100),
+        }
+    }
+
+    fn quiet_seconds(&self) -> f64 {
+        (self.seconds / 2.0).max(2.0)
+    }
+
+    fn full(&self) -> bool {
+        self.sequential >= QREXEC_SEQUENTIAL
+    }
+}
+
 fn start_attack(
     phase: &str,
     bx: &Arc<BoxUp>,
     scripts: &Path,
-    seconds: f64,
+    plan: Plan,
 ) -> Result<Attack, String> {
+    let seconds = plan.seconds;
     let stop = Arc::new(AtomicBool::new(false));
     let mut attack = Attack {
         children: Vec::new(),
         stop: Arc::clone(&stop),
         threads: Vec::new(),
+        done: None,
+        restarts: Arc::new(Mutex::new(Vec::new())),
     };
     let script = scripts.join("attack.py").to_string_lossy().into_owned();
     let flood = |client: u16, kind: &str| -> Result<Reaped, String> {
         let (ip, ip6) = client_addresses(client);
+        // Niced: the attacker shares the machine's CPUs with the firewall
+        // and the well-behaved load, not so on Qubes (its own vCPUs).
         bx.in_machine(
             &format!("client{client}"),
-            "python3",
+            "nice",
             &[
+                "-n",
+                "19",
+                "python3",
                 &script,
                 kind,
                 &ip,
@@ -431,8 +607,8 @@ fn start_attack(
         "fragments" => attack.children.push(flood(11, "fragments")?),
         "icmp-spoof" => attack.children.push(flood(12, "icmp-spoof")?),
         "qrexec" => {
-            // A wave of concurrent calls, and sequential calls beside it
-            // for the whole phase.
+            // A wave of concurrent calls, and beside it the sequential
+            // calls: the phase lasts until they are all done.
             let wave_bx = Arc::clone(bx);
             attack.threads.push(std::thread::spawn(move || {
                 let ok = Arc::new(AtomicU64::new(0));
@@ -440,7 +616,7 @@ fn start_attack(
                     .map(|_| {
                         let (bx, ok) = (Arc::clone(&wave_bx), Arc::clone(&ok));
                         std::thread::spawn(move || {
-                            if firewall_status(&bx, Duration::from_secs(30)).is_some() {
+                            if status_call(&bx, Duration::from_secs(60), true).is_some() {
                                 ok.fetch_add(1, Ordering::SeqCst);
                             }
                         })
@@ -450,50 +626,113 @@ fn start_attack(
                     let _ = thread.join();
                 }
                 format!(
-                    "{}/{QREXEC_CONCURRENT} concurrent calls answered",
+                    "dom0 -> firewall: {}/{QREXEC_CONCURRENT} concurrent calls answered",
+                    ok.load(Ordering::SeqCst)
+                )
+            }));
+            let bx = Arc::clone(bx);
+            let done = Arc::new(AtomicBool::new(false));
+            attack.done = Some(Arc::clone(&done));
+            let target = plan.sequential;
+            attack.threads.push(std::thread::spawn(move || {
+                let start = Instant::now();
+                let (mut answered, mut failed) = (0u64, 0u64);
+                while answered + failed < target && !stop.load(Ordering::SeqCst) {
+                    // Not niced: one call at a time, each waited for.
+                    match status_call(&bx, Duration::from_secs(15), false) {
+                        Some(_) => answered += 1,
+                        None => failed += 1,
+                    }
+                }
+                done.store(true, Ordering::SeqCst);
+                format!(
+                    "{answered}/{target} sequential answered ({failed} not) in {:.0} s",
+                    start.elapsed().as_secs_f64()
+                )
+            }));
+        }
+        "qrexec-vm" => {
+            // Between clients through dom0's policy daemon: a wave of
+            // concurrent calls (client6..9 to client20..39), and
+            // sequential ones beside it for the phase.
+            let wave_bx = Arc::clone(bx);
+            attack.threads.push(std::thread::spawn(move || {
+                let ok = Arc::new(AtomicU64::new(0));
+                let wave: Vec<_> = (0..QREXEC_CONCURRENT)
+                    .map(|i| {
+                        let (bx, ok) = (Arc::clone(&wave_bx), Arc::clone(&ok));
+                        let i = u16::try_from(i).unwrap_or(0);
+                        std::thread::spawn(move || {
+                            if vm_call(&bx, 6 + i % 4, 20 + i % 20) {
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                        })
+                    })
+                    .collect();
+                for thread in wave {
+                    let _ = thread.join();
+                }
+                format!(
+                    "client -> client (policy daemon): {}/{QREXEC_CONCURRENT} concurrent calls answered",
                     ok.load(Ordering::SeqCst)
                 )
             }));
             let bx = Arc::clone(bx);
             attack.threads.push(std::thread::spawn(move || {
-                let (mut sequential, mut failed) = (0u64, 0u64);
+                let start = Instant::now();
+                let (mut answered, mut failed) = (0u64, 0u64);
                 while !stop.load(Ordering::SeqCst) {
-                    match firewall_status(&bx, Duration::from_secs(15)) {
-                        Some(_) => sequential += 1,
-                        None => failed += 1,
+                    if vm_call(&bx, 9, 40) {
+                        answered += 1;
+                    } else {
+                        failed += 1;
                     }
                 }
-                format!("{sequential} sequential answered, {failed} not")
+                format!(
+                    "{answered} sequential answered ({failed} not, {:.0}/s)",
+                    answered as f64 / start.elapsed().as_secs_f64().max(1e-3)
+                )
             }));
         }
         "qubesdb" => {
             let (rules_bx, rules_stop) = (Arc::clone(bx), Arc::clone(&stop));
             attack.threads.push(std::thread::spawn(move || {
+                // One long-lived connection to the firewall's QubesDB
+                // daemon (as qubesd keeps one), rewrites paced at
+                // RULES_PER_SECOND.
+                let socket = qubesdb::daemon::socket_path(
+                    &Path::new(&rules_bx.state).join("qubes"),
+                    "sys-firewall",
+                );
+                let mut db = match qubesdb::client::QdbClient::open_path(&socket) {
+                    Ok(db) => db,
+                    Err(error) => {
+                        return format!(
+                            "client50's rules not rewritten: cannot connect to {}: {error}",
+                            socket.display()
+                        );
+                    }
+                };
                 let start = Instant::now();
-                let (ip, _) = client_addresses(50);
-                let mut writes = 0u64;
-                let mut errors = 0u64;
+                let (mut writes, mut errors) = (0u64, 0u64);
                 let mut first_error = None;
                 while !rules_stop.load(Ordering::SeqCst) {
-                    let port = format!(
-                        "action=accept proto=tcp dstports={0}-{0}",
-                        1000 + writes % 1000
-                    );
-                    let rules = [
-                        "action=accept proto=tcp dstports=80-80",
-                        port.as_str(),
-                        "action=accept specialtarget=dns",
-                    ];
-                    match rules_bx.set_rules(&ip, "drop", &rules) {
+                    let due = start + Duration::from_secs_f64(writes as f64 / RULES_PER_SECOND);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    match rewrite_rules(&mut db, 50, writes) {
                         Ok(()) => writes += 1,
                         Err(error) => {
                             errors += 1;
                             first_error.get_or_insert(error);
+                            // Do not spin on a dead connection.
+                            std::thread::sleep(Duration::from_millis(10));
                         }
                     }
                 }
                 format!(
-                    "client50's rules rewritten {writes} times ({:.0}/s, {errors} errors{})",
+                    "client50's rules rewritten {writes} times ({:.0}/s, paced at {RULES_PER_SECOND}/s, {errors} errors{})",
                     writes as f64 / start.elapsed().as_secs_f64().max(1e-3),
                     first_error.map_or(String::new(), |e| format!(", the first: {e}"))
                 )
@@ -559,6 +798,7 @@ fn start_attack(
         }
         "sys-net" => {
             let bx = Arc::clone(bx);
+            let done_at = Arc::clone(&attack.restarts);
             attack.threads.push(std::thread::spawn(move || {
                 let (mut restarts, mut errors) = (0u64, 0u64);
                 while !stop.load(Ordering::SeqCst) {
@@ -566,11 +806,16 @@ fn start_attack(
                         &bx.qubes_box(),
                         &["restart-net", "--state-dir", STATE, "--prefix", PREFIX],
                     ) {
-                        Ok(_) => restarts += 1,
+                        Ok(_) => {
+                            restarts += 1;
+                            if let Ok(mut all) = done_at.lock() {
+                                all.push(Instant::now());
+                            }
+                        }
                         Err(_) => errors += 1,
                     }
                     let pause = Instant::now();
-                    while !stop.load(Ordering::SeqCst) && pause.elapsed() < Duration::from_secs(2) {
+                    while !stop.load(Ordering::SeqCst) && pause.elapsed() < SYS_NET_EVERY {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                 }
@@ -622,21 +867,78 @@ fn nat(status: &str) -> Option<(u64, u64, u64)> {
     Some((entries, capacity, clients))
 }
 
-struct Row {
-    phase: &'static str,
+/// `heap: used N KiB` and `heap_peak: N KiB` of a status report.
+fn heap_kib(status: &str) -> (Option<u64>, Option<u64>) {
+    let number = |prefix: &str, at: usize| {
+        status
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(at))
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    (number("heap: used ", 2), number("heap_peak: ", 1))
+}
+
+/// What the well-behaved load did in one window.
+#[derive(Clone, Copy, Default)]
+struct Window {
     mbps: f64,
     median_ms: Option<f64>,
     worst_ms: Option<f64>,
     failures: u64,
+}
+
+struct Row {
+    phase: &'static str,
+    /// The quiet window just before the attack (none for before/after).
+    quiet: Option<Window>,
+    during: Window,
     memory: Option<(u64, u64)>,
+    heap: (Option<u64>, Option<u64>),
     nat: Option<(u64, u64, u64)>,
     leaked: u64,
     drops: BTreeMap<String, u64>,
     notes: String,
+    seconds: f64,
+}
+
+impl Row {
+    /// Throughput during the attack over the quiet window just before it.
+    fn ratio(&self) -> Option<f64> {
+        let quiet = self.quiet?;
+        (quiet.mbps > 0.0).then(|| self.during.mbps / quiet.mbps)
+    }
+}
+
+/// Recovery after each sys-net restart: from the restart's end to the end
+/// of the first well-behaved request (client5's `GET /`) sent after it.
+fn recoveries(load: &Load, restarts: &[Instant], until: Instant) -> Vec<Option<f64>> {
+    let Ok(all) = load.samples.lock() else {
+        return Vec::new();
+    };
+    restarts
+        .iter()
+        .enumerate()
+        .map(|(i, restart)| {
+            let next = restarts.get(i + 1).copied().unwrap_or(until);
+            all.iter().find_map(|(at, sample)| match sample {
+                Sample::Latency(ms)
+                    if *at >= *restart
+                        && at
+                            .checked_sub(Duration::from_secs_f64(ms / 1e3))
+                            .is_some_and(|sent| sent >= *restart)
+                        && *at < next =>
+                {
+                    Some(at.duration_since(*restart).as_secs_f64())
+                }
+                _ => None,
+            })
+        })
+        .collect()
 }
 
 fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(), String> {
-    let phase_seconds = (seconds as f64 / PHASES.len() as f64).max(3.0);
+    let plan = Plan::new(seconds);
     let clients = CLIENTS.to_string();
     let firewall = firewall.to_string_lossy().into_owned();
     println!("soak: bringing up the box with {CLIENTS} client qubes");
@@ -658,6 +960,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     let pid = quiet(&bx.qubes_box(), &["firewall-pid", "--state-dir", STATE])?
         .trim()
         .to_string();
+    let niced = nice_the_rest(STATE);
 
     let mut sinks = Sinks {
         scripts: scripts.to_path_buf(),
@@ -697,9 +1000,18 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     if canary == 0 {
         return Err("soak: the sink in sys-net did not see the canary (an allowed, marked SYN from client3): it could not see a leak either".into());
     }
+    let counts = if plan.full() {
+        format!("full counts: {QREXEC_SEQUENTIAL} sequential qrexec calls")
+    } else {
+        format!(
+            "counts scaled to the run: {} of {QREXEC_SEQUENTIAL} sequential qrexec calls (full at {FULL_SECONDS} s)",
+            plan.sequential
+        )
+    };
     println!(
-        "soak: the sink sees what passes ({canary} canary frames); {:.1} s per phase",
-        phase_seconds
+        "soak: the sink sees what passes ({canary} canary frames); {:.1} s per phase, each attack after {:.1} s quiet; {counts}",
+        plan.seconds,
+        plan.quiet_seconds()
     );
 
     let load = Load::start(&bx, scripts)?;
@@ -707,23 +1019,46 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     std::thread::sleep(Duration::from_secs(2));
     let mut rows: Vec<Row> = Vec::new();
     let first_status = firewall_status(&bx, Duration::from_secs(15)).unwrap_or_default();
-    let heap = first_status
-        .lines()
-        .find(|l| l.starts_with("heap:"))
-        .unwrap_or("heap: (no heap line in qubes.FirewallStatus)")
-        .to_string();
     let mut previous_drops = drops(&first_status);
     let mut problems: Vec<String> = Vec::new();
+    let mut sys_net_recovery = String::new();
+    let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     for phase in PHASES {
+        let attacking = !matches!(*phase, "before" | "after");
+        let quiet = attacking.then(|| {
+            let from = Instant::now();
+            std::thread::sleep(Duration::from_secs_f64(plan.quiet_seconds()));
+            load.window(from, Instant::now())
+        });
         let from = Instant::now();
-        let attack = start_attack(phase, &bx, scripts, phase_seconds)?;
-        std::thread::sleep(Duration::from_secs_f64(phase_seconds));
+        let attack = start_attack(phase, &bx, scripts, plan)?;
+        let (done, restarts) = (attack.done.clone(), Arc::clone(&attack.restarts));
+        std::thread::sleep(Duration::from_secs_f64(plan.seconds));
+        // A counted attack lasts until its count is done (at most 30 min).
+        if let Some(done) = done {
+            while !done.load(Ordering::SeqCst) && from.elapsed() < Duration::from_secs(1800) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let to = Instant::now();
-        let notes = attack.stop();
-        let mut notes = notes;
+        let mut notes = attack.stop();
         if *phase == "sys-net" {
             // The restarts ended the sink with the old namespace.
             sinks.start(&bx)?;
+            let restarts = restarts.lock().map(|r| r.clone()).unwrap_or_default();
+            let times = recoveries(&load, &restarts, to);
+            let mut known: Vec<f64> = times.iter().flatten().copied().collect();
+            known.sort_by(f64::total_cmp);
+            sys_net_recovery = format!(
+                "{} restarts every {} s: client5 answered again after median {} s, max {} s ({} restarts without an answer before the next)",
+                restarts.len(),
+                SYS_NET_EVERY.as_secs(),
+                known
+                    .get(known.len() / 2)
+                    .map_or("-".into(), |v| format!("{v:.2}")),
+                known.last().map_or("-".into(), |v| format!("{v:.2}")),
+                times.len() - known.len()
+            );
             // Downloads cut by a restart stall until their timeout (5 s);
             // the `after` phase starts once the clients download again.
             match load.recovered(to, Duration::from_secs(30)) {
@@ -736,7 +1071,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
                 ),
             }
         }
-        let (mbps, median_ms, worst_ms, failures) = load.figures(from, to);
+        let during = load.window(from, to);
         let status = firewall_status(&bx, Duration::from_secs(15));
         if status.is_none() {
             problems.push(format!(
@@ -768,32 +1103,53 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         }
         rows.push(Row {
             phase,
-            mbps,
-            median_ms,
-            worst_ms,
-            failures,
+            quiet,
+            during,
             memory,
+            heap: heap_kib(&status),
             nat: nat(&status),
             leaked: sinks.leaked().0,
             drops: delta,
             notes,
+            seconds: to.duration_since(from).as_secs_f64(),
         });
         if memory.is_none() {
             break;
         }
     }
     drop(load);
+    let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     // The table.
-    let base = rows.first().map_or(0.0, |r| r.mbps);
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let kib = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     println!();
     println!(
-        "soak: {CLIENTS} clients, box up in {up_seconds:.1} s, {phase_seconds:.1} s per phase, well-behaved: client3+client4 HTTP downloads, client5 GET / every 0.1 s"
+        "soak: {CLIENTS} clients, box up in {up_seconds:.1} s, {:.1} s per phase after {:.1} s quiet, {counts}",
+        plan.seconds,
+        plan.quiet_seconds()
     );
     println!(
-        "{:<11} {:>8} {:>6} {:>8} {:>8} {:>5} {:>8} {:>8} {:>14} {:>6}  attack",
+        "well-behaved: client3+client4 HTTP downloads (MB/s), client5 GET / every 0.1 s (ms); attackers and {niced} processes of dom0 and the other qubes niced (nice -n 19: on Qubes they have CPUs of their own)"
+    );
+    println!(
+        "load average (1, 5, 15 min, /proc/loadavg) at the start {}, at the end {}",
+        load_start
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        load_end
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "{:<11} {:>6} {:>8} {:>8} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  attack",
         "phase",
+        "secs",
+        "quiet",
         "MB/s",
         "ratio",
         "p50 ms",
@@ -801,7 +1157,9 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         "fail",
         "RSS KiB",
         "HWM KiB",
-        "NAT (clients)",
+        "heap",
+        "heap HWM",
+        "NAT (owned)",
         "leaked"
     );
     for r in &rows {
@@ -810,15 +1168,19 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         });
         let nat = r.nat.map_or("-".into(), |(n, _, c)| format!("{n} ({c})"));
         println!(
-            "{:<11} {:>8.1} {:>6.2} {:>8} {:>8} {:>5} {:>8} {:>8} {:>14} {:>6}  {}",
+            "{:<11} {:>6.1} {:>8} {:>8.1} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  {}",
             r.phase,
-            r.mbps,
-            if base > 0.0 { r.mbps / base } else { 0.0 },
-            ms(r.median_ms),
-            ms(r.worst_ms),
-            r.failures,
+            r.seconds,
+            r.quiet.map_or("-".into(), |q| format!("{:.1}", q.mbps)),
+            r.during.mbps,
+            r.ratio().map_or("-".into(), |v| format!("{v:.2}")),
+            ms(r.during.median_ms),
+            ms(r.during.worst_ms),
+            r.during.failures,
             rss,
             hwm,
+            kib(r.heap.0),
+            kib(r.heap.1),
             nat,
             r.leaked,
             r.notes
@@ -827,7 +1189,30 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     if let Some((_, capacity, _)) = rows.iter().find_map(|r| r.nat) {
         println!("NAT table capacity: {capacity}");
     }
-    println!("qubes.FirewallStatus {heap}");
+    println!(
+        "ratio: MB/s during the attack over the quiet window just before it (same clients, same machine load); goal >= {:.2}",
+        RATIO_GOAL
+    );
+    let below: Vec<String> = rows
+        .iter()
+        .filter(|r| r.phase != "sys-net")
+        .filter_map(|r| Some((r.phase, r.ratio()?)))
+        .filter(|(_, ratio)| *ratio < RATIO_GOAL)
+        .map(|(phase, ratio)| format!("{phase} {ratio:.2}"))
+        .collect();
+    println!(
+        "  attacks below the goal: {}",
+        if below.is_empty() {
+            "none".to_string()
+        } else {
+            below.join(", ")
+        }
+    );
+    if !sys_net_recovery.is_empty() {
+        println!(
+            "sys-net: every restart cuts the connections through it (its server restarts with it), so its ratio is not judged; {sys_net_recovery}"
+        );
+    }
     println!("drops by reason (new in each phase):");
     for r in &rows {
         let list: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -862,7 +1247,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         ));
     }
     if let Some(after) = rows.iter().find(|r| r.phase == "after")
-        && after.median_ms.is_none()
+        && after.during.median_ms.is_none()
     {
         problems.push("hang: no well-behaved request succeeded after the attacks".into());
     }
@@ -884,6 +1269,18 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         if rss > bound {
             problems.push(format!(
                 "memory growth: VmRSS {rss} KiB at the end, above {bound} KiB (VmHWM {hwm} KiB after the first attack + {GROWTH_PERCENT} % + {GROWTH_SLACK_KIB} KiB)"
+            ));
+        }
+    }
+    // The firewall's own allocations: the same bound on the heap's
+    // high-water mark.
+    let first_heap = rows.get(1).and_then(|r| r.heap.1);
+    let last_heap = rows.last().and_then(|r| r.heap.1);
+    if let (Some(first), Some(last)) = (first_heap, last_heap) {
+        let bound = first + first * GROWTH_PERCENT / 100 + GROWTH_SLACK_KIB;
+        if last > bound {
+            problems.push(format!(
+                "memory growth: heap high-water mark {last} KiB at the end, above {bound} KiB ({first} KiB after the first attack + {GROWTH_PERCENT} % + {GROWTH_SLACK_KIB} KiB)"
             ));
         }
     }
