@@ -46,27 +46,73 @@ pub(super) enum Options {
     Bad(u8),
 }
 
+/// One option of a header: where it starts, its kind and length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Opt {
+    at: usize,
+    kind: u8,
+    length: usize,
+}
+
+/// The one walk over a header's options, for [`check`] and [`record`]
+/// alike: NOPs skipped, the list ends at END or the header's end; an
+/// option whose length byte is missing, below 2 or past the header ends
+/// the walk with the byte to point a parameter problem at. A cursor, not
+/// a borrowing iterator, so [`record`] can write between steps.
+#[derive(Clone, Copy, Debug)]
+struct Walk {
+    at: usize,
+    done: bool,
+}
+
+impl Walk {
+    fn new() -> Walk {
+        Walk {
+            at: 20,
+            done: false,
+        }
+    }
+
+    fn next(&mut self, header: &[u8]) -> Option<Result<Opt, usize>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let at = self.at;
+            match header.get(at) {
+                None | Some(&END) => {
+                    self.done = true;
+                    return None;
+                }
+                Some(&NOP) => self.at += 1,
+                Some(&kind) => {
+                    let Some(&length) = header.get(at + 1) else {
+                        self.done = true;
+                        return Some(Err(at));
+                    };
+                    let length = usize::from(length);
+                    if length < 2 || at + length > header.len() {
+                        self.done = true;
+                        return Some(Err(at + 1));
+                    }
+                    self.at += length;
+                    return Some(Ok(Opt { at, kind, length }));
+                }
+            }
+        }
+    }
+}
+
 /// Checks the options of the IPv4 header `header` (its full length, fixed
 /// part included).
 pub(super) fn check(header: &[u8]) -> Options {
-    let mut at = 20;
+    let mut walk = Walk::new();
     let mut source_route = false;
-    while let Some(&kind) = header.get(at) {
-        match kind {
-            END => break,
-            NOP => {
-                at += 1;
-                continue;
-            }
-            _ => {}
-        }
-        let Some(&length) = header.get(at + 1) else {
-            return Options::Bad(at as u8);
+    while let Some(item) = walk.next(header) {
+        let Opt { at, kind, length } = match item {
+            Ok(opt) => opt,
+            Err(bad) => return Options::Bad(bad as u8),
         };
-        let length = usize::from(length);
-        if length < 2 || at + length > header.len() {
-            return Options::Bad((at + 1) as u8);
-        }
         let pointer = usize::from(header.get(at + 2).copied().unwrap_or(0));
         let bad = match kind {
             LOOSE_SOURCE_ROUTE | STRICT_SOURCE_ROUTE => {
@@ -119,7 +165,6 @@ pub(super) fn check(header: &[u8]) -> Options {
         if let Some(bad) = bad {
             return Options::Bad(bad as u8);
         }
-        at += length;
     }
     if source_route {
         Options::SourceRoute
@@ -137,23 +182,10 @@ pub(super) fn record(packet: &mut [u8], ours: Ipv4Addr, ms_since_midnight: u32) 
     let Some(header) = packet.get_mut(..header_len) else {
         return;
     };
-    let mut at = 20;
+    let mut walk = Walk::new();
     let mut changed = false;
-    while let Some(&kind) = header.get(at) {
-        match kind {
-            END => break,
-            NOP => {
-                at += 1;
-                continue;
-            }
-            _ => {}
-        }
-        let Some(length) = header.get(at + 1).map(|&l| usize::from(l)) else {
-            break;
-        };
-        if length < 2 {
-            break;
-        }
+    // `check` refused malformed lists before we get here.
+    while let Some(Ok(Opt { at, kind, length })) = walk.next(header) {
         let pointer = usize::from(header.get(at + 2).copied().unwrap_or(0));
         match kind {
             RECORD_ROUTE if pointer >= 4 && pointer + 3 <= length => {
@@ -215,7 +247,6 @@ pub(super) fn record(packet: &mut [u8], ours: Ipv4Addr, ms_since_midnight: u32) 
             }
             _ => {}
         }
-        at += length;
     }
     if changed {
         if let Some(field) = header.get_mut(10..12) {
