@@ -29,14 +29,16 @@
 //! denies as Qubes does: "source domain has no GuiVM") and nothing is
 //! notified. A failing agent call (cannot start, non-zero exit, no answer
 //! within the timeout, answer over 4 KiB) is a deny — it never falls back.
-//! The system info is read again whenever the file changed (inode, size or
-//! mtime), as the qube list may have; an unreadable one is a deny.
+//! The system info comes from where the policy's does
+//! ([`SystemInfoOrigin`]): qubesd's `internal.GetSystemInfo`, asked at each
+//! ask or notification, or the static file, read again whenever it changed
+//! (inode, size or mtime); an unreadable one is a deny.
 
 #![deny(clippy::indexing_slicing)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,7 +46,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::eval::{AskAnswer, AskQuestion, Confirm, Notice};
-use crate::system_info::{FileStamp, file_stamp};
+use crate::system_info::{FileStamp, SystemInfoOrigin, file_stamp};
 
 type Domains = serde_json::Map<String, Value>;
 
@@ -87,7 +89,7 @@ pub struct AgentArgs {
 
 /// Asks through the GUI qube's policy agent, or `fallback` without one.
 pub struct AgentConfirm {
-    system_info: PathBuf,
+    system_info: SystemInfoOrigin,
     args: AgentArgs,
     timeout: Duration,
     fallback: Arc<dyn Confirm>,
@@ -105,16 +107,16 @@ impl std::fmt::Debug for AgentConfirm {
 }
 
 impl AgentConfirm {
-    /// `system_info` is the `qubes.json` to read `guivm` and icons from;
+    /// `system_info` is where to read `guivm` and icons from;
     /// `timeout` bounds each agent call (the user's answer included).
     pub fn new(
-        system_info: impl Into<PathBuf>,
+        system_info: SystemInfoOrigin,
         args: AgentArgs,
         timeout: Duration,
         fallback: Arc<dyn Confirm>,
     ) -> Self {
         AgentConfirm {
-            system_info: system_info.into(),
+            system_info,
             args,
             timeout,
             fallback,
@@ -122,11 +124,14 @@ impl AgentConfirm {
         }
     }
 
-    /// The `domains` object, parsed again only when the file changed
-    /// (inode, size or mtime), so a flood of notifying denials does not
-    /// re-parse it each time.
+    /// The `domains` object. From a file it is parsed again only when the
+    /// file changed (inode, size or mtime), so a flood of notifying denials
+    /// does not re-parse it each time; from qubesd it is asked afresh.
     fn domains(&self) -> Result<Arc<Domains>, String> {
-        let stamp = file_stamp(&self.system_info);
+        let Some(path) = self.system_info.file() else {
+            return self.read_domains().map(Arc::new);
+        };
+        let stamp = file_stamp(path);
         let mut cache = self
             .cache
             .lock()
@@ -143,16 +148,12 @@ impl AgentConfirm {
     }
 
     fn read_domains(&self) -> Result<Domains, String> {
-        let text = std::fs::read_to_string(&self.system_info)
-            .map_err(|e| format!("cannot read {}: {e}", self.system_info.display()))?;
+        let (text, origin) = self.system_info.fetch_text()?;
         let mut value: Value = serde_json::from_str(&text)
-            .map_err(|e| format!("cannot parse {}: {e}", self.system_info.display()))?;
+            .map_err(|e| format!("cannot parse system info {origin}: {e}"))?;
         match value.get_mut("domains").map(Value::take) {
             Some(Value::Object(map)) => Ok(map),
-            _ => Err(format!(
-                "{} has no \"domains\" object",
-                self.system_info.display()
-            )),
+            _ => Err(format!("system info {origin} has no \"domains\" object")),
         }
     }
 
@@ -391,12 +392,12 @@ impl Confirm for AgentConfirm {
 /// Wrap `fallback` so that qubes with a GUI qube are asked through it.
 pub fn with_agent(
     fallback: Arc<dyn Confirm>,
-    system_info: &Path,
+    system_info: &SystemInfoOrigin,
     args: &AgentArgs,
     timeout: Duration,
 ) -> Arc<dyn Confirm> {
     Arc::new(AgentConfirm::new(
-        system_info,
+        system_info.clone(),
         args.clone(),
         timeout,
         fallback,

@@ -13,7 +13,8 @@
 //! line, both formats, Qubes' error texts), [`loader`] (directories,
 //! `!include*`, `!compat-4.0`, legacy files), [`index`] (the compiled
 //! index), [`eval`] (actions, redirects, `ask`, replies), [`system_info`]
-//! (the qube list from a JSON file, behind a trait), [`protocol`] (the daemon
+//! (the qube list from qubesd or a JSON file, behind a trait),
+//! [`protocol`] (the daemon
 //! socket request), [`ask`] (the confirmation program), [`agent`]
 //! (`policy.Ask`/`policy.Notify` to the GUI qube's `qrexec-policy-agent`),
 //! [`daemon`] (the server and the reload watcher), [`admin`] (the policy
@@ -42,9 +43,14 @@
 //! `/etc/qubes-rpc/policy`) is what `!compat-4.0` reads; as in Qubes 4.1+
 //! (`35-compat.policy`), legacy files are used only through that directive,
 //! so a legacy-only setup is a policy directory holding one file with the
-//! line `!compat-4.0`. `--system-info`
-//! (default `/etc/qubes/qubes.json`) is the qube list, format in
-//! [`system_info`]. When the source qube has a GUI qube (`guivm`), `ask`
+//! line `!compat-4.0`. The qube list
+//! comes, as in Qubes, from qubesd's `internal.GetSystemInfo`, asked for
+//! each request (socket `/var/run/qubesd.internal.sock`, or
+//! `QUBESD_INTERNAL_SOCKET`); `--system-info PATH` (or
+//! `QREXEC_SYSTEM_INFO`) reads a static JSON file instead, for tests and
+//! systems without qubesd (format in [`system_info`]). A qubesd error is a
+//! deny, logged with qubesd's message.
+//! When the source qube has a GUI qube (`guivm`), `ask`
 //! rules and notifications go to its `qrexec-policy-agent` as in Qubes (see
 //! [`agent`]; `--qrexec-client`, `--qrexec-socket-dir`, `--rpc-socket-dir`).
 //! Otherwise `--ask-program` answers `ask` rules (see [`ask`]); without it
@@ -75,6 +81,7 @@
 //! The fallback qrexec-daemon runs when the policy daemon is not reachable
 //! (`PROGRAM -- SRC TARGET SVC+ARG`): prints the same reply as the daemon on
 //! standard output and exits 0 for allow, 1 for deny (2 for a usage error).
+//! The qube list comes from qubesd or `--system-info`, as for the daemon.
 //! `--path` is Qubes' name for the policy directory option (repeatable, same
 //! defaults as the daemon). Qubes' deprecated five-argument form (which also
 //! starts the call through qrexec-client and qubesd) is refused with exit 2.
@@ -100,7 +107,9 @@
 //!
 //! qrexec-daemon runs its fallback program with a fixed argument list, so
 //! both tools also read their paths from the environment when the flag is
-//! absent (these names are ours; Qubes has no such variables):
+//! absent (these names are ours; Qubes has no such variables; qubesd's
+//! sockets are `QUBESD_SOCKET` / `QUBESD_INTERNAL_SOCKET`, see
+//! `qrexec::qubesd`):
 //! `QREXEC_POLICY_PATH` (directories separated by `:`),
 //! `QREXEC_LEGACY_POLICY_PATH`, `QREXEC_SYSTEM_INFO`, `QREXEC_ASK_PROGRAM`,
 //! `QREXEC_POLICY_AGENT_CLIENT`, `QREXEC_POLICY_AGENT_SOCKET_DIR`,
@@ -116,6 +125,7 @@
 //! qrexec-policy-daemon --socket-path /tmp/box/policy.sock \
 //!     --policy-path /tmp/box/policy.d --legacy-policy-path /tmp/box/legacy \
 //!     --system-info /tmp/box/qubes.json --ask-program /tmp/box/ask.sh &
+//! # (without --system-info it asks qubesd: QUBESD_INTERNAL_SOCKET=…)
 //! printf 'source=work\nintended_target=vault\nservice_and_arg=qubes.Filecopy\n\n' |
 //!     socat - UNIX-CONNECT:/tmp/box/policy.sock
 //! ```
@@ -159,10 +169,12 @@ pub mod token;
 pub use eval::{AskAnswer, AskQuestion, Confirm, Decision, NoConfirm, Notice, Policy, Query};
 pub use loader::{PolicyError, PolicyPaths};
 pub use system_info::{
-    Domain, JsonFileSystemInfo, StaticSystemInfo, SystemInfo, SystemInfoError, SystemInfoSource,
+    Domain, JsonFileSystemInfo, QubesdSystemInfo, StaticSystemInfo, SystemInfo, SystemInfoError,
+    SystemInfoOrigin, SystemInfoSource,
 };
 
-/// Default system-info file.
+/// Where a static system-info file is usually put (`--system-info`); the
+/// default is to ask qubesd.
 pub const SYSTEM_INFO_PATH: &str = "/etc/qubes/qubes.json";
 /// Default policy daemon socket.
 pub const POLICY_SOCKET: &str = "/run/qubes/policy.sock";

@@ -1,13 +1,17 @@
 //! What the policy needs to know about the qubes: the system-info source.
 //!
-//! In Qubes the policy engine asks qubesd (`admin.vm.List`-like internal
-//! call, see `qrexec/utils.py:get_system_info`) for every qube's name, type,
-//! tags, `default_dispvm`, `template_for_dispvms`, power state and uuid. Here
-//! the same facts come from a JSON file behind the [`SystemInfoSource`]
-//! trait, so a qubesd client can replace it later.
+//! As in Qubes, the tools ask qubesd (`internal.GetSystemInfo`, see
+//! qubes-core-qrexec `qrexec/utils.py:get_system_info` and qubes-core-admin
+//! `qubes/api/internal.py`) for every qube's name, type, tags,
+//! `default_dispvm`, `template_for_dispvms`, power state, uuid and the
+//! `internal` feature, once per decision ([`QubesdSystemInfo`], through
+//! [`qrexec::qubesd`]). A static JSON file of the same shape
+//! ([`JsonFileSystemInfo`]) stays available as an explicit option for tests
+//! and systems without qubesd ([`SystemInfoOrigin`]); both sit behind the
+//! [`SystemInfoSource`] trait.
 //!
-//! The file format (`/etc/qubes/qubes.json` by default) mirrors the
-//! structure Qubes' `get_system_info()` returns:
+//! The JSON (qubesd's answer, or the file) has the structure Qubes'
+//! `get_system_info()` returns:
 //!
 //! ```json
 //! {
@@ -23,7 +27,8 @@
 //! Every field except `type` is optional: `tags` defaults to `[]`,
 //! `default_dispvm` to `null`, `template_for_dispvms` to `false`,
 //! `power_state` to `"Halted"` (so `autostart=no` fails closed), `uuid` to
-//! none and `internal` to `false`. The admin VM is `dom0`, whose uuid in
+//! none and `internal` to `false` (qubesd sends the feature's value, `null`
+//! or a string: any true value in Python's sense counts). The admin VM is `dom0`, whose uuid in
 //! Qubes is always `00000000-0000-0000-0000-000000000000`; `uuid:` of that
 //! value names the admin VM in policies and requests whether or not the
 //! file gives dom0 a uuid. Unknown fields (`icon`, `label`, `guivm`, …) are ignored. A qube
@@ -38,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use qrexec::qubesd::{Qubesd, QubesdError};
 use serde::Deserialize;
 
 /// One qube as the policy sees it.
@@ -62,9 +68,23 @@ pub struct Domain {
     #[serde(default)]
     pub uuid: Option<String>,
     /// An internal qube (Qubes' `internal` feature): never offered as an
-    /// `ask` choice collected from the rules.
-    #[serde(default)]
+    /// `ask` choice collected from the rules. qubesd gives the feature's
+    /// value (`null`, or a string); as in Qubes' policy, any true value in
+    /// Python's sense counts (`true`, a non-empty string, a non-zero number).
+    #[serde(default, deserialize_with = "python_truth")]
     pub internal: bool,
+}
+
+fn python_truth<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    use serde_json::Value;
+    Ok(match Value::deserialize(d)? {
+        Value::Null => false,
+        Value::Bool(b) => b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    })
 }
 
 fn default_power_state() -> String {
@@ -120,6 +140,9 @@ pub enum SystemInfoError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// qubesd could not be asked (`internal.GetSystemInfo`).
+    #[error("cannot get system info from qubesd: {0}")]
+    Qubesd(#[from] qrexec::qubesd::QubesdError),
     /// The file is not valid JSON of the documented shape.
     #[error(
         "invalid system info {path}: {source} (expected {{\"domains\": {{NAME: {{\"type\": …}}}}}})"
@@ -319,6 +342,98 @@ impl SystemInfoSource for JsonFileSystemInfo {
     }
 }
 
+/// What [`SystemInfoError::Json`] names when the JSON came from qubesd.
+pub const QUBESD_LABEL: &str = "from qubesd (internal.GetSystemInfo)";
+
+/// Qubes' own source: qubesd's `internal.GetSystemInfo`, asked afresh for
+/// every decision (as Qubes' policy daemon does), so power states and new
+/// disposables are always current. Any qubesd error is an error (deny).
+#[derive(Debug, Clone)]
+pub struct QubesdSystemInfo {
+    qubesd: Qubesd,
+}
+
+impl QubesdSystemInfo {
+    /// Ask the qubesd at these sockets.
+    pub fn new(qubesd: Qubesd) -> Self {
+        QubesdSystemInfo { qubesd }
+    }
+
+    /// The JSON text qubesd answered.
+    pub fn fetch_text(&self) -> Result<String, SystemInfoError> {
+        let reply = self.qubesd.get_system_info()?;
+        String::from_utf8(reply).map_err(|_| {
+            SystemInfoError::Qubesd(QubesdError::Protocol {
+                method: qrexec::qubesd::GET_SYSTEM_INFO.to_string(),
+                dest: "dom0".to_string(),
+                what: "the system info is not UTF-8".to_string(),
+            })
+        })
+    }
+}
+
+impl SystemInfoSource for QubesdSystemInfo {
+    fn system_info(&self) -> Result<Arc<SystemInfo>, SystemInfoError> {
+        let text = self.fetch_text()?;
+        Ok(Arc::new(SystemInfo::from_json(
+            Path::new(QUBESD_LABEL),
+            &text,
+        )?))
+    }
+}
+
+/// Where the tools take the qube list from: qubesd (Qubes' way, the
+/// default), or a static JSON file given with `--system-info` /
+/// `QREXEC_SYSTEM_INFO` (tests, systems without qubesd).
+#[derive(Debug, Clone)]
+pub enum SystemInfoOrigin {
+    /// `internal.GetSystemInfo`.
+    Qubesd(Qubesd),
+    /// A JSON file in the format above.
+    File(PathBuf),
+}
+
+impl SystemInfoOrigin {
+    /// The file if one is given, else qubesd at its sockets from the
+    /// environment ([`Qubesd::from_env`]).
+    pub fn from_option(file: Option<PathBuf>) -> Self {
+        match file {
+            Some(path) => SystemInfoOrigin::File(path),
+            None => SystemInfoOrigin::Qubesd(Qubesd::from_env()),
+        }
+    }
+
+    /// The policy's view of it.
+    pub fn source(&self) -> Arc<dyn SystemInfoSource> {
+        match self {
+            SystemInfoOrigin::Qubesd(q) => Arc::new(QubesdSystemInfo::new(q.clone())),
+            SystemInfoOrigin::File(path) => Arc::new(JsonFileSystemInfo::new(path)),
+        }
+    }
+
+    /// The file, if the qube list comes from one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            SystemInfoOrigin::File(path) => Some(path),
+            SystemInfoOrigin::Qubesd(_) => None,
+        }
+    }
+
+    /// The raw JSON text (for the fields the policy itself does not use:
+    /// `guivm`, `icon`, `label`), and what to call it in messages.
+    pub fn fetch_text(&self) -> Result<(String, String), String> {
+        match self {
+            SystemInfoOrigin::Qubesd(q) => QubesdSystemInfo::new(q.clone())
+                .fetch_text()
+                .map(|t| (t, QUBESD_LABEL.to_string()))
+                .map_err(|e| e.to_string()),
+            SystemInfoOrigin::File(path) => std::fs::read_to_string(path)
+                .map(|t| (t, path.display().to_string()))
+                .map_err(|e| format!("cannot read {}: {e}", path.display())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +503,33 @@ mod tests {
         .unwrap();
         assert!(ok.get("sys-usb").unwrap().internal);
         assert!(!ok.get("dom0").unwrap().internal);
+    }
+
+    #[test]
+    fn internal_is_true_as_in_python() {
+        let p = Path::new("x.json");
+        let internal = |v: &str| {
+            SystemInfo::from_json(
+                p,
+                &format!(r#"{{"domains": {{"a": {{"type": "AppVM", "internal": {v}}}}}}}"#),
+            )
+            .unwrap()
+            .get("a")
+            .unwrap()
+            .internal
+        };
+        for (value, expected) in [
+            ("null", false),
+            ("false", false),
+            ("true", true),
+            (r#""""#, false),
+            (r#""1""#, true),
+            (r#""0""#, true),
+            ("0", false),
+            ("1", true),
+        ] {
+            assert_eq!(internal(value), expected, "{value}");
+        }
     }
 
     #[test]

@@ -12,9 +12,7 @@ use clap::Parser;
 use qrexec_policy::ask::ProgramConfirm;
 use qrexec_policy::daemon::{self, DaemonConfig};
 use qrexec_policy::loader::{LEGACY_POLICY_PATH, POLICY_PATH, RUNTIME_POLICY_PATH};
-use qrexec_policy::{
-    Confirm, JsonFileSystemInfo, NoConfirm, POLICY_SOCKET, PolicyPaths, SYSTEM_INFO_PATH,
-};
+use qrexec_policy::{Confirm, NoConfirm, POLICY_SOCKET, PolicyPaths, SystemInfoOrigin};
 
 /// Evaluate qrexec policy daemon: answers policy requests on a UNIX socket.
 ///
@@ -46,14 +44,11 @@ struct Args {
         default_value = LEGACY_POLICY_PATH
     )]
     legacy_policy_path: PathBuf,
-    /// JSON file listing the qubes (format: see the crate documentation).
-    #[arg(
-        long = "system-info",
-        value_name = "PATH",
-        env = "QREXEC_SYSTEM_INFO",
-        default_value = SYSTEM_INFO_PATH
-    )]
-    system_info: PathBuf,
+    /// Read the qube list from this JSON file (format: see the crate
+    /// documentation) instead of asking qubesd (internal.GetSystemInfo,
+    /// the default, as in Qubes).
+    #[arg(long = "system-info", value_name = "PATH", env = "QREXEC_SYSTEM_INFO")]
+    system_info: Option<PathBuf>,
     /// Program answering `ask` rules: run as `PROGRAM SOURCE SERVICE
     /// ARGUMENT DEFAULT_TARGET [TARGET...]`, prints `allow:TARGET` or
     /// `deny`. Without it, `ask` is a deny.
@@ -100,15 +95,15 @@ fn main() -> ExitCode {
             Arc::new(NoConfirm)
         }
     };
-    let confirm =
-        qrexec_policy::agent::with_agent(confirm, &args.system_info, &args.agent, ask_timeout);
+    let origin = SystemInfoOrigin::from_option(args.system_info);
+    let confirm = qrexec_policy::agent::with_agent(confirm, &origin, &args.agent, ask_timeout);
     let config = DaemonConfig {
         socket_path: args.socket_path,
         policy_paths: PolicyPaths {
             policy_dirs,
             legacy_dir: args.legacy_policy_path,
         },
-        system_info: Arc::new(JsonFileSystemInfo::new(args.system_info)),
+        system_info: origin.source(),
         confirm,
         reload_interval: Duration::from_millis(args.reload_interval_ms.max(10)),
         max_connections: args.max_connections.max(1),

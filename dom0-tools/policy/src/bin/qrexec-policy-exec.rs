@@ -12,8 +12,7 @@ use clap::Parser;
 use qrexec_policy::ask::ProgramConfirm;
 use qrexec_policy::loader::{LEGACY_POLICY_PATH, POLICY_PATH, RUNTIME_POLICY_PATH};
 use qrexec_policy::{
-    Confirm, JsonFileSystemInfo, NoConfirm, Policy, PolicyError, PolicyPaths, Query,
-    SYSTEM_INFO_PATH, SystemInfoSource,
+    Confirm, NoConfirm, Policy, PolicyError, PolicyPaths, Query, SystemInfoOrigin,
 };
 
 /// Evaluate qrexec policy for one call and print the reply (exit 0 = allow,
@@ -53,14 +52,10 @@ struct Args {
     /// affected.
     #[arg(long = "root", value_name = "DIR")]
     root: Option<PathBuf>,
-    /// JSON file listing the qubes.
-    #[arg(
-        long = "system-info",
-        value_name = "PATH",
-        env = "QREXEC_SYSTEM_INFO",
-        default_value = SYSTEM_INFO_PATH
-    )]
-    system_info: PathBuf,
+    /// Read the qube list from this JSON file instead of asking qubesd
+    /// (internal.GetSystemInfo, the default, as in Qubes).
+    #[arg(long = "system-info", value_name = "PATH", env = "QREXEC_SYSTEM_INFO")]
+    system_info: Option<PathBuf>,
     /// Program answering `ask` rules (see qrexec-policy-daemon --help).
     #[arg(long = "ask-program", value_name = "PATH", env = "QREXEC_ASK_PROGRAM")]
     ask_program: Option<PathBuf>,
@@ -139,7 +134,8 @@ fn main() -> ExitCode {
         requested_source: None,
     };
     let prefix = format!("qrexec: {service_and_arg}: {source} -> {target}:");
-    let system = match JsonFileSystemInfo::new(&args.system_info).system_info() {
+    let origin = SystemInfoOrigin::from_option(args.system_info.clone());
+    let system = match origin.source().system_info() {
         Ok(s) => s,
         Err(e) => {
             log::error!("{prefix} error getting system info: {e}");
@@ -165,8 +161,7 @@ fn main() -> ExitCode {
         Some(p) => std::sync::Arc::new(ProgramConfirm::new(p, ask_timeout)),
         None => std::sync::Arc::new(NoConfirm),
     };
-    let confirm =
-        qrexec_policy::agent::with_agent(confirm, &args.system_info, &args.agent, ask_timeout);
+    let confirm = qrexec_policy::agent::with_agent(confirm, &origin, &args.agent, ask_timeout);
     let decision = policy.evaluate(&query, &system, confirm.as_ref());
     let reply = qrexec_policy::protocol::checked_reply(&decision);
     print!("{reply}");
