@@ -840,6 +840,19 @@ fn memory_kib(pid: &str) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time (user + system, in clock ticks of 1/100 s) the firewall
+/// process has used.
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// `drop N reason` lines of a status report.
 fn drops(status: &str) -> BTreeMap<String, u64> {
     status
@@ -900,6 +913,8 @@ struct Row {
     drops: BTreeMap<String, u64>,
     notes: String,
     seconds: f64,
+    /// The firewall's CPU use during the attack (100: one core).
+    cpu_percent: Option<f64>,
 }
 
 impl Row {
@@ -1031,6 +1046,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
             load.window(from, Instant::now())
         });
         let from = Instant::now();
+        let ticks_from = cpu_ticks(&pid);
         let attack = start_attack(phase, &bx, scripts, plan)?;
         let (done, restarts) = (attack.done.clone(), Arc::clone(&attack.restarts));
         std::thread::sleep(Duration::from_secs_f64(plan.seconds));
@@ -1041,6 +1057,9 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
             }
         }
         let to = Instant::now();
+        let cpu_percent = ticks_from
+            .zip(cpu_ticks(&pid))
+            .map(|(a, b)| b.saturating_sub(a) as f64 / to.duration_since(from).as_secs_f64());
         let mut notes = attack.stop();
         if *phase == "sys-net" {
             // The restarts ended the sink with the old namespace.
@@ -1112,6 +1131,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
             drops: delta,
             notes,
             seconds: to.duration_since(from).as_secs_f64(),
+            cpu_percent,
         });
         if memory.is_none() {
             break;
@@ -1146,9 +1166,10 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
             .join(" ")
     );
     println!(
-        "{:<11} {:>6} {:>8} {:>8} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  attack",
+        "{:<11} {:>6} {:>6} {:>8} {:>8} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  attack",
         "phase",
         "secs",
+        "fw CPU",
         "quiet",
         "MB/s",
         "ratio",
@@ -1168,9 +1189,10 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         });
         let nat = r.nat.map_or("-".into(), |(n, _, c)| format!("{n} ({c})"));
         println!(
-            "{:<11} {:>6.1} {:>8} {:>8.1} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  {}",
+            "{:<11} {:>6.1} {:>6} {:>8} {:>8.1} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  {}",
             r.phase,
             r.seconds,
+            r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
             r.quiet.map_or("-".into(), |q| format!("{:.1}", q.mbps)),
             r.during.mbps,
             r.ratio().map_or("-".into(), |v| format!("{v:.2}")),
@@ -1192,6 +1214,9 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     println!(
         "ratio: MB/s during the attack over the quiet window just before it (same clients, same machine load); goal >= {:.2}",
         RATIO_GOAL
+    );
+    println!(
+        "fw CPU: the firewall process's CPU time during the attack (100% = one core; near it, the firewall is the bottleneck, well below it, the machine is)"
     );
     let below: Vec<String> = rows
         .iter()
@@ -1327,6 +1352,34 @@ connected_ips: 10.137.0.20
     fn nat_entries_and_the_clients_share_are_read() {
         assert_eq!(nat(STATUS), Some((5, 16384, 4)));
         assert_eq!(nat("qubes-firewall status\n"), None);
+    }
+
+    #[test]
+    fn heap_and_its_high_water_mark_are_read() {
+        let status = "heap: used 17173 KiB (no fixed size: a hosted process's heap grows from its C library)\nheap_peak: 19147 KiB\n";
+        assert_eq!(heap_kib(status), (Some(17173), Some(19147)));
+        assert_eq!(
+            heap_kib("heap: used 3072 KiB free 9216 KiB of 12288 KiB\n"),
+            (Some(3072), None)
+        );
+        assert_eq!(heap_kib("heap: not measured\n"), (None, None));
+    }
+
+    #[test]
+    fn our_own_cpu_time_is_read() {
+        assert!(cpu_ticks(&std::process::id().to_string()).is_some());
+        assert_eq!(cpu_ticks("not-a-pid"), None);
+    }
+
+    #[test]
+    fn short_runs_scale_the_counts_and_full_runs_do_not() {
+        let short = Plan::new(30);
+        assert!(!short.full());
+        assert!(short.sequential < QREXEC_SEQUENTIAL);
+        assert!(short.seconds >= 3.0);
+        let full = Plan::new(FULL_SECONDS);
+        assert!(full.full());
+        assert_eq!(full.sequential, QREXEC_SEQUENTIAL);
     }
 
     #[test]
