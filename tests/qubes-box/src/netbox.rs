@@ -226,11 +226,6 @@ impl BoxConfig {
         self.state_dir.join("qubes-rpc-policy")
     }
 
-    /// The box's `qubes.json` (the qube list the policy daemon reads).
-    pub fn system_info(&self) -> PathBuf {
-        self.state_dir.join("qubes.json")
-    }
-
     /// Where the `test.File` service of the seed example reads from.
     pub fn file_storage(&self) -> PathBuf {
         self.state_dir.join("rpc-file-storage")
@@ -730,12 +725,6 @@ fn stop_machine(config: &BoxConfig, machine: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// `<state>/qubes.json` from the box's registry of qubes: the same JSON
-/// the box's qubesd answers to `internal.GetSystemInfo`.
-fn write_system_info(config: &BoxConfig) -> io::Result<()> {
-    crate::qubesd::write_system_info_file(config)
-}
-
 fn write_executable(path: &Path, text: &str) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::write(path, text)?;
@@ -780,7 +769,6 @@ fn qrexec_env(config: &BoxConfig) -> Vec<(&'static str, PathBuf)> {
         ("QREXEC_POLICY_SOCKET", config.policy_socket()),
         ("QREXEC_POLICY_PATH", config.policy_dir()),
         ("QREXEC_LEGACY_POLICY_PATH", config.legacy_policy_dir()),
-        ("QREXEC_SYSTEM_INFO", config.system_info()),
         ("QREXEC_LOG_DIR", config.state_dir.join("log")),
         ("QUBESD_SOCKET", crate::qubesd::socket(config)),
         (
@@ -928,7 +916,6 @@ pub fn add_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> {
     )?;
     crate::vmtools::install(config, client, &rpc)?;
     start_qubesdb(config, client)?;
-    write_system_info(config)?;
     let domid = PathBuf::from(client.domid.to_string());
     let mut env: Vec<(&str, PathBuf)> = qrexec_env(config);
     env.push(("VCHAN_DOMAIN", domid));
@@ -1103,7 +1090,6 @@ pub fn remove_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> 
     ]);
     let _ = fs::remove_dir_all(config.rpc_dir(&client.name));
     let _ = fs::remove_file(config.agent_socket(&client.name));
-    write_system_info(config)?;
     let output = Command::new(config.bin("qubesdb-rm"))
         .args([
             "-d",
@@ -1195,8 +1181,9 @@ fn build(config: &BoxConfig) -> io::Result<()> {
     // dom0: the qrexec policy daemon.
     write_policy(config)?;
     crate::vmtools::write_policy(config)?;
-    write_system_info(config)?;
     let policy_daemon = config.bin("qrexec-policy-daemon");
+    let env = qrexec_env(config);
+    let env_refs: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (*k, v.as_path())).collect();
     if policy_daemon.exists() {
         spawn(
             config,
@@ -1211,8 +1198,6 @@ fn build(config: &BoxConfig) -> io::Result<()> {
                 config.policy_dir().display().to_string(),
                 "--legacy-policy-path".into(),
                 config.legacy_policy_dir().display().to_string(),
-                "--system-info".into(),
-                config.system_info().display().to_string(),
                 "--ask-program".into(),
                 crate::vmtools::ask_program(config).display().to_string(),
                 "--eval-socket-path".into(),
@@ -1228,7 +1213,9 @@ fn build(config: &BoxConfig) -> io::Result<()> {
                     .display()
                     .to_string(),
             ],
-            &[],
+            // QUBESD_INTERNAL_SOCKET: it asks the box's qubesd for the
+            // system info on every request, as Qubes' policy daemon does.
+            &env_refs,
         )?;
         wait_for_path(&config.policy_socket(), "qrexec-policy-daemon")?;
     }

@@ -7,7 +7,10 @@
 //! (Qubes: `/var/run/qubesd.sock`, the Admin API) and
 //! `<state>/qubesd.internal.sock` (Qubes: `/var/run/qubesd.internal.sock`);
 //! both answer every method below. The box gives their paths to the dom0
-//! processes it starts in `QUBESD_SOCKET` and `QUBESD_INTERNAL_SOCKET`.
+//! processes it starts in `QUBESD_SOCKET` and `QUBESD_INTERNAL_SOCKET`:
+//! the policy daemon asks for the system info on every decision, the
+//! qrexec daemons for disposables and autostart. Nothing else in the box
+//! stands in for qubesd.
 //!
 //! A request is read to the end of the connection (the client shuts its
 //! writing side down), at most 64 KiB as in qubesd:
@@ -533,19 +536,6 @@ fn json_string(text: &str) -> String {
     out
 }
 
-/// Writes `<state>/qubes.json`, the system-info file a policy daemon
-/// started with `--system-info` reads: the JSON qubesd answers, except
-/// that `"internal": null` (qubesd's value when the feature is not set)
-/// is written `false`, which that file's reader wants.
-pub fn write_system_info_file(config: &BoxConfig) -> io::Result<()> {
-    let temporary = config.system_info().with_extension("json.new");
-    let info = Registry::new(config)
-        .system_info()
-        .replace("\"internal\": null", "\"internal\": false");
-    fs::write(&temporary, format!("{info}\n"))?;
-    fs::rename(&temporary, config.system_info())
-}
-
 /// The server: the box it serves and a lock that runs changing calls one
 /// at a time.
 #[derive(Debug)]
@@ -717,7 +707,6 @@ impl Qubesd {
             let _ = fs::remove_dir_all(crate::vmtools::home(&self.config, &qube.name));
             let _ = fs::remove_dir_all(crate::vmtools::vm_dir(&self.config, &qube.name));
             let _ = registry.remove(&qube.name);
-            let _ = write_system_info_file(&self.config);
         }
         stopped.map_err(|error| {
             exception(
@@ -782,7 +771,6 @@ impl Qubesd {
                     format!("cannot register the disposable: {error}"),
                 )
             })?;
-            let _ = write_system_info_file(&self.config);
             eprintln!(
                 "qubesd: created {} from {} for {}",
                 dispvm.name, template.name, source.name
