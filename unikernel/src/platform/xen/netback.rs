@@ -6,31 +6,46 @@
 //! Facts (Xen `public/io/netif.h`, `public/io/ring.h`, Linux
 //! `xen-netback`): ring layout as in `netfront` (64-byte header, TX entries
 //! of 12 bytes, RX entries of 8, 256 each); we are the consumer of
-//! requests and producer of responses; we offer `feature-rx-copy` and no
-//! scatter-gather or GSO, so a TX request flagged `NETTXF_more_data` or
-//! `NETTXF_extra_info` is answered with `NETIF_RSP_ERROR` (and an extra-info
-//! slot with `NETIF_RSP_NULL`). Checksum offload as Linux netback does it:
-//! we accept blank (partial) IPv4 and IPv6 TCP/UDP checksums
-//! (`feature-no-csum-offload` 0, `feature-ipv6-csum-offload` 1) and
-//! complete a frame flagged `NETTXF_csum_blank` before the router sees it
-//! ([`super::csum`]); one that cannot be completed is dropped and counted.
+//! requests and producer of responses; we offer `feature-rx-copy`,
+//! `feature-sg`, `feature-gso-tcpv4` and `feature-gso-tcpv6` (written by
+//! `xenbus::offer`). A TX packet is one or more slots: the first request
+//! (its `size` the whole packet's), `NETTXF_extra_info` segments right
+//! behind it (`XEN_NETIF_EXTRA_TYPE_GSO`: `gso.size`, `gso.type`; chained
+//! by `XEN_NETIF_EXTRA_FLAG_MORE`), and data slots while
+//! `NETTXF_more_data` is set; every slot is answered (extra-info segments
+//! with `NETIF_RSP_NULL`). The packet goes to the router whole, with its
+//! offload metadata checked by [`crate::offload::accept`] (checksum
+//! partial for `NETTXF_csum_blank`, `feature-no-csum-offload` 0 and
+//! `feature-ipv6-csum-offload` 1 as Linux netback; GSO TCPv4/TCPv6):
+//! nothing is cut or completed here. Bounds as Linux netback's: at most
+//! [`MAX_SLOTS`] data slots (more: errors), [`FATAL_SLOTS`] or a packet or
+//! extra-info chain running past `req_prod`, or more than [`MAX_EXTRAS`]
+//! extra segments, stop the vif (`xenvif_fatal_tx_err`); the whole packet
+//! is at least 14 bytes and at most [`MAX_FRAME`] (GSO: 64 KiB), every
+//! slot's offset and size inside one page, the first size no smaller than
+//! the others' sum; an unknown extra type or a second GSO segment is an
+//! error; `gso_size` 0, a GSO type that does not match the frame and a
+//! blank checksum that is not TCP/UDP are served and dropped (counted).
 //! `NETTXF_data_validated` changes nothing (the router verifies no TCP/UDP
-//! checksum). Towards the client every checksum is complete and we did
-//! not verify it, so RX responses carry no `NETRXF_*` checksum flag. The frontend is hostile: its `req_prod` is
+//! checksum). Towards the client (RX) we send single-slot complete frames
+//! (the router cuts GSO frames for it in software); we did
+//! not verify them, so RX responses carry no `NETRXF_*` checksum flag. The frontend is hostile: its `req_prod` is
 //! read once per poll and may not exceed one ring of unanswered requests;
 //! offsets and sizes must stay inside one page; ids are echoed, never used
 //! as indices; grant copies Xen refuses become errors, never a panic. The
 //! ring logic is portable over [`SharedMemory`] and a [`GrantCopy`] seam
 //! and is tested on the host against a netfront double.
 
+#![deny(clippy::indexing_slicing)]
+
 use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::csum::complete_partial_checksum;
 use super::events::Notify;
 use super::netfront::{MAX_FRAME, NETIF_RSP_NULL, RING_HEADER, RING_SIZE, RX_ENTRY, TX_ENTRY};
 use super::shared::{SharedMemory, barrier};
+use crate::offload::{self, GsoKind, NicOffload, Offload};
 
 const REQ_PROD: usize = 0;
 const REQ_EVENT: usize = 4;
@@ -49,6 +64,32 @@ const RSP_OKAY: i16 = 0;
 const RSP_ERROR: i16 = -1;
 /// Frames held for the firewall before it reads them.
 pub const RX_QUEUE: usize = 64;
+/// Bytes held for the firewall before it reads them (a GSO packet is up
+/// to 64 KiB).
+pub const RX_QUEUE_BYTES: usize = 256 * 1024;
+/// Data slots one packet may take: Linux netback's
+/// `XEN_NETBK_LEGACY_SLOTS_MAX` (`MAX_SKB_FRAGS` + 1); a packet of more is
+/// refused with errors.
+pub const MAX_SLOTS: usize = 18;
+/// Data slots past which a packet stops the vif, as Linux netback's
+/// `fatal_skb_slots` default.
+pub const FATAL_SLOTS: usize = 20;
+/// Extra-info segments one packet may carry (one of each type there is).
+pub const MAX_EXTRAS: usize = 4;
+/// `XEN_NETIF_EXTRA_TYPE_GSO`.
+pub const EXTRA_TYPE_GSO: u8 = 1;
+/// `XEN_NETIF_EXTRA_TYPE_MCAST_ADD`.
+pub const EXTRA_TYPE_MCAST_ADD: u8 = 2;
+/// `XEN_NETIF_EXTRA_TYPE_MCAST_DEL`.
+pub const EXTRA_TYPE_MCAST_DEL: u8 = 3;
+/// `XEN_NETIF_EXTRA_TYPE_HASH`.
+pub const EXTRA_TYPE_HASH: u8 = 4;
+/// `XEN_NETIF_EXTRA_FLAG_MORE`: another extra-info segment follows.
+pub const EXTRA_FLAG_MORE: u8 = 1;
+/// `XEN_NETIF_GSO_TYPE_TCPV4`.
+pub const GSO_TYPE_TCPV4: u8 = 1;
+/// `XEN_NETIF_GSO_TYPE_TCPV6`.
+pub const GSO_TYPE_TCPV6: u8 = 2;
 const PAGE: usize = 4096;
 
 /// A grant copy Xen (or the range check before it) refused: the peer named
@@ -82,8 +123,22 @@ pub struct NetbackStats {
     /// Frames dropped: no RX buffer posted by the client, or queue full.
     pub dropped: u64,
     /// Frames flagged `NETTXF_csum_blank` whose checksum could not be
-    /// completed (not TCP/UDP over IP, a fragment, too short): dropped.
+    /// completed (not TCP/UDP over IP, a fragment, too short), or whose
+    /// GSO extra info did not match the frame (`gso_size` 0, not TCP, a
+    /// type we did not offer): dropped.
     pub bad_checksum_offload: u64,
+    /// GSO packets the client sent (each counted in `from_client` too).
+    pub gso_from_client: u64,
+}
+
+/// One TX request slot (`struct netif_tx_request`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct TxRequest {
+    gref: u32,
+    offset: u16,
+    flags: u16,
+    id: u16,
+    size: u16,
 }
 
 /// The backend rings of one client vif.
@@ -99,7 +154,10 @@ pub struct Netback<M, C, N> {
     tx_rsp_prod: u32,
     rx_req_cons: u32,
     rx_rsp_prod: u32,
-    received: VecDeque<Vec<u8>>,
+    received: VecDeque<(Vec<u8>, Offload)>,
+    received_bytes: usize,
+    /// Frames cut in software for [`Self::take_frame`].
+    finished: VecDeque<Vec<u8>>,
     stats: NetbackStats,
     broken: Option<&'static str>,
 }
@@ -122,6 +180,8 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             rx_req_cons: rx_start,
             rx_rsp_prod: rx_start,
             received: VecDeque::new(),
+            received_bytes: 0,
+            finished: VecDeque::new(),
             stats: NetbackStats::default(),
             broken: None,
         }
@@ -149,7 +209,30 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         self.tx_rsp_prod = self.tx_rsp_prod.wrapping_add(1);
     }
 
-    /// Takes the client's TX requests (its outgoing frames) into the queue.
+    /// One TX ring slot as a request.
+    fn tx_slot(&self, index: u32) -> TxRequest {
+        let at = RING_HEADER + (index % RING_SIZE) as usize * TX_ENTRY;
+        TxRequest {
+            gref: self.tx.load_u32(at),
+            offset: self.tx.load_u16(at + 4),
+            flags: self.tx.load_u16(at + 6),
+            id: self.tx.load_u16(at + 8),
+            size: self.tx.load_u16(at + 10),
+        }
+    }
+
+    /// One TX ring slot as an extra-info segment: its type, flags and, for
+    /// GSO, (`gso.size`, `gso.type`).
+    fn extra_slot(&self, index: u32) -> (u8, u8, u16, u8) {
+        let at = RING_HEADER + (index % RING_SIZE) as usize * TX_ENTRY;
+        let first = self.tx.load_u16(at).to_le_bytes();
+        let size = self.tx.load_u16(at + 2);
+        let kind = self.tx.load_u16(at + 4).to_le_bytes();
+        (first[0], first[1], size, kind[0])
+    }
+
+    /// Takes the client's TX requests (its outgoing packets, each one or
+    /// more slots) into the queue.
     pub fn poll(&mut self) {
         if self.broken.is_some() {
             return;
@@ -162,52 +245,14 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             return;
         }
         let mut answered = false;
-        let mut skip_extra = false;
         while self.tx_req_cons != prod {
-            let at = RING_HEADER + (self.tx_req_cons % RING_SIZE) as usize * TX_ENTRY;
-            let gref = self.tx.load_u32(at);
-            let offset = self.tx.load_u16(at + 4);
-            let flags = self.tx.load_u16(at + 6);
-            let id = self.tx.load_u16(at + 8);
-            let size = usize::from(self.tx.load_u16(at + 10));
-            self.tx_req_cons = self.tx_req_cons.wrapping_add(1);
             answered = true;
-            if skip_extra {
-                // The slot after an extra-info request holds the extra info.
-                skip_extra = false;
-                self.respond_tx(id, NETIF_RSP_NULL);
-                continue;
+            if let Err(reason) = self.take_packet(prod) {
+                // As Linux's `xenvif_fatal_tx_err`: the frontend broke the
+                // protocol; the vif stops.
+                self.broken = Some(reason);
+                break;
             }
-            let fits = (14..=MAX_FRAME).contains(&size) && usize::from(offset) + size <= PAGE;
-            if flags & (NETTXF_MORE_DATA | NETTXF_EXTRA_INFO) != 0 || !fits {
-                skip_extra = flags & NETTXF_EXTRA_INFO != 0;
-                self.stats.bad_requests += 1;
-                self.respond_tx(id, RSP_ERROR);
-                continue;
-            }
-            let mut frame = vec![0u8; size];
-            if self
-                .copier
-                .copy_from(self.dom, gref, offset, &mut frame)
-                .is_err()
-            {
-                self.stats.bad_requests += 1;
-                self.respond_tx(id, RSP_ERROR);
-                continue;
-            }
-            if flags & NETTXF_CSUM_BLANK != 0 && complete_partial_checksum(&mut frame).is_err() {
-                // As Linux netback: the request was served, the frame dropped.
-                self.stats.bad_checksum_offload += 1;
-                self.respond_tx(id, RSP_OKAY);
-                continue;
-            }
-            if self.received.len() < RX_QUEUE {
-                self.received.push_back(frame);
-                self.stats.from_client += 1;
-            } else {
-                self.stats.dropped += 1;
-            }
-            self.respond_tx(id, RSP_OKAY);
         }
         // Ask to be notified of the next request.
         self.tx
@@ -219,9 +264,181 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         }
     }
 
-    /// The next frame the client sent.
+    /// Consumes one packet's slots (first request, extra-info segments,
+    /// further data slots), answers every one, and queues the frame if it
+    /// holds together. `Err` for a protocol violation that stops the vif:
+    /// a packet running past `req_prod`, more than [`FATAL_SLOTS`] data
+    /// slots or [`MAX_EXTRAS`] extra-info segments.
+    fn take_packet(&mut self, prod: u32) -> Result<(), &'static str> {
+        let first = self.tx_slot(self.tx_req_cons);
+        self.tx_req_cons = self.tx_req_cons.wrapping_add(1);
+        let mut bad = false;
+        let mut gso: Option<(u16, u8)> = None;
+        let mut extras = 0usize;
+        if first.flags & NETTXF_EXTRA_INFO != 0 {
+            loop {
+                if self.tx_req_cons == prod {
+                    return Err("client TX extra info runs past req_prod");
+                }
+                if extras == MAX_EXTRAS {
+                    return Err("client TX extra-info chain too long");
+                }
+                let (kind, flags, size, gso_type) = self.extra_slot(self.tx_req_cons);
+                self.tx_req_cons = self.tx_req_cons.wrapping_add(1);
+                extras += 1;
+                match kind {
+                    EXTRA_TYPE_GSO if gso.is_none() => gso = Some((size, gso_type)),
+                    // Multicast filter and hash: nothing for us to do.
+                    EXTRA_TYPE_MCAST_ADD | EXTRA_TYPE_MCAST_DEL | EXTRA_TYPE_HASH => {}
+                    // None, unknown, or a second GSO segment.
+                    _ => bad = true,
+                }
+                if flags & EXTRA_FLAG_MORE == 0 {
+                    break;
+                }
+            }
+        }
+        let mut slots: [TxRequest; FATAL_SLOTS] = [TxRequest::default(); FATAL_SLOTS];
+        let mut count = 0usize;
+        let mut more = first.flags & NETTXF_MORE_DATA != 0;
+        while more {
+            if self.tx_req_cons == prod {
+                return Err("client TX packet runs past req_prod");
+            }
+            let slot = self.tx_slot(self.tx_req_cons);
+            let Some(place) = slots.get_mut(count) else {
+                return Err("client TX packet of too many slots");
+            };
+            *place = slot;
+            count += 1;
+            self.tx_req_cons = self.tx_req_cons.wrapping_add(1);
+            more = slot.flags & NETTXF_MORE_DATA != 0;
+        }
+        let rest = slots.get(..count).unwrap_or(&[]);
+        let frame = if bad || count + 1 > MAX_SLOTS {
+            None
+        } else {
+            self.gather(&first, rest, gso.is_some())
+        };
+        match frame {
+            None => {
+                self.stats.bad_requests += 1;
+                self.respond_packet(&first, extras, rest, RSP_ERROR);
+            }
+            Some(mut frame) => {
+                let nic = NicOffload {
+                    csum_partial: first.flags & NETTXF_CSUM_BLANK != 0,
+                    csum_start: 0,
+                    csum_offset: 0,
+                    gso: match gso {
+                        None => GsoKind::None,
+                        Some((_, GSO_TYPE_TCPV4)) => GsoKind::TcpV4,
+                        Some((_, GSO_TYPE_TCPV6)) => GsoKind::TcpV6,
+                        Some(_) => GsoKind::Other,
+                    },
+                    gso_size: gso.map_or(0, |(size, _)| size),
+                };
+                match offload::accept(&mut frame, nic) {
+                    Ok(offload) => {
+                        if self.received.len() < RX_QUEUE
+                            && self.received_bytes + frame.len() <= RX_QUEUE_BYTES
+                        {
+                            if offload.is_gso() {
+                                self.stats.gso_from_client += 1;
+                            }
+                            self.received_bytes += frame.len();
+                            self.received.push_back((frame, offload));
+                            self.stats.from_client += 1;
+                        } else {
+                            self.stats.dropped += 1;
+                        }
+                    }
+                    // As Linux netback: the request was served, the frame
+                    // dropped.
+                    Err(_) => self.stats.bad_checksum_offload += 1,
+                }
+                self.respond_packet(&first, extras, rest, RSP_OKAY);
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a packet's slots: `status` for each data slot, NULL for
+    /// each extra-info segment (with the first request's id).
+    fn respond_packet(
+        &mut self,
+        first: &TxRequest,
+        extras: usize,
+        rest: &[TxRequest],
+        status: i16,
+    ) {
+        self.respond_tx(first.id, status);
+        for _ in 0..extras {
+            self.respond_tx(first.id, NETIF_RSP_NULL);
+        }
+        for slot in rest {
+            self.respond_tx(slot.id, status);
+        }
+    }
+
+    /// Copies a packet's slots into one frame; `None` if any size, offset
+    /// or copy is refused. The first request's size is the whole packet's
+    /// (`netif.h`), its own data what the other slots leave.
+    fn gather(&mut self, first: &TxRequest, rest: &[TxRequest], gso: bool) -> Option<Vec<u8>> {
+        let total = usize::from(first.size);
+        let others: usize = rest.iter().map(|slot| usize::from(slot.size)).sum();
+        let own = total.checked_sub(others)?;
+        let limit = if gso {
+            offload::MAX_OFFLOAD_FRAME
+        } else {
+            MAX_FRAME
+        };
+        if total < 14 || total > limit {
+            return None;
+        }
+        let mut frame = vec![0u8; total];
+        let mut at = 0usize;
+        for (slot, len) in
+            core::iter::once((first, own)).chain(rest.iter().map(|s| (s, usize::from(s.size))))
+        {
+            if usize::from(slot.offset) + len > PAGE {
+                return None;
+            }
+            let part = frame.get_mut(at..at.checked_add(len)?)?;
+            self.copier
+                .copy_from(self.dom, slot.gref, slot.offset, part)
+                .ok()?;
+            at += len;
+        }
+        Some(frame)
+    }
+
+    /// The next frame the client sent, complete (an offloaded one is cut
+    /// and completed in software; see [`Self::take_frame_offloaded`]).
     pub fn take_frame(&mut self) -> Option<Vec<u8>> {
-        self.received.pop_front()
+        if let Some(frame) = self.finished.pop_front() {
+            return Some(frame);
+        }
+        let (frame, offload) = self.take_frame_offloaded()?;
+        if offload.is_none() {
+            return Some(frame);
+        }
+        let mut scratch = Vec::new();
+        let finished = &mut self.finished;
+        let result = offload::finish(&frame, offload, &mut scratch, &mut |piece| {
+            finished.push_back(piece.to_vec())
+        });
+        if result.is_err() {
+            self.stats.bad_checksum_offload += 1;
+        }
+        self.finished.pop_front()
+    }
+
+    /// The next frame the client sent, with its offload metadata.
+    pub fn take_frame_offloaded(&mut self) -> Option<(Vec<u8>, Offload)> {
+        let (frame, offload) = self.received.pop_front()?;
+        self.received_bytes = self.received_bytes.saturating_sub(frame.len());
+        Some((frame, offload))
     }
 
     /// Delivers a frame into the client's next posted RX buffer; dropped
@@ -273,6 +490,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes buffers it built itself.
 mod tests {
     use super::*;
     use crate::platform::xen::netfront::{Buffer, Netfront};
@@ -376,43 +594,303 @@ mod tests {
     #[test]
     fn a_hostile_frontend_gets_errors_not_a_crash() {
         let (_front, mut back, _, tx) = pair();
-        // Hand-written requests: bad size, offset past the page, fragment,
-        // extra info (+ its slot), unknown grant, then a good one.
-        let reqs: [(u32, u16, u16, u16, u16); 7] = [
+        // Hand-written requests: bad size, offset past the page, unknown
+        // grant, then a good one.
+        let reqs: [(u32, u16, u16, u16, u16); 5] = [
             (100, 0, 0, 1, 5),
             (100, 4000, 0, 2, 200),
-            (100, 0, NETTXF_MORE_DATA, 3, 60),
-            (100, 0, NETTXF_EXTRA_INFO, 4, 60),
             (0, 0, 0, 5, 0),
             (999, 0, 0, 6, 60),
             (101, 0, 0, 7, 60),
         ];
         let start = tx.load_u32(REQ_PROD);
         for (i, (gref, offset, flags, id, size)) in reqs.iter().enumerate() {
-            let at = RING_HEADER + ((start + i as u32) % RING_SIZE) as usize * TX_ENTRY;
-            tx.store_u32(at, *gref);
-            tx.store_u16(at + 4, *offset);
-            tx.store_u16(at + 6, *flags);
-            tx.store_u16(at + 8, *id);
-            tx.store_u16(at + 10, *size);
+            write_request(&tx, start + i as u32, *gref, *offset, *flags, *id, *size);
         }
         tx.store_u32(REQ_PROD, start + reqs.len() as u32);
         back.poll();
-        assert_eq!(back.stats().bad_requests, 5);
+        assert_eq!(back.stats().bad_requests, 4);
         assert_eq!(back.stats().from_client, 1);
-        let status = |i: u32| {
-            tx.load_u16(RING_HEADER + ((start + i) % RING_SIZE) as usize * TX_ENTRY + 2) as i16
-        };
-        assert_eq!(
-            (0..7).map(status).collect::<Vec<_>>(),
-            [-1, -1, -1, -1, NETIF_RSP_NULL, -1, 0]
-        );
+        assert_eq!(statuses(&tx, start, 5), [-1, -1, -1, -1, 0]);
         // A req_prod far ahead stops the device.
         tx.store_u32(REQ_PROD, start + 10_000);
         back.poll();
         assert!(back.broken().is_some());
         back.send(&[0; 60]);
         assert_eq!(back.stats().to_client, 0);
+    }
+
+    fn write_request(
+        tx: &VecMemory,
+        index: u32,
+        gref: u32,
+        offset: u16,
+        flags: u16,
+        id: u16,
+        size: u16,
+    ) {
+        let at = RING_HEADER + (index % RING_SIZE) as usize * TX_ENTRY;
+        tx.store_u32(at, gref);
+        tx.store_u16(at + 4, offset);
+        tx.store_u16(at + 6, flags);
+        tx.store_u16(at + 8, id);
+        tx.store_u16(at + 10, size);
+    }
+
+    fn write_extra(tx: &VecMemory, index: u32, kind: u8, flags: u8, gso_size: u16, gso_type: u8) {
+        let at = RING_HEADER + (index % RING_SIZE) as usize * TX_ENTRY;
+        tx.store_u16(at, u16::from_le_bytes([kind, flags]));
+        tx.store_u16(at + 2, gso_size);
+        tx.store_u16(at + 4, u16::from(gso_type));
+        tx.store_u16(at + 6, 0);
+        tx.store_u32(at + 8, 0);
+    }
+
+    fn statuses(tx: &VecMemory, start: u32, n: u32) -> Vec<i16> {
+        (0..n)
+            .map(|i| {
+                tx.load_u16(RING_HEADER + ((start + i) % RING_SIZE) as usize * TX_ENTRY + 2) as i16
+            })
+            .collect()
+    }
+
+    /// A TCP/IPv4 frame of `payload` bytes, checksum complete.
+    fn tcp4_frame(payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 54 + payload];
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+        f[20] = 0x40;
+        f[22] = 64;
+        f[23] = 6;
+        f[26..30].copy_from_slice(&[10, 137, 0, 10]);
+        f[30..34].copy_from_slice(&[93, 184, 216, 34]);
+        let sum = crate::wire::checksum::finish(crate::wire::checksum::add(0, &f[14..34]));
+        f[24..26].copy_from_slice(&sum.to_be_bytes());
+        f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&443u16.to_be_bytes());
+        f[46] = 0x50;
+        f[47] = 0x10;
+        for (i, b) in f[54..].iter_mut().enumerate() {
+            *b = (i * 13 + i / 256) as u8;
+        }
+        f
+    }
+
+    /// Posts `frame` as one packet: slots of `sizes` bytes (the last takes
+    /// the rest) on pages 100.., with a GSO extra-info segment when
+    /// `gso` is given; returns the ring index it started at and the
+    /// number of slots.
+    fn post_packet(
+        pages: &Pages,
+        tx: &VecMemory,
+        frame: &[u8],
+        sizes: &[usize],
+        flags: u16,
+        gso: Option<(u16, u8)>,
+    ) -> (u32, u32) {
+        let start = tx.load_u32(REQ_PROD);
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for &size in sizes {
+            let end = (at + size).min(frame.len());
+            parts.push(&frame[at..end]);
+            at = end;
+        }
+        if at < frame.len() {
+            parts.push(&frame[at..]);
+        }
+        let mut index = start;
+        for (i, part) in parts.iter().enumerate() {
+            // 16 pages: a packet of more slots reuses them.
+            let gref = 100 + (i % 16) as u32;
+            pages.0.borrow()[&gref].write_bytes(0, part);
+            let more = if i + 1 < parts.len() {
+                NETTXF_MORE_DATA
+            } else {
+                0
+            };
+            if i == 0 {
+                let extra = if gso.is_some() { NETTXF_EXTRA_INFO } else { 0 };
+                write_request(
+                    tx,
+                    index,
+                    gref,
+                    0,
+                    flags | more | extra,
+                    0,
+                    frame.len() as u16,
+                );
+                index += 1;
+                if let Some((size, kind)) = gso {
+                    write_extra(tx, index, EXTRA_TYPE_GSO, 0, size, kind);
+                    index += 1;
+                }
+            } else {
+                write_request(tx, index, gref, 0, more, i as u16, part.len() as u16);
+                index += 1;
+            }
+        }
+        tx.store_u32(REQ_PROD, index);
+        (start, index - start)
+    }
+
+    #[test]
+    fn a_multi_slot_gso_packet_from_a_linux_style_frontend_arrives_whole() {
+        let (_front, mut back, pages, tx) = pair();
+        let frame = tcp4_frame(3 * 1448 + 100);
+        let (start, n) = post_packet(
+            &pages,
+            &tx,
+            &frame,
+            &[66, 4096, 200],
+            NETTXF_CSUM_BLANK,
+            Some((1448, GSO_TYPE_TCPV4)),
+        );
+        back.poll();
+        assert_eq!(n, 5);
+        assert_eq!(statuses(&tx, start, n), [0, NETIF_RSP_NULL, 0, 0, 0]);
+        let (got, offload) = back.take_frame_offloaded().expect("a packet");
+        assert_eq!(
+            offload,
+            Offload {
+                csum_partial: true,
+                gso_size: 1448
+            }
+        );
+        assert_eq!(got.len(), frame.len());
+        // The same bytes but for the checksum field (now the pseudo sum).
+        assert_eq!(got[..50], frame[..50]);
+        assert_eq!(got[52..], frame[52..]);
+        assert_eq!(back.stats().gso_from_client, 1);
+        // Without GSO a multi-slot packet of at most MAX_FRAME arrives too.
+        let small = tcp4_frame(1000);
+        let (start, n) = post_packet(&pages, &tx, &small, &[54, 500], 0, None);
+        back.poll();
+        assert_eq!(statuses(&tx, start, n), [0, 0, 0]);
+        assert_eq!(back.take_frame(), Some(small));
+    }
+
+    #[test]
+    fn hostile_multi_slot_and_gso_requests_are_refused_or_stop_the_vif() {
+        let frame = tcp4_frame(3 * 1448);
+        // gso_size 0: served, dropped.
+        let (_f, mut back, pages, tx) = pair();
+        let (start, n) = post_packet(
+            &pages,
+            &tx,
+            &frame,
+            &[1000, 1000],
+            0,
+            Some((0, GSO_TYPE_TCPV4)),
+        );
+        back.poll();
+        assert_eq!(statuses(&tx, start, n), [0, NETIF_RSP_NULL, 0, 0]);
+        assert_eq!(back.stats().bad_checksum_offload, 1);
+        assert!(back.take_frame_offloaded().is_none());
+        // A GSO type that does not match the frame, and an unknown one.
+        for kind in [GSO_TYPE_TCPV6, 9] {
+            let (_f, mut back, pages, tx) = pair();
+            post_packet(&pages, &tx, &frame, &[1000, 1000], 0, Some((1448, kind)));
+            back.poll();
+            assert!(back.take_frame_offloaded().is_none(), "type {kind}");
+            assert!(back.broken().is_none());
+        }
+        // Over MAX_FRAME without GSO: errors for every slot.
+        let (_f, mut back, pages, tx) = pair();
+        let (start, n) = post_packet(&pages, &tx, &frame, &[2000, 2000], 0, None);
+        back.poll();
+        assert_eq!(statuses(&tx, start, n), [-1, -1, -1]);
+        // The first request's size below the other slots' sum.
+        let (_f, mut back, pages, tx) = pair();
+        let (start, _) = post_packet(
+            &pages,
+            &tx,
+            &frame,
+            &[1000, 1000],
+            0,
+            Some((1448, GSO_TYPE_TCPV4)),
+        );
+        write_request(
+            &tx,
+            start,
+            100,
+            0,
+            NETTXF_MORE_DATA | NETTXF_EXTRA_INFO,
+            0,
+            100,
+        );
+        back.poll();
+        assert_eq!(back.stats().bad_requests, 1);
+        // An unknown extra type: errors.
+        let (_f, mut back, pages, tx) = pair();
+        let (start, _) = post_packet(
+            &pages,
+            &tx,
+            &frame,
+            &[1000, 1000],
+            0,
+            Some((1448, GSO_TYPE_TCPV4)),
+        );
+        write_extra(&tx, start + 1, 9, 0, 1448, GSO_TYPE_TCPV4);
+        back.poll();
+        assert_eq!(back.stats().bad_requests, 1);
+        assert!(back.broken().is_none());
+        // 19 data slots (more than Linux's 18): errors, the vif goes on.
+        let (_f, mut back, pages, tx) = pair();
+        let (start, n) = post_packet(
+            &pages,
+            &tx,
+            &frame,
+            &[60; 18],
+            0,
+            Some((1448, GSO_TYPE_TCPV4)),
+        );
+        assert_eq!(n, 20);
+        back.poll();
+        assert!(
+            statuses(&tx, start, n)
+                .iter()
+                .all(|&s| s == -1 || s == NETIF_RSP_NULL)
+        );
+        assert!(back.broken().is_none());
+    }
+
+    #[test]
+    fn protocol_violations_stop_the_vif() {
+        // A packet that runs past req_prod.
+        let (_f, mut back, _pages, tx) = pair();
+        let start = tx.load_u32(REQ_PROD);
+        write_request(&tx, start, 100, 0, NETTXF_MORE_DATA, 0, 200);
+        tx.store_u32(REQ_PROD, start + 1);
+        back.poll();
+        assert_eq!(back.broken(), Some("client TX packet runs past req_prod"));
+        // Extra info past req_prod.
+        let (_f, mut back, _pages, tx) = pair();
+        write_request(&tx, start, 100, 0, NETTXF_EXTRA_INFO, 0, 200);
+        tx.store_u32(REQ_PROD, start + 1);
+        back.poll();
+        assert_eq!(
+            back.broken(),
+            Some("client TX extra info runs past req_prod")
+        );
+        // An endless extra-info chain.
+        let (_f, mut back, _pages, tx) = pair();
+        write_request(&tx, start, 100, 0, NETTXF_EXTRA_INFO, 0, 200);
+        for i in 1..=8 {
+            write_extra(&tx, start + i, EXTRA_TYPE_HASH, EXTRA_FLAG_MORE, 0, 0);
+        }
+        tx.store_u32(REQ_PROD, start + 9);
+        back.poll();
+        assert_eq!(back.broken(), Some("client TX extra-info chain too long"));
+        // More than FATAL_SLOTS data slots.
+        let (_f, mut back, _pages, tx) = pair();
+        for i in 0..30 {
+            write_request(&tx, start + i, 100, 0, NETTXF_MORE_DATA, i as u16, 10);
+        }
+        tx.store_u32(REQ_PROD, start + 30);
+        back.poll();
+        assert_eq!(back.broken(), Some("client TX packet of too many slots"));
     }
 
     /// Writes TX requests by hand (as a Linux netfront would) and returns

@@ -27,6 +27,8 @@
 //! the page. Anything else is counted and dropped, never a panic; an index
 //! out of range stops the device for good.
 
+#![deny(clippy::indexing_slicing)]
+
 use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -399,6 +401,7 @@ impl<M: SharedMemory, N: Notify> phy::Device for Netfront<M, N> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes buffers it built itself.
 mod tests {
     use super::*;
     use crate::platform::xen::shared::VecMemory;

@@ -1014,7 +1014,32 @@ impl smoltcp::phy::TxToken for XenTx {
     }
 }
 
-impl crate::offload::OffloadNic for XenNic {}
+impl crate::offload::OffloadNic for XenNic {
+    /// A client's netback hands over its packets whole (GSO, checksum
+    /// partial); the uplink's netfront has complete frames only.
+    fn receive_offloaded<R>(
+        &mut self,
+        now: Instant,
+        f: impl FnOnce(&[u8], crate::offload::Offload) -> R,
+    ) -> Option<R> {
+        if let NicKind::Back(conn) = &self.kind {
+            let (frame, offload) = match &mut *conn.borrow_mut() {
+                BackConn::Up { back, .. } => {
+                    back.poll();
+                    back.take_frame_offloaded()?
+                }
+                _ => return None,
+            };
+            let (r, t) = self.counters.get();
+            self.counters.set((r + 1, t));
+            return Some(f(&frame, offload));
+        }
+        let (rx, _tx) = smoltcp::phy::Device::receive(self, now)?;
+        Some(smoltcp::phy::RxToken::consume(rx, |frame| {
+            f(frame, crate::offload::Offload::NONE)
+        }))
+    }
+}
 
 impl smoltcp::phy::Device for XenNic {
     type RxToken<'a>

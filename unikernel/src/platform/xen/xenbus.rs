@@ -105,14 +105,18 @@ pub enum Phase {
 }
 
 /// Offers a client's vif (our `backend` directory): what we serve
-/// (`feature-rx-copy`; blank IPv4/IPv6 TCP/UDP checksums completed, see
-/// `csum`), `hotplug-status` (what `xl devd` writes after its hotplug
+/// (`feature-rx-copy`; blank IPv4/IPv6 TCP/UDP checksums, multi-slot
+/// packets and TCP GSO from the frontend, see `netback`), `hotplug-status` (what `xl devd` writes after its hotplug
 /// script; libxl waits for it) and InitWait.
 pub fn offer<X: Xenstore>(xs: &mut X, backend: &str) -> Result<(), XenstoreError> {
     xs.write(&format!("{backend}/feature-rx-copy"), "1")?;
     xs.write(&format!("{backend}/feature-rx-flip"), "0")?;
     xs.write(&format!("{backend}/feature-no-csum-offload"), "0")?;
     xs.write(&format!("{backend}/feature-ipv6-csum-offload"), "1")?;
+    // Multi-slot TX packets and TCP GSO from the frontend (`netback.rs`).
+    xs.write(&format!("{backend}/feature-sg"), "1")?;
+    xs.write(&format!("{backend}/feature-gso-tcpv4"), "1")?;
+    xs.write(&format!("{backend}/feature-gso-tcpv6"), "1")?;
     xs.write(&format!("{backend}/hotplug-status"), "connected")?;
     xs.write(&format!("{backend}/state"), &INIT_WAIT.to_string())
 }
@@ -683,6 +687,9 @@ mod tests {
             "feature-rx-copy",
             "hotplug-status",
             "feature-ipv6-csum-offload",
+            "feature-sg",
+            "feature-gso-tcpv4",
+            "feature-gso-tcpv6",
         ] {
             assert!(
                 xs.read(&format!("{BACK}/{key}")).unwrap().is_some(),
