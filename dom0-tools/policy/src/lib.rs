@@ -83,8 +83,16 @@
 //! standard output and exits 0 for allow, 1 for deny (2 for a usage error).
 //! The qube list comes from qubesd or `--system-info`, as for the daemon.
 //! `--path` is Qubes' name for the policy directory option (repeatable, same
-//! defaults as the daemon). Qubes' deprecated five-argument form (which also
-//! starts the call through qrexec-client and qubesd) is refused with exit 2.
+//! defaults as the daemon). Qubes' deprecated five-argument form
+//! `DOMID SOURCE TARGET SERVICE+ARG PROCESS_IDENT` prints nothing and runs an
+//! allowed call as Qubes' does: a VM target is started with qubesd's
+//! `admin.vm.Start` (a `@dispvm:` target first created with
+//! `admin.vm.CreateDisposable`, and killed at once if it does not start),
+//! then `QREXEC_CLIENT -Ed TARGET -c PROCESS_IDENT,SOURCE,DOMID --
+//! USER:QUBESRPC SERVICE+ARG SOURCE` runs (`-EWkd` for a disposable, which
+//! qrexec-client then kills when the call ends; `QREXEC_CLIENT` is
+//! `--qrexec-client`, with `--qrexec-socket-dir`); the exit status is
+//! qrexec-client's, 1 for a deny or a qubesd error.
 //! `--check` loads the policy and exits 0 if it is valid, or prints
 //! `FILE:LINE: error: REASON` (the format of Qubes' `qubes-policy-lint`) for
 //! each error found and exits 1.

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::{Dom0, read_to_string};
 
-/// What the fake qubesd answers to the next calls.
-type Answer = Arc<Mutex<Vec<u8>>>;
+/// What the fake qubesd answers, given the request.
+type Answer = Arc<Mutex<Box<dyn Fn(&[u8]) -> Vec<u8> + Send>>>;
 
 struct FakeQubesd {
     socket: PathBuf,
@@ -28,7 +28,8 @@ struct FakeQubesd {
 impl FakeQubesd {
     fn serve(socket: PathBuf, json: &str) -> Self {
         let listener = UnixListener::bind(&socket).unwrap();
-        let answer: Answer = Arc::new(Mutex::new(format!("0\0{json}").into_bytes()));
+        let reply = format!("0\0{json}").into_bytes();
+        let answer: Answer = Arc::new(Mutex::new(Box::new(move |_: &[u8]| reply.clone())));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (a, r) = (Arc::clone(&answer), Arc::clone(&requests));
         std::thread::spawn(move || {
@@ -38,8 +39,8 @@ impl FakeQubesd {
                 if stream.read_to_end(&mut request).is_err() {
                     continue;
                 }
+                let reply = (a.lock().unwrap())(&request);
                 r.lock().unwrap().push(request);
-                let reply = a.lock().unwrap().clone();
                 let _ = stream.write_all(&reply);
             }
         });
@@ -51,7 +52,12 @@ impl FakeQubesd {
     }
 
     fn answer(&self, reply: &[u8]) {
-        *self.answer.lock().unwrap() = reply.to_vec();
+        let reply = reply.to_vec();
+        self.answer_with(move |_| reply.clone());
+    }
+
+    fn answer_with(&self, f: impl Fn(&[u8]) -> Vec<u8> + Send + 'static) {
+        *self.answer.lock().unwrap() = Box::new(f);
     }
 
     fn take_requests(&self) -> Vec<Vec<u8>> {
@@ -107,7 +113,7 @@ fn setup() -> (Dom0, FakeQubesd) {
 fn qubesd_env(cmd: &mut Command, socket: &Path) {
     cmd.env_remove("QREXEC_SYSTEM_INFO")
         .env("QUBESD_INTERNAL_SOCKET", socket)
-        .env("QUBESD_SOCKET", "/nonexistent/admin-socket-not-used");
+        .env("QUBESD_SOCKET", socket);
 }
 
 fn request(service: &str, target: &str) -> Vec<u8> {
@@ -263,5 +269,138 @@ fn policy_exec_asks_qubesd_unless_given_a_file() {
         stderr.contains("error getting system info")
             && stderr.contains("QubesVMNotFoundError: No such domain: 'dom0'"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn policy_exec_five_arguments_starts_and_connects_the_call() {
+    let (dom0, qubesd) = setup();
+    let client_args = dom0.path("client.args");
+    let client = dom0.script(
+        "qrexec-client",
+        &format!("printf '%s\\n' \"$@\" > {}\nexit 7", client_args.display()),
+    );
+    let json = system_info("Halted");
+    let new = "uuid:8c1d2e3f-2222-4000-8000-00000000000a";
+    let start_fails = Arc::new(Mutex::new(false));
+    let fails = Arc::clone(&start_fails);
+    qubesd.answer_with(move |request| {
+        let header = String::from_utf8_lossy(request);
+        if header.starts_with("internal.GetSystemInfo+ ") {
+            format!("0\0{json}").into_bytes()
+        } else if header.starts_with("admin.vm.CreateDisposable+ ") {
+            format!("0\0{new}").into_bytes()
+        } else if header.starts_with("admin.vm.Start+ ") && *fails.lock().unwrap() {
+            b"2\0QubesException\0\0out of memory\0".to_vec()
+        } else {
+            b"0\0".to_vec()
+        }
+    });
+    let run = |target: &str, service: &str| {
+        let _ = std::fs::remove_file(&client_args);
+        policy_exec(
+            &dom0,
+            &qubesd.socket,
+            &[
+                "--qrexec-client",
+                client.to_str().unwrap(),
+                "--qrexec-socket-dir",
+                "/run/test-qrexec",
+                "--",
+                "12",
+                "work",
+                target,
+                service,
+                "SOCKET5",
+            ],
+        )
+    };
+    let lines = |v: &[&str]| v.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let requests = |q: &FakeQubesd| {
+        q.take_requests()
+            .iter()
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+            .collect::<Vec<_>>()
+    };
+
+    // A qube: started (by uuid), then connected; qrexec-client's status.
+    let out = run("vault", "test.Auto");
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        read_to_string(&client_args),
+        lines(&[
+            "--socket-dir=/run/test-qrexec",
+            "-Ed",
+            "uuid:5f2c0ad1-0000-4000-8000-000000000002",
+            "-c",
+            "SOCKET5,work,12",
+            "--",
+            "DEFAULT:QUBESRPC test.Auto work",
+        ])
+    );
+    assert_eq!(
+        requests(&qubesd),
+        [
+            "internal.GetSystemInfo+ dom0 name dom0\0",
+            "admin.vm.Start+ dom0 name uuid:5f2c0ad1-0000-4000-8000-000000000002\0",
+        ]
+    );
+
+    // A disposable: created from the template's uuid, started, and
+    // qrexec-client told to wait and kill it.
+    let out = run("@dispvm", "test.Disp");
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(
+        read_to_string(&client_args),
+        lines(&[
+            "--socket-dir=/run/test-qrexec",
+            "-EWkd",
+            new,
+            "-c",
+            "SOCKET5,work,12",
+            "--",
+            "DEFAULT:QUBESRPC test.Disp work",
+        ])
+    );
+    assert_eq!(
+        requests(&qubesd),
+        [
+            "internal.GetSystemInfo+ dom0 name dom0\0".to_string(),
+            "admin.vm.CreateDisposable+ dom0 name uuid:5f2c0ad1-0000-4000-8000-000000000004\0uuid"
+                .to_string(),
+            format!("admin.vm.Start+ dom0 name {new}\0"),
+        ]
+    );
+
+    // It does not start: killed, the call refused, qrexec-client not run.
+    *start_fails.lock().unwrap() = true;
+    let out = run("@dispvm", "test.Disp");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!client_args.exists());
+    assert_eq!(
+        requests(&qubesd)[1..],
+        [
+            "admin.vm.CreateDisposable+ dom0 name uuid:5f2c0ad1-0000-4000-8000-000000000004\0uuid"
+                .to_string(),
+            format!("admin.vm.Start+ dom0 name {new}\0"),
+            format!("admin.vm.Kill+ dom0 name {new}\0"),
+        ]
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("QubesException: out of memory"),
+        "{out:?}"
+    );
+
+    // Denied: nothing started, nothing run, nothing printed.
+    let out = run("vault", "test.Denied");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty());
+    assert!(!client_args.exists());
+    // (the second look is the notification's, for the GUI qube)
+    assert!(
+        requests(&qubesd)
+            .iter()
+            .all(|r| r == "internal.GetSystemInfo+ dom0 name dom0\0")
     );
 }

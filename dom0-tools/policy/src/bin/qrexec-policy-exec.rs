@@ -1,7 +1,8 @@
 //! `qrexec-policy-exec`: evaluate one call from the command line (the
 //! program qrexec-daemon falls back to), or lint the policy with `--check`.
 //! See the crate documentation for the full command line. This file only
-//! parses flags and prints; it never decides anything itself.
+//! parses flags, prints, and in the five-argument form runs the allowed
+//! call (qubesd and qrexec-client); it never decides anything itself.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use qrexec::qubesd::Qubesd;
 use qrexec_policy::ask::ProgramConfirm;
 use qrexec_policy::loader::{LEGACY_POLICY_PATH, POLICY_PATH, RUNTIME_POLICY_PATH};
 use qrexec_policy::{
@@ -112,18 +114,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         };
     }
-    let [source, target, service_and_arg] = args.args.as_slice() else {
-        if args.args.len() == 5 {
-            eprintln!(
-                "qrexec-policy-exec: the deprecated 5-argument form (which runs the call through qrexec-client and qubesd) is not supported; pass SOURCE TARGET SERVICE+ARGUMENT"
-            );
-        } else {
+    // Qubes' deprecated form DOMID SOURCE TARGET SERVICE PROCESS_IDENT
+    // also runs the allowed call (see `run_call`).
+    let (run, source, target, service_and_arg) = match args.args.as_slice() {
+        [source, target, service_and_arg] => (None, source, target, service_and_arg),
+        [domid, source, target, service_and_arg, ident] => (
+            Some((domid.as_str(), ident.as_str())),
+            source,
+            target,
+            service_and_arg,
+        ),
+        other => {
             eprintln!(
                 "qrexec-policy-exec: error: Must have 3 or 5 positional arguments, not {}",
-                args.args.len()
+                other.len()
             );
+            return ExitCode::from(2);
         }
-        return ExitCode::from(2);
+    };
+    // The reply is printed only when the call is not run here, as Qubes.
+    let say = |text: &str| {
+        if run.is_none() {
+            print!("{text}");
+        }
     };
     let query = Query {
         source: source.clone(),
@@ -139,7 +152,7 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             log::error!("{prefix} error getting system info: {e}");
-            println!("result=deny");
+            say("result=deny\n");
             return ExitCode::FAILURE;
         }
     };
@@ -151,7 +164,7 @@ fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) => {
             log::error!("{prefix} error loading policy: {e}");
-            println!("result=deny");
+            say("result=deny\n");
             return ExitCode::FAILURE;
         }
     };
@@ -164,10 +177,108 @@ fn main() -> ExitCode {
     let confirm = qrexec_policy::agent::with_agent(confirm, &origin, &args.agent, ask_timeout);
     let decision = policy.evaluate(&query, &system, confirm.as_ref());
     let reply = qrexec_policy::protocol::checked_reply(&decision);
-    print!("{reply}");
-    if reply != "result=deny\n" && decision.is_allow() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    say(&reply);
+    if reply == "result=deny\n" || !decision.is_allow() {
+        return ExitCode::FAILURE;
     }
+    // With --just-evaluate the five-argument form only evaluates, as Qubes'.
+    let Some((domid, ident)) = run.filter(|_| !args.just_evaluate) else {
+        return ExitCode::SUCCESS;
+    };
+    let call = Call {
+        domid,
+        ident,
+        source,
+        intended_target: target,
+        service_and_arg,
+    };
+    match run_call(&call, &decision, &args.agent) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            log::error!("{prefix} {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The call of the five-argument form.
+struct Call<'a> {
+    domid: &'a str,
+    ident: &'a str,
+    source: &'a str,
+    intended_target: &'a str,
+    service_and_arg: &'a str,
+}
+
+/// Run an allowed call as Qubes' `qrexec-policy-exec` does in its
+/// five-argument form: a dom0 target through `qrexec-client -d dom0 -c`;
+/// otherwise the target (its `uuid:` form when known) is started with
+/// qubesd's `admin.vm.Start` — after `admin.vm.CreateDisposable` on the
+/// template for `@dispvm:TEMPLATE` — and connected with `qrexec-client
+/// -Ed TARGET -c IDENT,SOURCE,DOMID`, with `-W -k` for a disposable so it
+/// is killed when the call ends. A disposable that does not start is
+/// killed at once; any qubesd error refuses the call. Returns
+/// qrexec-client's exit status.
+fn run_call(
+    call: &Call<'_>,
+    decision: &qrexec_policy::Decision,
+    agent: &qrexec_policy::agent::AgentArgs,
+) -> Result<u8, String> {
+    let qrexec_policy::Decision::Allow {
+        user,
+        target,
+        target_uuid,
+        ..
+    } = decision
+    else {
+        return Err("not allowed".into());
+    };
+    let qubesd = Qubesd::from_env();
+    let mut command = format!("QUBESRPC {} {}", call.service_and_arg, call.source);
+    let mut disposable = false;
+    let target = if target == "dom0" || target == "@adminvm" {
+        let (kind, name) = match call.intended_target.strip_prefix('@') {
+            Some(keyword) => ("keyword", keyword),
+            None => ("name", call.intended_target),
+        };
+        command.push_str(&format!(" {kind} {name}"));
+        target.clone()
+    } else {
+        command = format!("{}:{command}", user.as_deref().unwrap_or("DEFAULT"));
+        let chosen = target_uuid.as_deref().unwrap_or(target);
+        let started = match chosen.strip_prefix("@dispvm:") {
+            Some(template) => {
+                disposable = true;
+                qubesd
+                    .create_disposable(template, template.starts_with("uuid:"))
+                    .map_err(|e| format!("qubesd could not create disposable VM: {e}"))?
+            }
+            None => chosen.to_string(),
+        };
+        if let Err(e) = qubesd.start(&started) {
+            if disposable && let Err(kill) = qubesd.kill(&started) {
+                log::error!("qubesd could not kill disposable VM {started}: {kill}");
+            }
+            return Err(format!("qubesd could not start VM {started}: {e}"));
+        }
+        started
+    };
+    let mut client = std::process::Command::new(&agent.qrexec_client);
+    if let Some(dir) = &agent.qrexec_socket_dir {
+        client.arg(format!("--socket-dir={}", dir.display()));
+    }
+    client
+        .arg(if disposable { "-EWkd" } else { "-Ed" })
+        .arg(&target)
+        .arg("-c")
+        .arg(format!("{},{},{}", call.ident, call.source, call.domid))
+        .arg("--")
+        .arg(&command);
+    let status = client
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", agent.qrexec_client.display()))?;
+    Ok(status
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .unwrap_or(1))
 }
