@@ -16,11 +16,14 @@
 # /guest/bench.env): SECS, UDP_RATE, ROUNDS, FLOWTABLE.
 up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN{printf "%.2f", b-a}'; }
+# waitslow FILE PATTERN SECONDS: the same, polling twice a second (during
+# a measurement dom0 should not fork grep ten times a second).
+waitslow() { i=0; until grep -q "$2" "$1" 2>/dev/null || [ $i -ge $(($3 * 2)) ]; do sleep 0.5; i=$((i+1)); done; grep -q "$2" "$1" 2>/dev/null; }
 waitfor() { # file pattern tenths
     i=0; until grep -q "$2" "$1" 2>/dev/null || [ $i -ge "$3" ]; do sleep 0.1; i=$((i+1)); done; grep -q "$2" "$1" 2>/dev/null; }
 # shellcheck disable=SC1091
 [ -f /guest/bench.env ] && . /guest/bench.env
-SECS=${SECS:-10} UDP_RATE=${UDP_RATE:-20M} ROUNDS=${ROUNDS:-1} FLOWTABLE=${FLOWTABLE:-1}
+SECS=${SECS:-10} UDP_RATE=${UDP_RATE:-20M} ROUNDS=${ROUNDS:-1} FLOWTABLE=${FLOWTABLE:-0}
 CONS=/var/log/xen/console
 mkdir -p /var/run/qubes /var/log/qubes
 fail() { echo "QFW-BENCH FAIL $*"; grep LINUXFW $CONS/guest-linux-fw.log 2>/dev/null | sed 's/^/QFW-BENCH info /'; echo "QFW-BENCH-END"; exit 1; }
@@ -105,7 +108,7 @@ measure() {
     c=client-$fw
     f0=$(cpu $dom) c0=$(cpu $c) d0=$(cpu Domain-0) a0=$(allcpu) t0=$(up)
     tell $c "run $seq $test $SECS $UDP_RATE"
-    waitfor $CONS/guest-$c.log "BENCH-CLIENT result $seq " $(( (SECS + 60) * 10 )) || echo "QFW-BENCH info $c gave no result for run $seq"
+    waitslow $CONS/guest-$c.log "BENCH-CLIENT result $seq " $((SECS + 60)) || echo "QFW-BENCH info $c gave no result for run $seq"
     f1=$(cpu $dom) c1=$(cpu $c) d1=$(cpu Domain-0) a1=$(allcpu) t=$(since "$t0")
     r=$(grep "BENCH-CLIENT result $seq " $CONS/guest-$c.log | head -1 | sed 's/.*result [0-9]* [a-z-]* //')
     d() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", b-a}'; }

@@ -97,8 +97,8 @@ fn show(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
 }
 
-/// The report of a run's log.
-fn report(log: &str) -> Result<String, String> {
+/// The report of a run's log, and how many runs failed.
+fn report(log: &str) -> Result<(String, usize), String> {
     let runs: Vec<Run> = log.lines().filter_map(parse_run).collect();
     if runs.is_empty() {
         return Err("no `QFW-BENCH result` line in the serial log: the lab did not get to the measurements (see the QFW-BENCH FAIL/info lines above and the log)".into());
@@ -155,7 +155,11 @@ fn report(log: &str) -> Result<String, String> {
             loss(&linux),
         ));
     }
-    for r in runs.iter().filter(|r| r.rc != Some(0) || r.mbit.is_none()) {
+    let failed: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.rc != Some(0) || r.mbit.is_none())
+        .collect();
+    for r in &failed {
         out.push_str(&format!(
             "warning: run {} through {} failed (rc {:?}, {} s)\n",
             r.test,
@@ -191,7 +195,7 @@ fn report(log: &str) -> Result<String, String> {
         ));
     }
     out.push_str("CPU s: the firewall domain's `xl list` Time(s) over the run (TCG: compare, do not read as absolute).\n");
-    Ok(out)
+    Ok((out, failed.len()))
 }
 
 pub fn bench_xen() -> Result<(), String> {
@@ -208,16 +212,20 @@ pub fn bench_xen() -> Result<(), String> {
         .map_err(|e| format!("cannot start tests/xen/bench.sh: {e}"))?;
     let text = std::fs::read_to_string(&log)
         .map_err(|e| format!("{}: {e} (bench.sh exited with {status})", log.display()))?;
-    let table = report(&text)?;
+    let (table, failed) = report(&text)?;
     println!(
         "\n== cargo xtask bench xen: ours (image, 16 MiB) vs Linux sys-firewall, Xen under QEMU TCG =="
     );
     print!("{table}");
     println!("serial log: {}", log.display());
-    if status.success() {
-        Ok(())
-    } else {
+    if !status.success() {
         Err(format!("tests/xen/bench.sh exited with {status}"))
+    } else if failed > 0 {
+        Err(format!(
+            "{failed} iperf3 run(s) failed (see the warnings and the QFW-BENCH info lines above)"
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -246,7 +254,8 @@ mod tests {
 
     #[test]
     fn report_has_the_ratio_loss_failures_and_memory() {
-        let text = report(LOG).expect("a report");
+        let (text, failed) = report(LOG).expect("a report");
+        assert_eq!(failed, 1);
         let up = text
             .lines()
             .find(|l| l.starts_with("tcp-up"))
