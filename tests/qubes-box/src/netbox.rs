@@ -330,17 +330,36 @@ pub fn netns_exists(name: &str) -> bool {
 }
 
 fn wait_for_path(path: &Path, what: &str) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    // A generous bound: it only catches a program that never comes up,
+    // not a slow start on a loaded machine.
+    const LIMIT: Duration = Duration::from_secs(60);
     let start = Instant::now();
-    while !path.exists() {
-        if start.elapsed() > Duration::from_secs(10) {
+    loop {
+        // A UNIX socket's path exists from bind(); connecting fails until
+        // listen(), so a socket is ready once a connection is accepted.
+        let ready = match fs::metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                std::os::unix::net::UnixStream::connect(path).is_ok()
+            }
+            Ok(_) => true,
+            Err(_) => false,
+        };
+        if ready {
+            return Ok(());
+        }
+        if start.elapsed() > LIMIT {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("{what} did not create {} within 10 s", path.display()),
+                format!(
+                    "{what} did not create {} (or accept on it) within {} s",
+                    path.display(),
+                    LIMIT.as_secs()
+                ),
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 /// Starts a background process (its own process group, output to
