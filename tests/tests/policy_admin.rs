@@ -72,9 +72,10 @@ fn install_policy_admin(b: &QrexecBox) -> PathBuf {
     log
 }
 
-/// Wait (generously: this is not a speed test) until `check` holds.
+/// Wait (generously: this is not a speed test; the 120 s bound only
+/// catches a hang on a loaded machine) until `check` holds.
 fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while !check() {
         assert!(Instant::now() < deadline, "gave up waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
