@@ -126,8 +126,11 @@ fn usage_errors() {
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("Must have 3 or 5 positional arguments, not 2")
     );
+    // The five-argument form runs allowed calls (tests/qubesd.rs); this
+    // one is denied: exit 1, nothing printed.
     let o = exec(&dom0, &["--", "1", "a", "b", "svc", "ident"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
     let o = exec(&dom0, &["--check", "extra"]);
     assert_eq!(o.status.code(), Some(2));
     let o = Command::new(env!("CARGO_BIN_EXE_qrexec-policy-exec"))
