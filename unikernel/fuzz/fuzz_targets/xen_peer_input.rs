@@ -2,7 +2,9 @@
 //! domain (or the toolstack) wrote: the xenstore client fed arbitrary
 //! xenstored bytes, a vchan server and client whose shared page a hostile
 //! peer rewrites between our calls, a netfront whose rings a hostile
-//! netback rewrites, and the PVH start info. Nothing may panic; the
+//! netback rewrites, a netback whose TX ring and granted pages a hostile
+//! netfront writes (multi-slot packets, GSO extra info; what it accepts
+//! is cut again by the software segmenter), and the PVH start info. Nothing may panic; the
 //! `Vec`-backed shared memory also asserts (debug builds) that our own code
 //! never reaches outside a shared region, whatever the peer wrote.
 //!
@@ -14,6 +16,7 @@ use protocol::vchan::RingOrders;
 use smoltcp::phy::{Device, RxToken, TxToken};
 use smoltcp::time::Instant;
 use unikernel::platform::xen::events::Notify;
+use unikernel::platform::xen::netback::{CopyRefused, GrantCopy, Netback};
 use unikernel::platform::xen::netfront::{Buffer, Netfront};
 use unikernel::platform::xen::shared::{SharedMemory, VecMemory};
 use unikernel::platform::xen::start_info::BootInfo;
@@ -123,6 +126,55 @@ fn netfront(data: &[u8]) {
     }
 }
 
+/// Grant copies against four pages the hostile frontend wrote.
+struct Pages(Vec<VecMemory>);
+
+impl GrantCopy for Pages {
+    fn copy_from(&mut self, _: u16, gref: u32, offset: u16, dst: &mut [u8]) -> Result<(), CopyRefused> {
+        let page = self.0.get(gref as usize).ok_or(CopyRefused)?;
+        if usize::from(offset) + dst.len() > 4096 {
+            return Err(CopyRefused);
+        }
+        page.read_bytes(usize::from(offset), dst);
+        Ok(())
+    }
+    fn copy_to(&mut self, _: u16, gref: u32, offset: u16, src: &[u8]) -> Result<(), CopyRefused> {
+        let page = self.0.get(gref as usize).ok_or(CopyRefused)?;
+        if usize::from(offset) + src.len() > 4096 {
+            return Err(CopyRefused);
+        }
+        page.write_bytes(usize::from(offset), src);
+        Ok(())
+    }
+}
+
+fn netback(data: &[u8]) {
+    let tx = VecMemory::new(4096);
+    let rx = VecMemory::new(4096);
+    let pages: Vec<VecMemory> = (0..4).map(|_| VecMemory::new(4096)).collect();
+    let mut back = Netback::new(tx.clone(), rx.clone(), 7, 3, Pages(pages.clone()), NoNotify);
+    for piece in data.chunks(40) {
+        let which = usize::from(piece.first().copied().unwrap_or(0));
+        match which % 4 {
+            0 | 1 => scribble(&tx, piece),
+            2 => scribble(&rx, piece),
+            _ => scribble(&pages[which / 4 % 4], piece),
+        }
+        back.poll();
+        while let Some((frame, offload)) = back.take_frame_offloaded() {
+            assert!(frame.len() <= unikernel::offload::MAX_OFFLOAD_FRAME);
+            let mut scratch = Vec::new();
+            let mut pieces = 0usize;
+            let _ = unikernel::offload::finish(&frame, offload, &mut scratch, &mut |p| {
+                assert!(p.len() <= frame.len().max(1514));
+                pieces += 1;
+            });
+            assert!(pieces <= unikernel::offload::MAX_SEGMENTS);
+        }
+        back.send(&[0x55; 60]);
+    }
+}
+
 fn start_info(data: &[u8]) {
     let _ = BootInfo::parse(0, |addr, buf| {
         let Ok(start) = usize::try_from(addr) else { return false };
@@ -145,11 +197,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    match which % 5 {
+    match which % 6 {
         0 => xenstore(rest),
         1 => vchan(rest, true),
         2 => vchan(rest, false),
         3 => netfront(rest),
-        _ => start_info(rest),
+        4 => start_info(rest),
+        _ => netback(rest),
     }
 });
