@@ -270,6 +270,16 @@ impl Hasher for SeededHasher {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryId(u32);
 
+/// The end of an owner's chain of slots.
+const NO_SLOT: u32 = u32::MAX;
+
+/// An owner's entry count and the first slot of its chain.
+#[derive(Clone, Copy, Debug)]
+struct Owner {
+    count: u32,
+    head: u32,
+}
+
 /// The connection-tracking / NAT table.
 #[derive(Debug)]
 pub struct NatTable {
@@ -277,7 +287,16 @@ pub struct NatTable {
     free: Vec<u32>,
     by_original: HashMap<FlowKey, u32, SeededState>,
     by_reply: HashMap<FlowKey, u32, SeededState>,
-    per_owner: HashMap<IpAddr, u32, SeededState>,
+    /// Per owner: how many entries, and the first of its chain.
+    per_owner: HashMap<IpAddr, Owner, SeededState>,
+    /// Per slot: the previous and next slot of its owner's chain
+    /// ([`NO_SLOT`] at the ends), so flushing a client's flows (a rule
+    /// change, the vif gone) walks that client's entries only, never the
+    /// whole table.
+    links: Vec<(u32, u32)>,
+    /// Entries with a `peer_client` (a flow towards a client): only when
+    /// there are any does a flush also look for them table-wide.
+    peered: usize,
     capacity: usize,
     per_client: usize,
     hasher: SeededState,
@@ -297,6 +316,8 @@ impl NatTable {
             by_original: HashMap::with_capacity_and_hasher(capacity, hasher),
             by_reply: HashMap::with_capacity_and_hasher(capacity, hasher),
             per_owner: HashMap::with_hasher(hasher),
+            links: Vec::with_capacity(capacity),
+            peered: 0,
             capacity,
             per_client: per_client.max(1),
             hasher,
@@ -332,7 +353,7 @@ impl NatTable {
     pub fn owner_len(&self, owner: IpAddr) -> usize {
         self.per_owner
             .get(&owner)
-            .map_or(0, |count| *count as usize)
+            .map_or(0, |owner| owner.count as usize)
     }
 
     /// The entry behind an id returned by a lookup.
@@ -454,7 +475,10 @@ impl NatTable {
         };
         self.by_original.insert(original, slot);
         self.by_reply.insert(reply, slot);
-        *self.per_owner.entry(owner).or_insert(0) += 1;
+        self.link(slot, owner);
+        if peer_client.is_some() {
+            self.peered += 1;
+        }
         let id = EntryId(slot);
         if tcp.is_some() {
             self.touch(id, Direction::Original, tcp, now);
@@ -534,19 +558,82 @@ impl NatTable {
         };
         self.by_original.remove(&entry.original);
         self.by_reply.remove(&entry.reply);
-        if let Some(count) = self.per_owner.get_mut(&entry.owner) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.per_owner.remove(&entry.owner);
-            }
+        self.unlink(id.0, entry.owner);
+        if entry.peer_client.is_some() {
+            self.peered = self.peered.saturating_sub(1);
         }
         self.free.push(id.0);
     }
 
+    /// Puts `slot` at the head of `owner`'s chain and counts it.
+    fn link(&mut self, slot: u32, owner: IpAddr) {
+        let index = slot as usize;
+        if self.links.len() <= index {
+            self.links.resize(index + 1, (NO_SLOT, NO_SLOT));
+        }
+        let state = self.per_owner.entry(owner).or_insert(Owner {
+            count: 0,
+            head: NO_SLOT,
+        });
+        let old_head = state.head;
+        state.count += 1;
+        state.head = slot;
+        if let Some(link) = self.links.get_mut(index) {
+            *link = (NO_SLOT, old_head);
+        }
+        if let Some(link) = self.links.get_mut(old_head as usize) {
+            link.0 = slot;
+        }
+    }
+
+    /// Takes `slot` out of `owner`'s chain and its count.
+    fn unlink(&mut self, slot: u32, owner: IpAddr) {
+        let (prev, next) = self
+            .links
+            .get(slot as usize)
+            .copied()
+            .unwrap_or((NO_SLOT, NO_SLOT));
+        if let Some(link) = self.links.get_mut(prev as usize) {
+            link.1 = next;
+        }
+        if let Some(link) = self.links.get_mut(next as usize) {
+            link.0 = prev;
+        }
+        if let Some(link) = self.links.get_mut(slot as usize) {
+            *link = (NO_SLOT, NO_SLOT);
+        }
+        if let Some(state) = self.per_owner.get_mut(&owner) {
+            if state.head == slot {
+                state.head = next;
+            }
+            state.count = state.count.saturating_sub(1);
+            if state.count == 0 {
+                self.per_owner.remove(&owner);
+            }
+        }
+    }
+
     /// Removes every flow `client` started and every flow towards it (rule
     /// change, client gone). Returns how many were removed.
+    /// Walks that client's own chain; only while flows towards a client
+    /// exist (`peer_client`, none today: clients are isolated) does it also
+    /// look through the table for them.
     pub fn flush_client(&mut self, client: IpAddr) -> usize {
         let mut removed = 0;
+        let mut slot = self.per_owner.get(&client).map_or(NO_SLOT, |o| o.head);
+        // Bounded by the table's size even if a chain were ever corrupt.
+        for _ in 0..self.slots.len() {
+            if slot == NO_SLOT {
+                break;
+            }
+            let next = self.links.get(slot as usize).map_or(NO_SLOT, |l| l.1);
+            self.remove(EntryId(slot));
+            removed += 1;
+            slot = next;
+        }
+        if self.peered == 0 {
+            return removed;
+        }
         for slot in 0..self.slots.len() {
             let hit = self
                 .slots
@@ -967,5 +1054,60 @@ mod tests {
         };
         let id2 = t.insert(CLIENT2, ping2, Some(NAT), None, None, 0).unwrap();
         assert_ne!(t.get(id2).unwrap().reply, reply);
+    }
+
+    /// The per-owner chains stay what a scan of the table says, through
+    /// inserts, removals, expiry and flushes in random order.
+    #[test]
+    fn owner_chains_match_the_table_through_random_churn() {
+        let owners: alloc::vec::Vec<IpAddr> = (10..16)
+            .map(|last| IpAddr::V4(Ipv4Addr::new(10, 137, 0, last)))
+            .collect();
+        let mut t = NatTable::new(512, 512, 3);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let scan = |t: &NatTable, owner: IpAddr| {
+            t.slots
+                .iter()
+                .flatten()
+                .filter(|entry| entry.owner == owner)
+                .count()
+        };
+        let mut port = 1000u16;
+        for round in 0..3000 {
+            let owner = owners[(next() % owners.len() as u64) as usize];
+            match next() % 10 {
+                0..=5 => {
+                    port = port.wrapping_add(1).max(1000);
+                    let _ = t.insert(
+                        owner,
+                        key(owner, port, PROTO_UDP),
+                        Some(NAT),
+                        None,
+                        None,
+                        round,
+                    );
+                }
+                6 | 7 => {
+                    let slot = (next() % t.slots.len().max(1) as u64) as u32;
+                    t.remove(EntryId(slot));
+                }
+                8 => {
+                    let before = scan(&t, owner);
+                    assert_eq!(t.flush_client(owner), before, "round {round}");
+                }
+                _ => {
+                    t.expire(round, 16);
+                }
+            }
+            for &o in &owners {
+                assert_eq!(t.owner_len(o), scan(&t, o), "round {round}");
+            }
+        }
     }
 }
