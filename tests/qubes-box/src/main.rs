@@ -472,8 +472,25 @@ fn main() -> ExitCode {
         print!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    let parsed = match parse(rest) {
-        Ok(parsed) => parsed,
+    // run-in: the box's options come before QUBE; everything from QUBE on
+    // is the qube's command line, untouched.
+    let (options, verbatim) = if command == "run-in" {
+        let mut at = 0;
+        while let Some(arg) = rest.get(at) {
+            match arg.as_str() {
+                "--state-dir" | "--prefix" | "--bin-dir" => at += 2,
+                _ => break,
+            }
+        }
+        rest.split_at(at.min(rest.len()))
+    } else {
+        (rest, &[][..])
+    };
+    let parsed = match parse(options) {
+        Ok(mut parsed) => {
+            parsed.rest.extend(verbatim.iter().cloned());
+            parsed
+        }
         Err(message) => {
             eprintln!("qubes-box {command}: {message}");
             return ExitCode::from(2);
