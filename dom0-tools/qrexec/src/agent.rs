@@ -200,6 +200,11 @@ fn handle_service_connect(agent: &Arc<Agent>, connect: ConnectParams, ident: Req
 }
 
 fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec: bool) {
+    // The call's stand-in process (see below) starts while the data vchan
+    // is connected: starting a process is a large part of a short call's
+    // latency. (Not ahead of the call: an idle agent has no children, as
+    // Qubes' tests check.)
+    let stand_in = std::thread::spawn(CallProcess::start);
     let mut vchan = match agent.transport.client(
         connect.connect_domain,
         connect.connect_port,
@@ -224,7 +229,7 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
     // (where it is the per-call process): a service that signals it (Qubes'
     // services may send SIGUSR1) can only end that stand-in, never the agent
     // and every other call. Without one, no PID is given.
-    let mut call_process = CallProcess::start();
+    let mut call_process = stand_in.join().ok().flatten();
     let call_pidfd = call_process.as_ref().and_then(CallProcess::pidfd);
     let env: Vec<(&str, String)> = call_process
         .as_ref()
@@ -406,6 +411,17 @@ fn usage() -> i32 {
 pub fn main(argv: Vec<String>) -> i32 {
     if argv.get(1).map(String::as_str) == Some(CALL_PROCESS_ARG) && argv.len() == 2 {
         return stdio_socket::call_process_main();
+    }
+    // Our own helpers for a PAM session (see `exec::pam`).
+    match argv.get(1).map(String::as_str) {
+        Some(exec::pam::PAM_SESSION_ARG) => {
+            crate::log::init("qrexec-agent");
+            return exec::pam::session_main(argv.get(2..).unwrap_or(&[]));
+        }
+        Some(exec::pam::DROP_PRIVILEGES_ARG) => {
+            return exec::pam::drop_privileges_main(argv.get(2..).unwrap_or(&[]));
+        }
+        _ => {}
     }
     crate::log::init("qrexec-agent");
     let parsed = match args::parse(argv.get(1..).unwrap_or(&[]), SPECS, false) {

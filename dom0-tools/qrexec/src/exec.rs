@@ -15,8 +15,10 @@
 //! `QREXEC_SERVICE_ARGUMENT` (when the name has a `+`),
 //! `QREXEC_REQUESTED_TARGET_TYPE` (+ `QREXEC_REQUESTED_TARGET` or
 //! `QREXEC_REQUESTED_TARGET_KEYWORD`) are set as the multiplexer sets them.
-//! A root agent switches to the requested user (from `/etc/passwd`); an
-//! unprivileged one runs everything as itself. This module must never pass a
+//! A root agent runs a command for another user inside a PAM session
+//! ([`pam`], with the `pam` feature) or, without it, switches to the user
+//! (from `/etc/passwd`) itself; an unprivileged one runs everything as
+//! itself. This module must never pass a
 //! service name containing `/` (or `.`/`..`) to the file system, and never
 //! run a command through anything but the fixed shell.
 
@@ -30,6 +32,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 
 use protocol::qrexec::cmdline::{self, RpcCommand, TargetKind};
 use protocol::qrexec::names;
+
+pub mod pam;
 
 /// Default service directories (`QREXEC_SERVICE_PATH` in `qrexec.h`).
 pub const DEFAULT_SERVICE_PATH: &str = "/usr/local/etc/qubes-rpc:/etc/qubes-rpc";
@@ -387,6 +391,12 @@ fn base_command(program: impl Into<OsString>, req: &Request<'_>) -> Command {
     cmd
 }
 
+/// Whether running as `user` takes a PAM session: we are root and the
+/// user is an existing account other than root.
+fn needs_session(user: &str) -> bool {
+    rustix::process::geteuid().is_root() && lookup_user(user).is_some_and(|a| a.uid != 0)
+}
+
 fn apply_user(cmd: &mut Command, user: Option<&str>) -> Result<(), u32> {
     let Some(user) = user else { return Ok(()) };
     if !rustix::process::geteuid().is_root() {
@@ -575,7 +585,17 @@ pub fn spawn(req: &Request<'_>) -> Launch {
             }
         }
     };
-    if let Err(code) = apply_user(&mut cmd, req.user) {
+    if let Some(user) = req.user.filter(|u| pam::ENABLED && needs_session(u)) {
+        // A session for another user, held by our helper (see [`pam`]).
+        let helper = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => {
+                crate::log_error!("cannot find our own program for the PAM session: {e}");
+                return Launch::Failed(protocol::qrexec::QREXEC_EXIT_PROBLEM);
+            }
+        };
+        cmd = pam::wrap(&cmd, user, base_command(helper, req));
+    } else if let Err(code) = apply_user(&mut cmd, req.user) {
         return Launch::Failed(code);
     }
     let socket = if req.stdio == StdioMode::Piped {

@@ -205,8 +205,13 @@ impl<R: Read + AsFd> Read for SwitchingOutput<R> {
                 // Stdout ended. A SIGUSR1 sent before it closed may not
                 // have ended the stand-in yet: end the stand-in ourselves
                 // and see which signal it died of (a pending SIGUSR1, the
-                // lower number, is taken before our SIGTERM).
+                // lower number, is taken before our SIGTERM). When the
+                // socket is at its end already (the process closed it and
+                // left nothing in it: the usual end of a call), switching
+                // or not reads the same nothing, so the stand-in need not
+                // be waited for.
                 if let Some(pidfd) = self.pidfd.take()
+                    && !socket_at_end(&self.socket)
                     && Self::settle(&pidfd)
                 {
                     self.switched = true;
@@ -217,6 +222,21 @@ impl<R: Read + AsFd> Read for SwitchingOutput<R> {
             }
         }
     }
+}
+
+/// Whether reading `socket` would give end of file now: its peer has
+/// closed (or shut down) its sending side and nothing is left unread.
+/// Nothing is consumed.
+fn socket_at_end(socket: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        rustix::net::recv(
+            socket,
+            &mut byte[..],
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT
+        ),
+        Ok((0, _))
+    )
 }
 
 impl<R> SwitchingOutput<R> {

@@ -7,10 +7,14 @@
 //!
 //! Facts: qubes-core-vchan-socket `vchan/init.c`/`io.c`; the same layout as
 //! the unikernel's hosted platform (`unikernel/src/platform/hosted/vchan.rs`).
-//! Qubes' client polls every 100 ms; ours polls every 0.2-1 ms for the
-//! first 5 s, then backs off to 100 ms, which keeps call latency low without changing what either side
-//! sees on the socket. This module must never accept a second connection on
-//! a server socket: a vchan has exactly one peer.
+//! Qubes' client retries every 0.1 ms (`CONNECT_DELAY_MS * 1000` ns) for as
+//! long as it takes; ours retries every 0.1 ms for the first 50 ms (the
+//! server's socket usually appears within a few ms: both ends learn the port
+//! at about the same moment), every 1 ms until 5 s, then every 100 ms,
+//! without changing what either side sees on the socket (waiting on
+//! inotify for the socket's creation instead was measured slower). This
+//! module must never accept a second connection on a server socket: a
+//! vchan has exactly one peer.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -21,6 +25,8 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
 use super::{Transport, Vchan};
 
+/// How long a client polls for its server every 0.1 ms.
+const SHORT_POLL_PERIOD: Duration = Duration::from_millis(50);
 /// How long a client polls for its server every millisecond or faster.
 const FAST_POLL_PERIOD: Duration = Duration::from_secs(5);
 
@@ -214,11 +220,10 @@ impl Transport for SocketTransport {
         let path = socket_path(&self.dir, server, self.own_domain, port)?;
         let deadline = timeout.map(|t| Instant::now() + t);
         // The server usually appears within milliseconds (both ends learn
-        // the port at about the same moment): poll every 0.2-1 ms for the
-        // first seconds (a failed connect() to a missing path costs a few
-        // microseconds), then back off to Qubes' 100 ms.
+        // the port at about the same moment): retry every 0.1 ms as Qubes'
+        // client does (a failed connect() to a missing path costs a few
+        // microseconds), backing off after 50 ms and after 5 s.
         let started = Instant::now();
-        let mut delay = Duration::from_micros(200);
         loop {
             match UnixStream::connect(&path) {
                 Ok(stream) => return Ok(Box::new(SocketVchan::new(stream))),
@@ -228,6 +233,14 @@ impl Transport for SocketTransport {
                         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
                     ) =>
                 {
+                    let waited = started.elapsed();
+                    let delay = if waited < SHORT_POLL_PERIOD {
+                        Duration::from_micros(100)
+                    } else if waited < FAST_POLL_PERIOD {
+                        Duration::from_millis(1)
+                    } else {
+                        Duration::from_millis(100)
+                    };
                     if deadline.is_some_and(|d| Instant::now() + delay > d) {
                         return Err(io::Error::new(
                             io::ErrorKind::TimedOut,
@@ -235,12 +248,6 @@ impl Transport for SocketTransport {
                         ));
                     }
                     std::thread::sleep(delay);
-                    let cap = if started.elapsed() < FAST_POLL_PERIOD {
-                        Duration::from_millis(1)
-                    } else {
-                        Duration::from_millis(100)
-                    };
-                    delay = (delay * 2).min(cap);
                 }
                 Err(e) => {
                     return Err(io::Error::new(
