@@ -450,6 +450,66 @@ fn status_call(bx: &BoxUp, timeout: Duration, attacker: bool) -> Option<String> 
     }
 }
 
+/// The cgroup (cgroup v1's cpu controller) of the attackers and of every
+/// process of the box but the firewall's and sys-net's: together they get
+/// the CPU share of one process ([`OTHERS_SHARES`], the shares of a
+/// process at nice 0), however many they are (a wave of 1,000 qrexec
+/// calls is thousands of processes; niced alone they would still outweigh
+/// the firewall and the load 15 to 1).
+const OTHERS: &str = "/sys/fs/cgroup/cpu/qubes-box-soak-others";
+const OTHERS_SHARES: &str = "1024";
+
+/// The others' cgroup, made for the run; its tasks go back to the root
+/// cgroup and it is removed on drop.
+struct OthersGroup;
+
+impl OthersGroup {
+    /// `None` where there is no cgroup v1 cpu controller to write to (the
+    /// run then relies on nice alone and says so).
+    fn make() -> Option<OthersGroup> {
+        let dir = Path::new(OTHERS);
+        if !dir.is_dir() {
+            std::fs::create_dir(dir).ok()?;
+        }
+        std::fs::write(dir.join("cpu.shares"), OTHERS_SHARES).ok()?;
+        Some(OthersGroup)
+    }
+}
+
+impl Drop for OthersGroup {
+    fn drop(&mut self) {
+        let root = Path::new(OTHERS).parent().map(|p| p.join("tasks"));
+        for _ in 0..50 {
+            let tasks =
+                std::fs::read_to_string(Path::new(OTHERS).join("tasks")).unwrap_or_default();
+            if let Some(root) = &root {
+                for tid in tasks.lines() {
+                    let _ = std::fs::write(root, tid);
+                }
+            }
+            if std::fs::remove_dir(OTHERS).is_ok() || !Path::new(OTHERS).exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Moves the calling thread into the others' cgroup (processes it spawns
+/// from then on start there); nothing where there is none.
+fn join_others() {
+    if let Ok(link) = std::fs::read_link("/proc/thread-self")
+        && let Some(tid) = link.file_name()
+    {
+        let _ = std::fs::write(Path::new(OTHERS).join("tasks"), tid.as_encoded_bytes());
+    }
+}
+
+/// Moves a process (all its threads) into the others' cgroup.
+fn move_to_others(pid: u32) -> bool {
+    std::fs::write(Path::new(OTHERS).join("cgroup.procs"), pid.to_string()).is_ok()
+}
+
 /// Nices (19) every process of the box but the firewall's and sys-net's
 /// (every thread of each: `setpriority` on a pid reaches one thread), so
 /// that dom0's daemons and the other qubes' agents, whose work the attacks
@@ -466,6 +526,9 @@ fn nice_the_rest(state: &str) -> usize {
         };
         if matches!(*owner, "sys-firewall" | "sys-net") {
             continue;
+        }
+        if let Ok(pid) = pid.parse() {
+            move_to_others(pid);
         }
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
@@ -622,7 +685,10 @@ fn start_attack(
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map(Reaped)
+        .map(|child| {
+            move_to_others(child.id());
+            Reaped(child)
+        })
         .map_err(|e| format!("cannot start the {kind} attack: {e}"))
     };
     match phase {
@@ -636,6 +702,7 @@ fn start_attack(
             // calls: the phase lasts until they are all done.
             let wave_bx = Arc::clone(bx);
             attack.threads.push(std::thread::spawn(move || {
+                join_others();
                 let ok = Arc::new(AtomicU64::new(0));
                 let wave: Vec<_> = (0..QREXEC_CONCURRENT)
                     .map(|_| {
@@ -660,6 +727,7 @@ fn start_attack(
             attack.done = Some(Arc::clone(&done));
             let target = plan.sequential;
             attack.threads.push(std::thread::spawn(move || {
+                join_others();
                 let start = Instant::now();
                 let (mut answered, mut failed) = (0u64, 0u64);
                 while answered + failed < target && !stop.load(Ordering::SeqCst) {
@@ -682,6 +750,7 @@ fn start_attack(
             // sequential ones beside it for the phase.
             let wave_bx = Arc::clone(bx);
             attack.threads.push(std::thread::spawn(move || {
+                join_others();
                 let ok = Arc::new(AtomicU64::new(0));
                 let wave: Vec<_> = (0..QREXEC_CONCURRENT)
                     .map(|i| {
@@ -704,6 +773,7 @@ fn start_attack(
             }));
             let bx = Arc::clone(bx);
             attack.threads.push(std::thread::spawn(move || {
+                join_others();
                 let start = Instant::now();
                 let (mut answered, mut failed) = (0u64, 0u64);
                 while !stop.load(Ordering::SeqCst) {
@@ -722,6 +792,7 @@ fn start_attack(
         "qubesdb" => {
             let (rules_bx, rules_stop) = (Arc::clone(bx), Arc::clone(&stop));
             attack.threads.push(std::thread::spawn(move || {
+                join_others();
                 // One long-lived connection to the firewall's QubesDB
                 // daemon (as qubesd keeps one), rewrites paced at
                 // RULES_PER_SECOND.
@@ -764,6 +835,7 @@ fn start_attack(
             }));
             let (churn_bx, churn_stop) = (Arc::clone(bx), Arc::clone(&stop));
             attack.threads.push(std::thread::spawn(move || {
+                join_others();
                 let qubes_box = churn_bx.qubes_box();
                 let (mut cycles, mut errors, mut fetches) = (0u64, 0u64, 0u64);
                 let mut first_error = None;
@@ -1000,7 +1072,15 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     let pid = quiet(&bx.qubes_box(), &["firewall-pid", "--state-dir", STATE])?
         .trim()
         .to_string();
+    let others = OthersGroup::make();
     let niced = nice_the_rest(STATE);
+    let grouped = if others.is_some() {
+        format!(
+            " and in one cgroup (cpu.shares {OTHERS_SHARES}: together the CPU share of one process)"
+        )
+    } else {
+        " (no cgroup v1 cpu controller: nice alone)".to_string()
+    };
 
     let mut sinks = Sinks {
         scripts: scripts.to_path_buf(),
@@ -1175,7 +1255,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         plan.quiet_seconds()
     );
     println!(
-        "well-behaved: client3+client4 HTTP downloads (MB/s), client5 GET / every 0.1 s (ms); attackers and {niced} processes of dom0 and the other qubes niced (nice -n 19: on Qubes they have CPUs of their own)"
+        "well-behaved: client3+client4 HTTP downloads (MB/s), client5 GET / every 0.1 s (ms); attackers and {niced} processes of dom0 and the other qubes niced (nice -n 19){grouped}: on Qubes they have CPUs of their own"
     );
     println!(
         "load average (1, 5, 15 min, /proc/loadavg) at the start {}, at the end {}",
@@ -1337,6 +1417,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     drop(sinks);
     let bx = Arc::try_unwrap(bx).map_err(|_| "soak: the box is still in use")?;
     bx.down()?;
+    drop(others);
     if problems.is_empty() {
         println!("soak: no crash, no hang, no denied packet or NAT entry leaked, memory flat");
         Ok(())
