@@ -16,7 +16,7 @@
 //! Under TCG only the ratio of one run means anything.
 //!
 //! Env, passed on to bench.sh: `LAB` (default `/tmp/qubes-fw-xen-bench`),
-//! `SECS` (10), `UDP_RATE` (20M), `ROUNDS` (1), `FLOWTABLE` (1), `TIMEOUT`.
+//! `SECS` (10), `UDP_RATE` (20M), `ROUNDS` (1), `FLOWTABLE` (0), `TIMEOUT`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
