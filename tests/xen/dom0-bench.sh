@@ -11,12 +11,13 @@
 #          tables, masquerade, netback + netfront), uplink 10.137.0.3.
 # The runs are interleaved (each test through ours, then through linux),
 # each bracketed by `xl list` CPU times of the firewall, its client and
-# dom0. Results are `QFW-BENCH` lines; the serial log is parsed by
-# xtask/src/bench_xen.rs. Env (from the kernel command line of dom0 via
+# dom0, with the other firewall and its client paused. Results are
+# `QFW-BENCH` lines; the serial log is parsed by
+# xtask/src/bench_xen.rs. Env (written by bench.sh into
 # /guest/bench.env): SECS, UDP_RATE, ROUNDS, FLOWTABLE.
 up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN{printf "%.2f", b-a}'; }
-# waitslow FILE PATTERN SECONDS: the same, polling twice a second (during
+# waitslow FILE PATTERN SECONDS: as waitfor below, polling twice a second (during
 # a measurement dom0 should not fork grep ten times a second).
 waitslow() { i=0; until grep -q "$2" "$1" 2>/dev/null || [ $i -ge $(($3 * 2)) ]; do sleep 0.5; i=$((i+1)); done; grep -q "$2" "$1" 2>/dev/null; }
 waitfor() { # file pattern tenths
@@ -104,12 +105,16 @@ grep "LINUXFW vif\|LINUXFW nft" $LFLOG | sed 's/^/QFW-BENCH info /'
 # measure FW TEST SEQ: one run through firewall FW (ours|linux).
 measure() {
     fw=$1; test=$2; seq=$3
-    case $fw in ours) dom=sys-firewall ;; *) dom=linux-fw ;; esac
+    case $fw in ours) dom=sys-firewall other="linux-fw client-linux" ;; *) dom=linux-fw other="sys-firewall client-ours" ;; esac
     c=client-$fw
+    # The other pair is paused: its idle cost (a 2-vCPU Linux ticks under
+    # TCG) must not eat into this run.
+    for o in $other; do xl pause "$o"; done
     f0=$(cpu $dom) c0=$(cpu $c) d0=$(cpu Domain-0) a0=$(allcpu) t0=$(up)
     tell $c "run $seq $test $SECS $UDP_RATE"
     waitslow $CONS/guest-$c.log "BENCH-CLIENT result $seq " $((SECS + 60)) || echo "QFW-BENCH info $c gave no result for run $seq"
     f1=$(cpu $dom) c1=$(cpu $c) d1=$(cpu Domain-0) a1=$(allcpu) t=$(since "$t0")
+    for o in $other; do xl unpause "$o"; done
     r=$(grep "BENCH-CLIENT result $seq " $CONS/guest-$c.log | head -1 | sed 's/.*result [0-9]* [a-z-]* //')
     d() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", b-a}'; }
     echo "QFW-BENCH result fw=$fw test=$test $r fw_cpu_s=$(d "$f0" "$f1") client_cpu_s=$(d "$c0" "$c1") dom0_cpu_s=$(d "$d0" "$d1") others_cpu_s=$(awk -v a="$a1" -v b="$a0" -v f="$(d "$f0" "$f1")" -v c="$(d "$c0" "$c1")" -v d="$(d "$d0" "$d1")" 'BEGIN{printf "%.1f", a-b-f-c-d}') wall_s=$t"

@@ -9,8 +9,9 @@
 //! netback and netfront) each serve one Linux client qube. Interleaved,
 //! each test runs through ours, then through Linux: iperf3 TCP up
 //! (client → dom0) and down (`-R`), then UDP up at a fixed rate (loss
-//! reported). Around each run dom0 reads `xl list`'s CPU time of the
-//! firewall, the client and dom0. This module runs the script, reads the
+//! reported), with the other firewall and its client paused. Around each
+//! run dom0 reads `xl list`'s CPU time of the firewall, the client and
+//! dom0. This module runs the script, reads the
 //! `QFW-BENCH` lines from the serial log and prints both throughputs, the
 //! ratio ours/Linux, the CPU time of each firewall domain and memory.
 //! Under TCG only the ratio of one run means anything.
