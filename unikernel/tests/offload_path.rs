@@ -60,15 +60,9 @@ fn router(ipv6: bool, resolved: bool) -> Router {
             },
         )
         .unwrap();
-    router.set_rules(
-        IpAddr::V4(A_IP),
-        RuleSet::parse([("policy", "accept")]),
-    );
+    router.set_rules(IpAddr::V4(A_IP), RuleSet::parse([("policy", "accept")]));
     if ipv6 {
-        router.set_rules(
-            IpAddr::V6(a_ip6()),
-            RuleSet::parse([("policy", "accept")]),
-        );
+        router.set_rules(IpAddr::V6(a_ip6()), RuleSet::parse([("policy", "accept")]));
     }
     if resolved {
         // The gateway's ARP reply.
@@ -564,4 +558,128 @@ fn no_bytes_make_accept_or_finish_panic() {
         }
     }
     assert!(accepted > 0);
+}
+
+/// A NIC that records what it is given; with `offloads` it takes GSO and
+/// partial checksums as they are.
+struct Recorder {
+    sent: Vec<(Vec<u8>, Offload)>,
+    offloads: bool,
+}
+
+struct RecTx<'a>(&'a mut Vec<(Vec<u8>, Offload)>);
+struct NoRx;
+
+impl smoltcp::phy::RxToken for NoRx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&[])
+    }
+}
+
+impl smoltcp::phy::TxToken for RecTx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buffer = vec![0; len];
+        let result = f(&mut buffer);
+        self.0.push((buffer, Offload::NONE));
+        result
+    }
+}
+
+impl smoltcp::phy::Device for Recorder {
+    type RxToken<'a> = NoRx;
+    type TxToken<'a> = RecTx<'a>;
+    fn receive(&mut self, _: Instant) -> Option<(NoRx, RecTx<'_>)> {
+        None
+    }
+    fn transmit(&mut self, _: Instant) -> Option<RecTx<'_>> {
+        Some(RecTx(&mut self.sent))
+    }
+    fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
+        smoltcp::phy::DeviceCapabilities::default()
+    }
+}
+
+impl offload::OffloadNic for Recorder {
+    fn tx_offloads(&self) -> offload::TxOffloads {
+        offload::TxOffloads {
+            csum: self.offloads,
+            tso4: self.offloads,
+            tso6: self.offloads,
+        }
+    }
+    fn transmit_offloaded(&mut self, _: Instant, frame: &[u8], offload: Offload) -> bool {
+        self.sent.push((frame.to_vec(), offload));
+        true
+    }
+}
+
+#[test]
+fn the_output_nic_gets_gso_frames_whole_or_cut_as_it_can_take_them() {
+    for offloads in [true, false] {
+        let mut router = router(false, true);
+        open_flow(&mut router, IpAddr::V4(A_IP), IpAddr::V4(REMOTE));
+        let t = Tcp {
+            src: IpAddr::V4(A_IP),
+            dst: IpAddr::V4(REMOTE),
+            sport: 40000,
+            dport: 443,
+            seq: 1001,
+            flags: 0x10,
+            ip_id: 3,
+        };
+        let plain = frame(CLIENT_SIDE_MAC.0, A_MAC, &t, &payload(3 * MSS));
+        let mut f = plain.clone();
+        let o = offload::accept(&mut f, gso(GsoKind::TcpV4, MSS as u16)).unwrap();
+        router.handle_client_frame_offloaded(A, &f, o, Instant::from_millis(3));
+        // And a partial-checksum frame behind it.
+        let small = frame(
+            CLIENT_SIDE_MAC.0,
+            A_MAC,
+            &Tcp {
+                seq: 1001 + 3 * MSS as u32,
+                ..t
+            },
+            &payload(77),
+        );
+        let mut partial = small.clone();
+        let po = offload::accept(
+            &mut partial,
+            NicOffload {
+                csum_partial: true,
+                ..NicOffload::default()
+            },
+        )
+        .unwrap();
+        router.handle_client_frame_offloaded(A, &partial, po, Instant::from_millis(3));
+        let mut nic = Recorder {
+            sent: Vec::new(),
+            offloads,
+        };
+        router.transmit_uplink(&mut nic, Instant::from_millis(3));
+        if offloads {
+            assert_eq!(nic.sent.len(), 2);
+            assert_eq!(nic.sent[0].1, o);
+            assert_eq!(nic.sent[1].1, po);
+        } else {
+            // Cut and completed, in order: what the plain path gives.
+            let mut reference = router_with_flow(false, IpAddr::V4(A_IP), IpAddr::V4(REMOTE));
+            let mut expected = Vec::new();
+            for (i, chunk) in payload(3 * MSS).chunks(MSS).enumerate() {
+                let seg = Tcp {
+                    seq: 1001 + (i * MSS) as u32,
+                    ip_id: 3 + i as u16,
+                    ..t
+                };
+                reference.handle_client_frame(
+                    A,
+                    &frame(CLIENT_SIDE_MAC.0, A_MAC, &seg, chunk),
+                    Instant::from_millis(3),
+                );
+                expected.push((reference.pop_uplink_frame().unwrap(), Offload::NONE));
+            }
+            reference.handle_client_frame(A, &small, Instant::from_millis(3));
+            expected.push((reference.pop_uplink_frame().unwrap(), Offload::NONE));
+            assert_eq!(nic.sent, expected);
+        }
+    }
 }

@@ -857,9 +857,20 @@ impl Router {
     /// software first, its pieces going out in its place.
     fn transmit<D: OffloadNic>(&mut self, client: Option<usize>, device: &mut D, now: Instant) {
         let offloads = device.tx_offloads();
-        while let Some((frame, offload)) = self.queue_mut(client).and_then(|q| q.pop_offloaded()) {
+        while let Some((mut frame, mut offload)) =
+            self.queue_mut(client).and_then(|q| q.pop_offloaded())
+        {
             self.queued = self.queued.saturating_sub(frame.len());
             let v6 = frame.get(12..14) == Some(&crate::wire::ETHERTYPE_IPV6.to_be_bytes()[..]);
+            if !offload.is_gso() && offload.csum_partial && !offloads.take(offload, v6) {
+                // Only the checksum to fill in: in place, no copy.
+                if offload::complete(&mut frame).is_err() {
+                    self.drop(DropReason::Malformed);
+                    self.recycle(frame);
+                    continue;
+                }
+                offload = Offload::NONE;
+            }
             if offload.is_none() || offloads.take(offload, v6) {
                 if device.transmit_offloaded(now, &frame, offload) {
                     self.recycle(frame);
