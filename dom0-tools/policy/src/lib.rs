@@ -147,7 +147,9 @@
 //! index against a linear scan on random policies; `tests/admin.rs` the
 //! admin API, also against Qubes' own `PolicyAdmin`; `tests/agent.rs`
 //! `policy.Ask`/`policy.Notify` through a fake qrexec-client and Qubes' own
-//! `qrexec-policy-agent`); `tests/qubes44.rs` Qubes 4.4's decisions case by case
+//! `qrexec-policy-agent`); `tests/qubesd.rs` the qubesd calls (system info,
+//! the five-argument form) against a qubesd test double; `tests/qubes44.rs`
+//! Qubes 4.4's decisions case by case
 //! (dom0 by name, keyword and uuid in every position, `internal`,
 //! `@dispvm:uuid:`, replies); `tests/differential.rs` compares every
 //! decision with Qubes' own Python parser on random systems, policies and
