@@ -459,6 +459,18 @@ check "a live qubesdb-write (rc=$rc) of /connected-ips and /connected-ips6 reach
 check "qrexec output larger than a page: $CLIENT_WHO got the whole $size-byte status (300 addresses: $n; last line: $(tail -n 1 /tmp/status4.$DSET.txt | cut -c1-30)...)" \
     $([ "$size" -gt 4096 ] && [ "$n" = 300 ] && grep -q "fd09:24ef:4179::a8b:64" /tmp/status4.$DSET.txt && grep -q "^qrexec: started" /tmp/status4.$DSET.txt && echo ok)
 qdb write -d sys-firewall /connected-ips "10.137.0.10" /connected-ips6 "$IP6_CLIENT"
+# The other direction, for information: qubes.SetDateTime with its date
+# line followed by 8 KiB more stdin (the agent reads the line, discards the
+# rest); the status then shows the wall clock set.
+{ date -u -Iseconds; head -c 8192 /dev/zero | tr '\0' x; echo; } > /tmp/stdin-big.txt
+timeout 60 "$QREXEC_CLIENT" -d sys-firewall 'DEFAULT:QUBESRPC qubes.SetDateTime dom0' < /tmp/stdin-big.txt > /tmp/setdate.$DSET.txt 2>&1; r=$?
+firewall_status /tmp/status5.$DSET.txt > /dev/null
+wclk=$(grep "^wall_clock_unix" /tmp/status5.$DSET.txt)
+if [ $r = 0 ] && grep -q "^wall_clock_unix: [0-9]" /tmp/status5.$DSET.txt; then
+    echo "QFW-INFO ok   ${PFX}qrexec stdin larger than a page: $CLIENT_WHO sent $(wc -c < /tmp/stdin-big.txt) bytes to qubes.SetDateTime (rc=$r; $wclk)"
+else
+    echo "QFW-INFO FAIL ${PFX}qrexec stdin larger than a page: $CLIENT_WHO sent $(wc -c < /tmp/stdin-big.txt) bytes to qubes.SetDateTime (rc=$r: $(head -c 200 /tmp/setdate.$DSET.txt | tr '\n' ' '); $wclk)"
+fi
 
 # 5) Clean shutdown.
 t1=$(up)
