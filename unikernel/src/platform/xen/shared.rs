@@ -1,6 +1,8 @@
 //! Memory shared with another domain, behind one small trait so that every
-//! ring protocol above it (console, xenstore, vchan) is portable and tested
-//! on the host against a `Vec`-backed double.
+//! ring protocol above it (console, xenstore, vchan, netfront, netback) is
+//! portable and tested on the host against [`VecMemory`], a heap block
+//! reached through the same [`RawMemory`] accessors (so `cargo xtask miri`
+//! checks this module's unsafe code under every ring test).
 //!
 //! On Xen, [`RawMemory`] touches the page only with volatile loads/stores and
 //! atomic read-modify-write, never through `&`/`&mut` (the peer may change
