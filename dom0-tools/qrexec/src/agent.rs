@@ -14,8 +14,11 @@
 //! is over and the agent sends `MSG_CONNECTION_TERMINATED`.
 //!
 //! Source: qubes-core-qrexec `agent/qrexec-agent.c`, `qrexec-agent-data.c`.
-//! There is no fork server here (`--no-fork-server` is the only mode;
-//! `--fork-server-socket` is accepted and ignored). Messages from a local
+//! A call the user's fork server may run (see [`fork_server`]) is
+//! handed to it when its socket (`--fork-server-socket`, a pattern where
+//! `%s` is the user; default `/var/run/qubes/qrexec-server.%s.sock`) accepts
+//! the connection, as Qubes' agent does; `--no-fork-server` never tries.
+//! Messages from a local
 //! qrexec-client-vm are hostile input: malformed ones close that client
 //! only. Commands run as the requested user when the agent is root, as the
 //! agent's own user otherwise. Each call gets a stand-in process (this
@@ -42,6 +45,8 @@ use protocol::qrexec::{
 use crate::args::{self, OptSpec};
 use crate::data::{self, LOCAL_PROTOCOL_VERSION};
 use crate::exec::{self, Launch, StdioMode};
+
+pub mod fork_server;
 use crate::log::escape;
 use crate::log_error;
 pub use crate::stdio_socket::CALL_PROCESS_ARG;
@@ -65,6 +70,8 @@ struct Agent {
     next_client: AtomicU32,
     active_clients: Arc<AtomicUsize>,
     service_path: Vec<PathBuf>,
+    /// The fork server socket path pattern (`%s`: the user), if enabled.
+    fork_server: Option<String>,
 }
 
 /// Most qrexec-client-vm connections served at once (`MAX_FDS`); more are
@@ -199,13 +206,46 @@ fn handle_service_connect(agent: &Arc<Agent>, connect: ConnectParams, ident: Req
     });
 }
 
-fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec: bool) {
+fn handle_exec(agent: &Arc<Agent>, connect: ConnectParams, cmdline: &[u8], just_exec: bool) {
+    if let Some(socket) = agent.fork_server.as_deref()
+        && let Some(stream) = fork_server::try_hand_over(socket, connect, cmdline, just_exec)
+    {
+        // The fork server runs the call; its end is the end of the stream.
+        let mut stream = stream;
+        let mut buf = [0u8; 64];
+        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+        agent.connection_terminated(connect);
+        return;
+    }
+    let user = split_user(cmdline).ok().map(|uc| uc.user.to_vec());
+    run_call(
+        &*agent.transport,
+        &agent.service_path,
+        connect,
+        cmdline,
+        user.as_deref(),
+        just_exec,
+    );
+    agent.connection_terminated(connect);
+}
+
+/// Run one call: connect its data vchan, run `cmdline` (`user:command`; as
+/// `user` when given and we are root), stream, send the exit code. Returns
+/// when the call is over.
+pub fn run_call(
+    transport: &dyn Transport,
+    service_path: &[PathBuf],
+    connect: ConnectParams,
+    cmdline: &[u8],
+    user: Option<&[u8]>,
+    just_exec: bool,
+) {
     // The call's stand-in process (see below) starts while the data vchan
     // is connected: starting a process is a large part of a short call's
     // latency. (Not ahead of the call: an idle agent has no children, as
     // Qubes' tests check.)
     let stand_in = std::thread::spawn(CallProcess::start);
-    let mut vchan = match agent.transport.client(
+    let mut vchan = match transport.client(
         connect.connect_domain,
         connect.connect_port,
         Some(DATA_CONNECT_TIMEOUT),
@@ -213,7 +253,6 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
         Ok(v) => v,
         Err(e) => {
             log_error!("Data vchan connection failed: {e}");
-            agent.connection_terminated(connect);
             return;
         }
     };
@@ -221,7 +260,6 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
         Ok(v) => v,
         Err(e) => {
             log_error!("{e}");
-            agent.connection_terminated(connect);
             return;
         }
     };
@@ -240,11 +278,11 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
         .and_then(|uc| exec::stderr_tag(uc.command));
     let launch = match split_user(cmdline) {
         Ok(uc) => {
-            let user = String::from_utf8_lossy(uc.user).into_owned();
+            let user = user.map(|u| String::from_utf8_lossy(u).into_owned());
             exec::spawn(&exec::Request {
                 command: uc.command,
-                user: Some(&user),
-                service_path: &agent.service_path,
+                user: user.as_deref(),
+                service_path,
                 extra_env: &env,
                 stdio: if just_exec {
                     StdioMode::Null
@@ -304,7 +342,6 @@ fn handle_exec(agent: &Agent, connect: ConnectParams, cmdline: &[u8], just_exec:
     if let Some(c) = call_process.as_mut() {
         c.stop();
     }
-    agent.connection_terminated(connect);
 }
 
 fn control_loop(agent: &Arc<Agent>, mut reader: Box<dyn Vchan>) -> bool {
@@ -402,7 +439,10 @@ fn usage() -> i32 {
     eprintln!("Options:");
     eprintln!("  -h, --help - display usage");
     eprintln!("  --agent-socket=PATH - path to listen at, default: {QREXEC_AGENT_TRIGGER_PATH}");
-    eprintln!("  --fork-server-socket=PATH - accepted for compatibility; there is no fork server");
+    eprintln!(
+        "  --fork-server-socket=PATH - where to find the fork server, default: {}",
+        fork_server::QREXEC_FORK_SERVER_SOCKET
+    );
     eprintln!("  --no-fork-server - don't try to connect to fork server");
     2
 }
@@ -474,6 +514,16 @@ pub fn main(argv: Vec<String>) -> i32 {
         next_client: AtomicU32::new(1),
         active_clients: Arc::new(AtomicUsize::new(0)),
         service_path: exec::service_path_from_env(),
+        fork_server: if parsed.has("no-fork-server") {
+            None
+        } else {
+            Some(
+                parsed
+                    .value("fork-server-socket")
+                    .unwrap_or(fork_server::QREXEC_FORK_SERVER_SOCKET)
+                    .to_string(),
+            )
+        },
     });
     {
         let agent = Arc::clone(&agent);
