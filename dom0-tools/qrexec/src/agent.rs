@@ -459,6 +459,7 @@ pub fn main(argv: Vec<String>) -> i32 {
             return exec::pam::session_main(argv.get(2..).unwrap_or(&[]));
         }
         Some(exec::pam::DROP_PRIVILEGES_ARG) => {
+            crate::log::init("qrexec-agent");
             return exec::pam::drop_privileges_main(argv.get(2..).unwrap_or(&[]));
         }
         _ => {}
