@@ -1091,8 +1091,20 @@ pub fn remove_client(config: &BoxConfig, client: &ClientQube) -> io::Result<()> 
     .map_err(io::Error::other)?;
     xs.remove(&format!("/local/domain/{}", client.domid))
         .map_err(io::Error::other)?;
-    stop_machine(config, &client.name)?;
     let firewall = config.netns(FIREWALL.1);
+    // The veth pair goes first, by its end in the firewall's namespace
+    // (deleting one end deletes both at once): deleting the client's
+    // namespace frees its end only when the kernel's namespace cleanup gets
+    // to it, later, so an add-client right after found `veth<domid>` still
+    // there ("File exists").
+    let _ = ip(&[
+        "-n",
+        &firewall,
+        "link",
+        "del",
+        &format!("veth{}", client.domid),
+    ]);
+    stop_machine(config, &client.name)?;
     let _ = ip(&[
         "-n",
         &firewall,
