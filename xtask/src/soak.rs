@@ -950,6 +950,13 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Nanoseconds the firewall's main thread has spent runnable but waiting
+/// for a CPU (the second field of `/proc/PID/schedstat`).
+fn run_queue_ns(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    stat.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// `drop N reason` lines of a status report.
 fn drops(status: &str) -> BTreeMap<String, u64> {
     status
@@ -1012,6 +1019,8 @@ struct Row {
     seconds: f64,
     /// The firewall's CPU use during the attack (100: one core).
     cpu_percent: Option<f64>,
+    /// The time it waited for a CPU while runnable, in % of the phase.
+    wait_percent: Option<f64>,
 }
 
 impl Row {
@@ -1152,6 +1161,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         });
         let from = Instant::now();
         let ticks_from = cpu_ticks(&pid);
+        let waited_from = run_queue_ns(&pid);
         let attack = start_attack(phase, &bx, scripts, plan)?;
         let (done, restarts) = (attack.done.clone(), Arc::clone(&attack.restarts));
         std::thread::sleep(Duration::from_secs_f64(plan.seconds));
@@ -1165,6 +1175,9 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         let cpu_percent = ticks_from
             .zip(cpu_ticks(&pid))
             .map(|(a, b)| b.saturating_sub(a) as f64 / to.duration_since(from).as_secs_f64());
+        let wait_percent = waited_from
+            .zip(run_queue_ns(&pid))
+            .map(|(a, b)| b.saturating_sub(a) as f64 / 1e7 / to.duration_since(from).as_secs_f64());
         let mut notes = attack.stop();
         if *phase == "sys-net" {
             // The restarts ended the sink with the old namespace.
@@ -1237,6 +1250,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
             notes,
             seconds: to.duration_since(from).as_secs_f64(),
             cpu_percent,
+            wait_percent,
         });
         if memory.is_none() {
             break;
@@ -1271,10 +1285,11 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
             .join(" ")
     );
     println!(
-        "{:<11} {:>6} {:>6} {:>8} {:>8} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  attack",
+        "{:<11} {:>6} {:>6} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  attack",
         "phase",
         "secs",
         "fw CPU",
+        "fw wait",
         "quiet",
         "MB/s",
         "ratio",
@@ -1294,10 +1309,11 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         });
         let nat = r.nat.map_or("-".into(), |(n, _, c)| format!("{n} ({c})"));
         println!(
-            "{:<11} {:>6.1} {:>6} {:>8} {:>8.1} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  {}",
+            "{:<11} {:>6.1} {:>6} {:>7} {:>8} {:>8.1} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  {}",
             r.phase,
             r.seconds,
             r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+            r.wait_percent.map_or("-".into(), |c| format!("{c:.0}%")),
             r.quiet.map_or("-".into(), |q| format!("{:.1}", q.mbps)),
             r.during.mbps,
             r.ratio().map_or("-".into(), |v| format!("{v:.2}")),
@@ -1321,7 +1337,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
         RATIO_GOAL
     );
     println!(
-        "fw CPU: the firewall process's CPU time during the attack (100% = one core; near it, the firewall is the bottleneck, well below it, the machine is)"
+        "fw CPU: the firewall process's CPU time during the attack (100% = one core; near it, the firewall is the bottleneck, well below it, the machine is); fw wait: the time it was runnable but waited for a CPU (/proc/PID/schedstat)"
     );
     let below: Vec<String> = rows
         .iter()
@@ -1474,6 +1490,8 @@ connected_ips: 10.137.0.20
     #[test]
     fn our_own_cpu_time_is_read() {
         assert!(cpu_ticks(&std::process::id().to_string()).is_some());
+        assert!(run_queue_ns(&std::process::id().to_string()).is_some());
+        assert_eq!(run_queue_ns("not-a-pid"), None);
         assert_eq!(cpu_ticks("not-a-pid"), None);
     }
 
