@@ -11,7 +11,10 @@
 //! `tests/interop/pairs.sh` runs the mixed-pair matrix (ours and Qubes'
 //! programs in every combination, dom0 -> qube, qube -> qube and qube ->
 //! dom0, through a policy program and through a real policy file with our
-//! `qrexec-policy-daemon`), which must be all green.
+//! `qrexec-policy-daemon`), which must be all green; and
+//! `tests/interop/forkserver.sh` (the agent, ours or Qubes', handing calls
+//! to a user's fork server, ours or Qubes', and running them itself once
+//! the fork server is gone), all four pairings green.
 #![allow(clippy::unwrap_used)] // reason: test code
 
 use std::path::{Path, PathBuf};
@@ -115,4 +118,24 @@ fn qubes_socket_suite_passes_against_our_programs() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pairs.sh failed ({})", out.status);
+
+    // The fork server, ours and Qubes', with either agent.
+    system_tests::binary("qrexec-fork-server");
+    let out = Command::new(root.join("tests/interop/forkserver.sh"))
+        .env("OUR_BIN_DIR", &bins)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(": ok")).count(),
+        4,
+        "fork server pairings not all working:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "forkserver.sh failed ({})",
+        out.status
+    );
 }

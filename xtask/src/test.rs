@@ -25,6 +25,14 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
 ];
 
+/// Debian packages the qrexec crate's `pam` feature builds against (the
+/// `pam-client` binding generates its bindings with libclang), checked by
+/// their files rather than by a command.
+const PAM_BUILD_PACKAGES: &[(&str, &str)] = &[
+    ("/usr/include/security/pam_appl.h", "libpam0g-dev"),
+    ("/usr/lib/llvm-14/lib/libclang.so", "libclang-dev"),
+];
+
 pub fn run(args: &[String]) -> Result<(), String> {
     let root = workspace_root();
     let as_root = require_root().is_ok();
@@ -60,6 +68,22 @@ pub fn run(args: &[String]) -> Result<(), String> {
     } else {
         println!("xtask test: skipped: tests/xen/run.sh (needs root)");
     }
+    if as_root {
+        // The agent's PAM session (root only: it creates a throwaway user
+        // and a PAM service file). The `pam` feature is not in the
+        // workspace build, so it runs on its own, before the workspace
+        // tests whose summary closes the output.
+        ensure_files(PAM_BUILD_PACKAGES)?;
+        run_command(Command::new("cargo").current_dir(&root).args([
+            "test",
+            "--package",
+            "qrexec",
+            "--features",
+            "pam",
+            "--test",
+            "pam_session",
+        ]))?;
+    }
     run_tests(
         Command::new("cargo")
             .current_dir(&root)
@@ -68,6 +92,24 @@ pub fn run(args: &[String]) -> Result<(), String> {
             // The differential tests against Qubes' own code must run, not
             // skip, when Python or ../shared/reference is missing.
             .env("POLICY_DIFF_REQUIRED", "1"),
+    )
+}
+
+/// Installs the Debian package of every missing file (one `apt-get update`).
+fn ensure_files(files: &[(&str, &str)]) -> Result<(), String> {
+    let missing: Vec<&str> = files
+        .iter()
+        .filter(|(file, _)| !std::path::Path::new(file).exists())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run_command(Command::new("apt-get").args(["update", "-q"]))?;
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing),
     )
 }
 
