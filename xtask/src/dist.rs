@@ -233,6 +233,11 @@ pub const LAYOUT: &[(Package, &str, Item)] = &[
         "/usr/lib/qubes/qrexec-client-vm",
         Item::Link("../../bin/qrexec-client-vm"),
     ),
+    (
+        Package::Vm,
+        "/usr/bin/qrexec-fork-server",
+        Item::File("bin/qrexec-fork-server", 0o755),
+    ),
     (Package::Vm, "/usr/lib/qubes-rs", Item::Dir),
     (
         Package::Vm,
@@ -322,6 +327,7 @@ pub const PROGRAMS: &[&str] = &[
     "qrexec-client",
     "qrexec-client-vm",
     "qrexec-daemon",
+    "qrexec-fork-server",
     "qrexec-policy-daemon",
     "qrexec-policy-exec",
     "qubes-policy-admin",
