@@ -12,8 +12,9 @@
 //! path, under 32 MiB RSS). A third figure is the kernel path with its
 //! segmentation/checksum offloads turned off (ethtool): the kernel then
 //! moves one MTU-sized frame at a time — the per-packet baseline (the
-//! hosted firewall's TAPs use offloads: GSO frames in and out, split and
-//! merged around the core, which routes one MTU-sized frame at a time).
+//! hosted firewall's TAPs use offloads: GSO and checksum-partial frames go
+//! through the core whole, which rewrites their headers only, and leave as
+//! GSO frames).
 //!
 //! Missing tools (iperf3, nftables, iproute2, procps, ethtool) are installed with
 //! `apt-get install -y` after one `apt-get update`. Everything it creates
