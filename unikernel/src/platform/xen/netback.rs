@@ -27,9 +27,18 @@
 //! error; `gso_size` 0, a GSO type that does not match the frame and a
 //! blank checksum that is not TCP/UDP are served and dropped (counted).
 //! `NETTXF_data_validated` changes nothing (the router verifies no TCP/UDP
-//! checksum). Towards the client (RX) we send single-slot complete frames
-//! (the router cuts GSO frames for it in software); we did
-//! not verify them, so RX responses carry no `NETRXF_*` checksum flag. The frontend is hostile: its `req_prod` is
+//! checksum). Towards the client (RX), as Linux netback: a frame takes
+//! one posted buffer per 4 KiB (offset 0, `NETRXF_more_data` on all but
+//! the last), a GSO frame's first response carries `NETRXF_extra_info`
+//! and the next slot is the `XEN_NETIF_EXTRA_TYPE_GSO` segment (its
+//! request's place, `gso.size`, `gso.type`); a partial checksum is flagged
+//! `NETRXF_csum_blank | NETRXF_data_validated`, a complete frame carries
+//! no flag (we did not verify it). What we send whole follows the
+//! frontend's keys ([`FrontendFeatures`]: GSO needs `feature-sg`,
+//! `feature-gso-tcpv4/6` and partial checksums for both IP versions);
+//! anything else the router cuts and completes in software first. A frame
+//! waits in the router's queue until the client has posted enough buffers
+//! for all its slots ([`Sent::NoRoom`], `req_event` set to wake us). The frontend is hostile: its `req_prod` is
 //! read once per poll and may not exceed one ring of unanswered requests;
 //! offsets and sizes must stay inside one page; ids are echoed, never used
 //! as indices; grant copies Xen refuses become errors, never a panic. The
@@ -43,9 +52,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::events::Notify;
-use super::netfront::{MAX_FRAME, NETIF_RSP_NULL, RING_HEADER, RING_SIZE, RX_ENTRY, TX_ENTRY};
+use super::netfront::{
+    MAX_FRAME, NETIF_RSP_NULL, NETRXF_CSUM_BLANK, NETRXF_DATA_VALIDATED, NETRXF_EXTRA_INFO,
+    NETRXF_MORE_DATA, RING_HEADER, RING_SIZE, RX_ENTRY, TX_ENTRY,
+};
 use super::shared::{SharedMemory, barrier};
-use crate::offload::{self, GsoKind, NicOffload, Offload};
+use crate::offload::{self, GsoKind, NicOffload, Offload, TxOffloads};
 
 const REQ_PROD: usize = 0;
 const REQ_EVENT: usize = 4;
@@ -129,6 +141,35 @@ pub struct NetbackStats {
     pub bad_checksum_offload: u64,
     /// GSO packets the client sent (each counted in `from_client` too).
     pub gso_from_client: u64,
+    /// GSO packets we delivered to the client whole (each counted in
+    /// `to_client` too).
+    pub gso_to_client: u64,
+}
+
+/// What a client's frontend wrote it takes on RX (its xenstore keys).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FrontendFeatures {
+    /// `feature-sg` 1: packets of several slots.
+    pub sg: bool,
+    /// `feature-gso-tcpv4` 1.
+    pub gso4: bool,
+    /// `feature-gso-tcpv6` 1.
+    pub gso6: bool,
+    /// `feature-no-csum-offload` absent or 0: IPv4 partial checksums.
+    pub csum: bool,
+    /// `feature-ipv6-csum-offload` 1: IPv6 partial checksums.
+    pub csum6: bool,
+}
+
+/// What [`Netback::send_offloaded`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Delivered (or answered with an error the client sees).
+    Sent,
+    /// Not taken: the client has not posted enough RX buffers yet.
+    NoRoom,
+    /// Dropped and counted (device stopped, too long, not negotiated).
+    Dropped,
 }
 
 /// One TX request slot (`struct netif_tx_request`).
@@ -160,6 +201,7 @@ pub struct Netback<M, C, N> {
     finished: VecDeque<Vec<u8>>,
     stats: NetbackStats,
     broken: Option<&'static str>,
+    frontend: FrontendFeatures,
 }
 
 impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
@@ -184,6 +226,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             finished: VecDeque::new(),
             stats: NetbackStats::default(),
             broken: None,
+            frontend: FrontendFeatures::default(),
         }
     }
 
@@ -441,45 +484,156 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         Some((frame, offload))
     }
 
-    /// Delivers a frame into the client's next posted RX buffer; dropped
-    /// (and counted) when the client posted none.
+    /// Delivers a complete frame into the client's next posted RX buffer;
+    /// dropped (and counted) when the client posted none.
     pub fn send(&mut self, frame: &[u8]) {
-        if self.broken.is_some() || frame.is_empty() || frame.len() > MAX_FRAME {
+        if self.send_offloaded(frame, Offload::NONE) == Sent::NoRoom {
             self.stats.dropped += 1;
-            return;
         }
+    }
+
+    /// What the client's frontend takes on RX whole (its xenstore
+    /// features, [`Self::set_frontend_features`]).
+    pub fn tx_offloads(&self) -> TxOffloads {
+        let f = self.frontend;
+        // Checksum partial only when the frontend takes it for both IP
+        // versions (one flag for the router); GSO needs SG and partial
+        // checksums, as Linux netback's `xenvif_fix_features`.
+        let csum = f.csum && f.csum6;
+        TxOffloads {
+            csum,
+            tso4: csum && f.sg && f.gso4,
+            tso6: csum && f.sg && f.gso6,
+        }
+    }
+
+    /// Records what the client's frontend wrote in xenstore.
+    pub fn set_frontend_features(&mut self, features: FrontendFeatures) {
+        self.frontend = features;
+    }
+
+    /// Delivers a frame with `offload` (one [`Self::tx_offloads`] allows)
+    /// into the client's posted RX buffers: one slot per page of the frame,
+    /// the GSO extra-info segment behind the first (as Linux netback).
+    /// [`Sent::NoRoom`] when the client has not posted enough buffers yet
+    /// (nothing was taken; we asked to be notified); a frame the client
+    /// did not negotiate, or too long, is dropped and counted.
+    pub fn send_offloaded(&mut self, frame: &[u8], offload: Offload) -> Sent {
+        let v6 = frame.get(12..14) == Some(&crate::wire::ETHERTYPE_IPV6.to_be_bytes()[..]);
+        let limit = if offload.is_gso() {
+            offload::MAX_OFFLOAD_FRAME
+        } else {
+            MAX_FRAME
+        };
+        if self.broken.is_some()
+            || frame.is_empty()
+            || frame.len() > limit
+            || !(offload.is_none() || self.tx_offloads().take(offload, v6))
+        {
+            self.stats.dropped += 1;
+            return Sent::Dropped;
+        }
+        let data_slots = frame.len().div_ceil(PAGE);
+        let needed = data_slots + usize::from(offload.is_gso());
         let prod = self.rx.load_u32(REQ_PROD);
         barrier();
         if prod.wrapping_sub(self.rx_rsp_prod) > RING_SIZE {
             self.broken = Some("client RX req_prod more than a ring ahead");
-            return;
-        }
-        if self.rx_req_cons == prod {
-            self.rx
-                .store_u32(REQ_EVENT, self.rx_req_cons.wrapping_add(1));
             self.stats.dropped += 1;
-            return;
+            return Sent::Dropped;
         }
-        let at = RING_HEADER + (self.rx_req_cons % RING_SIZE) as usize * RX_ENTRY;
-        let id = self.rx.load_u16(at);
-        let gref = self.rx.load_u32(at + 4);
-        self.rx_req_cons = self.rx_req_cons.wrapping_add(1);
-        let status = if self.copier.copy_to(self.dom, gref, 0, frame).is_ok() {
-            self.stats.to_client += 1;
-            frame.len() as i16
+        let mut prod = prod;
+        if (prod.wrapping_sub(self.rx_req_cons) as usize) < needed {
+            // Ask to be told when enough buffers are there, then look once
+            // more (they may have come in between).
+            self.rx
+                .store_u32(REQ_EVENT, self.rx_req_cons.wrapping_add(needed as u32));
+            barrier();
+            prod = self.rx.load_u32(REQ_PROD);
+            barrier();
+            if prod.wrapping_sub(self.rx_rsp_prod) > RING_SIZE {
+                self.broken = Some("client RX req_prod more than a ring ahead");
+                self.stats.dropped += 1;
+                return Sent::Dropped;
+            }
+            if (prod.wrapping_sub(self.rx_req_cons) as usize) < needed {
+                return Sent::NoRoom;
+            }
+        }
+        // As Linux netback: partial checksums are flagged blank and
+        // validated; complete frames carry no flag (we did not verify them).
+        let csum_flags = if offload.csum_partial {
+            NETRXF_CSUM_BLANK | NETRXF_DATA_VALIDATED
         } else {
-            self.stats.bad_requests += 1;
-            RSP_ERROR
+            0
         };
-        let rsp = RING_HEADER + (self.rx_rsp_prod % RING_SIZE) as usize * RX_ENTRY;
-        self.rx.store_u16(rsp, id);
-        self.rx.store_u16(rsp + 2, 0); // offset
-        self.rx.store_u16(rsp + 4, 0); // no NETRXF_*: complete, not verified by us
-        self.rx.store_u16(rsp + 6, status as u16);
-        self.rx_rsp_prod = self.rx_rsp_prod.wrapping_add(1);
+        let mut failed = false;
+        let mut chunks = frame.chunks(PAGE).peekable();
+        let mut slot = 0usize;
+        while let Some(chunk) = chunks.next() {
+            let (id, gref) = self.rx_request(self.rx_req_cons);
+            self.rx_req_cons = self.rx_req_cons.wrapping_add(1);
+            if self.copier.copy_to(self.dom, gref, 0, chunk).is_err() {
+                failed = true;
+            }
+            let mut flags = if chunks.peek().is_some() {
+                NETRXF_MORE_DATA
+            } else {
+                0
+            };
+            if slot == 0 {
+                flags |= csum_flags;
+                if offload.is_gso() {
+                    flags |= NETRXF_EXTRA_INFO;
+                }
+            }
+            self.respond_rx(id, flags, chunk.len() as i16);
+            if slot == 0 && offload.is_gso() {
+                // The GSO segment takes the next request's place.
+                self.rx_req_cons = self.rx_req_cons.wrapping_add(1);
+                let kind = if v6 { GSO_TYPE_TCPV6 } else { GSO_TYPE_TCPV4 };
+                let at = RING_HEADER + (self.rx_rsp_prod % RING_SIZE) as usize * RX_ENTRY;
+                self.rx
+                    .store_u16(at, u16::from_le_bytes([EXTRA_TYPE_GSO, 0]));
+                self.rx.store_u16(at + 2, offload.gso_size);
+                self.rx.store_u16(at + 4, u16::from(kind));
+                self.rx.store_u16(at + 6, 0); // gso.features
+                self.rx_rsp_prod = self.rx_rsp_prod.wrapping_add(1);
+            }
+            slot += 1;
+        }
+        if failed {
+            // Xen refused a copy: the client gets the slots back, the frame
+            // as an error (its first status; netfront drops the packet).
+            self.stats.bad_requests += 1;
+            let at = RING_HEADER
+                + (self.rx_rsp_prod.wrapping_sub(needed as u32) % RING_SIZE) as usize * RX_ENTRY;
+            self.rx.store_u16(at + 6, RSP_ERROR as u16);
+        } else {
+            self.stats.to_client += 1;
+            if offload.is_gso() {
+                self.stats.gso_to_client += 1;
+            }
+        }
         barrier();
         self.rx.store_u32(RSP_PROD, self.rx_rsp_prod);
         self.notify.notify(self.port);
+        Sent::Sent
+    }
+
+    /// The client's RX request at `index`: its id and grant.
+    fn rx_request(&self, index: u32) -> (u16, u32) {
+        let at = RING_HEADER + (index % RING_SIZE) as usize * RX_ENTRY;
+        (self.rx.load_u16(at), self.rx.load_u32(at + 4))
+    }
+
+    fn respond_rx(&mut self, id: u16, flags: u16, status: i16) {
+        let at = RING_HEADER + (self.rx_rsp_prod % RING_SIZE) as usize * RX_ENTRY;
+        self.rx.store_u16(at, id);
+        self.rx.store_u16(at + 2, 0); // offset
+        self.rx.store_u16(at + 4, flags);
+        self.rx.store_u16(at + 6, status as u16);
+        self.rx_rsp_prod = self.rx_rsp_prod.wrapping_add(1);
     }
 
     /// Whether frames can be handed to [`Self::send`] (they may still be
@@ -1105,6 +1259,258 @@ mod tests {
             }
             assert_eq!(forwarded, [17], "flags {flags}");
         }
+    }
+
+    /// A netback whose client (a Linux-style frontend written by hand)
+    /// posts RX buffers on pages 300.. and took every feature it names.
+    fn rx_back(
+        features: FrontendFeatures,
+    ) -> (Netback<VecMemory, Pages, NoNotify>, Pages, VecMemory) {
+        let tx = VecMemory::new(PAGE);
+        let rx = VecMemory::new(PAGE);
+        let pages = Pages::default();
+        for i in 0..40u32 {
+            pages.0.borrow_mut().insert(300 + i, VecMemory::new(PAGE));
+        }
+        let mut back = Netback::new(tx, rx.clone(), 7, 2, pages.clone(), NoNotify);
+        back.set_frontend_features(features);
+        (back, pages, rx)
+    }
+
+    const ALL: FrontendFeatures = FrontendFeatures {
+        sg: true,
+        gso4: true,
+        gso6: true,
+        csum: true,
+        csum6: true,
+    };
+
+    /// Posts `n` RX requests (ids 1000 + ring index, grants 300 + i).
+    fn post_rx(rx: &VecMemory, n: u32) {
+        let start = rx.load_u32(REQ_PROD);
+        for i in 0..n {
+            let index = start + i;
+            let at = RING_HEADER + (index % RING_SIZE) as usize * RX_ENTRY;
+            rx.store_u16(at, 1000 + (index % RING_SIZE) as u16);
+            rx.store_u32(at + 4, 300 + index % 40);
+        }
+        rx.store_u32(REQ_PROD, start + n);
+    }
+
+    /// The responses from ring index `from` to `rsp_prod`: (id, offset,
+    /// flags, status) as 4 u16s.
+    fn rx_responses(rx: &VecMemory, from: u32) -> Vec<[u16; 4]> {
+        let prod = rx.load_u32(RSP_PROD);
+        (from..prod)
+            .map(|index| {
+                let at = RING_HEADER + (index % RING_SIZE) as usize * RX_ENTRY;
+                [
+                    rx.load_u16(at),
+                    rx.load_u16(at + 2),
+                    rx.load_u16(at + 4),
+                    rx.load_u16(at + 6),
+                ]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_gso_packet_reaches_a_linux_style_frontend_whole_with_its_extra_info() {
+        let mut frame = tcp4_frame(44 * 1448);
+        let offload = offload::accept(
+            &mut frame,
+            NicOffload {
+                csum_partial: true,
+                gso: GsoKind::TcpV4,
+                gso_size: 1448,
+                ..NicOffload::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(frame.len(), 63766);
+        let (mut back, pages, rx) = rx_back(ALL);
+        assert_eq!(
+            back.tx_offloads(),
+            TxOffloads {
+                csum: true,
+                tso4: true,
+                tso6: true
+            }
+        );
+        post_rx(&rx, 40);
+        assert_eq!(back.send_offloaded(&frame, offload), Sent::Sent);
+        let rsp = rx_responses(&rx, 0);
+        // 16 data slots and the GSO segment.
+        assert_eq!(rsp.len(), 17);
+        assert_eq!(
+            rsp[0],
+            [
+                1000,
+                0,
+                NETRXF_CSUM_BLANK | NETRXF_DATA_VALIDATED | NETRXF_MORE_DATA | NETRXF_EXTRA_INFO,
+                4096
+            ]
+        );
+        // XEN_NETIF_EXTRA_TYPE_GSO, no more extras, size 1448, TCPv4.
+        assert_eq!(
+            rsp[1],
+            [
+                u16::from_le_bytes([EXTRA_TYPE_GSO, 0]),
+                1448,
+                u16::from(GSO_TYPE_TCPV4),
+                0
+            ]
+        );
+        let mut got = Vec::new();
+        for (i, r) in rsp.iter().enumerate().skip(2) {
+            assert_eq!(r[0], 1000 + i as u16, "ids echoed");
+            let last = i + 1 == rsp.len();
+            assert_eq!(r[2], if last { 0 } else { NETRXF_MORE_DATA });
+        }
+        for (i, r) in rsp.iter().enumerate().filter(|(i, _)| *i != 1) {
+            let mut part = vec![0u8; r[3] as usize];
+            pages.0.borrow()[&(300 + i as u32)].read_bytes(0, &mut part);
+            got.extend_from_slice(&part);
+        }
+        assert_eq!(got, frame);
+        assert_eq!(back.stats().gso_to_client, 1);
+        assert_eq!(back.stats().to_client, 1);
+        // A complete frame after it: one slot, no flags.
+        let small = tcp4_frame(100);
+        assert_eq!(back.send_offloaded(&small, Offload::NONE), Sent::Sent);
+        let rsp = rx_responses(&rx, 17);
+        assert_eq!(rsp, [[1017, 0, 0, small.len() as u16]]);
+        // A partial checksum alone: blank and validated, one slot.
+        let mut partial = tcp4_frame(100);
+        let p = offload::accept(
+            &mut partial,
+            NicOffload {
+                csum_partial: true,
+                ..NicOffload::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(back.send_offloaded(&partial, p), Sent::Sent);
+        assert_eq!(
+            rx_responses(&rx, 18),
+            [[
+                1018,
+                0,
+                NETRXF_CSUM_BLANK | NETRXF_DATA_VALIDATED,
+                partial.len() as u16
+            ]]
+        );
+    }
+
+    #[test]
+    fn a_gso_packet_waits_for_enough_rx_buffers() {
+        let mut frame = tcp4_frame(10 * 1448);
+        let offload = offload::accept(
+            &mut frame,
+            NicOffload {
+                csum_partial: true,
+                gso: GsoKind::TcpV4,
+                gso_size: 1448,
+                ..NicOffload::default()
+            },
+        )
+        .unwrap();
+        let (mut back, _pages, rx) = rx_back(ALL);
+        // 4 data slots and the extra: 5 needed, 4 posted.
+        post_rx(&rx, 4);
+        assert_eq!(back.send_offloaded(&frame, offload), Sent::NoRoom);
+        assert_eq!(rx.load_u32(RSP_PROD), 0);
+        assert_eq!(rx.load_u32(REQ_EVENT), 5, "notify when 5 are there");
+        post_rx(&rx, 1);
+        assert_eq!(back.send_offloaded(&frame, offload), Sent::Sent);
+        assert_eq!(rx.load_u32(RSP_PROD), 5);
+        // Plain `send` drops when there is no room.
+        back.send(&tcp4_frame(10));
+        assert_eq!(back.stats().dropped, 1);
+    }
+
+    #[test]
+    fn offloads_the_frontend_did_not_take_are_never_sent_to_it() {
+        let mut frame = tcp4_frame(10 * 1448);
+        let offload = offload::accept(
+            &mut frame,
+            NicOffload {
+                csum_partial: true,
+                gso: GsoKind::TcpV4,
+                gso_size: 1448,
+                ..NicOffload::default()
+            },
+        )
+        .unwrap();
+        for features in [
+            FrontendFeatures::default(),
+            FrontendFeatures { sg: false, ..ALL },
+            FrontendFeatures { gso4: false, ..ALL },
+            FrontendFeatures { csum: false, ..ALL },
+            FrontendFeatures {
+                csum6: false,
+                ..ALL
+            },
+        ] {
+            let (mut back, _pages, rx) = rx_back(features);
+            assert!(!back.tx_offloads().tso4, "{features:?}");
+            post_rx(&rx, 40);
+            assert_eq!(back.send_offloaded(&frame, offload), Sent::Dropped);
+            assert_eq!(rx.load_u32(RSP_PROD), 0);
+            // A complete frame over a page is refused too.
+            assert_eq!(back.send_offloaded(&frame, Offload::NONE), Sent::Dropped);
+            assert_eq!(back.stats().dropped, 2);
+        }
+        let (back, _, _) = rx_back(FrontendFeatures { gso6: false, ..ALL });
+        assert_eq!(
+            back.tx_offloads(),
+            TxOffloads {
+                csum: true,
+                tso4: true,
+                tso6: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_hostile_rx_frontend_gets_errors_not_a_crash() {
+        let mut frame = tcp4_frame(10 * 1448);
+        let offload = offload::accept(
+            &mut frame,
+            NicOffload {
+                csum_partial: true,
+                gso: GsoKind::TcpV4,
+                gso_size: 1448,
+                ..NicOffload::default()
+            },
+        )
+        .unwrap();
+        // A grant it did not give: the packet's first status is an error,
+        // its slots are used up, nothing panics.
+        let (mut back, _pages, rx) = rx_back(ALL);
+        post_rx(&rx, 10);
+        let at = RING_HEADER + 3 * RX_ENTRY;
+        rx.store_u32(at + 4, 9999);
+        assert_eq!(back.send_offloaded(&frame, offload), Sent::Sent);
+        let rsp = rx_responses(&rx, 0);
+        assert_eq!(rsp.len(), 5);
+        assert_eq!(rsp[0][3] as i16, RSP_ERROR);
+        assert_eq!(back.stats().bad_requests, 1);
+        assert_eq!(back.stats().gso_to_client, 0);
+        // Then a good one goes on.
+        assert_eq!(back.send_offloaded(&frame, offload), Sent::Sent);
+        assert_eq!(back.stats().gso_to_client, 1);
+        // A req_prod more than a ring ahead stops the vif.
+        let (mut back, _pages, rx) = rx_back(ALL);
+        rx.store_u32(REQ_PROD, 10_000);
+        assert_eq!(back.send_offloaded(&frame, offload), Sent::Dropped);
+        assert!(back.broken().is_some());
+        // Over 64 KiB: dropped.
+        let (mut back, _pages, rx) = rx_back(ALL);
+        post_rx(&rx, 40);
+        let huge = vec![0u8; offload::MAX_OFFLOAD_FRAME + 1];
+        assert_eq!(back.send_offloaded(&huge, offload), Sent::Dropped);
+        assert_eq!(rx.load_u32(RSP_PROD), 0);
     }
 
     #[test]

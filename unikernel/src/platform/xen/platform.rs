@@ -38,7 +38,7 @@ use super::abi;
 use super::events::{self, SharedInfo, XenNotify};
 use super::grant::{self, ForeignMapping, ForeignWindow, GrantTable};
 use super::hypercall;
-use super::netback::{CopyRefused, GrantCopy, Netback, NetbackStats};
+use super::netback::{CopyRefused, FrontendFeatures, GrantCopy, Netback, NetbackStats, Sent};
 use super::netfront::{self, Buffer, Netfront, NetfrontRx};
 use super::shared::{RawMemory, SharedMemory};
 use super::start_info::BootInfo;
@@ -556,6 +556,16 @@ impl XenPlatform {
                 "frontend does not use rx-copy (request-rx-copy), the only mode we serve",
             ));
         }
+        // What the frontend takes on RX (absent keys: 0), as Linux netback
+        // reads them in `connect_data_rings`/`read_xenbus_vif_flags`.
+        let mut flag = |key: &str| read_number(&mut self.xenstore, key).ok();
+        let features = FrontendFeatures {
+            sg: flag("feature-sg") == Some(1),
+            gso4: flag("feature-gso-tcpv4") == Some(1),
+            gso6: flag("feature-gso-tcpv6") == Some(1),
+            csum: flag("feature-no-csum-offload").unwrap_or(0) == 0,
+            csum6: flag("feature-ipv6-csum-offload") == Some(1),
+        };
         let mut mappings = Vec::new();
         let mut windows = Vec::new();
         let result = (|| {
@@ -584,7 +594,8 @@ impl XenPlatform {
             }
         };
         self.remember_port(port);
-        let back = Netback::new(tx, rx, domid, port, copier, XenNotify);
+        let mut back = Netback::new(tx, rx, domid, port, copier, XenNotify);
+        back.set_frontend_features(features);
         Ok((Box::new(back), mappings, windows))
     }
 
@@ -1038,6 +1049,46 @@ impl crate::offload::OffloadNic for XenNic {
         Some(smoltcp::phy::RxToken::consume(rx, |frame| {
             f(frame, crate::offload::Offload::NONE)
         }))
+    }
+
+    /// A client's netback takes what its frontend negotiated.
+    fn tx_offloads(&self) -> crate::offload::TxOffloads {
+        match &self.kind {
+            NicKind::Back(conn) => match &*conn.borrow() {
+                BackConn::Up { back, .. } => back.tx_offloads(),
+                _ => crate::offload::TxOffloads::default(),
+            },
+            NicKind::Front(_) => crate::offload::TxOffloads::default(),
+        }
+    }
+
+    fn transmit_offloaded(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        offload: crate::offload::Offload,
+    ) -> bool {
+        if let NicKind::Back(conn) = &self.kind {
+            let sent = match &mut *conn.borrow_mut() {
+                BackConn::Up { back, .. } if back.can_send() => back.send_offloaded(frame, offload),
+                _ => return false,
+            };
+            if sent == Sent::NoRoom {
+                return false;
+            }
+            let (r, t) = self.counters.get();
+            self.counters.set((r, t + 1));
+            return true;
+        }
+        match smoltcp::phy::Device::transmit(self, now) {
+            Some(tx) => {
+                smoltcp::phy::TxToken::consume(tx, frame.len(), |buffer| {
+                    buffer.copy_from_slice(frame)
+                });
+                true
+            }
+            None => false,
+        }
     }
 }
 
