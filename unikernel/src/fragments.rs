@@ -107,6 +107,10 @@ pub struct Reassembler {
     max_datagrams: usize,
     max_bytes: usize,
     used_bytes: usize,
+    /// When the oldest pending datagram started (`Millis::MAX`: none):
+    /// a fragment walks the table for expired datagrams only once one can
+    /// be, not on every fragment of a flood.
+    oldest: Millis,
 }
 
 impl Reassembler {
@@ -117,6 +121,7 @@ impl Reassembler {
             max_datagrams,
             max_bytes,
             used_bytes: 0,
+            oldest: Millis::MAX,
         }
     }
 
@@ -237,7 +242,9 @@ impl Reassembler {
     }
 
     fn insert(&mut self, fragment: Fragment<'_>, now: Millis) -> Reassembly {
-        self.expire(now);
+        if now.saturating_sub(self.oldest) >= REASSEMBLY_TIMEOUT {
+            self.expire(now);
+        }
         let Fragment {
             key,
             header,
@@ -260,10 +267,20 @@ impl Reassembler {
         if more && payload.len() % 8 != 0 || payload.is_empty() {
             return Reassembly::Dropped(FragmentDrop::Malformed);
         }
-        let index = match self.pending.iter().position(|p| p.key == key) {
+        // One walk: the datagram's slot, else how many its source holds.
+        let (mut found, mut from_source) = (None, 0);
+        for (at, pending) in self.pending.iter().enumerate() {
+            if pending.key.0 == key.0 {
+                if pending.key == key {
+                    found = Some(at);
+                    break;
+                }
+                from_source += 1;
+            }
+        }
+        let index = match found {
             Some(index) => index,
             None => {
-                let from_source = self.pending.iter().filter(|p| p.key.0 == key.0).count();
                 if self.pending.len() >= self.max_datagrams || from_source >= self.per_source() {
                     return Reassembly::Dropped(FragmentDrop::NoRoom);
                 }
@@ -275,6 +292,7 @@ impl Reassembler {
                     total: None,
                     started: now,
                 });
+                self.oldest = self.oldest.min(now);
                 self.pending.len() - 1
             }
         };
@@ -336,13 +354,17 @@ impl Reassembler {
     pub fn expire(&mut self, now: Millis) -> usize {
         let before = self.pending.len();
         let mut freed = 0;
+        let mut oldest = Millis::MAX;
         self.pending.retain(|p| {
             let keep = now.saturating_sub(p.started) < REASSEMBLY_TIMEOUT;
-            if !keep {
+            if keep {
+                oldest = oldest.min(p.started);
+            } else {
                 freed += p.data.len();
             }
             keep
         });
+        self.oldest = oldest;
         self.used_bytes = self.used_bytes.saturating_sub(freed);
         before - self.pending.len()
     }

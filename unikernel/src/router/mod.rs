@@ -158,6 +158,11 @@ use crate::wire::PROTO_UDP;
 /// Internet checksum helpers (moved to [`crate::wire::checksum`]).
 pub use crate::wire::checksum;
 
+/// Frames taken from one client's NIC per round of the main loop (the
+/// uplink, which carries every client's replies, gets 256): one client's
+/// flood is bounded to its share of the firewall's work per round.
+pub const CLIENT_FRAMES_PER_ROUND: usize = 64;
+
 mod from_client;
 mod from_uplink;
 mod gateway;
@@ -823,10 +828,15 @@ impl Router {
         self.transmit(None, device, now);
     }
 
-    /// Receives every frame a client's NIC has (at most 256 per call), then
-    /// transmits what is queued for it.
+    /// Receives the frames a client's NIC has, at most
+    /// [`CLIENT_FRAMES_PER_ROUND`] per call, then transmits what is queued
+    /// for it. The main loop pumps every client once a round, so a client
+    /// flooding us gets no more of the firewall's work than that per
+    /// round; its excess waits in its own NIC's queue and is dropped there
+    /// when that fills (the TAP's or the netback ring's), not in anyone
+    /// else's.
     pub fn pump_client<D: OffloadNic>(&mut self, id: ClientId, device: &mut D, now: Instant) {
-        for _ in 0..256 {
+        for _ in 0..CLIENT_FRAMES_PER_ROUND {
             let handled = device.receive_offloaded(now, |frame, offload| {
                 self.handle_client_frame_offloaded(id, frame, offload, now)
             });

@@ -41,7 +41,7 @@ use std::collections::VecDeque;
 
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 
-use super::epoll::Interest;
+use super::epoll::Readiness;
 use super::gso::{Coalescer, VNET_HDR_LEN, VnetHeader};
 use super::reactor::{Flush, Reactor};
 use crate::offload::{self, Offload, OffloadNic, TxOffloads};
@@ -186,6 +186,9 @@ pub struct TapDevice {
     /// Frames cut in software for [`phy::Device::receive`] callers.
     finished: VecDeque<Vec<u8>>,
     segment: Vec<u8>,
+    /// Raised by the platform's `wait` when the kernel has frames for us,
+    /// lowered when a read finds none: an idle TAP costs no syscall.
+    readable: Readiness,
 }
 
 fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
@@ -252,7 +255,7 @@ impl TapDevice {
                 io::Error::last_os_error()
             );
         }
-        reactor.epoll.add(fd.as_raw_fd(), Interest::READ)?;
+        let readable = reactor.epoll.add_tracked(fd.as_raw_fd())?;
         let tx = Rc::new(TxPath {
             fd,
             coalescer: RefCell::new(Coalescer::default()),
@@ -273,6 +276,7 @@ impl TapDevice {
             counters: TapCounters::default(),
             finished: VecDeque::new(),
             segment: Vec::with_capacity(mtu + ETHERNET_HEADER),
+            readable,
         })
     }
 
@@ -313,6 +317,9 @@ impl TapDevice {
     /// Reads one vnet header and frame into the receive buffer: its
     /// length after the header and its offloads (checked against it).
     fn read_frame(&mut self) -> Option<(usize, Offload)> {
+        if !self.readable.get() {
+            return None;
+        }
         loop {
             // SAFETY: the pointer and length describe `rx_buffer`, which is
             // writable and outlives the call.
@@ -326,7 +333,10 @@ impl TapDevice {
             if n < 0 {
                 let error = io::Error::last_os_error();
                 match error.kind() {
-                    io::ErrorKind::WouldBlock => return None,
+                    io::ErrorKind::WouldBlock => {
+                        self.readable.set(false);
+                        return None;
+                    }
                     io::ErrorKind::Interrupted => continue,
                     _ => {
                         self.counters.rx_errors = self.counters.rx_errors.saturating_add(1);
