@@ -191,6 +191,9 @@ pub struct Firewall<P: Platform> {
     applied_entries: BTreeMap<IpAddr, (bool, Vec<(String, String)>)>,
     wall_clock: WallClock,
     vifs_dirty: bool,
+    /// A NIC stopped at its per-round budget in the last `step`: the next
+    /// one must come without waiting for an event.
+    nics_busy: bool,
     /// `/connected-ips` and `/connected-ips6` as last read.
     connected: ConnectedIps,
 }
@@ -267,6 +270,7 @@ impl<P: Platform> Firewall<P> {
             applied_entries: BTreeMap::new(),
             wall_clock: WallClock::default(),
             vifs_dirty: true,
+            nics_busy: false,
             connected: ConnectedIps::default(),
         })
     }
@@ -352,10 +356,13 @@ impl<P: Platform> Firewall<P> {
         if let Some(network) = &mut self.network {
             let unix = self.wall_clock.now(now).and_then(|s| u64::try_from(s).ok());
             network.router.set_wall_clock(unix, now);
-            network.router.pump_uplink(&mut network.uplink, now);
+            // A NIC left at its budget for this round (a flood) is taken
+            // up again at once, after every other NIC had its turn.
+            let mut more = network.router.pump_uplink(&mut network.uplink, now);
             for (id, vif) in &mut network.clients {
-                network.router.pump_client(*id, &mut vif.nic, now);
+                more |= network.router.pump_client(*id, &mut vif.nic, now);
             }
+            self.nics_busy = more;
             network.router.poll_timers(now);
         }
         None
@@ -364,6 +371,7 @@ impl<P: Platform> Firewall<P> {
     /// The earliest time `step` has work to do without an event.
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         [
+            self.nics_busy.then_some(now),
             self.network.as_ref().and_then(|n| n.router.poll_at(now)),
             self.agent.poll_at(),
             self.agent_retry,
@@ -878,22 +886,29 @@ fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
     let router = &network.router;
     let counters = router.counters();
     report.network = Some(network.settings.clone());
-    let interface = |name: String, c: &crate::router::InterfaceCounters| InterfaceStatus {
+    let interface = |name: String,
+                     c: &crate::router::InterfaceCounters,
+                     gso: Option<crate::offload::GsoCounts>| InterfaceStatus {
         name,
         rx_frames: c.rx_frames,
         rx_bytes: c.rx_bytes,
         tx_frames: c.tx_frames,
         tx_bytes: c.tx_bytes,
         tx_queue_full: c.tx_queue_full,
+        gso,
     };
-    report
-        .interfaces
-        .push(interface("uplink".to_string(), router.uplink_counters()));
+    report.interfaces.push(interface(
+        "uplink".to_string(),
+        router.uplink_counters(),
+        crate::offload::OffloadNic::gso_counts(&network.uplink),
+    ));
     for (id, vif) in &network.clients {
         if let Some(c) = router.client_counters(*id) {
-            report
-                .interfaces
-                .push(interface(format!("vif{}.{}", id.domid, id.device), c));
+            report.interfaces.push(interface(
+                format!("vif{}.{}", id.domid, id.device),
+                c,
+                crate::offload::OffloadNic::gso_counts(&vif.nic),
+            ));
         }
         let summary = inputs.rule_summary.get(&IpAddr::V4(vif.ip));
         report.clients.push(ClientStatus {

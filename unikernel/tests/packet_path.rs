@@ -2906,6 +2906,38 @@ impl smoltcp::phy::Device for QueueDevice {
 }
 
 #[test]
+fn a_flooding_client_gets_its_budget_per_round_and_the_rest_waits_in_its_nic() {
+    let mut net = Net::new(false);
+    accept_all(&mut net, A_IP);
+    let mut client = QueueDevice {
+        rx: Default::default(),
+        tx: Vec::new(),
+        tx_room: 1000,
+    };
+    let flood = unikernel::router::CLIENT_FRAMES_PER_ROUND + 10;
+    for port in 0..flood {
+        client.rx.push_back(eth_frame_from_a(&udp4(
+            A_IP,
+            REMOTE,
+            40000 + port as u16,
+            9,
+            b"x",
+        )));
+    }
+    let at = net.at();
+    assert!(
+        net.router.pump_client(A, &mut client, at),
+        "stopped at the budget: more to do"
+    );
+    assert_eq!(client.rx.len(), 10, "the excess waits in the client's NIC");
+    assert!(
+        !net.router.pump_client(A, &mut client, at),
+        "the rest taken: nothing more"
+    );
+    assert!(client.rx.is_empty());
+}
+
+#[test]
 fn pump_moves_frames_through_devices_and_holds_back_when_full() {
     let mut net = Net::new(false);
     accept_all(&mut net, A_IP);

@@ -810,17 +810,22 @@ impl Router {
     }
 
     /// Receives every frame the uplink NIC has (at most 256 per call), then
-    /// transmits what is queued for it.
-    pub fn pump_uplink<D: OffloadNic>(&mut self, device: &mut D, now: Instant) {
+    /// transmits what is queued for it. Returns true when it stopped at
+    /// that bound: the NIC may hold more, the caller must come back
+    /// without waiting for an event.
+    pub fn pump_uplink<D: OffloadNic>(&mut self, device: &mut D, now: Instant) -> bool {
+        let mut more = true;
         for _ in 0..256 {
             let handled = device.receive_offloaded(now, |frame, offload| {
                 self.handle_uplink_frame_offloaded(frame, offload, now)
             });
             if handled.is_none() {
+                more = false;
                 break;
             }
         }
         self.transmit_uplink(device, now);
+        more
     }
 
     /// Transmits what is queued for the uplink, as far as the NIC takes it.
@@ -834,17 +839,26 @@ impl Router {
     /// flooding us gets no more of the firewall's work than that per
     /// round; its excess waits in its own NIC's queue and is dropped there
     /// when that fills (the TAP's or the netback ring's), not in anyone
-    /// else's.
-    pub fn pump_client<D: OffloadNic>(&mut self, id: ClientId, device: &mut D, now: Instant) {
+    /// else's. Returns true when it stopped at that budget (come back
+    /// without waiting for an event, as for [`Router::pump_uplink`]).
+    pub fn pump_client<D: OffloadNic>(
+        &mut self,
+        id: ClientId,
+        device: &mut D,
+        now: Instant,
+    ) -> bool {
+        let mut more = true;
         for _ in 0..CLIENT_FRAMES_PER_ROUND {
             let handled = device.receive_offloaded(now, |frame, offload| {
                 self.handle_client_frame_offloaded(id, frame, offload, now)
             });
             if handled.is_none() {
+                more = false;
                 break;
             }
         }
         self.transmit_client(id, device, now);
+        more
     }
 
     /// Transmits what is queued for a client, as far as its NIC takes it.
