@@ -494,6 +494,15 @@ impl TxOffloads {
     }
 }
 
+/// GSO packets one NIC carried whole.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GsoCounts {
+    /// Received whole (from the peer).
+    pub rx: u64,
+    /// Sent whole (to the peer).
+    pub tx: u64,
+}
+
 /// A NIC that may carry offload metadata with its frames. The defaults are
 /// a NIC without offloads: every frame received is complete, nothing
 /// offloaded is given to it (the router cuts and completes such frames in
@@ -510,6 +519,12 @@ pub trait OffloadNic: smoltcp::phy::Device {
         Some(smoltcp::phy::RxToken::consume(rx, |frame| {
             f(frame, Offload::NONE)
         }))
+    }
+
+    /// GSO packets this NIC received and sent whole (status report);
+    /// `None` when it does not count them.
+    fn gso_counts(&self) -> Option<GsoCounts> {
+        None
     }
 
     /// What [`OffloadNic::transmit_offloaded`] takes as it is.

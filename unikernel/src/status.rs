@@ -41,6 +41,9 @@ pub struct InterfaceStatus {
     pub tx_bytes: u64,
     /// Frames refused because the transmit queue was full.
     pub tx_queue_full: u64,
+    /// GSO packets the NIC received and sent whole, where it counts them
+    /// (Xen netback/netfront; counts of the NIC's current connection).
+    pub gso: Option<crate::offload::GsoCounts>,
 }
 
 /// One client qube.
@@ -189,6 +192,14 @@ impl StatusReport {
                 i.name, i.rx_frames, i.rx_bytes, i.tx_frames, i.tx_bytes, i.tx_queue_full
             )?;
         }
+        if self.interfaces.iter().any(|i| i.gso.is_some()) {
+            writeln!(out, "# gso: name packets_received_whole packets_sent_whole")?;
+            for i in &self.interfaces {
+                if let Some(gso) = i.gso {
+                    writeln!(out, "gso {} {} {}", i.name, gso.rx, gso.tx)?;
+                }
+            }
+        }
         writeln!(out)?;
         writeln!(out, "# drops: count reason")?;
         for (reason, count) in &self.drops {
@@ -310,6 +321,7 @@ mod tests {
                 tx_frames: 6,
                 tx_bytes: 600,
                 tx_queue_full: 1,
+                gso: Some(crate::offload::GsoCounts { rx: 4, tx: 2 }),
             }],
             drops: vec![("denied by the client's rules", 3), ("malformed", 0)],
             flows_created: 9,
@@ -363,6 +375,8 @@ dns: 10.139.1.1 10.139.1.2
 
 # interfaces: name rx_frames rx_bytes tx_frames tx_bytes tx_queue_full
 interface uplink 5 500 6 600 1
+# gso: name packets_received_whole packets_sent_whole
+gso uplink 4 2
 
 # drops: count reason
 drop 3 denied by the client's rules
