@@ -4,7 +4,10 @@
 //! peer rewrites between our calls, a netfront whose rings a hostile
 //! netback rewrites, a netback whose TX ring and granted pages a hostile
 //! netfront writes (multi-slot packets, GSO extra info; what it accepts
-//! is cut again by the software segmenter), and the PVH start info. Nothing may panic; the
+//! is cut again by the software segmenter) and whose RX ring it rewrites
+//! while we deliver GSO frames, a netfront taking multi-slot/GSO
+//! responses and sending GSO frames to a hostile backend (features from
+//! the input), and the PVH start info. Nothing may panic; the
 //! `Vec`-backed shared memory also asserts (debug builds) that our own code
 //! never reaches outside a shared region, whatever the peer wrote.
 //!
@@ -16,8 +19,9 @@ use protocol::vchan::RingOrders;
 use smoltcp::phy::{Device, RxToken, TxToken};
 use smoltcp::time::Instant;
 use unikernel::platform::xen::events::Notify;
-use unikernel::platform::xen::netback::{CopyRefused, GrantCopy, Netback};
-use unikernel::platform::xen::netfront::{Buffer, Netfront};
+use unikernel::offload::{GsoKind, NicOffload, Offload};
+use unikernel::platform::xen::netback::{CopyRefused, FrontendFeatures, GrantCopy, Netback};
+use unikernel::platform::xen::netfront::{BackendFeatures, Buffer, Netfront};
 use unikernel::platform::xen::shared::{SharedMemory, VecMemory};
 use unikernel::platform::xen::start_info::BootInfo;
 use unikernel::platform::xen::vchan::{RingBuffer, VchanRing, read_grants, read_orders};
@@ -108,20 +112,66 @@ fn vchan(data: &[u8], server: bool) {
     ring.close();
 }
 
+/// A valid TCP/IPv4 GSO frame (checksum partial) of `payload` bytes.
+fn gso_frame(payload: usize) -> (Vec<u8>, Offload) {
+    let mut f = vec![0u8; 54 + payload];
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+    f[22] = 64;
+    f[23] = 6;
+    f[46] = 0x50;
+    let nic = NicOffload { csum_partial: true, gso: GsoKind::TcpV4, gso_size: 1448, ..NicOffload::default() };
+    let offload = unikernel::offload::accept(&mut f, nic).unwrap_or(Offload::NONE);
+    (f, offload)
+}
+
+fn check_offloaded(frame: &[u8], offload: Offload) {
+    assert!(frame.len() <= unikernel::offload::MAX_OFFLOAD_FRAME);
+    assert!(offload.is_gso() || frame.len() <= 1514);
+    let mut scratch = Vec::new();
+    let mut pieces = 0usize;
+    let _ = unikernel::offload::finish(frame, offload, &mut scratch, &mut |p| {
+        assert!(p.len() <= frame.len().max(1514));
+        pieces += 1;
+    });
+    assert!(pieces <= unikernel::offload::MAX_SEGMENTS);
+}
+
 fn netfront(data: &[u8]) {
     let tx = VecMemory::new(4096);
     let rx = VecMemory::new(4096);
     let bufs = |n: usize, base: u32| -> Vec<Buffer<VecMemory>> {
         (0..n).map(|i| Buffer { mem: VecMemory::new(4096), gref: base + i as u32 }).collect()
     };
-    let mut front = Netfront::new(tx.clone(), rx.clone(), bufs(8, 100), bufs(8, 200), 3, NoNotify);
+    let mut front = Netfront::new(tx.clone(), rx.clone(), bufs(24, 100), bufs(24, 200), 3, NoNotify);
+    let f = data.first().copied().unwrap_or(0);
+    front.set_backend_features(BackendFeatures {
+        sg: f & 1 != 0,
+        gso4: f & 2 != 0,
+        gso6: f & 4 != 0,
+        csum6: f & 8 != 0,
+    });
+    let (gso, offload) = gso_frame(usize::from(f) * 97 % 30_000 + 1);
     for piece in data.chunks(40) {
         scribble(if piece.first().copied().unwrap_or(0) & 1 == 0 { &tx } else { &rx }, piece);
-        while let Some((rx_token, _)) = front.receive(Instant::from_millis(0)) {
-            rx_token.consume(|frame| assert!(frame.len() <= 1514));
+        let which = piece.get(1).copied().unwrap_or(0);
+        if which & 1 == 0 {
+            while let Some((rx_token, _)) = front.receive(Instant::from_millis(0)) {
+                rx_token.consume(|frame| assert!(frame.len() <= 1514));
+            }
+        } else {
+            front.poll();
+            while let Some((frame, offload)) = front.take_frame_offloaded() {
+                check_offloaded(&frame, offload);
+            }
         }
-        if let Some(token) = front.transmit(Instant::from_millis(0)) {
-            token.consume(usize::from(piece.len() as u8) * 40, |b| b.fill(0xaa));
+        if which & 2 == 0 {
+            if let Some(token) = front.transmit(Instant::from_millis(0)) {
+                token.consume(usize::from(piece.len() as u8) * 40, |b| b.fill(0xaa));
+            }
+        } else {
+            let _ = front.send_offloaded(&gso, offload);
         }
     }
 }
@@ -153,6 +203,15 @@ fn netback(data: &[u8]) {
     let rx = VecMemory::new(4096);
     let pages: Vec<VecMemory> = (0..4).map(|_| VecMemory::new(4096)).collect();
     let mut back = Netback::new(tx.clone(), rx.clone(), 7, 3, Pages(pages.clone()), NoNotify);
+    let f = data.first().copied().unwrap_or(0);
+    back.set_frontend_features(FrontendFeatures {
+        sg: f & 1 != 0,
+        gso4: f & 2 != 0,
+        gso6: f & 4 != 0,
+        csum: f & 8 != 0,
+        csum6: f & 16 != 0,
+    });
+    let (gso, offload) = gso_frame(usize::from(f) * 131 % 20_000 + 1);
     for piece in data.chunks(40) {
         let which = usize::from(piece.first().copied().unwrap_or(0));
         match which % 4 {
@@ -162,16 +221,13 @@ fn netback(data: &[u8]) {
         }
         back.poll();
         while let Some((frame, offload)) = back.take_frame_offloaded() {
-            assert!(frame.len() <= unikernel::offload::MAX_OFFLOAD_FRAME);
-            let mut scratch = Vec::new();
-            let mut pieces = 0usize;
-            let _ = unikernel::offload::finish(&frame, offload, &mut scratch, &mut |p| {
-                assert!(p.len() <= frame.len().max(1514));
-                pieces += 1;
-            });
-            assert!(pieces <= unikernel::offload::MAX_SEGMENTS);
+            check_offloaded(&frame, offload);
         }
-        back.send(&[0x55; 60]);
+        if which & 16 == 0 {
+            back.send(&[0x55; 60]);
+        } else {
+            let _ = back.send_offloaded(&gso, offload);
+        }
     }
 }
 

@@ -1514,6 +1514,44 @@ mod tests {
     }
 
     #[test]
+    fn gso_frames_cross_whole_both_ways_between_our_netfront_and_our_netback() {
+        use crate::platform::xen::netfront::BackendFeatures;
+        let (mut front, mut back, _, _) = pair();
+        front.set_backend_features(BackendFeatures {
+            sg: true,
+            gso4: true,
+            gso6: true,
+            csum6: true,
+        });
+        back.set_frontend_features(ALL);
+        let mut frame = tcp4_frame(12 * 1448 + 7);
+        let offload = offload::accept(
+            &mut frame,
+            NicOffload {
+                csum_partial: true,
+                gso: GsoKind::TcpV4,
+                gso_size: 1448,
+                ..NicOffload::default()
+            },
+        )
+        .unwrap();
+        for round in 0..300 {
+            assert_eq!(front.send_offloaded(&frame, offload), Sent::Sent, "{round}");
+            back.poll();
+            assert_eq!(back.take_frame_offloaded(), Some((frame.clone(), offload)));
+            assert_eq!(back.send_offloaded(&frame, offload), Sent::Sent, "{round}");
+            front.poll();
+            assert_eq!(front.take_frame_offloaded(), Some((frame.clone(), offload)));
+        }
+        assert_eq!(back.stats().gso_from_client, 300);
+        assert_eq!(back.stats().gso_to_client, 300);
+        assert_eq!(front.stats().rx_gso, 300);
+        assert_eq!(front.stats().tx_gso, 300);
+        assert_eq!(front.stats().protocol_errors, 0);
+        assert_eq!(back.stats().bad_requests, 0);
+    }
+
+    #[test]
     fn frames_without_a_posted_buffer_are_dropped_and_counted() {
         let (mut front, mut back, _, _) = pair();
         for _ in 0..20 {

@@ -11,13 +11,27 @@
 //! }`, response `{ id u16, offset u16, flags u16, status i16 }`, status > 0
 //! is the length); 256 entries each (`__RING_SIZE` of a 4 KiB page). We ask
 //! for `request-rx-copy` (the backend copies each frame into a page we
-//! posted) and offer no scatter-gather or GSO, so every frame is one slot
-//! each way. Checksums: we send complete ones (TX flags 0) and ask for
-//! complete ones (`feature-no-csum-offload` 1, no
-//! `feature-ipv6-csum-offload`); a backend that still flags a frame
-//! `NETRXF_csum_blank` gets it completed ([`super::csum`]) or, when that is
-//! impossible, dropped and counted. `NETRXF_data_validated` changes nothing
-//! (the router verifies no TCP/UDP checksum).
+//! posted) and offer, as Linux netfront, `feature-sg`,
+//! `feature-gso-tcpv4/6` and partial checksums (`feature-no-csum-offload`
+//! 0, `feature-ipv6-csum-offload` 1). Received: a packet is its first
+//! response, `XEN_NETIF_EXTRA_TYPE_GSO` (or other extra-info) segments in
+//! the places of the next requests when `NETRXF_extra_info` is set, and
+//! data slots while `NETRXF_more_data` is; the frame goes to the router
+//! whole with its offloads checked by [`crate::offload::accept`]
+//! (`NETRXF_csum_blank`: checksum partial; `NETRXF_data_validated`
+//! changes nothing). Sent: a frame the router hands over with offloads the
+//! backend announced (`feature-sg`, `feature-gso-tcpv4/6`,
+//! `feature-ipv6-csum-offload` in its directory, [`BackendFeatures`]) goes
+//! out as Linux netfront sends it — one slot per page, the first
+//! request's size the whole frame's, the GSO segment behind it,
+//! `NETTXF_csum_blank | NETTXF_data_validated` for a partial checksum;
+//! the router cuts and completes anything else in software first. Bounds
+//! on what the backend sends: at most [`MAX_RX_SLOTS`] data slots (Linux
+//! netfront's) and [`MAX_RX_EXTRAS`] extra segments, one GSO segment, a
+//! frame of at most 64 KiB with GSO and [`MAX_FRAME`] without; a packet
+//! not yet fully answered waits for the rest, unless every buffer we
+//! posted is answered (then it is dropped). Buffers are known by ring
+//! position (the backend cannot name one we did not post there).
 //!
 //! The ring logic is portable over [`SharedMemory`] and tested on the host
 //! against a netback double. Hostile backend: our producer/consumer indices
@@ -36,9 +50,14 @@ use alloc::vec::Vec;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
-use super::csum::complete_partial_checksum;
 use super::events::Notify;
+use super::netback::{
+    EXTRA_FLAG_MORE, EXTRA_TYPE_GSO, EXTRA_TYPE_HASH, EXTRA_TYPE_MCAST_ADD, EXTRA_TYPE_MCAST_DEL,
+    GSO_TYPE_TCPV4, GSO_TYPE_TCPV6, NETTXF_CSUM_BLANK, NETTXF_DATA_VALIDATED, NETTXF_EXTRA_INFO,
+    NETTXF_MORE_DATA, Sent,
+};
 use super::shared::{SharedMemory, barrier};
+use crate::offload::{self, GsoKind, NicOffload, Offload, TxOffloads};
 
 /// `struct netif_*_sring` header fields.
 const REQ_PROD: usize = 0;
@@ -53,10 +72,18 @@ pub const TX_ENTRY: usize = 12;
 pub const RX_ENTRY: usize = 8;
 /// Entries per ring (both: 4032/12 and 4032/8 rounded down to 2^n).
 pub const RING_SIZE: u32 = 256;
-/// TX buffers (pages) we keep granted.
-pub const TX_BUFFERS: usize = 64;
-/// RX buffers (pages) we keep posted.
-pub const RX_BUFFERS: usize = 64;
+/// TX buffers (pages) we keep granted (a 64 KiB GSO frame takes 17).
+pub const TX_BUFFERS: usize = 128;
+/// RX buffers (pages) we keep posted (a 64 KiB GSO frame takes 17 and
+/// one for its extra-info segment).
+pub const RX_BUFFERS: usize = 128;
+/// Data slots one received packet may take: Linux netfront's limit
+/// (`XEN_NETIF_NR_SLOTS_MIN`); a packet of more is dropped.
+pub const MAX_RX_SLOTS: usize = 18;
+/// Extra-info segments one received packet may carry.
+pub const MAX_RX_EXTRAS: usize = 4;
+/// Bytes of received frames held for the firewall before it reads them.
+pub const RX_QUEUE_BYTES: usize = 512 * 1024;
 /// Largest Ethernet frame we send or accept (1500-byte MTU + header).
 pub const MAX_FRAME: usize = 1514;
 /// `NETRXF_data_validated`: the backend checked the checksum.
@@ -93,8 +120,26 @@ pub struct NetfrontStats {
     /// Responses naming buffers we did not post.
     pub protocol_errors: u64,
     /// Frames flagged `NETRXF_csum_blank` whose checksum could not be
-    /// completed: dropped.
+    /// completed, or whose GSO extra info did not match them: dropped.
     pub bad_checksum_offload: u64,
+    /// GSO packets the backend sent us whole (each in `rx_frames` too).
+    pub rx_gso: u64,
+    /// GSO packets we sent the backend whole (each in `tx_frames` too).
+    pub tx_gso: u64,
+}
+
+/// What the backend wrote it takes on our TX (its xenstore keys).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BackendFeatures {
+    /// `feature-sg` 1.
+    pub sg: bool,
+    /// `feature-gso-tcpv4` 1.
+    pub gso4: bool,
+    /// `feature-gso-tcpv6` 1.
+    pub gso6: bool,
+    /// `feature-ipv6-csum-offload` 1 (IPv4 partial checksums every
+    /// netback takes).
+    pub csum6: bool,
 }
 
 /// The frontend rings of one vif.
@@ -113,9 +158,15 @@ pub struct Netfront<M, N> {
     tx_cons: u32,
     rx_prod: u32,
     rx_cons: u32,
-    received: VecDeque<Vec<u8>>,
+    /// The buffer id posted at each RX ring position.
+    rx_ring: Vec<u16>,
+    received: VecDeque<(Vec<u8>, Offload)>,
+    received_bytes: usize,
+    /// Frames cut in software for [`Self::take_frame`].
+    finished: VecDeque<Vec<u8>>,
     stats: NetfrontStats,
     broken: Option<&'static str>,
+    backend: BackendFeatures,
 }
 
 impl<M: SharedMemory, N: Notify> Netfront<M, N> {
@@ -151,9 +202,13 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
             tx_cons: 0,
             rx_prod: 0,
             rx_cons: 0,
+            rx_ring: vec![0; RING_SIZE as usize],
             received: VecDeque::new(),
+            received_bytes: 0,
+            finished: VecDeque::new(),
             stats: NetfrontStats::default(),
             broken: None,
+            backend: BackendFeatures::default(),
         };
         for id in 0..rx_count as u16 {
             front.post_rx(id);
@@ -186,6 +241,9 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         self.rx.store_u16(at, id);
         self.rx.store_u16(at + 2, 0);
         self.rx.store_u32(at + 4, buffer.gref);
+        if let Some(place) = self.rx_ring.get_mut((self.rx_prod % RING_SIZE) as usize) {
+            *place = id;
+        }
         self.rx_prod = self.rx_prod.wrapping_add(1);
         if let Some(posted) = self.rx_posted.get_mut(id as usize) {
             *posted = true;
@@ -243,42 +301,19 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         }
         let mut reposted = false;
         while self.rx_cons != prod {
-            let at = RING_HEADER + (self.rx_cons % RING_SIZE) as usize * RX_ENTRY;
-            let id = self.rx.load_u16(at);
-            let offset = self.rx.load_u16(at + 2) as usize;
-            let flags = self.rx.load_u16(at + 4);
-            let status = self.rx.load_u16(at + 6) as i16;
-            self.rx_cons = self.rx_cons.wrapping_add(1);
-            match self.rx_posted.get_mut(id as usize) {
-                Some(posted) if *posted => *posted = false,
-                _ => {
-                    self.stats.protocol_errors += 1;
+            let slots = match self.rx_packet_slots(prod) {
+                Some(slots) => slots,
+                // Not all of it answered yet: wait for the rest, unless
+                // every buffer we posted is answered (it never ends).
+                None if prod.wrapping_sub(self.rx_cons) < outstanding => break,
+                None => {
+                    let slots = prod.wrapping_sub(self.rx_cons);
+                    self.take_rx_packet(slots, true);
+                    reposted = true;
                     continue;
                 }
-            }
-            let len = usize::try_from(status).unwrap_or(0);
-            let fits = len > 0
-                && len <= MAX_FRAME
-                && offset.checked_add(len).is_some_and(|end| end <= PAGE);
-            if fits
-                && flags & (NETRXF_MORE_DATA | NETRXF_EXTRA_INFO) == 0
-                && self.received.len() < RX_BUFFERS
-            {
-                let mut frame = vec![0u8; len];
-                if let Some(buffer) = self.rx_bufs.get(id as usize) {
-                    buffer.mem.read_bytes(offset, &mut frame);
-                }
-                if flags & NETRXF_CSUM_BLANK != 0 && complete_partial_checksum(&mut frame).is_err()
-                {
-                    self.stats.bad_checksum_offload += 1;
-                } else {
-                    self.received.push_back(frame);
-                    self.stats.rx_frames += 1;
-                }
-            } else {
-                self.stats.rx_errors += 1;
-            }
-            self.post_rx(id);
+            };
+            self.take_rx_packet(slots, false);
             reposted = true;
         }
         self.rx.store_u32(RSP_EVENT, self.rx_cons.wrapping_add(1));
@@ -289,9 +324,314 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         }
     }
 
-    /// The next received frame.
+    /// One RX response: (id, offset, flags, status).
+    fn rx_response(&self, index: u32) -> (u16, u16, u16, i16) {
+        let at = RING_HEADER + (index % RING_SIZE) as usize * RX_ENTRY;
+        (
+            self.rx.load_u16(at),
+            self.rx.load_u16(at + 2),
+            self.rx.load_u16(at + 4),
+            self.rx.load_u16(at + 6) as i16,
+        )
+    }
+
+    /// How many ring slots the packet at `rx_cons` takes (first response,
+    /// extra-info segments, further data slots); `None` when it runs past
+    /// `prod`. Bounded by `prod`, so by the buffers we posted.
+    fn rx_packet_slots(&self, prod: u32) -> Option<u32> {
+        let mut index = self.rx_cons;
+        let (_, _, flags, _) = self.rx_response(index);
+        index = index.wrapping_add(1);
+        if flags & NETRXF_EXTRA_INFO != 0 {
+            loop {
+                if index == prod {
+                    return None;
+                }
+                let (first, _, _, _) = self.rx_response(index);
+                index = index.wrapping_add(1);
+                if first.to_le_bytes()[1] & EXTRA_FLAG_MORE == 0 {
+                    break;
+                }
+            }
+        }
+        let mut more = flags & NETRXF_MORE_DATA != 0;
+        while more {
+            if index == prod {
+                return None;
+            }
+            let (_, _, flags, _) = self.rx_response(index);
+            index = index.wrapping_add(1);
+            more = flags & NETRXF_MORE_DATA != 0;
+        }
+        Some(index.wrapping_sub(self.rx_cons))
+    }
+
+    /// Consumes one packet of `slots` ring slots, reposts its buffers and
+    /// queues its frame if it holds together: every buffer one we posted
+    /// at that position, offsets and lengths inside the page, at most
+    /// [`MAX_RX_SLOTS`] data slots and [`MAX_RX_EXTRAS`] extra segments,
+    /// one GSO segment at most, and its offloads through
+    /// [`offload::accept`]. `truncated`: the packet's chain never ends
+    /// (dropped).
+    fn take_rx_packet(&mut self, slots: u32, truncated: bool) {
+        let mut bad = truncated;
+        let mut parts: [(u16, u16, u16); MAX_RX_SLOTS] = [(0, 0, 0); MAX_RX_SLOTS];
+        let mut count = 0usize;
+        let mut recorded = 0usize;
+        let mut extras = 0usize;
+        let mut gso: Option<(u16, u8)> = None;
+        let mut first_flags = 0u16;
+        let mut total = 0usize;
+        let mut extra_left = false;
+        for n in 0..slots {
+            let index = self.rx_cons;
+            self.rx_cons = self.rx_cons.wrapping_add(1);
+            let posted_id = self
+                .rx_ring
+                .get((index % RING_SIZE) as usize)
+                .copied()
+                .unwrap_or(u16::MAX);
+            match self.rx_posted.get_mut(posted_id as usize) {
+                Some(posted) if *posted => *posted = false,
+                _ => {
+                    self.stats.protocol_errors += 1;
+                    bad = true;
+                    continue;
+                }
+            }
+            let (id, offset, flags, status) = self.rx_response(index);
+            if n == 0 {
+                first_flags = flags;
+                extra_left = flags & NETRXF_EXTRA_INFO != 0;
+            } else if extra_left {
+                // An extra-info segment in this request's place.
+                let [kind, extra_flags] = id.to_le_bytes();
+                extra_left = extra_flags & EXTRA_FLAG_MORE != 0;
+                extras += 1;
+                match kind {
+                    EXTRA_TYPE_GSO if gso.is_none() => {
+                        gso = Some((offset, flags.to_le_bytes()[0]));
+                    }
+                    EXTRA_TYPE_MCAST_ADD | EXTRA_TYPE_MCAST_DEL | EXTRA_TYPE_HASH => {}
+                    _ => bad = true,
+                }
+                self.post_rx(posted_id);
+                continue;
+            }
+            if id != posted_id {
+                self.stats.protocol_errors += 1;
+                bad = true;
+            }
+            let len = usize::try_from(status).unwrap_or(0);
+            if status < 0 || usize::from(offset) + len > PAGE {
+                bad = true;
+            }
+            count += 1;
+            total += len;
+            match parts.get_mut(recorded) {
+                Some(part) if !bad => {
+                    // Reposted after the copy below.
+                    *part = (posted_id, offset, len as u16);
+                    recorded += 1;
+                }
+                _ => {
+                    bad = true;
+                    self.post_rx(posted_id);
+                }
+            }
+        }
+        let limit = if gso.is_some() {
+            offload::MAX_OFFLOAD_FRAME
+        } else {
+            MAX_FRAME
+        };
+        if extras > MAX_RX_EXTRAS || count > MAX_RX_SLOTS || total == 0 || total > limit {
+            bad = true;
+        }
+        let parts = parts.get(..recorded).unwrap_or(&[]);
+        let mut frame = Vec::new();
+        if !bad {
+            frame = vec![0u8; total];
+            let mut at = 0usize;
+            for &(id, offset, len) in parts {
+                let len = usize::from(len);
+                if let (Some(buffer), Some(dst)) =
+                    (self.rx_bufs.get(id as usize), frame.get_mut(at..at + len))
+                {
+                    buffer.mem.read_bytes(usize::from(offset), dst);
+                }
+                at += len;
+            }
+        }
+        for &(id, _, _) in parts {
+            self.post_rx(id);
+        }
+        if bad {
+            self.stats.rx_errors += 1;
+            return;
+        }
+        let nic = NicOffload {
+            csum_partial: first_flags & NETRXF_CSUM_BLANK != 0,
+            csum_start: 0,
+            csum_offset: 0,
+            gso: match gso {
+                None => GsoKind::None,
+                Some((_, GSO_TYPE_TCPV4)) => GsoKind::TcpV4,
+                Some((_, GSO_TYPE_TCPV6)) => GsoKind::TcpV6,
+                Some(_) => GsoKind::Other,
+            },
+            gso_size: gso.map_or(0, |(size, _)| size),
+        };
+        match offload::accept(&mut frame, nic) {
+            Ok(offload) => {
+                if self.received.len() < RX_BUFFERS
+                    && self.received_bytes + frame.len() <= RX_QUEUE_BYTES
+                {
+                    if offload.is_gso() {
+                        self.stats.rx_gso += 1;
+                    }
+                    self.received_bytes += frame.len();
+                    self.received.push_back((frame, offload));
+                    self.stats.rx_frames += 1;
+                } else {
+                    self.stats.rx_errors += 1;
+                }
+            }
+            Err(_) => self.stats.bad_checksum_offload += 1,
+        }
+    }
+
+    /// The next received frame, complete (an offloaded one is cut and
+    /// completed in software; see [`Self::take_frame_offloaded`]).
     pub fn take_frame(&mut self) -> Option<Vec<u8>> {
-        self.received.pop_front()
+        if let Some(frame) = self.finished.pop_front() {
+            return Some(frame);
+        }
+        let (frame, offload) = self.take_frame_offloaded()?;
+        if offload.is_none() {
+            return Some(frame);
+        }
+        let mut scratch = Vec::new();
+        let finished = &mut self.finished;
+        let result = offload::finish(&frame, offload, &mut scratch, &mut |piece| {
+            finished.push_back(piece.to_vec())
+        });
+        if result.is_err() {
+            self.stats.bad_checksum_offload += 1;
+        }
+        self.finished.pop_front()
+    }
+
+    /// The next received frame with its offload metadata.
+    pub fn take_frame_offloaded(&mut self) -> Option<(Vec<u8>, Offload)> {
+        let (frame, offload) = self.received.pop_front()?;
+        self.received_bytes = self.received_bytes.saturating_sub(frame.len());
+        Some((frame, offload))
+    }
+
+    /// Records what the backend wrote in xenstore.
+    pub fn set_backend_features(&mut self, features: BackendFeatures) {
+        self.backend = features;
+    }
+
+    /// What [`Self::send_offloaded`] takes whole: partial checksums when
+    /// the backend takes them for IPv6 too (IPv4 ones every netback
+    /// does), GSO with scatter-gather and the type's key.
+    pub fn tx_offloads(&self) -> TxOffloads {
+        let b = self.backend;
+        TxOffloads {
+            csum: b.csum6,
+            tso4: b.csum6 && b.sg && b.gso4,
+            tso6: b.csum6 && b.sg && b.gso6,
+        }
+    }
+
+    /// Sends a frame with `offload` (one [`Self::tx_offloads`] allows) as
+    /// Linux netfront does: one slot per page (the first request's size
+    /// the whole frame's), the GSO extra-info segment behind the first,
+    /// `NETTXF_csum_blank | NETTXF_data_validated` for a partial checksum.
+    /// [`Sent::NoRoom`] when too few TX buffers are free (nothing sent).
+    pub fn send_offloaded(&mut self, frame: &[u8], offload: Offload) -> Sent {
+        let v6 = frame.get(12..14) == Some(&crate::wire::ETHERTYPE_IPV6.to_be_bytes()[..]);
+        let limit = if offload.is_gso() {
+            offload::MAX_OFFLOAD_FRAME
+        } else {
+            MAX_FRAME
+        };
+        if self.broken.is_some()
+            || frame.is_empty()
+            || frame.len() > limit
+            || !(offload.is_none() || self.tx_offloads().take(offload, v6))
+        {
+            self.stats.tx_errors += 1;
+            return Sent::Dropped;
+        }
+        let data_slots = frame.len().div_ceil(PAGE);
+        let ring_slots = data_slots + usize::from(offload.is_gso());
+        let in_ring = self.tx_prod.wrapping_sub(self.tx_cons) as usize;
+        if self.tx_free.len() < data_slots || in_ring + ring_slots > RING_SIZE as usize {
+            return Sent::NoRoom;
+        }
+        let csum = if offload.csum_partial {
+            NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED
+        } else {
+            0
+        };
+        let mut chunks = frame.chunks(PAGE).peekable();
+        let mut first = true;
+        while let Some(chunk) = chunks.next() {
+            let Some(id) = self.tx_free.pop() else {
+                break; // counted above: cannot happen
+            };
+            if let Some(buffer) = self.tx_bufs.get(id as usize) {
+                buffer.mem.write_bytes(0, chunk);
+            }
+            if let Some(busy) = self.tx_busy.get_mut(id as usize) {
+                *busy = true;
+            }
+            let gref = self.tx_bufs.get(id as usize).map_or(0, |b| b.gref);
+            let mut flags = if chunks.peek().is_some() {
+                NETTXF_MORE_DATA
+            } else {
+                0
+            };
+            let size = if first {
+                flags |= csum;
+                if offload.is_gso() {
+                    flags |= NETTXF_EXTRA_INFO;
+                }
+                frame.len() as u16
+            } else {
+                chunk.len() as u16
+            };
+            let at = RING_HEADER + (self.tx_prod % RING_SIZE) as usize * TX_ENTRY;
+            self.tx.store_u32(at, gref);
+            self.tx.store_u16(at + 4, 0);
+            self.tx.store_u16(at + 6, flags);
+            self.tx.store_u16(at + 8, id);
+            self.tx.store_u16(at + 10, size);
+            self.tx_prod = self.tx_prod.wrapping_add(1);
+            if first && offload.is_gso() {
+                let kind = if v6 { GSO_TYPE_TCPV6 } else { GSO_TYPE_TCPV4 };
+                let at = RING_HEADER + (self.tx_prod % RING_SIZE) as usize * TX_ENTRY;
+                self.tx
+                    .store_u16(at, u16::from_le_bytes([EXTRA_TYPE_GSO, 0]));
+                self.tx.store_u16(at + 2, offload.gso_size);
+                self.tx.store_u16(at + 4, u16::from(kind));
+                self.tx.store_u16(at + 6, 0); // gso.features
+                self.tx.store_u32(at + 8, 0);
+                self.tx_prod = self.tx_prod.wrapping_add(1);
+            }
+            first = false;
+        }
+        barrier(); // frame and requests before the index
+        self.tx.store_u32(REQ_PROD, self.tx_prod);
+        self.notify.notify(self.port);
+        self.stats.tx_frames += 1;
+        if offload.is_gso() {
+            self.stats.tx_gso += 1;
+        }
+        Sent::Sent
     }
 
     /// Whether a TX buffer is free.
@@ -418,6 +758,9 @@ mod tests {
         }
     }
 
+    /// A packet the backend double took: first flags, GSO extra, bytes.
+    type TxPacket = (u16, Option<(u16, u8)>, Vec<u8>);
+
     /// netback, from netif.h: consumes TX requests (reads the granted
     /// page), answers them; fills posted RX buffers with frames.
     struct Backend {
@@ -481,6 +824,111 @@ mod tests {
             self.rx_rsp_prod += 1;
             self.rx.store_u32(RSP_PROD, self.rx_rsp_prod);
             true
+        }
+
+        /// Writes an extra-info segment in the next posted buffer's place.
+        fn deliver_extra(&mut self, kind: u8, flags: u8, gso_size: u16, gso_type: u8) {
+            self.rx_req_cons += 1;
+            let rsp = RING_HEADER + (self.rx_rsp_prod % RING_SIZE) as usize * RX_ENTRY;
+            self.rx.store_u16(rsp, u16::from_le_bytes([kind, flags]));
+            self.rx.store_u16(rsp + 2, gso_size);
+            self.rx.store_u16(rsp + 4, u16::from(gso_type));
+            self.rx.store_u16(rsp + 6, 0);
+            self.rx_rsp_prod += 1;
+        }
+
+        /// Delivers `frame` as Linux netback does: one slot per page, the
+        /// GSO segment after the first; `publish_at` stops publishing
+        /// `rsp_prod` after that many slots (the rest written, unseen).
+        fn deliver_packet(
+            &mut self,
+            frame: &[u8],
+            gso: Option<(u16, u8)>,
+            publish_at: Option<u32>,
+        ) {
+            let start = self.rx_rsp_prod;
+            let chunks: Vec<&[u8]> = frame.chunks(PAGE).collect();
+            for (i, chunk) in chunks.iter().enumerate() {
+                let mut flags = if i + 1 < chunks.len() {
+                    NETRXF_MORE_DATA
+                } else {
+                    0
+                };
+                if i == 0 {
+                    flags |= NETRXF_CSUM_BLANK | NETRXF_DATA_VALIDATED;
+                    if gso.is_some() {
+                        flags |= NETRXF_EXTRA_INFO;
+                    }
+                }
+                assert!(self.deliver_raw(None, 0, flags, chunk.len() as i16, chunk));
+                if i == 0
+                    && let Some((size, kind)) = gso
+                {
+                    self.deliver_extra(EXTRA_TYPE_GSO, 0, size, kind);
+                }
+            }
+            let end = self.rx_rsp_prod;
+            let seen = publish_at.map_or(end, |n| start + n);
+            self.rx.store_u32(RSP_PROD, seen);
+        }
+
+        /// Answers every TX request and returns the packets as (flags of
+        /// the first, GSO extra, bytes); checks the sizes as netback does.
+        fn take_tx_packets(&mut self) -> Vec<TxPacket> {
+            let prod = self.tx.load_u32(REQ_PROD);
+            let mut packets = Vec::new();
+            let slot = |tx: &VecMemory, i: u32| {
+                let at = RING_HEADER + (i % RING_SIZE) as usize * TX_ENTRY;
+                (
+                    tx.load_u32(at),
+                    tx.load_u16(at + 4),
+                    tx.load_u16(at + 6),
+                    tx.load_u16(at + 8),
+                    tx.load_u16(at + 10),
+                )
+            };
+            while self.tx_req_cons != prod {
+                let (gref, offset, flags, id, size) = slot(&self.tx, self.tx_req_cons);
+                let mut ids = vec![(id, 0i16)];
+                self.tx_req_cons += 1;
+                let mut gso = None;
+                if flags & NETTXF_EXTRA_INFO != 0 {
+                    let at = RING_HEADER + (self.tx_req_cons % RING_SIZE) as usize * TX_ENTRY;
+                    let [kind, _] = self.tx.load_u16(at).to_le_bytes();
+                    assert_eq!(kind, EXTRA_TYPE_GSO);
+                    gso = Some((self.tx.load_u16(at + 2), self.tx.load_u16(at + 4) as u8));
+                    ids.push((id, NETIF_RSP_NULL));
+                    self.tx_req_cons += 1;
+                }
+                let mut rest = Vec::new();
+                let mut more = flags & NETTXF_MORE_DATA != 0;
+                while more {
+                    let s = slot(&self.tx, self.tx_req_cons);
+                    self.tx_req_cons += 1;
+                    ids.push((s.3, 0));
+                    more = s.2 & NETTXF_MORE_DATA != 0;
+                    rest.push(s);
+                }
+                let others: usize = rest.iter().map(|s| s.4 as usize).sum();
+                let own = size as usize - others;
+                let mut bytes = vec![0u8; own];
+                self.pages[&gref].read_bytes(offset as usize, &mut bytes);
+                for (gref, offset, _, _, size) in rest {
+                    assert!(offset as usize + size as usize <= PAGE);
+                    let mut part = vec![0u8; size as usize];
+                    self.pages[&gref].read_bytes(offset as usize, &mut part);
+                    bytes.extend_from_slice(&part);
+                }
+                for (id, status) in ids {
+                    let rsp = RING_HEADER + (self.tx_rsp_prod % RING_SIZE) as usize * TX_ENTRY;
+                    self.tx.store_u16(rsp, id);
+                    self.tx.store_u16(rsp + 2, status as u16);
+                    self.tx_rsp_prod += 1;
+                }
+                packets.push((flags, gso, bytes));
+            }
+            self.tx.store_u32(RSP_PROD, self.tx_rsp_prod);
+            packets
         }
 
         fn deliver(&mut self, frame: &[u8]) -> bool {
@@ -614,18 +1062,16 @@ mod tests {
     #[test]
     fn a_hostile_backend_is_counted_and_contained() {
         let (mut front, mut backend, _) = setup();
-        // Unknown id, twice the same id, bad length/offset, fragments.
+        // An id that is not the buffer posted there, bad length/offset.
         assert!(backend.deliver_raw(Some(999), 0, 0, 60, &[0; 60]));
         assert!(backend.deliver_raw(None, 4090, 0, 60, &[0; 6]));
         assert!(backend.deliver_raw(None, 0, 0, 5000, &[]));
         assert!(backend.deliver_raw(None, 0, 0, -1, &[]));
-        assert!(backend.deliver_raw(None, 0, NETRXF_MORE_DATA, 60, &[0; 60]));
-        assert!(backend.deliver_raw(None, 0, NETRXF_EXTRA_INFO, 60, &[0; 60]));
         front.poll();
         assert!(front.take_frame().is_none());
         let stats = front.stats();
         assert_eq!(stats.protocol_errors, 1);
-        assert_eq!(stats.rx_errors, 5);
+        assert_eq!(stats.rx_errors, 4);
         // Good frames still come through afterwards.
         assert!(backend.deliver(&[7; 60]));
         front.poll();
@@ -643,5 +1089,195 @@ mod tests {
         assert!(front.broken().is_some());
         assert!(!front.can_send());
         assert!(front.transmit(Instant::from_millis(0)).is_none());
+    }
+
+    /// A TCP/IPv4 frame of `payload` bytes with a partial checksum, as a
+    /// GSO frame of 1448-byte segments (`offload::accept` checked).
+    fn gso_frame(payload: usize) -> (Vec<u8>, Offload) {
+        let mut f = vec![0u8; 54 + payload];
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+        f[20] = 0x40;
+        f[22] = 64;
+        f[23] = 6;
+        f[26..30].copy_from_slice(&[93, 184, 216, 34]);
+        f[30..34].copy_from_slice(&[10, 137, 0, 10]);
+        let sum = crate::wire::checksum::finish(crate::wire::checksum::add(0, &f[14..34]));
+        f[24..26].copy_from_slice(&sum.to_be_bytes());
+        f[34..36].copy_from_slice(&443u16.to_be_bytes());
+        f[36..38].copy_from_slice(&40000u16.to_be_bytes());
+        f[46] = 0x50;
+        f[47] = 0x18;
+        for (i, b) in f[54..].iter_mut().enumerate() {
+            *b = (i * 7 + i / 300) as u8;
+        }
+        let offload = offload::accept(
+            &mut f,
+            NicOffload {
+                csum_partial: true,
+                gso: GsoKind::TcpV4,
+                gso_size: 1448,
+                ..NicOffload::default()
+            },
+        )
+        .unwrap();
+        (f, offload)
+    }
+
+    #[test]
+    fn a_gso_packet_from_a_linux_style_backend_arrives_whole() {
+        let (mut front, mut backend, _) = setup();
+        let (frame, offload) = gso_frame(65_495);
+        assert!(frame.len() > 16 * PAGE); // 17 data slots
+        backend.deliver_packet(&frame, Some((1448, GSO_TYPE_TCPV4)), None);
+        front.poll();
+        assert_eq!(front.take_frame_offloaded(), Some((frame.clone(), offload)));
+        assert_eq!(front.stats().rx_gso, 1);
+        // Published in two steps: nothing until the whole packet is there.
+        backend.deliver_packet(&frame, Some((1448, GSO_TYPE_TCPV4)), Some(5));
+        front.poll();
+        assert!(front.take_frame_offloaded().is_none());
+        backend.rx.store_u32(RSP_PROD, backend.rx_rsp_prod);
+        front.poll();
+        let (got, _) = front.take_frame_offloaded().unwrap();
+        assert_eq!(got, frame);
+        // Through the smoltcp device: cut into 46 complete segments.
+        backend.deliver_packet(&frame, Some((1448, GSO_TYPE_TCPV4)), None);
+        let mut segments = 0;
+        while let Some((rx, _)) = front.receive(Instant::from_millis(0)) {
+            rx.consume(|f| assert!(f.len() <= MAX_FRAME));
+            segments += 1;
+        }
+        assert_eq!(segments, 46);
+        // The buffers all came back: many more rounds go through.
+        for _ in 0..40 {
+            backend.deliver_packet(&frame, Some((1448, GSO_TYPE_TCPV4)), None);
+            front.poll();
+            assert!(front.take_frame_offloaded().is_some());
+        }
+        assert_eq!(front.stats().protocol_errors, 0);
+        assert_eq!(front.stats().rx_errors, 0);
+    }
+
+    #[test]
+    fn a_hostile_backend_multi_slot_and_gso_responses_are_dropped_and_contained() {
+        let (frame, _) = gso_frame(10 * 1448);
+        // gso_size 0, and a GSO type that does not match: dropped, counted.
+        for gso in [(0, GSO_TYPE_TCPV4), (1448, GSO_TYPE_TCPV6), (1448, 7)] {
+            let (mut front, mut backend, _) = setup();
+            backend.deliver_packet(&frame, Some(gso), None);
+            front.poll();
+            assert!(front.take_frame_offloaded().is_none(), "{gso:?}");
+            assert_eq!(front.stats().bad_checksum_offload, 1);
+        }
+        // More than 64 KiB, or over a page in one slot, or more than
+        // 18 data slots, or GSO segment missing for more than 1514 bytes.
+        let (mut front, mut backend, _) = setup();
+        let big = vec![0u8; 19 * PAGE];
+        backend.deliver_packet(&big, Some((1448, GSO_TYPE_TCPV4)), None);
+        backend.deliver_packet(&frame, None, None);
+        front.poll();
+        assert!(front.take_frame_offloaded().is_none());
+        assert_eq!(front.stats().rx_errors, 2);
+        // An unknown extra type, and two GSO segments.
+        let (mut front, mut backend, _) = setup();
+        assert!(backend.deliver_raw(
+            None,
+            0,
+            NETRXF_EXTRA_INFO | NETRXF_MORE_DATA,
+            4096,
+            &frame[..4096]
+        ));
+        backend.deliver_extra(9, 0, 1448, GSO_TYPE_TCPV4);
+        assert!(backend.deliver_raw(None, 0, 0, 100, &frame[4096..4196]));
+        assert!(backend.deliver_raw(None, 0, NETRXF_EXTRA_INFO, 60, &frame[..60]));
+        backend.deliver_extra(EXTRA_TYPE_GSO, EXTRA_FLAG_MORE, 1448, GSO_TYPE_TCPV4);
+        backend.deliver_extra(EXTRA_TYPE_GSO, 0, 1448, GSO_TYPE_TCPV4);
+        backend.rx.store_u32(RSP_PROD, backend.rx_rsp_prod);
+        front.poll();
+        assert!(front.take_frame_offloaded().is_none());
+        assert_eq!(front.stats().rx_errors, 2);
+        // An endless chain (extra info or more data) over every buffer we
+        // posted: dropped once all are answered, the device goes on.
+        for endless in [NETRXF_MORE_DATA, NETRXF_EXTRA_INFO] {
+            let (mut front, mut backend, _) = setup();
+            assert!(backend.deliver_raw(None, 0, endless, 60, &[0; 60]));
+            for _ in 1..RX_BUFFERS {
+                if endless == NETRXF_EXTRA_INFO {
+                    backend.deliver_extra(EXTRA_TYPE_HASH, EXTRA_FLAG_MORE, 0, 0);
+                    backend.rx.store_u32(RSP_PROD, backend.rx_rsp_prod);
+                } else {
+                    assert!(backend.deliver_raw(None, 0, endless, 60, &[0; 60]));
+                }
+                front.poll();
+            }
+            assert!(front.take_frame_offloaded().is_none());
+            assert_eq!(front.stats().rx_errors, 1);
+            assert!(front.broken().is_none());
+            assert!(backend.deliver(&[7; 60]));
+            front.poll();
+            assert_eq!(front.take_frame().unwrap(), vec![7; 60]);
+        }
+    }
+
+    #[test]
+    fn gso_frames_go_to_a_linux_style_backend_whole_when_it_offers_the_features() {
+        let (mut front, mut backend, _) = setup();
+        let (frame, offload) = gso_frame(44 * 1448);
+        // No features from the backend: nothing offloaded is taken.
+        assert_eq!(front.tx_offloads(), TxOffloads::default());
+        assert_eq!(front.send_offloaded(&frame, offload), Sent::Dropped);
+        front.set_backend_features(BackendFeatures {
+            sg: true,
+            gso4: true,
+            gso6: false,
+            csum6: true,
+        });
+        assert_eq!(
+            front.tx_offloads(),
+            TxOffloads {
+                csum: true,
+                tso4: true,
+                tso6: false
+            }
+        );
+        for _ in 0..20 {
+            assert_eq!(front.send_offloaded(&frame, offload), Sent::Sent);
+            let packets = backend.take_tx_packets();
+            assert_eq!(packets.len(), 1);
+            let (flags, gso, bytes) = &packets[0];
+            assert_eq!(
+                *flags,
+                NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED | NETTXF_MORE_DATA | NETTXF_EXTRA_INFO
+            );
+            assert_eq!(*gso, Some((1448, GSO_TYPE_TCPV4)));
+            assert_eq!(bytes, &frame);
+            front.poll();
+        }
+        assert_eq!(front.stats().tx_gso, 20);
+        assert_eq!(front.stats().protocol_errors, 0);
+        // Buffers run out: NoRoom until the backend answers.
+        let mut sent = 0;
+        while front.send_offloaded(&frame, offload) == Sent::Sent {
+            sent += 1;
+        }
+        assert_eq!(sent, TX_BUFFERS / 16);
+        assert_eq!(front.send_offloaded(&frame, offload), Sent::NoRoom);
+        assert_eq!(backend.take_tx_packets().len(), sent);
+        front.poll();
+        assert_eq!(front.send_offloaded(&frame, offload), Sent::Sent);
+        // A partial checksum alone, one slot.
+        let mut small = frame[..54 + 100].to_vec();
+        small[16..18].copy_from_slice(&140u16.to_be_bytes());
+        let partial = Offload {
+            csum_partial: true,
+            gso_size: 0,
+        };
+        backend.take_tx_packets();
+        assert_eq!(front.send_offloaded(&small, partial), Sent::Sent);
+        let packets = backend.take_tx_packets();
+        assert_eq!(packets[0].0, NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED);
+        assert_eq!(packets[0].2, small);
     }
 }

@@ -675,9 +675,20 @@ impl XenPlatform {
                 })
                 .collect()
         };
+        // What the backend takes on our TX (Linux netback writes its keys
+        // before it waits for us; absent: 0).
+        let mut flag = |key: &str| -> bool {
+            matches!(self.xenstore.read(&format!("{backend}/{key}")), Ok(Some(v)) if v.trim() == "1")
+        };
+        let features = netfront::BackendFeatures {
+            sg: flag("feature-sg"),
+            gso4: flag("feature-gso-tcpv4"),
+            gso6: flag("feature-gso-tcpv6"),
+            csum6: flag("feature-ipv6-csum-offload"),
+        };
         let tx_bufs = buffers(2..2 + netfront::TX_BUFFERS);
         let rx_bufs = buffers(2 + netfront::TX_BUFFERS..count);
-        let front = Box::new(Netfront::new(
+        let mut front = Box::new(Netfront::new(
             mem(0),
             mem(1),
             tx_bufs,
@@ -685,6 +696,7 @@ impl XenPlatform {
             port,
             XenNotify,
         ));
+        front.set_backend_features(features);
         self.remember_port(port);
         let (tx_ref, rx_ref) = (
             grefs.first().copied().unwrap_or_default(),
@@ -696,10 +708,14 @@ impl XenPlatform {
             xs.write(&format!("{node}/event-channel"), &port.to_string())?;
             xs.write(&format!("{node}/request-rx-copy"), "1")?;
             xs.write(&format!("{node}/feature-rx-notify"), "1")?;
-            // We send and want complete checksums (csum.rs completes blank
-            // ones a backend sends anyway).
-            xs.write(&format!("{node}/feature-no-csum-offload"), "1")?;
-            xs.write(&format!("{node}/feature-ipv6-csum-offload"), "0")?;
+            // As Linux netfront: scatter-gather, TCP GSO and partial
+            // checksums both ways (the router forwards such frames whole,
+            // or cuts and completes them for a peer without the feature).
+            xs.write(&format!("{node}/feature-sg"), "1")?;
+            xs.write(&format!("{node}/feature-gso-tcpv4"), "1")?;
+            xs.write(&format!("{node}/feature-gso-tcpv6"), "1")?;
+            xs.write(&format!("{node}/feature-no-csum-offload"), "0")?;
+            xs.write(&format!("{node}/feature-ipv6-csum-offload"), "1")?;
             xs.write(&format!("{node}/state"), &xenbus::CONNECTED.to_string())
         });
         if let Err(error) = written {
@@ -1026,8 +1042,8 @@ impl smoltcp::phy::TxToken for XenTx {
 }
 
 impl crate::offload::OffloadNic for XenNic {
-    /// A client's netback hands over its packets whole (GSO, checksum
-    /// partial); the uplink's netfront has complete frames only.
+    /// Both the client's netback and the uplink's netfront hand over their
+    /// packets whole (GSO, checksum partial).
     fn receive_offloaded<R>(
         &mut self,
         now: Instant,
@@ -1045,10 +1061,36 @@ impl crate::offload::OffloadNic for XenNic {
             self.counters.set((r + 1, t));
             return Some(f(&frame, offload));
         }
+        if let NicKind::Front(conn) = &self.kind {
+            let (frame, offload) = match &mut *conn.borrow_mut() {
+                FrontConn::Up { front, .. } => {
+                    front.poll();
+                    front.take_frame_offloaded()?
+                }
+                FrontConn::Down => return None,
+            };
+            let (r, t) = self.counters.get();
+            self.counters.set((r + 1, t));
+            return Some(f(&frame, offload));
+        }
         let (rx, _tx) = smoltcp::phy::Device::receive(self, now)?;
         Some(smoltcp::phy::RxToken::consume(rx, |frame| {
             f(frame, crate::offload::Offload::NONE)
         }))
+    }
+
+    fn gso_counts(&self) -> Option<crate::offload::GsoCounts> {
+        if let Some(stats) = self.netback_stats() {
+            return Some(crate::offload::GsoCounts {
+                rx: stats.gso_from_client,
+                tx: stats.gso_to_client,
+            });
+        }
+        self.netfront_stats()
+            .map(|stats| crate::offload::GsoCounts {
+                rx: stats.rx_gso,
+                tx: stats.tx_gso,
+            })
     }
 
     /// A client's netback takes what its frontend negotiated.
@@ -1058,7 +1100,10 @@ impl crate::offload::OffloadNic for XenNic {
                 BackConn::Up { back, .. } => back.tx_offloads(),
                 _ => crate::offload::TxOffloads::default(),
             },
-            NicKind::Front(_) => crate::offload::TxOffloads::default(),
+            NicKind::Front(conn) => match &*conn.borrow() {
+                FrontConn::Up { front, .. } => front.tx_offloads(),
+                FrontConn::Down => crate::offload::TxOffloads::default(),
+            },
         }
     }
 
@@ -1072,6 +1117,21 @@ impl crate::offload::OffloadNic for XenNic {
             let sent = match &mut *conn.borrow_mut() {
                 BackConn::Up { back, .. } if back.can_send() => back.send_offloaded(frame, offload),
                 _ => return false,
+            };
+            if sent == Sent::NoRoom {
+                return false;
+            }
+            let (r, t) = self.counters.get();
+            self.counters.set((r, t + 1));
+            return true;
+        }
+        if let NicKind::Front(conn) = &self.kind {
+            let sent = match &mut *conn.borrow_mut() {
+                FrontConn::Up { front, .. } => {
+                    front.poll();
+                    front.send_offloaded(frame, offload)
+                }
+                FrontConn::Down => return false,
             };
             if sent == Sent::NoRoom {
                 return false;
