@@ -141,7 +141,7 @@ echo "QFW-BENCH memory fw=linux domain_mib=$(mem linux-fw) vcpus=$(vcpus linux-f
 tell linux-fw stats
 waitfor $LFLOG "LINUXFW stats nft" 100
 grep "LINUXFW stats" $LFLOG | sed 's/^/QFW-BENCH info /'
-grep -E "^interface|^drop|^heap" /tmp/status.txt | sed 's/^/QFW-BENCH info ours status: /'
+grep -E "^interface|^gso|^drop|^heap" /tmp/status.txt | sed 's/^/QFW-BENCH info ours status: /'
 xl list | sed 's/^/QFW-BENCH info xl list: /'
 for f in linux-fw client-linux client-ours; do grep -v "^\[" $CONS/guest-$f.log | tail -25 | sed "s/^/QFW-BENCH log $f: /"; done
 for dd in client-ours client-linux linux-fw sys-firewall; do xl destroy $dd 2>/dev/null; done
