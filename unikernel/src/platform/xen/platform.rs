@@ -8,7 +8,8 @@
 //! `n<us> r<peer>` in one transaction); clients follow
 //! `libxenvchan_client_init` (read those keys of the peer, bind, map).
 //! The uplink is a netfront (`device/vif/0`, xenbus handshake as Mini-OS and
-//! Linux `xen-netfront` do it); each client vif is a netback
+//! Linux `xen-netfront` do it, with scatter-gather, GSO and partial
+//! checksums); each client vif is a netback
 //! (`backend/vif/<domid>/<dev>`: `attach_client` writes `feature-rx-copy`,
 //! the checksum-offload features it honours (`feature-no-csum-offload` 0,
 //! `feature-ipv6-csum-offload` 1), `hotplug-status` and InitWait and
@@ -602,7 +603,10 @@ impl XenPlatform {
     /// The xenbus handshake of a netfront (Mini-OS / Linux `xen-netfront`):
     /// read `backend-id` and `backend`, grant the rings and buffers, write
     /// `tx-ring-ref`, `rx-ring-ref`, `event-channel`, `request-rx-copy`,
-    /// `feature-rx-notify`, `feature-no-csum-offload` and `state` =
+    /// `feature-rx-notify`, the offloads we take (`feature-sg`,
+    /// `feature-gso-tcpv4/6`, `feature-no-csum-offload` 0,
+    /// `feature-ipv6-csum-offload` 1; the backend's own keys say what we
+    /// may send it, `netfront::BackendFeatures`) and `state` =
     /// Connected in one transaction. Returns the rings and the backend's
     /// directory; the backend connects on its own.
     fn start_netfront(&mut self, node: &str) -> Result<FrontendParts, PlatformError> {
