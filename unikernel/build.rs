@@ -24,4 +24,13 @@ fn main() {
         println!("cargo:rustc-link-arg-bin=unikernel-xen={arg}");
     }
     println!("cargo:rustc-link-arg-bin=unikernel-xen=-Wl,-T,{script}");
+    // The linker map, next to the image (OUT_DIR is <target>/<profile>/
+    // build/unikernel-<hash>/out): each function's address, for
+    // symbolising exception reports of the stripped image (traps.rs). It
+    // does not change the image's bytes.
+    if let Ok(out_dir) = std::env::var("OUT_DIR") {
+        println!(
+            "cargo:rustc-link-arg-bin=unikernel-xen=-Wl,-Map={out_dir}/../../../unikernel-xen.map"
+        );
+    }
 }

@@ -73,6 +73,8 @@ fi
 echo "run.sh: prepared in $((SECONDS - t0)) s; image $(stat -c %s "$IMAGE") bytes"
 export LOG=$OUT/serial.log
 TIMEOUT=${TIMEOUT:-900} "$HERE/boot.sh" tcg || true
-grep -E 'QFW-(CHECK|MEASURE|INFO|STATUS)|QFW-CONSOLE.*(QubesDB and qrexec|heap in use)' "$LOG" | sed 's/^\[ *[0-9.]*\] //' || true
+grep -E 'QFW-(CHECK|MEASURE|INFO|STATUS)|QFW-CONSOLE.*(QubesDB and qrexec|heap in use|stack high-water)|\(d[0-9]+\) TRAP |Triple fault' "$LOG" | sed 's/^\[ *[0-9.]*\] //' || true
+# A CPU exception in a firewall (traps.rs): name the code at its addresses.
+if grep -q ') TRAP rip' "$LOG"; then "$HERE/symbolize.sh" "$LOG" "${IMAGE%.elf}.map" || true; fi
 echo "run.sh: total $((SECONDS - t0)) s, serial log $LOG"
 if grep -q 'QFW-RESULT PASS' "$LOG"; then echo "run.sh: PASS"; else echo "run.sh: FAIL"; exit 1; fi

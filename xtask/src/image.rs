@@ -1,8 +1,9 @@
 //! `cargo xtask image [--check-reproducible]`: builds the firewall's Xen PVH
 //! image (`unikernel-xen`, feature `xen`) with the stable host toolchain,
 //! checks the ELF the way Xen's loader needs it, copies it to
-//! `target/xen/qubes-firewall.elf` (under `$CARGO_TARGET_DIR` when set) and
-//! prints its size.
+//! `target/xen/qubes-firewall.elf` (under `$CARGO_TARGET_DIR` when set),
+//! with its linker map as `qubes-firewall.map` (addresses to functions, for
+//! `tests/xen/symbolize.sh`), and prints its size.
 //!
 //! The build uses its own cargo profile (`xen-image`: release, `opt-level =
 //! "s"`, no debug info, stripped) given with `--config`, so it neither
@@ -44,6 +45,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
     let out = out_dir.join("qubes-firewall.elf");
     std::fs::write(&out, &bytes).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    // The linker map (unikernel/build.rs) names the code at each address of
+    // this stripped image: tests/xen/symbolize.sh reads it.
+    let map = built.with_file_name("unikernel-xen.map");
+    if map.exists() {
+        let to = out_dir.join("qubes-firewall.map");
+        std::fs::copy(&map, &to).map_err(|e| format!("cannot write {}: {e}", to.display()))?;
+    }
     println!(
         "xtask image: {} ({} bytes, {} KiB)",
         out.display(),

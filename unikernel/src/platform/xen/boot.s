@@ -8,7 +8,10 @@
  * just below 4 GiB, and the windows where grant frames and foreign grants are
  * mapped), enable PAE + long mode + SSE (the precompiled `core` uses xmm
  * registers), load a flat 64-bit GDT, and call rust_start(start_info_paddr)
- * on a 16-byte aligned stack. No interrupts are ever enabled.
+ * on a 16-byte aligned stack, painted with STACK_PAINT (traps.rs measures
+ * its high-water mark from it). No interrupts are ever enabled; traps.rs
+ * installs exception handlers and unmaps the guard page below the stack and
+ * page 0 (both are mapped until then).
  * Local labels avoid digits 0/1 only (they would read as binary).
  */
         .section .note.Xen, "a", @note
@@ -68,6 +71,10 @@ __boot_long:
         mov     %eax, %ss
         mov     %eax, %fs
         mov     %eax, %gs
+        lea     __boot_stack(%rip), %rdi
+        mov     $(262144 / 8), %ecx
+        movabs  $0x57ac57ac57ac57ac, %rax   /* traps::STACK_PAINT */
+        rep stosq
         lea     __boot_stack_top(%rip), %rsp
         xor     %ebp, %ebp
         mov     %ebx, %edi              /* hvm_start_info paddr, zero-extended */
@@ -89,7 +96,11 @@ __boot_gdt_ptr:
         .balign 4096
 __boot_pml4:    .skip 4096
 __boot_pdpt:    .skip 4096
+        .globl __boot_pd
 __boot_pd:      .skip 4096 * 4
-__boot_stack:   .skip 262144
+        .globl __boot_stack_guard
+__boot_stack_guard: .skip 4096          /* unmapped by traps.rs: an overflow is a #PF */
+        .globl __boot_stack
+__boot_stack:   .skip 262144            /* traps::BOOT_STACK_SIZE */
         .globl __boot_stack_top
 __boot_stack_top:

@@ -10,7 +10,9 @@
 //! completion for offloading peers (`csum`) and the bookkeeping (`grant`,
 //! `time`, `start_info`) are portable and tested on the host with a
 //! `Vec`-backed memory; `runtime` (boot code, allocator, panic handler,
-//! libc symbols) exists only in the image (feature `xen`). Every value a
+//! libc symbols) exists only in the image (feature `xen`), and so does the
+//! machine side of `traps` (IDT, guard page, exception reports; its
+//! encoders and report are tested on the host). Every value a
 //! peer or the toolstack wrote is read once, copied and validated before
 //! use; nothing here may panic on peer input.
 #![allow(unsafe_code)] // reason: hypercalls, shared pages, boot; each block carries a SAFETY comment.
@@ -30,6 +32,7 @@ pub mod runtime;
 pub mod shared;
 pub mod start_info;
 pub mod time;
+pub mod traps;
 pub mod vchan;
 pub mod xenbus;
 pub mod xenstore_ring;

@@ -6,7 +6,10 @@
 //! Built only with the `xen` feature and never in host tests (it defines
 //! `_start`, `memcpy` and a `#[panic_handler]`). It must never take an
 //! interrupt: the precompiled `core` uses the red zone, so interrupts stay
-//! disabled for the life of the guest and events are polled.
+//! disabled for the life of the guest and events are polled. CPU
+//! exceptions go to `traps` (installed first thing), which reports them on
+//! its own stack and crashes the domain; the logger adds a line whenever
+//! the boot stack's high-water mark has grown by 8 KiB.
 #![deny(clippy::indexing_slicing)]
 
 use core::fmt::Write;
@@ -20,6 +23,7 @@ use super::console::{ConsoleRing, DebugPort};
 use super::hypercall;
 use super::shared::RawMemory;
 use super::start_info::BootInfo;
+use super::traps;
 
 core::arch::global_asm!(include_str!("boot.s"), options(att_syntax));
 
@@ -60,6 +64,22 @@ unsafe impl Send for Console {}
 
 static CONSOLE: spin::Mutex<Option<Console>> = spin::Mutex::new(None);
 
+/// Writes to the PV console unless its lock is held (by the code an
+/// exception interrupted): for the exception report, which must not wait.
+pub(super) fn console_write_if_free(bytes: &[u8]) {
+    if let Some(mut guard) = CONSOLE.try_lock()
+        && let Some(console) = guard.as_mut()
+    {
+        let port = console.port;
+        let _ = console.ring.write_all(
+            bytes,
+            || super::events::notify(port),
+            hypercall::sched_yield,
+            10_000,
+        );
+    }
+}
+
 fn console_write(bytes: &[u8]) {
     let mut guard = CONSOLE.lock();
     match guard.as_mut() {
@@ -90,12 +110,40 @@ impl Write for ConsoleWriter {
 
 struct Logger;
 
+/// The boot stack's high-water mark last logged, in bytes.
+static STACK_LOGGED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Logs the boot stack's high-water mark when it has grown by 8 KiB since
+/// it was last logged (checked at each log line: never per packet).
+fn log_stack_growth() {
+    use core::sync::atomic::Ordering;
+    let used = traps::machine::stack_high_water();
+    if used >= STACK_LOGGED.load(Ordering::Relaxed) + 8 * 1024 {
+        STACK_LOGGED.store(used, Ordering::Relaxed);
+        let _ = writeln!(
+            ConsoleWriter,
+            "INFO  xen: stack high-water {} KiB of {} KiB\r",
+            used.div_ceil(1024),
+            traps::BOOT_STACK_SIZE / 1024
+        );
+    }
+}
+
+/// The boot stack's high-water mark and size, in bytes.
+pub fn stack_usage() -> (usize, usize) {
+    (
+        traps::machine::stack_high_water(),
+        traps::BOOT_STACK_SIZE as usize,
+    )
+}
+
 impl log::Log for Logger {
     fn enabled(&self, _: &log::Metadata<'_>) -> bool {
         true
     }
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
+            log_stack_growth();
             let _ = writeln!(
                 ConsoleWriter,
                 "{:<5} {}: {}\r",
@@ -126,7 +174,8 @@ fn console_init() -> Result<(), i64> {
 
 // ---- entry ----------------------------------------------------------------
 
-fn halt() -> ! {
+/// Crashes the domain (`SCHEDOP_shutdown(crash)`); halts if Xen refuses.
+pub(super) fn halt() -> ! {
     let _ = hypercall::sched_shutdown(abi::SHUTDOWN_CRASH);
     loop {
         // SAFETY: `hlt` with interrupts disabled stops this vCPU; nothing
@@ -177,6 +226,7 @@ extern "C" fn rust_start(start_info: u64) -> ! {
         let _ = DebugPort.write_str("unikernel: not running on Xen\n");
         halt();
     }
+    traps::machine::install();
     let boot = match BootInfo::parse(start_info, read_physical) {
         Ok(boot) => boot,
         Err(error) => {
@@ -216,6 +266,13 @@ extern "C" fn rust_start(start_info: u64) -> ! {
 fn panic(info: &PanicInfo<'_>) -> ! {
     let _ = writeln!(DebugPort, "unikernel: PANIC: {info}");
     let _ = writeln!(ConsoleWriter, "PANIC: {info}\r");
+    let (used, size) = stack_usage();
+    let _ = writeln!(
+        DebugPort,
+        "unikernel: stack high-water {} of {} KiB",
+        used.div_ceil(1024),
+        size / 1024
+    );
     halt();
 }
 
