@@ -77,8 +77,16 @@
 //! a 2-core machine shared with other work gives them a noise no
 //! threshold survives; the table shows them with the firewall's CPU.
 //!
+//! `--pin` places the firewall on a CPU of its own (the last) and every
+//! other process of the run (the box's daemons, sys-net, the clients, the
+//! load and the attackers) on the others, with `taskset`: on Qubes the
+//! firewall has its own vCPU and its attackers run on other VMs' vCPUs.
+//! Without it (the default, what CI runs) the scheduler shares every CPU
+//! between them, so an attacker's own CPU use shows up as the firewall's
+//! loss. The table says which it was.
+//!
 //! Needs python3 (the attack, sink and load scripts, standard library
-//! only), iproute2 and renice (bsdutils); missing packages are installed
+//! only), iproute2, renice (bsdutils) and taskset (util-linux); missing packages are installed
 //! with apt-get. Everything it creates (the box's namespaces and state dir,
 //! processes it starts) is removed again, also when a step fails; the
 //! scripts and the sinks' counts stay in `target/soak/`.
@@ -140,17 +148,26 @@ const PHASES: &[&str] = &[
 ];
 
 pub fn run(args: &[String]) -> Result<(), String> {
-    let seconds = match args.first() {
-        None => DEFAULT_SECONDS,
-        Some(text) => text.parse::<u64>().ok().filter(|s| *s > 0).ok_or_else(|| {
-            format!("soak: {text:?} is not a number of seconds (usage: cargo xtask soak [SECONDS])")
-        })?,
-    };
+    let usage = "usage: cargo xtask soak [SECONDS] [--pin]";
+    let mut seconds = DEFAULT_SECONDS;
+    let mut pin = false;
+    for arg in args {
+        if arg == "--pin" {
+            pin = true;
+        } else {
+            seconds = arg
+                .parse::<u64>()
+                .ok()
+                .filter(|s| *s > 0)
+                .ok_or_else(|| format!("soak: {arg:?} is not a number of seconds ({usage})"))?;
+        }
+    }
     require_root()?;
     ensure_tools(&[
         ("ip", "iproute2"),
         ("python3", "python3"),
         ("renice", "bsdutils"),
+        ("taskset", "util-linux"),
     ])?;
     let bin = build_box(true)?;
     let firewall = bin
@@ -170,7 +187,72 @@ pub fn run(args: &[String]) -> Result<(), String> {
         std::fs::write(scripts.join(name), text)
             .map_err(|e| format!("{}: {e}", scripts.join(name).display()))?;
     }
-    soak(&bin, &firewall, &scripts, seconds)
+    let placement = if pin { Placement::pin()? } else { None };
+    soak(&bin, &firewall, &scripts, seconds, placement)
+}
+
+/// `--pin`: the firewall on a CPU of its own, every other process of the
+/// run on the others, as on Qubes, where sys-firewall has its own vCPU and
+/// the clients, sys-net and dom0 run on theirs. Without it the scheduler
+/// shares every CPU between the firewall, the load and the attackers.
+#[derive(Clone, Copy)]
+struct Placement {
+    /// The firewall's CPU (the last one).
+    firewall: usize,
+    /// How many CPUs the rest shares (0 up to the firewall's).
+    others: usize,
+}
+
+impl Placement {
+    /// Pins this process (every thread: what it starts inherits the mask)
+    /// to all CPUs but the last; the firewall moves to the last once it
+    /// runs ([`Placement::place_firewall`]). `None`, said, on one CPU.
+    fn pin() -> Result<Option<Placement>, String> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        if cpus < 2 {
+            println!("soak: --pin needs 2 CPUs or more, this machine has {cpus}: not pinned");
+            return Ok(None);
+        }
+        let placement = Placement {
+            firewall: cpus - 1,
+            others: cpus - 1,
+        };
+        quiet(
+            "taskset",
+            &[
+                "-a",
+                "-p",
+                "-c",
+                &placement.others_list(),
+                &std::process::id().to_string(),
+            ],
+        )?;
+        Ok(Some(placement))
+    }
+
+    fn others_list(&self) -> String {
+        format!("0-{}", self.others - 1)
+    }
+
+    /// Moves the firewall (every thread) to its own CPU.
+    fn place_firewall(&self, pid: &str) -> Result<(), String> {
+        quiet(
+            "taskset",
+            &["-a", "-p", "-c", &self.firewall.to_string(), pid],
+        )
+        .map(|_| ())
+    }
+
+    fn describe(this: Option<Placement>) -> String {
+        match this {
+            Some(p) => format!(
+                "pinned (--pin): the firewall alone on CPU {}, every other process of the run on CPU {}",
+                p.firewall,
+                p.others_list()
+            ),
+            None => "not pinned: the firewall, the load and the attackers share every CPU (--pin: the firewall on a CPU of its own, as on Qubes)".to_string(),
+        }
+    }
 }
 
 /// A child process we started, killed (by its pid) and reaped on drop.
@@ -1058,7 +1140,13 @@ fn recoveries(load: &Load, restarts: &[Instant], until: Instant) -> Vec<Option<f
         .collect()
 }
 
-fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(), String> {
+fn soak(
+    bin: &Path,
+    firewall: &Path,
+    scripts: &Path,
+    seconds: u64,
+    placement: Option<Placement>,
+) -> Result<(), String> {
     let plan = Plan::new(seconds);
     let clients = CLIENTS.to_string();
     let firewall = firewall.to_string_lossy().into_owned();
@@ -1081,6 +1169,10 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
     let pid = quiet(&bx.qubes_box(), &["firewall-pid", "--state-dir", STATE])?
         .trim()
         .to_string();
+    if let Some(placement) = placement {
+        placement.place_firewall(&pid)?;
+    }
+    println!("soak: CPUs: {}", Placement::describe(placement));
     let others = OthersGroup::make();
     let niced = nice_the_rest(STATE);
     let grouped = if others.is_some() {
@@ -1284,6 +1376,7 @@ fn soak(bin: &Path, firewall: &Path, scripts: &Path, seconds: u64) -> Result<(),
             .collect::<Vec<_>>()
             .join(" ")
     );
+    println!("CPUs: {}", Placement::describe(placement));
     println!(
         "{:<11} {:>6} {:>6} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  attack",
         "phase",
