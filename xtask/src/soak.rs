@@ -89,6 +89,9 @@
 //! between them, so an attacker's own CPU use shows up as the firewall's
 //! loss. The table says which it was.
 //!
+//! `SOAK_FIREWALL=PATH` runs another build of the firewall (an older
+//! commit's, for a before/after under the same conditions).
+//!
 //! Needs python3 (the attack, sink and load scripts, standard library
 //! only), iproute2, renice (bsdutils) and taskset (util-linux); missing packages are installed
 //! with apt-get. Everything it creates (the box's namespaces and state dir,
@@ -174,10 +177,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ("taskset", "util-linux"),
     ])?;
     let bin = build_box(true)?;
-    let firewall = bin
-        .parent()
-        .map(|target| target.join("release").join("qubes-firewall-hosted"))
-        .ok_or("soak: no target directory")?;
+    // SOAK_FIREWALL: another build of the firewall to measure (an older
+    // commit's, for a before/after in the same conditions).
+    let firewall = match std::env::var_os("SOAK_FIREWALL") {
+        Some(path) => PathBuf::from(path),
+        None => bin
+            .parent()
+            .map(|target| target.join("release").join("qubes-firewall-hosted"))
+            .ok_or("soak: no target directory")?,
+    };
+    println!("soak: firewall {}", firewall.display());
     let scripts = bin
         .parent()
         .map(|target| target.join("soak"))
