@@ -8,11 +8,15 @@
 //! Facts: qubes-core-vchan-socket `vchan/init.c`/`io.c`; the same layout as
 //! the unikernel's hosted platform (`unikernel/src/platform/hosted/vchan.rs`).
 //! Qubes' client retries every 0.1 ms (`CONNECT_DELAY_MS * 1000` ns) for as
-//! long as it takes; ours retries every 0.1 ms for the first 50 ms (the
-//! server's socket usually appears within a few ms: both ends learn the port
-//! at about the same moment), every 1 ms until 5 s, then every 100 ms,
-//! without changing what either side sees on the socket (waiting on
-//! inotify for the socket's creation instead was measured slower). This
+//! long as it takes; ours retries every 20 µs for the first 2 ms (with the
+//! thread's timer slack lowered to 1 µs, so a sleep is not stretched by the
+//! default 50 µs: both ends learn the port at about the same moment, and a
+//! short call's latency is a few ms in all, so a retry interval of 0.1 ms
+//! plus slack is paid in full whenever the client wins the race), every
+//! 0.1 ms until 50 ms, every 1 ms until 5 s, then every 100 ms, without
+//! changing what either side sees on the socket (a failed `connect()` to a
+//! missing path costs a few µs; waiting on inotify for the socket's
+//! creation instead was measured slower). This
 //! module must never accept a second connection on a server socket: a
 //! vchan has exactly one peer.
 
@@ -25,7 +29,9 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
 use super::{Transport, Vchan};
 
-/// How long a client polls for its server every 0.1 ms.
+/// How long a client polls for its server every 20 µs.
+const EAGER_POLL_PERIOD: Duration = Duration::from_millis(2);
+/// How long a client polls for its server every 0.1 ms or faster.
 const SHORT_POLL_PERIOD: Duration = Duration::from_millis(50);
 /// How long a client polls for its server every millisecond or faster.
 const FAST_POLL_PERIOD: Duration = Duration::from_secs(5);
@@ -219,14 +225,17 @@ impl Transport for SocketTransport {
     ) -> io::Result<Box<dyn Vchan>> {
         let path = socket_path(&self.dir, server, self.own_domain, port)?;
         let deadline = timeout.map(|t| Instant::now() + t);
-        // The server usually appears within milliseconds (both ends learn
-        // the port at about the same moment): retry every 0.1 ms as Qubes'
-        // client does (a failed connect() to a missing path costs a few
-        // microseconds), backing off after 50 ms and after 5 s.
+        // The server usually appears within microseconds to milliseconds
+        // (both ends learn the port at about the same moment): retry every
+        // 20 µs for 2 ms, then every 0.1 ms as Qubes' client does (a failed
+        // connect() to a missing path costs a few microseconds), backing off
+        // after 50 ms and after 5 s. The sleeps are short only if the
+        // thread's timer slack is: lower it for the wait, then restore it.
         let started = Instant::now();
-        loop {
+        let slack = TimerSlack::lower();
+        let result = loop {
             match UnixStream::connect(&path) {
-                Ok(stream) => return Ok(Box::new(SocketVchan::new(stream))),
+                Ok(stream) => break Ok(Box::new(SocketVchan::new(stream)) as Box<dyn Vchan>),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -234,7 +243,9 @@ impl Transport for SocketTransport {
                     ) =>
                 {
                     let waited = started.elapsed();
-                    let delay = if waited < SHORT_POLL_PERIOD {
+                    let delay = if waited < EAGER_POLL_PERIOD {
+                        Duration::from_micros(20)
+                    } else if waited < SHORT_POLL_PERIOD {
                         Duration::from_micros(100)
                     } else if waited < FAST_POLL_PERIOD {
                         Duration::from_millis(1)
@@ -242,7 +253,7 @@ impl Transport for SocketTransport {
                         Duration::from_millis(100)
                     };
                     if deadline.is_some_and(|d| Instant::now() + delay > d) {
-                        return Err(io::Error::new(
+                        break Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             format!("vchan server {} did not appear", path.display()),
                         ));
@@ -250,12 +261,36 @@ impl Transport for SocketTransport {
                     std::thread::sleep(delay);
                 }
                 Err(e) => {
-                    return Err(io::Error::new(
+                    break Err(io::Error::new(
                         e.kind(),
                         format!("cannot connect to {}: {e}", path.display()),
                     ));
                 }
             }
+        };
+        drop(slack);
+        result
+    }
+}
+
+/// The calling thread's timer slack, lowered to 1 µs while this lives and
+/// restored when dropped (nothing happens where the kernel refuses).
+struct TimerSlack(Option<u64>);
+
+impl TimerSlack {
+    fn lower() -> Self {
+        let old = rustix::thread::current_timer_slack().ok();
+        let lowered = old.is_some()
+            && rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1_000)).is_ok();
+        TimerSlack(old.filter(|_| lowered))
+    }
+}
+
+impl Drop for TimerSlack {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            // 0 would mean "the default slack", which is what the thread had.
+            let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(old));
         }
     }
 }
