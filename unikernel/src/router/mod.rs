@@ -815,8 +815,13 @@ impl Router {
     /// without waiting for an event.
     pub fn pump_uplink<D: OffloadNic>(&mut self, device: &mut D, now: Instant) -> bool {
         let mut more = true;
+        let mut taken = 0usize;
         for _ in 0..256 {
+            if taken >= self.round_bytes() {
+                break;
+            }
             let handled = device.receive_offloaded(now, |frame, offload| {
+                taken += frame.len();
                 self.handle_uplink_frame_offloaded(frame, offload, now)
             });
             if handled.is_none() {
@@ -848,8 +853,13 @@ impl Router {
         now: Instant,
     ) -> bool {
         let mut more = true;
+        let mut taken = 0usize;
         for _ in 0..CLIENT_FRAMES_PER_ROUND {
+            if taken >= self.round_bytes() {
+                break;
+            }
             let handled = device.receive_offloaded(now, |frame, offload| {
+                taken += frame.len();
                 self.handle_client_frame_offloaded(id, frame, offload, now)
             });
             if handled.is_none() {
@@ -859,6 +869,15 @@ impl Router {
         }
         self.transmit_client(id, device, now);
         more
+    }
+
+    /// Bytes one NIC may hand us per round (a quarter of the transmit
+    /// queues' byte cap): 256 GSO frames of 64 KiB from the uplink in one
+    /// round would overflow the queues they go to before the clients'
+    /// turns transmit them, dropping well-behaved traffic (`QueueFull`);
+    /// what is over stays in the NIC's own queue for the next round.
+    fn round_bytes(&self) -> usize {
+        (self.caps.queue_bytes / 4).max(offload::MAX_OFFLOAD_FRAME)
     }
 
     /// Transmits what is queued for a client, as far as its NIC takes it.
