@@ -2938,6 +2938,32 @@ fn a_flooding_client_gets_its_budget_per_round_and_the_rest_waits_in_its_nic() {
 }
 
 #[test]
+fn the_uplink_hands_over_a_bounded_number_of_bytes_per_round() {
+    let mut net = Net::new(false);
+    let mut uplink = QueueDevice {
+        rx: Default::default(),
+        tx: Vec::new(),
+        tx_room: 1000,
+    };
+    // 200 frames of 60 KB (dropped, but read all the same).
+    let caps = Caps::for_memory(32 << 20);
+    let frame = eth_frame_from_a(&udp4(REMOTE, A_IP, 9, 40000, &[0u8; 60_000]));
+    for _ in 0..200 {
+        uplink.rx.push_back(frame.clone());
+    }
+    let at = net.at();
+    assert!(net.router.pump_uplink(&mut uplink, at), "more to do");
+    let taken = 200 - uplink.rx.len();
+    assert!(taken > 0);
+    assert!(
+        (taken - 1) * frame.len() < caps.queue_bytes / 4,
+        "at most a quarter of the queues' bytes per round: took {taken}"
+    );
+    while net.router.pump_uplink(&mut uplink, at) {}
+    assert!(uplink.rx.is_empty());
+}
+
+#[test]
 fn pump_moves_frames_through_devices_and_holds_back_when_full() {
     let mut net = Net::new(false);
     accept_all(&mut net, A_IP);
