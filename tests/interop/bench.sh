@@ -17,7 +17,14 @@
 # dom0->vmA (client stdin -> service stdin), vmA->dom0 (service stdout ->
 # client stdout), vmA->vmB (service stdout -> qrexec-client-vm stdout), in
 # BENCH_ROUNDS rounds (default 3; the median round is reported). Byte counts
-# are checked. Prints a table with the ratio ours/Qubes'.
+# are checked. Also: the floor of a call, in the same loop as the dom0->VM
+# calls (exec of /bin/true, then the service script run directly: what any
+# implementation pays at least, both started as the calls are), each
+# client's exec alone (no arguments: usage), and the CPU time per call of
+# all processes of each implementation (BENCH_CPU_CALLS calls of each kind,
+# default 200, one implementation at a time; clock-tick accounting, less
+# sensitive to other load than latency). Prints a table with the ratio
+# ours/Qubes'.
 # This is a measurement, not a test: it asserts no timing.
 #
 # Usage (root): OUR_BIN_DIR=target/release tests/interop/bench.sh
@@ -33,6 +40,7 @@ ours=${OUR_BIN_DIR:-$root/target/release}
 q=$work/src/qubes-core-qrexec
 calls=${BENCH_CALLS:-200}
 rounds=${BENCH_ROUNDS:-3}
+cpu_calls=${BENCH_CPU_CALLS:-200}
 bytes=${BENCH_BYTES:-1073741824}
 [ "$(id -u)" = 0 ] || { echo "bench.sh: must run as root (private mount namespace, runs as user '$user')" >&2; exit 2; }
 [ -x "$q/daemon/qrexec-daemon" ] || { echo "bench.sh: Qubes' build missing in $q: run tests/interop/run.sh first" >&2; exit 2; }
@@ -110,6 +118,56 @@ for what in dom0-vm vm-vm; do
             t1=$(us)
             if [ $rc = 0 ]; then echo "lat $what $impl $((t1 - t0))"; else fails=$((fails + 1)); echo "fail lat $what $impl rc=$rc"; fi
         done
+        [ $what = dom0-vm ] || continue
+        # The floor, in the same loop: what any implementation pays for a
+        # call at least, started the same way (bash forks and execs a
+        # program, then the service script runs): a trivial program's exec
+        # followed by the service run directly; and each client's exec alone
+        # (no arguments: it prints its usage and exits).
+        t0=$(us)
+        /bin/true && "$T/qubes/rpc/test.Nop" </dev/null >/dev/null
+        t1=$(us)
+        echo "lat floor-call floor $((t1 - t0))"
+        for impl in ours qubes; do
+            t0=$(us)
+            "$(prog $impl qrexec-client)" </dev/null >/dev/null 2>&1
+            t1=$(us)
+            echo "lat floor-client $impl $((t1 - t0))"
+        done
+        t0=$(us)
+        /bin/true
+        t1=$(us)
+        echo "lat floor-true floor $((t1 - t0))"
+    done
+done
+# CPU time per call (all processes of one implementation: the client, run
+# by this shell, and the daemons and agents with the processes they started
+# and reaped: services, per-call processes), in a block of calls of one kind
+# and one implementation at a time. Less sensitive to other load than
+# latency. /proc/PID/stat fields 14-17 (utime stime cutime cstime) and the
+# shell's `times` are in clock ticks; the policy daemon is shared and
+# counted apart.
+tck=$(getconf CLK_TCK)
+cpu() { local v; v=$(awk '{print $14+$15+$16+$17}' /proc/$1/stat 2>/dev/null); echo "${v:-0}"; }
+# `times` in this shell (not in a subshell, whose children are its own):
+# the second line is the reaped children's user and system time; in µs.
+kids() { # sets KIDS
+    times >"$T/times.txt"
+    KIDS=$(awk 'NR == 2 {split($1, u, "m"); split($2, s, "m"); printf "%d\n", (u[1] * 60 + u[2] + s[1] * 60 + s[2]) * 1000000 + 0.5}' "$T/times.txt")
+}
+pd=$(pgrep -u "$U" -f "qrexec-policy-daemon --socket-path $S")
+for what in dom0-vm vm-vm; do
+    for impl in ours qubes; do
+        procs=$(pgrep -u "$U" -f "$T/$impl/(agent[56][.]sock|run --policy-program)" | tr '\n' ' ')
+        b=0; for p in $procs; do b=$((b + $(cpu $p))); done
+        bp=$(cpu $pd); kids; bk=$KIDS
+        for i in $(seq $CPU_CALLS); do
+            if [ $what = dom0-vm ]; then dom0_call $impl test.Nop </dev/null >/dev/null; else vm_call $impl test.Nop </dev/null >/dev/null; fi
+        done
+        kids; ak=$KIDS
+        a=0; for p in $procs; do a=$((a + $(cpu $p))); done
+        # client (with the shell's fork for it) + daemons and agents, in µs per call
+        echo "cpu $what $impl $(( (ak - bk) / CPU_CALLS + (a - b) * 1000000 / tck / CPU_CALLS )) $(( ($(cpu $pd) - bp) * 1000000 / tck / CPU_CALLS ))"
     done
 done
 blocks=$((BYTES / 65536))
@@ -137,7 +195,7 @@ chown -R "$user" "$tmp"
 echo "bench.sh: $calls calls x 2 kinds x 2 implementations, then $rounds rounds of 3 transfers of $bytes bytes each; load average: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 unshare -m --propagation private bash -c 'mkdir -p /run/qubes && mount -t tmpfs -o mode=1777 bench /run/qubes && exec "$@"' sh \
     runuser -u "$user" -- env -i PATH=/usr/bin:/bin HOME="$tmp" \
-    OURS="$ours" Q="$q" T="$tmp" CALLS="$calls" ROUNDS="$rounds" BYTES="$bytes" \
+    OURS="$ours" Q="$q" T="$tmp" CALLS="$calls" CPU_CALLS="$cpu_calls" ROUNDS="$rounds" BYTES="$bytes" \
     bash "$tmp/bench-inner.sh" >"$tmp/raw.txt"
 grep '^fail ' "$tmp/raw.txt" | head -5 >&2
 awk -v bytes="$bytes" -v load="$(cut -d' ' -f1-3 /proc/loadavg)" '
@@ -148,6 +206,7 @@ function sorted(key, out,   n, i, j, v) {
     return n
 }
 /^lat |^tput / { vals[$1 " " $2 " " $3] = vals[$1 " " $2 " " $3] " " $4 }
+/^cpu / { cpu[$2 " " $3] = $4 " " $5 }
 /^fails / { fails = $2 }
 END {
     printf "%-36s %12s %12s %12s\n", "measure", "ours", "Qubes'"'"'", "ours/Qubes'"'"'"
@@ -161,6 +220,25 @@ END {
             o = pick(a, no, pc) / 1000; qq = pick(b, nq, pc) / 1000
             printf "%-36s %12.2f %12.2f %12.2f\n", "latency " names[kinds[k]] " " label " (ms)", o, qq, o / qq
         }
+    }
+    # The floor (see the latency loop): one figure for both, and the exec
+    # of each client alone.
+    split("floor-true floor-call", fl, " ")
+    fnames["floor-true"] = "floor: /bin/true"; fnames["floor-call"] = "floor: true + service"
+    for (k = 1; k <= 2; k++) {
+        n = sorted("lat " fl[k] " floor", a)
+        if (n > 0) printf "%-36s %12.2f %12s %12s\n", fnames[fl[k]] " median (ms)", pick(a, n, 0.5) / 1000, "(same)", ""
+    }
+    no = sorted("lat floor-client ours", a); nq = sorted("lat floor-client qubes", b)
+    if (no > 0 && nq > 0) {
+        o = pick(a, no, 0.5) / 1000; qq = pick(b, nq, 0.5) / 1000
+        printf "%-36s %12.2f %12.2f %12.2f\n", "qrexec-client exec alone median (ms)", o, qq, o / qq
+    }
+    for (k = 1; k <= 2; k++) {
+        split(cpu[kinds[k] " ours"], co, " "); split(cpu[kinds[k] " qubes"], cq, " ")
+        if (co[1] == "" || cq[1] == "") continue
+        printf "%-36s %12.2f %12.2f %12.2f\n", "CPU per call " names[kinds[k]] " (ms)", co[1] / 1000, cq[1] / 1000, (cq[1] > 0) ? co[1] / cq[1] : 0
+        if (kinds[k] == "vm-vm") printf "%-36s %12.2f %12.2f\n", "  + shared policy daemon (ms)", co[2] / 1000, cq[2] / 1000
     }
     split("dom0-vm vm-dom0 vm-vm", dirs, " ")
     for (k = 1; k <= 3; k++) {
