@@ -31,7 +31,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::indexing_slicing)]
 
-use core::hash::{BuildHasher, Hash, Hasher};
+use core::hash::{BuildHasher, Hasher};
 use core::net::IpAddr;
 
 use alloc::vec::Vec;
@@ -74,7 +74,7 @@ pub const NAT_PORT_PROBES: u32 = 128;
 
 /// The five fields that identify a flow in one direction. For ICMP queries
 /// both ports hold the query identifier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     /// Source address.
     pub src: IpAddr,
@@ -91,35 +91,6 @@ pub struct FlowKey {
     pub dst_port: u16,
     /// IP protocol number.
     pub protocol: u8,
-}
-
-/// Hashed as few words as the key has (an IPv4 flow: two), not field by
-/// field as `derive(Hash)` would (nine words for an IPv4 flow, each a
-/// multiply in [`SeededHasher`]): every packet of a flow hashes its key
-/// once or twice. Equal keys give equal words, so equal hashes.
-impl Hash for FlowKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        let rest = (u64::from(self.src_port) << 32)
-            | (u64::from(self.dst_port) << 16)
-            | (u64::from(self.protocol) << 8);
-        match (self.src, self.dst) {
-            (IpAddr::V4(src), IpAddr::V4(dst)) => {
-                state.write_u64((u64::from(src.to_bits()) << 32) | u64::from(dst.to_bits()));
-                state.write_u64(rest | 4);
-            }
-            (src, dst) => {
-                let bits = |address: IpAddr| match address {
-                    IpAddr::V4(v4) => u128::from(v4.to_bits()),
-                    IpAddr::V6(v6) => v6.to_bits(),
-                };
-                state.write_u128(bits(src));
-                state.write_u128(bits(dst));
-                // The families, so a mixed key never hashes as another.
-                let tag = u64::from(src.is_ipv6()) << 1 | u64::from(dst.is_ipv6());
-                state.write_u64(rest | 8 | tag);
-            }
-        }
-    }
 }
 
 impl FlowKey {
