@@ -7,9 +7,12 @@
 //! missing, also runs Qubes' socket suite against Qubes' own build once),
 //! then runs `tests/interop/bench.sh`: call latency (median, p90) dom0→VM
 //! and VM→VM through our policy daemon, throughput of 1 GiB dom0→VM, VM→dom0
-//! and VM→VM, ours and Qubes' alternately, and a table with the ratio
-//! ours/Qubes' (goals: latency ≤ 0.5×, throughput ≥ 2×). Environment
-//! `BENCH_CALLS`, `BENCH_ROUNDS`, `BENCH_BYTES` are passed on to the script.
+//! and VM→VM, ours and Qubes' alternately, the floor of a call (an exec of
+//! `/bin/true` and the service script run directly) and CPU time per call of
+//! each implementation, and a table with the ratio ours/Qubes' (goals:
+//! latency ≤ 0.5×, throughput ≥ 2×). Environment `BENCH_CALLS`,
+//! `BENCH_ROUNDS`, `BENCH_BYTES`, `BENCH_CPU_CALLS` are passed on to the
+//! script.
 //! A measurement only: nothing here is a timed assertion.
 
 use std::process::Command;
