@@ -1,6 +1,7 @@
 #!/bin/bash
 # Boot Xen 4.17 + Debian dom0 + our initramfs in QEMU, timestamp the serial log.
-# usage: boot.sh [tcg|kvm] [initrd]     env: TIMEOUT (s, default 600), SMP, LOG, QEMU_CPU (tcg)
+# usage: boot.sh [tcg|kvm] [initrd]     env: TIMEOUT (s, default 600), SMP, LOG, QEMU_CPU (tcg),
+#        TCG_THREAD (multi, or single: one host thread for all vCPUs)
 set -uo pipefail
 LAB=${LAB:-${TMPDIR:-/tmp}/qubes-fw-xen}
 MODE=${1:-tcg}
@@ -9,7 +10,7 @@ TIMEOUT=${TIMEOUT:-600}
 SMP=${SMP:-2}
 LOG=${LOG:-$LAB/out/serial-$MODE.log}
 case $MODE in
-  tcg) ACCEL=(-accel tcg,thread=multi -cpu "${QEMU_CPU:-qemu64,+svm,+npt,+rdrand}") ;;   # emulated AMD-V incl. nested paging
+  tcg) ACCEL=(-accel "tcg,thread=${TCG_THREAD:-multi}" -cpu "${QEMU_CPU:-qemu64,+svm,+npt,+rdrand}") ;;   # emulated AMD-V incl. nested paging
   kvm) ACCEL=(-accel kvm -cpu host,-arch-capabilities) ;;  # needs real VT-x/AMD-V in the host (fails here: kvm_pvm)
   *) echo "mode must be tcg or kvm" >&2; exit 2 ;;
 esac

@@ -62,6 +62,10 @@ pub fn init() -> Result<(), HypercallInitError> {
 ///   memory of the type the hypercall expects, valid (and writable where Xen
 ///   writes) for the duration of the call.
 pub unsafe fn hypercall(op: usize, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) -> i64 {
+    // A corrupted page table or IDT would make the next exception a
+    // triple fault with no report: look first (traps.rs).
+    #[cfg(all(feature = "xen", not(test)))]
+    super::traps::machine::check_tables(op);
     let entry = HYPERCALL_PAGE.0.get() as usize + op * 32;
     let result: i64;
     // SAFETY: `entry` is the stub for `op` inside the installed page (op is

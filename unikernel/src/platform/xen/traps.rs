@@ -334,7 +334,7 @@ pub fn write_report(
 pub mod machine {
     use core::cell::UnsafeCell;
     use core::fmt::Write;
-    use core::sync::atomic::{AtomicBool, Ordering};
+    use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use super::{
         BOOT_STACK_SIZE, CODE_SELECTOR, Layout, PAGE, TRAP_STACK_SIZE, TSS_SELECTOR, TSS_SIZE,
@@ -477,7 +477,11 @@ __trap_stubs:
 
     static TRAP_STACK: Private<TrapStack> =
         Private(UnsafeCell::new(TrapStack([0; TRAP_STACK_SIZE])));
-    static TSS: Private<Tss> = Private(UnsafeCell::new(Tss {
+    /// The TSS, 16-aligned so `check_tables` reads it as aligned words.
+    #[repr(C, align(16))]
+    struct AlignedTss(Tss);
+
+    static TSS: Private<AlignedTss> = Private(UnsafeCell::new(AlignedTss(Tss {
         reserved0: 0,
         rsp: [0; 3],
         reserved1: 0,
@@ -485,7 +489,7 @@ __trap_stubs:
         reserved2: 0,
         reserved3: 0,
         iomap_base: TSS_SIZE as u16,
-    }));
+    })));
     static IDT: Private<Idt> = Private(UnsafeCell::new(Idt([[0; 2]; 32])));
     /// boot.s's code (0x08) and data (0x10) descriptors, then the TSS.
     static GDT: Private<Gdt> = Private(UnsafeCell::new(Gdt([
@@ -527,7 +531,7 @@ __trap_stubs:
     /// thing in `rust_start` after the hypercall page.
     pub fn install() {
         let stack_top = TRAP_STACK.0.get() as u64 + TRAP_STACK_SIZE as u64;
-        let tss = TSS.0.get();
+        let tss = TSS.0.get().cast::<Tss>();
         // SAFETY: boot, one vCPU: nothing else references the TSS; a raw
         // field write (the struct is packed).
         unsafe { (*tss).ist[0] = stack_top };
@@ -570,6 +574,131 @@ __trap_stubs:
             core::arch::asm!("lidt [{}]", in(reg) &raw const pointer, options(nostack, readonly))
         };
         unmap_low_pages();
+        record_tables();
+    }
+
+    /// Words of the paging structures and descriptor tables whose loss
+    /// makes every exception a triple fault (the page-table entries of the
+    /// first 2 MiB, which hold the image, are checked by rule).
+    const WATCHED: usize = 6 + 5 + 13 + 64;
+    /// (address, expected value) of each watched word.
+    static EXPECTED: Private<[(u64, u64); WATCHED]> = Private(UnsafeCell::new([(0, 0); WATCHED]));
+    /// Which slice of the watched words the next check looks at.
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    static CHECKING: AtomicBool = AtomicBool::new(false);
+    /// Set once `record_tables` has filled EXPECTED.
+    static RECORDED: AtomicBool = AtomicBool::new(false);
+    /// Accessed and dirty bits, which the CPU sets in paging entries.
+    const ACCESSED_DIRTY: u64 = 0x60;
+
+    fn read_word(addr: u64) -> u64 {
+        // SAFETY: only called with addresses of the static tables listed
+        // in `record_tables` (8-aligned, in the image, mapped).
+        unsafe { core::ptr::read_volatile(addr as *const u64) }
+    }
+
+    fn record_tables() {
+        let cr3: u64;
+        // SAFETY: reading CR3 has no side effect.
+        unsafe {
+            core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags))
+        };
+        let pml4 = cr3 & !0xfff;
+        let pdpt = read_word(pml4) & 0x000f_ffff_ffff_f000;
+        let pd = &raw const __boot_pd as u64;
+        let mut words = [0u64; WATCHED];
+        let mut n = 0;
+        let mut add = |addr: u64| {
+            if let Some(slot) = words.get_mut(n) {
+                *slot = addr;
+                n += 1;
+            }
+        };
+        add(pml4);
+        for i in 0..4 {
+            add(pdpt + i * 8);
+        }
+        add(pd);
+        for i in 0..5 {
+            add(GDT.0.get() as u64 + i * 8);
+        }
+        for i in 0..13 {
+            add(TSS.0.get() as u64 + i * 8);
+        }
+        for i in 0..64 {
+            add(IDT.0.get() as u64 + i * 8);
+        }
+        let expected = EXPECTED.0.get();
+        for (i, addr) in words.iter().enumerate() {
+            let value = read_word(*addr);
+            // SAFETY: boot, one vCPU; nothing else uses EXPECTED yet; i <
+            // WATCHED, the array's length.
+            unsafe {
+                expected
+                    .cast::<(u64, u64)>()
+                    .wrapping_add(i)
+                    .write((*addr, value))
+            };
+        }
+        RECORDED.store(true, Ordering::SeqCst);
+    }
+
+    /// Called before each hypercall: checks the paging structures, GDT,
+    /// TSS and IDT (a few words each time, all of them every 32 calls) and
+    /// reports the first changed word, then crashes the domain. A triple
+    /// fault (no report) at a hypercall's return then says the tables
+    /// broke during that hypercall, not before.
+    pub fn check_tables(op: usize) {
+        if !RECORDED.load(Ordering::SeqCst) || CHECKING.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let expected = EXPECTED.0.get();
+        // SAFETY: one vCPU; written only by `record_tables` at boot.
+        let words = unsafe { &*expected };
+        let next = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mut bad = None;
+        // The top of the walk every time, then a slice of the rest.
+        let start = 6 + (next % ((WATCHED - 6) / 3)) * 3;
+        let slice = (0..6).chain(start..start + 3);
+        for (index, (addr, value)) in slice.filter_map(|i| Some((i, words.get(i)?))) {
+            // The CPU sets accessed/dirty bits in paging entries and the
+            // accessed bit of a segment descriptor it loads (the GDT's
+            // words follow the six paging words).
+            let mask = match index {
+                0..6 => !ACCESSED_DIRTY,
+                6..11 => !(1 << 40),
+                _ => !0,
+            };
+            let found = read_word(*addr);
+            if *addr != 0 && found & mask != *value & mask {
+                bad = Some(("table word", *addr, *value, found));
+            }
+        }
+        // The 4 KiB entries of the first 2 MiB: 16 per call.
+        let pd_entry = read_word(words[5].0);
+        let table = pd_entry & 0x000f_ffff_ffff_f000;
+        let guard = layout().stack_bottom - PAGE;
+        let first = (next % 32) * 16;
+        for i in first..first + 16 {
+            let page = i as u64 * PAGE;
+            let want = if page == 0 || page == guard {
+                0
+            } else {
+                page | super::PRESENT | super::WRITABLE
+            };
+            let found = read_word(table + i as u64 * 8);
+            if found & !ACCESSED_DIRTY != want {
+                bad = Some(("4 KiB page entry", table + i as u64 * 8, want, found));
+            }
+        }
+        if let Some((what, addr, want, found)) = bad {
+            let _ = writeln!(
+                super::super::console::DebugPort,
+                "TRAP {what} at {addr:#x} changed (seen before hypercall {op}): expected {want:#x}, found {found:#x}; the firewall stops (domain crash)"
+            );
+            super::super::runtime::halt();
+        }
+        CHECKING.store(false, Ordering::SeqCst);
     }
 
     /// Replaces the 2 MiB mappings holding page 0 and the guard page below
