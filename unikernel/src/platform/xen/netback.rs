@@ -38,8 +38,18 @@
 //! `feature-gso-tcpv4/6` and partial checksums for both IP versions);
 //! anything else the router cuts and completes in software first. A frame
 //! waits in the router's queue until the client has posted enough buffers
-//! for all its slots ([`Sent::NoRoom`], `req_event` set to wake us). The frontend is hostile: its `req_prod` is
-//! read once per poll and may not exceed one ring of unanswered requests;
+//! for all its slots ([`Sent::NoRoom`], `req_event` set to wake us).
+//! Notifications as Linux's ring macros: TX responses are published once
+//! per poll, RX responses once per frame, and the client is notified only
+//! when the new `rsp_prod` passed its `rsp_event`
+//! (`RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`); having taken every request, a
+//! poll sets `req_event` to the next one and reads `req_prod` again
+//! (`RING_FINAL_CHECK_FOR_REQUESTS`), so a request published meanwhile is
+//! taken then (at most [`POLL_ROUNDS`] rounds a poll; the rest the next
+//! poll takes) and no wake-up is lost. The frontend is hostile: its
+//! `req_prod` is read at the start of each round and may not exceed one
+//! ring of unanswered requests; its event indices only decide whether it
+//! is notified (wrapping arithmetic);
 //! offsets and sizes must stay inside one page; ids are echoed, never used
 //! as indices; grant copies Xen refuses become errors, never a panic. The
 //! ring logic is portable over [`SharedMemory`] and a [`GrantCopy`] seam
@@ -54,7 +64,8 @@ use alloc::vec::Vec;
 use super::events::Notify;
 use super::netfront::{
     MAX_FRAME, NETIF_RSP_NULL, NETRXF_CSUM_BLANK, NETRXF_DATA_VALIDATED, NETRXF_EXTRA_INFO,
-    NETRXF_MORE_DATA, RING_HEADER, RING_SIZE, RX_ENTRY, TX_ENTRY,
+    NETRXF_MORE_DATA, POLL_ROUNDS, RING_HEADER, RING_SIZE, RX_ENTRY, TX_ENTRY, final_check,
+    push_and_check_notify,
 };
 use super::shared::{SharedMemory, barrier};
 use crate::offload::{self, GsoKind, NicOffload, Offload, TxOffloads};
@@ -62,6 +73,7 @@ use crate::offload::{self, GsoKind, NicOffload, Offload, TxOffloads};
 const REQ_PROD: usize = 0;
 const REQ_EVENT: usize = 4;
 const RSP_PROD: usize = 8;
+const RSP_EVENT: usize = 12;
 /// `NETTXF_csum_blank`: the TCP/UDP checksum holds only the pseudo-header sum.
 pub const NETTXF_CSUM_BLANK: u16 = 1 << 0;
 /// `NETTXF_data_validated`: the sender checked the checksum.
@@ -144,6 +156,9 @@ pub struct NetbackStats {
     /// GSO packets we delivered to the client whole (each counted in
     /// `to_client` too).
     pub gso_to_client: u64,
+    /// Event channel notifications we sent the client (only when its
+    /// event index asked for one).
+    pub notifications: u64,
 }
 
 /// What a client's frontend wrote it takes on RX (its xenstore keys).
@@ -280,31 +295,41 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         if self.broken.is_some() {
             return;
         }
+        let old = self.tx_rsp_prod;
+        for _ in 0..POLL_ROUNDS {
+            if !self.poll_round() {
+                break;
+            }
+        }
+        // Responses published once per poll; the client is told only if
+        // its `rsp_event` asks.
+        if self.tx_rsp_prod != old
+            && push_and_check_notify(&self.tx, RSP_PROD, RSP_EVENT, old, self.tx_rsp_prod)
+        {
+            self.notify.notify(self.port);
+            self.stats.notifications += 1;
+        }
+    }
+
+    /// One pass over the client's TX requests; whether it produced more
+    /// meanwhile (after we asked to be notified of the next one).
+    fn poll_round(&mut self) -> bool {
         let prod = self.tx.load_u32(REQ_PROD);
         barrier();
         // At most one ring of requests may be unanswered.
         if prod.wrapping_sub(self.tx_rsp_prod) > RING_SIZE {
             self.broken = Some("client TX req_prod more than a ring ahead");
-            return;
+            return false;
         }
-        let mut answered = false;
         while self.tx_req_cons != prod {
-            answered = true;
             if let Err(reason) = self.take_packet(prod) {
                 // As Linux's `xenvif_fatal_tx_err`: the frontend broke the
                 // protocol; the vif stops.
                 self.broken = Some(reason);
-                break;
+                return false;
             }
         }
-        // Ask to be notified of the next request.
-        self.tx
-            .store_u32(REQ_EVENT, self.tx_req_cons.wrapping_add(1));
-        if answered {
-            barrier(); // responses before the index
-            self.tx.store_u32(RSP_PROD, self.tx_rsp_prod);
-            self.notify.notify(self.port);
-        }
+        final_check(&self.tx, REQ_PROD, REQ_EVENT, prod)
     }
 
     /// Consumes one packet's slots (first request, extra-info segments,
@@ -542,6 +567,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             self.stats.dropped += 1;
             return Sent::Dropped;
         }
+        let old = self.rx_rsp_prod;
         let mut prod = prod;
         if (prod.wrapping_sub(self.rx_req_cons) as usize) < needed {
             // Ask to be told when enough buffers are there, then look once
@@ -615,9 +641,12 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
                 self.stats.gso_to_client += 1;
             }
         }
-        barrier();
-        self.rx.store_u32(RSP_PROD, self.rx_rsp_prod);
-        self.notify.notify(self.port);
+        // Published per frame (the router hands them one by one); the client
+        // is told only if its `rsp_event` asks.
+        if push_and_check_notify(&self.rx, RSP_PROD, RSP_EVENT, old, self.rx_rsp_prod) {
+            self.notify.notify(self.port);
+            self.stats.notifications += 1;
+        }
         Sent::Sent
     }
 
@@ -1563,5 +1592,233 @@ mod tests {
         while front.take_frame().is_some() {}
         back.send(&[2; 64]); // buffers reposted by the frontend
         assert_eq!(back.stats().to_client, 17);
+    }
+
+    /// Counts notifications.
+    #[derive(Clone, Default)]
+    struct Count(Rc<core::cell::Cell<u32>>);
+    impl Notify for Count {
+        fn notify(&self, _: u32) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+
+    /// What [`counted_pair`] makes: the two ends, their counters, the rings.
+    type CountedPair<M> = (
+        Netfront<VecMemory, Count>,
+        Netback<M, Pages, Count>,
+        Count,
+        Count,
+        VecMemory,
+        VecMemory,
+    );
+
+    /// A hook run once, from inside a store.
+    type Hook = Rc<RefCell<Option<alloc::boxed::Box<dyn FnOnce()>>>>;
+
+    /// Our netfront and netback, each counting the notifications it sends,
+    /// over ring memory `M` made from the plain pages.
+    fn counted_pair<M: SharedMemory>(wrap: impl Fn(VecMemory) -> M) -> CountedPair<M> {
+        let tx = VecMemory::new(PAGE);
+        let rx = VecMemory::new(PAGE);
+        let pages = Pages::default();
+        let make = |base: u32, n: usize| -> Vec<Buffer<VecMemory>> {
+            (0..n)
+                .map(|i| {
+                    let mem = VecMemory::new(PAGE);
+                    pages.0.borrow_mut().insert(base + i as u32, mem.clone());
+                    Buffer {
+                        mem,
+                        gref: base + i as u32,
+                    }
+                })
+                .collect()
+        };
+        let (front_count, back_count) = (Count::default(), Count::default());
+        let (tx_bufs, rx_bufs) = (make(100, 16), make(200, 16));
+        let front = Netfront::new(
+            tx.clone(),
+            rx.clone(),
+            tx_bufs,
+            rx_bufs,
+            1,
+            front_count.clone(),
+        );
+        let back = Netback::new(
+            wrap(tx.clone()),
+            wrap(rx.clone()),
+            7,
+            2,
+            pages,
+            back_count.clone(),
+        );
+        (front, back, front_count, back_count, tx, rx)
+    }
+
+    fn send_from(front: &mut Netfront<VecMemory, Count>, byte: u8) {
+        // Without a poll of the TX responses (smoltcp's transmit polls).
+        front.send(60, |b| b.fill(byte));
+    }
+
+    #[test]
+    fn notifications_go_only_where_the_peers_event_index_asks() {
+        let (mut front, mut back, front_count, back_count, tx, _rx) = counted_pair(|m| m);
+        // The client's first request passes req_event 1 (SHARED_RING_INIT):
+        // one notification; the next two, before we looked, none.
+        for byte in 1..=3 {
+            send_from(&mut front, byte);
+        }
+        assert_eq!(front_count.0.get(), 1);
+        // One poll answers all three and publishes them once: one
+        // notification for the batch (rsp_event 1), and asks for the next.
+        back.poll();
+        assert_eq!(back_count.0.get(), 1);
+        assert_eq!(tx.load_u32(REQ_EVENT), 4);
+        for byte in 1..=3 {
+            assert_eq!(back.take_frame().unwrap(), [byte; 60]);
+        }
+        // Nothing new: no notification.
+        back.poll();
+        assert_eq!(back_count.0.get(), 1);
+        // The next request passes req_event 4: notified.
+        send_from(&mut front, 4);
+        assert_eq!(front_count.0.get(), 2);
+        // The client has not looked at its TX responses (rsp_event still
+        // 1): publishing response 4 wakes nobody.
+        back.poll();
+        assert_eq!(back.take_frame().unwrap(), [4; 60]);
+        assert_eq!(back_count.0.get(), 1);
+        // Once it looked (rsp_event 5), the next response notifies.
+        front.poll();
+        assert_eq!(tx.load_u32(RSP_EVENT), 5);
+        send_from(&mut front, 5);
+        back.poll();
+        assert_eq!(back_count.0.get(), 2);
+        // Towards the client: the first frame passes its RX rsp_event (1),
+        // the second does not until the client has looked.
+        back.send(&[6; 60]);
+        back.send(&[7; 60]);
+        assert_eq!(back_count.0.get(), 3);
+        front.poll();
+        while front.take_frame().is_some() {}
+        back.send(&[8; 60]);
+        assert_eq!(back_count.0.get(), 4);
+        assert_eq!(back.stats().notifications, 4);
+        assert_eq!(u64::from(front_count.0.get()), front.stats().notifications);
+    }
+
+    /// Ring memory whose next store of `req_event` first runs a hook: the
+    /// client publishing a request just before our final check's event
+    /// index is visible (so it saw the old one and does not notify).
+    #[derive(Clone)]
+    struct Racing {
+        mem: VecMemory,
+        hook: Hook,
+    }
+    impl SharedMemory for Racing {
+        fn len(&self) -> usize {
+            self.mem.len()
+        }
+        fn load_u32(&self, offset: usize) -> u32 {
+            self.mem.load_u32(offset)
+        }
+        fn store_u32(&self, offset: usize, value: u32) {
+            if offset == REQ_EVENT {
+                let hook = self.hook.borrow_mut().take();
+                if let Some(hook) = hook {
+                    hook();
+                }
+            }
+            self.mem.store_u32(offset, value);
+        }
+        fn load_u8(&self, offset: usize) -> u8 {
+            self.mem.load_u8(offset)
+        }
+        fn store_u8(&self, offset: usize, value: u8) {
+            self.mem.store_u8(offset, value);
+        }
+        fn load_u16(&self, offset: usize) -> u16 {
+            self.mem.load_u16(offset)
+        }
+        fn store_u16(&self, offset: usize, value: u16) {
+            self.mem.store_u16(offset, value);
+        }
+        fn fetch_or_u8(&self, offset: usize, bits: u8) -> u8 {
+            self.mem.fetch_or_u8(offset, bits)
+        }
+        fn fetch_and_u8(&self, offset: usize, bits: u8) -> u8 {
+            self.mem.fetch_and_u8(offset, bits)
+        }
+        fn compare_exchange_u16(&self, offset: usize, current: u16, new: u16) -> u16 {
+            self.mem.compare_exchange_u16(offset, current, new)
+        }
+        fn read_bytes(&self, offset: usize, dst: &mut [u8]) {
+            self.mem.read_bytes(offset, dst);
+        }
+        fn write_bytes(&self, offset: usize, src: &[u8]) {
+            self.mem.write_bytes(offset, src);
+        }
+    }
+
+    #[test]
+    fn a_request_published_during_the_final_check_is_not_lost() {
+        let hook = Rc::new(RefCell::new(None));
+        let (front, mut back, front_count, _, tx, _) = counted_pair(|mem| Racing {
+            mem,
+            hook: hook.clone(),
+        });
+        let front = Rc::new(RefCell::new(front));
+        send_from(&mut front.borrow_mut(), 1);
+        back.poll();
+        assert_eq!(back.take_frame().unwrap(), [1; 60]);
+        // Request 2 goes in while we consume request 3 and set req_event:
+        // the client reads req_event 2 (from the last poll), passes it and
+        // notifies; request 3 goes in just before our req_event 4 is
+        // stored, so the client sees req_event 2 and stays silent.
+        send_from(&mut front.borrow_mut(), 2);
+        assert_eq!(front_count.0.get(), 2);
+        let racer = front.clone();
+        *hook.borrow_mut() = Some(alloc::boxed::Box::new(move || {
+            send_from(&mut racer.borrow_mut(), 3);
+        }) as alloc::boxed::Box<dyn FnOnce()>);
+        back.poll();
+        assert_eq!(front_count.0.get(), 2, "the racing request notified nobody");
+        assert_eq!(tx.load_u32(REQ_PROD), 3);
+        // The final check saw it: both taken in that one poll.
+        assert_eq!(back.take_frame().unwrap(), [2; 60]);
+        assert_eq!(back.take_frame().unwrap(), [3; 60]);
+        assert_eq!(tx.load_u32(REQ_EVENT), 4);
+        // A request after the final check passes req_event 4: notified.
+        send_from(&mut front.borrow_mut(), 4);
+        assert_eq!(front_count.0.get(), 3);
+    }
+
+    #[test]
+    fn hostile_event_indices_change_only_whom_we_notify() {
+        let (mut front, mut back, _, back_count, tx, rx) = counted_pair(|m| m);
+        let mut expected = 0u64;
+        for (round, event) in [0u32, u32::MAX, 0x8000_0000, 7, 0x7fff_ffff, 1]
+            .into_iter()
+            .enumerate()
+        {
+            send_from(&mut front, round as u8);
+            tx.store_u32(RSP_EVENT, event);
+            rx.store_u32(RSP_EVENT, event);
+            back.poll();
+            assert_eq!(back.take_frame().unwrap(), [round as u8; 60]);
+            back.send(&[round as u8; 60]);
+            front.poll();
+            while front.take_frame().is_some() {}
+            // The client's poll wrote its own indices: the hostile ones go
+            // back in before our next push.
+            tx.store_u32(RSP_EVENT, event);
+            rx.store_u32(RSP_EVENT, event);
+            expected = back.stats().notifications;
+        }
+        assert_eq!(back.broken(), None);
+        assert_eq!(back.stats().from_client, 6);
+        assert_eq!(back.stats().to_client, 6);
+        assert_eq!(u64::from(back_count.0.get()), expected);
+        assert!(expected <= 12);
     }
 }

@@ -33,9 +33,17 @@
 //! posted is answered (then it is dropped). Buffers are known by ring
 //! position (the backend cannot name one we did not post there).
 //!
+//! Notifications as Linux netfront's ring macros: requests are published
+//! per frame (TX) or once per poll (RX buffers posted again), and the
+//! backend is notified only when the new `req_prod` passed its `req_event`
+//! ([`push_and_check_notify`]); having taken every response, a poll sets
+//! `rsp_event` to the next one and reads `rsp_prod` again
+//! ([`final_check`]), so no wake-up is lost.
+//!
 //! The ring logic is portable over [`SharedMemory`] and tested on the host
 //! against a netback double. Hostile backend: our producer/consumer indices
-//! are private copies; the backend's `rsp_prod` is read once per poll and
+//! are private copies; its event indices only decide whether it is
+//! notified (wrapping arithmetic); its `rsp_prod` is read once per round and
 //! may not run past the requests we made; a response id must name a buffer
 //! we posted and not yet got back; offsets and lengths are checked against
 //! the page. Anything else is counted and dropped, never a panic; an index
@@ -64,6 +72,47 @@ const REQ_PROD: usize = 0;
 const REQ_EVENT: usize = 4;
 const RSP_PROD: usize = 8;
 const RSP_EVENT: usize = 12;
+
+/// Most rounds one poll makes when the peer keeps producing while we look
+/// (the final check of [`final_check`] finding more); what is left is
+/// taken by the next poll (the caller polls again while frames come).
+pub const POLL_ROUNDS: usize = 4;
+
+/// The test of `RING_PUSH_{REQUESTS,RESPONSES}_AND_CHECK_NOTIFY`: whether
+/// moving our producer index from `old` to `new` passed the peer's event
+/// index `event` (it asked to be told once the index reaches `event`).
+/// Wrapping arithmetic; a hostile `event` only decides whether that peer
+/// gets an interrupt.
+pub fn push_notifies(old: u32, new: u32, event: u32) -> bool {
+    new.wrapping_sub(event) < new.wrapping_sub(old)
+}
+
+/// Publishes our producer index `new` (at `prod_at`; `old` the one
+/// published before) and says whether the peer's event index (at
+/// `event_at`) asks for a notification.
+pub fn push_and_check_notify<M: SharedMemory>(
+    ring: &M,
+    prod_at: usize,
+    event_at: usize,
+    old: u32,
+    new: u32,
+) -> bool {
+    barrier(); // entries before the index
+    ring.store_u32(prod_at, new);
+    barrier(); // the index before the peer's event index is read
+    push_notifies(old, new, ring.load_u32(event_at))
+}
+
+/// `RING_FINAL_CHECK_FOR_{REQUESTS,RESPONSES}`: having consumed up to the
+/// peer's producer index `seen`, asks to be notified of the next one
+/// (event index `seen + 1` at `event_at`), then reads the producer index
+/// (at `prod_at`) once more: whether it moved meanwhile (then the peer may
+/// not have notified us, and we look again).
+pub fn final_check<M: SharedMemory>(ring: &M, prod_at: usize, event_at: usize, seen: u32) -> bool {
+    ring.store_u32(event_at, seen.wrapping_add(1));
+    barrier(); // the event index before the producer index is read again
+    ring.load_u32(prod_at) != seen
+}
 /// Entries start after the 64-byte header.
 pub const RING_HEADER: usize = 64;
 /// Bytes per TX ring entry (the request is the larger member).
@@ -124,6 +173,9 @@ pub struct NetfrontStats {
     pub bad_checksum_offload: u64,
     /// GSO packets the backend sent us whole (each in `rx_frames` too).
     pub rx_gso: u64,
+    /// Event channel notifications we sent the backend (only when its
+    /// event index asked for one).
+    pub notifications: u64,
     /// GSO packets we sent the backend whole (each in `tx_frames` too).
     pub tx_gso: u64,
 }
@@ -261,12 +313,22 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
     }
 
     fn poll_tx(&mut self) {
+        for _ in 0..POLL_ROUNDS {
+            if !self.poll_tx_round() {
+                break;
+            }
+        }
+    }
+
+    /// One pass over the TX responses; whether the backend produced more
+    /// meanwhile.
+    fn poll_tx_round(&mut self) -> bool {
         let prod = self.tx.load_u32(RSP_PROD);
         barrier(); // the index before the responses it covers
         let outstanding = self.tx_prod.wrapping_sub(self.tx_cons);
         if prod.wrapping_sub(self.tx_cons) > outstanding {
             self.broken = Some("netback TX rsp_prod past our requests");
-            return;
+            return false;
         }
         while self.tx_cons != prod {
             let at = RING_HEADER + (self.tx_cons % RING_SIZE) as usize * TX_ENTRY;
@@ -287,19 +349,35 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
                 _ => self.stats.protocol_errors += 1,
             }
         }
-        self.tx.store_u32(RSP_EVENT, self.tx_cons.wrapping_add(1));
-        barrier();
+        final_check(&self.tx, RSP_PROD, RSP_EVENT, prod)
     }
 
     fn poll_rx(&mut self) {
+        let old = self.rx_prod;
+        for _ in 0..POLL_ROUNDS {
+            if !self.poll_rx_round() {
+                break;
+            }
+        }
+        if self.broken.is_none()
+            && self.rx_prod != old
+            && push_and_check_notify(&self.rx, REQ_PROD, REQ_EVENT, old, self.rx_prod)
+        {
+            self.notify.notify(self.port);
+            self.stats.notifications += 1;
+        }
+    }
+
+    /// One pass over the RX responses (buffers posted again, not yet
+    /// published); whether the backend produced more meanwhile.
+    fn poll_rx_round(&mut self) -> bool {
         let prod = self.rx.load_u32(RSP_PROD);
         barrier();
         let outstanding = self.rx_prod.wrapping_sub(self.rx_cons);
         if prod.wrapping_sub(self.rx_cons) > outstanding {
             self.broken = Some("netback RX rsp_prod past our requests");
-            return;
+            return false;
         }
-        let mut reposted = false;
         while self.rx_cons != prod {
             let slots = match self.rx_packet_slots(prod) {
                 Some(slots) => slots,
@@ -309,18 +387,22 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
                 None => {
                     let slots = prod.wrapping_sub(self.rx_cons);
                     self.take_rx_packet(slots, true);
-                    reposted = true;
                     continue;
                 }
             };
             self.take_rx_packet(slots, false);
-            reposted = true;
         }
-        self.rx.store_u32(RSP_EVENT, self.rx_cons.wrapping_add(1));
-        barrier(); // requests written before they are published
-        if reposted {
-            self.rx.store_u32(REQ_PROD, self.rx_prod);
+        // Event index `prod + 1`: with a packet not yet fully answered
+        // (`rx_cons` behind `prod`) the backend's next push still wakes us.
+        final_check(&self.rx, RSP_PROD, RSP_EVENT, prod)
+    }
+
+    /// Publishes TX requests from `old` on; notifies the backend if its
+    /// `req_event` asks.
+    fn push_tx(&mut self, old: u32) {
+        if push_and_check_notify(&self.tx, REQ_PROD, REQ_EVENT, old, self.tx_prod) {
             self.notify.notify(self.port);
+            self.stats.notifications += 1;
         }
     }
 
@@ -572,6 +654,7 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         if self.tx_free.len() < data_slots || in_ring + ring_slots > RING_SIZE as usize {
             return Sent::NoRoom;
         }
+        let old = self.tx_prod;
         let csum = if offload.csum_partial {
             NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED
         } else {
@@ -624,9 +707,7 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
             }
             first = false;
         }
-        barrier(); // frame and requests before the index
-        self.tx.store_u32(REQ_PROD, self.tx_prod);
-        self.notify.notify(self.port);
+        self.push_tx(old); // frame and requests before the index
         self.stats.tx_frames += 1;
         if offload.is_gso() {
             self.stats.tx_gso += 1;
@@ -668,10 +749,9 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         if let Some(busy) = self.tx_busy.get_mut(id as usize) {
             *busy = true;
         }
+        let old = self.tx_prod;
         self.tx_prod = self.tx_prod.wrapping_add(1);
-        barrier(); // frame and request before the index
-        self.tx.store_u32(REQ_PROD, self.tx_prod);
-        self.notify.notify(self.port);
+        self.push_tx(old); // frame and request before the index
         self.stats.tx_frames += 1;
         result
     }
@@ -793,6 +873,9 @@ mod tests {
                 self.tx_rsp_prod += 1;
             }
             self.tx.store_u32(RSP_PROD, self.tx_rsp_prod);
+            // As Linux netback's final check: told of the next request.
+            self.tx
+                .store_u32(REQ_EVENT, self.tx_req_cons.wrapping_add(1));
         }
 
         /// Delivers a frame into the next posted buffer (raw response fields).
@@ -1008,7 +1091,11 @@ mod tests {
             (stats.tx_frames, stats.rx_frames, stats.protocol_errors),
             (u64::from(rounds), u64::from(rounds), 0)
         );
-        assert!(counter.0.get() >= 2 * rounds);
+        // The double asks for every next TX request (its req_event), so
+        // every frame out notifies; reposted RX buffers do not (its RX
+        // req_event stays behind, it never ran short).
+        assert!(counter.0.get() >= rounds);
+        assert_eq!(u64::from(counter.0.get()), stats.notifications);
         assert!(front.can_send());
     }
 
@@ -1279,5 +1366,76 @@ mod tests {
         let packets = backend.take_tx_packets();
         assert_eq!(packets[0].0, NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED);
         assert_eq!(packets[0].2, small);
+    }
+
+    #[test]
+    fn a_push_notifies_only_when_it_passes_the_event_index() {
+        // Asked: the event index lies in (old, new].
+        assert!(push_notifies(0, 1, 1));
+        assert!(push_notifies(3, 8, 5));
+        assert!(push_notifies(3, 8, 8));
+        // Not asked: at or before old, or past new.
+        assert!(!push_notifies(3, 8, 3));
+        assert!(!push_notifies(3, 8, 9));
+        assert!(!push_notifies(3, 3, 3)); // nothing pushed
+        // Across the wrap of the 32-bit indices.
+        assert!(push_notifies(u32::MAX - 1, 2, u32::MAX));
+        assert!(push_notifies(u32::MAX - 1, 2, 0));
+        assert!(!push_notifies(u32::MAX - 1, 2, 3));
+        // Hostile event indices: a plain answer, never a panic.
+        for event in [0, 1, u32::MAX, 0x8000_0000, 0x7fff_ffff] {
+            for (old, new) in [(0u32, 0u32), (0, 256), (u32::MAX, 0), (5, 4)] {
+                let _ = push_notifies(old, new, event);
+            }
+        }
+        // The final check: a producer index that moved means look again,
+        // and the event index asked for is the next one.
+        let ring = VecMemory::new(4096);
+        ring.store_u32(RSP_PROD, 9);
+        assert!(final_check(&ring, RSP_PROD, RSP_EVENT, 8));
+        assert_eq!(ring.load_u32(RSP_EVENT), 9);
+        assert!(!final_check(&ring, RSP_PROD, RSP_EVENT, 9));
+        assert_eq!(ring.load_u32(RSP_EVENT), 10);
+        // A producer publishing after it sees that event index notifies.
+        assert!(push_notifies(9, 10, 10));
+    }
+
+    #[test]
+    fn the_backend_is_notified_only_where_its_event_index_asks() {
+        let (mut front, mut backend, counter) = setup();
+        // A backend that does not ask (req_event behind): frames go out,
+        // no notification after the first (req_event 1 from SHARED_RING_INIT).
+        for _ in 0..5 {
+            let token = front.transmit(Instant::from_millis(0)).unwrap();
+            token.consume(60, |buf| buf.fill(1));
+        }
+        assert_eq!(counter.0.get(), 1);
+        backend.take_tx(); // asks for the next (req_event = cons + 1)
+        let token = front.transmit(Instant::from_millis(0)).unwrap();
+        token.consume(60, |buf| buf.fill(2));
+        assert_eq!(counter.0.get(), 2);
+        // Hostile event indices: served, counted, no panic.
+        for event in [0, u32::MAX, 0x8000_0000, 7] {
+            backend.take_tx();
+            backend.tx.store_u32(REQ_EVENT, event);
+            backend.rx.store_u32(REQ_EVENT, event);
+            let token = front.transmit(Instant::from_millis(0)).unwrap();
+            token.consume(60, |buf| buf.fill(3));
+            assert!(backend.deliver(&[4; 60]));
+            let (rx, _) = front.receive(Instant::from_millis(0)).unwrap();
+            rx.consume(|frame| assert_eq!(frame, &[4; 60][..]));
+        }
+        assert_eq!(front.broken(), None);
+        assert_eq!(u64::from(counter.0.get()), front.stats().notifications);
+        // The RX ring: a backend that ran short of buffers asks for the
+        // next post; the repost after the next frame notifies it.
+        let before = counter.0.get();
+        backend
+            .rx
+            .store_u32(REQ_EVENT, backend.rx.load_u32(REQ_PROD).wrapping_add(1));
+        assert!(backend.deliver(&[5; 60]));
+        let (rx, _) = front.receive(Instant::from_millis(0)).unwrap();
+        rx.consume(|_| ());
+        assert_eq!(counter.0.get(), before + 1);
     }
 }
