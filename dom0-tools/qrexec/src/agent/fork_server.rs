@@ -24,6 +24,8 @@
 //! runs the call itself. Unlike Qubes' it does not fork into the
 //! background: start it with `&` or from a unit.
 
+#![deny(clippy::indexing_slicing)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
@@ -51,11 +53,16 @@ pub fn encode_info(connect: ConnectParams, just_exec: bool, cmdline_len: u32) ->
     } else {
         MsgType::MSG_EXEC_CMDLINE
     };
+    let words = [
+        kind,
+        connect.connect_domain,
+        connect.connect_port,
+        cmdline_len,
+    ];
     let mut out = [0u8; CMD_INFO_LEN];
-    out[0..4].copy_from_slice(&kind.to_ne_bytes());
-    out[4..8].copy_from_slice(&connect.connect_domain.to_ne_bytes());
-    out[8..12].copy_from_slice(&connect.connect_port.to_ne_bytes());
-    out[12..16].copy_from_slice(&cmdline_len.to_ne_bytes());
+    for (chunk, word) in out.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
     out
 }
 
@@ -278,6 +285,7 @@ pub fn main(argv: Vec<String>) -> i32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
