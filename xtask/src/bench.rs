@@ -397,8 +397,13 @@ fn measure_hosted(bin: &Path, firewall: &Path) -> Result<(Figures, (u64, u64)), 
     Ok((Figures { up, down }, memory))
 }
 
-/// The kernel path's namespaces, deleted on drop.
-struct KernelPath {
+/// A Linux kernel forwarding path's namespaces, deleted on drop:
+/// `<prefix>client1` (10.137.0.20) → `<prefix>sys-firewall` (`ip_forward`,
+/// [`NFT_RULES`]: a forward filter and `masquerade`) → `<prefix>sys-net`
+/// (192.0.2.80 on its loopback), what a Linux `sys-firewall` does. `bench
+/// box` measures it against the hosted firewall; `soak --control` runs a
+/// control load through it.
+pub struct KernelPath {
     names: Vec<String>,
 }
 
@@ -432,10 +437,12 @@ table ip qubes {
 }
 ";
 
-fn build_kernel_path() -> Result<KernelPath, String> {
-    let net = format!("{KERNEL_PREFIX}sys-net");
-    let fw = format!("{KERNEL_PREFIX}sys-firewall");
-    let client = format!("{KERNEL_PREFIX}client1");
+/// Builds the kernel path with namespaces named `<prefix>...` (any left
+/// over from an interrupted run are deleted first).
+pub fn build_kernel_path(prefix: &str) -> Result<KernelPath, String> {
+    let net = format!("{prefix}sys-net");
+    let fw = format!("{prefix}sys-firewall");
+    let client = format!("{prefix}client1");
     for name in [&net, &fw, &client] {
         let _ = quiet("ip", &["netns", "del", name]);
     }
@@ -507,7 +514,7 @@ fn build_kernel_path() -> Result<KernelPath, String> {
     // The firewall answers ARP for the addresses it routes to, as Qubes'
     // Linux firewall does on vifs (proxy ARP); here plain routes suffice
     // because each side has a host route to the other.
-    let rules = std::env::temp_dir().join(format!("qbk-{}.nft", std::process::id()));
+    let rules = std::env::temp_dir().join(format!("{prefix}{}.nft", std::process::id()));
     std::fs::write(&rules, NFT_RULES).map_err(|e| e.to_string())?;
     let loaded = quiet(
         "ip",
@@ -556,7 +563,7 @@ fn offloads_off() -> Result<(), String> {
 }
 
 fn measure_kernel(offloads: bool) -> Result<Figures, String> {
-    let _path = build_kernel_path()?;
+    let _path = build_kernel_path(KERNEL_PREFIX)?;
     if !offloads {
         offloads_off()?;
     }

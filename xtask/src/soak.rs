@@ -1,5 +1,6 @@
-//! `cargo xtask soak [SECONDS]`: the hosted firewall under load and under
-//! attack, in a box of its own with 100 client qubes (root).
+//! `cargo xtask soak [SECONDS] [--pin] [--control]`: the hosted firewall
+//! under load and under attack, in a box of its own with 100 client qubes
+//! (root).
 //!
 //! The box (`qubes-box up --clients 100`, state `/run/qubes-box-soak`,
 //! namespaces `qs-*`, release firewall) is timed coming up. Every process
@@ -89,14 +90,34 @@
 //! between them, so an attacker's own CPU use shows up as the firewall's
 //! loss. The table says which it was.
 //!
+//! `--control` adds a same-run baseline: a control load, one download
+//! like client3's (`soak/load.py`, `GET /bytes/30000000` in a loop), from
+//! `qsk-client1` through a Linux kernel forwarding path (`bench box`'s:
+//! a namespace with `ip_forward`, an nftables forward filter and
+//! `masquerade`) to a server of its own (the box's `serve-http` in
+//! `qsk-sys-net`: sys-net's namespace is replaced by every restart of the
+//! `sys-net` phase, a link into it would go with it, and the control would
+//! then measure the restarts). It runs for the whole run beside the
+//! well-behaved load, never attacked, at nice 0 outside the others' cgroup
+//! as that load is. The table then shows, beside each phase's ratio, the
+//! control's MB/s in the same quiet window and during the attack, its
+//! ratio, and ours over it: what the machine's shared CPUs lose is in
+//! both, what is left is ours. Off by default: a bulk download through the
+//! kernel takes as much CPU as it gets (on 2 cores, a share the firewall,
+//! the load and the attackers otherwise have), so it changes the run CI
+//! makes; with it, every runnable process at nice 0 also shrinks the
+//! others' cgroup's share a little (one entity among more).
+//!
 //! `SOAK_FIREWALL=PATH` runs another build of the firewall (an older
 //! commit's, for a before/after under the same conditions).
 //!
 //! Needs python3 (the attack, sink and load scripts, standard library
-//! only), iproute2, renice (bsdutils) and taskset (util-linux); missing packages are installed
+//! only), iproute2, renice (bsdutils) and taskset (util-linux), with
+//! `--control` also nftables and procps; missing packages are installed
 //! with apt-get. Everything it creates (the box's namespaces and state dir,
-//! processes it starts) is removed again, also when a step fails; the
-//! scripts and the sinks' counts stay in `target/soak/`.
+//! the control's `qsk-*` namespaces, processes it starts) is removed again,
+//! also when a step fails; the scripts and the sinks' counts stay in
+//! `target/soak/`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -107,7 +128,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::bench::{BoxUp, build_box, ensure_tools, quiet, require_root};
+use crate::bench::{
+    BoxUp, KernelPath, build_box, build_kernel_path, ensure_tools, quiet, require_root,
+};
 
 /// The box's state dir and namespace prefix (distinct from the other
 /// boxes: the test suite, the demo, the benchmark).
@@ -155,12 +178,15 @@ const PHASES: &[&str] = &[
 ];
 
 pub fn run(args: &[String]) -> Result<(), String> {
-    let usage = "usage: cargo xtask soak [SECONDS] [--pin]";
+    let usage = "usage: cargo xtask soak [SECONDS] [--pin] [--control]";
     let mut seconds = DEFAULT_SECONDS;
     let mut pin = false;
+    let mut control = false;
     for arg in args {
         if arg == "--pin" {
             pin = true;
+        } else if arg == "--control" {
+            control = true;
         } else {
             seconds = arg
                 .parse::<u64>()
@@ -176,6 +202,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ("renice", "bsdutils"),
         ("taskset", "util-linux"),
     ])?;
+    if control {
+        // The control's kernel path (bench box's).
+        ensure_tools(&[("nft", "nftables"), ("sysctl", "procps")])?;
+    }
     let bin = build_box(true)?;
     // SOAK_FIREWALL: another build of the firewall to measure (an older
     // commit's, for a before/after in the same conditions).
@@ -201,7 +231,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", scripts.join(name).display()))?;
     }
     let placement = if pin { Placement::pin()? } else { None };
-    soak(&bin, &firewall, &scripts, seconds, placement)
+    soak(&bin, &firewall, &scripts, seconds, placement, control)
 }
 
 /// `--pin`: the firewall on a CPU of its own, every other process of the
@@ -318,21 +348,35 @@ struct Load {
 }
 
 impl Load {
+    /// The well-behaved clients' load: client3 and client4 download,
+    /// client5 measures latency, all to sys-net's server.
     fn start(bx: &BoxUp, scripts: &Path) -> Result<Load, String> {
-        let samples = Arc::new(Mutex::new(Vec::new()));
-        let mut children = Vec::new();
         let load = scripts.join("load.py").to_string_lossy().into_owned();
-        for (machine, mode) in [
+        let commands = [
             ("client3", "bench"),
             ("client4", "bench"),
             ("client5", "latency"),
-        ] {
-            let mut child = bx
-                .in_machine(
+        ]
+        .map(|(machine, mode)| {
+            (
+                machine,
+                bx.in_machine(
                     machine,
                     "python3",
                     &[&load, mode, "192.0.2.80", "80", "30000000"],
-                )
+                ),
+            )
+        });
+        Load::spawn(commands)
+    }
+
+    /// Starts each load script (`load.py`, its output read line by line
+    /// into the samples); `who` names it in [`Sample::Done`].
+    fn spawn(commands: impl IntoIterator<Item = (&'static str, Command)>) -> Result<Load, String> {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let mut children = Vec::new();
+        for (machine, mut command) in commands {
+            let mut child = command
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
@@ -1123,8 +1167,25 @@ struct Window {
     failures: u64,
 }
 
+/// The control's throughput (MB/s) in a phase's windows (`--control`).
+#[derive(Clone, Copy)]
+struct ControlRow {
+    /// In the quiet window just before the attack (none for before/after).
+    quiet: Option<f64>,
+    during: f64,
+}
+
+impl ControlRow {
+    fn ratio(&self) -> Option<f64> {
+        let quiet = self.quiet?;
+        (quiet > 0.0).then(|| self.during / quiet)
+    }
+}
+
 struct Row {
     phase: &'static str,
+    /// The control over the same windows (`--control`).
+    control: Option<ControlRow>,
     /// The quiet window just before the attack (none for before/after).
     quiet: Option<Window>,
     during: Window,
@@ -1146,6 +1207,77 @@ impl Row {
     fn ratio(&self) -> Option<f64> {
         let quiet = self.quiet?;
         (quiet.mbps > 0.0).then(|| self.during.mbps / quiet.mbps)
+    }
+}
+
+/// The control's namespaces (`--control`): its kernel path's.
+const CONTROL_PREFIX: &str = "qsk-";
+
+/// `--control`: a download like client3's, from `qsk-client1` through a
+/// Linux kernel forwarding path (bench box's: `ip_forward`, nftables
+/// filter and `masquerade`) to a server of its own (the box's
+/// `serve-http`, as sys-net runs) in `qsk-sys-net`. Neither attacked nor
+/// niced nor in the others' cgroup, like the well-behaved load. Dropped in
+/// field order: the load, the server, then the namespaces.
+struct Control {
+    load: Load,
+    _server: Reaped,
+    _path: KernelPath,
+}
+
+impl Control {
+    fn start(bx: &BoxUp, scripts: &Path) -> Result<Control, String> {
+        let path = build_kernel_path(CONTROL_PREFIX)?;
+        let qubes_box = bx.qubes_box();
+        let server = Command::new("ip")
+            .args(["netns", "exec", &format!("{CONTROL_PREFIX}sys-net")])
+            .args([qubes_box.as_str(), "serve-http", "192.0.2.80:80"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the control's server: {e}"))?;
+        let server = Reaped(server);
+        // Up once a request through the path is answered.
+        let client = format!("{CONTROL_PREFIX}client1");
+        let start = Instant::now();
+        loop {
+            match quiet(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &client,
+                    &qubes_box,
+                    "http-get",
+                    "192.0.2.80:80",
+                    "/",
+                ],
+            ) {
+                Ok(_) => break,
+                Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                    return Err(format!(
+                        "soak: the control's server does not answer through the kernel path: {e}"
+                    ));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        let load = scripts.join("load.py").to_string_lossy().into_owned();
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &client, "python3"]).args([
+            load.as_str(),
+            "bench",
+            "192.0.2.80",
+            "80",
+            "30000000",
+        ]);
+        let load = Load::spawn([("control", command)])?;
+        Ok(Control {
+            load,
+            _server: server,
+            _path: path,
+        })
     }
 }
 
@@ -1182,6 +1314,7 @@ fn soak(
     scripts: &Path,
     seconds: u64,
     placement: Option<Placement>,
+    control: bool,
 ) -> Result<(), String> {
     let plan = Plan::new(seconds);
     let clients = CLIENTS.to_string();
@@ -1271,6 +1404,13 @@ fn soak(
         plan.quiet_seconds()
     );
 
+    // The control first: its server must answer before the loads start
+    // together.
+    let control = if control {
+        Some(Control::start(&bx, scripts)?)
+    } else {
+        None
+    };
     let load = Load::start(&bx, scripts)?;
     // Let the load settle before measuring.
     std::thread::sleep(Duration::from_secs(2));
@@ -1282,11 +1422,12 @@ fn soak(
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     for phase in PHASES {
         let attacking = !matches!(*phase, "before" | "after");
-        let quiet = attacking.then(|| {
+        let quiet_window = attacking.then(|| {
             let from = Instant::now();
             std::thread::sleep(Duration::from_secs_f64(plan.quiet_seconds()));
-            load.window(from, Instant::now())
+            (from, Instant::now())
         });
+        let quiet = quiet_window.map(|(from, to)| load.window(from, to));
         let from = Instant::now();
         let ticks_from = cpu_ticks(&pid);
         let waited_from = run_queue_ns(&pid);
@@ -1366,8 +1507,14 @@ fn soak(
                 "crash: the firewall process {pid} is gone after the {phase} phase"
             ));
         }
+        // The control over the same windows.
+        let control_row = control.as_ref().map(|c| ControlRow {
+            quiet: quiet_window.map(|(from, to)| c.load.window(from, to).mbps),
+            during: c.load.window(from, to).mbps,
+        });
         rows.push(Row {
             phase,
+            control: control_row,
             quiet,
             during,
             memory,
@@ -1385,6 +1532,9 @@ fn soak(
         }
     }
     drop(load);
+    let with_control = control.is_some();
+    // Its load, its server and its namespaces.
+    drop(control);
     let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     // The table.
@@ -1413,8 +1563,17 @@ fn soak(
             .join(" ")
     );
     println!("CPUs: {}", Placement::describe(placement));
+    // `--control`: three columns beside the ratio.
+    let control_head = if with_control {
+        format!(
+            " {:>8} {:>8} {:>6} {:>8}",
+            "ctl qMB", "ctl MB/s", "ctl", "ours/ctl"
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{:<11} {:>6} {:>6} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  attack",
+        "{:<11} {:>6} {:>6} {:>7} {:>8} {:>8} {:>6}{control_head} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  attack",
         "phase",
         "secs",
         "fw CPU",
@@ -1437,8 +1596,21 @@ fn soak(
             (a.to_string(), b.to_string())
         });
         let nat = r.nat.map_or("-".into(), |(n, _, c)| format!("{n} ({c})"));
+        let two = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let control = r.control.map_or(String::new(), |c| {
+            format!(
+                " {:>8} {:>8.1} {:>6} {:>8}",
+                c.quiet.map_or("-".into(), |q| format!("{q:.1}")),
+                c.during,
+                two(c.ratio()),
+                two(r
+                    .ratio()
+                    .zip(c.ratio())
+                    .and_then(|(ours, ctl)| { (ctl > 0.0).then(|| ours / ctl) }))
+            )
+        });
         println!(
-            "{:<11} {:>6.1} {:>6} {:>7} {:>8} {:>8.1} {:>6} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  {}",
+            "{:<11} {:>6.1} {:>6} {:>7} {:>8} {:>8.1} {:>6}{control} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  {}",
             r.phase,
             r.seconds,
             r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
@@ -1465,6 +1637,11 @@ fn soak(
         "ratio: MB/s during the attack over the quiet window just before it (same clients, same machine load); goal >= {:.2}",
         RATIO_GOAL
     );
+    if with_control {
+        println!(
+            "ctl: the control, one download like client3's from {CONTROL_PREFIX}client1 through a Linux kernel forwarding path (ip_forward + nftables masquerade, bench box's) to a server of its own, never attacked, at nice 0 outside the others' cgroup like the well-behaved load; ctl qMB, ctl MB/s: its MB/s in the same quiet window and during the attack; ctl: its ratio; ours/ctl: our ratio over it (1.00: we lose what the machine's shared CPUs lose)"
+        );
+    }
     println!(
         "fw CPU: the firewall process's CPU time during the attack (100% = one core; near it, the firewall is the bottleneck, well below it, the machine is); fw wait: the time it was runnable but waited for a CPU (/proc/PID/schedstat)"
     );
