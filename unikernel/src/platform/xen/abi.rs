@@ -156,7 +156,7 @@ pub const GNTCOPY_DEST_GREF: u16 = 1 << 1;
 /// One end of a `struct gnttab_copy`: a grant reference (with `domid` the
 /// granting domain) or our own frame number (with `DOMID_SELF`).
 #[repr(C)]
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GnttabCopyPtr {
     pub u: u64,
     pub domid: u16,
@@ -165,7 +165,7 @@ pub struct GnttabCopyPtr {
 
 /// `struct gnttab_copy`.
 #[repr(C)]
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GnttabCopy {
     pub source: GnttabCopyPtr,
     pub dest: GnttabCopyPtr,

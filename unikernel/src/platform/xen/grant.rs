@@ -267,6 +267,102 @@ pub fn unmap_grant(mapping: ForeignMapping) -> Result<(), GrantError> {
     Ok(())
 }
 
+/// A run of bytes in a peer's granted page: its grant, where in the page,
+/// how many.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub gref: u32,
+    pub offset: u16,
+    pub len: u16,
+}
+
+/// Most segments one batched grant copy moves: a packet's slots (netback
+/// takes at most 18 from a client, a 64 KiB frame fills 17 RX buffers).
+pub const MAX_COPY_SEGMENTS: usize = 18;
+/// Most `gnttab_copy` ops one batch takes: a segment is at most a page, so
+/// it crosses at most one page boundary of our buffer (two ops).
+pub const MAX_COPY_OPS: usize = 2 * MAX_COPY_SEGMENTS;
+
+/// Which way a batched grant copy moves the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyDirection {
+    /// From the peer's pages into our buffer.
+    FromPeer,
+    /// From our buffer into the peer's pages.
+    ToPeer,
+}
+
+/// Plans the `gnttab_copy` ops that move `segments` of domain `dom`'s
+/// granted pages, in order, to or from consecutive bytes of our buffer at
+/// guest-physical address `local` (`local_len` bytes, the segments' sum;
+/// our memory is identity-mapped, so its frame is the address >> 12). An
+/// op never leaves a page on either side: a segment is split where our
+/// buffer crosses a page boundary. Empty segments take no op. Writes the
+/// ops into `ops` and returns how many; `None` (nothing to copy) when a
+/// segment runs past the end of its page, the lengths do not add up to
+/// `local_len`, the buffer wraps the address space, or `ops` is too short.
+pub fn plan_copy(
+    dom: u16,
+    segments: &[Segment],
+    local: u64,
+    local_len: usize,
+    direction: CopyDirection,
+    ops: &mut [abi::GnttabCopy],
+) -> Option<usize> {
+    let page = abi::PAGE_SIZE as u64;
+    local.checked_add(local_len as u64)?;
+    let mut at = local;
+    let mut count = 0usize;
+    let mut total = 0usize;
+    for segment in segments {
+        let len = usize::from(segment.len);
+        if usize::from(segment.offset) + len > abi::PAGE_SIZE {
+            return None;
+        }
+        total += len;
+        if total > local_len {
+            return None;
+        }
+        let mut done = 0u16;
+        while done < segment.len {
+            // Up to the end of our page (at most the rest of the segment).
+            let room = page - at % page;
+            let step = u64::from(segment.len - done).min(room) as u16;
+            let mine = abi::GnttabCopyPtr {
+                u: at >> 12,
+                domid: abi::DOMID_SELF,
+                offset: (at % page) as u16,
+            };
+            let theirs = abi::GnttabCopyPtr {
+                u: u64::from(segment.gref),
+                domid: dom,
+                offset: segment.offset + done,
+            };
+            let op = ops.get_mut(count)?;
+            *op = match direction {
+                CopyDirection::FromPeer => abi::GnttabCopy {
+                    source: theirs,
+                    dest: mine,
+                    len: step,
+                    flags: abi::GNTCOPY_SOURCE_GREF,
+                    status: 0,
+                },
+                CopyDirection::ToPeer => abi::GnttabCopy {
+                    source: mine,
+                    dest: theirs,
+                    len: step,
+                    flags: abi::GNTCOPY_DEST_GREF,
+                    status: 0,
+                },
+            };
+            count += 1;
+            done += step;
+            at += u64::from(step);
+        }
+    }
+    (total == local_len).then_some(count)
+}
+
 #[allow(clippy::indexing_slicing)] // reason: test code and test doubles; a panic there is a failed test
 #[cfg(test)]
 mod tests {
@@ -357,6 +453,124 @@ mod tests {
         );
         assert!(failed.is_empty());
         assert_eq!(window.reserve(2), Some(next));
+    }
+
+    fn seg(gref: u32, offset: u16, len: u16) -> Segment {
+        Segment { gref, offset, len }
+    }
+
+    #[test]
+    fn copies_are_planned_page_by_page_on_both_sides() {
+        let mut ops = [abi::GnttabCopy::default(); MAX_COPY_OPS];
+        // Our buffer starts 100 bytes before a page boundary: the first
+        // segment is split there, the second lies in one page of ours, the
+        // third is split again.
+        let local = 0x12_3000 - 100;
+        let segments = [seg(5, 10, 300), seg(6, 0, 4096), seg(7, 4000, 96)];
+        let n = plan_copy(3, &segments, local, 4492, CopyDirection::FromPeer, &mut ops).unwrap();
+        let ops = &ops[..n];
+        let shape: Vec<_> = ops
+            .iter()
+            .map(|op| {
+                (
+                    op.source.u,
+                    op.source.offset,
+                    op.dest.u,
+                    op.dest.offset,
+                    op.len,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (5, 10, 0x122, 4096 - 100, 100),
+                (5, 110, 0x123, 0, 200),
+                (6, 0, 0x123, 200, 3896),
+                (6, 3896, 0x124, 0, 200),
+                (7, 4000, 0x124, 200, 96),
+            ]
+        );
+        for op in ops {
+            assert_eq!(op.source.domid, 3);
+            assert_eq!(op.dest.domid, abi::DOMID_SELF);
+            assert_eq!(op.flags, abi::GNTCOPY_SOURCE_GREF);
+            assert!(usize::from(op.dest.offset) + usize::from(op.len) <= abi::PAGE_SIZE);
+            assert!(usize::from(op.source.offset) + usize::from(op.len) <= abi::PAGE_SIZE);
+        }
+        // The other way: the ends swap, the grant is the destination.
+        let mut back = [abi::GnttabCopy::default(); MAX_COPY_OPS];
+        let m = plan_copy(3, &segments, local, 4492, CopyDirection::ToPeer, &mut back).unwrap();
+        assert_eq!(m, n);
+        for (to, from) in back[..m].iter().zip(ops) {
+            assert_eq!(
+                (to.source, to.dest, to.len),
+                (from.dest, from.source, from.len)
+            );
+            assert_eq!(to.flags, abi::GNTCOPY_DEST_GREF);
+        }
+    }
+
+    #[test]
+    fn bad_plans_copy_nothing() {
+        let mut ops = [abi::GnttabCopy::default(); MAX_COPY_OPS];
+        let dir = CopyDirection::FromPeer;
+        // Past the end of the peer's page.
+        assert_eq!(
+            plan_copy(1, &[seg(1, 4000, 97)], 0x1000, 97, dir, &mut ops),
+            None
+        );
+        assert_eq!(
+            plan_copy(
+                1,
+                &[seg(1, u16::MAX, u16::MAX)],
+                0x1000,
+                65535,
+                dir,
+                &mut ops
+            ),
+            None
+        );
+        // Lengths that do not add up to the buffer.
+        assert_eq!(
+            plan_copy(1, &[seg(1, 0, 10)], 0x1000, 11, dir, &mut ops),
+            None
+        );
+        assert_eq!(
+            plan_copy(
+                1,
+                &[seg(1, 0, 10), seg(2, 0, 10)],
+                0x1000,
+                15,
+                dir,
+                &mut ops
+            ),
+            None
+        );
+        // A buffer wrapping the address space.
+        assert_eq!(
+            plan_copy(1, &[seg(1, 0, 10)], u64::MAX - 4, 10, dir, &mut ops),
+            None
+        );
+        // Too few ops for the plan: a page-crossing segment needs two.
+        assert_eq!(
+            plan_copy(1, &[seg(1, 0, 10)], 0x1ffc, 10, dir, &mut ops[..1]),
+            None
+        );
+        // Empty segments take no op; no segment at all is no op.
+        assert_eq!(
+            plan_copy(1, &[seg(1, 0, 0), seg(2, 0, 4)], 0x1000, 4, dir, &mut ops),
+            Some(1)
+        );
+        assert_eq!(plan_copy(1, &[], 0x1000, 0, dir, &mut ops), Some(0));
+        // The most segments, each a whole page off by one byte: every one
+        // split, and the array is exactly big enough.
+        let whole = [seg(9, 0, 4096); MAX_COPY_SEGMENTS];
+        let len = MAX_COPY_SEGMENTS * 4096;
+        assert_eq!(
+            plan_copy(1, &whole, 0x10_0001, len, dir, &mut ops),
+            Some(MAX_COPY_OPS)
+        );
     }
 
     #[test]

@@ -184,6 +184,34 @@ pub fn grant_table_op<T>(cmd: u64, arg: &mut T) -> i64 {
     }
 }
 
+/// `HYPERVISOR_grant_table_op(GNTTABOP_copy, ops, ops.len())`: every op
+/// in one call; Xen sets each op's `status` (and the call's result is
+/// negative only when it could not read or write the array itself).
+///
+/// # Safety
+/// The local end (`DOMID_SELF`) of every op must name bytes of ours that
+/// Xen may read (a source) or write (a destination) during the call: a
+/// buffer the caller borrows for it (`&[u8]` for sources, `&mut [u8]` for
+/// destinations), as [`super::grant::plan_copy`] makes the ops.
+pub unsafe fn grant_copy(ops: &mut [abi::GnttabCopy]) -> i64 {
+    if ops.is_empty() {
+        return 0;
+    }
+    // SAFETY: `ops` is a live, writable array of `ops.len()` `gnttab_copy`
+    // structs for the call (Xen writes their statuses); the memory they
+    // name is the caller's to hand over (this function's contract).
+    unsafe {
+        hypercall(
+            abi::HYPERVISOR_GRANT_TABLE_OP,
+            abi::GNTTABOP_COPY,
+            ops.as_mut_ptr() as u64,
+            ops.len() as u64,
+            0,
+            0,
+        )
+    }
+}
+
 /// `HYPERVISOR_memory_op(XENMEM_add_to_physmap)`: places frame `idx` of
 /// `space` at guest frame `gpfn`.
 pub fn add_to_physmap(space: u32, idx: u64, gpfn: u64) -> i64 {

@@ -62,6 +62,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::events::Notify;
+pub use super::grant::{MAX_COPY_SEGMENTS, Segment};
 use super::netfront::{
     MAX_FRAME, NETIF_RSP_NULL, NETRXF_CSUM_BLANK, NETRXF_DATA_VALIDATED, NETRXF_EXTRA_INFO,
     NETRXF_MORE_DATA, POLL_ROUNDS, RING_HEADER, RING_SIZE, RX_ENTRY, TX_ENTRY, final_check,
@@ -121,7 +122,12 @@ const PAGE: usize = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyRefused;
 
-/// Copies bytes between our memory and a peer's granted page.
+/// Copies bytes between our memory and a peer's granted pages.
+///
+/// The batched forms move a whole packet at once (on Xen: every op in one
+/// `GNTTABOP_copy` hypercall, straight between the peer's pages and our
+/// buffer); their defaults go segment by segment through the single
+/// forms, so a double needs only those.
 pub trait GrantCopy {
     /// Copies `dst.len()` bytes from `(dom, gref)` at `offset`.
     fn copy_from(
@@ -133,6 +139,60 @@ pub trait GrantCopy {
     ) -> Result<(), CopyRefused>;
     /// Copies `src` into `(dom, gref)` at `offset`.
     fn copy_to(&mut self, dom: u16, gref: u32, offset: u16, src: &[u8]) -> Result<(), CopyRefused>;
+    /// Copies `segments` of `dom`'s pages, in order, into consecutive
+    /// bytes of `dst` (their lengths add up to `dst.len()`; at most
+    /// [`MAX_COPY_SEGMENTS`]). `Err` when any segment is refused (what
+    /// `dst` then holds is unspecified).
+    fn gather(
+        &mut self,
+        dom: u16,
+        segments: &[Segment],
+        dst: &mut [u8],
+    ) -> Result<(), CopyRefused> {
+        check_batch(segments, dst.len())?;
+        let mut at = 0usize;
+        for segment in segments {
+            let len = usize::from(segment.len);
+            let part = dst.get_mut(at..at + len).ok_or(CopyRefused)?;
+            self.copy_from(dom, segment.gref, segment.offset, part)?;
+            at += len;
+        }
+        Ok(())
+    }
+    /// Copies consecutive bytes of `src` into `segments` of `dom`'s pages
+    /// (bounds as [`Self::gather`]). `Err` when any segment is refused;
+    /// the others may have been written.
+    fn scatter(&mut self, dom: u16, segments: &[Segment], src: &[u8]) -> Result<(), CopyRefused> {
+        check_batch(segments, src.len())?;
+        let mut at = 0usize;
+        let mut result = Ok(());
+        for segment in segments {
+            let len = usize::from(segment.len);
+            let part = src.get(at..at + len).ok_or(CopyRefused)?;
+            if self
+                .copy_to(dom, segment.gref, segment.offset, part)
+                .is_err()
+            {
+                result = Err(CopyRefused);
+            }
+            at += len;
+        }
+        result
+    }
+}
+
+/// The bounds every batched copy keeps: at most [`MAX_COPY_SEGMENTS`]
+/// segments, each inside its page, their lengths adding up to `len`.
+pub fn check_batch(segments: &[Segment], len: usize) -> Result<(), CopyRefused> {
+    let inside = segments
+        .iter()
+        .all(|s| usize::from(s.offset) + usize::from(s.len) <= PAGE);
+    let sum: usize = segments.iter().map(|s| usize::from(s.len)).sum();
+    if segments.len() <= MAX_COPY_SEGMENTS && inside && sum == len {
+        Ok(())
+    } else {
+        Err(CopyRefused)
+    }
 }
 
 /// Counters of one netback.
@@ -386,7 +446,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         let frame = if bad || count + 1 > MAX_SLOTS {
             None
         } else {
-            self.gather(&first, rest, gso.is_some())
+            self.gather_packet(&first, rest, gso.is_some())
         };
         match frame {
             None => {
@@ -449,10 +509,15 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         }
     }
 
-    /// Copies a packet's slots into one frame; `None` if any size, offset
-    /// or copy is refused. The first request's size is the whole packet's
-    /// (`netif.h`), its own data what the other slots leave.
-    fn gather(&mut self, first: &TxRequest, rest: &[TxRequest], gso: bool) -> Option<Vec<u8>> {
+    /// Copies a packet's slots into one frame, all in one batch; `None` if
+    /// any size, offset or copy is refused. The first request's size is the
+    /// whole packet's (`netif.h`), its own data what the other slots leave.
+    fn gather_packet(
+        &mut self,
+        first: &TxRequest,
+        rest: &[TxRequest],
+        gso: bool,
+    ) -> Option<Vec<u8>> {
         let total = usize::from(first.size);
         let others: usize = rest.iter().map(|slot| usize::from(slot.size)).sum();
         let own = total.checked_sub(others)?;
@@ -464,20 +529,25 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         if total < 14 || total > limit {
             return None;
         }
-        let mut frame = vec![0u8; total];
-        let mut at = 0usize;
+        let mut segments = [Segment::default(); MAX_COPY_SEGMENTS];
+        let mut count = 0usize;
         for (slot, len) in
             core::iter::once((first, own)).chain(rest.iter().map(|s| (s, usize::from(s.size))))
         {
             if usize::from(slot.offset) + len > PAGE {
                 return None;
             }
-            let part = frame.get_mut(at..at.checked_add(len)?)?;
-            self.copier
-                .copy_from(self.dom, slot.gref, slot.offset, part)
-                .ok()?;
-            at += len;
+            *segments.get_mut(count)? = Segment {
+                gref: slot.gref,
+                offset: slot.offset,
+                len: len as u16, // at most a page (checked above)
+            };
+            count += 1;
         }
+        let mut frame = vec![0u8; total];
+        self.copier
+            .gather(self.dom, segments.get(..count)?, &mut frame)
+            .ok()?;
         Some(frame)
     }
 
@@ -593,14 +663,18 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         } else {
             0
         };
-        let mut failed = false;
+        let mut segments = [Segment::default(); MAX_COPY_SEGMENTS];
         let mut chunks = frame.chunks(PAGE).peekable();
         let mut slot = 0usize;
         while let Some(chunk) = chunks.next() {
             let (id, gref) = self.rx_request(self.rx_req_cons);
             self.rx_req_cons = self.rx_req_cons.wrapping_add(1);
-            if self.copier.copy_to(self.dom, gref, 0, chunk).is_err() {
-                failed = true;
+            if let Some(segment) = segments.get_mut(slot) {
+                *segment = Segment {
+                    gref,
+                    offset: 0,
+                    len: chunk.len() as u16, // at most a page
+                };
             }
             let mut flags = if chunks.peek().is_some() {
                 NETRXF_MORE_DATA
@@ -628,6 +702,13 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             }
             slot += 1;
         }
+        // Every slot's copy in one batch, before the responses are
+        // published below (`data_slots` is at most 17: the frame is at most
+        // `MAX_OFFLOAD_FRAME`).
+        let failed = self
+            .copier
+            .scatter(self.dom, segments.get(..slot).unwrap_or(&[]), frame)
+            .is_err();
         if failed {
             // Xen refused a copy: the client gets the slots back, the frame
             // as an error (its first status; netfront drops the packet).
@@ -680,7 +761,7 @@ mod tests {
     use crate::platform::xen::shared::VecMemory;
     use alloc::collections::BTreeMap;
     use alloc::rc::Rc;
-    use core::cell::RefCell;
+    use core::cell::{Cell, RefCell};
     use smoltcp::phy::{Device, RxToken, TxToken};
     use smoltcp::time::Instant;
 
@@ -690,9 +771,19 @@ mod tests {
         fn notify(&self, _: u32) {}
     }
 
-    /// Grant copy against the client's pages, by grant reference.
+    /// Grant copy against the client's pages, by grant reference; counts
+    /// the batches (one per packet: one hypercall on Xen).
     #[derive(Clone, Default)]
-    struct Pages(Rc<RefCell<BTreeMap<u32, VecMemory>>>);
+    struct Pages(Rc<RefCell<BTreeMap<u32, VecMemory>>>, Rc<Cell<u32>>);
+    impl Pages {
+        /// The client's page `gref`, if domain 7 granted it.
+        fn page(&self, dom: u16, gref: u32) -> Option<VecMemory> {
+            self.0.borrow().get(&gref).filter(|_| dom == 7).cloned()
+        }
+        fn batches(&self) -> u32 {
+            self.1.get()
+        }
+    }
     impl GrantCopy for Pages {
         fn copy_from(
             &mut self,
@@ -701,8 +792,7 @@ mod tests {
             offset: u16,
             dst: &mut [u8],
         ) -> Result<(), CopyRefused> {
-            let pages = self.0.borrow();
-            let page = pages.get(&gref).filter(|_| dom == 7).ok_or(CopyRefused)?;
+            let page = self.page(dom, gref).ok_or(CopyRefused)?;
             if usize::from(offset) + dst.len() > PAGE {
                 return Err(CopyRefused);
             }
@@ -716,13 +806,54 @@ mod tests {
             offset: u16,
             src: &[u8],
         ) -> Result<(), CopyRefused> {
-            let pages = self.0.borrow();
-            let page = pages.get(&gref).filter(|_| dom == 7).ok_or(CopyRefused)?;
+            let page = self.page(dom, gref).ok_or(CopyRefused)?;
             if usize::from(offset) + src.len() > PAGE {
                 return Err(CopyRefused);
             }
             page.write_bytes(usize::from(offset), src);
             Ok(())
+        }
+        /// As Xen's batch: the bounds first, then every op on its own (a
+        /// refused one does not stop the others).
+        fn gather(
+            &mut self,
+            dom: u16,
+            segments: &[Segment],
+            dst: &mut [u8],
+        ) -> Result<(), CopyRefused> {
+            check_batch(segments, dst.len())?;
+            self.1.set(self.1.get() + 1);
+            let mut result = Ok(());
+            let mut at = 0;
+            for s in segments {
+                let part = &mut dst[at..at + usize::from(s.len)];
+                match self.page(dom, s.gref) {
+                    Some(page) => page.read_bytes(usize::from(s.offset), part),
+                    None => result = Err(CopyRefused),
+                }
+                at += part.len();
+            }
+            result
+        }
+        fn scatter(
+            &mut self,
+            dom: u16,
+            segments: &[Segment],
+            src: &[u8],
+        ) -> Result<(), CopyRefused> {
+            check_batch(segments, src.len())?;
+            self.1.set(self.1.get() + 1);
+            let mut result = Ok(());
+            let mut at = 0;
+            for s in segments {
+                let part = &src[at..at + usize::from(s.len)];
+                match self.page(dom, s.gref) {
+                    Some(page) => page.write_bytes(usize::from(s.offset), part),
+                    None => result = Err(CopyRefused),
+                }
+                at += part.len();
+            }
+            result
         }
     }
 
@@ -942,6 +1073,7 @@ mod tests {
         back.poll();
         assert_eq!(n, 5);
         assert_eq!(statuses(&tx, start, n), [0, NETIF_RSP_NULL, 0, 0, 0]);
+        assert_eq!(pages.batches(), 1, "four data slots, one grant copy batch");
         let (got, offload) = back.take_frame_offloaded().expect("a packet");
         assert_eq!(
             offload,
@@ -1028,6 +1160,41 @@ mod tests {
         back.poll();
         assert_eq!(back.stats().bad_requests, 1);
         assert!(back.broken().is_none());
+        // A grant it did not give in the middle of a packet, and a slot
+        // running past its page: errors for every slot, the copy batch
+        // refused or never made, the next packet whole.
+        for (slot, gref, offset) in [(2u32, 999u32, 0u16), (3, 102, 4000)] {
+            let (_f, mut back, pages, tx) = pair();
+            let (start, n) = post_packet(
+                &pages,
+                &tx,
+                &frame,
+                &[1000, 1000],
+                0,
+                Some((1448, GSO_TYPE_TCPV4)),
+            );
+            let at = RING_HEADER + ((start + slot) % RING_SIZE) as usize * TX_ENTRY;
+            tx.store_u32(at, gref);
+            tx.store_u16(at + 4, offset);
+            back.poll();
+            assert_eq!(statuses(&tx, start, n), [-1, NETIF_RSP_NULL, -1, -1]);
+            assert_eq!(back.stats().bad_requests, 1);
+            assert!(back.take_frame_offloaded().is_none());
+            assert!(pages.batches() <= 1);
+            let (start, n) = post_packet(
+                &pages,
+                &tx,
+                &frame,
+                &[1000, 1000],
+                NETTXF_CSUM_BLANK,
+                Some((1448, GSO_TYPE_TCPV4)),
+            );
+            back.poll();
+            assert_eq!(statuses(&tx, start, n), [0, NETIF_RSP_NULL, 0, 0]);
+            let (got, _) = back.take_frame_offloaded().expect("the next packet");
+            assert_eq!(got.len(), frame.len());
+            assert!(back.broken().is_none());
+        }
         // 19 data slots (more than Linux's 18): errors, the vif goes on.
         let (_f, mut back, pages, tx) = pair();
         let (start, n) = post_packet(
@@ -1368,6 +1535,7 @@ mod tests {
         );
         post_rx(&rx, 40);
         assert_eq!(back.send_offloaded(&frame, offload), Sent::Sent);
+        assert_eq!(pages.batches(), 1, "16 data slots, one grant copy batch");
         let rsp = rx_responses(&rx, 0);
         // 16 data slots and the GSO segment.
         assert_eq!(rsp.len(), 17);
@@ -1545,7 +1713,7 @@ mod tests {
     #[test]
     fn gso_frames_cross_whole_both_ways_between_our_netfront_and_our_netback() {
         use crate::platform::xen::netfront::BackendFeatures;
-        let (mut front, mut back, _, _) = pair();
+        let (mut front, mut back, pages, _) = pair();
         front.set_backend_features(BackendFeatures {
             sg: true,
             gso4: true,
@@ -1574,6 +1742,8 @@ mod tests {
         }
         assert_eq!(back.stats().gso_from_client, 300);
         assert_eq!(back.stats().gso_to_client, 300);
+        // 6 slots each way per frame, one grant copy batch each.
+        assert_eq!(pages.batches(), 600);
         assert_eq!(front.stats().rx_gso, 300);
         assert_eq!(front.stats().tx_gso, 300);
         assert_eq!(front.stats().protocol_errors, 0);

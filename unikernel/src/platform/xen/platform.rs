@@ -41,7 +41,7 @@ use super::grant::{self, ForeignMapping, ForeignWindow, GrantTable};
 use super::hypercall;
 use super::netback::{CopyRefused, FrontendFeatures, GrantCopy, Netback, NetbackStats, Sent};
 use super::netfront::{self, Buffer, Netfront, NetfrontRx};
-use super::shared::{RawMemory, SharedMemory};
+use super::shared::RawMemory;
 use super::start_info::BootInfo;
 use super::time::{self, TimeInfo};
 use super::vchan::{CLIENT_MAX_ORDER, ClientRing, RingBuffer, VchanRing, plan_client};
@@ -577,14 +577,7 @@ impl XenPlatform {
                     "cannot bind event channel {remote_port} of domain {domid}: {rc}"
                 ))
             })?;
-            let copier = match XenGrantCopy::new() {
-                Some(copier) => copier,
-                None => {
-                    events::close(port);
-                    return Err(PlatformError::Exhausted("memory for a grant-copy page"));
-                }
-            };
-            Ok((tx, rx, port, copier))
+            Ok((tx, rx, port, XenGrantCopy))
         })();
         let (tx, rx, port, copier) = match result {
             Ok(parts) => parts,
@@ -825,66 +818,35 @@ fn release_frontend(
 /// Frames received and sent by one NIC.
 type FrameCounters = Rc<core::cell::Cell<(u64, u64)>>;
 
-/// Grant copy through a bounce page of ours (`GNTTABOP_copy`).
-#[derive(Debug)]
-pub struct XenGrantCopy {
-    bounce: RawMemory,
-    layout: Layout,
-}
+/// Grant copy straight between a peer's granted pages and our own
+/// buffers (`GNTTABOP_copy`): a packet's segments go in one hypercall, an
+/// op split where our buffer crosses a page. Our memory is identity-mapped
+/// (boot.s maps the first 4 GiB 1:1 and the heap lies below 4 GiB), so a
+/// buffer's frame number is its address >> 12.
+#[derive(Debug, Default)]
+pub struct XenGrantCopy;
 
 impl XenGrantCopy {
-    fn new() -> Option<Self> {
-        let layout = Layout::from_size_align(abi::PAGE_SIZE, abi::PAGE_SIZE).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let page = unsafe { alloc_zeroed(layout) };
-        if page.is_null() {
-            return None;
-        }
-        // SAFETY: our own page, freed only in `drop`; never granted; Xen
-        // writes it during grant copies we ask for, so it is accessed only
-        // through `RawMemory`.
-        let bounce = unsafe { RawMemory::new(page, abi::PAGE_SIZE) };
-        Some(XenGrantCopy { bounce, layout })
-    }
-
-    fn copy(
-        &self,
-        foreign: (u16, u32, u16),
+    /// Copies between `segments` of `dom`'s pages and our `len` bytes at
+    /// `local` (exposed address of a buffer the caller borrows: `&mut` for
+    /// [`CopyDirection::FromPeer`]). Every op's status is checked.
+    fn batch(
+        dom: u16,
+        segments: &[grant::Segment],
+        local: usize,
         len: usize,
-        to_foreign: bool,
+        direction: grant::CopyDirection,
     ) -> Result<(), CopyRefused> {
-        if usize::from(foreign.2) + len > abi::PAGE_SIZE {
-            return Err(CopyRefused);
-        }
-        let local = abi::GnttabCopyPtr {
-            u: self.bounce.base() as u64 >> 12,
-            domid: abi::DOMID_SELF,
-            offset: 0,
-        };
-        let remote = abi::GnttabCopyPtr {
-            u: u64::from(foreign.1),
-            domid: foreign.0,
-            offset: foreign.2,
-        };
-        let mut op = if to_foreign {
-            abi::GnttabCopy {
-                source: local,
-                dest: remote,
-                len: len as u16,
-                flags: abi::GNTCOPY_DEST_GREF,
-                status: 0,
-            }
-        } else {
-            abi::GnttabCopy {
-                source: remote,
-                dest: local,
-                len: len as u16,
-                flags: abi::GNTCOPY_SOURCE_GREF,
-                status: 0,
-            }
-        };
-        let rc = hypercall::grant_table_op(abi::GNTTABOP_COPY, &mut op);
-        if rc == 0 && op.status == abi::GNTST_OKAY {
+        let mut ops = [abi::GnttabCopy::default(); grant::MAX_COPY_OPS];
+        let count = grant::plan_copy(dom, segments, local as u64, len, direction, &mut ops)
+            .ok_or(CopyRefused)?;
+        let ops = ops.get_mut(..count).ok_or(CopyRefused)?;
+        // SAFETY: `plan_copy` kept every local end inside `local..local +
+        // len`, the caller's borrowed buffer (identity-mapped, so the frame
+        // numbers are its own): Xen reads it for `ToPeer`, writes it for
+        // `FromPeer`, where the caller holds it `&mut`.
+        let rc = unsafe { hypercall::grant_copy(ops) };
+        if rc == 0 && ops.iter().all(|op| op.status == abi::GNTST_OKAY) {
             Ok(())
         } else {
             Err(CopyRefused)
@@ -900,24 +862,45 @@ impl GrantCopy for XenGrantCopy {
         offset: u16,
         dst: &mut [u8],
     ) -> Result<(), CopyRefused> {
-        self.copy((dom, gref, offset), dst.len(), false)?;
-        self.bounce.read_bytes(0, dst);
-        Ok(())
+        let len = u16::try_from(dst.len()).map_err(|_| CopyRefused)?;
+        self.gather(dom, &[grant::Segment { gref, offset, len }], dst)
     }
 
     fn copy_to(&mut self, dom: u16, gref: u32, offset: u16, src: &[u8]) -> Result<(), CopyRefused> {
-        if src.len() > abi::PAGE_SIZE {
-            return Err(CopyRefused);
-        }
-        self.bounce.write_bytes(0, src);
-        self.copy((dom, gref, offset), src.len(), true)
+        let len = u16::try_from(src.len()).map_err(|_| CopyRefused)?;
+        self.scatter(dom, &[grant::Segment { gref, offset, len }], src)
     }
-}
 
-impl Drop for XenGrantCopy {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout and never granted.
-        unsafe { alloc::alloc::dealloc(self.bounce.base(), self.layout) };
+    fn gather(
+        &mut self,
+        dom: u16,
+        segments: &[grant::Segment],
+        dst: &mut [u8],
+    ) -> Result<(), CopyRefused> {
+        let local = dst.as_mut_ptr().expose_provenance();
+        Self::batch(
+            dom,
+            segments,
+            local,
+            dst.len(),
+            grant::CopyDirection::FromPeer,
+        )
+    }
+
+    fn scatter(
+        &mut self,
+        dom: u16,
+        segments: &[grant::Segment],
+        src: &[u8],
+    ) -> Result<(), CopyRefused> {
+        let local = src.as_ptr().expose_provenance();
+        Self::batch(
+            dom,
+            segments,
+            local,
+            src.len(),
+            grant::CopyDirection::ToPeer,
+        )
     }
 }
 
