@@ -28,6 +28,9 @@ pub struct Answer {
     pub error_code: u32,
     pub crc32: u64,
     pub last_name: Vec<u8>,
+    /// The extension announced a last file name that did not arrive whole
+    /// (the sender reports "Failed to get last filename", as Qubes' does).
+    pub last_name_cut: bool,
 }
 
 /// Read the receiver's answer: `result_header`, then (if present)
@@ -40,6 +43,7 @@ pub fn read_answer<R: Read>(mut input: R) -> Option<Answer> {
         error_code: packet.error_code(),
         crc32: packet.crc32(),
         last_name: Vec::new(),
+        last_name_cut: false,
     };
     let mut ext = [0u8; RESULT_HEADER_EXT_LEN];
     if input.read_exact(&mut ext).is_ok() {
@@ -50,7 +54,7 @@ pub fn read_answer<R: Read>(mut input: R) -> Option<Answer> {
         if input.read_exact(&mut name).is_ok() {
             answer.last_name = name;
         } else {
-            eprintln!("Failed to get last filename");
+            answer.last_name_cut = true;
         }
     }
     Some(answer)
@@ -150,7 +154,11 @@ impl<W: Write> Packer<W> {
     pub fn new<R: Read + Send + 'static>(out: W, input: R) -> Self {
         let (tx, answers) = mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(read_answer(input));
+            let answer = read_answer(input);
+            if answer.as_ref().is_some_and(|a| a.last_name_cut) {
+                eprintln!("Failed to get last filename");
+            }
+            let _ = tx.send(answer);
         });
         Self {
             out,
@@ -360,11 +368,26 @@ mod tests {
     }
 
     #[test]
+    fn a_last_name_that_does_not_arrive_whole_is_flagged() {
+        let mut reply = vec![0u8; RESULT_HEADER_LEN];
+        reply.extend_from_slice(&5u32.to_le_bytes());
+        reply.extend_from_slice(b"ab");
+        let answer = read_answer(&reply[..]).expect("a whole header");
+        assert!(answer.last_name_cut);
+        assert!(answer.last_name.is_empty());
+        reply.extend_from_slice(b"cde");
+        let answer = read_answer(&reply[..]).expect("a whole header");
+        assert!(!answer.last_name_cut);
+        assert_eq!(answer.last_name, b"abcde");
+    }
+
+    #[test]
     fn verdicts() {
         let ok = Answer {
             error_code: 0,
             crc32: 5,
             last_name: vec![],
+            last_name_cut: false,
         };
         assert_eq!(judge(Some(&ok), 5), Ok(()));
         assert_eq!(
@@ -376,6 +399,7 @@ mod tests {
             error_code: EEXIST,
             crc32: 0,
             last_name: b"x\"y".to_vec(),
+            last_name_cut: false,
         };
         assert_eq!(
             judge(Some(&exists), 0),

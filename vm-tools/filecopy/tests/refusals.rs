@@ -352,6 +352,7 @@ fn sender_detects_a_crc_mismatch() {
         error_code: 0,
         crc32: 0xDEAD_BEEF,
         last_name: b"f".to_vec(),
+        last_name_cut: false,
     };
     assert_eq!(
         judge(Some(&answer), 0x1234_5678),
