@@ -216,12 +216,17 @@ impl Router {
             },
         };
         self.nat.touch(id, direction, meta.tcp, now);
-        let Some(entry) = self.nat.get(id).copied() else {
+        // Only the fields the rewrite needs, not a copy of the whole entry.
+        let Some((translated, nat_src, nat_port)) = self
+            .nat
+            .get(id)
+            .map(|entry| (entry.is_translated(), entry.reply.dst, entry.reply.dst_port))
+        else {
             return;
         };
         // Every flow a client starts goes out translated: clients are
         // isolated (`isolation.rs`), no flow is ever tracked between two.
-        if direction != Direction::Original || !entry.is_translated() {
+        if direction != Direction::Original || !translated {
             return self.drop(DropReason::NoFlow);
         }
         let v6 = meta.v6;
@@ -231,7 +236,7 @@ impl Router {
                 ipv4::record(ip, ours, time);
             }
             decrement_ttl(ip, v6);
-            rewrite(ip, meta, true, entry.reply.dst, entry.reply.dst_port);
+            rewrite(ip, meta, true, nat_src, nat_port);
         });
     }
 

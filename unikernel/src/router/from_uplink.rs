@@ -179,10 +179,15 @@ impl Router {
         let Some((id, Direction::Reply)) = self.nat.lookup(&meta.key(), now) else {
             return self.drop(DropReason::NoFlow);
         };
-        let Some(entry) = self.nat.get(id).copied() else {
+        // Only the fields the rewrite needs, not a copy of the whole entry.
+        let Some((owner, client_src, client_port)) = self
+            .nat
+            .get(id)
+            .map(|entry| (entry.owner, entry.original.src, entry.original.src_port))
+        else {
             return;
         };
-        let Some(&client) = self.by_address.get(&entry.owner) else {
+        let Some(&client) = self.by_address.get(&owner) else {
             return self.drop(DropReason::NoFlow);
         };
         if meta.ttl <= 1 {
@@ -202,7 +207,7 @@ impl Router {
                     ipv4::record(ip, ours, time);
                 }
                 decrement_ttl(ip, v6);
-                rewrite(ip, meta, false, entry.original.src, entry.original.src_port);
+                rewrite(ip, meta, false, client_src, client_port);
             },
         );
     }
