@@ -355,27 +355,39 @@ pub(super) fn l4_checksum_offset(meta: &IpMeta) -> Option<usize> {
 /// with it, the port (or ICMP id) on the same side, fixing every checksum
 /// incrementally. `source` picks the side.
 pub(super) fn rewrite(packet: &mut [u8], meta: &IpMeta, source: bool, address: IpAddr, port: u16) {
-    let (addr_at, addr_len) = match (meta.v6, source) {
-        (false, true) => (12, 4),
-        (false, false) => (16, 4),
-        (true, true) => (8, 16),
-        (true, false) => (24, 16),
-    };
-    let mut new_addr = [0u8; 16];
+    // The address as the packet's family holds it (an address of the
+    // other family: zero-padded or cut, never a panic).
+    let mut padded = [0u8; 16];
     match address {
-        IpAddr::V4(a) => new_addr[..4].copy_from_slice(&a.octets()),
-        IpAddr::V6(a) => new_addr.copy_from_slice(&a.octets()),
+        IpAddr::V4(a) => padded[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => padded = a.octets(),
     }
-    let mut old_addr = [0u8; 16];
-    let (Some(new_addr), Some(old_part), Some(current)) = (
-        new_addr.get(..addr_len),
-        old_addr.get_mut(..addr_len),
-        packet.get(addr_at..addr_at + addr_len),
-    ) else {
+    // Per family with the address length a constant: the copies and
+    // checksum updates below are a few fixed-size moves, not `memcpy`
+    // calls (this runs for every forwarded packet).
+    if meta.v6 {
+        rewrite_sized::<16>(packet, meta, source, padded, port);
+    } else if let Some(v4) = padded.first_chunk::<4>() {
+        rewrite_sized::<4>(packet, meta, source, *v4, port);
+    }
+}
+
+fn rewrite_sized<const N: usize>(
+    packet: &mut [u8],
+    meta: &IpMeta,
+    source: bool,
+    new_addr: [u8; N],
+    port: u16,
+) {
+    let addr_at = match (meta.v6, source) {
+        (false, true) => 12,
+        (false, false) => 16,
+        (true, true) => 8,
+        (true, false) => 24,
+    };
+    let Some(&old_addr) = packet.get(addr_at..).and_then(<[u8]>::first_chunk::<N>) else {
         return;
     };
-    old_part.copy_from_slice(current);
-    let old_addr = &*old_part;
     let is_icmp = matches!(meta.icmp, IcmpKind::Query | IcmpKind::QueryReply);
     let port_at = meta.header_len
         + match (is_icmp, source) {
@@ -394,14 +406,14 @@ pub(super) fn rewrite(packet: &mut [u8], meta: &IpMeta, source: bool, address: I
         if meta.csum_partial {
             // The field is the folded pseudo-header sum, not complemented:
             // only the addresses are in it, the ports are summed later.
-            let sum = !checksum::adjust(!old_sum, old_addr, new_addr);
+            let sum = !checksum::adjust(!old_sum, &old_addr, &new_addr);
             if let Some(field) = packet.get_mut(at..at + 2) {
                 field.copy_from_slice(&sum.to_be_bytes());
             }
         } else if !udp_without_sum {
             let mut sum = old_sum;
             if pseudo {
-                sum = checksum::adjust(sum, old_addr, new_addr);
+                sum = checksum::adjust(sum, &old_addr, &new_addr);
             }
             sum = checksum::adjust(sum, &old_port.to_be_bytes(), &port.to_be_bytes());
             if meta.protocol == PROTO_UDP && sum == 0 {
@@ -419,13 +431,16 @@ pub(super) fn rewrite(packet: &mut [u8], meta: &IpMeta, source: bool, address: I
     if !meta.v6
         && let Some(old_sum) = be16(packet, 10)
     {
-        let sum = checksum::adjust(old_sum, old_addr, new_addr);
+        let sum = checksum::adjust(old_sum, &old_addr, &new_addr);
         if let Some(field) = packet.get_mut(10..12) {
             field.copy_from_slice(&sum.to_be_bytes());
         }
     }
-    if let Some(field) = packet.get_mut(addr_at..addr_at + addr_len) {
-        field.copy_from_slice(new_addr);
+    if let Some(field) = packet
+        .get_mut(addr_at..)
+        .and_then(<[u8]>::first_chunk_mut::<N>)
+    {
+        *field = new_addr;
     }
 }
 
