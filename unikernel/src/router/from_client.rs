@@ -88,7 +88,7 @@ impl Router {
     }
 
     pub(super) fn client_ip(&mut self, index: usize, packet: &[u8], now: Millis) {
-        let meta = match parse_ip(packet, true).and_then(|m| self.with_offload(m)) {
+        let mut meta = match parse_ip(packet, true) {
             Ok(meta) => meta,
             Err(reason) => {
                 let client = self.clients.get(index);
@@ -99,6 +99,9 @@ impl Router {
                 return self.drop(reason);
             }
         };
+        if !self.rx_offload.is_none() && !self.apply_offload(&mut meta) {
+            return self.drop(DropReason::Malformed);
+        }
         let packet = packet.get(..meta.total_len).unwrap_or(packet);
         // Neighbour discovery for this link (to us, to a multicast group, to
         // a link-local address); other ND messages are forwarded traffic

@@ -70,7 +70,7 @@ impl Router {
     }
 
     pub(super) fn uplink_ip(&mut self, packet: &[u8], now: Millis) {
-        let meta = match parse_ip(packet, true).and_then(|m| self.with_offload(m)) {
+        let mut meta = match parse_ip(packet, true) {
             Ok(meta) => meta,
             Err(reason) => {
                 let ours = |m: &IpMeta| self.is_ours(m.dst) && !self.is_client_address(m.src);
@@ -80,6 +80,9 @@ impl Router {
                 return self.drop(reason);
             }
         };
+        if !self.rx_offload.is_none() && !self.apply_offload(&mut meta) {
+            return self.drop(DropReason::Malformed);
+        }
         let packet = packet.get(..meta.total_len).unwrap_or(packet);
         if meta.icmp == IcmpKind::Ndp {
             return self.uplink_ndp(packet, &meta);

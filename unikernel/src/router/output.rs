@@ -26,15 +26,15 @@ impl Router {
         self.enqueue_offloaded(out, frame, Offload::NONE);
     }
 
-    /// The parsed header of a received packet with the frame's offload
-    /// metadata checked against it: offloads only on an unfragmented
-    /// TCP/UDP packet without IPv6 extension headers, GSO only on TCP and
-    /// with the checksum partial (what `crate::offload::accept` makes).
-    pub(super) fn with_offload(&self, mut meta: IpMeta) -> Result<IpMeta, DropReason> {
+    /// Checks the received frame's offload metadata against its parsed
+    /// header and marks the header's checksum partial: offloads only on an
+    /// unfragmented TCP/UDP packet without IPv6 extension headers, GSO only
+    /// on TCP and with the checksum partial (what `crate::offload::accept`
+    /// makes). `false`: the frame is malformed. Only called for a frame a
+    /// NIC marked (`rx_offload` not `NONE`): a complete frame, every frame
+    /// of a NIC without offloads, skips it and its header is not moved.
+    pub(super) fn apply_offload(&self, meta: &mut IpMeta) -> bool {
         let offload = self.rx_offload;
-        if offload.is_none() {
-            return Ok(meta);
-        }
         let transport = match meta.protocol {
             PROTO_TCP => true,
             PROTO_UDP => !offload.is_gso(),
@@ -45,10 +45,10 @@ impl Router {
             || meta.extensions
             || (offload.is_gso() && !offload.csum_partial)
         {
-            return Err(DropReason::Malformed);
+            return false;
         }
         meta.csum_partial = offload.csum_partial;
-        Ok(meta)
+        true
     }
 
     pub(super) fn enqueue_offloaded(&mut self, out: Out, frame: Vec<u8>, offload: Offload) {
