@@ -194,7 +194,8 @@ fn pseudo(frame: &[u8], v6: bool, protocol: u8, length: usize) -> Option<u16> {
     let ip = frame.get(ETH_LEN..)?;
     let sum = if v6 {
         let addresses = ip.get(8..40)?;
-        checksum::add(checksum::add(0, addresses), &length.to_be_bytes()) + u32::from(protocol)
+        let sum = checksum::add(checksum::add(0, addresses), &length.to_be_bytes());
+        checksum::add(sum, &[0, 0, 0, protocol])
     } else {
         let addresses = ip.get(12..20)?;
         checksum::add(
