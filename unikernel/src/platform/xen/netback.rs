@@ -159,6 +159,14 @@ pub trait GrantCopy {
         }
         Ok(())
     }
+    /// Runs several gathers (packets of one poll round) as one batch (on
+    /// Xen: one hypercall), at most [`MAX_BATCH_PACKETS`] of at most
+    /// [`MAX_BATCH_SEGMENTS`] segments in all; sets each job's `done`.
+    fn gather_many(&mut self, dom: u16, jobs: &mut [Gather<'_>]) {
+        for job in jobs {
+            job.done = self.gather(dom, job.segments, job.dst).is_ok();
+        }
+    }
     /// Copies consecutive bytes of `src` into `segments` of `dom`'s pages
     /// (bounds as [`Self::gather`]). `Err` when any segment is refused;
     /// the others may have been written.
@@ -180,6 +188,24 @@ pub trait GrantCopy {
         result
     }
 }
+
+/// One packet of a [`GrantCopy::gather_many`] batch.
+#[derive(Debug)]
+pub struct Gather<'a> {
+    /// Its segments, in order (bounds as [`GrantCopy::gather`]).
+    pub segments: &'a [Segment],
+    /// Where they go: their lengths add up to its length.
+    pub dst: &'a mut [u8],
+    /// Set by the copy: whether every segment arrived.
+    pub done: bool,
+}
+
+/// Most packets one poll round copies in one batch.
+pub const MAX_BATCH_PACKETS: usize = 16;
+/// Most segments one such batch holds (a packet has at most
+/// [`MAX_COPY_SEGMENTS`]; a packet that would pass this starts the next
+/// batch).
+pub const MAX_BATCH_SEGMENTS: usize = 64;
 
 /// The bounds every batched copy keeps: at most [`MAX_COPY_SEGMENTS`]
 /// segments, each inside its page, their lengths adding up to `len`.
@@ -257,6 +283,32 @@ struct TxRequest {
     size: u16,
 }
 
+/// A packet taken off the TX ring, waiting for its round's grant copy
+/// (its slots are answered once that is done, in ring order).
+#[derive(Debug, Clone)]
+struct Pending {
+    first: TxRequest,
+    extras: usize,
+    rest: [TxRequest; FATAL_SLOTS],
+    count: usize,
+    gso: Option<(u16, u8)>,
+    segments: [Segment; MAX_COPY_SEGMENTS],
+    segment_count: usize,
+    /// What happens to it.
+    fate: Fate,
+}
+
+/// What becomes of a [`Pending`] packet.
+#[derive(Debug, Clone)]
+enum Fate {
+    /// Its slots are copied into the frame.
+    Copy(Vec<u8>),
+    /// Refused before any copy (bad sizes, offsets, extra info): errors.
+    Refused,
+    /// Served but dropped: no room in our queue.
+    NoRoom,
+}
+
 /// The backend rings of one client vif.
 #[derive(Debug)]
 pub struct Netback<M, C, N> {
@@ -277,6 +329,11 @@ pub struct Netback<M, C, N> {
     stats: NetbackStats,
     broken: Option<&'static str>,
     frontend: FrontendFeatures,
+    /// Packets of this poll round waiting for their batch's copy (at most
+    /// [`MAX_BATCH_PACKETS`]; the frames' bytes count against the queue's
+    /// room, so they never hold more than it takes).
+    pending: Vec<Pending>,
+    pending_bytes: usize,
 }
 
 impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
@@ -302,6 +359,8 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             stats: NetbackStats::default(),
             broken: None,
             frontend: FrontendFeatures::default(),
+            pending: Vec::new(),
+            pending_bytes: 0,
         }
     }
 
@@ -382,22 +441,39 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             return false;
         }
         while self.tx_req_cons != prod {
-            if let Err(reason) = self.take_packet(prod) {
-                // As Linux's `xenvif_fatal_tx_err`: the frontend broke the
-                // protocol; the vif stops.
-                self.broken = Some(reason);
-                return false;
+            match self.take_packet(prod) {
+                Ok(packet) => {
+                    let segments: usize = self.pending.iter().map(|p| p.segment_count).sum();
+                    if self.pending.len() == MAX_BATCH_PACKETS
+                        || segments + packet.segment_count > MAX_BATCH_SEGMENTS
+                    {
+                        self.flush_pending();
+                    }
+                    if let Fate::Copy(frame) = &packet.fate {
+                        self.pending_bytes += frame.len();
+                    }
+                    self.pending.push(packet);
+                }
+                Err(reason) => {
+                    // As Linux's `xenvif_fatal_tx_err`: the frontend broke
+                    // the protocol; the vif stops (the packets before are
+                    // served first).
+                    self.flush_pending();
+                    self.broken = Some(reason);
+                    return false;
+                }
             }
         }
+        self.flush_pending();
         final_check(&self.tx, REQ_PROD, REQ_EVENT, prod)
     }
 
     /// Consumes one packet's slots (first request, extra-info segments,
-    /// further data slots), answers every one, and queues the frame if it
-    /// holds together. `Err` for a protocol violation that stops the vif:
-    /// a packet running past `req_prod`, more than [`FATAL_SLOTS`] data
-    /// slots or [`MAX_EXTRAS`] extra-info segments.
-    fn take_packet(&mut self, prod: u32) -> Result<(), &'static str> {
+    /// further data slots) and plans its copy. `Err` for a protocol
+    /// violation that stops the vif: a packet running past `req_prod`,
+    /// more than [`FATAL_SLOTS`] data slots or [`MAX_EXTRAS`] extra-info
+    /// segments.
+    fn take_packet(&mut self, prod: u32) -> Result<Pending, &'static str> {
         let first = self.tx_slot(self.tx_req_cons);
         self.tx_req_cons = self.tx_req_cons.wrapping_add(1);
         let mut bad = false;
@@ -426,69 +502,173 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
                 }
             }
         }
-        let mut slots: [TxRequest; FATAL_SLOTS] = [TxRequest::default(); FATAL_SLOTS];
-        let mut count = 0usize;
+        let mut packet = Pending {
+            first,
+            extras,
+            rest: [TxRequest::default(); FATAL_SLOTS],
+            count: 0,
+            gso,
+            segments: [Segment::default(); MAX_COPY_SEGMENTS],
+            segment_count: 0,
+            fate: Fate::Refused,
+        };
         let mut more = first.flags & NETTXF_MORE_DATA != 0;
         while more {
             if self.tx_req_cons == prod {
                 return Err("client TX packet runs past req_prod");
             }
             let slot = self.tx_slot(self.tx_req_cons);
-            let Some(place) = slots.get_mut(count) else {
+            let Some(place) = packet.rest.get_mut(packet.count) else {
                 return Err("client TX packet of too many slots");
             };
             *place = slot;
-            count += 1;
+            packet.count += 1;
             self.tx_req_cons = self.tx_req_cons.wrapping_add(1);
             more = slot.flags & NETTXF_MORE_DATA != 0;
         }
-        let rest = slots.get(..count).unwrap_or(&[]);
-        let frame = if bad || count + 1 > MAX_SLOTS {
-            None
-        } else {
-            self.gather_packet(&first, rest, gso.is_some())
+        if !bad && packet.count < MAX_SLOTS {
+            self.plan_packet(&mut packet);
+        }
+        Ok(packet)
+    }
+
+    /// Plans the copy of a packet's slots into one frame: its segments and
+    /// the frame, or [`Fate::Refused`] if any size or offset is wrong,
+    /// [`Fate::NoRoom`] if our queue has no room for it. The first
+    /// request's size is the whole packet's (`netif.h`), its own data what
+    /// the other slots leave.
+    fn plan_packet(&mut self, packet: &mut Pending) {
+        let total = usize::from(packet.first.size);
+        let rest = packet.rest.get(..packet.count).unwrap_or(&[]);
+        let others: usize = rest.iter().map(|slot| usize::from(slot.size)).sum();
+        let Some(own) = total.checked_sub(others) else {
+            return;
         };
-        match frame {
-            None => {
-                self.stats.bad_requests += 1;
-                self.respond_packet(&first, extras, rest, RSP_ERROR);
+        let limit = if packet.gso.is_some() {
+            offload::MAX_OFFLOAD_FRAME
+        } else {
+            MAX_FRAME
+        };
+        if total < 14 || total > limit {
+            return;
+        }
+        let mut count = 0usize;
+        for (slot, len) in core::iter::once((&packet.first, own))
+            .chain(rest.iter().map(|s| (s, usize::from(s.size))))
+        {
+            if usize::from(slot.offset) + len > PAGE {
+                return;
             }
-            Some(mut frame) => {
-                let nic = NicOffload {
-                    csum_partial: first.flags & NETTXF_CSUM_BLANK != 0,
-                    csum_start: 0,
-                    csum_offset: 0,
-                    gso: match gso {
-                        None => GsoKind::None,
-                        Some((_, GSO_TYPE_TCPV4)) => GsoKind::TcpV4,
-                        Some((_, GSO_TYPE_TCPV6)) => GsoKind::TcpV6,
-                        Some(_) => GsoKind::Other,
-                    },
-                    gso_size: gso.map_or(0, |(size, _)| size),
-                };
-                match offload::accept(&mut frame, nic) {
-                    Ok(offload) => {
-                        if self.received.len() < RX_QUEUE
-                            && self.received_bytes + frame.len() <= RX_QUEUE_BYTES
-                        {
-                            if offload.is_gso() {
-                                self.stats.gso_from_client += 1;
-                            }
-                            self.received_bytes += frame.len();
-                            self.received.push_back((frame, offload));
-                            self.stats.from_client += 1;
-                        } else {
-                            self.stats.dropped += 1;
-                        }
-                    }
-                    // As Linux netback: the request was served, the frame
-                    // dropped.
-                    Err(_) => self.stats.bad_checksum_offload += 1,
+            let Some(place) = packet.segments.get_mut(count) else {
+                return;
+            };
+            *place = Segment {
+                gref: slot.gref,
+                offset: slot.offset,
+                len: len as u16, // at most a page (checked above)
+            };
+            count += 1;
+        }
+        packet.segment_count = count;
+        // As before batching: a frame our queue has no room for is served
+        // and dropped, and never allocated.
+        let queued = self.received.len() + self.pending.len();
+        packet.fate = if queued < RX_QUEUE
+            && self.received_bytes + self.pending_bytes + total <= RX_QUEUE_BYTES
+        {
+            Fate::Copy(vec![0u8; total])
+        } else {
+            Fate::NoRoom
+        };
+    }
+
+    /// Copies the pending packets' slots in one batch, then answers and
+    /// queues them in ring order.
+    fn flush_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut pending = core::mem::take(&mut self.pending);
+        let mut copied = [false; MAX_BATCH_PACKETS];
+        {
+            let mut jobs: Vec<Gather<'_>> = Vec::with_capacity(pending.len());
+            let mut owners: Vec<usize> = Vec::with_capacity(pending.len());
+            for (index, packet) in pending.iter_mut().enumerate() {
+                let Pending {
+                    segments,
+                    segment_count,
+                    fate,
+                    ..
+                } = packet;
+                if let Fate::Copy(frame) = fate {
+                    jobs.push(Gather {
+                        segments: segments.get(..*segment_count).unwrap_or(&[]),
+                        dst: frame,
+                        done: false,
+                    });
+                    owners.push(index);
                 }
-                self.respond_packet(&first, extras, rest, RSP_OKAY);
+            }
+            if !jobs.is_empty() {
+                self.copier.gather_many(self.dom, &mut jobs);
+            }
+            for (job, index) in jobs.iter().zip(owners) {
+                if let Some(flag) = copied.get_mut(index) {
+                    *flag = job.done;
+                }
             }
         }
-        Ok(())
+        for (index, packet) in pending.drain(..).enumerate() {
+            let done = copied.get(index).copied().unwrap_or(false);
+            self.finish_packet(packet, done);
+        }
+        self.pending = pending;
+        self.pending_bytes = 0;
+    }
+
+    /// Answers a packet's slots and queues its frame (`copied`: its copy
+    /// went through).
+    fn finish_packet(&mut self, packet: Pending, copied: bool) {
+        let rest = packet.rest.get(..packet.count).unwrap_or(&[]);
+        let mut frame = match packet.fate {
+            Fate::Copy(frame) if copied => frame,
+            Fate::NoRoom => {
+                self.stats.dropped += 1;
+                self.respond_packet(&packet.first, packet.extras, rest, RSP_OKAY);
+                return;
+            }
+            Fate::Copy(_) | Fate::Refused => {
+                self.stats.bad_requests += 1;
+                self.respond_packet(&packet.first, packet.extras, rest, RSP_ERROR);
+                return;
+            }
+        };
+        let gso = packet.gso;
+        let nic = NicOffload {
+            csum_partial: packet.first.flags & NETTXF_CSUM_BLANK != 0,
+            csum_start: 0,
+            csum_offset: 0,
+            gso: match gso {
+                None => GsoKind::None,
+                Some((_, GSO_TYPE_TCPV4)) => GsoKind::TcpV4,
+                Some((_, GSO_TYPE_TCPV6)) => GsoKind::TcpV6,
+                Some(_) => GsoKind::Other,
+            },
+            gso_size: gso.map_or(0, |(size, _)| size),
+        };
+        match offload::accept(&mut frame, nic) {
+            Ok(offload) => {
+                if offload.is_gso() {
+                    self.stats.gso_from_client += 1;
+                }
+                self.received_bytes += frame.len();
+                self.received.push_back((frame, offload));
+                self.stats.from_client += 1;
+            }
+            // As Linux netback: the request was served, the frame dropped.
+            Err(_) => self.stats.bad_checksum_offload += 1,
+        }
+        self.respond_packet(&packet.first, packet.extras, rest, RSP_OKAY);
     }
 
     /// Answers a packet's slots: `status` for each data slot, NULL for
@@ -507,48 +687,6 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         for slot in rest {
             self.respond_tx(slot.id, status);
         }
-    }
-
-    /// Copies a packet's slots into one frame, all in one batch; `None` if
-    /// any size, offset or copy is refused. The first request's size is the
-    /// whole packet's (`netif.h`), its own data what the other slots leave.
-    fn gather_packet(
-        &mut self,
-        first: &TxRequest,
-        rest: &[TxRequest],
-        gso: bool,
-    ) -> Option<Vec<u8>> {
-        let total = usize::from(first.size);
-        let others: usize = rest.iter().map(|slot| usize::from(slot.size)).sum();
-        let own = total.checked_sub(others)?;
-        let limit = if gso {
-            offload::MAX_OFFLOAD_FRAME
-        } else {
-            MAX_FRAME
-        };
-        if total < 14 || total > limit {
-            return None;
-        }
-        let mut segments = [Segment::default(); MAX_COPY_SEGMENTS];
-        let mut count = 0usize;
-        for (slot, len) in
-            core::iter::once((first, own)).chain(rest.iter().map(|s| (s, usize::from(s.size))))
-        {
-            if usize::from(slot.offset) + len > PAGE {
-                return None;
-            }
-            *segments.get_mut(count)? = Segment {
-                gref: slot.gref,
-                offset: slot.offset,
-                len: len as u16, // at most a page (checked above)
-            };
-            count += 1;
-        }
-        let mut frame = vec![0u8; total];
-        self.copier
-            .gather(self.dom, segments.get(..count)?, &mut frame)
-            .ok()?;
-        Some(frame)
     }
 
     /// The next frame the client sent, complete (an offloaded one is cut
@@ -783,7 +921,27 @@ mod tests {
         fn batches(&self) -> u32 {
             self.1.get()
         }
+        fn gather_one(
+            &self,
+            dom: u16,
+            segments: &[Segment],
+            dst: &mut [u8],
+        ) -> Result<(), CopyRefused> {
+            check_batch(segments, dst.len())?;
+            let mut result = Ok(());
+            let mut at = 0;
+            for s in segments {
+                let part = &mut dst[at..at + usize::from(s.len)];
+                match self.page(dom, s.gref) {
+                    Some(page) => page.read_bytes(usize::from(s.offset), part),
+                    None => result = Err(CopyRefused),
+                }
+                at += part.len();
+            }
+            result
+        }
     }
+
     impl GrantCopy for Pages {
         fn copy_from(
             &mut self,
@@ -821,19 +979,17 @@ mod tests {
             segments: &[Segment],
             dst: &mut [u8],
         ) -> Result<(), CopyRefused> {
-            check_batch(segments, dst.len())?;
             self.1.set(self.1.get() + 1);
-            let mut result = Ok(());
-            let mut at = 0;
-            for s in segments {
-                let part = &mut dst[at..at + usize::from(s.len)];
-                match self.page(dom, s.gref) {
-                    Some(page) => page.read_bytes(usize::from(s.offset), part),
-                    None => result = Err(CopyRefused),
-                }
-                at += part.len();
+            self.gather_one(dom, segments, dst)
+        }
+        fn gather_many(&mut self, dom: u16, jobs: &mut [Gather<'_>]) {
+            assert!(jobs.len() <= MAX_BATCH_PACKETS);
+            let segments: usize = jobs.iter().map(|j| j.segments.len()).sum();
+            assert!(segments <= MAX_BATCH_SEGMENTS);
+            self.1.set(self.1.get() + 1);
+            for job in jobs {
+                job.done = self.gather_one(dom, job.segments, job.dst).is_ok();
             }
-            result
         }
         fn scatter(
             &mut self,
@@ -1093,6 +1249,70 @@ mod tests {
         back.poll();
         assert_eq!(statuses(&tx, start, n), [0, 0, 0]);
         assert_eq!(back.take_frame(), Some(small));
+    }
+
+    #[test]
+    fn a_poll_round_copies_its_packets_in_one_batch_and_answers_in_order() {
+        let (_front, mut back, pages, tx) = pair();
+        // Five single-slot packets, the third naming a grant it did not
+        // give: one batch; that one errors, the others arrive in order.
+        let start = tx.load_u32(REQ_PROD);
+        for i in 0..5u32 {
+            let gref = if i == 2 { 999 } else { 100 + i };
+            if let Some(page) = pages.0.borrow().get(&gref) {
+                page.write_bytes(0, &[i as u8 + 1; 60]);
+            }
+            write_request(&tx, start + i, gref, 0, 0, i as u16, 60);
+        }
+        tx.store_u32(REQ_PROD, start + 5);
+        back.poll();
+        assert_eq!(pages.batches(), 1);
+        assert_eq!(statuses(&tx, start, 5), [0, 0, -1, 0, 0]);
+        let ids: Vec<u16> = (0..5)
+            .map(|i| tx.load_u16(RING_HEADER + ((start + i) % RING_SIZE) as usize * TX_ENTRY))
+            .collect();
+        assert_eq!(ids, [0, 1, 2, 3, 4]);
+        for byte in [1u8, 2, 4, 5] {
+            assert_eq!(back.take_frame().unwrap(), [byte; 60]);
+        }
+        assert_eq!(back.take_frame(), None);
+        assert_eq!(back.stats().bad_requests, 1);
+        // More packets than one batch holds, and than our queue takes:
+        // batches of at most MAX_BATCH_PACKETS, the packets past the queue
+        // served and dropped (never copied).
+        let (_front, mut back, pages, tx) = pair();
+        let n = RX_QUEUE as u32 + 6;
+        let start = tx.load_u32(REQ_PROD);
+        for i in 0..n {
+            write_request(&tx, start + i, 100 + i % 16, 0, 0, i as u16, 60);
+        }
+        tx.store_u32(REQ_PROD, start + n);
+        back.poll();
+        assert!(statuses(&tx, start, n).iter().all(|&s| s == 0));
+        assert_eq!(back.stats().from_client, RX_QUEUE as u64);
+        assert_eq!(back.stats().dropped, 6);
+        assert_eq!(
+            pages.batches() as usize,
+            RX_QUEUE.div_ceil(MAX_BATCH_PACKETS)
+        );
+        // GSO packets of 16 segments: four to a batch (64 segments).
+        let (_front, mut back, pages, tx) = pair();
+        let frame = tcp4_frame(16 * 60);
+        let mut sizes = [60; 16];
+        sizes[0] = 114;
+        for _ in 0..5 {
+            post_packet(
+                &pages,
+                &tx,
+                &frame,
+                &sizes,
+                NETTXF_CSUM_BLANK,
+                Some((60, GSO_TYPE_TCPV4)),
+            );
+        }
+        back.poll();
+        assert_eq!(back.stats().gso_from_client, 5);
+        assert_eq!(pages.batches(), 2);
     }
 
     #[test]

@@ -39,7 +39,10 @@ use super::abi;
 use super::events::{self, SharedInfo, XenNotify};
 use super::grant::{self, ForeignMapping, ForeignWindow, GrantTable};
 use super::hypercall;
-use super::netback::{CopyRefused, FrontendFeatures, GrantCopy, Netback, NetbackStats, Sent};
+use super::netback::{
+    CopyRefused, FrontendFeatures, Gather, GrantCopy, MAX_BATCH_PACKETS, MAX_BATCH_SEGMENTS,
+    Netback, NetbackStats, Sent,
+};
 use super::netfront::{self, Buffer, Netfront, NetfrontRx};
 use super::shared::RawMemory;
 use super::start_info::BootInfo;
@@ -901,6 +904,47 @@ impl GrantCopy for XenGrantCopy {
             src.len(),
             grant::CopyDirection::ToPeer,
         )
+    }
+
+    /// Every job's ops in one hypercall; a job whose plan is refused or
+    /// does not fit (past the batch bounds) goes on its own.
+    fn gather_many(&mut self, dom: u16, jobs: &mut [Gather<'_>]) {
+        let mut ops = [abi::GnttabCopy::default(); 2 * MAX_BATCH_SEGMENTS];
+        // Each job's ops, `None` where it goes on its own.
+        let mut ranges = [None; MAX_BATCH_PACKETS];
+        let mut used = 0usize;
+        for (job, range) in jobs.iter_mut().zip(ranges.iter_mut()) {
+            let local = job.dst.as_mut_ptr().expose_provenance();
+            let room = ops.get_mut(used..).unwrap_or(&mut []);
+            let planned = grant::plan_copy(
+                dom,
+                job.segments,
+                local as u64,
+                job.dst.len(),
+                grant::CopyDirection::FromPeer,
+                room,
+            );
+            if let Some(count) = planned {
+                *range = Some((used, used + count));
+                used += count;
+            }
+        }
+        let batch = ops.get_mut(..used).unwrap_or(&mut []);
+        // SAFETY: `plan_copy` kept every op's local end inside its job's
+        // `dst`, which `jobs` holds `&mut` for the call (identity-mapped:
+        // the frame numbers are its own); Xen writes only there.
+        let rc = unsafe { hypercall::grant_copy(batch) };
+        for (index, job) in jobs.iter_mut().enumerate() {
+            job.done = match ranges.get(index).copied().flatten() {
+                Some((start, end)) => {
+                    rc == 0
+                        && ops
+                            .get(start..end)
+                            .is_some_and(|ops| ops.iter().all(|op| op.status == abi::GNTST_OKAY))
+                }
+                None => self.gather(dom, job.segments, job.dst).is_ok(),
+            };
+        }
     }
 }
 
