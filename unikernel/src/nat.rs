@@ -280,13 +280,47 @@ struct Owner {
     head: u32,
 }
 
+/// A slot and the direction the key it is stored under stands for, in one
+/// word (the top bit: reply), so the one index of both directions takes no
+/// more memory per key than a bare slot number did.
+#[derive(Clone, Copy, Debug)]
+struct Indexed(u32);
+
+impl Indexed {
+    const REPLY: u32 = 1 << 31;
+
+    /// `slot` is below the table's capacity, itself below [`Indexed::REPLY`].
+    fn new(slot: u32, direction: Direction) -> Indexed {
+        match direction {
+            Direction::Original => Indexed(slot & !Indexed::REPLY),
+            Direction::Reply => Indexed(slot | Indexed::REPLY),
+        }
+    }
+
+    fn slot(self) -> u32 {
+        self.0 & !Indexed::REPLY
+    }
+
+    fn direction(self) -> Direction {
+        if self.0 & Indexed::REPLY == 0 {
+            Direction::Original
+        } else {
+            Direction::Reply
+        }
+    }
+}
+
 /// The connection-tracking / NAT table.
 #[derive(Debug)]
 pub struct NatTable {
     slots: Vec<Option<NatEntry>>,
     free: Vec<u32>,
-    by_original: HashMap<FlowKey, u32, SeededState>,
-    by_reply: HashMap<FlowKey, u32, SeededState>,
+    /// Every entry's original and reply key, each with its slot and the
+    /// direction it stands for: one table, so a packet of either direction
+    /// is found with one hash of its key and one probe (a reply used to
+    /// miss in an originals' table first). A key is never both some flow's
+    /// original and another's reply: `insert` refuses such a clash.
+    flows: HashMap<FlowKey, Indexed, SeededState>,
     /// Per owner: how many entries, and the first of its chain.
     per_owner: HashMap<IpAddr, Owner, SeededState>,
     /// Per slot: the previous and next slot of its owner's chain
@@ -309,12 +343,12 @@ impl NatTable {
     /// owned by one client. Memory for `capacity` entries is reserved now.
     pub fn new(capacity: usize, per_client: usize, seed: u64) -> NatTable {
         let hasher = SeededState::new(seed);
-        let capacity = capacity.min(u32::MAX as usize);
+        // Slot numbers leave the top bit free ([`Indexed`]).
+        let capacity = capacity.min((Indexed::REPLY - 1) as usize);
         NatTable {
             slots: Vec::with_capacity(capacity),
             free: Vec::new(),
-            by_original: HashMap::with_capacity_and_hasher(capacity, hasher),
-            by_reply: HashMap::with_capacity_and_hasher(capacity, hasher),
+            flows: HashMap::with_capacity_and_hasher(capacity.saturating_mul(2), hasher),
             per_owner: HashMap::with_hasher(hasher),
             links: Vec::with_capacity(capacity),
             peered: 0,
@@ -336,12 +370,13 @@ impl NatTable {
 
     /// Number of live entries.
     pub fn len(&self) -> usize {
-        self.by_original.len()
+        // Every slot holds an entry but the free ones.
+        self.slots.len() - self.free.len()
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
-        self.by_original.is_empty()
+        self.len() == 0
     }
 
     /// The table's capacity.
@@ -364,13 +399,8 @@ impl NatTable {
     /// Finds the flow a packet with this key belongs to, in either
     /// direction. An expired entry is removed and not returned.
     pub fn lookup(&mut self, key: &FlowKey, now: Millis) -> Option<(EntryId, Direction)> {
-        let (slot, direction) = if let Some(slot) = self.by_original.get(key) {
-            (*slot, Direction::Original)
-        } else if let Some(slot) = self.by_reply.get(key) {
-            (*slot, Direction::Reply)
-        } else {
-            return None;
-        };
+        let found = *self.flows.get(key)?;
+        let (slot, direction) = (found.slot(), found.direction());
         let expired = self
             .get(EntryId(slot))
             .is_none_or(|entry| entry.expired(now));
@@ -439,7 +469,7 @@ impl NatTable {
         if self.owner_len(owner) >= self.per_client {
             return Err(NatError::ClientShareFull);
         }
-        if self.by_original.contains_key(&original) || self.by_reply.contains_key(&original) {
+        if self.flows.contains_key(&original) {
             // The caller looks up before inserting; a clash here means the
             // key is already some flow's reply (a crafted collision).
             return Err(NatError::NoFreePort);
@@ -449,7 +479,7 @@ impl NatTable {
             None => original.reversed(),
             Some(nat_address) => self.allocate(&original, nat_address, is_icmp, now)?,
         };
-        if self.by_reply.contains_key(&reply) || self.by_original.contains_key(&reply) {
+        if self.flows.contains_key(&reply) {
             return Err(NatError::NoFreePort);
         }
         let entry = NatEntry {
@@ -473,8 +503,12 @@ impl NatTable {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.by_original.insert(original, slot);
-        self.by_reply.insert(reply, slot);
+        // The reply first: a flow of a host to itself on one port has
+        // `reply == original`, and its packets are its original direction.
+        self.flows
+            .insert(reply, Indexed::new(slot, Direction::Reply));
+        self.flows
+            .insert(original, Indexed::new(slot, Direction::Original));
         self.link(slot, owner);
         if peer_client.is_some() {
             self.peered += 1;
@@ -503,10 +537,15 @@ impl NatTable {
                 dst_port: 0,
                 protocol: original.protocol,
             };
-            return match self.by_reply.get(&key).copied() {
-                None if !self.by_original.contains_key(&key) => Ok(key),
-                Some(slot) if self.get(EntryId(slot)).is_none_or(|e| e.expired(now)) => {
-                    self.remove(EntryId(slot));
+            return match self.flows.get(&key).copied() {
+                None => Ok(key),
+                Some(found)
+                    if found.direction() == Direction::Reply
+                        && self
+                            .get(EntryId(found.slot()))
+                            .is_none_or(|e| e.expired(now)) =>
+                {
+                    self.remove(EntryId(found.slot()));
                     Ok(key)
                 }
                 _ => Err(NatError::NoFreePort),
@@ -536,10 +575,15 @@ impl NatTable {
                 continue;
             }
             let key = candidate(port);
-            match self.by_reply.get(&key).copied() {
-                None if !self.by_original.contains_key(&key) => return Ok(key),
-                Some(slot) if self.get(EntryId(slot)).is_none_or(|e| e.expired(now)) => {
-                    self.remove(EntryId(slot));
+            match self.flows.get(&key).copied() {
+                None => return Ok(key),
+                Some(found)
+                    if found.direction() == Direction::Reply
+                        && self
+                            .get(EntryId(found.slot()))
+                            .is_none_or(|e| e.expired(now)) =>
+                {
+                    self.remove(EntryId(found.slot()));
                     return Ok(key);
                 }
                 _ => {}
@@ -556,8 +600,8 @@ impl NatTable {
         let Some(entry) = place.take() else {
             return;
         };
-        self.by_original.remove(&entry.original);
-        self.by_reply.remove(&entry.reply);
+        self.flows.remove(&entry.original);
+        self.flows.remove(&entry.reply);
         self.unlink(id.0, entry.owner);
         if entry.peer_client.is_some() {
             self.peered = self.peered.saturating_sub(1);
@@ -740,6 +784,55 @@ mod tests {
         assert_eq!(t.lookup(&e.reply, 1), Some((id, Direction::Reply)));
         t.touch(id, Direction::Reply, Some(TcpFlags::default()), 2);
         assert_eq!(t.get(id).unwrap().state, FlowState::Established);
+    }
+
+    #[test]
+    fn one_index_holds_both_directions_of_every_flow() {
+        let mut t = NatTable::new(64, 64, 5);
+        let mut flows = alloc::vec::Vec::new();
+        for port in 1000..1040u16 {
+            let k = key(CLIENT, port, PROTO_UDP);
+            let id = t.insert(CLIENT, k, Some(NAT), None, None, 0).unwrap();
+            flows.push((id, k, t.get(id).unwrap().reply));
+        }
+        assert_eq!(t.len(), 40);
+        for &(id, original, reply) in &flows {
+            assert_eq!(t.lookup(&original, 1), Some((id, Direction::Original)));
+            assert_eq!(t.lookup(&reply, 1), Some((id, Direction::Reply)));
+            // Neither key can start another flow.
+            assert_eq!(
+                t.insert(CLIENT2, reply, Some(NAT), None, None, 1),
+                Err(NatError::NoFreePort)
+            );
+        }
+        for &(id, original, reply) in flows.iter().step_by(2) {
+            t.remove(id);
+            assert_eq!(t.lookup(&original, 1), None);
+            assert_eq!(t.lookup(&reply, 1), None);
+        }
+        assert_eq!(t.len(), 20);
+        assert_eq!(t.flows.len(), 40);
+        // A flow of a host to itself on one port: its one key is its
+        // original direction.
+        let own = FlowKey {
+            src: CLIENT2,
+            dst: CLIENT2,
+            src_port: 7,
+            dst_port: 7,
+            protocol: PROTO_UDP,
+        };
+        let id = t.insert(CLIENT2, own, None, None, None, 1).unwrap();
+        assert_eq!(t.lookup(&own, 1), Some((id, Direction::Original)));
+        t.remove(id);
+        assert_eq!(t.lookup(&own, 1), None);
+        assert_eq!(t.len(), 20);
+        // The packed slot and direction round-trip up to the largest slot.
+        for slot in [0, 1, 12345, Indexed::REPLY - 1] {
+            for direction in [Direction::Original, Direction::Reply] {
+                let packed = Indexed::new(slot, direction);
+                assert_eq!((packed.slot(), packed.direction()), (slot, direction));
+            }
+        }
     }
 
     #[test]
