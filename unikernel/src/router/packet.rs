@@ -381,6 +381,8 @@ pub(super) fn rewrite(packet: &mut [u8], meta: &IpMeta, source: bool, address: I
     }
 }
 
+/// [`rewrite`] for a packet whose addresses are `N` bytes (4: IPv4, 16:
+/// IPv6); `new_addr` is already that long.
 fn rewrite_sized<const N: usize>(
     packet: &mut [u8],
     meta: &IpMeta,
