@@ -17,9 +17,10 @@
 //!   and throughput, interleaved, with ratios (root).
 //! - `bench xen` — iperf3 through our image vs a Linux sys-firewall on Xen
 //!   under QEMU (tests/xen/bench.sh), with ratios, CPU and memory (root).
-//! - `soak [SECONDS]` — 100 client qubes, well-behaved load while others
-//!   attack in turn; one table of figures; fails on a crash, a hang, a
-//!   leaked denied packet or memory growth (root).
+//! - `soak [SECONDS] [--pin] [--control]` — 100 client qubes, well-behaved
+//!   load while others attack in turn; one table of figures; fails on a
+//!   crash, a hang, a leaked denied packet or memory growth (root);
+//!   `--control` adds a same-run baseline through the Linux kernel path.
 //! - `miri` — the Xen platform's ring tests under Miri (installs the
 //!   nightly `miri` and `rust-src` components); fails on any UB.
 
@@ -69,7 +70,9 @@ const USAGE: &str = "usage: cargo xtask <command>
   bench box                    iperf3 through the hosted firewall vs the Linux kernel path (root)
   bench qrexec                 our qrexec vs Qubes' C build: call latency and 1 GiB throughput, with ratios (root)
   bench xen                    iperf3 through our image vs a Linux sys-firewall on Xen under QEMU, with ratios (root)
-  soak [SECONDS]               100 clients under load and attack, one table; fails on crash/hang/leak/growth (root)
+  soak [SECONDS] [--pin] [--control]
+                               100 clients under load and attack, one table; fails on crash/hang/leak/growth (root);
+                               --control: a same-run baseline download through the Linux kernel path
   miri                         the Xen platform's ring tests under Miri; fails on any undefined behaviour";
 
 /// The workspace root (the parent of this crate's directory).
