@@ -1,4 +1,4 @@
-//! `cargo xtask soak [SECONDS] [--pin] [--control]`: the hosted firewall
+//! `cargo xtask soak [SECONDS] [--pin] [--control] [--phases a,b]`: the hosted firewall
 //! under load and under attack, in a box of its own with 100 client qubes
 //! (root).
 //!
@@ -108,6 +108,13 @@
 //! makes; with it, every runnable process at nice 0 also shrinks the
 //! others' cgroup's share a little (one entity among more).
 //!
+//! `--phases a,b` runs only the named attack phases (in that order), each
+//! with its quiet window, between `before` and `after`; the phase length
+//! comes from the run time over the phases run. Besides the phases above
+//! it takes `qubesdb-rules` and `qubesdb-clients`, the `qubesdb` phase's
+//! rules rewrites alone and its client add/fetch/remove loop alone (never
+//! run by default). Without it every phase runs (what CI runs).
+//!
 //! `SOAK_FIREWALL=PATH` runs another build of the firewall (an older
 //! commit's, for a before/after under the same conditions).
 //!
@@ -177,16 +184,65 @@ const PHASES: &[&str] = &[
     "after",
 ];
 
+/// Phases `--phases` may name besides [`PHASES`]' attacks, never run by
+/// default: the `qubesdb` phase's two halves alone (to tell which costs).
+const EXTRA_PHASES: &[&str] = &["qubesdb-rules", "qubesdb-clients"];
+
+/// The phases to run: all of [`PHASES`] without a selection; with one
+/// (`--phases a,b`, names of attack phases or [`EXTRA_PHASES`]), `before`,
+/// the named attacks in the order given, `after`.
+fn select_phases(list: Option<&str>) -> Result<Vec<&'static str>, String> {
+    let Some(list) = list else {
+        return Ok(PHASES.to_vec());
+    };
+    let mut selected = vec!["before"];
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let known = PHASES
+            .iter()
+            .chain(EXTRA_PHASES)
+            .find(|p| **p == name && !matches!(**p, "before" | "after"))
+            .ok_or_else(|| {
+                format!(
+                    "soak: unknown attack phase {name:?} (known: {})",
+                    PHASES[1..PHASES.len() - 1]
+                        .iter()
+                        .chain(EXTRA_PHASES)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+        if !selected.contains(known) {
+            selected.push(known);
+        }
+    }
+    if selected.len() < 2 {
+        return Err("soak: --phases names no attack phase".into());
+    }
+    selected.push("after");
+    Ok(selected)
+}
+
 pub fn run(args: &[String]) -> Result<(), String> {
-    let usage = "usage: cargo xtask soak [SECONDS] [--pin] [--control]";
+    let usage = "usage: cargo xtask soak [SECONDS] [--pin] [--control] [--phases a,b]";
     let mut seconds = DEFAULT_SECONDS;
     let mut pin = false;
     let mut control = false;
-    for arg in args {
+    let mut phase_list = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
         if arg == "--pin" {
             pin = true;
         } else if arg == "--control" {
             control = true;
+        } else if arg == "--phases" {
+            phase_list = Some(
+                args.next()
+                    .map(String::as_str)
+                    .ok_or_else(|| format!("soak: --phases needs a list ({usage})"))?,
+            );
+        } else if let Some(list) = arg.strip_prefix("--phases=") {
+            phase_list = Some(list);
         } else {
             seconds = arg
                 .parse::<u64>()
@@ -195,6 +251,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 .ok_or_else(|| format!("soak: {arg:?} is not a number of seconds ({usage})"))?;
         }
     }
+    let phases = select_phases(phase_list)?;
     require_root()?;
     ensure_tools(&[
         ("ip", "iproute2"),
@@ -231,7 +288,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", scripts.join(name).display()))?;
     }
     let placement = if pin { Placement::pin()? } else { None };
-    soak(&bin, &firewall, &scripts, seconds, placement, control)
+    soak(
+        &bin, &firewall, &scripts, seconds, &phases, placement, control,
+    )
 }
 
 /// `--pin`: the firewall on a CPU of its own, every other process of the
@@ -787,10 +846,11 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(run_seconds: u64) -> Plan {
+    /// `phases`: the number of phases run, `before` and `after` included.
+    fn new(run_seconds: u64, phases: usize) -> Plan {
         // Each attack phase has a quiet window of half its length before
         // it, and `before` and `after` one phase each.
-        let attacks = PHASES.len().saturating_sub(2) as f64;
+        let attacks = phases.saturating_sub(2) as f64;
         let seconds = (run_seconds as f64 / (attacks * 1.5 + 2.0)).max(3.0);
         let scale = (run_seconds as f64 / FULL_SECONDS as f64).min(1.0);
         Plan {
@@ -951,9 +1011,12 @@ fn start_attack(
                 )
             }));
         }
-        "qubesdb" => {
+        // `qubesdb-rules` and `qubesdb-clients` (only with `--phases`): its
+        // two halves alone.
+        "qubesdb" | "qubesdb-rules" | "qubesdb-clients" => {
             let (rules_bx, rules_stop) = (Arc::clone(bx), Arc::clone(&stop));
-            attack.threads.push(std::thread::spawn(move || {
+            if phase != "qubesdb-clients" {
+                attack.threads.push(std::thread::spawn(move || {
                 join_others();
                 // One long-lived connection to the firewall's QubesDB
                 // daemon (as qubesd keeps one), rewrites paced at
@@ -995,8 +1058,10 @@ fn start_attack(
                     first_error.map_or(String::new(), |e| format!(", the first: {e}"))
                 )
             }));
+            }
             let (churn_bx, churn_stop) = (Arc::clone(bx), Arc::clone(&stop));
-            attack.threads.push(std::thread::spawn(move || {
+            if phase != "qubesdb-rules" {
+                attack.threads.push(std::thread::spawn(move || {
                 join_others();
                 let qubes_box = churn_bx.qubes_box();
                 let (mut cycles, mut errors, mut fetches) = (0u64, 0u64, 0u64);
@@ -1054,6 +1119,7 @@ fn start_attack(
                     first_error.map_or(String::new(), |e: String| format!(", the first: {e}"))
                 )
             }));
+            }
         }
         "sys-net" => {
             let bx = Arc::clone(bx);
@@ -1313,10 +1379,11 @@ fn soak(
     firewall: &Path,
     scripts: &Path,
     seconds: u64,
+    phases: &[&'static str],
     placement: Option<Placement>,
     control: bool,
 ) -> Result<(), String> {
-    let plan = Plan::new(seconds);
+    let plan = Plan::new(seconds, phases.len());
     let clients = CLIENTS.to_string();
     let firewall = firewall.to_string_lossy().into_owned();
     println!("soak: bringing up the box with {CLIENTS} client qubes");
@@ -1420,7 +1487,7 @@ fn soak(
     let mut problems: Vec<String> = Vec::new();
     let mut sys_net_recovery = String::new();
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    for phase in PHASES {
+    for phase in phases {
         let attacking = !matches!(*phase, "before" | "after");
         let quiet_window = attacking.then(|| {
             let from = Instant::now();
@@ -1428,6 +1495,8 @@ fn soak(
             (from, Instant::now())
         });
         let quiet = quiet_window.map(|(from, to)| load.window(from, to));
+        // Progress, for profiles taken beside the run.
+        println!("soak: {phase} starts");
         let from = Instant::now();
         let ticks_from = cpu_ticks(&pid);
         let waited_from = run_queue_ns(&pid);
@@ -1803,13 +1872,31 @@ connected_ips: 10.137.0.20
 
     #[test]
     fn short_runs_scale_the_counts_and_full_runs_do_not() {
-        let short = Plan::new(30);
+        let short = Plan::new(30, PHASES.len());
         assert!(!short.full());
         assert!(short.sequential < QREXEC_SEQUENTIAL);
         assert!(short.seconds >= 3.0);
-        let full = Plan::new(FULL_SECONDS);
+        let full = Plan::new(FULL_SECONDS, PHASES.len());
         assert!(full.full());
         assert_eq!(full.sequential, QREXEC_SEQUENTIAL);
+    }
+
+    #[test]
+    fn phases_are_selected_with_before_and_after() {
+        assert_eq!(select_phases(None).unwrap(), PHASES);
+        assert_eq!(
+            select_phases(Some("qubesdb,syn,qubesdb")).unwrap(),
+            ["before", "qubesdb", "syn", "after"]
+        );
+        assert_eq!(
+            select_phases(Some("qubesdb-rules")).unwrap(),
+            ["before", "qubesdb-rules", "after"]
+        );
+        assert!(select_phases(Some("nope")).is_err());
+        assert!(select_phases(Some("before")).is_err());
+        assert!(select_phases(Some("")).is_err());
+        // One attack: longer phases than the whole soak's in the same time.
+        assert!(Plan::new(60, 3).seconds > Plan::new(60, PHASES.len()).seconds);
     }
 
     #[test]
