@@ -1641,8 +1641,15 @@ fn soak(
     } else {
         String::new()
     };
+    // The phase column fits the longest name run (11 for the default set).
+    let width = rows
+        .iter()
+        .map(|r| r.phase.len())
+        .max()
+        .unwrap_or(0)
+        .max(11);
     println!(
-        "{:<11} {:>6} {:>6} {:>7} {:>8} {:>8} {:>6}{control_head} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  attack",
+        "{:<width$} {:>6} {:>6} {:>7} {:>8} {:>8} {:>6}{control_head} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  attack",
         "phase",
         "secs",
         "fw CPU",
@@ -1679,7 +1686,7 @@ fn soak(
             )
         });
         println!(
-            "{:<11} {:>6.1} {:>6} {:>7} {:>8} {:>8.1} {:>6}{control} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  {}",
+            "{:<width$} {:>6.1} {:>6} {:>7} {:>8} {:>8.1} {:>6}{control} {:>7} {:>8} {:>5} {:>8} {:>8} {:>8} {:>8} {:>13} {:>6}  {}",
             r.phase,
             r.seconds,
             r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
@@ -1738,7 +1745,7 @@ fn soak(
     for r in &rows {
         let list: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!(
-            "  {:<11} {}",
+            "  {:<width$} {}",
             r.phase,
             if list.is_empty() {
                 "-".into()
