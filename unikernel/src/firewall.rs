@@ -52,7 +52,7 @@
 //! router's job) and nothing here may panic on anything a peer sends.
 #![forbid(unsafe_code)]
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -190,7 +190,16 @@ pub struct Firewall<P: Platform> {
     /// entries), to skip commits that change nothing.
     applied_entries: BTreeMap<IpAddr, (bool, Vec<(String, String)>)>,
     wall_clock: WallClock,
+    /// Every vif is to be listed again (start, a watch event naming no
+    /// domain, too many domains at once).
     vifs_dirty: bool,
+    /// The domains whose `backend/vif/<domid>` a watch event named since
+    /// the last rescan: only these are listed again, so a client coming or
+    /// going costs a few xenstore requests, not a few per client.
+    vif_domains: BTreeSet<u16>,
+    /// Domains with a vif that could not be attached or was refused: listed
+    /// again at the next rescan, whichever domain it is for.
+    vif_retry: BTreeSet<u16>,
     /// A NIC stopped at its per-round budget in the last `step`: the next
     /// one must come without waiting for an event.
     nics_busy: bool,
@@ -270,6 +279,8 @@ impl<P: Platform> Firewall<P> {
             applied_entries: BTreeMap::new(),
             wall_clock: WallClock::default(),
             vifs_dirty: true,
+            vif_domains: BTreeSet::new(),
+            vif_retry: BTreeSet::new(),
             nics_busy: false,
             connected: ConnectedIps::default(),
         })
@@ -336,7 +347,12 @@ impl<P: Platform> Firewall<P> {
                     return Some(how);
                 }
             } else if event.token == TOKEN_VIF {
-                self.vifs_dirty = true;
+                match vif_event_domain(&event.path) {
+                    Some(domid) if self.vif_domains.len() < MAX_VIF_DOMAINS => {
+                        self.vif_domains.insert(domid);
+                    }
+                    _ => self.vifs_dirty = true,
+                }
             }
         }
 
@@ -348,9 +364,16 @@ impl<P: Platform> Firewall<P> {
             return Some(Shutdown::Crash);
         }
 
-        if self.vifs_dirty && self.network.is_some() {
-            self.vifs_dirty = false;
-            self.rescan_vifs(platform);
+        if self.network.is_some() {
+            if self.vifs_dirty {
+                self.vifs_dirty = false;
+                self.vif_domains.clear();
+                self.rescan_vifs(platform, None);
+            } else if !self.vif_domains.is_empty() {
+                let mut domains = core::mem::take(&mut self.vif_domains);
+                domains.append(&mut self.vif_retry);
+                self.rescan_vifs(platform, Some(&domains));
+            }
         }
 
         if let Some(network) = &mut self.network {
@@ -612,20 +635,34 @@ impl<P: Platform> Firewall<P> {
         Ok(())
     }
 
-    fn rescan_vifs(&mut self, platform: &mut P) {
+    /// Lists the vifs again, of every domain (`only` is `None`) or of the
+    /// domains in `only`, and attaches and detaches clients to match.
+    fn rescan_vifs(&mut self, platform: &mut P, only: Option<&BTreeSet<u16>>) {
         let Some(network) = &mut self.network else {
             return;
         };
-        let present = match list_vifs(platform.xenstore()) {
+        let listed = match only {
+            None => list_vifs(platform.xenstore()),
+            Some(domains) => {
+                let mut found = BTreeMap::new();
+                for domid in domains {
+                    list_domain_vifs(platform.xenstore(), *domid, &mut found);
+                }
+                Ok(found)
+            }
+        };
+        let present = match listed {
             Ok(present) => present,
             Err(error) => {
                 warn!("xenstore: cannot list {BACKEND_VIF}: {error}; keeping the current clients");
                 return;
             }
         };
+        self.vif_retry.clear();
         let gone: Vec<ClientId> = network
             .clients
             .iter()
+            .filter(|(id, _)| only.is_none_or(|domains| domains.contains(&id.domid)))
             .filter(|(id, vif)| present.get(id).map(|c| c.ip) != Some(vif.ip))
             .map(|(id, _)| *id)
             .collect();
@@ -646,6 +683,7 @@ impl<P: Platform> Firewall<P> {
                         "client vif{}.{} ({ip}): cannot attach: {error}; will retry on the next change",
                         id.domid, id.device
                     );
+                    self.vif_retry.insert(id.domid);
                     continue;
                 }
             };
@@ -654,10 +692,13 @@ impl<P: Platform> Firewall<P> {
                     info!("client vif{}.{} added with IP {ip}", id.domid, id.device);
                     network.clients.insert(id, ClientVif { ip, ip6, nic });
                 }
-                Err(error) => warn!(
-                    "client vif{}.{} ({ip}): refused by the router: {error}",
-                    id.domid, id.device
-                ),
+                Err(error) => {
+                    warn!(
+                        "client vif{}.{} ({ip}): refused by the router: {error}",
+                        id.domid, id.device
+                    );
+                    self.vif_retry.insert(id.domid);
+                }
             }
         }
     }
@@ -776,6 +817,18 @@ fn read_mac<X: Xenstore>(xenstore: &mut X, path: &str) -> Option<EthernetAddress
     parts.next().is_none().then_some(EthernetAddress(bytes))
 }
 
+/// Watch events naming a domain that are remembered one by one before a
+/// rescan of every vif is cheaper.
+const MAX_VIF_DOMAINS: usize = 16;
+
+/// The domain a `backend/vif` watch event is about: `<domid>` of
+/// `[…/]backend/vif/<domid>[/…]`; `None` for the directory itself (the
+/// watch's first firing) or anything else (then every vif is listed).
+fn vif_event_domain(path: &str) -> Option<u16> {
+    let (_, rest) = path.split_once("backend/vif/")?;
+    rest.split('/').next()?.parse().ok()
+}
+
 /// Lists `backend/vif/<domid>/<device>/ip` (and `mac`).
 fn list_vifs<X: Xenstore>(
     xenstore: &mut X,
@@ -786,40 +839,50 @@ fn list_vifs<X: Xenstore>(
             warn!("{BACKEND_VIF}/{domid_text}: not a domain id; ignored");
             continue;
         };
-        let devices = match xenstore.directory(&format!("{BACKEND_VIF}/{domid}")) {
-            Ok(devices) => devices,
+        list_domain_vifs(xenstore, domid, &mut found);
+    }
+    Ok(found)
+}
+
+/// Adds the vifs of domain `domid` (`backend/vif/<domid>/<device>/ip`, and
+/// `mac`) to `found`; none when the domain has no `backend/vif` entry.
+fn list_domain_vifs<X: Xenstore>(
+    xenstore: &mut X,
+    domid: u16,
+    found: &mut BTreeMap<ClientId, ClientConfig>,
+) {
+    let devices = match xenstore.directory(&format!("{BACKEND_VIF}/{domid}")) {
+        Ok(devices) => devices,
+        Err(error) => {
+            warn!("{BACKEND_VIF}/{domid}: {error}; ignored");
+            return;
+        }
+    };
+    for device_text in devices {
+        let Ok(device) = device_text.parse::<u32>() else {
+            warn!("{BACKEND_VIF}/{domid}/{device_text}: not a device number; ignored");
+            continue;
+        };
+        let base = format!("{BACKEND_VIF}/{domid}/{device}");
+        let ip_text = match xenstore.read(&format!("{base}/ip")) {
+            Ok(Some(text)) => text,
+            // No IP (yet): not a client we can serve; the watch fires
+            // again when the toolstack writes it.
+            Ok(None) => continue,
             Err(error) => {
-                warn!("{BACKEND_VIF}/{domid}: {error}; ignored");
+                warn!("{base}/ip: {error}; ignored");
                 continue;
             }
         };
-        for device_text in devices {
-            let Ok(device) = device_text.parse::<u32>() else {
-                warn!("{BACKEND_VIF}/{domid}/{device_text}: not a device number; ignored");
-                continue;
-            };
-            let base = format!("{BACKEND_VIF}/{domid}/{device}");
-            let ip_text = match xenstore.read(&format!("{base}/ip")) {
-                Ok(Some(text)) => text,
-                // No IP (yet): not a client we can serve; the watch fires
-                // again when the toolstack writes it.
-                Ok(None) => continue,
-                Err(error) => {
-                    warn!("{base}/ip: {error}; ignored");
-                    continue;
-                }
-            };
-            let mut words = ip_text.split_ascii_whitespace();
-            let Some(Ok(ip)) = words.next().map(str::parse::<Ipv4Addr>) else {
-                warn!("{base}/ip = {ip_text:?}: not an IPv4 address; ignored");
-                continue;
-            };
-            let ip6 = words.find_map(|word| word.parse::<Ipv6Addr>().ok());
-            let mac = read_mac(xenstore, &format!("{base}/mac"));
-            found.insert(ClientId { domid, device }, ClientConfig { ip, ip6, mac });
-        }
+        let mut words = ip_text.split_ascii_whitespace();
+        let Some(Ok(ip)) = words.next().map(str::parse::<Ipv4Addr>) else {
+            warn!("{base}/ip = {ip_text:?}: not an IPv4 address; ignored");
+            continue;
+        };
+        let ip6 = words.find_map(|word| word.parse::<Ipv6Addr>().ok());
+        let mac = read_mac(xenstore, &format!("{base}/mac"));
+        found.insert(ClientId { domid, device }, ClientConfig { ip, ip6, mac });
     }
-    Ok(found)
 }
 
 /// What the qrexec services see of the firewall.
@@ -1034,11 +1097,27 @@ mod tests {
         xs.set("backend/vif/8/0/state", "4");
         let vifs = list_vifs(&mut xs).unwrap();
         assert_eq!(vifs.len(), 1);
+        let mut one = BTreeMap::new();
+        list_domain_vifs(&mut xs, 5, &mut one);
+        assert_eq!(one, vifs);
+        list_domain_vifs(&mut xs, 9, &mut one);
+        assert_eq!(one, vifs, "a domain without vifs adds none");
         let (id, config) = vifs.iter().next().unwrap();
         assert_eq!((id.domid, id.device), (5, 0));
         assert_eq!(config.ip, Ipv4Addr::new(10, 137, 0, 10));
         assert_eq!(config.ip6, Some("fd09:24ef:4179::a89:a".parse().unwrap()));
         assert!(config.mac.is_some());
+    }
+
+    #[test]
+    fn vif_watch_events_name_their_domain() {
+        assert_eq!(vif_event_domain("backend/vif/101/0/ip"), Some(101));
+        assert_eq!(vif_event_domain("backend/vif/7"), Some(7));
+        assert_eq!(vif_event_domain("/local/domain/2/backend/vif/9/0"), Some(9));
+        assert_eq!(vif_event_domain("backend/vif"), None);
+        assert_eq!(vif_event_domain("backend/vif/"), None);
+        assert_eq!(vif_event_domain("backend/vif/x/0"), None);
+        assert_eq!(vif_event_domain("backend/vif/70000/0"), None);
     }
 
     #[test]

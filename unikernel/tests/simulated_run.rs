@@ -783,3 +783,43 @@ fn status_names_the_rule_error_of_either_family() {
         "{line}"
     );
 }
+
+#[test]
+fn a_vif_change_rescans_its_own_domain_and_leaves_the_others_attached() {
+    let mut rig = Rig::start("");
+    rig.qubesdb(&[
+        ("/qubes-ip", "10.137.0.2"),
+        ("/qubes-gateway", "10.137.0.1"),
+    ]);
+    rig.settle();
+    let xs = |rig: &mut Rig, path: &str, value: Option<&str>| match value {
+        Some(value) => rig.handle.xenstore().set(path, value),
+        None => rig.handle.xenstore().unset(path),
+    };
+    xs(&mut rig, "backend/vif/10/0/ip", Some("10.137.0.20"));
+    rig.settle();
+    xs(&mut rig, "backend/vif/11/0/ip", Some("10.137.0.21"));
+    rig.settle();
+    let ip = |last| Ipv4Addr::new(10, 137, 0, last);
+    assert_eq!(
+        rig.firewall.clients(),
+        vec![(10, 0, ip(20)), (11, 0, ip(21))]
+    );
+    // Domain 11 goes and 12 comes in one settle: 10 stays attached.
+    xs(&mut rig, "backend/vif/11", None);
+    xs(&mut rig, "backend/vif/12/0/ip", Some("10.137.0.22"));
+    rig.settle();
+    assert_eq!(
+        rig.firewall.clients(),
+        vec![(10, 0, ip(20)), (12, 0, ip(22))]
+    );
+    // A vif whose attach fails is skipped (and listed again with the
+    // next change); the other domains' changes still apply.
+    rig.handle.break_vif(13, 0);
+    xs(&mut rig, "backend/vif/13/0/ip", Some("10.137.0.23"));
+    rig.settle();
+    assert_eq!(rig.firewall.clients().len(), 2);
+    xs(&mut rig, "backend/vif/10", None);
+    rig.settle();
+    assert_eq!(rig.firewall.clients(), vec![(12, 0, ip(22))]);
+}
