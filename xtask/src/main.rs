@@ -17,7 +17,7 @@
 //!   and throughput, interleaved, with ratios (root).
 //! - `bench xen` — iperf3 through our image vs a Linux sys-firewall on Xen
 //!   under QEMU (tests/xen/bench.sh), with ratios, CPU and memory (root).
-//! - `soak [SECONDS] [--pin] [--control]` — 100 client qubes, well-behaved
+//! - `soak [SECONDS] [--pin] [--control] [--phases a,b]` — 100 client qubes, well-behaved
 //!   load while others attack in turn; one table of figures; fails on a
 //!   crash, a hang, a leaked denied packet or memory growth (root);
 //!   `--control` adds a same-run baseline through the Linux kernel path.
@@ -70,9 +70,10 @@ const USAGE: &str = "usage: cargo xtask <command>
   bench box                    iperf3 through the hosted firewall vs the Linux kernel path (root)
   bench qrexec                 our qrexec vs Qubes' C build: call latency and 1 GiB throughput, with ratios (root)
   bench xen                    iperf3 through our image vs a Linux sys-firewall on Xen under QEMU, with ratios (root)
-  soak [SECONDS] [--pin] [--control]
+  soak [SECONDS] [--pin] [--control] [--phases a,b]
                                100 clients under load and attack, one table; fails on crash/hang/leak/growth (root);
-                               --control: a same-run baseline download through the Linux kernel path
+                               --control: a same-run baseline download through the Linux kernel path;
+                               --phases: only the named attack phases
   miri                         the Xen platform's ring tests under Miri; fails on any undefined behaviour";
 
 /// The workspace root (the parent of this crate's directory).
