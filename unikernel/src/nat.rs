@@ -520,6 +520,24 @@ impl NatTable {
         Ok(id)
     }
 
+    /// Whether `key` may become a new flow's reply key: no flow uses it,
+    /// or only an expired flow's reply does (that flow is removed here).
+    fn claim_reply_key(&mut self, key: &FlowKey, now: Millis) -> bool {
+        match self.flows.get(key).copied() {
+            None => true,
+            Some(found)
+                if found.direction() == Direction::Reply
+                    && self
+                        .get(EntryId(found.slot()))
+                        .is_none_or(|e| e.expired(now)) =>
+            {
+                self.remove(EntryId(found.slot()));
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
     fn allocate(
         &mut self,
         original: &FlowKey,
@@ -537,18 +555,10 @@ impl NatTable {
                 dst_port: 0,
                 protocol: original.protocol,
             };
-            return match self.flows.get(&key).copied() {
-                None => Ok(key),
-                Some(found)
-                    if found.direction() == Direction::Reply
-                        && self
-                            .get(EntryId(found.slot()))
-                            .is_none_or(|e| e.expired(now)) =>
-                {
-                    self.remove(EntryId(found.slot()));
-                    Ok(key)
-                }
-                _ => Err(NatError::NoFreePort),
+            return if self.claim_reply_key(&key, now) {
+                Ok(key)
+            } else {
+                Err(NatError::NoFreePort)
             };
         }
         // An ICMP query's "ports" are its identifier and its request type
@@ -575,18 +585,8 @@ impl NatTable {
                 continue;
             }
             let key = candidate(port);
-            match self.flows.get(&key).copied() {
-                None => return Ok(key),
-                Some(found)
-                    if found.direction() == Direction::Reply
-                        && self
-                            .get(EntryId(found.slot()))
-                            .is_none_or(|e| e.expired(now)) =>
-                {
-                    self.remove(EntryId(found.slot()));
-                    return Ok(key);
-                }
-                _ => {}
+            if self.claim_reply_key(&key, now) {
+                return Ok(key);
             }
         }
         Err(NatError::NoFreePort)
