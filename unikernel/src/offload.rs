@@ -522,6 +522,25 @@ pub trait OffloadNic: smoltcp::phy::Device {
         }))
     }
 
+    /// Receives one frame into `frame`, replacing what it held, and
+    /// returns its metadata (already through [`accept`]); `None` when
+    /// nothing is there (`frame` may then have been cleared). The router
+    /// forwards a frame it received this way in place, without copying it
+    /// again, so a NIC that owns its received frames should hand its own
+    /// buffer over here (swapping `frame`'s in for reuse) rather than copy
+    /// it; the default copies what [`OffloadNic::receive_offloaded`] gives.
+    fn receive_into(
+        &mut self,
+        now: smoltcp::time::Instant,
+        frame: &mut Vec<u8>,
+    ) -> Option<Offload> {
+        self.receive_offloaded(now, |bytes, offload| {
+            frame.clear();
+            frame.extend_from_slice(bytes);
+            offload
+        })
+    }
+
     /// GSO packets this NIC received and sent whole (status report);
     /// `None` when it does not count them.
     fn gso_counts(&self) -> Option<GsoCounts> {
