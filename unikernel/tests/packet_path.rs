@@ -17,6 +17,7 @@ use smoltcp::wire::{
     UdpPacket, UdpRepr,
 };
 use unikernel::arp::CLIENT_SIDE_MAC;
+use unikernel::offload::Offload;
 use unikernel::router::{Caps, ClientConfig, ClientId, DropReason, NetworkConfig, Router};
 use unikernel::rules::RuleSet;
 
@@ -464,6 +465,74 @@ fn tcp_flow_is_translated_both_ways() {
     // The client's TX counters moved; the uplink's too.
     assert_eq!(net.router.client_counters(A).unwrap().tx_frames, 1);
     assert!(net.router.uplink_counters().tx_frames >= 1);
+}
+
+/// Frames handed over in a buffer of the router's own
+/// (`handle_*_frame_in_place`, what the NICs' `receive_into` feeds) are
+/// forwarded in that buffer: taken out of it, Ethernet header rewritten,
+/// padding behind the IP packet cut. A frame that is not forwarded whole
+/// stays where it was.
+#[test]
+fn forwarded_frames_are_taken_and_edited_in_place() {
+    let mut net = Net::new(false);
+    accept_all(&mut net, A_IP);
+    let syn = tcp4(A_IP, REMOTE, 40000, 443, TcpControl::Syn, 64);
+    let mut frame = eth(CLIENT_SIDE_MAC, A_MAC, EthernetProtocol::Ipv4, &syn);
+    // Ethernet padding behind the packet, as a NIC may deliver it.
+    frame.extend_from_slice(&[0xee; 12]);
+    let data = frame.as_ptr();
+    let at = net.at();
+    net.router
+        .handle_client_frame_in_place(A, &mut frame, Offload::NONE, at);
+    assert_eq!(frame.capacity(), 0, "the frame was taken");
+    let out = net.uplink_out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].as_ptr(), data, "the same buffer went out");
+    assert_eq!(out[0].len(), 14 + syn.len(), "padding cut");
+    let seen = seen4(&out[0]);
+    assert_eq!(
+        (seen.eth_dst, seen.src, seen.dst, seen.dport, seen.ttl),
+        (GATEWAY_MAC, OUR_IP, REMOTE, 443, 63)
+    );
+    assert_eq!(&out[0][6..12], &UPLINK_MAC.0[..], "our MAC as the source");
+    // The reply, from the uplink, the same way.
+    let reply = tcp4(REMOTE, OUR_IP, 443, seen.sport, TcpControl::Syn, 50);
+    let mut frame = eth(UPLINK_MAC, GATEWAY_MAC, EthernetProtocol::Ipv4, &reply);
+    let data = frame.as_ptr();
+    net.router
+        .handle_uplink_frame_in_place(&mut frame, Offload::NONE, at);
+    assert_eq!(frame.capacity(), 0, "the reply was taken");
+    let back = net.client_out(A);
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].as_ptr(), data);
+    let seen = seen4(&back[0]);
+    assert_eq!(
+        (seen.eth_dst, seen.src, seen.dst, seen.dport, seen.ttl),
+        (A_MAC, REMOTE, A_IP, 40000, 49)
+    );
+    assert_eq!(&back[0][6..12], &CLIENT_SIDE_MAC.0[..]);
+    // Denied (no flow from outside) and answered (ARP) frames are not
+    // taken: the caller keeps its buffer.
+    let stray = tcp4(REMOTE, OUR_IP, 443, 1, TcpControl::Syn, 50);
+    let mut frame = eth(UPLINK_MAC, GATEWAY_MAC, EthernetProtocol::Ipv4, &stray);
+    let before = frame.clone();
+    net.router
+        .handle_uplink_frame_in_place(&mut frame, Offload::NONE, at);
+    assert_eq!(frame, before);
+    assert_eq!(net.dropped(DropReason::NoFlow), 1);
+    let mut frame = arp_frame(
+        ArpOperation::Request,
+        A_IP,
+        A_MAC,
+        GATEWAY,
+        EthernetAddress::BROADCAST,
+    );
+    let before = frame.clone();
+    net.router
+        .handle_client_frame_in_place(A, &mut frame, Offload::NONE, at);
+    assert_eq!(frame, before);
+    assert_eq!(net.client_out(A).len(), 1, "the ARP reply");
+    assert!(net.uplink_out().is_empty());
 }
 
 #[test]

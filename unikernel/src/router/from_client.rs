@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::indexing_slicing)]
 
+use alloc::vec::Vec;
 use core::net::IpAddr;
 
 use smoltcp::time::Instant;
@@ -16,6 +17,7 @@ use crate::rules::{FlowMeta, MatchContext, Verdict};
 use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 
 use super::icmp::IcmpError;
+use super::output::Held;
 use super::packet::{
     IcmpKind, IpMeta, bare_ipv6_meta, decrement_ttl, is_broadcast_or_multicast, parse_ip,
     reassemble, rewrite, tcp_flags_valid, tcp_starts_flow,
@@ -39,17 +41,45 @@ impl Router {
         offload: Offload,
         now: Instant,
     ) {
+        let mut owned = self.buffer();
+        owned.extend_from_slice(frame);
+        self.handle_client_frame_in_place(id, &mut owned, offload, now);
+        self.recycle(owned);
+    }
+
+    /// [`Router::handle_client_frame_offloaded`] for a frame in a buffer
+    /// of ours ([`crate::offload::OffloadNic::receive_into`]): a frame
+    /// forwarded whole is taken out of `frame` (left empty, without
+    /// capacity) and its headers rewritten in place, with no copy.
+    pub fn handle_client_frame_in_place(
+        &mut self,
+        id: ClientId,
+        frame: &mut Vec<u8>,
+        offload: Offload,
+        now: Instant,
+    ) {
         let Some(index) = self.clients.iter().position(|c| c.id == id) else {
             self.drop(DropReason::UnknownClient);
             return;
         };
+        self.client_frame_at(index, frame, offload, now);
+    }
+
+    /// [`Router::handle_client_frame_in_place`] for the client at `index`.
+    pub(super) fn client_frame_at(
+        &mut self,
+        index: usize,
+        frame: &mut Vec<u8>,
+        offload: Offload,
+        now: Instant,
+    ) {
         self.clock = now.total_millis();
         self.rx_offload = offload;
         self.client_frame(index, frame, now.total_millis());
         self.rx_offload = Offload::NONE;
     }
 
-    pub(super) fn client_frame(&mut self, index: usize, frame: &[u8], now: Millis) {
+    pub(super) fn client_frame(&mut self, index: usize, frame: &mut Vec<u8>, now: Millis) {
         let Some(client) = self.clients.get_mut(index) else {
             return;
         };
@@ -82,12 +112,14 @@ impl Router {
                     self.enqueue(Out::Client(index), buffer);
                 }
             }
-            ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => self.client_ip(index, payload, now),
+            ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => self.client_ip(index, frame, now),
             _ => self.drop(DropReason::UnsupportedEthertype),
         }
     }
 
-    pub(super) fn client_ip(&mut self, index: usize, packet: &[u8], now: Millis) {
+    /// The IP packet behind `frame`'s Ethernet header.
+    pub(super) fn client_ip(&mut self, index: usize, frame: &mut Vec<u8>, now: Millis) {
+        let packet = frame.get(ETH_LEN..).unwrap_or_default();
         let mut meta = match parse_ip(packet, true) {
             Ok(meta) => meta,
             Err(reason) => {
@@ -134,13 +166,14 @@ impl Router {
             match reassemble(&mut self.reassembler, packet, &meta, now) {
                 Ok(None) => {}
                 Ok(Some((datagram, whole))) => {
-                    self.forward_from_client(index, &datagram, &whole, now)
+                    self.forward_from_client(index, Held::Alone(&datagram), &whole, now)
                 }
                 Err(reason) => self.drop(reason),
             }
             return;
         }
-        self.forward_from_client(index, packet, &meta, now);
+        let len = packet.len();
+        self.forward_from_client(index, Held::Frame { frame, len }, &meta, now);
     }
 
     pub(super) fn client_ndp(&mut self, index: usize, packet: &[u8], meta: &IpMeta) {
@@ -180,10 +213,11 @@ impl Router {
     pub(super) fn forward_from_client(
         &mut self,
         index: usize,
-        packet: &[u8],
+        held: Held<'_>,
         meta: &IpMeta,
         now: Millis,
     ) {
+        let packet = held.packet();
         let options = !meta.v6 && meta.header_len > 20;
         if options && !self.options_ok(Out::Client(index), packet, meta, now) {
             return;
@@ -234,7 +268,7 @@ impl Router {
         }
         let v6 = meta.v6;
         let stamp = options.then(|| self.options_stamp(meta, now)).flatten();
-        self.forward((Out::Client(index), Out::Uplink), meta, packet, now, |ip| {
+        self.forward((Out::Client(index), Out::Uplink), meta, held, now, |ip| {
             if let Some((ours, time)) = stamp {
                 ipv4::record(ip, ours, time);
             }
@@ -252,9 +286,15 @@ impl Router {
             return self.drop(DropReason::NoIpv6);
         }
         self.counters.untracked_forwarded += 1;
-        self.forward((Out::Client(index), Out::Uplink), meta, packet, now, |ip| {
-            decrement_ttl(ip, true);
-        });
+        self.forward(
+            (Out::Client(index), Out::Uplink),
+            meta,
+            Held::Alone(packet),
+            now,
+            |ip| {
+                decrement_ttl(ip, true);
+            },
+        );
     }
 
     /// Decides a new flow from client `index` and tracks it if accepted.

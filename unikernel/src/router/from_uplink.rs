@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::indexing_slicing)]
 
+use alloc::vec::Vec;
 use core::net::IpAddr;
 
 use smoltcp::time::Instant;
@@ -14,6 +15,7 @@ use crate::offload::Offload;
 use crate::wire::{ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, PROTO_UDP};
 
 use super::icmp::IcmpError;
+use super::output::Held;
 use super::packet::{
     IcmpKind, IpMeta, decrement_ttl, parse_ip, reassemble, rewrite, tcp_flags_valid,
 };
@@ -28,12 +30,26 @@ impl Router {
     /// Takes a frame received on the uplink with its offload metadata (see
     /// [`Router::handle_client_frame_offloaded`]).
     pub fn handle_uplink_frame_offloaded(&mut self, frame: &[u8], offload: Offload, now: Instant) {
+        let mut owned = self.buffer();
+        owned.extend_from_slice(frame);
+        self.handle_uplink_frame_in_place(&mut owned, offload, now);
+        self.recycle(owned);
+    }
+
+    /// [`Router::handle_uplink_frame_offloaded`] for a frame in a buffer
+    /// of ours (see [`Router::handle_client_frame_in_place`]).
+    pub fn handle_uplink_frame_in_place(
+        &mut self,
+        frame: &mut Vec<u8>,
+        offload: Offload,
+        now: Instant,
+    ) {
         self.rx_offload = offload;
         self.uplink_frame(frame, now);
         self.rx_offload = Offload::NONE;
     }
 
-    fn uplink_frame(&mut self, frame: &[u8], now: Instant) {
+    fn uplink_frame(&mut self, frame: &mut Vec<u8>, now: Instant) {
         let now = now.total_millis();
         self.clock = now;
         self.uplink.counters.rx_frames += 1;
@@ -64,12 +80,14 @@ impl Router {
                     }
                 }
             }
-            ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => self.uplink_ip(payload, now),
+            ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => self.uplink_ip(frame, now),
             _ => self.drop(DropReason::UnsupportedEthertype),
         }
     }
 
-    pub(super) fn uplink_ip(&mut self, packet: &[u8], now: Millis) {
+    /// The IP packet behind `frame`'s Ethernet header.
+    pub(super) fn uplink_ip(&mut self, frame: &mut Vec<u8>, now: Millis) {
+        let packet = frame.get(ETH_LEN..).unwrap_or_default();
         let mut meta = match parse_ip(packet, true) {
             Ok(meta) => meta,
             Err(reason) => {
@@ -100,12 +118,15 @@ impl Router {
         if meta.fragment {
             match reassemble(&mut self.uplink_reassembler, packet, &meta, now) {
                 Ok(None) => {}
-                Ok(Some((datagram, whole))) => self.forward_from_uplink(&datagram, &whole, now),
+                Ok(Some((datagram, whole))) => {
+                    self.forward_from_uplink(Held::Alone(&datagram), &whole, now)
+                }
                 Err(reason) => self.drop(reason),
             }
             return;
         }
-        self.forward_from_uplink(packet, &meta, now);
+        let len = packet.len();
+        self.forward_from_uplink(Held::Frame { frame, len }, &meta, now);
     }
 
     pub(super) fn uplink_ndp(&mut self, packet: &[u8], meta: &IpMeta) {
@@ -146,7 +167,8 @@ impl Router {
         }
     }
 
-    pub(super) fn forward_from_uplink(&mut self, packet: &[u8], meta: &IpMeta, now: Millis) {
+    pub(super) fn forward_from_uplink(&mut self, held: Held<'_>, meta: &IpMeta, now: Millis) {
+        let packet = held.packet();
         let options = !meta.v6 && meta.header_len > 20;
         if options && !self.options_ok(Out::Uplink, packet, meta, now) {
             return;
@@ -200,18 +222,12 @@ impl Router {
         self.nat.touch(id, Direction::Reply, meta.tcp, now);
         let v6 = meta.v6;
         let stamp = options.then(|| self.options_stamp(meta, now)).flatten();
-        self.forward(
-            (Out::Uplink, Out::Client(client)),
-            meta,
-            packet,
-            now,
-            |ip| {
-                if let Some((ours, time)) = stamp {
-                    ipv4::record(ip, ours, time);
-                }
-                decrement_ttl(ip, v6);
-                rewrite(ip, meta, false, client_src, client_port);
-            },
-        );
+        self.forward((Out::Uplink, Out::Client(client)), meta, held, now, |ip| {
+            if let Some((ours, time)) = stamp {
+                ipv4::record(ip, ours, time);
+            }
+            decrement_ttl(ip, v6);
+            rewrite(ip, meta, false, client_src, client_port);
+        });
     }
 }

@@ -123,6 +123,10 @@
 //! platform.wait(router.poll_at(now));         // `now` if frames are queued
 //! // Frame by frame instead: handle_uplink_frame / handle_client_frame,
 //! // pop_uplink_frame / pop_client_frame, recycle(buffer).
+//! // The pumps receive into the router's own buffers (the NIC's
+//! // `receive_into`, handle_*_frame_in_place): a frame forwarded whole
+//! // leaves in the buffer it came in, its headers edited in place; the
+//! // slice forms copy the frame into such a buffer first.
 //!
 //! // Frames a client queued for the uplink leave at the next pump_uplink
 //! // (or call transmit_uplink(&mut nic, now) after the clients).
@@ -691,7 +695,9 @@ impl Router {
 
     /// Gives a transmitted frame's buffer back for reuse.
     pub fn recycle(&mut self, mut frame: Vec<u8>) {
-        if self.spare.len() < SPARE_BUFFERS {
+        // A buffer without capacity (one a frame was taken out of) is no
+        // spare.
+        if self.spare.len() < SPARE_BUFFERS && frame.capacity() != 0 {
             frame.clear();
             self.spare.push(frame);
         }
@@ -820,14 +826,15 @@ impl Router {
             if taken >= self.round_bytes() {
                 break;
             }
-            let handled = device.receive_offloaded(now, |frame, offload| {
-                taken += frame.len();
-                self.handle_uplink_frame_offloaded(frame, offload, now)
-            });
-            if handled.is_none() {
+            let mut frame = self.buffer();
+            let Some(offload) = device.receive_into(now, &mut frame) else {
+                self.recycle(frame);
                 more = false;
                 break;
-            }
+            };
+            taken += frame.len();
+            self.handle_uplink_frame_in_place(&mut frame, offload, now);
+            self.recycle(frame);
         }
         self.transmit_uplink(device, now);
         more
@@ -852,20 +859,25 @@ impl Router {
         device: &mut D,
         now: Instant,
     ) -> bool {
+        let index = self.clients.iter().position(|c| c.id == id);
         let mut more = true;
         let mut taken = 0usize;
         for _ in 0..CLIENT_FRAMES_PER_ROUND {
             if taken >= self.round_bytes() {
                 break;
             }
-            let handled = device.receive_offloaded(now, |frame, offload| {
-                taken += frame.len();
-                self.handle_client_frame_offloaded(id, frame, offload, now)
-            });
-            if handled.is_none() {
+            let mut frame = self.buffer();
+            let Some(offload) = device.receive_into(now, &mut frame) else {
+                self.recycle(frame);
                 more = false;
                 break;
+            };
+            taken += frame.len();
+            match index {
+                Some(index) => self.client_frame_at(index, &mut frame, offload, now),
+                None => self.drop(DropReason::UnknownClient),
             }
+            self.recycle(frame);
         }
         self.transmit_client(id, device, now);
         more

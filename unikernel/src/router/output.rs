@@ -225,10 +225,11 @@ impl Router {
         &mut self,
         (back, out): (Out, Out),
         meta: &IpMeta,
-        packet: &[u8],
+        held: Held<'_>,
         now: Millis,
         edit: impl FnOnce(&mut [u8]),
     ) {
+        let packet = held.packet();
         let v6 = meta.v6;
         let offload = if meta.csum_partial {
             self.rx_offload
@@ -276,14 +277,25 @@ impl Router {
         let Some((dst_mac, src_mac)) = self.link_addresses(out, v6) else {
             return;
         };
-        let mut frame = self.buffer();
-        push_eth(
-            &mut frame,
-            dst_mac,
-            src_mac,
-            if v6 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 },
-        );
-        frame.extend_from_slice(packet);
+        let ethertype = if v6 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 };
+        let mut frame = match held {
+            // The received frame itself: its Ethernet header rewritten,
+            // any padding behind the IP packet cut, no copy.
+            Held::Frame { frame, len } => {
+                let mut frame = core::mem::take(frame);
+                frame.truncate(ETH_LEN + len);
+                if let Some(header) = frame.first_chunk_mut::<ETH_LEN>() {
+                    *header = eth_header(dst_mac, src_mac, ethertype);
+                }
+                frame
+            }
+            Held::Alone(packet) => {
+                let mut frame = self.buffer();
+                push_eth(&mut frame, dst_mac, src_mac, ethertype);
+                frame.extend_from_slice(packet);
+                frame
+            }
+        };
         if let Some(ip) = frame.get_mut(ETH_LEN..) {
             edit(ip);
         }
@@ -328,6 +340,39 @@ impl Router {
     }
 }
 
+/// Where the IP packet being forwarded is: inside the frame received (the
+/// router's own buffer, taken and edited in place when the packet leaves
+/// whole) or in a buffer of its own (a reassembled datagram: copied).
+pub(super) enum Held<'a> {
+    /// `frame`'s IP packet is its `len` bytes after the Ethernet header
+    /// (any padding behind them is cut when it is sent).
+    Frame { frame: &'a mut Vec<u8>, len: usize },
+    /// An IP packet on its own.
+    Alone(&'a [u8]),
+}
+
+impl Held<'_> {
+    /// The IP packet.
+    pub(super) fn packet(&self) -> &[u8] {
+        match self {
+            Held::Frame { frame, len } => frame
+                .get(ETH_LEN..)
+                .map(|ip| ip.get(..*len).unwrap_or(ip))
+                .unwrap_or(&[]),
+            Held::Alone(packet) => packet,
+        }
+    }
+}
+
+/// An Ethernet header.
+fn eth_header(dst: EthernetAddress, src: EthernetAddress, ethertype: u16) -> [u8; ETH_LEN] {
+    let mut header = [0u8; ETH_LEN];
+    header[..6].copy_from_slice(&dst.0);
+    header[6..12].copy_from_slice(&src.0);
+    header[12..].copy_from_slice(&ethertype.to_be_bytes());
+    header
+}
+
 pub(super) fn push_eth(
     frame: &mut Vec<u8>,
     dst: EthernetAddress,
@@ -336,9 +381,5 @@ pub(super) fn push_eth(
 ) {
     // Built on the stack and appended at once: one capacity check and one
     // 14-byte move per frame instead of three of each.
-    let mut header = [0u8; ETH_LEN];
-    header[..6].copy_from_slice(&dst.0);
-    header[6..12].copy_from_slice(&src.0);
-    header[12..].copy_from_slice(&ethertype.to_be_bytes());
-    frame.extend_from_slice(&header);
+    frame.extend_from_slice(&eth_header(dst, src, ethertype));
 }

@@ -1022,6 +1022,29 @@ impl XenNic {
         }
     }
 
+    /// The next frame the netback or netfront received, counted.
+    fn take_received(&mut self) -> Option<(Vec<u8>, crate::offload::Offload)> {
+        let received = match &self.kind {
+            NicKind::Back(conn) => match &mut *conn.borrow_mut() {
+                BackConn::Up { back, .. } => {
+                    back.poll();
+                    back.take_frame_offloaded()?
+                }
+                _ => return None,
+            },
+            NicKind::Front(conn) => match &mut *conn.borrow_mut() {
+                FrontConn::Up { front, .. } => {
+                    front.poll();
+                    front.take_frame_offloaded()?
+                }
+                FrontConn::Down => return None,
+            },
+        };
+        let (r, t) = self.counters.get();
+        self.counters.set((r + 1, t));
+        Some(received)
+    }
+
     /// The netback counters (client vifs while connected).
     pub fn netback_stats(&self) -> Option<NetbackStats> {
         match &self.kind {
@@ -1077,37 +1100,22 @@ impl crate::offload::OffloadNic for XenNic {
     /// packets whole (GSO, checksum partial).
     fn receive_offloaded<R>(
         &mut self,
-        now: Instant,
+        _now: Instant,
         f: impl FnOnce(&[u8], crate::offload::Offload) -> R,
     ) -> Option<R> {
-        if let NicKind::Back(conn) = &self.kind {
-            let (frame, offload) = match &mut *conn.borrow_mut() {
-                BackConn::Up { back, .. } => {
-                    back.poll();
-                    back.take_frame_offloaded()?
-                }
-                _ => return None,
-            };
-            let (r, t) = self.counters.get();
-            self.counters.set((r + 1, t));
-            return Some(f(&frame, offload));
-        }
-        if let NicKind::Front(conn) = &self.kind {
-            let (frame, offload) = match &mut *conn.borrow_mut() {
-                FrontConn::Up { front, .. } => {
-                    front.poll();
-                    front.take_frame_offloaded()?
-                }
-                FrontConn::Down => return None,
-            };
-            let (r, t) = self.counters.get();
-            self.counters.set((r + 1, t));
-            return Some(f(&frame, offload));
-        }
-        let (rx, _tx) = smoltcp::phy::Device::receive(self, now)?;
-        Some(smoltcp::phy::RxToken::consume(rx, |frame| {
-            f(frame, crate::offload::Offload::NONE)
-        }))
+        let (frame, offload) = self.take_received()?;
+        Some(f(&frame, offload))
+    }
+
+    /// The frame the netback or netfront built is handed over as it is.
+    fn receive_into(
+        &mut self,
+        _now: Instant,
+        frame: &mut Vec<u8>,
+    ) -> Option<crate::offload::Offload> {
+        let (received, offload) = self.take_received()?;
+        *frame = received;
+        Some(offload)
     }
 
     fn gso_counts(&self) -> Option<crate::offload::GsoCounts> {
