@@ -34,7 +34,6 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
 use std::string::String;
-use std::vec;
 use std::vec::Vec;
 
 use std::collections::VecDeque;
@@ -53,9 +52,15 @@ pub const DEFAULT_MTU: usize = 1500;
 pub const DEFAULT_QUEUE_LEN: u32 = 10000;
 /// Ethernet header bytes on top of the IP MTU.
 const ETHERNET_HEADER: usize = 14;
-/// Largest frame the kernel can hand us on a TAP (a GSO frame); the read
-/// buffer is this big so that an oversized frame is seen whole and dropped.
-const READ_BUFFER: usize = offload::MAX_OFFLOAD_FRAME + VNET_HDR_LEN;
+/// Largest frame the kernel can hand us on a TAP (a GSO frame); each read
+/// has room for this much after the vnet header, so that an oversized
+/// frame is seen whole and dropped.
+const READ_BUFFER: usize = offload::MAX_OFFLOAD_FRAME;
+/// Frames longer than this go to [`OffloadNic::receive_into`]'s caller in
+/// the receive buffer itself (swapped for the caller's); shorter ones are
+/// copied, so that a queued small frame does not hold a whole receive
+/// buffer's capacity.
+const HAND_OVER_ABOVE: usize = 4096;
 
 /// Per-device counters, readable for the status service.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -180,6 +185,9 @@ pub struct TapDevice {
     name: String,
     mtu: usize,
     reactor: Rc<Reactor>,
+    /// The frame last read, from its first byte (its vnet header is read
+    /// apart); capacity for [`READ_BUFFER`] bytes is restored before each
+    /// read, as [`OffloadNic::receive_into`] may have swapped it away.
     rx_buffer: Vec<u8>,
     tx_buffer: Vec<u8>,
     counters: TapCounters,
@@ -255,6 +263,12 @@ impl TapDevice {
                 io::Error::last_os_error()
             );
         }
+        TapDevice::attach(reactor, fd, name, mtu)
+    }
+
+    /// A device on `fd`, a descriptor with one vnet header and frame per
+    /// read and write (an attached TAP; a datagram socket in tests).
+    fn attach(reactor: Rc<Reactor>, fd: OwnedFd, name: &str, mtu: usize) -> io::Result<TapDevice> {
         let readable = reactor.epoll.add_tracked(fd.as_raw_fd())?;
         let tx = Rc::new(TxPath {
             fd,
@@ -271,7 +285,7 @@ impl TapDevice {
             name: String::from(name),
             mtu,
             reactor,
-            rx_buffer: vec![0; READ_BUFFER],
+            rx_buffer: Vec::with_capacity(READ_BUFFER),
             tx_buffer: Vec::with_capacity(mtu + ETHERNET_HEADER),
             counters: TapCounters::default(),
             finished: VecDeque::new(),
@@ -314,22 +328,37 @@ impl TapDevice {
         set_txqueuelen(&self.name, len)
     }
 
-    /// Reads one vnet header and frame into the receive buffer: its
-    /// length after the header and its offloads (checked against it).
+    /// Reads one vnet header and frame, the frame into the receive buffer
+    /// (from its start; the buffer's length is the frame's): the frame's
+    /// length and its offloads (checked against it).
     fn read_frame(&mut self) -> Option<(usize, Offload)> {
         if !self.readable.get() {
             return None;
         }
+        if self.rx_buffer.capacity() < READ_BUFFER {
+            // Swapped away for a smaller one: a fresh buffer rather than a
+            // reallocation that would copy the old one's bytes.
+            self.rx_buffer = Vec::with_capacity(READ_BUFFER);
+        }
         loop {
-            // SAFETY: the pointer and length describe `rx_buffer`, which is
-            // writable and outlives the call.
-            let n = unsafe {
-                libc::read(
-                    self.tx.fd.as_raw_fd(),
-                    self.rx_buffer.as_mut_ptr().cast(),
-                    self.rx_buffer.len(),
-                )
-            };
+            let mut header = [0u8; VNET_HDR_LEN];
+            self.rx_buffer.clear();
+            let room = self.rx_buffer.spare_capacity_mut();
+            let room_len = room.len().min(READ_BUFFER);
+            let parts = [
+                libc::iovec {
+                    iov_base: header.as_mut_ptr().cast(),
+                    iov_len: header.len(),
+                },
+                libc::iovec {
+                    iov_base: room.as_mut_ptr().cast(),
+                    iov_len: room_len,
+                },
+            ];
+            // SAFETY: the iovecs describe `header` and `room_len` bytes of
+            // `rx_buffer`'s spare capacity, both writable and alive for the
+            // call; readv keeps neither pointer.
+            let n = unsafe { libc::readv(self.tx.fd.as_raw_fd(), parts.as_ptr(), 2) };
             if n < 0 {
                 let error = io::Error::last_os_error();
                 match error.kind() {
@@ -351,11 +380,20 @@ impl TapDevice {
                 self.counters.rx_errors = self.counters.rx_errors.saturating_add(1);
                 continue;
             };
+            if len > room_len {
+                // More than we asked for: never from the kernel.
+                self.counters.rx_errors = self.counters.rx_errors.saturating_add(1);
+                continue;
+            }
+            // SAFETY: readv filled the iovecs in order, so the `len` bytes
+            // after the header are initialized at the start of
+            // `rx_buffer`'s spare capacity (`len <= room_len`, within it).
+            unsafe { self.rx_buffer.set_len(len) };
             if len == 0 {
                 continue;
             }
-            let header = VnetHeader::parse(&self.rx_buffer).unwrap_or_default();
-            let Some(frame) = self.rx_buffer.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + len) else {
+            let header = VnetHeader::parse(&header).unwrap_or_default();
+            let Some(frame) = self.rx_buffer.get_mut(..len) else {
                 self.counters.rx_errors = self.counters.rx_errors.saturating_add(1);
                 continue;
             };
@@ -388,8 +426,26 @@ impl OffloadNic for TapDevice {
             return Some(f(&frame, Offload::NONE));
         }
         let (len, offload) = self.read_frame()?;
-        let frame = self.rx_buffer.get(VNET_HDR_LEN..VNET_HDR_LEN + len)?;
+        let frame = self.rx_buffer.get(..len)?;
         Some(f(frame, offload))
+    }
+
+    fn receive_into(&mut self, _now: Instant, frame: &mut Vec<u8>) -> Option<Offload> {
+        if let Some(finished) = self.finished.pop_front() {
+            *frame = finished;
+            return Some(Offload::NONE);
+        }
+        let (len, offload) = self.read_frame()?;
+        if len > HAND_OVER_ABOVE {
+            // Handed over whole; `read_frame` gives the device a buffer
+            // with room again (this one if it is big enough).
+            std::mem::swap(&mut self.rx_buffer, frame);
+            frame.truncate(len);
+        } else {
+            frame.clear();
+            frame.extend_from_slice(self.rx_buffer.get(..len)?);
+        }
+        Some(offload)
     }
 
     fn tx_offloads(&self) -> TxOffloads {
@@ -554,7 +610,7 @@ impl phy::Device for TapDevice {
                     Some(len)
                 } else {
                     // Cut and completed here for a caller without offloads.
-                    let frame = self.rx_buffer.get(VNET_HDR_LEN..VNET_HDR_LEN + len)?;
+                    let frame = self.rx_buffer.get(..len)?;
                     let mut scratch = Vec::new();
                     let finished = &mut self.finished;
                     offload::finish(frame, offload, &mut scratch, &mut |piece| {
@@ -574,7 +630,7 @@ impl phy::Device for TapDevice {
             ..
         } = self;
         let frame = match plain {
-            Some(len) => rx_buffer.get(VNET_HDR_LEN..VNET_HDR_LEN + len)?,
+            Some(len) => rx_buffer.get(..len)?,
             None => segment.as_slice(),
         };
         Some((
@@ -606,6 +662,7 @@ mod tests {
     use super::*;
     use smoltcp::phy::{Device, RxToken, TxToken};
     use std::time::Duration;
+    use std::vec;
 
     #[test]
     fn waits_for_a_bridge_port_to_forward_and_no_longer() {
@@ -675,6 +732,207 @@ mod tests {
         frame.extend_from_slice(&[0x88, 0xb5]);
         frame.extend_from_slice(payload);
         frame
+    }
+
+    /// A device on one end of a datagram socket pair (one message per
+    /// read, as on a TAP); the other end, returned, plays the kernel.
+    fn socket_device(mtu: usize) -> (Rc<Reactor>, TapDevice, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two descriptors into `fds`.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        // SAFETY: fds[0] was just returned and is owned by no one else.
+        let ours = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        // SAFETY: fds[1] likewise.
+        let kernel = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+        let reactor = Reactor::new().unwrap();
+        let tap = TapDevice::attach(reactor.clone(), ours, "test0", mtu).unwrap();
+        (reactor, tap, kernel)
+    }
+
+    /// Sends `bytes` as one message from the kernel's end and lets the
+    /// reactor see it.
+    fn kernel_sends(reactor: &Reactor, kernel: &OwnedFd, bytes: &[u8]) {
+        // SAFETY: the pointer and length describe `bytes`.
+        let n = unsafe { libc::send(kernel.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+        assert_eq!(n as usize, bytes.len(), "{}", io::Error::last_os_error());
+        reactor.epoll.wait(Some(Duration::ZERO)).unwrap();
+    }
+
+    fn with_header(header: VnetHeader, frame: &[u8]) -> Vec<u8> {
+        let mut message = header.to_bytes().to_vec();
+        message.extend_from_slice(frame);
+        message
+    }
+
+    /// An IPv4 TCP frame with `payload` bytes after the headers.
+    fn tcp_frame(payload: usize) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+        let total = (20 + 20 + payload) as u16;
+        f.extend_from_slice(&[0x45, 0]);
+        f.extend_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 192, 0, 2, 80]);
+        f.extend_from_slice(&[0x12, 0x34, 0, 80, 0, 0, 0, 1, 0, 0, 0, 7]);
+        f.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+        f.extend((0..payload).map(|i| i as u8));
+        f
+    }
+
+    fn gso_header(gso_size: u16) -> VnetHeader {
+        VnetHeader {
+            flags: super::super::gso::F_NEEDS_CSUM,
+            gso_type: super::super::gso::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size,
+            csum_start: 34,
+            csum_offset: 16,
+        }
+    }
+
+    #[test]
+    fn receive_into_hands_big_frames_over_and_copies_small_ones() {
+        let (reactor, mut tap, kernel) = socket_device(9000);
+        let now = Instant::from_millis(0);
+
+        // Small: copied into the caller's buffer; the device keeps its own.
+        let small = frame(1, &[7u8; 100]);
+        kernel_sends(
+            &reactor,
+            &kernel,
+            &with_header(VnetHeader::default(), &small),
+        );
+        let mut buffer = Vec::with_capacity(2048);
+        buffer.extend_from_slice(&[0xee; 1000]);
+        let caller = buffer.as_ptr();
+        assert_eq!(tap.receive_into(now, &mut buffer), Some(Offload::NONE));
+        assert_eq!(buffer, small);
+        assert_eq!((buffer.as_ptr(), buffer.capacity()), (caller, 2048));
+        assert!(tap.rx_buffer.capacity() >= READ_BUFFER);
+
+        // Big: the device's buffer itself, the caller's swapped in.
+        let big = frame(2, &[9u8; 6000]);
+        kernel_sends(&reactor, &kernel, &with_header(VnetHeader::default(), &big));
+        let device = tap.rx_buffer.as_ptr();
+        assert_eq!(tap.receive_into(now, &mut buffer), Some(Offload::NONE));
+        assert_eq!(buffer, big);
+        assert_eq!(buffer.as_ptr(), device);
+        assert_eq!(tap.rx_buffer.as_ptr(), caller);
+
+        // The next read has room again (the caller's buffer was too small
+        // for a read: a fresh one), and a big buffer handed back is reused.
+        let bigger = frame(3, &[5u8; 8000]);
+        kernel_sends(
+            &reactor,
+            &kernel,
+            &with_header(VnetHeader::default(), &bigger),
+        );
+        let mut second = Vec::new();
+        assert_eq!(tap.receive_into(now, &mut second), Some(Offload::NONE));
+        assert_eq!(second, bigger);
+        assert!(second.capacity() >= READ_BUFFER);
+        let recycled = buffer.as_ptr();
+        kernel_sends(&reactor, &kernel, &with_header(VnetHeader::default(), &big));
+        let mut third = std::mem::take(&mut buffer);
+        assert_eq!(tap.receive_into(now, &mut third), Some(Offload::NONE));
+        assert_eq!(third, big);
+        assert_eq!(tap.rx_buffer.as_ptr(), recycled);
+        kernel_sends(
+            &reactor,
+            &kernel,
+            &with_header(VnetHeader::default(), &small),
+        );
+        assert_eq!(tap.receive_into(now, &mut third), Some(Offload::NONE));
+        assert_eq!(third, small);
+        kernel_sends(&reactor, &kernel, &with_header(VnetHeader::default(), &big));
+        assert_eq!(tap.receive_into(now, &mut buffer), Some(Offload::NONE));
+        assert_eq!((buffer.as_slice(), buffer.as_ptr()), (&big[..], recycled));
+
+        // Nothing more: none, and no read until the reactor sees input.
+        assert_eq!(tap.receive_into(now, &mut buffer), None);
+        assert!(!tap.readable.get());
+        assert_eq!(tap.counters().rx_frames, 6);
+        assert_eq!(tap.counters().rx_errors, 0);
+    }
+
+    #[test]
+    fn reads_drop_and_count_bad_frames_and_every_receive_path_works() {
+        let (reactor, mut tap, kernel) = socket_device(DEFAULT_MTU);
+        let now = Instant::from_millis(0);
+        let good = frame(1, b"good");
+
+        // Shorter than a vnet header, a header alone, an oversized frame
+        // without GSO, GSO metadata on a frame that is not TCP: all
+        // skipped in one receive, which returns the good frame after them.
+        kernel_sends(&reactor, &kernel, &[0u8; 5]);
+        kernel_sends(&reactor, &kernel, &[0u8; VNET_HDR_LEN]);
+        let oversized = frame(2, &[0u8; DEFAULT_MTU + 1]);
+        kernel_sends(
+            &reactor,
+            &kernel,
+            &with_header(VnetHeader::default(), &oversized),
+        );
+        kernel_sends(&reactor, &kernel, &with_header(gso_header(1448), &good));
+        kernel_sends(
+            &reactor,
+            &kernel,
+            &with_header(VnetHeader::default(), &good),
+        );
+        let mut buffer = Vec::new();
+        assert_eq!(tap.receive_into(now, &mut buffer), Some(Offload::NONE));
+        assert_eq!(buffer, good);
+        let counters = tap.counters();
+        assert_eq!(
+            (
+                counters.rx_errors,
+                counters.rx_oversized,
+                counters.rx_offloaded
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(counters.rx_frames, 1);
+
+        // A GSO frame: accepted whole with its metadata (the checksum field
+        // rewritten to the pseudo-header sum) and handed over.
+        let gso = tcp_frame(8000);
+        kernel_sends(&reactor, &kernel, &with_header(gso_header(1448), &gso));
+        let offload = tap.receive_into(now, &mut buffer).unwrap();
+        assert!(offload.is_gso());
+        assert_eq!(offload.gso_size, 1448);
+        assert_eq!(buffer.len(), gso.len());
+        assert_eq!(buffer.get(..50), gso.get(..50));
+        assert_eq!(buffer.get(52..), gso.get(52..));
+        assert_eq!(tap.counters().rx_gso_frames, 1);
+
+        // receive_offloaded gives the same frame.
+        kernel_sends(&reactor, &kernel, &with_header(gso_header(1448), &gso));
+        let got = tap
+            .receive_offloaded(now, |bytes, offload| (bytes.to_vec(), offload))
+            .unwrap();
+        assert_eq!((got.0, got.1), (buffer.clone(), offload));
+
+        // smoltcp's receive cuts it into segments; receive_into takes the
+        // rest of them, in order.
+        kernel_sends(&reactor, &kernel, &with_header(gso_header(1448), &gso));
+        let first = tap
+            .receive(now)
+            .map(|(rx, _tx)| rx.consume(|bytes| bytes.to_vec()))
+            .unwrap();
+        assert_eq!(first.len(), 54 + 1448);
+        let mut payload = first.get(54..).unwrap().to_vec();
+        while let Some(offload) = tap.receive_into(now, &mut buffer) {
+            assert_eq!(offload, Offload::NONE);
+            assert!(buffer.len() <= DEFAULT_MTU + ETHERNET_HEADER);
+            payload.extend_from_slice(buffer.get(54..).unwrap());
+        }
+        assert_eq!(payload.as_slice(), gso.get(54..).unwrap());
+        assert_eq!(tap.counters().rx_errors, 1);
     }
 
     /// Creates a TAP in a private network namespace (needs root: CI runs
