@@ -282,11 +282,23 @@ fn panic(info: &PanicInfo<'_>) -> ! {
 /// `dst` and `src` valid for `n` bytes, not overlapping.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller's contract; `rep movsb` copies forwards (DF is clear
-    // by the ABI).
+    // Eight bytes per step (`rep movsq`), then the last 0-7 (`rep movsb`):
+    // as fast as `rep movsb` where the CPU has fast strings, several times
+    // faster where it has not, and eight times fewer steps where each step
+    // is emulated (QEMU's TCG runs a `rep` instruction one step at a time).
+    // SAFETY: the caller's contract; both string moves copy forwards (DF is
+    // clear by the ABI) and together move exactly `n` bytes.
     unsafe {
-        core::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
-                         options(nostack, preserves_flags));
+        core::arch::asm!(
+            "rep movsq",
+            "mov ecx, {tail:e}",
+            "rep movsb",
+            tail = in(reg) n & 7,
+            inout("rcx") n >> 3 => _,
+            inout("rdi") dst => _,
+            inout("rsi") src => _,
+            options(nostack, preserves_flags),
+        );
     }
     dst
 }
@@ -315,10 +327,21 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
 /// `dst` valid for `n` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
-    // SAFETY: the caller's contract.
+    // Eight bytes per step, then the rest, as `memcpy`; `stosb` stores the
+    // low byte of the repeated pattern, which is `value`'s.
+    let pattern = u64::from(value as u8) * 0x0101_0101_0101_0101;
+    // SAFETY: the caller's contract; exactly `n` bytes are stored forwards.
     unsafe {
-        core::arch::asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") value as u8,
-                         options(nostack, preserves_flags));
+        core::arch::asm!(
+            "rep stosq",
+            "mov ecx, {tail:e}",
+            "rep stosb",
+            tail = in(reg) n & 7,
+            inout("rcx") n >> 3 => _,
+            inout("rdi") dst => _,
+            in("rax") pattern,
+            options(nostack, preserves_flags),
+        );
     }
     dst
 }
