@@ -694,13 +694,20 @@ impl Router {
     }
 
     /// Gives a transmitted frame's buffer back for reuse.
-    pub fn recycle(&mut self, mut frame: Vec<u8>) {
+    pub fn recycle(&mut self, frame: Vec<u8>) {
         // A buffer without capacity (one a frame was taken out of) is no
-        // spare.
+        // spare. Its old bytes stay: `buffer` clears it for the router's
+        // own frames, and a NIC's `receive_into` that keeps it for a later
+        // copy (`platform::xen::frames`) need not zero-fill it again.
         if self.spare.len() < SPARE_BUFFERS && frame.capacity() != 0 {
-            frame.clear();
             self.spare.push(frame);
         }
+    }
+
+    /// A spare buffer for a NIC's `receive_into`, its old frame's bytes
+    /// still in it (the NIC replaces them).
+    fn receive_buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
     }
 
     /// Runs the timers: NAT and fragment expiry, ARP/NDP for the gateway,
@@ -826,7 +833,7 @@ impl Router {
             if taken >= self.round_bytes() {
                 break;
             }
-            let mut frame = self.buffer();
+            let mut frame = self.receive_buffer();
             let Some(offload) = device.receive_into(now, &mut frame) else {
                 self.recycle(frame);
                 more = false;
@@ -866,7 +873,7 @@ impl Router {
             if taken >= self.round_bytes() {
                 break;
             }
-            let mut frame = self.buffer();
+            let mut frame = self.receive_buffer();
             let Some(offload) = device.receive_into(now, &mut frame) else {
                 self.recycle(frame);
                 more = false;

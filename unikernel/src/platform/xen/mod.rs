@@ -22,6 +22,7 @@ pub mod console;
 pub mod csum;
 pub mod entropy;
 pub mod events;
+pub mod frames;
 pub mod grant;
 pub mod hypercall;
 pub mod netback;

@@ -58,10 +58,10 @@
 #![deny(clippy::indexing_slicing)]
 
 use alloc::collections::VecDeque;
-use alloc::vec;
 use alloc::vec::Vec;
 
 use super::events::Notify;
+use super::frames::FramePool;
 pub use super::grant::{MAX_COPY_SEGMENTS, Segment};
 use super::netfront::{
     MAX_FRAME, NETIF_RSP_NULL, NETRXF_CSUM_BLANK, NETRXF_DATA_VALIDATED, NETRXF_EXTRA_INFO,
@@ -334,6 +334,9 @@ pub struct Netback<M, C, N> {
     /// room, so they never hold more than it takes).
     pending: Vec<Pending>,
     pending_bytes: usize,
+    /// Buffers for the frames copied in (`super::frames`): the platform's
+    /// pool, lent while it polls this vif; empty otherwise.
+    pub pool: FramePool,
 }
 
 impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
@@ -361,6 +364,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             frontend: FrontendFeatures::default(),
             pending: Vec::new(),
             pending_bytes: 0,
+            pool: FramePool::default(),
         }
     }
 
@@ -576,7 +580,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         packet.fate = if queued < RX_QUEUE
             && self.received_bytes + self.pending_bytes + total <= RX_QUEUE_BYTES
         {
-            Fate::Copy(vec![0u8; total])
+            Fate::Copy(self.pool.take(total))
         } else {
             Fate::NoRoom
         };
@@ -899,6 +903,7 @@ mod tests {
     use crate::platform::xen::shared::VecMemory;
     use alloc::collections::BTreeMap;
     use alloc::rc::Rc;
+    use alloc::vec;
     use core::cell::{Cell, RefCell};
     use smoltcp::phy::{Device, RxToken, TxToken};
     use smoltcp::time::Instant;
@@ -1068,6 +1073,44 @@ mod tests {
         assert_eq!(back.stats().from_client, u64::from(rounds));
         assert_eq!(back.stats().to_client, u64::from(rounds));
         assert_eq!(front.stats().protocol_errors, 0);
+    }
+
+    /// Buffers from the frame pool still hold an old frame's bytes: both
+    /// NICs overwrite every one of them (longer, shorter and empty old
+    /// frames), and a long enough buffer is used as it is.
+    #[test]
+    fn pool_buffers_with_old_bytes_are_overwritten_whole_both_ways() {
+        let (mut front, mut back, _, _) = pair();
+        for (round, stale_len) in [(0u32, 3000usize), (1, 10), (2, 1500), (3, 0)] {
+            let frame: Vec<u8> = (0..1000 + round as usize * 150)
+                .map(|i| (i as u32 ^ round) as u8)
+                .collect();
+            let mut stale = Vec::with_capacity(stale_len.max(64));
+            stale.resize(stale_len, 0xee);
+            let (to_back, to_front) = (stale.clone(), stale);
+            let at = (to_back.as_ptr(), to_front.as_ptr());
+            back.pool.give(to_back);
+            front.pool.give(to_front);
+            front
+                .transmit(Instant::from_millis(0))
+                .unwrap()
+                .consume(frame.len(), |b| b.copy_from_slice(&frame));
+            back.poll();
+            let got = back.take_frame().unwrap();
+            assert_eq!(got, frame);
+            assert!(back.pool.is_empty(), "the pool's buffer was taken");
+            if stale_len >= frame.len() {
+                assert_eq!(got.as_ptr(), at.0, "used as it is");
+            }
+            back.send(&frame);
+            front.poll();
+            let (got, _) = front.take_frame_offloaded().unwrap();
+            assert_eq!(got, frame);
+            assert!(front.pool.is_empty());
+            if stale_len >= frame.len() {
+                assert_eq!(got.as_ptr(), at.1);
+            }
+        }
     }
 
     #[test]

@@ -59,6 +59,7 @@ use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Med
 use smoltcp::time::Instant;
 
 use super::events::Notify;
+use super::frames::FramePool;
 use super::netback::{
     EXTRA_FLAG_MORE, EXTRA_TYPE_GSO, EXTRA_TYPE_HASH, EXTRA_TYPE_MCAST_ADD, EXTRA_TYPE_MCAST_DEL,
     GSO_TYPE_TCPV4, GSO_TYPE_TCPV6, NETTXF_CSUM_BLANK, NETTXF_DATA_VALIDATED, NETTXF_EXTRA_INFO,
@@ -219,6 +220,9 @@ pub struct Netfront<M, N> {
     stats: NetfrontStats,
     broken: Option<&'static str>,
     backend: BackendFeatures,
+    /// Buffers for the frames received (`super::frames`): the platform's
+    /// pool, lent while it polls; empty otherwise.
+    pub pool: FramePool,
 }
 
 impl<M: SharedMemory, N: Notify> Netfront<M, N> {
@@ -261,6 +265,7 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
             stats: NetfrontStats::default(),
             broken: None,
             backend: BackendFeatures::default(),
+            pool: FramePool::default(),
         };
         for id in 0..rx_count as u16 {
             front.post_rx(id);
@@ -533,17 +538,19 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         let parts = parts.get(..recorded).unwrap_or(&[]);
         let mut frame = Vec::new();
         if !bad {
-            frame = vec![0u8; total];
+            // A pool buffer may hold an old frame's bytes: every one of
+            // them must be overwritten, or the frame is not handed on.
+            frame = self.pool.take(total);
             let mut at = 0usize;
             for &(id, offset, len) in parts {
                 let len = usize::from(len);
-                if let (Some(buffer), Some(dst)) =
-                    (self.rx_bufs.get(id as usize), frame.get_mut(at..at + len))
-                {
-                    buffer.mem.read_bytes(usize::from(offset), dst);
+                match (self.rx_bufs.get(id as usize), frame.get_mut(at..at + len)) {
+                    (Some(buffer), Some(dst)) => buffer.mem.read_bytes(usize::from(offset), dst),
+                    _ => bad = true,
                 }
                 at += len;
             }
+            bad |= at != total;
         }
         for &(id, _, _) in parts {
             self.post_rx(id);

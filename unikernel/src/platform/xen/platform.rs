@@ -37,6 +37,7 @@ use protocol::vchan::{EVENT_CHANNEL_KEY, RING_REF_KEY, RingOrders, RingPlacement
 
 use super::abi;
 use super::events::{self, SharedInfo, XenNotify};
+use super::frames::FramePool;
 use super::grant::{self, ForeignMapping, ForeignWindow, GrantTable};
 use super::hypercall;
 use super::netback::{
@@ -105,6 +106,9 @@ struct Shared {
     unwatch: RefCell<Vec<String>>,
     /// Frame counters of every NIC, logged at exit: (name, (rx, tx)).
     nic_counters: RefCell<Vec<(String, FrameCounters)>>,
+    /// Buffers of sent frames for the next frames received
+    /// (`super::frames`), lent to the NIC being polled.
+    frame_pool: RefCell<FramePool>,
 }
 
 impl core::fmt::Debug for Shared {
@@ -207,6 +211,7 @@ impl XenPlatform {
                 backends: RefCell::new(Vec::new()),
                 unwatch: RefCell::new(Vec::new()),
                 nic_counters: RefCell::new(Vec::new()),
+                frame_pool: RefCell::new(FramePool::default()),
             }),
             xenstore,
             shutdown_watch: false,
@@ -1024,17 +1029,22 @@ impl XenNic {
 
     /// The next frame the netback or netfront received, counted.
     fn take_received(&mut self) -> Option<(Vec<u8>, crate::offload::Offload)> {
+        let mut pool = self.shared.frame_pool.borrow_mut();
         let received = match &self.kind {
             NicKind::Back(conn) => match &mut *conn.borrow_mut() {
                 BackConn::Up { back, .. } => {
+                    core::mem::swap(&mut back.pool, &mut pool);
                     back.poll();
+                    core::mem::swap(&mut back.pool, &mut pool);
                     back.take_frame_offloaded()?
                 }
                 _ => return None,
             },
             NicKind::Front(conn) => match &mut *conn.borrow_mut() {
                 FrontConn::Up { front, .. } => {
+                    core::mem::swap(&mut front.pool, &mut pool);
                     front.poll();
+                    core::mem::swap(&mut front.pool, &mut pool);
                     front.take_frame_offloaded()?
                 }
                 FrontConn::Down => return None,
@@ -1114,7 +1124,8 @@ impl crate::offload::OffloadNic for XenNic {
         frame: &mut Vec<u8>,
     ) -> Option<crate::offload::Offload> {
         let (received, offload) = self.take_received()?;
-        *frame = received;
+        let sent = core::mem::replace(frame, received);
+        self.shared.frame_pool.borrow_mut().give(sent);
         Some(offload)
     }
 

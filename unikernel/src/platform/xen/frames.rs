@@ -1,0 +1,106 @@
+//! Buffers for received frames, passed round instead of allocated and
+//! zero-filled for every packet.
+//!
+//! A frame the router has sent (its bytes copied to a peer) comes back
+//! here through [`crate::offload::OffloadNic::receive_into`] with its
+//! length as it was; the netback or netfront that needs a buffer for the
+//! next packet's copy takes it cut to that packet's length. Bytes left
+//! from the old frame are all overwritten by the copy before the frame is
+//! handed on (a packet whose copy failed is dropped with its buffer), so
+//! only a buffer shorter than the packet has its new tail zero-filled.
+//! Zero-filling 64 KiB per GSO packet was a pass over every byte, as
+//! costly as a copy.
+//!
+//! One pool for the whole firewall (the platform lends it to the NIC it
+//! polls), bounded in buffers and bytes, so that many clients never hold
+//! more than [`MAX_BYTES`] between them.
+#![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing)]
+
+use alloc::vec::Vec;
+
+/// Buffers kept at most.
+pub const MAX_BUFFERS: usize = 32;
+/// Capacity kept at most, all buffers together.
+pub const MAX_BYTES: usize = 1 << 20;
+
+/// The pool. Empty by default (every buffer then comes zero-filled from
+/// the allocator).
+#[derive(Debug, Default)]
+pub struct FramePool {
+    buffers: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl FramePool {
+    /// A buffer of `len` bytes whose contents are unspecified (old frame
+    /// bytes or zeroes): the caller overwrites all of them or drops it.
+    pub fn take(&mut self, len: usize) -> Vec<u8> {
+        match self.buffers.pop() {
+            Some(mut buffer) => {
+                self.bytes = self.bytes.saturating_sub(buffer.capacity());
+                if buffer.len() >= len {
+                    buffer.truncate(len);
+                } else {
+                    buffer.resize(len, 0);
+                }
+                buffer
+            }
+            None => alloc::vec![0u8; len],
+        }
+    }
+
+    /// Keeps `buffer` for a later [`FramePool::take`] if there is room.
+    pub fn give(&mut self, buffer: Vec<u8>) {
+        let capacity = buffer.capacity();
+        if capacity != 0 && self.buffers.len() < MAX_BUFFERS && self.bytes + capacity <= MAX_BYTES {
+            self.bytes += capacity;
+            self.buffers.push(buffer);
+        }
+    }
+
+    /// Buffers kept.
+    pub fn len(&self) -> usize {
+        self.buffers.len()
+    }
+
+    /// Whether no buffer is kept.
+    pub fn is_empty(&self) -> bool {
+        self.buffers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_cut_to_length_and_the_pool_is_bounded() {
+        let mut pool = FramePool::default();
+        // Nothing kept: a fresh zeroed buffer.
+        assert_eq!(pool.take(10), alloc::vec![0u8; 10]);
+        // A used buffer comes back with its old length and is cut.
+        let old = alloc::vec![7u8; 100];
+        let at = old.as_ptr();
+        pool.give(old);
+        assert_eq!(pool.len(), 1);
+        let got = pool.take(60);
+        assert_eq!((got.as_ptr(), got.len()), (at, 60));
+        // A shorter one is grown with zeroes behind the old bytes.
+        pool.give(alloc::vec![7u8; 4]);
+        assert_eq!(pool.take(6), [7, 7, 7, 7, 0, 0]);
+        // Buffers without capacity are not kept; the counts are bounded.
+        pool.give(Vec::new());
+        assert!(pool.is_empty());
+        for _ in 0..MAX_BUFFERS + 5 {
+            pool.give(alloc::vec![0u8; 16]);
+        }
+        assert_eq!(pool.len(), MAX_BUFFERS);
+        let mut pool = FramePool::default();
+        for _ in 0..MAX_BUFFERS {
+            pool.give(alloc::vec![0u8; 64 * 1024]);
+        }
+        assert_eq!(pool.len(), MAX_BYTES / (64 * 1024));
+        assert!(pool.bytes <= MAX_BYTES);
+    }
+}
