@@ -8,7 +8,7 @@
 //! (volatile/atomic, behind the `SharedMemory` trait); the ring protocols
 //! (`console`, `xenstore_ring`, `vchan`, `netfront`, `netback`), checksum
 //! completion for offloading peers (`csum`) and the bookkeeping (`grant`,
-//! `time`, `start_info`) are portable and tested on the host with a
+//! `frames`, `time`, `start_info`) are portable and tested on the host with a
 //! `Vec`-backed memory; `runtime` (boot code, allocator, panic handler,
 //! libc symbols) exists only in the image (feature `xen`), and so does the
 //! machine side of `traps` (IDT, guard page, exception reports; its
