@@ -120,7 +120,9 @@
 //! router.pump_uplink(&mut uplink_nic, now);   // receive all, transmit queued
 //! router.pump_client(id, &mut client_nic, now);
 //! router.poll_timers(now);                    // NAT expiry, ARP/NDP, DNS
-//! platform.wait(router.poll_at(now));         // `now` if frames are queued
+//! // What pumps and timers queued for NICs pumped before them:
+//! router.transmit_uplink(&mut uplink_nic, now);  // transmit_client too
+//! platform.wait(router.poll_at(now));         // 1 ms if frames wait for room
 //! // Frame by frame instead: handle_uplink_frame / handle_client_frame,
 //! // pop_uplink_frame / pop_client_frame, recycle(buffer).
 //! // The pumps receive into the router's own buffers (the NIC's
@@ -418,6 +420,9 @@ pub struct Router {
 }
 
 const SPARE_BUFFERS: usize = 64;
+/// How soon [`Router::poll_at`] asks to be called again while frames wait
+/// for a NIC that had no room (its event normally comes first).
+pub const OUTPUT_RETRY_MS: Millis = 1;
 const SWEEP_INTERVAL: Millis = 1_000;
 
 impl Router {
@@ -762,9 +767,6 @@ impl Router {
     /// When the router next needs [`Router::poll_timers`] (`now` when
     /// frames are waiting to be transmitted).
     pub fn poll_at(&self, now: Instant) -> Option<Instant> {
-        if self.has_output() {
-            return Some(now);
-        }
         let mut at = if self.nat.is_empty()
             && self.reassembler.is_empty()
             && self.uplink_reassembler.is_empty()
@@ -780,7 +782,14 @@ impl Router {
             self.uplink.pending.expires_at(),
             self.uplink.pending6.expires_at(),
         ];
-        for candidate in candidates.into_iter().flatten() {
+        // Frames still queued after every NIC was offered them wait for
+        // a NIC's room, which its event announces (a netback's client
+        // posting buffers, a netfront's backend answering): no busy loop
+        // while a peer is slow, only a retry in case an event is missed.
+        let retry = self
+            .has_output()
+            .then(|| now.total_millis() + OUTPUT_RETRY_MS);
+        for candidate in candidates.into_iter().chain([retry]).flatten() {
             at = Some(at.map_or(candidate, |a: Millis| a.min(candidate)));
         }
         at.map(Instant::from_millis)
@@ -789,6 +798,20 @@ impl Router {
     /// Whether any frame waits to be transmitted.
     pub fn has_output(&self) -> bool {
         !self.uplink.queue.is_empty() || self.clients.iter().any(|c| !c.queue.is_empty())
+    }
+
+    /// Whether a frame waits to be transmitted to the uplink.
+    pub fn uplink_has_output(&self) -> bool {
+        !self.uplink.queue.is_empty()
+    }
+
+    /// The clients a frame waits to be transmitted to.
+    pub fn clients_with_output(&self) -> Vec<ClientId> {
+        self.clients
+            .iter()
+            .filter(|c| !c.queue.is_empty())
+            .map(|c| c.id)
+            .collect()
     }
 
     /// Takes the next frame for the uplink. An offloaded frame (only the
