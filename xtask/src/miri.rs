@@ -27,6 +27,7 @@ const FILTERS: &[&str] = &[
     "platform::xen::netfront::",
     "platform::xen::netback::",
     "platform::xen::console::",
+    "platform::xen::frames::",
 ];
 
 /// Miri's checks beyond the defaults: pointers must not be made up from
