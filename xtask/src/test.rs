@@ -7,7 +7,7 @@
 //!    not build for a test of another package.
 //! 3. As root, boots the firewall image on Xen under QEMU
 //!    (`tests/xen/run.sh`); `QUBES_TEST_SKIP_XEN=1` skips it for a quick run.
-//! 4. Runs `cargo test --workspace` last and closes with one line that adds
+//! 4. Runs `cargo test --workspace --features unikernel/hosted` last and closes with one line that adds
 //!    up every test binary's result: `tests: N passed, N failed, N skipped`
 //!    (skipped: cargo's ignored).
 
@@ -87,7 +87,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     run_tests(
         Command::new("cargo")
             .current_dir(&root)
-            .args(["test", "--workspace"])
+            // `hosted`: the hosted platform's own tests (TAP, epoll, socket
+            // vchans) are compiled only with it.
+            .args(["test", "--workspace", "--features", "unikernel/hosted"])
             .args(args)
             // The differential tests against Qubes' own code must run, not
             // skip, when Python or ../shared/reference is missing.
