@@ -971,12 +971,40 @@ mod tests {
             let token = tap.transmit(Instant::from_millis(0)).unwrap();
             token.consume(outgoing.len(), |buffer| buffer.copy_from_slice(&outgoing));
             assert_eq!(tap.counters().tx_frames, 1);
+            // The sniffer sees the kernel's own frames on the link too (an
+            // IPv6 MLD report as the interface comes up): ours is the one
+            // with the test EtherType. A receive timeout keeps a lost frame
+            // from hanging the test.
+            let timeout = libc::timeval {
+                tv_sec: 2,
+                tv_usec: 0,
+            };
+            // SAFETY: SO_RCVTIMEO reads one timeval, which `timeout` is.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sniffer.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const timeout).cast(),
+                    core::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0);
             let mut seen = vec![0u8; 2048];
-            // SAFETY: the pointer and length describe `seen`.
-            let n =
-                unsafe { libc::recv(sniffer.as_raw_fd(), seen.as_mut_ptr().cast(), seen.len(), 0) };
-            assert!(n > 0);
-            assert_eq!(&seen[..n as usize], &outgoing[..]);
+            let mut ours = None;
+            for _ in 0..50 {
+                // SAFETY: the pointer and length describe `seen`.
+                let n = unsafe {
+                    libc::recv(sniffer.as_raw_fd(), seen.as_mut_ptr().cast(), seen.len(), 0)
+                };
+                assert!(n > 0, "no frame seen: {}", io::Error::last_os_error());
+                let got = &seen[..n as usize];
+                if got.get(12..14) == Some(&[0x88, 0xb5][..]) {
+                    ours = Some(got.to_vec());
+                    break;
+                }
+            }
+            assert_eq!(ours.as_deref(), Some(&outgoing[..]));
 
             // Kernel → firewall: the device must wake epoll and yield it whole.
             let incoming = frame(2, b"from-the-kernel");
