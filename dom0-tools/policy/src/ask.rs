@@ -135,10 +135,25 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    /// An executable script with `body`, made by a `cp` process: a file
+    /// this process had open for writing can be inherited by a child
+    /// another test thread forks at that moment, and executing it then
+    /// fails with ETXTBSY ("Text file busy", seen in CI). `cp`'s
+    /// descriptors are never ours to pass on.
     fn script(dir: &std::path::Path, body: &str) -> PathBuf {
-        let p = dir.join("ask.sh");
-        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let source = dir.join(format!("ask{n}.txt"));
+        std::fs::write(&source, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = dir.join(format!("ask{n}.sh"));
+        let status = std::process::Command::new("cp")
+            .arg("-p")
+            .arg(&source)
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(status.success());
         p
     }
 
