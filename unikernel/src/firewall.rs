@@ -391,9 +391,7 @@ impl<P: Platform> Firewall<P> {
             // anyone, leaves now: a frame still queued afterwards waits
             // for its NIC's room (an event), not in a busy loop
             // (`Router::poll_at`).
-            if network.router.uplink_has_output() {
-                network.router.transmit_uplink(&mut network.uplink, now);
-            }
+            network.router.transmit_uplink(&mut network.uplink, now);
             for id in network.router.clients_with_output() {
                 if let Some(vif) = network.clients.get_mut(&id) {
                     network.router.transmit_client(id, &mut vif.nic, now);

@@ -764,8 +764,9 @@ impl Router {
         }
     }
 
-    /// When the router next needs [`Router::poll_timers`] (`now` when
-    /// frames are waiting to be transmitted).
+    /// When the router next needs [`Router::poll_timers`], or, while
+    /// frames wait for a NIC that had no room, a retry of the transmit
+    /// after [`OUTPUT_RETRY_MS`].
     pub fn poll_at(&self, now: Instant) -> Option<Instant> {
         let mut at = if self.nat.is_empty()
             && self.reassembler.is_empty()
@@ -798,11 +799,6 @@ impl Router {
     /// Whether any frame waits to be transmitted.
     pub fn has_output(&self) -> bool {
         !self.uplink.queue.is_empty() || self.clients.iter().any(|c| !c.queue.is_empty())
-    }
-
-    /// Whether a frame waits to be transmitted to the uplink.
-    pub fn uplink_has_output(&self) -> bool {
-        !self.uplink.queue.is_empty()
     }
 
     /// The clients a frame waits to be transmitted to.
