@@ -502,6 +502,9 @@ pub struct GsoCounts {
     pub rx: u64,
     /// Sent whole (to the peer).
     pub tx: u64,
+    /// Frames sent from their own pages, lent to the peer instead of
+    /// copied (Xen's netfront, `platform::xen::netfront::PageLender`).
+    pub tx_lent: u64,
 }
 
 /// A NIC that may carry offload metadata with its frames. The defaults are
@@ -550,6 +553,26 @@ pub trait OffloadNic: smoltcp::phy::Device {
     /// What [`OffloadNic::transmit_offloaded`] takes as it is.
     fn tx_offloads(&self) -> TxOffloads {
         TxOffloads::default()
+    }
+
+    /// Ends a batch of frames given to [`OffloadNic::transmit_owned`] or
+    /// [`OffloadNic::transmit_offloaded`]: a NIC that holds them back
+    /// publishes them to its peer now (one notification for the batch).
+    /// The router calls it after each batch.
+    fn flush(&mut self) {}
+
+    /// Sends one frame as [`OffloadNic::transmit_offloaded`] does, but may
+    /// keep its buffer (taking it out of `frame`, which is then left
+    /// empty): a NIC whose peer reads the frame where it is until it
+    /// answers. `false` when the NIC has no room (nothing was sent,
+    /// `frame` is as it was). The default copies.
+    fn transmit_owned(
+        &mut self,
+        now: smoltcp::time::Instant,
+        frame: &mut alloc::vec::Vec<u8>,
+        offload: Offload,
+    ) -> bool {
+        self.transmit_offloaded(now, frame, offload)
     }
 
     /// Sends one frame with `offload` (one [`OffloadNic::tx_offloads`]

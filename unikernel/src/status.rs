@@ -193,10 +193,13 @@ impl StatusReport {
             )?;
         }
         if self.interfaces.iter().any(|i| i.gso.is_some()) {
-            writeln!(out, "# gso: name packets_received_whole packets_sent_whole")?;
+            writeln!(
+                out,
+                "# gso: name packets_received_whole packets_sent_whole frames_sent_from_lent_pages"
+            )?;
             for i in &self.interfaces {
                 if let Some(gso) = i.gso {
-                    writeln!(out, "gso {} {} {}", i.name, gso.rx, gso.tx)?;
+                    writeln!(out, "gso {} {} {} {}", i.name, gso.rx, gso.tx, gso.tx_lent)?;
                 }
             }
         }
@@ -321,7 +324,11 @@ mod tests {
                 tx_frames: 6,
                 tx_bytes: 600,
                 tx_queue_full: 1,
-                gso: Some(crate::offload::GsoCounts { rx: 4, tx: 2 }),
+                gso: Some(crate::offload::GsoCounts {
+                    rx: 4,
+                    tx: 2,
+                    tx_lent: 1,
+                }),
             }],
             drops: vec![("denied by the client's rules", 3), ("malformed", 0)],
             flows_created: 9,
@@ -375,8 +382,8 @@ dns: 10.139.1.1 10.139.1.2
 
 # interfaces: name rx_frames rx_bytes tx_frames tx_bytes tx_queue_full
 interface uplink 5 500 6 600 1
-# gso: name packets_received_whole packets_sent_whole
-gso uplink 4 2
+# gso: name packets_received_whole packets_sent_whole frames_sent_from_lent_pages
+gso uplink 4 2 1
 
 # drops: count reason
 drop 3 denied by the client's rules

@@ -937,6 +937,17 @@ impl Router {
     /// frame the NIC cannot take is cut (GSO) or completed (checksum) in
     /// software first, its pieces going out in its place.
     fn transmit<D: OffloadNic>(&mut self, client: Option<usize>, device: &mut D, now: Instant) {
+        self.transmit_batch(client, device, now);
+        device.flush();
+    }
+
+    /// The frames of [`Self::transmit`], before the NIC's flush.
+    fn transmit_batch<D: OffloadNic>(
+        &mut self,
+        client: Option<usize>,
+        device: &mut D,
+        now: Instant,
+    ) {
         let offloads = device.tx_offloads();
         while let Some((mut frame, mut offload)) =
             self.queue_mut(client).and_then(|q| q.pop_offloaded())
@@ -953,7 +964,9 @@ impl Router {
                 offload = Offload::NONE;
             }
             if offload.is_none() || offloads.take(offload, v6) {
-                if device.transmit_offloaded(now, &frame, offload) {
+                // The NIC may keep the buffer (a netfront lending its
+                // pages); an empty one is not recycled.
+                if device.transmit_owned(now, &mut frame, offload) {
                     self.recycle(frame);
                     continue;
                 }

@@ -31,6 +31,39 @@ impl Notify for XenNotify {
     }
 }
 
+/// Notifications held back until [`DeferredNotify::send`]: the NICs'
+/// (netfront, netback), sent when the firewall is about to sleep. Sent at
+/// once, each one let the peer's vCPU preempt ours in the middle of a
+/// step (under Xen's scheduler a woken vCPU runs first); held back, a
+/// step's work is done before anyone is woken, and each port is signalled
+/// once however many frames it got.
+#[derive(Clone, Debug, Default)]
+pub struct DeferredNotify(alloc::rc::Rc<core::cell::RefCell<alloc::vec::Vec<u32>>>);
+
+impl DeferredNotify {
+    /// Sends the notifications held back (`EVTCHNOP_send` once per port).
+    pub fn send(&self) {
+        let ports = core::mem::take(&mut *self.0.borrow_mut());
+        for port in ports {
+            notify(port);
+        }
+    }
+
+    /// Ports waiting for [`Self::send`].
+    pub fn held(&self) -> usize {
+        self.0.borrow().len()
+    }
+}
+
+impl Notify for DeferredNotify {
+    fn notify(&self, port: u32) {
+        let mut ports = self.0.borrow_mut();
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+}
+
 /// `EVTCHNOP_send` on `port` (ignores failure: a closed port has no peer).
 pub fn notify(port: u32) {
     let mut arg = abi::EvtchnPort { port };

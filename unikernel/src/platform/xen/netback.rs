@@ -322,6 +322,12 @@ pub struct Netback<M, C, N> {
     tx_rsp_prod: u32,
     rx_req_cons: u32,
     rx_rsp_prod: u32,
+    /// RX responses published to the client up to here (`rsp_prod`).
+    rx_published: u32,
+    /// Whether RX responses wait for [`Self::flush`] (set by the
+    /// platform, which flushes after each batch of frames the router
+    /// hands over); otherwise each frame is published at once.
+    pub batching: bool,
     received: VecDeque<(Vec<u8>, Offload)>,
     received_bytes: usize,
     /// Frames cut in software for [`Self::take_frame`].
@@ -356,6 +362,8 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             tx_rsp_prod: tx_start,
             rx_req_cons: rx_start,
             rx_rsp_prod: rx_start,
+            rx_published: rx_start,
+            batching: false,
             received: VecDeque::new(),
             received_bytes: 0,
             finished: VecDeque::new(),
@@ -727,6 +735,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         if self.send_offloaded(frame, Offload::NONE) == Sent::NoRoom {
             self.stats.dropped += 1;
         }
+        self.flush();
     }
 
     /// What the client's frontend takes on RX whole (its xenstore
@@ -779,7 +788,6 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             self.stats.dropped += 1;
             return Sent::Dropped;
         }
-        let old = self.rx_rsp_prod;
         let mut prod = prod;
         if (prod.wrapping_sub(self.rx_req_cons) as usize) < needed {
             // Ask to be told when enough buffers are there, then look once
@@ -864,13 +872,26 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
                 self.stats.gso_to_client += 1;
             }
         }
-        // Published per frame (the router hands them one by one); the client
+        // Published now or, batching, with the frames after it; the client
         // is told only if its `rsp_event` asks.
+        if !self.batching {
+            self.flush();
+        }
+        Sent::Sent
+    }
+
+    /// Publishes the RX responses written since the last time, telling
+    /// the client if its `rsp_event` asks: one index update and at most
+    /// one notification for a batch of frames.
+    pub fn flush(&mut self) {
+        if self.rx_published == self.rx_rsp_prod || self.broken.is_some() {
+            return;
+        }
+        let old = core::mem::replace(&mut self.rx_published, self.rx_rsp_prod);
         if push_and_check_notify(&self.rx, RSP_PROD, RSP_EVENT, old, self.rx_rsp_prod) {
             self.notify.notify(self.port);
             self.stats.notifications += 1;
         }
-        Sent::Sent
     }
 
     /// The client's RX request at `index`: its id and grant.
@@ -2138,6 +2159,50 @@ mod tests {
         assert_eq!(back_count.0.get(), 4);
         assert_eq!(back.stats().notifications, 4);
         assert_eq!(u64::from(front_count.0.get()), front.stats().notifications);
+    }
+
+    #[test]
+    fn batching_publishes_a_batch_of_frames_with_one_index_update_and_one_notification() {
+        let (mut front, mut back, front_count, back_count, tx, rx) = counted_pair(|m| m);
+        front.batching = true;
+        back.batching = true;
+        // Towards the client: nothing is visible before the flush, then
+        // all four frames with one notification.
+        for byte in 1..=4 {
+            assert_eq!(back.send_offloaded(&[byte; 60], Offload::NONE), Sent::Sent);
+        }
+        assert_eq!(rx.load_u32(RSP_PROD), 0);
+        front.poll();
+        assert!(front.take_frame().is_none());
+        assert_eq!(back_count.0.get(), 0);
+        back.flush();
+        assert_eq!(rx.load_u32(RSP_PROD), 4);
+        assert_eq!(back_count.0.get(), 1);
+        front.poll();
+        for byte in 1..=4 {
+            assert_eq!(front.take_frame().unwrap(), [byte; 60]);
+        }
+        back.flush(); // nothing new: no notification
+        assert_eq!(back_count.0.get(), 1);
+        // From the client: the same for its TX requests.
+        for byte in 5..=8 {
+            assert_eq!(front.send_offloaded(&[byte; 60], Offload::NONE), Sent::Sent);
+        }
+        assert_eq!(tx.load_u32(REQ_PROD), 0);
+        back.poll();
+        assert!(back.take_frame().is_none());
+        front.flush();
+        assert_eq!(tx.load_u32(REQ_PROD), 4);
+        assert_eq!(front_count.0.get(), 1);
+        back.poll();
+        for byte in 5..=8 {
+            assert_eq!(back.take_frame().unwrap(), [byte; 60]);
+        }
+        // The smoltcp paths publish at once, batching or not.
+        send_from(&mut front, 9);
+        assert_eq!(tx.load_u32(REQ_PROD), 5);
+        back.send(&[10; 60]);
+        assert_eq!(rx.load_u32(RSP_PROD), 5);
     }
 
     /// Ring memory whose next store of `req_event` first runs a hook: the

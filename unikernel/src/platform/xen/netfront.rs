@@ -148,6 +148,60 @@ pub const NETRXF_EXTRA_INFO: u16 = 1 << 3;
 pub const NETIF_RSP_NULL: i16 = 1;
 /// Page size.
 const PAGE: usize = 4096;
+/// Frames whose pages may be lent to the backend at once
+/// ([`PageLender`]); more wait in copies.
+pub const LENT_FRAMES: usize = 16;
+/// Whole pages of one lent frame at most (a 64 KiB GSO frame has 16).
+pub const LENT_PAGES: usize = offload::MAX_OFFLOAD_FRAME / PAGE;
+/// Frames shorter than this are copied, never lent: a grant and its
+/// revocation cost about what copying a page does.
+pub const LEND_FROM: usize = 2 * PAGE;
+
+/// Grants the backend read-only access to the pages of a frame we send,
+/// so that it reads the frame where it is instead of from a copy in our
+/// TX buffers (Linux netfront grants its packets' own pages the same
+/// way). Only a frame's whole pages are lent, and only of a buffer that
+/// starts on a page: those pages then hold nothing but the frame's bytes
+/// (the Xen runtime starts every allocation of a page or more on a page).
+/// The bytes after the last whole page go through a TX buffer as before.
+/// A lent frame stays with the netfront until the backend has answered
+/// every request naming it and each grant is revoked; a grant the backend
+/// still maps keeps its frame from reuse until it lets go.
+pub trait PageLender: core::fmt::Debug {
+    /// Whether `frame`'s whole pages may be lent (its buffer starts on a
+    /// page the backend can be granted).
+    fn lendable(&self, frame: &[u8]) -> bool;
+    /// Grants one whole page of a lendable frame read-only; its
+    /// reference, or `None` when none can be had.
+    fn grant(&mut self, page: &[u8]) -> Option<u32>;
+    /// Ends a grant; `false` while the backend still maps the page.
+    fn revoke(&mut self, gref: u32) -> bool;
+}
+
+/// A frame whose pages the backend was granted.
+#[derive(Debug)]
+struct Lent {
+    frame: Vec<u8>,
+    grefs: [u32; LENT_PAGES],
+    /// Whole pages lent (requests `0..pages` of this frame).
+    pages: usize,
+    /// Bit `k`: the backend answered the request for page `k`.
+    answered: u32,
+    /// Bit `k`: page `k`'s grant is ended.
+    revoked: u32,
+    /// Counted in `tx_still_mapped` (once per frame).
+    still_mapped: bool,
+}
+
+impl Lent {
+    fn all(&self) -> u32 {
+        if self.pages >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << self.pages) - 1
+        }
+    }
+}
 
 /// A page shared with the backend and the grant reference naming it.
 #[derive(Debug, Clone)]
@@ -179,6 +233,12 @@ pub struct NetfrontStats {
     pub notifications: u64,
     /// GSO packets we sent the backend whole (each in `tx_frames` too).
     pub tx_gso: u64,
+    /// Frames sent from their own pages, lent to the backend (each in
+    /// `tx_frames` too).
+    pub tx_lent: u64,
+    /// Lent frames the backend answered while still mapping a page: kept
+    /// from reuse until it unmaps.
+    pub tx_still_mapped: u64,
 }
 
 /// What the backend wrote it takes on our TX (its xenstore keys).
@@ -208,6 +268,13 @@ pub struct Netfront<M, N> {
     rx_bufs: Vec<Buffer<M>>,
     rx_posted: Vec<bool>,
     tx_prod: u32,
+    /// TX requests published to the backend up to here (`req_prod`).
+    tx_published: u32,
+    /// Whether [`Self::send_offloaded`] and [`Self::send_owned`] leave
+    /// their requests for [`Self::flush`] (set by the platform, which
+    /// flushes after each batch the router hands over); otherwise each
+    /// frame is published at once.
+    pub batching: bool,
     tx_cons: u32,
     rx_prod: u32,
     rx_cons: u32,
@@ -221,8 +288,14 @@ pub struct Netfront<M, N> {
     broken: Option<&'static str>,
     backend: BackendFeatures,
     /// Buffers for the frames received (`super::frames`): the platform's
-    /// pool, lent while it polls; empty otherwise.
+    /// pool, lent while it polls; empty otherwise. Lent frames the
+    /// backend is done with go here too.
     pub pool: FramePool,
+    lender: Option<alloc::boxed::Box<dyn PageLender>>,
+    /// Frames whose pages are lent, by the index in their request ids.
+    lent: Vec<Option<Lent>>,
+    /// Lent frames answered whole whose grants are not all ended yet.
+    unrevoked: usize,
 }
 
 impl<M: SharedMemory, N: Notify> Netfront<M, N> {
@@ -255,6 +328,8 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
             rx_posted: vec![false; rx_count],
             rx_bufs,
             tx_prod: 0,
+            tx_published: 0,
+            batching: false,
             tx_cons: 0,
             rx_prod: 0,
             rx_cons: 0,
@@ -266,6 +341,9 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
             broken: None,
             backend: BackendFeatures::default(),
             pool: FramePool::default(),
+            lender: None,
+            lent: (0..LENT_FRAMES).map(|_| None).collect(),
+            unrevoked: 0,
         };
         for id in 0..rx_count as u16 {
             front.post_rx(id);
@@ -343,18 +421,116 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
             if status == NETIF_RSP_NULL {
                 continue;
             }
+            if status < 0 {
+                self.stats.tx_errors += 1;
+            }
+            if usize::from(id) >= self.tx_busy.len() {
+                self.lent_answered(usize::from(id) - self.tx_busy.len());
+                continue;
+            }
             match self.tx_busy.get_mut(id as usize) {
                 Some(busy) if *busy => {
                     *busy = false;
                     self.tx_free.push(id);
-                    if status < 0 {
-                        self.stats.tx_errors += 1;
-                    }
                 }
                 _ => self.stats.protocol_errors += 1,
             }
         }
+        if self.unrevoked > 0 {
+            for index in 0..self.lent.len() {
+                self.try_return(index);
+            }
+        }
         final_check(&self.tx, RSP_PROD, RSP_EVENT, prod)
+    }
+
+    /// The backend answered the request with id `TX buffers + slot`: page
+    /// `slot % LENT_PAGES` of lent frame `slot / LENT_PAGES`. An id for a
+    /// page not lent, or answered twice, is a protocol error.
+    fn lent_answered(&mut self, slot: usize) {
+        let (index, page) = (slot / LENT_PAGES, slot % LENT_PAGES);
+        let done = match self.lent.get_mut(index) {
+            Some(Some(lent)) if page < lent.pages && lent.answered & (1 << page) == 0 => {
+                lent.answered |= 1 << page;
+                lent.answered == lent.all()
+            }
+            _ => {
+                self.stats.protocol_errors += 1;
+                return;
+            }
+        };
+        if done {
+            self.unrevoked += 1;
+            self.try_return(index);
+        }
+    }
+
+    /// Ends the grants of lent frame `index` if the backend answered all
+    /// its requests; once every one is ended the frame's buffer goes to
+    /// the pool. A grant still mapped keeps it (tried again each poll).
+    fn try_return(&mut self, index: usize) {
+        let Some(slot) = self.lent.get_mut(index) else {
+            return;
+        };
+        let Some(lent) = slot.as_mut() else {
+            return;
+        };
+        if lent.answered != lent.all() {
+            return;
+        }
+        let Some(lender) = self.lender.as_mut() else {
+            return;
+        };
+        let mut refused = false;
+        for (page, gref) in lent.grefs.iter().enumerate().take(lent.pages) {
+            if lent.revoked & (1 << page) == 0 {
+                if lender.revoke(*gref) {
+                    lent.revoked |= 1 << page;
+                } else {
+                    refused = true;
+                }
+            }
+        }
+        if refused {
+            if !lent.still_mapped {
+                lent.still_mapped = true;
+                self.stats.tx_still_mapped += 1;
+            }
+            return;
+        }
+        if let Some(lent) = slot.take() {
+            self.unrevoked = self.unrevoked.saturating_sub(1);
+            self.pool.give(lent.frame);
+        }
+    }
+
+    /// Lets the netfront lend frames' pages to the backend through
+    /// `lender` ([`Self::send_owned`]).
+    pub fn set_lender(&mut self, lender: alloc::boxed::Box<dyn PageLender>) {
+        self.lender = Some(lender);
+    }
+
+    /// Frames whose pages are still lent, answered or not, with the
+    /// grants not yet ended, taken out (the device is being released:
+    /// the caller keeps each buffer until its grants can be ended).
+    pub fn take_lent(&mut self) -> Vec<(Vec<u8>, Vec<u32>)> {
+        let mut out = Vec::new();
+        for slot in &mut self.lent {
+            if let Some(lent) = slot.take() {
+                let grefs = (0..lent.pages)
+                    .filter(|page| lent.revoked & (1 << page) == 0)
+                    .filter_map(|page| lent.grefs.get(page).copied())
+                    .collect();
+                out.push((lent.frame, grefs));
+            }
+        }
+        self.unrevoked = 0;
+        out
+    }
+
+    /// Frames whose pages are lent now.
+    pub fn lent_frames(&self) -> usize {
+        self.lent.iter().filter(|slot| slot.is_some()).count()
     }
 
     fn poll_rx(&mut self) {
@@ -402,9 +578,14 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         final_check(&self.rx, RSP_PROD, RSP_EVENT, prod)
     }
 
-    /// Publishes TX requests from `old` on; notifies the backend if its
-    /// `req_event` asks.
-    fn push_tx(&mut self, old: u32) {
+    /// Publishes the TX requests written since the last time, notifying
+    /// the backend if its `req_event` asks: one index update and at most
+    /// one notification for a batch of frames.
+    pub fn flush(&mut self) {
+        if self.tx_published == self.tx_prod || self.broken.is_some() {
+            return;
+        }
+        let old = core::mem::replace(&mut self.tx_published, self.tx_prod);
         if push_and_check_notify(&self.tx, REQ_PROD, REQ_EVENT, old, self.tx_prod) {
             self.notify.notify(self.port);
             self.stats.notifications += 1;
@@ -641,6 +822,95 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
     /// `NETTXF_csum_blank | NETTXF_data_validated` for a partial checksum.
     /// [`Sent::NoRoom`] when too few TX buffers are free (nothing sent).
     pub fn send_offloaded(&mut self, frame: &[u8], offload: Offload) -> Sent {
+        match self.check_tx(frame, offload) {
+            Some(sent) => sent,
+            None => self.send_parts(frame, offload, None),
+        }
+    }
+
+    /// As [`Self::send_offloaded`], but a frame of [`LEND_FROM`] bytes or
+    /// more whose buffer the [`PageLender`] can lend goes out from its own
+    /// pages (only the bytes after its last whole page are copied): the
+    /// buffer is then taken out of `frame` (left empty) and kept until the
+    /// backend is done with it. Otherwise `frame` is copied and left as it
+    /// is (with [`Sent::NoRoom`] always).
+    pub fn send_owned(&mut self, frame: &mut Vec<u8>, offload: Offload) -> Sent {
+        if let Some(sent) = self.check_tx(frame, offload) {
+            return sent;
+        }
+        let index = self.lent.iter().position(Option::is_none);
+        let pages = (frame.len() / PAGE).min(LENT_PAGES);
+        let lendable =
+            frame.len() >= LEND_FROM && self.lender.as_ref().is_some_and(|l| l.lendable(frame));
+        let (Some(index), true) = (index, lendable) else {
+            return self.send_parts(frame, offload, None);
+        };
+        if !self.has_room(frame.len() - pages * PAGE, pages, offload) {
+            return Sent::NoRoom;
+        }
+        let mut lent = Lent {
+            frame: Vec::new(),
+            grefs: [0; LENT_PAGES],
+            pages: 0,
+            answered: 0,
+            revoked: 0,
+            still_mapped: false,
+        };
+        if let Some(lender) = self.lender.as_mut() {
+            for (page, gref) in frame.chunks_exact(PAGE).zip(lent.grefs.iter_mut()) {
+                match lender.grant(page) {
+                    Some(granted) => *gref = granted,
+                    None => break,
+                }
+                lent.pages += 1;
+            }
+        }
+        if lent.pages < pages {
+            // Out of grant references: end those made and copy instead.
+            let mut held = false;
+            if let Some(lender) = self.lender.as_mut() {
+                for (page, gref) in lent.grefs.iter().enumerate().take(lent.pages) {
+                    if lender.revoke(*gref) {
+                        lent.revoked |= 1 << page;
+                    } else {
+                        held = true;
+                    }
+                }
+            }
+            if !held {
+                return self.send_parts(frame, offload, None);
+            }
+            // The backend mapped a page before it was named to it: its
+            // buffer is kept from reuse until it lets go; the frame is
+            // dropped.
+            lent.answered = lent.all();
+            lent.still_mapped = true;
+            lent.frame = core::mem::take(frame);
+            if let Some(slot) = self.lent.get_mut(index) {
+                *slot = Some(lent);
+                self.unrevoked += 1;
+            }
+            self.stats.tx_still_mapped += 1;
+            self.stats.tx_errors += 1;
+            return Sent::Dropped;
+        }
+        let sent = self.send_parts(frame, offload, Some((index, &lent.grefs, pages)));
+        if sent != Sent::Sent {
+            // Room was checked above, so this does not happen; were it
+            // to, the frame is kept as one the backend answered.
+            lent.answered = lent.all();
+            self.unrevoked += 1;
+        }
+        lent.frame = core::mem::take(frame);
+        if let Some(slot) = self.lent.get_mut(index) {
+            *slot = Some(lent);
+        }
+        self.stats.tx_lent += 1;
+        sent
+    }
+
+    /// Why `frame` with `offload` cannot be sent at all (counted), if so.
+    fn check_tx(&mut self, frame: &[u8], offload: Offload) -> Option<Sent> {
         let v6 = frame.get(12..14) == Some(&crate::wire::ETHERTYPE_IPV6.to_be_bytes()[..]);
         let limit = if offload.is_gso() {
             offload::MAX_OFFLOAD_FRAME
@@ -653,46 +923,78 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
             || !(offload.is_none() || self.tx_offloads().take(offload, v6))
         {
             self.stats.tx_errors += 1;
-            return Sent::Dropped;
+            return Some(Sent::Dropped);
         }
-        let data_slots = frame.len().div_ceil(PAGE);
-        let ring_slots = data_slots + usize::from(offload.is_gso());
+        None
+    }
+
+    /// Whether the ring and the TX buffers have room for a frame of
+    /// `lent` pages sent from its own buffer and `copied` bytes copied.
+    fn has_room(&self, copied: usize, lent: usize, offload: Offload) -> bool {
+        let copy_slots = copied.div_ceil(PAGE);
+        let ring_slots = lent + copy_slots + usize::from(offload.is_gso());
         let in_ring = self.tx_prod.wrapping_sub(self.tx_cons) as usize;
-        if self.tx_free.len() < data_slots || in_ring + ring_slots > RING_SIZE as usize {
+        self.tx_free.len() >= copy_slots && in_ring + ring_slots <= RING_SIZE as usize
+    }
+
+    /// Writes the requests of a checked frame: one slot per page (the
+    /// first request's size the whole frame's, the GSO extra-info segment
+    /// behind it). With `lent` = (index, grants, pages) its first `pages`
+    /// pages are named by those grants, the rest copied into TX buffers.
+    fn send_parts(
+        &mut self,
+        frame: &[u8],
+        offload: Offload,
+        lent: Option<(usize, &[u32; LENT_PAGES], usize)>,
+    ) -> Sent {
+        let pages = lent.map_or(0, |(_, _, pages)| pages);
+        let copied = frame.get(pages * PAGE..).unwrap_or(&[]);
+        if !self.has_room(copied.len(), pages, offload) {
             return Sent::NoRoom;
         }
-        let old = self.tx_prod;
+        let v6 = frame.get(12..14) == Some(&crate::wire::ETHERTYPE_IPV6.to_be_bytes()[..]);
         let csum = if offload.csum_partial {
             NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED
         } else {
             0
         };
-        let mut chunks = frame.chunks(PAGE).peekable();
-        let mut first = true;
-        while let Some(chunk) = chunks.next() {
-            let Some(id) = self.tx_free.pop() else {
-                break; // counted above: cannot happen
+        let slots = pages + copied.len().div_ceil(PAGE);
+        let lent_ids = self.tx_busy.len();
+        let mut chunks = copied.chunks(PAGE);
+        for slot in 0..slots {
+            let (gref, id, len) = match lent {
+                Some((index, grefs, _)) if slot < pages => (
+                    grefs.get(slot).copied().unwrap_or(0),
+                    (lent_ids + index * LENT_PAGES + slot) as u16,
+                    PAGE,
+                ),
+                _ => {
+                    let (Some(chunk), Some(id)) = (chunks.next(), self.tx_free.pop()) else {
+                        break; // counted in `has_room`: cannot happen
+                    };
+                    if let Some(buffer) = self.tx_bufs.get(id as usize) {
+                        buffer.mem.write_bytes(0, chunk);
+                    }
+                    if let Some(busy) = self.tx_busy.get_mut(id as usize) {
+                        *busy = true;
+                    }
+                    let gref = self.tx_bufs.get(id as usize).map_or(0, |b| b.gref);
+                    (gref, id, chunk.len())
+                }
             };
-            if let Some(buffer) = self.tx_bufs.get(id as usize) {
-                buffer.mem.write_bytes(0, chunk);
-            }
-            if let Some(busy) = self.tx_busy.get_mut(id as usize) {
-                *busy = true;
-            }
-            let gref = self.tx_bufs.get(id as usize).map_or(0, |b| b.gref);
-            let mut flags = if chunks.peek().is_some() {
+            let mut flags = if slot + 1 < slots {
                 NETTXF_MORE_DATA
             } else {
                 0
             };
-            let size = if first {
+            let size = if slot == 0 {
                 flags |= csum;
                 if offload.is_gso() {
                     flags |= NETTXF_EXTRA_INFO;
                 }
                 frame.len() as u16
             } else {
-                chunk.len() as u16
+                len as u16
             };
             let at = RING_HEADER + (self.tx_prod % RING_SIZE) as usize * TX_ENTRY;
             self.tx.store_u32(at, gref);
@@ -701,7 +1003,7 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
             self.tx.store_u16(at + 8, id);
             self.tx.store_u16(at + 10, size);
             self.tx_prod = self.tx_prod.wrapping_add(1);
-            if first && offload.is_gso() {
+            if slot == 0 && offload.is_gso() {
                 let kind = if v6 { GSO_TYPE_TCPV6 } else { GSO_TYPE_TCPV4 };
                 let at = RING_HEADER + (self.tx_prod % RING_SIZE) as usize * TX_ENTRY;
                 self.tx
@@ -712,9 +1014,11 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
                 self.tx.store_u32(at + 8, 0);
                 self.tx_prod = self.tx_prod.wrapping_add(1);
             }
-            first = false;
         }
-        self.push_tx(old); // frame and requests before the index
+        // Published now or, batching, with the frames after it.
+        if !self.batching {
+            self.flush();
+        }
         self.stats.tx_frames += 1;
         if offload.is_gso() {
             self.stats.tx_gso += 1;
@@ -756,11 +1060,32 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         if let Some(busy) = self.tx_busy.get_mut(id as usize) {
             *busy = true;
         }
-        let old = self.tx_prod;
         self.tx_prod = self.tx_prod.wrapping_add(1);
-        self.push_tx(old); // frame and request before the index
+        self.flush(); // the frame and its request before the index
         self.stats.tx_frames += 1;
         result
+    }
+}
+
+impl<M, N> Drop for Netfront<M, N> {
+    /// A frame whose pages are still lent (the device was dropped without
+    /// [`Netfront::take_lent`]) is freed only if every grant to it can be
+    /// ended; otherwise its buffer is leaked, never reused.
+    fn drop(&mut self) {
+        let Some(lender) = self.lender.as_mut() else {
+            return;
+        };
+        for lent in self.lent.iter_mut().filter_map(Option::take) {
+            let mut held = false;
+            for (page, gref) in lent.grefs.iter().enumerate().take(lent.pages) {
+                if lent.revoked & (1 << page) == 0 && !lender.revoke(*gref) {
+                    held = true;
+                }
+            }
+            if held {
+                core::mem::forget(lent.frame);
+            }
+        }
     }
 }
 
@@ -834,7 +1159,7 @@ mod tests {
     use crate::platform::xen::shared::VecMemory;
     use alloc::collections::BTreeMap;
     use alloc::rc::Rc;
-    use core::cell::Cell;
+    use core::cell::{Cell, RefCell};
     use smoltcp::phy::{Device, RxToken, TxToken};
 
     #[derive(Clone, Default)]
@@ -859,9 +1184,67 @@ mod tests {
         rx_req_cons: u32,
         rx_rsp_prod: u32,
         sent: Vec<Vec<u8>>,
+        /// Pages granted through a [`TestLender`] sharing this state.
+        lent: Rc<RefCell<LendState>>,
+    }
+
+    /// What a [`TestLender`] granted: page bytes by reference (as granted,
+    /// read-only), the references the backend "maps" (revoking refused).
+    #[derive(Debug, Default)]
+    struct LendState {
+        granted: BTreeMap<u32, Vec<u8>>,
+        mapped: alloc::collections::BTreeSet<u32>,
+        next: u32,
+        /// Grants it makes at most at once.
+        limit: usize,
+        lendable: bool,
+    }
+
+    #[derive(Debug, Clone)]
+    struct TestLender(Rc<RefCell<LendState>>);
+
+    impl PageLender for TestLender {
+        fn lendable(&self, _: &[u8]) -> bool {
+            self.0.borrow().lendable
+        }
+        fn grant(&mut self, page: &[u8]) -> Option<u32> {
+            let mut state = self.0.borrow_mut();
+            assert_eq!(page.len(), PAGE);
+            if state.granted.len() >= state.limit {
+                return None;
+            }
+            let gref = 50_000 + state.next;
+            state.next += 1;
+            state.granted.insert(gref, page.to_vec());
+            Some(gref)
+        }
+        fn revoke(&mut self, gref: u32) -> bool {
+            let mut state = self.0.borrow_mut();
+            if state.mapped.contains(&gref) {
+                return false;
+            }
+            assert!(
+                state.granted.remove(&gref).is_some(),
+                "{gref} revoked twice"
+            );
+            true
+        }
     }
 
     impl Backend {
+        /// The page a grant reference names: one of the netfront's
+        /// buffers, or a page it lent.
+        fn page(&self, gref: u32) -> VecMemory {
+            if let Some(page) = self.pages.get(&gref) {
+                return page.clone();
+            }
+            let state = self.lent.borrow();
+            let bytes = state.granted.get(&gref).expect("a granted page");
+            let page = VecMemory::new(PAGE);
+            page.write_bytes(0, bytes);
+            page
+        }
+
         fn take_tx(&mut self) {
             let prod = self.tx.load_u32(REQ_PROD);
             while self.tx_req_cons != prod {
@@ -1002,11 +1385,11 @@ mod tests {
                 let others: usize = rest.iter().map(|s| s.4 as usize).sum();
                 let own = size as usize - others;
                 let mut bytes = vec![0u8; own];
-                self.pages[&gref].read_bytes(offset as usize, &mut bytes);
+                self.page(gref).read_bytes(offset as usize, &mut bytes);
                 for (gref, offset, _, _, size) in rest {
                     assert!(offset as usize + size as usize <= PAGE);
                     let mut part = vec![0u8; size as usize];
-                    self.pages[&gref].read_bytes(offset as usize, &mut part);
+                    self.page(gref).read_bytes(offset as usize, &mut part);
                     bytes.extend_from_slice(&part);
                 }
                 for (id, status) in ids {
@@ -1019,6 +1402,20 @@ mod tests {
             }
             self.tx.store_u32(RSP_PROD, self.tx_rsp_prod);
             packets
+        }
+
+        /// Answers the TX requests and checks they were one GSO packet
+        /// (IPv4, gso_size 1448, checksum partial) holding `frame`.
+        fn expect_one_gso_packet(&mut self, frame: &[u8]) {
+            let packets = self.take_tx_packets();
+            assert_eq!(packets.len(), 1);
+            let (flags, gso, bytes) = &packets[0];
+            assert_eq!(
+                *flags,
+                NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED | NETTXF_MORE_DATA | NETTXF_EXTRA_INFO
+            );
+            assert_eq!(*gso, Some((1448, GSO_TYPE_TCPV4)));
+            assert_eq!(bytes, frame);
         }
 
         fn deliver(&mut self, frame: &[u8]) -> bool {
@@ -1055,6 +1452,7 @@ mod tests {
             rx_req_cons: 0,
             rx_rsp_prod: 0,
             sent: Vec::new(),
+            lent: Rc::default(),
         };
         (front, backend, counter)
     }
@@ -1315,6 +1713,180 @@ mod tests {
         }
     }
 
+    /// A netfront with GSO features and a lender granting up to `limit`
+    /// pages at once.
+    fn lending_setup(
+        limit: usize,
+    ) -> (
+        Netfront<VecMemory, Counter>,
+        Backend,
+        Rc<RefCell<LendState>>,
+    ) {
+        let (mut front, backend, _) = setup();
+        front.set_backend_features(BackendFeatures {
+            sg: true,
+            gso4: true,
+            gso6: true,
+            csum6: true,
+        });
+        backend.lent.replace(LendState {
+            limit,
+            lendable: true,
+            ..LendState::default()
+        });
+        front.set_lender(alloc::boxed::Box::new(TestLender(backend.lent.clone())));
+        let state = backend.lent.clone();
+        (front, backend, state)
+    }
+
+    #[test]
+    fn big_frames_go_out_from_their_own_pages_and_return_to_the_pool_once_answered() {
+        let (mut front, mut backend, state) = lending_setup(1024);
+        let (frame, offload) = gso_frame(44 * 1448); // 15 whole pages + 3,826 bytes
+        assert_eq!(frame.len() / PAGE, 15);
+        for round in 0..3 {
+            let mut owned = frame.clone();
+            let at = owned.as_ptr();
+            assert_eq!(front.send_owned(&mut owned, offload), Sent::Sent);
+            // Taken: the backend reads it where it is.
+            assert!(owned.is_empty() && owned.capacity() == 0);
+            assert_eq!(front.lent_frames(), 1);
+            assert_eq!(state.borrow().granted.len(), 15);
+            for (gref, page) in &state.borrow().granted {
+                assert!(frame.chunks(PAGE).any(|c| c == &page[..]), "{gref}");
+            }
+            // One TX buffer for the tail, 15 lent pages and the GSO slot.
+            assert_eq!(front.tx_prod - front.tx_cons, 17);
+            backend.expect_one_gso_packet(&frame);
+            // Answered: every grant ended, the buffer back in the pool.
+            front.poll();
+            assert_eq!(front.lent_frames(), 0, "round {round}");
+            assert!(state.borrow().granted.is_empty());
+            assert_eq!(front.pool.len(), 1);
+            let back = front.pool.take(10);
+            assert_eq!(back.as_ptr(), at);
+            assert_eq!(front.tx_free.len(), TX_BUFFERS);
+        }
+        let stats = front.stats();
+        assert_eq!((stats.tx_lent, stats.tx_frames, stats.tx_gso), (3, 3, 3));
+        assert_eq!((stats.protocol_errors, stats.tx_errors), (0, 0));
+    }
+
+    #[test]
+    fn small_or_unlendable_frames_are_copied_and_left_with_the_caller() {
+        let (mut front, mut backend, state) = lending_setup(1024);
+        // Shorter than LEND_FROM.
+        let (small, offload) = gso_frame(2 * 1448);
+        let mut owned = small.clone();
+        assert_eq!(front.send_owned(&mut owned, offload), Sent::Sent);
+        assert_eq!(owned, small);
+        // A buffer the lender cannot lend (not on a page).
+        state.borrow_mut().lendable = false;
+        let (big, offload) = gso_frame(20 * 1448);
+        let mut owned = big.clone();
+        assert_eq!(front.send_owned(&mut owned, offload), Sent::Sent);
+        assert_eq!(owned, big);
+        // Grants run out in the middle: those made are ended, it is copied.
+        state.borrow_mut().lendable = true;
+        state.borrow_mut().limit = 3;
+        let mut owned = big.clone();
+        assert_eq!(front.send_owned(&mut owned, offload), Sent::Sent);
+        assert_eq!(owned, big);
+        assert!(state.borrow().granted.is_empty());
+        let packets = backend.take_tx_packets();
+        let bytes: Vec<&Vec<u8>> = packets.iter().map(|p| &p.2).collect();
+        assert_eq!(bytes, [&small, &big, &big]);
+        assert_eq!(front.stats().tx_lent, 0);
+        assert_eq!(front.lent_frames(), 0);
+    }
+
+    #[test]
+    fn a_page_the_backend_still_maps_keeps_its_frame_until_it_lets_go() {
+        let (mut front, mut backend, state) = lending_setup(1024);
+        let (frame, offload) = gso_frame(30 * 1448);
+        let mut owned = frame.clone();
+        assert_eq!(front.send_owned(&mut owned, offload), Sent::Sent);
+        let held = *state.borrow().granted.keys().nth(3).unwrap();
+        state.borrow_mut().mapped.insert(held);
+        backend.take_tx_packets();
+        for _ in 0..3 {
+            front.poll();
+            assert_eq!(front.lent_frames(), 1);
+            assert!(front.pool.is_empty());
+            // Only the mapped page's grant is left.
+            assert_eq!(
+                state.borrow().granted.keys().copied().collect::<Vec<_>>(),
+                [held]
+            );
+        }
+        assert_eq!(front.stats().tx_still_mapped, 1);
+        // Lets go: the next poll ends the grant and returns the buffer.
+        state.borrow_mut().mapped.clear();
+        front.poll();
+        assert_eq!(front.lent_frames(), 0);
+        assert_eq!(front.pool.len(), 1);
+        assert!(state.borrow().granted.is_empty());
+        assert_eq!(front.stats().tx_still_mapped, 1);
+    }
+
+    #[test]
+    fn hostile_answers_for_lent_pages_never_free_a_frame_early() {
+        let (mut front, mut backend, state) = lending_setup(1024);
+        let (frame, offload) = gso_frame(30 * 1448); // 10 whole pages
+        let mut owned = frame.clone();
+        assert_eq!(front.send_owned(&mut owned, offload), Sent::Sent);
+        backend.take_tx_packets();
+        // Responses: page 0, the GSO slot (null), page 1, ...: page 1's is
+        // rewritten to name page 0 again, the last to name no lent page.
+        let rsp = |i: usize| RING_HEADER + i * TX_ENTRY;
+        let first = backend.tx.load_u16(rsp(0));
+        backend.tx.store_u16(rsp(2), first);
+        backend
+            .tx
+            .store_u16(rsp(11), (TX_BUFFERS + LENT_FRAMES * LENT_PAGES + 3) as u16);
+        front.poll();
+        assert_eq!(front.stats().protocol_errors, 2);
+        assert_eq!(front.lent_frames(), 1);
+        assert!(front.pool.is_empty());
+        assert_eq!(state.borrow().granted.len(), 10);
+        // Released with the device: the frame and all its grants handed
+        // over, for the caller to keep until each grant can be ended.
+        let lent = front.take_lent();
+        assert_eq!(lent.len(), 1);
+        assert_eq!(lent[0].0, frame);
+        assert_eq!(lent[0].1.len(), 10);
+        assert_eq!(front.lent_frames(), 0);
+        assert!(front.broken().is_none());
+    }
+
+    #[test]
+    fn lending_is_bounded_and_frames_wait_in_copies_then_for_room() {
+        let (mut front, _backend, state) = lending_setup(1024);
+        let (frame, offload) = gso_frame(6 * 1448); // 2 whole pages + tail
+        let mut lent = 0;
+        let mut copied = 0;
+        loop {
+            let mut owned = frame.clone();
+            match front.send_owned(&mut owned, offload) {
+                Sent::Sent if owned.is_empty() => lent += 1,
+                Sent::Sent => copied += 1,
+                Sent::NoRoom => {
+                    assert_eq!(owned, frame);
+                    break;
+                }
+                Sent::Dropped => panic!("dropped"),
+            }
+        }
+        assert_eq!(lent, LENT_FRAMES);
+        assert_eq!(front.lent_frames(), LENT_FRAMES);
+        assert_eq!(state.borrow().granted.len(), 2 * LENT_FRAMES);
+        // The lent frames took one TX buffer each, the copies three.
+        assert_eq!(copied, (TX_BUFFERS - LENT_FRAMES) / 3);
+        // Dropped with frames lent: their grants are ended first.
+        drop(front);
+        assert!(state.borrow().granted.is_empty());
+    }
+
     #[test]
     fn gso_frames_go_to_a_linux_style_backend_whole_when_it_offers_the_features() {
         let (mut front, mut backend, _) = setup();
@@ -1338,15 +1910,7 @@ mod tests {
         );
         for _ in 0..20 {
             assert_eq!(front.send_offloaded(&frame, offload), Sent::Sent);
-            let packets = backend.take_tx_packets();
-            assert_eq!(packets.len(), 1);
-            let (flags, gso, bytes) = &packets[0];
-            assert_eq!(
-                *flags,
-                NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED | NETTXF_MORE_DATA | NETTXF_EXTRA_INFO
-            );
-            assert_eq!(*gso, Some((1448, GSO_TYPE_TCPV4)));
-            assert_eq!(bytes, &frame);
+            backend.expect_one_gso_packet(&frame);
             front.poll();
         }
         assert_eq!(front.stats().tx_gso, 20);

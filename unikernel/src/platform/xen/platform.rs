@@ -36,9 +36,9 @@ use core::cell::RefCell;
 use protocol::vchan::{EVENT_CHANNEL_KEY, RING_REF_KEY, RingOrders, RingPlacement};
 
 use super::abi;
-use super::events::{self, SharedInfo, XenNotify};
+use super::events::{self, DeferredNotify, SharedInfo, XenNotify};
 use super::frames::FramePool;
-use super::grant::{self, ForeignMapping, ForeignWindow, GrantTable};
+use super::grant::{self, ForeignMapping, ForeignWindow, GrantError, GrantTable};
 use super::hypercall;
 use super::netback::{
     CopyRefused, FrontendFeatures, Gather, GrantCopy, MAX_BATCH_PACKETS, MAX_BATCH_SEGMENTS,
@@ -109,6 +109,8 @@ struct Shared {
     /// Buffers of sent frames for the next frames received
     /// (`super::frames`), lent to the NIC being polled.
     frame_pool: RefCell<FramePool>,
+    /// The NICs' notifications, sent before the platform sleeps.
+    nic_notify: DeferredNotify,
 }
 
 impl core::fmt::Debug for Shared {
@@ -212,6 +214,7 @@ impl XenPlatform {
                 unwatch: RefCell::new(Vec::new()),
                 nic_counters: RefCell::new(Vec::new()),
                 frame_pool: RefCell::new(FramePool::default()),
+                nic_notify: DeferredNotify::default(),
             }),
             xenstore,
             shutdown_watch: false,
@@ -596,8 +599,11 @@ impl XenPlatform {
             }
         };
         self.remember_port(port);
-        let mut back = Netback::new(tx, rx, domid, port, copier, XenNotify);
+        let mut back = Netback::new(tx, rx, domid, port, copier, self.shared.nic_notify.clone());
         back.set_frontend_features(features);
+        // Responses are published once per batch the router hands over
+        // (`XenNic::flush`).
+        back.batching = true;
         Ok((Box::new(back), mappings, windows))
     }
 
@@ -637,6 +643,7 @@ impl XenPlatform {
             grants: Vec::new(),
             pages,
             layout,
+            held: Vec::new(),
         };
         let page = |i: usize| pages.wrapping_add(i * abi::PAGE_SIZE);
         for i in 0..count {
@@ -699,9 +706,16 @@ impl XenPlatform {
             tx_bufs,
             rx_bufs,
             port,
-            XenNotify,
+            self.shared.nic_notify.clone(),
         ));
         front.set_backend_features(features);
+        // Requests are published once per batch the router hands over
+        // (`XenNic::flush`).
+        front.batching = true;
+        front.set_lender(Box::new(XenLender {
+            shared: self.shared.clone(),
+            backend: backend_id,
+        }));
         self.remember_port(port);
         let (tx_ref, rx_ref) = (
             grefs.first().copied().unwrap_or_default(),
@@ -781,18 +795,18 @@ impl XenPlatform {
 }
 
 /// The uplink's rings, their pages, and the backend's directory.
-type FrontendParts = (Box<Netfront<RawMemory, XenNotify>>, Retired, String);
+type FrontendParts = (Box<Netfront<RawMemory, DeferredNotify>>, Retired, String);
 
 /// A client's netback with what it maps.
 type BackendParts = (
-    Box<Netback<RawMemory, XenGrantCopy, XenNotify>>,
+    Box<Netback<RawMemory, XenGrantCopy, DeferredNotify>>,
     Vec<ForeignMapping>,
     Vec<(usize, usize)>,
 );
 
 /// Unbinds a client's event channel and unmaps its rings.
 fn release_backend(
-    back: Box<Netback<RawMemory, XenGrantCopy, XenNotify>>,
+    back: Box<Netback<RawMemory, XenGrantCopy, DeferredNotify>>,
     mappings: Vec<ForeignMapping>,
     windows: Vec<(usize, usize)>,
     shared: &Shared,
@@ -808,18 +822,85 @@ fn release_backend(
 /// Closes the uplink's event channel and ends its grants (the pages are
 /// freed once the backend has unmapped them).
 fn release_frontend(
-    front: Box<Netfront<RawMemory, XenNotify>>,
+    front: Box<Netfront<RawMemory, DeferredNotify>>,
     retired: Option<Retired>,
     shared: &Shared,
 ) {
     let port = front.port();
     events::close(port);
     shared.ports.borrow_mut().remove(&port);
+    let mut front = front;
+    let lent = front.take_lent();
     drop(front);
+    if !lent.is_empty() {
+        let mut frames = Retired {
+            grants: Vec::new(),
+            pages: core::ptr::null_mut(),
+            layout: Layout::new::<u8>(),
+            held: Vec::new(),
+        };
+        for (frame, grants) in lent {
+            frames.grants.extend(grants);
+            frames.held.push(frame);
+        }
+        if let Some(still) = frames.try_free(shared) {
+            shared.retired.borrow_mut().push(still);
+        }
+    }
     if let Some(retired) = retired
         && let Some(still) = retired.try_free(shared)
     {
         shared.retired.borrow_mut().push(still);
+    }
+}
+
+/// Polls the uplink's netfront with the frame pool lent to it (it takes
+/// buffers for received frames from it and gives back lent frames the
+/// backend is done with).
+fn poll_front(front: &mut Netfront<RawMemory, DeferredNotify>, shared: &Shared) {
+    let mut pool = shared.frame_pool.borrow_mut();
+    core::mem::swap(&mut front.pool, &mut pool);
+    front.poll();
+    core::mem::swap(&mut front.pool, &mut pool);
+}
+
+/// Lends the uplink's backend the pages of frames we send
+/// (`netfront::PageLender`): read-only grants from our grant table. A
+/// buffer is lendable when it starts on a page (the runtime starts every
+/// allocation of a page or more on one) below 4 GiB, where our memory is
+/// identity-mapped, so a page's frame number is its address >> 12.
+#[derive(Debug)]
+struct XenLender {
+    shared: Rc<Shared>,
+    backend: u16,
+}
+
+impl netfront::PageLender for XenLender {
+    fn lendable(&self, frame: &[u8]) -> bool {
+        let start = frame.as_ptr() as u64;
+        start.is_multiple_of(abi::PAGE_SIZE as u64) && start + frame.len() as u64 <= 1 << 32
+    }
+
+    fn grant(&mut self, page: &[u8]) -> Option<u32> {
+        let start = page.as_ptr() as u64;
+        if page.len() != abi::PAGE_SIZE
+            || !start.is_multiple_of(abi::PAGE_SIZE as u64)
+            || start >= 1 << 32
+        {
+            return None;
+        }
+        self.shared
+            .grants
+            .borrow_mut()
+            .grant_access(self.backend, start >> 12, true)
+            .ok()
+    }
+
+    fn revoke(&mut self, gref: u32) -> bool {
+        !matches!(
+            self.shared.grants.borrow_mut().end_access(gref),
+            Err(GrantError::StillMapped(_))
+        )
     }
 }
 
@@ -968,7 +1049,7 @@ pub enum BackConn {
         domid: u16,
         device: u32,
         machine: BackendMachine,
-        back: Box<Netback<RawMemory, XenGrantCopy, XenNotify>>,
+        back: Box<Netback<RawMemory, XenGrantCopy, DeferredNotify>>,
         mappings: Vec<ForeignMapping>,
         windows: Vec<(usize, usize)>,
     },
@@ -981,7 +1062,7 @@ pub enum BackConn {
 pub enum FrontConn {
     /// Connected (or connecting: frames wait in the ring).
     Up {
-        front: Box<Netfront<RawMemory, XenNotify>>,
+        front: Box<Netfront<RawMemory, DeferredNotify>>,
         retired: Option<Retired>,
     },
     /// The backend closed or went away; waiting for a new one.
@@ -1042,9 +1123,8 @@ impl XenNic {
             },
             NicKind::Front(conn) => match &mut *conn.borrow_mut() {
                 FrontConn::Up { front, .. } => {
-                    core::mem::swap(&mut front.pool, &mut pool);
-                    front.poll();
-                    core::mem::swap(&mut front.pool, &mut pool);
+                    drop(pool);
+                    poll_front(front, &self.shared);
                     front.take_frame_offloaded()?
                 }
                 FrontConn::Down => return None,
@@ -1053,6 +1133,17 @@ impl XenNic {
         let (r, t) = self.counters.get();
         self.counters.set((r + 1, t));
         Some(received)
+    }
+
+    /// Counts a frame the netback or netfront took; `false` for
+    /// [`Sent::NoRoom`] (not taken, tried again later).
+    fn count_sent(&self, sent: Sent) -> bool {
+        if sent == Sent::NoRoom {
+            return false;
+        }
+        let (r, t) = self.counters.get();
+        self.counters.set((r, t + 1));
+        true
     }
 
     /// The netback counters (client vifs while connected).
@@ -1134,12 +1225,14 @@ impl crate::offload::OffloadNic for XenNic {
             return Some(crate::offload::GsoCounts {
                 rx: stats.gso_from_client,
                 tx: stats.gso_to_client,
+                tx_lent: 0,
             });
         }
         self.netfront_stats()
             .map(|stats| crate::offload::GsoCounts {
                 rx: stats.rx_gso,
                 tx: stats.tx_gso,
+                tx_lent: stats.tx_lent,
             })
     }
 
@@ -1157,6 +1250,45 @@ impl crate::offload::OffloadNic for XenNic {
         }
     }
 
+    /// Publishes what the netfront or netback was given since the last
+    /// flush (both batch: `batching` is set when they connect).
+    fn flush(&mut self) {
+        match &self.kind {
+            NicKind::Front(conn) => {
+                if let FrontConn::Up { front, .. } = &mut *conn.borrow_mut() {
+                    front.flush();
+                }
+            }
+            NicKind::Back(conn) => {
+                if let BackConn::Up { back, .. } = &mut *conn.borrow_mut() {
+                    back.flush();
+                }
+            }
+        }
+    }
+
+    /// The uplink's netfront sends a big frame from its own pages
+    /// (`netfront::PageLender`), keeping the buffer until the backend is
+    /// done with it; everything else is copied.
+    fn transmit_owned(
+        &mut self,
+        now: Instant,
+        frame: &mut Vec<u8>,
+        offload: crate::offload::Offload,
+    ) -> bool {
+        let NicKind::Front(conn) = &self.kind else {
+            return self.transmit_offloaded(now, frame, offload);
+        };
+        let sent = match &mut *conn.borrow_mut() {
+            FrontConn::Up { front, .. } => {
+                poll_front(front, &self.shared);
+                front.send_owned(frame, offload)
+            }
+            FrontConn::Down => return false,
+        };
+        self.count_sent(sent)
+    }
+
     fn transmit_offloaded(
         &mut self,
         now: Instant,
@@ -1168,27 +1300,17 @@ impl crate::offload::OffloadNic for XenNic {
                 BackConn::Up { back, .. } if back.can_send() => back.send_offloaded(frame, offload),
                 _ => return false,
             };
-            if sent == Sent::NoRoom {
-                return false;
-            }
-            let (r, t) = self.counters.get();
-            self.counters.set((r, t + 1));
-            return true;
+            return self.count_sent(sent);
         }
         if let NicKind::Front(conn) = &self.kind {
             let sent = match &mut *conn.borrow_mut() {
                 FrontConn::Up { front, .. } => {
-                    front.poll();
+                    poll_front(front, &self.shared);
                     front.send_offloaded(frame, offload)
                 }
                 FrontConn::Down => return false,
             };
-            if sent == Sent::NoRoom {
-                return false;
-            }
-            let (r, t) = self.counters.get();
-            self.counters.set((r, t + 1));
-            return true;
+            return self.count_sent(sent);
         }
         match smoltcp::phy::Device::transmit(self, now) {
             Some(tx) => {
@@ -1360,6 +1482,9 @@ pub struct Retired {
     grants: Vec<u32>,
     pages: *mut u8,
     layout: Layout,
+    /// Frame buffers whose pages were lent to the peer
+    /// (`netfront::PageLender`): freed with the rest, not before.
+    held: Vec<Vec<u8>>,
 }
 
 impl Retired {
@@ -1371,6 +1496,7 @@ impl Retired {
         if !self.grants.is_empty() {
             return Some(self);
         }
+        self.held.clear();
         if !self.pages.is_null() {
             // SAFETY: allocated in `vchan_server` with this layout; no grant
             // to it remains, so no peer can reach it any more.
@@ -1396,6 +1522,7 @@ fn release(holdings: &mut Holdings, shared: &Shared) {
                 grants: core::mem::take(grants),
                 pages: *pages,
                 layout: *layout,
+                held: Vec::new(),
             };
             if let Some(retired) = retired.try_free(shared) {
                 // The peer has not unmapped yet (it will once it sees the
@@ -1458,6 +1585,8 @@ impl Platform for XenPlatform {
     }
 
     fn wait(&mut self, deadline: Option<Instant>) {
+        // The step's work is done: wake the NICs' peers now.
+        self.shared.nic_notify.send();
         // Devices move only when a watched xenstore node changed.
         if self.xenstore.take_dirty() {
             self.progress_devices();
