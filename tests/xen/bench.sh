@@ -105,7 +105,13 @@ cp "$HERE/linuxfw-init" "$F/init"; chmod +x "$F/init"
 (cd "$F" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/linuxfw-initrd.gz"
 unset LD_LIBRARY_PATH
 
-printf 'SECS=%s\nUDP_RATE=%s\nROUNDS=%s\nFLOWTABLE=%s\n' "${SECS:-10}" "${UDP_RATE:-20M}" "${ROUNDS:-1}" "${FLOWTABLE:-0}" > "$OUT/bench.env"
+printf 'SECS=%s\nUDP_RATE=%s\nROUNDS=%s\nFLOWTABLE=%s\nPROFILE=%s\n' "${SECS:-10}" "${UDP_RATE:-20M}" "${ROUNDS:-1}" "${FLOWTABLE:-0}" "${PROFILE:-0}" > "$OUT/bench.env"
+# PROFILE=1: dom0 samples our firewall's instruction pointer (ripsample.c)
+# during its TCP runs (QFW-BENCH profile lines, named by tests/xen/symbolize.sh).
+if [ "${PROFILE:-0}" = 1 ]; then
+    gcc -O2 -o "$OUT/ripsample" "$HERE/ripsample.c" -lxenctrl
+    TOOLS+=("$OUT/ripsample:/usr/bin/ripsample")
+fi
 OUT=$OUT/bench-initrd.cpio.gz "$HERE/build-initramfs.sh" "$IMAGE:/guest/qubes-firewall.elf" "$LAB/img/vmlinuz:/guest/vmlinuz" \
     "$OUT/bench-client-initrd.gz:/guest/client-initrd.gz" "$OUT/linuxfw-initrd.gz:/guest/linuxfw-initrd.gz" \
     "$R/usr/bin/iperf3:/usr/bin/iperf3" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \

@@ -24,7 +24,7 @@ waitfor() { # file pattern tenths
     i=0; until grep -q "$2" "$1" 2>/dev/null || [ $i -ge "$3" ]; do sleep 0.1; i=$((i+1)); done; grep -q "$2" "$1" 2>/dev/null; }
 # shellcheck disable=SC1091
 [ -f /guest/bench.env ] && . /guest/bench.env
-SECS=${SECS:-10} UDP_RATE=${UDP_RATE:-20M} ROUNDS=${ROUNDS:-1} FLOWTABLE=${FLOWTABLE:-0}
+SECS=${SECS:-10} UDP_RATE=${UDP_RATE:-20M} ROUNDS=${ROUNDS:-1} FLOWTABLE=${FLOWTABLE:-0} PROFILE=${PROFILE:-0}
 CONS=/var/log/xen/console
 mkdir -p /var/run/qubes /var/log/qubes
 fail() { echo "QFW-BENCH FAIL $*"; grep LINUXFW $CONS/guest-linux-fw.log 2>/dev/null | sed 's/^/QFW-BENCH info /'; echo "QFW-BENCH-END"; exit 1; }
@@ -112,7 +112,17 @@ measure() {
     for o in $other; do xl pause "$o"; done
     f0=$(cpu $dom) c0=$(cpu $c) d0=$(cpu Domain-0) a0=$(allcpu) t0=$(up)
     tell $c "run $seq $test $SECS $UDP_RATE"
+    sampler=
+    if [ "$PROFILE" = 1 ] && [ "$fw" = ours ] && [ "$test" != udp ]; then
+        # Xen pauses the vCPU for each read: a profile, not a timing.
+        ripsample "$(xl domid $dom)" 100000 2000 > /tmp/samples.$seq &
+        sampler=$!
+    fi
     waitslow $CONS/guest-$c.log "BENCH-CLIENT result $seq " $((SECS + 60)) || echo "QFW-BENCH info $c gave no result for run $seq"
+    if [ -n "$sampler" ]; then
+        kill "$sampler"; wait "$sampler" 2>/dev/null
+        cat /tmp/samples.$seq | sort | uniq -c | sort -rn | head -200 | while read -r n rip; do echo "QFW-BENCH profile test=$test n=$n rip=0x$rip"; done
+    fi
     f1=$(cpu $dom) c1=$(cpu $c) d1=$(cpu Domain-0) a1=$(allcpu) t=$(since "$t0")
     for o in $other; do xl unpause "$o"; done
     r=$(grep "BENCH-CLIENT result $seq " $CONS/guest-$c.log | head -1 | sed 's/.*result [0-9]* [a-z-]* //')
