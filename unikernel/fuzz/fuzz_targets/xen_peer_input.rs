@@ -21,7 +21,7 @@ use smoltcp::time::Instant;
 use unikernel::platform::xen::events::Notify;
 use unikernel::offload::{GsoKind, NicOffload, Offload};
 use unikernel::platform::xen::netback::{CopyRefused, FrontendFeatures, GrantCopy, Netback};
-use unikernel::platform::xen::netfront::{BackendFeatures, Buffer, Netfront};
+use unikernel::platform::xen::netfront::{BackendFeatures, Buffer, Netfront, PageLender};
 use unikernel::platform::xen::shared::{SharedMemory, VecMemory};
 use unikernel::platform::xen::start_info::BootInfo;
 use unikernel::platform::xen::vchan::{RingBuffer, VchanRing, read_grants, read_orders};
@@ -138,6 +138,40 @@ fn check_offloaded(frame: &[u8], offload: Offload) {
     assert!(pieces <= unikernel::offload::MAX_SEGMENTS);
 }
 
+/// Lends pages by number; a page the input marks stays "mapped" (its
+/// revocation refused) until the next round. Every grant must be ended
+/// exactly once, and never while mapped.
+#[derive(Debug, Default)]
+struct Lender {
+    granted: std::collections::BTreeSet<u32>,
+    next: u32,
+    /// Set by the input each round: bit 7 holds grants `n % 7 == low bits`.
+    held: std::rc::Rc<std::cell::Cell<u8>>,
+}
+
+impl PageLender for Lender {
+    fn lendable(&self, _: &[u8]) -> bool {
+        true
+    }
+    fn grant(&mut self, page: &[u8]) -> Option<u32> {
+        assert_eq!(page.len(), 4096);
+        if self.granted.len() >= 64 {
+            return None;
+        }
+        self.next += 1;
+        self.granted.insert(self.next);
+        Some(self.next)
+    }
+    fn revoke(&mut self, gref: u32) -> bool {
+        let held = self.held.get();
+        if held & 0x80 != 0 && gref % 7 == u32::from(held % 7) {
+            return false;
+        }
+        assert!(self.granted.remove(&gref), "grant {gref} ended twice or never made");
+        true
+    }
+}
+
 fn netfront(data: &[u8]) {
     let tx = VecMemory::new(4096);
     let rx = VecMemory::new(4096);
@@ -146,6 +180,12 @@ fn netfront(data: &[u8]) {
     };
     let mut front = Netfront::new(tx.clone(), rx.clone(), bufs(24, 100), bufs(24, 200), 3, NoNotify);
     let f = data.first().copied().unwrap_or(0);
+    // Half the inputs lend frames' pages and publish in batches.
+    let held = std::rc::Rc::new(std::cell::Cell::new(0u8));
+    if f & 0x10 != 0 {
+        front.set_lender(Box::new(Lender { held: held.clone(), ..Lender::default() }));
+        front.batching = f & 0x20 != 0;
+    }
     front.set_backend_features(BackendFeatures {
         sg: f & 1 != 0,
         gso4: f & 2 != 0,
@@ -156,6 +196,7 @@ fn netfront(data: &[u8]) {
     for piece in data.chunks(40) {
         scribble(if piece.first().copied().unwrap_or(0) & 1 == 0 { &tx } else { &rx }, piece);
         let which = piece.get(1).copied().unwrap_or(0);
+        held.set(piece.get(2).copied().unwrap_or(0));
         if which & 1 == 0 {
             while let Some((rx_token, _)) = front.receive(Instant::from_millis(0)) {
                 rx_token.consume(|frame| assert!(frame.len() <= 1514));
@@ -170,10 +211,18 @@ fn netfront(data: &[u8]) {
             if let Some(token) = front.transmit(Instant::from_millis(0)) {
                 token.consume(usize::from(piece.len() as u8) * 40, |b| b.fill(0xaa));
             }
-        } else {
+        } else if which & 4 == 0 {
             let _ = front.send_offloaded(&gso, offload);
+        } else {
+            let mut owned = gso.clone();
+            let _ = front.send_owned(&mut owned, offload);
+            assert!(owned.is_empty() || owned == gso);
         }
+        front.flush();
     }
+    // Released: whatever is still lent comes back with its grants.
+    let lent = front.take_lent();
+    assert!(lent.len() <= unikernel::platform::xen::netfront::LENT_FRAMES);
 }
 
 /// Grant copies against four pages the hostile frontend wrote.
