@@ -1605,7 +1605,10 @@ impl Platform for XenPlatform {
                 let _ = self.xenstore.remove(&path);
             }
         }
-        // Detached vifs' directories whose time has come.
+        // Detached vifs' directories whose time has come. The clock is
+        // read once per wait (under Xen on TCG each read of the TSC is a
+        // measurable share of a step; a deadline passed meanwhile makes
+        // the poll below return at once).
         let now_ns = system_time(&self.shared_info);
         let (due, later): (Vec<_>, Vec<_>) = core::mem::take(&mut self.removals)
             .into_iter()
@@ -1634,7 +1637,7 @@ impl Platform for XenPlatform {
                     .boot_ns
                     .saturating_add(micros.saturating_mul(1000))
                     .max(1);
-                if at <= system_time(&self.shared_info) {
+                if at <= now_ns {
                     return;
                 }
                 at
@@ -1650,7 +1653,7 @@ impl Platform for XenPlatform {
         // Xen polls at most 128 ports at once (`do_poll`); past that, sleep
         // in short slices so no link is starved.
         if ports.len() > MAX_POLL_PORTS {
-            let slice = system_time(&self.shared_info).saturating_add(1_000_000);
+            let slice = now_ns.saturating_add(1_000_000);
             let until = if timeout == 0 {
                 slice
             } else {
