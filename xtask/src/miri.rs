@@ -28,6 +28,7 @@ const FILTERS: &[&str] = &[
     "platform::xen::netback::",
     "platform::xen::console::",
     "platform::xen::frames::",
+    "platform::xen::heap::",
 ];
 
 /// Miri's checks beyond the defaults: pointers must not be made up from

@@ -9,7 +9,8 @@
 //! (`console`, `xenstore_ring`, `vchan`, `netfront`, `netback`), checksum
 //! completion for offloading peers (`csum`) and the bookkeeping (`grant`,
 //! `frames`, `time`, `start_info`) are portable and tested on the host with a
-//! `Vec`-backed memory; `runtime` (boot code, allocator, panic handler,
+//! `Vec`-backed memory; `heap` (allocations of a page or more start on one)
+//! is tested over the system allocator; `runtime` (boot code, allocator, panic handler,
 //! libc symbols) exists only in the image (feature `xen`), and so does the
 //! machine side of `traps` (IDT, guard page, exception reports; its
 //! encoders and report are tested on the host). Every value a
@@ -24,6 +25,7 @@ pub mod entropy;
 pub mod events;
 pub mod frames;
 pub mod grant;
+pub mod heap;
 pub mod hypercall;
 pub mod netback;
 pub mod netfront;

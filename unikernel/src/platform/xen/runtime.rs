@@ -15,13 +15,12 @@
 use core::fmt::Write;
 use core::panic::PanicInfo;
 
-use core::alloc::{GlobalAlloc, Layout};
-
 use talc::{ErrOnOom, Span, Talc, Talck};
 
 use super::XenPlatform;
 use super::abi;
 use super::console::{ConsoleRing, DebugPort};
+use super::heap::PageAligned;
 use super::hypercall;
 use super::shared::RawMemory;
 use super::start_info::BootInfo;
@@ -30,75 +29,8 @@ use super::traps;
 core::arch::global_asm!(include_str!("boot.s"), options(att_syntax));
 
 #[global_allocator]
-static ALLOCATOR: PageAligned = PageAligned(Talc::new(ErrOnOom).lock());
-
-/// Allocations of at least this many bytes start on a page.
-pub const PAGE_ALIGNED_FROM: usize = 4096;
-
-/// talc, with every allocation of [`PAGE_ALIGNED_FROM`] bytes or more
-/// placed at the start of a page whatever alignment it asked for. A frame
-/// buffer (`Vec<u8>`, alignment 1) of a page or more then covers whole
-/// pages of its own from its first byte, so the uplink's netfront can
-/// grant those pages to the backend instead of copying the frame
-/// (`netfront::PageLender`): they hold nothing but the frame's bytes.
-/// The rule depends on the size alone, so `dealloc` and `realloc`, which
-/// are given the layout the allocation was made with, find the same
-/// alignment again; a `realloc` across the threshold moves the block.
-struct PageAligned(Talck<spin::Mutex<()>, ErrOnOom>);
-
-impl PageAligned {
-    fn layout(layout: Layout) -> Layout {
-        if layout.size() >= PAGE_ALIGNED_FROM && layout.align() < PAGE_ALIGNED_FROM {
-            Layout::from_size_align(layout.size(), PAGE_ALIGNED_FROM).unwrap_or(layout)
-        } else {
-            layout
-        }
-    }
-}
-
-// SAFETY: every call goes to talc with the layout `PageAligned::layout`
-// makes of the caller's; that layout depends only on the caller's, so a
-// block is freed or resized with the layout it was allocated with, and its
-// alignment is at least the one asked for.
-unsafe impl GlobalAlloc for PageAligned {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as the trait's (a non-zero size, passed on).
-        unsafe { self.0.alloc(Self::layout(layout)) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as the trait's.
-        unsafe { self.0.alloc_zeroed(Self::layout(layout)) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `alloc` with this layout, so
-        // with `Self::layout(layout)` in talc.
-        unsafe { self.0.dealloc(ptr, Self::layout(layout)) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let old = Self::layout(layout);
-        // SAFETY: the trait requires `new_size`, rounded up to `layout`'s
-        // alignment, not to overflow `isize`.
-        let new =
-            Self::layout(unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) });
-        if old.align() == new.align() {
-            // SAFETY: talc keeps the block's alignment when it moves it.
-            return unsafe { self.0.realloc(ptr, old, new_size) };
-        }
-        // SAFETY: a fresh block of the new layout; the old one is valid
-        // for `layout.size()` bytes and freed with the layout it has.
-        unsafe {
-            let moved = self.0.alloc(new);
-            if !moved.is_null() {
-                core::ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size));
-                self.0.dealloc(ptr, old);
-            }
-            moved
-        }
-    }
-}
+static ALLOCATOR: PageAligned<Talck<spin::Mutex<()>, ErrOnOom>> =
+    PageAligned(Talc::new(ErrOnOom).lock());
 
 unsafe extern "C" {
     static __image_end: u8;
