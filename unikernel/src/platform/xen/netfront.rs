@@ -838,13 +838,15 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         if let Some(sent) = self.check_tx(frame, offload) {
             return sent;
         }
-        let index = self.lent.iter().position(Option::is_none);
-        let pages = (frame.len() / PAGE).min(LENT_PAGES);
         let lendable =
             frame.len() >= LEND_FROM && self.lender.as_ref().is_some_and(|l| l.lendable(frame));
-        let (Some(index), true) = (index, lendable) else {
+        let index = lendable
+            .then(|| self.lent.iter().position(Option::is_none))
+            .flatten();
+        let Some(index) = index else {
             return self.send_parts(frame, offload, None);
         };
+        let pages = (frame.len() / PAGE).min(LENT_PAGES);
         if !self.has_room(frame.len() - pages * PAGE, pages, offload) {
             return Sent::NoRoom;
         }
@@ -894,13 +896,8 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
             self.stats.tx_errors += 1;
             return Sent::Dropped;
         }
+        // Room was checked above: the requests are written.
         let sent = self.send_parts(frame, offload, Some((index, &lent.grefs, pages)));
-        if sent != Sent::Sent {
-            // Room was checked above, so this does not happen; were it
-            // to, the frame is kept as one the backend answered.
-            lent.answered = lent.all();
-            self.unrevoked += 1;
-        }
         lent.frame = core::mem::take(frame);
         if let Some(slot) = self.lent.get_mut(index) {
             *slot = Some(lent);
