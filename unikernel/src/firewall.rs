@@ -203,6 +203,10 @@ pub struct Firewall<P: Platform> {
     /// A NIC stopped at its per-round budget in the last `step`: the next
     /// one must come without waiting for an event.
     nics_busy: bool,
+    /// The clock as the last `step` read it: the main loop computes its
+    /// next deadline from it rather than reading the clock again (under
+    /// Xen on an unreliable TSC each read is a trap into the hypervisor).
+    step_time: Instant,
     /// `/connected-ips` and `/connected-ips6` as last read.
     connected: ConnectedIps,
 }
@@ -282,6 +286,7 @@ impl<P: Platform> Firewall<P> {
             vif_domains: BTreeSet::new(),
             vif_retry: BTreeSet::new(),
             nics_busy: false,
+            step_time: started,
             connected: ConnectedIps::default(),
         })
     }
@@ -323,6 +328,7 @@ impl<P: Platform> Firewall<P> {
     /// `Some` when the program must end.
     pub fn step(&mut self, platform: &mut P) -> Option<Shutdown> {
         let now = platform.now();
+        self.step_time = now;
 
         // QubesDB: sync, updates, rule commits; reconnect if it broke.
         self.poll_qubesdb(platform, now);
@@ -1041,8 +1047,9 @@ pub fn run<P: Platform>(platform: &mut P, cmdline: &str) -> Shutdown {
         if let Some(how) = firewall.step(platform) {
             return how;
         }
-        let now = platform.now();
-        platform.wait(firewall.next_deadline(now));
+        // The step's own clock reading: a deadline computed from it is at
+        // most one step early, and an early wake-up only costs a step.
+        platform.wait(firewall.next_deadline(firewall.step_time));
     }
 }
 
