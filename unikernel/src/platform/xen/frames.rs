@@ -35,9 +35,32 @@ pub struct FramePool {
 impl FramePool {
     /// A buffer of `len` bytes whose contents are unspecified (old frame
     /// bytes or zeroes): the caller overwrites all of them or drops it.
+    ///
+    /// The buffer chosen is the shortest kept one at least `len` long (no
+    /// byte zero-filled), else the longest (fewest). Taking whichever came
+    /// last cut a 64 KiB buffer down for each 66-byte TCP ACK, and the next
+    /// GSO packet then zero-filled 64 KiB again: a profile of `bench xen`
+    /// found `memset` at 1 % of the firewall's samples on a download.
     pub fn take(&mut self, len: usize) -> Vec<u8> {
-        match self.buffers.pop() {
-            Some(mut buffer) => {
+        let fits = |b: &Vec<u8>| b.len() >= len;
+        let best = self
+            .buffers
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, b)| {
+                (
+                    !fits(b),
+                    if fits(b) {
+                        b.len()
+                    } else {
+                        usize::MAX - b.len()
+                    },
+                )
+            })
+            .map(|(i, _)| i);
+        match best {
+            Some(index) => {
+                let mut buffer = self.buffers.swap_remove(index);
                 self.bytes = self.bytes.saturating_sub(buffer.capacity());
                 if buffer.len() >= len {
                     buffer.truncate(len);
@@ -102,5 +125,31 @@ mod tests {
         }
         assert_eq!(pool.len(), MAX_BYTES / (64 * 1024));
         assert!(pool.bytes <= MAX_BYTES);
+    }
+
+    #[test]
+    fn the_buffer_taken_is_the_one_that_needs_least_zero_filling() {
+        let mut pool = FramePool::default();
+        let long = alloc::vec![1u8; 9000];
+        let long_at = long.as_ptr();
+        pool.give(long);
+        pool.give(alloc::vec![2u8; 66]);
+        pool.give(alloc::vec![3u8; 1514]);
+        // A small frame takes the shortest buffer that fits, not the last
+        // given nor the longest: the long one keeps its length.
+        let small = pool.take(60);
+        assert_eq!((small.len(), small.first()), (60, Some(&2)));
+        let mid = pool.take(1000);
+        assert_eq!((mid.len(), mid.first()), (1000, Some(&3)));
+        let big = pool.take(9000);
+        assert_eq!((big.as_ptr(), big.len()), (long_at, 9000));
+        assert!(big.iter().all(|&b| b == 1));
+        // None long enough: the longest, grown with zeroes.
+        pool.give(alloc::vec![4u8; 10]);
+        pool.give(alloc::vec![5u8; 20]);
+        let grown = pool.take(25);
+        assert_eq!(grown, [[5u8; 20].as_slice(), &[0u8; 5]].concat());
+        assert_eq!(pool.len(), 1);
+        assert_eq!(pool.bytes, 10);
     }
 }
