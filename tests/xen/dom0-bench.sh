@@ -153,6 +153,16 @@ waitfor $LFLOG "LINUXFW stats nft" 100
 grep "LINUXFW stats" $LFLOG | sed 's/^/QFW-BENCH info /'
 grep -E "^interface|^gso|^drop|^heap" /tmp/status.txt | sed 's/^/QFW-BENCH info ours status: /'
 xl list | sed 's/^/QFW-BENCH info xl list: /'
+if [ "$PROFILE" = 1 ]; then
+    # Xen's TSC report ('s' key): whether it traps the guests' RDTSC
+    # (a PVH guest's clock reads then cost a world switch each).
+    xl debug-keys s
+    xl dmesg | grep -iE "tsc|dom[0-9]+.*mode=" | tail -12 | sed 's/^/QFW-BENCH info tsc: /'
+fi
+# Our firewall's last console lines and Xen's word on any domain that
+# crashed (a crashed firewall leaves nothing else behind).
+tail -15 $CONS/guest-sys-firewall.log 2>/dev/null | sed "s/^/QFW-BENCH log sys-firewall: /"
+xl dmesg | grep -iE "crash|triple|fault|panic" | grep -v "on_crash" | tail -10 | sed "s/^/QFW-BENCH info xen: /"
 for f in linux-fw client-linux client-ours; do grep -v "^\[" $CONS/guest-$f.log | tail -25 | sed "s/^/QFW-BENCH log $f: /"; done
 for dd in client-ours client-linux linux-fw sys-firewall; do xl destroy $dd 2>/dev/null; done
 echo "QFW-BENCH-END"
