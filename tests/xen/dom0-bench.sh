@@ -162,7 +162,7 @@ fi
 # Our firewall's last console lines and Xen's word on any domain that
 # crashed (a crashed firewall leaves nothing else behind).
 tail -15 $CONS/guest-sys-firewall.log 2>/dev/null | sed "s/^/QFW-BENCH log sys-firewall: /"
-xl dmesg | grep -iE "crash|triple|fault|panic" | grep -v "on_crash" | tail -10 | sed "s/^/QFW-BENCH info xen: /"
+xl dmesg | grep -iwE "domain_crash|crash|crashed|triple|fault|panic" | tail -10 | sed "s/^/QFW-BENCH info xen: /"
 for f in linux-fw client-linux client-ours; do grep -v "^\[" $CONS/guest-$f.log | tail -25 | sed "s/^/QFW-BENCH log $f: /"; done
 for dd in client-ours client-linux linux-fw sys-firewall; do xl destroy $dd 2>/dev/null; done
 echo "QFW-BENCH-END"
