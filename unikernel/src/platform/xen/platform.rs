@@ -1626,16 +1626,16 @@ impl Platform for XenPlatform {
             }
         }
         let next_removal = self.removals.iter().map(|(_, at)| *at).min();
-        let ports: Vec<u32> = self.shared.ports.borrow().iter().copied().collect();
         // Anything that fired since the last wait: return at once so the
         // caller looks at its links again.
         let mut fired = false;
-        for port in &ports {
+        for port in self.shared.ports.borrow().iter() {
             fired |= self.shared_info.take_pending(*port);
         }
         if fired {
             return;
         }
+        let ports: Vec<u32> = self.shared.ports.borrow().iter().copied().collect();
         // About to sleep: a deadline passed meanwhile returns at once.
         let now_ns = clock.unwrap_or_else(|| system_time(&self.shared_info));
         let timeout = match deadline {
