@@ -24,6 +24,13 @@ impl Drop for Box0 {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A failed test shows what the daemon said (its stderr is kept in
+        // a file, not mixed into every test's output).
+        if std::thread::panicking()
+            && let Ok(log) = std::fs::read_to_string(self.dir.join("daemon.log"))
+        {
+            eprintln!("qubesdb-daemon's stderr:\n{log}");
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -51,7 +58,7 @@ impl Box0 {
             .env("QUBESDB_SOCKET_DIR", &dir)
             .env("VCHAN_SOCKET_DIR", &dir)
             .env_remove("VCHAN_DOMAIN")
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
             .spawn()
             .unwrap();
         let this = Box0 {
