@@ -179,7 +179,7 @@ pub trait PageLender: core::fmt::Debug {
 }
 
 /// A frame whose pages the backend was granted.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Lent {
     frame: Vec<u8>,
     grefs: [u32; LENT_PAGES],
@@ -200,6 +200,22 @@ impl Lent {
         } else {
             (1u32 << self.pages) - 1
         }
+    }
+
+    /// Ends the grants of its pages not ended yet; whether all of them
+    /// are ended now (a page the backend still maps keeps its grant).
+    fn revoke(&mut self, lender: &mut dyn PageLender) -> bool {
+        let mut all = true;
+        for (page, gref) in self.grefs.iter().enumerate().take(self.pages) {
+            if self.revoked & (1 << page) == 0 {
+                if lender.revoke(*gref) {
+                    self.revoked |= 1 << page;
+                } else {
+                    all = false;
+                }
+            }
+        }
+        all
     }
 }
 
@@ -481,17 +497,7 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         let Some(lender) = self.lender.as_mut() else {
             return;
         };
-        let mut refused = false;
-        for (page, gref) in lent.grefs.iter().enumerate().take(lent.pages) {
-            if lent.revoked & (1 << page) == 0 {
-                if lender.revoke(*gref) {
-                    lent.revoked |= 1 << page;
-                } else {
-                    refused = true;
-                }
-            }
-        }
-        if refused {
+        if !lent.revoke(lender.as_mut()) {
             if !lent.still_mapped {
                 lent.still_mapped = true;
                 self.stats.tx_still_mapped += 1;
@@ -850,14 +856,7 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         if !self.has_room(frame.len() - pages * PAGE, pages, offload) {
             return Sent::NoRoom;
         }
-        let mut lent = Lent {
-            frame: Vec::new(),
-            grefs: [0; LENT_PAGES],
-            pages: 0,
-            answered: 0,
-            revoked: 0,
-            still_mapped: false,
-        };
+        let mut lent = Lent::default();
         if let Some(lender) = self.lender.as_mut() {
             for (page, gref) in frame.chunks_exact(PAGE).zip(lent.grefs.iter_mut()) {
                 match lender.grant(page) {
@@ -869,16 +868,10 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         }
         if lent.pages < pages {
             // Out of grant references: end those made and copy instead.
-            let mut held = false;
-            if let Some(lender) = self.lender.as_mut() {
-                for (page, gref) in lent.grefs.iter().enumerate().take(lent.pages) {
-                    if lender.revoke(*gref) {
-                        lent.revoked |= 1 << page;
-                    } else {
-                        held = true;
-                    }
-                }
-            }
+            let held = self
+                .lender
+                .as_mut()
+                .is_some_and(|lender| !lent.revoke(lender.as_mut()));
             if !held {
                 return self.send_parts(frame, offload, None);
             }
@@ -1072,14 +1065,8 @@ impl<M, N> Drop for Netfront<M, N> {
         let Some(lender) = self.lender.as_mut() else {
             return;
         };
-        for lent in self.lent.iter_mut().filter_map(Option::take) {
-            let mut held = false;
-            for (page, gref) in lent.grefs.iter().enumerate().take(lent.pages) {
-                if lent.revoked & (1 << page) == 0 && !lender.revoke(*gref) {
-                    held = true;
-                }
-            }
-            if held {
+        for mut lent in self.lent.iter_mut().filter_map(Option::take) {
+            if !lent.revoke(lender.as_mut()) {
                 core::mem::forget(lent.frame);
             }
         }

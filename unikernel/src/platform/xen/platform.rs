@@ -1611,10 +1611,9 @@ impl Platform for XenPlatform {
         // `bench xen` put 8-9 % of our samples there when each pass of the
         // main loop read the clock three times; a busy pass now reads it
         // once, in `Firewall::step`.
-        let mut clock: Option<u64> = None;
-        if !self.removals.is_empty() {
+        let clock = (!self.removals.is_empty()).then(|| system_time(&self.shared_info));
+        if let Some(now_ns) = clock {
             // Detached vifs' directories whose time has come.
-            let now_ns = *clock.get_or_insert_with(|| system_time(&self.shared_info));
             let (due, later): (Vec<_>, Vec<_>) = core::mem::take(&mut self.removals)
                 .into_iter()
                 .partition(|(_, at)| *at <= now_ns);
