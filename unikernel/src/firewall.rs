@@ -967,7 +967,10 @@ fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
     report.network = Some(network.settings.clone());
     let interface = |name: String,
                      c: &crate::router::InterfaceCounters,
-                     gso: Option<crate::offload::GsoCounts>| InterfaceStatus {
+                     (gso, ring): (
+        Option<crate::offload::GsoCounts>,
+        Option<crate::offload::RingCounts>,
+    )| InterfaceStatus {
         name,
         rx_frames: c.rx_frames,
         rx_bytes: c.rx_bytes,
@@ -975,18 +978,25 @@ fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
         tx_bytes: c.tx_bytes,
         tx_queue_full: c.tx_queue_full,
         gso,
+        ring,
+    };
+    let counts = |nic: &P::Nic| {
+        (
+            crate::offload::OffloadNic::gso_counts(nic),
+            crate::offload::OffloadNic::ring_counts(nic),
+        )
     };
     report.interfaces.push(interface(
         "uplink".to_string(),
         router.uplink_counters(),
-        crate::offload::OffloadNic::gso_counts(&network.uplink),
+        counts(&network.uplink),
     ));
     for (id, vif) in &network.clients {
         if let Some(c) = router.client_counters(*id) {
             report.interfaces.push(interface(
                 format!("vif{}.{}", id.domid, id.device),
                 c,
-                crate::offload::OffloadNic::gso_counts(&vif.nic),
+                counts(&vif.nic),
             ));
         }
         let summary = inputs.rule_summary.get(&IpAddr::V4(vif.ip));

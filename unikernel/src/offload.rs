@@ -507,6 +507,17 @@ pub struct GsoCounts {
     pub tx_lent: u64,
 }
 
+/// What a NIC's shared rings cost, where it counts it (Xen's netback and
+/// netfront; counts of the NIC's current connection): a figure per frame
+/// that timing noise does not blur.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RingCounts {
+    /// Grant-copy batches (one `GNTTABOP_copy` hypercall each on Xen).
+    pub copy_batches: u64,
+    /// Event-channel notifications sent to the peer.
+    pub notifications: u64,
+}
+
 /// A NIC that may carry offload metadata with its frames. The defaults are
 /// a NIC without offloads: every frame received is complete, nothing
 /// offloaded is given to it (the router cuts and completes such frames in
@@ -547,6 +558,11 @@ pub trait OffloadNic: smoltcp::phy::Device {
     /// GSO packets this NIC received and sent whole (status report);
     /// `None` when it does not count them.
     fn gso_counts(&self) -> Option<GsoCounts> {
+        None
+    }
+
+    /// What its rings cost (status report); `None` when it has none.
+    fn ring_counts(&self) -> Option<RingCounts> {
         None
     }
 

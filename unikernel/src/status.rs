@@ -44,6 +44,9 @@ pub struct InterfaceStatus {
     /// GSO packets the NIC received and sent whole, where it counts them
     /// (Xen netback/netfront; counts of the NIC's current connection).
     pub gso: Option<crate::offload::GsoCounts>,
+    /// Grant-copy batches and notifications of its rings, where it counts
+    /// them (Xen netback/netfront).
+    pub ring: Option<crate::offload::RingCounts>,
 }
 
 /// One client qube.
@@ -203,6 +206,18 @@ impl StatusReport {
                 }
             }
         }
+        if self.interfaces.iter().any(|i| i.ring.is_some()) {
+            writeln!(out, "# rings: name grant_copy_batches notifications_sent")?;
+            for i in &self.interfaces {
+                if let Some(ring) = i.ring {
+                    writeln!(
+                        out,
+                        "ring {} {} {}",
+                        i.name, ring.copy_batches, ring.notifications
+                    )?;
+                }
+            }
+        }
         writeln!(out)?;
         writeln!(out, "# drops: count reason")?;
         for (reason, count) in &self.drops {
@@ -329,6 +344,10 @@ mod tests {
                     tx: 2,
                     tx_lent: 1,
                 }),
+                ring: Some(crate::offload::RingCounts {
+                    copy_batches: 0,
+                    notifications: 9,
+                }),
             }],
             drops: vec![("denied by the client's rules", 3), ("malformed", 0)],
             flows_created: 9,
@@ -384,6 +403,8 @@ dns: 10.139.1.1 10.139.1.2
 interface uplink 5 500 6 600 1
 # gso: name packets_received_whole packets_sent_whole frames_sent_from_lent_pages
 gso uplink 4 2 1
+# rings: name grant_copy_batches notifications_sent
+ring uplink 0 9
 
 # drops: count reason
 drop 3 denied by the client's rules

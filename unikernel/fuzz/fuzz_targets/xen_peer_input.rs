@@ -20,7 +20,10 @@ use smoltcp::phy::{Device, RxToken, TxToken};
 use smoltcp::time::Instant;
 use unikernel::platform::xen::events::Notify;
 use unikernel::offload::{GsoKind, NicOffload, Offload};
-use unikernel::platform::xen::netback::{CopyRefused, FrontendFeatures, GrantCopy, Netback};
+use unikernel::platform::xen::netback::{
+    CopyRefused, FrontendFeatures, GrantCopy, MAX_SCATTER_PACKETS, MAX_SCATTER_SEGMENTS, Netback,
+    Scatter, Sent,
+};
 use unikernel::platform::xen::netfront::{BackendFeatures, Buffer, Netfront, PageLender};
 use unikernel::platform::xen::shared::{SharedMemory, VecMemory};
 use unikernel::platform::xen::start_info::BootInfo;
@@ -245,6 +248,14 @@ impl GrantCopy for Pages {
         page.write_bytes(usize::from(offset), src);
         Ok(())
     }
+    /// The batch bounds the netback promises, then the default.
+    fn scatter_many(&mut self, dom: u16, jobs: &mut [Scatter<'_>]) {
+        assert!(jobs.len() <= MAX_SCATTER_PACKETS);
+        assert!(jobs.iter().map(|j| j.segments.len()).sum::<usize>() <= MAX_SCATTER_SEGMENTS);
+        for job in jobs {
+            job.done = self.scatter(dom, job.segments, job.src).is_ok();
+        }
+    }
 }
 
 fn netback(data: &[u8]) {
@@ -253,6 +264,7 @@ fn netback(data: &[u8]) {
     let pages: Vec<VecMemory> = (0..4).map(|_| VecMemory::new(4096)).collect();
     let mut back = Netback::new(tx.clone(), rx.clone(), 7, 3, Pages(pages.clone()), NoNotify);
     let f = data.first().copied().unwrap_or(0);
+    back.batching = f & 0x20 != 0;
     back.set_frontend_features(FrontendFeatures {
         sg: f & 1 != 0,
         gso4: f & 2 != 0,
@@ -274,10 +286,21 @@ fn netback(data: &[u8]) {
         }
         if which & 16 == 0 {
             back.send(&[0x55; 60]);
-        } else {
+        } else if which & 32 == 0 {
             let _ = back.send_offloaded(&gso, offload);
+        } else {
+            // Held until a flush (batching) or copied at once; the frame
+            // is taken only when held.
+            let mut frame = gso.clone();
+            let sent = back.send_owned(&mut frame, offload);
+            assert!(frame.is_empty() == (back.batching && sent == Sent::Sent));
+        }
+        if which & 64 != 0 {
+            back.flush();
         }
     }
+    back.flush();
+    assert!(back.pool.len() <= unikernel::platform::xen::frames::MAX_BUFFERS);
 }
 
 fn start_info(data: &[u8]) {

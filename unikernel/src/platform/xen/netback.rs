@@ -39,8 +39,17 @@
 //! anything else the router cuts and completes in software first. A frame
 //! waits in the router's queue until the client has posted enough buffers
 //! for all its slots ([`Sent::NoRoom`], `req_event` set to wake us).
+//! Copies are batched: the TX packets of one poll round in one grant copy;
+//! towards the client, while the platform batches (`batching`), the frames
+//! handed over with [`Netback::send_owned`] are held, their responses
+//! written but not published, and [`Netback::flush`] copies them in one
+//! batch ([`MAX_SCATTER_PACKETS`] frames of [`MAX_SCATTER_SEGMENTS`]
+//! pages at most; a frame past that starts the next) before it publishes
+//! the responses, so the client never sees a slot before its bytes; a
+//! copy Xen refuses turns that frame's first response into an error.
 //! Notifications as Linux's ring macros: TX responses are published once
-//! per poll, RX responses once per frame, and the client is notified only
+//! per poll, RX responses once per frame or, batching, once per flush,
+//! and the client is notified only
 //! when the new `rsp_prod` passed its `rsp_event`
 //! (`RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`); having taken every request, a
 //! poll sets `req_event` to the next one and reads `req_prod` again
@@ -187,7 +196,33 @@ pub trait GrantCopy {
         }
         result
     }
+    /// Runs several scatters (frames handed over between two flushes) as
+    /// one batch (on Xen: one hypercall), at most [`MAX_SCATTER_PACKETS`]
+    /// of at most [`MAX_SCATTER_SEGMENTS`] segments in all; sets each
+    /// job's `done`.
+    fn scatter_many(&mut self, dom: u16, jobs: &mut [Scatter<'_>]) {
+        for job in jobs {
+            job.done = self.scatter(dom, job.segments, job.src).is_ok();
+        }
+    }
 }
+
+/// One frame of a [`GrantCopy::scatter_many`] batch.
+#[derive(Debug)]
+pub struct Scatter<'a> {
+    /// Its segments, in order (bounds as [`GrantCopy::gather`]).
+    pub segments: &'a [Segment],
+    /// What goes there: their lengths add up to its length.
+    pub src: &'a [u8],
+    /// Set by the copy: whether every segment was written.
+    pub done: bool,
+}
+
+/// Most frames one scatter batch holds.
+pub const MAX_SCATTER_PACKETS: usize = 16;
+/// Most segments (client pages) one scatter batch holds: seven 64 KiB
+/// GSO frames; a frame that would pass this starts the next batch.
+pub const MAX_SCATTER_SEGMENTS: usize = 128;
 
 /// One packet of a [`GrantCopy::gather_many`] batch.
 #[derive(Debug)]
@@ -245,6 +280,10 @@ pub struct NetbackStats {
     /// Event channel notifications we sent the client (only when its
     /// event index asked for one).
     pub notifications: u64,
+    /// Grant-copy batches (one `GNTTABOP_copy` hypercall each on Xen):
+    /// one per poll round from the client, one per frame or held batch
+    /// to it.
+    pub copy_batches: u64,
 }
 
 /// What a client's frontend wrote it takes on RX (its xenstore keys).
@@ -309,6 +348,23 @@ enum Fate {
     NoRoom,
 }
 
+/// A frame's place in the client's RX ring ([`Netback::place`]): the
+/// pages its bytes go to and its first response.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    segments: [Segment; MAX_COPY_SEGMENTS],
+    count: usize,
+    /// Ring index of its first response (where an error status goes).
+    first: u32,
+    gso: bool,
+}
+
+impl Placed {
+    fn segments(&self) -> &[Segment] {
+        self.segments.get(..self.count).unwrap_or(&[])
+    }
+}
+
 /// The backend rings of one client vif.
 #[derive(Debug)]
 pub struct Netback<M, C, N> {
@@ -340,8 +396,14 @@ pub struct Netback<M, C, N> {
     /// room, so they never hold more than it takes).
     pending: Vec<Pending>,
     pending_bytes: usize,
-    /// Buffers for the frames copied in (`super::frames`): the platform's
-    /// pool, lent while it polls this vif; empty otherwise.
+    /// Frames taken by [`Self::send_owned`], their responses written,
+    /// waiting for one batched copy (at most [`MAX_SCATTER_PACKETS`] of
+    /// [`MAX_SCATTER_SEGMENTS`] pages in all, `held_segments`).
+    held: Vec<(Vec<u8>, Placed)>,
+    held_segments: usize,
+    /// Buffers for the frames copied in (`super::frames`), and where the
+    /// held frames' buffers go once copied: the platform's pool, lent
+    /// while it polls or flushes this vif; empty otherwise.
     pub pool: FramePool,
 }
 
@@ -372,6 +434,8 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             frontend: FrontendFeatures::default(),
             pending: Vec::new(),
             pending_bytes: 0,
+            held: Vec::new(),
+            held_segments: 0,
             pool: FramePool::default(),
         }
     }
@@ -623,6 +687,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             }
             if !jobs.is_empty() {
                 self.copier.gather_many(self.dom, &mut jobs);
+                self.stats.copy_batches += 1;
             }
             for (job, index) in jobs.iter().zip(owners) {
                 if let Some(flag) = copied.get_mut(index) {
@@ -765,6 +830,54 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
     /// (nothing was taken; we asked to be notified); a frame the client
     /// did not negotiate, or too long, is dropped and counted.
     pub fn send_offloaded(&mut self, frame: &[u8], offload: Offload) -> Sent {
+        let placed = match self.place(frame, offload) {
+            Ok(placed) => placed,
+            Err(sent) => return sent,
+        };
+        let failed = self
+            .copier
+            .scatter(self.dom, placed.segments(), frame)
+            .is_err();
+        self.stats.copy_batches += 1;
+        self.settle(&placed, !failed);
+        // Published now or, batching, with the frames after it; the client
+        // is told only if its `rsp_event` asks.
+        if !self.batching {
+            self.flush();
+        }
+        Sent::Sent
+    }
+
+    /// As [`Self::send_offloaded`], but while batching the frame's buffer
+    /// is taken (leaving `frame` empty) and its copy waits for the batch's:
+    /// the frames handed over until [`Self::flush`] (at most
+    /// [`MAX_SCATTER_PACKETS`] of [`MAX_SCATTER_SEGMENTS`] pages in all)
+    /// cross in one grant copy (on Xen: one hypercall instead of one per
+    /// frame), and their buffers go to [`Self::pool`]. Not batching, or
+    /// when the frame is not sent, `frame` stays with the caller.
+    pub fn send_owned(&mut self, frame: &mut Vec<u8>, offload: Offload) -> Sent {
+        if !self.batching {
+            return self.send_offloaded(frame, offload);
+        }
+        let pages = frame.len().div_ceil(PAGE);
+        if self.held.len() == MAX_SCATTER_PACKETS
+            || self.held_segments + pages > MAX_SCATTER_SEGMENTS
+        {
+            self.copy_held();
+        }
+        let placed = match self.place(frame, offload) {
+            Ok(placed) => placed,
+            Err(sent) => return sent,
+        };
+        self.held_segments += placed.count;
+        self.held.push((core::mem::take(frame), placed));
+        Sent::Sent
+    }
+
+    /// Checks a frame and takes the client's RX requests for it, writing
+    /// its responses (not yet published: [`Self::flush`] does, after the
+    /// copy). `Err` as [`Self::send_offloaded`] returns it.
+    fn place(&mut self, frame: &[u8], offload: Offload) -> Result<Placed, Sent> {
         let v6 = frame.get(12..14) == Some(&crate::wire::ETHERTYPE_IPV6.to_be_bytes()[..]);
         let limit = if offload.is_gso() {
             offload::MAX_OFFLOAD_FRAME
@@ -777,7 +890,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             || !(offload.is_none() || self.tx_offloads().take(offload, v6))
         {
             self.stats.dropped += 1;
-            return Sent::Dropped;
+            return Err(Sent::Dropped);
         }
         let data_slots = frame.len().div_ceil(PAGE);
         let needed = data_slots + usize::from(offload.is_gso());
@@ -786,7 +899,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         if prod.wrapping_sub(self.rx_rsp_prod) > RING_SIZE {
             self.broken = Some("client RX req_prod more than a ring ahead");
             self.stats.dropped += 1;
-            return Sent::Dropped;
+            return Err(Sent::Dropped);
         }
         let mut prod = prod;
         if (prod.wrapping_sub(self.rx_req_cons) as usize) < needed {
@@ -800,10 +913,10 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             if prod.wrapping_sub(self.rx_rsp_prod) > RING_SIZE {
                 self.broken = Some("client RX req_prod more than a ring ahead");
                 self.stats.dropped += 1;
-                return Sent::Dropped;
+                return Err(Sent::Dropped);
             }
             if (prod.wrapping_sub(self.rx_req_cons) as usize) < needed {
-                return Sent::NoRoom;
+                return Err(Sent::NoRoom);
             }
         }
         // As Linux netback: partial checksums are flagged blank and
@@ -813,32 +926,39 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         } else {
             0
         };
-        let mut segments = [Segment::default(); MAX_COPY_SEGMENTS];
+        let mut placed = Placed {
+            segments: [Segment::default(); MAX_COPY_SEGMENTS],
+            count: 0,
+            first: self.rx_rsp_prod,
+            gso: offload.is_gso(),
+        };
         let mut chunks = frame.chunks(PAGE).peekable();
-        let mut slot = 0usize;
         while let Some(chunk) = chunks.next() {
             let (id, gref) = self.rx_request(self.rx_req_cons);
             self.rx_req_cons = self.rx_req_cons.wrapping_add(1);
-            if let Some(segment) = segments.get_mut(slot) {
+            // `data_slots` is at most 17 (the frame is at most
+            // `MAX_OFFLOAD_FRAME`), so every chunk has its segment.
+            if let Some(segment) = placed.segments.get_mut(placed.count) {
                 *segment = Segment {
                     gref,
                     offset: 0,
                     len: chunk.len() as u16, // at most a page
                 };
             }
+            let first = placed.count == 0;
             let mut flags = if chunks.peek().is_some() {
                 NETRXF_MORE_DATA
             } else {
                 0
             };
-            if slot == 0 {
+            if first {
                 flags |= csum_flags;
                 if offload.is_gso() {
                     flags |= NETRXF_EXTRA_INFO;
                 }
             }
             self.respond_rx(id, flags, chunk.len() as i16);
-            if slot == 0 && offload.is_gso() {
+            if first && offload.is_gso() {
                 // The GSO segment takes the next request's place.
                 self.rx_req_cons = self.rx_req_cons.wrapping_add(1);
                 let kind = if v6 { GSO_TYPE_TCPV6 } else { GSO_TYPE_TCPV4 };
@@ -850,40 +970,71 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
                 self.rx.store_u16(at + 6, 0); // gso.features
                 self.rx_rsp_prod = self.rx_rsp_prod.wrapping_add(1);
             }
-            slot += 1;
+            placed.count = (placed.count + 1).min(MAX_COPY_SEGMENTS);
         }
-        // Every slot's copy in one batch, before the responses are
-        // published below (`data_slots` is at most 17: the frame is at most
-        // `MAX_OFFLOAD_FRAME`).
-        let failed = self
-            .copier
-            .scatter(self.dom, segments.get(..slot).unwrap_or(&[]), frame)
-            .is_err();
-        if failed {
-            // Xen refused a copy: the client gets the slots back, the frame
-            // as an error (its first status; netfront drops the packet).
-            self.stats.bad_requests += 1;
-            let at = RING_HEADER
-                + (self.rx_rsp_prod.wrapping_sub(needed as u32) % RING_SIZE) as usize * RX_ENTRY;
-            self.rx.store_u16(at + 6, RSP_ERROR as u16);
-        } else {
-            self.stats.to_client += 1;
-            if offload.is_gso() {
-                self.stats.gso_to_client += 1;
-            }
-        }
-        // Published now or, batching, with the frames after it; the client
-        // is told only if its `rsp_event` asks.
-        if !self.batching {
-            self.flush();
-        }
-        Sent::Sent
+        Ok(placed)
     }
 
-    /// Publishes the RX responses written since the last time, telling
-    /// the client if its `rsp_event` asks: one index update and at most
-    /// one notification for a batch of frames.
+    /// Counts a placed frame once its copy is done; a refused copy turns
+    /// its first response into an error (the client gets the slots back
+    /// and drops the packet, as from Linux netback).
+    fn settle(&mut self, placed: &Placed, copied: bool) {
+        if copied {
+            self.stats.to_client += 1;
+            if placed.gso {
+                self.stats.gso_to_client += 1;
+            }
+        } else {
+            self.stats.bad_requests += 1;
+            let at = RING_HEADER + (placed.first % RING_SIZE) as usize * RX_ENTRY;
+            self.rx.store_u16(at + 6, RSP_ERROR as u16);
+        }
+    }
+
+    /// Copies the held frames ([`Self::send_owned`]) in one batch, settles
+    /// them and gives their buffers to the pool. A stopped vif copies
+    /// nothing (its responses are never published): they are dropped.
+    fn copy_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut held = core::mem::take(&mut self.held);
+        self.held_segments = 0;
+        if self.broken.is_some() {
+            self.stats.dropped += held.len() as u64;
+        } else {
+            let mut done = [false; MAX_SCATTER_PACKETS];
+            {
+                let mut jobs: Vec<Scatter<'_>> = held
+                    .iter()
+                    .map(|(frame, placed)| Scatter {
+                        segments: placed.segments(),
+                        src: frame,
+                        done: false,
+                    })
+                    .collect();
+                self.copier.scatter_many(self.dom, &mut jobs);
+                self.stats.copy_batches += 1;
+                for (flag, job) in done.iter_mut().zip(&jobs) {
+                    *flag = job.done;
+                }
+            }
+            for ((_, placed), copied) in held.iter().zip(done) {
+                self.settle(placed, copied);
+            }
+        }
+        for (frame, _) in held.drain(..) {
+            self.pool.give(frame);
+        }
+        self.held = held;
+    }
+
+    /// Copies the frames held back ([`Self::send_owned`]), then publishes
+    /// the RX responses written since the last time, telling the client if
+    /// its `rsp_event` asks: one index update and at most one notification
+    /// for a batch of frames.
     pub fn flush(&mut self) {
+        self.copy_held();
         if self.rx_published == self.rx_rsp_prod || self.broken.is_some() {
             return;
         }
@@ -936,9 +1087,17 @@ mod tests {
     }
 
     /// Grant copy against the client's pages, by grant reference; counts
-    /// the batches (one per packet: one hypercall on Xen).
+    /// the batches (one per packet: one hypercall on Xen). With a ring in
+    /// its third field, each `scatter_many` logs the ring's `rsp_prod` as
+    /// it found it.
     #[derive(Clone, Default)]
-    struct Pages(Rc<RefCell<BTreeMap<u32, VecMemory>>>, Rc<Cell<u32>>);
+    struct Pages(
+        Rc<RefCell<BTreeMap<u32, VecMemory>>>,
+        Rc<Cell<u32>>,
+        Rc<RefCell<Option<RingWatch>>>,
+    );
+    /// A ring and the `rsp_prod` values each `scatter_many` found there.
+    type RingWatch = (VecMemory, Vec<u32>);
     impl Pages {
         /// The client's page `gref`, if domain 7 granted it.
         fn page(&self, dom: u16, gref: u32) -> Option<VecMemory> {
@@ -1017,14 +1176,38 @@ mod tests {
                 job.done = self.gather_one(dom, job.segments, job.dst).is_ok();
             }
         }
+        fn scatter_many(&mut self, dom: u16, jobs: &mut [Scatter<'_>]) {
+            assert!(jobs.len() <= MAX_SCATTER_PACKETS);
+            let segments: usize = jobs.iter().map(|j| j.segments.len()).sum();
+            assert!(segments <= MAX_SCATTER_SEGMENTS);
+            self.1.set(self.1.get() + 1);
+            if let Some((ring, seen)) = &mut *self.2.borrow_mut() {
+                seen.push(ring.load_u32(RSP_PROD));
+            }
+            for job in jobs {
+                job.done = self.scatter_one(dom, job.segments, job.src).is_ok();
+            }
+        }
         fn scatter(
             &mut self,
             dom: u16,
             segments: &[Segment],
             src: &[u8],
         ) -> Result<(), CopyRefused> {
-            check_batch(segments, src.len())?;
             self.1.set(self.1.get() + 1);
+            self.scatter_one(dom, segments, src)
+        }
+    }
+
+    impl Pages {
+        /// As Xen's batch: the bounds first, then every op on its own.
+        fn scatter_one(
+            &mut self,
+            dom: u16,
+            segments: &[Segment],
+            src: &[u8],
+        ) -> Result<(), CopyRefused> {
+            check_batch(segments, src.len())?;
             let mut result = Ok(());
             let mut at = 0;
             for s in segments {
@@ -1377,6 +1560,7 @@ mod tests {
         back.poll();
         assert_eq!(back.stats().gso_from_client, 5);
         assert_eq!(pages.batches(), 2);
+        assert_eq!(back.stats().copy_batches, 2);
     }
 
     #[test]
@@ -2028,10 +2212,186 @@ mod tests {
         assert_eq!(back.stats().gso_to_client, 300);
         // 6 slots each way per frame, one grant copy batch each.
         assert_eq!(pages.batches(), 600);
+        assert_eq!(back.stats().copy_batches, 600);
         assert_eq!(front.stats().rx_gso, 300);
         assert_eq!(front.stats().tx_gso, 300);
         assert_eq!(front.stats().protocol_errors, 0);
         assert_eq!(back.stats().bad_requests, 0);
+    }
+
+    /// `rx_back` with 256 client pages (grants 300..556) and a ring of
+    /// requests each naming its own page, so a batch's frames never share
+    /// one.
+    fn rx_back_wide() -> (Netback<VecMemory, Pages, NoNotify>, Pages, VecMemory) {
+        let (mut back, pages, rx) = rx_back(ALL);
+        for i in 40..RING_SIZE {
+            pages.0.borrow_mut().insert(300 + i, VecMemory::new(PAGE));
+        }
+        for index in 0..RING_SIZE {
+            let at = RING_HEADER + index as usize * RX_ENTRY;
+            rx.store_u16(at, 1000 + index as u16);
+            rx.store_u32(at + 4, 300 + index);
+        }
+        rx.store_u32(REQ_PROD, RING_SIZE);
+        back.batching = true;
+        (back, pages, rx)
+    }
+
+    /// The frames the published responses from ring index 0 deliver,
+    /// read back from the client's pages, with each first status.
+    fn delivered(rx: &VecMemory, pages: &Pages) -> Vec<(i16, Vec<u8>)> {
+        let rsp = rx_responses(rx, 0);
+        let mut frames = Vec::new();
+        let mut current: Option<(i16, Vec<u8>)> = None;
+        let mut index = 0;
+        while index < rsp.len() {
+            let [id, _, flags, status] = rsp[index];
+            let gref = 300 + u32::from(id - 1000);
+            let (_, bytes) = current.get_or_insert_with(|| (status as i16, Vec::new()));
+            if status as i16 > 0 {
+                let mut part = vec![0u8; usize::from(status)];
+                pages.0.borrow()[&gref].read_bytes(0, &mut part);
+                bytes.extend_from_slice(&part);
+            }
+            // The GSO extra-info segment follows a first slot flagged so.
+            index += if flags & NETRXF_EXTRA_INFO != 0 { 2 } else { 1 };
+            if flags & NETRXF_MORE_DATA == 0 {
+                frames.extend(current.take());
+            }
+        }
+        frames
+    }
+
+    fn gso_frame(payload: usize) -> (Vec<u8>, Offload) {
+        let mut frame = tcp4_frame(payload);
+        let offload = offload::accept(
+            &mut frame,
+            NicOffload {
+                csum_partial: true,
+                gso: GsoKind::TcpV4,
+                gso_size: 1448,
+                ..NicOffload::default()
+            },
+        )
+        .unwrap();
+        (frame, offload)
+    }
+
+    #[test]
+    fn held_frames_cross_in_one_copy_per_batch_published_only_after_it() {
+        let (mut back, pages, rx) = rx_back_wide();
+        *pages.2.borrow_mut() = Some((rx.clone(), Vec::new()));
+        let mut sent = Vec::new();
+        let mut buffers = Vec::new();
+        for i in 0..20u8 {
+            let (mut frame, offload) = if i % 2 == 0 {
+                gso_frame(44 * 1448) // 16 pages
+            } else {
+                (tcp4_frame(100 + usize::from(i)), Offload::NONE)
+            };
+            frame[60] = i; // tell them apart
+            sent.push(frame.clone());
+            buffers.push(frame.as_ptr());
+            assert_eq!(back.send_owned(&mut frame, offload), Sent::Sent);
+            assert!(frame.is_empty(), "the buffer is taken");
+        }
+        // 7 GSO frames and 7 small ones (119 pages) filled a batch: the
+        // 8th GSO frame's 16 pages would pass MAX_SCATTER_SEGMENTS.
+        assert_eq!(pages.batches(), 1);
+        assert_eq!(
+            rx.load_u32(RSP_PROD),
+            0,
+            "nothing published before the flush"
+        );
+        assert_eq!(back.stats().to_client, 14);
+        back.flush();
+        assert_eq!(pages.batches(), 2, "the other 6 frames in one more copy");
+        let seen = pages.2.borrow().as_ref().map(|(_, seen)| seen.clone());
+        assert_eq!(seen, Some(vec![0, 0]), "both copies before any publication");
+        let got = delivered(&rx, &pages);
+        assert_eq!(got.len(), 20);
+        for ((status, bytes), frame) in got.iter().zip(&sent) {
+            assert!(*status > 0);
+            assert_eq!(bytes, frame);
+        }
+        let stats = back.stats();
+        assert_eq!((stats.to_client, stats.gso_to_client), (20, 10));
+        assert_eq!(stats.copy_batches, 2);
+        assert_eq!((stats.bad_requests, stats.dropped), (0, 0));
+        // Every buffer went to the pool, none copied or lost.
+        assert_eq!(back.pool.len(), 20);
+        let mut pooled = Vec::new();
+        while !back.pool.is_empty() {
+            pooled.push(back.pool.take(1).as_ptr());
+        }
+        buffers.sort();
+        pooled.sort();
+        assert_eq!(pooled, buffers);
+        // Nothing held: a second flush copies and publishes nothing.
+        let prod = rx.load_u32(RSP_PROD);
+        back.flush();
+        assert_eq!((pages.batches(), rx.load_u32(RSP_PROD)), (2, prod));
+    }
+
+    #[test]
+    fn a_refused_copy_fails_only_its_held_frame_and_a_stopped_vif_drops_the_held() {
+        let (mut back, pages, rx) = rx_back_wide();
+        // The client names a grant it never gave in its second request.
+        rx.store_u32(RING_HEADER + RX_ENTRY + 4, 9999);
+        let frames: Vec<Vec<u8>> = (0..3).map(|i| tcp4_frame(200 + i)).collect();
+        for frame in &frames {
+            assert_eq!(
+                back.send_owned(&mut frame.clone(), Offload::NONE),
+                Sent::Sent
+            );
+        }
+        back.flush();
+        let got = delivered(&rx, &pages);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], (frames[0].len() as i16, frames[0].clone()));
+        assert_eq!(got[1].0, RSP_ERROR, "its slot back, as an error");
+        assert_eq!(got[2], (frames[2].len() as i16, frames[2].clone()));
+        assert_eq!((back.stats().to_client, back.stats().bad_requests), (2, 1));
+        assert_eq!(back.pool.len(), 3);
+
+        // Held frames of a vif that stops before the flush: never copied
+        // nor published, counted as dropped, their buffers kept.
+        let (mut back, pages, rx) = rx_back_wide();
+        for frame in &frames[..2] {
+            assert_eq!(
+                back.send_owned(&mut frame.clone(), Offload::NONE),
+                Sent::Sent
+            );
+        }
+        rx.store_u32(REQ_PROD, 10_000);
+        let mut third = frames[2].clone();
+        assert_eq!(back.send_owned(&mut third, Offload::NONE), Sent::Dropped);
+        assert_eq!(third, frames[2], "a frame not sent stays with the caller");
+        assert!(back.broken().is_some());
+        back.flush();
+        assert_eq!(rx.load_u32(RSP_PROD), 0);
+        assert_eq!(pages.batches(), 0);
+        assert_eq!((back.stats().to_client, back.stats().dropped), (0, 3));
+        assert_eq!(back.pool.len(), 2);
+    }
+
+    #[test]
+    fn send_owned_keeps_the_frame_when_it_cannot_hold_it() {
+        // No buffers posted: not taken, the frame stays whole.
+        let (mut back, pages, rx) = rx_back(ALL);
+        back.batching = true;
+        let frame = tcp4_frame(100);
+        let mut mine = frame.clone();
+        assert_eq!(back.send_owned(&mut mine, Offload::NONE), Sent::NoRoom);
+        assert_eq!(mine, frame);
+        // Not batching: copied and published at once, the frame kept.
+        back.batching = false;
+        post_rx(&rx, 1);
+        assert_eq!(back.send_owned(&mut mine, Offload::NONE), Sent::Sent);
+        assert_eq!(mine, frame);
+        assert_eq!(pages.batches(), 1);
+        assert_eq!(rx_responses(&rx, 0), [[1000, 0, 0, frame.len() as u16]]);
+        assert!(back.pool.is_empty());
     }
 
     #[test]

@@ -42,7 +42,7 @@ use super::grant::{self, ForeignMapping, ForeignWindow, GrantError, GrantTable};
 use super::hypercall;
 use super::netback::{
     CopyRefused, FrontendFeatures, Gather, GrantCopy, MAX_BATCH_PACKETS, MAX_BATCH_SEGMENTS,
-    Netback, NetbackStats, Sent,
+    MAX_SCATTER_PACKETS, MAX_SCATTER_SEGMENTS, Netback, NetbackStats, Scatter, Sent,
 };
 use super::netfront::{self, Buffer, Netfront, NetfrontRx};
 use super::shared::RawMemory;
@@ -1032,6 +1032,47 @@ impl GrantCopy for XenGrantCopy {
             };
         }
     }
+
+    /// Every job's ops in one hypercall, as [`Self::gather_many`]; Xen
+    /// only reads our side.
+    fn scatter_many(&mut self, dom: u16, jobs: &mut [Scatter<'_>]) {
+        let mut ops = [abi::GnttabCopy::default(); 2 * MAX_SCATTER_SEGMENTS];
+        let mut ranges = [None; MAX_SCATTER_PACKETS];
+        let mut used = 0usize;
+        for (job, range) in jobs.iter().zip(ranges.iter_mut()) {
+            let local = job.src.as_ptr().expose_provenance();
+            let room = ops.get_mut(used..).unwrap_or(&mut []);
+            let planned = grant::plan_copy(
+                dom,
+                job.segments,
+                local as u64,
+                job.src.len(),
+                grant::CopyDirection::ToPeer,
+                room,
+            );
+            if let Some(count) = planned {
+                *range = Some((used, used + count));
+                used += count;
+            }
+        }
+        let batch = ops.get_mut(..used).unwrap_or(&mut []);
+        // SAFETY: `plan_copy` kept every op's local end inside its job's
+        // `src`, which `jobs` borrows for the call (identity-mapped: the
+        // frame numbers are its own); Xen only reads there, and writes
+        // only the peer's granted pages and the ops' status.
+        let rc = unsafe { hypercall::grant_copy(batch) };
+        for (index, job) in jobs.iter_mut().enumerate() {
+            job.done = match ranges.get(index).copied().flatten() {
+                Some((start, end)) => {
+                    rc == 0
+                        && ops
+                            .get(start..end)
+                            .is_some_and(|ops| ops.iter().all(|op| op.status == abi::GNTST_OKAY))
+                }
+                None => self.scatter(dom, job.segments, job.src).is_ok(),
+            };
+        }
+    }
 }
 
 /// A client vif's backend, from `attach_client` until it is dropped.
@@ -1236,6 +1277,22 @@ impl crate::offload::OffloadNic for XenNic {
             })
     }
 
+    /// A netback's copies and notifications; a netfront copies nothing
+    /// itself (its backend does), so only its notifications count.
+    fn ring_counts(&self) -> Option<crate::offload::RingCounts> {
+        if let Some(stats) = self.netback_stats() {
+            return Some(crate::offload::RingCounts {
+                copy_batches: stats.copy_batches,
+                notifications: stats.notifications,
+            });
+        }
+        self.netfront_stats()
+            .map(|stats| crate::offload::RingCounts {
+                copy_batches: 0,
+                notifications: stats.notifications,
+            })
+    }
+
     /// A client's netback takes what its frontend negotiated.
     fn tx_offloads(&self) -> crate::offload::TxOffloads {
         match &self.kind {
@@ -1261,7 +1318,11 @@ impl crate::offload::OffloadNic for XenNic {
             }
             NicKind::Back(conn) => {
                 if let BackConn::Up { back, .. } = &mut *conn.borrow_mut() {
+                    // Lent the pool: the held frames' buffers go back to it.
+                    let mut pool = self.shared.frame_pool.borrow_mut();
+                    core::mem::swap(&mut back.pool, &mut pool);
                     back.flush();
+                    core::mem::swap(&mut back.pool, &mut pool);
                 }
             }
         }
@@ -1269,13 +1330,21 @@ impl crate::offload::OffloadNic for XenNic {
 
     /// The uplink's netfront sends a big frame from its own pages
     /// (`netfront::PageLender`), keeping the buffer until the backend is
-    /// done with it; everything else is copied.
+    /// done with it; a client's netback keeps the buffer until the flush,
+    /// which copies the batch's frames to the client in one hypercall.
     fn transmit_owned(
         &mut self,
         now: Instant,
         frame: &mut Vec<u8>,
         offload: crate::offload::Offload,
     ) -> bool {
+        if let NicKind::Back(conn) = &self.kind {
+            let sent = match &mut *conn.borrow_mut() {
+                BackConn::Up { back, .. } if back.can_send() => back.send_owned(frame, offload),
+                _ => return false,
+            };
+            return self.count_sent(sent);
+        }
         let NicKind::Front(conn) = &self.kind else {
             return self.transmit_offloaded(now, frame, offload);
         };
