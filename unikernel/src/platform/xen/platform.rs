@@ -995,83 +995,107 @@ impl GrantCopy for XenGrantCopy {
     /// Every job's ops in one hypercall; a job whose plan is refused or
     /// does not fit (past the batch bounds) goes on its own.
     fn gather_many(&mut self, dom: u16, jobs: &mut [Gather<'_>]) {
-        let mut ops = [abi::GnttabCopy::default(); 2 * MAX_BATCH_SEGMENTS];
-        // Each job's ops, `None` where it goes on its own.
-        let mut ranges = [None; MAX_BATCH_PACKETS];
-        let mut used = 0usize;
-        for (job, range) in jobs.iter_mut().zip(ranges.iter_mut()) {
-            let local = job.dst.as_mut_ptr().expose_provenance();
-            let room = ops.get_mut(used..).unwrap_or(&mut []);
-            let planned = grant::plan_copy(
-                dom,
+        let mut buffers = [BatchJob::default(); BATCH_JOBS];
+        for (job, buffer) in jobs.iter_mut().zip(buffers.iter_mut()) {
+            *buffer = (
                 job.segments,
-                local as u64,
+                job.dst.as_mut_ptr().expose_provenance(),
                 job.dst.len(),
-                grant::CopyDirection::FromPeer,
-                room,
             );
-            if let Some(count) = planned {
-                *range = Some((used, used + count));
-                used += count;
-            }
         }
-        let batch = ops.get_mut(..used).unwrap_or(&mut []);
-        // SAFETY: `plan_copy` kept every op's local end inside its job's
-        // `dst`, which `jobs` holds `&mut` for the call (identity-mapped:
-        // the frame numbers are its own); Xen writes only there.
-        let rc = unsafe { hypercall::grant_copy(batch) };
+        let count = jobs.len().min(BATCH_JOBS);
+        let buffers = buffers.get(..count).unwrap_or(&[]);
+        // The `dst`s stay borrowed `&mut` through `jobs` for the call.
+        let results = Self::batch_many(dom, buffers, grant::CopyDirection::FromPeer);
         for (index, job) in jobs.iter_mut().enumerate() {
-            job.done = match ranges.get(index).copied().flatten() {
-                Some((start, end)) => {
-                    rc == 0
-                        && ops
-                            .get(start..end)
-                            .is_some_and(|ops| ops.iter().all(|op| op.status == abi::GNTST_OKAY))
-                }
+            job.done = match results.get(index).copied().flatten() {
+                Some(done) => done,
                 None => self.gather(dom, job.segments, job.dst).is_ok(),
             };
         }
     }
 
-    /// Every job's ops in one hypercall, as [`Self::gather_many`]; Xen
-    /// only reads our side.
+    /// Every job's ops in one hypercall, as [`Self::gather_many`].
     fn scatter_many(&mut self, dom: u16, jobs: &mut [Scatter<'_>]) {
-        let mut ops = [abi::GnttabCopy::default(); 2 * MAX_SCATTER_SEGMENTS];
-        let mut ranges = [None; MAX_SCATTER_PACKETS];
-        let mut used = 0usize;
-        for (job, range) in jobs.iter().zip(ranges.iter_mut()) {
-            let local = job.src.as_ptr().expose_provenance();
-            let room = ops.get_mut(used..).unwrap_or(&mut []);
-            let planned = grant::plan_copy(
-                dom,
+        let mut buffers = [BatchJob::default(); BATCH_JOBS];
+        for (job, buffer) in jobs.iter().zip(buffers.iter_mut()) {
+            *buffer = (
                 job.segments,
-                local as u64,
+                job.src.as_ptr().expose_provenance(),
                 job.src.len(),
-                grant::CopyDirection::ToPeer,
-                room,
             );
-            if let Some(count) = planned {
+        }
+        let count = jobs.len().min(BATCH_JOBS);
+        let buffers = buffers.get(..count).unwrap_or(&[]);
+        // The `src`s stay borrowed through `jobs` for the call.
+        let results = Self::batch_many(dom, buffers, grant::CopyDirection::ToPeer);
+        for (index, job) in jobs.iter_mut().enumerate() {
+            job.done = match results.get(index).copied().flatten() {
+                Some(done) => done,
+                None => self.scatter(dom, job.segments, job.src).is_ok(),
+            };
+        }
+    }
+}
+
+/// One packet of a batched copy: its segments of the peer's pages and our
+/// buffer (exposed address, length).
+type BatchJob<'a> = (&'a [grant::Segment], usize, usize);
+
+/// Most packets one batched copy takes (the larger of the two bounds).
+const BATCH_JOBS: usize = if MAX_BATCH_PACKETS > MAX_SCATTER_PACKETS {
+    MAX_BATCH_PACKETS
+} else {
+    MAX_SCATTER_PACKETS
+};
+
+/// Most ops one batched copy holds: two per segment (an op splits where
+/// our buffer crosses a page), for the larger of the two segment bounds.
+const BATCH_OPS: usize = 2 * if MAX_BATCH_SEGMENTS > MAX_SCATTER_SEGMENTS {
+    MAX_BATCH_SEGMENTS
+} else {
+    MAX_SCATTER_SEGMENTS
+};
+
+impl XenGrantCopy {
+    /// Runs every job's ops, in `direction`, as one `GNTTABOP_copy`; each
+    /// job's result: whether all its ops succeeded, `None` for one whose
+    /// plan is refused or does not fit (the caller copies it on its own).
+    /// The caller borrows each job's buffer for the call (`&mut` for
+    /// [`grant::CopyDirection::FromPeer`]).
+    fn batch_many(
+        dom: u16,
+        jobs: &[BatchJob<'_>],
+        direction: grant::CopyDirection,
+    ) -> [Option<bool>; BATCH_JOBS] {
+        let mut ops = [abi::GnttabCopy::default(); BATCH_OPS];
+        // Each job's ops, `None` where it goes on its own.
+        let mut ranges = [None; BATCH_JOBS];
+        let mut used = 0usize;
+        for (&(segments, local, len), range) in jobs.iter().zip(ranges.iter_mut()) {
+            let room = ops.get_mut(used..).unwrap_or(&mut []);
+            if let Some(count) = grant::plan_copy(dom, segments, local as u64, len, direction, room)
+            {
                 *range = Some((used, used + count));
                 used += count;
             }
         }
         let batch = ops.get_mut(..used).unwrap_or(&mut []);
         // SAFETY: `plan_copy` kept every op's local end inside its job's
-        // `src`, which `jobs` borrows for the call (identity-mapped: the
-        // frame numbers are its own); Xen only reads there, and writes
-        // only the peer's granted pages and the ops' status.
+        // buffer, which the caller borrows for the call (`&mut` where Xen
+        // writes it, `FromPeer`; identity-mapped: the frame numbers are its
+        // own); on our side Xen touches nothing else.
         let rc = unsafe { hypercall::grant_copy(batch) };
-        for (index, job) in jobs.iter_mut().enumerate() {
-            job.done = match ranges.get(index).copied().flatten() {
-                Some((start, end)) => {
-                    rc == 0
-                        && ops
-                            .get(start..end)
-                            .is_some_and(|ops| ops.iter().all(|op| op.status == abi::GNTST_OKAY))
-                }
-                None => self.scatter(dom, job.segments, job.src).is_ok(),
-            };
+        let mut results = [None; BATCH_JOBS];
+        for (result, range) in results.iter_mut().zip(ranges) {
+            *result = range.map(|(start, end)| {
+                rc == 0
+                    && ops
+                        .get(start..end)
+                        .is_some_and(|ops| ops.iter().all(|op| op.status == abi::GNTST_OKAY))
+            });
         }
+        results
     }
 }
 
