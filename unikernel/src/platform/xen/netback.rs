@@ -1403,6 +1403,23 @@ mod tests {
         f
     }
 
+    /// A TCPv4 GSO frame of `payload` bytes (MSS 1448, checksum partial)
+    /// and its offload, as a Linux frontend hands one over.
+    fn gso_frame(payload: usize) -> (Vec<u8>, Offload) {
+        let mut frame = tcp4_frame(payload);
+        let offload = offload::accept(
+            &mut frame,
+            NicOffload {
+                csum_partial: true,
+                gso: GsoKind::TcpV4,
+                gso_size: 1448,
+                ..NicOffload::default()
+            },
+        )
+        .unwrap();
+        (frame, offload)
+    }
+
     /// Posts `frame` as one packet: slots of `sizes` bytes (the last takes
     /// the rest) on pages 100.., with a GSO extra-info segment when
     /// `gso` is given; returns the ring index it started at and the
@@ -1980,17 +1997,7 @@ mod tests {
 
     #[test]
     fn a_gso_packet_reaches_a_linux_style_frontend_whole_with_its_extra_info() {
-        let mut frame = tcp4_frame(44 * 1448);
-        let offload = offload::accept(
-            &mut frame,
-            NicOffload {
-                csum_partial: true,
-                gso: GsoKind::TcpV4,
-                gso_size: 1448,
-                ..NicOffload::default()
-            },
-        )
-        .unwrap();
+        let (frame, offload) = gso_frame(44 * 1448);
         assert_eq!(frame.len(), 63766);
         let (mut back, pages, rx) = rx_back(ALL);
         assert_eq!(
@@ -2069,17 +2076,7 @@ mod tests {
 
     #[test]
     fn a_gso_packet_waits_for_enough_rx_buffers() {
-        let mut frame = tcp4_frame(10 * 1448);
-        let offload = offload::accept(
-            &mut frame,
-            NicOffload {
-                csum_partial: true,
-                gso: GsoKind::TcpV4,
-                gso_size: 1448,
-                ..NicOffload::default()
-            },
-        )
-        .unwrap();
+        let (frame, offload) = gso_frame(10 * 1448);
         let (mut back, _pages, rx) = rx_back(ALL);
         // 4 data slots and the extra: 5 needed, 4 posted.
         post_rx(&rx, 4);
@@ -2096,17 +2093,7 @@ mod tests {
 
     #[test]
     fn offloads_the_frontend_did_not_take_are_never_sent_to_it() {
-        let mut frame = tcp4_frame(10 * 1448);
-        let offload = offload::accept(
-            &mut frame,
-            NicOffload {
-                csum_partial: true,
-                gso: GsoKind::TcpV4,
-                gso_size: 1448,
-                ..NicOffload::default()
-            },
-        )
-        .unwrap();
+        let (frame, offload) = gso_frame(10 * 1448);
         for features in [
             FrontendFeatures::default(),
             FrontendFeatures { sg: false, ..ALL },
@@ -2139,17 +2126,7 @@ mod tests {
 
     #[test]
     fn a_hostile_rx_frontend_gets_errors_not_a_crash() {
-        let mut frame = tcp4_frame(10 * 1448);
-        let offload = offload::accept(
-            &mut frame,
-            NicOffload {
-                csum_partial: true,
-                gso: GsoKind::TcpV4,
-                gso_size: 1448,
-                ..NicOffload::default()
-            },
-        )
-        .unwrap();
+        let (frame, offload) = gso_frame(10 * 1448);
         // A grant it did not give: the packet's first status is an error,
         // its slots are used up, nothing panics.
         let (mut back, _pages, rx) = rx_back(ALL);
@@ -2189,17 +2166,7 @@ mod tests {
             csum6: true,
         });
         back.set_frontend_features(ALL);
-        let mut frame = tcp4_frame(12 * 1448 + 7);
-        let offload = offload::accept(
-            &mut frame,
-            NicOffload {
-                csum_partial: true,
-                gso: GsoKind::TcpV4,
-                gso_size: 1448,
-                ..NicOffload::default()
-            },
-        )
-        .unwrap();
+        let (frame, offload) = gso_frame(12 * 1448 + 7);
         for round in 0..300 {
             assert_eq!(front.send_offloaded(&frame, offload), Sent::Sent, "{round}");
             back.poll();
@@ -2260,21 +2227,6 @@ mod tests {
             }
         }
         frames
-    }
-
-    fn gso_frame(payload: usize) -> (Vec<u8>, Offload) {
-        let mut frame = tcp4_frame(payload);
-        let offload = offload::accept(
-            &mut frame,
-            NicOffload {
-                csum_partial: true,
-                gso: GsoKind::TcpV4,
-                gso_size: 1448,
-                ..NicOffload::default()
-            },
-        )
-        .unwrap();
-        (frame, offload)
     }
 
     #[test]
