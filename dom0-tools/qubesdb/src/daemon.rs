@@ -336,7 +336,11 @@ impl Daemon {
         } else {
             // The transport offers the vchan inside the serving thread;
             // wait (bounded) until it is offered, or for why it is not.
-            let (offered, failed) = mpsc::sync_channel(1);
+            // A VM can connect the moment the socket exists, and the
+            // socket transport removes the path once it accepts: the
+            // serving thread's first outcome (linked or failed) counts
+            // as well as the path itself.
+            let (offered, outcome) = mpsc::sync_channel(1);
             let daemon = Arc::clone(self);
             thread::spawn(move || daemon.serve_vm(offered));
             let path = self.config.vchan_path();
@@ -350,11 +354,15 @@ impl Daemon {
             };
             while !offered() {
                 let what = || format!("cannot offer vchan {}", path.display());
-                if let Ok(error) = failed.try_recv() {
-                    return Err(StartError {
-                        what: what(),
-                        error,
-                    });
+                match outcome.try_recv() {
+                    Ok(Ok(())) => break,
+                    Ok(Err(error)) => {
+                        return Err(StartError {
+                            what: what(),
+                            error,
+                        });
+                    }
+                    Err(_) => {}
                 }
                 if start.elapsed() > VCHAN_OFFER_TIMEOUT {
                     return Err(StartError {
@@ -551,8 +559,9 @@ impl Daemon {
     }
 
     /// Offers the vchan forever: one VM connection at a time. The first
-    /// failure to offer it is reported on `offered` (for `start`).
-    fn serve_vm(self: &Arc<Self>, offered: SyncSender<io::Error>) {
+    /// offer's outcome (a VM linked, or why it could not be offered) is
+    /// reported on `offered` (for `start`).
+    fn serve_vm(self: &Arc<Self>, offered: SyncSender<io::Result<()>>) {
         let transport: Box<dyn Transport> = if self.config.uses_xen() {
             self.xen_transport()
         } else {
@@ -566,12 +575,14 @@ impl Daemon {
                     Err(error) => {
                         eprintln!("vchan accept failed: {error}; giving up on the VM link");
                         if let Some(offered) = first.take() {
-                            let _ = offered.try_send(error);
+                            let _ = offered.try_send(Err(error));
                         }
                         return;
                     }
                 };
-            first = None;
+            if let Some(offered) = first.take() {
+                let _ = offered.try_send(Ok(()));
+            }
             let peer = match Peer::start(link.as_ref()) {
                 Ok(peer) => peer,
                 Err(error) => {

@@ -189,6 +189,40 @@ impl Vm {
     }
 }
 
+/// A VM that connects the moment the vchan is offered (Qubes' client
+/// retries every 0.1 ms): the daemon accepts it and removes the socket
+/// path at once. Starting must not wait for that path to be seen (it
+/// used to, and gave up after 5 s with "not offered within 5 s").
+#[test]
+fn vm_connecting_at_the_first_instant_is_served() {
+    let test = "eager";
+    let dir = std::env::temp_dir().join(format!("qubesdb-{test}-{}", std::process::id()));
+    let path = dir.join("vchan.0.9.111.sock");
+    let connector = std::thread::spawn(move || {
+        let start = Instant::now();
+        loop {
+            if let Ok(stream) = UnixStream::connect(&path) {
+                return stream;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no vchan server");
+            std::thread::yield_now();
+        }
+    });
+    let b = Box0::new(test, 9, "fw9");
+    let stream = connector.join().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut vm = Vm { stream };
+    assert!(vm.sync().is_empty());
+    // The daemon kept running: a local tool's write reaches the VM.
+    b.ok("write", &["/qubes-ip", "10.137.0.9"]);
+    assert_eq!(
+        vm.recv(),
+        msg(MessageType::Write, "/qubes-ip", b"10.137.0.9")
+    );
+}
+
 #[test]
 fn vm_gets_a_full_dump_then_live_writes_and_removes() {
     let b = Box0::new("sync", 5, "fw");
