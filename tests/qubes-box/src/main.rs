@@ -34,12 +34,15 @@ Usage: qubes-box COMMAND [ARGS]
 
 Commands:
   up [--state-dir DIR] [--prefix P] [--bin-dir DIR] [--no-firewall]
-     [--firewall-bin PATH] [--clients N] [--sys-net-no-arp]
+     [--firewall-bin PATH] [--firewall-arg ARG]... [--clients N]
+     [--sys-net-no-arp]
                                   build the box: namespaces <P>sys-net,
                                   <P>sys-firewall, <P>client1..N (default 2),
                                   xenstored, qubesdb-daemon, qrexec daemons,
                                   agents and policy daemon, sys-net's
                                   services, the hosted firewall;
+                                  --firewall-arg: one more option for the
+                                  firewall (repeat it for more);
                                   --sys-net-no-arp: sys-net's vif2.0 has
                                   Xen's backend MAC fe:ff:ff:ff:ff:ff and
                                   never answers or announces ARP (give it
@@ -109,6 +112,7 @@ struct Parsed {
     bin_dir: Option<PathBuf>,
     firewall: bool,
     firewall_bin: Option<PathBuf>,
+    firewall_args: Vec<String>,
     clients: u16,
     sys_net_arp: bool,
     rest: Vec<String>,
@@ -124,6 +128,7 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
         bin_dir: None,
         firewall: true,
         firewall_bin: None,
+        firewall_args: Vec::new(),
         clients: 2,
         sys_net_arp: true,
         rest: Vec::new(),
@@ -168,6 +173,13 @@ fn parse(args: &[String]) -> Result<Parsed, String> {
                     iter.next().ok_or("--firewall-bin needs a path")?,
                 ));
             }
+            "--firewall-arg" => {
+                parsed.firewall_args.push(
+                    iter.next()
+                        .ok_or("--firewall-arg needs an argument")?
+                        .clone(),
+                );
+            }
             "--clients" => {
                 let text = iter.next().ok_or("--clients needs a count")?;
                 parsed.clients = text
@@ -204,6 +216,7 @@ fn box_config(parsed: &Parsed) -> Result<BoxConfig, String> {
         bin_dir,
         firewall: parsed.firewall,
         firewall_bin: parsed.firewall_bin.clone(),
+        firewall_args: parsed.firewall_args.clone(),
         clients: parsed.clients,
         sys_net_answers_arp: parsed.sys_net_arp,
     })

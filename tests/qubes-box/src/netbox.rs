@@ -156,6 +156,8 @@ pub struct BoxConfig {
     /// The firewall binary to run instead of `<bin_dir>/qubes-firewall-hosted`
     /// (e.g. a release build for measurements).
     pub firewall_bin: Option<PathBuf>,
+    /// Options added to the firewall's command line (e.g. `--busy-poll 0`).
+    pub firewall_args: Vec<String>,
     /// How many clients `up` starts (`client1`…).
     pub clients: u16,
     /// sys-net answers ARP for its uplink address and announces its MAC
@@ -1359,7 +1361,10 @@ fn build(config: &BoxConfig) -> io::Result<()> {
                 config.firewall_xenstored_socket().display().to_string(),
                 "--uplink-tap".into(),
                 "eth0".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(config.firewall_args.iter().cloned())
+            .collect::<Vec<String>>(),
             &[],
         )?;
         // Up means ready: the firewall attached its TAPs and the bridges

@@ -946,6 +946,7 @@ mod tests {
             bin_dir: dir.clone(),
             firewall: false,
             firewall_bin: None,
+            firewall_args: Vec::new(),
             clients: 0,
             sys_net_answers_arp: true,
         };

@@ -133,6 +133,7 @@ fn bring_up(tag: &str, clients: u16) -> Up {
         bin_dir: bin_dir(),
         firewall: false,
         firewall_bin: None,
+        firewall_args: Vec::new(),
         clients,
         sys_net_answers_arp: true,
     };

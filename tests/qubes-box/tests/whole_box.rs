@@ -238,6 +238,7 @@ impl Up {
             bin_dir: bin_dir(),
             firewall: true,
             firewall_bin: None,
+            firewall_args: Vec::new(),
             clients: 2,
             sys_net_answers_arp: self.sys_net_answers_arp,
         }

@@ -30,6 +30,8 @@ Options:
   --memory MIB              memory the table caps derive from (default: 32)
   --mtu BYTES               IP MTU of every TAP (default: 1500)
   --tap-queue-len FRAMES    kernel queue towards us on every TAP (default: 10000)
+  --busy-poll MICROSECONDS  poll for input this long before sleeping, as
+                            Linux's net.core.busy_poll (default: 50; 0: off)
   -h, --help                this text
 
 Arguments after `--` are passed to the firewall as its boot command line
@@ -86,6 +88,10 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
             }
             "--mtu" => config.mtu = parse_number(flag, &take(&mut iter)?)?,
             "--tap-queue-len" => config.tap_queue_len = parse_number(flag, &take(&mut iter)?)?,
+            "--busy-poll" => {
+                config.busy_poll =
+                    std::time::Duration::from_micros(parse_number(flag, &take(&mut iter)?)?);
+            }
             "--" => {
                 let rest: Vec<&str> = iter.map(String::as_str).collect();
                 cmdline = rest.join(" ");
