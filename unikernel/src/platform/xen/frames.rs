@@ -83,9 +83,65 @@ impl FramePool {
     }
 }
 
+/// A device with a pool of its own (the netback, the netfront): it takes
+/// buffers for received frames from it and gives back buffers it is done
+/// with. The platform puts the firewall's one pool in its place while the
+/// device works ([`lend`]).
+pub trait PoolUser {
+    /// The device's pool.
+    fn pool(&mut self) -> &mut FramePool;
+}
+
+/// Runs `work` on `device` with `shared` in place of the device's own
+/// pool, then puts both back: what the device took from the pool or gave
+/// to it meanwhile is taken from or given to `shared`.
+pub fn lend<D: PoolUser, T>(
+    device: &mut D,
+    shared: &mut FramePool,
+    work: impl FnOnce(&mut D) -> T,
+) -> T {
+    core::mem::swap(device.pool(), shared);
+    let result = work(device);
+    core::mem::swap(device.pool(), shared);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Device {
+        own: FramePool,
+    }
+
+    impl PoolUser for Device {
+        fn pool(&mut self) -> &mut FramePool {
+            &mut self.own
+        }
+    }
+
+    #[test]
+    fn a_lent_pool_serves_the_work_and_the_device_keeps_its_own() {
+        let mut device = Device {
+            own: FramePool::default(),
+        };
+        device.own.give(alloc::vec![1u8; 10]);
+        let mut shared = FramePool::default();
+        let kept = alloc::vec![2u8; 100];
+        let kept_at = kept.as_ptr();
+        shared.give(kept);
+        // The work takes the shared pool's buffer and gives another back.
+        let taken = lend(&mut device, &mut shared, |d| {
+            let taken = d.pool().take(50);
+            d.pool().give(alloc::vec![3u8; 20]);
+            taken
+        });
+        assert_eq!((taken.as_ptr(), taken.len()), (kept_at, 50));
+        assert_eq!(shared.take(20), [3u8; 20]);
+        assert!(shared.is_empty());
+        // The device's own pool was not touched.
+        assert_eq!(device.own.take(10), [1u8; 10]);
+    }
 
     #[test]
     fn buffers_come_back_cut_to_length_and_the_pool_is_bounded() {

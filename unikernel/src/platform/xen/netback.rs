@@ -70,7 +70,7 @@ use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
 use super::events::Notify;
-use super::frames::FramePool;
+use super::frames::{self, FramePool};
 pub use super::grant::{MAX_COPY_SEGMENTS, Segment};
 use super::netfront::{
     MAX_FRAME, NETIF_RSP_NULL, NETRXF_CSUM_BLANK, NETRXF_DATA_VALIDATED, NETRXF_EXTRA_INFO,
@@ -405,6 +405,12 @@ pub struct Netback<M, C, N> {
     /// held frames' buffers go once copied: the platform's pool, lent
     /// while it polls or flushes this vif; empty otherwise.
     pub pool: FramePool,
+}
+
+impl<M, C, N> frames::PoolUser for Netback<M, C, N> {
+    fn pool(&mut self) -> &mut FramePool {
+        &mut self.pool
+    }
 }
 
 impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {

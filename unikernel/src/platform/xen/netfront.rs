@@ -59,7 +59,7 @@ use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Med
 use smoltcp::time::Instant;
 
 use super::events::Notify;
-use super::frames::FramePool;
+use super::frames::{self, FramePool};
 use super::netback::{
     EXTRA_FLAG_MORE, EXTRA_TYPE_GSO, EXTRA_TYPE_HASH, EXTRA_TYPE_MCAST_ADD, EXTRA_TYPE_MCAST_DEL,
     GSO_TYPE_TCPV4, GSO_TYPE_TCPV6, NETTXF_CSUM_BLANK, NETTXF_DATA_VALIDATED, NETTXF_EXTRA_INFO,
@@ -1054,6 +1054,12 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
         self.flush(); // the frame and its request before the index
         self.stats.tx_frames += 1;
         result
+    }
+}
+
+impl<M, N> frames::PoolUser for Netfront<M, N> {
+    fn pool(&mut self) -> &mut FramePool {
+        &mut self.pool
     }
 }
 

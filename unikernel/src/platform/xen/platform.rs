@@ -37,7 +37,7 @@ use protocol::vchan::{EVENT_CHANNEL_KEY, RING_REF_KEY, RingOrders, RingPlacement
 
 use super::abi;
 use super::events::{self, DeferredNotify, SharedInfo, XenNotify};
-use super::frames::FramePool;
+use super::frames::{self, FramePool};
 use super::grant::{self, ForeignMapping, ForeignWindow, GrantError, GrantTable};
 use super::hypercall;
 use super::netback::{
@@ -858,10 +858,7 @@ fn release_frontend(
 /// buffers for received frames from it and gives back lent frames the
 /// backend is done with).
 fn poll_front(front: &mut Netfront<RawMemory, DeferredNotify>, shared: &Shared) {
-    let mut pool = shared.frame_pool.borrow_mut();
-    core::mem::swap(&mut front.pool, &mut pool);
-    front.poll();
-    core::mem::swap(&mut front.pool, &mut pool);
+    frames::lend(front, &mut shared.frame_pool.borrow_mut(), Netfront::poll);
 }
 
 /// Lends the uplink's backend the pages of frames we send
@@ -1179,9 +1176,7 @@ impl XenNic {
         let received = match &self.kind {
             NicKind::Back(conn) => match &mut *conn.borrow_mut() {
                 BackConn::Up { back, .. } => {
-                    core::mem::swap(&mut back.pool, &mut pool);
-                    back.poll();
-                    core::mem::swap(&mut back.pool, &mut pool);
+                    frames::lend(&mut **back, &mut pool, Netback::poll);
                     back.take_frame_offloaded()?
                 }
                 _ => return None,
@@ -1343,10 +1338,11 @@ impl crate::offload::OffloadNic for XenNic {
             NicKind::Back(conn) => {
                 if let BackConn::Up { back, .. } = &mut *conn.borrow_mut() {
                     // Lent the pool: the held frames' buffers go back to it.
-                    let mut pool = self.shared.frame_pool.borrow_mut();
-                    core::mem::swap(&mut back.pool, &mut pool);
-                    back.flush();
-                    core::mem::swap(&mut back.pool, &mut pool);
+                    frames::lend(
+                        &mut **back,
+                        &mut self.shared.frame_pool.borrow_mut(),
+                        Netback::flush,
+                    );
                 }
             }
         }
