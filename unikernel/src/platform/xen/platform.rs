@@ -1694,12 +1694,12 @@ impl Platform for XenPlatform {
                 let _ = self.xenstore.remove(&path);
             }
         }
-        // The clock is read only when needed: with a directory removal
-        // pending, or before sleeping. Where Xen finds the TSC unreliable
-        // (under QEMU's TCG) it traps every RDTSC of ours, and a profile of
-        // `bench xen` put 8-9 % of our samples there when each pass of the
-        // main loop read the clock three times; a busy pass now reads it
-        // once, in `Firewall::step`.
+        // The clock is read here only when needed: with a directory removal
+        // pending, or more ports than one poll takes. Where Xen finds the
+        // TSC unreliable (under QEMU's TCG) it traps every RDTSC of ours,
+        // and a profile of `bench xen` put 8-9 % of our samples there when
+        // each pass of the main loop read the clock three times; a pass now
+        // reads it once, in `Firewall::step`.
         let clock = (!self.removals.is_empty()).then(|| system_time(&self.shared_info));
         if let Some(now_ns) = clock {
             // Detached vifs' directories whose time has come.
@@ -1724,8 +1724,11 @@ impl Platform for XenPlatform {
             return;
         }
         let ports: Vec<u32> = self.shared.ports.borrow().iter().copied().collect();
-        // About to sleep: a deadline passed meanwhile returns at once.
-        let now_ns = clock.unwrap_or_else(|| system_time(&self.shared_info));
+        // About to sleep. The clock is not read for it: a deadline that
+        // passed meanwhile is handed to Xen all the same, whose poll timer,
+        // set in the past, fires at once and ends the poll (`vcpu_poll`'s
+        // `set_timer`). Only with a reading at hand (a removal pending) is
+        // such a deadline caught here, without the hypercall.
         let timeout = match deadline {
             Some(deadline) => {
                 let micros = deadline.total_micros().max(0) as u64;
@@ -1733,7 +1736,7 @@ impl Platform for XenPlatform {
                     .boot_ns
                     .saturating_add(micros.saturating_mul(1000))
                     .max(1);
-                if at <= now_ns {
+                if clock.is_some_and(|now_ns| at <= now_ns) {
                     return;
                 }
                 at
@@ -1749,6 +1752,7 @@ impl Platform for XenPlatform {
         // Xen polls at most 128 ports at once (`do_poll`); past that, sleep
         // in short slices so no link is starved.
         if ports.len() > MAX_POLL_PORTS {
+            let now_ns = clock.unwrap_or_else(|| system_time(&self.shared_info));
             let slice = now_ns.saturating_add(1_000_000);
             let until = if timeout == 0 {
                 slice
