@@ -377,43 +377,47 @@ struct Figures {
     down: Run,
 }
 
-/// The `cpu` line of `/proc/stat`: (busy, total) ticks since boot, and the
+/// `/proc/stat`'s `cpu` line: (busy, total) ticks since boot, and the
 /// number of `cpuN` lines.
 fn machine_ticks() -> Result<(u64, u64, usize), String> {
     let stat = std::fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+    parse_machine_ticks(&stat).ok_or_else(|| "/proc/stat has no cpu line".to_string())
+}
+
+fn parse_machine_ticks(stat: &str) -> Option<(u64, u64, usize)> {
     let cpus = stat
         .lines()
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
         .count();
     let ticks: Vec<u64> = stat
         .lines()
-        .find(|l| l.starts_with("cpu "))
-        .ok_or("/proc/stat has no cpu line")?
+        .find(|l| l.starts_with("cpu "))?
         .split_whitespace()
         .skip(1)
         .filter_map(|t| t.parse().ok())
         .collect();
-    // user nice system idle iowait irq softirq steal ...
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user).
     let total: u64 = ticks.iter().take(8).sum();
     let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
-    Ok((total - idle, total, cpus.max(1)))
+    Some((total.saturating_sub(idle), total, cpus.max(1)))
 }
 
 /// A process's utime + stime in ticks (`/proc/<pid>/stat` fields 14, 15).
 fn process_ticks(pid: &str) -> Result<u64, String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
-    // The command name may hold spaces: count fields after its ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
+    parse_process_ticks(&stat).ok_or_else(|| format!("/proc/{pid}/stat: no utime/stime"))
+}
+
+fn parse_process_ticks(stat: &str) -> Option<u64> {
+    // The command name may hold spaces and parentheses: count the fields
+    // after its last ')'. The first of them is field 3 (state); utime is
+    // field 14, stime 15.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
     let field = |n: usize| fields.get(n).and_then(|f| f.parse::<u64>().ok());
-    // fields[0] is field 3 (state): utime is field 14, stime 15.
-    match (field(11), field(12)) {
-        (Some(utime), Some(stime)) => Ok(utime + stime),
-        _ => Err(format!("/proc/{pid}/stat: no utime/stime")),
-    }
+    Some(field(11)? + field(12)?)
 }
 
 /// `iperf` with the machine's (and the firewall process's) CPU counted
@@ -429,13 +433,13 @@ fn iperf_cpu(
     let bits = iperf(client_netns, server_netns, reverse)?;
     let (busy1, total1, _) = machine_ticks()?;
     let fw1 = firewall_pid.map(process_ticks).transpose()?;
-    let total = (total1 - total0).max(1) as f64;
+    let total = total1.saturating_sub(total0).max(1) as f64;
     Ok(Run {
         bits,
-        machine_busy: (busy1 - busy0) as f64 / total * 100.0,
+        machine_busy: busy1.saturating_sub(busy0) as f64 / total * 100.0,
         firewall_cpu: fw0
             .zip(fw1)
-            .map(|(a, b)| (b - a) as f64 / total * cpus as f64 * 100.0),
+            .map(|(a, b)| b.saturating_sub(a) as f64 / total * cpus as f64 * 100.0),
     })
 }
 
@@ -738,6 +742,19 @@ fn bench_box() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_from_proc() {
+        let stat = "cpu  100 5 50 800 20 3 2 0 0 0\ncpu0 50 2 25 400 10 1 1 0 0 0\n\
+                    cpu1 50 3 25 400 10 2 1 0 0 0\nintr 12345\n";
+        // Busy: everything but idle and iowait; two CPUs.
+        assert_eq!(parse_machine_ticks(stat), Some((160, 980, 2)));
+        assert_eq!(parse_machine_ticks("intr 1\n"), None);
+        // A command name with spaces and a ')' does not shift the fields.
+        let proc = "4242 (qubes fw) x) S 1 2 3 4 5 6 7 8 9 10 70 30 0 0 20 0 1 0";
+        assert_eq!(parse_process_ticks(proc), Some(100));
+        assert_eq!(parse_process_ticks("4242 (short) S 1 2"), None);
+    }
 
     #[test]
     fn iperf_json_receiver_sum() {
