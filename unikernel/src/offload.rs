@@ -226,6 +226,20 @@ fn complete_at(frame: &mut [u8], start: usize, offset: usize) -> Result<(), Offl
     put16(frame, field, sum).ok_or(OffloadError::ChecksumPosition)
 }
 
+/// What a Linux frontend's TCPv4 GSO frame carries (MSS 1448, checksum
+/// partial), accepted: for tests that build one.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: test helper; the tests' frames are valid.
+pub fn accept_linux_tcp4_gso(frame: &mut [u8]) -> Offload {
+    let nic = NicOffload {
+        csum_partial: true,
+        gso: GsoKind::TcpV4,
+        gso_size: 1448,
+        ..NicOffload::default()
+    };
+    accept(frame, nic).unwrap()
+}
+
 /// Checks a received frame's offload metadata and returns it in the
 /// firewall's form (see the module docs); the frame's checksum field is
 /// rewritten (recomputed pseudo-header sum, or completed in software for a

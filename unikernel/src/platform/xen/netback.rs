@@ -1413,16 +1413,7 @@ mod tests {
     /// and its offload, as a Linux frontend hands one over.
     fn gso_frame(payload: usize) -> (Vec<u8>, Offload) {
         let mut frame = tcp4_frame(payload);
-        let offload = offload::accept(
-            &mut frame,
-            NicOffload {
-                csum_partial: true,
-                gso: GsoKind::TcpV4,
-                gso_size: 1448,
-                ..NicOffload::default()
-            },
-        )
-        .unwrap();
+        let offload = offload::accept_linux_tcp4_gso(&mut frame);
         (frame, offload)
     }
 

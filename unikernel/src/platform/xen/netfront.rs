@@ -1594,16 +1594,7 @@ mod tests {
         for (i, b) in f[54..].iter_mut().enumerate() {
             *b = (i * 7 + i / 300) as u8;
         }
-        let offload = offload::accept(
-            &mut f,
-            NicOffload {
-                csum_partial: true,
-                gso: GsoKind::TcpV4,
-                gso_size: 1448,
-                ..NicOffload::default()
-            },
-        )
-        .unwrap();
+        let offload = offload::accept_linux_tcp4_gso(&mut f);
         (f, offload)
     }
 
