@@ -107,6 +107,7 @@ impl<const N: usize> Reassembler<N> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
 

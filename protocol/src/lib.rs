@@ -9,6 +9,9 @@
 //! may be hostile, and malformed input is a typed error.
 #![no_std]
 #![forbid(unsafe_code)]
+// Every module here reads what a peer or a caller sent: an index or a
+// slice that could panic is an error (tests opt out per module).
+#![deny(clippy::indexing_slicing)]
 
 mod framing;
 pub mod qrexec;

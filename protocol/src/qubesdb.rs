@@ -572,6 +572,7 @@ impl Decoder {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
 

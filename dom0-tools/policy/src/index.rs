@@ -52,7 +52,9 @@ impl Hasher for FxHasher {
         let rest = chunks.remainder();
         if !rest.is_empty() {
             let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
+            for (dst, src) in word.iter_mut().zip(rest) {
+                *dst = *src;
+            }
             self.add(u64::from_le_bytes(word));
         }
     }
@@ -185,9 +187,9 @@ impl RuleIndex {
         for combo in 0u32..16 {
             let mut key = [GENERIC; 4];
             let mut possible = true;
-            for (d, slot) in key.iter_mut().enumerate() {
+            for (d, (slot, dim)) in key.iter_mut().zip(dims).enumerate() {
                 if combo & (1 << d) != 0 {
-                    match dims[d] {
+                    match dim {
                         Some(id) => *slot = id,
                         None => {
                             possible = false;
@@ -246,9 +248,9 @@ impl RuleIndex {
         for combo in 0u32..8 {
             let mut key = [GENERIC; 3];
             let mut possible = true;
-            for (d, slot) in key.iter_mut().enumerate() {
+            for (d, (slot, dim)) in key.iter_mut().zip(dims).enumerate() {
                 if combo & (1 << d) != 0 {
-                    match dims[d] {
+                    match dim {
                         Some(id) => *slot = id,
                         None => {
                             possible = false;

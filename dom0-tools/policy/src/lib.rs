@@ -160,6 +160,9 @@
 //! 10, 1 000 and 10 000 rules).
 
 #![forbid(unsafe_code)]
+// Every module here reads what a peer or a caller sent: an index or a
+// slice that could panic is an error (tests opt out per module).
+#![deny(clippy::indexing_slicing)]
 
 pub mod admin;
 pub mod agent;

@@ -681,6 +681,7 @@ pub fn load_text(
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
     use crate::rule::Action;

@@ -158,6 +158,7 @@ pub fn parse_request(bytes: &[u8]) -> Result<Query, RequestError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
 

@@ -300,8 +300,8 @@ pub fn main(argv: Vec<String>) -> i32 {
     }
     let mut params = [0u8; 8];
     let mut got = 0;
-    while got < params.len() {
-        match trigger.read(&mut params[got..]) {
+    while let Some(rest) = params.get_mut(got..).filter(|rest| !rest.is_empty()) {
+        match trigger.read(rest) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -1107,6 +1107,7 @@ pub fn socket_ready(socket_dir: &Path, domid: u32) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
     use crate::vchan::socket::SocketVchan;

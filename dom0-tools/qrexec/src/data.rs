@@ -477,6 +477,7 @@ pub fn drain_in_background(mut vchan: Box<dyn Vchan>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
     use crate::vchan::socket::SocketVchan;

@@ -36,6 +36,9 @@
 //! own: `VCHAN_DOMAIN`, `VCHAN_SOCKET_DIR`, `QREXEC_SERVICE_PATH`,
 //! `QREXEC_STARTUP_TIMEOUT`, `QREXEC_STARTUP_NOWAIT`.
 #![forbid(unsafe_code)]
+// Every module here reads what a peer or a caller sent: an index or a
+// slice that could panic is an error (tests opt out per module).
+#![deny(clippy::indexing_slicing)]
 
 pub mod agent;
 pub mod args;

@@ -158,6 +158,7 @@ pub fn fill_data_header(buf: &mut [u8], msg_type: MsgType, len: usize) {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
 

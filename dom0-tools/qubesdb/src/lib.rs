@@ -12,6 +12,9 @@
 //! Nothing here trusts the VM: every byte from the vchan is checked, and a
 //! VM that breaks the protocol loses its link, never the daemon.
 #![forbid(unsafe_code)]
+// Every module here reads what a peer or a caller sent: an index or a
+// slice that could panic is an error (tests opt out per module).
+#![deny(clippy::indexing_slicing)]
 
 pub mod cli;
 pub mod client;

@@ -321,6 +321,7 @@ impl<C: RawChannel> AsFd for Shared<C> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
     use std::collections::VecDeque;

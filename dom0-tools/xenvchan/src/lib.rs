@@ -29,7 +29,11 @@
 //! and never lets two threads consume the same event channel at once (one
 //! polls, the others wait on a condition variable for it).
 
-#![deny(unsafe_code)] // only `ffi` (the libxenvchan calls) may use unsafe; see its SAFETY comments.
+// Only `ffi` (the libxenvchan calls) may use unsafe; see its SAFETY comments.
+#![deny(unsafe_code)]
+// Every module here reads what a peer or a caller sent: an index or a
+// slice that could panic is an error (tests opt out per module).
+#![deny(clippy::indexing_slicing)]
 
 pub mod blocking;
 
@@ -52,6 +56,7 @@ pub fn xs_path(server: u16, client: u16, port: u32) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
 

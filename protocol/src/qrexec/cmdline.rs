@@ -241,6 +241,7 @@ impl fmt::Display for Dom0ServiceCommand<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
 

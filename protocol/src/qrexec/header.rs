@@ -305,6 +305,7 @@ impl HeaderRepr {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
 

@@ -639,6 +639,7 @@ impl<T: AsRef<[u8]>> Message<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
 

@@ -197,6 +197,7 @@ pub fn target_refers_to_dom0(target: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // reason: test code indexes values it built itself.
 mod tests {
     use super::*;
 

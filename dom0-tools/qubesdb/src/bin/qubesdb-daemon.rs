@@ -40,8 +40,9 @@ fn main() -> ExitCode {
     if !(2..=4).contains(&args.len()) {
         return usage(argv0);
     }
-    let Ok(domid) = args[1].trim().parse::<u16>() else {
-        eprintln!("{argv0}: <remote-domid> {:?} is not a domain id", args[1]);
+    let domid_arg = args.get(1).map_or("", String::as_str);
+    let Ok(domid) = domid_arg.trim().parse::<u16>() else {
+        eprintln!("{argv0}: <remote-domid> {domid_arg:?} is not a domain id");
         return usage(argv0);
     };
     let Some(name) = args.get(2).filter(|name| !name.is_empty()).cloned() else {
