@@ -13,7 +13,8 @@
 //! run dom0 reads `xl list`'s CPU time of the firewall, the client and
 //! dom0. This module runs the script, reads the
 //! `QFW-BENCH` lines from the serial log and prints both throughputs, the
-//! ratio ours/Linux, the CPU time of each firewall domain and memory.
+//! ratio ours/Linux, the CPU time of each firewall domain, the TCP
+//! sender's retransmissions, UDP loss and memory.
 //! Under TCG only the ratio of one run means anything.
 //!
 //! Env, passed on to bench.sh: `LAB` (default `/tmp/qubes-fw-xen-bench`),
@@ -37,6 +38,8 @@ struct Run {
     mbit: Option<f64>,
     /// (lost, total) datagrams of a UDP run.
     loss: Option<(u64, u64)>,
+    /// The TCP sender's retransmitted segments (iperf3's `Retr`).
+    retr: Option<u64>,
     rc: Option<i32>,
     fw_cpu_s: Option<f64>,
     wall_s: Option<f64>,
@@ -62,6 +65,7 @@ fn parse_run(line: &str) -> Option<Run> {
         test: f.get("test")?.to_string(),
         mbit: num("mbit"),
         loss,
+        retr: f.get("retr").and_then(|v| v.parse().ok()),
         rc: f.get("rc").and_then(|v| v.parse().ok()),
         fw_cpu_s: num("fw_cpu_s"),
         wall_s: num("wall_s"),
@@ -129,6 +133,10 @@ fn report(log: &str) -> Result<(String, usize), String> {
         let rate = |rs: &[&Run]| mean(rs.iter().map(|r| r.mbit));
         let cpu = |rs: &[&Run]| mean(rs.iter().map(|r| r.fw_cpu_s));
         let loss = |rs: &[&Run]| -> String {
+            let retr: Vec<u64> = rs.iter().filter_map(|r| r.retr).collect();
+            if !retr.is_empty() {
+                return format!("{} retr", retr.iter().sum::<u64>());
+            }
             let (lost, total) = rs
                 .iter()
                 .filter_map(|r| r.loss)
@@ -195,6 +203,7 @@ fn report(log: &str) -> Result<(String, usize), String> {
             get("vcpus")
         ));
     }
+    out.push_str("loss: datagrams lost in a UDP run; in a TCP row the sender's retransmitted segments (iperf3's Retr), over all rounds.\n");
     out.push_str("CPU s: the firewall domain's `xl list` Time(s) over the run (TCG: compare, do not read as absolute).\n");
     Ok((out, failed.len()))
 }
@@ -235,7 +244,7 @@ mod tests {
     use super::*;
 
     const LOG: &str = "\
-[ 12.00] QFW-BENCH result fw=ours test=tcp-up mbit=10.0 loss= rc=0 fw_cpu_s=9.5 client_cpu_s=3.0 dom0_cpu_s=2.0 wall_s=11.2
+[ 12.00] QFW-BENCH result fw=ours test=tcp-up mbit=10.0 loss= retr=7 rc=0 fw_cpu_s=9.5 client_cpu_s=3.0 dom0_cpu_s=2.0 wall_s=11.2
 [ 13.00] QFW-BENCH result fw=linux test=tcp-up mbit=40.0 loss= rc=0 fw_cpu_s=4.5 client_cpu_s=3.0 dom0_cpu_s=2.0 wall_s=11.0
 [ 14.00] QFW-BENCH result fw=ours test=udp mbit=5.0 loss=10/100 rc=0 fw_cpu_s=9.0 client_cpu_s=3.0 dom0_cpu_s=2.0 wall_s=11.0
 [ 15.00] QFW-BENCH result fw=linux test=udp mbit= loss= rc=1 fw_cpu_s=0.1 client_cpu_s=0.1 dom0_cpu_s=0.1 wall_s=40.0
@@ -262,6 +271,9 @@ mod tests {
             .find(|l| l.starts_with("tcp-up"))
             .expect("tcp-up row");
         assert!(up.contains("25 %"), "{up}");
+        // Ours reported 7 retransmissions; Linux's line (an older client) none.
+        assert!(up.contains("7 retr"), "{up}");
+        assert_eq!(up.matches("retr").count(), 1, "{up}");
         let udp = text
             .lines()
             .find(|l| l.starts_with("udp"))
