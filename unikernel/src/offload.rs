@@ -521,15 +521,24 @@ pub struct GsoCounts {
     pub tx_lent: u64,
 }
 
-/// What a NIC's shared rings cost, where it counts it (Xen's netback and
-/// netfront; counts of the NIC's current connection): a figure per frame
-/// that timing noise does not blur.
+/// What a NIC's shared rings cost and lost, where it counts it (Xen's
+/// netback and netfront; counts of the NIC's current connection): figures
+/// per frame that timing noise does not blur, and the frames the device
+/// itself refused or dropped, which the router never saw (its own drops
+/// have reasons of their own).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RingCounts {
     /// Grant-copy batches (one `GNTTABOP_copy` hypercall each on Xen).
     pub copy_batches: u64,
     /// Event-channel notifications sent to the peer.
     pub notifications: u64,
+    /// Frames or requests from the peer the device refused: malformed
+    /// slots, responses naming buffers we did not post, offload metadata
+    /// that did not match, a failed copy, a full receive queue.
+    pub refused: u64,
+    /// Frames for the peer the device dropped: no buffer posted, queue
+    /// full, a send that failed.
+    pub dropped: u64,
 }
 
 /// A NIC that may carry offload metadata with its frames. The defaults are

@@ -44,8 +44,9 @@ pub struct InterfaceStatus {
     /// GSO packets the NIC received and sent whole, where it counts them
     /// (Xen netback/netfront; counts of the NIC's current connection).
     pub gso: Option<crate::offload::GsoCounts>,
-    /// Grant-copy batches and notifications of its rings, where it counts
-    /// them (Xen netback/netfront).
+    /// Grant-copy batches and notifications of its rings, and the frames
+    /// the device refused or dropped, where it counts them (Xen
+    /// netback/netfront).
     pub ring: Option<crate::offload::RingCounts>,
 }
 
@@ -207,13 +208,16 @@ impl StatusReport {
             }
         }
         if self.interfaces.iter().any(|i| i.ring.is_some()) {
-            writeln!(out, "# rings: name grant_copy_batches notifications_sent")?;
+            writeln!(
+                out,
+                "# rings: name grant_copy_batches notifications_sent refused_from_peer dropped_to_peer"
+            )?;
             for i in &self.interfaces {
                 if let Some(ring) = i.ring {
                     writeln!(
                         out,
-                        "ring {} {} {}",
-                        i.name, ring.copy_batches, ring.notifications
+                        "ring {} {} {} {} {}",
+                        i.name, ring.copy_batches, ring.notifications, ring.refused, ring.dropped
                     )?;
                 }
             }
@@ -347,6 +351,8 @@ mod tests {
                 ring: Some(crate::offload::RingCounts {
                     copy_batches: 0,
                     notifications: 9,
+                    refused: 2,
+                    dropped: 4,
                 }),
             }],
             drops: vec![("denied by the client's rules", 3), ("malformed", 0)],
@@ -403,8 +409,8 @@ dns: 10.139.1.1 10.139.1.2
 interface uplink 5 500 6 600 1
 # gso: name packets_received_whole packets_sent_whole frames_sent_from_lent_pages
 gso uplink 4 2 1
-# rings: name grant_copy_batches notifications_sent
-ring uplink 0 9
+# rings: name grant_copy_batches notifications_sent refused_from_peer dropped_to_peer
+ring uplink 0 9 2 4
 
 # drops: count reason
 drop 3 denied by the client's rules

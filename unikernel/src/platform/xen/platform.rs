@@ -1297,18 +1297,29 @@ impl crate::offload::OffloadNic for XenNic {
     }
 
     /// A netback's copies and notifications; a netfront copies nothing
-    /// itself (its backend does), so only its notifications count.
+    /// itself (its backend does), so only its notifications count. Both
+    /// count what they refused from their peer and dropped on the way to
+    /// it.
     fn ring_counts(&self) -> Option<crate::offload::RingCounts> {
         if let Some(stats) = self.netback_stats() {
             return Some(crate::offload::RingCounts {
                 copy_batches: stats.copy_batches,
                 notifications: stats.notifications,
+                refused: stats
+                    .bad_requests
+                    .saturating_add(stats.bad_checksum_offload),
+                dropped: stats.dropped,
             });
         }
         self.netfront_stats()
             .map(|stats| crate::offload::RingCounts {
                 copy_batches: 0,
                 notifications: stats.notifications,
+                refused: stats
+                    .rx_errors
+                    .saturating_add(stats.protocol_errors)
+                    .saturating_add(stats.bad_checksum_offload),
+                dropped: stats.tx_errors,
             })
     }
 
