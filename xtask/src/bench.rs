@@ -281,9 +281,19 @@ impl Drop for Reaped {
 
 /// One iperf3 run's result in bits per second (the receiver's sum).
 fn iperf_bits(json: &str) -> Option<f64> {
-    let at = json.rfind("\"sum_received\"")?;
+    json_number_after(json, "\"sum_received\"", "\"bits_per_second\":")
+}
+
+/// The TCP sender's retransmitted segments over the run (`sum_sent`).
+fn iperf_retransmits(json: &str) -> Option<u64> {
+    json_number_after(json, "\"sum_sent\"", "\"retransmits\":").map(|n| n as u64)
+}
+
+/// The number behind `key` in the last object named `object` of
+/// iperf3's JSON.
+fn json_number_after(json: &str, object: &str, key: &str) -> Option<f64> {
+    let at = json.rfind(object)?;
     let rest = json.get(at..)?;
-    let key = "\"bits_per_second\":";
     let start = rest.find(key)? + key.len();
     let number: String = rest
         .get(start..)?
@@ -295,8 +305,13 @@ fn iperf_bits(json: &str) -> Option<f64> {
 }
 
 /// iperf3 from a namespace to `server` (`reverse`: the server sends), after
-/// starting a one-shot server in `server_netns`.
-fn iperf(client_netns: &str, server_netns: &str, reverse: bool) -> Result<f64, String> {
+/// starting a one-shot server in `server_netns`: bits per second, and the
+/// sender's retransmissions.
+fn iperf(
+    client_netns: &str,
+    server_netns: &str,
+    reverse: bool,
+) -> Result<(f64, Option<u64>), String> {
     let server = Command::new("ip")
         .args(["netns", "exec", server_netns, "iperf3", "-s", "-1", "-B"])
         .arg("192.0.2.80")
@@ -332,7 +347,7 @@ fn iperf(client_netns: &str, server_netns: &str, reverse: bool) -> Result<f64, S
         if output.status.success()
             && let Some(bits) = iperf_bits(&json)
         {
-            return Ok(bits);
+            return Ok((bits, iperf_retransmits(&json)));
         }
         if start.elapsed() > Duration::from_secs(20) {
             return Err(format!(
@@ -366,6 +381,8 @@ fn memory_kib(pid: &str) -> Result<(u64, u64), String> {
 struct Run {
     /// Bits per second the receiver got.
     bits: f64,
+    /// TCP segments the sender retransmitted.
+    retransmits: Option<u64>,
     /// The whole machine's busy share over the run (all CPUs, 0-100 %).
     machine_busy: f64,
     /// The firewall process's CPU, in % of one CPU (hosted runs only).
@@ -430,12 +447,13 @@ fn iperf_cpu(
 ) -> Result<Run, String> {
     let (busy0, total0, cpus) = machine_ticks()?;
     let fw0 = firewall_pid.map(process_ticks).transpose()?;
-    let bits = iperf(client_netns, server_netns, reverse)?;
+    let (bits, retransmits) = iperf(client_netns, server_netns, reverse)?;
     let (busy1, total1, _) = machine_ticks()?;
     let fw1 = firewall_pid.map(process_ticks).transpose()?;
     let total = total1.saturating_sub(total0).max(1) as f64;
     Ok(Run {
         bits,
+        retransmits,
         machine_busy: busy1.saturating_sub(busy0) as f64 / total * 100.0,
         firewall_cpu: fw0
             .zip(fw1)
@@ -684,11 +702,17 @@ fn bench_box() -> Result<(), String> {
             figures.down.machine_busy
         )
     };
+    let retr = |run: &Run| {
+        run.retransmits
+            .map_or_else(|| "?".to_string(), |n| n.to_string())
+    };
     let line = |what: &str, figures: &Figures| {
         println!(
-            "{what}: up {:.2} Gbit/s, down {:.2} Gbit/s",
+            "{what}: up {:.2} Gbit/s, down {:.2} Gbit/s (TCP retransmissions: up {}, down {})",
             gbit(&figures.up),
-            gbit(&figures.down)
+            gbit(&figures.down),
+            retr(&figures.up),
+            retr(&figures.down)
         );
         println!("{}", cpu(figures));
     };
@@ -766,5 +790,15 @@ mod tests {
             iperf_bits(r#""sum_received": {"bits_per_second": 123456.5}"#),
             Some(123456.5)
         );
+    }
+
+    #[test]
+    fn iperf_json_sender_retransmits() {
+        // The interval sums come first; the end's sum_sent is the run's.
+        let json = r#"{"intervals": [{"sum": {"retransmits": 3}}],
+            "end": {"sum_sent": {"bytes": 10, "retransmits": 45, "sender": true},
+            "sum_received": {"bits_per_second": 4.5e9}}}"#;
+        assert_eq!(iperf_retransmits(json), Some(45));
+        assert_eq!(iperf_retransmits(r#"{"end": {"sum_sent": {}}}"#), None);
     }
 }
