@@ -39,6 +39,11 @@
 //! anything else the router cuts and completes in software first. A frame
 //! waits in the router's queue until the client has posted enough buffers
 //! for all its slots ([`Sent::NoRoom`], `req_event` set to wake us).
+//! From the client, a packet our queue ([`RX_QUEUE`] frames,
+//! [`RX_QUEUE_BYTES`]) has no room for stays on its TX ring, unanswered,
+//! until the firewall read frames, as Linux netback takes requests only
+//! while it has room: the client's ring fills and its own queue holds the
+//! rest (backpressure; nothing it handed over is dropped here).
 //! Copies are batched: the TX packets of one poll round in one grant copy;
 //! towards the client, while the platform batches (`batching`), the frames
 //! handed over with [`Netback::send_owned`] are held, their responses
@@ -523,6 +528,17 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             return false;
         }
         while self.tx_req_cons != prod {
+            // Backpressure, as Linux netback (which takes requests only
+            // while its queue has room): a packet our queue has no room
+            // for stays on the ring, unanswered, until the router took
+            // frames (each take polls again). The client's ring fills and
+            // its own queue holds or drops the excess; a packet it already
+            // handed over is never lost here. The first request's size is
+            // the whole packet's (`netif.h`).
+            if !self.has_room(usize::from(self.tx_slot(self.tx_req_cons).size)) {
+                self.flush_pending();
+                return false;
+            }
             match self.take_packet(prod) {
                 Ok(packet) => {
                     let segments: usize = self.pending.iter().map(|p| p.segment_count).sum();
@@ -548,6 +564,13 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         }
         self.flush_pending();
         final_check(&self.tx, REQ_PROD, REQ_EVENT, prod)
+    }
+
+    /// Whether our queue (frames received and pending copy) takes one more
+    /// frame of `bytes`.
+    fn has_room(&self, bytes: usize) -> bool {
+        self.received.len() + self.pending.len() < RX_QUEUE
+            && self.received_bytes + self.pending_bytes + bytes <= RX_QUEUE_BYTES
     }
 
     /// Consumes one packet's slots (first request, extra-info segments,
@@ -652,12 +675,10 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             count += 1;
         }
         packet.segment_count = count;
-        // As before batching: a frame our queue has no room for is served
-        // and dropped, and never allocated.
-        let queued = self.received.len() + self.pending.len();
-        packet.fate = if queued < RX_QUEUE
-            && self.received_bytes + self.pending_bytes + total <= RX_QUEUE_BYTES
-        {
+        // `poll_round` takes a packet only when the queue has room for it
+        // (this same check on the same size); should it have none all the
+        // same, the packet is served and dropped, never allocated.
+        packet.fate = if self.has_room(total) {
             Fate::Copy(self.pool.take(total))
         } else {
             Fate::NoRoom
@@ -1539,23 +1560,45 @@ mod tests {
         assert_eq!(back.take_frame(), None);
         assert_eq!(back.stats().bad_requests, 1);
         // More packets than one batch holds, and than our queue takes:
-        // batches of at most MAX_BATCH_PACKETS, the packets past the queue
-        // served and dropped (never copied).
+        // batches of at most MAX_BATCH_PACKETS; the packets past the queue
+        // stay on the ring, unanswered (backpressure, as Linux netback),
+        // and are taken once the firewall read frames. Nothing is lost.
         let (_front, mut back, pages, tx) = pair();
         let n = RX_QUEUE as u32 + 6;
         let start = tx.load_u32(REQ_PROD);
+        let rsp_start = tx.load_u32(RSP_PROD);
         for i in 0..n {
             write_request(&tx, start + i, 100 + i % 16, 0, 0, i as u16, 60);
         }
         tx.store_u32(REQ_PROD, start + n);
         back.poll();
-        assert!(statuses(&tx, start, n).iter().all(|&s| s == 0));
         assert_eq!(back.stats().from_client, RX_QUEUE as u64);
-        assert_eq!(back.stats().dropped, 6);
+        assert_eq!(back.stats().dropped, 0);
+        assert_eq!(
+            tx.load_u32(RSP_PROD).wrapping_sub(rsp_start),
+            RX_QUEUE as u32,
+            "the six past the queue are not answered yet"
+        );
         assert_eq!(
             pages.batches() as usize,
             RX_QUEUE.div_ceil(MAX_BATCH_PACKETS)
         );
+        back.poll();
+        assert_eq!(back.stats().from_client, RX_QUEUE as u64, "still full");
+        for _ in 0..3 {
+            assert!(back.take_frame().is_some());
+        }
+        back.poll();
+        assert_eq!(back.stats().from_client, RX_QUEUE as u64 + 3);
+        let mut got = 3;
+        while back.take_frame().is_some() {
+            got += 1;
+            back.poll();
+        }
+        assert_eq!(got, n, "every packet the client sent reached us");
+        assert!(statuses(&tx, start, n).iter().all(|&s| s == 0));
+        assert_eq!(tx.load_u32(RSP_PROD).wrapping_sub(rsp_start), n);
+        assert_eq!(back.stats().dropped, 0);
         // GSO packets of 16 segments: four to a batch (64 segments).
         let (_front, mut back, pages, tx) = pair();
         let frame = tcp4_frame(16 * 60);
@@ -1575,6 +1618,53 @@ mod tests {
         assert_eq!(back.stats().gso_from_client, 5);
         assert_eq!(pages.batches(), 2);
         assert_eq!(back.stats().copy_batches, 2);
+    }
+
+    #[test]
+    fn gso_packets_past_the_queue_bytes_wait_on_the_ring_and_none_is_lost() {
+        // Six GSO packets of 60 KB: our queue's bytes (256 KiB) take four;
+        // the other two stay on the ring, unanswered, until frames are read.
+        let (_front, mut back, pages, tx) = pair();
+        let frame = tcp4_frame(60_000);
+        let sizes = [4000; 15];
+        let rsp_start = tx.load_u32(RSP_PROD);
+        let mut slots = 0;
+        for _ in 0..6 {
+            let (_, n) = post_packet(
+                &pages,
+                &tx,
+                &frame,
+                &sizes,
+                NETTXF_CSUM_BLANK,
+                Some((1448, GSO_TYPE_TCPV4)),
+            );
+            slots += n;
+        }
+        let per_packet = slots / 6;
+        back.poll();
+        let fits = RX_QUEUE_BYTES / frame.len();
+        assert_eq!(fits, 4);
+        assert_eq!(back.stats().gso_from_client, fits as u64);
+        assert_eq!(
+            tx.load_u32(RSP_PROD).wrapping_sub(rsp_start),
+            fits as u32 * per_packet,
+            "only the packets taken are answered"
+        );
+        let mut got = 0;
+        while let Some((received, offload)) = back.take_frame_offloaded() {
+            // Headers as the client sent them but the checksum field (the
+            // pseudo-header sum of a partial checksum); the payload whole.
+            assert_eq!(received.len(), frame.len());
+            assert_eq!(received[..50], frame[..50]);
+            assert_eq!(received[54..], frame[54..]);
+            assert!(offload.is_gso());
+            got += 1;
+            back.poll();
+        }
+        assert_eq!(got, 6);
+        assert_eq!(tx.load_u32(RSP_PROD).wrapping_sub(rsp_start), slots);
+        assert_eq!(back.stats().dropped, 0);
+        assert_eq!(back.stats().bad_requests, 0);
     }
 
     #[test]

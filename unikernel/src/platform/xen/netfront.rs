@@ -30,7 +30,11 @@
 //! netfront's) and [`MAX_RX_EXTRAS`] extra segments, one GSO segment, a
 //! frame of at most 64 KiB with GSO and [`MAX_FRAME`] without; a packet
 //! not yet fully answered waits for the rest, unless every buffer we
-//! posted is answered (then it is dropped). Buffers are known by ring
+//! posted is answered (then it is dropped). A packet our queue
+//! ([`RX_QUEUE_BYTES`], counting a page per slot) has no room for stays on
+//! the ring, its buffers not posted again, until the firewall read frames:
+//! the backend runs out of buffers and holds the rest (backpressure;
+//! nothing it copied to us is dropped here). Buffers are known by ring
 //! position (the backend cannot name one we did not post there).
 //!
 //! Notifications as Linux netfront's ring macros: requests are published
@@ -577,6 +581,15 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
                     continue;
                 }
             };
+            // Backpressure, as Linux netfront (which takes no more than its
+            // NAPI budget): a packet our queue has no room for stays on
+            // the ring, its buffers not posted again, until the router
+            // took frames (each take polls again). The backend then runs
+            // out of buffers and holds the rest; a packet it already
+            // copied to us is never dropped here.
+            if !self.rx_has_room(slots) {
+                return false;
+            }
             self.take_rx_packet(slots, false);
         }
         // Event index `prod + 1`: with a packet not yet fully answered
@@ -596,6 +609,13 @@ impl<M: SharedMemory, N: Notify> Netfront<M, N> {
             self.notify.notify(self.port);
             self.stats.notifications += 1;
         }
+    }
+
+    /// Whether the received queue takes one more packet of `slots` ring
+    /// slots (at most a page of data each).
+    fn rx_has_room(&self, slots: u32) -> bool {
+        self.received.len() < RX_BUFFERS
+            && self.received_bytes + slots as usize * PAGE <= RX_QUEUE_BYTES
     }
 
     /// One RX response: (id, offset, flags, status).
@@ -1631,6 +1651,59 @@ mod tests {
         }
         assert_eq!(front.stats().protocol_errors, 0);
         assert_eq!(front.stats().rx_errors, 0);
+    }
+
+    #[test]
+    fn packets_past_the_queue_wait_on_the_ring_and_none_is_lost() {
+        // A backend delivering 64 KiB GSO packets while the router reads
+        // nothing: our queue fills to its bytes, the packets past it stay
+        // on the ring with their buffers, and the backend runs out of
+        // buffers. Nothing it delivered is dropped; reading frames takes
+        // the rest.
+        let (mut front, mut backend, _) = setup();
+        let (frame, _) = gso_frame(44 * 1448);
+        let slots = frame.len().div_ceil(PAGE) as u32 + 1;
+        let mut delivered = 0;
+        // Bounded: without backpressure the buffers would come back forever.
+        for _ in 0..100 {
+            let free = backend
+                .rx
+                .load_u32(REQ_PROD)
+                .wrapping_sub(backend.rx_req_cons);
+            if free < slots {
+                break;
+            }
+            backend.deliver_packet(&frame, Some((1448, GSO_TYPE_TCPV4)), None);
+            delivered += 1;
+            front.poll();
+        }
+        let queued = front.received.len();
+        assert!(
+            delivered > queued,
+            "the backend delivered past our queue ({delivered} > {queued})"
+        );
+        // Full: the next packet (a page per slot) would not fit.
+        assert!(front.received_bytes <= RX_QUEUE_BYTES);
+        assert!(front.received_bytes + slots as usize * PAGE > RX_QUEUE_BYTES);
+        assert_eq!(front.stats().rx_errors, 0);
+        let mut got = 0;
+        while let Some((received, offload)) = front.take_frame_offloaded() {
+            assert_eq!(received, frame);
+            assert!(offload.is_gso());
+            got += 1;
+            front.poll();
+        }
+        assert_eq!(got, delivered);
+        assert_eq!(front.stats().rx_errors, 0);
+        assert_eq!(front.stats().rx_gso, delivered as u64);
+        // Every buffer is posted again.
+        assert_eq!(
+            backend
+                .rx
+                .load_u32(REQ_PROD)
+                .wrapping_sub(backend.rx_req_cons),
+            RX_BUFFERS as u32
+        );
     }
 
     #[test]
