@@ -534,10 +534,11 @@ pub struct RingCounts {
     pub notifications: u64,
     /// Frames or requests from the peer the device refused: malformed
     /// slots, responses naming buffers we did not post, offload metadata
-    /// that did not match, a failed copy, a full receive queue.
+    /// that did not match, a failed copy. (A full receive queue refuses
+    /// nothing: the peer's packet waits on its ring.)
     pub refused: u64,
-    /// Frames for the peer the device dropped: no buffer posted, queue
-    /// full, a send that failed.
+    /// Frames for the peer the device dropped: no buffer posted, the
+    /// device stopped, too long, a send that failed.
     pub dropped: u64,
 }
 

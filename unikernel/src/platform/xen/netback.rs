@@ -270,7 +270,10 @@ pub struct NetbackStats {
     pub to_client: u64,
     /// Client requests refused (bad size, fragments, failed copy).
     pub bad_requests: u64,
-    /// Frames dropped: no RX buffer posted by the client, or queue full.
+    /// Frames for the client dropped: no RX buffer posted ([`Netback::send`]),
+    /// the vif stopped, too long, or offloads it did not negotiate. (What
+    /// the client sends is never dropped for lack of room: it waits on
+    /// its ring.)
     pub dropped: u64,
     /// Frames flagged `NETTXF_csum_blank` whose checksum could not be
     /// completed (not TCP/UDP over IP, a fragment, too short), or whose
@@ -349,8 +352,6 @@ enum Fate {
     Copy(Vec<u8>),
     /// Refused before any copy (bad sizes, offsets, extra info): errors.
     Refused,
-    /// Served but dropped: no room in our queue.
-    NoRoom,
 }
 
 /// A frame's place in the client's RX ring ([`Netback::place`]): the
@@ -534,12 +535,14 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             // frames (each take polls again). The client's ring fills and
             // its own queue holds or drops the excess; a packet it already
             // handed over is never lost here. The first request's size is
-            // the whole packet's (`netif.h`).
-            if !self.has_room(usize::from(self.tx_slot(self.tx_req_cons).size)) {
+            // the whole packet's (`netif.h`); it is read once, and the
+            // packet is planned with this very size.
+            let first = self.tx_slot(self.tx_req_cons);
+            if !self.has_room(usize::from(first.size)) {
                 self.flush_pending();
                 return false;
             }
-            match self.take_packet(prod) {
+            match self.take_packet(prod, first) {
                 Ok(packet) => {
                     let segments: usize = self.pending.iter().map(|p| p.segment_count).sum();
                     if self.pending.len() == MAX_BATCH_PACKETS
@@ -573,13 +576,13 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             && self.received_bytes + self.pending_bytes + bytes <= RX_QUEUE_BYTES
     }
 
-    /// Consumes one packet's slots (first request, extra-info segments,
-    /// further data slots) and plans its copy. `Err` for a protocol
+    /// Consumes one packet's slots (`first`, the request at `tx_req_cons`
+    /// as the caller read it, then extra-info segments and further data
+    /// slots) and plans its copy. `Err` for a protocol
     /// violation that stops the vif: a packet running past `req_prod`,
     /// more than [`FATAL_SLOTS`] data slots or [`MAX_EXTRAS`] extra-info
     /// segments.
-    fn take_packet(&mut self, prod: u32) -> Result<Pending, &'static str> {
-        let first = self.tx_slot(self.tx_req_cons);
+    fn take_packet(&mut self, prod: u32, first: TxRequest) -> Result<Pending, &'static str> {
         self.tx_req_cons = self.tx_req_cons.wrapping_add(1);
         let mut bad = false;
         let mut gso: Option<(u16, u8)> = None;
@@ -638,10 +641,10 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
     }
 
     /// Plans the copy of a packet's slots into one frame: its segments and
-    /// the frame, or [`Fate::Refused`] if any size or offset is wrong,
-    /// [`Fate::NoRoom`] if our queue has no room for it. The first
-    /// request's size is the whole packet's (`netif.h`), its own data what
-    /// the other slots leave.
+    /// the frame, or [`Fate::Refused`] if any size or offset is wrong. The
+    /// first request's size is the whole packet's (`netif.h`), its own
+    /// data what the other slots leave; `poll_round` took the packet only
+    /// with room in our queue for that size.
     fn plan_packet(&mut self, packet: &mut Pending) {
         let total = usize::from(packet.first.size);
         let rest = packet.rest.get(..packet.count).unwrap_or(&[]);
@@ -675,14 +678,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             count += 1;
         }
         packet.segment_count = count;
-        // `poll_round` takes a packet only when the queue has room for it
-        // (this same check on the same size); should it have none all the
-        // same, the packet is served and dropped, never allocated.
-        packet.fate = if self.has_room(total) {
-            Fate::Copy(self.pool.take(total))
-        } else {
-            Fate::NoRoom
-        };
+        packet.fate = Fate::Copy(self.pool.take(total));
     }
 
     /// Copies the pending packets' slots in one batch, then answers and
@@ -736,11 +732,6 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         let rest = packet.rest.get(..packet.count).unwrap_or(&[]);
         let mut frame = match packet.fate {
             Fate::Copy(frame) if copied => frame,
-            Fate::NoRoom => {
-                self.stats.dropped += 1;
-                self.respond_packet(&packet.first, packet.extras, rest, RSP_OKAY);
-                return;
-            }
             Fate::Copy(_) | Fate::Refused => {
                 self.stats.bad_requests += 1;
                 self.respond_packet(&packet.first, packet.extras, rest, RSP_ERROR);
