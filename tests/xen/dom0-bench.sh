@@ -29,6 +29,9 @@ CONS=/var/log/xen/console
 mkdir -p /var/run/qubes /var/log/qubes
 fail() { echo "QFW-BENCH FAIL $*"; grep LINUXFW $CONS/guest-linux-fw.log 2>/dev/null | sed 's/^/QFW-BENCH info /'; echo "QFW-BENCH-END"; exit 1; }
 cpu() { xl list "$1" 2>/dev/null | awk 'NR==2{print $6}'; }
+# vifirqs DOMAIN: interrupts dom0 took for the domain's uplink vif (the
+# firewall's notifications to its backend).
+vifirqs() { awk -v v="vif$(xl domid "$1").0" '$0 ~ v { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; else break } END { print s + 0 }' /proc/interrupts; }
 allcpu() { xl list | awk 'NR>1{t+=$6} END{print t}'; }
 mem() { xl list "$1" 2>/dev/null | awk 'NR==2{print $3}'; }
 vcpus() { xl list "$1" 2>/dev/null | awk 'NR==2{print $4}'; }
@@ -110,7 +113,7 @@ measure() {
     # The other pair is paused: its idle cost (a 2-vCPU Linux ticks under
     # TCG) must not eat into this run.
     for o in $other; do xl pause "$o"; done
-    f0=$(cpu $dom) c0=$(cpu $c) d0=$(cpu Domain-0) a0=$(allcpu) t0=$(up)
+    f0=$(cpu $dom) c0=$(cpu $c) d0=$(cpu Domain-0) a0=$(allcpu) v0=$(vifirqs $dom) t0=$(up)
     tell $c "run $seq $test $SECS $UDP_RATE"
     sampler=
     if [ "$PROFILE" = 1 ] && [ "$fw" = ours ] && [ "$test" != udp ]; then
@@ -123,11 +126,11 @@ measure() {
         kill "$sampler"; wait "$sampler" 2>/dev/null
         cat /tmp/samples.$seq | sort | uniq -c | sort -rn | head -200 | while read -r n rip; do echo "QFW-BENCH profile test=$test n=$n rip=0x$rip"; done
     fi
-    f1=$(cpu $dom) c1=$(cpu $c) d1=$(cpu Domain-0) a1=$(allcpu) t=$(since "$t0")
+    f1=$(cpu $dom) c1=$(cpu $c) d1=$(cpu Domain-0) a1=$(allcpu) v1=$(vifirqs $dom) t=$(since "$t0")
     for o in $other; do xl unpause "$o"; done
     r=$(grep "BENCH-CLIENT result $seq " $CONS/guest-$c.log | head -1 | sed 's/.*result [0-9]* [a-z-]* //')
     d() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", b-a}'; }
-    echo "QFW-BENCH result fw=$fw test=$test $r fw_cpu_s=$(d "$f0" "$f1") client_cpu_s=$(d "$c0" "$c1") dom0_cpu_s=$(d "$d0" "$d1") others_cpu_s=$(awk -v a="$a1" -v b="$a0" -v f="$(d "$f0" "$f1")" -v c="$(d "$c0" "$c1")" -v d="$(d "$d0" "$d1")" 'BEGIN{printf "%.1f", a-b-f-c-d}') wall_s=$t"
+    echo "QFW-BENCH result fw=$fw test=$test $r fw_cpu_s=$(d "$f0" "$f1") client_cpu_s=$(d "$c0" "$c1") dom0_cpu_s=$(d "$d0" "$d1") others_cpu_s=$(awk -v a="$a1" -v b="$a0" -v f="$(d "$f0" "$f1")" -v c="$(d "$c0" "$c1")" -v d="$(d "$d0" "$d1")" 'BEGIN{printf "%.1f", a-b-f-c-d}') wall_s=$t dom0_vif_irqs=$((v1 - v0))"
     grep "BENCH-CLIENT iperf3: " $CONS/guest-$c.log | sed 's/^/QFW-BENCH info /' | tail -6
 }
 seq=0

@@ -14,7 +14,9 @@
 //! dom0. This module runs the script, reads the
 //! `QFW-BENCH` lines from the serial log and prints both throughputs, the
 //! ratio ours/Linux, the CPU time of each firewall domain, the TCP
-//! sender's retransmissions, UDP loss and memory.
+//! sender's retransmissions, UDP loss and memory, and how often each
+//! firewall notified its client and dom0 (their vifs' interrupts, per
+//! 1,000 packets of the client's).
 //! Under TCG only the ratio of one run means anything.
 //!
 //! Env, passed on to bench.sh: `LAB` (default `/tmp/qubes-fw-xen-bench`),
@@ -43,6 +45,13 @@ struct Run {
     rc: Option<i32>,
     fw_cpu_s: Option<f64>,
     wall_s: Option<f64>,
+    /// Interrupts the client took for its vif (the firewall's
+    /// notifications to it) over the run.
+    client_irqs: Option<u64>,
+    /// Packets the client's eth0 received plus those it sent.
+    client_pkts: Option<u64>,
+    /// Interrupts dom0 took for the firewall's uplink vif.
+    dom0_irqs: Option<u64>,
 }
 
 /// The `key=value` words of a line.
@@ -56,6 +65,7 @@ fn parse_run(line: &str) -> Option<Run> {
     let rest = &line[line.find("QFW-BENCH result ")? + "QFW-BENCH result ".len()..];
     let f = fields(rest);
     let num = |k: &str| f.get(k).and_then(|v| v.parse::<f64>().ok());
+    let int = |k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok());
     let loss = f.get("loss").and_then(|v| {
         let (lost, total) = v.split_once('/')?;
         Some((lost.parse().ok()?, total.parse().ok()?))
@@ -69,6 +79,11 @@ fn parse_run(line: &str) -> Option<Run> {
         rc: f.get("rc").and_then(|v| v.parse().ok()),
         fw_cpu_s: num("fw_cpu_s"),
         wall_s: num("wall_s"),
+        client_irqs: int("client_irqs"),
+        client_pkts: int("client_rx_pkts")
+            .zip(int("client_tx_pkts"))
+            .map(|(rx, tx)| rx + tx),
+        dom0_irqs: int("dom0_vif_irqs"),
     })
 }
 
@@ -164,6 +179,7 @@ fn report(log: &str) -> Result<(String, usize), String> {
             loss(&linux),
         ));
     }
+    out.push_str(&events(&runs));
     let failed: Vec<&Run> = runs
         .iter()
         .filter(|r| r.rc != Some(0) || r.mbit.is_none())
@@ -206,6 +222,40 @@ fn report(log: &str) -> Result<(String, usize), String> {
     out.push_str("loss: datagrams lost in a UDP run; in a TCP row the sender's retransmitted segments (iperf3's Retr), over all rounds.\n");
     out.push_str("CPU s: the firewall domain's `xl list` Time(s) over the run (TCG: compare, do not read as absolute).\n");
     Ok((out, failed.len()))
+}
+
+/// The notifications each firewall sent its client and dom0, per 1,000
+/// packets the client received and sent (empty when no run counted them).
+fn events(runs: &[Run]) -> String {
+    let per_thousand = |fw: &str, test: &str, count: fn(&Run) -> Option<u64>| {
+        let (events, packets) = runs
+            .iter()
+            .filter(|r| r.fw == fw && r.test == test)
+            .filter_map(|r| Some((count(r)?, r.client_pkts?)))
+            .fold((0u64, 0u64), |(e, p), (de, dp)| (e + de, p + dp));
+        (packets > 0).then(|| format!("{:.0}", 1000.0 * events as f64 / packets as f64))
+    };
+    let mut out = String::new();
+    for test in TESTS {
+        let cells = [
+            per_thousand("ours", test, |r| r.client_irqs),
+            per_thousand("linux", test, |r| r.client_irqs),
+            per_thousand("ours", test, |r| r.dom0_irqs),
+            per_thousand("linux", test, |r| r.dom0_irqs),
+        ];
+        if cells.iter().all(Option::is_none) {
+            continue;
+        }
+        if out.is_empty() {
+            out.push_str(&format!(
+                "{:<9} {:>12} {:>12} {:>11} {:>11}   (firewall's notifications per 1,000 client packets)\n",
+                "events", "ours>client", "Linux>client", "ours>dom0", "Linux>dom0"
+            ));
+        }
+        let [a, b, c, d] = cells.map(|c| c.unwrap_or_else(|| "-".into()));
+        out.push_str(&format!("{test:<9} {a:>12} {b:>12} {c:>11} {d:>11}\n"));
+    }
+    out
 }
 
 pub fn bench_xen() -> Result<(), String> {
@@ -283,6 +333,29 @@ mod tests {
         assert!(text.contains("heap in use 900 of 12000 KiB"));
         assert!(text.contains("memory Linux: not reported"));
         assert!(!text.contains("tcp-down"));
+    }
+
+    #[test]
+    fn notifications_are_counted_per_thousand_client_packets() {
+        let log = "\
+QFW-BENCH result fw=ours test=tcp-down mbit=300 loss= retr=0 rc=0 client_irqs=500 client_rx_pkts=1500 client_tx_pkts=500 wall_s=11 dom0_vif_irqs=250
+QFW-BENCH result fw=ours test=tcp-down mbit=310 loss= retr=0 rc=0 client_irqs=700 client_rx_pkts=1500 client_tx_pkts=500 wall_s=11 dom0_vif_irqs=350
+QFW-BENCH result fw=linux test=tcp-down mbit=320 loss= retr=0 rc=0 client_irqs=1200 client_rx_pkts=1000 client_tx_pkts=500 wall_s=11
+";
+        let (text, failed) = report(log).expect("a report");
+        assert_eq!(failed, 0);
+        assert!(text.contains("ours>client"), "{text}");
+        let row = text
+            .lines()
+            .filter(|l| l.starts_with("tcp-down"))
+            .nth(1)
+            .expect("an events row");
+        // Ours: 1200 events to the client and 600 to dom0 over 4000
+        // packets; Linux: 1200 over 1500, nothing counted for dom0.
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["tcp-down", "300", "800", "150", "-"], "{row}");
+        // Without counts (an older lab) there is no events table.
+        assert!(!report(LOG).expect("a report").0.contains("ours>client"));
     }
 
     #[test]
