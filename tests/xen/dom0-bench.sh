@@ -31,7 +31,7 @@ fail() { echo "QFW-BENCH FAIL $*"; grep LINUXFW $CONS/guest-linux-fw.log 2>/dev/
 cpu() { xl list "$1" 2>/dev/null | awk 'NR==2{print $6}'; }
 # vifirqs DOMAIN: interrupts dom0 took for the domain's uplink vif (the
 # firewall's notifications to its backend).
-vifirqs() { awk -v v="vif$(xl domid "$1").0" '$0 ~ v { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; else break } END { print s + 0 }' /proc/interrupts; }
+vifirqs() { awk -v v="vif$(xl domid "$1").0" 'index($0, " " v) { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; else break } END { print s + 0 }' /proc/interrupts; }
 allcpu() { xl list | awk 'NR>1{t+=$6} END{print t}'; }
 mem() { xl list "$1" 2>/dev/null | awk 'NR==2{print $3}'; }
 vcpus() { xl list "$1" 2>/dev/null | awk 'NR==2{print $4}'; }
