@@ -25,6 +25,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
+use std::vec::Vec;
 
 /// Events one `epoll_wait` returns at most (more ready descriptors are
 /// reported by the next call, at once: level-triggered).
@@ -36,6 +37,10 @@ pub struct Epoll {
     fd: OwnedFd,
     /// Readiness flags of the descriptors registered with `add_tracked`.
     tracked: RefCell<HashMap<RawFd, Rc<Cell<bool>>>>,
+    /// The events array every `wait` hands the kernel, kept rather than
+    /// zero-filled on the stack for each call: a busy-polling firewall
+    /// calls `wait` about a million times a second.
+    events: RefCell<Vec<libc::epoll_event>>,
 }
 
 /// A readiness flag: raised by [`Epoll::wait`] when the descriptor is
@@ -88,6 +93,7 @@ impl Epoll {
         Ok(Epoll {
             fd,
             tracked: RefCell::new(HashMap::new()),
+            events: RefCell::new(std::vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS]),
         })
     }
 
@@ -126,7 +132,7 @@ impl Epoll {
     /// (`None`: no timeout). Returns how many descriptors were ready; an
     /// interrupted wait (a signal) returns 0.
     pub fn wait(&self, timeout: Option<Duration>) -> io::Result<usize> {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+        let mut events = self.events.borrow_mut();
         let ready = self.wait_for(timeout, &mut events)?;
         if ready > 0 {
             let tracked = self.tracked.borrow();
@@ -159,7 +165,7 @@ impl Epoll {
     fn wait_for(
         &self,
         timeout: Option<Duration>,
-        events: &mut [libc::epoll_event; MAX_EVENTS],
+        events: &mut [libc::epoll_event],
     ) -> io::Result<usize> {
         let timeout_ms: libc::c_int = match timeout {
             None => -1,
@@ -169,13 +175,13 @@ impl Epoll {
                 libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
             }
         };
-        // SAFETY: `events` is a writable array of MAX_EVENTS epoll_events
-        // and we pass its true length; the kernel writes at most that many.
+        // SAFETY: `events` is a writable slice of epoll_events and we pass
+        // its true length (or less); the kernel writes at most that many.
         let rc = unsafe {
             libc::epoll_wait(
                 self.fd.as_raw_fd(),
                 events.as_mut_ptr(),
-                events.len() as libc::c_int,
+                libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX),
                 timeout_ms,
             )
         };

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
 
-use super::epoll::Interest;
+use super::epoll::{Interest, Readiness};
 use super::reactor::{CONNECT_RETRY, Reactor};
 use crate::platform::{ByteStream, LinkState, StreamError};
 
@@ -36,19 +36,27 @@ pub fn socket_path(dir: &Path, server: u16, client: u16, port: u32) -> PathBuf {
 
 #[derive(Debug)]
 enum Inner {
-    /// Server side, waiting for the one client.
+    /// Server side, waiting for the one client. `ready` is the
+    /// listener's epoll readiness flag: `accept` is tried only while it is
+    /// raised.
     Listening {
         listener: UnixListener,
+        ready: Readiness,
     },
     /// Client side, retrying every 100 ms.
     Connecting {
         next_attempt: Instant,
     },
     /// Both ends attached. `want_write` is set while a write found the
-    /// socket full, so epoll also wakes us when it drains.
+    /// socket full, so epoll also wakes us when it drains. `readable` is
+    /// the socket's epoll readiness flag: a read with the flag lowered
+    /// finds nothing without a syscall (the firewall's loop reads every
+    /// link on every turn; under a stream of frames that was tens of
+    /// thousands of `recv`s a second answering `EAGAIN`).
     Connected {
         stream: UnixStream,
         want_write: bool,
+        readable: Readiness,
     },
     Closed,
 }
@@ -79,12 +87,12 @@ impl SocketLink {
         }
         let listener = UnixListener::bind(&path)?;
         listener.set_nonblocking(true)?;
-        reactor.epoll.add(listener.as_raw_fd(), Interest::READ)?;
+        let ready = reactor.epoll.add_tracked(listener.as_raw_fd())?;
         Ok(SocketLink {
             reactor,
             path,
             owns_path: true,
-            inner: RefCell::new(Inner::Listening { listener }),
+            inner: RefCell::new(Inner::Listening { listener, ready }),
         })
     }
 
@@ -107,7 +115,7 @@ impl SocketLink {
     /// Wraps an already connected stream (the xenstored link).
     pub fn from_stream(reactor: Rc<Reactor>, stream: UnixStream) -> io::Result<SocketLink> {
         stream.set_nonblocking(true)?;
-        reactor.epoll.add(stream.as_raw_fd(), Interest::READ)?;
+        let readable = reactor.epoll.add_tracked(stream.as_raw_fd())?;
         Ok(SocketLink {
             reactor,
             path: PathBuf::new(),
@@ -115,6 +123,7 @@ impl SocketLink {
             inner: RefCell::new(Inner::Connected {
                 stream,
                 want_write: false,
+                readable,
             }),
         })
     }
@@ -128,9 +137,19 @@ impl SocketLink {
     /// while waiting for the client; `None` while connecting or closed.
     pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         match &*self.inner.borrow() {
-            Inner::Listening { listener } => Some(listener.as_raw_fd()),
+            Inner::Listening { listener, .. } => Some(listener.as_raw_fd()),
             Inner::Connected { stream, .. } => Some(stream.as_raw_fd()),
             Inner::Connecting { .. } | Inner::Closed => None,
+        }
+    }
+
+    /// The connected socket's readiness flag, for a waiter that polls the
+    /// descriptor itself (outside the epoll set) and must raise it when it
+    /// finds input; `None` unless connected.
+    pub fn readiness(&self) -> Option<Readiness> {
+        match &*self.inner.borrow() {
+            Inner::Connected { readable, .. } => Some(readable.clone()),
+            _ => None,
         }
     }
 
@@ -141,7 +160,9 @@ impl SocketLink {
     }
 
     fn set_want_write(&mut self, want: bool) {
-        if let Inner::Connected { stream, want_write } = self.inner.get_mut()
+        if let Inner::Connected {
+            stream, want_write, ..
+        } = self.inner.get_mut()
             && *want_write != want
         {
             let interest = if want {
@@ -162,7 +183,7 @@ impl SocketLink {
 
     fn shut(&mut self) {
         match std::mem::replace(self.inner.get_mut(), Inner::Closed) {
-            Inner::Listening { listener } => self.reactor.epoll.remove(listener.as_raw_fd()),
+            Inner::Listening { listener, .. } => self.reactor.epoll.remove(listener.as_raw_fd()),
             Inner::Connecting { .. } => self.reactor.connecting_finished(),
             Inner::Connected { stream, .. } => {
                 self.reactor.epoll.remove(stream.as_raw_fd());
@@ -174,26 +195,29 @@ impl SocketLink {
 }
 
 fn attach(reactor: &Reactor, inner: &mut Inner, stream: UnixStream) {
-    if stream.set_nonblocking(true).is_err()
-        || reactor
-            .epoll
-            .add(stream.as_raw_fd(), Interest::READ)
-            .is_err()
-    {
+    let readable = match stream.set_nonblocking(true) {
+        Ok(()) => reactor.epoll.add_tracked(stream.as_raw_fd()).ok(),
+        Err(_) => None,
+    };
+    let Some(readable) = readable else {
         log::warn!("vchan: cannot register the connected socket with epoll; closing it");
         *inner = Inner::Closed;
         return;
-    }
+    };
     *inner = Inner::Connected {
         stream,
         want_write: false,
+        readable,
     };
 }
 
 /// Accepts the pending client or retries the connect when it is due.
 fn progress(reactor: &Reactor, path: &Path, inner: &mut Inner) {
     match inner {
-        Inner::Listening { listener } => {
+        Inner::Listening { listener, ready } => {
+            if !ready.get() {
+                return;
+            }
             let listener_fd = listener.as_raw_fd();
             match listener.accept() {
                 Ok((stream, _)) => {
@@ -201,11 +225,8 @@ fn progress(reactor: &Reactor, path: &Path, inner: &mut Inner) {
                     // Only one client per vchan: stop listening.
                     attach(reactor, inner, stream);
                 }
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.set(false),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => {
                     log::warn!("vchan {}: accept failed: {error}", path.display());
                     reactor.epoll.remove(listener_fd);
@@ -245,13 +266,16 @@ fn progress(reactor: &Reactor, path: &Path, inner: &mut Inner) {
 impl ByteStream for SocketLink {
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, StreamError> {
         self.progress();
-        let Inner::Connected { stream, .. } = self.inner.get_mut() else {
+        let Inner::Connected {
+            stream, readable, ..
+        } = self.inner.get_mut()
+        else {
             return match *self.inner.get_mut() {
                 Inner::Closed => Err(StreamError::Closed),
                 _ => Ok(0),
             };
         };
-        if buf.is_empty() {
+        if buf.is_empty() || !readable.get() {
             return Ok(0);
         }
         match stream.read(buf) {
@@ -260,14 +284,11 @@ impl ByteStream for SocketLink {
                 Err(StreamError::Closed)
             }
             Ok(count) => Ok(count),
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                readable.set(false);
                 Ok(0)
             }
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => Ok(0),
             Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {
                 self.shut();
                 Err(StreamError::Closed)

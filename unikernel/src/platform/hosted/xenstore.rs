@@ -16,6 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use super::epoll::Readiness;
 use super::reactor::Reactor;
 use super::vchan::SocketLink;
 use crate::xenstore::{LinkWait, XenstoreClient};
@@ -29,9 +30,13 @@ pub const WAIT_SLICE_MS: libc::c_int = 10;
 
 /// Waits for xenstored's socket to become readable (or 10 ms to pass), so
 /// the portable client sleeps instead of spinning while a reply is on its way.
+/// It polls the descriptor itself, outside the epoll set, so it raises the
+/// link's readiness flag afterwards: the link reads only while the flag is
+/// up, and only the epoll set's wait would raise it otherwise.
 #[derive(Debug)]
 pub struct SocketWait {
     fd: Option<std::os::fd::RawFd>,
+    readable: Option<Readiness>,
 }
 
 impl LinkWait for SocketWait {
@@ -49,6 +54,10 @@ impl LinkWait for SocketWait {
         // call, and we pass a count of 1. The fd belongs to the link the
         // same client owns; if it were closed, poll reports POLLNVAL.
         let _ = unsafe { libc::poll(&mut poll_fd, 1, WAIT_SLICE_MS) };
+        // Raised whatever poll said: at worst one read finds nothing.
+        if let Some(flag) = &self.readable {
+            flag.set(true);
+        }
     }
 }
 
@@ -56,7 +65,10 @@ impl LinkWait for SocketWait {
 /// xenstore client.
 pub fn connect_client(reactor: Rc<Reactor>, path: &Path) -> io::Result<HostedXenstore> {
     let link = connect(reactor, path)?;
-    let waiter = SocketWait { fd: link.raw_fd() };
+    let waiter = SocketWait {
+        fd: link.raw_fd(),
+        readable: link.readiness(),
+    };
     Ok(XenstoreClient::new(link, waiter))
 }
 
