@@ -136,7 +136,7 @@ measure() {
 seq=0
 round=1
 while [ $round -le "$ROUNDS" ]; do
-    for test in tcp-up tcp-down udp; do
+    for test in tcp-up tcp-down udp ping; do
         for fw in ours linux; do seq=$((seq + 1)); measure $fw $test $seq; done
     done
     round=$((round + 1))

@@ -9,14 +9,17 @@
 //! netback and netfront) each serve one Linux client qube. Interleaved,
 //! each test runs through ours, then through Linux: iperf3 TCP up
 //! (client → dom0) and down (`-R`), then UDP up at a fixed rate (loss
-//! reported), with the other firewall and its client paused. Around each
+//! reported), then a ping test (`ping -A`: each echo request as soon as
+//! the last reply is in, so the round trip through the firewall idle),
+//! with the other firewall and its client paused. During the TCP runs the
+//! client also pings dom0 every 0.2 s: the round trip under that load. Around each
 //! run dom0 reads `xl list`'s CPU time of the firewall, the client and
 //! dom0. This module runs the script, reads the
 //! `QFW-BENCH` lines from the serial log and prints both throughputs, the
 //! ratio ours/Linux, the CPU time of each firewall domain, the TCP
 //! sender's retransmissions, UDP loss and memory, and how often each
 //! firewall notified its client and dom0 (their vifs' interrupts, per
-//! 1,000 packets of the client's).
+//! 1,000 packets of the client's), and the round trips.
 //! Under TCG only the ratio of one run means anything.
 //!
 //! Env, passed on to bench.sh: `LAB` (default `/tmp/qubes-fw-xen-bench`),
@@ -30,7 +33,9 @@ use crate::bench::require_root;
 use crate::workspace_root;
 
 /// The tests, in the order dom0 runs them.
-const TESTS: [&str; 3] = ["tcp-up", "tcp-down", "udp"];
+const TESTS: [&str; 4] = ["tcp-up", "tcp-down", "udp", "ping"];
+/// The tests that measure throughput (the first table's rows).
+const THROUGHPUT_TESTS: [&str; 3] = ["tcp-up", "tcp-down", "udp"];
 
 /// One `QFW-BENCH result` line.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +57,24 @@ struct Run {
     client_pkts: Option<u64>,
     /// Interrupts dom0 took for the firewall's uplink vif.
     dom0_irqs: Option<u64>,
+    /// The mean round trip (ms) of the client's pings to dom0 during the
+    /// run (busybox ping's `avg`).
+    rtt_ms: Option<f64>,
+    /// Echo replies the client received.
+    pings: Option<u64>,
+}
+
+impl Run {
+    /// Whether the run measured what it is for: a throughput, or for the
+    /// ping test a round trip.
+    fn failed(&self) -> bool {
+        self.rc != Some(0)
+            || if self.test == "ping" {
+                self.rtt_ms.is_none()
+            } else {
+                self.mbit.is_none()
+            }
+    }
 }
 
 /// The `key=value` words of a line.
@@ -84,6 +107,10 @@ fn parse_run(line: &str) -> Option<Run> {
             .zip(int("client_tx_pkts"))
             .map(|(rx, tx)| rx + tx),
         dom0_irqs: int("dom0_vif_irqs"),
+        rtt_ms: f
+            .get("rtt_ms")
+            .and_then(|v| v.split('/').nth(1)?.parse().ok()),
+        pings: int("pings"),
     })
 }
 
@@ -140,7 +167,7 @@ fn report(log: &str) -> Result<(String, usize), String> {
         "ours loss",
         "Linux loss"
     ));
-    for test in TESTS {
+    for test in THROUGHPUT_TESTS {
         let (ours, linux) = (of("ours", test), of("linux", test));
         if ours.is_empty() && linux.is_empty() {
             continue;
@@ -180,10 +207,8 @@ fn report(log: &str) -> Result<(String, usize), String> {
         ));
     }
     out.push_str(&events(&runs));
-    let failed: Vec<&Run> = runs
-        .iter()
-        .filter(|r| r.rc != Some(0) || r.mbit.is_none())
-        .collect();
+    out.push_str(&latency(&runs));
+    let failed: Vec<&Run> = runs.iter().filter(|r| r.failed()).collect();
     for r in &failed {
         out.push_str(&format!(
             "warning: run {} through {} failed (rc {:?}, {} s)\n",
@@ -254,6 +279,59 @@ fn events(runs: &[Run]) -> String {
         }
         let [a, b, c, d] = cells.map(|c| c.unwrap_or_else(|| "-".into()));
         out.push_str(&format!("{test:<9} {a:>12} {b:>12} {c:>11} {d:>11}\n"));
+    }
+    out
+}
+
+/// The mean round trip through each firewall: idle (the ping test) and
+/// under each TCP run's load (empty when no run measured one).
+fn latency(runs: &[Run]) -> String {
+    let rtt = |fw: &str, test: &str| {
+        mean(
+            runs.iter()
+                .filter(|r| r.fw == fw && r.test == test)
+                .map(|r| r.rtt_ms),
+        )
+    };
+    let mut out = String::new();
+    for (test, label) in [
+        ("ping", "idle"),
+        ("tcp-up", "tcp-up"),
+        ("tcp-down", "tcp-down"),
+    ] {
+        let (ours, linux) = (rtt("ours", test), rtt("linux", test));
+        if ours.is_none() && linux.is_none() {
+            continue;
+        }
+        if out.is_empty() {
+            out.push_str(&format!(
+                "{:<9} {:>12} {:>12} {:>11}   (ping client -> dom0, mean round trip; idle: ping -A, the next ping when the reply is in)\n",
+                "rtt", "ours ms", "Linux ms", "ours/Linux"
+            ));
+        }
+        let ratio = match (ours, linux) {
+            (Some(o), Some(l)) if l > 0.0 => format!("{:.0} %", 100.0 * o / l),
+            _ => "-".into(),
+        };
+        out.push_str(&format!(
+            "{label:<9} {:>12} {:>12} {ratio:>11}\n",
+            show(ours, 3),
+            show(linux, 3)
+        ));
+    }
+    let pings = |fw: &str| {
+        let (n, secs) = runs
+            .iter()
+            .filter(|r| r.fw == fw && r.test == "ping")
+            .filter_map(|r| Some((r.pings?, r.wall_s?)))
+            .fold((0u64, 0.0), |(n, s), (dn, ds)| (n + dn, s + ds));
+        (n > 0).then_some((n, secs))
+    };
+    if let (Some((o, _)), Some((l, _))) = (pings("ours"), pings("linux")) {
+        out.push_str(&format!(
+            "pings     {o:>12} {l:>12} {:>11}   (replies in the idle ping runs, all rounds)\n",
+            format!("{:.0} %", 100.0 * o as f64 / l.max(1) as f64)
+        ));
     }
     out
 }
@@ -356,6 +434,53 @@ QFW-BENCH result fw=linux test=tcp-down mbit=320 loss= retr=0 rc=0 client_irqs=1
         assert_eq!(cells, ["tcp-down", "300", "800", "150", "-"], "{row}");
         // Without counts (an older lab) there is no events table.
         assert!(!report(LOG).expect("a report").0.contains("ours>client"));
+    }
+
+    #[test]
+    fn round_trips_idle_and_under_load_are_reported() {
+        let log = "\
+QFW-BENCH result fw=ours test=tcp-down mbit=300 loss= retr=0 rc=0 wall_s=11 rtt_ms=1.0/4.0/9.0 pings=50
+QFW-BENCH result fw=linux test=tcp-down mbit=320 loss= retr=0 rc=0 wall_s=11 rtt_ms=1.0/2.0/5.0 pings=50
+QFW-BENCH result fw=ours test=ping mbit= loss= retr= rc=0 wall_s=11 rtt_ms=0.200/0.300/1.000 pings=30000
+QFW-BENCH result fw=ours test=ping mbit= loss= retr= rc=0 wall_s=11 rtt_ms=0.200/0.500/1.000 pings=20000
+QFW-BENCH result fw=linux test=ping mbit= loss= retr= rc=0 wall_s=11 rtt_ms=0.100/0.200/0.900 pings=40000
+";
+        let (text, failed) = report(log).expect("a report");
+        // A ping run has no throughput and has not failed for that.
+        assert_eq!(failed, 0, "{text}");
+        let row = |name: &str| -> Vec<String> {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} row in {text}"))
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(row("idle"), ["idle", "0.400", "0.200", "200", "%"]);
+        assert_eq!(
+            row("pings"),
+            [
+                "pings", "50000", "40000", "125", "%", "(replies", "in", "the", "idle", "ping",
+                "runs,", "all", "rounds)"
+            ]
+        );
+        let down: Vec<&str> = text.lines().filter(|l| l.starts_with("tcp-down")).collect();
+        assert_eq!(
+            down.last().map(|l| l.split_whitespace().nth(1)),
+            Some(Some("4.000")),
+            "{text}"
+        );
+        // No ping row in the throughput table.
+        assert!(!text.lines().next().unwrap_or_default().is_empty());
+        assert!(!text.lines().any(|l| l.starts_with("ping ")), "{text}");
+        // A ping run without a round trip failed.
+        let (_, failed) = report(
+            "QFW-BENCH result fw=ours test=ping mbit= loss= rc=1 wall_s=40 rtt_ms= pings=\n",
+        )
+        .expect("a report");
+        assert_eq!(failed, 1);
+        // Without round trips (an older lab) there is no rtt table.
+        assert!(!report(LOG).expect("a report").0.contains("rtt"));
     }
 
     #[test]
