@@ -442,6 +442,38 @@ mod tests {
     }
 
     #[test]
+    fn a_drained_link_reads_again_once_epoll_flags_it() {
+        let dir = temp_dir("flag");
+        let reactor = Reactor::new().unwrap();
+        let path = socket_path(&dir, 0, 9, 111);
+        let mut server = SocketLink::listen(reactor.clone(), path.clone()).unwrap();
+        let mut peer = UnixStream::connect(&path).unwrap();
+        pump(&reactor, || {
+            let _ = server.read(&mut []);
+            server.state() == LinkState::Connected
+        });
+        let mut buf = [0u8; 16];
+        // Nothing there: the read finds the socket empty and lowers the
+        // readiness flag.
+        assert_eq!(server.read(&mut buf), Ok(0));
+        peer.write_all(b"ping").unwrap();
+        // Until epoll reports the socket, the link does not look at it.
+        assert_eq!(server.read(&mut buf), Ok(0));
+        assert_eq!(server.readiness().map(|flag| flag.get()), Some(false));
+        reactor.epoll.wait(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(server.read(&mut buf), Ok(4));
+        assert_eq!(&buf[..4], b"ping");
+        // A peer that goes away is seen the same way: once drained and
+        // lowered, the flag hides the hang-up until the next wait.
+        assert_eq!(server.read(&mut buf), Ok(0));
+        drop(peer);
+        assert_eq!(server.read(&mut buf), Ok(0));
+        reactor.epoll.wait(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(server.read(&mut buf), Err(StreamError::Closed));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn full_socket_reports_zero_and_wakes_when_drained() {
         let dir = temp_dir("full");
         let reactor = Reactor::new().unwrap();
