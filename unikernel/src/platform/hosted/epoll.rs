@@ -16,6 +16,8 @@
 //! NIC each turn: with 100 client TAPs, reading only the ones flagged
 //! saves a hundred `read` syscalls (each answering `EAGAIN`) per wake-up,
 //! which under a flood of small frames was most of the firewall's time.
+//! The vchan and xenstore sockets (`super::vchan::SocketLink`) are
+//! tracked the same way: the loop reads every link each turn too.
 //! Level-triggered, so a flag lowered too early costs nothing but one
 //! more turn: the next `wait` reports the descriptor again at once.
 
