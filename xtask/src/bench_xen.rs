@@ -20,7 +20,9 @@
 //! sender's retransmissions, UDP loss and memory, and how often each
 //! firewall notified its client and dom0 (their vifs' interrupts, per
 //! 1,000 packets of the client's), and the round trips.
-//! Under TCG only the ratio of one run means anything.
+//! Under TCG only the ratio of one run means anything. A run that failed
+//! (say, a firewall the lab lost mid-series) is left out of the figures
+//! and listed, with whatever Xen logged of a crashed domain.
 //!
 //! Env, passed on to bench.sh: `LAB` (default `/tmp/qubes-fw-xen-bench`),
 //! `SECS` (10), `UDP_RATE` (20M), `ROUNDS` (1), `FLOWTABLE` (0), `TIMEOUT`.
@@ -144,12 +146,15 @@ fn show(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
 }
 
-/// The report of a run's log, and how many runs failed.
+/// The report of a run's log, and how many runs failed. Failed runs (a
+/// firewall that crashed mid-series reports zero or nothing) are left out
+/// of every figure and listed as warnings.
 fn report(log: &str) -> Result<(String, usize), String> {
-    let runs: Vec<Run> = log.lines().filter_map(parse_run).collect();
-    if runs.is_empty() {
+    let all: Vec<Run> = log.lines().filter_map(parse_run).collect();
+    if all.is_empty() {
         return Err("no `QFW-BENCH result` line in the serial log: the lab did not get to the measurements (see the QFW-BENCH FAIL/info lines above and the log)".into());
     }
+    let runs: Vec<Run> = all.iter().filter(|r| !r.failed()).cloned().collect();
     let of = |fw: &str, test: &str| -> Vec<&Run> {
         runs.iter()
             .filter(|r| r.fw == fw && r.test == test)
@@ -208,7 +213,23 @@ fn report(log: &str) -> Result<(String, usize), String> {
     }
     out.push_str(&events(&runs));
     out.push_str(&latency(&runs));
-    let failed: Vec<&Run> = runs.iter().filter(|r| r.failed()).collect();
+    let failed: Vec<&Run> = all.iter().filter(|r| r.failed()).collect();
+    if !failed.is_empty() {
+        out.push_str(&format!(
+            "warning: {} of {} runs failed and are left out of the figures above (so the two firewalls' means may cover different rounds)\n",
+            failed.len(),
+            all.len()
+        ));
+    }
+    // A firewall domain that crashed leaves only Xen's word on it.
+    for line in log.lines() {
+        if let Some(at) = line.find("QFW-BENCH info xen: ") {
+            out.push_str(&format!(
+                "warning: Xen logged: {}\n",
+                line[at + "QFW-BENCH info xen: ".len()..].trim()
+            ));
+        }
+    }
     for r in &failed {
         out.push_str(&format!(
             "warning: run {} through {} failed (rc {:?}, {} s)\n",
@@ -481,6 +502,47 @@ QFW-BENCH result fw=linux test=ping mbit= loss= retr= rc=0 wall_s=11 rtt_ms=0.10
         assert_eq!(failed, 1);
         // Without round trips (an older lab) there is no rtt table.
         assert!(!report(LOG).expect("a report").0.contains("rtt"));
+    }
+
+    #[test]
+    fn failed_runs_are_left_out_of_the_means_and_xen_crashes_are_shown() {
+        let log = "\
+QFW-BENCH result fw=ours test=tcp-up mbit=400 loss= retr=0 rc=0 wall_s=11 rtt_ms=1/6.0/9 pings=50
+QFW-BENCH result fw=linux test=tcp-up mbit=400 loss= retr=0 rc=0 wall_s=11 rtt_ms=1/6.0/9 pings=50
+QFW-BENCH result fw=ours test=tcp-up mbit=0.00 loss= retr=1 rc=1 wall_s=41 rtt_ms=1/9.0/9 pings=25
+QFW-BENCH result fw=linux test=tcp-up mbit=420 loss= retr=0 rc=0 wall_s=11 rtt_ms=1/7.0/9 pings=50
+[ 236.72] (XEN) d1v0 Triple fault - invoking HVM shutdown action 1
+QFW-BENCH info xen: (XEN) d1v0 Triple fault - invoking HVM shutdown action 1
+";
+        let (text, failed) = report(log).expect("a report");
+        assert_eq!(failed, 1);
+        let up: Vec<&str> = text
+            .lines()
+            .find(|l| l.starts_with("tcp-up"))
+            .expect("tcp-up row")
+            .split_whitespace()
+            .collect();
+        // Ours: 400 (the crashed run's 0 left out); Linux: the mean of 400 and 420.
+        assert_eq!(
+            up.get(1..4),
+            Some(&["400.00", "410.00", "98"][..]),
+            "{text}"
+        );
+        assert!(
+            text.contains("warning: 1 of 4 runs failed and are left out"),
+            "{text}"
+        );
+        assert!(
+            text.contains("warning: Xen logged: (XEN) d1v0 Triple fault"),
+            "{text}"
+        );
+        let rtt = text
+            .lines()
+            .filter(|l| l.starts_with("tcp-up"))
+            .nth(1)
+            .expect("an rtt row");
+        assert!(rtt.contains("6.000"), "{rtt}");
+        assert!(!rtt.contains("7.500"), "{rtt}");
     }
 
     #[test]
