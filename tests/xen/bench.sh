@@ -21,7 +21,8 @@
 # UDP_RATE (iperf3 -b, 20M), ROUNDS (1), FLOWTABLE (0; 1 adds the
 # qubes-nat-accel flowtable that Qubes' vif-route-qubes adds, which stalled
 # every TCP connection through the Linux firewall in this lab),
-# TIMEOUT (s, 1500), REF.
+# LOSE_OURS_AT (0; N destroys our firewall after run N, a test of the
+# restart after a lost firewall), TIMEOUT (s, 1500), REF.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -105,7 +106,7 @@ cp "$HERE/linuxfw-init" "$F/init"; chmod +x "$F/init"
 (cd "$F" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/linuxfw-initrd.gz"
 unset LD_LIBRARY_PATH
 
-printf 'SECS=%s\nUDP_RATE=%s\nROUNDS=%s\nFLOWTABLE=%s\nPROFILE=%s\n' "${SECS:-10}" "${UDP_RATE:-20M}" "${ROUNDS:-1}" "${FLOWTABLE:-0}" "${PROFILE:-0}" > "$OUT/bench.env"
+printf 'SECS=%s\nUDP_RATE=%s\nROUNDS=%s\nFLOWTABLE=%s\nPROFILE=%s\nLOSE_OURS_AT=%s\n' "${SECS:-10}" "${UDP_RATE:-20M}" "${ROUNDS:-1}" "${FLOWTABLE:-0}" "${PROFILE:-0}" "${LOSE_OURS_AT:-0}" > "$OUT/bench.env"
 # PROFILE=1: dom0 samples our firewall's instruction pointer (ripsample.c)
 # during its TCP runs (QFW-BENCH profile lines, named by tests/xen/symbolize.sh).
 if [ "${PROFILE:-0}" = 1 ]; then

@@ -44,6 +44,9 @@ const THROUGHPUT_TESTS: [&str; 3] = ["tcp-up", "tcp-down", "udp"];
 struct Run {
     fw: String,
     test: String,
+    /// The round (from 1) the run belongs to; `None` in logs from before
+    /// rounds were named.
+    round: Option<u32>,
     mbit: Option<f64>,
     /// (lost, total) datagrams of a UDP run.
     loss: Option<(u64, u64)>,
@@ -98,6 +101,7 @@ fn parse_run(line: &str) -> Option<Run> {
     Some(Run {
         fw: f.get("fw")?.to_string(),
         test: f.get("test")?.to_string(),
+        round: f.get("round").and_then(|v| v.parse().ok()),
         mbit: num("mbit"),
         loss,
         retr: f.get("retr").and_then(|v| v.parse().ok()),
@@ -154,7 +158,20 @@ fn report(log: &str) -> Result<(String, usize), String> {
     if all.is_empty() {
         return Err("no `QFW-BENCH result` line in the serial log: the lab did not get to the measurements (see the QFW-BENCH FAIL/info lines above and the log)".into());
     }
-    let runs: Vec<Run> = all.iter().filter(|r| !r.failed()).cloned().collect();
+    // A failed run is left out, and with it the other firewall's run of
+    // the same test in the same round, so that both means cover the same
+    // rounds (the lab loses a firewall at random, not evenly).
+    let partner_failed = |r: &Run| {
+        r.round.is_some()
+            && all
+                .iter()
+                .any(|o| o.fw != r.fw && o.test == r.test && o.round == r.round && o.failed())
+    };
+    let runs: Vec<Run> = all
+        .iter()
+        .filter(|r| !r.failed() && !partner_failed(r))
+        .cloned()
+        .collect();
     let of = |fw: &str, test: &str| -> Vec<&Run> {
         runs.iter()
             .filter(|r| r.fw == fw && r.test == test)
@@ -215,11 +232,25 @@ fn report(log: &str) -> Result<(String, usize), String> {
     out.push_str(&latency(&runs));
     let failed: Vec<&Run> = all.iter().filter(|r| r.failed()).collect();
     if !failed.is_empty() {
+        let unpaired = all
+            .iter()
+            .filter(|r| !r.failed() && partner_failed(r))
+            .count();
         out.push_str(&format!(
-            "warning: {} of {} runs failed and are left out of the figures above (so the two firewalls' means may cover different rounds)\n",
+            "warning: {} of {} runs failed and are left out of the figures above, with the other firewall's {} run(s) of the same test and round\n",
             failed.len(),
-            all.len()
+            all.len(),
+            unpaired
         ));
+    }
+    // The lab lost our firewall and the bench started it again.
+    for line in log.lines() {
+        if let Some(at) = line.find("QFW-BENCH info ours lost ") {
+            out.push_str(&format!(
+                "warning: {}\n",
+                line[at + "QFW-BENCH info ".len()..].trim()
+            ));
+        }
     }
     // A firewall domain that crashed leaves only Xen's word on it.
     for line in log.lines() {
@@ -541,6 +572,44 @@ QFW-BENCH info xen: (XEN) d1v0 Triple fault - invoking HVM shutdown action 1
         // Ours' round trip leaves out the crashed run's 9.0 (the mean
         // would be 7.500); Linux's is the mean of 6.0 and 7.0.
         assert_eq!(cells(&text, "tcp-up", 1)[1..3], ["6.000", "6.500"]);
+    }
+
+    #[test]
+    fn a_failed_run_takes_the_other_firewalls_run_of_its_round_out_and_restarts_are_shown() {
+        let log = "\
+QFW-BENCH result fw=ours test=tcp-up round=1 mbit=400 loss= retr=0 rc=0 wall_s=11
+QFW-BENCH result fw=linux test=tcp-up round=1 mbit=420 loss= retr=0 rc=0 wall_s=11
+QFW-BENCH result fw=ours test=tcp-down round=1 mbit=380 loss= retr=0 rc=0 wall_s=11
+QFW-BENCH result fw=linux test=tcp-down round=1 mbit=400 loss= retr=0 rc=0 wall_s=11
+QFW-BENCH result fw=ours test=tcp-up round=2 mbit=0.00 loss= retr=1 rc=1 wall_s=41
+QFW-BENCH result fw=linux test=tcp-up round=2 mbit=300 loss= retr=0 rc=0 wall_s=11
+QFW-BENCH info ours lost before run 7 (state ---c--); restarting it and client-ours
+QFW-BENCH result fw=ours test=tcp-down round=2 mbit=390 loss= retr=0 rc=0 wall_s=11
+QFW-BENCH result fw=linux test=tcp-down round=2 mbit=380 loss= retr=0 rc=0 wall_s=11
+";
+        let (text, failed) = report(log).expect("a report");
+        assert_eq!(failed, 1);
+        // Round 2's upload through Linux (300) goes with ours' failed one:
+        // both upload means are round 1's.
+        assert_eq!(
+            cells(&text, "tcp-up", 0)[1..4],
+            ["400.00", "420.00", "95"],
+            "{text}"
+        );
+        // Both downloads of round 2 count (ours came back).
+        assert_eq!(
+            cells(&text, "tcp-down", 0)[1..4],
+            ["385.00", "390.00", "99"],
+            "{text}"
+        );
+        assert!(
+            text.contains("warning: 1 of 8 runs failed and are left out of the figures above, with the other firewall's 1 run(s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("warning: ours lost before run 7 (state ---c--); restarting it"),
+            "{text}"
+        );
     }
 
     #[test]
