@@ -21,8 +21,8 @@
 # UDP_RATE (iperf3 -b, 20M), ROUNDS (1), FLOWTABLE (0; 1 adds the
 # qubes-nat-accel flowtable that Qubes' vif-route-qubes adds, which stalled
 # every TCP connection through the Linux firewall in this lab),
-# LOSE_OURS_AT (0; N destroys our firewall after run N, a test of the
-# restart after a lost firewall), TIMEOUT (s, 1500), REF.
+# LOSE_OURS_AT (0; N destroys our firewall halfway through run N, a test
+# of the restart after a lost firewall), TIMEOUT (s, 1500), REF.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)

@@ -124,6 +124,9 @@ measure() {
     for o in $other; do xl pause "$o"; done
     f0=$(cpu $dom) c0=$(cpu $c) d0=$(cpu Domain-0) a0=$(allcpu) v0=$(vifirqs $dom) t0=$(up)
     tell $c "run $seq $test $SECS $UDP_RATE"
+    # LOSE_OURS_AT=N (a test of the restart): our firewall is destroyed
+    # halfway through run N.
+    [ "$seq" = "$LOSE_OURS_AT" ] && { sleep $((SECS / 2)); xl destroy sys-firewall; }
     sampler=
     if [ "$PROFILE" = 1 ] && [ "$fw" = ours ] && [ "$test" != udp ]; then
         # Xen pauses the vCPU for each read: a profile, not a timing.
@@ -154,6 +157,9 @@ ours_lost() {
 # are named after it) and its client (whose vif names the old backend), so
 # the remaining runs measure. The lost run stays in the log as it ended.
 restarts=0
+# recover_ours: restarts ours if it is lost, at most three times a bench
+# (a firewall that keeps failing stays failed).
+recover_ours() { if [ $restarts -lt 3 ] && ours_lost; then restart_ours; fi; }
 restart_ours() {
     echo "QFW-BENCH info ours lost before run $((seq + 1)) (state ${state:-gone}); restarting it and client-ours"
     tail -5 $LOG | sed 's/^/QFW-BENCH log sys-firewall: /'
@@ -163,7 +169,11 @@ restart_ours() {
     for p in /proc/[0-9]*; do
         tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q "qubesdb-daemon $domid " && kill "${p#/proc/}"
     done
+    # dom0's iperf3 server may still be serving the lost run's test (it
+    # refuses every other client until that one times out).
+    killall iperf3 2>/dev/null
     sleep 1
+    iperf3 -s -D -B 10.137.0.1 --logfile /tmp/iperf3.log
     restarts=$((restarts + 1))
     : > $LOG
     : > $CONS/guest-client-ours.log
@@ -176,14 +186,11 @@ round=1
 while [ $round -le "$ROUNDS" ]; do
     for test in tcp-up tcp-down udp ping; do
         for fw in ours linux; do
-            # Before each run through ours (the lab has faulted ours
-            # during its runs and just after it was unpaused); at most
-            # three restarts: a firewall that keeps failing stays failed.
-            if [ $fw = ours ] && [ $restarts -lt 3 ] && ours_lost; then restart_ours; fi
+            # Before and after each run through ours: the lab has faulted
+            # ours during its runs and just after it was unpaused.
+            [ $fw = ours ] && recover_ours
             seq=$((seq + 1)); measure $fw $test $seq
-            # LOSE_OURS_AT=N (a test of the restart): our firewall is
-            # destroyed right after run N.
-            [ "$seq" = "$LOSE_OURS_AT" ] && xl destroy sys-firewall
+            [ $fw = ours ] && recover_ours
         done
     done
     round=$((round + 1))
