@@ -68,8 +68,8 @@ pub struct HostedConfig {
 /// `HostedConfig::busy_poll`'s default. A frame that arrives while we poll
 /// is handled at once instead of after a wakeup; `cargo xtask bench box`
 /// measured 64-76 % of the kernel path's TCP throughput without it and
-/// 74-95 % with 50 µs, in the same runs (see the README's performance
-/// table, with a sweep from 20 to 200 µs).
+/// 74-95 % with 50 µs, in the same runs (see PERFORMANCE.md, with a sweep
+/// from 20 to 200 µs).
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 
 impl Default for HostedConfig {
