@@ -5,7 +5,9 @@
 //!
 //! For each target, first every input of its checked-in regression corpus
 //! (`<crate>/fuzz/regressions/<target>/`: the minimised corpus of a
-//! 10-minute run, plus any crash that was once found) is replayed
+//! 10-minute run, the inputs with new coverage that later longer runs
+//! found (merged in with libFuzzer's `-merge=1`), and any crash that was
+//! once found) is replayed
 //! (`-runs=0`: run the inputs, nothing else), so an input that once
 //! exercised a path keeps exercising it; then the target fuzzes for a fixed
 //! number of seconds, seeded from that corpus. New inputs go to the
