@@ -153,13 +153,13 @@ ours_lost() {
     case $state in ''|*c*|*s*|*d*) return 0 ;; esac
     return 1
 }
+# recover_ours: restarts ours if it is lost, at most three times a bench
+# (a firewall that keeps failing stays failed).
+restarts=0
+recover_ours() { if [ $restarts -lt 3 ] && ours_lost; then restart_ours; fi; }
 # restart_ours: replaces a lost firewall, its dom0 daemons (whose sockets
 # are named after it) and its client (whose vif names the old backend), so
 # the remaining runs measure. The lost run stays in the log as it ended.
-restarts=0
-# recover_ours: restarts ours if it is lost, at most three times a bench
-# (a firewall that keeps failing stays failed).
-recover_ours() { if [ $restarts -lt 3 ] && ours_lost; then restart_ours; fi; }
 restart_ours() {
     echo "QFW-BENCH info ours lost before run $((seq + 1)) (state ${state:-gone}); restarting it and client-ours"
     tail -5 $LOG | sed 's/^/QFW-BENCH log sys-firewall: /'

@@ -582,8 +582,8 @@ QFW-BENCH result fw=linux test=tcp-up round=1 mbit=420 loss= retr=0 rc=0 wall_s=
 QFW-BENCH result fw=ours test=tcp-down round=1 mbit=380 loss= retr=0 rc=0 wall_s=11
 QFW-BENCH result fw=linux test=tcp-down round=1 mbit=400 loss= retr=0 rc=0 wall_s=11
 QFW-BENCH result fw=ours test=tcp-up round=2 mbit=0.00 loss= retr=1 rc=1 wall_s=41
+QFW-BENCH info ours lost before run 6 (state ---c--); restarting it and client-ours
 QFW-BENCH result fw=linux test=tcp-up round=2 mbit=300 loss= retr=0 rc=0 wall_s=11
-QFW-BENCH info ours lost before run 7 (state ---c--); restarting it and client-ours
 QFW-BENCH result fw=ours test=tcp-down round=2 mbit=390 loss= retr=0 rc=0 wall_s=11
 QFW-BENCH result fw=linux test=tcp-down round=2 mbit=380 loss= retr=0 rc=0 wall_s=11
 ";
@@ -607,7 +607,7 @@ QFW-BENCH result fw=linux test=tcp-down round=2 mbit=380 loss= retr=0 rc=0 wall_
             "{text}"
         );
         assert!(
-            text.contains("warning: ours lost before run 7 (state ---c--); restarting it"),
+            text.contains("warning: ours lost before run 6 (state ---c--); restarting it"),
             "{text}"
         );
     }
