@@ -3125,3 +3125,72 @@ fn pump_never_hands_the_nic_a_frame_without_the_gateway_mac() {
     assert_ip_frames_to(&uplink.tx, GATEWAY_MAC);
     assert_eq!(seen4(&uplink.tx[1]).dport, 443);
 }
+
+#[test]
+fn uplink_router_solicitations_and_ndp_without_ipv6_are_not_counted_malformed() {
+    // With /qubes-ip6: a router solicitation from the net qube (its kernel
+    // sends three when its vif comes up) is link-local chatter, dropped
+    // without an answer.
+    let mut net = Net::new(true);
+    let _ = net.uplink_out();
+    let sys_net_link_local: Ipv6Addr = "fe80::fcff:ffff:feff:ffff".parse().unwrap();
+    let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+    let solicit_router = icmp6_message(
+        sys_net_link_local,
+        all_routers,
+        Icmpv6Repr::Ndisc(smoltcp::wire::NdiscRepr::RouterSolicit {
+            lladdr: Some(GATEWAY_MAC.into()),
+        }),
+    );
+    net.send_from_outside(&ip6(
+        sys_net_link_local,
+        all_routers,
+        IpProtocol::Icmpv6,
+        255,
+        &solicit_router,
+    ));
+    assert_eq!(net.dropped(DropReason::LinkLocal), 1);
+    assert_eq!(net.dropped(DropReason::Malformed), 0);
+    assert!(net.uplink_out().is_empty());
+    // A neighbour solicitation cut short is malformed.
+    let solicited_node = unikernel::arp::solicited_node(our_ip6());
+    let solicit = icmp6_message(
+        gateway6(),
+        solicited_node,
+        Icmpv6Repr::Ndisc(smoltcp::wire::NdiscRepr::NeighborSolicit {
+            target_addr: our_ip6(),
+            lladdr: Some(GATEWAY_MAC.into()),
+        }),
+    );
+    net.send_from_outside(&ip6(
+        gateway6(),
+        solicited_node,
+        IpProtocol::Icmpv6,
+        255,
+        &solicit[..20],
+    ));
+    assert_eq!(net.dropped(DropReason::Malformed), 1);
+    assert!(net.uplink_out().is_empty());
+    // The whole one is answered.
+    net.send_from_outside(&ip6(
+        gateway6(),
+        solicited_node,
+        IpProtocol::Icmpv6,
+        255,
+        &solicit,
+    ));
+    assert_eq!(net.uplink_out().len(), 1);
+    // Without /qubes-ip6 the net qube's neighbour solicitations are IPv6
+    // this firewall has not got, not malformed packets.
+    let mut net = Net::new(false);
+    net.send_from_outside(&ip6(
+        gateway6(),
+        solicited_node,
+        IpProtocol::Icmpv6,
+        255,
+        &solicit,
+    ));
+    assert_eq!(net.dropped(DropReason::NoIpv6), 1);
+    assert_eq!(net.dropped(DropReason::Malformed), 0);
+    assert!(net.uplink_out().is_empty());
+}

@@ -130,11 +130,19 @@ impl Router {
     }
 
     pub(super) fn uplink_ndp(&mut self, packet: &[u8], meta: &IpMeta) {
-        let (IpAddr::V6(src), Some(ours), Some(ndp)) = (
-            meta.src,
-            self.uplink.ip6,
-            packet.get(meta.header_len..).and_then(Ndp::parse),
-        ) else {
+        // Router solicitations (the net qube's kernel sends three when its
+        // vif comes up), router advertisements, redirects: our uplink is
+        // configured statically (`/qubes-ip6`, `/qubes-gateway6`), there
+        // is nothing to answer or learn. Not malformed either.
+        if !matches!(meta.icmp_type, Some(arp::NDP_SOLICIT | arp::NDP_ADVERT)) {
+            return self.drop(DropReason::LinkLocal);
+        }
+        let Some(ours) = self.uplink.ip6 else {
+            return self.drop(DropReason::NoIpv6);
+        };
+        let (IpAddr::V6(src), Some(ndp)) =
+            (meta.src, packet.get(meta.header_len..).and_then(Ndp::parse))
+        else {
             return self.drop(DropReason::Malformed);
         };
         if meta.ttl != 255 {
