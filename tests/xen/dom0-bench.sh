@@ -166,9 +166,7 @@ restart_ours() {
     xl destroy client-ours 2>/dev/null
     xl destroy sys-firewall 2>/dev/null
     kill "$qrexec_pid" 2>/dev/null
-    for p in /proc/[0-9]*; do
-        tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q "qubesdb-daemon $domid " && kill "${p#/proc/}"
-    done
+    kill "$(cat /var/run/qubes/qubesdb.sys-firewall.pid 2>/dev/null)" 2>/dev/null
     # dom0's iperf3 server may still be serving the lost run's test (it
     # refuses every other client until that one times out).
     killall iperf3 2>/dev/null

@@ -2608,6 +2608,12 @@ fn icmp6_message(src: Ipv6Addr, dst: Ipv6Addr, repr: Icmpv6Repr<'_>) -> Vec<u8> 
     message
 }
 
+/// A neighbour discovery message in its IPv6 packet (hop limit 255).
+fn ndisc_packet(src: Ipv6Addr, dst: Ipv6Addr, repr: smoltcp::wire::NdiscRepr<'_>) -> Vec<u8> {
+    let message = icmp6_message(src, dst, Icmpv6Repr::Ndisc(repr));
+    ip6(src, dst, IpProtocol::Icmpv6, 255, &message)
+}
+
 #[test]
 fn ipv6_forwarding_with_dst6_rules_and_ndp() {
     // mirage-firewall had no IPv6.
@@ -2823,19 +2829,12 @@ fn ipv6_link_local_chatter_is_not_routed() {
     net.rules(a_ip6().into(), &[("policy", "accept")]);
     let link_local: Ipv6Addr = "fe80::216:3eff:fe5e:6c0a".parse().unwrap();
     let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
-    let solicit = icmp6_message(
+    net.send_from_a(&ndisc_packet(
         link_local,
         all_routers,
-        Icmpv6Repr::Ndisc(smoltcp::wire::NdiscRepr::RouterSolicit {
+        smoltcp::wire::NdiscRepr::RouterSolicit {
             lladdr: Some(A_MAC.into()),
-        }),
-    );
-    net.send_from_a(&ip6(
-        link_local,
-        all_routers,
-        IpProtocol::Icmpv6,
-        255,
-        &solicit,
+        },
     ));
     let udp = udp_datagram(link_local.into(), all_routers.into(), 546, 547, b"dhcpv6");
     net.send_from_a(&ip6(link_local, all_routers, IpProtocol::Udp, 1, &udp));
@@ -3135,26 +3134,19 @@ fn uplink_router_solicitations_and_ndp_without_ipv6_are_not_counted_malformed() 
     let _ = net.uplink_out();
     let sys_net_link_local: Ipv6Addr = "fe80::fcff:ffff:feff:ffff".parse().unwrap();
     let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
-    let solicit_router = icmp6_message(
+    net.send_from_outside(&ndisc_packet(
         sys_net_link_local,
         all_routers,
-        Icmpv6Repr::Ndisc(smoltcp::wire::NdiscRepr::RouterSolicit {
+        smoltcp::wire::NdiscRepr::RouterSolicit {
             lladdr: Some(GATEWAY_MAC.into()),
-        }),
-    );
-    net.send_from_outside(&ip6(
-        sys_net_link_local,
-        all_routers,
-        IpProtocol::Icmpv6,
-        255,
-        &solicit_router,
+        },
     ));
     assert_eq!(net.dropped(DropReason::LinkLocal), 1);
     assert_eq!(net.dropped(DropReason::Malformed), 0);
     assert!(net.uplink_out().is_empty());
     // A neighbour solicitation cut short is malformed.
     let solicited_node = unikernel::arp::solicited_node(our_ip6());
-    let solicit = icmp6_message(
+    let message = icmp6_message(
         gateway6(),
         solicited_node,
         Icmpv6Repr::Ndisc(smoltcp::wire::NdiscRepr::NeighborSolicit {
@@ -3162,34 +3154,18 @@ fn uplink_router_solicitations_and_ndp_without_ipv6_are_not_counted_malformed() 
             lladdr: Some(GATEWAY_MAC.into()),
         }),
     );
-    net.send_from_outside(&ip6(
-        gateway6(),
-        solicited_node,
-        IpProtocol::Icmpv6,
-        255,
-        &solicit[..20],
-    ));
+    let packet = |l4: &[u8]| ip6(gateway6(), solicited_node, IpProtocol::Icmpv6, 255, l4);
+    let solicit = packet(&message);
+    net.send_from_outside(&packet(&message[..20]));
     assert_eq!(net.dropped(DropReason::Malformed), 1);
     assert!(net.uplink_out().is_empty());
     // The whole one is answered.
-    net.send_from_outside(&ip6(
-        gateway6(),
-        solicited_node,
-        IpProtocol::Icmpv6,
-        255,
-        &solicit,
-    ));
+    net.send_from_outside(&solicit);
     assert_eq!(net.uplink_out().len(), 1);
     // Without /qubes-ip6 the net qube's neighbour solicitations are IPv6
     // this firewall has not got, not malformed packets.
     let mut net = Net::new(false);
-    net.send_from_outside(&ip6(
-        gateway6(),
-        solicited_node,
-        IpProtocol::Icmpv6,
-        255,
-        &solicit,
-    ));
+    net.send_from_outside(&solicit);
     assert_eq!(net.dropped(DropReason::NoIpv6), 1);
     assert_eq!(net.dropped(DropReason::Malformed), 0);
     assert!(net.uplink_out().is_empty());

@@ -21,11 +21,13 @@
 //! firewall notified its client and dom0 (their vifs' interrupts, per
 //! 1,000 packets of the client's), and the round trips.
 //! Under TCG only the ratio of one run means anything. A run that failed
-//! (say, a firewall the lab lost mid-series) is left out of the figures
-//! and listed, with whatever Xen logged of a crashed domain.
+//! (say, a firewall the lab lost mid-series) is left out of the figures,
+//! with the other firewall's run of the same test and round, and listed,
+//! with whatever Xen logged of a crashed domain and each restart of ours.
 //!
 //! Env, passed on to bench.sh: `LAB` (default `/tmp/qubes-fw-xen-bench`),
-//! `SECS` (10), `UDP_RATE` (20M), `ROUNDS` (1), `FLOWTABLE` (0), `TIMEOUT`.
+//! `SECS` (10), `UDP_RATE` (20M), `ROUNDS` (1), `FLOWTABLE` (0), `PROFILE`
+//! (0), `LOSE_OURS_AT` (0), `TIMEOUT`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -243,22 +245,17 @@ fn report(log: &str) -> Result<(String, usize), String> {
             unpaired
         ));
     }
-    // The lab lost our firewall and the bench started it again.
+    // The lab lost our firewall and the bench started it again; a
+    // firewall domain that crashed leaves only Xen's word on it.
     for line in log.lines() {
-        if let Some(at) = line.find("QFW-BENCH info ours lost ") {
-            out.push_str(&format!(
-                "warning: {}\n",
-                line[at + "QFW-BENCH info ".len()..].trim()
-            ));
-        }
-    }
-    // A firewall domain that crashed leaves only Xen's word on it.
-    for line in log.lines() {
-        if let Some(at) = line.find("QFW-BENCH info xen: ") {
-            out.push_str(&format!(
-                "warning: Xen logged: {}\n",
-                line[at + "QFW-BENCH info xen: ".len()..].trim()
-            ));
+        let Some(at) = line.find("QFW-BENCH info ") else {
+            continue;
+        };
+        let info = line[at + "QFW-BENCH info ".len()..].trim();
+        if info.starts_with("ours lost ") {
+            out.push_str(&format!("warning: {info}\n"));
+        } else if let Some(xen) = info.strip_prefix("xen: ") {
+            out.push_str(&format!("warning: Xen logged: {xen}\n"));
         }
     }
     for r in &failed {

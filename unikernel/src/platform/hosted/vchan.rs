@@ -441,17 +441,22 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A listening link at `path` and a peer it has accepted.
+    fn accepted(reactor: &Rc<Reactor>, path: &Path) -> (SocketLink, UnixStream) {
+        let mut server = SocketLink::listen(reactor.clone(), path.to_path_buf()).unwrap();
+        let peer = UnixStream::connect(path).unwrap();
+        pump(reactor, || {
+            let _ = server.read(&mut []);
+            server.state() == LinkState::Connected
+        });
+        (server, peer)
+    }
+
     #[test]
     fn a_drained_link_reads_again_once_epoll_flags_it() {
         let dir = temp_dir("flag");
         let reactor = Reactor::new().unwrap();
-        let path = socket_path(&dir, 0, 9, 111);
-        let mut server = SocketLink::listen(reactor.clone(), path.clone()).unwrap();
-        let mut peer = UnixStream::connect(&path).unwrap();
-        pump(&reactor, || {
-            let _ = server.read(&mut []);
-            server.state() == LinkState::Connected
-        });
+        let (mut server, mut peer) = accepted(&reactor, &socket_path(&dir, 0, 9, 111));
         let mut buf = [0u8; 16];
         // Nothing there: the read finds the socket empty and lowers the
         // readiness flag.
@@ -477,13 +482,7 @@ mod tests {
     fn full_socket_reports_zero_and_wakes_when_drained() {
         let dir = temp_dir("full");
         let reactor = Reactor::new().unwrap();
-        let path = socket_path(&dir, 0, 7, 111);
-        let mut server = SocketLink::listen(reactor.clone(), path.clone()).unwrap();
-        let mut peer = UnixStream::connect(&path).unwrap();
-        pump(&reactor, || {
-            let _ = server.read(&mut []);
-            server.state() == LinkState::Connected
-        });
+        let (mut server, mut peer) = accepted(&reactor, &socket_path(&dir, 0, 7, 111));
         let chunk = [0xa5u8; 65536];
         let mut written = 0usize;
         loop {
