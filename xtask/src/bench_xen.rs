@@ -19,8 +19,10 @@
 //! ratio ours/Linux, the CPU time of each firewall domain, the TCP
 //! sender's retransmissions, UDP loss and memory, and how often each
 //! firewall notified its client and dom0 (their vifs' interrupts, per
-//! 1,000 packets of the client's), and the round trips.
-//! Under TCG only the ratio of one run means anything. A run that failed
+//! 1,000 packets of the client's), the round trips, and with more than
+//! one round each TCP test's ratio round by round (its spread, and how
+//! many rounds reached Linux). Under TCG only the ratio of one run means
+//! anything. A run that failed
 //! (say, a firewall the lab lost mid-series) is left out of the figures,
 //! with the other firewall's run of the same test and round, and listed,
 //! with whatever Xen logged of a crashed domain and each restart of ours.
@@ -232,6 +234,7 @@ fn report(log: &str) -> Result<(String, usize), String> {
     }
     out.push_str(&events(&runs));
     out.push_str(&latency(&runs));
+    out.push_str(&per_round(&runs));
     let failed: Vec<&Run> = all.iter().filter(|r| r.failed()).collect();
     if !failed.is_empty() {
         let unpaired = all
@@ -296,6 +299,49 @@ fn report(log: &str) -> Result<(String, usize), String> {
     out.push_str("loss: datagrams lost in a UDP run; in a TCP row the sender's retransmitted segments (iperf3's Retr), over all rounds.\n");
     out.push_str("CPU s: the firewall domain's `xl list` Time(s) over the run (TCG: compare, do not read as absolute).\n");
     Ok((out, failed.len()))
+}
+
+/// Each TCP test's ratio ours/Linux round by round, where both runs of a
+/// round measured, with how many rounds reached 100 % (empty with fewer
+/// than two such rounds): the spread from round to round, which in this
+/// lab is wider than most changes one would measure.
+fn per_round(runs: &[Run]) -> String {
+    let mut out = String::new();
+    for test in ["tcp-up", "tcp-down"] {
+        let mut ratios: Vec<(u32, f64)> = Vec::new();
+        for ours in runs.iter().filter(|r| r.fw == "ours" && r.test == test) {
+            let Some(round) = ours.round else { continue };
+            let linux = runs
+                .iter()
+                .find(|r| r.fw == "linux" && r.test == test && r.round == Some(round));
+            if let (Some(o), Some(l)) = (ours.mbit, linux.and_then(|l| l.mbit))
+                && l > 0.0
+            {
+                ratios.push((round, 100.0 * o / l));
+            }
+        }
+        if ratios.len() < 2 {
+            continue;
+        }
+        ratios.sort_by_key(|(round, _)| *round);
+        if out.is_empty() {
+            out.push_str("by round  ours/Linux in each round (both runs measured)\n");
+        }
+        let cells: Vec<String> = ratios
+            .iter()
+            .map(|(round, r)| format!("{round}: {r:.0} %"))
+            .collect();
+        let values = ratios.iter().map(|(_, r)| *r);
+        let low = values.clone().fold(f64::INFINITY, f64::min);
+        let high = values.clone().fold(f64::NEG_INFINITY, f64::max);
+        let met = values.filter(|r| *r >= 100.0).count();
+        out.push_str(&format!(
+            "{test:<9} {}   (range {low:.0}-{high:.0} %, {met} of {} rounds at 100 % or more)\n",
+            cells.join(", "),
+            ratios.len()
+        ));
+    }
+    out
 }
 
 /// The notifications each firewall sent its client and dom0, per 1,000
@@ -607,6 +653,55 @@ QFW-BENCH result fw=linux test=tcp-down round=2 mbit=380 loss= retr=0 rc=0 wall_
             text.contains("warning: ours lost before run 6 (state ---c--); restarting it"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn each_rounds_ratio_is_listed_with_the_range_and_the_rounds_that_reach_linux() {
+        let mut log = String::new();
+        for (round, ours_up, linux_up, ours_down, linux_down) in [
+            (1, 400, 440, 380, 400),
+            (2, 430, 420, 0, 410),
+            (3, 390, 390, 360, 400),
+        ] {
+            let rc = |mbit: u32| if mbit == 0 { 1 } else { 0 };
+            for (fw, test, mbit) in [
+                ("ours", "tcp-up", ours_up),
+                ("linux", "tcp-up", linux_up),
+                ("ours", "tcp-down", ours_down),
+                ("linux", "tcp-down", linux_down),
+            ] {
+                log.push_str(&format!(
+                    "QFW-BENCH result fw={fw} test={test} round={round} mbit={mbit} loss= retr=0 rc={} wall_s=11\n",
+                    rc(mbit)
+                ));
+            }
+        }
+        let (text, failed) = report(&log).expect("a report");
+        assert_eq!(failed, 1);
+        assert!(
+            text.contains("by round  ours/Linux in each round (both runs measured)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcp-up    1: 91 %, 2: 102 %, 3: 100 %   (range 91-102 %, 2 of 3 rounds at 100 % or more)\n"),
+            "{text}"
+        );
+        // Round 2's download failed through ours: rounds 1 and 3 only.
+        assert!(
+            text.contains(
+                "tcp-down  1: 95 %, 3: 90 %   (range 90-95 %, 0 of 2 rounds at 100 % or more)\n"
+            ),
+            "{text}"
+        );
+        // One round has no spread to show.
+        let (one, _) = report(
+            &log.lines()
+                .take(4)
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+        )
+        .expect("a report");
+        assert!(!one.contains("by round"), "{one}");
     }
 
     #[test]
