@@ -163,8 +163,12 @@ CONNECTED6=$(i=1; while [ $i -le 100 ]; do printf 'fd09:24ef:4179::a8b:%x ' $i; 
 
 # Qubes' client qubes are PVH. Debian's kernel as a PVH domU stops at once
 # in this lab (---s--, 0.0 s of CPU, no console line); this short attempt
-# (first pass only) with earlyprintk=xen keeps the evidence (QFW-INFO). The
-# checks then use the same kernel as a PV guest (CONFIG_XEN_PV), which boots.
+# (first pass only) with earlyprintk=xen keeps the evidence (QFW-INFO),
+# including the guest kernel's own log, read out of its memory (guestmem):
+# an early exception in copy_bootdata, its first touch of the direct map,
+# which early boot maps on a page fault, with CR2 reading 0 (see
+# tests/xen/README.md, step 7). The checks then use the same kernel as a PV
+# guest (CONFIG_XEN_PV), which boots.
 linux_pvh_attempt() {
     cat > /tmp/linux-pvh.cfg <<CFG
 name = "linux-pvh"
@@ -186,6 +190,14 @@ CFG
     xl list -v linux-pvh 2>/dev/null | sed 's/^/QFW-INFO linux-pvh (Reason-Code 0 = poweroff, 1 = reboot, 3 = crash): /'
     head -c 3000 $CONS/guest-linux-pvh.log 2>/dev/null | sed 's/^/QFW-INFO linux-pvh console: /' | head -15
     xl dmesg | grep -E "\(d$pdom\)|d${pdom}v0|d$pdom " | grep -v "save:\|restore:" | tail -15 | sed 's/^/QFW-INFO linux-pvh xl dmesg: /'
+    # Its kernel log buffer: dom0 runs the same kernel, whose /proc/kallsyms
+    # names the buffer's address; a PVH domU is loaded at the kernel's link
+    # address, so its physical address is that minus __START_KERNEL_map.
+    lb=$(awk '$3 == "__log_buf" {print $1}' /proc/kallsyms)
+    if [ -n "$lb" ] && [ -n "$pdom" ]; then
+        guestmem "$pdom" "$(printf '%x' $((0x$lb - 0xffffffff80000000)))" 40000 2>&1 | strings -n 6 | head -20 |
+            sed 's/^/QFW-INFO linux-pvh kernel log: /'
+    fi
     xl destroy linux-pvh 2>/dev/null
 }
 

@@ -38,6 +38,8 @@ for b in qubesdb-daemon qubesdb-read qubesdb-write qubesdb-rm qubesdb-list qubes
 done
 gcc -O2 -Wall -o "$OUT/vchan-peer" "$HERE/vchan-peer.c" -I"$R/usr/include" \
     -L"$R/usr/lib/x86_64-linux-gnu" -Wl,-rpath-link,"$R/usr/lib/x86_64-linux-gnu" -lxenvchan -lxenevtchn
+gcc -O2 -Wall -o "$OUT/guestmem" "$HERE/guestmem.c" -I"$R/usr/include" \
+    -L"$R/usr/lib/x86_64-linux-gnu" -Wl,-rpath-link,"$R/usr/lib/x86_64-linux-gnu" -lxenctrl
 gcc -O2 -Wall -static -o "$OUT/dns-answer" "$HERE/dns-answer.c"
 # A Linux client qube (the Debian kernel as a PV domU with a busybox
 # initramfs, client-init) whose traffic crosses the firewall's netback,
@@ -68,7 +70,7 @@ if [ "${QUBES_C:-1}" != 0 ]; then
     QC_FILES+=("$HERE/dom0-qubes-c.sh:/guest/dom0-qubes-c.sh")
 fi
 "$HERE/build-initramfs.sh" "$IMAGE:/guest/qubes-firewall.elf" "$LAB/img/vmlinuz:/guest/vmlinuz" "$OUT/client-initrd.gz:/guest/client-initrd.gz" "$OUT/hello-pvh-lm.elf:/guest/hello-pvh-lm.elf" \
-    "$OUT/vchan-peer:/usr/bin/vchan-peer" "$OUT/dns-answer:/usr/bin/dns-answer" "$R/usr/bin/iperf3:/usr/bin/iperf3" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \
+    "$OUT/vchan-peer:/usr/bin/vchan-peer" "$OUT/guestmem:/usr/bin/guestmem" "$OUT/dns-answer:/usr/bin/dns-answer" "$R/usr/bin/iperf3:/usr/bin/iperf3" "$ROOT/xen-config/qubes-firewall.cfg:/guest/qubes-firewall.cfg" \
     "$HERE/dom0-test.sh:/guest/test.sh" "${TOOLS[@]}" "${QC_FILES[@]}" >/dev/null
 echo "run.sh: prepared in $((SECONDS - t0)) s; image $(stat -c %s "$IMAGE") bytes"
 export LOG=$OUT/serial.log
