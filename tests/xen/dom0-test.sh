@@ -192,7 +192,8 @@ CFG
     xl dmesg | grep -E "\(d$pdom\)|d${pdom}v0|d$pdom " | grep -v "save:\|restore:" | tail -15 | sed 's/^/QFW-INFO linux-pvh xl dmesg: /'
     # Its kernel log buffer: dom0 runs the same kernel, whose /proc/kallsyms
     # names the buffer's address; a PVH domU is loaded at the kernel's link
-    # address, so its physical address is that minus __START_KERNEL_map.
+    # address, so its physical address is that minus __START_KERNEL_map;
+    # 0x40000 bytes (256 KiB) is the buffer's size in Debian's kernel.
     lb=$(awk '$3 == "__log_buf" {print $1}' /proc/kallsyms)
     if [ -n "$lb" ] && [ -n "$pdom" ]; then
         guestmem "$pdom" "$(printf '%x' $((0x$lb - 0xffffffff80000000)))" 40000 2>&1 | strings -n 6 | head -20 |
