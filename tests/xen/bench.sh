@@ -51,6 +51,19 @@ for b in qubesdb-daemon qubesdb-read qubesdb-write qrexec-daemon qrexec-client; 
     strip -o "$OUT/$b" "$DT/debug/$b"
     TOOLS+=("$OUT/$b:/usr/bin/$b")
 done
+# The lab's price of a hypercall (QFW-BENCH lab line): the minimal PVH guest
+# without and with 100,000 xen_version hypercalls, and as many from a dom0
+# process (PV).
+HC=100000
+gcc -c -DPOWEROFF -DLONGMODE "$HERE/hello-pvh.S" -o "$OUT/hello-pvh-lm.o"
+gcc -c -DPOWEROFF -DLONGMODE -DHYPERLOOP=$HC "$HERE/hello-pvh.S" -o "$OUT/hello-pvh-loop.o"
+for h in lm loop; do
+    ld -m elf_x86_64 -z max-page-size=4096 --no-warn-rwx-segments -T "$HERE/hello-pvh.ld" -o "$OUT/hello-pvh-$h.elf" "$OUT/hello-pvh-$h.o"
+    TOOLS+=("$OUT/hello-pvh-$h.elf:/guest/hello-pvh-$h.elf")
+done
+gcc -O2 -Wall -o "$OUT/dom0-hypercalls" "$HERE/dom0-hypercalls.c" -I"$R/usr/include" \
+    -L"$R/usr/lib/x86_64-linux-gnu" -Wl,-rpath-link,"$R/usr/lib/x86_64-linux-gnu" -lxenctrl
+TOOLS+=("$OUT/dom0-hypercalls:/usr/bin/dom0-hypercalls")
 KVER=$(cat "$LAB/img/kver")
 export LD_LIBRARY_PATH=$R/usr/lib/x86_64-linux-gnu:$R/lib/x86_64-linux-gnu
 # libs DEST BINARY...: copy the binaries' shared libraries (and the loader).
@@ -106,7 +119,7 @@ cp "$HERE/linuxfw-init" "$F/init"; chmod +x "$F/init"
 (cd "$F" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/linuxfw-initrd.gz"
 unset LD_LIBRARY_PATH
 
-printf 'SECS=%s\nUDP_RATE=%s\nROUNDS=%s\nFLOWTABLE=%s\nPROFILE=%s\nLOSE_OURS_AT=%s\n' "${SECS:-10}" "${UDP_RATE:-20M}" "${ROUNDS:-1}" "${FLOWTABLE:-0}" "${PROFILE:-0}" "${LOSE_OURS_AT:-0}" > "$OUT/bench.env"
+printf 'SECS=%s\nUDP_RATE=%s\nROUNDS=%s\nFLOWTABLE=%s\nPROFILE=%s\nLOSE_OURS_AT=%s\nHC=%s\n' "${SECS:-10}" "${UDP_RATE:-20M}" "${ROUNDS:-1}" "${FLOWTABLE:-0}" "${PROFILE:-0}" "${LOSE_OURS_AT:-0}" "$HC" > "$OUT/bench.env"
 # PROFILE=1: dom0 samples our firewall's instruction pointer (ripsample.c)
 # during its TCP runs (QFW-BENCH profile lines, named by tests/xen/symbolize.sh).
 if [ "${PROFILE:-0}" = 1 ]; then

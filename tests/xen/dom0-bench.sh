@@ -17,7 +17,7 @@
 # `QFW-BENCH` lines; the serial log is parsed by
 # xtask/src/bench_xen.rs. Env (written by bench.sh into
 # /guest/bench.env): SECS, UDP_RATE, ROUNDS, FLOWTABLE, PROFILE,
-# LOSE_OURS_AT.
+# LOSE_OURS_AT, HC (hypercalls for the lab's price of one).
 up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN{printf "%.2f", b-a}'; }
 # waitslow FILE PATTERN SECONDS: as waitfor below, polling twice a second (during
@@ -40,6 +40,24 @@ mem() { xl list "$1" 2>/dev/null | awk 'NR==2{print $3}'; }
 vcpus() { xl list "$1" 2>/dev/null | awk 'NR==2{print $4}'; }
 # tell DOMAIN LINE: a line on the domain's console input (its pty).
 tell() { t=$(xenstore-read "/local/domain/$(xl domid "$1")/console/tty") && echo "$2" > "$t"; }
+
+# The lab's price of a hypercall, before anything else runs: the minimal
+# PVH guest (the kind of domain ours is) timed from `xl create` to its
+# poweroff without and with $HC xen_version hypercalls (the first run
+# warms up), and $HC from a dom0 process, where each is a system call into
+# dom0's kernel, the privcmd ioctl and a hypercall from a PV domain (the
+# kind the Linux firewall is here, tests/xen/README.md).
+hello_s() { # ELF: seconds from xl create to shut down
+    printf 'name = "hello"\ntype = "pvh"\nkernel = "%s"\nmemory = 32\non_poweroff = "preserve"\n' "$1" > /tmp/hello.cfg
+    t=$(up); xl create /tmp/hello.cfg > /dev/null 2>&1 || { echo -; return; }
+    i=0; until xl list hello 2>/dev/null | awk 'NR==2{exit !($5 ~ /s/)}' || [ $i -ge 1200 ]; do usleep 50000; i=$((i+1)); done
+    since "$t"; xl destroy hello 2>/dev/null
+}
+HC=${HC:-100000}
+hello_s /guest/hello-pvh-lm.elf > /dev/null
+empty=$(hello_s /guest/hello-pvh-lm.elf); loop=$(hello_s /guest/hello-pvh-loop.elf)
+t=$(up); dom0-hypercalls "$HC" && dom0=$(since "$t") || dom0=-
+echo "QFW-BENCH lab calls=$HC pvh_empty_s=$empty pvh_calls_s=$loop dom0_calls_s=$dom0"
 
 brctl addbr xenbr0 && ip addr add 10.137.0.1/24 dev xenbr0 && ip link set xenbr0 up
 iperf3 -s -D -B 10.137.0.1 --logfile /tmp/iperf3.log

@@ -19,7 +19,8 @@
 //! ratio ours/Linux, the CPU time of each firewall domain, the TCP
 //! sender's retransmissions, UDP loss and memory, and how often each
 //! firewall notified its client and dom0 (their vifs' interrupts, per
-//! 1,000 packets of the client's), the round trips, and with more than
+//! 1,000 packets of the client's), the round trips, the lab's price of a
+//! hypercall (from a PVH guest, ours' kind, and from the PV dom0), and with more than
 //! one round each TCP test's ratio round by round (its spread, and how
 //! many rounds reached Linux). Under TCG only the ratio of one run means
 //! anything. A run that failed
@@ -142,6 +143,36 @@ fn parse_memory(log: &str) -> BTreeMap<String, BTreeMap<String, String>> {
         }
     }
     out
+}
+
+/// The lab's price of a hypercall from its `QFW-BENCH lab` line: from a
+/// PVH guest (the minimal one, timed with and without the calls), the
+/// kind of domain ours is, and from a dom0 process, PV as the Linux
+/// firewall is here (empty without the line or its figures).
+fn lab_calls(log: &str) -> String {
+    let Some(line) = log.lines().find_map(|l| {
+        l.find("QFW-BENCH lab ")
+            .map(|at| &l[at + "QFW-BENCH lab ".len()..])
+    }) else {
+        return String::new();
+    };
+    let f = fields(line);
+    let num = |k: &str| f.get(k).and_then(|v| v.parse::<f64>().ok());
+    let Some(calls) = num("calls").filter(|n| *n > 0.0) else {
+        return String::new();
+    };
+    let pvh = num("pvh_calls_s")
+        .zip(num("pvh_empty_s"))
+        .map(|(with, without)| 1e6 * (with - without) / calls);
+    let dom0 = num("dom0_calls_s").map(|s| 1e6 * s / calls);
+    if pvh.is_none() && dom0.is_none() {
+        return String::new();
+    }
+    format!(
+        "lab: a hypercall takes {} µs from a PVH guest (ours' kind of domain), {} µs as a whole call from a process in the PV dom0 (system call, privcmd, hypercall; the Linux firewall is PV here); {calls:.0} calls each\n",
+        show(pvh, 1),
+        show(dom0, 1)
+    )
 }
 
 /// Mean of the values present.
@@ -296,6 +327,7 @@ fn report(log: &str) -> Result<(String, usize), String> {
             get("vcpus")
         ));
     }
+    out.push_str(&lab_calls(log));
     out.push_str("loss: datagrams lost in a UDP run; in a TCP row the sender's retransmitted segments (iperf3's Retr), over all rounds.\n");
     out.push_str("CPU s: the firewall domain's `xl list` Time(s) over the run (TCG: compare, do not read as absolute).\n");
     Ok((out, failed.len()))
@@ -702,6 +734,28 @@ QFW-BENCH result fw=linux test=tcp-down round=2 mbit=380 loss= retr=0 rc=0 wall_
         )
         .expect("a report");
         assert!(!one.contains("by round"), "{one}");
+    }
+
+    #[test]
+    fn the_labs_price_of_a_hypercall_is_reported() {
+        let log = format!(
+            "[ 12.00] QFW-BENCH lab calls=100000 pvh_empty_s=0.48 pvh_calls_s=4.25 dom0_calls_s=2.30\n{LOG}"
+        );
+        let (text, _) = report(&log).expect("a report");
+        assert!(
+            text.contains("lab: a hypercall takes 37.7 µs from a PVH guest (ours' kind of domain), 23.0 µs as a whole call from a process in the PV dom0"),
+            "{text}"
+        );
+        assert!(text.contains("100000 calls each\n"), "{text}");
+        // A PVH guest that did not come up ("-") leaves its figure out.
+        let log = format!(
+            "QFW-BENCH lab calls=100000 pvh_empty_s=- pvh_calls_s=- dom0_calls_s=2.30\n{LOG}"
+        );
+        let (text, _) = report(&log).expect("a report");
+        assert!(text.contains("takes - µs from a PVH guest"), "{text}");
+        // Older logs have no lab line.
+        let (text, _) = report(LOG).expect("a report");
+        assert!(!text.contains("lab:"), "{text}");
     }
 
     #[test]
