@@ -27,6 +27,7 @@ pub mod frames;
 pub mod grant;
 pub mod heap;
 pub mod hypercall;
+pub mod mem;
 pub mod netback;
 pub mod netfront;
 mod platform;

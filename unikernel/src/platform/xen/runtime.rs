@@ -284,24 +284,10 @@ fn panic(info: &PanicInfo<'_>) -> ! {
 /// `dst` and `src` valid for `n` bytes, not overlapping.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // Eight bytes per step (`rep movsq`), then the last 0-7 (`rep movsb`):
-    // as fast as `rep movsb` where the CPU has fast strings, several times
-    // faster where it has not, and eight times fewer steps where each step
-    // is emulated (QEMU's TCG runs a `rep` instruction one step at a time).
-    // SAFETY: the caller's contract; both string moves copy forwards (DF is
-    // clear by the ABI) and together move exactly `n` bytes.
-    unsafe {
-        core::arch::asm!(
-            "rep movsq",
-            "mov ecx, {tail:e}",
-            "rep movsb",
-            tail = in(reg) n & 7,
-            inout("rcx") n >> 3 => _,
-            inout("rdi") dst => _,
-            inout("rsi") src => _,
-            options(nostack, preserves_flags),
-        );
-    }
+    // 64 bytes per SSE2 step, then the rest (see `mem` for why: the lab's
+    // TCG runs a `rep` instruction one element per step).
+    // SAFETY: the caller's contract, which is `copy_forward`'s.
+    unsafe { super::mem::copy_forward(dst, src, n) };
     dst
 }
 
@@ -329,22 +315,9 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
 /// `dst` valid for `n` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
-    // Eight bytes per step, then the rest, as `memcpy`; `stosb` stores the
-    // low byte of the repeated pattern, which is `value`'s.
-    let pattern = u64::from(value as u8) * 0x0101_0101_0101_0101;
-    // SAFETY: the caller's contract; exactly `n` bytes are stored forwards.
-    unsafe {
-        core::arch::asm!(
-            "rep stosq",
-            "mov ecx, {tail:e}",
-            "rep stosb",
-            tail = in(reg) n & 7,
-            inout("rcx") n >> 3 => _,
-            inout("rdi") dst => _,
-            in("rax") pattern,
-            options(nostack, preserves_flags),
-        );
-    }
+    // As `memcpy`; C's memset stores `value` converted to a byte.
+    // SAFETY: the caller's contract, which is `fill`'s.
+    unsafe { super::mem::fill(dst, value as u8, n) };
     dst
 }
 
