@@ -47,11 +47,13 @@ tell() { t=$(xenstore-read "/local/domain/$(xl domid "$1")/console/tty") && echo
 # warms up), and $HC from a dom0 process, where each is a system call into
 # dom0's kernel, the privcmd ioctl and a hypercall from a PV domain (the
 # kind the Linux firewall is here, tests/xen/README.md).
-hello_s() { # ELF: seconds from xl create to shut down
+hello_s() { # ELF: seconds from xl create to shut down ("-" if it did not)
     printf 'name = "hello"\ntype = "pvh"\nkernel = "%s"\nmemory = 32\non_poweroff = "preserve"\n' "$1" > /tmp/hello.cfg
     t=$(up); xl create /tmp/hello.cfg > /dev/null 2>&1 || { echo -; return; }
-    i=0; until xl list hello 2>/dev/null | awk 'NR==2{exit !($5 ~ /s/)}' || [ $i -ge 1200 ]; do usleep 50000; i=$((i+1)); done
-    since "$t"; xl destroy hello 2>/dev/null
+    down() { xl list hello 2>/dev/null | awk 'NR==2{exit !($5 ~ /s/)}'; }
+    i=0; until down || [ $i -ge 1200 ]; do usleep 50000; i=$((i+1)); done
+    if down; then since "$t"; else echo -; fi
+    xl destroy hello 2>/dev/null
 }
 HC=${HC:-100000}
 hello_s /guest/hello-pvh-lm.elf > /dev/null
