@@ -540,6 +540,10 @@ pub struct RingCounts {
     /// Frames for the peer the device dropped: no buffer posted, the
     /// device stopped, too long, a send that failed.
     pub dropped: u64,
+    /// Packets from the peer copied to a buffer offset so that their whole
+    /// pages land on ours (fewer grant-copy ops), then moved to its front
+    /// (Xen's netback, `platform::xen::grant::best_copy_start`).
+    pub realigned: u64,
 }
 
 /// A NIC that may carry offload metadata with its frames. The defaults are

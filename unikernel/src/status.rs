@@ -210,14 +210,19 @@ impl StatusReport {
         if self.interfaces.iter().any(|i| i.ring.is_some()) {
             writeln!(
                 out,
-                "# rings: name grant_copy_batches notifications_sent refused_from_peer dropped_to_peer"
+                "# rings: name grant_copy_batches notifications_sent refused_from_peer dropped_to_peer copies_realigned"
             )?;
             for i in &self.interfaces {
                 if let Some(ring) = i.ring {
                     writeln!(
                         out,
-                        "ring {} {} {} {} {}",
-                        i.name, ring.copy_batches, ring.notifications, ring.refused, ring.dropped
+                        "ring {} {} {} {} {} {}",
+                        i.name,
+                        ring.copy_batches,
+                        ring.notifications,
+                        ring.refused,
+                        ring.dropped,
+                        ring.realigned
                     )?;
                 }
             }
@@ -353,6 +358,7 @@ mod tests {
                     notifications: 9,
                     refused: 2,
                     dropped: 4,
+                    realigned: 5,
                 }),
             }],
             drops: vec![("denied by the client's rules", 3), ("malformed", 0)],
@@ -409,8 +415,8 @@ dns: 10.139.1.1 10.139.1.2
 interface uplink 5 500 6 600 1
 # gso: name packets_received_whole packets_sent_whole frames_sent_from_lent_pages
 gso uplink 4 2 1
-# rings: name grant_copy_batches notifications_sent refused_from_peer dropped_to_peer
-ring uplink 0 9 2 4
+# rings: name grant_copy_batches notifications_sent refused_from_peer dropped_to_peer copies_realigned
+ring uplink 0 9 2 4 5
 
 # drops: count reason
 drop 3 denied by the client's rules

@@ -363,6 +363,48 @@ pub fn plan_copy(
     (total == local_len).then_some(count)
 }
 
+/// How many `gnttab_copy` ops [`plan_copy`] makes for `segments` when
+/// the first byte of our buffer lies `start` bytes into one of our pages:
+/// one for each of our pages a (non-empty) segment touches.
+pub fn copy_ops(segments: &[Segment], start: usize) -> usize {
+    let page = abi::PAGE_SIZE;
+    let mut at = start % page;
+    let mut ops = 0usize;
+    for segment in segments {
+        let len = usize::from(segment.len);
+        if len == 0 {
+            continue;
+        }
+        ops += (at + len).div_ceil(page);
+        at = (at + len) % page;
+    }
+    ops
+}
+
+/// Where in one of our pages a buffer for `segments` should start so that
+/// their copy takes the fewest ops, and that many ops.
+///
+/// A client's large TCP packet comes as a few header bytes and then whole
+/// pages of payload: copied to a buffer that starts on a page, every
+/// payload page straddles two of ours and costs two ops; started where the
+/// first payload page lands on a page boundary, one. The candidates are 0
+/// and each start that puts a segment on a page boundary; the smallest
+/// start wins a tie.
+pub fn best_copy_start(segments: &[Segment]) -> (usize, usize) {
+    let page = abi::PAGE_SIZE;
+    let mut best = (0, copy_ops(segments, 0));
+    let mut before = 0usize;
+    for segment in segments {
+        let start = (page - before % page) % page;
+        let ops = copy_ops(segments, start);
+        if ops < best.1 || (ops == best.1 && start < best.0) {
+            best = (start, ops);
+        }
+        before += usize::from(segment.len);
+    }
+    best
+}
+
 #[allow(clippy::indexing_slicing)] // reason: test code and test doubles; a panic there is a failed test
 #[cfg(test)]
 mod tests {
@@ -571,6 +613,74 @@ mod tests {
             plan_copy(1, &whole, 0x10_0001, len, dir, &mut ops),
             Some(MAX_COPY_OPS)
         );
+    }
+
+    #[test]
+    fn copy_ops_count_what_plan_copy_makes() {
+        let dir = CopyDirection::FromPeer;
+        let mut ops = [abi::GnttabCopy::default(); MAX_COPY_OPS];
+        let layouts: [&[Segment]; 4] = [
+            &[
+                seg(1, 100, 66),
+                seg(2, 3000, 1096),
+                seg(3, 0, 4096),
+                seg(4, 0, 4096),
+                seg(5, 0, 900),
+            ],
+            &[seg(1, 0, 4096); MAX_COPY_SEGMENTS],
+            &[
+                seg(1, 0, 0),
+                seg(2, 7, 1),
+                seg(3, 0, 4095),
+                seg(4, 0, 0),
+                seg(5, 1, 4095),
+            ],
+            &[],
+        ];
+        for segments in layouts {
+            let len: usize = segments.iter().map(|s| usize::from(s.len)).sum();
+            for start in [0usize, 1, 66, 1000, 3030, 4095, 4096, 4097] {
+                let local = 0x10_0000 + start as u64;
+                let planned = plan_copy(1, segments, local, len, dir, &mut ops);
+                assert_eq!(
+                    planned,
+                    Some(copy_ops(segments, start)),
+                    "{segments:?} at {start}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_best_start_puts_whole_payload_pages_on_ours() {
+        // A 66-byte header, the rest of a page from 3000, then whole pages:
+        // from a page boundary each whole page takes two ops.
+        let mut segments = alloc::vec![seg(1, 100, 66), seg(2, 3000, 1096)];
+        segments.extend([seg(3, 0, 4096); 14]);
+        segments.push(seg(4, 0, 900));
+        assert_eq!(copy_ops(&segments, 0), 1 + 1 + 14 * 2 + 1);
+        // Started 4096 - 1162 bytes into a page, the whole pages line up
+        // (the header and the partial page then share one of ours).
+        let (start, ops) = best_copy_start(&segments);
+        assert_eq!(start, 4096 - 66 - 1096);
+        assert_eq!(ops, 1 + 1 + 14 + 1);
+        assert_eq!(copy_ops(&segments, start), ops);
+        // Already aligned, or nothing to gain: 0.
+        assert_eq!(best_copy_start(&[seg(1, 0, 4096); 3]), (0, 3));
+        assert_eq!(best_copy_start(&[seg(1, 0, 60)]), (0, 1));
+        assert_eq!(best_copy_start(&[]), (0, 0));
+        // No start can do better than one op per segment, none worse than
+        // the start on a page boundary.
+        let odd = [
+            seg(1, 5, 3000),
+            seg(2, 0, 2000),
+            seg(3, 9, 4000),
+            seg(4, 0, 10),
+        ];
+        let (start, ops) = best_copy_start(&odd);
+        assert!(ops >= odd.len() && ops <= copy_ops(&odd, 0));
+        assert_eq!(copy_ops(&odd, start), ops);
+        assert!((0..4096).all(|s| copy_ops(&odd, s) >= ops));
     }
 
     #[test]

@@ -45,6 +45,10 @@
 //! while it has room: the client's ring fills and its own queue holds the
 //! rest (backpressure; nothing it handed over is dropped here).
 //! Copies are batched: the TX packets of one poll round in one grant copy;
+//! a TX packet of headers and whole pages (what Linux netfront sends for a
+//! large TCP segment) goes to the offset of its buffer where those pages
+//! land on ours, one op each instead of two, and is moved to the front
+//! after the copy ([`REALIGN_BYTES_PER_OP`]);
 //! towards the client, while the platform batches (`batching`), the frames
 //! handed over with [`Netback::send_owned`] are held, their responses
 //! written but not published, and [`Netback::flush`] copies them in one
@@ -76,6 +80,7 @@ use alloc::vec::Vec;
 
 use super::events::Notify;
 use super::frames::{self, FramePool};
+use super::grant;
 pub use super::grant::{MAX_COPY_SEGMENTS, Segment};
 use super::netfront::{
     MAX_FRAME, NETIF_RSP_NULL, NETRXF_CSUM_BLANK, NETRXF_DATA_VALIDATED, NETRXF_EXTRA_INFO,
@@ -292,6 +297,9 @@ pub struct NetbackStats {
     /// one per poll round from the client, one per frame or held batch
     /// to it.
     pub copy_batches: u64,
+    /// Packets from the client copied at an offset where their whole pages
+    /// land on ours, then moved to the front ([`REALIGN_BYTES_PER_OP`]).
+    pub realigned: u64,
 }
 
 /// What a client's frontend wrote it takes on RX (its xenstore keys).
@@ -341,9 +349,23 @@ struct Pending {
     gso: Option<(u16, u8)>,
     segments: [Segment; MAX_COPY_SEGMENTS],
     segment_count: usize,
+    /// Where the frame begins in its buffer ([`Fate::Copy`]): 0, or where
+    /// its copy takes fewer ops ([`grant::best_copy_start`]); the frame
+    /// is moved to the buffer's front after the copy.
+    start: usize,
     /// What happens to it.
     fate: Fate,
 }
+
+/// Bytes of moving a frame within its buffer that one grant-copy op
+/// saved is worth: a packet is copied at the offset where its whole pages
+/// land on ours ([`grant::best_copy_start`]) and moved to the front when
+/// that saves an op per this many bytes. Xen handles each op of a batch
+/// on its own (reads it from our memory, takes both pages, writes its
+/// status back): in the Xen-under-QEMU lab an op cost about 12 µs on top
+/// of its bytes, and moving 64 KiB with our `memcpy` 9 µs; on
+/// hardware the two are of the same order (a fraction of a µs).
+pub const REALIGN_BYTES_PER_OP: usize = 8192;
 
 /// What becomes of a [`Pending`] packet.
 #[derive(Debug, Clone)]
@@ -618,6 +640,7 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             gso,
             segments: [Segment::default(); MAX_COPY_SEGMENTS],
             segment_count: 0,
+            start: 0,
             fate: Fate::Refused,
         };
         let mut more = first.flags & NETTXF_MORE_DATA != 0;
@@ -678,7 +701,25 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
             count += 1;
         }
         packet.segment_count = count;
-        packet.fate = Fate::Copy(self.pool.take(total));
+        // Where the payload's whole pages of the client's land on whole
+        // pages of ours, each takes one op instead of two; the frame is
+        // then moved to the front of its buffer, which pays while each op
+        // saved spares a copy of REALIGN_BYTES_PER_OP.
+        let segments = packet.segments.get(..count).unwrap_or(&[]);
+        let plain = grant::copy_ops(segments, 0);
+        let (best, fewest) = grant::best_copy_start(segments);
+        if best != 0 && plain.saturating_sub(fewest) * REALIGN_BYTES_PER_OP >= total {
+            // Buffers of a page or more start on a page (`heap`), so
+            // this one's own offset is normally 0.
+            let mut frame = self.pool.take(total + PAGE);
+            let start = (best + PAGE - frame.as_ptr().addr() % PAGE) % PAGE;
+            frame.truncate(total + start);
+            packet.start = start;
+            packet.fate = Fate::Copy(frame);
+            self.stats.realigned += 1;
+        } else {
+            packet.fate = Fate::Copy(self.pool.take(total));
+        }
     }
 
     /// Copies the pending packets' slots in one batch, then answers and
@@ -696,13 +737,14 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
                 let Pending {
                     segments,
                     segment_count,
+                    start,
                     fate,
                     ..
                 } = packet;
                 if let Fate::Copy(frame) = fate {
                     jobs.push(Gather {
                         segments: segments.get(..*segment_count).unwrap_or(&[]),
-                        dst: frame,
+                        dst: frame.get_mut(*start..).unwrap_or_default(),
                         done: false,
                     });
                     owners.push(index);
@@ -731,7 +773,13 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
     fn finish_packet(&mut self, packet: Pending, copied: bool) {
         let rest = packet.rest.get(..packet.count).unwrap_or(&[]);
         let mut frame = match packet.fate {
-            Fate::Copy(frame) if copied => frame,
+            Fate::Copy(mut frame) if copied => {
+                if packet.start != 0 {
+                    frame.copy_within(packet.start.., 0);
+                    frame.truncate(frame.len().saturating_sub(packet.start));
+                }
+                frame
+            }
             Fate::Copy(_) | Fate::Refused => {
                 self.stats.bad_requests += 1;
                 self.respond_packet(&packet.first, packet.extras, rest, RSP_ERROR);
@@ -1522,6 +1570,66 @@ mod tests {
         back.poll();
         assert_eq!(statuses(&tx, start, n), [0, 0, 0]);
         assert_eq!(back.take_frame(), Some(small));
+    }
+
+    #[test]
+    fn a_packet_whose_pages_straddle_ours_is_copied_realigned_and_arrives_whole() {
+        // As Linux netfront sends a large TCP packet: the headers, the
+        // rest of a payload page, then whole pages. Copied from the front
+        // of a buffer every whole page would take two ops.
+        let (_front, mut back, pages, tx) = pair();
+        let frame = tcp4_frame(66 + 1096 + 13 * 4096 + 700 - 54);
+        let mut sizes = alloc::vec![66, 1096];
+        sizes.extend([4096; 13]);
+        let (start, n) = post_packet(
+            &pages,
+            &tx,
+            &frame,
+            &sizes,
+            NETTXF_CSUM_BLANK,
+            Some((1448, GSO_TYPE_TCPV4)),
+        );
+        back.poll();
+        assert_eq!(n, 17, "16 data slots and the extra info");
+        assert!(
+            statuses(&tx, start, n)
+                .iter()
+                .all(|&s| s == 0 || s == NETIF_RSP_NULL)
+        );
+        let (got, _) = back.take_frame_offloaded().expect("a packet");
+        assert_eq!(got.len(), frame.len());
+        assert_eq!(got[..50], frame[..50]);
+        assert_eq!(got[52..], frame[52..]);
+        assert_eq!(back.stats().realigned, 1);
+        // Its buffer goes back to the pool and serves the next one.
+        back.pool.give(got);
+        post_packet(
+            &pages,
+            &tx,
+            &frame,
+            &sizes,
+            NETTXF_CSUM_BLANK,
+            Some((1448, GSO_TYPE_TCPV4)),
+        );
+        back.poll();
+        let (got, _) = back.take_frame_offloaded().expect("a packet");
+        assert_eq!(got[52..], frame[52..]);
+        assert_eq!(back.stats().realigned, 2);
+        // Whole pages from the first byte, a single slot, or a gain that
+        // does not pay for the move: copied to the front as they are.
+        for sizes in [&[4096, 4096, 4096][..], &[1500][..], &[66, 4030, 100][..]] {
+            let total: usize = sizes.iter().sum();
+            let frame = tcp4_frame(total - 54);
+            let gso = Some((1448, GSO_TYPE_TCPV4));
+            post_packet(&pages, &tx, &frame, sizes, NETTXF_CSUM_BLANK, gso);
+            back.poll();
+            let (got, _) = back.take_frame_offloaded().expect("a packet");
+            assert!(
+                got.len() == frame.len() && got[52..] == frame[52..],
+                "{sizes:?}"
+            );
+        }
+        assert_eq!(back.stats().realigned, 2);
     }
 
     #[test]

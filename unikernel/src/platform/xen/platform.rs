@@ -1309,6 +1309,7 @@ impl crate::offload::OffloadNic for XenNic {
                     .bad_requests
                     .saturating_add(stats.bad_checksum_offload),
                 dropped: stats.dropped,
+                realigned: stats.realigned,
             });
         }
         self.netfront_stats()
@@ -1320,6 +1321,7 @@ impl crate::offload::OffloadNic for XenNic {
                     .saturating_add(stats.protocol_errors)
                     .saturating_add(stats.bad_checksum_offload),
                 dropped: stats.tx_errors,
+                realigned: 0,
             })
     }
 
