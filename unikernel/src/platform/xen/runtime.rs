@@ -284,8 +284,8 @@ fn panic(info: &PanicInfo<'_>) -> ! {
 /// `dst` and `src` valid for `n` bytes, not overlapping.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // 64 bytes per SSE2 step, then the rest (see `mem` for why: the lab's
-    // TCG runs a `rep` instruction one element per step).
+    // 64 bytes per step in eight 8-byte moves, then the rest (see `mem`
+    // for why: what the lab's TCG runs fastest).
     // SAFETY: the caller's contract, which is `copy_forward`'s.
     unsafe { super::mem::copy_forward(dst, src, n) };
     dst

@@ -263,6 +263,40 @@ impl SharedMemory for RawMemory {
             dst.fill(0);
             return;
         };
+        #[cfg(not(miri))]
+        {
+            // SAFETY: `p..p + dst.len()` is inside the region (checked by
+            // `at`); `dst` is ours and cannot overlap it (no Rust reference
+            // points into the region, `new`'s contract). The copy is
+            // inline assembly, opaque to the compiler as a volatile access
+            // is, so a peer writing the region meanwhile changes only the
+            // bytes we get. 64 bytes per step (`mem`, where the lab's
+            // figures are): under TCG about twice as fast as the word loop
+            // Miri runs instead.
+            unsafe { super::mem::copy_forward(dst.as_mut_ptr(), p, dst.len()) };
+        }
+        #[cfg(miri)]
+        self.read_words(p, dst);
+    }
+    fn write_bytes(&self, offset: usize, src: &[u8]) {
+        let Some(p) = self.at(offset, src.len()) else {
+            return;
+        };
+        #[cfg(not(miri))]
+        {
+            // SAFETY: as in `read_bytes`, the other way.
+            unsafe { super::mem::copy_forward(p, src.as_ptr(), src.len()) };
+        }
+        #[cfg(miri)]
+        self.write_words(p, src);
+    }
+}
+
+/// Miri cannot run inline assembly: under it the byte copies go through
+/// volatile accesses, a word at a time.
+#[cfg(miri)]
+impl RawMemory {
+    fn read_words(&self, p: *mut u8, dst: &mut [u8]) {
         // Bytes up to the first 8-byte boundary, then whole aligned words
         // (8 times fewer volatile accesses than byte by byte), then the rest.
         let head = (WORD - p.addr() % WORD) % WORD;
@@ -288,10 +322,7 @@ impl SharedMemory for RawMemory {
             at = at.wrapping_add(1);
         }
     }
-    fn write_bytes(&self, offset: usize, src: &[u8]) {
-        let Some(p) = self.at(offset, src.len()) else {
-            return;
-        };
+    fn write_words(&self, p: *mut u8, src: &[u8]) {
         let head = (WORD - p.addr() % WORD) % WORD;
         let (first, rest) = src.split_at(head.min(src.len()));
         let mut at = p;
@@ -316,7 +347,8 @@ impl SharedMemory for RawMemory {
     }
 }
 
-/// Bytes per wide access in [`RawMemory::read_bytes`]/`write_bytes`.
+/// Bytes per wide access in `RawMemory::read_words`/`write_words`.
+#[cfg(miri)]
 const WORD: usize = 8;
 
 #[allow(clippy::indexing_slicing)] // reason: test code; a panic there is a failed test
