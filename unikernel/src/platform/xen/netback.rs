@@ -706,8 +706,14 @@ impl<M: SharedMemory, C: GrantCopy, N: Notify> Netback<M, C, N> {
         // then moved to the front of its buffer, which pays while each op
         // saved spares a copy of REALIGN_BYTES_PER_OP.
         let segments = packet.segments.get(..count).unwrap_or(&[]);
+        // One op a segment is the least any start gives (every small
+        // packet, and most others): no search then.
         let plain = grant::copy_ops(segments, 0);
-        let (best, fewest) = grant::best_copy_start(segments);
+        let (best, fewest) = if plain > count {
+            grant::best_copy_start(segments)
+        } else {
+            (0, plain)
+        };
         if best != 0 && plain.saturating_sub(fewest) * REALIGN_BYTES_PER_OP >= total {
             // Buffers of a page or more start on a page (`heap`), so
             // this one's own offset is normally 0.
