@@ -17,7 +17,7 @@
 # `QFW-BENCH` lines; the serial log is parsed by
 # xtask/src/bench_xen.rs. Env (written by bench.sh into
 # /guest/bench.env): SECS, UDP_RATE, ROUNDS, FLOWTABLE, PROFILE,
-# LOSE_OURS_AT, HC (hypercalls for the lab's price of one).
+# LOSE_OURS_AT, HC (hypercalls for the lab's price of one), LINUX_VCPUS.
 up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN{printf "%.2f", b-a}'; }
 # waitslow FILE PATTERN SECONDS: as waitfor below, polling twice a second (during
@@ -27,7 +27,8 @@ waitfor() { # file pattern tenths
     i=0; until grep -q "$2" "$1" 2>/dev/null || [ $i -ge "$3" ]; do sleep 0.1; i=$((i+1)); done; grep -q "$2" "$1" 2>/dev/null; }
 # shellcheck disable=SC1091
 [ -f /guest/bench.env ] && . /guest/bench.env
-SECS=${SECS:-10} UDP_RATE=${UDP_RATE:-20M} ROUNDS=${ROUNDS:-1} FLOWTABLE=${FLOWTABLE:-0} PROFILE=${PROFILE:-0} LOSE_OURS_AT=${LOSE_OURS_AT:-0}
+SECS=${SECS:-10} UDP_RATE=${UDP_RATE:-20M} ROUNDS=${ROUNDS:-1} FLOWTABLE=${FLOWTABLE:-0} PROFILE=${PROFILE:-0} LOSE_OURS_AT=${LOSE_OURS_AT:-0} LINUX_VCPUS=${LINUX_VCPUS:-2}
+case $LINUX_VCPUS in 1|2) ;; *) echo "QFW-BENCH FAIL LINUX_VCPUS must be 1 or 2, not '$LINUX_VCPUS'"; echo "QFW-BENCH-END"; exit 1;; esac
 CONS=/var/log/xen/console
 mkdir -p /var/run/qubes /var/log/qubes
 fail() { echo "QFW-BENCH FAIL $*"; grep LINUXFW $CONS/guest-linux-fw.log 2>/dev/null | sed 's/^/QFW-BENCH info /'; echo "QFW-BENCH-END"; exit 1; }
@@ -100,7 +101,7 @@ ramdisk = "/guest/linuxfw-initrd.gz"
 extra = "console=hvc0 quiet qfw_ip=10.137.0.3 qfw_gw=10.137.0.1 qfw_flowtable=$FLOWTABLE"
 memory = 400
 maxmem = 400
-vcpus = 2
+vcpus = $LINUX_VCPUS
 on_poweroff = "preserve"
 on_crash = "preserve"
 vif = [ 'bridge=xenbr0,script=vif-mini,mac=00:16:3e:5e:6c:03' ]

@@ -30,7 +30,8 @@
 //!
 //! Env, passed on to bench.sh: `LAB` (default `/tmp/qubes-fw-xen-bench`),
 //! `SECS` (10), `UDP_RATE` (20M), `ROUNDS` (1), `FLOWTABLE` (0), `PROFILE`
-//! (0), `LOSE_OURS_AT` (0), `TIMEOUT`.
+//! (0), `LOSE_OURS_AT` (0), `LINUX_VCPUS` (2, what Qubes gives a
+//! sys-firewall; 1 gives it our one vCPU, an experiment), `TIMEOUT`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
