@@ -227,7 +227,7 @@ echo "QFW-BENCH memory fw=linux domain_mib=$(mem linux-fw) vcpus=$(vcpus linux-f
 tell linux-fw stats
 waitfor $LFLOG "LINUXFW stats nft" 100
 grep "LINUXFW stats" $LFLOG | sed 's/^/QFW-BENCH info /'
-grep -E "^interface|^gso|^ring|^drop|^heap" /tmp/status.txt | sed 's/^/QFW-BENCH info ours status: /'
+grep -E "^interface|^gso|^ring|^drop|^heap|^clock" /tmp/status.txt | sed 's/^/QFW-BENCH info ours status: /'
 xl list | sed 's/^/QFW-BENCH info xl list: /'
 if [ "$PROFILE" = 1 ]; then
     # Xen's TSC report ('s' key): whether it traps the guests' RDTSC

@@ -308,7 +308,7 @@ impl<P: Platform> Firewall<P> {
     }
 
     /// The status report, as `qubes.FirewallStatus` prints it, but without
-    /// the heap's figures (they come from the platform, not at hand here;
+    /// the heap's and the clock's figures (they come from the platform, not at hand here;
     /// the qrexec service asks the platform).
     pub fn status(&self, now: Instant) -> StatusReport {
         build_report(&ReportInputs {
@@ -319,6 +319,7 @@ impl<P: Platform> Firewall<P> {
             connected: &self.connected,
             wall_clock: self.wall_clock,
             heap: None,
+            clock: None,
             started: self.started,
             now,
         })
@@ -563,8 +564,10 @@ impl<P: Platform> Firewall<P> {
             return;
         }
         let heap = platform.heap_usage();
+        let clock = platform.clock_counts();
         let mut host = Host {
             heap,
+            clock,
             network: self.network.as_ref(),
             qubesdb: &self.qubesdb,
             agent: self.agent.stats(),
@@ -910,6 +913,7 @@ struct Host<'a, P: Platform> {
     connected: &'a ConnectedIps,
     wall_clock: &'a mut WallClock,
     heap: Option<crate::platform::HeapUsage>,
+    clock: Option<crate::platform::ClockCounts>,
     started: Instant,
     now: Instant,
 }
@@ -924,6 +928,7 @@ impl<P: Platform> ServiceHost for Host<'_, P> {
             connected: self.connected,
             wall_clock: *self.wall_clock,
             heap: self.heap,
+            clock: self.clock,
             started: self.started,
             now: self.now,
         });
@@ -944,6 +949,7 @@ struct ReportInputs<'a, P: Platform> {
     connected: &'a ConnectedIps,
     wall_clock: WallClock,
     heap: Option<crate::platform::HeapUsage>,
+    clock: Option<crate::platform::ClockCounts>,
     started: Instant,
     now: Instant,
 }
@@ -953,6 +959,7 @@ fn build_report<P: Platform>(inputs: &ReportInputs<'_, P>) -> StatusReport {
         uptime_seconds: (inputs.now - inputs.started).secs(),
         wall_clock: inputs.wall_clock.now(inputs.now),
         heap: inputs.heap,
+        clock: inputs.clock,
         qubesdb: inputs.qubesdb.database().stats(),
         qrexec: inputs.agent,
         connected_ips: inputs.connected.addresses.clone(),

@@ -13,7 +13,9 @@
 //! test greps to show the image's memory at `memory = 16`; a heap without a
 //! fixed size (the hosted process's, counted by its global allocator) shows
 //! `used` only, and `heap_peak: N KiB` follows where the platform keeps the
-//! high-water mark (the soak reports it).
+//! high-water mark (the soak reports it). Where the platform counts its
+//! clock's readings (the Xen image), `clock: from_tsc N at_wake N` says how
+//! many read the TSC and how many took the time Xen woke us instead.
 #![forbid(unsafe_code)]
 
 use alloc::string::String;
@@ -22,7 +24,7 @@ use core::fmt::{self, Write};
 use core::net::IpAddr;
 
 use crate::config::NetworkSettings;
-use crate::platform::HeapUsage;
+use crate::platform::{ClockCounts, HeapUsage};
 use crate::qrexec::AgentStats;
 use crate::qubesdb::DbStats;
 
@@ -95,6 +97,8 @@ pub struct StatusReport {
     /// The heap's use, where the platform measures it (the Xen image's
     /// talc, the hosted process's counting allocator).
     pub heap: Option<HeapUsage>,
+    /// Where the clock's readings came from, where the platform counts it.
+    pub clock: Option<ClockCounts>,
     /// The network configuration, once known.
     pub network: Option<NetworkSettings>,
     /// Per-interface counters (uplink first).
@@ -158,6 +162,13 @@ impl StatusReport {
         }
         if let Some(heap) = self.heap.filter(|heap| heap.peak > 0) {
             writeln!(out, "heap_peak: {} KiB", heap.peak >> 10)?;
+        }
+        if let Some(clock) = self.clock {
+            writeln!(
+                out,
+                "clock: from_tsc {} at_wake {}",
+                clock.from_tsc, clock.at_wake
+            )?;
         }
         match &self.network {
             Some(network) => {
@@ -332,6 +343,10 @@ mod tests {
                 total: (12 << 20) + 512,
                 peak: 0,
             }),
+            clock: Some(ClockCounts {
+                from_tsc: 7,
+                at_wake: 1234,
+            }),
             network: Some(NetworkSettings {
                 ip: Ipv4Addr::new(10, 137, 0, 2),
                 gateway: Ipv4Addr::new(10, 137, 0, 1),
@@ -406,6 +421,7 @@ qubes-firewall status
 uptime_seconds: 42
 wall_clock_unix: 1438359043
 heap: used 3072 KiB free 9216 KiB of 12288 KiB
+clock: from_tsc 7 at_wake 1234
 network_source: QubesDB
 ip: 10.137.0.2
 gateway: 10.137.0.1
@@ -448,6 +464,7 @@ qrexec: started 0 completed 0 failed 0 refused_busy 0 refused_platform 0 control
         assert!(text.contains("qubes.SetDateTime not yet called"));
         assert!(text.contains("heap: not measured\n"));
         assert!(!text.contains("heap_peak"));
+        assert!(!text.contains("clock:"));
     }
 
     #[test]

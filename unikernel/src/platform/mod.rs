@@ -176,6 +176,16 @@ impl HeapUsage {
     }
 }
 
+/// Where the clock's readings came from, where the platform counts them
+/// (the Xen image: `platform::xen::time::Clock`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockCounts {
+    /// Read from the TSC (a trapped instruction where Xen emulates it).
+    pub from_tsc: u64,
+    /// The time Xen last put us on a CPU, taken after a sleep instead.
+    pub at_wake: u64,
+}
+
 /// Everything the portable firewall needs from the machine it runs on.
 pub trait Platform {
     /// A vchan end (server or client).
@@ -193,6 +203,11 @@ pub trait Platform {
     /// The heap's use, where the platform owns its heap (the Xen image);
     /// `None` where it does not (a Linux process: the C library's heap).
     fn heap_usage(&self) -> Option<HeapUsage>;
+    /// Where the clock's readings came from, where the platform counts
+    /// them.
+    fn clock_counts(&self) -> Option<ClockCounts> {
+        None
+    }
     /// Monotonic time since boot.
     fn now(&self) -> Instant;
     /// Sleeps until an event arrives on any link or NIC, or `deadline`

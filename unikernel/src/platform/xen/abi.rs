@@ -15,6 +15,7 @@
 pub const HYPERVISOR_MEMORY_OP: usize = 12;
 pub const HYPERVISOR_XEN_VERSION: usize = 17;
 pub const HYPERVISOR_GRANT_TABLE_OP: usize = 20;
+pub const HYPERVISOR_VCPU_OP: usize = 24;
 pub const HYPERVISOR_SCHED_OP: usize = 29;
 pub const HYPERVISOR_EVENT_CHANNEL_OP: usize = 32;
 pub const HYPERVISOR_HVM_OP: usize = 34;
@@ -225,6 +226,18 @@ pub const TIME_TSC_TIMESTAMP: usize = 8;
 pub const TIME_SYSTEM_TIME: usize = 16;
 pub const TIME_TSC_TO_SYSTEM_MUL: usize = 24;
 pub const TIME_TSC_SHIFT: usize = 28;
+
+/// `vcpu.h`: `VCPUOP_register_runstate_memory_area` and the offsets in
+/// `struct vcpu_runstate_info` (`int state`, `uint64_t state_entry_time`,
+/// `uint64_t time[4]`: 48 bytes).
+pub const VCPUOP_REGISTER_RUNSTATE_MEMORY_AREA: u64 = 5;
+pub const RUNSTATE_RUNNING: u32 = 0;
+pub const RUNSTATE_STATE: usize = 0;
+pub const RUNSTATE_ENTRY_TIME: usize = 8;
+pub const RUNSTATE_SIZE: usize = 48;
+/// Set in `state_entry_time` while Xen updates the record (only with
+/// `VMASST_TYPE_runstate_update_flag`, which we do not enable).
+pub const XEN_RUNSTATE_UPDATE: u64 = 1 << 63;
 
 /// `io/console.h`: `struct xencons_interface`.
 pub const CONSOLE_IN: usize = 0;

@@ -132,6 +132,31 @@ pub fn sched_poll(ports: &[u32], timeout_ns: u64) -> i64 {
     }
 }
 
+/// `HYPERVISOR_vcpu_op(VCPUOP_register_runstate_memory_area, vcpu)`: Xen
+/// writes the vCPU's `vcpu_runstate_info` at `addr` (a guest virtual
+/// address: ours map identically) at each of its context switches.
+///
+/// # Safety
+/// The [`abi::RUNSTATE_SIZE`] bytes at `addr` must be ours for Xen to write
+/// at any time for the rest of the domain's life, read by us only through
+/// volatile accesses ([`super::shared::RawMemory`]).
+pub unsafe fn register_runstate_area(vcpu: u32, addr: u64) -> i64 {
+    let mut arg = addr;
+    // SAFETY: `arg` (the union `vcpu_register_runstate_memory_area`, one
+    // 8-byte address) lives for the call; the area it names is the
+    // caller's to hand over (this function's contract).
+    unsafe {
+        hypercall(
+            abi::HYPERVISOR_VCPU_OP,
+            abi::VCPUOP_REGISTER_RUNSTATE_MEMORY_AREA,
+            u64::from(vcpu),
+            &raw mut arg as u64,
+            0,
+            0,
+        )
+    }
+}
+
 /// `HYPERVISOR_hvm_op(HVMOP_get_param, index)` for our own domain.
 pub fn hvm_get_param(index: u32) -> Result<u64, i64> {
     let mut arg = abi::HvmParam {

@@ -1,6 +1,9 @@
 //! [`XenPlatform`]: the `Platform` contract on Xen. It owns `shared_info`,
 //! the grant table, the foreign-mapping window, the xenstore client on the
-//! xenstore ring, and the set of event channels `wait` polls.
+//! xenstore ring, and the set of event channels `wait` polls. Its clock is
+//! vCPU 0's pvclock, read after a sleep from the runstate record Xen
+//! writes at each context switch instead of the TSC ([`Clock`]; Xen may
+//! trap every RDTSC).
 //!
 //! vchan servers follow `libxenvchan_server_init` (pages granted to the
 //! peer, an unbound event channel, `ring-ref` and `event-channel` written
@@ -45,9 +48,9 @@ use super::netback::{
     MAX_SCATTER_PACKETS, MAX_SCATTER_SEGMENTS, Netback, NetbackStats, Scatter, Sent,
 };
 use super::netfront::{self, Buffer, Netfront, NetfrontRx};
-use super::shared::RawMemory;
+use super::shared::{RawMemory, SharedMemory};
 use super::start_info::BootInfo;
-use super::time::{self, TimeInfo};
+use super::time::{self, Clock, TimeInfo, WakeTimes};
 use super::vchan::{CLIENT_MAX_ORDER, ClientRing, RingBuffer, VchanRing, plan_client};
 use super::xenbus::{self, BackendMachine, FrontendMachine, Phase, Step, Watches, parse_decimal};
 use super::xenstore_ring::XenstoreRing;
@@ -68,6 +71,41 @@ const MAX_POLL_PORTS: usize = 128;
 /// The xenstore client on Xen, with the platform's device watches kept
 /// apart from the firewall's ([`Watches`]).
 pub type XenXenstore = Watches<XenstoreClient<XenstoreRing<RawMemory, XenNotify>, XenLinkWait>>;
+
+/// Registers a record for Xen to write vCPU 0's runstate into (the time
+/// of each context switch, for [`Clock`]); `None`, logged, if it cannot.
+fn register_runstate() -> Option<RawMemory> {
+    let layout = Layout::from_size_align(abi::RUNSTATE_SIZE, 64).ok()?;
+    // SAFETY: the layout has a non-zero size.
+    let area = unsafe { alloc_zeroed(layout) };
+    if area.is_null() {
+        log::warn!("xen: no memory for the runstate record; the clock reads the TSC each time");
+        return None;
+    }
+    // SAFETY: the block is ours, zeroed, never freed and never referenced
+    // by Rust: from here on only Xen writes it and `RawMemory` reads it.
+    let rc = unsafe { hypercall::register_runstate_area(0, area as u64) };
+    if rc != 0 {
+        log::warn!(
+            "xen: VCPUOP_register_runstate_memory_area failed (Xen error {rc}); the clock reads the TSC each time"
+        );
+        return None;
+    }
+    // SAFETY: as above: mapped (the heap is identity-mapped), kept for the
+    // domain's life, no Rust reference to it exists.
+    Some(unsafe { RawMemory::new(area, abi::RUNSTATE_SIZE) })
+}
+
+/// When Xen last put our vCPU on a CPU (system time, ns), read while it
+/// runs (Xen writes the record only while it does not); `None` when the
+/// record says otherwise.
+fn woke_at(runstate: &RawMemory) -> Option<u64> {
+    let state = runstate.load_u32(abi::RUNSTATE_STATE);
+    let mut at = [0u8; 8];
+    runstate.read_bytes(abi::RUNSTATE_ENTRY_TIME, &mut at);
+    let at = u64::from_le_bytes(at);
+    (state == abi::RUNSTATE_RUNNING && at & abi::XEN_RUNSTATE_UPDATE == 0).then_some(at)
+}
 
 /// Waits for xenstored: polls the store event channel for up to 10 ms.
 #[derive(Debug)]
@@ -129,6 +167,10 @@ pub struct XenPlatform {
     name: String,
     shared_info: SharedInfo,
     boot_ns: u64,
+    /// The main loop's clock ([`Clock`]) and our vCPU's runstate record,
+    /// whose wake-up time it reads after a sleep (`None`: Xen refused it).
+    clock: Clock,
+    runstate: Option<RawMemory>,
     shared: Rc<Shared>,
     xenstore: XenXenstore,
     shutdown_watch: bool,
@@ -197,6 +239,7 @@ impl XenPlatform {
             .map_err(PlatformError::Xenstore)?
             .unwrap_or_default();
         let boot_ns = system_time(&shared_info);
+        let runstate = register_runstate();
         log::info!("xen: domain {domid} ({name}), xenstore on port {store_port}");
         Ok(XenPlatform {
             boot,
@@ -204,6 +247,8 @@ impl XenPlatform {
             name,
             shared_info,
             boot_ns,
+            clock: Clock::default(),
+            runstate,
             shared: Rc::new(Shared {
                 grants: RefCell::new(grants),
                 window: RefCell::new(ForeignWindow::default()),
@@ -1678,8 +1723,22 @@ impl Platform for XenPlatform {
     }
 
     fn now(&self) -> Instant {
-        let ns = system_time(&self.shared_info).saturating_sub(self.boot_ns);
+        let (ns, refused) = self
+            .clock
+            .read(self.runstate.as_ref().and_then(woke_at), || {
+                system_time(&self.shared_info)
+            });
+        if let Some(WakeTimes::Refused(lag)) = refused {
+            log::warn!(
+                "xen: the runstate's wake-up time trailed the TSC's reading by {lag} ns; the clock reads the TSC each time from now on"
+            );
+        }
+        let ns = ns.saturating_sub(self.boot_ns);
         Instant::from_micros((ns / 1000) as i64)
+    }
+
+    fn clock_counts(&self) -> Option<crate::platform::ClockCounts> {
+        Some(self.clock.counts())
     }
 
     fn random_seed(&mut self) -> u64 {
@@ -1712,7 +1771,8 @@ impl Platform for XenPlatform {
         // TSC unreliable (under QEMU's TCG) it traps every RDTSC of ours,
         // and a profile of `bench xen` put 8-9 % of our samples there when
         // each pass of the main loop read the clock three times; a pass now
-        // reads it once, in `Firewall::step`.
+        // reads it once, in `Firewall::step` (`now`), and after a sleep
+        // without the TSC ([`Clock`]).
         let clock = (!self.removals.is_empty()).then(|| system_time(&self.shared_info));
         if let Some(now_ns) = clock {
             // Detached vifs' directories whose time has come.
@@ -1772,8 +1832,10 @@ impl Platform for XenPlatform {
             } else {
                 timeout.min(slice)
             };
+            self.clock.sleeping();
             hypercall::sched_poll(ports.get(..MAX_POLL_PORTS).unwrap_or_default(), until);
         } else {
+            self.clock.sleeping();
             hypercall::sched_poll(&ports, timeout);
         }
     }

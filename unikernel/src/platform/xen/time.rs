@@ -4,10 +4,23 @@
 //! The record is written by Xen under a version counter (odd while it is
 //! being updated): we copy it whole, retry while the version is odd or
 //! changed, and only then compute. The scaling is portable and tested here.
+//!
+//! Where Xen finds the TSC unreliable (under QEMU's TCG, on some older
+//! machines, after a migration) it traps every RDTSC of a PVH guest: each
+//! reading is a world switch, as dear as a hypercall. [`Clock`] saves most
+//! of them: the first reading after a sleep takes the time Xen last put us
+//! on a CPU (`state_entry_time` of our `vcpu_runstate_info`, which Xen
+//! writes at each context switch), when that is newer than every earlier
+//! reading; the time since is what the wake-up's own path took. It checks
+//! that against the TSC on its first [`WAKE_TRIALS`] wake-ups and keeps
+//! to the TSC for good if the two ever disagree.
 #![deny(clippy::indexing_slicing)]
+
+use core::cell::Cell;
 
 use super::abi;
 use super::shared::{SharedMemory, barrier};
+pub use crate::platform::ClockCounts;
 
 /// Scales a TSC delta to nanoseconds: `(delta << shift) * mul >> 32`
 /// (a negative shift shifts right).
@@ -67,6 +80,117 @@ impl TimeInfo {
     }
 }
 
+/// Wake-ups whose runstate time is checked against the TSC before
+/// [`Clock`] trusts it.
+pub const WAKE_TRIALS: u8 = 16;
+/// The most a wake-up reading may trail the TSC's (ns) in a trial: the
+/// path from Xen's context switch back to our reading, a few hypercalls'
+/// worth even under emulation.
+pub const MAX_WAKE_LAG_NS: u64 = 10_000_000;
+
+/// Whether [`Clock`] uses wake-up times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WakeTimes {
+    /// Checked against the TSC for this many more wake-ups.
+    Trial(u8),
+    /// Used.
+    Trusted,
+    /// Never used again: one disagreed with the TSC by this much (ns; a
+    /// wake-up time after the TSC's reading counts as `u64::MAX`).
+    Refused(u64),
+}
+
+/// The monotonic clock of the main loop (see the module's doc).
+#[derive(Debug)]
+pub struct Clock {
+    last: Cell<u64>,
+    slept: Cell<bool>,
+    wake_times: Cell<WakeTimes>,
+    counts: Cell<ClockCounts>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock {
+            last: Cell::new(0),
+            slept: Cell::new(false),
+            wake_times: Cell::new(WakeTimes::Trial(WAKE_TRIALS)),
+            counts: Cell::new(ClockCounts::default()),
+        }
+    }
+}
+
+impl Clock {
+    /// The loop is about to sleep (`SCHEDOP_poll`).
+    pub fn sleeping(&self) {
+        self.slept.set(true);
+    }
+
+    /// System time now (ns), never less than an earlier reading. `woke`:
+    /// `state_entry_time` of our runstate while we run (`None` where it
+    /// is not registered); `tsc_time`: the pvclock reading from the TSC.
+    /// Returns the reading and, when this reading refused wake-up times,
+    /// the new state (for the caller to log once).
+    pub fn read(
+        &self,
+        woke: Option<u64>,
+        tsc_time: impl FnOnce() -> u64,
+    ) -> (u64, Option<WakeTimes>) {
+        let last = self.last.get();
+        let candidate = if self.slept.replace(false) {
+            woke.filter(|&at| at > last)
+        } else {
+            None
+        };
+        let mut counts = self.counts.get();
+        let mut changed = None;
+        let ns = match (candidate, self.wake_times.get()) {
+            (Some(at), WakeTimes::Trusted) => {
+                counts.at_wake += 1;
+                at
+            }
+            (Some(at), WakeTimes::Trial(left)) => {
+                counts.from_tsc += 1;
+                let now = tsc_time();
+                let next = match now.checked_sub(at) {
+                    Some(lag) if lag <= MAX_WAKE_LAG_NS => {
+                        if left <= 1 {
+                            WakeTimes::Trusted
+                        } else {
+                            WakeTimes::Trial(left - 1)
+                        }
+                    }
+                    Some(lag) => WakeTimes::Refused(lag),
+                    None => WakeTimes::Refused(u64::MAX),
+                };
+                if matches!(next, WakeTimes::Refused(_)) {
+                    changed = Some(next);
+                }
+                self.wake_times.set(next);
+                now
+            }
+            _ => {
+                counts.from_tsc += 1;
+                tsc_time()
+            }
+        };
+        self.counts.set(counts);
+        let ns = ns.max(last);
+        self.last.set(ns);
+        (ns, changed)
+    }
+
+    /// Whether wake-up times are used.
+    pub fn wake_times(&self) -> WakeTimes {
+        self.wake_times.get()
+    }
+
+    /// Where the readings came from so far.
+    pub fn counts(&self) -> ClockCounts {
+        self.counts.get()
+    }
+}
+
 /// Reads the TSC.
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no memory effects and is allowed to PVH guests.
@@ -89,6 +213,111 @@ mod tests {
             ((u128::from(u64::MAX) * u128::from(u32::MAX)) >> 32) as u64
         );
         assert_eq!(scale_delta(5, 1, 100), 0);
+    }
+
+    fn never(why: &str) -> impl FnOnce() -> u64 + '_ {
+        move || panic!("the TSC was read: {why}")
+    }
+
+    /// A clock whose trial is over (the first trials agreed).
+    fn trusted() -> Clock {
+        let clock = Clock::default();
+        for i in 1..=u64::from(WAKE_TRIALS) {
+            clock.sleeping();
+            let (ns, changed) = clock.read(Some(i * 1_000_000), || i * 1_000_000 + 50_000);
+            assert_eq!((ns, changed), (i * 1_000_000 + 50_000, None));
+        }
+        assert_eq!(clock.wake_times(), WakeTimes::Trusted);
+        assert_eq!(
+            clock.counts(),
+            ClockCounts {
+                from_tsc: u64::from(WAKE_TRIALS),
+                at_wake: 0
+            }
+        );
+        clock
+    }
+
+    #[test]
+    fn after_a_sleep_a_trusted_clock_takes_the_wake_up_time_without_the_tsc() {
+        let clock = trusted();
+        clock.sleeping();
+        assert_eq!(
+            clock.read(Some(40_000_000), never("after a sleep")),
+            (40_000_000, None)
+        );
+        assert_eq!(clock.counts().at_wake, 1);
+        // The next reading without a sleep in between reads the TSC.
+        assert_eq!(
+            clock.read(Some(40_000_000), || 40_300_000),
+            (40_300_000, None)
+        );
+        assert_eq!(clock.counts().from_tsc, u64::from(WAKE_TRIALS) + 1);
+    }
+
+    #[test]
+    fn a_wake_up_time_no_newer_than_the_last_reading_is_not_used() {
+        // The poll returned at once (an event was pending): Xen did not
+        // switch us out, the runstate still holds an older time.
+        let clock = trusted();
+        clock.sleeping();
+        assert_eq!(
+            clock.read(Some(16_000_000), || 17_000_000),
+            (17_000_000, None)
+        );
+        clock.sleeping();
+        assert_eq!(
+            clock.read(Some(16_500_000), || 17_100_000),
+            (17_100_000, None)
+        );
+        // Not registered: the TSC.
+        clock.sleeping();
+        assert_eq!(clock.read(None, || 17_200_000), (17_200_000, None));
+        assert_eq!(clock.counts().at_wake, 0);
+    }
+
+    #[test]
+    fn a_wake_up_time_that_disagrees_with_the_tsc_in_a_trial_is_refused_for_good() {
+        for (woke, tsc, verdict) in [
+            (
+                1_000_000,
+                1_000_000 + MAX_WAKE_LAG_NS + 1,
+                WakeTimes::Refused(MAX_WAKE_LAG_NS + 1),
+            ),
+            (2_000_000, 1_500_000, WakeTimes::Refused(u64::MAX)),
+        ] {
+            let clock = Clock::default();
+            clock.sleeping();
+            clock.read(Some(500), || 1_000);
+            clock.sleeping();
+            assert_eq!(clock.read(Some(woke), || tsc), (tsc, Some(verdict)));
+            assert_eq!(clock.wake_times(), verdict);
+            for i in 1..=40u64 {
+                clock.sleeping();
+                let at = tsc + i * 1_000_000;
+                assert_eq!(clock.read(Some(at), || at + 1), (at + 1, None));
+            }
+            assert_eq!(
+                clock.counts(),
+                ClockCounts {
+                    from_tsc: 42,
+                    at_wake: 0
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn readings_never_go_back() {
+        let clock = trusted();
+        assert_eq!(clock.read(None, || 90_000_000).0, 90_000_000);
+        // A TSC reading behind the last one (another CPU's clock) is held.
+        assert_eq!(clock.read(None, || 89_000_000).0, 90_000_000);
+        clock.sleeping();
+        assert_eq!(
+            clock.read(Some(95_000_000), never("a newer wake-up")).0,
+            95_000_000
+        );
     }
 
     #[test]
