@@ -15,7 +15,8 @@
 //! `used` only, and `heap_peak: N KiB` follows where the platform keeps the
 //! high-water mark (the soak reports it). Where the platform counts its
 //! clock's readings (the Xen image), `clock: from_tsc N at_wake N` says how
-//! many read the TSC and how many took the time Xen woke us instead.
+//! many read the TSC and how many took the time Xen woke us instead (and,
+//! if those times were refused, by how much one differed from the TSC).
 #![forbid(unsafe_code)]
 
 use alloc::string::String;
@@ -164,11 +165,15 @@ impl StatusReport {
             writeln!(out, "heap_peak: {} KiB", heap.peak >> 10)?;
         }
         if let Some(clock) = self.clock {
-            writeln!(
+            write!(
                 out,
                 "clock: from_tsc {} at_wake {}",
                 clock.from_tsc, clock.at_wake
             )?;
+            match clock.wake_times_refused {
+                Some(lag) => writeln!(out, " wake_times_refused_at_difference_ns {lag}")?,
+                None => writeln!(out)?,
+            }
         }
         match &self.network {
             Some(network) => {
@@ -346,6 +351,7 @@ mod tests {
             clock: Some(ClockCounts {
                 from_tsc: 7,
                 at_wake: 1234,
+                wake_times_refused: None,
             }),
             network: Some(NetworkSettings {
                 ip: Ipv4Addr::new(10, 137, 0, 2),
@@ -465,6 +471,17 @@ qrexec: started 0 completed 0 failed 0 refused_busy 0 refused_platform 0 control
         assert!(text.contains("heap: not measured\n"));
         assert!(!text.contains("heap_peak"));
         assert!(!text.contains("clock:"));
+        let refused = StatusReport {
+            clock: Some(ClockCounts {
+                from_tsc: 9,
+                at_wake: 0,
+                wake_times_refused: Some(-12_000_000),
+            }),
+            ..StatusReport::default()
+        };
+        assert!(refused.to_string().contains(
+            "\nclock: from_tsc 9 at_wake 0 wake_times_refused_at_difference_ns -12000000\n"
+        ));
     }
 
     #[test]

@@ -1730,7 +1730,8 @@ impl Platform for XenPlatform {
             });
         if let Some(WakeTimes::Refused(lag)) = refused {
             log::warn!(
-                "xen: the runstate's wake-up time trailed the TSC's reading by {lag} ns; the clock reads the TSC each time from now on"
+                "xen: the TSC's reading minus the runstate's wake-up time was {lag} ns, out of ±{} ns; the clock reads the TSC each time from now on",
+                time::MAX_WAKE_LAG_NS
             );
         }
         let ns = ns.saturating_sub(self.boot_ns);
