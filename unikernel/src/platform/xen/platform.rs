@@ -1723,11 +1723,10 @@ impl Platform for XenPlatform {
     }
 
     fn now(&self) -> Instant {
-        let (ns, refused) = self
-            .clock
-            .read(self.runstate.as_ref().and_then(woke_at), || {
-                system_time(&self.shared_info)
-            });
+        let (ns, refused) = self.clock.read(
+            || self.runstate.as_ref().and_then(woke_at),
+            || system_time(&self.shared_info),
+        );
         if let Some(WakeTimes::Refused(lag)) = refused {
             log::warn!(
                 "xen: the TSC's reading minus the runstate's wake-up time was {lag} ns, out of ±{} ns; the clock reads the TSC each time from now on",

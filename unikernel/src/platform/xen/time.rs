@@ -109,7 +109,8 @@ pub struct Clock {
     last: Cell<u64>,
     slept: Cell<bool>,
     wake_times: Cell<WakeTimes>,
-    counts: Cell<ClockCounts>,
+    from_tsc: Cell<u64>,
+    at_wake: Cell<u64>,
 }
 
 impl Default for Clock {
@@ -118,7 +119,8 @@ impl Default for Clock {
             last: Cell::new(0),
             slept: Cell::new(false),
             wake_times: Cell::new(WakeTimes::Trial(WAKE_TRIALS)),
-            counts: Cell::new(ClockCounts::default()),
+            from_tsc: Cell::new(0),
+            at_wake: Cell::new(0),
         }
     }
 }
@@ -131,29 +133,31 @@ impl Clock {
 
     /// System time now (ns), never less than an earlier reading. `woke`:
     /// `state_entry_time` of our runstate while we run (`None` where it
-    /// is not registered); `tsc_time`: the pvclock reading from the TSC.
+    /// is not registered), asked only after a sleep while wake-up times
+    /// are not refused; `tsc_time`: the pvclock reading from the TSC.
     /// Returns the reading and, when this reading refused wake-up times,
     /// the new state (for the caller to log once).
     pub fn read(
         &self,
-        woke: Option<u64>,
+        woke: impl FnOnce() -> Option<u64>,
         tsc_time: impl FnOnce() -> u64,
     ) -> (u64, Option<WakeTimes>) {
         let last = self.last.get();
-        let candidate = if self.slept.replace(false) {
-            woke.filter(|&at| at > last)
+        let state = self.wake_times.get();
+        let candidate = if self.slept.replace(false) && !matches!(state, WakeTimes::Refused(_)) {
+            woke().filter(|&at| at > last)
         } else {
             None
         };
-        let mut counts = self.counts.get();
+        let bump = |count: &Cell<u64>| count.set(count.get() + 1);
         let mut changed = None;
-        let ns = match (candidate, self.wake_times.get()) {
+        let ns = match (candidate, state) {
             (Some(at), WakeTimes::Trusted) => {
-                counts.at_wake += 1;
+                bump(&self.at_wake);
                 at
             }
             (Some(at), WakeTimes::Trial(left)) => {
-                counts.from_tsc += 1;
+                bump(&self.from_tsc);
                 let now = tsc_time();
                 let lag = now.abs_diff(at);
                 let next = if lag > MAX_WAKE_LAG_NS {
@@ -171,11 +175,10 @@ impl Clock {
                 now
             }
             _ => {
-                counts.from_tsc += 1;
+                bump(&self.from_tsc);
                 tsc_time()
             }
         };
-        self.counts.set(counts);
         let ns = ns.max(last);
         self.last.set(ns);
         (ns, changed)
@@ -190,11 +193,12 @@ impl Clock {
     /// are refused.
     pub fn counts(&self) -> ClockCounts {
         ClockCounts {
+            from_tsc: self.from_tsc.get(),
+            at_wake: self.at_wake.get(),
             wake_times_refused: match self.wake_times.get() {
                 WakeTimes::Refused(lag) => Some(lag),
                 _ => None,
             },
-            ..self.counts.get()
         }
     }
 }
@@ -232,7 +236,7 @@ mod tests {
         let clock = Clock::default();
         for i in 1..=u64::from(WAKE_TRIALS) {
             clock.sleeping();
-            let (ns, changed) = clock.read(Some(i * 1_000_000), || i * 1_000_000 + 50_000);
+            let (ns, changed) = clock.read(|| Some(i * 1_000_000), || i * 1_000_000 + 50_000);
             assert_eq!((ns, changed), (i * 1_000_000 + 50_000, None));
         }
         assert_eq!(clock.wake_times(), WakeTimes::Trusted);
@@ -252,13 +256,13 @@ mod tests {
         let clock = trusted();
         clock.sleeping();
         assert_eq!(
-            clock.read(Some(40_000_000), never("after a sleep")),
+            clock.read(|| Some(40_000_000), never("after a sleep")),
             (40_000_000, None)
         );
         assert_eq!(clock.counts().at_wake, 1);
         // The next reading without a sleep in between reads the TSC.
         assert_eq!(
-            clock.read(Some(40_000_000), || 40_300_000),
+            clock.read(|| Some(40_000_000), || 40_300_000),
             (40_300_000, None)
         );
         assert_eq!(clock.counts().from_tsc, u64::from(WAKE_TRIALS) + 1);
@@ -271,17 +275,17 @@ mod tests {
         let clock = trusted();
         clock.sleeping();
         assert_eq!(
-            clock.read(Some(16_000_000), || 17_000_000),
+            clock.read(|| Some(16_000_000), || 17_000_000),
             (17_000_000, None)
         );
         clock.sleeping();
         assert_eq!(
-            clock.read(Some(16_500_000), || 17_100_000),
+            clock.read(|| Some(16_500_000), || 17_100_000),
             (17_100_000, None)
         );
         // Not registered: the TSC.
         clock.sleeping();
-        assert_eq!(clock.read(None, || 17_200_000), (17_200_000, None));
+        assert_eq!(clock.read(|| None, || 17_200_000), (17_200_000, None));
         assert_eq!(clock.counts().at_wake, 0);
     }
 
@@ -294,14 +298,14 @@ mod tests {
         ] {
             let clock = Clock::default();
             clock.sleeping();
-            clock.read(Some(500), || 1_000);
+            clock.read(|| Some(500), || 1_000);
             clock.sleeping();
-            assert_eq!(clock.read(Some(woke), || tsc), (tsc, Some(verdict)));
+            assert_eq!(clock.read(|| Some(woke), || tsc), (tsc, Some(verdict)));
             assert_eq!(clock.wake_times(), verdict);
             for i in 1..=40u64 {
                 clock.sleeping();
                 let at = tsc + i * 1_000_000;
-                assert_eq!(clock.read(Some(at), || at + 1), (at + 1, None));
+                assert_eq!(clock.read(|| Some(at), || at + 1), (at + 1, None));
             }
             assert_eq!(
                 clock.counts(),
@@ -329,7 +333,7 @@ mod tests {
             } else {
                 at + 300_000
             };
-            assert_eq!(clock.read(Some(at), || tsc).1, None);
+            assert_eq!(clock.read(|| Some(at), || tsc).1, None);
         }
         assert_eq!(clock.wake_times(), WakeTimes::Trusted);
         assert_eq!(clock.counts().wake_times_refused, None);
@@ -338,12 +342,12 @@ mod tests {
     #[test]
     fn readings_never_go_back() {
         let clock = trusted();
-        assert_eq!(clock.read(None, || 90_000_000).0, 90_000_000);
+        assert_eq!(clock.read(|| None, || 90_000_000).0, 90_000_000);
         // A TSC reading behind the last one (another CPU's clock) is held.
-        assert_eq!(clock.read(None, || 89_000_000).0, 90_000_000);
+        assert_eq!(clock.read(|| None, || 89_000_000).0, 90_000_000);
         clock.sleeping();
         assert_eq!(
-            clock.read(Some(95_000_000), never("a newer wake-up")).0,
+            clock.read(|| Some(95_000_000), never("a newer wake-up")).0,
             95_000_000
         );
     }
