@@ -14,8 +14,9 @@
 //! fixed size (the hosted process's, counted by its global allocator) shows
 //! `used` only, and `heap_peak: N KiB` follows where the platform keeps the
 //! high-water mark (the soak reports it). Where the platform counts its
-//! clock's readings (the Xen image), `clock: from_tsc N at_wake N` says how
-//! many read the TSC and how many took the time Xen woke us instead (and,
+//! clock's readings (the Xen image), `clock: from_tsc N at_wake N
+//! at_switch N` says how many read the TSC and how many took the time Xen
+//! last put us on a CPU instead, after a sleep or between sleeps (and,
 //! if those times were refused, by how much one differed from the TSC).
 #![forbid(unsafe_code)]
 
@@ -167,8 +168,8 @@ impl StatusReport {
         if let Some(clock) = self.clock {
             write!(
                 out,
-                "clock: from_tsc {} at_wake {}",
-                clock.from_tsc, clock.at_wake
+                "clock: from_tsc {} at_wake {} at_switch {}",
+                clock.from_tsc, clock.at_wake, clock.at_switch
             )?;
             match clock.wake_times_refused {
                 Some(lag) => writeln!(out, " wake_times_refused_at_difference_ns {lag}")?,
@@ -351,6 +352,7 @@ mod tests {
             clock: Some(ClockCounts {
                 from_tsc: 7,
                 at_wake: 1234,
+                at_switch: 56,
                 wake_times_refused: None,
             }),
             network: Some(NetworkSettings {
@@ -427,7 +429,7 @@ qubes-firewall status
 uptime_seconds: 42
 wall_clock_unix: 1438359043
 heap: used 3072 KiB free 9216 KiB of 12288 KiB
-clock: from_tsc 7 at_wake 1234
+clock: from_tsc 7 at_wake 1234 at_switch 56
 network_source: QubesDB
 ip: 10.137.0.2
 gateway: 10.137.0.1
@@ -475,12 +477,13 @@ qrexec: started 0 completed 0 failed 0 refused_busy 0 refused_platform 0 control
             clock: Some(ClockCounts {
                 from_tsc: 9,
                 at_wake: 0,
+                at_switch: 0,
                 wake_times_refused: Some(-12_000_000),
             }),
             ..StatusReport::default()
         };
         assert!(refused.to_string().contains(
-            "\nclock: from_tsc 9 at_wake 0 wake_times_refused_at_difference_ns -12000000\n"
+            "\nclock: from_tsc 9 at_wake 0 at_switch 0 wake_times_refused_at_difference_ns -12000000\n"
         ));
     }
 

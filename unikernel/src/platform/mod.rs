@@ -184,6 +184,9 @@ pub struct ClockCounts {
     pub from_tsc: u64,
     /// The time Xen last put us on a CPU, taken after a sleep instead.
     pub at_wake: u64,
+    /// The same, taken between sleeps after Xen switched us out and back
+    /// in since the reading before.
+    pub at_switch: u64,
     /// Set when those times are not used: the TSC's reading minus a
     /// wake-up time (ns) on a wake-up that checked one against the other.
     pub wake_times_refused: Option<i64>,

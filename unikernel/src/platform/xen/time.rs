@@ -11,7 +11,11 @@
 //! of them: the first reading after a sleep takes the time Xen last put us
 //! on a CPU (`state_entry_time` of our `vcpu_runstate_info`, which Xen
 //! writes at each context switch), when that is newer than every earlier
-//! reading; the time since is what the wake-up's own path took. It checks
+//! reading; the time since is what the wake-up's own path took. Once
+//! trusted, the same time serves any reading after Xen switched us out and
+//! back in without a sleep (preempted, often inside an event-channel send
+//! that woke a peer): such a reading lags by what we ran since, at most
+//! the rest of one step of the main loop. It checks
 //! that against the TSC on its first [`WAKE_TRIALS`] wake-ups and keeps
 //! to the TSC for good if the two ever differ by more than
 //! [`MAX_WAKE_LAG_NS`] either way (a different time base would differ by
@@ -111,6 +115,7 @@ pub struct Clock {
     wake_times: Cell<WakeTimes>,
     from_tsc: Cell<u64>,
     at_wake: Cell<u64>,
+    at_switch: Cell<u64>,
 }
 
 impl Default for Clock {
@@ -121,6 +126,7 @@ impl Default for Clock {
             wake_times: Cell::new(WakeTimes::Trial(WAKE_TRIALS)),
             from_tsc: Cell::new(0),
             at_wake: Cell::new(0),
+            at_switch: Cell::new(0),
         }
     }
 }
@@ -144,16 +150,24 @@ impl Clock {
     ) -> (u64, Option<WakeTimes>) {
         let last = self.last.get();
         let state = self.wake_times.get();
-        let candidate = if self.slept.replace(false) && !matches!(state, WakeTimes::Refused(_)) {
-            woke().filter(|&at| at > last)
-        } else {
-            None
+        // After a sleep the runstate's time is tried (or, in a trial,
+        // checked); between sleeps it is used only once trusted, and only
+        // when Xen switched us out and back in since the last reading.
+        let slept = self.slept.replace(false);
+        let candidate = match state {
+            WakeTimes::Trial(_) if slept => woke().filter(|&at| at > last),
+            WakeTimes::Trusted => woke().filter(|&at| at > last),
+            _ => None,
         };
         let bump = |count: &Cell<u64>| count.set(count.get() + 1);
         let mut changed = None;
         let ns = match (candidate, state) {
             (Some(at), WakeTimes::Trusted) => {
-                bump(&self.at_wake);
+                bump(if slept {
+                    &self.at_wake
+                } else {
+                    &self.at_switch
+                });
                 at
             }
             (Some(at), WakeTimes::Trial(left)) => {
@@ -195,6 +209,7 @@ impl Clock {
         ClockCounts {
             from_tsc: self.from_tsc.get(),
             at_wake: self.at_wake.get(),
+            at_switch: self.at_switch.get(),
             wake_times_refused: match self.wake_times.get() {
                 WakeTimes::Refused(lag) => Some(lag),
                 _ => None,
@@ -245,6 +260,7 @@ mod tests {
             ClockCounts {
                 from_tsc: u64::from(WAKE_TRIALS),
                 at_wake: 0,
+                at_switch: 0,
                 wake_times_refused: None
             }
         );
@@ -266,6 +282,53 @@ mod tests {
             (40_300_000, None)
         );
         assert_eq!(clock.counts().from_tsc, u64::from(WAKE_TRIALS) + 1);
+    }
+
+    #[test]
+    fn between_sleeps_a_trusted_clock_takes_the_time_of_a_switch_back_in() {
+        let clock = trusted();
+        // No sleep, but Xen switched us out and back in since the last
+        // reading (16 ms + 50 µs): its time, without the TSC.
+        assert_eq!(
+            clock.read(|| Some(20_000_000), never("after a switch")),
+            (20_000_000, None)
+        );
+        // No switch since: the TSC.
+        assert_eq!(
+            clock.read(|| Some(20_000_000), || 20_700_000),
+            (20_700_000, None)
+        );
+        // A switch whose time is older than the last reading: the TSC.
+        assert_eq!(
+            clock.read(|| Some(20_500_000), || 20_900_000),
+            (20_900_000, None)
+        );
+        let counts = clock.counts();
+        assert_eq!(
+            (counts.from_tsc, counts.at_wake, counts.at_switch),
+            (u64::from(WAKE_TRIALS) + 2, 0, 1)
+        );
+    }
+
+    #[test]
+    fn in_a_trial_or_refused_a_reading_between_sleeps_reads_the_tsc() {
+        let clock = Clock::default();
+        clock.sleeping();
+        clock.read(|| Some(1_000), || 2_000);
+        assert_eq!(
+            clock.read(|| panic!("runstate read in a trial"), || 3_000),
+            (3_000, None)
+        );
+        let clock = Clock::default();
+        clock.sleeping();
+        let far = MAX_WAKE_LAG_NS + 5_000;
+        clock.read(|| Some(1_000), || far);
+        assert!(matches!(clock.wake_times(), WakeTimes::Refused(_)));
+        assert_eq!(
+            clock.read(|| panic!("runstate read when refused"), || far + 1),
+            (far + 1, None)
+        );
+        assert_eq!(clock.counts().at_switch, 0);
     }
 
     #[test]
@@ -312,6 +375,7 @@ mod tests {
                 ClockCounts {
                     from_tsc: 42,
                     at_wake: 0,
+                    at_switch: 0,
                     wake_times_refused: Some(match verdict {
                         WakeTimes::Refused(lag) => lag,
                         _ => unreachable!(),
