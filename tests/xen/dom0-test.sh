@@ -131,13 +131,17 @@ grep -q "XENVCHAN-LOOPBACK ok" /tmp/loopback.log; check "xenvchan: bulk both way
 # is there before it runs, as qubesd arranges on Qubes. Its command line is
 # what Qubes passes without the feature no-default-kernelopts:
 # qubes-core-admin's kernelopts_common default, then the default kernelopts
-# (swiotlb=2048). The firewall must ignore them with a warning.
+# (swiotlb=2048). The firewall must ignore them with a warning. Preserved
+# on a reboot: Xen ends a triple-faulted PVH domain with one, and xl's
+# restart would hide the fault behind a new domain waiting for a QubesDB
+# served for the old one's id.
 QUBES_DEFAULT_KERNELOPTS="root=/dev/mapper/dmroot ro nomodeset console=hvc0 rd_NO_PLYMOUTH rd.plymouth.enable=0 plymouth.enable=0 xen_privcmd.unrestricted swiotlb=2048"
 sed -e "s|^kernel *=.*|kernel = \"/guest/qubes-firewall.elf\"|" -e "/^vif/d" -e "/^on_/d" -e "/^cmdline/d" /guest/qubes-firewall.cfg > /tmp/fw.cfg
 cat >> /tmp/fw.cfg <<CFG
 cmdline = "$QUBES_DEFAULT_KERNELOPTS"
 on_poweroff = "preserve"
 on_crash = "preserve"
+on_reboot = "preserve"
 vif = [ 'bridge=xenbr0,script=vif-mini,mac=00:16:3e:5e:6c:00' ]
 CFG
 # The second image instance playing a client qube (step 4).
@@ -224,11 +228,25 @@ xl create -p /tmp/fw.cfg; rc=$?
 check "xl create -p rc=$rc" $([ $rc = 0 ] && echo ok)
 domid=$(xl domid sys-firewall 2>/dev/null)
 echo "QFW: ${PFX}firewall is domain $domid"
-# shellcheck disable=SC2086
-start_qdb "$domid" sys-firewall $QDB_BASE
-xl unpause sys-firewall
-start_qrexec "$domid" sys-firewall
 LOG=$CONS/guest-sys-firewall.log
+if [ "$DSET" = qubes-c ]; then
+    # Qubes' qubesdb-daemon late (qubesd starts it before it unpauses a
+    # VM; a race or a daemon restart can invert that): the firewall runs
+    # first, finds no QubesDB vchan (xenstored: EACCES, the directory
+    # above is dom0's) and keeps trying, as Qubes' libvchan_client_init
+    # waits for its server.
+    xl unpause sys-firewall
+    waitfor $LOG "QubesDB (vchan port 111) not offered yet" 600
+    grep -q "QubesDB (vchan port 111) not offered yet" $LOG
+    check "firewall started before $QDB_WHO waits for it (no QubesDB vchan yet)" $([ $? = 0 ] && echo ok)
+    # shellcheck disable=SC2086
+    start_qdb "$domid" sys-firewall $QDB_BASE
+else
+    # shellcheck disable=SC2086
+    start_qdb "$domid" sys-firewall $QDB_BASE
+    xl unpause sys-firewall
+fi
+start_qrexec "$domid" sys-firewall
 if waitfor $LOG "booted:" 600; then
     echo "QFW-MEASURE ${PFX}firewall: xl create -> first console line in $(since $t0) s"
 fi

@@ -2,7 +2,9 @@
 //! `unikernel.ml`, seed `004_…`), generic over the [`Platform`]:
 //!
 //! 1. record the start time; parse the boot options ([`BootOptions`]);
-//! 2. connect QubesDB (vchan client to dom0 port 111) and offer the qrexec
+//! 2. connect QubesDB (vchan client to dom0 port 111; while dom0 does not
+//!    offer it yet, try again every second, as Qubes' `libvchan_client_init`
+//!    waits for its server) and offer the qrexec
 //!    agent (vchan server on port 512); log the time until both are
 //!    connected ("QubesDB and qrexec agents connected in … s", as mirage);
 //! 3. read the network configuration (boot options override QubesDB; wait
@@ -177,6 +179,9 @@ pub struct Firewall<P: Platform> {
     started: Instant,
     qubesdb: QubesDb<P::Vchan>,
     qubesdb_retry: Option<Instant>,
+    /// The last error of a failed attempt to open QubesDB's link, logged
+    /// once until another error or a success.
+    qubesdb_error: Option<String>,
     agent: Agent<P::Vchan>,
     agent_retry: Option<Instant>,
     connected_logged: bool,
@@ -240,13 +245,24 @@ impl<P: Platform> Firewall<P> {
             platform.memory_bytes() >> 20,
             cmdline
         );
-        let qubesdb_link =
-            platform
-                .vchan_client(0, QUBESDB_PORT)
-                .map_err(|error| FlowError::Platform {
-                    doing: "connecting to dom0's QubesDB (vchan port 111)",
-                    error,
-                })?;
+        // dom0's qubesdb-daemon normally offers its vchan before we run;
+        // where it does not yet (a race at boot, the daemon restarting),
+        // keep trying, as Qubes' libvchan_client_init waits for the
+        // server: networking waits for QubesDB anyway.
+        let (qubesdb, qubesdb_retry, qubesdb_error) = match platform.vchan_client(0, QUBESDB_PORT) {
+            Ok(link) => (QubesDb::new(link, caps), None, None),
+            Err(error) => {
+                warn!(
+                    "QubesDB: dom0's QubesDB (vchan port 111) not offered yet: {error}; trying again every {} s",
+                    RELINK_DELAY.secs()
+                );
+                (
+                    QubesDb::unconnected(caps),
+                    Some(started + RELINK_DELAY),
+                    Some(error.to_string()),
+                )
+            }
+        };
         let control =
             platform
                 .vchan_server(0, QREXEC_PORT)
@@ -271,8 +287,9 @@ impl<P: Platform> Firewall<P> {
             options,
             caps,
             started,
-            qubesdb: QubesDb::new(qubesdb_link, caps),
-            qubesdb_retry: None,
+            qubesdb,
+            qubesdb_retry,
+            qubesdb_error,
             agent: Agent::new(control, caps),
             agent_retry: None,
             connected_logged: false,
@@ -430,11 +447,19 @@ impl<P: Platform> Firewall<P> {
                     self.qubesdb_retry = None;
                     match platform.vchan_client(0, QUBESDB_PORT) {
                         Ok(link) => {
-                            info!("QubesDB: connecting again to dom0");
+                            info!("QubesDB: connecting to dom0");
+                            self.qubesdb_error = None;
                             self.qubesdb = QubesDb::new(link, self.caps);
                         }
                         Err(error) => {
-                            warn!("QubesDB: cannot connect again: {error}");
+                            let error = error.to_string();
+                            if self.qubesdb_error.as_ref() != Some(&error) {
+                                warn!(
+                                    "QubesDB: cannot connect to dom0: {error}; trying again every {} s",
+                                    RELINK_DELAY.secs()
+                                );
+                                self.qubesdb_error = Some(error);
+                            }
                             self.qubesdb_retry = Some(now + RELINK_DELAY);
                         }
                     }

@@ -419,7 +419,8 @@ enum LinkPhase {
 /// The QubesDB client: the link to dom0 and the database copy.
 #[derive(Debug)]
 pub struct QubesDb<V> {
-    link: V,
+    /// `None` until a link was opened ([`QubesDb::unconnected`]).
+    link: Option<V>,
     db: Database,
     phase: LinkPhase,
     decoder: alloc::boxed::Box<Decoder>,
@@ -433,7 +434,7 @@ impl<V: ByteStream> QubesDb<V> {
     /// first message dom0 sees.
     pub fn new(link: V, caps: ControlCaps) -> QubesDb<V> {
         let mut client = QubesDb {
-            link,
+            link: Some(link),
             db: Database::new(caps),
             phase: LinkPhase::Syncing,
             decoder: alloc::boxed::Box::new(Decoder::new()),
@@ -444,6 +445,21 @@ impl<V: ByteStream> QubesDb<V> {
             client.close(error);
         }
         client
+    }
+
+    /// A client without a link yet: dom0 did not offer QubesDB when we
+    /// tried (its `qubesdb-daemon` not started yet, as in a race at boot).
+    /// Closed with [`LinkError::NotConnected`], with an empty copy; the
+    /// caller opens a link later and makes a client with [`QubesDb::new`].
+    pub fn unconnected(caps: ControlCaps) -> QubesDb<V> {
+        QubesDb {
+            link: None,
+            db: Database::new(caps),
+            phase: LinkPhase::Closed,
+            decoder: alloc::boxed::Box::new(Decoder::new()),
+            outbox: VecDeque::new(),
+            close_reason: Some(LinkError::NotConnected),
+        }
     }
 
     /// The database copy.
@@ -505,7 +521,9 @@ impl<V: ByteStream> QubesDb<V> {
 
     fn close(&mut self, error: LinkError) {
         warn!("QubesDB: link to dom0 closed: {error}");
-        self.link.close();
+        if let Some(link) = &mut self.link {
+            link.close();
+        }
         self.phase = LinkPhase::Closed;
         self.close_reason = Some(error);
     }
@@ -515,17 +533,20 @@ impl<V: ByteStream> QubesDb<V> {
     }
 
     fn flush(&mut self) -> Result<(), LinkError> {
-        flush_outbox(&mut self.link, &mut self.outbox)
+        let link = self.link.as_mut().ok_or(LinkError::NotConnected)?;
+        flush_outbox(link, &mut self.outbox)
     }
 
     fn poll_link(&mut self) -> Result<(), LinkError> {
-        if self.link.state() == LinkState::Waiting {
+        let link = self.link.as_mut().ok_or(LinkError::NotConnected)?;
+        if link.state() == LinkState::Waiting {
             return Ok(());
         }
         let mut buf = [0u8; 1024];
         loop {
             self.flush()?;
-            let n = self.link.read(&mut buf).map_err(LinkError::Stream)?;
+            let link = self.link.as_mut().ok_or(LinkError::NotConnected)?;
+            let n = link.read(&mut buf).map_err(LinkError::Stream)?;
             if n == 0 {
                 return Ok(());
             }
@@ -547,7 +568,7 @@ impl<V: ByteStream> QubesDb<V> {
                             data: &[],
                         };
                         if push_message(&mut self.outbox, &noent).is_ok() {
-                            let _ = flush_outbox(&mut self.link, &mut self.outbox);
+                            let _ = self.flush();
                         }
                         return Err(LinkError::OutOfSync(path));
                     }
@@ -867,6 +888,26 @@ mod tests {
         assert!(client.is_synchronised());
         assert_eq!(client.next_event(), Some(DbEvent::Synchronised));
         (client, dom0)
+    }
+
+    #[test]
+    fn a_client_without_a_link_is_closed_and_refuses_writes() {
+        let mut client: QubesDb<crate::testing::FakeVchan> =
+            QubesDb::unconnected(ControlCaps::for_memory(32 << 20));
+        assert!(client.is_closed());
+        assert!(!client.is_synchronised());
+        assert!(matches!(
+            client.close_reason(),
+            Some(LinkError::NotConnected)
+        ));
+        client.poll();
+        assert!(client.is_closed());
+        assert!(matches!(
+            client.write("/qubes-iptables-error", ""),
+            Err(LinkError::NotConnected)
+        ));
+        assert_eq!(client.database().stats().entries, 0);
+        assert_eq!(client.next_event(), None);
     }
 
     #[test]

@@ -530,6 +530,9 @@ struct Shared {
     max_waits: usize,
     hook: Option<WaitHook>,
     vchan_limit: usize,
+    /// Client opens still to refuse on (peer, port), as the Xen platform
+    /// refuses one whose server has not written its xenstore keys yet.
+    refused_clients: BTreeMap<(u16, u32), usize>,
     /// What `heap_usage` answers (set by the test).
     heap: Option<HeapUsage>,
 }
@@ -603,6 +606,24 @@ impl PlatformHandle {
     /// The xenstore (the toolstack's view).
     pub fn xenstore(&self) -> &FakeXenstore {
         &self.xenstore
+    }
+    /// Makes the firewall's next `times` client opens of (`peer`, `port`)
+    /// fail as on Xen before the server wrote its keys (`EACCES`: the
+    /// directory above is not ours to read).
+    pub fn refuse_vchan_clients(&self, peer: u16, port: u32, times: usize) {
+        self.shared
+            .borrow_mut()
+            .refused_clients
+            .insert((peer, port), times);
+    }
+    /// Client opens of (`peer`, `port`) still to be refused.
+    pub fn vchan_clients_to_refuse(&self, peer: u16, port: u32) -> usize {
+        self.shared
+            .borrow()
+            .refused_clients
+            .get(&(peer, port))
+            .copied()
+            .unwrap_or(0)
     }
     /// Offers a vchan server as `peer` on `port` (dom0's qubesdb-daemon, or
     /// a qrexec data channel). If the firewall is already waiting as client
@@ -764,6 +785,14 @@ impl Platform for FakePlatform {
 
     fn vchan_client(&mut self, peer: u16, port: u32) -> Result<FakeVchan, PlatformError> {
         let mut shared = self.shared.borrow_mut();
+        if let Some(left) = shared.refused_clients.get_mut(&(peer, port))
+            && *left > 0
+        {
+            *left -= 1;
+            return Err(PlatformError::Xenstore(XenstoreError::Daemon(
+                "EACCES".to_string(),
+            )));
+        }
         if shared.opened.len() >= shared.vchan_limit {
             return Err(PlatformError::Exhausted("vchans (test limit)"));
         }

@@ -615,6 +615,57 @@ fn waits_for_missing_network_keys_then_comes_up() {
 }
 
 #[test]
+fn qubesdb_not_offered_yet_at_start_is_tried_again_until_it_is() {
+    // dom0's qubesdb-daemon is late (on Xen: its vchan keys are not
+    // written yet, and xenstored answers EACCES for them): the firewall
+    // starts all the same and keeps trying, as Qubes' libvchan_client_init
+    // waits for its server.
+    let (mut platform, handle) = FakePlatform::new(DOMID, MEMORY);
+    handle
+        .xenstore()
+        .set("device/vif/0/mac", "00:16:3e:5e:6c:02");
+    handle.refuse_vchan_clients(0, firewall::QUBESDB_PORT, 3);
+    let firewall = Firewall::start(&mut platform, "").unwrap();
+    let mut rig = Rig {
+        platform,
+        handle,
+        firewall,
+    };
+    assert_eq!(rig.settle(), None);
+    assert_eq!(
+        rig.handle
+            .vchan_clients_to_refuse(0, firewall::QUBESDB_PORT),
+        2
+    );
+    // Not before a second has passed, then once a second.
+    rig.advance(Duration::from_millis(500));
+    assert_eq!(rig.settle(), None);
+    assert_eq!(
+        rig.handle
+            .vchan_clients_to_refuse(0, firewall::QUBESDB_PORT),
+        2
+    );
+    for left in [1, 0] {
+        rig.advance(firewall::RELINK_DELAY);
+        assert_eq!(rig.settle(), None);
+        assert_eq!(
+            rig.handle
+                .vchan_clients_to_refuse(0, firewall::QUBESDB_PORT),
+            left
+        );
+        assert!(rig.handle.vchan(0, firewall::QUBESDB_PORT).is_none());
+    }
+    // The next attempt opens the link; dom0 offers and syncs.
+    rig.advance(firewall::RELINK_DELAY);
+    let _db = rig.qubesdb(&[
+        ("/qubes-ip", "10.137.0.2"),
+        ("/qubes-gateway", "10.137.0.1"),
+    ]);
+    rig.settle();
+    assert!(rig.firewall.network_up());
+}
+
+#[test]
 fn broken_links_are_offered_again() {
     let mut rig = Rig::start("");
     let db = rig.qubesdb(&[
