@@ -68,9 +68,14 @@ iperf3 -s -D -B 10.137.0.1 --logfile /tmp/iperf3.log
 # Ours, as dom0-test.sh starts it (QubesDB, qrexec), with the network keys
 # and client 10.137.0.10's rules (Qubes' default: accept all) at once.
 sed -e "s|^kernel *=.*|kernel = \"/guest/qubes-firewall.elf\"|" -e "/^vif/d" -e "/^on_/d" /guest/qubes-firewall.cfg > /tmp/fw.cfg
+# on_reboot too: Xen ends a triple-faulted PVH domain with a reboot, and
+# xl's default restart would bring ours up again as a new domain without
+# its QubesDB (served for the old domain id), which waits for it forever;
+# preserved, it is lost and restart_ours replaces it properly.
 cat >> /tmp/fw.cfg <<CFG
 on_poweroff = "preserve"
 on_crash = "preserve"
+on_reboot = "preserve"
 vif = [ 'bridge=xenbr0,script=vif-mini,mac=00:16:3e:5e:6c:00' ]
 CFG
 LOG=$CONS/guest-sys-firewall.log
