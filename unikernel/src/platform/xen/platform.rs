@@ -1,9 +1,9 @@
 //! [`XenPlatform`]: the `Platform` contract on Xen. It owns `shared_info`,
 //! the grant table, the foreign-mapping window, the xenstore client on the
 //! xenstore ring, and the set of event channels `wait` polls. Its clock is
-//! vCPU 0's pvclock, read after a sleep from the runstate record Xen
-//! writes at each context switch instead of the TSC ([`Clock`]; Xen may
-//! trap every RDTSC).
+//! vCPU 0's pvclock, read after a sleep, or after Xen switched us out and
+//! back in, from the runstate record Xen writes at each context switch
+//! instead of the TSC ([`Clock`]; Xen may trap every RDTSC).
 //!
 //! vchan servers follow `libxenvchan_server_init` (pages granted to the
 //! peer, an unbound event channel, `ring-ref` and `event-channel` written
@@ -168,7 +168,8 @@ pub struct XenPlatform {
     shared_info: SharedInfo,
     boot_ns: u64,
     /// The main loop's clock ([`Clock`]) and our vCPU's runstate record,
-    /// whose wake-up time it reads after a sleep (`None`: Xen refused it).
+    /// whose switch-in time it reads after a sleep or a switch (`None`:
+    /// Xen refused it).
     clock: Clock,
     runstate: Option<RawMemory>,
     shared: Rc<Shared>,
@@ -1771,8 +1772,8 @@ impl Platform for XenPlatform {
         // TSC unreliable (under QEMU's TCG) it traps every RDTSC of ours,
         // and a profile of `bench xen` put 8-9 % of our samples there when
         // each pass of the main loop read the clock three times; a pass now
-        // reads it once, in `Firewall::step` (`now`), and after a sleep
-        // without the TSC ([`Clock`]).
+        // reads it once, in `Firewall::step` (`now`), and after a sleep or
+        // a switch without the TSC ([`Clock`]).
         let clock = (!self.removals.is_empty()).then(|| system_time(&self.shared_info));
         if let Some(now_ns) = clock {
             // Detached vifs' directories whose time has come.
