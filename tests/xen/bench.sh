@@ -21,7 +21,7 @@
 # UDP_RATE (iperf3 -b, 20M), ROUNDS (1), FLOWTABLE (0; 1 adds the
 # qubes-nat-accel flowtable that Qubes' vif-route-qubes adds, which stalled
 # every TCP connection through the Linux firewall in this lab),
-# LOSE_OURS_AT (0; N destroys our firewall halfway through run N, a test
+# LOSE_OURS_AT (0; N reboots our firewall halfway through run N, a test
 # of the restart after a lost firewall), LINUX_VCPUS (2, as Qubes gives a
 # sys-firewall; 1 gives the Linux firewall our one vCPU, an experiment, not
 # the comparison the goal names), TIMEOUT (s, 1500), REF.
