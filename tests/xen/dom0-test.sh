@@ -503,6 +503,16 @@ else
     echo "QFW-INFO FAIL ${PFX}qrexec stdin larger than a page: $CLIENT_WHO sent $(wc -c < /tmp/stdin-big.txt) bytes to qubes.SetDateTime (rc=$r: $(head -c 200 /tmp/setdate.$DSET.txt | tr '\n' ' '); $wclk)"
 fi
 
+# 4d) Idle, the firewall sleeps: its CPU time over 5 s without traffic
+#     (a main loop that returned from `wait` at once, or polled with a
+#     deadline in the past, would use most of them).
+c1=$(xl list sys-firewall 2>/dev/null | awk 'NR==2{print $6}')
+sleep 5
+c2=$(xl list sys-firewall 2>/dev/null | awk 'NR==2{print $6}')
+used=$(awk -v a="$c1" -v b="$c2" 'BEGIN{printf "%.1f", b - a}')
+check "idle, the firewall sleeps: $used s of CPU in 5 s (under 1 s required)" \
+    $(awk -v a="$c1" -v b="$c2" 'BEGIN{exit !(a != "" && b != "" && b - a < 1.0)}' && echo ok)
+
 # 5) Clean shutdown.
 t1=$(up)
 xl shutdown sys-firewall; rc=$?
