@@ -21,8 +21,10 @@
 //! firewall notified its client and dom0 (their vifs' interrupts, per
 //! 1,000 packets of the client's), the round trips, the lab's price of a
 //! hypercall (from a PVH guest, ours' kind, and from the PV dom0), and with more than
-//! one round each TCP test's ratio round by round (its spread, and how
-//! many rounds reached Linux). Under TCG only the ratio of one run means
+//! one round each TCP test's ratio round by round (its spread, the mean
+//! of the rounds with its 95 % confidence interval, Student's t, which
+//! says whether the rounds tell the ratio from 100 % at all, and how many
+//! rounds reached Linux). Under TCG only the ratio of one run means
 //! anything. A run that failed
 //! (say, a firewall the lab lost mid-series) is left out of the figures,
 //! with the other firewall's run of the same test and round, and listed,
@@ -335,7 +337,8 @@ fn report(log: &str) -> Result<(String, usize), String> {
 }
 
 /// Each TCP test's ratio ours/Linux round by round, where both runs of a
-/// round measured, with how many rounds reached 100 % (empty with fewer
+/// round measured, with their mean and its 95 % interval and how many
+/// rounds reached 100 % (empty with fewer
 /// than two such rounds): the spread from round to round, which in this
 /// lab is wider than most changes one would measure.
 fn per_round(runs: &[Run]) -> String {
@@ -364,17 +367,38 @@ fn per_round(runs: &[Run]) -> String {
             .iter()
             .map(|(round, r)| format!("{round}: {r:.0} %"))
             .collect();
-        let values = ratios.iter().map(|(_, r)| *r);
-        let low = values.clone().fold(f64::INFINITY, f64::min);
-        let high = values.clone().fold(f64::NEG_INFINITY, f64::max);
-        let met = values.filter(|r| *r >= 100.0).count();
+        let values: Vec<f64> = ratios.iter().map(|(_, r)| *r).collect();
+        let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let met = values.iter().filter(|r| **r >= 100.0).count();
+        let (mean, half) = mean_and_interval(&values);
         out.push_str(&format!(
-            "{test:<9} {}   (range {low:.0}-{high:.0} %, {met} of {} rounds at 100 % or more)\n",
+            "{test:<9} {}   (range {low:.0}-{high:.0} %, mean {mean:.1} %, 95 % interval {:.1}-{:.1} %, {met} of {} rounds at 100 % or more)\n",
             cells.join(", "),
+            mean - half,
+            mean + half,
             ratios.len()
         ));
     }
     out
+}
+
+/// The mean of `values` (at least two) and the half-width of its 95 %
+/// confidence interval (Student's t with n - 1 degrees of freedom): whether
+/// a run's rounds can tell the ratio from 100 % at all.
+fn mean_and_interval(values: &[f64]) -> (f64, f64) {
+    // t(0.975, df) for df = 1..=10; 2.0 beyond (2.04 at 30, 1.96 at infinity).
+    const T: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
+    let n = values.len();
+    if n < 2 {
+        return (values.first().copied().unwrap_or(0.0), f64::INFINITY);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let t = T.get(n - 2).copied().unwrap_or(2.0);
+    (mean, t * (variance / n as f64).sqrt())
 }
 
 /// The notifications each firewall sent its client and dom0, per 1,000
@@ -689,6 +713,24 @@ QFW-BENCH result fw=linux test=tcp-down round=2 mbit=380 loss= retr=0 rc=0 wall_
     }
 
     #[test]
+    fn the_interval_of_the_mean_follows_students_t() {
+        let (mean, half) = mean_and_interval(&[1.0, 2.0, 3.0]);
+        assert!((mean - 2.0).abs() < 1e-9);
+        // s = 1, n = 3: t(2) = 4.303 times 1 / sqrt(3).
+        assert!((half - 4.303 / 3f64.sqrt()).abs() < 1e-9, "{half}");
+        // Beyond ten degrees of freedom, t is taken as 2.
+        let twelve = [10.0, 12.0].repeat(6);
+        let (mean, half) = mean_and_interval(&twelve);
+        assert!((mean - 11.0).abs() < 1e-9);
+        let s = (12.0f64 / 11.0).sqrt();
+        assert!((half - 2.0 * s / 12f64.sqrt()).abs() < 1e-9, "{half}");
+        // Equal rounds: no spread.
+        assert_eq!(mean_and_interval(&[100.0, 100.0]), (100.0, 0.0));
+        // One round: no interval at all.
+        assert!(mean_and_interval(&[95.0]).1.is_infinite());
+    }
+
+    #[test]
     fn each_rounds_ratio_is_listed_with_the_range_and_the_rounds_that_reach_linux() {
         let mut log = String::new();
         for (round, ours_up, linux_up, ours_down, linux_down) in [
@@ -716,13 +758,13 @@ QFW-BENCH result fw=linux test=tcp-down round=2 mbit=380 loss= retr=0 rc=0 wall_
             "{text}"
         );
         assert!(
-            text.contains("tcp-up    1: 91 %, 2: 102 %, 3: 100 %   (range 91-102 %, 2 of 3 rounds at 100 % or more)\n"),
+            text.contains("tcp-up    1: 91 %, 2: 102 %, 3: 100 %   (range 91-102 %, mean 97.8 %, 95 % interval 82.7-112.8 %, 2 of 3 rounds at 100 % or more)\n"),
             "{text}"
         );
         // Round 2's download failed through ours: rounds 1 and 3 only.
         assert!(
             text.contains(
-                "tcp-down  1: 95 %, 3: 90 %   (range 90-95 %, 0 of 2 rounds at 100 % or more)\n"
+                "tcp-down  1: 95 %, 3: 90 %   (range 90-95 %, mean 92.5 %, 95 % interval 60.7-124.3 %, 0 of 2 rounds at 100 % or more)\n"
             ),
             "{text}"
         );
