@@ -245,24 +245,11 @@ impl<P: Platform> Firewall<P> {
             platform.memory_bytes() >> 20,
             cmdline
         );
-        // dom0's qubesdb-daemon normally offers its vchan before we run;
-        // where it does not yet (a race at boot, the daemon restarting),
-        // keep trying, as Qubes' libvchan_client_init waits for the
-        // server: networking waits for QubesDB anyway.
-        let (qubesdb, qubesdb_retry, qubesdb_error) = match platform.vchan_client(0, QUBESDB_PORT) {
-            Ok(link) => (QubesDb::new(link, caps), None, None),
-            Err(error) => {
-                warn!(
-                    "QubesDB: dom0's QubesDB (vchan port 111) not offered yet: {error}; trying again every {} s",
-                    RELINK_DELAY.secs()
-                );
-                (
-                    QubesDb::unconnected(caps),
-                    Some(started + RELINK_DELAY),
-                    Some(error.to_string()),
-                )
-            }
-        };
+        // QubesDB's link is opened by the first step (`poll_qubesdb`),
+        // which keeps trying every second while dom0 does not offer it
+        // yet (a race at boot, the daemon restarting), as Qubes'
+        // libvchan_client_init waits for its server: networking waits for
+        // QubesDB anyway.
         let control =
             platform
                 .vchan_server(0, QREXEC_PORT)
@@ -287,9 +274,9 @@ impl<P: Platform> Firewall<P> {
             options,
             caps,
             started,
-            qubesdb,
-            qubesdb_retry,
-            qubesdb_error,
+            qubesdb: QubesDb::unconnected(caps),
+            qubesdb_retry: Some(started),
+            qubesdb_error: None,
             agent: Agent::new(control, caps),
             agent_retry: None,
             connected_logged: false,
@@ -455,7 +442,7 @@ impl<P: Platform> Firewall<P> {
                             let error = error.to_string();
                             if self.qubesdb_error.as_ref() != Some(&error) {
                                 warn!(
-                                    "QubesDB: cannot connect to dom0: {error}; trying again every {} s",
+                                    "QubesDB: dom0's QubesDB (vchan port 111) not offered yet: {error}; trying again every {} s",
                                     RELINK_DELAY.secs()
                                 );
                                 self.qubesdb_error = Some(error);

@@ -447,9 +447,8 @@ impl<V: ByteStream> QubesDb<V> {
         client
     }
 
-    /// A client without a link yet: dom0 did not offer QubesDB when we
-    /// tried (its `qubesdb-daemon` not started yet, as in a race at boot).
-    /// Closed with [`LinkError::NotConnected`], with an empty copy; the
+    /// A client without a link yet (at boot, and while dom0 does not offer
+    /// QubesDB: its `qubesdb-daemon` not started yet). Closed with [`LinkError::NotConnected`], with an empty copy; the
     /// caller opens a link later and makes a client with [`QubesDb::new`].
     pub fn unconnected(caps: ControlCaps) -> QubesDb<V> {
         QubesDb {

@@ -139,8 +139,8 @@ impl Clock {
 
     /// System time now (ns), never less than an earlier reading. `woke`:
     /// `state_entry_time` of our runstate while we run (`None` where it
-    /// is not registered), asked only after a sleep while wake-up times
-    /// are not refused; `tsc_time`: the pvclock reading from the TSC.
+    /// is not registered), asked after a sleep during the trial, and at
+    /// every reading once trusted; `tsc_time`: the pvclock reading from the TSC.
     /// Returns the reading and, when this reading refused wake-up times,
     /// the new state (for the caller to log once).
     pub fn read(
