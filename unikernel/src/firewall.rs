@@ -453,7 +453,11 @@ impl<P: Platform> Firewall<P> {
                 }
                 Some(_) => {}
             }
-            return;
+            // A link opened just now is polled at once: it sends the
+            // MULTIREAD that dom0 waits for before it says anything.
+            if self.qubesdb.is_closed() {
+                return;
+            }
         }
         self.qubesdb.poll();
         while let Some(event) = self.qubesdb.next_event() {
